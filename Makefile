@@ -1,0 +1,45 @@
+# Tickle — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+-include mk/*.mk
+
+.PHONY: help venv lint unit integration test demo bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(VENV)/.stamp: pyproject.toml requirements-dev.txt
+	test -x $(PY) || $$(scripts/find-python.sh) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[server]' -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.stamp ## Create the development venv (Python >= 3.12 when present)
+
+lint: venv ## ruff, ruff format --check, mypy strict on src/
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+unit: venv ## Unit tests
+	$(BIN)/pytest -q -m "not integration and not faults and not molecule"
+
+integration: venv ## Integration tests: real processes on loopback
+	$(BIN)/pytest -q -m "integration"
+
+test: lint ## Every check: lint, unit, integration (and Molecule)
+	$(BIN)/pytest -q -m "not molecule"
+
+demo: venv ## Local fleet on loopback: nine steps with times, blocked-tickle and CEM paths
+	$(PY) -m tickle.demo
+
+bench: venv ## Benchmarks: latency per hop, 1,000-agent run-now; writes bench/results.md
+	$(PY) bench/run.py
+
+clean: ## Remove the venv and build output
+	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache
