@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds the systemd host image of the testbed from Debian packages alone (no registry):
+#   debootstrap minbase -> tar -> podman import as localhost/tickle-debian12 (or ...13 for trixie).
+# Usage: build-image.sh [bookworm|trixie]. Skips when the image exists with the current recipe.
+set -euo pipefail
+# shellcheck source=scripts/testbed/lib.sh
+. "$(dirname "$0")/lib.sh"
+
+release=${1:-bookworm}
+image=$(image_for "$release")
+# Bump when the package list or the tweaks below change: an older image is then rebuilt.
+recipe=3
+packages=python3,python3-venv,python3-apt,nftables,iptables,iproute2,procps,systemd,systemd-sysv,dbus,sudo,ca-certificates
+
+"$(dirname "$0")/host-packages.sh"
+"$(dirname "$0")/containers-conf.sh" >/dev/null
+
+have=$(podman image inspect --format '{{index .Config.Labels "tickle.testbed.recipe"}}' "$image" 2>/dev/null || true)
+if [ "$have" = "$recipe" ]; then
+  log "$image exists (recipe $recipe): reusing it"
+  exit 0
+fi
+
+mkdir -p "$TESTBED_BUILD"
+exec 9>"$TESTBED_BUILD/image-$release.lock"
+flock 9
+rootfs=$(mktemp -d "$TESTBED_BUILD/rootfs-$release.XXXX")
+trap 'rm -rf "$rootfs"' EXIT
+
+mirror=$(debian_mirror)
+log "debootstrap $release (minbase) into $rootfs"
+start=$SECONDS
+debootstrap --variant=minbase --include="$packages" "$release" "$rootfs" "$mirror" \
+  >"$TESTBED_BUILD/debootstrap-$release.log" 2>&1 \
+  || { tail -20 "$TESTBED_BUILD/debootstrap-$release.log" >&2; die "debootstrap $release failed"; }
+
+# Container tweaks: no getty or udev work inside a container, no mirror host baked into the image
+# (hosts get no index on the test network anyway), a small image.
+for unit in getty@tty1.service console-getty.service systemd-udevd.service \
+  systemd-udev-trigger.service systemd-firstboot.service systemd-remount-fs.service; do
+  ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"
+done
+: >"$rootfs/etc/apt/sources.list"
+: >"$rootfs/etc/machine-id"
+rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
+  "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/*
+
+log "importing $image"
+tar -C "$rootfs" -c . | podman import \
+  --change 'CMD ["/sbin/init"]' \
+  --change 'STOPSIGNAL SIGRTMIN+3' \
+  --change "LABEL tickle.testbed.recipe=$recipe" \
+  - "$image" >/dev/null
+log "$image built in $((SECONDS - start)) s"

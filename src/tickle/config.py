@@ -1,0 +1,161 @@
+"""Settings helpers shared by every component.
+
+Each component has one typed settings object (a `ComponentSettings` subclass) read once at start
+from, highest first: command-line flags, environment variables, a TOML config file, defaults. A bad
+value raises `ConfigError` naming the setting, before the component binds anything.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+_config_file: ContextVar[Path | None] = ContextVar("tickle_config_file", default=None)
+_cli_args: ContextVar[list[str] | None] = ContextVar("tickle_cli_args", default=None)
+
+S = TypeVar("S", bound="ComponentSettings")
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the setting and what is wrong."""
+
+
+def default_state_dir(component: str) -> Path:
+    """Per-user state directory that works on one machine without root."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tickle" / component
+
+
+class ComponentSettings(BaseSettings):
+    """Base for the settings of one component: logging, and the layered sources."""
+
+    model_config = SettingsConfigDict(extra="forbid", validate_default=True)
+
+    config: Path | None = Field(default=None, description="TOML config file to read")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level"
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="Log line format")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings]
+        args = _cli_args.get()
+        if args is not None:
+            sources.append(
+                CliSettingsSource(
+                    settings_cls,
+                    cli_parse_args=args,
+                    cli_kebab_case=True,
+                    cli_implicit_flags=True,
+                    cli_exit_on_error=False,
+                    cli_prog_name="tickle",
+                )
+            )
+        sources.append(env_settings)
+        path = _config_file.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_settings(cls: type[S], args: list[str] | None = None, **overrides: Any) -> S:
+    """Read the component's settings from flags, environment and config file.
+
+    `args` are the component's command-line flags (`--api-port 50120`, `--config PATH`). Keyword
+    overrides win over everything (tests use them).
+    """
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    path = _find_config_path(args or [], os.environ.get(f"{prefix}CONFIG"), overrides)
+    if path is not None:
+        _check_toml(path)
+    token_f = _config_file.set(path)
+    token_a = _cli_args.set(list(args) if args is not None else None)
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, prefix)) from None
+    except SystemExit as exc:  # argparse inside the CLI source on --help or a bad flag
+        raise ConfigError(f"bad command-line flags: {exc}") from None
+    except Exception as exc:  # the CLI source raises SettingsError for unknown flags
+        raise ConfigError(str(exc)) from None
+    finally:
+        _config_file.reset(token_f)
+        _cli_args.reset(token_a)
+
+
+def _find_config_path(
+    args: list[str], env_value: str | None, overrides: dict[str, Any]
+) -> Path | None:
+    if overrides.get("config"):
+        return Path(overrides["config"])
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            return Path(args[i + 1])
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1])
+    return Path(env_value) if env_value else None
+
+
+def _check_toml(path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config: file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc}") from None
+
+
+def _describe(exc: ValidationError, prefix: str) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        env = f"{prefix}{str(err['loc'][0]).upper()}" if err["loc"] else ""
+        shown = f"{field} ({env})" if env else field
+        lines.append(f"setting {shown}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def hostname() -> str:
+    """This machine's short host name, usable as a component name."""
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+def read_or_create_secret(path: Path) -> str:
+    """Return the secret stored at `path`, creating it (mode 0600) on first use."""
+    try:
+        value = path.read_text().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value

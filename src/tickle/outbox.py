@@ -1,0 +1,154 @@
+"""The durable outbox: status events survive a crash until the next hop has accepted them.
+
+Used by the agent (events to its task server) and the task server (events to the NS). An event is
+committed to SQLite before it is acknowledged to whoever produced it, forwarded at least once, and
+removed only when the next hop says it has it (the NS records by event id exactly once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
+
+from tickle.backoff import Backoff
+from tickle.metrics import ComponentMetrics
+
+log = logging.getLogger(__name__)
+
+SendBatch = Callable[[list[str]], Awaitable[list[str]]]
+"""Send serialized events; return the ids the next hop accepted."""
+
+
+class Outbox:
+    """A table of serialized events keyed by event id, in SQLite with WAL and full sync."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox ("
+            " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " event_id TEXT NOT NULL UNIQUE,"
+            " body TEXT NOT NULL,"
+            " queued_at REAL NOT NULL)"
+        )
+
+    def put_many(self, events: Iterable[tuple[str, str]]) -> int:
+        """Queue (event_id, body) pairs in one transaction; duplicates are ignored."""
+        now = time.time()
+        with self._transaction():
+            cur = self._db.executemany(
+                "INSERT OR IGNORE INTO outbox (event_id, body, queued_at) VALUES (?, ?, ?)",
+                [(eid, body, now) for eid, body in events],
+            )
+        return cur.rowcount
+
+    def put(self, event_id: str, body: str) -> bool:
+        """Queue one event; False when it was already queued."""
+        return self.put_many([(event_id, body)]) == 1
+
+    def peek(self, limit: int = 200) -> list[tuple[str, str]]:
+        """The oldest queued events, oldest first."""
+        rows = self._db.execute(
+            "SELECT event_id, body FROM outbox ORDER BY seq LIMIT ?", (limit,)
+        ).fetchall()
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    def remove(self, event_ids: Iterable[str]) -> None:
+        with self._transaction():
+            self._db.executemany(
+                "DELETE FROM outbox WHERE event_id = ?", [(eid,) for eid in event_ids]
+            )
+
+    def depth(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
+class OutboxForwarder:
+    """Forwards the outbox to the next hop at once when woken, retrying with backoff on failure."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        send: SendBatch,
+        metrics: ComponentMetrics,
+        backoff: Backoff | None = None,
+        batch_size: int = 200,
+    ) -> None:
+        self._outbox = outbox
+        self._send = send
+        self._metrics = metrics
+        self._backoff = backoff or Backoff(base_s=0.2, max_s=10.0, tries=None)
+        self._batch_size = batch_size
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._metrics.outbox_depth.set(outbox.depth())
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+        self._wake.set()  # deliver what a previous run left behind
+
+    def wake(self) -> None:
+        """Something was queued: forward now."""
+        self._idle.clear()
+        self._wake.set()
+
+    async def drained(self, within_s: float) -> bool:
+        """Wait until the outbox is empty (True) or the timeout passes (False)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), within_s)
+        return self._outbox.depth() == 0
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while batch := self._outbox.peek(self._batch_size):
+                try:
+                    accepted = await self._send([body for _, body in batch])
+                except Exception as exc:
+                    delay = self._backoff.delay(attempt)
+                    attempt += 1
+                    log.warning(
+                        "forwarding %d events failed (%s); retry in %.1fs", len(batch), exc, delay
+                    )
+                    # new events do not cut the wait short: an unreachable hop is not hammered
+                    await asyncio.sleep(delay)
+                    continue
+                attempt = 0
+                ids = {eid for eid, _ in batch} & set(accepted)
+                self._outbox.remove(ids)
+                self._metrics.outbox_depth.set(self._outbox.depth())
+                if not ids:  # the next hop refused all of them: do not spin
+                    log.error("next hop accepted none of %d events; backing off", len(batch))
+                    await asyncio.sleep(self._backoff.delay(5))
+            self._metrics.outbox_depth.set(0)
+            self._idle.set()
