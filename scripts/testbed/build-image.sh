@@ -50,5 +50,5 @@ tar -C "$rootfs" -c . | podman import \
   --change 'CMD ["/sbin/init"]' \
   --change 'STOPSIGNAL SIGRTMIN+3' \
   --change "LABEL tickle.testbed.recipe=$recipe" \
-  - "$image" >/dev/null
+  --quiet - "$image" >/dev/null
 log "$image built in $((SECONDS - start)) s"

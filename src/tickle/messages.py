@@ -131,6 +131,7 @@ class ComputerOut(Model):
     task_server: str | None
     tickle_state: TickleState
     cem: bool
+    groups: list[str]
     reported_address: str | None
     observed_address: str | None
     nat_detected: bool
@@ -145,7 +146,7 @@ class SettingsOut(Model):
 
 
 class SettingsUpdate(Model):
-    task_request_interval_s: int | None = Field(default=None, ge=10, le=86400)
+    task_request_interval_s: int | None = Field(default=None, ge=2, le=86400)
     poll_jitter_fraction: float | None = Field(default=None, ge=0.0, le=0.5)
     ts_check_interval_s: int | None = Field(default=None, ge=5, le=86400)
 
@@ -177,6 +178,7 @@ class AgentRegistration(Model):
     cem: bool = False
     reported_address: str | None = Field(default=None, max_length=255)
     observed_address: str | None = Field(default=None, max_length=255)
+    groups: list[Name] = Field(default_factory=list, max_length=64)
 
 
 class AgentCredentials(Model):
@@ -255,6 +257,7 @@ class AgentRegister(Model):
     tickle_port: Port = 50124
     cem: bool = False
     reported_address: str | None = Field(default=None, max_length=255)
+    groups: list[Name] = Field(default_factory=list, max_length=64)
 
 
 class AgentEnrollment(Model):
