@@ -1,0 +1,400 @@
+"""The `tickle` command: one subcommand per component, and the operator's commands on the NS API.
+
+A thin face: each component is imported only when its subcommand runs, so `tickle agent` works on
+an agent-only install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from tickle import console as con
+from tickle.messages import (
+    FINAL_STATUSES,
+    JobCreate,
+    RunCreate,
+    RunOut,
+    SettingsUpdate,
+    TaskCreate,
+)
+
+T = TypeVar("T")
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+app = typer.Typer(
+    help="Tickle: tickle task delivery for endpoint fleets.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+# --- components --------------------------------------------------------------------------------
+
+
+@app.command("ns", context_settings=PASS_THROUGH)
+def ns_command(ctx: typer.Context) -> None:
+    """Run the notification server and its tickle server (flags, TICKLE_NS_*, --config)."""
+    from tickle.ns.service import main as ns_main
+
+    raise typer.Exit(ns_main(ctx.args))
+
+
+@app.command("task-server", context_settings=PASS_THROUGH)
+def task_server_command(ctx: typer.Context) -> None:
+    """Run a task server (settings: flags, TICKLE_TS_*, --config)."""
+    from tickle.taskserver.service import main as ts_main
+
+    raise typer.Exit(ts_main(ctx.args))
+
+
+class _AgentGroup(typer.core.TyperGroup):
+    """`tickle agent [flags]` runs the agent; `tickle agent check-now` etc. talk to it."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
+        if not args or args[0] not in self.commands:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+agent_app = typer.Typer(
+    cls=_AgentGroup,
+    help="The client task agent: run it, or ask a running one to check now / refresh its policy.",
+)
+app.add_typer(agent_app, name="agent")
+
+
+@agent_app.command("run", context_settings=PASS_THROUGH)
+def agent_run(ctx: typer.Context) -> None:
+    """Run the agent (settings: flags, TICKLE_AGENT_*, --config)."""
+    from tickle.agent.service import main as agent_main
+
+    raise typer.Exit(agent_main(ctx.args))
+
+
+def _agent_control(action: str) -> Callable[[typer.Context], None]:
+    def command(ctx: typer.Context) -> None:
+        from tickle.agent.control import run_control_command
+
+        raise typer.Exit(run_control_command(ctx.args, action))
+
+    return command
+
+
+agent_app.command(
+    "check-now", context_settings=PASS_THROUGH, help="Fetch and run pending tasks at once."
+)(_agent_control("check-now"))
+agent_app.command(
+    "policy-refresh",
+    context_settings=PASS_THROUGH,
+    help="Refresh the agent's configuration policy (does not fetch tasks).",
+)(_agent_control("policy-refresh"))
+agent_app.command("status", context_settings=PASS_THROUGH, help="Show the agent's state.")(
+    _agent_control("status")
+)
+
+
+# --- operator commands on the NS API ------------------------------------------------------------
+
+NsUrl = Annotated[str, typer.Option("--ns-url", envvar="TICKLE_NS_URL", help="NS API URL")]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-token", envvar="TICKLE_ADMIN_TOKEN", help="Admin token", show_default=False
+    ),
+]
+TokenFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--admin-token-file",
+        envvar="TICKLE_ADMIN_TOKEN_FILE",
+        help="File holding the admin token (default: the local NS's generated one)",
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
+
+
+def _with_ns(
+    url: str,
+    token: str | None,
+    token_file: Path | None,
+    work: Callable[[con.NsClient], Coroutine[Any, Any, T]],
+) -> T:
+    try:
+        resolved = con.resolve_admin_token(token, token_file)
+
+        async def go() -> T:
+            async with con.NsClient(url, resolved) as client:
+                return await work(client)
+
+        return asyncio.run(go())
+    except con.ConsoleError as exc:
+        err.print(f"[red]tickle: {exc}[/red]")
+        raise typer.Exit(1) from None
+
+
+def _print_json(data: Any) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+task_app = typer.Typer(help="Define tasks.")
+job_app = typer.Typer(help="Define jobs (ordered lists of tasks, stopping at the first failure).")
+settings_app = typer.Typer(help="Show or change the central settings (Task Request Interval...).")
+app.add_typer(task_app, name="task")
+app.add_typer(job_app, name="job")
+app.add_typer(settings_app, name="settings")
+
+
+@task_app.command("add")
+def task_add(
+    name: str,
+    command: Annotated[
+        str | None, typer.Option(help="Command line to run (split like a shell)")
+    ] = None,
+    script: Annotated[
+        Path | None, typer.Option(help="Shell script file to run ('-': stdin)")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Timeout in seconds")] = 300.0,
+    ns_url: NsUrl = con.DEFAULT_NS_URL,
+    admin_token: Token = None,
+    admin_token_file: TokenFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Define a task: a command or a script, with a timeout."""
+    spec = _task_spec(name, command, script, timeout)
+    task = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.add_task(spec))
+    if as_json:
+        _print_json(task.model_dump())
+    else:
+        out.print(f"task {task.id} {task.name!r} defined")
+
+
+@task_app.command("list")
+def task_list(
+    ns_url: NsUrl = con.DEFAULT_NS_URL,
+    admin_token: Token = None,
+    admin_token_file: TokenFile = None,
+) -> None:
+    """List the tasks."""
+    tasks = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.tasks())
+    _print_json([t.model_dump() for t in tasks])
+
+
+@job_app.command("add")
+def job_add(
+    name: str,
+    task_ids: Annotated[list[int], typer.Argument(help="Task ids, in order")],
+    ns_url: NsUrl = con.DEFAULT_NS_URL,
+    admin_token: Token = None,
+    admin_token_file: TokenFile = None,
+) -> None:
+    """Define a job from tasks, run in order, stopping at the first failure."""
+    job = _with_ns(
+        ns_url, admin_token, admin_token_file,
+        lambda c: c.add_job(JobCreate(name=name, task_ids=task_ids)),
+    )  # fmt: skip
+    out.print(f"job {job.id} {job.name!r} defined with tasks {job.task_ids}")
+
+
+@job_app.command("list")
+def job_list(
+    ns_url: NsUrl = con.DEFAULT_NS_URL,
+    admin_token: Token = None,
+    admin_token_file: TokenFile = None,
+) -> None:
+    """List the jobs."""
+    jobs = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.jobs())
+    _print_json([j.model_dump() for j in jobs])
+
+
+@app.command("run")
+def run_command(
+    computers: Annotated[list[str] | None, typer.Argument(help="Computers to run on")] = None,
+    task: Annotated[int | None, typer.Option("--task", help="Task id")] = None,
+    job: Annotated[int | None, typer.Option("--job", help="Job id")] = None,
+    command: Annotated[
+        str | None, typer.Option("--command", help="Define a one-off task from this command line")
+    ] = None,
+    group: Annotated[list[str] | None, typer.Option("--group", help="Computer group")] = None,
+    watch: Annotated[bool, typer.Option(help="Wait and show progress until all finish")] = True,
+    wait_s: Annotated[float, typer.Option("--wait", help="How long to watch (s)")] = 300.0,
+    ns_url: NsUrl = con.DEFAULT_NS_URL,
+    admin_token: Token = None,
+    admin_token_file: TokenFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Run a task or job now on computers (and groups); watch until every target finished."""
+    if sum(x is not None for x in (task, job, command)) != 1:
+        err.print("[red]tickle run: give exactly one of --task, --job or --command[/red]")
+        raise typer.Exit(2)
+
+    async def work(c: con.NsClient) -> RunOut:
+        task_id = task
+        if command is not None:
+            name = f"adhoc-{int(time.time() * 1000)}"
+            task_id = (await c.add_task(_task_spec(name, command, None, 300.0))).id
+        run = await c.run_now(
+            RunCreate(task_id=task_id, job_id=job, computers=computers or [], groups=group or [])
+        )
+        if not watch:
+            return run
+        if as_json:
+            return await c.wait_run(run.id, wait_s)
+        with con.progress_bar(err) as progress:
+            return await c.wait_run(run.id, wait_s, progress)
+
+    try:
+        run = _with_ns(ns_url, admin_token, admin_token_file, work)
+    except ValueError as exc:
+        err.print(f"[red]tickle run: {exc}[/red]")
+        raise typer.Exit(2) from None
+    _show_run(run, as_json)
+    if watch and any(e.status not in FINAL_STATUSES for e in run.executions):
+        raise typer.Exit(3)
+    if any(e.status != "succeeded" for e in run.executions if e.status in FINAL_STATUSES):
+        raise typer.Exit(4)
+
+
+@app.command("watch")
+def watch_command(
+    run_id: int,
+    wait_s: Annotated[float, typer.Option("--wait", help="How long to watch (s)")] = 300.0,
+    ns_url: NsUrl = con.DEFAULT_NS_URL,
+    admin_token: Token = None,
+    admin_token_file: TokenFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Watch a run's progress until every target finished."""
+
+    async def work(c: con.NsClient) -> RunOut:
+        with con.progress_bar(err) as progress:
+            return await c.wait_run(run_id, wait_s, progress)
+
+    _show_run(_with_ns(ns_url, admin_token, admin_token_file, work), as_json)
+
+
+@app.command("timeline")
+def timeline_command(
+    execution_id: int,
+    ns_url: NsUrl = con.DEFAULT_NS_URL,
+    admin_token: Token = None,
+    admin_token_file: TokenFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show one execution's nine-step timeline with the time spent in each hop."""
+    e = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.execution(execution_id))
+    if as_json:
+        _print_json(e.model_dump())
+    else:
+        out.print(con.timeline_table(e))
+        if e.output_tail:
+            out.print(f"output:\n{e.output_tail}")
+
+
+@app.command("computers")
+def computers_command(
+    ns_url: NsUrl = con.DEFAULT_NS_URL,
+    admin_token: Token = None,
+    admin_token_file: TokenFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """List computers: task server, tickle-reachable / tickle-unreachable / CEM, NAT."""
+    items = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.computers())
+    if as_json:
+        _print_json([i.model_dump() for i in items])
+    else:
+        out.print(con.computers_table(items))
+
+
+@app.command("task-servers")
+def task_servers_command(
+    ns_url: NsUrl = con.DEFAULT_NS_URL,
+    admin_token: Token = None,
+    admin_token_file: TokenFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """List task servers and whether tickles reach them."""
+    items = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.task_servers())
+    if as_json:
+        _print_json([i.model_dump() for i in items])
+    else:
+        out.print(con.task_servers_table(items))
+
+
+@settings_app.command("show")
+def settings_show(
+    ns_url: NsUrl = con.DEFAULT_NS_URL,
+    admin_token: Token = None,
+    admin_token_file: TokenFile = None,
+) -> None:
+    """Show the central settings."""
+    s = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.settings())
+    _print_json(s.model_dump())
+
+
+@settings_app.command("set")
+def settings_set(
+    interval: Annotated[
+        int | None, typer.Option("--task-request-interval", help="Task Request Interval (s)")
+    ] = None,
+    jitter: Annotated[
+        float | None, typer.Option("--poll-jitter", help="Poll jitter, fraction of the interval")
+    ] = None,
+    ts_check: Annotated[
+        int | None, typer.Option("--ts-check-interval", help="Task servers' NS check (s)")
+    ] = None,
+    ns_url: NsUrl = con.DEFAULT_NS_URL,
+    admin_token: Token = None,
+    admin_token_file: TokenFile = None,
+) -> None:
+    """Change settings; task servers are tickled to pull them and hand them to their agents."""
+    try:
+        update = SettingsUpdate(
+            task_request_interval_s=interval,
+            poll_jitter_fraction=jitter,
+            ts_check_interval_s=ts_check,
+        )
+    except ValueError as exc:
+        err.print(f"[red]tickle settings set: {exc}[/red]")
+        raise typer.Exit(2) from None
+    s = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.update_settings(update))
+    _print_json(s.model_dump())
+
+
+def _task_spec(name: str, command: str | None, script: Path | None, timeout: float) -> TaskCreate:
+    try:
+        if command is not None and script is None:
+            return TaskCreate(name=name, command=shlex.split(command), timeout_s=timeout)
+        if script is not None and command is None:
+            text = sys.stdin.read() if str(script) == "-" else script.read_text()
+            return TaskCreate(name=name, script=text, timeout_s=timeout)
+    except (ValueError, OSError) as exc:
+        err.print(f"[red]tickle: bad task: {exc}[/red]")
+        raise typer.Exit(2) from None
+    err.print("[red]tickle: give exactly one of --command or --script[/red]")
+    raise typer.Exit(2)
+
+
+def _show_run(run: RunOut, as_json: bool) -> None:
+    if as_json:
+        _print_json(run.model_dump())
+    else:
+        out.print(con.run_table(run))
+
+
+def main() -> None:
+    """Entry point of the `tickle` console script."""
+    app()

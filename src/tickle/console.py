@@ -1,0 +1,254 @@
+"""The operator's console: a client of the NS API and the views the `tickle` CLI prints.
+
+Imports only the shared pieces (messages, http), so it works on any install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tickle import http
+from tickle.config import default_state_dir
+from tickle.messages import (
+    FINAL_STATUSES,
+    ComputerOut,
+    ExecutionOut,
+    JobCreate,
+    JobOut,
+    RunCreate,
+    RunOut,
+    SettingsOut,
+    SettingsUpdate,
+    TaskCreate,
+    TaskOut,
+    TaskServerOut,
+)
+
+DEFAULT_NS_URL = "http://127.0.0.1:50120"
+TIMELINE_STEPS = (
+    "created",
+    "tickle_sent",
+    "ts_pulled",
+    "agent_tickled",
+    "agent_pulled",
+    "started",
+    "finished",
+    "cached_at_ts",
+    "recorded",
+)
+
+
+class ConsoleError(Exception):
+    """An operator-facing error: bad credentials, unreachable NS, a refused request."""
+
+
+def resolve_admin_token(token: str | None, token_file: Path | None) -> str:
+    """The admin token: given, read from a file, or the local NS's generated one."""
+    if token:
+        return token
+    path = token_file or default_state_dir("ns") / "admin-token"
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ConsoleError(
+            f"no admin token: set TICKLE_ADMIN_TOKEN or --admin-token-file ({path}: {exc.strerror})"
+        ) from None
+    if not value:
+        raise ConsoleError(f"admin token file {path} is empty")
+    return value
+
+
+@dataclass
+class NsClient:
+    """Async client of the NS operator API."""
+
+    url: str
+    token: str
+    timeout_s: float = 10.0
+
+    async def __aenter__(self) -> NsClient:
+        self._session = http.client_session(self.token, self.timeout_s)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()
+
+    async def call(self, method: str, path: str, body: Any = None, answer: Any = None) -> Any:
+        try:
+            return await http.request(
+                self._session, method, self.url.rstrip("/") + path, body=body, answer=answer
+            )
+        except http.ApiError as exc:
+            raise ConsoleError(f"{method} {path}: HTTP {exc.status}: {exc.detail}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ConsoleError(
+                f"cannot reach the NS at {self.url}: {exc or type(exc).__name__}"
+            ) from None
+
+    async def add_task(self, task: TaskCreate) -> TaskOut:
+        return await self.call("POST", "/api/tasks", task, TaskOut)  # type: ignore[no-any-return]
+
+    async def tasks(self) -> list[TaskOut]:
+        return await self.call("GET", "/api/tasks", answer=list[TaskOut])  # type: ignore[no-any-return]
+
+    async def add_job(self, job: JobCreate) -> JobOut:
+        return await self.call("POST", "/api/jobs", job, JobOut)  # type: ignore[no-any-return]
+
+    async def jobs(self) -> list[JobOut]:
+        return await self.call("GET", "/api/jobs", answer=list[JobOut])  # type: ignore[no-any-return]
+
+    async def run_now(self, run: RunCreate) -> RunOut:
+        return await self.call("POST", "/api/runs", run, RunOut)  # type: ignore[no-any-return]
+
+    async def run(self, run_id: int) -> RunOut:
+        return await self.call("GET", f"/api/runs/{run_id}", answer=RunOut)  # type: ignore[no-any-return]
+
+    async def execution(self, execution_id: int) -> ExecutionOut:
+        return await self.call(  # type: ignore[no-any-return]
+            "GET", f"/api/executions/{execution_id}", answer=ExecutionOut
+        )
+
+    async def task_servers(self) -> list[TaskServerOut]:
+        return await self.call(  # type: ignore[no-any-return]
+            "GET", "/api/task-servers", answer=list[TaskServerOut]
+        )
+
+    async def computers(self) -> list[ComputerOut]:
+        return await self.call("GET", "/api/computers", answer=list[ComputerOut])  # type: ignore[no-any-return]
+
+    async def settings(self) -> SettingsOut:
+        return await self.call("GET", "/api/settings", answer=SettingsOut)  # type: ignore[no-any-return]
+
+    async def update_settings(self, update: SettingsUpdate) -> SettingsOut:
+        return await self.call("PUT", "/api/settings", update, SettingsOut)  # type: ignore[no-any-return]
+
+    async def wait_run(
+        self, run_id: int, deadline_s: float, progress: Progress | None = None
+    ) -> RunOut:
+        """Poll the run until every execution is final or the deadline passes."""
+        end = time.monotonic() + deadline_s
+        task_id = None
+        while True:
+            run = await self.run(run_id)
+            done = sum(e.status in FINAL_STATUSES for e in run.executions)
+            if progress is not None:
+                if task_id is None:
+                    task_id = progress.add_task(f"run {run_id}", total=len(run.executions))
+                progress.update(task_id, completed=done)
+            if done == len(run.executions) or time.monotonic() >= end:
+                return run
+            await asyncio.sleep(0.2)
+
+
+def progress_bar(console: Console) -> Progress:
+    """The live progress display of `tickle run --watch` and `tickle watch`."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("finished"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def timeline_times(execution: ExecutionOut) -> dict[str, float | None]:
+    """Step name → unix time (None: the execution did not go through that step)."""
+    return {s.step: s.at for s in execution.timeline}
+
+
+def run_table(run: RunOut) -> Table:
+    """One row per execution: status, how the task arrived, and the time of each hop (ms)."""
+    table = Table(title=f"run {run.id}: time of each step after run-now (ms)")
+    for col in ("computer", "status", "via", "exit", *TIMELINE_STEPS[1:]):
+        table.add_column(
+            col, justify="right" if col not in ("computer", "status", "via") else "left"
+        )
+    for e in sorted(run.executions, key=lambda x: x.computer):
+        times = timeline_times(e)
+        origin = times.get("created") or run.created_at
+        cells = [_ms(times.get(step), origin) for step in TIMELINE_STEPS[1:]]
+        table.add_row(
+            e.computer, e.status, e.via or "-", "-" if e.exit_code is None else str(e.exit_code),
+            *cells,
+        )  # fmt: skip
+    return table
+
+
+def timeline_table(execution: ExecutionOut) -> Table:
+    """The nine-step timeline of one execution: absolute offset and time spent in each hop."""
+    table = Table(title=f"execution {execution.id} on {execution.computer}: {execution.status}")
+    table.add_column("step")
+    table.add_column("at (UTC)")
+    table.add_column("since run-now (ms)", justify="right")
+    table.add_column("hop (ms)", justify="right")
+    times = timeline_times(execution)
+    origin = times.get("created")
+    previous = origin
+    for step in TIMELINE_STEPS:
+        at = times.get(step)
+        stamp = (
+            "-"
+            if at is None
+            else time.strftime("%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}"
+        )
+        hop = "-" if at is None or previous is None else f"{(at - previous) * 1000:.1f}"
+        table.add_row(step, stamp, _ms(at, origin), hop)
+        if at is not None:
+            previous = at
+    return table
+
+
+def computers_table(computers: Sequence[ComputerOut]) -> Table:
+    table = Table(title="computers")
+    for col in (
+        "name",
+        "task server",
+        "tickle",
+        "groups",
+        "reported",
+        "observed",
+        "NAT",
+        "last contact",
+    ):
+        table.add_column(col)
+    for c in computers:
+        table.add_row(
+            c.name, c.task_server or "-", c.tickle_state, ",".join(c.groups) or "-",
+            c.reported_address or "-", c.observed_address or "-", "yes" if c.nat_detected else "no",
+            _ago(c.last_contact_at),
+        )  # fmt: skip
+    return table
+
+
+def task_servers_table(servers: Sequence[TaskServerOut]) -> Table:
+    table = Table(title="task servers")
+    for col in ("name", "tickle address", "api", "tickle", "clients", "last pull"):
+        table.add_column(col)
+    for s in servers:
+        table.add_row(
+            s.name, f"{s.tickle_host}:{s.tickle_port}", s.api_url, s.tickle_state, str(s.clients),
+            _ago(s.last_pull_at),
+        )  # fmt: skip
+    return table
+
+
+def _ms(at: float | None, origin: float | None) -> str:
+    if at is None or origin is None:
+        return "-"
+    return f"{(at - origin) * 1000:.1f}"
+
+
+def _ago(at: float | None) -> str:
+    return "never" if at is None else f"{time.time() - at:.0f}s ago"

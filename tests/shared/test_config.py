@@ -1,0 +1,82 @@
+"""Settings come from flags, environment and a TOML file, and bad values name the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from tickle.config import ComponentSettings, ConfigError, load_settings, read_or_create_secret
+
+
+class DemoSettings(ComponentSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TICKLE_DEMO_", extra="forbid", validate_default=True
+    )
+    api_port: int = Field(default=50120, ge=1, le=65535)
+    api_host: str = "127.0.0.1"
+    cem: bool = False
+
+
+def test_defaults_work_without_any_source() -> None:
+    s = load_settings(DemoSettings, [])
+    assert (s.api_host, s.api_port, s.cem) == ("127.0.0.1", 50120, False)
+
+
+def test_flag_beats_environment_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('api_port = 1111\napi_host = "127.0.0.9"\n')
+    monkeypatch.setenv("TICKLE_DEMO_API_PORT", "2222")
+    s = load_settings(DemoSettings, ["--config", str(conf)])
+    assert (s.api_port, s.api_host) == (2222, "127.0.0.9")
+    s = load_settings(DemoSettings, ["--config", str(conf), "--api-port", "3333", "--cem"])
+    assert (s.api_port, s.cem) == (3333, True)
+
+
+def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text("api_port = 4444\n")
+    monkeypatch.setenv("TICKLE_DEMO_CONFIG", str(conf))
+    assert load_settings(DemoSettings, []).api_port == 4444
+
+
+def test_bad_environment_value_names_setting_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TICKLE_DEMO_API_PORT", "abc")
+    with pytest.raises(ConfigError, match=r"api_port \(TICKLE_DEMO_API_PORT\)"):
+        load_settings(DemoSettings, [])
+
+
+def test_out_of_range_flag_names_the_setting() -> None:
+    with pytest.raises(ConfigError, match="api_port"):
+        load_settings(DemoSettings, ["--api-port", "70000"])
+
+
+def test_unknown_flag_is_named() -> None:
+    with pytest.raises(ConfigError, match="--bogus"):
+        load_settings(DemoSettings, ["--bogus", "1"])
+
+
+def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text("api_prot = 1\n")
+    with pytest.raises(ConfigError, match="api_prot"):
+        load_settings(DemoSettings, ["--config", str(conf)])
+
+
+def test_broken_toml_and_missing_file_are_named(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text("api_port = = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(DemoSettings, ["--config", str(conf)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(DemoSettings, ["--config", str(tmp_path / "missing.toml")])
+
+
+def test_secret_is_created_once_private_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "d" / "admin-token"
+    first = read_or_create_secret(path)
+    assert len(first) >= 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert read_or_create_secret(path) == first

@@ -1,0 +1,80 @@
+"""The durable outbox keeps events across restarts and forwards them once the next hop is back."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tickle.backoff import Backoff
+from tickle.metrics import ComponentMetrics
+from tickle.outbox import Outbox, OutboxForwarder
+
+
+def test_events_survive_reopening_and_duplicates_are_ignored(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    assert box.put("e1", '{"a":1}')
+    assert not box.put("e1", '{"a":1}')
+    box.put_many([("e2", "{}"), ("e3", "{}")])
+    box.close()
+    box = Outbox(tmp_path / "o.db")
+    assert [eid for eid, _ in box.peek()] == ["e1", "e2", "e3"]
+    box.remove(["e2"])
+    assert box.depth() == 2
+    box.close()
+
+
+async def test_forwarder_retries_until_the_next_hop_accepts(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    up = asyncio.Event()
+    delivered: list[str] = []
+    attempts = 0
+
+    async def send(bodies: list[str]) -> list[str]:
+        nonlocal attempts
+        attempts += 1
+        if not up.is_set():
+            raise ConnectionError("next hop down")
+        delivered.extend(bodies)
+        return [b.split(":")[0] for b in bodies]
+
+    box.put_many([(f"e{i}", f"e{i}:body") for i in range(5)])
+    metrics = ComponentMetrics("test")
+    fwd = OutboxForwarder(
+        box, send, metrics, Backoff(base_s=0.01, max_s=0.05, tries=None, jitter=0)
+    )
+    fwd.start()
+    try:
+        async with asyncio.timeout(5):
+            while attempts < 3:
+                await asyncio.sleep(0.01)
+        assert delivered == []
+        assert box.depth() == 5
+        up.set()
+        fwd.wake()
+        assert await fwd.drained(5)
+    finally:
+        await fwd.stop()
+    assert sorted(delivered) == sorted(f"e{i}:body" for i in range(5))
+    assert metrics.outbox_depth._value.get() == 0
+    box.close()
+
+
+async def test_only_accepted_events_leave_the_outbox(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    box.put_many([("keep", "keep"), ("go", "go")])
+    calls = 0
+
+    async def send(bodies: list[str]) -> list[str]:
+        nonlocal calls
+        calls += 1
+        return ["go"] if calls == 1 else list(bodies)
+
+    fwd = OutboxForwarder(box, send, ComponentMetrics("t"), Backoff(base_s=0.01, tries=None))
+    fwd.start()
+    try:
+        assert await fwd.drained(5)
+    finally:
+        await fwd.stop()
+    assert calls >= 2
+    assert box.depth() == 0
+    box.close()
