@@ -1,0 +1,5 @@
+"""`python -m tickle` is the `tickle` command."""
+
+from tickle.cli import main
+
+main()

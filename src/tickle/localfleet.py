@@ -1,0 +1,241 @@
+"""A fleet of real Tickle processes on loopback addresses: for the demo, tests and benchmarks.
+
+Each component runs as its own process (`python -m tickle ...`) with its own state directory and
+loopback address (127.X.Y.N), with the default ports, so a fleet on one machine behaves like one
+on a network. Imports no component: it talks to them as an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from tickle.console import NsClient
+
+NS_API_PORT = 50120
+TS_API_PORT = 50121
+TS_TICKLE_PORT = 50123
+AGENT_TICKLE_PORT = 50124
+BLACKHOLE_PORT = 50199
+
+
+@dataclass
+class AgentSpec:
+    """One agent: which task servers (by name, first reachable wins), CEM or not, blocked or not.
+
+    A blocked agent advertises a tickle port where nothing listens, so every tickle sent to it is
+    lost as if a firewall dropped it; it can only get work by polling.
+    """
+
+    name: str
+    task_servers: list[str]
+    cem: bool = False
+    blocked: bool = False
+    groups: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+
+class FleetError(Exception):
+    """A fleet process failed to start or answer in time; the message includes its log tail."""
+
+
+class LocalFleet:
+    """Starts, stops, kills and restarts an NS, task servers and agents on loopback."""
+
+    def __init__(
+        self,
+        root: Path,
+        task_servers: list[str],
+        agents: list[AgentSpec],
+        net: str = "127.0.0",
+        admin_token: str = "admin-token-local-fleet-0123456789",
+        enrollment_secret: str = "enrollment-secret-local-fleet-0123",
+        ns_extra: list[str] | None = None,
+        ts_extra: list[str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.root = root
+        self.net = net
+        self.admin_token = admin_token
+        self.enrollment_secret = enrollment_secret
+        self.python = python
+        self.ns_host = f"{net}.1"
+        self.ns_url = f"http://{self.ns_host}:{NS_API_PORT}"
+        self.ts_hosts = {name: f"{net}.{2 + i}" for i, name in enumerate(task_servers)}
+        base = 2 + len(task_servers) + 8
+        self.agent_hosts = {a.name: f"{net}.{base + i}" for i, a in enumerate(agents)}
+        self.agents = {a.name: a for a in agents}
+        self.procs: dict[str, Proc] = {}
+        root.mkdir(parents=True, exist_ok=True)
+        self._add("ns", self._ns_args(ns_extra or []))
+        for name, host in self.ts_hosts.items():
+            self._add(name, self._ts_args(name, host, ts_extra or []))
+        for spec in agents:
+            self._add(spec.name, self._agent_args(spec))
+
+    def ts_url(self, name: str) -> str:
+        return f"http://{self.ts_hosts[name]}:{TS_API_PORT}"
+
+    def client(self) -> NsClient:
+        """An operator client of the fleet's NS (use as `async with`)."""
+        return NsClient(self.ns_url, self.admin_token)
+
+    async def start(self, deadline_s: float = 30.0) -> None:
+        """Start every process in tier order and wait until each answers / is registered."""
+        self.spawn("ns")
+        await self.wait_healthy(self.ns_url, "ns", deadline_s)
+        for name in self.ts_hosts:
+            self.spawn(name)
+        for name in self.ts_hosts:
+            await self.wait_healthy(self.ts_url(name), name, deadline_s)
+        for name in self.agents:
+            self.spawn(name)
+        await self.wait_registered(list(self.agents), deadline_s)
+
+    async def stop(self) -> None:
+        """SIGTERM every process (agents first), then SIGKILL what is left after 10 s."""
+        order = [*self.agents, *self.ts_hosts, "ns"]
+        for name in order:
+            self.signal(name, signal.SIGTERM)
+        end = time.monotonic() + 10
+        for name in order:
+            proc = self.procs[name].popen
+            if proc is None:
+                continue
+            while proc.poll() is None and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def spawn(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.running():
+            return
+        log = proc.log.open("ab")
+        proc.popen = subprocess.Popen(
+            proc.argv, stdout=log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True
+        )
+        log.close()
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        proc = self.procs[name].popen
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a component (and whatever it started), as a crash would."""
+        self.signal(name, signal.SIGKILL)
+        proc = self.procs[name].popen
+        if proc is not None:
+            proc.wait()
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.procs[name].log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def wait_healthy(self, url: str, name: str, deadline_s: float) -> None:
+        end = time.monotonic() + deadline_s
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(url + "/health") as resp:
+                        if resp.status == 200:
+                            return
+                self._check_alive(name)
+                if time.monotonic() > end:
+                    raise FleetError(f"{name} did not answer at {url} in {deadline_s}s:\n"
+                                     + self.log_tail(name))  # fmt: skip
+                await asyncio.sleep(0.05)
+
+    async def wait_registered(self, names: list[str], deadline_s: float) -> None:
+        end = time.monotonic() + deadline_s
+        async with self.client() as ns:
+            while True:
+                known = {c.name for c in await ns.computers() if c.task_server}
+                missing = [n for n in names if n not in known]
+                if not missing:
+                    return
+                for n in missing:
+                    self._check_alive(n)
+                if time.monotonic() > end:
+                    raise FleetError(
+                        f"agents not registered in {deadline_s}s: {missing}\n"
+                        + "\n".join(self.log_tail(n) for n in missing[:2])
+                    )
+                await asyncio.sleep(0.05)
+
+    def _check_alive(self, name: str) -> None:
+        proc = self.procs[name].popen
+        if proc is not None and proc.poll() is not None:
+            raise FleetError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+
+    def _add(self, name: str, args: list[str]) -> None:
+        self.procs[name] = Proc(
+            name, [self.python, "-m", "tickle", *args], self.root / f"{name}.log"
+        )
+
+    def _ns_args(self, extra: list[str]) -> list[str]:
+        return [
+            "ns", "--api-host", self.ns_host, "--api-port", str(NS_API_PORT),
+            "--state-dir", str(self.root / "ns"), "--admin-token", self.admin_token,
+            "--enrollment-secret", self.enrollment_secret, *extra,
+        ]  # fmt: skip
+
+    def _ts_args(self, name: str, host: str, extra: list[str]) -> list[str]:
+        return [
+            "task-server", "--name", name, "--ns-url", self.ns_url,
+            "--enrollment-secret", self.enrollment_secret,
+            "--api-host", host, "--api-port", str(TS_API_PORT),
+            "--tickle-host", host, "--tickle-port", str(TS_TICKLE_PORT),
+            "--state-dir", str(self.root / name), *extra,
+        ]  # fmt: skip
+
+    def _agent_args(self, spec: AgentSpec) -> list[str]:
+        host = self.agent_hosts[spec.name]
+        urls = ",".join(self.ts_url(t) for t in spec.task_servers)
+        args = [
+            "agent", "--name", spec.name, "--task-servers", urls,
+            "--enrollment-secret", self.enrollment_secret,
+            "--tickle-host", host, "--tickle-port", str(AGENT_TICKLE_PORT),
+            "--state-dir", str(self.root / spec.name),
+        ]  # fmt: skip
+        if spec.cem:
+            args.append("--cem")
+        if spec.blocked:
+            # tickles go to a port where nothing listens: lost, as behind a dropping firewall
+            args += ["--advertise-port", str(BLACKHOLE_PORT)]
+        for group in spec.groups:
+            args += ["--groups", group]
+        return [*args, *spec.extra]
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        for key in list(env):
+            if key.startswith(("TICKLE_NS_", "TICKLE_TS_", "TICKLE_AGENT_")):
+                del env[key]  # the fleet's flags are the whole configuration
+        return env
