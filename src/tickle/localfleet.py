@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -68,16 +69,16 @@ class LocalFleet:
         task_servers: list[str],
         agents: list[AgentSpec],
         net: str = "127.0.0",
-        admin_token: str = "admin-token-local-fleet-0123456789",
-        enrollment_secret: str = "enrollment-secret-local-fleet-0123",
+        admin_token: str | None = None,
+        enrollment_secret: str | None = None,
         ns_extra: list[str] | None = None,
         ts_extra: list[str] | None = None,
         python: str = sys.executable,
     ) -> None:
         self.root = root
         self.net = net
-        self.admin_token = admin_token
-        self.enrollment_secret = enrollment_secret
+        self.admin_token = admin_token or secrets.token_urlsafe(24)
+        self.enrollment_secret = enrollment_secret or secrets.token_urlsafe(24)
         self.python = python
         self.ns_host = f"{net}.1"
         self.ns_url = f"http://{self.ns_host}:{NS_API_PORT}"
@@ -122,10 +123,10 @@ class LocalFleet:
             proc = self.procs[name].popen
             if proc is None:
                 continue
-            while proc.poll() is None and time.monotonic() < end:
-                await asyncio.sleep(0.05)
-            if proc.poll() is None:
-                proc.kill()
+            try:
+                await asyncio.to_thread(proc.wait, max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.signal(name, signal.SIGKILL)
                 proc.wait()
 
     def spawn(self, name: str) -> None:
