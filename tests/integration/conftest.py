@@ -1,0 +1,95 @@
+"""Fixtures for integration tests: real NS, task server and agent processes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tickle.localfleet import AgentSpec, LocalFleet
+from tickle.messages import FINAL_STATUSES, RunCreate, RunOut, TaskCreate
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]], deadline_s: float, what: str, every_s: float = 0.1
+) -> T:
+    """Call `probe` until it returns something truthy, or fail naming `what` after the deadline."""
+    end = time.monotonic() + deadline_s
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {deadline_s}s waiting for {what}")
+        await asyncio.sleep(every_s)
+
+
+async def metric(url: str, name: str, **labels: str) -> float:
+    """The value of one sample on a component's /metrics (0 when absent)."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def run_command(fleet: LocalFleet, computers: list[str], argv: list[str]) -> RunOut:
+    async with fleet.client() as ns:
+        task = await ns.add_task(
+            TaskCreate(name=f"t{time.monotonic_ns()}", command=argv, timeout_s=30)
+        )
+        return await ns.run_now(RunCreate(task_id=task.id, computers=computers))
+
+
+async def wait_run(fleet: LocalFleet, run_id: int, deadline_s: float) -> RunOut:
+    async def probe() -> RunOut | None:
+        async with fleet.client() as ns:
+            run = await ns.run(run_id)
+        return run if all(e.status in FINAL_STATUSES for e in run.executions) else None
+
+    return await eventually(probe, deadline_s, f"run {run_id} to finish")
+
+
+def agent_ctl(fleet: LocalFleet, name: str, action: str) -> subprocess.CompletedProcess[str]:
+    """`tickle agent <action>` against a running agent of the fleet, as an operator types it."""
+    return subprocess.run(
+        [sys.executable, "-m", "tickle", "agent", action, "--state-dir", str(fleet.root / name),
+         "--enrollment-secret", fleet.enrollment_secret],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def fleet_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[LocalFleet]]]:
+    """Start fleets for one test; stop them all at the end, printing logs of failures."""
+    fleets: list[LocalFleet] = []
+    counter = iter(range(10, 250))
+
+    async def make(task_servers: list[str], agents: list[AgentSpec], **kw: object) -> LocalFleet:
+        fleet = LocalFleet(
+            tmp_path / f"fleet{len(fleets)}",
+            task_servers,
+            agents,
+            net=f"127.61.{next(counter)}",
+            **kw,  # type: ignore[arg-type]
+        )
+        fleets.append(fleet)
+        await fleet.start()
+        return fleet
+
+    yield make
+    for fleet in fleets:
+        await fleet.stop()
