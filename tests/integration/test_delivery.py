@@ -266,9 +266,11 @@ async def test_agent_talks_only_to_its_task_server_never_to_the_ns(fleet_factory
     run = await wait_run(fleet, (await run_command(fleet, ["a1"], ["true"])).id, 20)
     assert run.executions[0].status == "succeeded"
     # the NS has no agent-facing routes at all: there is nothing an agent could pull from it
-    async with aiohttp.ClientSession() as session:
-        async with session.get(fleet.ns_url + "/api/agent/tasks") as resp:
-            assert resp.status == 404
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(fleet.ns_url + "/api/agent/tasks") as resp,
+    ):
+        assert resp.status == 404
     args = " ".join(fleet.procs["a1"].argv)
     assert fleet.ns_url not in args
     assert "50120" not in args
