@@ -1,4 +1,4 @@
-"""`make demo`: a local fleet on loopback shows the nine steps, then the blocked-tickle and CEM paths.
+"""`make demo`: a loopback fleet shows the nine steps, then the blocked-tickle and CEM paths.
 
 Starts an NS, two task servers and six agents as real processes on 127.0.0.N with the default
 ports, runs a task now on every normal agent and prints each one's timeline, then shows an agent
@@ -130,6 +130,8 @@ async def _agent_ctl(fleet: LocalFleet, name: str, action: str) -> None:
     )  # fmt: skip
     output, _ = await proc.communicate()
     out.print(f"$ tickle agent {action}  # on {name}: exit {proc.returncode}")
+    if proc.returncode:
+        out.print(output.decode(errors="replace"))
 
 
 if __name__ == "__main__":
