@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import subprocess
 import sys
@@ -25,13 +26,13 @@ RESULTS = HERE / "results" / "latest.md"
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def hop_rows(executions: list[ExecutionOut]) -> list[str]:
     """p50/p99 of each hop (ms), from consecutive timeline steps."""
     rows = []
-    for a, b in zip(TIMELINE_STEPS, TIMELINE_STEPS[1:], strict=False):
+    for a, b in itertools.pairwise(TIMELINE_STEPS):
         deltas = []
         for e in executions:
             t = timeline_times(e)
@@ -66,7 +67,7 @@ async def latency(root: Path, runs: int) -> list[str]:
         t = timeline_times(e)
         if t.get("recorded") and t.get("created"):
             totals.append(((t["recorded"] or 0) - (t["created"] or 0)) * 1000)
-    lines = [
+    return [
         f"## Run-now → recorded, one agent, {runs} sequential runs",
         "",
         f"succeeded: {len(ok)}/{runs}; via tickle: {sum(e.via == 'tickle' for e in ok)}",
@@ -78,7 +79,6 @@ async def latency(root: Path, runs: int) -> list[str]:
         "|---|---|---|",
         *hop_rows(ok),
     ]
-    return lines
 
 
 async def fleet_run(root: Path, agents: int, per_process: int = 250) -> list[str]:
