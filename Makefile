@@ -43,3 +43,6 @@ bench: venv ## Benchmarks: latency per hop, 1,000-agent run-now; writes bench/re
 
 clean: ## Remove the venv and build output
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache
+
+docs: venv ## Regenerate the settings table in README.md from the settings classes
+	$(PY) scripts/settings_table.py --write
