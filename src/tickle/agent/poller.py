@@ -1,0 +1,173 @@
+"""Pulls tasks from the task server — on a tickle, on the poll timer, or on "check now".
+
+When tickles are blocked or lost the agent still checks back every Task Request Interval, spread
+by jitter (uniform ± poll_jitter_fraction of the interval) so a fleet does not poll in the same
+second. The interval comes from the policy the task server hands down with every pull; a changed
+policy re-arms the timer. Each execution a pull returns is claimed atomically before it runs, so a
+tickle-triggered pull racing a poll runs it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from tickle.agent.executor import Executor
+from tickle.agent.state import AgentState
+from tickle.agent.ts_client import TaskServerClient
+from tickle.messages import AgentPolicy, ExecutionWork, PullVia
+from tickle.metrics import ComponentMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PullResult:
+    """What one pull returned and which of those executions this pull started."""
+
+    via: PullVia
+    executions: list[int] = field(default_factory=list)
+    started: list[int] = field(default_factory=list)
+
+
+class Poller:
+    """The poll timer and the one place a pull happens."""
+
+    def __init__(
+        self,
+        client: TaskServerClient,
+        state: AgentState,
+        executor: Executor,
+        metrics: ComponentMetrics,
+        default_policy: AgentPolicy,
+    ) -> None:
+        self._client = client
+        self._state = state
+        self._executor = executor
+        self._metrics = metrics
+        self.policy = state.policy() or default_policy
+        self._rearm = asyncio.Event()
+        self._timer: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[object]] = set()
+        self._running: dict[int, asyncio.Task[object]] = {}
+        self.last_pull_at: float | None = None
+        self.last_poll_at: float | None = None
+        self.last_error: str | None = None
+        self.next_poll_at: float | None = None
+
+    def start(self) -> None:
+        """Arm the poll timer."""
+        self._timer = asyncio.create_task(self._poll_loop())
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop polling; give running executions `grace_s` to finish, then kill them.
+
+        A killed execution stays claimed and unfinished: the next start reports it interrupted.
+        """
+        tasks = [t for t in (self._timer, *self._background) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        running = list(self._running.values())
+        if running and grace_s > 0:
+            await asyncio.wait(running, timeout=grace_s)
+        for task in running:
+            task.cancel()
+        for task in running:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @property
+    def running(self) -> list[int]:
+        return sorted(self._running)
+
+    def trigger(self, via: PullVia) -> None:
+        """Pull in the background now (a tickle arrived)."""
+        task: asyncio.Task[object] = asyncio.create_task(self._pull_logged(via))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def pull(self, via: PullVia) -> PullResult:
+        """Pull this agent's tasks, apply the policy that comes with them, run what is new."""
+        self._metrics.pulls.labels(via=via).inc()
+        if via == "poll":
+            self._metrics.polls.inc()
+            self.last_poll_at = time.time()
+        answer = await self._client.tasks(via)
+        self.last_pull_at = time.time()
+        self.last_error = None
+        self.apply_policy(answer.policy)
+        result = PullResult(via=via)
+        for work in answer.executions:
+            result.executions.append(work.execution_id)
+            if self._state.claim(work.execution_id, via):
+                result.started.append(work.execution_id)
+                self._start(work, via)
+        if result.executions:
+            log.info("pull via %s: %s, started %s", via, result.executions, result.started)
+        return result
+
+    async def refresh_policy(self) -> AgentPolicy:
+        """Fetch and apply the policy alone (never tasks)."""
+        policy = await self._client.policy()
+        self.apply_policy(policy)
+        return policy
+
+    def apply_policy(self, policy: AgentPolicy) -> None:
+        """Store a policy; re-arm the poll timer when it changed."""
+        if policy == self.policy:
+            return
+        log.info(
+            "policy version %d: task request interval %ds, jitter %.2f",
+            policy.settings_version, policy.task_request_interval_s, policy.poll_jitter_fraction,
+        )  # fmt: skip
+        self.policy = policy
+        self._state.save_policy(policy)
+        self._rearm.set()
+
+    def next_delay(self) -> float:
+        """The Task Request Interval with jitter: uniform ± poll_jitter_fraction of it."""
+        interval = float(self.policy.task_request_interval_s)
+        jitter = max(0.0, min(self.policy.poll_jitter_fraction, 0.9))
+        return interval * (1.0 + random.uniform(-jitter, jitter))
+
+    async def _poll_loop(self) -> None:
+        while True:
+            self._rearm.clear()
+            delay = self.next_delay()
+            self.next_poll_at = time.time() + delay
+            try:
+                await asyncio.wait_for(self._rearm.wait(), delay)
+                continue  # the policy changed: start over with the new interval
+            except TimeoutError:
+                pass
+            await self._pull_logged("poll")
+
+    async def _pull_logged(self, via: PullVia) -> object:
+        try:
+            return await self.pull(via)
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("pull via %s failed: %s", via, self.last_error)
+            return None
+
+    def _start(self, work: ExecutionWork, via: PullVia) -> None:
+        task: asyncio.Task[object] = asyncio.create_task(self._run(work, via))
+        self._running[work.execution_id] = task
+        task.add_done_callback(lambda _: self._running.pop(work.execution_id, None))
+
+    async def _run(self, work: ExecutionWork, via: PullVia) -> object:
+        try:
+            return await self._executor.run(work, via)
+        except asyncio.CancelledError:
+            log.warning("execution %d stopped unfinished", work.execution_id)
+            raise
+        except Exception:
+            log.exception("execution %d failed in the agent", work.execution_id)
+            return None

@@ -1,0 +1,213 @@
+"""Runs the Client Task Agent: `tickle agent` calls `main(args)`.
+
+Start order: settings (a bad one stops the agent before it binds anything), state, registration
+with the first reachable task server, report executions a previous run left unfinished, then the
+tickle listener (not in CEM mode), the outbox forwarder, the control socket, the poll timer, and
+one pull at once. SIGTERM/SIGINT stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from tickle import wire
+from tickle.agent.control import ControlServer
+from tickle.agent.executor import Executor
+from tickle.agent.poller import Poller
+from tickle.agent.settings import AgentSettings
+from tickle.agent.state import AgentState
+from tickle.agent.tickle_listener import TickleListener
+from tickle.agent.ts_client import NotRegistered, TaskServerClient
+from tickle.backoff import Backoff
+from tickle.config import ConfigError, load_settings
+from tickle.logs import setup_logging
+from tickle.messages import AgentPolicy
+from tickle.metrics import ComponentMetrics
+from tickle.outbox import Outbox, OutboxForwarder
+
+log = logging.getLogger(__name__)
+
+
+def main(args: list[str]) -> int:
+    """Run the agent until SIGTERM/SIGINT; 2 on a configuration error (nothing bound)."""
+    try:
+        settings = load_settings(AgentSettings, args)
+    except ConfigError as exc:
+        print(f"tickle agent: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("agent", settings.log_level, settings.log_format)
+    try:
+        asyncio.run(_serve_until_signal(settings))
+    except OSError as exc:  # e.g. the tickle port is taken
+        log.error("agent stopped: %s", exc)
+        return 1
+    return 0
+
+
+async def _serve_until_signal(settings: AgentSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await serve(settings, stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def serve(settings: AgentSettings, stop: asyncio.Event) -> None:
+    """Run an agent until `stop` is set (in-process entry, used by tests too)."""
+    agent = Agent(settings)
+    try:
+        await agent.start(stop)
+        if not stop.is_set():
+            await stop.wait()
+    finally:
+        await agent.stop()
+
+
+class Agent:
+    """One running agent: its state, client, listener, poller, executor and control socket."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.metrics = ComponentMetrics("agent")
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state = AgentState(settings.state_dir / "agent.db")
+        self.outbox = Outbox(settings.state_dir / "outbox.db")
+        self.client = TaskServerClient(settings, self.state)
+        self.forwarder = OutboxForwarder(self.outbox, self.client.events, self.metrics)
+        self.executor = Executor(
+            settings.name, self.state, self.outbox, self.forwarder.wake, self.metrics,
+            output_tail_bytes=settings.output_tail_bytes,
+        )  # fmt: skip
+        default_policy = AgentPolicy(
+            settings_version=0,
+            task_request_interval_s=settings.default_task_request_interval_s,
+            poll_jitter_fraction=0.1,
+            cem=settings.cem,
+        )
+        self.poller = Poller(self.client, self.state, self.executor, self.metrics, default_policy)
+        self.listener: TickleListener | None = None
+        self.tickle_addr: tuple[str, int] | None = None
+        self.control = ControlServer(self, settings.socket_path)
+        self.started_at = time.time()
+        self._forwarder_started = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self, stop: asyncio.Event | None = None) -> None:
+        """Bring every part up; returns once the first pull was made (or stop was set)."""
+        s = self.settings
+        await self.client.start()
+        for execution_id in self.state.unfinished():
+            log.warning("execution %d was running when the agent stopped", execution_id)
+            self.executor.report_interrupted(execution_id)
+        await self.control.start(s.metrics_host, s.metrics_port)
+        if not s.cem:
+            self.listener = TickleListener(
+                keys=self.client.tickle_keys, metrics=self.metrics,
+                on_tasks=self._on_tasks_tickle, on_settings=self._on_settings_tickle,
+                freshness_s=s.freshness_window_s,
+            )  # fmt: skip
+            self.tickle_addr = await self.listener.start(s.tickle_host, s.tickle_port)
+        if not await self._register(stop):
+            return
+        self.forwarder.start()
+        self._forwarder_started = True
+        self.poller.start()
+        with contextlib.suppress(Exception):  # logged by the poller; polling retries
+            await self.poller.pull("poll")
+
+    async def stop(self) -> None:
+        """Stop timers and sockets; executions that cannot finish in the grace stay claimed."""
+        if self.listener is not None:
+            self.listener.close()
+        for task in list(self._background):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.poller.stop(self.settings.stop_grace_s)
+        if self._forwarder_started:
+            # give the last events a moment to reach the task server; the outbox keeps the rest
+            await self.forwarder.drained(1.0)
+            await self.forwarder.stop()
+        await self.control.close()
+        await self.client.close()
+        self.outbox.close()
+        self.state.close()
+
+    # --- what the control API calls ------------------------------------------------------------
+
+    async def check_now(self) -> dict[str, Any]:
+        result = await self.poller.pull("check_now")
+        return {"via": result.via, "executions": result.executions, "started": result.started}
+
+    async def policy_refresh(self) -> dict[str, Any]:
+        policy = await self.poller.refresh_policy()
+        return {"policy": policy.model_dump()}
+
+    def status(self) -> dict[str, Any]:
+        creds = self.client.credentials
+        return {
+            "name": self.settings.name,
+            "task_server": creds.ts_name if creds else None,
+            "task_server_url": creds.url if creds else None,
+            "registered": creds is not None,
+            "cem": self.settings.cem,
+            "reported_address": self.client.reported_address,
+            "tickle_listener": (
+                f"{self.tickle_addr[0]}:{self.tickle_addr[1]}" if self.tickle_addr else None
+            ),
+            "policy": self.poller.policy.model_dump(),
+            "executions": self.state.counts(),
+            "running": self.poller.running,
+            "outbox_depth": self.outbox.depth(),
+            "last_pull_at": self.poller.last_pull_at,
+            "last_poll_at": self.poller.last_poll_at,
+            "next_poll_at": self.poller.next_poll_at,
+            "last_tickle_at": self.listener.last_tickle_at if self.listener else None,
+            "last_error": self.poller.last_error,
+            "started_at": self.started_at,
+        }
+
+    # --- internals -----------------------------------------------------------------------------
+
+    async def _register(self, stop: asyncio.Event | None) -> bool:
+        """Register (unless already) retrying with backoff; False when stopped first."""
+        backoff = Backoff(base_s=1.0, max_s=60.0, tries=None)
+        attempt = 0
+        while stop is None or not stop.is_set():
+            try:
+                await self.client.ensure_registered()
+                return True
+            except NotRegistered as exc:
+                delay = backoff.delay(attempt)
+                attempt += 1
+                log.warning("not registered (%s); retry in %.1fs", exc, delay)
+                if stop is None:
+                    await asyncio.sleep(delay)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+        return False
+
+    def _on_tasks_tickle(self, tickle: wire.Tickle) -> None:
+        self.poller.trigger("tickle")
+
+    def _on_settings_tickle(self, tickle: wire.Tickle) -> None:
+        task = asyncio.create_task(self._refresh_quietly())
+        self._background.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.poller.refresh_policy()
+        except Exception as exc:
+            log.warning("policy refresh after a settings tickle failed: %s", exc)

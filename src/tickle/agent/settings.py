@@ -1,0 +1,128 @@
+"""The agent's settings (`TICKLE_AGENT_*`): one typed object read once at start."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from tickle.config import ComponentSettings, default_state_dir, hostname
+from tickle.messages import Name
+
+DEFAULT_TASK_SERVER = "http://127.0.0.1:50121"
+
+
+class AgentSettings(ComponentSettings):
+    """Settings of the Client Task Agent (flags, `TICKLE_AGENT_*` environment, TOML file)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TICKLE_AGENT_", extra="forbid", validate_default=True
+    )
+
+    name: Name = Field(default_factory=hostname, description="This computer's name")
+    task_servers: Annotated[list[str], NoDecode] = Field(
+        default=[DEFAULT_TASK_SERVER],
+        min_length=1,
+        description="Task server URLs, first reachable wins (JSON list or comma-separated)",
+    )
+    enrollment_secret: str = Field(
+        default="", description="Secret that lets the agent register with a task server"
+    )
+    groups: Annotated[list[Name], NoDecode] = Field(
+        default_factory=list, description="Groups reported at registration (JSON or comma list)"
+    )
+    cem: bool = Field(default=False, description="Cloud-enabled mode: no tickle listener, poll")
+    gateway_url: str | None = Field(
+        default=None, description="CEM: send every task-server call to this URL instead"
+    )
+    tickle_host: str = Field(default="0.0.0.0", description="Address the tickle listener binds")
+    tickle_port: int = Field(default=50124, ge=1, le=65535, description="Tickle UDP port")
+    advertise_host: str | None = Field(
+        default=None,
+        description="Address the task server tickles (default: routing-table source address)",
+    )
+    state_dir: Path = Field(
+        default_factory=lambda: default_state_dir("agent"), description="Agent state directory"
+    )
+    control_socket: Path | None = Field(
+        default=None, description="Unix socket of the control API (default {state_dir}/agent.sock)"
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="Metrics HTTP address")
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Metrics HTTP port (0: control socket only)"
+    )
+    output_tail_bytes: int = Field(
+        default=4096, ge=0, le=1_048_576, description="Bytes of output kept per step"
+    )
+    freshness_window_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Tickles older or newer than this are stale"
+    )
+    stop_grace_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="On stop, how long running executions may finish before they are killed",
+    )
+    default_task_request_interval_s: int = Field(
+        default=1800,
+        ge=2,
+        le=86400,
+        description="Poll interval used until the task server hands down a policy",
+    )
+
+    @field_validator("task_servers", "groups", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """Accept a JSON list or a comma-separated string (environment, flags)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("task_servers")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        return [url.rstrip("/") for url in value]
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _check_gateway(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value.rstrip("/") if value else None
+
+    @field_validator("enrollment_secret")
+    @classmethod
+    def _secret_required(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(
+                "is required: set --enrollment-secret, TICKLE_AGENT_ENROLLMENT_SECRET "
+                "or enrollment_secret in the config file"
+            )
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _default_socket(self) -> AgentSettings:
+        if self.control_socket is None:
+            self.control_socket = self.state_dir / "agent.sock"
+        return self
+
+    @property
+    def socket_path(self) -> Path:
+        """The control socket path (always set after validation)."""
+        return self.control_socket or self.state_dir / "agent.sock"
+
+    @property
+    def api_urls(self) -> list[str]:
+        """Where task-server calls go: the gateway in CEM mode when set, else the task servers."""
+        if self.cem and self.gateway_url:
+            return [self.gateway_url]
+        return list(self.task_servers)

@@ -1,0 +1,178 @@
+"""The agent's HTTP client of its task server: register, pull tasks, read the policy, send events.
+
+Registration tries each URL of `task_servers` in order and the first reachable one wins; every
+later call goes to the task server the agent registered with (or the CEM gateway). A 401 means the
+task server no longer knows the agent's token: the agent registers again and retries once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from typing import Any, TypeVar
+
+import aiohttp
+from pydantic import BaseModel
+
+from tickle.agent.address import client_local_addr, tickle_address
+from tickle.agent.settings import AgentSettings
+from tickle.agent.state import AgentState, Credentials
+from tickle.http import ApiError, request
+from tickle.messages import (
+    AgentEnrollment,
+    AgentPolicy,
+    AgentRegister,
+    AgentTasks,
+    EventAck,
+    EventBatch,
+    PullVia,
+    StatusEvent,
+)
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class NotRegistered(Exception):
+    """No task server accepted the registration (all unreachable or refusing)."""
+
+
+class TaskServerClient:
+    """One aiohttp session to the task server, bound to the tickle address when it is specific."""
+
+    def __init__(self, settings: AgentSettings, state: AgentState, timeout_s: float = 10.0) -> None:
+        self._settings = settings
+        self._state = state
+        self._timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+        self._creds: Credentials | None = state.current_credentials(
+            settings.api_urls, settings.name
+        )
+        self._register_lock = asyncio.Lock()
+        self.reported_address: str | None = None
+
+    async def start(self) -> None:
+        local_addr = client_local_addr(self._settings)
+        connector = aiohttp.TCPConnector(limit=10, local_addr=local_addr)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout_s)
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def credentials(self) -> Credentials | None:
+        return self._creds
+
+    def tickle_keys(self) -> dict[str, bytes]:
+        """{task server name: tickle key} for the TickleGuard."""
+        if self._creds is None:
+            return {}
+        return {self._creds.ts_name: base64.b64decode(self._creds.tickle_key)}
+
+    async def ensure_registered(self) -> Credentials:
+        """The stored credentials, registering first when there are none."""
+        if self._creds is not None:
+            return self._creds
+        await self.register()
+        assert self._creds is not None
+        return self._creds
+
+    async def register(self) -> AgentEnrollment:
+        """Register with the first reachable task server; store the credentials and policy."""
+        errors: list[str] = []
+        for url in self._settings.api_urls:
+            address = await tickle_address(self._settings, url)
+            self.reported_address = address
+            body = AgentRegister(
+                enrollment_secret=self._settings.enrollment_secret,
+                name=self._settings.name,
+                tickle_host=None if self._settings.cem else address,
+                tickle_port=self._settings.tickle_port,
+                cem=self._settings.cem,
+                reported_address=address,
+                groups=self._settings.groups,
+            )
+            try:
+                enrollment: AgentEnrollment = await request(
+                    self._http(), "POST", f"{url}/api/agent/register", body=body,
+                    answer=AgentEnrollment,
+                )  # fmt: skip
+            except (aiohttp.ClientError, OSError, TimeoutError, ApiError) as exc:
+                log.warning("registration with %s failed: %s", url, exc)
+                errors.append(f"{url}: {exc}")
+                continue
+            self._creds = Credentials(
+                url=url,
+                ts_name=enrollment.ts_name,
+                name=enrollment.name,
+                token=enrollment.token,
+                tickle_key=enrollment.tickle_key,
+                registered_at=time.time(),
+            )
+            self._state.save_credentials(self._creds)
+            self._state.save_policy(enrollment.policy)
+            log.info("registered with task server %s at %s", enrollment.ts_name, url)
+            return enrollment
+        raise NotRegistered("; ".join(errors) or "no task server configured")
+
+    async def tasks(self, via: PullVia) -> AgentTasks:
+        """The pull: this agent's unfinished executions and the current policy."""
+        return await self._call("GET", "/api/agent/tasks", AgentTasks, params={"via": via})
+
+    async def policy(self) -> AgentPolicy:
+        """The configuration policy only (never tasks)."""
+        return await self._call("GET", "/api/agent/policy", AgentPolicy)
+
+    async def events(self, bodies: list[str]) -> list[str]:
+        """Send serialized status events; return the ids the task server accepted."""
+        batch = EventBatch(events=[StatusEvent.model_validate_json(b) for b in bodies])
+        ack = await self._call("POST", "/api/agent/events", EventAck, body=batch)
+        return ack.accepted
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        answer: type[M],
+        body: BaseModel | None = None,
+        params: dict[str, str] | None = None,
+    ) -> M:
+        creds = await self.ensure_registered()
+        try:
+            return await self._send(creds, method, path, answer, body, params)
+        except ApiError as exc:
+            if exc.status != 401:
+                raise
+            log.warning("task server %s refused our token: registering again", creds.ts_name)
+        async with self._register_lock:
+            if self._creds is creds:  # nobody registered again meanwhile
+                await self.register()
+            creds = await self.ensure_registered()
+        return await self._send(creds, method, path, answer, body, params)
+
+    async def _send(
+        self,
+        creds: Credentials,
+        method: str,
+        path: str,
+        answer: type[M],
+        body: BaseModel | None,
+        params: dict[str, str] | None,
+    ) -> M:
+        result: Any = await request(
+            self._http(), method, f"{creds.url}{path}", body=body, params=params,
+            answer=answer, token=creds.token,
+        )  # fmt: skip
+        return result  # type: ignore[no-any-return]
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("TaskServerClient used before start()")
+        return self._session

@@ -1,0 +1,157 @@
+"""A small fake task server: the agent-facing routes of ARCHITECTURE.md, recording every call.
+
+The real task server is written concurrently; this fake lets the agent's tests pin down exactly
+which calls a tickle, a poll or a control command causes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from tickle.messages import (
+    AgentEnrollment,
+    AgentPolicy,
+    AgentRegister,
+    AgentTasks,
+    EventAck,
+    EventBatch,
+    ExecutionWork,
+    StatusEvent,
+)
+
+
+@dataclass
+class Call:
+    route: str  # register | tasks | policy | events
+    at: float
+    peer: str | None
+    via: str | None = None
+    answered_at: float | None = None
+
+
+@dataclass
+class FakeTaskServer:
+    """Serves chosen executions until a `finished` event for them arrives."""
+
+    name: str = "ts1"
+    policy: AgentPolicy = field(
+        default_factory=lambda: AgentPolicy(
+            settings_version=1, task_request_interval_s=1800, poll_jitter_fraction=0.1, cem=False
+        )
+    )
+    secret: str = "enroll-me"
+    key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    calls: list[Call] = field(default_factory=list)
+    registrations: list[AgentRegister] = field(default_factory=list)
+    events: list[StatusEvent] = field(default_factory=list)
+    work: dict[int, ExecutionWork] = field(default_factory=dict)
+    keep_serving: bool = False  # serve executions even after they finished
+    events_down: bool = False  # answer 503 to events (the task server "is down" for them)
+    pull_gate: Callable[[], asyncio.Future[None] | None] | None = None
+    tokens: set[str] = field(default_factory=set)
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        app = web.Application()
+        app.router.add_post("/api/agent/register", self._register)
+        app.router.add_get("/api/agent/tasks", self._tasks)
+        app.router.add_get("/api/agent/policy", self._policy)
+        app.router.add_post("/api/agent/events", self._events)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        sock = server.sockets[0]  # type: ignore[attr-defined]
+        self.url = f"http://{host}:{sock.getsockname()[1]}"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # --- what tests look at ------------------------------------------------------------------
+
+    def routes(self, since: float = 0.0) -> list[str]:
+        return [c.route for c in self.calls if c.at >= since]
+
+    def pulls(self, via: str | None = None, since: float = 0.0) -> list[Call]:
+        return [
+            c for c in self.calls
+            if c.route == "tasks" and c.at >= since and (via is None or c.via == via)
+        ]  # fmt: skip
+
+    def events_of(self, execution_id: int, kind: str | None = None) -> list[StatusEvent]:
+        return [
+            e for e in self.events
+            if e.execution_id == execution_id and (kind is None or e.kind == kind)
+        ]  # fmt: skip
+
+    def revoke_tokens(self) -> None:
+        self.tokens.clear()
+
+    # --- routes --------------------------------------------------------------------------------
+
+    def _record(self, request: web.Request, route: str) -> Call:
+        call = Call(route=route, at=time.time(), peer=request.remote, via=request.query.get("via"))
+        self.calls.append(call)
+        return call
+
+    def _authorize(self, request: web.Request) -> None:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if token not in self.tokens:
+            raise web.HTTPUnauthorized(text='{"detail":"bad token"}')
+
+    async def _register(self, request: web.Request) -> web.Response:
+        self._record(request, "register")
+        body = AgentRegister.model_validate_json(await request.read())
+        if body.enrollment_secret != self.secret:
+            raise web.HTTPUnauthorized(text='{"detail":"bad enrollment secret"}')
+        self.registrations.append(body)
+        token = secrets.token_urlsafe(32)
+        self.tokens.add(token)
+        enrollment = AgentEnrollment(
+            name=body.name, token=token, tickle_key=base64.b64encode(self.key).decode(),
+            ts_name=self.name, policy=self.policy,
+        )  # fmt: skip
+        return web.json_response(text=enrollment.model_dump_json())
+
+    async def _tasks(self, request: web.Request) -> web.Response:
+        call = self._record(request, "tasks")
+        self._authorize(request)
+        if self.pull_gate is not None:
+            gate = self.pull_gate()
+            if gate is not None:
+                await gate
+        answer = AgentTasks(executions=list(self.work.values()), policy=self.policy)
+        call.answered_at = time.time()
+        return web.json_response(text=answer.model_dump_json())
+
+    async def _policy(self, request: web.Request) -> web.Response:
+        self._record(request, "policy")
+        self._authorize(request)
+        return web.json_response(text=self.policy.model_dump_json())
+
+    async def _events(self, request: web.Request) -> web.Response:
+        self._record(request, "events")
+        self._authorize(request)
+        if self.events_down:
+            raise web.HTTPServiceUnavailable(text='{"detail":"down"}')
+        batch = EventBatch.model_validate_json(await request.read())
+        known = {e.event_id for e in self.events}
+        for event in batch.events:
+            if event.event_id not in known:
+                self.events.append(event)
+                known.add(event.event_id)
+            if event.kind == "finished" and not self.keep_serving:
+                self.work.pop(event.execution_id, None)
+        ack = EventAck(accepted=[e.event_id for e in batch.events])
+        return web.json_response(text=ack.model_dump_json())
