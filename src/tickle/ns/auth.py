@@ -1,0 +1,84 @@
+"""Who is calling: bearer tokens for operators (admin) and task servers, as FastAPI dependencies.
+
+Servers keep only the SHA-256 of a token. A missing or unknown token gets 401; a valid token used
+where its holder may not go (a task server on the admin API, the admin on the task-server API, an
+agent token anywhere on the NS) gets 403.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from tickle.ns.store import Caller, Store, token_sha256
+
+_bearer = HTTPBearer(auto_error=False, description="Admin token or task-server token")
+
+
+def get_store(request: Request) -> Store:
+    """The store the app was built with."""
+    store: Store = request.app.state.store
+    return store
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _token_hash(creds: HTTPAuthorizationCredentials | None) -> str:
+    if creds is None or not creds.credentials:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing bearer token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return token_sha256(creds.credentials)
+
+
+def _is_admin(request: Request, sha: str) -> bool:
+    admin_sha: str = request.app.state.admin_token_sha256
+    return hmac.compare_digest(sha, admin_sha)
+
+
+def _unknown() -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, "unknown bearer token", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def require_admin(request: Request, creds: Credentials, store: StoreDep) -> None:
+    """Allow the operator's admin token only."""
+    sha = _token_hash(creds)
+    if _is_admin(request, sha):
+        return
+    caller = store.caller_for(sha)
+    if caller is None:
+        raise _unknown()
+    raise HTTPException(
+        status.HTTP_403_FORBIDDEN, f"{_role(caller.role)} token cannot use the admin API"
+    )
+
+
+def require_task_server(request: Request, creds: Credentials, store: StoreDep) -> Caller:
+    """Allow a registered task server's token; returns who it is."""
+    sha = _token_hash(creds)
+    caller = store.caller_for(sha)
+    if caller is not None and caller.role == "task_server":
+        return caller
+    if caller is not None or _is_admin(request, sha):
+        who = _role(caller.role) if caller is not None else "the admin"
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, f"{who} token cannot use the task-server API"
+        )
+    raise _unknown()
+
+
+def _role(role: str) -> str:
+    return "a task server" if role == "task_server" else "an agent"
+
+
+AdminDep = Annotated[None, Depends(require_admin)]
+TaskServerDep = Annotated[Caller, Depends(require_task_server)]

@@ -1,0 +1,162 @@
+"""The notification server's tables (SQLAlchemy 2, typed): inventory, tasks, runs, executions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Double, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TaskServer(Base):
+    """A registered task server: credentials, where to tickle it, whether tickles get through."""
+
+    __tablename__ = "task_servers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    tickle_key: Mapped[str] = mapped_column(String(64))  # base64 of 32 bytes
+    tickle_host: Mapped[str] = mapped_column(String(255))
+    tickle_port: Mapped[int] = mapped_column(Integer)
+    api_url: Mapped[str] = mapped_column(String(2048))
+    tickle_state: Mapped[str] = mapped_column(String(16), default="unknown")
+    registered_at: Mapped[float] = mapped_column(Double)
+    last_pull_at: Mapped[float | None] = mapped_column(Double, default=None)
+    # the acknowledgement of settings tickles, readable by the dispatcher in another process
+    settings_pulled_at: Mapped[float | None] = mapped_column(Double, default=None)
+
+
+class Computer(Base):
+    """A computer whose client task agent is registered with a task server."""
+
+    __tablename__ = "computers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    task_server_id: Mapped[int | None] = mapped_column(
+        ForeignKey("task_servers.id", ondelete="SET NULL"), index=True, default=None
+    )
+    token_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    tickle_key: Mapped[str] = mapped_column(String(64))
+    tickle_host: Mapped[str | None] = mapped_column(String(255), default=None)
+    tickle_port: Mapped[int] = mapped_column(Integer, default=50124)
+    cem: Mapped[bool] = mapped_column(Boolean, default=False)
+    groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    reported_address: Mapped[str | None] = mapped_column(String(255), default=None)
+    observed_address: Mapped[str | None] = mapped_column(String(255), default=None)
+    nat_detected: Mapped[bool] = mapped_column(Boolean, default=False)
+    tickle_state: Mapped[str] = mapped_column(String(16), default="unknown")
+    last_contact_at: Mapped[float | None] = mapped_column(Double, default=None)
+
+    task_server: Mapped[TaskServer | None] = relationship(lazy="joined")
+
+
+class Task(Base):
+    """A task: a command (argv) or a script, with a timeout."""
+
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    command: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    script: Mapped[str | None] = mapped_column(Text, default=None)
+    timeout_s: Mapped[float] = mapped_column(Double, default=300.0)
+
+
+class Job(Base):
+    """A job: an ordered list of tasks."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    tasks: Mapped[list[JobTask]] = relationship(
+        order_by="JobTask.position", cascade="all, delete-orphan", lazy="selectin"
+    )
+
+
+class JobTask(Base):
+    """One step of a job."""
+
+    __tablename__ = "job_tasks"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+
+
+class Run(Base):
+    """One "run now" of a task or a job on a set of computers."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"), default=None)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), default=None)
+    created_at: Mapped[float] = mapped_column(Double)
+    executions: Mapped[list[Execution]] = relationship(
+        order_by="Execution.id", lazy="selectin", back_populates="run"
+    )
+
+
+class Execution(Base):
+    """One run of a task or job on one computer, with a timestamp for every step it went through."""
+
+    __tablename__ = "executions"
+    __table_args__ = (Index("ix_executions_status_tickle", "status", "tickle_sent_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    computer_id: Mapped[int] = mapped_column(ForeignKey("computers.id"), index=True)
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"), default=None)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), default=None)
+    kind: Mapped[str] = mapped_column(String(8))  # task | job
+    steps: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # TaskSpec snapshots
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    via: Mapped[str | None] = mapped_column(String(16), default=None)
+    exit_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    output_tail: Mapped[str | None] = mapped_column(Text, default=None)
+    step_results: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[float] = mapped_column(Double)
+    tickle_sent_at: Mapped[float | None] = mapped_column(Double, default=None)
+    ts_pulled_at: Mapped[float | None] = mapped_column(Double, default=None)
+    agent_tickled_at: Mapped[float | None] = mapped_column(Double, default=None)
+    agent_pulled_at: Mapped[float | None] = mapped_column(Double, default=None)
+    started_at: Mapped[float | None] = mapped_column(Double, default=None)
+    finished_at: Mapped[float | None] = mapped_column(Double, default=None)
+    cached_at_ts: Mapped[float | None] = mapped_column(Double, default=None)
+    recorded_at: Mapped[float | None] = mapped_column(Double, default=None)
+
+    run: Mapped[Run] = relationship(back_populates="executions")
+    computer: Mapped[Computer] = relationship(lazy="joined")
+
+
+class StatusEvent(Base):
+    """A status event recorded exactly once (unique event id)."""
+
+    __tablename__ = "status_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    execution_id: Mapped[int] = mapped_column(ForeignKey("executions.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    at: Mapped[float] = mapped_column(Double)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    recorded_at: Mapped[float] = mapped_column(Double)
+
+
+class Settings(Base):
+    """The central settings handed down to task servers and agents (a single row, id 1)."""
+
+    __tablename__ = "settings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    task_request_interval_s: Mapped[int] = mapped_column(Integer, default=1800)
+    poll_jitter_fraction: Mapped[float] = mapped_column(Double, default=0.1)
+    ts_check_interval_s: Mapped[int] = mapped_column(Integer, default=60)

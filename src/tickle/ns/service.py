@@ -1,0 +1,106 @@
+"""Run the notification server: migrate the database, start the tickle server, serve the API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+
+from tickle.config import ConfigError, load_settings
+from tickle.logs import setup_logging
+from tickle.metrics import ComponentMetrics
+from tickle.ns.api import create_app
+from tickle.ns.settings import NsSettings
+from tickle.ns.store import Store
+from tickle.ns.tickle_server import TickleServer
+
+log = logging.getLogger("tickle.ns")
+
+
+def main(args: list[str]) -> int:
+    """`tickle ns [flags]`: returns 0 after a clean stop (SIGTERM/SIGINT), 2 on bad config."""
+    try:
+        settings = load_settings(NsSettings, args)
+    except ConfigError as exc:
+        print(f"tickle ns: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("ns", settings.log_level, settings.log_format)
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        settings = settings.with_secrets()
+    except OSError as exc:
+        print(
+            f"tickle ns: setting state_dir: cannot use {settings.state_dir}: {exc}", file=sys.stderr
+        )
+        return 2
+    return asyncio.run(serve(settings))
+
+
+async def serve(settings: NsSettings, stop: asyncio.Event | None = None) -> int:
+    """Run the NS until SIGTERM/SIGINT (or `stop` is set); returns the exit code."""
+    store = Store(settings.db_url)
+    try:
+        await asyncio.to_thread(store.migrate)
+        metrics = ComponentMetrics("ns")
+        tickle_server = TickleServer(settings, store, metrics)
+        app = create_app(settings, store, tickle_server, metrics)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=settings.api_host,
+                port=settings.api_port,
+                log_config=None,
+                lifespan="on",
+                access_log=False,
+            )
+        )
+        restore = _on_signals(server)
+        await tickle_server.start()
+        watcher = asyncio.create_task(_stop_when(stop, server)) if stop is not None else None
+        try:
+            log.info(
+                "notification server on http://%s:%d (admin token in %s, database %s)",
+                settings.api_host,
+                settings.api_port,
+                settings.admin_token_file,
+                store.engine.url.render_as_string(hide_password=True),
+            )
+            await server.serve()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            await tickle_server.close()
+            restore()
+        return 0 if server.started else 1
+    finally:
+        store.close()
+
+
+def _on_signals(server: uvicorn.Server) -> Callable[[], None]:
+    """Stop on SIGTERM/SIGINT; returns a function restoring the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    # uvicorn replaces these while it serves, restores them after and re-raises what it caught:
+    # a handler of our own makes that re-raise harmless instead of killing the process (rc != 0)
+    def handle(_sig: int, _frame: FrameType | None) -> None:
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+async def _stop_when(stop: asyncio.Event, server: uvicorn.Server) -> None:
+    await stop.wait()
+    server.should_exit = True

@@ -1,0 +1,96 @@
+"""The notification server's settings (`TICKLE_NS_*`, flags `--field-name`, TOML config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from tickle.config import ComponentSettings, default_state_dir, read_or_create_secret
+from tickle.messages import Port
+
+
+class NsSettings(ComponentSettings):
+    """Everything `tickle ns` reads at start; each default works on one machine."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TICKLE_NS_", extra="forbid", validate_default=True
+    )
+
+    api_host: str = Field(default="127.0.0.1", description="Address the HTTP API listens on")
+    api_port: Port = Field(default=50120, description="Port the HTTP API listens on")
+    state_dir: Path = Field(
+        default_factory=lambda: default_state_dir("ns"),
+        description="Directory for the database and generated secrets",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; unset: sqlite:///{state_dir}/ns.db (PostgreSQL via psycopg)",
+    )
+    admin_token: str | None = Field(
+        default=None,
+        min_length=16,
+        description="Operator token; unset: generated once into {state_dir}/admin-token",
+    )
+    enrollment_secret: str | None = Field(
+        default=None,
+        min_length=16,
+        description="Secret task servers register with; unset: {state_dir}/enrollment-secret",
+    )
+    ns_id: str = Field(
+        default="ns", min_length=1, max_length=64, description="Sender id in NS tickles"
+    )
+    freshness_window_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Tickle freshness window (seconds)"
+    )
+    tickle_tries: int = Field(default=6, ge=1, le=100, description="Tickle sends before giving up")
+    tickle_backoff_s: float = Field(
+        default=0.5, gt=0, le=600, description="First resend delay (seconds)"
+    )
+    tickle_backoff_max_s: float = Field(
+        default=8.0, gt=0, le=3600, description="Longest resend delay (seconds)"
+    )
+    dispatcher_lock: bool = Field(
+        default=True,
+        description="PostgreSQL: only the holder of an advisory lock dispatches tickles",
+    )
+    dispatch_poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often the tickle server looks in the database for untickled work",
+    )
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> NsSettings:
+        if self.tickle_backoff_max_s < self.tickle_backoff_s:
+            raise ValueError("tickle_backoff_max_s must be >= tickle_backoff_s")
+        return self
+
+    @property
+    def db_url(self) -> str:
+        """The database URL, defaulting to SQLite in the state directory."""
+        url = self.database_url or "sqlite:///{state_dir}/ns.db"
+        return url.replace("{state_dir}", str(self.state_dir))
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.state_dir / "admin-token"
+
+    def with_secrets(self) -> NsSettings:
+        """A copy whose unset secrets are read from, or generated once into, the state dir."""
+        if self.admin_token and self.enrollment_secret:
+            return self
+        return self.model_copy(
+            update={
+                "admin_token": self.admin_token or read_or_create_secret(self.admin_token_file),
+                "enrollment_secret": self.enrollment_secret
+                or read_or_create_secret(self.state_dir / "enrollment-secret"),
+            }
+        )
+
+    def public(self) -> dict[str, Any]:
+        """The settings without secrets (for logs)."""
+        return self.model_dump(exclude={"admin_token", "enrollment_secret"})

@@ -1,0 +1,171 @@
+"""The NS tickle server: tickles task servers when their clients have work or settings changed.
+
+It finds work to announce in the database (pending executions nobody tickled for or pulled yet),
+woken at once by a run-now in this process (`notify`) and every `dispatch_poll_s` otherwise, so a
+run-now committed by another NS API process sharing a PostgreSQL database is announced too. With
+PostgreSQL only the holder of an advisory lock dispatches. A settings version change in the
+database makes it send a SETTINGS tickle to every task server.
+
+Acknowledgement: a task server's pull in this process calls `ack` directly; a pull served by
+another process is seen as `last_pull_at` / `settings_pulled_at` later than the tickle's first send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from tickle import wire
+from tickle.backoff import Backoff
+from tickle.metrics import ComponentMetrics
+from tickle.ns.settings import NsSettings
+from tickle.ns.store import Store, TaskServerLink
+from tickle.tickling import Tickler
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_LOCK_RETRY_S = 5.0
+
+
+class TickleServer:
+    """Dispatches NS→TS tickles; every public method runs on the event loop."""
+
+    def __init__(self, settings: NsSettings, store: Store, metrics: ComponentMetrics) -> None:
+        self._settings = settings
+        self._store = store
+        self._links: dict[str, TaskServerLink] = {}
+        self._requested_at: dict[tuple[str, wire.Kind], float] = {}
+        self._settings_version: int | None = None
+        self._wake = asyncio.Event()
+        self._lock = store.dispatcher_lock() if settings.dispatcher_lock else None
+        self._task: asyncio.Task[None] | None = None
+        self.tickler = Tickler(
+            settings.ns_id,
+            self._key_for,
+            metrics,
+            Backoff(
+                base_s=settings.tickle_backoff_s,
+                max_s=settings.tickle_backoff_max_s,
+                tries=settings.tickle_tries,
+            ),
+            on_unreachable=self._on_unreachable,
+            on_reachable=self._on_reachable,
+            on_sent=self._on_sent,
+        )
+
+    async def start(self) -> None:
+        """Open the sending socket and start the dispatch loop."""
+        await self.tickler.start()
+        self._settings_version = (await self._db(self._store.settings)).version
+        self._wake.set()  # first pass at once: work may be waiting since before a restart
+        self._task = asyncio.create_task(self._run(), name="ns-tickle-dispatcher")
+
+    async def close(self) -> None:
+        """Stop dispatching, stop every resend, release the dispatcher lock."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.tickler.close()
+        if self._lock is not None:
+            await self._db(self._lock.release)
+
+    def notify(self) -> None:
+        """Work was committed (run now, a computer moved): look for untickled work now."""
+        self._wake.set()
+
+    def settings_changed(self) -> None:
+        """The central settings changed: tickle every task server with kind SETTINGS now."""
+        self._wake.set()
+
+    def ack(self, task_server: str, kind: wire.Kind) -> None:
+        """The task server pulls (work acks TASKS, settings acks SETTINGS): stop resending."""
+        self.tickler.ack(task_server, kind)
+
+    def notify_threadsafe(self, loop: asyncio.AbstractEventLoop) -> None:
+        """`notify` from a thread other than the loop's."""
+        loop.call_soon_threadsafe(self.notify)
+
+    async def dispatch_once(self) -> None:
+        """One pass: refresh links, ack pulls seen in the database, tickle for new work/settings."""
+        links = await self._db(self._store.task_server_links)
+        self._links = {link.name: link for link in links}
+        self._ack_from_db()
+        await self._tickle_settings()
+        for pending in await self._db(self._store.pending_tickles):
+            link = self._links.get(pending.task_server)
+            if link is None:
+                continue
+            key = (link.name, wire.Kind.TASKS)
+            if self.tickler.in_flight(*key) and pending.newest_created_at <= self._requested_at.get(
+                key, 0.0
+            ):
+                continue  # that tickle covers this work already
+            self._tickle(link, wire.Kind.TASKS)
+
+    async def _run(self) -> None:
+        poll = self._settings.dispatch_poll_s
+        active = False
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), poll if active else _LOCK_RETRY_S)
+            self._wake.clear()
+            try:
+                active = self._lock is None or await self._db(self._lock.try_acquire)
+                if active:
+                    await self.dispatch_once()
+            except Exception:
+                # the database may be briefly unavailable; the next pass retries
+                log.exception("tickle dispatch pass failed")
+
+    def _tickle(self, link: TaskServerLink, kind: wire.Kind) -> None:
+        key = (link.name, kind)
+        if not self.tickler.in_flight(*key):
+            self._requested_at[key] = time.time()
+        self.tickler.tickle(link.name, link.addr, kind)
+
+    def _ack_from_db(self) -> None:
+        for (name, kind), requested in list(self._requested_at.items()):
+            link = self._links.get(name)
+            if link is None or not self.tickler.in_flight(name, kind):
+                continue
+            pulled = link.last_pull_at if kind is wire.Kind.TASKS else link.settings_pulled_at
+            if pulled is not None and pulled >= requested:
+                self.tickler.ack(name, kind)
+
+    async def _tickle_settings(self) -> None:
+        version = (await self._db(self._store.settings)).version
+        previous, self._settings_version = self._settings_version, version
+        if previous is None or version <= previous:
+            return
+        log.info("settings version %d: tickling %d task server(s)", version, len(self._links))
+        for link in self._links.values():
+            self._tickle(link, wire.Kind.SETTINGS)
+
+    def _key_for(self, task_server: str) -> bytes | None:
+        link = self._links.get(task_server)
+        return link.key if link is not None else None
+
+    async def _on_sent(self, task_server: str, kind: wire.Kind, first_sent: float) -> None:
+        if kind is wire.Kind.TASKS:
+            n = await self._db(self._store.mark_tickle_sent, task_server, first_sent)
+            log.debug("tasks tickle to %s covers %d execution(s)", task_server, n)
+
+    async def _on_unreachable(self, task_server: str) -> None:
+        log.warning(
+            "task server %s is tickle-unreachable: it will get work by polling", task_server
+        )
+        await self._db(self._store.set_task_server_state, task_server, "unreachable")
+
+    async def _on_reachable(self, task_server: str) -> None:
+        await self._db(self._store.set_task_server_state, task_server, "reachable")
+
+    async def _db(self, fn: Callable[..., T], *args: object) -> T:
+        # the store is synchronous: keep its I/O off the event loop
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
