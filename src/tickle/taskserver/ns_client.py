@@ -1,0 +1,132 @@
+"""The task server's client of the notification server API (aiohttp).
+
+The task server registers once and keeps its credentials; it registers again only when the NS
+answers 401 to the stored token (the NS lost or rotated them), then repeats the request once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import aiohttp
+from pydantic import BaseModel
+
+from tickle.http import ApiError, client_session, request
+from tickle.messages import (
+    AgentCredentials,
+    AgentRegistration,
+    ClientInfo,
+    ComputerState,
+    EventAck,
+    EventBatch,
+    SettingsOut,
+    StatusEvent,
+    TaskServerCredentials,
+    TaskServerRegister,
+    WorkOut,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Register = Callable[[], Awaitable[TaskServerCredentials]]
+
+
+class NsClient:
+    """Calls the NS routes under `/api/ts/` with this task server's token."""
+
+    def __init__(self, ns_url: str, timeout_s: float = 10.0) -> None:
+        self.ns_url = ns_url.rstrip("/")
+        self._timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+        self._reregister: Register | None = None
+        self._reregister_lock = asyncio.Lock()
+
+    def use_credentials(self, creds: TaskServerCredentials, reregister: Register) -> None:
+        """Authenticate with `creds`; call `reregister` when the NS no longer knows them."""
+        self._token = creds.token
+        self._reregister = reregister
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def register(self, body: TaskServerRegister) -> TaskServerCredentials:
+        """Register this task server with the enrollment secret; the NS issues credentials."""
+        creds: TaskServerCredentials = await request(
+            self._http(), "POST", self._url("/api/ts/register"), body=body,
+            answer=TaskServerCredentials,
+        )  # fmt: skip
+        self._token = creds.token
+        return creds
+
+    async def register_agent(self, body: AgentRegistration) -> AgentCredentials:
+        creds: AgentCredentials = await self._call(
+            "POST", "/api/ts/agents/register", body=body, answer=AgentCredentials
+        )
+        return creds
+
+    async def clients(self) -> list[ClientInfo]:
+        clients: list[ClientInfo] = await self._call(
+            "GET", "/api/ts/clients", answer=list[ClientInfo]
+        )
+        return clients
+
+    async def work(self) -> WorkOut:
+        """The pull: every unfinished execution of this task server's clients."""
+        work: WorkOut = await self._call("GET", "/api/ts/work", answer=WorkOut)
+        return work
+
+    async def settings(self) -> SettingsOut:
+        settings: SettingsOut = await self._call("GET", "/api/ts/settings", answer=SettingsOut)
+        return settings
+
+    async def events(self, batch: EventBatch) -> EventAck:
+        ack: EventAck = await self._call("POST", "/api/ts/events", body=batch, answer=EventAck)
+        return ack
+
+    async def computer_states(self, states: list[ComputerState]) -> None:
+        await self._call("POST", "/api/ts/computers/state", body=states)
+
+    async def send_events(self, bodies: list[str]) -> list[str]:
+        """The outbox forwarder's send: post serialized status events, return accepted ids."""
+        batch = EventBatch(events=[StatusEvent.model_validate_json(b) for b in bodies])
+        return (await self.events(batch)).accepted
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: BaseModel | list[ComputerState] | None = None,
+        answer: Any = None,
+    ) -> Any:
+        used = self._token
+        try:
+            return await self._send(method, path, body, answer)
+        except ApiError as exc:
+            if exc.status != 401 or self._reregister is None:
+                raise
+        async with self._reregister_lock:
+            if self._token == used:  # concurrent 401s register once
+                log.warning("the NS rejected this task server's token; registering again")
+                self._token = (await self._reregister()).token
+        return await self._send(method, path, body, answer)
+
+    async def _send(self, method: str, path: str, body: Any, answer: Any) -> Any:
+        return await request(
+            self._http(), method, self._url(path), body=body, answer=answer, token=self._token
+        )
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = client_session(timeout_s=self._timeout_s)
+        return self._session
+
+    def _url(self, path: str) -> str:
+        return self.ns_url + path

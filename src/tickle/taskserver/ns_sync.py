@@ -1,0 +1,131 @@
+"""Pulls from the NS: work and settings, at once on a tickle, and periodically on its own.
+
+A pull requested while one runs is coalesced into one more pull after it, so work created during a
+pull is never missed and a burst of tickles costs at most two pulls. The periodic check is the
+task server's native tickle: work it finds there (or finds cached at start) is tickled to the
+agents without any NS tickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+from tickle.http import ApiError
+from tickle.taskserver.agent_tickler import AgentTickler
+from tickle.taskserver.ns_client import NsClient
+from tickle.taskserver.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class NsSync:
+    """Owns the work and settings pulls and the periodic NS check."""
+
+    def __init__(
+        self, ns: NsClient, store: Store, agents: AgentTickler, default_interval_s: float
+    ) -> None:
+        self._ns = ns
+        self._store = store
+        self._agents = agents
+        self._default_interval_s = default_interval_s
+        self.work = Coalesced("work pull", self._pull_work)
+        self.settings = Coalesced("settings pull", self._pull_settings)
+        self._interval_changed = asyncio.Event()
+        self._periodic: asyncio.Task[None] | None = None
+
+    def check_interval_s(self) -> float:
+        """The NS's `ts_check_interval_s` once known, else the local default."""
+        current = self._store.settings()
+        return float(current.ts_check_interval_s) if current else self._default_interval_s
+
+    def start_periodic(self) -> None:
+        self._periodic = asyncio.create_task(self._run_periodic())
+
+    async def close(self) -> None:
+        if self._periodic is not None:
+            self._periodic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._periodic
+        await self.work.close()
+        await self.settings.close()
+
+    async def refresh_clients(self) -> None:
+        """Take the NS's list of this task server's clients (tokens, keys, addresses)."""
+        clients = await self._ns.clients()
+        self._store.replace_clients(clients)
+        log.info("%d clients from the NS", len(clients))
+
+    async def _pull_work(self) -> None:
+        work = await self._ns.work()
+        known = {c.name for c in self._store.clients()}
+        if any(w.computer not in known for w in work.executions):
+            # an agent registered through another process or moved here: learn its key first
+            await self.refresh_clients()
+        self._agents.apply_work(work)
+
+    async def _pull_settings(self) -> None:
+        new = await self._ns.settings()
+        old = self._store.settings()
+        self._store.save_settings(new)
+        if old is None or old.version != new.version:
+            log.info("settings version %d from the NS", new.version)
+            if old is not None:
+                self._agents.tickle_settings()
+        if old is None or old.ts_check_interval_s != new.ts_check_interval_s:
+            self._interval_changed.set()
+
+    async def _run_periodic(self) -> None:
+        while True:
+            self._interval_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._interval_changed.wait(), self.check_interval_s())
+                continue  # a new interval: start waiting afresh
+            log.debug("periodic NS check")
+            self.settings.trigger()
+            self.work.trigger()
+
+
+class Coalesced:
+    """Runs an async job on `trigger()`; triggers while it runs make it run once more after."""
+
+    def __init__(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
+        self._name = name
+        self._job = job
+        self._again = False
+        self._task: asyncio.Task[None] | None = None
+
+    def trigger(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.create_task(self._run())
+
+    async def run(self) -> None:
+        """Trigger and wait for the run (and any coalesced run after it) to end."""
+        self.trigger()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            self._again = False
+            try:
+                await self._job()
+            except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
+                # the next tickle or periodic check tries again
+                log.warning("%s from the NS failed: %s", self._name, exc)
+            except Exception:
+                log.exception("%s failed", self._name)
+            if not self._again:
+                return

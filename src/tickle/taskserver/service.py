@@ -1,0 +1,309 @@
+"""Run the task server: `tickle task-server [flags]`.
+
+Start order: bind the tickle socket and the API socket, obtain credentials from the NS (stored
+ones first), take the client list and the settings, then start the agent tickler, the event
+forwarder, the API and the periodic NS check; tickle agents for work cached before a restart and
+pull work once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import aiohttp
+import uvicorn
+
+from tickle import wire
+from tickle.backoff import Backoff
+from tickle.config import ConfigError, load_settings
+from tickle.http import ApiError
+from tickle.logs import setup_logging
+from tickle.messages import TaskServerCredentials, TaskServerRegister
+from tickle.metrics import ComponentMetrics
+from tickle.outbox import Outbox, OutboxForwarder
+from tickle.taskserver.agent_tickler import AgentTickler
+from tickle.taskserver.api import ApiContext, create_app
+from tickle.taskserver.ns_client import NsClient
+from tickle.taskserver.ns_sync import NsSync
+from tickle.taskserver.settings import TaskServerSettings
+from tickle.taskserver.state_reporter import StateReporter
+from tickle.taskserver.store import OUTBOX_FILE, Store
+from tickle.taskserver.tickle_listener import start_tickle_listener
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class StartupError(Exception):
+    """The task server cannot start (the NS stayed unreachable, or refused to register it)."""
+
+
+def main(args: list[str]) -> int:
+    """Entry point of `tickle task-server`; returns the process exit code."""
+    try:
+        settings = load_settings(TaskServerSettings, args)
+    except ConfigError as exc:
+        print(f"tickle task-server: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("task-server", settings.log_level, settings.log_format)
+    try:
+        return asyncio.run(run(settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def run(settings: TaskServerSettings) -> int:
+    """Run until SIGTERM/SIGINT; 0 on a clean stop, 1 when the task server cannot start."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = TaskServer(settings)
+    try:
+        starting = asyncio.create_task(server.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("stop requested while starting")
+            starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting  # re-raises a startup failure
+        await stopping
+        return 0
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    finally:
+        await server.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+class TaskServer:
+    """One task server: its sockets, state, NS link and background tasks."""
+
+    def __init__(self, settings: TaskServerSettings) -> None:
+        self.settings = settings
+        self.metrics = ComponentMetrics("task-server")
+        self.store = Store(settings.state_dir)
+        self.outbox = Outbox(settings.state_dir / OUTBOX_FILE)
+        self.ns = NsClient(settings.ns_url, settings.ns_timeout_s)
+        self.reporter = StateReporter(self.ns)
+        self.forwarder = OutboxForwarder(self.outbox, self.ns.send_events, self.metrics)
+        self.agents = AgentTickler(
+            settings.name,
+            self.store,
+            self.outbox,
+            self.forwarder.wake,
+            self.reporter,
+            self.metrics,
+            Backoff(
+                base_s=settings.tickle_backoff_s,
+                max_s=settings.tickle_backoff_max_s,
+                tries=settings.tickle_tries,
+            ),
+        )
+        self.sync = NsSync(self.ns, self.store, self.agents, settings.ns_check_interval_s)
+        self.credentials: TaskServerCredentials | None = None
+        self._ns_key: bytes | None = None
+        self.tickle_port = 0
+        self.api_port = 0
+        self._tickle_transport: asyncio.DatagramTransport | None = None
+        self._api_socket: socket.socket | None = None
+        self._api: _Server | None = None
+        self._api_task: asyncio.Task[None] | None = None
+        self._started = False
+
+    @property
+    def api_url(self) -> str:
+        return self.settings.agent_api_url(self.api_port)
+
+    async def start(self) -> None:
+        """Bind, obtain credentials and state from the NS, start every loop."""
+        s = self.settings
+        guard = wire.TickleGuard(keys=self._key_of_sender, freshness_s=s.freshness_window_s)
+        self._tickle_transport = await start_tickle_listener(
+            s.tickle_host,
+            s.tickle_port,
+            guard,
+            self.metrics,
+            on_tasks=self.sync.work.trigger,
+            on_settings=self.sync.settings.trigger,
+        )
+        self.tickle_port = int(self._tickle_transport.get_extra_info("sockname")[1])
+        self._api_socket = _bind_tcp(s.api_host, s.api_port)
+        self.api_port = int(self._api_socket.getsockname()[1])
+        log.info(
+            "task server %s: tickles on %s:%d/udp, agent API on %s:%d",
+            s.name, s.tickle_host, self.tickle_port, s.api_host, self.api_port,
+        )  # fmt: skip
+
+        await self._obtain_credentials()
+        await self._until_ns_answers("client list", self.sync.refresh_clients)
+        await self._until_ns_answers("settings", self.sync.settings.run)
+
+        self.reporter.start()
+        await self.agents.start()
+        self.forwarder.start()
+        await self._start_api()
+        self._started = True
+        # the native tickle: work cached before a restart goes out without an NS tickle
+        self.agents.tickle_pending()
+        self.sync.work.trigger()
+        self.sync.start_periodic()
+        log.info("task server %s ready (NS %s)", s.name, s.ns_url)
+
+    async def stop(self) -> None:
+        """Stop every loop and close every socket and file (safe to call more than once)."""
+        if self._api is not None:
+            self._api.should_exit = True
+        if self._api_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._api_task
+            self._api_task = None
+        if self._api_socket is not None:
+            self._api_socket.close()
+            self._api_socket = None
+        if self._tickle_transport is not None:
+            self._tickle_transport.close()
+            self._tickle_transport = None
+        await self.sync.close()
+        await self.agents.close()
+        await self.forwarder.stop()
+        await self.reporter.close()
+        await self.ns.close()
+        self.outbox.close()
+        self.store.close()
+
+    # --- credentials --------------------------------------------------------------------------
+
+    def _registration_key(self) -> str:
+        # registering again when where the NS must reach us changed (new port, new URL)
+        s = self.settings
+        return f"{s.ns_url}|{s.name}|{s.advertised_host}|{self.tickle_port}|{self.api_url}"
+
+    def _key_of_sender(self, sender: str) -> bytes | None:
+        creds = self.credentials
+        if creds is None or sender != creds.ns_id:
+            return None
+        return self._ns_key
+
+    async def _obtain_credentials(self) -> None:
+        stored = self.store.credentials(self._registration_key())
+        if stored is not None:
+            log.info("using stored credentials from the NS (ns_id %s)", stored.ns_id)
+            self._use(stored)
+            return
+        await self._until_ns_answers("registration", self._register)
+
+    async def _register(self) -> TaskServerCredentials:
+        s = self.settings
+        body = TaskServerRegister(
+            enrollment_secret=s.enrollment_secret.get_secret_value(),
+            name=s.name,
+            tickle_host=s.advertised_host,
+            tickle_port=self.tickle_port,
+            api_url=self.api_url,
+        )
+        try:
+            creds = await self.ns.register(body)
+        except ApiError as exc:
+            if exc.status in (401, 403, 422):
+                raise StartupError(f"the NS refused to register {s.name}: {exc.detail}") from None
+            raise
+        self.store.save_credentials(self._registration_key(), creds)
+        log.info("registered with the NS at %s (ns_id %s)", s.ns_url, creds.ns_id)
+        self._use(creds)
+        return creds
+
+    def _use(self, creds: TaskServerCredentials) -> None:
+        try:
+            key = base64.b64decode(creds.tickle_key, validate=True)
+        except (binascii.Error, ValueError):
+            raise StartupError("the NS handed out a tickle key that is not base64") from None
+        self.credentials = creds
+        self._ns_key = key
+        self.ns.use_credentials(creds, self._register)
+
+    async def _until_ns_answers(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Retry `call` with capped backoff while the NS is unreachable, for `ns_wait_s`."""
+        backoff = Backoff(base_s=0.5, max_s=10.0, tries=None)
+        limit = self.settings.ns_wait_s
+        deadline = time.monotonic() + limit if limit else None
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except (aiohttp.ClientError, TimeoutError, ApiError) as exc:
+                if isinstance(exc, ApiError) and exc.status < 500 and exc.status != 429:
+                    raise StartupError(f"{what}: the NS answered {exc}") from None
+                delay = backoff.delay(attempt)
+                attempt += 1
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise StartupError(
+                        f"{what}: the NS at {self.settings.ns_url} stayed unreachable for"
+                        f" {limit:.0f}s ({exc})"
+                    ) from None
+                log.warning(
+                    "%s: the NS at %s is unreachable (%s); retry %d in %.1fs",
+                    what, self.settings.ns_url, exc, attempt, delay,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+
+    # --- the API --------------------------------------------------------------------------------
+
+    async def _start_api(self) -> None:
+        ctx = ApiContext(
+            settings=self.settings,
+            store=self.store,
+            outbox=self.outbox,
+            wake_forwarder=self.forwarder.wake,
+            ns=self.ns,
+            agents=self.agents,
+            reporter=self.reporter,
+            metrics=self.metrics,
+        )
+        config = uvicorn.Config(
+            create_app(ctx), log_config=None, access_log=False, lifespan="off", ws="none"
+        )
+        self._api = _Server(config)
+        assert self._api_socket is not None
+        self._api_task = asyncio.create_task(self._api.serve(sockets=[self._api_socket]))
+        deadline = time.monotonic() + 10.0
+        while not self._api.started:
+            if self._api_task.done() or time.monotonic() > deadline:
+                raise StartupError(f"the agent API did not start on port {self.api_port}")
+            await asyncio.sleep(0.01)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the service owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(512)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

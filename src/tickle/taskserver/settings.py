@@ -1,0 +1,79 @@
+"""The task server's settings (`tickle task-server`, environment prefix `TICKLE_TS_`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from tickle.config import ComponentSettings, default_state_dir, hostname
+from tickle.messages import Name
+
+
+class TaskServerSettings(ComponentSettings):
+    """Everything the task server reads at start; see docs/ARCHITECTURE.md."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TICKLE_TS_", extra="forbid", validate_default=True
+    )
+
+    name: Name = Field(default_factory=hostname, description="This task server's name at the NS")
+    ns_url: str = Field(
+        default="http://127.0.0.1:50120", min_length=1, description="Notification server API URL"
+    )
+    enrollment_secret: SecretStr = Field(
+        min_length=1,
+        max_length=512,
+        description="Enrollment secret shared with the NS and the agents (required)",
+    )
+    api_host: str = Field(default="127.0.0.1", description="Agent-facing API listen address")
+    api_port: int = Field(default=50121, ge=0, le=65535, description="Agent-facing API port")
+    tickle_host: str = Field(default="0.0.0.0", description="UDP address for NS tickles")
+    tickle_port: int = Field(default=50123, ge=0, le=65535, description="UDP port for NS tickles")
+    advertise_host: str | None = Field(
+        default=None,
+        description="Address the NS tickles (default: tickle_host, or 127.0.0.1 for 0.0.0.0)",
+    )
+    api_url: str | None = Field(
+        default=None, description="URL agents use (default http://{advertise_host}:{api_port})"
+    )
+    state_dir: Path = Field(
+        default_factory=lambda: default_state_dir("task-server"),
+        description="Directory of the credentials, clients, work cache and event outbox",
+    )
+    ns_check_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86400,
+        description="Periodic work check with the NS until the NS hands down its own interval",
+    )
+    freshness_window_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Tickles older or newer than this are stale"
+    )
+    tickle_tries: int = Field(default=6, ge=1, le=50, description="Tickle sends per agent")
+    tickle_backoff_s: float = Field(
+        default=0.5, gt=0, le=60, description="First resend delay of an unacknowledged tickle"
+    )
+    tickle_backoff_max_s: float = Field(
+        default=8.0, gt=0, le=600, description="Longest resend delay of a tickle"
+    )
+    ns_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Timeout of one request to the NS"
+    )
+    ns_wait_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="How long to keep trying an unreachable NS at start (0: forever)",
+    )
+
+    @property
+    def advertised_host(self) -> str:
+        """The address the NS sends tickles to."""
+        if self.advertise_host:
+            return self.advertise_host
+        return "127.0.0.1" if self.tickle_host in ("0.0.0.0", "::", "") else self.tickle_host
+
+    def agent_api_url(self, api_port: int) -> str:
+        """The URL agents use, given the port the API really bound."""
+        return self.api_url or f"http://{self.advertised_host}:{api_port}"

@@ -1,0 +1,263 @@
+"""The task server's own state in SQLite (WAL): NS credentials, clients, work cache, settings.
+
+The status-event outbox lives in its own file (`tickle.outbox.Outbox`). Everything here is small
+and local, so the calls are synchronous; each write is one short transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tickle.messages import ClientInfo, ExecutionWork, SettingsOut, TaskServerCredentials
+
+DB_FILE = "task-server.db"
+OUTBOX_FILE = "outbox.db"
+# Executions the NS stopped listing are kept this long so late events of their agent still pass
+# the ownership check (an agent's outbox may deliver a retry after the NS recorded the finish).
+TOMBSTONE_S = 7 * 86400.0
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS credentials ("
+    " id INTEGER PRIMARY KEY CHECK (id = 1), ns_url TEXT NOT NULL, body TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS clients ("
+    " name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, tickle_key TEXT NOT NULL,"
+    " tickle_host TEXT, tickle_port INTEGER NOT NULL, cem INTEGER NOT NULL,"
+    " reported_address TEXT, observed_address TEXT)",
+    "CREATE TABLE IF NOT EXISTS work ("
+    " execution_id INTEGER PRIMARY KEY, computer TEXT NOT NULL, body TEXT NOT NULL,"
+    " listed INTEGER NOT NULL DEFAULT 1, agent_tickled INTEGER NOT NULL DEFAULT 0,"
+    " agent_pulled INTEGER NOT NULL DEFAULT 0, done INTEGER NOT NULL DEFAULT 0,"
+    " updated_at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS work_computer ON work (computer)",
+    "CREATE TABLE IF NOT EXISTS settings (id INTEGER PRIMARY KEY CHECK (id = 1), body TEXT)",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """An agent registered with this task server."""
+
+    name: str
+    token_sha256: str
+    tickle_key: str  # base64
+    tickle_host: str | None
+    tickle_port: int
+    cem: bool
+    reported_address: str | None = None
+    observed_address: str | None = None
+
+    @property
+    def tickle_addr(self) -> tuple[str, int] | None:
+        """Where its tickles go: the address it gave, else the one it was seen from."""
+        host = self.tickle_host or self.observed_address
+        return (host, self.tickle_port) if host else None
+
+
+@dataclass(frozen=True, slots=True)
+class CachedWork:
+    execution_id: int
+    computer: str
+    work: ExecutionWork
+    agent_tickled: bool
+    agent_pulled: bool
+    done: bool
+
+
+class Store:
+    """The task server's SQLite database in `state_dir`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            state_dir / DB_FILE, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        for stmt in _SCHEMA:
+            self._db.execute(stmt)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- credentials from the NS ------------------------------------------------------------
+
+    def credentials(self, ns_url: str) -> TaskServerCredentials | None:
+        """The stored credentials, if they were issued by the NS at `ns_url`."""
+        row = self._db.execute("SELECT ns_url, body FROM credentials WHERE id = 1").fetchone()
+        if row is None or row[0] != ns_url:
+            return None
+        return TaskServerCredentials.model_validate_json(row[1])
+
+    def save_credentials(self, ns_url: str, creds: TaskServerCredentials) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO credentials (id, ns_url, body) VALUES (1, ?, ?)",
+            (ns_url, creds.model_dump_json()),
+        )
+
+    # --- clients ------------------------------------------------------------------------------
+
+    def save_client(self, client: Client) -> None:
+        with self._transaction():
+            # a name registered anew replaces its old token
+            self._db.execute("DELETE FROM clients WHERE name = ?", (client.name,))
+            self._db.execute(
+                "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    client.name,
+                    client.token_sha256,
+                    client.tickle_key,
+                    client.tickle_host,
+                    client.tickle_port,
+                    int(client.cem),
+                    client.reported_address,
+                    client.observed_address,
+                ),
+            )
+
+    def replace_clients(self, infos: Iterable[ClientInfo]) -> None:
+        """Make the client list the NS's, keeping the addresses this TS observed."""
+        infos = list(infos)
+        with self._transaction():
+            keep = {c.name for c in infos}
+            for (name,) in self._db.execute("SELECT name FROM clients").fetchall():
+                if name not in keep:
+                    self._db.execute("DELETE FROM clients WHERE name = ?", (name,))
+            for c in infos:
+                self._db.execute(
+                    "INSERT INTO clients (name, token_sha256, tickle_key, tickle_host,"
+                    " tickle_port, cem) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET token_sha256 = excluded.token_sha256,"
+                    " tickle_key = excluded.tickle_key, tickle_host = excluded.tickle_host,"
+                    " tickle_port = excluded.tickle_port, cem = excluded.cem",
+                    (c.name, c.token_sha256, c.tickle_key, c.tickle_host, c.tickle_port, c.cem),
+                )
+
+    def client(self, name: str) -> Client | None:
+        row = self._db.execute("SELECT * FROM clients WHERE name = ?", (name,)).fetchone()
+        return _client(row) if row else None
+
+    def client_by_token(self, token_sha256: str) -> Client | None:
+        row = self._db.execute(
+            "SELECT * FROM clients WHERE token_sha256 = ?", (token_sha256,)
+        ).fetchone()
+        return _client(row) if row else None
+
+    def clients(self) -> list[Client]:
+        return [_client(r) for r in self._db.execute("SELECT * FROM clients ORDER BY name")]
+
+    def set_observed_address(self, name: str, address: str) -> None:
+        self._db.execute("UPDATE clients SET observed_address = ? WHERE name = ?", (address, name))
+
+    # --- the work cache -----------------------------------------------------------------------
+
+    def reconcile(self, executions: Iterable[ExecutionWork]) -> list[int]:
+        """Make the cache match the NS's list of unfinished work; return the new execution ids."""
+        now = time.time()
+        listed = {w.execution_id: w for w in executions}
+        new: list[int] = []
+        with self._transaction():
+            known = {
+                int(r[0]): bool(r[1])
+                for r in self._db.execute("SELECT execution_id, listed FROM work")
+            }
+            for eid, work in listed.items():
+                if eid not in known:
+                    new.append(eid)
+                    self._db.execute(
+                        "INSERT INTO work (execution_id, computer, body, updated_at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (eid, work.computer, work.model_dump_json(), now),
+                    )
+                elif not known[eid]:
+                    self._db.execute(
+                        "UPDATE work SET listed = 1, updated_at = ? WHERE execution_id = ?",
+                        (now, eid),
+                    )
+            gone = [eid for eid, was_listed in known.items() if was_listed and eid not in listed]
+            self._db.executemany(
+                "UPDATE work SET listed = 0, updated_at = ? WHERE execution_id = ?",
+                [(now, eid) for eid in gone],
+            )
+            self._db.execute(
+                "DELETE FROM work WHERE listed = 0 AND updated_at < ?", (now - TOMBSTONE_S,)
+            )
+        return new
+
+    def pending_work(self, computer: str | None = None) -> list[CachedWork]:
+        """Work the NS lists and the agent has not finished (of one computer, or all)."""
+        sql = "SELECT * FROM work WHERE listed = 1 AND done = 0"
+        args: tuple[str, ...] = ()
+        if computer is not None:
+            sql += " AND computer = ?"
+            args = (computer,)
+        return [_work(r) for r in self._db.execute(sql + " ORDER BY execution_id", args)]
+
+    def work_owner(self, execution_id: int) -> str | None:
+        """The computer an execution (listed now or recently) belongs to."""
+        row = self._db.execute(
+            "SELECT computer FROM work WHERE execution_id = ?", (execution_id,)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def mark(self, flag: str, execution_ids: Iterable[int]) -> None:
+        """Set `agent_tickled`, `agent_pulled` or `done` on executions."""
+        if flag not in ("agent_tickled", "agent_pulled", "done"):
+            raise ValueError(f"unknown work flag {flag!r}")
+        with self._transaction():
+            self._db.executemany(
+                f"UPDATE work SET {flag} = 1 WHERE execution_id = ?",  # noqa: S608 - checked above
+                [(eid,) for eid in execution_ids],
+            )
+
+    # --- settings -----------------------------------------------------------------------------
+
+    def settings(self) -> SettingsOut | None:
+        row = self._db.execute("SELECT body FROM settings WHERE id = 1").fetchone()
+        return SettingsOut.model_validate_json(row[0]) if row else None
+
+    def save_settings(self, settings: SettingsOut) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO settings (id, body) VALUES (1, ?)",
+            (settings.model_dump_json(),),
+        )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
+def _client(row: tuple[object, ...]) -> Client:
+    name, token_sha, key, host, port, cem, reported, observed = row
+    return Client(
+        name=str(name),
+        token_sha256=str(token_sha),
+        tickle_key=str(key),
+        tickle_host=None if host is None else str(host),
+        tickle_port=int(str(port)),
+        cem=bool(cem),
+        reported_address=None if reported is None else str(reported),
+        observed_address=None if observed is None else str(observed),
+    )
+
+
+def _work(row: tuple[object, ...]) -> CachedWork:
+    eid, computer, body, _listed, tickled, pulled, done, _updated = row
+    return CachedWork(
+        execution_id=int(str(eid)),
+        computer=str(computer),
+        work=ExecutionWork.model_validate_json(str(body)),
+        agent_tickled=bool(tickled),
+        agent_pulled=bool(pulled),
+        done=bool(done),
+    )
