@@ -34,6 +34,13 @@ class PullResult:
     started: list[int] = field(default_factory=list)
 
 
+def poll_delay(policy: AgentPolicy) -> float:
+    """The Task Request Interval with jitter: uniform ± poll_jitter_fraction of it."""
+    interval = float(policy.task_request_interval_s)
+    jitter = max(0.0, min(policy.poll_jitter_fraction, 0.9))
+    return interval * (1.0 + random.uniform(-jitter, jitter))
+
+
 class Poller:
     """The poll timer and the one place a pull happens."""
 
@@ -132,10 +139,7 @@ class Poller:
         self._rearm.set()
 
     def next_delay(self) -> float:
-        """The Task Request Interval with jitter: uniform ± poll_jitter_fraction of it."""
-        interval = float(self.policy.task_request_interval_s)
-        jitter = max(0.0, min(self.policy.poll_jitter_fraction, 0.9))
-        return interval * (1.0 + random.uniform(-jitter, jitter))
+        return poll_delay(self.policy)
 
     async def _poll_loop(self) -> None:
         while True:
