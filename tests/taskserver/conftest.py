@@ -85,6 +85,7 @@ class FakeNs:
     registrations: list[TaskServerRegister] = field(default_factory=list)
     agent_registrations: list[AgentRegistration] = field(default_factory=list)
     work_delay_s: float = 0.0
+    work_gate: asyncio.Event | None = None  # when set: work pulls wait until it opens
     port: int = 0
     _runner: web.AppRunner | None = None
     _seq: wire.SequenceCounter = field(default_factory=wire.SequenceCounter)
@@ -122,6 +123,8 @@ class FakeNs:
         self.port = int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
+        if self.work_gate is not None:
+            self.work_gate.set()  # release held pulls so the server can shut down
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -172,6 +175,8 @@ class FakeNs:
         self.calls.append("work")
         if self.work_delay_s:
             await asyncio.sleep(self.work_delay_s)
+        if self.work_gate is not None:
+            await self.work_gate.wait()
         return web.json_response(text=WorkOut(executions=self.work).model_dump_json())
 
     async def _settings(self, req: web.Request) -> web.Response:
@@ -276,6 +281,11 @@ class TaskServerHarness:
             await self.ts.stop()
             raise
         return self.ts
+
+    def pin_ports(self) -> None:
+        """Restart on the ports bound now (a real restart keeps its configured ports)."""
+        self.overrides["api_port"] = self.running.api_port
+        self.overrides["tickle_port"] = self.running.tickle_port
 
     async def stop(self) -> None:
         if self.ts is not None:

@@ -1,0 +1,162 @@
+"""The task server's link to the NS: durable events, native tickles, settings, credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from tests.taskserver.conftest import FakeNs, TaskServerHarness, wait_until, work_for
+from tickle import wire
+from tickle.messages import SettingsOut, StatusEvent
+from tickle.taskserver.service import main
+
+
+def _event(execution_id: int, computer: str, kind: str = "started") -> dict[str, object]:
+    return StatusEvent(
+        event_id=str(uuid.uuid4()), execution_id=execution_id, computer=computer,
+        kind=kind, at=1.0,  # type: ignore[arg-type]
+    ).model_dump(mode="json")  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+async def test_events_posted_while_the_ns_is_down_are_delivered_after_it_returns(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1")
+    h.ns.work = [work_for(1, "pc1")]
+    await h.running.sync.work.run()
+    await h.running.forwarder.drained(5)
+
+    await h.ns.stop()
+    events = [_event(1, "pc1", "started"), _event(1, "pc1", "finished")]
+    status, body = await h.call(agent, "POST", "/api/agent/events", json={"events": events})
+    assert status == 200, body  # accepted: durable at the TS although the NS is down
+    assert h.running.outbox.depth() == 2
+
+    await h.ns.start()  # same port
+    await wait_until(
+        lambda: {e["event_id"] for e in events} <= set(h.ns.events),
+        within_s=20,
+        what="the events at the restarted NS",
+    )
+    assert await h.running.forwarder.drained(5)
+
+
+@pytest.mark.timeout(60)
+async def test_events_cached_while_the_ns_is_down_survive_a_task_server_restart(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1")
+    h.ns.work = [work_for(1, "pc1")]
+    await h.running.sync.work.run()
+    await h.running.forwarder.drained(5)
+
+    await h.ns.stop()
+    events = [_event(1, "pc1", "started"), _event(1, "pc1", "finished")]
+    status, _ = await h.call(agent, "POST", "/api/agent/events", json={"events": events})
+    assert status == 200
+    h.pin_ports()
+    await h.stop()  # the task server goes down with the events only in its outbox
+
+    await h.ns.start()
+    await h.start()
+    await wait_until(
+        lambda: {e["event_id"] for e in events} <= set(h.ns.events),
+        within_s=20,
+        what="the events delivered by the restarted task server",
+    )
+    assert h.ns.count("register") == 1  # the restart used the stored credentials
+
+
+async def test_work_found_by_the_periodic_check_is_tickled_without_an_ns_tickle(
+    fake_ns: FakeNs, harness: TaskServerHarness
+) -> None:
+    fake_ns.settings = fake_ns.settings.model_copy(update={"ts_check_interval_s": 1})
+    await harness.start()
+    agent = await harness.register_agent("pc1")
+    checks = fake_ns.count("work")
+    fake_ns.work = [work_for(1, "pc1")]  # no NS tickle follows
+
+    await wait_until(lambda: agent.socket.datagrams, within_s=5, what="the native tickle")
+    assert fake_ns.count("work") > checks
+    assert harness.running.metrics.tickles_received.labels(kind="tasks")._value.get() == 0
+    assert agent.tickles("ts1")[0].kind is wire.Kind.TASKS
+
+
+async def test_work_cached_before_a_restart_is_tickled_at_start(
+    fake_ns: FakeNs, harness: TaskServerHarness
+) -> None:
+    await harness.start()
+    agent = await harness.register_agent("pc1")
+    fake_ns.work = [work_for(1, "pc1")]
+    await harness.running.sync.work.run()
+    harness.pin_ports()
+    await harness.stop()
+    agent.socket.datagrams.clear()
+    fake_ns.work_gate = asyncio.Event()  # the NS holds the pull: only the cache explains a tickle
+
+    await harness.start()
+    await wait_until(lambda: agent.socket.datagrams, within_s=5, what="a tickle from the cache")
+    assert agent.tickles("ts1")[0].kind is wire.Kind.TASKS
+
+
+async def test_settings_tickle_pulls_settings_and_the_policy_shows_the_new_interval(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1")
+    assert agent.enrollment.policy.task_request_interval_s == 1800
+    h.ns.settings = SettingsOut(
+        version=2, task_request_interval_s=120, poll_jitter_fraction=0.2, ts_check_interval_s=60
+    )
+    h.send_tickle(h.ns.tickle(wire.Kind.SETTINGS))
+
+    # the agent gets a settings tickle (to refresh its policy, not to pull tasks)
+    await wait_until(lambda: agent.socket.datagrams, what="the agent's settings tickle")
+    assert [t.kind for t in agent.tickles("ts1")] == [wire.Kind.SETTINGS]
+    status, policy = await h.call(agent, "GET", "/api/agent/policy")
+    assert status == 200
+    assert (policy["settings_version"], policy["task_request_interval_s"]) == (2, 120)
+    assert policy["poll_jitter_fraction"] == 0.2
+    assert not h.running.agents.tickler.in_flight("pc1", wire.Kind.SETTINGS)
+
+
+async def test_task_server_registers_again_when_the_ns_rejects_its_token(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    assert h.ns.count("register") == 1
+    h.ns.ts_token = "rotated-by-the-ns"  # the stored token no longer works
+    h.ns.work = []
+    await h.running.sync.work.run()
+    assert h.ns.count("register") == 2
+    assert h.ns.calls[-1] == "work"  # the pull was repeated with the new token
+
+
+def test_missing_enrollment_secret_exits_2_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("TICKLE_TS_ENROLLMENT_SECRET", raising=False)
+    monkeypatch.delenv("TICKLE_TS_CONFIG", raising=False)
+    # a port that would fail to bind if main got that far: the check must come first
+    code = main(["--api-port", "1", "--tickle-port", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tickle task-server:")
+    assert "enrollment_secret" in err
+    assert "TICKLE_TS_ENROLLMENT_SECRET" in err
+
+
+async def test_start_gives_up_clearly_when_the_ns_stays_unreachable(
+    harness: TaskServerHarness, fake_ns: FakeNs
+) -> None:
+    from tickle.taskserver.service import StartupError
+
+    await fake_ns.stop()
+    harness.overrides["ns_wait_s"] = 1.5
+    with pytest.raises(StartupError, match="unreachable"):
+        await harness.start()
