@@ -219,11 +219,10 @@ class Store:
 
     def task_servers(self) -> list[m.TaskServerOut]:
         with self.reading() as s:
-            counts = dict(
-                s.execute(
-                    select(Computer.task_server_id, func.count()).group_by(Computer.task_server_id)
-                ).tuples()
+            rows = s.execute(
+                select(Computer.task_server_id, func.count()).group_by(Computer.task_server_id)
             )
+            counts: dict[int | None, int] = {row[0]: row[1] for row in rows}
             return [
                 m.TaskServerOut(
                     name=t.name,
@@ -536,7 +535,7 @@ class Store:
                     Execution.ts_pulled_at.is_(None),
                 )
                 .group_by(TaskServer.name)
-            ).tuples()
+            )
             return [PendingTickle(name, float(newest)) for name, newest in rows]
 
     def mark_tickle_sent(self, task_server: str, sent_at: float) -> int:

@@ -86,7 +86,10 @@ class TickleServer:
 
     def ack(self, task_server: str, kind: wire.Kind) -> None:
         """The task server pulls (work acks TASKS, settings acks SETTINGS): stop resending."""
-        self.tickler.ack(task_server, kind)
+        if self.tickler.ack(task_server, kind):
+            # a follow-up tickle (work came during the flight) starts now and covers all work
+            # created until now: the dispatcher must not ask for yet another one
+            self._requested_at[(task_server, kind)] = time.time()
 
     def notify_threadsafe(self, loop: asyncio.AbstractEventLoop) -> None:
         """`notify` from a thread other than the loop's."""
@@ -102,11 +105,10 @@ class TickleServer:
             link = self._links.get(pending.task_server)
             if link is None:
                 continue
-            key = (link.name, wire.Kind.TASKS)
-            if self.tickler.in_flight(*key) and pending.newest_created_at <= self._requested_at.get(
-                key, 0.0
-            ):
-                continue  # that tickle covers this work already
+            if pending.newest_created_at <= self._requested_at.get((link.name, wire.Kind.TASKS), 0):
+                # a tickle requested after this work covers it: in flight, being stamped by
+                # on_sent, or the follow-up the Tickler sends after an ack
+                continue
             self._tickle(link, wire.Kind.TASKS)
 
     async def _run(self) -> None:
@@ -128,6 +130,7 @@ class TickleServer:
         key = (link.name, kind)
         if not self.tickler.in_flight(*key):
             self._requested_at[key] = time.time()
+        log.debug("%s tickle to %s requested", kind.name.lower(), link.name)
         self.tickler.tickle(link.name, link.addr, kind)
 
     def _ack_from_db(self) -> None:
@@ -137,7 +140,7 @@ class TickleServer:
                 continue
             pulled = link.last_pull_at if kind is wire.Kind.TASKS else link.settings_pulled_at
             if pulled is not None and pulled >= requested:
-                self.tickler.ack(name, kind)
+                self.ack(name, kind)
 
     async def _tickle_settings(self) -> None:
         version = (await self._db(self._store.settings)).version

@@ -1,0 +1,153 @@
+"""The NS tickle server against a task server played by the test over HTTP and real UDP."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from tests.ns.conftest import Ns, NsFactory, wait_for
+from tickle import wire
+from tickle.messages import RunCreate
+from tickle.ns.store import Store, token_sha256
+
+
+async def test_run_now_tickles_the_task_server_and_its_pull_acks_it(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    before = time.time()
+    run = await ns.run_task(["pc1"])
+
+    tickle, _ = await ts.tickle(within=2.0)
+    assert tickle.kind is wire.Kind.TASKS
+    assert tickle.sender == ns.settings.ns_id
+    work = await ts.ok("GET", "/api/ts/work")
+    assert [w["execution_id"] for w in work["executions"]] == [run["executions"][0]["id"]]
+    assert work["executions"][0]["steps"][0]["command"] == ["true"]
+
+    # the pull acknowledged the tickle: nothing more arrives over several backoff periods
+    await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
+    execution = await ns.ok("GET", f"/api/executions/{run['executions'][0]['id']}")
+    times = {step["step"]: step["at"] for step in execution["timeline"]}
+    assert before <= times["tickle_sent"] <= times["ts_pulled"]
+    servers = await ns.ok("GET", "/api/task-servers")
+    assert servers[0]["tickle_state"] == "reachable"
+    assert servers[0]["last_pull_at"] >= times["ts_pulled"]
+
+
+async def test_unpulled_tickle_is_resent_with_backoff_then_task_server_is_unreachable(
+    ns_factory: NsFactory,
+) -> None:
+    ns = await ns_factory(tickle_tries=3, tickle_backoff_s=0.2, tickle_backoff_max_s=0.4)
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await ns.run_task(["pc1"])
+
+    sends = [await ts.tickle(within=2.0) for _ in range(3)]
+    assert all(t.kind is wire.Kind.TASKS for t, _ in sends)
+    seqs = [t.seq for t, _ in sends]
+    assert seqs == sorted(set(seqs)), "each resend is a new datagram with a higher sequence"
+    gaps = [b - a for (_, a), (_, b) in itertools.pairwise(sends)]
+    # 0.2 s then 0.4 s, each +/- 10% jitter
+    assert gaps[0] >= 0.15, gaps
+    assert gaps[1] >= 0.3, gaps
+
+    async def unreachable() -> bool:
+        servers = await ns.ok("GET", "/api/task-servers")
+        return bool(servers[0]["tickle_state"] == "unreachable")
+
+    await wait_for(unreachable, within=3.0)
+    await ts.no_tickle(within=0.8)  # bounded: no fourth try
+    assert ns.metrics.tickles_unreachable._value.get() == 1
+
+
+async def test_settings_change_bumps_version_and_settings_pull_acks_the_settings_tickle(
+    ns: Ns,
+) -> None:
+    ts = await ns.task_server("ts1")
+    before = await ns.ok("GET", "/api/settings")
+    out = await ns.ok("PUT", "/api/settings", json={"task_request_interval_s": 120})
+    assert out["version"] == before["version"] + 1
+    assert out["task_request_interval_s"] == 120
+
+    tickle, _ = await ts.tickle(within=2.0)
+    assert tickle.kind is wire.Kind.SETTINGS
+    pulled = await ts.ok("GET", "/api/ts/settings")
+    assert pulled == out
+    await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
+
+
+async def test_every_task_server_gets_the_settings_tickle(ns: Ns) -> None:
+    ts1, ts2 = await ns.task_server("ts1"), await ns.task_server("ts2")
+    await ns.ok("PUT", "/api/settings", json={"poll_jitter_fraction": 0.2})
+    for ts in (ts1, ts2):
+        tickle, _ = await ts.tickle(within=2.0)
+        assert tickle.kind is wire.Kind.SETTINGS
+        await ts.ok("GET", "/api/ts/settings")
+
+
+async def test_pull_served_by_another_process_acks_the_tickle(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await ns.run_task(["pc1"])
+    await ts.tickle(within=2.0)
+
+    # another NS API process sharing the database serves the pull: only the database knows
+    other = Store(ns.settings.db_url)
+    try:
+        caller = other.caller_for(token_sha256(ts.token))
+        assert caller is not None
+        other.pull_work(caller, time.time())
+    finally:
+        other.close()
+    await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
+
+
+async def test_run_now_committed_by_another_process_is_tickled_by_the_db_poll(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    task = await ns.ok("POST", "/api/tasks", json={"name": "t", "command": ["true"]})
+    other = Store(ns.settings.db_url)
+    try:
+        other.create_run(RunCreate(task_id=task["id"], computers=["pc1"]))
+    finally:
+        other.close()
+    tickle, _ = await ts.tickle(within=2.0)
+    assert tickle.kind is wire.Kind.TASKS
+
+
+async def test_work_created_while_a_tickle_is_in_flight_gets_one_more_tickle(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await ns.run_task(["pc1"], name="first")
+    await ts.tickle(within=2.0)
+    second = await ns.run_task(["pc1"], name="second")  # coalesced into the in-flight tickle
+    await ts.ok("GET", "/api/ts/work")
+    # the follow-up tickle (work came after the first send) arrives after the ack
+    tickle, _ = await ts.tickle(within=2.0)
+    assert tickle.kind is wire.Kind.TASKS
+    work = await ts.ok("GET", "/api/ts/work")
+    assert second["executions"][0]["id"] in [w["execution_id"] for w in work["executions"]]
+    await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
+
+
+async def test_burst_of_runs_coalesces_into_one_tickle(ns_factory: NsFactory) -> None:
+    ns = await ns_factory(tickle_tries=1, tickle_backoff_max_s=1.0)
+    ts = await ns.task_server("ts1")
+    for i in range(5):
+        await ts.agent(f"pc{i}")
+    task = await ns.ok("POST", "/api/tasks", json={"name": "t", "command": ["true"]})
+    for i in range(5):
+        await ns.ok("POST", "/api/runs", json={"task_id": task["id"], "computers": [f"pc{i}"]})
+    await ts.tickle(within=2.0)
+    work = await ts.ok("GET", "/api/ts/work")
+    assert len(work["executions"]) == 5
+    # at most one follow-up (for runs created after the first send), never one per run
+    extra = 0
+    while True:
+        try:
+            await ts.tickle(within=1.0)
+        except TimeoutError:
+            break
+        extra += 1
+        await ts.ok("GET", "/api/ts/work")
+    assert extra <= 1
