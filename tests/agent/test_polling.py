@@ -117,3 +117,41 @@ async def test_control_socket_is_private_and_serves_metrics(
             text = await resp.text()
     assert 'tickle_pulls_total{via="poll"} 1.0' in text
     assert not settings.socket_path.exists()
+
+
+async def test_failed_pull_makes_the_next_poll_come_sooner(
+    fake_ts: FakeTaskServer, settings_for: Callable[..., AgentSettings]
+) -> None:
+    settings = settings_for(fake_ts)
+    async with running_agent(settings) as agent:
+        fake_ts.revoke_tokens()
+        fake_ts.secret = "changed"  # re-registration fails too: the pull fails
+        await agent.poller.pull_quietly("tickle")
+        assert agent.poller.last_error is not None
+        agent.poller.apply_policy(agent.poller.policy.model_copy(update={"settings_version": 9}))
+        await eventually(lambda: agent.poller.next_poll_at, what="re-armed timer")
+        await eventually(
+            lambda: agent.poller.next_poll_at and agent.poller.next_poll_at - time.time() < 10,
+            what="a retry sooner than the 1800 s interval",
+        )  # fmt: skip
+
+
+async def test_cli_control_command_prints_status_and_fails_without_agent(
+    fake_ts: FakeTaskServer,
+    settings_for: Callable[..., AgentSettings],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import asyncio
+    import json
+
+    from tickle.agent.control import run_control_command
+
+    settings = settings_for(fake_ts)
+    args = ["--control-socket", str(settings.socket_path)]
+    async with running_agent(settings):
+        rc = await asyncio.to_thread(run_control_command, args, "status")
+    out, _ = capsys.readouterr()
+    assert rc == 0
+    assert json.loads(out)["name"] == "agent1"
+    assert await asyncio.to_thread(run_control_command, args, "status") == 1
+    assert "cannot reach the agent" in capsys.readouterr().err

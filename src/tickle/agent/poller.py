@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from tickle.agent.executor import Executor
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import TaskServerClient
+from tickle.backoff import Backoff
 from tickle.messages import AgentPolicy, ExecutionWork, PullVia
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
+
+_RETRY = Backoff(base_s=5.0, max_s=300.0, tries=None)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Poller:
         self.last_poll_at: float | None = None
         self.last_error: str | None = None
         self.next_poll_at: float | None = None
+        self._failures = 0
 
     def start(self) -> None:
         """Arm the poll timer."""
@@ -96,7 +100,7 @@ class Poller:
 
     def trigger(self, via: PullVia) -> None:
         """Pull in the background now (a tickle arrived)."""
-        task: asyncio.Task[object] = asyncio.create_task(self._pull_logged(via))
+        task: asyncio.Task[object] = asyncio.create_task(self.pull_quietly(via))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -109,6 +113,7 @@ class Poller:
         answer = await self._client.tasks(via)
         self.last_pull_at = time.time()
         self.last_error = None
+        self._failures = 0
         self.apply_policy(answer.policy)
         result = PullResult(via=via)
         for work in answer.executions:
@@ -145,18 +150,23 @@ class Poller:
         while True:
             self._rearm.clear()
             delay = self.next_delay()
+            if self._failures:
+                # the last pull failed (task server down?): check back sooner than the interval
+                delay = min(delay, _RETRY.delay(self._failures - 1))
             self.next_poll_at = time.time() + delay
             try:
                 await asyncio.wait_for(self._rearm.wait(), delay)
                 continue  # the policy changed: start over with the new interval
             except TimeoutError:
                 pass
-            await self._pull_logged("poll")
+            await self.pull_quietly("poll")
 
-    async def _pull_logged(self, via: PullVia) -> object:
+    async def pull_quietly(self, via: PullVia) -> object:
+        """Pull; a failure is logged and makes the next poll come sooner, not raised."""
         try:
             return await self.pull(via)
         except Exception as exc:
+            self._failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("pull via %s failed: %s", via, self.last_error)
             return None

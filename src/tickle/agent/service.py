@@ -121,9 +121,8 @@ class Agent:
             return
         self.forwarder.start()
         self._forwarder_started = True
-        self.poller.start()
-        with contextlib.suppress(Exception):  # logged by the poller; polling retries
-            await self.poller.pull("poll")
+        await self.poller.pull_quietly("poll")
+        self.poller.start()  # after the first pull: a failed one makes the first poll sooner
 
     async def stop(self) -> None:
         """Stop timers and sockets; executions that cannot finish in the grace stay claimed."""
