@@ -202,14 +202,14 @@ class LocalFleet:
     def _ns_args(self, extra: list[str]) -> list[str]:
         return [
             "ns", "--api-host", self.ns_host, "--api-port", str(NS_API_PORT),
-            "--state-dir", str(self.root / "ns"), "--admin-token", self.admin_token,
-            "--enrollment-secret", self.enrollment_secret, *extra,
+            "--state-dir", str(self.root / "ns"), f"--admin-token={self.admin_token}",
+            f"--enrollment-secret={self.enrollment_secret}", *extra,
         ]  # fmt: skip
 
     def _ts_args(self, name: str, host: str, extra: list[str]) -> list[str]:
         return [
             "task-server", "--name", name, "--ns-url", self.ns_url,
-            "--enrollment-secret", self.enrollment_secret,
+            f"--enrollment-secret={self.enrollment_secret}",
             "--api-host", host, "--api-port", str(TS_API_PORT),
             "--tickle-host", host, "--tickle-port", str(TS_TICKLE_PORT),
             "--state-dir", str(self.root / name), *extra,
@@ -220,7 +220,7 @@ class LocalFleet:
         urls = ",".join(self.ts_url(t) for t in spec.task_servers)
         args = [
             "agent", "--name", spec.name, "--task-servers", urls,
-            "--enrollment-secret", self.enrollment_secret,
+            f"--enrollment-secret={self.enrollment_secret}",
             "--tickle-host", host, "--tickle-port", str(AGENT_TICKLE_PORT),
             "--state-dir", str(self.root / spec.name),
         ]  # fmt: skip

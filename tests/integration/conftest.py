@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,8 @@ from tickle.localfleet import AgentSpec, LocalFleet
 from tickle.messages import FINAL_STATUSES, RunCreate, RunOut, TaskCreate
 
 T = TypeVar("T")
+# each pytest session takes its own 127.X.0.0/16, so sessions running at once do not collide
+NET_BASE = 61 + os.getpid() % 60
 
 
 async def eventually(
@@ -67,7 +70,7 @@ def agent_ctl(fleet: LocalFleet, name: str, action: str) -> subprocess.Completed
     """`tickle agent <action>` against a running agent of the fleet, as an operator types it."""
     return subprocess.run(
         [sys.executable, "-m", "tickle", "agent", action, "--state-dir", str(fleet.root / name),
-         "--enrollment-secret", fleet.enrollment_secret],
+         f"--enrollment-secret={fleet.enrollment_secret}"],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
 
@@ -83,7 +86,7 @@ async def fleet_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable
             tmp_path / f"fleet{len(fleets)}",
             task_servers,
             agents,
-            net=f"127.61.{next(counter)}",
+            net=f"127.{NET_BASE}.{next(counter)}",
             **kw,  # type: ignore[arg-type]
         )
         fleets.append(fleet)
