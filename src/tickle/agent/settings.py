@@ -44,6 +44,12 @@ class AgentSettings(ComponentSettings):
         default=None,
         description="Address the task server tickles (default: routing-table source address)",
     )
+    advertise_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port the task server tickles (default: tickle_port; for port forwarding)",
+    )
     state_dir: Path = Field(
         default_factory=lambda: default_state_dir("agent"), description="Agent state directory"
     )

@@ -94,7 +94,7 @@ class TaskServerClient:
                 enrollment_secret=self._settings.enrollment_secret,
                 name=self._settings.name,
                 tickle_host=None if self._settings.cem else address,
-                tickle_port=self._settings.tickle_port,
+                tickle_port=self._settings.advertise_port or self._settings.tickle_port,
                 cem=self._settings.cem,
                 reported_address=address,
                 groups=self._settings.groups,
