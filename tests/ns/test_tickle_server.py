@@ -115,19 +115,22 @@ async def test_run_now_committed_by_another_process_is_tickled_by_the_db_poll(ns
     assert tickle.kind is wire.Kind.TASKS
 
 
-async def test_work_created_while_a_tickle_is_in_flight_gets_one_more_tickle(ns: Ns) -> None:
+async def test_work_created_while_a_tickle_is_in_flight_is_not_missed(ns: Ns) -> None:
     ts = await ns.task_server("ts1")
     await ts.agent("pc1")
     await ns.run_task(["pc1"], name="first")
     await ts.tickle(within=2.0)
     second = await ns.run_task(["pc1"], name="second")  # coalesced into the in-flight tickle
-    await ts.ok("GET", "/api/ts/work")
-    # the follow-up tickle (work came after the first send) arrives after the ack
-    tickle, _ = await ts.tickle(within=2.0)
-    assert tickle.kind is wire.Kind.TASKS
+    wanted = second["executions"][0]["id"]
     work = await ts.ok("GET", "/api/ts/work")
-    assert second["executions"][0]["id"] in [w["execution_id"] for w in work["executions"]]
-    await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
+    if wanted not in [w["execution_id"] for w in work["executions"]]:
+        # the pull raced the run: the follow-up tickle after the ack announces it
+        tickle, _ = await ts.tickle(within=2.0)
+        assert tickle.kind is wire.Kind.TASKS
+        work = await ts.ok("GET", "/api/ts/work")
+    assert wanted in [w["execution_id"] for w in work["executions"]]
+    execution = await ns.ok("GET", f"/api/executions/{wanted}")
+    assert {s["step"]: s["at"] for s in execution["timeline"]}["ts_pulled"] is not None
 
 
 async def test_burst_of_runs_coalesces_into_one_tickle(ns_factory: NsFactory) -> None:

@@ -1,0 +1,316 @@
+"""The NS HTTP API: credentials, validation, runs, the pull, status events and the timeline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sqlalchemy import func, select
+
+from tests.ns.conftest import ADMIN, SECRET, Ns, NsFactory, event
+from tickle.ns.models import StatusEvent as StatusEventRow
+
+TIMELINE = [
+    "created",
+    "tickle_sent",
+    "ts_pulled",
+    "agent_tickled",
+    "agent_pulled",
+    "started",
+    "finished",
+    "cached_at_ts",
+    "recorded",
+]
+
+
+async def test_health_and_metrics_need_no_credentials(ns: Ns) -> None:
+    assert await ns.ok("GET", "/health", token=None) == {"status": "ok", "component": "ns"}
+    status, text = await ns.call("GET", "/metrics", token=None)
+    assert status == 200
+    assert "tickle_tickles_sent_total" in text
+
+
+async def test_unauthenticated_requests_get_401(ns: Ns) -> None:
+    for method, path in [("GET", "/api/tasks"), ("GET", "/api/ts/work"), ("GET", "/api/settings")]:
+        assert (await ns.call(method, path, token=None))[0] == 401
+        assert (await ns.call(method, path, token="not-a-token"))[0] == 401
+
+
+async def test_task_server_token_on_admin_route_gets_403(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    status, body = await ts.call("GET", "/api/computers")
+    assert status == 403, body
+    assert (await ts.call("PUT", "/api/settings", json={"task_request_interval_s": 60}))[0] == 403
+
+
+async def test_admin_token_on_task_server_route_gets_403(ns: Ns) -> None:
+    assert (await ns.call("GET", "/api/ts/work"))[0] == 403
+
+
+async def test_agent_token_on_the_ns_gets_403(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    agent = await ts.agent("pc1")
+    assert (await ns.call("GET", "/api/ts/work", token=agent["token"]))[0] == 403
+    assert (await ns.call("GET", "/api/tasks", token=agent["token"]))[0] == 403
+
+
+async def test_wrong_enrollment_secret_gets_401(ns: Ns) -> None:
+    body = {"enrollment_secret": "wrong", "name": "ts9", "tickle_host": "127.0.0.1",
+            "api_url": "http://127.0.0.1:1"}  # fmt: skip
+    status, _ = await ns.call("POST", "/api/ts/register", token=None, json=body)
+    assert status == 401
+    assert await ns.ok("GET", "/api/task-servers") == []
+
+
+async def test_reregistering_a_task_server_rotates_its_credentials(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    old_token, old_key = ts.token, ts.key
+    await ts.register()
+    assert ts.token != old_token
+    assert ts.key != old_key
+    assert (await ns.call("GET", "/api/ts/clients", token=old_token))[0] == 401
+    assert await ts.ok("GET", "/api/ts/clients") == []
+
+
+async def test_reregistering_an_agent_moves_it_and_rotates_its_credentials(ns: Ns) -> None:
+    ts1, ts2 = await ns.task_server("ts1"), await ns.task_server("ts2")
+    first = await ts1.agent("pc1", groups=["lab"])
+    second = await ts2.agent("pc1", groups=["lab"])
+    assert second["token"] != first["token"]
+    assert second["tickle_key"] != first["tickle_key"]
+    assert await ts1.ok("GET", "/api/ts/clients") == []
+    clients = await ts2.ok("GET", "/api/ts/clients")
+    assert [c["name"] for c in clients] == ["pc1"]
+    computers = await ns.ok("GET", "/api/computers")
+    assert computers[0]["task_server"] == "ts2"
+
+
+async def test_bad_bodies_get_422_naming_the_field(ns: Ns) -> None:
+    status, body = await ns.call(
+        "POST", "/api/tasks", json={"name": "t", "command": ["true"], "timeout_s": -1}
+    )
+    assert status == 422
+    assert ["body", "timeout_s"] in [e["loc"] for e in body["detail"]]
+    status, body = await ns.call("PUT", "/api/settings", json={"task_request_interval_s": 1})
+    assert status == 422
+    assert ["body", "task_request_interval_s"] in [e["loc"] for e in body["detail"]]
+    status, body = await ns.call("POST", "/api/tasks", json={"name": "t", "comand": ["true"]})
+    assert status == 422
+    assert ["body", "comand"] in [e["loc"] for e in body["detail"]]
+    status, body = await ns.call("POST", "/api/runs", json={"computers": ["pc1"]})
+    assert status == 422
+    assert "task_id" in str(body["detail"])
+    ts = await ns.task_server("ts1")
+    status, body = await ts.call("POST", "/api/ts/events", json={"events": [{"event_id": "x"}]})
+    assert status == 422
+    assert "execution_id" in str(body["detail"])
+
+
+async def test_run_with_an_unknown_computer_gets_404_naming_it(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    task = await ns.ok("POST", "/api/tasks", json={"name": "t", "command": ["true"]})
+    status, body = await ns.call(
+        "POST", "/api/runs", json={"task_id": task["id"], "computers": ["pc1", "ghost"]}
+    )
+    assert status == 404
+    assert "ghost" in body["detail"]
+    assert "pc1" not in body["detail"]
+    status, body = await ns.call("POST", "/api/runs", json={"task_id": 999, "computers": ["pc1"]})
+    assert status == 404
+    assert "999" in body["detail"]
+
+
+async def test_run_for_a_group_selects_the_computers_in_it(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1", groups=["lab", "linux"])
+    await ts.agent("pc2", groups=["office"])
+    await ts.agent("pc3", groups=["lab"])
+    task = await ns.ok("POST", "/api/tasks", json={"name": "t", "command": ["true"]})
+    run = await ns.ok("POST", "/api/runs", json={"task_id": task["id"], "groups": ["lab"]})
+    assert sorted(e["computer"] for e in run["executions"]) == ["pc1", "pc3"]
+    status, body = await ns.call("POST", "/api/runs", json={"task_id": task["id"], "groups": ["x"]})
+    assert status == 404
+    assert "x" in body["detail"]
+
+
+async def test_job_runs_its_tasks_in_order(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    a = await ns.ok("POST", "/api/tasks", json={"name": "a", "command": ["true"]})
+    b = await ns.ok("POST", "/api/tasks", json={"name": "b", "script": "echo b"})
+    job = await ns.ok("POST", "/api/jobs", json={"name": "j", "task_ids": [b["id"], a["id"]]})
+    assert (await ns.ok("GET", "/api/jobs"))[0]["task_ids"] == [b["id"], a["id"]]
+    status, body = await ns.call("POST", "/api/jobs", json={"name": "k", "task_ids": [77]})
+    assert status == 404
+    assert "77" in body["detail"]
+    await ns.ok("POST", "/api/runs", json={"job_id": job["id"], "computers": ["pc1"]})
+    work = await ts.ok("GET", "/api/ts/work")
+    assert work["executions"][0]["kind"] == "job"
+    assert [s["name"] for s in work["executions"][0]["steps"]] == ["b", "a"]
+
+
+async def test_duplicate_task_name_gets_409(ns: Ns) -> None:
+    await ns.ok("POST", "/api/tasks", json={"name": "t", "command": ["true"]})
+    status, _ = await ns.call("POST", "/api/tasks", json={"name": "t", "command": ["false"]})
+    assert status == 409
+
+
+async def test_duplicate_status_event_is_recorded_once(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    run = await ns.run_task(["pc1"])
+    ex_id = run["executions"][0]["id"]
+    started = event(ex_id, "pc1", "started", time.time())
+    first = await ts.ok("POST", "/api/ts/events", json={"events": [started, started]})
+    again = await ts.ok("POST", "/api/ts/events", json={"events": [started]})
+    assert first["accepted"] == [started["event_id"]] * 2
+    assert again["accepted"] == [started["event_id"]]
+    with ns.store.reading() as s:
+        count = s.scalar(select(func.count()).select_from(StatusEventRow))
+    assert count == 1
+    metrics = ns.metrics.status_events.labels(kind="started")._value.get()
+    assert metrics == 1
+
+
+async def test_events_fill_the_timeline_in_order(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    run = await ns.run_task(["pc1"])
+    ex_id = run["executions"][0]["id"]
+    await ts.tickle(within=2.0)
+    await ts.ok("GET", "/api/ts/work")
+    t = time.time()
+    events = [
+        event(ex_id, "pc1", "agent_tickled", t + 0.001),
+        event(ex_id, "pc1", "agent_pulled", t + 0.002, via="tickle"),
+        event(ex_id, "pc1", "started", t + 0.003),
+        event(ex_id, "pc1", "finished", t + 0.004, status="succeeded", exit_code=0,
+              output_tail="hi\n", cached_at=t + 0.005),
+    ]  # fmt: skip
+    await asyncio.sleep(0.01)  # the NS records after the task server cached
+    # delivered out of order on purpose: the NS orders by step, not by arrival
+    ack = await ts.ok("POST", "/api/ts/events", json={"events": events[::-1]})
+    assert sorted(ack["accepted"]) == sorted(e["event_id"] for e in events)
+
+    execution = await ns.ok("GET", f"/api/executions/{ex_id}")
+    assert [step["step"] for step in execution["timeline"]] == TIMELINE
+    times = [step["at"] for step in execution["timeline"]]
+    assert all(at is not None for at in times), execution["timeline"]
+    assert times == sorted(times), execution["timeline"]
+    assert execution["status"] == "succeeded"
+    assert execution["via"] == "tickle"
+    assert execution["exit_code"] == 0
+    assert execution["output_tail"] == "hi\n"
+    progress = await ns.ok("GET", f"/api/runs/{run['id']}")
+    assert progress["executions"][0]["status"] == "succeeded"
+    assert ns.metrics.run_now_to_recorded._sum.get() > 0
+    # a finished execution is no longer work
+    assert (await ts.ok("GET", "/api/ts/work"))["executions"] == []
+
+
+async def test_step_results_of_a_job_are_recorded(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    a = await ns.ok("POST", "/api/tasks", json={"name": "a", "command": ["true"]})
+    b = await ns.ok("POST", "/api/tasks", json={"name": "b", "command": ["false"]})
+    job = await ns.ok("POST", "/api/jobs", json={"name": "j", "task_ids": [a["id"], b["id"]]})
+    run = await ns.ok("POST", "/api/runs", json={"job_id": job["id"], "computers": ["pc1"]})
+    ex_id = run["executions"][0]["id"]
+    t = time.time()
+    await ts.ok("POST", "/api/ts/events", json={"events": [
+        event(ex_id, "pc1", "step_finished", t, step=0, exit_code=0, status="succeeded"),
+        event(ex_id, "pc1", "step_finished", t, step=1, exit_code=1, status="failed"),
+        event(ex_id, "pc1", "finished", t, status="failed", exit_code=1),
+    ]})  # fmt: skip
+    execution = await ns.ok("GET", f"/api/executions/{ex_id}")
+    assert [(s["name"], s["status"]) for s in execution["steps"]] == [
+        ("a", "succeeded"),
+        ("b", "failed"),
+    ]
+    assert execution["status"] == "failed"
+
+
+async def test_task_server_cannot_read_or_report_another_task_servers_clients(ns: Ns) -> None:
+    ts1, ts2 = await ns.task_server("ts1"), await ns.task_server("ts2")
+    await ts1.agent("pc1")
+    await ts2.agent("pc2")
+    run = await ns.run_task(["pc1"])
+    ex_id = run["executions"][0]["id"]
+
+    assert (await ts2.ok("GET", "/api/ts/work"))["executions"] == []
+    assert [c["name"] for c in await ts2.ok("GET", "/api/ts/clients")] == ["pc2"]
+    forged = event(ex_id, "pc1", "finished", time.time(), status="succeeded", exit_code=0)
+    status, ack = await ts2.call("POST", "/api/ts/events", json={"events": [forged]})
+    assert status == 200
+    assert ack["accepted"] == []
+    assert (await ns.ok("GET", f"/api/executions/{ex_id}"))["status"] == "pending"
+    state = [{"name": "pc1", "tickle_state": "unreachable", "at": time.time()}]
+    status, body = await ts2.call("POST", "/api/ts/computers/state", json=state)
+    assert status == 403
+    assert "pc1" in body["detail"]
+    # the right task server can report it
+    ack = await ts1.ok("POST", "/api/ts/events", json={"events": [forged]})
+    assert ack["accepted"] == [forged["event_id"]]
+
+
+async def test_event_for_an_unknown_execution_is_accepted_and_ignored(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    ghost = event(424242, "pc1", "started", time.time())
+    ack = await ts.ok("POST", "/api/ts/events", json={"events": [ghost]})
+    assert ack["accepted"] == [ghost["event_id"]]
+    with ns.store.reading() as s:
+        assert s.scalar(select(func.count()).select_from(StatusEventRow)) == 0
+
+
+async def test_computer_state_reports_reachability_and_detects_nat(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1", reported_address="10.0.0.5", observed_address="10.0.0.5")
+    await ts.agent("pc2", cem=True)
+    computers = {c["name"]: c for c in await ns.ok("GET", "/api/computers")}
+    assert computers["pc1"]["nat_detected"] is False
+    assert computers["pc2"]["tickle_state"] == "cem"
+    at = time.time()
+    await ts.ok("POST", "/api/ts/computers/state", json=[
+        {"name": "pc1", "tickle_state": "unreachable", "observed_address": "192.0.2.7", "at": at},
+    ])  # fmt: skip
+    pc1 = {c["name"]: c for c in await ns.ok("GET", "/api/computers")}["pc1"]
+    assert pc1["tickle_state"] == "unreachable"
+    assert pc1["observed_address"] == "192.0.2.7"
+    assert pc1["nat_detected"] is True
+    assert pc1["last_contact_at"] >= at
+    servers = await ns.ok("GET", "/api/task-servers")
+    assert servers[0]["clients"] == 2
+
+
+async def test_openapi_documents_every_route_with_tags(ns: Ns) -> None:
+    spec = await ns.ok("GET", "/openapi.json", token=None)
+    assert spec["info"]["title"] == "Tickle Notification Server"
+    for path in ["/api/runs", "/api/ts/work", "/api/ts/events", "/api/settings"]:
+        for operation in spec["paths"][path].values():
+            assert operation["tags"]
+            assert operation["summary"]
+
+
+async def test_settings_are_read_by_admin_and_task_servers(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    expected = {
+        "version": 1,
+        "task_request_interval_s": 1800,
+        "poll_jitter_fraction": 0.1,
+        "ts_check_interval_s": 60,
+    }
+    assert await ns.ok("GET", "/api/settings") == expected
+    assert await ts.ok("GET", "/api/ts/settings") == expected
+
+
+async def test_admin_token_and_secret_are_generated_into_the_state_dir(
+    ns_factory: NsFactory,
+) -> None:
+    ns = await ns_factory(admin_token=None, enrollment_secret=None)
+    token = (ns.settings.state_dir / "admin-token").read_text().strip()
+    assert (ns.settings.state_dir / "enrollment-secret").stat().st_mode & 0o077 == 0
+    assert (await ns.call("GET", "/api/tasks", token=token))[0] == 200
+    assert (await ns.call("GET", "/api/tasks", token=ADMIN))[0] == 401
+    assert SECRET  # the fixture's secret is not the generated one
