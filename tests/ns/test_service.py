@@ -57,6 +57,13 @@ def test_bad_flag_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "api_port" in capsys.readouterr().err
 
 
+def test_unusable_database_url_exits_2_naming_the_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--state-dir", str(tmp_path), "--database-url", "nosuchdb://x/y"]) == 2
+    assert "database_url" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_ns_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

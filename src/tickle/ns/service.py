@@ -11,6 +11,7 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+from sqlalchemy.exc import SQLAlchemyError
 
 from tickle.config import ConfigError, load_settings
 from tickle.logs import setup_logging
@@ -39,7 +40,12 @@ def main(args: list[str]) -> int:
             f"tickle ns: setting state_dir: cannot use {settings.state_dir}: {exc}", file=sys.stderr
         )
         return 2
-    return asyncio.run(serve(settings))
+    try:
+        return asyncio.run(serve(settings))
+    except SQLAlchemyError as exc:
+        # a database that cannot be opened or migrated: say which, without a traceback
+        print(f"tickle ns: database {settings.db_url!r}: {exc}", file=sys.stderr)
+        return 1
 
 
 async def serve(settings: NsSettings, stop: asyncio.Event | None = None) -> int:

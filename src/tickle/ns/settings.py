@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tickle.config import ComponentSettings, default_state_dir, read_or_create_secret
@@ -62,6 +62,20 @@ class NsSettings(ComponentSettings):
         le=60,
         description="How often the tickle server looks in the database for untickled work",
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        try:
+            make_url(value.replace("{state_dir}", "/")).get_dialect()
+        except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+            raise ValueError(f"not a usable SQLAlchemy database URL: {exc}") from None
+        return value
 
     @model_validator(mode="after")
     def _backoff_order(self) -> NsSettings:
