@@ -40,7 +40,7 @@ from tickle.messages import (
 from tickle.taskserver.service import TaskServer
 from tickle.taskserver.settings import TaskServerSettings
 
-SECRET = "enroll-me"
+SECRET = "enroll-me-0123456789"
 
 
 async def wait_until(check: Callable[[], Any], within_s: float = 5.0, what: str = "") -> Any:

@@ -126,6 +126,10 @@ class TaskServer:
         self._started = False
 
     @property
+    def _advertised_port(self) -> int:
+        return self.settings.advertise_port or self.tickle_port
+
+    @property
     def api_url(self) -> str:
         return self.settings.agent_api_url(self.api_port)
 
@@ -191,7 +195,7 @@ class TaskServer:
     def _registration_key(self) -> str:
         # registering again when where the NS must reach us changed (new port, new URL)
         s = self.settings
-        return f"{s.ns_url}|{s.name}|{s.advertised_host}|{self.tickle_port}|{self.api_url}"
+        return f"{s.ns_url}|{s.name}|{s.advertised_host}|{self._advertised_port}|{self.api_url}"
 
     def _key_of_sender(self, sender: str) -> bytes | None:
         creds = self.credentials
@@ -213,7 +217,7 @@ class TaskServer:
             enrollment_secret=s.enrollment_secret.get_secret_value(),
             name=s.name,
             tickle_host=s.advertised_host,
-            tickle_port=self.tickle_port,
+            tickle_port=self._advertised_port,
             api_url=self.api_url,
         )
         try:

@@ -35,6 +35,12 @@ class TaskServerSettings(ComponentSettings):
         default=None,
         description="Address the NS tickles (default: tickle_host, or 127.0.0.1 for 0.0.0.0)",
     )
+    advertise_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="UDP port the NS tickles (default: the tickle_port bound)",
+    )
     api_url: str | None = Field(
         default=None, description="URL agents use (default http://{advertise_host}:{api_port})"
     )
