@@ -85,6 +85,7 @@ class FakeNs:
     registrations: list[TaskServerRegister] = field(default_factory=list)
     agent_registrations: list[AgentRegistration] = field(default_factory=list)
     work_delay_s: float = 0.0
+    refuse_executions: set[int] = field(default_factory=set)  # events answered with 403
     work_gate: asyncio.Event | None = None  # when set: work pulls wait until it opens
     port: int = 0
     _runner: web.AppRunner | None = None
@@ -188,6 +189,8 @@ class FakeNs:
         self._authorized(req)
         batch = EventBatch.model_validate_json(await req.read())
         self.calls.append("events")
+        if any(e.execution_id in self.refuse_executions for e in batch.events):
+            raise web.HTTPForbidden(text='{"detail": "not your execution"}')
         for e in batch.events:
             self.events.setdefault(e.event_id, e)
         ack = EventAck(accepted=[e.event_id for e in batch.events])

@@ -160,3 +160,19 @@ async def test_start_gives_up_clearly_when_the_ns_stays_unreachable(
     harness.overrides["ns_wait_s"] = 1.5
     with pytest.raises(StartupError, match="unreachable"):
         await harness.start()
+
+
+async def test_an_event_the_ns_refuses_for_good_does_not_block_the_others(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1")
+    h.ns.work = [work_for(1, "pc1"), work_for(2, "pc1")]
+    await h.running.sync.work.run()
+    h.ns.refuse_executions = {2}
+    events = [_event(2, "pc1", "started"), _event(1, "pc1", "started")]
+    status, _ = await h.call(agent, "POST", "/api/agent/events", json={"events": events})
+    assert status == 200
+    await wait_until(lambda: h.ns.events_of("started"), what="the acceptable event at the NS")
+    assert [e.execution_id for e in h.ns.events_of("started")] == [1]
+    assert await h.running.forwarder.drained(5)

@@ -32,6 +32,7 @@ from tickle.messages import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+REFUSED_FOR_GOOD = frozenset({403, 422})
 Register = Callable[[], Awaitable[TaskServerCredentials]]
 
 
@@ -94,9 +95,24 @@ class NsClient:
         await self._call("POST", "/api/ts/computers/state", body=states)
 
     async def send_events(self, bodies: list[str]) -> list[str]:
-        """The outbox forwarder's send: post serialized status events, return accepted ids."""
-        batch = EventBatch(events=[StatusEvent.model_validate_json(b) for b in bodies])
-        return (await self.events(batch)).accepted
+        """The outbox forwarder's send: post serialized status events, return accepted ids.
+
+        An event the NS refuses for good (403, 422) would block the outbox forever: the batch is
+        split, and a single refused event is logged as an error and dropped.
+        """
+        events = [StatusEvent.model_validate_json(b) for b in bodies]
+        try:
+            return (await self.events(EventBatch(events=events))).accepted
+        except ApiError as exc:
+            if exc.status not in REFUSED_FOR_GOOD:
+                raise
+            if len(events) == 1:
+                log.error("the NS refused status event %s for good: %s", events[0], exc)
+                return [events[0].event_id]
+        accepted: list[str] = []
+        for body in bodies:
+            accepted += await self.send_events([body])
+        return accepted
 
     async def _call(
         self,
