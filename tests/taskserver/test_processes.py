@@ -245,3 +245,22 @@ async def _eventually(probe: Any, within_s: float, what: str) -> Any:
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+async def test_task_server_process_exits_1_naming_a_port_already_in_use(
+    fake_ns: FakeNs, tmp_path: Path, procs: list[Proc]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ts = Proc(
+            "tickle.taskserver.service",
+            ts_args(fake_ns.url, tmp_path / "ts", port, free_port()),
+            tmp_path / "ts.log",
+        )
+        procs.append(ts)
+        code = await asyncio.to_thread(ts.popen.wait, 20)
+    assert code == 1
+    assert "cannot start" in ts.tail()
+    assert "in use" in ts.tail()

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -69,7 +70,11 @@ async def run(settings: TaskServerSettings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = TaskServer(settings)
+    try:
+        server = TaskServer(settings)
+    except (OSError, sqlite3.Error) as exc:
+        log.error("cannot open the state in %s: %s", settings.state_dir, exc)
+        return 1
     try:
         starting = asyncio.create_task(server.start())
         stopping = asyncio.create_task(stop.wait())
@@ -81,7 +86,7 @@ async def run(settings: TaskServerSettings) -> int:
             await starting  # re-raises a startup failure
         await stopping
         return 0
-    except StartupError as exc:
+    except (StartupError, OSError) as exc:  # OSError: a port already in use
         log.error("cannot start: %s", exc)
         return 1
     finally:
