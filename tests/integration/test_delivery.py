@@ -159,6 +159,10 @@ async def test_task_server_tickles_its_agents_natively_when_ns_tickle_is_lost(
     )
     async with fleet.client() as ns:
         await ns.update_settings(SettingsUpdate(ts_check_interval_s=5))
+    # the settings tickle is lost too: the task server learns the interval when it starts
+    fleet.kill("ts1")
+    fleet.spawn("ts1")
+    await fleet.wait_healthy(fleet.ts_url("ts1"), "ts1", 30)
     run = await run_command(fleet, ["a1"], ["true"])
     run = await wait_run(fleet, run.id, 30)
     execution = run.executions[0]

@@ -131,9 +131,21 @@ class Poller:
         self.apply_policy(policy)
         return policy
 
-    def apply_policy(self, policy: AgentPolicy) -> None:
-        """Store a policy; re-arm the poll timer when it changed."""
+    def apply_policy(self, policy: AgentPolicy, force: bool = False) -> None:
+        """Store a policy; re-arm the poll timer when it changed.
+
+        An older settings version is ignored: answers to requests that were under way when newer
+        settings arrived can come back late. `force` (a new registration) takes any version.
+        """
         if policy == self.policy:
+            return
+        if (
+            not force
+            and self.policy is not None
+            and (policy.settings_version < self.policy.settings_version)
+        ):
+            log.debug("ignoring policy version %d < %d", policy.settings_version,
+                      self.policy.settings_version)  # fmt: skip
             return
         log.info(
             "policy version %d: task request interval %ds, jitter %.2f",
