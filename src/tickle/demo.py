@@ -83,8 +83,12 @@ async def _paths(fleet: LocalFleet, ns: con.NsClient) -> bool:
         SettingsUpdate(task_request_interval_s=SHORT_INTERVAL_S, poll_jitter_fraction=0.1)
     )
     out.print(f"Task Request Interval set centrally to {SHORT_INTERVAL_S}s")
-    out.print(f"{BLOCKED} misses the settings tickle too; a policy refresh hands it the interval")
+    out.print(
+        f"{BLOCKED} and {CEM} miss the settings tickle (it is dropped / never sent): they take "
+        "the new interval at their next contact; a policy refresh is such a contact"
+    )
     await _agent_ctl(fleet, BLOCKED, "policy-refresh")
+    await _agent_ctl(fleet, CEM, "policy-refresh")
     run = await _run_and_watch(ns, RunCreate(task_id=task.id, computers=[BLOCKED]), 60)
     out.print(con.run_table(run))
     computers = {c.name: c for c in await ns.computers()}

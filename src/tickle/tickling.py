@@ -135,11 +135,12 @@ class Tickler:
         finally:
             if self._inflight.get((target, kind)) is flight:
                 del self._inflight[(target, kind)]
+            # before any await: a tickle asked for meanwhile joins this follow-up, not a new flight
+            if acked and flight.again and not self._closed:
+                self.tickle(target, flight.addr, kind)
         if acked:
             self._metrics.tickle_to_pull.observe(time.time() - flight.first_sent)
             await _call(self._on_reachable, target)
-            if flight.again and not self._closed:
-                self.tickle(target, flight.addr, kind)
         else:
             log.warning("tickle to %s %s: no pull after %d tries", target, flight.addr, attempt + 1)
             self._metrics.tickles_unreachable.inc()

@@ -187,8 +187,11 @@ def _router() -> APIRouter:
         via: Annotated[PullVia, Query(description="what made the agent pull")] = "poll",
     ) -> AgentTasks:
         """The agent's pull: its unfinished executions from the cache, and its policy."""
-        # ack before reading: work cached after this point gets a tickle of its own
-        ctx.agents.ack(agent.name, wire.Kind.TASKS)
+        if via == "tickle":
+            # only a pull the tickle caused proves the agent tickle-reachable; a poll does not
+            # (its tickle may have been dropped). Ack before reading: work cached after this
+            # point gets a tickle of its own.
+            ctx.agents.ack(agent.name, wire.Kind.TASKS)
         ctx.metrics.pulls.labels(via=via).inc()
         if via == "poll":
             ctx.metrics.polls.inc()
