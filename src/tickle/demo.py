@@ -21,7 +21,7 @@ from tickle import console as con
 from tickle.localfleet import AgentSpec, FleetError, LocalFleet
 from tickle.messages import FINAL_STATUSES, RunCreate, RunOut, SettingsUpdate, TaskCreate
 
-out = Console()
+out = Console(width=max(Console().width, 150))
 NORMAL = ["computer-a", "computer-b", "computer-c", "computer-d"]
 BLOCKED = "computer-blocked"
 CEM = "computer-cem"
@@ -92,7 +92,8 @@ async def _paths(fleet: LocalFleet, ns: con.NsClient) -> bool:
     run = await _run_and_watch(ns, RunCreate(task_id=task.id, computers=[BLOCKED]), 60)
     out.print(con.run_table(run))
     computers = {c.name: c for c in await ns.computers()}
-    deadline = time.monotonic() + 15
+    out.print("waiting for the task server's last tickle try to the blocked agent...")
+    deadline = time.monotonic() + 40
     while computers[BLOCKED].tickle_state != "unreachable" and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
         computers = {c.name: c for c in await ns.computers()}

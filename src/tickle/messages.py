@@ -19,6 +19,7 @@ ExecutionStatus = Literal[
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "timed_out", "interrupted"})
 EventKind = Literal["agent_tickled", "agent_pulled", "started", "step_finished", "finished"]
 PullVia = Literal["tickle", "poll", "check_now"]
+PolicyVia = Literal["tickle", "refresh"]
 OUTPUT_TAIL_MAX = 4096
 
 

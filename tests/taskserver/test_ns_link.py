@@ -118,10 +118,15 @@ async def test_settings_tickle_pulls_settings_and_the_policy_shows_the_new_inter
     # the agent gets a settings tickle (to refresh its policy, not to pull tasks)
     await wait_until(lambda: agent.socket.datagrams, what="the agent's settings tickle")
     assert [t.kind for t in agent.tickles("ts1")] == [wire.Kind.SETTINGS]
+    # a refresh the operator asked for does not prove the settings tickle arrived...
     status, policy = await h.call(agent, "GET", "/api/agent/policy")
     assert status == 200
     assert (policy["settings_version"], policy["task_request_interval_s"]) == (2, 120)
     assert policy["poll_jitter_fraction"] == 0.2
+    assert h.running.agents.tickler.in_flight("pc1", wire.Kind.SETTINGS)
+    # ...the fetch the tickle caused does, and acknowledges it
+    status, _ = await h.call(agent, "GET", "/api/agent/policy?via=tickle")
+    assert status == 200
     assert not h.running.agents.tickler.in_flight("pc1", wire.Kind.SETTINGS)
 
 

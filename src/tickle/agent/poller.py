@@ -20,7 +20,7 @@ from tickle.agent.executor import Executor
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import TaskServerClient
 from tickle.backoff import Backoff
-from tickle.messages import AgentPolicy, ExecutionWork, PullVia
+from tickle.messages import AgentPolicy, ExecutionWork, PolicyVia, PullVia
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,9 @@ class Poller:
             log.info("pull via %s: %s, started %s", via, result.executions, result.started)
         return result
 
-    async def refresh_policy(self) -> AgentPolicy:
+    async def refresh_policy(self, via: PolicyVia = "refresh") -> AgentPolicy:
         """Fetch and apply the policy alone (never tasks)."""
-        policy = await self._client.policy()
+        policy = await self._client.policy(via)
         self.apply_policy(policy)
         return policy
 

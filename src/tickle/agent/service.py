@@ -207,6 +207,6 @@ class Agent:
 
     async def _refresh_quietly(self) -> None:
         try:
-            await self.poller.refresh_policy()
+            await self.poller.refresh_policy(via="tickle")
         except Exception as exc:
             log.warning("policy refresh after a settings tickle failed: %s", exc)

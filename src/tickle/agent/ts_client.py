@@ -27,6 +27,7 @@ from tickle.messages import (
     AgentTasks,
     EventAck,
     EventBatch,
+    PolicyVia,
     PullVia,
     StatusEvent,
 )
@@ -126,9 +127,9 @@ class TaskServerClient:
         """The pull: this agent's unfinished executions and the current policy."""
         return await self._call("GET", "/api/agent/tasks", AgentTasks, params={"via": via})
 
-    async def policy(self) -> AgentPolicy:
-        """The configuration policy only (never tasks)."""
-        return await self._call("GET", "/api/agent/policy", AgentPolicy)
+    async def policy(self, via: PolicyVia = "refresh") -> AgentPolicy:
+        """The configuration policy only (never tasks); `via="tickle"` acks a settings tickle."""
+        return await self._call("GET", "/api/agent/policy", AgentPolicy, params={"via": via})
 
     async def events(self, bodies: list[str]) -> list[str]:
         """Send serialized status events; return the ids the task server accepted."""

@@ -32,6 +32,7 @@ from tickle.messages import (
     EventAck,
     EventBatch,
     Health,
+    PolicyVia,
     PullVia,
     StatusEvent,
 )
@@ -221,9 +222,14 @@ def _router() -> APIRouter:
         )
 
     @router.get("/api/agent/policy", response_model=AgentPolicy)
-    async def policy(agent: AgentDep, ctx: CtxDep) -> AgentPolicy:
+    async def policy(
+        agent: AgentDep,
+        ctx: CtxDep,
+        via: Annotated[PolicyVia, Query(description="what made the agent ask")] = "refresh",
+    ) -> AgentPolicy:
         """The agent's configuration policy; it never carries tasks."""
-        ctx.agents.ack(agent.name, wire.Kind.SETTINGS)
+        if via == "tickle":  # only a fetch the settings tickle caused proves it arrived
+            ctx.agents.ack(agent.name, wire.Kind.SETTINGS)
         return policy_for(ctx.store, agent.cem)
 
     @router.post("/api/agent/events", response_model=EventAck)
