@@ -9,7 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
+
+from tickle.config import hostname
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
@@ -31,14 +34,33 @@ def render() -> str:
     parts = []
     for title, cls in components():
         prefix = str(cls.model_config.get("env_prefix", ""))
-        parts += [f"**{title}**", "", "| setting | environment | default | meaning |", "|---|---|---|---|"]
+        parts += [
+            f"**{title}**",
+            "",
+            "| setting | flag | environment | default | meaning |",
+            "|---|---|---|---|---|",
+        ]
         for name, field in cls.model_fields.items():
-            default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            default = default.replace("|", "\\|")
+            flag = "--" + name.replace("_", "-")
             desc = (field.description or "").replace("|", "\\|")
-            parts.append(f"| `{name}` | `{prefix}{name.upper()}` | `{default}` | {desc} |")
+            default = _shown_default(field).replace("|", "\\|")
+            parts.append(f"| `{name}` | `{flag}` | `{prefix}{name.upper()}` | {default} | {desc} |")
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _shown_default(field: FieldInfo) -> str:
+    """The default as a reader should see it: the same on every machine."""
+    if field.is_required():
+        return "(required)"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, Path):
+        value = str(value).replace(str(Path.home()), "~")
+    if field.default_factory is not None and value == hostname():
+        return "(host name)"
+    if value is None:
+        return "(unset)"
+    return f"`{value!r}`" if not isinstance(value, str) else f"`{value}`"
 
 
 def current_readme_table() -> str:
