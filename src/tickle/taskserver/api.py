@@ -78,7 +78,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     return app
 
 
-def get_ctx(request: Request) -> ApiContext:
+async def get_ctx(request: Request) -> ApiContext:
     ctx: ApiContext = request.app.state.ctx
     return ctx
 
@@ -87,11 +87,15 @@ CtxDep = Annotated[ApiContext, Depends(get_ctx)]
 _bearer = HTTPBearer(auto_error=False)
 
 
-def current_agent(
+async def current_agent(
     ctx: CtxDep,
     auth: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Client:
-    """The registered agent whose token is in the Authorization header, else 401."""
+    """The registered agent whose token is in the Authorization header, else 401.
+
+    Async on purpose: FastAPI runs sync dependencies in a thread pool, and the store's SQLite
+    connection belongs to the event loop's thread.
+    """
     if auth is not None:
         client = ctx.store.client_by_token(hashlib.sha256(auth.credentials.encode()).hexdigest())
         if client is not None:

@@ -73,9 +73,8 @@ class Store:
 
     def __init__(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            state_dir / DB_FILE, isolation_level=None, check_same_thread=False
-        )
+        # one connection, used from the event loop's thread only (sqlite3 refuses other threads)
+        self._db = sqlite3.connect(state_dir / DB_FILE, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         for stmt in _SCHEMA:
