@@ -46,3 +46,8 @@ clean: ## Remove the venv and build output
 
 docs: venv ## Regenerate the settings table in README.md from the settings classes
 	$(PY) scripts/settings_table.py --write
+
+reliability: venv ## Run the fault and attack tests and rewrite RELIABILITY.md from their output
+	rm -f build/reliability/results.jsonl
+	$(BIN)/pytest -q -m "faults or attacks"
+	$(PY) scripts/reliability_report.py
