@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,6 +104,7 @@ class LocalFleet:
 
     async def start(self, deadline_s: float = 30.0) -> None:
         """Start every process in tier order and wait until each answers / is registered."""
+        self._check_ports_free()
         self.spawn("ns")
         await self.wait_healthy(self.ns_url, "ns", deadline_s)
         for name in self.ts_hosts:
@@ -188,6 +190,26 @@ class LocalFleet:
                         + "\n".join(self.log_tail(n) for n in missing[:2])
                     )
                 await asyncio.sleep(0.05)
+
+    def _check_ports_free(self) -> None:
+        """Fail at once, naming the address, when another fleet still holds this one's ports."""
+        wanted = [(self.ns_host, NS_API_PORT, socket.SOCK_STREAM)]
+        for host in self.ts_hosts.values():
+            wanted += [
+                (host, TS_API_PORT, socket.SOCK_STREAM),
+                (host, TS_TICKLE_PORT, socket.SOCK_DGRAM),
+            ]
+        for name, host in self.agent_hosts.items():
+            if not self.agents[name].cem:
+                wanted.append((host, AGENT_TICKLE_PORT, socket.SOCK_DGRAM))
+        for host, port, kind in wanted:
+            with socket.socket(socket.AF_INET, kind) as probe:
+                try:
+                    probe.bind((host, port))
+                except OSError as exc:
+                    raise FleetError(
+                        f"{host}:{port} is in use ({exc.strerror}): is another fleet running there?"
+                    ) from None
 
     def _check_alive(self, name: str) -> None:
         proc = self.procs[name].popen
