@@ -204,6 +204,8 @@ class LocalFleet:
                 wanted.append((host, AGENT_TICKLE_PORT, socket.SOCK_DGRAM))
         for host, port, kind in wanted:
             with socket.socket(socket.AF_INET, kind) as probe:
+                if kind == socket.SOCK_STREAM:  # as uvicorn does: TIME_WAIT is no conflict
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     probe.bind((host, port))
                 except OSError as exc:
