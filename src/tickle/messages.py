@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
+# integers the NS stores in INTEGER columns (32-bit on PostgreSQL; larger ones crash SQLite too)
+DB_INT_MIN, DB_INT_MAX = -(2**31), 2**31 - 1
+DbInt = Annotated[int, Field(ge=DB_INT_MIN, le=DB_INT_MAX)]
 TickleState = Literal["unknown", "reachable", "unreachable", "cem"]
 ExecutionStatus = Literal[
     "pending", "delivered", "running", "succeeded", "failed", "timed_out", "interrupted"
@@ -57,7 +60,7 @@ class TaskOut(TaskSpec):
 
 class JobCreate(Model):
     name: Name
-    task_ids: list[int] = Field(min_length=1, max_length=50)
+    task_ids: list[DbInt] = Field(min_length=1, max_length=50)
 
 
 class JobOut(JobCreate):
@@ -67,8 +70,8 @@ class JobOut(JobCreate):
 class RunCreate(Model):
     """Run a task or a job now on named computers and/or groups."""
 
-    task_id: int | None = None
-    job_id: int | None = None
+    task_id: DbInt | None = None
+    job_id: DbInt | None = None
     computers: list[Name] = Field(default_factory=list, max_length=100_000)
     groups: list[Name] = Field(default_factory=list, max_length=1000)
 
@@ -212,13 +215,13 @@ class WorkOut(Model):
 
 class StatusEvent(Model):
     event_id: str = Field(min_length=8, max_length=64)
-    execution_id: int
+    execution_id: DbInt
     computer: Name
     kind: EventKind
     at: float
     cached_at: float | None = None
-    step: int | None = Field(default=None, ge=0)
-    exit_code: int | None = None
+    step: int | None = Field(default=None, ge=0, le=DB_INT_MAX)
+    exit_code: DbInt | None = None
     status: ExecutionStatus | None = None
     output_tail: str | None = Field(default=None, max_length=OUTPUT_TAIL_MAX)
     via: PullVia | None = None

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Request, Response, status
+from fastapi import FastAPI, HTTPException, Path, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
@@ -24,6 +25,9 @@ from tickle.ns.store import Conflict, Forbidden, NotFound, Store, token_sha256
 from tickle.ns.tickle_server import TickleServer
 
 log = logging.getLogger(__name__)
+
+# an id in a path fits the database's INTEGER column (a larger one crashed the query)
+DbId = Annotated[int, Path(ge=m.DB_INT_MIN, le=m.DB_INT_MAX)]
 
 TAGS = [
     {"name": "health", "description": "Liveness and Prometheus metrics (no credentials)."},
@@ -109,7 +113,7 @@ def create_app(
         return run
 
     @app.get("/api/runs/{run_id}", tags=["runs"], summary="A run and the status of its executions")
-    def get_run(run_id: int, _: AdminDep, st: StoreDep) -> m.RunOut:
+    def get_run(run_id: DbId, _: AdminDep, st: StoreDep) -> m.RunOut:
         return st.run(run_id)
 
     @app.get(
@@ -119,7 +123,7 @@ def create_app(
         description="The timeline lists created, tickle_sent, ts_pulled, agent_tickled, "
         "agent_pulled, started, finished, cached_at_ts and recorded, in that order.",
     )
-    def get_execution(execution_id: int, _: AdminDep, st: StoreDep) -> m.ExecutionOut:
+    def get_execution(execution_id: DbId, _: AdminDep, st: StoreDep) -> m.ExecutionOut:
         return st.execution(execution_id)
 
     # --- operator: inventory and settings ------------------------------------------------------
