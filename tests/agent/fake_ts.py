@@ -29,7 +29,7 @@ from tickle.messages import (
 
 @dataclass
 class Call:
-    route: str  # register | tasks | policy | events
+    route: str  # health | register | tasks | policy | events
     at: float
     peer: str | None
     via: str | None = None
@@ -61,6 +61,7 @@ class FakeTaskServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         app = web.Application()
+        app.router.add_get("/health", self._health)
         app.router.add_post("/api/agent/register", self._register)
         app.router.add_get("/api/agent/tasks", self._tasks)
         app.router.add_get("/api/agent/policy", self._policy)
@@ -109,6 +110,10 @@ class FakeTaskServer:
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if token not in self.tokens:
             raise web.HTTPUnauthorized(text='{"detail":"bad token"}')
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self._record(request, "health")
+        return web.json_response({"status": "ok", "component": "task-server"})
 
     async def _register(self, request: web.Request) -> web.Response:
         self._record(request, "register")

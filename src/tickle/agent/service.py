@@ -3,7 +3,8 @@
 Start order: settings (a bad one stops the agent before it binds anything), state, registration
 with the first reachable task server, report executions a previous run left unfinished, then the
 tickle listener (not in CEM mode), the outbox forwarder, the control socket, the poll timer, and
-one pull at once. SIGTERM/SIGINT stop it cleanly.
+one pull at once; then the failover watch (with several task servers). SIGTERM/SIGINT stop it
+cleanly.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from tickle import wire
 from tickle.agent.control import ControlServer
 from tickle.agent.executor import Executor
+from tickle.agent.failover import Failover
 from tickle.agent.poller import Poller
 from tickle.agent.settings import AgentSettings
 from tickle.agent.state import AgentState
@@ -95,6 +97,10 @@ class Agent:
             cem=settings.cem,
         )
         self.poller = Poller(self.client, self.state, self.executor, self.metrics, default_policy)
+        self.failover = Failover(
+            self.client, settings.failover_after_s, settings.failover_check_interval_s,
+            self._after_failover,
+        )  # fmt: skip
         self.listener: TickleListener | None = None
         self.tickle_addr: tuple[str, int] | None = None
         self.control = ControlServer(self, settings.socket_path)
@@ -123,11 +129,13 @@ class Agent:
         self._forwarder_started = True
         await self.poller.pull_quietly("poll")
         self.poller.start()  # after the first pull: a failed one makes the first poll sooner
+        self.failover.start()
 
     async def stop(self) -> None:
         """Stop timers and sockets; executions that cannot finish in the grace stay claimed."""
         if self.listener is not None:
             self.listener.close()
+        await self.failover.stop()
         for task in list(self._background):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -173,6 +181,8 @@ class Agent:
             "next_poll_at": self.poller.next_poll_at,
             "last_tickle_at": self.listener.last_tickle_at if self.listener else None,
             "last_error": self.poller.last_error,
+            "failovers": self.failover.failovers,
+            "last_failover_at": self.failover.last_failover_at,
             "started_at": self.started_at,
         }
 
@@ -196,6 +206,11 @@ class Agent:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), delay)
         return False
+
+    async def _after_failover(self) -> None:
+        # a new task server: deliver queued events there and pull what it already holds for us
+        self.forwarder.wake()
+        await self.poller.pull_quietly("poll")
 
     def _on_tasks_tickle(self, tickle: wire.Tickle) -> None:
         self.poller.trigger("tickle")

@@ -72,6 +72,20 @@ class AgentSettings(ComponentSettings):
         le=3600,
         description="On stop, how long running executions may finish before they are killed",
     )
+    failover_after_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=86400,
+        description="Register with the next of task_servers once every contact with ours has"
+        " failed for this long (0: never fail over)",
+    )
+    failover_check_interval_s: float = Field(
+        default=15.0,
+        ge=0.1,
+        le=3600,
+        description="With several task_servers: how often to check that ours answers (GET"
+        " /health, only when nothing else reached it meanwhile)",
+    )
     default_task_request_interval_s: int = Field(
         default=1800,
         ge=2,

@@ -3,6 +3,9 @@
 Registration tries each URL of `task_servers` in order and the first reachable one wins; every
 later call goes to the task server the agent registered with (or the CEM gateway). A 401 means the
 task server no longer knows the agent's token: the agent registers again and retries once.
+
+Every call notes whether the task server answered: `unreachable_for()` says how long every contact
+has failed, and `fail_over()` registers with the next task server of the list (see failover.py).
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class TaskServerClient:
         )
         self._register_lock = asyncio.Lock()
         self.reported_address: str | None = None
+        # monotonic time of the first failed contact since the last answer (None: it answers)
+        self._failing_since: float | None = None
+        self.last_answer_at: float | None = None
 
     async def start(self) -> None:
         local_addr = client_local_addr(self._settings)
@@ -71,6 +77,11 @@ class TaskServerClient:
     def credentials(self) -> Credentials | None:
         return self._creds
 
+    @property
+    def has_alternatives(self) -> bool:
+        """Whether there is another task server to fail over to."""
+        return len(self._settings.api_urls) > 1
+
     def tickle_keys(self) -> dict[str, bytes]:
         """{task server name: tickle key} for the TickleGuard."""
         if self._creds is None:
@@ -85,10 +96,13 @@ class TaskServerClient:
         assert self._creds is not None
         return self._creds
 
-    async def register(self) -> AgentEnrollment:
-        """Register with the first reachable task server; store the credentials and policy."""
+    async def register(self, urls: list[str] | None = None) -> AgentEnrollment:
+        """Register with the first reachable task server; store the credentials and policy.
+
+        `urls` (default: the configured list) are tried in order, each once.
+        """
         errors: list[str] = []
-        for url in self._settings.api_urls:
+        for url in self._settings.api_urls if urls is None else urls:
             address = await tickle_address(self._settings, url)
             self.reported_address = address
             body = AgentRegister(
@@ -119,9 +133,57 @@ class TaskServerClient:
             )
             self._state.save_credentials(self._creds)
             self._state.save_policy(enrollment.policy)
+            self._answered()
             log.info("registered with task server %s at %s", enrollment.ts_name, url)
             return enrollment
         raise NotRegistered("; ".join(errors) or "no task server configured")
+
+    async def fail_over(self) -> AgentEnrollment | None:
+        """Register with the next reachable task server after ours, in list order (wrapping).
+
+        Ours is tried last (it may be back). None when there is no other task server; raises
+        NotRegistered when none answered, keeping the current credentials.
+        """
+        urls = self._settings.api_urls
+        creds = self._creds
+        if len(urls) < 2:
+            return None
+        start = urls.index(creds.url) + 1 if creds is not None and creds.url in urls else 0
+        order = urls[start:] + urls[:start]
+        async with self._register_lock:
+            if self._creds is not creds:  # someone registered meanwhile (a 401): done
+                return None
+            log.warning(
+                "task server %s unreachable for %.0fs: failing over (trying %s)",
+                creds.ts_name if creds else "?", self.unreachable_for(), ", ".join(order),
+            )  # fmt: skip
+            return await self.register(order)
+
+    def unreachable_for(self) -> float:
+        """Seconds since the first of the contacts that failed in a row (0: the last answered)."""
+        if self._failing_since is None:
+            return 0.0
+        return time.monotonic() - self._failing_since
+
+    async def check(self) -> bool:
+        """Ask the current task server for /health; True when it answered 200.
+
+        Only no answer (or a 5xx) counts as a failed contact; any other answer shows it is up.
+        """
+        creds = self._creds
+        if creds is None:
+            return False
+        try:
+            await request(self._http(), "GET", f"{creds.url}/health")
+        except (aiohttp.ClientError, OSError, TimeoutError, ApiError) as exc:
+            if not _unreachable(exc):
+                self._answered()  # it answered, if oddly: it is up
+                return False
+            log.info("task server %s did not answer its health check: %s", creds.ts_name, exc)
+            self._failed()
+            return False
+        self._answered()
+        return True
 
     async def tasks(self, via: PullVia) -> AgentTasks:
         """The pull: this agent's unfinished executions and the current policy."""
@@ -167,13 +229,36 @@ class TaskServerClient:
         body: BaseModel | None,
         params: dict[str, str] | None,
     ) -> M:
-        result: Any = await request(
-            self._http(), method, f"{creds.url}{path}", body=body, params=params,
-            answer=answer, token=creds.token,
-        )  # fmt: skip
+        try:
+            result: Any = await request(
+                self._http(), method, f"{creds.url}{path}", body=body, params=params,
+                answer=answer, token=creds.token,
+            )  # fmt: skip
+        except Exception as exc:
+            if _unreachable(exc):
+                self._failed()
+            else:
+                self._answered()  # an answer, even a refusal, proves it is up
+            raise
+        self._answered()
         return result  # type: ignore[no-any-return]
+
+    def _answered(self) -> None:
+        self._failing_since = None
+        self.last_answer_at = time.monotonic()
+
+    def _failed(self) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise RuntimeError("TaskServerClient used before start()")
         return self._session
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a failed call means the task server is down (no answer, or a 5xx)."""
+    if isinstance(exc, ApiError):
+        return exc.status >= 500
+    return isinstance(exc, (aiohttp.ClientError, OSError, TimeoutError))

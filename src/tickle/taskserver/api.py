@@ -64,6 +64,8 @@ class ApiContext:
     agents: AgentTickler
     reporter: StateReporter
     metrics: ComponentMetrics
+    # a work pull from the NS: after a registration, for work of a computer that moved here
+    pull_work: Callable[[], None] | None = None
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -176,6 +178,8 @@ def _router() -> APIRouter:
             )
         )
         log.info("agent %s registered (cem=%s, seen from %s)", creds.name, body.cem, observed)
+        if ctx.pull_work is not None:
+            ctx.pull_work()  # a computer failing over brings its unfinished work: fetch it now
         return AgentEnrollment(
             name=creds.name,
             token=creds.token,

@@ -282,6 +282,7 @@ class TaskServer:
             agents=self.agents,
             reporter=self.reporter,
             metrics=self.metrics,
+            pull_work=self.sync.work.trigger,
         )
         config = uvicorn.Config(
             create_app(ctx), log_config=None, access_log=False, lifespan="off", ws="none"
