@@ -55,13 +55,13 @@ def test_task_servers_from_environment_as_json_or_comma_list(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TICKLE_AGENT_ENROLLMENT_SECRET", "s")
-    monkeypatch.setenv("TICKLE_AGENT_TASK_SERVERS", "http://ts1:50121, http://ts2:50121/")
+    monkeypatch.setenv("TICKLE_AGENT_TASK_SERVERS", "https://ts1:50121, https://ts2:50121/")
     monkeypatch.setenv("TICKLE_AGENT_GROUPS", "web,db")
     settings = load_settings(AgentSettings, [])
-    assert settings.task_servers == ["http://ts1:50121", "http://ts2:50121"]
+    assert settings.task_servers == ["https://ts1:50121", "https://ts2:50121"]
     assert settings.groups == ["web", "db"]
-    monkeypatch.setenv("TICKLE_AGENT_TASK_SERVERS", '["http://ts3:1"]')
-    assert load_settings(AgentSettings, []).task_servers == ["http://ts3:1"]
+    monkeypatch.setenv("TICKLE_AGENT_TASK_SERVERS", '["https://ts3:1"]')
+    assert load_settings(AgentSettings, []).task_servers == ["https://ts3:1"]
     monkeypatch.setenv("TICKLE_AGENT_TASK_SERVERS", "ftp://nope")
     with pytest.raises(ConfigError, match="task_servers"):
         load_settings(AgentSettings, [])

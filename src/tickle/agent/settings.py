@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, FilePath, ValidationInfo, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from tickle import tls
 from tickle.config import ComponentSettings, default_state_dir, hostname
 from tickle.messages import Name
 
@@ -92,6 +93,14 @@ class AgentSettings(ComponentSettings):
         le=86400,
         description="Poll interval used until the task server hands down a policy",
     )
+    ca_file: FilePath | None = Field(
+        default=None,
+        description="PEM CA bundle that verifies the task servers / gateway (unset: system store)",
+    )
+    allow_plain_http: bool = Field(
+        default=False,
+        description="Call http:// task servers beyond loopback (token and tasks unencrypted)",
+    )
 
     @field_validator("task_servers", "groups", mode="before")
     @classmethod
@@ -118,6 +127,25 @@ class AgentSettings(ComponentSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError(f"{value!r} is not an http:// or https:// URL")
         return value.rstrip("/") if value else None
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_loads(cls, value: Path | None) -> Path | None:
+        return tls.check_ca_file(value)
+
+    @field_validator("allow_plain_http")
+    @classmethod
+    def _plain_http_chosen(cls, value: bool, info: ValidationInfo) -> bool:
+        # a field validator (not a model one) so the message names allow_plain_http itself
+        if value:
+            return value
+        calling = {"task_servers": list(info.data.get("task_servers", []))}
+        if info.data.get("gateway_url"):
+            calling["gateway_url"] = [info.data["gateway_url"]]
+        problems = tls.plain_http_problems(calling=calling)
+        if problems:
+            raise ValueError(tls.plain_http_refusal(problems, "TICKLE_AGENT_"))
+        return value
 
     @field_validator("enrollment_secret")
     @classmethod

@@ -34,6 +34,7 @@ from tickle.messages import (
     PullVia,
     StatusEvent,
 )
+from tickle.tls import client_ssl
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ class TaskServerClient:
 
     async def start(self) -> None:
         local_addr = client_local_addr(self._settings)
-        connector = aiohttp.TCPConnector(limit=10, local_addr=local_addr)
+        # verification is never off: the private CA (ca_file) or the system trust store
+        ssl_context = client_ssl(self._settings.ca_file)
+        connector = aiohttp.TCPConnector(limit=10, local_addr=local_addr, ssl=ssl_context)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout_s)
         )

@@ -61,6 +61,8 @@ async def serve(settings: NsSettings, stop: asyncio.Event | None = None) -> int:
                 app,
                 host=settings.api_host,
                 port=settings.api_port,
+                ssl_certfile=settings.tls_cert_file,
+                ssl_keyfile=settings.tls_key_file,
                 log_config=None,
                 lifespan="on",
                 access_log=False,
@@ -71,7 +73,8 @@ async def serve(settings: NsSettings, stop: asyncio.Event | None = None) -> int:
         watcher = asyncio.create_task(_stop_when(stop, server)) if stop is not None else None
         try:
             log.info(
-                "notification server on http://%s:%d (admin token in %s, database %s)",
+                "notification server on %s://%s:%d (admin token in %s, database %s)",
+                "https" if settings.tls_cert_file else "http",
                 settings.api_host,
                 settings.api_port,
                 settings.admin_token_file,

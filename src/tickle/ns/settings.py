@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, FilePath, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from tickle import tls
 from tickle.config import ComponentSettings, default_state_dir, read_or_create_secret
 from tickle.messages import Port
 
@@ -62,6 +63,17 @@ class NsSettings(ComponentSettings):
         le=60,
         description="How often the tickle server looks in the database for untickled work",
     )
+    tls_cert_file: FilePath | None = Field(
+        default=None,
+        description="PEM certificate (chain) the API serves HTTPS with; set with tls_key_file",
+    )
+    tls_key_file: FilePath | None = Field(
+        default=None, description="PEM private key of tls_cert_file (unset: plain HTTP)"
+    )
+    allow_plain_http: bool = Field(
+        default=False,
+        description="Serve plain HTTP on a non-loopback api_host (tokens travel unencrypted)",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -75,6 +87,24 @@ class NsSettings(ComponentSettings):
             make_url(value.replace("{state_dir}", "/")).get_dialect()
         except (ArgumentError, NoSuchModuleError, ValueError) as exc:
             raise ValueError(f"not a usable SQLAlchemy database URL: {exc}") from None
+        return value
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _tls_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if "tls_cert_file" in info.data:
+            tls.check_server_pair(info.data["tls_cert_file"], value)
+        return value
+
+    @field_validator("allow_plain_http")
+    @classmethod
+    def _plain_http_chosen(cls, value: bool, info: ValidationInfo) -> bool:
+        # a field validator (not a model one) so the message names allow_plain_http itself
+        if value or info.data.get("tls_cert_file") or "api_host" not in info.data:
+            return value
+        problems = tls.plain_http_problems(serving={"api_host": info.data["api_host"]})
+        if problems:
+            raise ValueError(tls.plain_http_refusal(problems, "TICKLE_NS_"))
         return value
 
     @model_validator(mode="after")

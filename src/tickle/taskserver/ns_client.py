@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -39,9 +40,10 @@ Register = Callable[[], Awaitable[TaskServerCredentials]]
 class NsClient:
     """Calls the NS routes under `/api/ts/` with this task server's token."""
 
-    def __init__(self, ns_url: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, ns_url: str, timeout_s: float = 10.0, ca_file: Path | None = None) -> None:
         self.ns_url = ns_url.rstrip("/")
         self._timeout_s = timeout_s
+        self._ca_file = ca_file  # None: the system trust store; verification is never off
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
         self._reregister: Register | None = None
@@ -141,7 +143,7 @@ class NsClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = client_session(timeout_s=self._timeout_s)
+            self._session = client_session(timeout_s=self._timeout_s, ca_file=self._ca_file)
         return self._session
 
     def _url(self, path: str) -> str:

@@ -103,7 +103,7 @@ class TaskServer:
         self.metrics = ComponentMetrics("task-server")
         self.store = Store(settings.state_dir)
         self.outbox = Outbox(settings.state_dir / OUTBOX_FILE)
-        self.ns = NsClient(settings.ns_url, settings.ns_timeout_s)
+        self.ns = NsClient(settings.ns_url, settings.ns_timeout_s, settings.ns_ca_file)
         self.reporter = StateReporter(self.ns)
         self.forwarder = OutboxForwarder(self.outbox, self.ns.send_events, self.metrics)
         self.agents = AgentTickler(
@@ -254,6 +254,13 @@ class TaskServer:
         while True:
             try:
                 return await call()
+            except aiohttp.ClientSSLError as exc:
+                # an NS whose certificate does not verify is not "unreachable": stop and say so
+                raise StartupError(
+                    f"{what}: TLS with the NS at {self.settings.ns_url} failed (its certificate"
+                    f" must verify against ns_ca_file={self.settings.ns_ca_file or 'system'}):"
+                    f" {exc}"
+                ) from None
             except (aiohttp.ClientError, TimeoutError, ApiError) as exc:
                 if isinstance(exc, ApiError) and exc.status < 500 and exc.status != 429:
                     raise StartupError(f"{what}: the NS answered {exc}") from None
@@ -285,8 +292,9 @@ class TaskServer:
             pull_work=self.sync.work.trigger,
         )
         config = uvicorn.Config(
-            create_app(ctx), log_config=None, access_log=False, lifespan="off", ws="none"
-        )
+            create_app(ctx), log_config=None, access_log=False, lifespan="off", ws="none",
+            ssl_certfile=self.settings.tls_cert_file, ssl_keyfile=self.settings.tls_key_file,
+        )  # fmt: skip
         self._api = _Server(config)
         assert self._api_socket is not None
         self._api_task = asyncio.create_task(self._api.serve(sockets=[self._api_socket]))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, FilePath, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from tickle import tls
 from tickle.config import ComponentSettings, default_state_dir, hostname
 from tickle.messages import Name
 
@@ -42,7 +43,8 @@ class TaskServerSettings(ComponentSettings):
         description="UDP port the NS tickles (default: the tickle_port bound)",
     )
     api_url: str | None = Field(
-        default=None, description="URL agents use (default http://{advertise_host}:{api_port})"
+        default=None,
+        description="URL agents use (default http(s)://{advertise_host}:{api_port})",
     )
     state_dir: Path = Field(
         default_factory=lambda: default_state_dir("task-server"),
@@ -72,6 +74,48 @@ class TaskServerSettings(ComponentSettings):
         ge=0,
         description="How long to keep trying an unreachable NS at start (0: forever)",
     )
+    tls_cert_file: FilePath | None = Field(
+        default=None,
+        description="PEM certificate (chain) the agent API serves HTTPS with; with tls_key_file",
+    )
+    tls_key_file: FilePath | None = Field(
+        default=None, description="PEM private key of tls_cert_file (unset: plain HTTP)"
+    )
+    ns_ca_file: FilePath | None = Field(
+        default=None,
+        description="PEM CA bundle that verifies the NS certificate (unset: system trust store)",
+    )
+    allow_plain_http: bool = Field(
+        default=False,
+        description="Serve or call plain HTTP beyond loopback (tokens travel unencrypted)",
+    )
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _tls_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if "tls_cert_file" in info.data:
+            tls.check_server_pair(info.data["tls_cert_file"], value)
+        return value
+
+    @field_validator("ns_ca_file")
+    @classmethod
+    def _ca_loads(cls, value: Path | None) -> Path | None:
+        return tls.check_ca_file(value)
+
+    @field_validator("allow_plain_http")
+    @classmethod
+    def _plain_http_chosen(cls, value: bool, info: ValidationInfo) -> bool:
+        # a field validator (not a model one) so the message names allow_plain_http itself
+        if value:
+            return value
+        serving = {}
+        if not info.data.get("tls_cert_file") and "api_host" in info.data:
+            serving["api_host"] = info.data["api_host"]
+        calling = {"ns_url": [info.data["ns_url"]]} if "ns_url" in info.data else {}
+        problems = tls.plain_http_problems(serving=serving, calling=calling)
+        if problems:
+            raise ValueError(tls.plain_http_refusal(problems, "TICKLE_TS_"))
+        return value
 
     @property
     def advertised_host(self) -> str:
@@ -82,4 +126,5 @@ class TaskServerSettings(ComponentSettings):
 
     def agent_api_url(self, api_port: int) -> str:
         """The URL agents use, given the port the API really bound."""
-        return self.api_url or f"http://{self.advertised_host}:{api_port}"
+        scheme = "https" if self.tls_cert_file else "http"
+        return self.api_url or f"{scheme}://{self.advertised_host}:{api_port}"
