@@ -104,6 +104,8 @@ class OutboxForwarder:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._metrics.outbox_depth.set(outbox.depth())
+        # read at scrape time: the depth grows while the next hop is down and nothing is sent
+        self._metrics.outbox_depth.set_function(self._depth)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -119,6 +121,12 @@ class OutboxForwarder:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), within_s)
         return self._outbox.depth() == 0
+
+    def _depth(self) -> float:
+        try:
+            return float(self._outbox.depth())
+        except sqlite3.ProgrammingError:  # closed at shutdown
+            return 0.0
 
     async def stop(self) -> None:
         if self._task is not None:
