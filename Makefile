@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 -include mk/*.mk
 
-.PHONY: help venv lint unit integration test demo bench clean
+.PHONY: help venv lint unit integration sysdeps test demo bench clean docs reliability
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -32,7 +32,10 @@ unit: venv ## Unit tests
 integration: venv ## Integration tests: real processes on loopback
 	$(BIN)/pytest -q -m "integration"
 
-test: lint ## Every check: lint, unit, integration (and Molecule)
+sysdeps: ## System packages the tests need (nftables, iproute2), installed when missing
+	scripts/sysdeps.sh
+
+test: lint sysdeps ## Every check: lint, unit, integration, faults, attacks (and Molecule)
 	$(BIN)/pytest -q -m "not molecule"
 
 demo: venv ## Local fleet on loopback: nine steps with times, blocked-tickle and CEM paths
