@@ -12,7 +12,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -65,7 +65,7 @@ class ApiContext:
     reporter: StateReporter
     metrics: ComponentMetrics
     # a work pull from the NS: after a registration, for work of a computer that moved here
-    pull_work: Callable[[], None] | None = None
+    pull_work: Callable[[], Awaitable[None]] | None = None
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -179,7 +179,8 @@ def _router() -> APIRouter:
         )
         log.info("agent %s registered (cem=%s, seen from %s)", creds.name, body.cem, observed)
         if ctx.pull_work is not None:
-            ctx.pull_work()  # a computer failing over brings its unfinished work: fetch it now
+            # a computer failing over brings its unfinished work: have it here before answering
+            await ctx.pull_work()
         return AgentEnrollment(
             name=creds.name,
             token=creds.token,

@@ -289,7 +289,7 @@ class TaskServer:
             agents=self.agents,
             reporter=self.reporter,
             metrics=self.metrics,
-            pull_work=self.sync.work.trigger,
+            pull_work=self.sync.work.run,
         )
         config = uvicorn.Config(
             create_app(ctx), log_config=None, access_log=False, lifespan="off", ws="none",
