@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, FilePath, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -89,6 +90,15 @@ class TaskServerSettings(ComponentSettings):
         default=False,
         description="Serve or call plain HTTP beyond loopback (tokens travel unencrypted)",
     )
+
+    @field_validator("ns_url")
+    @classmethod
+    def _ns_url_is_http(cls, value: str) -> str:
+        # caught here, not as an NS that stays "unreachable" for ns_wait_s after binding
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
 
     @field_validator("tls_key_file")
     @classmethod

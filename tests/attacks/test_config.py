@@ -1,0 +1,151 @@
+"""Bad configuration stops each component with exit 2 and a message naming the setting, before it
+binds anything: its ports are free right after and its state directory was never created."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.reliability import record
+
+pytestmark = [pytest.mark.attacks, pytest.mark.integration]
+
+_results: dict[str, list[str]] = {}
+
+
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Setup:
+    """A component's otherwise good flags, and the ports (TCP, UDP) they would bind."""
+
+    args: list[str]
+    tcp: int | None
+    udp: int | None
+
+
+def setup_for(component: str, state: Path) -> Setup:
+    tcp, udp = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_DGRAM)
+    secret = "--enrollment-secret=" + "s" * 24
+    if component == "ns":
+        return Setup(["ns", "--api-host", "127.0.0.1", "--api-port", str(tcp), "--state-dir",
+                      str(state), "--admin-token=" + "a" * 24, secret], tcp, None)  # fmt: skip
+    if component == "task-server":
+        return Setup(["task-server", "--name", "tsx", "--ns-url", "http://127.0.0.1:9", secret,
+                      "--api-host", "127.0.0.1", "--api-port", str(tcp), "--tickle-host",
+                      "127.0.0.1", "--tickle-port", str(udp), "--state-dir", str(state)],
+                     tcp, udp)  # fmt: skip
+    return Setup(["agent", "--name", "agx", "--task-servers", "http://127.0.0.1:9", secret,
+                  "--tickle-host", "127.0.0.1", "--tickle-port", str(udp), "--state-dir",
+                  str(state), "--metrics-host", "127.0.0.1", "--metrics-port", str(tcp)],
+                 tcp, udp)  # fmt: skip
+
+
+PREFIX = {"ns": "TICKLE_NS_", "task-server": "TICKLE_TS_", "agent": "TICKLE_AGENT_"}
+# component -> (a port setting, a negative interval, a bad URL): flag, value, setting named
+IMPOSSIBLE = {
+    "ns": [("--api-port", "70000", "api_port"),
+           ("--freshness-window-s", "-5", "freshness_window_s"),
+           ("--database-url", "nosuchdb://x/y", "database_url")],
+    "task-server": [("--tickle-port", "70000", "tickle_port"),
+                    ("--ns-check-interval-s", "-1", "ns_check_interval_s"),
+                    ("--ns-url", "not a url", "ns_url")],
+    "agent": [("--tickle-port", "70000", "tickle_port"),
+              ("--default-task-request-interval-s", "-60", "default_task_request_interval_s"),
+              ("--task-servers", "ftp://ts.example", "task_servers")],
+}  # fmt: skip
+# a setting no flag above sets (a flag would win over the environment)
+ENV = {"ns": "TICKLE_TRIES", "task-server": "FRESHNESS_WINDOW_S", "agent": "FRESHNESS_WINDOW_S"}
+
+
+@dataclass
+class Case:
+    component: str
+    label: str
+    extra: list[str]
+    toml: str | None
+    env: dict[str, str]
+    named: str  # the message must contain this
+
+
+def cases() -> Iterator[Case]:
+    for comp in ("ns", "task-server", "agent"):
+        yield Case(comp, "broken TOML", [], "api_port = [1,\n", {}, "config")
+        yield Case(comp, "unknown key in TOML", [], "bogus_key = 1\n", {}, "bogus_key")
+        for flag, value, setting in IMPOSSIBLE[comp]:
+            yield Case(comp, f"{flag} {value}", [f"{flag}={value}"], None, {}, setting)
+        env = PREFIX[comp] + ENV[comp]
+        yield Case(comp, f"env {env}=many", [], None, {env: "many"}, env)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _record_figures() -> Iterator[None]:
+    yield
+    for comp, outcomes in _results.items():
+        bad = [o for o in outcomes if o != "ok"]
+        record(
+            case=f"Bad configuration: tickle {comp}",
+            done="broken TOML, unknown key, port 70000, negative interval, bad URL, bad env var",
+            outcome="exit 2 naming the setting, nothing bound, no state dir"
+            if not bad
+            else "; ".join(bad),
+            tried=len(outcomes),
+            command=f"pytest tests/attacks/test_config.py -k {comp}",
+        )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", list(cases()), ids=lambda c: f"{c.component}: {c.label}")
+def test_bad_setting_exits_2_naming_it_before_binding_anything(case: Case, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    setup = setup_for(case.component, state)
+    args = [*setup.args, *case.extra]
+    if case.toml is not None:
+        config = tmp_path / "tickle.toml"
+        config.write_text(case.toml)
+        args += ["--config", str(config)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TICKLE_")}
+    env.update(case.env)
+    proc = subprocess.Popen([sys.executable, "-m", "tickle", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        _results.setdefault(case.component, []).append(f"{case.label}: accepted, kept running")
+        pytest.fail(f"{case.label} was accepted: the process kept running\n{err[-2000:]}")
+    # right after the exit: the ports it would have used can be bound, its state dir never made
+    bound = []
+    for kind, port in ((socket.SOCK_STREAM, setup.tcp), (socket.SOCK_DGRAM, setup.udp)):
+        if port is not None:
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", port))
+                bound.append(port)
+    ok = (
+        proc.returncode == 2
+        and err.startswith(f"tickle {case.component}: ")
+        and case.named in err
+        and "Traceback" not in err
+        and not state.exists()
+    )
+    _results.setdefault(case.component, []).append(
+        "ok" if ok else f"{case.label}: rc {proc.returncode}"
+    )
+    assert proc.returncode == 2, err
+    assert err.startswith(f"tickle {case.component}: "), err
+    assert case.named in err, err
+    assert "Traceback" not in err, err
+    assert not state.exists(), "the state directory was created before the config was checked"
+    assert len(bound) == (setup.tcp is not None) + (setup.udp is not None)
