@@ -75,9 +75,10 @@ class NsClient:
     url: str
     token: str
     timeout_s: float = 10.0
+    ca_file: Path | None = None  # verifies an https NS (None: the system trust store)
 
     async def __aenter__(self) -> NsClient:
-        self._session = http.client_session(self.token, self.timeout_s)
+        self._session = http.client_session(self.token, self.timeout_s, ca_file=self.ca_file)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -2,7 +2,8 @@
 
 Each component runs as its own process (`python -m tickle ...`) with its own state directory and
 loopback address (127.X.Y.N), with the default ports, so a fleet on one machine behaves like one
-on a network. Imports no component: it talks to them as an operator would.
+on a network. Imports no component: it talks to them as an operator would. With `tls=True` the
+APIs speak HTTPS with certificates of a private CA made in the fleet root (needs `cryptography`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
+from tickle import http
 from tickle.console import NsClient
 
 NS_API_PORT = 50120
@@ -75,20 +77,26 @@ class LocalFleet:
         ns_extra: list[str] | None = None,
         ts_extra: list[str] | None = None,
         python: str = sys.executable,
+        tls: bool = False,
     ) -> None:
         self.root = root
         self.net = net
+        self.scheme = "https" if tls else "http"
         self.admin_token = admin_token or secrets.token_urlsafe(24)
         self.enrollment_secret = enrollment_secret or secrets.token_urlsafe(24)
         self.python = python
         self.ns_host = f"{net}.1"
-        self.ns_url = f"http://{self.ns_host}:{NS_API_PORT}"
+        self.ns_url = f"{self.scheme}://{self.ns_host}:{NS_API_PORT}"
         self.ts_hosts = {name: f"{net}.{2 + i}" for i, name in enumerate(task_servers)}
-        base = 2 + len(task_servers) + 8
-        self.agent_hosts = {a.name: f"{net}.{base + i}" for i, a in enumerate(agents)}
+        self._agent_base = 2 + len(task_servers) + 8
+        self.agent_hosts = {a.name: f"{net}.{self._agent_base + i}" for i, a in enumerate(agents)}
         self.agents = {a.name: a for a in agents}
         self.procs: dict[str, Proc] = {}
         root.mkdir(parents=True, exist_ok=True)
+        self.ca_file: Path | None = None
+        self.certs: dict[str, tuple[Path, Path]] = {}  # server name -> (certificate, key)
+        if tls:
+            self._make_certificates()
         self._add("ns", self._ns_args(ns_extra or []))
         for name, host in self.ts_hosts.items():
             self._add(name, self._ts_args(name, host, ts_extra or []))
@@ -96,11 +104,17 @@ class LocalFleet:
             self._add(spec.name, self._agent_args(spec))
 
     def ts_url(self, name: str) -> str:
-        return f"http://{self.ts_hosts[name]}:{TS_API_PORT}"
+        return f"{self.scheme}://{self.ts_hosts[name]}:{TS_API_PORT}"
 
     def client(self) -> NsClient:
         """An operator client of the fleet's NS (use as `async with`)."""
-        return NsClient(self.ns_url, self.admin_token)
+        return NsClient(self.ns_url, self.admin_token, ca_file=self.ca_file)
+
+    def add_agent(self, spec: AgentSpec) -> None:
+        """Add an agent after construction (start it with `spawn`); `stop()` stops it too."""
+        self.agent_hosts[spec.name] = f"{self.net}.{self._agent_base + len(self.agent_hosts)}"
+        self.agents[spec.name] = spec
+        self._add(spec.name, self._agent_args(spec))
 
     async def start(self, deadline_s: float = 30.0) -> None:
         """Start every process in tier order and wait until each answers / is registered."""
@@ -162,7 +176,7 @@ class LocalFleet:
 
     async def wait_healthy(self, url: str, name: str, deadline_s: float) -> None:
         end = time.monotonic() + deadline_s
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        async with http.client_session(timeout_s=2, ca_file=self.ca_file) as session:
             while True:
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     async with session.get(url + "/health") as resp:
@@ -227,7 +241,7 @@ class LocalFleet:
         return [
             "ns", "--api-host", self.ns_host, "--api-port", str(NS_API_PORT),
             "--state-dir", str(self.root / "ns"), f"--admin-token={self.admin_token}",
-            f"--enrollment-secret={self.enrollment_secret}", *extra,
+            f"--enrollment-secret={self.enrollment_secret}", *self._tls_args("ns"), *extra,
         ]  # fmt: skip
 
     def _ts_args(self, name: str, host: str, extra: list[str]) -> list[str]:
@@ -236,7 +250,7 @@ class LocalFleet:
             f"--enrollment-secret={self.enrollment_secret}",
             "--api-host", host, "--api-port", str(TS_API_PORT),
             "--tickle-host", host, "--tickle-port", str(TS_TICKLE_PORT),
-            "--state-dir", str(self.root / name), *extra,
+            "--state-dir", str(self.root / name), *self._tls_args(name), *extra,
         ]  # fmt: skip
 
     def _agent_args(self, spec: AgentSpec) -> list[str]:
@@ -246,7 +260,7 @@ class LocalFleet:
             "agent", "--name", spec.name, "--task-servers", urls,
             f"--enrollment-secret={self.enrollment_secret}",
             "--tickle-host", host, "--tickle-port", str(AGENT_TICKLE_PORT),
-            "--state-dir", str(self.root / spec.name),
+            "--state-dir", str(self.root / spec.name), *self._tls_args(spec.name),
         ]  # fmt: skip
         if spec.cem:
             args.append("--cem")
@@ -256,6 +270,29 @@ class LocalFleet:
         for group in spec.groups:
             args += ["--groups", group]
         return [*args, *spec.extra]
+
+    def _make_certificates(self) -> None:
+        from tickle.devca import DevCa  # dev-only dependency: imported only for a TLS fleet
+
+        ca = DevCa(self.root / "tls")
+        self.ca_file = ca.ca_file
+        for name, host in {"ns": self.ns_host, **self.ts_hosts}.items():
+            cert = ca.issue(name, [host])
+            self.certs[name] = (cert.cert_file, cert.key_file)
+
+    def _tls_args(self, name: str) -> list[str]:
+        """Flags of one process: its server certificate, and the CA that verifies its servers."""
+        if self.ca_file is None:
+            return []
+        args: list[str] = []
+        if name in self.certs:
+            cert, key = self.certs[name]
+            args += ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+        if name in self.ts_hosts:
+            args += ["--ns-ca-file", str(self.ca_file)]
+        elif name in self.agents:
+            args += ["--ca-file", str(self.ca_file)]
+        return args
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
