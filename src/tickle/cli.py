@@ -124,6 +124,10 @@ TokenFile = Annotated[
         help="File holding the admin token (default: the local NS's generated one)",
     ),
 ]
+CaFile = Annotated[
+    Path | None,
+    typer.Option("--ca-file", envvar="TICKLE_CA_FILE", help="CA bundle to verify an https NS"),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
 
 
@@ -131,13 +135,14 @@ def _with_ns(
     url: str,
     token: str | None,
     token_file: Path | None,
+    ca_file: Path | None,
     work: Callable[[con.NsClient], Coroutine[Any, Any, T]],
 ) -> T:
     try:
         resolved = con.resolve_admin_token(token, token_file)
 
         async def go() -> T:
-            async with con.NsClient(url, resolved) as client:
+            async with con.NsClient(url, resolved, ca_file=ca_file) as client:
                 return await work(client)
 
         return asyncio.run(go())
@@ -171,11 +176,12 @@ def task_add(
     ns_url: NsUrl = con.DEFAULT_NS_URL,
     admin_token: Token = None,
     admin_token_file: TokenFile = None,
+    ca_file: CaFile = None,
     as_json: AsJson = False,
 ) -> None:
     """Define a task: a command or a script, with a timeout."""
     spec = _task_spec(name, command, script, timeout)
-    task = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.add_task(spec))
+    task = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.add_task(spec))
     if as_json:
         _print_json(task.model_dump())
     else:
@@ -187,9 +193,10 @@ def task_list(
     ns_url: NsUrl = con.DEFAULT_NS_URL,
     admin_token: Token = None,
     admin_token_file: TokenFile = None,
+    ca_file: CaFile = None,
 ) -> None:
     """List the tasks."""
-    tasks = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.tasks())
+    tasks = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.tasks())
     _print_json([t.model_dump() for t in tasks])
 
 
@@ -200,10 +207,10 @@ def job_add(
     ns_url: NsUrl = con.DEFAULT_NS_URL,
     admin_token: Token = None,
     admin_token_file: TokenFile = None,
+    ca_file: CaFile = None,
 ) -> None:
     """Define a job from tasks, run in order, stopping at the first failure."""
-    job = _with_ns(
-        ns_url, admin_token, admin_token_file,
+    job = _with_ns(ns_url, admin_token, admin_token_file, ca_file,
         lambda c: c.add_job(JobCreate(name=name, task_ids=task_ids)),
     )  # fmt: skip
     out.print(f"job {job.id} {job.name!r} defined with tasks {job.task_ids}")
@@ -214,9 +221,10 @@ def job_list(
     ns_url: NsUrl = con.DEFAULT_NS_URL,
     admin_token: Token = None,
     admin_token_file: TokenFile = None,
+    ca_file: CaFile = None,
 ) -> None:
     """List the jobs."""
-    jobs = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.jobs())
+    jobs = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.jobs())
     _print_json([j.model_dump() for j in jobs])
 
 
@@ -234,6 +242,7 @@ def run_command(
     ns_url: NsUrl = con.DEFAULT_NS_URL,
     admin_token: Token = None,
     admin_token_file: TokenFile = None,
+    ca_file: CaFile = None,
     as_json: AsJson = False,
 ) -> None:
     """Run a task or job now on computers (and groups); watch until every target finished."""
@@ -257,7 +266,7 @@ def run_command(
             return await c.wait_run(run.id, wait_s, progress)
 
     try:
-        run = _with_ns(ns_url, admin_token, admin_token_file, work)
+        run = _with_ns(ns_url, admin_token, admin_token_file, ca_file, work)
     except ValueError as exc:
         err.print(f"[red]tickle run: {exc}[/red]")
         raise typer.Exit(2) from None
@@ -275,6 +284,7 @@ def watch_command(
     ns_url: NsUrl = con.DEFAULT_NS_URL,
     admin_token: Token = None,
     admin_token_file: TokenFile = None,
+    ca_file: CaFile = None,
     as_json: AsJson = False,
 ) -> None:
     """Watch a run's progress until every target finished."""
@@ -283,7 +293,7 @@ def watch_command(
         with con.progress_bar(err) as progress:
             return await c.wait_run(run_id, wait_s, progress)
 
-    _show_run(_with_ns(ns_url, admin_token, admin_token_file, work), as_json)
+    _show_run(_with_ns(ns_url, admin_token, admin_token_file, ca_file, work), as_json)
 
 
 @app.command("timeline")
@@ -292,10 +302,13 @@ def timeline_command(
     ns_url: NsUrl = con.DEFAULT_NS_URL,
     admin_token: Token = None,
     admin_token_file: TokenFile = None,
+    ca_file: CaFile = None,
     as_json: AsJson = False,
 ) -> None:
     """Show one execution's nine-step timeline with the time spent in each hop."""
-    e = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.execution(execution_id))
+    e = _with_ns(
+        ns_url, admin_token, admin_token_file, ca_file, lambda c: c.execution(execution_id)
+    )
     if as_json:
         _print_json(e.model_dump())
     else:
@@ -309,10 +322,11 @@ def computers_command(
     ns_url: NsUrl = con.DEFAULT_NS_URL,
     admin_token: Token = None,
     admin_token_file: TokenFile = None,
+    ca_file: CaFile = None,
     as_json: AsJson = False,
 ) -> None:
     """List computers: task server, tickle-reachable / tickle-unreachable / CEM, NAT."""
-    items = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.computers())
+    items = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.computers())
     if as_json:
         _print_json([i.model_dump() for i in items])
     else:
@@ -324,10 +338,11 @@ def task_servers_command(
     ns_url: NsUrl = con.DEFAULT_NS_URL,
     admin_token: Token = None,
     admin_token_file: TokenFile = None,
+    ca_file: CaFile = None,
     as_json: AsJson = False,
 ) -> None:
     """List task servers and whether tickles reach them."""
-    items = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.task_servers())
+    items = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.task_servers())
     if as_json:
         _print_json([i.model_dump() for i in items])
     else:
@@ -339,9 +354,10 @@ def settings_show(
     ns_url: NsUrl = con.DEFAULT_NS_URL,
     admin_token: Token = None,
     admin_token_file: TokenFile = None,
+    ca_file: CaFile = None,
 ) -> None:
     """Show the central settings."""
-    s = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.settings())
+    s = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.settings())
     _print_json(s.model_dump())
 
 
@@ -359,6 +375,7 @@ def settings_set(
     ns_url: NsUrl = con.DEFAULT_NS_URL,
     admin_token: Token = None,
     admin_token_file: TokenFile = None,
+    ca_file: CaFile = None,
 ) -> None:
     """Change settings; task servers are tickled to pull them and hand them to their agents."""
     try:
@@ -370,7 +387,9 @@ def settings_set(
     except ValueError as exc:
         err.print(f"[red]tickle settings set: {exc}[/red]")
         raise typer.Exit(2) from None
-    s = _with_ns(ns_url, admin_token, admin_token_file, lambda c: c.update_settings(update))
+    s = _with_ns(
+        ns_url, admin_token, admin_token_file, ca_file, lambda c: c.update_settings(update)
+    )
     _print_json(s.model_dump())
 
 
