@@ -10,7 +10,7 @@ set -euo pipefail
 venv=${DEPLOY_VENV:-$TESTBED_ROOT/.venv-deploy}
 collections=${DEPLOY_COLLECTIONS:-$TESTBED_ROOT/build/collections}
 cache=$TESTBED_ROOT/build/deploy-cache
-wanted=(containers/podman ansible/posix)
+wanted=(containers/podman ansible/posix community/crypto)
 requirements=$TESTBED_ROOT/requirements-deploy.txt
 
 # 1. The venv, rebuilt when requirements-deploy.txt changes.

@@ -26,8 +26,15 @@ find_python() {
   fi
 }
 
+# Skip when the sources and the wanted Pythons are what the existing wheelhouse was built from.
+sources=$(cd "$TESTBED_ROOT" && { find src -type f ! -path '*/__pycache__/*' ! -name '*.pyc' | LC_ALL=C sort \
+  | xargs sha256sum; sha256sum pyproject.toml README.md; echo "$pythons $extras"; } | sha256sum | cut -c1-16)
+if [ "${WHEELHOUSE_FORCE:-0}" != 1 ] && [ -f "$out.tar" ] && grep -q "\"sources\": \"$sources\"" "$out.json" 2>/dev/null; then
+  log "wheelhouse up to date (sources $sources)"
+  exit 0
+fi
 rm -rf "$out"
-mkdir -p "$out"
+mkdir -p "$out" "$TESTBED_BUILD"
 built=()
 for v in $pythons; do
   py=$(find_python "$v")
@@ -41,8 +48,12 @@ done
 ls "$out"/tickle-*.whl >/dev/null 2>&1 || die "the tickle wheel was not built"
 
 version=$(basename "$(ls "$out"/tickle-*.whl | head -1)" | cut -d- -f2)
+# Packed reproducibly; the COMPLETE marker is the last member, so a host that has it has it all.
+echo "tickle $version" >"$TESTBED_BUILD/COMPLETE"
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$out" -cf "$out.tar" .
+tar --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$TESTBED_BUILD" -rf "$out.tar" COMPLETE
 digest=$(sha256sum "$out.tar" | cut -c1-16)
-printf '{"version": "%s", "digest": "%s", "pythons": "%s"}\n' "$version" "$digest" "${built[*]}" \
+printf '{"version": "%s", "digest": "%s", "pythons": "%s", "sources": "%s"}\n' \
+  "$version" "$digest" "${built[*]}" "$sources" \
   >"$out.json"
 log "wheelhouse: tickle $version, $(ls "$out" | wc -l) wheels, digest $digest, Pythons ${built[*]}"

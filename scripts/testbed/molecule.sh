@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs the Molecule scenarios (default: every scenario under molecule/), one after the other, each
+# `molecule test` (destroy, create, converge, idempotence, verify, destroy) with molecule/base.yml
+# as the shared base config. Builds what is missing first (images, controller venv, wheelhouse).
+# Whatever happens, the scenarios' containers and networks are removed at the end and the host's
+# ip_forward restored; the exit code is non-zero when any scenario failed.
+set -uo pipefail
+# shellcheck source=scripts/testbed/lib.sh
+. "$(dirname "$0")/lib.sh"
+here=$(dirname "$0")
+cd "$TESTBED_ROOT" || exit 2
+
+if [ $# -eq 0 ]; then
+  set -- $(for d in molecule/*/molecule.yml; do basename "$(dirname "$d")"; done)
+fi
+
+cleanup() {
+  local net
+  for net in $(podman network ls --filter label=tickle.testbed --format '{{.Name}}' 2>/dev/null | grep '^tkl-mol-'); do
+    "$here/network.sh" remove "$net" || true
+  done
+  "$here/network.sh" remove tkl-mol-none >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+"$here/deploy-venv.sh" || exit 2
+"$here/build-image.sh" bookworm || exit 2
+if grep -qs 'tickle-debian13' molecule/*/molecule.yml; then
+  "$here/build-image.sh" trixie || exit 2
+fi
+"$here/wheelhouse.sh" || exit 2
+export PATH="$TESTBED_ROOT/.venv-deploy/bin:$PATH"
+export ANSIBLE_ROLES_PATH="$TESTBED_ROOT/roles" ANSIBLE_COLLECTIONS_PATH="$TESTBED_ROOT/build/collections"
+export ANSIBLE_FORCE_COLOR=false PY_COLORS=0 MOLECULE_NO_LOG=false
+
+declare -A took result
+failed=0
+total_start=$SECONDS
+for scenario in "$@"; do
+  log "scenario $scenario"
+  start=$SECONDS
+  if molecule --base-config molecule/base.yml test --scenario-name "$scenario"; then
+    result[$scenario]=passed
+  else
+    result[$scenario]=FAILED
+    failed=1
+    # A failed step may leave the scenario's hosts behind: remove them now, not at the very end.
+    molecule --base-config molecule/base.yml destroy --scenario-name "$scenario" >/dev/null 2>&1 || true
+  fi
+  took[$scenario]=$((SECONDS - start))
+done
+
+printf '\nMolecule scenarios\n'
+for scenario in "$@"; do
+  printf '  %-26s %-7s %4d s\n' "$scenario" "${result[$scenario]}" "${took[$scenario]}"
+done
+printf '  %-26s %-7s %4d s\n' total "$([ $failed -eq 0 ] && echo passed || echo FAILED)" $((SECONDS - total_start))
+exit $failed
