@@ -254,6 +254,32 @@ async def test_task_server_cannot_read_or_report_another_task_servers_clients(ns
     assert ack["accepted"] == [forged["event_id"]]
 
 
+async def test_events_a_task_server_pulled_are_recorded_after_the_computer_moved(ns: Ns) -> None:
+    ts1, ts2, ts3 = [await ns.task_server(n) for n in ("ts1", "ts2", "ts3")]
+    await ts1.agent("pc1")
+    run = await ns.run_task(["pc1"])
+    ex_id = run["executions"][0]["id"]
+    pulled = await ts1.ok("GET", "/api/ts/work")
+    assert [w["execution_id"] for w in pulled["executions"]] == [ex_id]
+    await ts2.agent("pc1")  # pc1 fails over while ts1 holds its events
+
+    # reads stay strict: ts1 no longer gets pc1's work, ts3 never did
+    assert (await ts1.ok("GET", "/api/ts/work"))["executions"] == []
+    t = time.time()
+    started = event(ex_id, "pc1", "started", t)
+    finished = event(ex_id, "pc1", "finished", t + 1, status="succeeded", exit_code=0)
+    ack = await ts3.ok("POST", "/api/ts/events", json={"events": [finished]})
+    assert ack["accepted"] == [], "a task server that never pulled it cannot report it"
+    wrong_computer = event(ex_id, "pc2", "started", t)
+    ack = await ts1.ok(
+        "POST", "/api/ts/events", json={"events": [wrong_computer, started, finished]}
+    )
+    assert ack["accepted"] == [started["event_id"], finished["event_id"]]
+    execution = await ns.ok("GET", f"/api/executions/{ex_id}")
+    assert execution["status"] == "succeeded"
+    assert execution["task_server"] == "ts2"
+
+
 async def test_event_for_an_unknown_execution_is_accepted_and_ignored(ns: Ns) -> None:
     ts = await ns.task_server("ts1")
     await ts.agent("pc1")

@@ -8,7 +8,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from tickle.ns.migrations import current_revision
+from tickle.ns.migrations import current_revision, upgrade
 from tickle.ns.models import Base
 from tickle.ns.store import Store
 
@@ -44,5 +44,47 @@ def test_status_event_ids_are_unique_in_the_schema(tmp_path: Path) -> None:
         store.migrate()
         uniques = inspect(store.engine).get_unique_constraints("status_events")
         assert ["event_id"] in [u["column_names"] for u in uniques]
+    finally:
+        store.close()
+
+
+def test_upgrade_from_0001_keeps_the_data_and_notes_the_pulls_made_so_far(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'ns.db'}")
+    try:
+        upgrade(store.engine, "0001")
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO task_servers (id, name, token_sha256, tickle_key, tickle_host,"
+                    " tickle_port, api_url, tickle_state, registered_at)"
+                    " VALUES (1, 'ts1', 'x', 'k', '127.0.0.1', 50123, 'http://ts1', 'unknown', 1)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO computers (id, name, task_server_id, token_sha256, tickle_key,"
+                    " tickle_port, cem, groups, nat_detected, tickle_state)"
+                    " VALUES (1, 'pc1', 1, 'y', 'k', 50124, 0, '[]', 0, 'unknown')"
+                )
+            )
+            conn.execute(text("INSERT INTO runs (id, created_at) VALUES (1, 1)"))
+            for ex_id, pulled_at in ((1, "5.0"), (2, "NULL")):
+                conn.execute(
+                    text(
+                        "INSERT INTO executions (id, run_id, computer_id, kind, steps, status,"
+                        " step_results, created_at, ts_pulled_at)"
+                        f" VALUES ({ex_id}, 1, 1, 'task', '[]', 'pending', '[]', 1, {pulled_at})"
+                    )
+                )
+        assert current_revision(store.engine) == "0001"
+
+        store.migrate()
+
+        assert current_revision(store.engine) == "0002"
+        with store.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            pulls = conn.execute(text("SELECT * FROM execution_pulls")).all()
+            assert [tuple(r) for r in pulls] == [(1, 1, 5.0)]  # only the one pulled so far
+            assert conn.execute(text("SELECT count(*) FROM executions")).scalar() == 2
     finally:
         store.close()

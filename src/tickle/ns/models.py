@@ -136,6 +136,24 @@ class Execution(Base):
     computer: Mapped[Computer] = relationship(lazy="joined")
 
 
+class ExecutionPull(Base):
+    """A task server that a work pull gave an execution to (one row per pair).
+
+    It may report that execution's events even after the computer moved to another task server:
+    events it cached before the move are recorded when it forwards them.
+    """
+
+    __tablename__ = "execution_pulls"
+
+    execution_id: Mapped[int] = mapped_column(
+        ForeignKey("executions.id", ondelete="CASCADE"), primary_key=True
+    )
+    task_server_id: Mapped[int] = mapped_column(
+        ForeignKey("task_servers.id", ondelete="CASCADE"), primary_key=True
+    )
+    pulled_at: Mapped[float] = mapped_column(Double)
+
+
 class StatusEvent(Base):
     """A status event recorded exactly once (unique event id)."""
 

@@ -27,6 +27,7 @@ from tickle.ns import migrations
 from tickle.ns.models import (
     Computer,
     Execution,
+    ExecutionPull,
     Job,
     JobTask,
     Run,
@@ -397,7 +398,18 @@ class Store:
     # --- the task server's pull and its events -------------------------------------------------
 
     def pull_work(self, ts: Caller, now: float) -> m.WorkOut:
-        """Every unfinished execution of this task server's clients; stamps the first pull."""
+        """Every unfinished execution of this task server's clients; stamps the first pull and
+        remembers that this task server was given each of them (see `record_events`)."""
+        for attempt in range(3):
+            try:
+                return self._pull_work(ts, now)
+            except IntegrityError:
+                # a concurrent pull of the same task server (another NS process) noted a pair first
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _pull_work(self, ts: Caller, now: float) -> m.WorkOut:
         with self.writing() as s:
             s.execute(update(TaskServer).where(TaskServer.id == ts.id).values(last_pull_at=now))
             rows = s.scalars(
@@ -409,6 +421,19 @@ class Store:
             for ex in rows:
                 if ex.ts_pulled_at is None:
                     ex.ts_pulled_at = now
+            ids = [ex.id for ex in rows]
+            known = set(
+                s.scalars(
+                    select(ExecutionPull.execution_id).where(
+                        ExecutionPull.task_server_id == ts.id, ExecutionPull.execution_id.in_(ids)
+                    )
+                )
+            )
+            s.add_all(
+                ExecutionPull(execution_id=i, task_server_id=ts.id, pulled_at=now)
+                for i in ids
+                if i not in known
+            )
             return m.WorkOut(
                 executions=[
                     m.ExecutionWork(
@@ -424,7 +449,12 @@ class Store:
     def record_events(
         self, ts: Caller, events: Sequence[m.StatusEvent], now: float
     ) -> EventOutcome:
-        """Record each event exactly once (by event id) and apply it to its execution."""
+        """Record each event exactly once (by event id) and apply it to its execution.
+
+        A task server may report an execution of its client now, or one a pull gave it before
+        the computer moved away (it may hold that execution's events from before the move); the
+        event must name the execution's computer. Other events are left out of `accepted`.
+        """
         for attempt in range(3):
             try:
                 return self._record(ts, events, now)
@@ -445,6 +475,14 @@ class Store:
             execs = {
                 ex.id: ex for ex in s.scalars(select(Execution).where(Execution.id.in_(exec_ids)))
             }
+            pulled = set(
+                s.scalars(
+                    select(ExecutionPull.execution_id).where(
+                        ExecutionPull.task_server_id == ts.id,
+                        ExecutionPull.execution_id.in_(exec_ids),
+                    )
+                )
+            )
             for e in events:
                 if e.event_id in seen:
                     out.accepted.append(e.event_id)
@@ -457,10 +495,11 @@ class Store:
                     )  # fmt: skip
                     out.accepted.append(e.event_id)
                     continue
-                if ex.computer.task_server_id != ts.id or ex.computer.name != e.computer:
+                given = ex.computer.task_server_id == ts.id or ex.id in pulled
+                if not given or ex.computer.name != e.computer:
                     log.warning(
-                        "status event %s from %s refused: execution %d is for %s (event says %s), "
-                        "not a client of this task server",
+                        "status event %s from %s refused: execution %d is for %s (event says %s),"
+                        " neither a client of this task server nor pulled by it",
                         e.event_id, ts.name, ex.id, ex.computer.name, e.computer,
                     )  # fmt: skip
                     continue
