@@ -91,15 +91,29 @@ async def test_agent_cannot_read_or_report_another_agents_executions(
     assert [e["execution_id"] for e in body["executions"]] == [1]
 
     # pc1 reporting an event about pc2's execution, as itself or as pc2
-    for computer, execution_id in (("pc1", 2), ("pc2", 2), ("pc2", 1)):
+    for computer, execution_id in (("pc1", 2), ("pc2", 2), ("pc2", 1), ("pc2", 999)):
         status, body = await _post_event(h, mine, computer, execution_id, "started")
         assert status == 403, (computer, execution_id, body)
-    status, body = await _post_event(h, mine, "pc1", 999, "started")
-    assert status == 403
     assert await h.running.forwarder.drained(5)
     assert h.ns.events_of("started") == []  # nothing refused was cached or forwarded
     status, _ = await _post_event(h, theirs, "pc2", 2, "started")
     assert status == 200
+
+
+async def test_event_for_an_execution_this_task_server_does_not_hold_is_forwarded_to_the_ns(
+    task_server: TaskServerHarness,
+) -> None:
+    # the agent moved here with events of work it got from its old task server (or the NS no
+    # longer lists it): refusing them would block the agent's outbox for good; the NS decides
+    h = task_server
+    agent = await h.register_agent("pc1")
+    h.ns.work = [work_for(1, "pc1")]
+    await h.running.sync.work.run()
+    status, body = await _post_event(h, agent, "pc1", 999, "finished", status="succeeded")
+    assert status == 200, body
+    await wait_until(lambda: h.ns.events_of("finished"), what="the event at the NS")
+    assert [e.execution_id for e in h.ns.events_of("finished")] == [999]
+    assert [w.execution_id for w in h.running.store.pending_work("pc1")] == [1]
 
 
 async def test_calls_without_valid_credentials_get_401(task_server: TaskServerHarness) -> None:

@@ -243,15 +243,25 @@ def _router() -> APIRouter:
 
     @router.post("/api/agent/events", response_model=EventAck)
     async def events(batch: EventBatch, agent: AgentDep, ctx: CtxDep) -> EventAck:
-        """Cache the agent's status events durably, then forward them to the NS."""
+        """Cache the agent's status events durably, then forward them to the NS.
+
+        An execution this task server does not hold (the agent moved here after running it, or
+        the NS no longer lists it) is accepted and left to the NS, which records it only for the
+        execution's computer; one cached for another computer is refused.
+        """
         for event in batch.events:
             if event.computer != agent.name:
+                log.warning("agent %s sent event %s for computer %s: refused",
+                            agent.name, event.event_id, event.computer)  # fmt: skip
                 raise HTTPException(
                     status_code=403,
                     detail=f"event {event.event_id} is for computer {event.computer!r},"
                     f" not {agent.name!r}",
                 )
-            if ctx.store.work_owner(event.execution_id) != agent.name:
+            owner = ctx.store.work_owner(event.execution_id)
+            if owner is not None and owner != agent.name:
+                log.warning("agent %s sent event %s for %s's execution %d: refused",
+                            agent.name, event.event_id, owner, event.execution_id)  # fmt: skip
                 raise HTTPException(
                     status_code=403,
                     detail=f"execution {event.execution_id} is not one of {agent.name!r}'s",
