@@ -54,6 +54,7 @@ class FakeTaskServer:
     work: dict[int, ExecutionWork] = field(default_factory=dict)
     keep_serving: bool = False  # serve executions even after they finished
     events_down: bool = False  # answer 503 to events (the task server "is down" for them)
+    refuse_executions: set[int] = field(default_factory=set)  # batches with these: 403
     pull_gate: Callable[[], asyncio.Future[None] | None] | None = None
     tokens: set[str] = field(default_factory=set)
     url: str = ""
@@ -151,6 +152,8 @@ class FakeTaskServer:
         if self.events_down:
             raise web.HTTPServiceUnavailable(text='{"detail":"down"}')
         batch = EventBatch.model_validate_json(await request.read())
+        if any(e.execution_id in self.refuse_executions for e in batch.events):
+            raise web.HTTPForbidden(text='{"detail":"not your execution"}')
         known = {e.event_id for e in self.events}
         for event in batch.events:
             if event.event_id not in known:

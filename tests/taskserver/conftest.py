@@ -86,6 +86,8 @@ class FakeNs:
     agent_registrations: list[AgentRegistration] = field(default_factory=list)
     work_delay_s: float = 0.0
     refuse_executions: set[int] = field(default_factory=set)  # events answered with 403
+    # events left out of `accepted`, as the NS does for another task server's client
+    omit_executions: set[int] = field(default_factory=set)
     work_gate: asyncio.Event | None = None  # when set: work pulls wait until it opens
     port: int = 0
     _runner: web.AppRunner | None = None
@@ -191,9 +193,10 @@ class FakeNs:
         self.calls.append("events")
         if any(e.execution_id in self.refuse_executions for e in batch.events):
             raise web.HTTPForbidden(text='{"detail": "not your execution"}')
-        for e in batch.events:
+        kept = [e for e in batch.events if e.execution_id not in self.omit_executions]
+        for e in kept:
             self.events.setdefault(e.event_id, e)
-        ack = EventAck(accepted=[e.event_id for e in batch.events])
+        ack = EventAck(accepted=[e.event_id for e in kept])
         return web.json_response(text=ack.model_dump_json())
 
     async def _states(self, req: web.Request) -> web.Response:

@@ -181,3 +181,21 @@ async def test_an_event_the_ns_refuses_for_good_does_not_block_the_others(
     await wait_until(lambda: h.ns.events_of("started"), what="the acceptable event at the NS")
     assert [e.execution_id for e in h.ns.events_of("started")] == [1]
     assert await h.running.forwarder.drained(5)
+
+
+async def test_an_event_the_ns_leaves_out_of_accepted_is_dropped_and_blocks_nothing(
+    task_server: TaskServerHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1")
+    h.ns.omit_executions = {2}
+    refused = _event(2, "pc1", "finished")
+    events = [refused, _event(1, "pc1", "started")]
+    status, _ = await h.call(agent, "POST", "/api/agent/events", json={"events": events})
+    assert status == 200
+    await wait_until(lambda: h.ns.events_of("started"), what="the acceptable event at the NS")
+    # the refused event neither stays queued (retried forever) nor delays the next events
+    assert await h.running.forwarder.drained(5)
+    assert h.running.outbox.depth() == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(str(refused["event_id"]) in msg for msg in errors), errors

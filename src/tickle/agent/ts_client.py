@@ -37,6 +37,8 @@ from tickle.messages import (
 from tickle.tls import client_ssl
 
 log = logging.getLogger(__name__)
+# answers to an event batch that no retry can change: the task server refuses one of its events
+REFUSED_FOR_GOOD = frozenset({403, 422})
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -197,9 +199,28 @@ class TaskServerClient:
         return await self._call("GET", "/api/agent/policy", AgentPolicy, params={"via": via})
 
     async def events(self, bodies: list[str]) -> list[str]:
-        """Send serialized status events; return the ids the task server accepted."""
-        batch = EventBatch(events=[StatusEvent.model_validate_json(b) for b in bodies])
-        ack = await self._call("POST", "/api/agent/events", EventAck, body=batch)
+        """Send serialized status events; return the ids the outbox may drop.
+
+        Those are the ids the task server accepted, and an event it refuses for good (403, 422):
+        kept, it would be the oldest batch forever and block every later event. A refused batch
+        is split; a single refused event is logged as an error and dropped.
+        """
+        events = [StatusEvent.model_validate_json(b) for b in bodies]
+        try:
+            ack = await self._call(
+                "POST", "/api/agent/events", EventAck, body=EventBatch(events=events)
+            )
+        except ApiError as exc:
+            if exc.status not in REFUSED_FOR_GOOD:
+                raise
+            if len(events) == 1:
+                log.error("the task server refused status event %s for good (%s): dropped",
+                          events[0], exc)  # fmt: skip
+                return [events[0].event_id]
+            dropped: list[str] = []
+            for body in bodies:
+                dropped += await self.events([body])
+            return dropped
         return ack.accepted
 
     async def _call(

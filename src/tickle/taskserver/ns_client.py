@@ -97,24 +97,29 @@ class NsClient:
         await self._call("POST", "/api/ts/computers/state", body=states)
 
     async def send_events(self, bodies: list[str]) -> list[str]:
-        """The outbox forwarder's send: post serialized status events, return accepted ids.
+        """The outbox forwarder's send: post serialized status events, return the ids to drop.
 
-        An event the NS refuses for good (403, 422) would block the outbox forever: the batch is
-        split, and a single refused event is logged as an error and dropped.
+        An event the NS refuses for good would block the outbox forever: a batch answered 403 or
+        422 is split, and a single refused event is logged as an error and dropped; so is an
+        event the NS leaves out of `accepted` (not this task server's to report: it never will).
         """
         events = [StatusEvent.model_validate_json(b) for b in bodies]
         try:
-            return (await self.events(EventBatch(events=events))).accepted
+            accepted = set((await self.events(EventBatch(events=events))).accepted)
         except ApiError as exc:
             if exc.status not in REFUSED_FOR_GOOD:
                 raise
             if len(events) == 1:
                 log.error("the NS refused status event %s for good: %s", events[0], exc)
                 return [events[0].event_id]
-        accepted: list[str] = []
-        for body in bodies:
-            accepted += await self.send_events([body])
-        return accepted
+            done: list[str] = []
+            for body in bodies:
+                done += await self.send_events([body])
+            return done
+        for e in events:
+            if e.event_id not in accepted:
+                log.error("the NS refused status event %s for good (not accepted): dropped", e)
+        return [e.event_id for e in events]
 
     async def _call(
         self,
