@@ -34,7 +34,7 @@ up() {
 
 down() {
   "$(dirname "$0")/network.sh" remove "$network"
-  rm -rf "$inventory/secrets"
+  rm -rf "$inventory/.secrets"
 }
 
 case "${1:-}" in

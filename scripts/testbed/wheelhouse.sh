@@ -45,6 +45,9 @@ for v in $pythons; do
   built+=("$v")
 done
 [ ${#built[@]} -gt 0 ] || die "no host Python found (wanted: $pythons)"
+# pip itself, run from its wheel on the hosts: venvs are created without pip (much faster).
+"$py" -m pip download -q --disable-pip-version-check --no-deps -d "$out" pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
+pip_wheel=$(basename "$(ls "$out"/pip-*.whl | sort -V | tail -1)")
 ls "$out"/tickle-*.whl >/dev/null 2>&1 || die "the tickle wheel was not built"
 
 version=$(basename "$(ls "$out"/tickle-*.whl | head -1)" | cut -d- -f2)
@@ -53,7 +56,7 @@ echo "tickle $version" >"$TESTBED_BUILD/COMPLETE"
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$out" -cf "$out.tar" .
 tar --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$TESTBED_BUILD" -rf "$out.tar" COMPLETE
 digest=$(sha256sum "$out.tar" | cut -c1-16)
-printf '{"version": "%s", "digest": "%s", "pythons": "%s", "sources": "%s"}\n' \
-  "$version" "$digest" "${built[*]}" "$sources" \
+printf '{"version": "%s", "digest": "%s", "pythons": "%s", "pip_wheel": "%s", "sources": "%s"}\n' \
+  "$version" "$digest" "${built[*]}" "$pip_wheel" "$sources" \
   >"$out.json"
 log "wheelhouse: tickle $version, $(ls "$out" | wc -l) wheels, digest $digest, Pythons ${built[*]}"
