@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from prometheus_client import Gauge
+
 from tickle import wire
 from tickle.backoff import Backoff
 from tickle.metrics import ComponentMetrics
@@ -44,6 +46,11 @@ class TickleServer:
         self._wake = asyncio.Event()
         self._lock = store.dispatcher_lock() if settings.dispatcher_lock else None
         self._task: asyncio.Task[None] | None = None
+        self._active = Gauge(
+            "tickle_dispatcher_active",
+            "1 while this NS process is the active tickle dispatcher (PostgreSQL: holds the lock)",
+            registry=metrics.registry,
+        )
         self.tickler = Tickler(
             settings.ns_id,
             self._key_for,
@@ -75,6 +82,7 @@ class TickleServer:
         await self.tickler.close()
         if self._lock is not None:
             await self._db(self._lock.release)
+        self._active.set(0)
 
     def notify(self) -> None:
         """Work was committed (run now, a computer moved): look for untickled work now."""
@@ -119,7 +127,12 @@ class TickleServer:
                 await asyncio.wait_for(self._wake.wait(), poll if active else _LOCK_RETRY_S)
             self._wake.clear()
             try:
-                active = self._lock is None or await self._db(self._lock.try_acquire)
+                now_active = self._lock is None or await self._db(self._lock.try_acquire)
+                if now_active != active:
+                    state = "became" if now_active else "is no longer"
+                    log.info("%s the active tickle dispatcher", state)
+                    self._active.set(1 if now_active else 0)
+                active = now_active
                 if active:
                     await self.dispatch_once()
             except Exception:
