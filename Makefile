@@ -32,7 +32,7 @@ unit: venv ## Unit tests
 integration: venv ## Integration tests: real processes on loopback
 	$(BIN)/pytest -q -m "integration"
 
-sysdeps: ## System packages the tests need (nftables, iproute2), installed when missing
+sysdeps: ## System packages the tests need (nftables, iproute2, postgresql), installed when missing
 	scripts/sysdeps.sh
 
 test: lint sysdeps ## Every check: lint, unit, integration, faults, attacks (and Molecule)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# System packages the fault tests need (nft for dropping tickles, ip for namespaces).
-# Idempotent: installs only what is missing; does nothing when every command is present.
+# System packages the tests need: nft for dropping tickles, ip for namespaces, and a PostgreSQL
+# server (initdb, pg_ctl) for the NS's PostgreSQL tests, which start a private server of their own.
+# Idempotent: installs only what is missing; does nothing when everything is present.
 set -euo pipefail
 
 declare -A package_of=([nft]=nftables [ip]=iproute2)
@@ -8,6 +9,10 @@ missing=()
 for cmd in "${!package_of[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${package_of[$cmd]}")
 done
+# Debian keeps the server binaries off PATH, under /usr/lib/postgresql/<version>/bin
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    missing+=(postgresql)
+fi
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
@@ -17,4 +22,14 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "sysdeps: installing ${missing[*]}"
 apt-get update -qq
+# no init system to start services here: policy-rc.d 101 keeps the package from starting its own
+# cluster (the tests run a private server); removed again whatever happens
+policy=/usr/sbin/policy-rc.d
+own_policy=false
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+    own_policy=true
+fi
+trap '$own_policy && rm -f "$policy"' EXIT
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

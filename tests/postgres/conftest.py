@@ -1,0 +1,328 @@
+"""A private PostgreSQL server for the test session, a fresh database per test, and a second NS.
+
+The server runs from Debian's binaries (`scripts/sysdeps.sh` installs the `postgresql` package)
+as the `postgres` system user (initdb refuses root), in a temporary directory, listening only on
+127.0.0.1 on a free port with its unix socket in that directory, trusting loopback. It is stopped
+and removed at the end of the session whatever happens. Without PostgreSQL the tests fail, they
+do not skip: the SPEC promises PostgreSQL support.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import NET_BASE, eventually, fleet_factory  # noqa: F401
+from tickle.localfleet import NS_API_PORT, AgentSpec, FleetError, LocalFleet
+
+START_DEADLINE_S = 30.0
+
+
+@dataclass
+class PgServer:
+    """A running private PostgreSQL server."""
+
+    port: int
+    root: Path
+    process: subprocess.Popen[bytes]
+
+    def url(self, database: str, driver: str = "postgresql+psycopg") -> str:
+        return f"{driver}://postgres@127.0.0.1:{self.port}/{database}"
+
+    def connect(self, database: str = "postgres") -> psycopg.Connection[tuple[object, ...]]:
+        """An autocommit connection (close it, or use it as a context manager)."""
+        return psycopg.connect(self.url(database, "postgresql"), autocommit=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = (self.root / "postgres.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _server_bindir() -> Path:
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: (
+            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
+        ),
+    )
+    if not found:
+        pytest.fail(
+            "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb): "
+            "run `scripts/sysdeps.sh` as root (`make sysdeps`) to install Debian's postgresql",
+            pytrace=False,
+        )
+    return Path(found[-1]).parent
+
+
+def _as_postgres() -> tuple[list[str], int | None, int | None]:
+    """The command prefix that runs a program as the `postgres` user (root only), and its ids."""
+    if os.geteuid() != 0:
+        return [], None, None
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.fail("no `postgres` system user: install Debian's postgresql package", pytrace=False)
+    prefix = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--"]
+    return prefix, pw.pw_uid, pw.pw_gid
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    """Start the session's PostgreSQL server; stop it and remove its files at the end."""
+    bindir = _server_bindir()
+    prefix, uid, gid = _as_postgres()
+    root = Path(tempfile.mkdtemp(prefix="tickle-pg-"))
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        if uid is not None and gid is not None:
+            os.chown(root, uid, gid)
+        data = root / "data"
+        initdb = subprocess.run(
+            [*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
+             "-E", "UTF8", "--locale=C", "--no-sync"],
+            capture_output=True, text=True, timeout=120, check=False, cwd=root,
+        )  # fmt: skip
+        if initdb.returncode != 0:
+            pytest.fail(f"initdb failed ({initdb.returncode}):\n{initdb.stderr}", pytrace=False)
+        port = _free_port()
+        log = (root / "postgres.log").open("ab")
+        if uid is not None and gid is not None:
+            os.chown(root / "postgres.log", uid, gid)
+        # the server in the foreground, as our child: killed with the session, never left behind
+        process = subprocess.Popen(
+            [*prefix, str(bindir / "postgres"), "-D", str(data), "-p", str(port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}",
+             "-c", "max_connections=300", "-c", "fsync=off", "-c", "full_page_writes=off"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        server = PgServer(port, root, process)
+        _wait_ready(server)
+        yield server
+    finally:
+        if process is not None:
+            _stop(process)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_ready(server: PgServer) -> None:
+    end = time.monotonic() + START_DEADLINE_S
+    while True:
+        if server.process.poll() is not None:
+            pytest.fail(
+                f"PostgreSQL exited with {server.process.returncode} at start:\n"
+                + server.log_tail(),
+                pytrace=False,
+            )
+        try:
+            with server.connect() as conn:
+                conn.execute("SELECT 1")
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > end:
+                pytest.fail(
+                    f"PostgreSQL did not accept connections in {START_DEADLINE_S}s:\n"
+                    + server.log_tail(),
+                    pytrace=False,
+                )
+            time.sleep(0.1)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    # SIGINT: fast shutdown (disconnect clients, no checkpoint wait worth mentioning)
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture
+def pg_database(postgres: PgServer) -> Iterator[str]:
+    """A new empty database for one test (its name); dropped at the end."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with postgres.connect() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield name
+    with postgres.connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(postgres: PgServer, pg_database: str) -> str:
+    """The SQLAlchemy URL of the test's new empty database."""
+    return postgres.url(pg_database)
+
+
+# --- several NS processes on one database ------------------------------------------------------
+
+
+@dataclass
+class NsProcess:
+    """An extra NS process beside a fleet's own, sharing its database and secrets."""
+
+    name: str
+    host: str
+    log: Path
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{NS_API_PORT}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def spawn_ns(fleet: LocalFleet, name: str, host: str, database_url: str) -> NsProcess:
+    """Start another `tickle ns` on `host` with the fleet's admin token, enrollment secret and
+    the given database (its own state dir)."""
+    argv = [
+        sys.executable, "-m", "tickle", "ns", "--api-host", host, "--api-port", str(NS_API_PORT),
+        "--state-dir", str(fleet.root / name), f"--admin-token={fleet.admin_token}",
+        f"--enrollment-secret={fleet.enrollment_secret}", "--database-url", database_url,
+        "--dispatch-poll-s", "0.2",
+    ]  # fmt: skip
+    log_path = fleet.root / f"{name}.log"
+    with log_path.open("ab") as log:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TICKLE_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        popen = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    return NsProcess(name, host, log_path, popen)
+
+
+async def dispatcher_active(url: str) -> float | None:
+    """The NS's `tickle_dispatcher_active` gauge (None: no answer)."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
+            session.get(url + "/metrics") as resp,
+        ):
+            text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tickle_dispatcher_active":
+                return sample.value
+    return None
+
+
+@dataclass
+class TwoNsFleet:
+    """A fleet whose own NS (`ns`) dispatches, plus `ns2` on the same database, which the task
+    servers talk to."""
+
+    fleet: LocalFleet
+    ns2: NsProcess
+    database_url: str
+
+
+TwoNsFactory = Callable[[list[str], list[AgentSpec]], Awaitable[TwoNsFleet]]
+
+
+@pytest.fixture
+async def two_ns_fleet(tmp_path: Path, pg_url: str) -> AsyncIterator[TwoNsFactory]:
+    """Start `ns` (waits until it is the dispatcher), then `ns2` on another loopback address,
+    then the task servers (pointed at ns2) and agents. Everything stops at the end."""
+    started: list[TwoNsFleet] = []
+    net = f"127.{NET_BASE}.251"
+    ns2_host = f"{net}.200"
+
+    async def make(task_servers: list[str], agents: list[AgentSpec]) -> TwoNsFleet:
+        fleet = LocalFleet(
+            tmp_path / "fleet",
+            task_servers,
+            agents,
+            net=net,
+            ns_extra=["--database-url", pg_url, "--dispatch-poll-s", "0.2"],
+            ts_extra=["--ns-url", f"http://{ns2_host}:{NS_API_PORT}"],
+        )
+        fleet.spawn("ns")
+        ns2: NsProcess | None = None
+        try:
+            await fleet.wait_healthy(fleet.ns_url, "ns", 30)
+            await eventually(
+                lambda: _is_one(fleet.ns_url), 15, "the first NS to become the dispatcher"
+            )
+            ns2 = spawn_ns(fleet, "ns2", ns2_host, pg_url)
+            started.append(TwoNsFleet(fleet, ns2, pg_url))
+            await _wait_ns2(fleet, ns2)
+            for name in fleet.ts_hosts:
+                fleet.spawn(name)
+            for name in fleet.ts_hosts:
+                await fleet.wait_healthy(fleet.ts_url(name), name, 30)
+            for name in fleet.agents:
+                fleet.spawn(name)
+            await fleet.wait_registered(list(fleet.agents), 30)
+        except BaseException:
+            if ns2 is None:
+                await fleet.stop()
+            raise
+        return started[-1]
+
+    yield make
+    for two in started:
+        await two.fleet.stop()
+        two.ns2.stop()
+
+
+async def _is_one(url: str) -> bool:
+    return await dispatcher_active(url) == 1
+
+
+async def _wait_ns2(fleet: LocalFleet, ns2: NsProcess) -> None:
+    try:
+        await fleet.wait_healthy(ns2.url, "ns", 30)
+    except FleetError:
+        raise FleetError(f"ns2 did not start:\n{ns2.log_text()[-3000:]}") from None
+    if ns2.popen.poll() is not None:
+        raise FleetError(f"ns2 exited with {ns2.popen.returncode}:\n{ns2.log_text()[-3000:]}")
