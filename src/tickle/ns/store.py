@@ -51,7 +51,7 @@ TIMELINE = (
     ("recorded", "recorded_at"),
 )
 _FINAL = m.FINAL_STATUSES
-_DISPATCHER_LOCK_KEY = 0x7469636B6C65_02  # "tickle" + 2: the one active tickle dispatcher
+DISPATCHER_LOCK_KEY = 0x7469636B6C65_02  # "tickle" + 2: the one active tickle dispatcher
 
 
 class NotFound(Exception):
@@ -621,7 +621,7 @@ class DispatcherLock:
                 return True
             conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             got = bool(
-                conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": _DISPATCHER_LOCK_KEY})
+                conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": DISPATCHER_LOCK_KEY})
             )
             if got:
                 self._conn = conn
