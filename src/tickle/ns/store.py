@@ -625,7 +625,7 @@ class DispatcherLock:
             )
             if got:
                 self._conn = conn
-                log.info("this process is the active tickle dispatcher")
+                log.debug("dispatcher lock taken")
             else:
                 conn.close()
             return got
@@ -635,9 +635,13 @@ class DispatcherLock:
             return False
 
     def release(self) -> None:
+        """Stop being the dispatcher: end the lock's database session, which frees the lock."""
         if self._conn is not None:
             try:
-                self._conn.close()  # closing the session releases the advisory lock
+                # close() alone would hand the session, lock held, back to the pool: another
+                # process could not dispatch until this one's engine is disposed
+                self._conn.invalidate()
+                self._conn.close()
             except Exception:
                 log.debug("closing the dispatcher lock connection failed", exc_info=True)
             self._conn = None
