@@ -3,11 +3,18 @@ each Store with its own engine and connections, as separate NS processes have)."
 
 from __future__ import annotations
 
+import threading
+import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
-from tickle.ns.store import Store
+from tickle import messages as m
+from tickle.ns.store import Caller, Store, token_sha256
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -39,3 +46,67 @@ def test_released_dispatcher_lock_is_free_for_another_process_at_once(
     finally:
         lock_a.release()
         lock_b.release()
+
+
+def _one_execution(store: Store) -> tuple[Caller, int]:
+    """A task server with one client and one pulled execution; returns the caller and its id."""
+    creds = store.register_task_server(
+        m.TaskServerRegister(
+            enrollment_secret="x" * 16, name="ts1", tickle_host="127.0.0.1", tickle_port=9,
+            api_url="http://127.0.0.1:9",
+        ),
+        "ns",
+    )  # fmt: skip
+    ts = store.caller_for(token_sha256(creds.token))
+    assert ts is not None
+    store.register_agent(ts, m.AgentRegistration(name="c1", tickle_host="127.0.0.1"))
+    task = store.create_task(m.TaskCreate(name="t", command=["true"]))
+    store.create_run(m.RunCreate(task_id=task.id, computers=["c1"]))
+    (work,) = store.pull_work(ts, time.time()).executions
+    return ts, work.execution_id
+
+
+def _event(execution_id: int, kind: str, **fields: Any) -> m.StatusEvent:
+    return m.StatusEvent(
+        event_id=str(uuid.uuid4()), execution_id=execution_id, computer="c1", kind=kind,
+        at=time.time(), **fields,
+    )  # fmt: skip
+
+
+def test_started_and_finished_recorded_at_once_by_two_processes_leave_the_execution_finished(
+    stores: tuple[Store, Store],
+) -> None:
+    """Process A reads the execution for a `started` event; process B records `finished` before
+    A writes: A must not turn the finished execution back to running."""
+    a, b = stores
+    ts, execution_id = _one_execution(a)
+    a.record_events(ts, [_event(execution_id, "agent_pulled", via="tickle")], time.time())
+    a_read, b_done = threading.Event(), threading.Event()
+
+    def pause_after_reading_the_execution(
+        _conn: object, _cursor: object, statement: str, *_args: object
+    ) -> None:
+        if "FROM executions" in statement and not a_read.is_set():
+            a_read.set()
+            # B commits its finish meanwhile, unless A's read locked the row (then B waits for A)
+            b_done.wait(1.5)
+
+    event.listen(a.engine, "after_cursor_execute", pause_after_reading_the_execution)
+    started = _event(execution_id, "started")
+    finished = _event(execution_id, "finished", exit_code=0, status="succeeded")
+    with ThreadPoolExecutor(2) as pool:
+        in_a = pool.submit(a.record_events, ts, [started], time.time())
+        assert a_read.wait(10), "process A never read the execution"
+        in_b = pool.submit(b.record_events, ts, [finished], time.time())
+        outcome_b = in_b.result(20)
+        b_done.set()
+        outcome_a = in_a.result(20)
+    event.remove(a.engine, "after_cursor_execute", pause_after_reading_the_execution)
+
+    assert outcome_a.accepted == [started.event_id]
+    assert outcome_b.accepted == [finished.event_id]
+    execution = b.execution(execution_id)
+    assert execution.status == "succeeded", execution
+    times = {step.step: step.at for step in execution.timeline}
+    assert times["started"] is not None
+    assert times["finished"] is not None

@@ -467,14 +467,24 @@ class Store:
     def _record(self, ts: Caller, events: Sequence[m.StatusEvent], now: float) -> EventOutcome:
         out = EventOutcome(accepted=[], recorded=[], run_now_to_recorded=[], finished=[])
         with self.writing() as s:
+            exec_ids = {e.execution_id for e in events}
+            # PostgreSQL: lock the executions first (in id order: no deadlock), so another NS
+            # process recording events of the same executions waits for this commit instead of
+            # overwriting it with what it read before (a `started` reopening a finished one);
+            # the event ids are read after the lock, so a batch recorded meanwhile is seen
+            execs = {
+                ex.id: ex
+                for ex in s.scalars(
+                    select(Execution)
+                    .where(Execution.id.in_(exec_ids))
+                    .order_by(Execution.id)
+                    .with_for_update(of=Execution)
+                )
+            }
             ids = [e.event_id for e in events]
             seen = set(
                 s.scalars(select(StatusEventRow.event_id).where(StatusEventRow.event_id.in_(ids)))
             )
-            exec_ids = {e.execution_id for e in events}
-            execs = {
-                ex.id: ex for ex in s.scalars(select(Execution).where(Execution.id.in_(exec_ids)))
-            }
             pulled = set(
                 s.scalars(
                     select(ExecutionPull.execution_id).where(
