@@ -110,3 +110,36 @@ def test_started_and_finished_recorded_at_once_by_two_processes_leave_the_execut
     times = {step.step: step.at for step in execution.timeline}
     assert times["started"] is not None
     assert times["finished"] is not None
+
+
+def test_settings_changed_at_once_by_two_processes_bump_the_version_twice(
+    stores: tuple[Store, Store],
+) -> None:
+    """Two operators change different settings through two NS processes at once: both changes
+    stay and the version moves twice, so a task server that saw the first change sees a new
+    version for the second."""
+    a, b = stores
+    before = a.settings().version
+    a_read, b_done = threading.Event(), threading.Event()
+
+    def pause_after_reading_the_settings(
+        _conn: object, _cursor: object, statement: str, *_args: object
+    ) -> None:
+        if "FROM settings" in statement and not a_read.is_set():
+            a_read.set()
+            b_done.wait(1.5)  # B commits meanwhile, unless A's read locked the row
+
+    event.listen(a.engine, "after_cursor_execute", pause_after_reading_the_settings)
+    with ThreadPoolExecutor(2) as pool:
+        in_a = pool.submit(a.update_settings, m.SettingsUpdate(task_request_interval_s=100))
+        assert a_read.wait(10), "process A never read the settings"
+        in_b = pool.submit(b.update_settings, m.SettingsUpdate(poll_jitter_fraction=0.25))
+        in_b.result(20)
+        b_done.set()
+        in_a.result(20)
+    event.remove(a.engine, "after_cursor_execute", pause_after_reading_the_settings)
+
+    after = b.settings()
+    assert after.version == before + 2, after
+    assert after.task_request_interval_s == 100
+    assert after.poll_jitter_fraction == 0.25

@@ -549,7 +549,8 @@ class Store:
     def update_settings(self, body: m.SettingsUpdate) -> m.SettingsOut:
         """Change the central settings and bump their version."""
         with self.writing() as s:
-            row = _settings_row(s)
+            # locked: on PostgreSQL another NS process's change waits, then bumps again
+            row = _settings_row(s, lock=True)
             for field, value in body.model_dump(exclude_none=True).items():
                 setattr(row, field, value)
             row.version += 1
@@ -754,8 +755,8 @@ def _execution_out(ex: Execution) -> m.ExecutionOut:
     )
 
 
-def _settings_row(s: Session) -> Settings:
-    row = s.get(Settings, 1)
+def _settings_row(s: Session, lock: bool = False) -> Settings:
+    row = s.get(Settings, 1, with_for_update=lock)
     if row is None:  # the migration inserts it; a hand-made database may lack it
         row = Settings(
             id=1, version=1, task_request_interval_s=1800, poll_jitter_fraction=0.1,
