@@ -4,16 +4,26 @@ run-now posted to any of them is tickled and recorded once, and a killed dispatc
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.integration.conftest import eventually, metric
 from tests.reliability import record
+from tickle import wire
 from tickle.console import NsClient, timeline_times
 from tickle.localfleet import AgentSpec
-from tickle.messages import FINAL_STATUSES, RunCreate, RunOut, TaskCreate
+from tickle.messages import (
+    FINAL_STATUSES,
+    RunCreate,
+    RunOut,
+    TaskCreate,
+    TaskServerCredentials,
+)
 from tickle.ns.store import DISPATCHER_LOCK_KEY
 
 from .conftest import PgServer, TwoNsFactory, TwoNsFleet, dispatcher_active
@@ -164,3 +174,75 @@ async def test_sigkilled_dispatcher_is_replaced_by_the_other_ns_within_bound(
     assert tickles_ns2 >= 1  # the survivor sent the tickle
     assert ran == ["after-takeover"]
     assert set(counts.values()) == {1}, counts
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.queue.put_nowait(data)
+
+
+async def test_work_tickled_by_a_killed_dispatcher_but_never_pulled_is_tickled_again_by_the_next(
+    two_ns_fleet: TwoNsFactory, postgres: PgServer
+) -> None:
+    """The dispatcher dies while its tickle goes unanswered: the process that takes over tickles
+    for that work again instead of leaving it to the task server's next poll."""
+    two = await two_ns_fleet([], [])
+    loop = asyncio.get_running_loop()
+    transport, udp = await loop.create_datagram_endpoint(_Datagrams, local_addr=("127.0.0.1", 0))
+    try:
+        port = transport.get_extra_info("sockname")[1]
+        async with (
+            NsClient(two.ns2.url, two.fleet.admin_token) as ns,
+            aiohttp.ClientSession() as http,
+        ):
+            # a task server that hears tickles but never pulls (as if it were briefly stopped)
+            async with http.post(two.ns2.url + "/api/ts/register", json={
+                "enrollment_secret": two.fleet.enrollment_secret, "name": "deaf-ts",
+                "tickle_host": "127.0.0.1", "tickle_port": port, "api_url": "http://127.0.0.1:9",
+            }) as resp:  # fmt: skip
+                creds = TaskServerCredentials.model_validate(await resp.json())
+            headers = {"Authorization": f"Bearer {creds.token}"}
+            async with http.post(two.ns2.url + "/api/ts/agents/register", headers=headers,
+                                 json={"name": "c1", "tickle_host": "127.0.0.1"}) as resp:  # fmt: skip
+                assert resp.status == 200, await resp.text()
+            guard = wire.TickleGuard({creds.ns_id: base64.b64decode(creds.tickle_key)})
+            task = await ns.add_task(TaskCreate(name="t", command=["true"]))
+            run = await ns.run_now(RunCreate(task_id=task.id, computers=["c1"]))
+            first = guard.check(await asyncio.wait_for(udp.queue.get(), 10))
+            assert first.kind is wire.Kind.TASKS
+
+            async def stamped() -> bool:
+                execution = (await ns.run(run.id)).executions[0]
+                return timeline_times(execution)["tickle_sent"] is not None
+
+            # the dispatcher wrote down that it tickled: nobody will tickle again unless told to
+            await eventually(stamped, 10, "the first tickle to be stamped on the execution")
+            two.fleet.kill("ns")
+            killed_at = time.monotonic()
+            end = killed_at + TAKEOVER_BOUND_S + 5
+            while True:
+                try:
+                    data = await asyncio.wait_for(
+                        udp.queue.get(), max(0.01, end - time.monotonic())
+                    )
+                except TimeoutError:
+                    pytest.fail("the NS that took over never tickled for the unpulled work")
+                again = guard.check(data)
+                # the dead dispatcher's resends count on from its first seq; another process's
+                # sequence starts at its own start time (ns2 started about a second later)
+                if not 0 <= again.seq - first.seq < 1000:
+                    break
+            retickled_s = time.monotonic() - killed_at
+            execution = (await ns.run(run.id)).executions[0]
+    finally:
+        transport.close()
+    assert again.kind is wire.Kind.TASKS
+    assert await dispatcher_active(two.ns2.url) == 1
+    assert await metric(two.ns2.url, "tickle_tickles_sent_total", kind="tasks") >= 1
+    assert execution.status == "pending"
+    # the timeline keeps the first tickle's time
+    assert timeline_times(execution)["tickle_sent"] is not None
+    assert retickled_s < TAKEOVER_BOUND_S + 5

@@ -571,19 +571,19 @@ class Store:
                 for t in s.scalars(select(TaskServer))
             ]
 
-    def pending_tickles(self) -> list[PendingTickle]:
-        """Task servers with pending executions that were neither tickled for nor pulled yet."""
+    def pending_tickles(self, tickled_too: bool = False) -> list[PendingTickle]:
+        """Task servers with pending executions that were neither tickled for nor pulled yet
+        (`tickled_too`: not pulled yet, tickled or not)."""
+        unpulled = [Execution.status == "pending", Execution.ts_pulled_at.is_(None)]
+        if not tickled_too:
+            unpulled.append(Execution.tickle_sent_at.is_(None))
         with self.reading() as s:
             rows = s.execute(
                 select(TaskServer.name, func.max(Execution.created_at))
                 .select_from(Execution)
                 .join(Computer, Execution.computer_id == Computer.id)
                 .join(TaskServer, Computer.task_server_id == TaskServer.id)
-                .where(
-                    Execution.status == "pending",
-                    Execution.tickle_sent_at.is_(None),
-                    Execution.ts_pulled_at.is_(None),
-                )
+                .where(*unpulled)
                 .group_by(TaskServer.name)
             )
             return [PendingTickle(name, float(newest)) for name, newest in rows]

@@ -3,7 +3,9 @@
 It finds work to announce in the database (pending executions nobody tickled for or pulled yet),
 woken at once by a run-now in this process (`notify`) and every `dispatch_poll_s` otherwise, so a
 run-now committed by another NS API process sharing a PostgreSQL database is announced too. With
-PostgreSQL only the holder of an advisory lock dispatches. A settings version change in the
+PostgreSQL only the holder of an advisory lock dispatches; a process that becomes the dispatcher
+(at start, or taking over from a dead one) first tickles for all unpulled work, also work tickled
+before whose resends stopped with the previous dispatcher. A settings version change in the
 database makes it send a SETTINGS tickle to every task server.
 
 Acknowledgement: a task server's pull in this process calls `ack` directly; a pull served by
@@ -103,17 +105,22 @@ class TickleServer:
         """`notify` from a thread other than the loop's."""
         loop.call_soon_threadsafe(self.notify)
 
-    async def dispatch_once(self) -> None:
-        """One pass: refresh links, ack pulls seen in the database, tickle for new work/settings."""
+    async def dispatch_once(self, taking_over: bool = False) -> None:
+        """One pass: refresh links, ack pulls seen in the database, tickle for new work/settings.
+
+        `taking_over` (the first pass after this process became the dispatcher): tickle for all
+        unpulled work, also work tickled before, whose resends died with the previous dispatcher.
+        """
         links = await self._db(self._store.task_server_links)
         self._links = {link.name: link for link in links}
         self._ack_from_db()
         await self._tickle_settings()
-        for pending in await self._db(self._store.pending_tickles):
+        for pending in await self._db(self._store.pending_tickles, taking_over):
             link = self._links.get(pending.task_server)
             if link is None:
                 continue
-            if pending.newest_created_at <= self._requested_at.get((link.name, wire.Kind.TASKS), 0):
+            requested = self._requested_at.get((link.name, wire.Kind.TASKS), 0)
+            if not taking_over and pending.newest_created_at <= requested:
                 # a tickle requested after this work covers it: in flight, being stamped by
                 # on_sent, or the follow-up the Tickler sends after an ack
                 continue
@@ -121,20 +128,23 @@ class TickleServer:
 
     async def _run(self) -> None:
         poll = self._settings.dispatch_poll_s
-        active = False
+        active = taking_over = False
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), poll if active else _LOCK_RETRY_S)
             self._wake.clear()
             try:
                 now_active = self._lock is None or await self._db(self._lock.try_acquire)
+                # kept until a pass succeeds: a failed first pass must not lose the re-tickle
+                taking_over = taking_over or (now_active and not active)
                 if now_active != active:
                     state = "became" if now_active else "is no longer"
                     log.info("%s the active tickle dispatcher", state)
                     self._active.set(1 if now_active else 0)
                 active = now_active
                 if active:
-                    await self.dispatch_once()
+                    await self.dispatch_once(taking_over)
+                    taking_over = False
             except Exception:
                 # the database may be briefly unavailable; the next pass retries
                 log.exception("tickle dispatch pass failed")
