@@ -34,7 +34,7 @@ molecule: deploy-venv ## Every Molecule scenario (SCENARIOS=...): image, wheelho
 fleet: deploy-venv image wheelhouse ## Testbed fleet of containers: site.yml, then a task through run_task.yml
 	$(TESTBED)/fleet.sh up
 	$(DEPLOY_ENV) ansible-playbook -i inventory/testbed playbooks/site.yml
-	$(DEPLOY_ENV) ansible-playbook -i inventory/testbed playbooks/run_task.yml -e tickle_run_command='uname -n; uptime'
+	$(DEPLOY_ENV) ansible-playbook -i inventory/testbed playbooks/run_task.yml -e '{"tickle_run_command": "uname -n; uptime"}'
 
 fleet-down: ## Remove the testbed fleet: containers, network, secrets, host side effects
 	$(TESTBED)/fleet.sh down
