@@ -45,19 +45,26 @@ async def create_runs(
     sleep_s: float | list[float] = 0.0,
     prefix: str = "r",
     gate: Path | None = None,
+    gate_first: bool = False,
 ) -> None:
     """`per_computer` run-nows on each computer; each appends its tag to the marker file.
 
-    With a `gate`, each task then waits (bounded by its timeout) until that file exists.
+    With a `gate`, each task then waits (bounded by its timeout) until that file exists; with
+    `gate_first`, it waits for the gate before its sleep instead of after it.
     """
     sleeps = sleep_s if isinstance(sleep_s, list) else [sleep_s] * per_computer
     async with fleet.client() as ns:
         for i in range(per_computer):
             for computer in computers:
                 tag = f"{prefix}{i}-{computer}"
-                script = f"echo {tag} >> {plan.marker}; sleep {sleeps[i]}"
-                if gate is not None:
-                    script += f"; while [ ! -e {gate} ]; do sleep 0.1; done"
+                wait = f"while [ ! -e {gate} ]; do sleep 0.1; done"
+                script = f"echo {tag} >> {plan.marker}; "
+                if gate is not None and gate_first:
+                    script += f"{wait}; sleep {sleeps[i]}"
+                elif gate is not None:
+                    script += f"sleep {sleeps[i]}; {wait}"
+                else:
+                    script += f"sleep {sleeps[i]}"
                 task = await ns.add_task(
                     TaskCreate(name=tag, command=["sh", "-c", script], timeout_s=120)
                 )
