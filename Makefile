@@ -35,8 +35,10 @@ integration: venv ## Integration tests: real processes on loopback
 sysdeps: ## System packages the tests need (nftables, iproute2, postgresql), installed when missing
 	scripts/sysdeps.sh
 
-test: lint sysdeps ## Every check: lint, unit, integration, faults, attacks (and Molecule)
+test: lint sysdeps ## Every check: lint, unit, integration, faults, attacks, deploy lint, Molecule
 	$(BIN)/pytest -q -m "not molecule"
+	$(MAKE) deploy-lint
+	$(MAKE) molecule
 
 demo: venv ## Local fleet on loopback: nine steps with times, blocked-tickle and CEM paths
 	$(PY) -m tickle.demo

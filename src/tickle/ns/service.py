@@ -73,11 +73,11 @@ async def serve(settings: NsSettings, stop: asyncio.Event | None = None) -> int:
         watcher = asyncio.create_task(_stop_when(stop, server)) if stop is not None else None
         try:
             log.info(
-                "notification server on %s://%s:%d (admin token in %s, database %s)",
+                "notification server on %s://%s:%d (admin token %s, database %s)",
                 "https" if settings.tls_cert_file else "http",
                 settings.api_host,
                 settings.api_port,
-                settings.admin_token_file,
+                _token_source(settings),
                 store.engine.url.render_as_string(hide_password=True),
             )
             await server.serve()
@@ -113,3 +113,14 @@ def _on_signals(server: uvicorn.Server) -> Callable[[], None]:
 async def _stop_when(stop: asyncio.Event, server: uvicorn.Server) -> None:
     await stop.wait()
     server.should_exit = True
+
+
+def _token_source(settings: NsSettings) -> str:
+    """Where the operators' token came from, for the start-up line (never the token itself)."""
+    path = settings.admin_token_file
+    try:
+        if path.read_text().strip() == settings.admin_token:
+            return f"in {path}"
+    except OSError:
+        pass
+    return "from the configuration"
