@@ -1,5 +1,5 @@
 # Deployment: image, wheelhouse, Molecule scenarios, the testbed fleet, lint.
-# Included by the top Makefile (-include mk/*.mk). Docs: docs/DEPLOY.md.
+# Included by the top Makefile (-include mk/*.mk). Docs: README.md, "Deploy to a fleet".
 
 DEPLOY_VENV ?= .venv-deploy
 DEPLOY_BIN := $(CURDIR)/$(DEPLOY_VENV)/bin
