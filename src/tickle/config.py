@@ -13,9 +13,9 @@ import socket
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -23,6 +23,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from tickle.backoff import Backoff
 
 _config_file: ContextVar[Path | None] = ContextVar("tickle_config_file", default=None)
 _cli_args: ContextVar[list[str] | None] = ContextVar("tickle_cli_args", default=None)
@@ -78,6 +80,35 @@ class ComponentSettings(BaseSettings):
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+
+class TickleSenderSettings(ComponentSettings):
+    """Settings of a component that sends confirmed tickles (the NS and the task servers)."""
+
+    freshness_window_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Tickles older or newer than this are stale"
+    )
+    tickle_tries: int = Field(
+        default=6, ge=1, le=100, description="Tickle sends to one target before it is unreachable"
+    )
+    tickle_backoff_s: float = Field(
+        default=0.5, gt=0, le=600, description="First resend delay of an unacknowledged tickle (s)"
+    )
+    tickle_backoff_max_s: float = Field(
+        default=8.0, gt=0, le=3600, description="Longest resend delay of a tickle (s)"
+    )
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Self:
+        if self.tickle_backoff_max_s < self.tickle_backoff_s:
+            raise ValueError("tickle_backoff_max_s must be >= tickle_backoff_s")
+        return self
+
+    def tickle_backoff(self) -> Backoff:
+        """The resend schedule of this component's tickles."""
+        return Backoff(
+            base_s=self.tickle_backoff_s, max_s=self.tickle_backoff_max_s, tries=self.tickle_tries
+        )
 
 
 def load_settings(cls: type[S], args: list[str] | None = None, **overrides: Any) -> S:

@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, FilePath, ValidationInfo, field_validator, model_validator
+from pydantic import Field, FilePath, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from tickle import tls
-from tickle.config import ComponentSettings, default_state_dir, read_or_create_secret
+from tickle.config import TickleSenderSettings, default_state_dir, read_or_create_secret
 from tickle.messages import Port
 
 
-class NsSettings(ComponentSettings):
+class NsSettings(TickleSenderSettings):
     """Everything `tickle ns` reads at start; each default works on one machine."""
 
     model_config = SettingsConfigDict(
@@ -42,16 +42,6 @@ class NsSettings(ComponentSettings):
     )
     ns_id: str = Field(
         default="ns", min_length=1, max_length=64, description="Sender id in NS tickles"
-    )
-    freshness_window_s: float = Field(
-        default=30.0, gt=0, le=3600, description="Tickle freshness window (seconds)"
-    )
-    tickle_tries: int = Field(default=6, ge=1, le=100, description="Tickle sends before giving up")
-    tickle_backoff_s: float = Field(
-        default=0.5, gt=0, le=600, description="First resend delay (seconds)"
-    )
-    tickle_backoff_max_s: float = Field(
-        default=8.0, gt=0, le=3600, description="Longest resend delay (seconds)"
     )
     dispatcher_lock: bool = Field(
         default=True,
@@ -106,12 +96,6 @@ class NsSettings(ComponentSettings):
         if problems:
             raise ValueError(tls.plain_http_refusal(problems, "TICKLE_NS_"))
         return value
-
-    @model_validator(mode="after")
-    def _backoff_order(self) -> NsSettings:
-        if self.tickle_backoff_max_s < self.tickle_backoff_s:
-            raise ValueError("tickle_backoff_max_s must be >= tickle_backoff_s")
-        return self
 
     @property
     def db_url(self) -> str:

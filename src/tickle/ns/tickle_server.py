@@ -24,7 +24,6 @@ from typing import TypeVar
 from prometheus_client import Gauge
 
 from tickle import wire
-from tickle.backoff import Backoff
 from tickle.metrics import ComponentMetrics
 from tickle.ns.settings import NsSettings
 from tickle.ns.store import Store, TaskServerLink
@@ -57,11 +56,7 @@ class TickleServer:
             settings.ns_id,
             self._key_for,
             metrics,
-            Backoff(
-                base_s=settings.tickle_backoff_s,
-                max_s=settings.tickle_backoff_max_s,
-                tries=settings.tickle_tries,
-            ),
+            settings.tickle_backoff(),
             on_unreachable=self._on_unreachable,
             on_reachable=self._on_reachable,
             on_sent=self._on_sent,

@@ -113,11 +113,7 @@ class TaskServer:
             self.forwarder.wake,
             self.reporter,
             self.metrics,
-            Backoff(
-                base_s=settings.tickle_backoff_s,
-                max_s=settings.tickle_backoff_max_s,
-                tries=settings.tickle_tries,
-            ),
+            settings.tickle_backoff(),
         )
         self.sync = NsSync(self.ns, self.store, self.agents, settings.ns_check_interval_s)
         self.credentials: TaskServerCredentials | None = None

@@ -9,11 +9,11 @@ from pydantic import Field, FilePath, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from tickle import tls
-from tickle.config import ComponentSettings, default_state_dir, hostname
+from tickle.config import TickleSenderSettings, default_state_dir, hostname
 from tickle.messages import Name
 
 
-class TaskServerSettings(ComponentSettings):
+class TaskServerSettings(TickleSenderSettings):
     """Everything the task server reads at start; see docs/ARCHITECTURE.md."""
 
     model_config = SettingsConfigDict(
@@ -56,16 +56,6 @@ class TaskServerSettings(ComponentSettings):
         gt=0,
         le=86400,
         description="Periodic work check with the NS until the NS hands down its own interval",
-    )
-    freshness_window_s: float = Field(
-        default=30.0, gt=0, le=3600, description="Tickles older or newer than this are stale"
-    )
-    tickle_tries: int = Field(default=6, ge=1, le=50, description="Tickle sends per agent")
-    tickle_backoff_s: float = Field(
-        default=0.5, gt=0, le=60, description="First resend delay of an unacknowledged tickle"
-    )
-    tickle_backoff_max_s: float = Field(
-        default=8.0, gt=0, le=600, description="Longest resend delay of a tickle"
     )
     ns_timeout_s: float = Field(
         default=10.0, gt=0, le=300, description="Timeout of one request to the NS"
