@@ -14,6 +14,7 @@ import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -169,6 +170,14 @@ def _describe(exc: ValidationError, prefix: str) -> str:
         shown = f"{field} ({env})" if env else field
         lines.append(f"setting {shown}: {err['msg']} (got {err.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def check_http_url(value: str) -> str:
+    """An http(s) URL with a host, without its trailing slash; ValueError naming it otherwise."""
+    parsed = urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return value.rstrip("/")
 
 
 def hostname() -> str:

@@ -10,7 +10,7 @@ from pydantic import Field, FilePath, ValidationInfo, field_validator, model_val
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from tickle import tls
-from tickle.config import ComponentSettings, default_state_dir, hostname
+from tickle.config import ComponentSettings, check_http_url, default_state_dir, hostname
 from tickle.messages import Name
 
 DEFAULT_TASK_SERVER = "http://127.0.0.1:50121"
@@ -116,17 +116,12 @@ class AgentSettings(ComponentSettings):
     @field_validator("task_servers")
     @classmethod
     def _check_urls(cls, value: list[str]) -> list[str]:
-        for url in value:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"{url!r} is not an http:// or https:// URL")
-        return [url.rstrip("/") for url in value]
+        return [check_http_url(url) for url in value]
 
     @field_validator("gateway_url")
     @classmethod
     def _check_gateway(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"{value!r} is not an http:// or https:// URL")
-        return value.rstrip("/") if value else None
+        return check_http_url(value) if value else None
 
     @field_validator("ca_file")
     @classmethod

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from pydantic import Field, FilePath, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from tickle import tls
-from tickle.config import TickleSenderSettings, default_state_dir, hostname
+from tickle.config import TickleSenderSettings, check_http_url, default_state_dir, hostname
 from tickle.messages import Name
 
 
@@ -85,9 +84,7 @@ class TaskServerSettings(TickleSenderSettings):
     @classmethod
     def _ns_url_is_http(cls, value: str) -> str:
         # caught here, not as an NS that stays "unreachable" for ns_wait_s after binding
-        parsed = urlsplit(value)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        check_http_url(value)
         return value
 
     @field_validator("tls_key_file")
