@@ -349,6 +349,22 @@ def task_servers_command(
         out.print(con.task_servers_table(items))
 
 
+@app.command("about")
+def about_command(
+    ns_url: NsUrl = con.DEFAULT_NS_URL,
+    admin_token: Token = None,
+    admin_token_file: TokenFile = None,
+    ca_file: CaFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show what the NS is: version, database, schema revision, tickle dispatcher role."""
+    about = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.about())
+    if as_json:
+        _print_json(about.model_dump())
+    else:
+        out.print(con.about_table(about))
+
+
 @settings_app.command("show")
 def settings_show(
     ns_url: NsUrl = con.DEFAULT_NS_URL,

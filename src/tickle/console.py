@@ -21,6 +21,7 @@ from tickle import http
 from tickle.config import default_state_dir
 from tickle.messages import (
     FINAL_STATUSES,
+    About,
     ComputerOut,
     ExecutionOut,
     JobCreate,
@@ -133,6 +134,9 @@ class NsClient:
     async def update_settings(self, update: SettingsUpdate) -> SettingsOut:
         return await self.call("PUT", "/api/settings", update, SettingsOut)  # type: ignore[no-any-return]
 
+    async def about(self) -> About:
+        return await self.call("GET", "/api/about", answer=About)  # type: ignore[no-any-return]
+
     async def wait_run(
         self, run_id: int, deadline_s: float, progress: Progress | None = None
     ) -> RunOut:
@@ -242,6 +246,24 @@ def task_servers_table(servers: Sequence[TaskServerOut]) -> Table:
             s.name, f"{s.tickle_host}:{s.tickle_port}", s.api_url, s.tickle_state, str(s.clients),
             _ago(s.last_pull_at),
         )  # fmt: skip
+    return table
+
+
+def about_table(about: About) -> Table:
+    """What the NS is: version, database (never credentials), schema, dispatcher role."""
+    table = Table(title="notification server", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(about.started_at))
+    for name, value in (
+        ("version", about.version),
+        ("database", about.database),
+        ("location", about.database_location),
+        ("schema revision", about.schema_revision or "none"),
+        ("tickle dispatcher", "active" if about.dispatcher_active else "standby"),
+        ("started", f"{started} ({_ago(about.started_at)})"),
+    ):
+        table.add_row(name, value)
     return table
 
 

@@ -280,3 +280,18 @@ class AgentTasks(Model):
 class Health(Model):
     status: Literal["ok"] = "ok"
     component: str
+
+
+class About(Model):
+    """What a running notification server is: its version, its database and its dispatcher role.
+
+    `database_location` is the SQLite file path or `host:port/dbname`, never a user or password.
+    """
+
+    component: Literal["ns"] = "ns"
+    version: str
+    database: Literal["sqlite", "postgresql"]
+    database_location: str
+    schema_revision: str | None
+    dispatcher_active: bool
+    started_at: float

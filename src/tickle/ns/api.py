@@ -10,6 +10,8 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Path, Request, Response, status
@@ -19,6 +21,7 @@ from fastapi.responses import JSONResponse
 from tickle import messages as m
 from tickle import wire
 from tickle.metrics import ComponentMetrics
+from tickle.ns.about import about
 from tickle.ns.auth import AdminDep, StoreDep, TaskServerDep
 from tickle.ns.settings import NsSettings
 from tickle.ns.store import Conflict, Forbidden, NotFound, Store, token_sha256
@@ -33,7 +36,10 @@ TAGS = [
     {"name": "health", "description": "Liveness and Prometheus metrics (no credentials)."},
     {"name": "tasks", "description": "Tasks and jobs (ordered lists of tasks). Admin token."},
     {"name": "runs", "description": "Run now, and watch runs and executions. Admin token."},
-    {"name": "inventory", "description": "Task servers and computers. Admin token."},
+    {
+        "name": "inventory",
+        "description": "Task servers, computers, and what this server is. Admin token.",
+    },
     {"name": "settings", "description": "Central settings handed down to task servers and agents."},
     {
         "name": "task-server",
@@ -55,6 +61,12 @@ def create_app(
     """
     settings = settings.with_secrets()
     admin_token, enrollment_secret = settings.admin_token or "", settings.enrollment_secret or ""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.started_at = time.time()  # when it starts serving, for GET /api/about
+        yield
+
     app = FastAPI(
         title="Tickle Notification Server",
         version="1",
@@ -62,8 +74,10 @@ def create_app(
         "the task servers of those computers, which pull the work, tickle their agents and send "
         "status events back. Every route but health and metrics needs a bearer token.",
         openapi_tags=TAGS,
+        lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.started_at = time.time()  # served without lifespan events: when it was built
     app.state.store = store
     app.state.admin_token_sha256 = token_sha256(admin_token)
 
@@ -135,6 +149,19 @@ def create_app(
     @app.get("/api/computers", tags=["inventory"], summary="Computers, tickle state and NAT")
     def list_computers(_: AdminDep, st: StoreDep) -> list[m.ComputerOut]:
         return st.computers()
+
+    @app.get(
+        "/api/about",
+        tags=["inventory"],
+        summary="What this notification server is",
+        description="Its version, the database it uses (SQLite file or PostgreSQL "
+        "host:port/dbname, never credentials), the schema revision stamped there, and whether "
+        "this process is the active tickle dispatcher now.",
+    )
+    async def get_about(_: AdminDep, st: StoreDep, request: Request) -> m.About:
+        # the dispatcher role lives on the event loop; the schema revision is a database read
+        active = tickle_server.dispatcher_active
+        return await run_in_threadpool(about, st, active, request.app.state.started_at)
 
     @app.get("/api/settings", tags=["settings"], summary="Central settings")
     def get_settings(_: AdminDep, st: StoreDep) -> m.SettingsOut:

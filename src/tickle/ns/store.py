@@ -130,6 +130,10 @@ class Store:
         """Apply the Alembic migrations shipped in the package (idempotent)."""
         migrations.upgrade(self.engine)
 
+    def schema_revision(self) -> str | None:
+        """The Alembic revision stamped in the database (None: not migrated)."""
+        return migrations.current_revision(self.engine)
+
     def close(self) -> None:
         self.engine.dispose()
 

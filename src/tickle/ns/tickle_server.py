@@ -47,6 +47,7 @@ class TickleServer:
         self._wake = asyncio.Event()
         self._lock = store.dispatcher_lock() if settings.dispatcher_lock else None
         self._task: asyncio.Task[None] | None = None
+        self._dispatcher_active = False
         self._active = Gauge(
             "tickle_dispatcher_active",
             "1 while this NS process is the active tickle dispatcher (PostgreSQL: holds the lock)",
@@ -79,7 +80,12 @@ class TickleServer:
         await self.tickler.close()
         if self._lock is not None:
             await self._db(self._lock.release)
-        self._active.set(0)
+        self._set_active(False)
+
+    @property
+    def dispatcher_active(self) -> bool:
+        """Whether this process is the active tickle dispatcher now (the gauge's value)."""
+        return self._dispatcher_active
 
     def notify(self) -> None:
         """Work was committed (run now, a computer moved): look for untickled work now."""
@@ -135,7 +141,7 @@ class TickleServer:
                 if now_active != active:
                     state = "became" if now_active else "is no longer"
                     log.info("%s the active tickle dispatcher", state)
-                    self._active.set(1 if now_active else 0)
+                    self._set_active(now_active)
                 active = now_active
                 if active:
                     await self.dispatch_once(taking_over)
@@ -143,6 +149,11 @@ class TickleServer:
             except Exception:
                 # the database may be briefly unavailable; the next pass retries
                 log.exception("tickle dispatch pass failed")
+
+    def _set_active(self, active: bool) -> None:
+        # one source of truth for the gauge and GET /api/about
+        self._dispatcher_active = active
+        self._active.set(1 if active else 0)
 
     def _tickle(self, link: TaskServerLink, kind: wire.Kind) -> None:
         key = (link.name, kind)
