@@ -1,4 +1,5 @@
-"""GET /api/about of an NS on PostgreSQL: the database it really uses, without the password."""
+"""GET /api/about of an NS on PostgreSQL: the database it really uses, without the password, and
+its dispatcher role following the advisory lock (as the tickle_dispatcher_active gauge does)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 import pytest
 
 from tests.ns.conftest import NsFactory, wait_for
+from tickle.ns.store import DISPATCHER_LOCK_KEY
 
-from .conftest import PgServer
+from .conftest import PgServer, dispatcher_active
 
 pytestmark = [pytest.mark.timeout(60)]
 PASSWORD = "pw-that-must-not-show"
@@ -35,3 +37,24 @@ async def test_ns_on_postgres_reports_host_port_db_without_password_and_dispatch
         stamped = conn.execute("SELECT version_num FROM alembic_version").fetchone()
     assert stamped is not None
     assert body["schema_revision"] == stamped[0]
+
+
+async def test_ns_on_postgres_reports_standby_until_the_dispatcher_lock_is_free(
+    postgres: PgServer, pg_database: str, ns_factory: NsFactory
+) -> None:
+    holder = postgres.connect(pg_database)  # plays another NS process: it holds the lock
+    try:
+        taken = holder.execute("SELECT pg_try_advisory_lock(%s)", (DISPATCHER_LOCK_KEY,))
+        assert taken.fetchone() == (True,)
+        ns = await ns_factory(database_url=postgres.url(pg_database))
+        body = await ns.ok("GET", "/api/about")
+        assert body["dispatcher_active"] is False
+        assert await dispatcher_active(ns.url) == 0
+    finally:
+        holder.close()  # its session ends: the lock is free
+
+    async def dispatching() -> bool:
+        return bool((await ns.ok("GET", "/api/about"))["dispatcher_active"])
+
+    await wait_for(dispatching, within=15)  # the NS retries the lock every 5 s
+    assert await dispatcher_active(ns.url) == 1
