@@ -22,8 +22,8 @@ $(VENV)/.stamp: pyproject.toml requirements-dev.txt
 venv: $(VENV)/.stamp ## Create the development venv (Python >= 3.12 when present)
 
 lint: venv ## ruff, ruff format --check, mypy strict on src/
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench molecule
+	$(BIN)/ruff format --check src tests bench molecule
 	$(BIN)/mypy
 
 unit: venv ## Unit tests

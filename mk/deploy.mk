@@ -14,7 +14,7 @@ DEPLOY_ENV := PATH="$(DEPLOY_BIN):$$PATH" \
 	ANSIBLE_FORCE_COLOR=false \
 	CONTAINERS_CONF="$(CURDIR)/build/testbed/containers.conf"
 
-.PHONY: deploy-venv image image-trixie wheelhouse molecule fleet fleet-down verify deploy-lint
+.PHONY: deploy-venv image image-trixie image-services wheelhouse molecule fleet fleet-down verify deploy-lint
 
 deploy-venv: ## Controller venv (.venv-deploy): ansible-core, molecule, testinfra, linters; collections offline
 	$(TESTBED)/deploy-venv.sh
@@ -24,6 +24,9 @@ image: ## Build the Debian 12 systemd host image (localhost/tickle-debian12) unl
 
 image-trixie: ## Build the Debian 13 host image (localhost/tickle-debian13) unless it exists
 	$(TESTBED)/build-image.sh trixie
+
+image-services: ## Build the site-services image (Debian 12 + PostgreSQL) a scenario's database and index run on
+	$(TESTBED)/build-image.sh services
 
 wheelhouse: ## Wheels of tickle and its dependencies for the hosts' Python (3.11, 3.13): build/wheelhouse
 	$(TESTBED)/wheelhouse.sh

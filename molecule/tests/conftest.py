@@ -41,16 +41,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for name, pick in picks.items():
         if name in metafunc.fixturenames:
             hosts = [h for h in _load(metafunc.config).hosts if pick(h)]
-            metafunc.parametrize(name, hosts or [pytest.param(None, marks=pytest.mark.skip(
-                reason=f"no host of that kind ({name}) in this fleet"))], ids=repr)
+            skip = pytest.mark.skip(reason=f"no host of that kind ({name}) in this fleet")
+            metafunc.parametrize(name, hosts or [pytest.param(None, marks=skip)], ids=repr)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
     report = yield
     if report.when == "call" and report.failed:
-        hosts: list[FleetHost] = [v for v in getattr(item, "funcargs", {}).values()
-                                  if isinstance(v, FleetHost)]
+        hosts: list[FleetHost] = [
+            v for v in getattr(item, "funcargs", {}).values() if isinstance(v, FleetHost)
+        ]
         fleet = getattr(item, "funcargs", {}).get("fleet")
         if isinstance(fleet, Fleet) and not hosts:
             hosts = fleet.hosts

@@ -23,6 +23,10 @@ NS_UNIT = "tickle-notification-server.service"
 TS_UNIT = "tickle-task-server.service"
 AGENT_UNIT = "tickle-client-task-agent.service"
 FIREWALL_UNIT = "tickle-firewall.service"
+# The testbed's site services (molecule/shared/prepare.yml): absent from a real fleet's inventory.
+SERVICES_GROUP = "testbed_services"
+INDEX_UNIT = "testbed-index.service"
+DB_UNIT = "postgresql@15-main.service"
 NS_CONFIG = "/etc/tickle/notification-server.toml"
 TS_CONFIG = "/etc/tickle/task-server.toml"
 AGENT_CONFIG = "/etc/tickle/client-task-agent.toml"
@@ -99,7 +103,18 @@ class FleetHost:
         return str(self.hostvars.get("tickle_client_task_agent_name", self.name))
 
     @property
+    def is_services(self) -> bool:
+        """A site-services host of the testbed (database, package index), not a Tickle host."""
+        return SERVICES_GROUP in self.groups
+
+    @property
+    def install_from(self) -> str:
+        return str(self.hostvars.get("tickle_install_from", "wheelhouse"))
+
+    @property
     def units(self) -> list[str]:
+        if self.is_services:
+            return [INDEX_UNIT, DB_UNIT]
         units = [FIREWALL_UNIT]
         if self.is_ns:
             units.append(NS_UNIT)
@@ -115,7 +130,9 @@ class FleetHost:
     def check(self, command: str, *args: str) -> str:
         """Run a command that must succeed; return its stdout."""
         result = self.host.run(command, *args)
-        assert result.rc == 0, f"{self.name}: {result.command!r} failed ({result.rc}): {result.stderr}"
+        assert result.rc == 0, (
+            f"{self.name}: {result.command!r} failed ({result.rc}): {result.stderr}"
+        )
         return str(result.stdout)
 
     def local_api(self, config: str, method: str, path: str, body: Any = None) -> Any:
@@ -148,6 +165,7 @@ class Fleet:
 
     inventory: str
     hosts: list[FleetHost] = field(default_factory=list)
+    services: list[FleetHost] = field(default_factory=list)
 
     @classmethod
     def from_inventory(cls, inventory: str) -> Fleet:
@@ -176,7 +194,11 @@ class Fleet:
             FleetHost(name, hostvars.get(name, {}), groups[name], inventory)
             for name in sorted(groups)
         ]
-        return cls(inventory, hosts)
+        services = [
+            FleetHost(name, hostvars.get(name, {}), {SERVICES_GROUP}, inventory)
+            for name in sorted(walk(SERVICES_GROUP, set()))
+        ]
+        return cls(inventory, hosts, services)
 
     @property
     def ns(self) -> FleetHost:

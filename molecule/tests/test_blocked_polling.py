@@ -74,12 +74,15 @@ def test_task_arrives_with_the_poll(fleet: Fleet, blocked_run: dict[str, Any]) -
         assert execution["status"] == "succeeded", f"{who}: {execution}"
         assert execution["via"] == "poll", f"{who} got its work by {execution['via']}"
         pulled = steps(execution)["agent_pulled"]
-        assert pulled is not None and pulled >= blocked_run["next_polls"][agent.name] - 1.0, (
+        assert pulled is not None, f"{who} never pulled"
+        assert pulled >= blocked_run["next_polls"][agent.name] - 1.0, (
             f"{who} pulled at {pulled}, before its poll at {blocked_run['next_polls'][agent.name]}"
         )
 
 
-def test_ns_shows_blocked_agents_tickle_unreachable(fleet: Fleet, blocked_run: dict[str, Any]) -> None:
+def test_ns_shows_blocked_agents_tickle_unreachable(
+    fleet: Fleet, blocked_run: dict[str, Any]
+) -> None:
     # The task server gives up after its last resend (about 15 s with the default backoff).
     names = {a.computer_name for a in blocked_run["agents"]}
     deadline = time.monotonic() + 60

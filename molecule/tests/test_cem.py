@@ -22,8 +22,11 @@ def test_cem_agents_get_work_by_polling_and_no_tickles(fleet: Fleet) -> None:
         pytest.skip(f"Task Request Interval {interval} s: too long to wait for in a test")
     computers = fleet.computers()
     serving = {computers[a.computer_name]["task_server"] for a in agents}
-    servers = [h for h in fleet.task_servers
-               if str(h.hostvars.get("tickle_task_server_name", h.name)) in serving]
+    servers = [
+        h
+        for h in fleet.task_servers
+        if str(h.hostvars.get("tickle_task_server_name", h.name)) in serving
+    ]
     assert servers, f"no task server of the inventory serves the CEM agents ({serving})"
 
     def counters() -> dict[str, tuple[float, float, float]]:
@@ -39,7 +42,9 @@ def test_cem_agents_get_work_by_polling_and_no_tickles(fleet: Fleet) -> None:
 
     before = counters()
     run = fleet.run_now("uname -n", agents)
-    done = fleet.wait_run(run["id"], timeout_s=interval * (1 + settings["poll_jitter_fraction"]) + 15)
+    done = fleet.wait_run(
+        run["id"], timeout_s=interval * (1 + settings["poll_jitter_fraction"]) + 15
+    )
     time.sleep(1)
     after = counters()
 
@@ -53,7 +58,9 @@ def test_cem_agents_get_work_by_polling_and_no_tickles(fleet: Fleet) -> None:
         sent_before, resent_before, skipped_before = before[ts.name]
         sent_after, resent_after, skipped_after = after[ts.name]
         assert sent_after == sent_before, f"{ts} sent tickles: {sent_before} -> {sent_after}"
-        assert resent_after == resent_before, f"{ts} resent tickles: {resent_before} -> {resent_after}"
+        assert resent_after == resent_before, (
+            f"{ts} resent tickles: {resent_before} -> {resent_after}"
+        )
         assert skipped_after >= skipped_before
     for agent in agents:
         assert fleet.computers()[agent.computer_name]["tickle_state"] == "cem"

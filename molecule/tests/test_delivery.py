@@ -30,5 +30,9 @@ def test_run_now_reaches_every_agent_by_tickle_within_seconds(fleet: Fleet) -> N
         assert not missing, f"{who}: steps not recorded: {missing}"
         took = at["recorded"] - at["created"]
         assert took < DELIVERY_S, f"{who}: run-now to recorded took {took:.1f} s"
-        assert took < interval / 10, f"{who}: {took:.1f} s is not fast next to the {interval} s interval"
-        assert who in (execution["output_tail"] or ""), f"{who}: output {execution['output_tail']!r}"
+        assert took < interval / 10, (
+            f"{who}: {took:.1f} s is not fast next to the {interval} s interval"
+        )
+        assert who in (execution["output_tail"] or ""), (
+            f"{who}: output {execution['output_tail']!r}"
+        )

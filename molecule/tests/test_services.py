@@ -39,7 +39,9 @@ def test_cem_agent_opens_no_tickle_socket(cem_agent: FleetHost) -> None:
 
 def test_agents_registered_with_their_first_task_server(fleet: Fleet) -> None:
     computers = fleet.computers()
-    names = {h.name: str(h.hostvars.get("tickle_task_server_name", h.name)) for h in fleet.task_servers}
+    names = {
+        h.name: str(h.hostvars.get("tickle_task_server_name", h.name)) for h in fleet.task_servers
+    }
     for agent in fleet.agents:
         assert agent.computer_name in computers, f"{agent} is not registered at the NS"
         status = agent.agent_status()

@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # Builds the systemd host image of the testbed from Debian packages alone (no registry):
 #   debootstrap minbase -> tar -> podman import as localhost/tickle-debian12 (or ...13 for trixie).
-# Usage: build-image.sh [bookworm|trixie]. Skips when the image exists with the current recipe.
+# `services` is Debian 12 plus PostgreSQL: the site-services host of a scenario (the database an
+# NS can point at, and the package index hosts can install from), localhost/tickle-debian12-services.
+# Usage: build-image.sh [bookworm|trixie|services]. Skips when the image exists with the current recipe.
 set -euo pipefail
 # shellcheck source=scripts/testbed/lib.sh
 . "$(dirname "$0")/lib.sh"
 
-release=${1:-bookworm}
-image=$(image_for "$release")
+variant=${1:-bookworm}
+image=$(image_for "$variant")
+release=$variant
+extra=
+if [ "$variant" = services ]; then
+  release=bookworm
+  # Its cluster is configured by the scenario's prepare step (molecule/shared/prepare.yml).
+  extra=,postgresql,locales
+fi
 # Bump when the package list or the tweaks below change: an older image is then rebuilt.
 recipe=3
 packages=python3,python3-venv,python3-apt,nftables,iptables,iproute2,procps,systemd,systemd-sysv,dbus,sudo,ca-certificates
@@ -22,17 +31,17 @@ if [ "$have" = "$recipe" ]; then
 fi
 
 mkdir -p "$TESTBED_BUILD"
-exec 9>"$TESTBED_BUILD/image-$release.lock"
+exec 9>"$TESTBED_BUILD/image-$variant.lock"
 flock 9
-rootfs=$(mktemp -d "$TESTBED_BUILD/rootfs-$release.XXXX")
+rootfs=$(mktemp -d "$TESTBED_BUILD/rootfs-$variant.XXXX")
 trap 'rm -rf "$rootfs"' EXIT
 
 mirror=$(debian_mirror)
 log "debootstrap $release (minbase) into $rootfs"
 start=$SECONDS
-debootstrap --variant=minbase --include="$packages" "$release" "$rootfs" "$mirror" \
-  >"$TESTBED_BUILD/debootstrap-$release.log" 2>&1 \
-  || { tail -20 "$TESTBED_BUILD/debootstrap-$release.log" >&2; die "debootstrap $release failed"; }
+debootstrap --variant=minbase --include="$packages$extra" "$release" "$rootfs" "$mirror" \
+  >"$TESTBED_BUILD/debootstrap-$variant.log" 2>&1 \
+  || { tail -20 "$TESTBED_BUILD/debootstrap-$variant.log" >&2; die "debootstrap $release failed"; }
 
 # Container tweaks: no getty or udev work inside a container, no mirror host baked into the image
 # (hosts get no index on the test network anyway), a small image.

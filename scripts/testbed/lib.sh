@@ -10,12 +10,13 @@ export CONTAINERS_CONF=${CONTAINERS_CONF:-$TESTBED_BUILD/containers.conf}
 log() { printf '[testbed] %s\n' "$*" >&2; }
 die() { printf '[testbed] error: %s\n' "$*" >&2; exit 1; }
 
-# Debian release name -> image name (bookworm -> localhost/tickle-debian12).
+# Debian release name (or `services`) -> image name (bookworm -> localhost/tickle-debian12).
 image_for() {
   case "$1" in
     bookworm | 12) echo "${TESTBED_IMAGE_PREFIX}12" ;;
     trixie | 13) echo "${TESTBED_IMAGE_PREFIX}13" ;;
-    *) die "unknown Debian release '$1' (bookworm or trixie)" ;;
+    services) echo "${TESTBED_IMAGE_PREFIX}12-services" ;;
+    *) die "unknown image '$1' (bookworm, trixie or services)" ;;
   esac
 }
 

@@ -26,9 +26,12 @@ trap 'exit 130' INT TERM
 
 "$here/deploy-venv.sh" || exit 2
 "$here/build-image.sh" bookworm || exit 2
-if grep -qs 'tickle-debian13' molecule/*/molecule.yml; then
-  "$here/build-image.sh" trixie || exit 2
-fi
+for scenario in "$@"; do
+  grep -qs 'tickle-debian13' "molecule/$scenario/molecule.yml" && need_trixie=1
+  grep -qs 'tickle-debian12-services' "molecule/$scenario/molecule.yml" && need_services=1
+done
+if [ -n "${need_trixie:-}" ]; then "$here/build-image.sh" trixie || exit 2; fi
+if [ -n "${need_services:-}" ]; then "$here/build-image.sh" services || exit 2; fi
 "$here/wheelhouse.sh" || exit 2
 export PATH="$TESTBED_ROOT/.venv-deploy/bin:$PATH"
 export ANSIBLE_ROLES_PATH="$TESTBED_ROOT/roles" ANSIBLE_COLLECTIONS_PATH="$TESTBED_ROOT/build/collections"

@@ -64,6 +64,16 @@ def test_unusable_database_url_exits_2_naming_the_setting(
     assert "database_url" in capsys.readouterr().err
 
 
+def test_database_other_than_sqlite_or_postgresql_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SQLAlchemy knows MySQL, but the NS's migrations and dispatcher lock are for SQLite/PostgreSQL.
+    assert main(["--state-dir", str(tmp_path), "--database-url", "mysql://u@db/tickle"]) == 2
+    err = capsys.readouterr().err
+    assert "database_url" in err
+    assert "mysql" in err
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_ns_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

@@ -74,9 +74,15 @@ class NsSettings(TickleSenderSettings):
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
         try:
-            make_url(value.replace("{state_dir}", "/")).get_dialect()
+            url = make_url(value.replace("{state_dir}", "/"))
+            url.get_dialect()
         except (ArgumentError, NoSuchModuleError, ValueError) as exc:
             raise ValueError(f"not a usable SQLAlchemy database URL: {exc}") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(
+                f"the notification server keeps its data in SQLite or PostgreSQL, "
+                f"not {url.get_backend_name()}"
+            )
         return value
 
     @field_validator("tls_key_file")
