@@ -143,3 +143,75 @@ def test_settings_changed_at_once_by_two_processes_bump_the_version_twice(
     assert after.version == before + 2, after
     assert after.task_request_interval_s == 100
     assert after.poll_jitter_fraction == 0.25
+
+
+def _pause_after_first_read(
+    store: Store, table: str
+) -> tuple[threading.Event, threading.Event, Any]:
+    """Hold `store`'s first read of `table` until told (or 1.5 s): the other process commits."""
+    read, other_done = threading.Event(), threading.Event()
+
+    def pause(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if f"FROM {table}" in statement and not read.is_set():
+            read.set()
+            other_done.wait(1.5)
+
+    event.listen(store.engine, "after_cursor_execute", pause)
+    return read, other_done, pause
+
+
+def test_same_new_agent_registered_at_once_by_two_processes_gets_credentials_from_both(
+    stores: tuple[Store, Store],
+) -> None:
+    """An agent's registration reaches two NS processes at once (a task server retrying through
+    a load balancer): both read "no such computer", both insert; the later one must not fail
+    (it was a 500) but take the update path. One computer, and the last credentials hold."""
+    a, b = stores
+    creds = a.register_task_server(
+        m.TaskServerRegister(
+            enrollment_secret="x" * 16, name="ts1", tickle_host="127.0.0.1", tickle_port=9,
+            api_url="http://127.0.0.1:9",
+        ),
+        "ns",
+    )  # fmt: skip
+    ts = a.caller_for(token_sha256(creds.token))
+    assert ts is not None
+    reg = m.AgentRegistration(name="laptop-1", tickle_host="127.0.0.1")
+    a_read, b_done, pause = _pause_after_first_read(a, "computers")
+    with ThreadPoolExecutor(2) as pool:
+        in_a = pool.submit(a.register_agent, ts, reg)
+        assert a_read.wait(10), "process A never looked the computer up"
+        from_b = pool.submit(b.register_agent, ts, reg).result(20)
+        b_done.set()
+        from_a = in_a.result(20)
+    event.remove(a.engine, "after_cursor_execute", pause)
+
+    assert [c.name for c in b.computers()].count("laptop-1") == 1
+    holder = b.caller_for(token_sha256(from_a.token))  # A committed last: its token is the one
+    assert holder is not None
+    assert holder.name == "laptop-1"
+    assert b.caller_for(token_sha256(from_b.token)) is None
+
+
+def test_same_new_task_server_registered_at_once_by_two_processes_gets_credentials_from_both(
+    stores: tuple[Store, Store],
+) -> None:
+    a, b = stores
+    reg = m.TaskServerRegister(
+        enrollment_secret="x" * 16, name="ts-new", tickle_host="127.0.0.1", tickle_port=9,
+        api_url="http://127.0.0.1:9",
+    )  # fmt: skip
+    a_read, b_done, pause = _pause_after_first_read(a, "task_servers")
+    with ThreadPoolExecutor(2) as pool:
+        in_a = pool.submit(a.register_task_server, reg, "ns")
+        assert a_read.wait(10), "process A never looked the task server up"
+        from_b = pool.submit(b.register_task_server, reg, "ns").result(20)
+        b_done.set()
+        from_a = in_a.result(20)
+    event.remove(a.engine, "after_cursor_execute", pause)
+
+    assert [t.name for t in b.task_servers()].count("ts-new") == 1
+    holder = b.caller_for(token_sha256(from_a.token))
+    assert holder is not None
+    assert holder.name == "ts-new"
+    assert b.caller_for(token_sha256(from_b.token)) is None

@@ -12,10 +12,10 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, or_, select, text, update
 from sqlalchemy.engine import make_url
@@ -38,6 +38,7 @@ from tickle.ns.models import (
 from tickle.ns.models import StatusEvent as StatusEventRow
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 TIMELINE = (
     ("created", "created_at"),
@@ -170,6 +171,11 @@ class Store:
         self, reg: m.TaskServerRegister, ns_id: str
     ) -> m.TaskServerCredentials:
         """Create the task server, or rotate its credentials if the name exists."""
+        return _once_more_on_conflict(lambda: self._register_task_server(reg, ns_id))
+
+    def _register_task_server(
+        self, reg: m.TaskServerRegister, ns_id: str
+    ) -> m.TaskServerCredentials:
         token, key = secrets.token_urlsafe(32), _new_key()
         with self.writing() as s:
             ts = s.scalar(select(TaskServer).where(TaskServer.name == reg.name))
@@ -185,6 +191,9 @@ class Store:
 
     def register_agent(self, ts: Caller, reg: m.AgentRegistration) -> m.AgentCredentials:
         """Create the computer, or move it to this task server and rotate its credentials."""
+        return _once_more_on_conflict(lambda: self._register_agent(ts, reg))
+
+    def _register_agent(self, ts: Caller, reg: m.AgentRegistration) -> m.AgentCredentials:
         token, key = secrets.token_urlsafe(32), _new_key()
         with self.writing() as s:
             c = s.scalar(select(Computer).where(Computer.name == reg.name))
@@ -821,3 +830,16 @@ def _apply(ex: Execution, e: m.StatusEvent, now: float) -> float | None:
 def _advance(ex: Execution, status: str) -> None:
     if ex.status in _PROGRESS and _PROGRESS[ex.status] < _PROGRESS[status]:
         ex.status = status
+
+
+def _once_more_on_conflict(register: Callable[[], _T]) -> _T:
+    """Run a create-or-update once more when its insert lost a race on the unique name.
+
+    Two NS processes (or two threads) registering the same new name both read "absent" and both
+    insert; the one that commits second gets an IntegrityError. By then the row exists, so the
+    second try takes the update path — the same answer the caller gets for any re-registration.
+    """
+    try:
+        return register()
+    except IntegrityError:
+        return register()
