@@ -48,15 +48,16 @@ def test_released_dispatcher_lock_is_free_for_another_process_at_once(
         lock_b.release()
 
 
+def _ts_registration(name: str) -> m.TaskServerRegister:
+    return m.TaskServerRegister(
+        enrollment_secret="x" * 16, name=name, tickle_host="127.0.0.1", tickle_port=9,
+        api_url="http://127.0.0.1:9",
+    )  # fmt: skip
+
+
 def _one_execution(store: Store) -> tuple[Caller, int]:
     """A task server with one client and one pulled execution; returns the caller and its id."""
-    creds = store.register_task_server(
-        m.TaskServerRegister(
-            enrollment_secret="x" * 16, name="ts1", tickle_host="127.0.0.1", tickle_port=9,
-            api_url="http://127.0.0.1:9",
-        ),
-        "ns",
-    )  # fmt: skip
+    creds = store.register_task_server(_ts_registration("ts1"), "ns")
     ts = store.caller_for(token_sha256(creds.token))
     assert ts is not None
     store.register_agent(ts, m.AgentRegistration(name="c1", tickle_host="127.0.0.1"))
@@ -167,13 +168,7 @@ def test_same_new_agent_registered_at_once_by_two_processes_gets_credentials_fro
     a load balancer): both read "no such computer", both insert; the later one must not fail
     (it was a 500) but take the update path. One computer, and the last credentials hold."""
     a, b = stores
-    creds = a.register_task_server(
-        m.TaskServerRegister(
-            enrollment_secret="x" * 16, name="ts1", tickle_host="127.0.0.1", tickle_port=9,
-            api_url="http://127.0.0.1:9",
-        ),
-        "ns",
-    )  # fmt: skip
+    creds = a.register_task_server(_ts_registration("ts1"), "ns")
     ts = a.caller_for(token_sha256(creds.token))
     assert ts is not None
     reg = m.AgentRegistration(name="laptop-1", tickle_host="127.0.0.1")
@@ -197,10 +192,7 @@ def test_same_new_task_server_registered_at_once_by_two_processes_gets_credentia
     stores: tuple[Store, Store],
 ) -> None:
     a, b = stores
-    reg = m.TaskServerRegister(
-        enrollment_secret="x" * 16, name="ts-new", tickle_host="127.0.0.1", tickle_port=9,
-        api_url="http://127.0.0.1:9",
-    )  # fmt: skip
+    reg = _ts_registration("ts-new")
     a_read, b_done, pause = _pause_after_first_read(a, "task_servers")
     with ThreadPoolExecutor(2) as pool:
         in_a = pool.submit(a.register_task_server, reg, "ns")
