@@ -23,6 +23,8 @@ FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "timed_out", 
 EventKind = Literal["agent_tickled", "agent_pulled", "started", "step_finished", "finished"]
 PullVia = Literal["tickle", "poll", "check_now"]
 PolicyVia = Literal["tickle", "refresh"]
+# why a task server pulls from the NS: a tickle, its periodic check, or its start
+TsPullVia = Literal["tickle", "check", "start"]
 OUTPUT_TAIL_MAX = 4096
 
 

@@ -78,13 +78,46 @@ def test_upgrade_from_0001_keeps_the_data_and_notes_the_pulls_made_so_far(tmp_pa
                 )
         assert current_revision(store.engine) == "0001"
 
-        store.migrate()
+        upgrade(store.engine, "0002")
 
         assert current_revision(store.engine) == "0002"
         with store.engine.connect() as conn:
-            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
             pulls = conn.execute(text("SELECT * FROM execution_pulls")).all()
             assert [tuple(r) for r in pulls] == [(1, 1, 5.0)]  # only the one pulled so far
             assert conn.execute(text("SELECT count(*) FROM executions")).scalar() == 2
+    finally:
+        store.close()
+
+
+def test_upgrade_from_0002_adds_tickle_pulled_at_empty_and_keeps_last_pull_at(
+    tmp_path: Path,
+) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'ns.db'}")
+    try:
+        upgrade(store.engine, "0002")
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO task_servers (id, name, token_sha256, tickle_key, tickle_host,"
+                    " tickle_port, api_url, tickle_state, registered_at, last_pull_at,"
+                    " settings_pulled_at)"
+                    " VALUES (1, 'ts1', 'x', 'k', '127.0.0.1', 50123, 'http://ts1', 'reachable',"
+                    " 1, 7.0, 8.0)"
+                )
+            )
+
+        store.migrate()
+
+        assert current_revision(store.engine) == "0003"
+        with store.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            row = conn.execute(
+                text(
+                    "SELECT name, last_pull_at, tickle_pulled_at, settings_pulled_at"
+                    " FROM task_servers"
+                )
+            ).one()
+            # a pull before the upgrade is not known to be tickle-caused
+            assert tuple(row) == ("ts1", 7.0, None, 8.0)
     finally:
         store.close()

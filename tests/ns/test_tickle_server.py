@@ -20,7 +20,7 @@ async def test_run_now_tickles_the_task_server_and_its_pull_acks_it(ns: Ns) -> N
     tickle, _ = await ts.tickle(within=2.0)
     assert tickle.kind is wire.Kind.TASKS
     assert tickle.sender == ns.settings.ns_id
-    work = await ts.ok("GET", "/api/ts/work")
+    work = await ts.ok("GET", "/api/ts/work?via=tickle")
     assert [w["execution_id"] for w in work["executions"]] == [run["executions"][0]["id"]]
     assert work["executions"][0]["steps"][0]["command"] == ["true"]
 
@@ -71,7 +71,7 @@ async def test_settings_change_bumps_version_and_settings_pull_acks_the_settings
 
     tickle, _ = await ts.tickle(within=2.0)
     assert tickle.kind is wire.Kind.SETTINGS
-    pulled = await ts.ok("GET", "/api/ts/settings")
+    pulled = await ts.ok("GET", "/api/ts/settings?via=tickle")
     assert pulled == out
     await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
 
@@ -96,7 +96,7 @@ async def test_pull_served_by_another_process_acks_the_tickle(ns: Ns) -> None:
     try:
         caller = other.caller_for(token_sha256(ts.token))
         assert caller is not None
-        other.pull_work(caller, time.time())
+        other.pull_work(caller, time.time(), "tickle")
     finally:
         other.close()
     await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
@@ -154,3 +154,100 @@ async def test_burst_of_runs_coalesces_into_one_tickle(ns_factory: NsFactory) ->
         extra += 1
         await ts.ok("GET", "/api/ts/work")
     assert extra <= 1
+
+
+async def test_check_pulls_during_the_resend_window_do_not_ack_and_the_task_server_ends_unreachable(
+    ns_factory: NsFactory,
+) -> None:
+    # tickles to this task server are "blocked": it never acts on one, but its periodic check
+    # lands inside every resend window (the worst case), pulling work and settings
+    ns = await ns_factory(tickle_tries=3, tickle_backoff_s=0.2, tickle_backoff_max_s=0.4)
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    run = await ns.run_task(["pc1"])
+    for _ in range(3):
+        tickle, _ = await ts.tickle(within=2.0)
+        assert tickle.kind is wire.Kind.TASKS
+        work = await ts.ok("GET", "/api/ts/work?via=check")
+        assert [w["execution_id"] for w in work["executions"]] == [run["executions"][0]["id"]]
+        await ts.ok("GET", "/api/ts/settings?via=check")
+
+    async def unreachable() -> bool:
+        servers = await ns.ok("GET", "/api/task-servers")
+        return bool(servers[0]["tickle_state"] == "unreachable")
+
+    await wait_for(unreachable, within=3.0)
+    servers = await ns.ok("GET", "/api/task-servers")
+    assert servers[0]["last_pull_at"] is not None, "a check is still a pull operators see"
+    assert ns.metrics.pulls.labels(via="check")._value.get() == 3
+    assert ns.metrics.pulls.labels(via="tickle")._value.get() == 0
+
+
+async def test_tickle_caused_pull_after_unanswered_tries_makes_the_task_server_reachable(
+    ns_factory: NsFactory,
+) -> None:
+    ns = await ns_factory(tickle_tries=4, tickle_backoff_s=0.2, tickle_backoff_max_s=0.4)
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await ns.run_task(["pc1"])
+    await ts.tickle(within=2.0)
+    await ts.ok("GET", "/api/ts/work?via=start")  # not an ack: the tickle is resent
+    await ts.tickle(within=2.0)
+    await ts.ok("GET", "/api/ts/work?via=tickle")
+
+    await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
+    servers = await ns.ok("GET", "/api/task-servers")
+    assert servers[0]["tickle_state"] == "reachable"
+    assert ns.metrics.pulls.labels(via="tickle")._value.get() == 1
+
+
+async def test_pull_without_via_from_an_older_task_server_acks_as_before(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await ns.run_task(["pc1"])
+    await ts.tickle(within=2.0)
+    await ts.ok("GET", "/api/ts/work")
+    await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
+    servers = await ns.ok("GET", "/api/task-servers")
+    assert servers[0]["tickle_state"] == "reachable"
+
+
+async def test_settings_check_pull_does_not_ack_the_settings_tickle(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    out = await ns.ok("PUT", "/api/settings", json={"task_request_interval_s": 120})
+    tickle, _ = await ts.tickle(within=2.0)
+    assert tickle.kind is wire.Kind.SETTINGS
+    assert await ts.ok("GET", "/api/ts/settings?via=check") == out
+    resent, _ = await ts.tickle(within=2.0)
+    assert resent.kind is wire.Kind.SETTINGS
+    assert resent.seq > tickle.seq
+    await ts.ok("GET", "/api/ts/settings?via=tickle")
+    await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
+
+
+async def test_check_pull_served_by_another_process_stamps_last_pull_but_does_not_ack(
+    ns: Ns,
+) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await ns.run_task(["pc1"])
+    first, _ = await ts.tickle(within=2.0)
+
+    # another NS API process sharing the database serves a periodic check
+    other = Store(ns.settings.db_url)
+    try:
+        caller = other.caller_for(token_sha256(ts.token))
+        assert caller is not None
+        pulled_at = time.time()
+        other.pull_work(caller, pulled_at, "check")
+        other.pull_settings(caller, pulled_at, "check")
+        (link,) = other.task_server_links()
+        assert (link.tickle_pulled_at, link.settings_pulled_at) == (None, None)
+        servers = await ns.ok("GET", "/api/task-servers")
+        assert servers[0]["last_pull_at"] == pulled_at
+    finally:
+        other.close()
+    # the dispatcher (polling the database every 0.1 s) does not take it for an ack
+    resent, _ = await ts.tickle(within=2.0)
+    assert resent.kind is wire.Kind.TASKS
+    assert resent.seq > first.seq

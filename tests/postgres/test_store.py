@@ -63,7 +63,7 @@ def _one_execution(store: Store) -> tuple[Caller, int]:
     store.register_agent(ts, m.AgentRegistration(name="c1", tickle_host="127.0.0.1"))
     task = store.create_task(m.TaskCreate(name="t", command=["true"]))
     store.create_run(m.RunCreate(task_id=task.id, computers=["c1"]))
-    (work,) = store.pull_work(ts, time.time()).executions
+    (work,) = store.pull_work(ts, time.time(), "tickle").executions
     return ts, work.execution_id
 
 

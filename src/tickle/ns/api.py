@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Path, Request, Response, status
+from fastapi import FastAPI, HTTPException, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 
 # an id in a path fits the database's INTEGER column (a larger one crashed the query)
 DbId = Annotated[int, Path(ge=m.DB_INT_MIN, le=m.DB_INT_MAX)]
+TsPullViaQuery = Annotated[
+    m.TsPullVia,
+    Query(
+        description="what made the task server pull: tickle (an NS tickle; only this "
+        "acknowledges it), check (its periodic check, or on its own, e.g. after an agent "
+        "registered), start (at its start). Default tickle: a task server of an older version "
+        "sends none and its pulls acknowledge as before."
+    ),
+]
 
 TAGS = [
     {"name": "health", "description": "Liveness and Prometheus metrics (no credentials)."},
@@ -222,26 +231,34 @@ def create_app(
         tags=["task-server"],
         summary="Pull work",
         description="Every unfinished execution of the calling task server's clients. "
-        "Acknowledges the tasks tickle.",
+        "A pull with via=tickle acknowledges the tasks tickle; any pull sets last_pull_at.",
     )
-    async def pull_work(ts: TaskServerDep, st: StoreDep) -> m.WorkOut:
+    async def pull_work(
+        ts: TaskServerDep, st: StoreDep, via: TsPullViaQuery = "tickle"
+    ) -> m.WorkOut:
         now = time.time()
-        # ack before reading: work committed after this point gets a tickle of its own
-        tickle_server.ack(ts.name, wire.Kind.TASKS)
-        work = await run_in_threadpool(st.pull_work, ts, now)
-        metrics.pulls.labels(via="work").inc()
+        if via == "tickle":
+            # only a pull the tickle caused proves the task server tickle-reachable; a check
+            # does not (the tickle may have been dropped). Ack before reading: work committed
+            # after this point gets a tickle of its own.
+            tickle_server.ack(ts.name, wire.Kind.TASKS)
+        work = await run_in_threadpool(st.pull_work, ts, now, via)
+        metrics.pulls.labels(via=via).inc()
         return work
 
     @app.get(
         "/api/ts/settings",
         tags=["task-server"],
         summary="Pull settings",
-        description="Acknowledges the settings tickle.",
+        description="A pull with via=tickle acknowledges the settings tickle.",
     )
-    async def pull_settings(ts: TaskServerDep, st: StoreDep) -> m.SettingsOut:
+    async def pull_settings(
+        ts: TaskServerDep, st: StoreDep, via: TsPullViaQuery = "tickle"
+    ) -> m.SettingsOut:
         now = time.time()
-        tickle_server.ack(ts.name, wire.Kind.SETTINGS)
-        return await run_in_threadpool(st.pull_settings, ts, now)
+        if via == "tickle":  # only a pull the settings tickle caused proves it arrived
+            tickle_server.ack(ts.name, wire.Kind.SETTINGS)
+        return await run_in_threadpool(st.pull_settings, ts, now, via)
 
     @app.post(
         "/api/ts/events",

@@ -26,8 +26,10 @@ class TaskServer(Base):
     api_url: Mapped[str] = mapped_column(String(2048))
     tickle_state: Mapped[str] = mapped_column(String(16), default="unknown")
     registered_at: Mapped[float] = mapped_column(Double)
-    last_pull_at: Mapped[float | None] = mapped_column(Double, default=None)
-    # the acknowledgement of settings tickles, readable by the dispatcher in another process
+    last_pull_at: Mapped[float | None] = mapped_column(Double, default=None)  # any work pull
+    # the work pull a tickle caused: the acknowledgement of tasks tickles for another process
+    tickle_pulled_at: Mapped[float | None] = mapped_column(Double, default=None)
+    # the settings pull a tickle caused: the acknowledgement of settings tickles, likewise
     settings_pulled_at: Mapped[float | None] = mapped_column(Double, default=None)
 
 

@@ -83,8 +83,8 @@ class TaskServerLink:
     name: str
     addr: tuple[str, int]
     key: bytes
-    last_pull_at: float | None
-    settings_pulled_at: float | None
+    tickle_pulled_at: float | None  # the last work pull a tickle caused
+    settings_pulled_at: float | None  # the last settings pull a tickle caused
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,21 +410,25 @@ class Store:
 
     # --- the task server's pull and its events -------------------------------------------------
 
-    def pull_work(self, ts: Caller, now: float) -> m.WorkOut:
+    def pull_work(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
         """Every unfinished execution of this task server's clients; stamps the first pull and
-        remembers that this task server was given each of them (see `record_events`)."""
+        remembers that this task server was given each of them (see `record_events`).
+
+        Every pull stamps `last_pull_at`; only one a tickle caused stamps `tickle_pulled_at`
+        (the acknowledgement another NS process sees)."""
         for attempt in range(3):
             try:
-                return self._pull_work(ts, now)
+                return self._pull_work(ts, now, via)
             except IntegrityError:
                 # a concurrent pull of the same task server (another NS process) noted a pair first
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    def _pull_work(self, ts: Caller, now: float) -> m.WorkOut:
+    def _pull_work(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
+        stamps = {"last_pull_at": now} | ({"tickle_pulled_at": now} if via == "tickle" else {})
         with self.writing() as s:
-            s.execute(update(TaskServer).where(TaskServer.id == ts.id).values(last_pull_at=now))
+            s.execute(update(TaskServer).where(TaskServer.id == ts.id).values(**stamps))
             rows = s.scalars(
                 select(Execution)
                 .join(Computer, Execution.computer_id == Computer.id)
@@ -551,8 +555,11 @@ class Store:
         with self.reading() as s:
             return _settings_out(_settings_row(s))
 
-    def pull_settings(self, ts: Caller, now: float) -> m.SettingsOut:
-        """The task server's settings pull (stamped, so another process can see the ack)."""
+    def pull_settings(self, ts: Caller, now: float, via: m.TsPullVia) -> m.SettingsOut:
+        """The task server's settings pull; one a tickle caused is stamped, so another process
+        can see the acknowledgement."""
+        if via != "tickle":
+            return self.settings()
         with self.writing() as s:
             s.execute(
                 update(TaskServer).where(TaskServer.id == ts.id).values(settings_pulled_at=now)
@@ -578,7 +585,7 @@ class Store:
                     name=t.name,
                     addr=(t.tickle_host, t.tickle_port),
                     key=base64.b64decode(t.tickle_key),
-                    last_pull_at=t.last_pull_at,
+                    tickle_pulled_at=t.tickle_pulled_at,
                     settings_pulled_at=t.settings_pulled_at,
                 )
                 for t in s.scalars(select(TaskServer))

@@ -8,8 +8,10 @@ PostgreSQL only the holder of an advisory lock dispatches; a process that become
 before whose resends stopped with the previous dispatcher. A settings version change in the
 database makes it send a SETTINGS tickle to every task server.
 
-Acknowledgement: a task server's pull in this process calls `ack` directly; a pull served by
-another process is seen as `last_pull_at` / `settings_pulled_at` later than the tickle's first send.
+Acknowledgement: only a pull a tickle caused (`via=tickle`) acknowledges; the task server's
+periodic check or its pull at start does not (a tickle that never arrives must end unreachable).
+Such a pull in this process calls `ack` directly; one served by another process is seen as
+`tickle_pulled_at` / `settings_pulled_at` later than the tickle's first send.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class TickleServer:
         self._wake.set()
 
     def ack(self, task_server: str, kind: wire.Kind) -> None:
-        """The task server pulls (work acks TASKS, settings acks SETTINGS): stop resending."""
+        """A pull the tickle caused (work acks TASKS, settings acks SETTINGS): stop resending."""
         if self.tickler.ack(task_server, kind):
             # a follow-up tickle (work came during the flight) starts now and covers all work
             # created until now: the dispatcher must not ask for yet another one
@@ -167,7 +169,7 @@ class TickleServer:
             link = self._links.get(name)
             if link is None or not self.tickler.in_flight(name, kind):
                 continue
-            pulled = link.last_pull_at if kind is wire.Kind.TASKS else link.settings_pulled_at
+            pulled = link.tickle_pulled_at if kind is wire.Kind.TASKS else link.settings_pulled_at
             if pulled is not None and pulled >= requested:
                 self.ack(name, kind)
 
