@@ -82,6 +82,8 @@ class FakeNs:
     events: dict[str, StatusEvent] = field(default_factory=dict)
     states: list[ComputerState] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    # (call, the `via` query parameter) of every work and settings pull
+    pulls: list[tuple[str, str | None]] = field(default_factory=list)
     registrations: list[TaskServerRegister] = field(default_factory=list)
     agent_registrations: list[AgentRegistration] = field(default_factory=list)
     work_delay_s: float = 0.0
@@ -99,6 +101,10 @@ class FakeNs:
 
     def count(self, call: str) -> int:
         return self.calls.count(call)
+
+    def vias(self, call: str) -> list[str | None]:
+        """Why each `work` or `settings` pull was made, in order (its `via`)."""
+        return [via for c, via in self.pulls if c == call]
 
     def tickle(self, kind: wire.Kind = wire.Kind.TASKS, **kw: Any) -> bytes:
         """A valid NS tickle datagram (keyword arguments override its parts)."""
@@ -176,6 +182,7 @@ class FakeNs:
     async def _work(self, req: web.Request) -> web.Response:
         self._authorized(req)
         self.calls.append("work")
+        self.pulls.append(("work", req.query.get("via")))
         if self.work_delay_s:
             await asyncio.sleep(self.work_delay_s)
         if self.work_gate is not None:
@@ -185,6 +192,7 @@ class FakeNs:
     async def _settings(self, req: web.Request) -> web.Response:
         self._authorized(req)
         self.calls.append("settings")
+        self.pulls.append(("settings", req.query.get("via")))
         return web.json_response(text=self.settings.model_dump_json())
 
     async def _events(self, req: web.Request) -> web.Response:

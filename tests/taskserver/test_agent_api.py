@@ -85,7 +85,7 @@ async def test_agent_cannot_read_or_report_another_agents_executions(
     mine = await h.register_agent("pc1")
     theirs = await h.register_agent("pc2")
     h.ns.work = [work_for(1, "pc1"), work_for(2, "pc2")]
-    await h.running.sync.work.run()
+    await h.running.sync.work.run("check")
 
     status, body = await h.call(mine, "GET", "/api/agent/tasks")
     assert [e["execution_id"] for e in body["executions"]] == [1]
@@ -108,7 +108,7 @@ async def test_event_for_an_execution_this_task_server_does_not_hold_is_forwarde
     h = task_server
     agent = await h.register_agent("pc1")
     h.ns.work = [work_for(1, "pc1")]
-    await h.running.sync.work.run()
+    await h.running.sync.work.run("check")
     status, body = await _post_event(h, agent, "pc1", 999, "finished", status="succeeded")
     assert status == 200, body
     await wait_until(lambda: h.ns.events_of("finished"), what="the event at the NS")
@@ -157,7 +157,7 @@ async def test_events_are_cached_forwarded_and_finish_the_execution(
     h = task_server
     agent = await h.register_agent("pc1")
     h.ns.work = [work_for(1, "pc1")]
-    await h.running.sync.work.run()
+    await h.running.sync.work.run("check")
 
     status, body = await _post_event(h, agent, "pc1", 1, "finished", status="succeeded")
     assert status == 200
@@ -176,7 +176,7 @@ async def test_policy_never_carries_tasks_and_acks_the_settings_tickle(
     h = task_server
     agent = await h.register_agent("pc1")
     h.ns.work = [work_for(1, "pc1")]
-    await h.running.sync.work.run()
+    await h.running.sync.work.run("check")
     status, body = await h.call(agent, "GET", "/api/agent/policy")
     assert status == 200
     assert set(body) == {

@@ -27,7 +27,7 @@ async def test_events_posted_while_the_ns_is_down_are_delivered_after_it_returns
     h = task_server
     agent = await h.register_agent("pc1")
     h.ns.work = [work_for(1, "pc1")]
-    await h.running.sync.work.run()
+    await h.running.sync.work.run("check")
     await h.running.forwarder.drained(5)
 
     await h.ns.stop()
@@ -52,7 +52,7 @@ async def test_events_cached_while_the_ns_is_down_survive_a_task_server_restart(
     h = task_server
     agent = await h.register_agent("pc1")
     h.ns.work = [work_for(1, "pc1")]
-    await h.running.sync.work.run()
+    await h.running.sync.work.run("check")
     await h.running.forwarder.drained(5)
 
     await h.ns.stop()
@@ -93,7 +93,7 @@ async def test_work_cached_before_a_restart_is_tickled_at_start(
     await harness.start()
     agent = await harness.register_agent("pc1")
     fake_ns.work = [work_for(1, "pc1")]
-    await harness.running.sync.work.run()
+    await harness.running.sync.work.run("check")
     harness.pin_ports()
     await harness.stop()
     agent.socket.datagrams.clear()
@@ -137,7 +137,7 @@ async def test_task_server_registers_again_when_the_ns_rejects_its_token(
     assert h.ns.count("register") == 1
     h.ns.ts_token = "rotated-by-the-ns"  # the stored token no longer works
     h.ns.work = []
-    await h.running.sync.work.run()
+    await h.running.sync.work.run("check")
     assert h.ns.count("register") == 2
     assert h.ns.calls[-1] == "work"  # the pull was repeated with the new token
 
@@ -173,7 +173,7 @@ async def test_an_event_the_ns_refuses_for_good_does_not_block_the_others(
     h = task_server
     agent = await h.register_agent("pc1")
     h.ns.work = [work_for(1, "pc1"), work_for(2, "pc1")]
-    await h.running.sync.work.run()
+    await h.running.sync.work.run("check")
     h.ns.refuse_executions = {2}
     events = [_event(2, "pc1", "started"), _event(1, "pc1", "started")]
     status, _ = await h.call(agent, "POST", "/api/agent/events", json={"events": events})

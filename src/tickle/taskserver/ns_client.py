@@ -27,6 +27,7 @@ from tickle.messages import (
     StatusEvent,
     TaskServerCredentials,
     TaskServerRegister,
+    TsPullVia,
     WorkOut,
 )
 
@@ -80,13 +81,17 @@ class NsClient:
         )
         return clients
 
-    async def work(self) -> WorkOut:
-        """The pull: every unfinished execution of this task server's clients."""
-        work: WorkOut = await self._call("GET", "/api/ts/work", answer=WorkOut)
+    async def work(self, via: TsPullVia) -> WorkOut:
+        """The pull: every unfinished execution of this task server's clients; `via="tickle"`
+        acks the NS's tasks tickle."""
+        work: WorkOut = await self._call("GET", "/api/ts/work", params={"via": via}, answer=WorkOut)
         return work
 
-    async def settings(self) -> SettingsOut:
-        settings: SettingsOut = await self._call("GET", "/api/ts/settings", answer=SettingsOut)
+    async def settings(self, via: TsPullVia) -> SettingsOut:
+        """The central settings; `via="tickle"` acks the NS's settings tickle."""
+        settings: SettingsOut = await self._call(
+            "GET", "/api/ts/settings", params={"via": via}, answer=SettingsOut
+        )
         return settings
 
     async def events(self, batch: EventBatch) -> EventAck:
@@ -127,11 +132,12 @@ class NsClient:
         path: str,
         *,
         body: BaseModel | list[ComputerState] | None = None,
+        params: dict[str, str] | None = None,
         answer: Any = None,
     ) -> Any:
         used = self._token
         try:
-            return await self._send(method, path, body, answer)
+            return await self._send(method, path, body, params, answer)
         except ApiError as exc:
             if exc.status != 401 or self._reregister is None:
                 raise
@@ -139,12 +145,15 @@ class NsClient:
             if self._token == used:  # concurrent 401s register once
                 log.warning("the NS rejected this task server's token; registering again")
                 self._token = (await self._reregister()).token
-        return await self._send(method, path, body, answer)
+        return await self._send(method, path, body, params, answer)
 
-    async def _send(self, method: str, path: str, body: Any, answer: Any) -> Any:
+    async def _send(
+        self, method: str, path: str, body: Any, params: dict[str, str] | None, answer: Any
+    ) -> Any:
         return await request(
-            self._http(), method, self._url(path), body=body, answer=answer, token=self._token
-        )
+            self._http(), method, self._url(path), body=body, params=params, answer=answer,
+            token=self._token,
+        )  # fmt: skip
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:

@@ -1,9 +1,11 @@
 """Pulls from the NS: work and settings, at once on a tickle, and periodically on its own.
 
 A pull requested while one runs is coalesced into one more pull after it, so work created during a
-pull is never missed and a burst of tickles costs at most two pulls. The periodic check is the
-task server's native tickle: work it finds there (or finds cached at start) is tickled to the
-agents without any NS tickle.
+pull is never missed and a burst of tickles costs at most two pulls. Every pull tells the NS why
+(`via`): only one a tickle caused acknowledges the NS's tickle, so a periodic check landing in a
+tickle's resend window never makes a task server with blocked tickles look reachable. The
+periodic check is the task server's native tickle: work it finds there (or finds cached at start)
+is tickled to the agents without any NS tickle.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from tickle.http import ApiError
+from tickle.messages import TsPullVia
 from tickle.taskserver.agent_tickler import AgentTickler
 from tickle.taskserver.ns_client import NsClient
 from tickle.taskserver.store import Store
@@ -60,16 +63,16 @@ class NsSync:
         self._store.replace_clients(clients)
         log.info("%d clients from the NS", len(clients))
 
-    async def _pull_work(self) -> None:
-        work = await self._ns.work()
+    async def _pull_work(self, via: TsPullVia) -> None:
+        work = await self._ns.work(via)
         known = {c.name for c in self._store.clients()}
         if any(w.computer not in known for w in work.executions):
             # an agent registered through another process or moved here: learn its key first
             await self.refresh_clients()
         self._agents.apply_work(work)
 
-    async def _pull_settings(self) -> None:
-        new = await self._ns.settings()
+    async def _pull_settings(self, via: TsPullVia) -> None:
+        new = await self._ns.settings(via)
         old = self._store.settings()
         self._store.save_settings(new)
         if old is None or old.version != new.version:
@@ -86,28 +89,32 @@ class NsSync:
                 await asyncio.wait_for(self._interval_changed.wait(), self.check_interval_s())
                 continue  # a new interval: start waiting afresh
             log.debug("periodic NS check")
-            self.settings.trigger()
-            self.work.trigger()
+            self.settings.trigger("check")
+            self.work.trigger("check")
 
 
 class Coalesced:
-    """Runs an async job on `trigger()`; triggers while it runs make it run once more after."""
+    """Runs an async job on `trigger(via)`; triggers while it runs make it run once more after.
 
-    def __init__(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
+    The job gets why it runs. Triggers coalesced into one run merge: a tickle among them makes it
+    a tickle run (the tickle must be acknowledged, and only a tickle-caused pull does that).
+    """
+
+    def __init__(self, name: str, job: Callable[[TsPullVia], Awaitable[None]]) -> None:
         self._name = name
         self._job = job
-        self._again = False
+        self._again: TsPullVia | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def trigger(self) -> None:
+    def trigger(self, via: TsPullVia) -> None:
         if self._task is not None and not self._task.done():
-            self._again = True
+            self._again = "tickle" if "tickle" in (self._again, via) else via
             return
-        self._task = asyncio.create_task(self._run())
+        self._task = asyncio.create_task(self._run(via))
 
-    async def run(self) -> None:
+    async def run(self, via: TsPullVia) -> None:
         """Trigger and wait for the run (and any coalesced run after it) to end."""
-        self.trigger()
+        self.trigger(via)
         if self._task is not None:
             await asyncio.shield(self._task)
 
@@ -117,15 +124,16 @@ class Coalesced:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def _run(self) -> None:
+    async def _run(self, via: TsPullVia) -> None:
         while True:
-            self._again = False
+            self._again = None
             try:
-                await self._job()
+                await self._job(via)
             except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
                 # the next tickle or periodic check tries again
                 log.warning("%s from the NS failed: %s", self._name, exc)
             except Exception:
                 log.exception("%s failed", self._name)
-            if not self._again:
+            if self._again is None:
                 return
+            via = self._again

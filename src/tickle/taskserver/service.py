@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -143,8 +144,8 @@ class TaskServer:
             s.tickle_port,
             guard,
             self.metrics,
-            on_tasks=self.sync.work.trigger,
-            on_settings=self.sync.settings.trigger,
+            on_tasks=functools.partial(self.sync.work.trigger, "tickle"),
+            on_settings=functools.partial(self.sync.settings.trigger, "tickle"),
         )
         self.tickle_port = int(self._tickle_transport.get_extra_info("sockname")[1])
         self._api_socket = _bind_tcp(s.api_host, s.api_port)
@@ -156,7 +157,7 @@ class TaskServer:
 
         await self._obtain_credentials()
         await self._until_ns_answers("client list", self.sync.refresh_clients)
-        await self._until_ns_answers("settings", self.sync.settings.run)
+        await self._until_ns_answers("settings", functools.partial(self.sync.settings.run, "start"))
 
         self.reporter.start()
         await self.agents.start()
@@ -165,7 +166,7 @@ class TaskServer:
         self._started = True
         # the native tickle: work cached before a restart goes out without an NS tickle
         self.agents.tickle_pending()
-        self.sync.work.trigger()
+        self.sync.work.trigger("start")
         self.sync.start_periodic()
         log.info("task server %s ready (NS %s)", s.name, s.ns_url)
 
@@ -285,7 +286,7 @@ class TaskServer:
             agents=self.agents,
             reporter=self.reporter,
             metrics=self.metrics,
-            pull_work=self.sync.work.run,
+            pull_work=functools.partial(self.sync.work.run, "check"),
         )
         config = uvicorn.Config(
             create_app(ctx), log_config=None, access_log=False, lifespan="off", ws="none",
