@@ -49,6 +49,10 @@ async def test_run_now_goes_through_the_nine_steps_in_order(fleet_factory: Facto
     assert computers["a3"].task_server == "ts2"
     assert all(computers[n].tickle_state == "reachable" for n in ("a1", "a2", "a3"))
     assert not any(c.nat_detected for c in computers.values())
+    async with fleet.client() as ns:
+        servers = await ns.task_servers()
+    # the task servers' tickle-caused pulls acknowledged the NS's tickles
+    assert {s.name: s.tickle_state for s in servers} == {"ts1": "reachable", "ts2": "reachable"}
 
 
 async def test_blocked_tickles_task_arrives_by_polling_and_agent_shown_unreachable(
@@ -168,6 +172,52 @@ async def test_task_server_tickles_its_agents_natively_when_ns_tickle_is_lost(
     execution = run.executions[0]
     assert execution.status == "succeeded"
     assert execution.via == "tickle"  # tickled by the task server alone, not polled (1800 s)
+
+
+async def test_checks_during_the_resend_window_leave_a_task_server_with_blocked_tickles_unreachable(
+    fleet_factory: Factory,
+) -> None:
+    # every NS tickle to ts1 is lost; ts1 checks the NS every 5 s, inside each resend window
+    # (tries at 0, 1, 3 and 7 s, the last one answered until 11 s, each +/- 10%)
+    window_s = 0.9 * (1 + 2 + 4 + 4)
+    fleet = await fleet_factory(
+        ["ts1"], [AgentSpec("a1", ["ts1"])],
+        ns_extra=["--tickle-tries", "4", "--tickle-backoff-s", "1", "--tickle-backoff-max-s", "4"],
+        ts_extra=["--advertise-port", "50198"],
+    )  # fmt: skip
+    async with fleet.client() as ns:
+        await ns.update_settings(SettingsUpdate(ts_check_interval_s=5))
+    # the settings tickle is lost too: the task server learns the interval when it starts
+    fleet.kill("ts1")
+    fleet.spawn("ts1")
+    await fleet.wait_healthy(fleet.ts_url("ts1"), "ts1", 30)
+
+    async def settings_tickle_over() -> bool:
+        async with fleet.client() as ns:
+            (server,) = await ns.task_servers()
+        return server.tickle_state != "unknown"
+
+    async def unreachable_flights() -> float:
+        return await metric(fleet.ns_url, "tickle_tickles_unreachable_total")
+
+    async def one_more_unreachable() -> bool:
+        return await unreachable_flights() > before
+
+    await eventually(settings_tickle_over, 30, "the settings tickle to end")
+    before = await unreachable_flights()
+    run = await run_command(fleet, ["a1"], ["true"])
+    run = await wait_run(fleet, run.id, 30)
+    times = timeline_times(run.executions[0])
+    sent, pulled = times["tickle_sent"], times["ts_pulled"]
+    assert sent is not None
+    assert pulled is not None
+    assert pulled - sent < window_s, "a check pulled the work while the tickle was resent"
+    await eventually(one_more_unreachable, 30, "the tasks tickle to run out without an ack")
+    async with fleet.client() as ns:
+        (server,) = await ns.task_servers()
+    assert server.tickle_state == "unreachable"
+    assert server.last_pull_at is not None
+    assert server.last_pull_at >= pulled
 
 
 async def test_forged_and_malformed_datagrams_cause_no_pull_and_are_counted(
