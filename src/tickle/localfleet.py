@@ -23,7 +23,9 @@ from pathlib import Path
 import aiohttp
 
 from tickle import http
+from tickle.agent.control import control_call
 from tickle.console import NsClient
+from tickle.http import ApiError
 
 NS_API_PORT = 50120
 TS_API_PORT = 50121
@@ -128,6 +130,7 @@ class LocalFleet:
         for name in self.agents:
             self.spawn(name)
         await self.wait_registered(list(self.agents), deadline_s)
+        await self.wait_first_pull(list(self.agents), deadline_s)
 
     async def stop(self) -> None:
         """SIGTERM every process (agents first), then SIGKILL what is left after 10 s."""
@@ -203,6 +206,28 @@ class LocalFleet:
                         f"agents not registered in {deadline_s}s: {missing}\n"
                         + "\n".join(self.log_tail(n) for n in missing[:2])
                     )
+                await asyncio.sleep(0.05)
+
+    async def wait_first_pull(self, names: list[str], deadline_s: float) -> None:
+        """Wait until each agent has made the pull it makes once registered (done or failed).
+
+        Work created before that pull is taken by it, as a poll: a caller that wants to see a
+        run-now delivered by tickle starts it after this.
+        """
+        end = time.monotonic() + deadline_s
+        waiting = list(names)
+        while waiting:
+            for name in list(waiting):
+                with contextlib.suppress(aiohttp.ClientError, OSError, ApiError):
+                    status = await control_call(self.root / name / "agent.sock", "GET", "/status")
+                    if status.get("last_pull_at") or status.get("last_error"):
+                        waiting.remove(name)
+                        continue
+                self._check_alive(name)
+            if waiting and time.monotonic() > end:
+                raise FleetError(f"agents made no first pull in {deadline_s}s: {waiting}\n"
+                                 + self.log_tail(waiting[0]))  # fmt: skip
+            if waiting:
                 await asyncio.sleep(0.05)
 
     def _check_ports_free(self) -> None:
