@@ -13,7 +13,7 @@ import socket
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, model_validator
@@ -83,12 +83,17 @@ class ComponentSettings(BaseSettings):
         return tuple(sources)
 
 
+# The window a tickle's send time must fall in, on every component that sends or receives them.
+FreshnessWindowS = Annotated[
+    float,
+    Field(default=30.0, gt=0, le=3600, description="Tickles older or newer than this are stale"),
+]
+
+
 class TickleSenderSettings(ComponentSettings):
     """Settings of a component that sends confirmed tickles (the NS and the task servers)."""
 
-    freshness_window_s: float = Field(
-        default=30.0, gt=0, le=3600, description="Tickles older or newer than this are stale"
-    )
+    freshness_window_s: FreshnessWindowS
     tickle_tries: int = Field(
         default=6, ge=1, le=100, description="Tickle sends to one target before it is unreachable"
     )

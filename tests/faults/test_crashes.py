@@ -6,13 +6,12 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.integration.conftest import agent_ctl
+from tests.integration.conftest import Factory, agent_ctl
 from tests.reliability import record
-from tickle.localfleet import AgentSpec, LocalFleet
+from tickle.localfleet import AgentSpec
 
 from .conftest import (
     AGENT_KINDS,
@@ -28,7 +27,6 @@ from .conftest import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(240)]
-Factory = Callable[..., Awaitable[LocalFleet]]
 
 AGENTS = [f"a{i}" for i in range(8)]
 

@@ -8,12 +8,12 @@ import shutil
 import signal
 import sqlite3
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import agent_ctl
+from tests.integration.conftest import Factory, agent_ctl
 from tests.reliability import record
 from tickle.localfleet import AgentSpec, LocalFleet
 
@@ -30,7 +30,6 @@ from .conftest import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(180)]
-Factory = Callable[..., Awaitable[LocalFleet]]
 
 FAILOVER_AFTER_S = 3.0
 FAILOVER = ["--failover-after-s", str(FAILOVER_AFTER_S), "--failover-check-interval-s", "1"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Awaitable, Callable
 
 import pytest
 
+from tests.integration.conftest import Factory
 from tests.reliability import record
 from tickle.localfleet import AgentSpec, LocalFleet
 
@@ -25,7 +25,6 @@ from .conftest import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(240)]
-Factory = Callable[..., Awaitable[LocalFleet]]
 
 OUTAGE_S = 60.0
 AGENTS = ["a1", "a2", "a3", "a4"]

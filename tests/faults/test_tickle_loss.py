@@ -13,18 +13,17 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.integration.conftest import metric
+from tests.integration.conftest import Factory, metric
 from tests.reliability import record
-from tickle.localfleet import AGENT_TICKLE_PORT, TS_TICKLE_PORT, AgentSpec, LocalFleet
+from tickle.localfleet import AGENT_TICKLE_PORT, TS_TICKLE_PORT, AgentSpec
 
 from .conftest import Planned, Stopwatch, all_final, create_runs, marker_counts, ts_metric_sum
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
-Factory = Callable[..., Awaitable[LocalFleet]]
 
 AGENTS = ["a1", "a2", "a3", "a4"]
 ROUNDS = 15

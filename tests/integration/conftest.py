@@ -18,6 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tickle.localfleet import AgentSpec, LocalFleet
 from tickle.messages import FINAL_STATUSES, RunCreate, RunOut, TaskCreate
 
+# what the fleet_factory fixture gives a test: start a fleet (task servers, agents, options)
+Factory = Callable[..., Awaitable[LocalFleet]]
+
 T = TypeVar("T")
 # each pytest session takes its own 127.X.0.0/16, so sessions running at once do not collide
 NET_BASE = 61 + os.getpid() % 60
@@ -76,7 +79,7 @@ def agent_ctl(fleet: LocalFleet, name: str, action: str) -> subprocess.Completed
 
 
 @pytest.fixture
-async def fleet_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[LocalFleet]]]:
+async def fleet_factory(tmp_path: Path) -> AsyncIterator[Factory]:
     """Start fleets for one test; stop them all at the end, printing logs of failures."""
     fleets: list[LocalFleet] = []
     counter = iter(range(10, 250))

@@ -6,7 +6,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 
 import aiohttp
@@ -17,10 +17,9 @@ from tickle.console import timeline_times
 from tickle.localfleet import AgentSpec, LocalFleet
 from tickle.messages import JobCreate, RunCreate, SettingsUpdate, TaskCreate
 
-from .conftest import agent_ctl, eventually, metric, run_command, wait_run
+from .conftest import Factory, agent_ctl, eventually, metric, run_command, wait_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-Factory = Callable[..., Awaitable[LocalFleet]]
 NINE_STEPS = [
     "created", "tickle_sent", "ts_pulled", "agent_tickled", "agent_pulled",
     "started", "finished", "cached_at_ts", "recorded",

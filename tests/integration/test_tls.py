@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -20,10 +20,9 @@ from tests.reliability import record
 from tickle.devca import DevCa
 from tickle.localfleet import TS_API_PORT, AgentSpec, LocalFleet
 
-from .conftest import eventually, run_command, wait_run
+from .conftest import Factory, eventually, run_command, wait_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.attacks, pytest.mark.timeout(120)]
-Factory = Callable[..., Awaitable[LocalFleet]]
 CERT_FAILED = "CERTIFICATE_VERIFY_FAILED"
 
 

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import pytest
 from alembic.script import ScriptDirectory
 
-from tests.integration.conftest import eventually, run_command, wait_run
+from tests.integration.conftest import Factory, eventually, run_command, wait_run
 from tickle.console import timeline_times
-from tickle.localfleet import AgentSpec, LocalFleet
+from tickle.localfleet import AgentSpec
 from tickle.ns.migrations import alembic_config
 
 from .conftest import PgServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-Factory = Callable[..., Awaitable[LocalFleet]]
 
 
 def _rows(postgres: PgServer, database: str, sql: str, *params: object) -> list[tuple[object, ...]]:

@@ -328,6 +328,11 @@ class TaskServerHarness:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(datagram, ("127.0.0.1", self.running.tickle_port))
 
+    async def cache_work(self, *work: ExecutionWork) -> None:
+        """The NS holds this work for the task server's clients; a periodic check caches it."""
+        self.ns.work = list(work)
+        await self.running.sync.work.run("check")
+
     async def register_agent(self, name: str, cem: bool = False, **kw: Any) -> Agent:
         loop = asyncio.get_running_loop()
         _, sock = await loop.create_datagram_endpoint(FakeAgentSocket, local_addr=("127.0.0.1", 0))

@@ -84,8 +84,7 @@ async def test_agent_cannot_read_or_report_another_agents_executions(
     h = task_server
     mine = await h.register_agent("pc1")
     theirs = await h.register_agent("pc2")
-    h.ns.work = [work_for(1, "pc1"), work_for(2, "pc2")]
-    await h.running.sync.work.run("check")
+    await h.cache_work(work_for(1, "pc1"), work_for(2, "pc2"))
 
     status, body = await h.call(mine, "GET", "/api/agent/tasks")
     assert [e["execution_id"] for e in body["executions"]] == [1]
@@ -107,8 +106,7 @@ async def test_event_for_an_execution_this_task_server_does_not_hold_is_forwarde
     # longer lists it): refusing them would block the agent's outbox for good; the NS decides
     h = task_server
     agent = await h.register_agent("pc1")
-    h.ns.work = [work_for(1, "pc1")]
-    await h.running.sync.work.run("check")
+    await h.cache_work(work_for(1, "pc1"))
     status, body = await _post_event(h, agent, "pc1", 999, "finished", status="succeeded")
     assert status == 200, body
     await wait_until(lambda: h.ns.events_of("finished"), what="the event at the NS")
@@ -156,8 +154,7 @@ async def test_events_are_cached_forwarded_and_finish_the_execution(
 ) -> None:
     h = task_server
     agent = await h.register_agent("pc1")
-    h.ns.work = [work_for(1, "pc1")]
-    await h.running.sync.work.run("check")
+    await h.cache_work(work_for(1, "pc1"))
 
     status, body = await _post_event(h, agent, "pc1", 1, "finished", status="succeeded")
     assert status == 200
@@ -175,8 +172,7 @@ async def test_policy_never_carries_tasks_and_acks_the_settings_tickle(
 ) -> None:
     h = task_server
     agent = await h.register_agent("pc1")
-    h.ns.work = [work_for(1, "pc1")]
-    await h.running.sync.work.run("check")
+    await h.cache_work(work_for(1, "pc1"))
     status, body = await h.call(agent, "GET", "/api/agent/policy")
     assert status == 200
     assert set(body) == {

@@ -12,8 +12,7 @@ async def test_concurrent_pulls_each_get_their_own_agents_work(
 ) -> None:
     h = task_server
     agents = [await h.register_agent(f"pc{i:02d}") for i in range(30)]
-    h.ns.work = [work_for(100 + i, a.name) for i, a in enumerate(agents)]
-    await h.running.sync.work.run("check")
+    await h.cache_work(*(work_for(100 + i, a.name) for i, a in enumerate(agents)))
 
     async def pull(i: int) -> tuple[int, int, list[int]]:
         status, body = await h.call(agents[i], "GET", "/api/agent/tasks?via=poll")

@@ -26,8 +26,7 @@ async def test_events_posted_while_the_ns_is_down_are_delivered_after_it_returns
 ) -> None:
     h = task_server
     agent = await h.register_agent("pc1")
-    h.ns.work = [work_for(1, "pc1")]
-    await h.running.sync.work.run("check")
+    await h.cache_work(work_for(1, "pc1"))
     await h.running.forwarder.drained(5)
 
     await h.ns.stop()
@@ -51,8 +50,7 @@ async def test_events_cached_while_the_ns_is_down_survive_a_task_server_restart(
 ) -> None:
     h = task_server
     agent = await h.register_agent("pc1")
-    h.ns.work = [work_for(1, "pc1")]
-    await h.running.sync.work.run("check")
+    await h.cache_work(work_for(1, "pc1"))
     await h.running.forwarder.drained(5)
 
     await h.ns.stop()
@@ -92,8 +90,7 @@ async def test_work_cached_before_a_restart_is_tickled_at_start(
 ) -> None:
     await harness.start()
     agent = await harness.register_agent("pc1")
-    fake_ns.work = [work_for(1, "pc1")]
-    await harness.running.sync.work.run("check")
+    await harness.cache_work(work_for(1, "pc1"))
     harness.pin_ports()
     await harness.stop()
     agent.socket.datagrams.clear()
@@ -172,8 +169,7 @@ async def test_an_event_the_ns_refuses_for_good_does_not_block_the_others(
 ) -> None:
     h = task_server
     agent = await h.register_agent("pc1")
-    h.ns.work = [work_for(1, "pc1"), work_for(2, "pc1")]
-    await h.running.sync.work.run("check")
+    await h.cache_work(work_for(1, "pc1"), work_for(2, "pc1"))
     h.ns.refuse_executions = {2}
     events = [_event(2, "pc1", "started"), _event(1, "pc1", "started")]
     status, _ = await h.call(agent, "POST", "/api/agent/events", json={"events": events})

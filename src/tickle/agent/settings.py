@@ -10,7 +10,13 @@ from pydantic import Field, FilePath, ValidationInfo, field_validator, model_val
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from tickle import tls
-from tickle.config import ComponentSettings, check_http_url, default_state_dir, hostname
+from tickle.config import (
+    ComponentSettings,
+    FreshnessWindowS,
+    check_http_url,
+    default_state_dir,
+    hostname,
+)
 from tickle.messages import Name
 
 DEFAULT_TASK_SERVER = "http://127.0.0.1:50121"
@@ -64,9 +70,7 @@ class AgentSettings(ComponentSettings):
     output_tail_bytes: int = Field(
         default=4096, ge=0, le=1_048_576, description="Bytes of output kept per step"
     )
-    freshness_window_s: float = Field(
-        default=30.0, gt=0, le=3600, description="Tickles older or newer than this are stale"
-    )
+    freshness_window_s: FreshnessWindowS
     stop_grace_s: float = Field(
         default=5.0,
         ge=0,

@@ -171,7 +171,7 @@ class Store:
         self, reg: m.TaskServerRegister, ns_id: str
     ) -> m.TaskServerCredentials:
         """Create the task server, or rotate its credentials if the name exists."""
-        return _once_more_on_conflict(lambda: self._register_task_server(reg, ns_id))
+        return _retry_on_conflict(lambda: self._register_task_server(reg, ns_id))
 
     def _register_task_server(
         self, reg: m.TaskServerRegister, ns_id: str
@@ -191,7 +191,7 @@ class Store:
 
     def register_agent(self, ts: Caller, reg: m.AgentRegistration) -> m.AgentCredentials:
         """Create the computer, or move it to this task server and rotate its credentials."""
-        return _once_more_on_conflict(lambda: self._register_agent(ts, reg))
+        return _retry_on_conflict(lambda: self._register_agent(ts, reg))
 
     def _register_agent(self, ts: Caller, reg: m.AgentRegistration) -> m.AgentCredentials:
         token, key = secrets.token_urlsafe(32), _new_key()
@@ -416,14 +416,8 @@ class Store:
 
         Every pull stamps `last_pull_at`; only one a tickle caused stamps `tickle_pulled_at`
         (the acknowledgement another NS process sees)."""
-        for attempt in range(3):
-            try:
-                return self._pull_work(ts, now, via)
-            except IntegrityError:
-                # a concurrent pull of the same task server (another NS process) noted a pair first
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        # a concurrent pull of the same task server (another NS process) may note a pair first
+        return _retry_on_conflict(lambda: self._pull_work(ts, now, via))
 
     def _pull_work(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
         stamps = {"last_pull_at": now} | ({"tickle_pulled_at": now} if via == "tickle" else {})
@@ -472,14 +466,8 @@ class Store:
         the computer moved away (it may hold that execution's events from before the move); the
         event must name the execution's computer. Other events are left out of `accepted`.
         """
-        for attempt in range(3):
-            try:
-                return self._record(ts, events, now)
-            except IntegrityError:
-                # another process recorded one of these ids between our check and our commit
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        # another process may record one of these ids between our check and our commit
+        return _retry_on_conflict(lambda: self._record(ts, events, now))
 
     def _record(self, ts: Caller, events: Sequence[m.StatusEvent], now: float) -> EventOutcome:
         out = EventOutcome(accepted=[], recorded=[], run_now_to_recorded=[], finished=[])
@@ -839,14 +827,17 @@ def _advance(ex: Execution, status: str) -> None:
         ex.status = status
 
 
-def _once_more_on_conflict(register: Callable[[], _T]) -> _T:
-    """Run a create-or-update once more when its insert lost a race on the unique name.
+def _retry_on_conflict(write: Callable[[], _T], tries: int = 3) -> _T:
+    """Run a read-then-insert write again when its insert lost a race to another process.
 
-    Two NS processes (or two threads) registering the same new name both read "absent" and both
-    insert; the one that commits second gets an IntegrityError. By then the row exists, so the
-    second try takes the update path — the same answer the caller gets for any re-registration.
+    Two NS processes (or two threads) both read "absent" and both insert; the one that commits
+    second gets an IntegrityError. By the next try the row exists, so the write takes its other
+    path (update, or skip what is already recorded) — the answer it would have given had it come
+    second in the first place.
     """
-    try:
-        return register()
-    except IntegrityError:
-        return register()
+    for _ in range(tries - 1):
+        try:
+            return write()
+        except IntegrityError:
+            continue
+    return write()
