@@ -42,8 +42,11 @@ fleet: deploy-venv image wheelhouse ## Testbed fleet of containers: site.yml, th
 fleet-down: ## Remove the testbed fleet: containers, network, secrets, host side effects
 	$(TESTBED)/fleet.sh down
 
-verify: deploy-venv ## testinfra checks against a deployed fleet: make verify INVENTORY=inventory/prod
-	$(DEPLOY_ENV) pytest -c molecule/tests/pytest.ini molecule/tests --ansible-inventory=$(INVENTORY)
+# The scenarios' headline checks a fleet should also pass (molecule/tests/headline_NAME.py).
+HEADLINES ?= tickle_delivery
+
+verify: deploy-venv ## testinfra checks against a deployed fleet: make verify INVENTORY=inventory/prod [HEADLINES=...]
+	$(DEPLOY_ENV) pytest -c molecule/tests/pytest.ini molecule/tests $(foreach h,$(HEADLINES),molecule/tests/headline_$(h).py) --ansible-inventory=$(INVENTORY)
 
 deploy-lint: deploy-venv ## ansible-lint (production profile) and yamllint on roles, playbooks, inventory, molecule
 	$(DEPLOY_ENV) yamllint -s roles playbooks inventory molecule .yamllint .ansible-lint

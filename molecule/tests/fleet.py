@@ -13,11 +13,10 @@ import json
 import shlex
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
-
-import testinfra
+from typing import Any, TypeVar
 
 NS_UNIT = "tickle-notification-server.service"
 TS_UNIT = "tickle-task-server.service"
@@ -32,6 +31,7 @@ TS_CONFIG = "/etc/tickle/task-server.toml"
 AGENT_CONFIG = "/etc/tickle/client-task-agent.toml"
 TICKLE = "/opt/tickle/venv/bin/tickle"
 FINAL = {"succeeded", "failed", "timed_out", "interrupted"}
+T = TypeVar("T")
 
 # Runs on a host: one HTTP call to a local tickle API, with the credentials from its config file.
 _LOCAL_API = r"""
@@ -72,6 +72,8 @@ class FleetHost:
 
     @cached_property
     def host(self) -> Any:
+        import testinfra  # here, so that the helpers below import without it (tests/test_molecule.py)
+
         if "podman" in str(self.hostvars.get("ansible_connection", "")):
             return testinfra.get_host(f"podman://{self.name}")
         return testinfra.get_host(
@@ -101,6 +103,11 @@ class FleetHost:
     @property
     def computer_name(self) -> str:
         return str(self.hostvars.get("tickle_client_task_agent_name", self.name))
+
+    @property
+    def task_server_name(self) -> str:
+        """This task server's name at the NS."""
+        return str(self.hostvars.get("tickle_task_server_name", self.name))
 
     @property
     def is_services(self) -> bool:
@@ -212,6 +219,33 @@ class Fleet:
     def agents(self) -> list[FleetHost]:
         return [h for h in self.hosts if h.is_agent]
 
+    @property
+    def tickle_reachable_agents(self) -> list[FleetHost]:
+        """Agents that take tickles: not CEM, not behind the blocking switch."""
+        return [a for a in self.agents if not a.cem and not a.tickles_blocked]
+
+    @property
+    def blocked_agents(self) -> list[FleetHost]:
+        """Non-CEM agents whose firewall drops every tickle."""
+        return [a for a in self.agents if a.tickles_blocked and not a.cem]
+
+    @property
+    def cem_agents(self) -> list[FleetHost]:
+        return [a for a in self.agents if a.cem]
+
+    def task_servers_of(self, agent: FleetHost) -> list[FleetHost]:
+        """The task servers an agent may use: its list in the inventory, else all of them."""
+        wanted = agent.hostvars.get("tickle_client_task_agent_task_servers")
+        if isinstance(wanted, list) and wanted:
+            return [h for h in self.task_servers if h.name in wanted]
+        return self.task_servers
+
+    @property
+    def configured_database(self) -> str:
+        """The NS's database as the inventory says: postgresql or sqlite."""
+        url = str(self.ns.hostvars.get("tickle_notification_server_database_url", "")).strip()
+        return "postgresql" if url.startswith("postgres") else "sqlite"
+
     def ns_api(self, method: str, path: str, body: Any = None) -> Any:
         return self.ns.local_api(NS_CONFIG, method, path, body)
 
@@ -251,14 +285,47 @@ class Fleet:
         return dict(self.ns_api("GET", f"/api/executions/{execution_id}"))
 
 
+def check_index_served(index: FleetHost, hosts: list[FleetHost]) -> None:
+    """Every one of `hosts` asked the package index on `index` for tickle and downloaded it."""
+    log = index.check(f"journalctl --no-pager -o cat -u {INDEX_UNIT}")
+    for host in hosts:
+        addresses = host.ipv4_addresses()
+        mine = [line for line in log.splitlines() if line.split(" ", 1)[0] in addresses]
+        assert any('"GET /simple/tickle/ ' in line for line in mine), (
+            f"{host} ({addresses}) never asked the index on {index} for tickle"
+        )
+        assert any('"GET /files/tickle-' in line for line in mine), (
+            f"{host} ({addresses}) never downloaded the tickle wheel from the index on {index}"
+        )
+
+
+def check_ns_writes_to_postgresql(fleet: Fleet, database: FleetHost) -> None:
+    """The NS says it uses PostgreSQL on `database`, and a task defined through it is a row there."""
+    about = fleet.ns_api("GET", "/api/about")
+    assert about["database"] == "postgresql", about
+    assert database.name in about["database_location"], about
+    name = f"verify-db-{time.time_ns()}"
+    fleet.ns_api("POST", "/api/tasks", {"name": name, "command": ["/bin/true"], "timeout_s": 10})
+    count = database.check(
+        "runuser -u postgres -- psql -d tickle -tAc %s",
+        f"SELECT count(*) FROM tasks WHERE name = '{name}'",
+    )
+    assert count.strip() == "1", f"task {name} is not in PostgreSQL on {database}"
+
+
 def steps(execution: dict[str, Any]) -> dict[str, float | None]:
     """An execution's timeline as {step: time}."""
     return {s["step"]: s["at"] for s in execution.get("timeline", [])}
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of one Prometheus metric whose labels include `labels`."""
+    """Sum of the samples of one Prometheus metric whose labels include `labels`.
+
+    A metric (or label set) the text does not expose is an error, never a silent 0: a renamed
+    metric or label must fail the check that reads it.
+    """
     total = 0.0
+    found = False
     for line in text.splitlines():
         if line.startswith("#") or not line.startswith(name):
             continue
@@ -268,7 +335,22 @@ def metric(text: str, name: str, **labels: str) -> float:
             continue
         if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
             total += float(value)
+            found = True
+    if not found:
+        wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        raise AssertionError(f"metric {name}{{{wanted}}} is not exposed")
     return total
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout_s: float, every_s: float = 1.0) -> T:
+    """Call `check` until it returns a value other than None; fail naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value is not None:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(every_s)
 
 
 def _bool(value: Any) -> bool:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import re
 import time
 
-import pytest
-
 from fleet import Fleet, FleetHost
 
 # Sends one UDP datagram (not a valid tickle: it must be dropped before anything reads it).
@@ -45,16 +43,21 @@ def test_task_server_accepts_tickles_only_from_the_ns(fleet: Fleet, task_server:
     _drop_counter(table, 50123)
 
 
+def _send_stray_and_see_it_dropped(sender: FleetHost, target: FleetHost, port: int) -> None:
+    before = _drop_counter(_table(target), port)
+    sender.check(_SEND, target.ipv4_addresses()[0], str(port))
+    deadline = time.monotonic() + 5
+    while _drop_counter(_table(target), port) <= before:
+        assert time.monotonic() < deadline, (
+            f"a datagram from {sender} to {target}:{port} was not dropped"
+        )
+        time.sleep(0.2)
+
+
 def test_stray_datagram_to_task_server_is_dropped(fleet: Fleet, task_server: FleetHost) -> None:
     senders = [h for h in fleet.hosts if not h.is_ns and h is not task_server]
-    if not senders:
-        pytest.skip("no host other than the NS to send from")
-    before = _drop_counter(_table(task_server), 50123)
-    senders[0].check(_SEND, task_server.ipv4_addresses()[0], "50123")
-    deadline = time.monotonic() + 5
-    while _drop_counter(_table(task_server), 50123) <= before:
-        assert time.monotonic() < deadline, f"datagram from {senders[0]} was not dropped"
-        time.sleep(0.2)
+    assert senders, f"no host other than the NS and {task_server} to send from"
+    _send_stray_and_see_it_dropped(senders[0], task_server, 50123)
 
 
 def test_agent_accepts_tickles_only_from_its_task_servers(fleet: Fleet, agent: FleetHost) -> None:
@@ -62,23 +65,37 @@ def test_agent_accepts_tickles_only_from_its_task_servers(fleet: Fleet, agent: F
     if agent.tickles_blocked:
         assert re.search(r"udp dport \{ 50123, 50124 \} counter .* drop", table)
         return
-    wanted = agent.hostvars.get("tickle_client_task_agent_task_servers")
-    servers = [h for h in fleet.task_servers if not isinstance(wanted, list) or h.name in wanted]
+    servers = fleet.task_servers_of(agent)
+    assert servers, f"{agent} has no task server in the inventory"
+    wanted = {address for server in servers for address in server.ipv4_addresses()}
     allowed = _set_elements(table, "task_servers_v4")
-    for server in servers:
-        assert set(server.ipv4_addresses()) <= allowed, f"{server} may not tickle {agent}"
-    assert set(fleet.ns.ipv4_addresses()).isdisjoint(allowed) or fleet.ns.is_task_server
+    assert allowed == wanted, (
+        f"{agent} takes tickles from {sorted(allowed)}, its task servers {servers} are {sorted(wanted)}"
+    )
     assert re.search(r"udp dport 50124 ip saddr @task_servers_v4 counter .* accept", table)
     _drop_counter(table, 50124)
+
+
+def test_stray_datagram_to_agent_is_dropped(fleet: Fleet, agent: FleetHost) -> None:
+    if agent.tickles_blocked:
+        # its one rule drops both tickle ports: headline_blocked_tickle_polling sends to it
+        assert re.search(r"udp dport \{ 50123, 50124 \} counter .* drop", _table(agent))
+        return
+    servers = fleet.task_servers_of(agent)
+    senders = [h for h in fleet.hosts if h is not agent and h not in servers]
+    assert senders, f"no host other than {agent}'s task servers to send from"
+    _send_stray_and_see_it_dropped(senders[0], agent, 50124)
 
 
 def test_cem_agent_drops_every_tickle(cem_agent: FleetHost) -> None:
     _drop_counter(_table(cem_agent), 50124)
 
 
-def test_switch_blocks_tickles_entirely(any_host: FleetHost) -> None:
-    if not any_host.tickles_blocked:
-        pytest.skip("tickles are not blocked on this host")
+def test_switch_blocks_tickles_entirely_where_set(any_host: FleetHost) -> None:
     table = _table(any_host)
-    first_rule = table.split("policy accept;")[1].strip().splitlines()[0]
-    assert re.search(r"udp dport \{ 50123, 50124 \} counter .* drop", first_rule), table
+    block = re.compile(r"udp dport \{ 50123, 50124 \} counter .* drop")
+    if any_host.tickles_blocked:
+        first_rule = table.split("policy accept;")[1].strip().splitlines()[0]
+        assert block.search(first_rule), f"{any_host}: tickles not blocked first:\n{table}"
+    else:
+        assert not block.search(table), f"{any_host}: tickles blocked without the switch:\n{table}"

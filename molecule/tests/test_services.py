@@ -30,13 +30,6 @@ def test_agent_listens_for_tickles_on_udp_50124(agent: FleetHost) -> None:
     assert agent.host.socket(f"udp://0.0.0.0:{port}").is_listening
 
 
-def test_cem_agent_opens_no_tickle_socket(cem_agent: FleetHost) -> None:
-    port = int(cem_agent.hostvars.get("tickle_client_task_agent_tickle_port", 50124))
-    sockets = cem_agent.check("ss -Hlun")
-    assert f":{port} " not in sockets, f"{cem_agent} has a UDP socket on {port}:\n{sockets}"
-    assert cem_agent.agent_status()["tickle_listener"] is None
-
-
 def test_agents_registered_with_their_first_task_server(fleet: Fleet) -> None:
     computers = fleet.computers()
     names = {

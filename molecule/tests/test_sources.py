@@ -3,11 +3,9 @@ what the inventory says (tickle_install_from, tickle_notification_server_databas
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from fleet import DB_UNIT, INDEX_UNIT, Fleet, FleetHost
+from fleet import DB_UNIT, Fleet, FleetHost, check_index_served, check_ns_writes_to_postgresql
 
 
 def test_package_installed_from_the_configured_source(any_host: FleetHost) -> None:
@@ -35,47 +33,20 @@ def test_index_served_every_host_that_installs_from_it(fleet: Fleet) -> None:
         pytest.skip("no host installs from a package index")
     if not fleet.services:
         pytest.skip("the package index is the site's own, outside the inventory")
-    log = fleet.services[0].check(f"journalctl --no-pager -o cat -u {INDEX_UNIT}")
-    for host in hosts:
-        addresses = host.ipv4_addresses()
-        asked = [
-            line
-            for line in log.splitlines()
-            if line.split(" ", 1)[0] in addresses and '"GET /simple/tickle/ ' in line
-        ]
-        fetched = [
-            line
-            for line in log.splitlines()
-            if line.split(" ", 1)[0] in addresses and '"GET /files/tickle-' in line
-        ]
-        assert asked, f"{host} ({addresses}) never asked the index for tickle"
-        assert fetched, f"{host} ({addresses}) never downloaded the tickle wheel from the index"
-
-
-def _configured_database(fleet: Fleet) -> str:
-    url = str(fleet.ns.hostvars.get("tickle_notification_server_database_url", "")).strip()
-    return "postgresql" if url.startswith("postgres") else "sqlite"
+    check_index_served(fleet.services[0], hosts)
 
 
 def test_notification_server_uses_the_configured_database(fleet: Fleet) -> None:
     about = fleet.ns_api("GET", "/api/about")
-    assert about["database"] == _configured_database(fleet), about
+    assert about["database"] == fleet.configured_database, about
     assert about["schema_revision"], f"no schema revision stamped: {about}"
     assert about["dispatcher_active"], f"the only NS does not run the tickle dispatcher: {about}"
 
 
 def test_notification_server_writes_to_postgresql(fleet: Fleet) -> None:
-    if _configured_database(fleet) != "postgresql":
+    if fleet.configured_database != "postgresql":
         pytest.skip("the notification server uses SQLite")
     databases = [s for s in fleet.services if s.host.service(DB_UNIT).is_running]
     if not databases:
         pytest.skip("the PostgreSQL server is the site's own, outside the inventory")
-    about = fleet.ns_api("GET", "/api/about")
-    assert databases[0].name in about["database_location"], about
-    name = f"verify-db-{time.time_ns()}"
-    fleet.ns_api("POST", "/api/tasks", {"name": name, "command": ["/bin/true"], "timeout_s": 10})
-    count = databases[0].check(
-        "runuser -u postgres -- psql -d tickle -tAc %s",
-        f"SELECT count(*) FROM tasks WHERE name = '{name}'",
-    )
-    assert count.strip() == "1", f"task {name} is not in PostgreSQL on {databases[0]}"
+    check_ns_writes_to_postgresql(fleet, databases[0])

@@ -24,8 +24,12 @@ packages=python3,python3-venv,python3-apt,nftables,iptables,iproute2,procps,syst
 "$(dirname "$0")/host-packages.sh"
 "$(dirname "$0")/containers-conf.sh" >/dev/null
 
-have=$(podman image inspect --format '{{index .Config.Labels "tickle.testbed.recipe"}}' "$image" 2>/dev/null || true)
-if [ "$have" = "$recipe" ]; then
+current() {
+  local have
+  have=$(podman image inspect --format '{{index .Config.Labels "tickle.testbed.recipe"}}' "$image" 2>/dev/null || true)
+  [ "$have" = "$recipe" ]
+}
+if current; then
   log "$image exists (recipe $recipe): reusing it"
   exit 0
 fi
@@ -33,6 +37,11 @@ fi
 mkdir -p "$TESTBED_BUILD"
 exec 9>"$TESTBED_BUILD/image-$variant.lock"
 flock 9
+# Another build may have finished while this one waited for the lock.
+if current; then
+  log "$image built meanwhile (recipe $recipe): reusing it"
+  exit 0
+fi
 rootfs=$(mktemp -d "$TESTBED_BUILD/rootfs-$variant.XXXX")
 trap 'rm -rf "$rootfs"' EXIT
 

@@ -16,6 +16,11 @@ cat >"$tmp" <<CONF
 default_ulimits = ["nofile=${nofile}:${nofile}", "nproc=32768:32768"]
 log_driver = "k8s-file"
 
+# netavark with aardvark-dns: containers resolve each other's names. Named, so that a machine
+# without it fails at once instead of falling back to CNI networks without DNS.
+[network]
+network_backend = "netavark"
+
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"

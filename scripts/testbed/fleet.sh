@@ -30,10 +30,26 @@ up() {
     started=$((started + 1))
   done < <(hosts)
   log "fleet up on $network: $started containers started"
+  check_names
+}
+
+# Every host of the fleet resolves every other host's name (netavark + aardvark-dns).
+check_names() {
+  local names name others
+  mapfile -t names < <(hosts | cut -d' ' -f1)
+  for name in "${names[@]}"; do
+    timeout 120 podman exec "$name" systemctl is-system-running --wait >/dev/null || true
+    others=()
+    for other in "${names[@]}"; do [ "$other" = "$name" ] || others+=("$other"); done
+    [ ${#others[@]} -eq 0 ] && continue
+    podman exec "$name" getent hosts "${others[@]}" >/dev/null \
+      || die "$name cannot resolve the other hosts' names (${others[*]}): podman's networks need netavark and aardvark-dns (scripts/testbed/host-packages.sh)"
+  done
+  log "every host resolves the others' names"
 }
 
 down() {
-  "$(dirname "$0")/network.sh" remove "$network"
+  "$(dirname "$0")/cleanup.sh" "$network"
   rm -rf "$inventory/.secrets"
 }
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Installs the host tools the testbed needs (podman with runc, debootstrap, nftables, iptables),
-# only those that are missing. Idempotent: prints nothing and returns at once when all are there.
+# Installs the host tools the testbed needs, only those that are missing: podman with runc, and
+# netavark + aardvark-dns (without them Debian 12's podman falls back to CNI networks with
+# dns_enabled: false and containers cannot resolve each other's names), debootstrap, nftables,
+# iptables. Idempotent: prints nothing and returns at once when all are there.
 set -euo pipefail
 # shellcheck source=scripts/testbed/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 missing=()
-for pkg in podman runc debootstrap nftables iptables; do
+for pkg in $TESTBED_HOST_PACKAGES; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0

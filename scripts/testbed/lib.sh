@@ -6,6 +6,8 @@ TESTBED_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TESTBED_BUILD=${TESTBED_BUILD:-$TESTBED_ROOT/build/testbed}
 TESTBED_IMAGE_PREFIX=${TESTBED_IMAGE_PREFIX:-localhost/tickle-debian}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$TESTBED_BUILD/containers.conf}
+# Debian packages the testbed host needs (scripts/testbed/host-packages.sh installs the missing).
+TESTBED_HOST_PACKAGES="podman runc netavark aardvark-dns debootstrap nftables iptables"
 
 log() { printf '[testbed] %s\n' "$*" >&2; }
 die() { printf '[testbed] error: %s\n' "$*" >&2; exit 1; }
@@ -27,4 +29,18 @@ debian_mirror() {
   [ -n "$uri" ] || uri=$(awk '/^deb / {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
   [ -n "$uri" ] || die "no Debian mirror found in /etc/apt/sources.list.d/debian.sources"
   echo "$uri"
+}
+
+# Fails at once, saying what to install, when podman would not use netavark with aardvark-dns (CNI
+# networks have no DNS: the hosts of a scenario could not resolve each other's names).
+require_netavark() {
+  local backend pkg missing=()
+  for pkg in netavark aardvark-dns; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] \
+    || die "podman needs ${missing[*]} for container name resolution: apt-get install ${missing[*]} (or run scripts/testbed/host-packages.sh as root)"
+  backend=$(podman info --format '{{.Host.NetworkBackend}}' 2>&1) \
+    || die "podman cannot start with $CONTAINERS_CONF: $backend"
+  [ "$backend" = netavark ] || die "podman uses the '$backend' network backend, not netavark: install netavark and aardvark-dns"
 }

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs the Molecule scenarios (default: every scenario under molecule/), one after the other, each
 # `molecule test` (destroy, create, converge, idempotence, verify, destroy) with molecule/base.yml
-# as the shared base config. Builds what is missing first (images, controller venv, wheelhouse).
-# Whatever happens, the scenarios' containers and networks are removed at the end and the host's
-# ip_forward restored; the exit code is non-zero when any scenario failed.
+# as the shared base config. Builds what is missing first (images, controller venv, wheelhouse),
+# then runs the `default` scenario, the testbed check (hosts boot and resolve each other's names),
+# and stops at once when it fails. Whatever happens, the scenarios' containers and networks are
+# removed at the end (cleanup.sh) and the host's ip_forward restored; the exit code is non-zero
+# when any scenario failed.
 set -uo pipefail
 # shellcheck source=scripts/testbed/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -13,14 +15,12 @@ cd "$TESTBED_ROOT" || exit 2
 if [ $# -eq 0 ]; then
   set -- $(for d in molecule/*/molecule.yml; do basename "$(dirname "$d")"; done)
 fi
+# The testbed check is not a scenario of the product: it runs first, on its own.
+scenarios=()
+for scenario in "$@"; do [ "$scenario" = default ] || scenarios+=("$scenario"); done
+set -- "${scenarios[@]}"
 
-cleanup() {
-  local net
-  for net in $(podman network ls --filter label=tickle.testbed --format '{{.Name}}' 2>/dev/null | grep '^tkl-mol-'); do
-    "$here/network.sh" remove "$net" || true
-  done
-  "$here/network.sh" remove tkl-mol-none >/dev/null 2>&1 || true
-}
+cleanup() { "$here/cleanup.sh" --prefix tkl-mol- || true; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -36,6 +36,14 @@ if [ -n "${need_services:-}" ]; then "$here/build-image.sh" services || exit 2; 
 export PATH="$TESTBED_ROOT/.venv-deploy/bin:$PATH"
 export ANSIBLE_ROLES_PATH="$TESTBED_ROOT/roles" ANSIBLE_COLLECTIONS_PATH="$TESTBED_ROOT/build/collections"
 export ANSIBLE_FORCE_COLOR=false PY_COLORS=0 MOLECULE_NO_LOG=false
+
+log "testbed check (scenario default): hosts boot and resolve each other's names"
+start=$SECONDS
+if ! molecule --base-config molecule/base.yml test --scenario-name default; then
+  molecule --base-config molecule/base.yml destroy --scenario-name default >/dev/null 2>&1 || true
+  die "the testbed check failed: no scenario was run (see above)"
+fi
+log "testbed check passed in $((SECONDS - start)) s"
 
 declare -A took result
 failed=0

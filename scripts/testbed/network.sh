@@ -16,6 +16,7 @@ testbed_networks() { podman network ls --filter "label=$label" --format '{{.Name
 create() {
   local name=$1
   "$(dirname "$0")/containers-conf.sh" >/dev/null
+  require_netavark
   mkdir -p "$state"
   # netavark turns on net.ipv4.ip_forward: note the value from before the first testbed network.
   if [ -z "$(testbed_networks)" ] || [ ! -f "$state/ip_forward" ]; then

@@ -74,6 +74,7 @@ class ComponentMetrics:
         )
         for kind in Kind:
             self.tickles_sent.labels(kind=kind.name.lower())
+            self.tickles_resent.labels(kind=kind.name.lower())
             self.tickles_received.labels(kind=kind.name.lower())
         for reason in RejectReason:
             self.tickles_rejected.labels(reason=reason.value)
