@@ -29,6 +29,7 @@ from tickle import wire
 from tickle.backoff import Backoff
 from tickle.config import ConfigError, load_settings
 from tickle.http import ApiError
+from tickle.listening import TickleListener
 from tickle.logs import setup_logging
 from tickle.messages import TaskServerCredentials, TaskServerRegister
 from tickle.metrics import ComponentMetrics
@@ -40,7 +41,6 @@ from tickle.taskserver.ns_sync import NsSync
 from tickle.taskserver.settings import TaskServerSettings
 from tickle.taskserver.state_reporter import StateReporter
 from tickle.taskserver.store import OUTBOX_FILE, Store
-from tickle.taskserver.tickle_listener import start_tickle_listener
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,14 @@ class TaskServer:
         self.sync = NsSync(self.ns, self.store, self.agents, settings.ns_check_interval_s)
         self.credentials: TaskServerCredentials | None = None
         self._ns_key: bytes | None = None
+        self.listener = TickleListener(
+            wire.TickleGuard(keys=self._key_of_sender, freshness_s=settings.freshness_window_s),
+            self.metrics,
+            on_tasks=functools.partial(self.sync.work.trigger, "tickle"),
+            on_settings=functools.partial(self.sync.settings.trigger, "tickle"),
+        )
         self.tickle_port = 0
         self.api_port = 0
-        self._tickle_transport: asyncio.DatagramTransport | None = None
         self._api_socket: socket.socket | None = None
         self._api: _Server | None = None
         self._api_task: asyncio.Task[None] | None = None
@@ -138,16 +143,7 @@ class TaskServer:
     async def start(self) -> None:
         """Bind, obtain credentials and state from the NS, start every loop."""
         s = self.settings
-        guard = wire.TickleGuard(keys=self._key_of_sender, freshness_s=s.freshness_window_s)
-        self._tickle_transport = await start_tickle_listener(
-            s.tickle_host,
-            s.tickle_port,
-            guard,
-            self.metrics,
-            on_tasks=functools.partial(self.sync.work.trigger, "tickle"),
-            on_settings=functools.partial(self.sync.settings.trigger, "tickle"),
-        )
-        self.tickle_port = int(self._tickle_transport.get_extra_info("sockname")[1])
+        _, self.tickle_port = await self.listener.start(s.tickle_host, s.tickle_port)
         self._api_socket = _bind_tcp(s.api_host, s.api_port)
         self.api_port = int(self._api_socket.getsockname()[1])
         log.info(
@@ -181,9 +177,7 @@ class TaskServer:
         if self._api_socket is not None:
             self._api_socket.close()
             self._api_socket = None
-        if self._tickle_transport is not None:
-            self._tickle_transport.close()
-            self._tickle_transport = None
+        self.listener.close()
         await self.sync.close()
         await self.agents.close()
         await self.forwarder.stop()
