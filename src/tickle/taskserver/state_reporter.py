@@ -28,8 +28,6 @@ class StateReporter:
         self._backoff = backoff or Backoff(base_s=1.0, max_s=30.0, tries=6)
         self._pending: dict[str, ComputerState] = {}
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -46,14 +44,7 @@ class StateReporter:
                 at=state.at,
             )
         self._pending[state.name] = state
-        self._idle.clear()
         self._wake.set()
-
-    async def idle(self, within_s: float) -> bool:
-        """Wait until every queued report was delivered or dropped (tests, shutdown)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), within_s)
-        return self._idle.is_set()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -69,7 +60,6 @@ class StateReporter:
                 batch = list(self._pending.values())
                 self._pending.clear()
                 await self._deliver(batch)
-            self._idle.set()
 
     async def _deliver(self, batch: list[ComputerState]) -> None:
         delays = self._backoff.delays()
