@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tickle import localdb
 from tickle.backoff import Backoff
+from tickle.messages import StatusEvent
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,13 @@ class OutboxForwarder:
         self._task = asyncio.create_task(self._run())
         self._wake.set()  # deliver what a previous run left behind
 
+    def queue(self, events: Iterable[StatusEvent]) -> None:
+        """Commit `events` to the outbox and forward them now."""
+        self._outbox.put_many((e.event_id, e.model_dump_json()) for e in events)
+        self.wake()
+
     def wake(self) -> None:
-        """Something was queued: forward now."""
+        """Something is waiting in the outbox: forward now."""
         self._idle.clear()
         self._wake.set()
 

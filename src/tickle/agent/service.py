@@ -87,7 +87,7 @@ class Agent:
         self.client = TaskServerClient(settings, self.state)
         self.forwarder = OutboxForwarder(self.outbox, self.client.events, self.metrics)
         self.executor = Executor(
-            settings.name, self.state, self.outbox, self.forwarder.wake, self.metrics,
+            settings.name, self.state, self.forwarder, self.metrics,
             output_tail_bytes=settings.output_tail_bytes,
         )  # fmt: skip
         default_policy = AgentPolicy(
