@@ -34,13 +34,16 @@ from tickle.logs import setup_logging
 from tickle.messages import TaskServerCredentials, TaskServerRegister
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
+from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.agent_tickler import AgentTickler
-from tickle.taskserver.api import ApiContext, create_app
+from tickle.taskserver.api import create_app
+from tickle.taskserver.enrollment import Enrollment
 from tickle.taskserver.ns_client import NsClient
 from tickle.taskserver.ns_sync import NsSync
 from tickle.taskserver.settings import TaskServerSettings
 from tickle.taskserver.state_reporter import StateReporter
 from tickle.taskserver.store import OUTBOX_FILE, Store
+from tickle.taskserver.work_cache import WorkCache
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +110,22 @@ class TaskServer:
         self.ns = NsClient(settings.ns_url, settings.ns_timeout_s, settings.ns_ca_file)
         self.reporter = StateReporter(self.ns)
         self.forwarder = OutboxForwarder(self.outbox, self.ns.send_events, self.metrics)
+        self.work_cache = WorkCache(self.store, self.forwarder, self.metrics)
         self.agents = AgentTickler(
             settings.name,
             self.store,
-            self.outbox,
-            self.forwarder.wake,
+            self.work_cache,
             self.reporter,
             self.metrics,
             settings.tickle_backoff(),
         )
-        self.sync = NsSync(self.ns, self.store, self.agents, settings.ns_check_interval_s)
+        self.sync = NsSync(
+            self.ns, self.store, self.work_cache, self.agents, settings.ns_check_interval_s
+        )
+        self.enrollment = Enrollment(settings, self.ns, self.store, self.sync)
+        self.agent_pulls = AgentPulls(
+            self.store, self.work_cache, self.agents, self.reporter, self.metrics
+        )
         self.credentials: TaskServerCredentials | None = None
         self._ns_key: bytes | None = None
         self.listener = TickleListener(
@@ -271,19 +280,15 @@ class TaskServer:
     # --- the API --------------------------------------------------------------------------------
 
     async def _start_api(self) -> None:
-        ctx = ApiContext(
-            settings=self.settings,
+        app = create_app(
             store=self.store,
-            outbox=self.outbox,
-            wake_forwarder=self.forwarder.wake,
-            ns=self.ns,
-            agents=self.agents,
-            reporter=self.reporter,
             metrics=self.metrics,
-            pull_work=functools.partial(self.sync.work.run, "check"),
+            enrollment=self.enrollment,
+            agent_pulls=self.agent_pulls,
+            work_cache=self.work_cache,
         )
         config = uvicorn.Config(
-            create_app(ctx), log_config=None, access_log=False, lifespan="off", ws="none",
+            app, log_config=None, access_log=False, lifespan="off", ws="none",
             ssl_certfile=self.settings.tls_cert_file, ssl_keyfile=self.settings.tls_key_file,
         )  # fmt: skip
         self._api = _Server(config)

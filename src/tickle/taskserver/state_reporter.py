@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from typing import Literal
 
 import aiohttp
 
 from tickle.backoff import Backoff
 from tickle.http import ApiError
-from tickle.messages import ComputerState
+from tickle.messages import ComputerState, TickleState
 from tickle.taskserver.ns_client import NsClient
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ class StateReporter:
         self._ns = ns
         self._backoff = backoff or Backoff(base_s=1.0, max_s=30.0, tries=6)
         self._pending: dict[str, ComputerState] = {}
+        self._tickle_states: dict[str, TickleState] = {}  # the last one told, per computer
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -45,6 +48,14 @@ class StateReporter:
             )
         self._pending[state.name] = state
         self._wake.set()
+
+    def tickle_state(self, name: str, state: Literal["reachable", "unreachable"]) -> None:
+        """Report that computer `name` turned tickle-reachable or tickle-unreachable."""
+        # unreachable is told every time (a new outage); reachable only when it changes
+        if state == "reachable" and self._tickle_states.get(name) == state:
+            return
+        self._tickle_states[name] = state
+        self.report(ComputerState(name=name, tickle_state=state, at=time.time()))
 
     async def close(self) -> None:
         if self._task is not None:
