@@ -25,6 +25,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from tickle import wire
 from tickle.backoff import Backoff
 
 _config_file: ContextVar[Path | None] = ContextVar("tickle_config_file", default=None)
@@ -86,7 +87,12 @@ class ComponentSettings(BaseSettings):
 # The window a tickle's send time must fall in, on every component that sends or receives them.
 FreshnessWindowS = Annotated[
     float,
-    Field(default=30.0, gt=0, le=3600, description="Tickles older or newer than this are stale"),
+    Field(
+        default=wire.DEFAULT_FRESHNESS_S,
+        gt=0,
+        le=3600,
+        description="Tickles older or newer than this are stale",
+    ),
 ]
 
 

@@ -12,13 +12,23 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
+from tickle import localdb
 from tickle.backoff import Backoff
+from tickle.messages import StatusEvent
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS outbox ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " event_id TEXT NOT NULL UNIQUE,"
+    " body TEXT NOT NULL,"
+    " queued_at REAL NOT NULL)",
+)
 
 SendBatch = Callable[[list[str]], Awaitable[list[str]]]
 """Send serialized events; return the ids the next hop accepted."""
@@ -28,22 +38,12 @@ class Outbox:
     """A table of serialized events keyed by event id, in SQLite with WAL and full sync."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS outbox ("
-            " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-            " event_id TEXT NOT NULL UNIQUE,"
-            " body TEXT NOT NULL,"
-            " queued_at REAL NOT NULL)"
-        )
+        self._db = localdb.connect(path, _SCHEMA, any_thread=True)
 
     def put_many(self, events: Iterable[tuple[str, str]]) -> int:
         """Queue (event_id, body) pairs in one transaction; duplicates are ignored."""
         now = time.time()
-        with self._transaction():
+        with localdb.transaction(self._db):
             cur = self._db.executemany(
                 "INSERT OR IGNORE INTO outbox (event_id, body, queued_at) VALUES (?, ?, ?)",
                 [(eid, body, now) for eid, body in events],
@@ -62,7 +62,7 @@ class Outbox:
         return [(str(r[0]), str(r[1])) for r in rows]
 
     def remove(self, event_ids: Iterable[str]) -> None:
-        with self._transaction():
+        with localdb.transaction(self._db):
             self._db.executemany(
                 "DELETE FROM outbox WHERE event_id = ?", [(eid,) for eid in event_ids]
             )
@@ -72,16 +72,6 @@ class Outbox:
 
     def close(self) -> None:
         self._db.close()
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
 
 class OutboxForwarder:
@@ -111,8 +101,13 @@ class OutboxForwarder:
         self._task = asyncio.create_task(self._run())
         self._wake.set()  # deliver what a previous run left behind
 
+    def queue(self, events: Iterable[StatusEvent]) -> None:
+        """Commit `events` to the outbox and forward them now."""
+        self._outbox.put_many((e.event_id, e.model_dump_json()) for e in events)
+        self.wake()
+
     def wake(self) -> None:
-        """Something was queued: forward now."""
+        """Something is waiting in the outbox: forward now."""
         self._idle.clear()
         self._wake.set()
 

@@ -26,6 +26,7 @@ MAX_DATAGRAM = 512
 _HEADER = struct.Struct("!3sBBB")  # magic, version, kind, sender_len
 _TAIL = struct.Struct("!QQ")  # seq, sent_at_ms
 MIN_DATAGRAM = _HEADER.size + 1 + _TAIL.size + MAC_LEN
+# the one default of every component's freshness_window_s (config.FreshnessWindowS)
 DEFAULT_FRESHNESS_S = 30.0
 
 

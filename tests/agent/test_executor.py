@@ -14,18 +14,23 @@ from tickle.agent.executor import Executor
 from tickle.agent.state import AgentState
 from tickle.messages import ExecutionWork, StatusEvent, TaskSpec
 from tickle.metrics import ComponentMetrics
-from tickle.outbox import Outbox
+from tickle.outbox import Outbox, OutboxForwarder
 
 
 @pytest.fixture
 def parts(tmp_path: Path) -> Iterator[tuple[Executor, AgentState, Outbox]]:
     state = AgentState(tmp_path / "agent.db")
     outbox = Outbox(tmp_path / "outbox.db")
-    executor = Executor("agent1", state, outbox, lambda: None, ComponentMetrics("agent"),
-                        output_tail_bytes=64)  # fmt: skip
+    metrics = ComponentMetrics("agent")
+    unstarted = OutboxForwarder(outbox, _never_sent, metrics)  # the events stay in the outbox
+    executor = Executor("agent1", state, unstarted, metrics, output_tail_bytes=64)
     yield executor, state, outbox
     outbox.close()
     state.close()
+
+
+async def _never_sent(bodies: list[str]) -> list[str]:
+    raise AssertionError("the forwarder is not started")
 
 
 def queued(outbox: Outbox) -> list[StatusEvent]:

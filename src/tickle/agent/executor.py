@@ -17,14 +17,13 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tickle.agent.state import AgentState
 from tickle.messages import OUTPUT_TAIL_MAX, ExecutionWork, PullVia, StatusEvent, TaskSpec
 from tickle.metrics import ComponentMetrics
-from tickle.outbox import Outbox
+from tickle.outbox import OutboxForwarder
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +47,14 @@ class Executor:
         self,
         computer: str,
         state: AgentState,
-        outbox: Outbox,
-        wake_forwarder: Callable[[], None],
+        forwarder: OutboxForwarder,
         metrics: ComponentMetrics,
         output_tail_bytes: int = OUTPUT_TAIL_MAX,
         work_dir: Path | None = None,
     ) -> None:
         self._computer = computer
         self._state = state
-        self._outbox = outbox
-        self._wake = wake_forwarder
+        self._forwarder = forwarder
         self._metrics = metrics
         self._tail_bytes = output_tail_bytes
         self._work_dir = work_dir
@@ -169,9 +166,7 @@ class Executor:
                 **fields,
             }
         )
-        self._outbox.put(event.event_id, event.model_dump_json())
-        self._metrics.outbox_depth.set(self._outbox.depth())
-        self._wake()
+        self._forwarder.queue([event])
 
 
 async def _read_tail(stream: asyncio.StreamReader, keep: int) -> bytes:

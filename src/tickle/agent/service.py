@@ -24,10 +24,10 @@ from tickle.agent.failover import Failover
 from tickle.agent.poller import Poller
 from tickle.agent.settings import AgentSettings
 from tickle.agent.state import AgentState
-from tickle.agent.tickle_listener import TickleListener
 from tickle.agent.ts_client import NotRegistered, TaskServerClient
 from tickle.backoff import Backoff
 from tickle.config import ConfigError, load_settings
+from tickle.listening import TickleListener
 from tickle.logs import setup_logging
 from tickle.messages import AgentPolicy
 from tickle.metrics import ComponentMetrics
@@ -87,7 +87,7 @@ class Agent:
         self.client = TaskServerClient(settings, self.state)
         self.forwarder = OutboxForwarder(self.outbox, self.client.events, self.metrics)
         self.executor = Executor(
-            settings.name, self.state, self.outbox, self.forwarder.wake, self.metrics,
+            settings.name, self.state, self.forwarder, self.metrics,
             output_tail_bytes=settings.output_tail_bytes,
         )  # fmt: skip
         default_policy = AgentPolicy(
@@ -116,13 +116,13 @@ class Agent:
             log.warning("execution %d was running when the agent stopped", execution_id)
             self.executor.report_interrupted(execution_id)
         await self.control.start(s.metrics_host, s.metrics_port)
-        if not s.cem:
+        if not s.cem:  # a CEM agent opens no tickle port at all: it polls
             self.listener = TickleListener(
-                keys=self.client.tickle_keys, metrics=self.metrics,
-                on_tasks=self._on_tasks_tickle, on_settings=self._on_settings_tickle,
-                freshness_s=s.freshness_window_s,
+                wire.TickleGuard(keys=self._tickle_key, freshness_s=s.freshness_window_s),
+                self.metrics, on_tasks=self._on_tasks_tickle, on_settings=self._on_settings_tickle,
             )  # fmt: skip
             self.tickle_addr = await self.listener.start(s.tickle_host, s.tickle_port)
+            log.info("tickle listener on %s:%d/udp", *self.tickle_addr)
         if not await self._register(stop):
             return
         self.forwarder.start()
@@ -212,10 +212,14 @@ class Agent:
         self.forwarder.wake()
         await self.poller.pull_quietly("poll")
 
-    def _on_tasks_tickle(self, tickle: wire.Tickle) -> None:
+    def _tickle_key(self, sender: str) -> bytes | None:
+        # looked up per datagram: a re-registration rotates the key without a restart
+        return self.client.tickle_keys().get(sender)
+
+    def _on_tasks_tickle(self) -> None:
         self.poller.trigger("tickle")
 
-    def _on_settings_tickle(self, tickle: wire.Tickle) -> None:
+    def _on_settings_tickle(self) -> None:
         task = asyncio.create_task(self._refresh_quietly())
         self._background.add(task)  # keep a reference until it is done
         task.add_done_callback(self._background.discard)

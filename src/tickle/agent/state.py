@@ -8,11 +8,11 @@ the next start, not run again.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tickle import localdb
 from tickle.messages import AgentPolicy
 
 _SCHEMA = (
@@ -42,12 +42,7 @@ class AgentState:
     """The agent's SQLite database (WAL, synchronous FULL) in its state directory."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        for statement in _SCHEMA:
-            self._db.execute(statement)
+        self._db = localdb.connect(path, _SCHEMA, any_thread=True)
 
     def close(self) -> None:
         self._db.close()

@@ -22,6 +22,7 @@ from tickle.messages import TsPullVia
 from tickle.taskserver.agent_tickler import AgentTickler
 from tickle.taskserver.ns_client import NsClient
 from tickle.taskserver.store import Store
+from tickle.taskserver.work_cache import WorkCache
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,16 @@ class NsSync:
     """Owns the work and settings pulls and the periodic NS check."""
 
     def __init__(
-        self, ns: NsClient, store: Store, agents: AgentTickler, default_interval_s: float
+        self,
+        ns: NsClient,
+        store: Store,
+        work_cache: WorkCache,
+        agents: AgentTickler,
+        default_interval_s: float,
     ) -> None:
         self._ns = ns
         self._store = store
+        self._work_cache = work_cache
         self._agents = agents
         self._default_interval_s = default_interval_s
         self.work = Coalesced("work pull", self._pull_work)
@@ -69,7 +76,8 @@ class NsSync:
         if any(w.computer not in known for w in work.executions):
             # an agent registered through another process or moved here: learn its key first
             await self.refresh_clients()
-        self._agents.apply_work(work)
+        self._work_cache.apply(work)
+        self._agents.tickle_pending()
 
     async def _pull_settings(self, via: TsPullVia) -> None:
         new = await self._ns.settings(via)

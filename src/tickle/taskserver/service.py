@@ -29,18 +29,21 @@ from tickle import wire
 from tickle.backoff import Backoff
 from tickle.config import ConfigError, load_settings
 from tickle.http import ApiError
+from tickle.listening import TickleListener
 from tickle.logs import setup_logging
 from tickle.messages import TaskServerCredentials, TaskServerRegister
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
+from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.agent_tickler import AgentTickler
-from tickle.taskserver.api import ApiContext, create_app
+from tickle.taskserver.api import create_app
+from tickle.taskserver.enrollment import Enrollment
 from tickle.taskserver.ns_client import NsClient
 from tickle.taskserver.ns_sync import NsSync
 from tickle.taskserver.settings import TaskServerSettings
 from tickle.taskserver.state_reporter import StateReporter
 from tickle.taskserver.store import OUTBOX_FILE, Store
-from tickle.taskserver.tickle_listener import start_tickle_listener
+from tickle.taskserver.work_cache import WorkCache
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +110,32 @@ class TaskServer:
         self.ns = NsClient(settings.ns_url, settings.ns_timeout_s, settings.ns_ca_file)
         self.reporter = StateReporter(self.ns)
         self.forwarder = OutboxForwarder(self.outbox, self.ns.send_events, self.metrics)
+        self.work_cache = WorkCache(self.store, self.forwarder, self.metrics)
         self.agents = AgentTickler(
             settings.name,
             self.store,
-            self.outbox,
-            self.forwarder.wake,
+            self.work_cache,
             self.reporter,
             self.metrics,
             settings.tickle_backoff(),
         )
-        self.sync = NsSync(self.ns, self.store, self.agents, settings.ns_check_interval_s)
+        self.sync = NsSync(
+            self.ns, self.store, self.work_cache, self.agents, settings.ns_check_interval_s
+        )
+        self.enrollment = Enrollment(settings, self.ns, self.store, self.sync)
+        self.agent_pulls = AgentPulls(
+            self.store, self.work_cache, self.agents, self.reporter, self.metrics
+        )
         self.credentials: TaskServerCredentials | None = None
         self._ns_key: bytes | None = None
+        self.listener = TickleListener(
+            wire.TickleGuard(keys=self._key_of_sender, freshness_s=settings.freshness_window_s),
+            self.metrics,
+            on_tasks=functools.partial(self.sync.work.trigger, "tickle"),
+            on_settings=functools.partial(self.sync.settings.trigger, "tickle"),
+        )
         self.tickle_port = 0
         self.api_port = 0
-        self._tickle_transport: asyncio.DatagramTransport | None = None
         self._api_socket: socket.socket | None = None
         self._api: _Server | None = None
         self._api_task: asyncio.Task[None] | None = None
@@ -138,16 +152,7 @@ class TaskServer:
     async def start(self) -> None:
         """Bind, obtain credentials and state from the NS, start every loop."""
         s = self.settings
-        guard = wire.TickleGuard(keys=self._key_of_sender, freshness_s=s.freshness_window_s)
-        self._tickle_transport = await start_tickle_listener(
-            s.tickle_host,
-            s.tickle_port,
-            guard,
-            self.metrics,
-            on_tasks=functools.partial(self.sync.work.trigger, "tickle"),
-            on_settings=functools.partial(self.sync.settings.trigger, "tickle"),
-        )
-        self.tickle_port = int(self._tickle_transport.get_extra_info("sockname")[1])
+        _, self.tickle_port = await self.listener.start(s.tickle_host, s.tickle_port)
         self._api_socket = _bind_tcp(s.api_host, s.api_port)
         self.api_port = int(self._api_socket.getsockname()[1])
         log.info(
@@ -181,9 +186,7 @@ class TaskServer:
         if self._api_socket is not None:
             self._api_socket.close()
             self._api_socket = None
-        if self._tickle_transport is not None:
-            self._tickle_transport.close()
-            self._tickle_transport = None
+        self.listener.close()
         await self.sync.close()
         await self.agents.close()
         await self.forwarder.stop()
@@ -277,19 +280,15 @@ class TaskServer:
     # --- the API --------------------------------------------------------------------------------
 
     async def _start_api(self) -> None:
-        ctx = ApiContext(
-            settings=self.settings,
+        app = create_app(
             store=self.store,
-            outbox=self.outbox,
-            wake_forwarder=self.forwarder.wake,
-            ns=self.ns,
-            agents=self.agents,
-            reporter=self.reporter,
             metrics=self.metrics,
-            pull_work=functools.partial(self.sync.work.run, "check"),
+            enrollment=self.enrollment,
+            agent_pulls=self.agent_pulls,
+            work_cache=self.work_cache,
         )
         config = uvicorn.Config(
-            create_app(ctx), log_config=None, access_log=False, lifespan="off", ws="none",
+            app, log_config=None, access_log=False, lifespan="off", ws="none",
             ssl_certfile=self.settings.tls_cert_file, ssl_keyfile=self.settings.tls_key_file,
         )  # fmt: skip
         self._api = _Server(config)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from typing import Literal
 
 import aiohttp
 
 from tickle.backoff import Backoff
 from tickle.http import ApiError
-from tickle.messages import ComputerState
+from tickle.messages import ComputerState, TickleState
 from tickle.taskserver.ns_client import NsClient
 
 log = logging.getLogger(__name__)
@@ -27,9 +29,8 @@ class StateReporter:
         self._ns = ns
         self._backoff = backoff or Backoff(base_s=1.0, max_s=30.0, tries=6)
         self._pending: dict[str, ComputerState] = {}
+        self._tickle_states: dict[str, TickleState] = {}  # the last one told, per computer
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -46,14 +47,15 @@ class StateReporter:
                 at=state.at,
             )
         self._pending[state.name] = state
-        self._idle.clear()
         self._wake.set()
 
-    async def idle(self, within_s: float) -> bool:
-        """Wait until every queued report was delivered or dropped (tests, shutdown)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), within_s)
-        return self._idle.is_set()
+    def tickle_state(self, name: str, state: Literal["reachable", "unreachable"]) -> None:
+        """Report that computer `name` turned tickle-reachable or tickle-unreachable."""
+        # unreachable is told every time (a new outage); reachable only when it changes
+        if state == "reachable" and self._tickle_states.get(name) == state:
+            return
+        self._tickle_states[name] = state
+        self.report(ComputerState(name=name, tickle_state=state, at=time.time()))
 
     async def close(self) -> None:
         if self._task is not None:
@@ -69,7 +71,6 @@ class StateReporter:
                 batch = list(self._pending.values())
                 self._pending.clear()
                 await self._deliver(batch)
-            self._idle.set()
 
     async def _deliver(self, batch: list[ComputerState]) -> None:
         delays = self._backoff.delays()

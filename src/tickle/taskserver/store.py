@@ -6,13 +6,12 @@ and local, so the calls are synchronous; each write is one short transaction.
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tickle import localdb
 from tickle.messages import ClientInfo, ExecutionWork, SettingsOut, TaskServerCredentials
 
 DB_FILE = "task-server.db"
@@ -72,13 +71,8 @@ class Store:
     """The task server's SQLite database in `state_dir`."""
 
     def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
         # one connection, used from the event loop's thread only (sqlite3 refuses other threads)
-        self._db = sqlite3.connect(state_dir / DB_FILE, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        for stmt in _SCHEMA:
-            self._db.execute(stmt)
+        self._db = localdb.connect(state_dir / DB_FILE, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()
@@ -101,7 +95,7 @@ class Store:
     # --- clients ------------------------------------------------------------------------------
 
     def save_client(self, client: Client) -> None:
-        with self._transaction():
+        with localdb.transaction(self._db):
             # a name registered anew replaces its old token
             self._db.execute("DELETE FROM clients WHERE name = ?", (client.name,))
             self._db.execute(
@@ -121,7 +115,7 @@ class Store:
     def replace_clients(self, infos: Iterable[ClientInfo]) -> None:
         """Make the client list the NS's, keeping the addresses this TS observed."""
         infos = list(infos)
-        with self._transaction():
+        with localdb.transaction(self._db):
             keep = {c.name for c in infos}
             for (name,) in self._db.execute("SELECT name FROM clients").fetchall():
                 if name not in keep:
@@ -159,7 +153,7 @@ class Store:
         now = time.time()
         listed = {w.execution_id: w for w in executions}
         new: list[int] = []
-        with self._transaction():
+        with localdb.transaction(self._db):
             known = {
                 int(r[0]): bool(r[1])
                 for r in self._db.execute("SELECT execution_id, listed FROM work")
@@ -207,7 +201,7 @@ class Store:
         """Set `agent_tickled`, `agent_pulled` or `done` on executions."""
         if flag not in ("agent_tickled", "agent_pulled", "done"):
             raise ValueError(f"unknown work flag {flag!r}")
-        with self._transaction():
+        with localdb.transaction(self._db):
             self._db.executemany(
                 f"UPDATE work SET {flag} = 1 WHERE execution_id = ?",  # noqa: S608 - checked above
                 [(eid,) for eid in execution_ids],
@@ -224,16 +218,6 @@ class Store:
             "INSERT OR REPLACE INTO settings (id, body) VALUES (1, ?)",
             (settings.model_dump_json(),),
         )
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
 
 def _client(row: tuple[object, ...]) -> Client:

@@ -1,0 +1,63 @@
+"""The agents' pulls at their task server: their tasks, and their configuration policy.
+
+Only a pull a tickle caused acknowledges that tickle (a poll does not: its tickle may have been
+dropped), and it does so before the work is read, so work cached after that point gets a tickle of
+its own. A pull from a new address is told to the NS (NAT shows as a difference).
+"""
+
+from __future__ import annotations
+
+import time
+
+from tickle import wire
+from tickle.messages import AgentPolicy, AgentTasks, ComputerState, PolicyVia, PullVia
+from tickle.metrics import ComponentMetrics
+from tickle.taskserver.agent_tickler import AgentTickler
+from tickle.taskserver.policy import policy_for
+from tickle.taskserver.state_reporter import StateReporter
+from tickle.taskserver.store import Client, Store
+from tickle.taskserver.work_cache import WorkCache
+
+
+class AgentPulls:
+    """Answers an agent's pulls from the work cache and the stored settings."""
+
+    def __init__(
+        self,
+        store: Store,
+        work_cache: WorkCache,
+        agents: AgentTickler,
+        reporter: StateReporter,
+        metrics: ComponentMetrics,
+    ) -> None:
+        self._store = store
+        self._work_cache = work_cache
+        self._agents = agents
+        self._reporter = reporter
+        self._metrics = metrics
+
+    def tasks(self, agent: Client, via: PullVia, peer: str | None) -> AgentTasks:
+        """The agent's unfinished executions and its policy; `peer`: the address it pulled from."""
+        if via == "tickle":
+            self._agents.ack(agent.name, wire.Kind.TASKS)
+        self._metrics.pulls.labels(via=via).inc()
+        if via == "poll":
+            self._metrics.polls.inc()
+        self._note_address(agent, peer)
+        executions = self._work_cache.pulled(agent.name, via)
+        return AgentTasks(executions=executions, policy=self._policy(agent))
+
+    def policy(self, agent: Client, via: PolicyVia) -> AgentPolicy:
+        """The agent's policy; a fetch the settings tickle caused acknowledges it."""
+        if via == "tickle":
+            self._agents.ack(agent.name, wire.Kind.SETTINGS)
+        return self._policy(agent)
+
+    def _policy(self, agent: Client) -> AgentPolicy:
+        return policy_for(self._store.settings(), agent.cem)
+
+    def _note_address(self, agent: Client, peer: str | None) -> None:
+        if peer is None or peer == agent.observed_address:
+            return
+        self._store.set_observed_address(agent.name, peer)
+        self._reporter.report(ComputerState(name=agent.name, observed_address=peer, at=time.time()))

@@ -1,0 +1,129 @@
+"""The work cache: the NS's unfinished work for this task server's agents, and its status events.
+
+A work pull from the NS reconciles the cache with the NS's list. What happens to cached work is
+reported to the NS as status events, each committed to the outbox before it counts: the hops the
+task server sees (`agent_tickled`, `agent_pulled`: once per execution) and the agents' own events
+(`finished` takes the execution out of the agent's pulls).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Literal
+
+from tickle.messages import ExecutionWork, PullVia, StatusEvent, WorkOut
+from tickle.metrics import ComponentMetrics
+from tickle.outbox import OutboxForwarder
+from tickle.taskserver.refusal import Refused
+from tickle.taskserver.store import CachedWork, Store
+
+log = logging.getLogger(__name__)
+
+AGENT_EVENT_KINDS = frozenset({"started", "step_finished", "finished"})
+
+
+class WorkCache:
+    """Keeps the cache in step with the NS and queues the status events of its executions."""
+
+    def __init__(self, store: Store, forwarder: OutboxForwarder, metrics: ComponentMetrics) -> None:
+        self._store = store
+        self._forwarder = forwarder
+        self._metrics = metrics
+
+    def apply(self, work: WorkOut) -> list[int]:
+        """A work pull came back: make the cache the NS's list; return the new execution ids."""
+        new = self._store.reconcile(work.executions)
+        if new:
+            log.info("work from the NS: %d new executions %s", len(new), new)
+        return new
+
+    def tickled(self, computer: str, first_sent: float) -> None:
+        """A tasks tickle went to `computer`: its work not yet reported tickled is, now."""
+        fresh = [w for w in self._store.pending_work(computer) if not w.agent_tickled]
+        self._hop("agent_tickled", computer, fresh, at=first_sent)
+
+    def pulled(self, computer: str, via: PullVia) -> list[ExecutionWork]:
+        """`computer` pulled: its pending work; what it pulls the first time is reported pulled."""
+        pending = self._store.pending_work(computer)
+        first = [w for w in pending if not w.agent_pulled]
+        self._hop("agent_pulled", computer, first, via=via)
+        return [w.work for w in pending]
+
+    def take_events(self, computer: str, events: list[StatusEvent]) -> list[str]:
+        """Cache the status events `computer` reports, durably, for the NS; return their ids.
+
+        An execution this task server does not hold is left to the NS; an event about another
+        computer, about an execution cached for another computer, or of a kind only the task
+        server reports is refused, and then none of the batch is cached.
+        """
+        for event in events:
+            self._check(computer, event)
+        now = time.time()
+        cached = [e.model_copy(update={"cached_at": now}) for e in events]
+        # durable before the answer: the agent drops its copy once we acknowledge
+        self._queue(cached, "done", [e.execution_id for e in cached if e.kind == "finished"])
+        for e in cached:
+            if e.kind == "finished" and e.status is not None:
+                self._metrics.executions.labels(status=e.status).inc()
+        return [e.event_id for e in cached]
+
+    def _check(self, computer: str, event: StatusEvent) -> None:
+        if event.computer != computer:
+            log.warning("agent %s sent event %s for computer %s: refused",
+                        computer, event.event_id, event.computer)  # fmt: skip
+            raise Refused(
+                403,
+                f"event {event.event_id} is for computer {event.computer!r}, not {computer!r}",
+            )
+        owner = self._store.work_owner(event.execution_id)
+        if owner is not None and owner != computer:
+            log.warning("agent %s sent event %s for %s's execution %d: refused",
+                        computer, event.event_id, owner, event.execution_id)  # fmt: skip
+            raise Refused(403, f"execution {event.execution_id} is not one of {computer!r}'s")
+        if event.kind not in AGENT_EVENT_KINDS:
+            raise Refused(
+                422,
+                f"event {event.event_id}: kind {event.kind!r} is reported by the task server,"
+                " not by agents",
+            )
+
+    def _hop(
+        self,
+        kind: Literal["agent_tickled", "agent_pulled"],
+        computer: str,
+        work: list[CachedWork],
+        at: float | None = None,
+        via: PullVia | None = None,
+    ) -> None:
+        """Report that `work` passed a hop of the task server's (kind: also its cache flag)."""
+        if not work:
+            return
+        now = time.time()
+        events = [
+            StatusEvent(
+                event_id=str(uuid.uuid4()),
+                execution_id=w.execution_id,
+                computer=computer,
+                kind=kind,
+                at=now if at is None else at,
+                cached_at=now,
+                via=via,
+            )
+            for w in work
+        ]
+        self._queue(events, kind, [w.execution_id for w in work])
+
+    def _queue(
+        self,
+        events: list[StatusEvent],
+        flag: Literal["agent_tickled", "agent_pulled", "done"],
+        flagged: list[int],
+    ) -> None:
+        """Queue `events` for the NS, set `flag` on the `flagged` executions, count the events."""
+        self._forwarder.queue(events)
+        if flagged:
+            self._store.mark(flag, flagged)
+        for e in events:
+            self._metrics.status_events.labels(kind=e.kind).inc()
