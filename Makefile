@@ -21,10 +21,11 @@ $(VENV)/.stamp: pyproject.toml requirements-dev.txt
 
 venv: $(VENV)/.stamp ## Create the development venv (Python >= 3.12 when present)
 
-lint: venv ## ruff, ruff format --check, mypy strict on src/
+lint: venv ## ruff, ruff format --check, mypy strict on src/, the import contracts (pyproject.toml)
 	$(BIN)/ruff check src tests bench molecule
 	$(BIN)/ruff format --check src tests bench molecule
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 unit: venv ## Unit tests
 	$(BIN)/pytest -q -m "not integration and not faults and not molecule"
@@ -47,7 +48,7 @@ bench: venv ## Benchmarks: latency per hop, 1,000-agent run-now; writes bench/re
 	$(PY) bench/run.py
 
 clean: ## Remove the venv and build output
-	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .grimp_cache
 
 docs: venv ## Regenerate the settings table in README.md from the settings classes
 	$(PY) scripts/settings_table.py --write

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from tickle.console import TIMELINE_STEPS, timeline_times
-from tickle.localfleet import TS_API_PORT, AgentSpec, LocalFleet
 from tickle.messages import FINAL_STATUSES, ExecutionOut, RunCreate, TaskCreate
+from tickle.testing.localfleet import TS_API_PORT, AgentSpec, LocalFleet
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "latest.md"

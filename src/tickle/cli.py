@@ -1,7 +1,8 @@
 """The `tickle` command: one subcommand per component, and the operator's commands on the NS API.
 
 A thin face: each component is imported only when its subcommand runs, so `tickle agent` works on
-an agent-only install.
+an agent-only install. Which NS the operator commands talk to is said once, before the command:
+`tickle [--ns-url URL] [--admin-token-file FILE] run ...` (or TICKLE_NS_URL etc.).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from tickle import console as con
@@ -31,8 +34,28 @@ from tickle.messages import (
 T = TypeVar("T")
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
+
+class _RootGroup(typer.core.TyperGroup):
+    """The `tickle` group; an NS option given after the command is told where it goes."""
+
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            # click's NoSuchOption, matched by name: typer may bring its own copy of click
+            option = getattr(exc, "option_name", None)
+            if type(exc).__name__ == "NoSuchOption" and any(option in p.opts for p in self.params):
+                exc.message = (  # type: ignore[attr-defined]
+                    f"{option} goes before the command: "
+                    f"tickle {option} ... {ctx.invoked_subcommand} ..."
+                )
+            raise
+
+
 app = typer.Typer(
-    help="Tickle: tickle task delivery for endpoint fleets.",
+    cls=_RootGroup,
+    help="Tickle: tickle task delivery for endpoint fleets. The options before the command say "
+    "which NS the operator commands talk to.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
@@ -109,46 +132,62 @@ agent_app.command("status", context_settings=PASS_THROUGH, help="Show the agent'
 
 # --- operator commands on the NS API ------------------------------------------------------------
 
-NsUrl = Annotated[str, typer.Option("--ns-url", envvar="TICKLE_NS_URL", help="NS API URL")]
-Token = Annotated[
-    str | None,
-    typer.Option(
-        "--admin-token", envvar="TICKLE_ADMIN_TOKEN", help="Admin token", show_default=False
-    ),
-]
-TokenFile = Annotated[
-    Path | None,
-    typer.Option(
-        "--admin-token-file",
-        envvar="TICKLE_ADMIN_TOKEN_FILE",
-        help="File holding the admin token (default: the local NS's generated one)",
-    ),
-]
-CaFile = Annotated[
-    Path | None,
-    typer.Option("--ca-file", envvar="TICKLE_CA_FILE", help="CA bundle to verify an https NS"),
-]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
 
 
-def _with_ns(
-    url: str,
-    token: str | None,
-    token_file: Path | None,
-    ca_file: Path | None,
-    work: Callable[[con.NsClient], Coroutine[Any, Any, T]],
-) -> T:
+@dataclass(frozen=True)
+class NsTarget:
+    """The NS the operator commands talk to, and how (the root options, kept in the context)."""
+
+    url: str
+    token: str | None
+    token_file: Path | None
+    ca_file: Path | None
+
+
+@app.callback()
+def ns_target(
+    ctx: typer.Context,
+    ns_url: Annotated[
+        str, typer.Option("--ns-url", envvar="TICKLE_NS_URL", help="The NS API URL")
+    ] = con.DEFAULT_NS_URL,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(
+            "--admin-token", envvar="TICKLE_ADMIN_TOKEN", help="Admin token", show_default=False
+        ),
+    ] = None,
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--admin-token-file",
+            envvar="TICKLE_ADMIN_TOKEN_FILE",
+            help="File holding the admin token (default: the local NS's generated one)",
+        ),
+    ] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option("--ca-file", envvar="TICKLE_CA_FILE", help="CA bundle to verify an https NS"),
+    ] = None,
+) -> None:
+    """Keep the NS target of the operator commands in the context."""
+    # Only kept here: the token is read when an operator command runs, so `tickle agent` never
+    # looks for one.
+    ctx.obj = NsTarget(ns_url, admin_token, admin_token_file, ca_file)
+
+
+def _with_ns(ctx: typer.Context, work: Callable[[con.NsClient], Coroutine[Any, Any, T]]) -> T:
+    target: NsTarget = ctx.obj  # set by the root callback, which runs before every command
     try:
-        resolved = con.resolve_admin_token(token, token_file)
+        token = con.resolve_admin_token(target.token, target.token_file)
 
         async def go() -> T:
-            async with con.NsClient(url, resolved, ca_file=ca_file) as client:
+            async with con.NsClient(target.url, token, ca_file=target.ca_file) as client:
                 return await work(client)
 
         return asyncio.run(go())
     except con.ConsoleError as exc:
-        err.print(f"[red]tickle: {exc}[/red]")
-        raise typer.Exit(1) from None
+        raise _failure("tickle", exc, 1) from None
 
 
 def _print_json(data: Any) -> None:
@@ -165,6 +204,7 @@ app.add_typer(settings_app, name="settings")
 
 @task_app.command("add")
 def task_add(
+    ctx: typer.Context,
     name: str,
     command: Annotated[
         str | None, typer.Option(help="Command line to run (split like a shell)")
@@ -173,15 +213,11 @@ def task_add(
         Path | None, typer.Option(help="Shell script file to run ('-': stdin)")
     ] = None,
     timeout: Annotated[float, typer.Option(help="Timeout in seconds")] = 300.0,
-    ns_url: NsUrl = con.DEFAULT_NS_URL,
-    admin_token: Token = None,
-    admin_token_file: TokenFile = None,
-    ca_file: CaFile = None,
     as_json: AsJson = False,
 ) -> None:
     """Define a task: a command or a script, with a timeout."""
     spec = _task_spec(name, command, script, timeout)
-    task = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.add_task(spec))
+    task = _with_ns(ctx, lambda c: c.add_task(spec))
     if as_json:
         _print_json(task.model_dump())
     else:
@@ -189,47 +225,33 @@ def task_add(
 
 
 @task_app.command("list")
-def task_list(
-    ns_url: NsUrl = con.DEFAULT_NS_URL,
-    admin_token: Token = None,
-    admin_token_file: TokenFile = None,
-    ca_file: CaFile = None,
-) -> None:
+def task_list(ctx: typer.Context) -> None:
     """List the tasks."""
-    tasks = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.tasks())
+    tasks = _with_ns(ctx, lambda c: c.tasks())
     _print_json([t.model_dump() for t in tasks])
 
 
 @job_app.command("add")
 def job_add(
+    ctx: typer.Context,
     name: str,
     task_ids: Annotated[list[int], typer.Argument(help="Task ids, in order")],
-    ns_url: NsUrl = con.DEFAULT_NS_URL,
-    admin_token: Token = None,
-    admin_token_file: TokenFile = None,
-    ca_file: CaFile = None,
 ) -> None:
     """Define a job from tasks, run in order, stopping at the first failure."""
-    job = _with_ns(ns_url, admin_token, admin_token_file, ca_file,
-        lambda c: c.add_job(JobCreate(name=name, task_ids=task_ids)),
-    )  # fmt: skip
+    job = _with_ns(ctx, lambda c: c.add_job(JobCreate(name=name, task_ids=task_ids)))
     out.print(f"job {job.id} {job.name!r} defined with tasks {job.task_ids}")
 
 
 @job_app.command("list")
-def job_list(
-    ns_url: NsUrl = con.DEFAULT_NS_URL,
-    admin_token: Token = None,
-    admin_token_file: TokenFile = None,
-    ca_file: CaFile = None,
-) -> None:
+def job_list(ctx: typer.Context) -> None:
     """List the jobs."""
-    jobs = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.jobs())
+    jobs = _with_ns(ctx, lambda c: c.jobs())
     _print_json([j.model_dump() for j in jobs])
 
 
 @app.command("run")
 def run_command(
+    ctx: typer.Context,
     computers: Annotated[list[str] | None, typer.Argument(help="Computers to run on")] = None,
     task: Annotated[int | None, typer.Option("--task", help="Task id")] = None,
     job: Annotated[int | None, typer.Option("--job", help="Job id")] = None,
@@ -239,16 +261,11 @@ def run_command(
     group: Annotated[list[str] | None, typer.Option("--group", help="Computer group")] = None,
     watch: Annotated[bool, typer.Option(help="Wait and show progress until all finish")] = True,
     wait_s: Annotated[float, typer.Option("--wait", help="How long to watch (s)")] = 300.0,
-    ns_url: NsUrl = con.DEFAULT_NS_URL,
-    admin_token: Token = None,
-    admin_token_file: TokenFile = None,
-    ca_file: CaFile = None,
     as_json: AsJson = False,
 ) -> None:
     """Run a task or job now on computers (and groups); watch until every target finished."""
     if sum(x is not None for x in (task, job, command)) != 1:
-        err.print("[red]tickle run: give exactly one of --task, --job or --command[/red]")
-        raise typer.Exit(2)
+        raise _failure("tickle run", "give exactly one of --task, --job or --command", 2)
 
     async def work(c: con.NsClient) -> RunOut:
         task_id = task
@@ -266,10 +283,9 @@ def run_command(
             return await c.wait_run(run.id, wait_s, progress)
 
     try:
-        run = _with_ns(ns_url, admin_token, admin_token_file, ca_file, work)
+        run = _with_ns(ctx, work)
     except ValueError as exc:
-        err.print(f"[red]tickle run: {exc}[/red]")
-        raise typer.Exit(2) from None
+        raise _failure("tickle run", exc, 2) from None
     _show_run(run, as_json)
     if watch and any(e.status not in FINAL_STATUSES for e in run.executions):
         raise typer.Exit(3)
@@ -279,12 +295,9 @@ def run_command(
 
 @app.command("watch")
 def watch_command(
+    ctx: typer.Context,
     run_id: int,
     wait_s: Annotated[float, typer.Option("--wait", help="How long to watch (s)")] = 300.0,
-    ns_url: NsUrl = con.DEFAULT_NS_URL,
-    admin_token: Token = None,
-    admin_token_file: TokenFile = None,
-    ca_file: CaFile = None,
     as_json: AsJson = False,
 ) -> None:
     """Watch a run's progress until every target finished."""
@@ -293,22 +306,17 @@ def watch_command(
         with con.progress_bar(err) as progress:
             return await c.wait_run(run_id, wait_s, progress)
 
-    _show_run(_with_ns(ns_url, admin_token, admin_token_file, ca_file, work), as_json)
+    _show_run(_with_ns(ctx, work), as_json)
 
 
 @app.command("timeline")
 def timeline_command(
+    ctx: typer.Context,
     execution_id: int,
-    ns_url: NsUrl = con.DEFAULT_NS_URL,
-    admin_token: Token = None,
-    admin_token_file: TokenFile = None,
-    ca_file: CaFile = None,
     as_json: AsJson = False,
 ) -> None:
     """Show one execution's nine-step timeline with the time spent in each hop."""
-    e = _with_ns(
-        ns_url, admin_token, admin_token_file, ca_file, lambda c: c.execution(execution_id)
-    )
+    e = _with_ns(ctx, lambda c: c.execution(execution_id))
     if as_json:
         _print_json(e.model_dump())
     else:
@@ -319,14 +327,11 @@ def timeline_command(
 
 @app.command("computers")
 def computers_command(
-    ns_url: NsUrl = con.DEFAULT_NS_URL,
-    admin_token: Token = None,
-    admin_token_file: TokenFile = None,
-    ca_file: CaFile = None,
+    ctx: typer.Context,
     as_json: AsJson = False,
 ) -> None:
     """List computers: task server, tickle-reachable / tickle-unreachable / CEM, NAT."""
-    items = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.computers())
+    items = _with_ns(ctx, lambda c: c.computers())
     if as_json:
         _print_json([i.model_dump() for i in items])
     else:
@@ -335,14 +340,11 @@ def computers_command(
 
 @app.command("task-servers")
 def task_servers_command(
-    ns_url: NsUrl = con.DEFAULT_NS_URL,
-    admin_token: Token = None,
-    admin_token_file: TokenFile = None,
-    ca_file: CaFile = None,
+    ctx: typer.Context,
     as_json: AsJson = False,
 ) -> None:
     """List task servers and whether tickles reach them."""
-    items = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.task_servers())
+    items = _with_ns(ctx, lambda c: c.task_servers())
     if as_json:
         _print_json([i.model_dump() for i in items])
     else:
@@ -351,14 +353,11 @@ def task_servers_command(
 
 @app.command("about")
 def about_command(
-    ns_url: NsUrl = con.DEFAULT_NS_URL,
-    admin_token: Token = None,
-    admin_token_file: TokenFile = None,
-    ca_file: CaFile = None,
+    ctx: typer.Context,
     as_json: AsJson = False,
 ) -> None:
     """Show what the NS is: version, database, schema revision, tickle dispatcher role."""
-    about = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.about())
+    about = _with_ns(ctx, lambda c: c.about())
     if as_json:
         _print_json(about.model_dump())
     else:
@@ -366,19 +365,15 @@ def about_command(
 
 
 @settings_app.command("show")
-def settings_show(
-    ns_url: NsUrl = con.DEFAULT_NS_URL,
-    admin_token: Token = None,
-    admin_token_file: TokenFile = None,
-    ca_file: CaFile = None,
-) -> None:
+def settings_show(ctx: typer.Context) -> None:
     """Show the central settings."""
-    s = _with_ns(ns_url, admin_token, admin_token_file, ca_file, lambda c: c.settings())
+    s = _with_ns(ctx, lambda c: c.settings())
     _print_json(s.model_dump())
 
 
 @settings_app.command("set")
 def settings_set(
+    ctx: typer.Context,
     interval: Annotated[
         int | None, typer.Option("--task-request-interval", help="Task Request Interval (s)")
     ] = None,
@@ -388,10 +383,6 @@ def settings_set(
     ts_check: Annotated[
         int | None, typer.Option("--ts-check-interval", help="Task servers' NS check (s)")
     ] = None,
-    ns_url: NsUrl = con.DEFAULT_NS_URL,
-    admin_token: Token = None,
-    admin_token_file: TokenFile = None,
-    ca_file: CaFile = None,
 ) -> None:
     """Change settings; task servers are tickled to pull them and hand them to their agents."""
     try:
@@ -401,11 +392,8 @@ def settings_set(
             ts_check_interval_s=ts_check,
         )
     except ValueError as exc:
-        err.print(f"[red]tickle settings set: {exc}[/red]")
-        raise typer.Exit(2) from None
-    s = _with_ns(
-        ns_url, admin_token, admin_token_file, ca_file, lambda c: c.update_settings(update)
-    )
+        raise _failure("tickle settings set", exc, 2) from None
+    s = _with_ns(ctx, lambda c: c.update_settings(update))
     _print_json(s.model_dump())
 
 
@@ -417,10 +405,22 @@ def _task_spec(name: str, command: str | None, script: Path | None, timeout: flo
             text = sys.stdin.read() if str(script) == "-" else script.read_text()
             return TaskCreate(name=name, script=text, timeout_s=timeout)
     except (ValueError, OSError) as exc:
-        err.print(f"[red]tickle: bad task: {exc}[/red]")
-        raise typer.Exit(2) from None
-    err.print("[red]tickle: give exactly one of --command or --script[/red]")
-    raise typer.Exit(2)
+        raise _failure("tickle: bad task", exc, 2) from None
+    raise _failure("tickle", "give exactly one of --command or --script", 2)
+
+
+def _failure(prefix: str, reason: str | Exception, code: int) -> typer.Exit:
+    """Say what went wrong in one line on stderr; the exit (with `code`) to raise."""
+    if isinstance(reason, ValidationError):
+        reason = "; ".join(_field_error(e["loc"], e["msg"]) for e in reason.errors())
+    # soft_wrap: one line however narrow the terminal; markup off: a reason may hold [brackets]
+    err.print(f"{prefix}: {reason}", style="red", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _field_error(loc: tuple[int | str, ...], msg: str) -> str:
+    msg = msg.removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError
+    return f"{'.'.join(map(str, loc))}: {msg}" if loc else msg
 
 
 def _show_run(run: RunOut, as_json: bool) -> None:

@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.rule import Rule
 
 from tickle import console as con
-from tickle.localfleet import AgentSpec, FleetError, LocalFleet
 from tickle.messages import FINAL_STATUSES, RunCreate, RunOut, SettingsUpdate, TaskCreate
+from tickle.testing.localfleet import AgentSpec, FleetError, LocalFleet
 
 out = Console(width=max(Console().width, 150))
 NORMAL = ["computer-a", "computer-b", "computer-c", "computer-d"]

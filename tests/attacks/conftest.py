@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from tests.integration.conftest import NET_BASE
-from tickle.localfleet import AgentSpec, LocalFleet
+from tickle.testing.localfleet import AgentSpec, LocalFleet
 
 # octets of 127.NET_BASE.X kept apart from fleet_factory's 10..249
 _OCTETS = iter(range(250, 256))

@@ -27,7 +27,7 @@ from tests.integration.conftest import eventually
 from tests.reliability import record
 from tickle import wire
 from tickle.agent.control import control_call
-from tickle.localfleet import AGENT_TICKLE_PORT, TS_TICKLE_PORT, AgentSpec, LocalFleet
+from tickle.testing.localfleet import AGENT_TICKLE_PORT, TS_TICKLE_PORT, AgentSpec, LocalFleet
 from tickle.wire import Kind, RejectReason
 
 FUZZ_PER_LISTENER = 10_000  # x 2 listeners

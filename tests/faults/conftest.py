@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import eventually, fleet_factory, metric  # noqa: F401
-from tickle.localfleet import LocalFleet
 from tickle.messages import RunCreate, TaskCreate
+from tickle.testing.localfleet import LocalFleet
 
 # the agent's events, and the task server's, each exactly once per execution
 AGENT_KINDS = ("started", "finished")

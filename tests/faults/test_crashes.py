@@ -11,7 +11,7 @@ import pytest
 
 from tests.integration.conftest import Factory, agent_ctl
 from tests.reliability import record
-from tickle.localfleet import AgentSpec
+from tickle.testing.localfleet import AgentSpec
 
 from .conftest import (
     AGENT_KINDS,

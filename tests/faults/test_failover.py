@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.conftest import Factory, agent_ctl
 from tests.reliability import record
-from tickle.localfleet import AgentSpec, LocalFleet
+from tickle.testing.localfleet import AgentSpec, LocalFleet
 
 from .conftest import (
     AGENT_KINDS,

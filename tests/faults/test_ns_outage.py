@@ -10,7 +10,7 @@ import pytest
 
 from tests.integration.conftest import Factory
 from tests.reliability import record
-from tickle.localfleet import AgentSpec, LocalFleet
+from tickle.testing.localfleet import AgentSpec, LocalFleet
 
 from .conftest import (
     Planned,

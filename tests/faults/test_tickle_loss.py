@@ -19,7 +19,7 @@ import pytest
 
 from tests.integration.conftest import Factory, metric
 from tests.reliability import record
-from tickle.localfleet import AGENT_TICKLE_PORT, TS_TICKLE_PORT, AgentSpec
+from tickle.testing.localfleet import AGENT_TICKLE_PORT, TS_TICKLE_PORT, AgentSpec
 
 from .conftest import Planned, Stopwatch, all_final, create_runs, marker_counts, ts_metric_sum
 

@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tickle.localfleet import AgentSpec, LocalFleet
 from tickle.messages import FINAL_STATUSES, RunCreate, RunOut, TaskCreate
+from tickle.testing.localfleet import AgentSpec, LocalFleet
 
 # what the fleet_factory fixture gives a test: start a fleet (task servers, agents, options)
 Factory = Callable[..., Awaitable[LocalFleet]]

@@ -14,8 +14,8 @@ import pytest
 
 from tickle import wire
 from tickle.console import timeline_times
-from tickle.localfleet import AgentSpec, LocalFleet
 from tickle.messages import JobCreate, RunCreate, SettingsUpdate, TaskCreate
+from tickle.testing.localfleet import AgentSpec, LocalFleet
 
 from .conftest import Factory, agent_ctl, eventually, metric, run_command, wait_run
 

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 
 from tests.reliability import record
-from tickle.devca import DevCa
-from tickle.localfleet import TS_API_PORT, AgentSpec, LocalFleet
+from tickle.testing.devca import DevCa
+from tickle.testing.localfleet import TS_API_PORT, AgentSpec, LocalFleet
 
 from .conftest import Factory, eventually, run_command, wait_run
 

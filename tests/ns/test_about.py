@@ -79,7 +79,7 @@ async def test_about_command_prints_the_database_of_a_running_ns(ns: Ns) -> None
     await about_when_dispatching(ns)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TICKLE_")}
     env["COLUMNS"] = "300"  # rich wraps table cells to the terminal width: keep the path whole
-    base = [sys.executable, "-m", "tickle", "about", "--ns-url", ns.url, "--admin-token", ADMIN]
+    base = [sys.executable, "-m", "tickle", "--ns-url", ns.url, "--admin-token", ADMIN, "about"]
     location = str(ns.settings.state_dir / "ns.db")
 
     table = await tickle(base, env)

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import NET_BASE, eventually, fleet_factory  # noqa: F401
 from tests.ns.conftest import ns_factory  # noqa: F401  (an in-process NS, e.g. on PostgreSQL)
-from tickle.localfleet import NS_API_PORT, AgentSpec, FleetError, LocalFleet
+from tickle.testing.localfleet import NS_API_PORT, AgentSpec, FleetError, LocalFleet
 
 START_DEADLINE_S = 30.0
 

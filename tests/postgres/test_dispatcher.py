@@ -16,7 +16,6 @@ from tests.integration.conftest import eventually, metric
 from tests.reliability import record
 from tickle import wire
 from tickle.console import NsClient, timeline_times
-from tickle.localfleet import AgentSpec
 from tickle.messages import (
     FINAL_STATUSES,
     RunCreate,
@@ -25,6 +24,7 @@ from tickle.messages import (
     TaskServerCredentials,
 )
 from tickle.ns.store import DISPATCHER_LOCK_KEY
+from tickle.testing.localfleet import AgentSpec
 
 from .conftest import PgServer, TwoNsFactory, TwoNsFleet, dispatcher_active
 

@@ -7,8 +7,8 @@ from alembic.script import ScriptDirectory
 
 from tests.integration.conftest import Factory, eventually, run_command, wait_run
 from tickle.console import timeline_times
-from tickle.localfleet import AgentSpec
 from tickle.ns.migrations import alembic_config
+from tickle.testing.localfleet import AgentSpec
 
 from .conftest import PgServer
 

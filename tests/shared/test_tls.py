@@ -17,11 +17,11 @@ from tests.reliability import record
 from tickle.agent.service import main as agent_main
 from tickle.agent.settings import AgentSettings
 from tickle.config import ConfigError, load_settings
-from tickle.devca import DevCa
 from tickle.ns.service import main as ns_main
 from tickle.ns.settings import NsSettings
 from tickle.taskserver.service import main as ts_main
 from tickle.taskserver.settings import TaskServerSettings
+from tickle.testing.devca import DevCa
 from tickle.tls import is_loopback
 
 SECRET = "--enrollment-secret=s3cret-s3cret-s3cret"

@@ -2,8 +2,10 @@
 
 Each component runs as its own process (`python -m tickle ...`) with its own state directory and
 loopback address (127.X.Y.N), with the default ports, so a fleet on one machine behaves like one
-on a network. Imports no component: it talks to them as an operator would. With `tls=True` the
-APIs speak HTTPS with certificates of a private CA made in the fleet root (needs `cryptography`).
+on a network. It talks to them as an operator would: over their APIs, and over the agents'
+control sockets through `tickle.agent.control`, the one component module it imports. With
+`tls=True` the APIs speak HTTPS with certificates of a private CA made in the fleet root (needs
+`cryptography`).
 """
 
 from __future__ import annotations
@@ -297,7 +299,7 @@ class LocalFleet:
         return [*args, *spec.extra]
 
     def _make_certificates(self) -> None:
-        from tickle.devca import DevCa  # dev-only dependency: imported only for a TLS fleet
+        from tickle.testing.devca import DevCa  # dev-only dependency: imported only for a TLS fleet
 
         ca = DevCa(self.root / "tls")
         self.ca_file = ca.ca_file

@@ -1,0 +1,123 @@
+"""The operator commands: the NS options go before the command, and an error is one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tickle import cli
+from tickle import console as con
+
+OPERATOR_COMMANDS = [
+    ["task", "add", "t1", "--command", "true"],
+    ["task", "list"],
+    ["job", "add", "j1", "1"],
+    ["job", "list"],
+    ["run", "pc1", "--task", "1"],
+    ["watch", "1"],
+    ["timeline", "1"],
+    ["computers"],
+    ["task-servers"],
+    ["about"],
+    ["settings", "show"],
+    ["settings", "set", "--task-request-interval", "60"],
+]
+NS_ENV = ("TICKLE_NS_URL", "TICKLE_ADMIN_TOKEN", "TICKLE_ADMIN_TOKEN_FILE", "TICKLE_CA_FILE")
+Target = tuple[str, str, Path | None]
+
+
+@pytest.fixture
+def reached(monkeypatch: pytest.MonkeyPatch) -> list[Target]:
+    """Where the commands sent their NS client: (url, token, CA file); every NS is unreachable."""
+    for name in NS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    seen: list[Target] = []
+
+    class UnreachableNs:
+        def __init__(self, url: str, token: str, ca_file: Path | None = None) -> None:
+            seen.append((url, token, ca_file))
+            self.url = url
+
+        async def __aenter__(self) -> UnreachableNs:
+            raise con.ConsoleError(f"cannot reach the NS at {self.url}")
+
+        async def __aexit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(con, "NsClient", UnreachableNs)
+    return seen
+
+
+@pytest.mark.parametrize("command", OPERATOR_COMMANDS, ids=" ".join)
+def test_ns_options_before_the_command_reach_every_operator_command(
+    reached: list[Target], command: list[str]
+) -> None:
+    url = "https://ns.example:50120"
+    options = ["--ns-url", url, "--admin-token", "t0ken", "--ca-file", "/etc/tickle/ca.pem"]
+
+    result = CliRunner().invoke(cli.app, [*options, *command])
+
+    assert reached == [(url, "t0ken", Path("/etc/tickle/ca.pem"))]
+    assert result.exit_code == 1
+    assert result.output == f"tickle: cannot reach the NS at {url}\n"
+
+
+def test_environment_sets_the_ns_target(reached: list[Target], tmp_path: Path) -> None:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("from-the-file\n")
+    env = {
+        "TICKLE_NS_URL": "https://ns.example:50120",
+        "TICKLE_ADMIN_TOKEN_FILE": str(token_file),
+        "TICKLE_CA_FILE": "/etc/tickle/ca.pem",
+    }
+
+    result = CliRunner().invoke(cli.app, ["about"], env=env)
+
+    assert result.exit_code == 1
+    assert reached == [("https://ns.example:50120", "from-the-file", Path("/etc/tickle/ca.pem"))]
+
+
+def test_an_ns_option_after_the_command_says_it_goes_before(reached: list[Target]) -> None:
+    result = CliRunner().invoke(cli.app, ["task", "list", "--ns-url", "https://ns.example:50120"])
+
+    assert result.exit_code == 2
+    assert "--ns-url goes before the command: tickle --ns-url ... task ..." in result.output
+    assert reached == []
+
+
+def test_a_missing_admin_token_is_one_line_naming_the_file(
+    reached: list[Target], tmp_path: Path
+) -> None:
+    missing = tmp_path / "a-directory-with-a-long-name-so-the-message-passes-80-columns" / "token"
+
+    result = CliRunner().invoke(cli.app, ["--admin-token-file", str(missing), "computers"])
+
+    assert result.exit_code == 1
+    assert result.output.startswith("tickle: no admin token: ")
+    assert str(missing) in result.output
+    assert result.output.count("\n") == 1
+    assert reached == []
+
+
+def test_an_invalid_setting_is_one_line_naming_the_field(reached: list[Target]) -> None:
+    result = CliRunner().invoke(cli.app, ["settings", "set", "--task-request-interval", "0"])
+
+    assert result.exit_code == 2
+    assert result.output.startswith("tickle settings set: task_request_interval_s: ")
+    assert result.output.count("\n") == 1
+    assert reached == []
+
+
+def test_the_components_take_their_own_ns_url_after_the_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `tickle task-server --ns-url` is the task server's setting, not the operator's NS option
+    argv: list[list[str]] = []
+    monkeypatch.setattr("tickle.taskserver.service.main", lambda args: argv.append(args) or 0)
+
+    result = CliRunner().invoke(cli.app, ["task-server", "--ns-url", "http://10.0.0.1:50120"])
+
+    assert result.exit_code == 0, result.output
+    assert argv == [["--ns-url", "http://10.0.0.1:50120"]]
