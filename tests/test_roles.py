@@ -65,7 +65,7 @@ def _options(role: str) -> dict[str, dict[str, Any]]:
 
 def test_there_are_roles() -> None:
     assert {"tickle_notification_server", "tickle_task_server", "tickle_client_task_agent",
-            "tickle_firewall", "tickle_install", "tickle_certificate"} <= set(ROLE_NAMES)  # fmt: skip
+            "tickle_firewall", "tickle_install", "tickle_certificate", "tickle_service"} <= set(ROLE_NAMES)  # fmt: skip
 
 
 @pytest.mark.parametrize("role", ROLE_NAMES)
