@@ -120,3 +120,37 @@ def _spec_problems(option: dict[str, Any], value: Any) -> list[str]:
     if choices is not None and not set(picked) <= set(choices):
         problems.append(f"default {value!r} outside the choices {choices}")
     return problems
+
+
+def _tasks(node: Any) -> list[dict[str, Any]]:
+    """Every task in a task file, blocks and handlers included."""
+    found = []
+    for task in node or []:
+        found.append(task)
+        for key in ("block", "rescue", "always"):
+            found += _tasks(task.get(key))
+    return found
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _notified(task: dict[str, Any]) -> list[str]:
+    names = _as_list(task.get("notify", []))
+    # What a role passes a shared role (tickle_install_notify, tickle_service_notify, ...).
+    for key, value in (task.get("vars") or {}).items():
+        if key.endswith("_notify"):
+            names += value
+    return [name for name in names if not _templated(name)]
+
+
+@pytest.mark.parametrize("role", ROLE_NAMES)
+def test_every_notified_handler_listens_in_the_role(role: str) -> None:
+    handlers_file = ROLES / role / "handlers" / "main.yml"
+    handlers = _tasks(yaml.safe_load(handlers_file.read_text())) if handlers_file.exists() else []
+    assert all(h.get("listen") for h in handlers), f"{role}: a handler without listen:"
+    topics = {h["name"] for h in handlers} | {t for h in handlers for t in _as_list(h["listen"])}
+    notified = {name for path in sorted((ROLES / role / "tasks").glob("*.yml"))
+                for task in _tasks(yaml.safe_load(path.read_text())) for name in _notified(task)}  # fmt: skip
+    assert notified <= topics, f"{role}: notifies {sorted(notified - topics)}, no handler listens"
