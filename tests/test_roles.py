@@ -1,6 +1,8 @@
 """The roles document every variable: each one in defaults/main.yml has a comment there and an
 entry in meta/argument_specs.yml (type, description, the same default, choices that admit it), and
-carries the role's name as its prefix."""
+carries the role's name as its prefix. A default computed on the controller (a template) stands in
+the argument spec as the very same template, marked !unsafe so the role's argument validation does
+not evaluate it (a lookup there would generate a secret the operator supplies)."""
 
 from __future__ import annotations
 
@@ -12,21 +14,58 @@ import yaml
 
 ROLES = Path(__file__).resolve().parent.parent / "roles"
 ROLE_NAMES = sorted(p.name for p in ROLES.iterdir() if (p / "defaults" / "main.yml").exists())
-TYPES = {"str": str, "bool": bool, "int": int, "float": (int, float), "list": list, "dict": dict}
+TYPES: dict[str, type | tuple[type, ...]] = {
+    "str": str,
+    "bool": bool,
+    "int": int,
+    "float": (int, float),
+    "list": list,
+    "dict": dict,
+}
+
+
+class Unsafe(str):
+    """A string tagged !unsafe: Ansible never templates it."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """Reads argument specs as Ansible does, keeping the !unsafe mark."""
+
+
+_SpecLoader.add_constructor(
+    "!unsafe",
+    lambda loader, node: Unsafe(loader.construct_scalar(node)),
+)
+
+
+def _templated(value: Any) -> bool:
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
 
 
 def _defaults(role: str) -> dict[str, Any]:
     return yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()) or {}
 
 
+def _entry_points(role: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """Options of each entry point (main, or the tasks_from files of a shared role)."""
+    text = (ROLES / role / "meta" / "argument_specs.yml").read_text()
+    specs = yaml.load(text, Loader=_SpecLoader)["argument_specs"]
+    return {entry: dict(spec.get("options") or {}) for entry, spec in specs.items()}
+
+
 def _options(role: str) -> dict[str, dict[str, Any]]:
-    specs = yaml.safe_load((ROLES / role / "meta" / "argument_specs.yml").read_text())
-    return dict(specs["argument_specs"]["main"]["options"])
+    options: dict[str, dict[str, Any]] = {}
+    for entry_options in _entry_points(role).values():
+        for name, option in entry_options.items():
+            assert options.setdefault(name, option) == option, (
+                f"{role}: {name} differs by entry point"
+            )
+    return options
 
 
 def test_there_are_roles() -> None:
     assert {"tickle_notification_server", "tickle_task_server", "tickle_client_task_agent",
-            "tickle_firewall", "tickle_install"} <= set(ROLE_NAMES)  # fmt: skip
+            "tickle_firewall", "tickle_install", "tickle_certificate", "tickle_service"} <= set(ROLE_NAMES)  # fmt: skip
 
 
 @pytest.mark.parametrize("role", ROLE_NAMES)
@@ -54,17 +93,64 @@ def test_every_default_has_a_comment(role: str) -> None:
 @pytest.mark.parametrize("role", ROLE_NAMES)
 def test_argument_specs_give_type_description_and_the_same_default(role: str) -> None:
     defaults = _defaults(role)
-    for name, option in _options(role).items():
-        assert option.get("description"), f"{role}: {name} has no description"
-        kind = option.get("type")
-        assert kind in {*TYPES, "path", "raw"}, f"{role}: {name} has type {kind!r}"
-        value = defaults.get(name)
-        if isinstance(value, str) and "{{" in value:
-            continue  # computed on the controller; the spec says in words what it is
-        assert option.get("default") == value, f"{role}: {name} defaults differ"
-        if kind in TYPES:
-            assert isinstance(value, TYPES[kind]), f"{role}: {name} is not a {kind}"
-        choices = option.get("choices")
-        if choices is not None:
-            picked = value if isinstance(value, list) else [value]
-            assert set(picked) <= set(choices), f"{role}: {name} default outside its choices"
+    problems = [f"{name}: {problem}" for name, option in _options(role).items()
+                for problem in _spec_problems(option, defaults.get(name))]  # fmt: skip
+    assert problems == [], f"{role}, meta/argument_specs.yml:\n" + "\n".join(problems)
+
+
+def _spec_problems(option: dict[str, Any], value: Any) -> list[str]:
+    """What an option's spec gets wrong about its default in defaults/main.yml."""
+    problems = []
+    if not option.get("description"):
+        problems.append("no description")
+    kind = option.get("type")
+    if kind not in {*TYPES, "path", "raw"}:
+        problems.append(f"type {kind!r}")
+    # Templated or not, the spec shows the default exactly as defaults/main.yml has it.
+    if option.get("default") != value:
+        problems.append(f"default {option.get('default')!r}, defaults/main.yml has {value!r}")
+    if _templated(value):
+        if not isinstance(option.get("default"), Unsafe):
+            problems.append("a templated default needs !unsafe (the validation would evaluate it)")
+        return problems  # its type and choices are the rendered value's, on the controller
+    if kind in TYPES and not isinstance(value, TYPES[kind]):
+        problems.append(f"default {value!r} is not a {kind}")
+    choices = option.get("choices")
+    picked = value if isinstance(value, list) else [value]
+    if choices is not None and not set(picked) <= set(choices):
+        problems.append(f"default {value!r} outside the choices {choices}")
+    return problems
+
+
+def _tasks(node: Any) -> list[dict[str, Any]]:
+    """Every task in a task file, blocks and handlers included."""
+    found = []
+    for task in node or []:
+        found.append(task)
+        for key in ("block", "rescue", "always"):
+            found += _tasks(task.get(key))
+    return found
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _notified(task: dict[str, Any]) -> list[str]:
+    names = _as_list(task.get("notify", []))
+    # What a role passes a shared role (tickle_install_notify, tickle_service_notify, ...).
+    for key, value in (task.get("vars") or {}).items():
+        if key.endswith("_notify"):
+            names += value
+    return [name for name in names if not _templated(name)]
+
+
+@pytest.mark.parametrize("role", ROLE_NAMES)
+def test_every_notified_handler_listens_in_the_role(role: str) -> None:
+    handlers_file = ROLES / role / "handlers" / "main.yml"
+    handlers = _tasks(yaml.safe_load(handlers_file.read_text())) if handlers_file.exists() else []
+    assert all(h.get("listen") for h in handlers), f"{role}: a handler without listen:"
+    topics = {h["name"] for h in handlers} | {t for h in handlers for t in _as_list(h["listen"])}
+    notified = {name for path in sorted((ROLES / role / "tasks").glob("*.yml"))
+                for task in _tasks(yaml.safe_load(path.read_text())) for name in _notified(task)}  # fmt: skip
+    assert notified <= topics, f"{role}: notifies {sorted(notified - topics)}, no handler listens"
