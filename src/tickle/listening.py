@@ -3,13 +3,15 @@
 Used by the task server (tickles from the NS) and the agent (tickles from its task server). A
 tickle carries no task: `tasks` makes the receiver pull its work at once, `settings` makes it pull
 its settings. Every datagram goes through the component's `TickleGuard` first; a rejected one is
-counted by reason and never causes a pull.
+counted by reason and never causes a pull. The guard keeps its senders' high-water marks in the
+component's database (`localdb.HighWaterMarks`), so a replay is rejected after a restart too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -58,6 +60,9 @@ class TickleListener(asyncio.DatagramProtocol):
         except wire.TickleRejected as exc:
             self._metrics.tickles_rejected.labels(reason=exc.reason.value).inc()
             log.info("tickle from %s rejected: %s", addr[0], exc)
+            return
+        except sqlite3.Error as exc:  # its replay mark was not saved: it must not count
+            log.error("tickle from %s dropped, its replay mark not saved: %s", addr[0], exc)
             return
         self._metrics.tickles_received.labels(kind=tickle.kind.name.lower()).inc()
         self.last_tickle_at = time.time()

@@ -2,7 +2,8 @@
 
 Standard library only (the agent imports it). Each database is one file in WAL mode with full sync,
 so a committed write survives a crash, and runs in autocommit: a write of several statements is
-made atomic with `transaction`.
+made atomic with `transaction`. `HighWaterMarks` keeps a tickle listener's replay marks in the
+database of its component.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from tickle import wire
 
 
 def connect(
@@ -40,3 +43,38 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+class HighWaterMarks:
+    """The tickle listener's high-water marks (`wire.MarkStore`): one row per sender.
+
+    Written through: every accepted tickle that raises its sender's mark commits it (one small
+    statement) before the tickle counts. Batching the writes would leave a window in which a crash
+    forgets an accepted tickle, and a copy replayed inside the freshness window would pull again:
+    the one case the marks are for. The cost stays small because only accepted tickles write, and
+    accepting needs the link's key: forged floods never touch the disk, and senders send at most
+    one tickle in flight per target and kind, each followed by a pull that costs far more.
+    """
+
+    _SCHEMA = (
+        # seq is a u64: kept as decimal text, past SQLite's signed INTEGER
+        "CREATE TABLE IF NOT EXISTS tickle_marks ("
+        " sender TEXT PRIMARY KEY, seq TEXT NOT NULL, sent_at_ms INTEGER NOT NULL)",
+    )
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        for statement in self._SCHEMA:
+            db.execute(statement)
+
+    def load(self) -> dict[str, wire.HighWaterMark]:
+        rows = self._db.execute("SELECT sender, seq, sent_at_ms FROM tickle_marks")
+        return {str(s): wire.HighWaterMark(int(q), int(t)) for s, q, t in rows}
+
+    def save(self, sender: str, mark: wire.HighWaterMark) -> None:
+        self._db.execute(
+            "INSERT INTO tickle_marks (sender, seq, sent_at_ms) VALUES (?, ?, ?)"
+            " ON CONFLICT (sender) DO UPDATE SET seq = excluded.seq,"
+            " sent_at_ms = excluded.sent_at_ms",
+            (sender, str(mark.seq), mark.sent_at_ms),
+        )

@@ -3,7 +3,8 @@
 A tickle says only "you have something to pull" (tasks pending, or settings changed); it never
 carries a task. Each datagram is authenticated with HMAC-SHA256 under the key of its link and
 carries sender id, kind, sequence number and send time, so a listener can reject forgeries,
-alterations, stale and replayed datagrams before anything is pulled.
+alterations, stale and replayed datagrams before anything is pulled, also after a restart (each
+sender's high-water mark is kept in the listener's database).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 MAGIC = b"TKL"
 VERSION = 1
@@ -137,21 +139,69 @@ class SequenceCounter:
         return next(self._counter)
 
 
+@dataclass(frozen=True, slots=True)
+class HighWaterMark:
+    """The highest sequence number and the latest send time a listener accepted from one sender.
+
+    A replay is a copy: it carries the sequence number and send time of a datagram accepted
+    before, so it is at or below both. A tickle above either is new, even with a lower sequence
+    number (another NS process took over dispatching, or a sender restarted after its clock was
+    stepped back): it was sent after everything accepted so far.
+    """
+
+    seq: int
+    sent_at_ms: int
+
+    def covers(self, tickle: Tickle) -> bool:
+        """Whether `tickle` may be a copy of one accepted up to this mark."""
+        return tickle.seq <= self.seq and tickle.sent_at_ms <= self.sent_at_ms
+
+    def raised_to(self, tickle: Tickle) -> HighWaterMark:
+        return HighWaterMark(max(self.seq, tickle.seq), max(self.sent_at_ms, tickle.sent_at_ms))
+
+
+class MarkStore(Protocol):
+    """Where a listener keeps its senders' high-water marks across restarts."""
+
+    def load(self) -> dict[str, HighWaterMark]:
+        """Every sender's mark as last saved."""
+        ...
+
+    def save(self, sender: str, mark: HighWaterMark) -> None:
+        """Make `mark` durable before returning; raise when it cannot."""
+        ...
+
+
 @dataclass
 class TickleGuard:
     """Rejects stale and replayed datagrams after authenticating them.
 
     Remembers the sequence numbers seen per sender inside the freshness window; anything older is
-    stale anyway, so memory stays bounded by the rate of valid tickles.
+    stale anyway, so memory stays bounded by the rate of valid tickles. With `marks`, what an
+    earlier process accepted is rejected too: each accepted tickle raises its sender's
+    high-water mark, saved before `check` returns it (so before its pull: a crash right after
+    cannot let a copy in), and a tickle covered by the mark loaded at start is a replay.
     """
 
     keys: Callable[[str], bytes | None] | Mapping[str, bytes]
     freshness_s: float = DEFAULT_FRESHNESS_S
     clock: Callable[[], float] = time.time
+    marks: MarkStore | None = None
     _seen: dict[str, tuple[set[int], deque[tuple[float, int]]]] = field(default_factory=dict)
+    _marks_at_start: dict[str, HighWaterMark] = field(default_factory=dict)
+    _marks_now: dict[str, HighWaterMark] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.marks is not None:
+            self._marks_at_start = self.marks.load()
+            self._marks_now = dict(self._marks_at_start)
 
     def check(self, datagram: bytes) -> Tickle:
-        """Return the verified, fresh, first-seen tickle, or raise TickleRejected."""
+        """Return the verified, fresh, first-seen tickle, or raise TickleRejected.
+
+        Raises whatever `marks.save` raises when the mark cannot be kept: the tickle is then not
+        accepted (its sender resends).
+        """
         tickle = decode(datagram, self.keys)
         now = self.clock()
         age = now - tickle.sent_at
@@ -160,11 +210,29 @@ class TickleGuard:
                 RejectReason.STALE,
                 f"sent {age:.1f}s from now, outside the {self.freshness_s:.0f}s window",
             )
+        earlier = self._marks_at_start.get(tickle.sender)
+        if earlier is not None and earlier.covers(tickle):
+            raise TickleRejected(
+                RejectReason.REPLAYED,
+                f"seq {tickle.seq} from {tickle.sender!r} was possibly accepted before a restart",
+            )
         seen, order = self._seen.setdefault(tickle.sender, (set(), deque()))
         while order and now - order[0][0] > 2 * self.freshness_s:
             seen.discard(order.popleft()[1])
         if tickle.seq in seen:
             raise TickleRejected(RejectReason.REPLAYED, f"seq {tickle.seq} from {tickle.sender!r}")
+        self._raise_mark(tickle)
         seen.add(tickle.seq)
         order.append((now, tickle.seq))
         return tickle
+
+    def _raise_mark(self, tickle: Tickle) -> None:
+        if self.marks is None:
+            return
+        mark = self._marks_now.get(tickle.sender)
+        raised = (
+            HighWaterMark(tickle.seq, tickle.sent_at_ms) if mark is None else mark.raised_to(tickle)
+        )
+        if raised != mark:  # a reordered datagram below the mark writes nothing
+            self.marks.save(tickle.sender, raised)
+            self._marks_now[tickle.sender] = raised

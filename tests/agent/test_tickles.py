@@ -132,6 +132,25 @@ async def test_replayed_tickle_causes_no_second_pull(
         assert len(fake_ts.pulls("tickle")) == 2
 
 
+async def test_replayed_tickle_is_rejected_after_the_agent_restarts(
+    fake_ts: FakeTaskServer, settings_for: Callable[..., AgentSettings]
+) -> None:
+    settings = settings_for(fake_ts)  # the same state dir and tickle port for both runs
+    async with running_agent(settings) as agent:
+        with tickle_sender(agent, fake_ts) as sender:
+            captured = sender.tickle()
+            await eventually(lambda: len(fake_ts.pulls("tickle")) == 1, what="the tickled pull")
+    async with running_agent(settings) as agent:
+        with tickle_sender(agent, fake_ts) as sender:
+            sender.send(captured)
+            await eventually(lambda: rejected(agent, "replayed") == 1, what="replay counted")
+        # a restarted task server: a new sender whose sequence starts anew, higher
+        with tickle_sender(agent, fake_ts) as restarted:
+            restarted.tickle()
+            await eventually(lambda: len(fake_ts.pulls("tickle")) == 2, what="the new pull")
+    assert len(fake_ts.pulls("tickle")) == 2
+
+
 async def test_settings_tickle_refreshes_policy_without_pulling_tasks(
     fake_ts: FakeTaskServer, settings_for: Callable[..., AgentSettings]
 ) -> None:

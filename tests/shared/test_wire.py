@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
 import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tickle import wire
+from tickle import localdb, wire
 from tickle.wire import Kind, RejectReason, TickleGuard, TickleRejected
 
 KEY = b"k" * 32
@@ -72,6 +75,73 @@ def test_reordered_tickles_within_the_window_are_both_accepted() -> None:
     guard = TickleGuard(KEYS, clock=Clock(1000))
     guard.check(make(seq=9))
     assert guard.check(make(seq=8)).seq == 8
+
+
+MarksIn = Callable[[Path], localdb.HighWaterMarks]
+
+
+@pytest.fixture
+def marks_in() -> Iterator[MarksIn]:
+    """The high-water marks in a SQLite file, opened as a (re)started process opens them."""
+    opened: list[sqlite3.Connection] = []
+
+    def open_marks(path: Path) -> localdb.HighWaterMarks:
+        opened.append(localdb.connect(path))
+        return localdb.HighWaterMarks(opened[-1])
+
+    yield open_marks
+    for db in opened:
+        db.close()
+
+
+def test_replay_after_a_restart_is_rejected_as_replayed(tmp_path: Path, marks_in: MarksIn) -> None:
+    datagram = make(seq=7)
+    TickleGuard(KEYS, clock=Clock(1000), marks=marks_in(tmp_path / "a.db")).check(datagram)
+    restarted = TickleGuard(KEYS, clock=Clock(1001), marks=marks_in(tmp_path / "a.db"))
+    assert reason_of(restarted, datagram) is RejectReason.REPLAYED
+    assert reason_of(restarted, make(seq=6, at=999)) is RejectReason.REPLAYED  # sent before it
+
+
+def test_after_a_restart_a_restarted_senders_tickles_are_accepted(
+    tmp_path: Path, marks_in: MarksIn
+) -> None:
+    TickleGuard(KEYS, clock=Clock(1000), marks=marks_in(tmp_path / "a.db")).check(make(seq=7))
+    restarted = TickleGuard(KEYS, clock=Clock(1002), marks=marks_in(tmp_path / "a.db"))
+    assert restarted.check(make(seq=8, at=1001)).seq == 8  # the same sender goes on
+    assert restarted.check(make(seq=900, at=1000)).seq == 900  # a restarted sender: higher seq
+    # a lower sequence sent later (another NS process took over dispatching, or the sender's
+    # clock was stepped back before it restarted) is no copy of anything accepted before
+    assert restarted.check(make(seq=3, at=1002)).seq == 3
+
+
+class Unwritable:
+    """A mark store on a broken disk."""
+
+    def load(self) -> dict[str, wire.HighWaterMark]:
+        return {}
+
+    def save(self, sender: str, mark: wire.HighWaterMark) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_a_tickle_whose_mark_cannot_be_saved_is_not_accepted() -> None:
+    guard = TickleGuard(KEYS, clock=Clock(1000), marks=Unwritable())
+    with pytest.raises(sqlite3.OperationalError):
+        guard.check(make(seq=7))
+
+
+def test_marks_keep_the_highest_sequence_and_latest_send_time_of_each_sender(
+    tmp_path: Path, marks_in: MarksIn
+) -> None:
+    keys = {"ns": KEY, "ts1": KEY}
+    guard = TickleGuard(keys, clock=Clock(1000), marks=marks_in(tmp_path / "a.db"))
+    for seq, at in [(5, 999.0), (2**64 - 1, 998.0), (6, 1001.0)]:
+        guard.check(make(seq=seq, at=at))
+    guard.check(make(seq=3, sender="ts1"))
+    assert marks_in(tmp_path / "a.db").load() == {
+        "ns": wire.HighWaterMark(seq=2**64 - 1, sent_at_ms=1_001_000),
+        "ts1": wire.HighWaterMark(seq=3, sent_at_ms=1_000_000),
+    }
 
 
 @pytest.mark.parametrize("skew", [-31.0, 31.0])

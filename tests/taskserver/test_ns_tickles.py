@@ -91,6 +91,26 @@ async def test_replayed_tickle_is_rejected_and_pulls_only_once(
     assert h.ns.count("work") == pulls + 1
 
 
+async def test_replayed_tickle_is_rejected_after_the_task_server_restarts(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    datagram = h.ns.tickle()
+    h.send_tickle(datagram)
+    await wait_until(lambda: h.ns.vias("work").count("tickle") == 1, what="the tickled pull")
+    await h.stop()
+    await h.start()  # on the same state dir
+    await wait_until(lambda: h.ns.vias("work").count("start") == 2, what="the pull at restart")
+
+    h.send_tickle(datagram)
+    await wait_until(lambda: _sample(h, "replayed"), what="the replay to be counted")
+    # a restarted NS: its sequence starts anew, higher
+    h.send_tickle(h.ns.tickle(seq=wire.SequenceCounter().next()))
+    await wait_until(lambda: h.ns.vias("work").count("tickle") == 2, what="the new tickle's pull")
+    assert await metric(h, "tickle_tickles_rejected_total", reason="replayed") == 1
+    assert await metric(h, "tickle_tickles_received_total", kind="tasks") == 1
+
+
 async def test_burst_of_tickles_is_coalesced_into_at_most_two_pulls(
     task_server: TaskServerHarness,
 ) -> None:

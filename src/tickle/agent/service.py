@@ -118,7 +118,8 @@ class Agent:
         await self.control.start(s.metrics_host, s.metrics_port)
         if not s.cem:  # a CEM agent opens no tickle port at all: it polls
             self.listener = TickleListener(
-                wire.TickleGuard(keys=self._tickle_key, freshness_s=s.freshness_window_s),
+                wire.TickleGuard(keys=self._tickle_key, freshness_s=s.freshness_window_s,
+                                 marks=self.state.tickle_marks),
                 self.metrics, on_tasks=self._on_tasks_tickle, on_settings=self._on_settings_tickle,
             )  # fmt: skip
             self.tickle_addr = await self.listener.start(s.tickle_host, s.tickle_port)

@@ -1,4 +1,5 @@
-"""The agent's durable state in SQLite: credentials, policy, and the executions it claimed.
+"""The agent's durable state in SQLite: credentials, policy, the executions it claimed, and the
+high-water marks of the tickles its listener accepted (replay protection across restarts).
 
 Claiming an execution is one atomic INSERT keyed by its id: whichever pull (tickle, poll or check
 now) claims it first runs it, every other pull that returns it skips it, also across restarts. A
@@ -43,6 +44,7 @@ class AgentState:
 
     def __init__(self, path: Path) -> None:
         self._db = localdb.connect(path, _SCHEMA, any_thread=True)
+        self.tickle_marks = localdb.HighWaterMarks(self._db)
 
     def close(self) -> None:
         self._db.close()

@@ -129,7 +129,11 @@ class TaskServer:
         self.credentials: TaskServerCredentials | None = None
         self._ns_key: bytes | None = None
         self.listener = TickleListener(
-            wire.TickleGuard(keys=self._key_of_sender, freshness_s=settings.freshness_window_s),
+            wire.TickleGuard(
+                keys=self._key_of_sender,
+                freshness_s=settings.freshness_window_s,
+                marks=self.store.tickle_marks,
+            ),
             self.metrics,
             on_tasks=functools.partial(self.sync.work.trigger, "tickle"),
             on_settings=functools.partial(self.sync.settings.trigger, "tickle"),

@@ -1,4 +1,6 @@
-"""The task server's own state in SQLite (WAL): NS credentials, clients, work cache, settings.
+"""The task server's own state in SQLite (WAL): NS credentials, clients, work cache, settings,
+and the high-water mark of the NS tickles its listener accepted (replay protection across
+restarts).
 
 The status-event outbox lives in its own file (`tickle.outbox.Outbox`). Everything here is small
 and local, so the calls are synchronous; each write is one short transaction.
@@ -73,6 +75,7 @@ class Store:
     def __init__(self, state_dir: Path) -> None:
         # one connection, used from the event loop's thread only (sqlite3 refuses other threads)
         self._db = localdb.connect(state_dir / DB_FILE, _SCHEMA)
+        self.tickle_marks = localdb.HighWaterMarks(self._db)
 
     def close(self) -> None:
         self._db.close()
