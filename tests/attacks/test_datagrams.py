@@ -3,15 +3,19 @@
 Forged, altered, replayed, stale, truncated, oversized, wrong-version, unknown-kind and
 unknown-sender tickles are each rejected and counted by reason in /metrics and never cause a pull;
 then a bounded fuzz run of mutated datagrams over real UDP: all rejected, the counters add up to
-what was sent, no pull, and the listener still answers a valid tickle.
+what was sent, no pull, and the listener still answers a valid tickle. A tickle captured before
+a receiver crashed is rejected as replayed after its restart, while restarted senders' tickles
+still get through.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import random
+import signal
 import socket
 import struct
 import time
@@ -23,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.attacks.conftest import call, read_sqlite_one, start_fleet, stop_fleet
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, run_command, wait_run
 from tests.reliability import record
 from tickle import wire
 from tickle.agent.control import control_call
@@ -53,6 +57,7 @@ class Target:
     pulls_url: str  # /metrics of the side that is pulled from (counts pulls)
     pulls_metric: str
     last_pull: object  # async () -> float | None
+    proc: str  # its process in the fleet
 
     async def counters(self) -> dict[str, float]:
         mine = await _samples(self.metrics_url)
@@ -66,6 +71,8 @@ class Target:
         )
         out["pulls"] = sum(v for (n, _), v in pulled.items() if n == self.pulls_metric)
         out["own_pulls"] = sum(v for (n, _), v in mine.items() if n == "tickle_pulls_total")
+        out["tickle_pulls"] = pulled.get((self.pulls_metric, "tickle"), 0.0)
+        out["start_pulls"] = pulled.get((self.pulls_metric, "start"), 0.0)
         return out
 
 
@@ -134,14 +141,35 @@ async def _lab(fleet: LocalFleet, metrics_port: int) -> Lab:
     ts = Target(
         "task server", (fleet.ts_hosts["ts1"], TS_TICKLE_PORT), ts_creds["ns_id"],
         base64.b64decode(ts_creds["tickle_key"]), fleet.ts_url("ts1"), fleet.ns_url,
-        "tickle_pulls_total", ts_last_pull,
+        "tickle_pulls_total", ts_last_pull, "ts1",
     )  # fmt: skip
     agent = Target(
         "agent", (fleet.agent_hosts["a1"], AGENT_TICKLE_PORT), ts_name,
         base64.b64decode(agent_key), f"http://127.0.0.1:{metrics_port}", fleet.ts_url("ts1"),
-        "tickle_pulls_total", agent_last_pull,
+        "tickle_pulls_total", agent_last_pull, "a1",
     )  # fmt: skip
     return Lab(fleet, ts, agent)
+
+
+async def restart(lab: Lab, t: Target, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Stop the target's process with `sig` (SIGKILL: a crash), start it again on its state dir,
+    and wait until it serves and made the pull it makes at start."""
+    fleet = lab.fleet
+    popen = fleet.procs[t.proc].popen
+    assert popen is not None
+    before = await t.counters()
+    fleet.signal(t.proc, sig)
+    assert await asyncio.to_thread(popen.wait, 15) is not None
+    fleet.spawn(t.proc)
+    if t is lab.ts:
+        await fleet.wait_healthy(fleet.ts_url(t.proc), t.proc, 30)
+
+        async def pulled_at_start() -> bool:
+            return (await t.counters())["start_pulls"] > before["start_pulls"]
+
+        await eventually(pulled_at_start, 15, "the restarted task server's pull at start")
+    else:
+        await fleet.wait_first_pull([t.proc], 30)
 
 
 class Sender:
@@ -294,6 +322,25 @@ def mutants(t: Target, rng: random.Random) -> Iterator[tuple[str, bytes]]:
             yield "wrong key", wire.encode(Kind.TASKS, t.sender, next(_seq), rng.randbytes(32))
 
 
+async def send_rejected(
+    t: Target, sender: Sender, datagrams: list[bytes], base: dict[str, float]
+) -> int:
+    """Send `datagrams` in batches, each batch counted as rejected before the next is sent."""
+    sent = 0
+    for start in range(0, len(datagrams), BATCH):
+        for datagram in datagrams[start : start + BATCH]:
+            sender.send(datagram)
+            sent += 1
+
+        async def caught_up(target: int = sent) -> bool:
+            now = await t.counters()
+            got = sum(now[k] - base[k] for k in now if k.startswith("rejected:"))
+            return got >= target
+
+        await eventually(caught_up, 10, f"{sent} rejections counted", every_s=0.005)
+    return sent
+
+
 def predicted_reason(t: Target, datagram: bytes) -> RejectReason | None:
     try:
         wire.TickleGuard({t.sender: t.key}).check(datagram)
@@ -319,26 +366,15 @@ async def test_fuzzed_datagrams_are_all_rejected_counted_and_never_pull(
     try:
         base = await t.counters()
         base_last_pull = await t.last_pull()  # type: ignore[operator]
-        sent = 0
-        while sent < FUZZ_PER_LISTENER:
-            batch = []
-            while len(batch) < min(BATCH, FUZZ_PER_LISTENER - sent):
-                label, datagram = next(stream)
-                reason = predicted_reason(t, datagram)
-                assert reason is not None, f"a mutant ({label}) is a valid tickle: {datagram!r}"
-                batch.append(datagram)
-                expected[reason] += 1
-                damage[label] += 1
-            for datagram in batch:
-                sender.send(datagram)
-            sent += len(batch)
-
-            async def caught_up(target: int = sent) -> bool:
-                now = await t.counters()
-                got = sum(now[k] - base[k] for k in now if k.startswith("rejected:"))
-                return got >= target
-
-            await eventually(caught_up, 10, f"{sent} rejections counted", every_s=0.005)
+        datagrams = []
+        while len(datagrams) < FUZZ_PER_LISTENER:
+            label, datagram = next(stream)
+            reason = predicted_reason(t, datagram)
+            assert reason is not None, f"a mutant ({label}) is a valid tickle: {datagram!r}"
+            datagrams.append(datagram)
+            expected[reason] += 1
+            damage[label] += 1
+        sent = await send_rejected(t, sender, datagrams, base)
         await asyncio.sleep(QUIET_S)
         after = await t.counters()
         last_pull = await t.last_pull()  # type: ignore[operator]
@@ -371,3 +407,100 @@ async def test_fuzzed_datagrams_are_all_rejected_counted_and_never_pull(
     assert after["own_pulls"] == base["own_pulls"]
     assert last_pull == base_last_pull
     assert served["pulls"] == after["pulls"] + 1
+
+
+@pytest.mark.attacks
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("which", ["ts", "agent"])
+async def test_tickle_replayed_after_the_receiver_restarts_is_rejected_and_causes_no_pull(
+    lab: Lab, which: str
+) -> None:
+    t: Target = getattr(lab, which)
+    sender = Sender(t.addr)
+    try:
+        before = await t.counters()
+        captured = valid(t)
+        sender.send(captured)
+        captured_at = time.monotonic()
+
+        async def pulled() -> bool:
+            return (await t.counters())["tickle_pulls"] > before["tickle_pulls"]
+
+        await eventually(pulled, 15, f"the {t.name} to pull after the captured tickle")
+        await restart(lab, t)  # SIGKILLed right after the pull: a crash
+        base = await t.counters()
+        sender.send(captured)
+        replayed_after_s = time.monotonic() - captured_at
+
+        async def rejected() -> bool:
+            return (await t.counters())["rejected:replayed"] > base["rejected:replayed"]
+
+        with contextlib.suppress(pytest.fail.Exception):  # the outcome is recorded either way
+            await eventually(rejected, 5, "the replay to be counted as replayed")
+        await asyncio.sleep(QUIET_S)  # a pull the replay caused would show by now
+        after = await t.counters()
+        # a tickle sent after the restart still gets through
+        served = await _tickle_and_wait_for_pull(t, sender)
+    finally:
+        sender.close()
+    replays_rejected = int(after["rejected:replayed"] - base["rejected:replayed"])
+    pulls_caused = int(after["pulls"] - base["pulls"])
+    record(
+        case=f"Replay after the {t.name} restarts",
+        done="valid tickle captured and delivered (one pull); the receiver SIGKILLed right after"
+        " the pull and restarted on its state dir; the captured bytes sent again over real UDP",
+        outcome="rejected as replayed, no pull, new tickles still served"
+        if (replays_rejected, pulls_caused) == (1, 0)
+        else "the replay was accepted",
+        sent=1,
+        tried=1,
+        rejected=replays_rejected,
+        pulls_caused=pulls_caused,
+        replayed_after_s=round(replayed_after_s, 2),
+    )
+    assert replayed_after_s < wire.DEFAULT_FRESHNESS_S  # still fresh: only the mark can stop it
+    assert replays_rejected == 1
+    assert after["received"] == base["received"]
+    assert after["pulls"] == base["pulls"]
+    assert after["own_pulls"] == base["own_pulls"]
+    assert served["tickle_pulls"] == after["tickle_pulls"] + 1
+
+
+@pytest.mark.attacks
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+async def test_tickles_of_restarted_senders_are_still_accepted(lab: Lab) -> None:
+    fleet = lab.fleet
+    first = await run_command(fleet, ["a1"], ["true"])  # both links have a mark now
+    await wait_run(fleet, first.id, 15)
+    fleet.kill("ns")
+    fleet.spawn("ns")
+    await fleet.wait_healthy(fleet.ns_url, "ns", 30)
+    await restart(lab, lab.ts)
+    ts_before, agent_before = await lab.ts.counters(), await lab.agent.counters()
+
+    run = await run_command(fleet, ["a1"], ["true"])
+    done = await wait_run(fleet, run.id, 15)  # no poll or check for a day: only tickles are fast
+    ts_after, agent_after = await lab.ts.counters(), await lab.agent.counters()
+    replays = sum(
+        int(after["rejected:replayed"] - before["rejected:replayed"])
+        for before, after in ((ts_before, ts_after), (agent_before, agent_after))
+    )
+    (execution,) = done.executions
+    record(
+        case="Restarted senders",
+        done="NS and task server SIGKILLed and restarted on their state dirs (the receivers keep"
+        " their marks); one run-now after",
+        outcome="delivered by tickle on both links, no tickle rejected as replayed"
+        if execution.via == "tickle" and replays == 0
+        else "a restarted sender's tickle was rejected",
+        sent=1,
+        recorded=1 if execution.status == "succeeded" else 0,
+        rejected_as_replayed=replays,
+        agent_pulled_via=str(execution.via),
+    )
+    assert execution.status == "succeeded"
+    assert execution.via == "tickle"  # task server -> agent
+    assert ts_after["tickle_pulls"] == ts_before["tickle_pulls"] + 1  # NS -> task server
+    assert replays == 0
