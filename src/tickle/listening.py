@@ -5,6 +5,10 @@ tickle carries no task: `tasks` makes the receiver pull its work at once, `setti
 its settings. Every datagram goes through the component's `TickleGuard` first; a rejected one is
 counted by reason and never causes a pull. The guard keeps its senders' high-water marks in the
 component's database (`localdb.HighWaterMarks`), so a replay is rejected after a restart too.
+
+Every rejection is counted, but the log gets at most a line per reason and interval
+(`RejectionLog`): a flood of bad datagrams must not flood the log, nor push real lines past
+journald's rate limit.
 """
 
 from __future__ import annotations
@@ -14,17 +18,22 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from tickle import wire
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
 
+# after a reason's rejection is logged, further ones are only counted this long, then summed up
+REJECTION_LOG_INTERVAL_S = 60.0
+
 
 class TickleListener(asyncio.DatagramProtocol):
     """Checks every datagram with `guard`; a valid tickle calls `on_tasks` or `on_settings`.
 
-    The callbacks run in the event loop's datagram handler: they must not block.
+    The callbacks run in the event loop's datagram handler: they must not block. Rejections are
+    logged by a `RejectionLog` of `log_interval_s`.
     """
 
     def __init__(
@@ -33,9 +42,11 @@ class TickleListener(asyncio.DatagramProtocol):
         metrics: ComponentMetrics,
         on_tasks: Callable[[], None],
         on_settings: Callable[[], None],
+        log_interval_s: float = REJECTION_LOG_INTERVAL_S,
     ) -> None:
         self._guard = guard
         self._metrics = metrics
+        self._rejections = RejectionLog(log_interval_s)
         self._on = {wire.Kind.TASKS: on_tasks, wire.Kind.SETTINGS: on_settings}
         self._transport: asyncio.DatagramTransport | None = None
         self.last_tickle_at: float | None = None
@@ -49,17 +60,18 @@ class TickleListener(asyncio.DatagramProtocol):
         return str(sockname[0]), int(sockname[1])
 
     def close(self) -> None:
-        """Close the endpoint (safe to call more than once)."""
+        """Close the endpoint, log the rejections only counted so far (safe to call again)."""
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        self._rejections.close()
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         try:
             tickle = self._guard.check(data)
         except wire.TickleRejected as exc:
             self._metrics.tickles_rejected.labels(reason=exc.reason.value).inc()
-            log.info("tickle from %s rejected: %s", addr[0], exc)
+            self._rejections.rejected(str(addr[0]), exc)
             return
         except sqlite3.Error as exc:  # its replay mark was not saved: it must not count
             log.error("tickle from %s dropped, its replay mark not saved: %s", addr[0], exc)
@@ -71,3 +83,63 @@ class TickleListener(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("tickle listener socket error: %s", exc)
+
+
+@dataclass
+class _Quiet:
+    """A reason whose rejections are only counted for now."""
+
+    since: float
+    timer: asyncio.TimerHandle
+    more: int = 0
+    last: str = ""
+
+
+class RejectionLog:
+    """Logs a reason's first rejection at once, and the further ones in one line per interval.
+
+    The line that sums them up ("N more ... since ...") is written when the interval is over,
+    and the next interval starts with it; an interval without rejections ends the quiet, so the
+    next rejection of that reason is logged at once again. Runs in the event loop (timers).
+    """
+
+    def __init__(self, interval_s: float = REJECTION_LOG_INTERVAL_S) -> None:
+        self._interval_s = interval_s
+        self._quiet: dict[wire.RejectReason, _Quiet] = {}
+
+    def rejected(self, host: str, exc: wire.TickleRejected) -> None:
+        """One datagram from `host` was rejected."""
+        quiet = self._quiet.get(exc.reason)
+        if quiet is None:
+            log.info("tickle from %s rejected: %s", host, exc, extra={"reason": exc.reason.value})
+            self._keep_quiet(exc.reason)
+            return
+        quiet.more += 1
+        quiet.last = f"{host}: {exc.detail}"
+
+    def close(self) -> None:
+        """Write what is still only counted, and stop the timers."""
+        for reason, quiet in self._quiet.items():
+            quiet.timer.cancel()
+            self._sum_up(reason, quiet)
+        self._quiet.clear()
+
+    def _keep_quiet(self, reason: wire.RejectReason) -> None:
+        timer = asyncio.get_running_loop().call_later(self._interval_s, self._interval_over, reason)
+        self._quiet[reason] = _Quiet(since=time.time(), timer=timer)
+
+    def _interval_over(self, reason: wire.RejectReason) -> None:
+        quiet = self._quiet.pop(reason)
+        self._sum_up(reason, quiet)
+        if quiet.more:  # the flood goes on: one line per interval
+            self._keep_quiet(reason)
+
+    @staticmethod
+    def _sum_up(reason: wire.RejectReason, quiet: _Quiet) -> None:
+        if quiet.more:
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(quiet.since))
+            log.info(
+                "%d more tickles rejected as %s since %s (the last from %s)",
+                quiet.more, reason.value, since, quiet.last,
+                extra={"reason": reason.value, "more": quiet.more},
+            )  # fmt: skip

@@ -5,7 +5,7 @@ unknown-sender tickles are each rejected and counted by reason in /metrics and n
 then a bounded fuzz run of mutated datagrams over real UDP: all rejected, the counters add up to
 what was sent, no pull, and the listener still answers a valid tickle. A tickle captured before
 a receiver crashed is rejected as replayed after its restart, while restarted senders' tickles
-still get through.
+still get through; and a flood of forged datagrams is counted in full but logged in a few lines.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import base64
 import contextlib
 import json
 import random
+import re
 import signal
 import socket
 import struct
@@ -37,6 +38,8 @@ from tickle.wire import Kind, RejectReason
 FUZZ_PER_LISTENER = 10_000  # x 2 listeners
 BATCH = 100  # datagrams in flight at once: well inside a socket's receive buffer
 QUIET_S = 0.5  # after the last bad datagram: time a wrongly caused pull would have to show
+FLOOD = 10_000  # forged datagrams at one listener
+FLOOD_LOG_LINES = 5  # what the flood may add to the receiver's log while it lasts
 
 
 def _free_port() -> int:
@@ -504,3 +507,53 @@ async def test_tickles_of_restarted_senders_are_still_accepted(lab: Lab) -> None
     assert execution.via == "tickle"  # task server -> agent
     assert ts_after["tickle_pulls"] == ts_before["tickle_pulls"] + 1  # NS -> task server
     assert replays == 0
+
+
+@pytest.mark.attacks
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("which", ["ts", "agent"])
+async def test_flood_of_forged_datagrams_is_counted_in_full_but_logged_in_a_few_lines(
+    lab: Lab, which: str
+) -> None:
+    t: Target = getattr(lab, which)
+    log = lab.fleet.procs[t.proc].log
+    await restart(lab, t, signal.SIGTERM)  # a fresh process: every line after this is the flood's
+    start = len(log.read_text().splitlines())
+    forged = [wire.encode(Kind.TASKS, t.sender, next(_seq), b"f" * 32) for _ in range(FLOOD)]
+    sender = Sender(t.addr)
+    try:
+        base = await t.counters()
+        sent = await send_rejected(t, sender, forged, base)
+        await asyncio.sleep(QUIET_S)
+        after = await t.counters()
+    finally:
+        sender.close()
+    during = log.read_text().splitlines()[start:]
+    # what is still only counted is written when the receiver stops
+    await restart(lab, t, signal.SIGTERM)
+    written = log.read_text().splitlines()[start:]
+    logged_at_once = sum(1 for line in written if "rejected: bad_mac:" in line)
+    summed_up = sum(
+        int(m.group(1)) for m in map(re.compile(r"(\d+) more tickles rejected as bad_mac").search,
+                                     written) if m
+    )  # fmt: skip
+    counted = int(after["rejected:bad_mac"] - base["rejected:bad_mac"])
+    record(
+        case=f"Log flood at the {t.name}",
+        done=f"{sent} datagrams signed with a wrong key over real UDP in batches, then the receiver"
+        " stopped",
+        outcome=f"all counted; {len(during)} log line(s) during the flood, the rest summed up"
+        if counted == sent and len(during) <= FLOOD_LOG_LINES
+        else f"{len(during)} log lines for {sent} datagrams",
+        sent=sent,
+        tried=sent,
+        rejected=counted,
+        log_lines=len(during),
+        logged_at_once=logged_at_once,
+        summed_up=summed_up,
+    )
+    assert counted == sent
+    assert after["pulls"] == base["pulls"]
+    assert len(during) <= FLOOD_LOG_LINES, "\n".join(during[:10])
+    assert logged_at_once + summed_up == sent

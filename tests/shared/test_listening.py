@@ -82,3 +82,73 @@ async def test_a_tickle_whose_replay_mark_cannot_be_saved_causes_no_pull(
     await until(lambda: "replay mark not saved" in caplog.text, "the error to be logged")
     assert r.pulls == []
     assert caplog.records[-1].levelno == logging.ERROR
+
+
+def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tickle.listening"]
+
+
+def forged(r: Receiver, n: int) -> None:
+    for _ in range(n):
+        r.send(r.valid(key=b"f" * 32))
+
+
+async def test_a_flood_is_logged_once_at_once_then_summed_up_in_one_line_per_interval(
+    receiver_with: StartReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tickle.listening")
+    r = await receiver_with(wire.TickleGuard(KEYS), log_interval_s=0.5)
+    forged(r, 100)  # well inside the socket's receive buffer
+    await until(lambda: r.rejected("bad_mac") == 100, "100 rejections counted")
+    assert len(lines(caplog)) == 1
+    assert lines(caplog)[0].startswith("tickle from 127.0.0.1 rejected: bad_mac: authenticator")
+
+    await until(lambda: len(lines(caplog)) == 2, "the summing-up line")
+    assert lines(caplog)[1].startswith("99 more tickles rejected as bad_mac since ")
+    assert "(the last from 127.0.0.1: authenticator mismatch from 'ns')" in lines(caplog)[1]
+    forged(r, 20)  # the flood goes on: the next line sums these up
+    await until(lambda: len(lines(caplog)) == 3, "the next summing-up line")
+    assert lines(caplog)[2].startswith("20 more tickles rejected as bad_mac since ")
+    assert r.rejected("bad_mac") == 120
+    assert r.pulls == []
+
+
+async def test_after_a_quiet_interval_the_next_rejection_is_logged_at_once(
+    receiver_with: StartReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tickle.listening")
+    r = await receiver_with(wire.TickleGuard(KEYS), log_interval_s=0.2)
+    forged(r, 1)
+    await until(lambda: r.rejected("bad_mac") == 1, "the rejection counted")
+    await asyncio.sleep(0.5)  # an interval with nothing to sum up: no line
+    assert len(lines(caplog)) == 1
+    forged(r, 1)
+    await until(lambda: len(lines(caplog)) == 2, "the next rejection logged")
+    assert lines(caplog)[1].startswith("tickle from 127.0.0.1 rejected: bad_mac")
+
+
+async def test_each_reason_is_logged_at_once_on_its_own(
+    receiver_with: StartReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tickle.listening")
+    r = await receiver_with(wire.TickleGuard(KEYS))
+    forged(r, 5)
+    for _ in range(5):
+        r.send(b"garbage")
+    await until(lambda: r.rejected("malformed") == 5, "the malformed ones counted")
+    await until(lambda: r.rejected("bad_mac") == 5, "the forged ones counted")
+    assert sorted(line.split(": ")[1] for line in lines(caplog)) == ["bad_mac", "malformed"]
+
+
+async def test_closing_the_listener_writes_what_was_only_counted(
+    receiver_with: StartReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tickle.listening")
+    r = await receiver_with(wire.TickleGuard(KEYS))  # the default interval: a minute
+    forged(r, 50)
+    await until(lambda: r.rejected("bad_mac") == 50, "50 rejections counted")
+    r.listener.close()
+    r.listener.close()
+    assert [line.split(" since ")[0] for line in lines(caplog)[1:]] == [
+        "49 more tickles rejected as bad_mac"
+    ]
