@@ -35,6 +35,8 @@ from tickle.agent.control import control_call
 from tickle.testing.localfleet import AGENT_TICKLE_PORT, TS_TICKLE_PORT, AgentSpec, LocalFleet
 from tickle.wire import Kind, RejectReason
 
+pytestmark = [pytest.mark.attacks, pytest.mark.integration]
+
 FUZZ_PER_LISTENER = 10_000  # x 2 listeners
 BATCH = 100  # datagrams in flight at once: well inside a socket's receive buffer
 QUIET_S = 0.5  # after the last bad datagram: time a wrongly caused pull would have to show
@@ -154,6 +156,21 @@ async def _lab(fleet: LocalFleet, metrics_port: int) -> Lab:
     return Lab(fleet, ts, agent)
 
 
+@pytest.fixture(params=["ts", "agent"])
+def t(lab: Lab, request: pytest.FixtureRequest) -> Target:
+    """Each listener in turn: the task server's, the agent's."""
+    target: Target = getattr(lab, request.param)
+    return target
+
+
+@pytest.fixture
+def sender(t: Target) -> Iterator[Sender]:
+    """A UDP socket that sends to the listener `t`."""
+    s = Sender(t.addr)
+    yield s
+    s.close()
+
+
 async def restart(lab: Lab, t: Target, sig: signal.Signals = signal.SIGKILL) -> None:
     """Stop the target's process with `sig` (SIGKILL: a crash), start it again on its state dir,
     and wait until it serves and made the pull it makes at start."""
@@ -224,7 +241,8 @@ def bad_datagrams(t: Target, replay_of: bytes) -> list[tuple[str, bytes, RejectR
     ]  # fmt: skip
 
 
-async def _tickle_and_wait_for_pull(t: Target, sender: Sender) -> dict[str, float]:
+async def deliver_valid(t: Target, sender: Sender) -> tuple[bytes, dict[str, float]]:
+    """Send a valid tickle and wait for its pull; return it and the counters after the pull."""
     before = await t.counters()
     datagram = valid(t)
     sender.send(datagram)
@@ -235,48 +253,39 @@ async def _tickle_and_wait_for_pull(t: Target, sender: Sender) -> dict[str, floa
             now if now["pulls"] > before["pulls"] and now["received"] > before["received"] else None
         )
 
-    return await eventually(pulled, 15, f"the {t.name} to pull after a valid tickle")
+    return datagram, await eventually(pulled, 15, f"the {t.name} to pull after a valid tickle")
 
 
-@pytest.mark.attacks
-@pytest.mark.integration
+def assert_caused_nothing(base: dict[str, float], after: dict[str, float]) -> None:
+    """Nothing sent between the two readings was received as a tickle or caused a pull."""
+    assert after["received"] == base["received"]
+    assert after["pulls"] == base["pulls"]
+    assert after["own_pulls"] == base["own_pulls"]
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("which", ["ts", "agent"])
 async def test_each_bad_datagram_is_rejected_by_reason_and_causes_no_pull(
-    lab: Lab, which: str
+    t: Target, sender: Sender
 ) -> None:
-    t: Target = getattr(lab, which)
-    sender = Sender(t.addr)
-    try:
-        first = valid(t)
-        before_first = await t.counters()
-        sender.send(first)
+    first, base = await deliver_valid(t, sender)
+    base_last_pull = await t.last_pull()  # type: ignore[operator]
+    outcomes = []
+    for label, datagram, reason in bad_datagrams(t, replay_of=first):
+        key = f"rejected:{reason.value}"
+        before = await t.counters()
+        sender.send(datagram)
 
-        async def first_pulled() -> dict[str, float] | None:
-            now = await t.counters()
-            return now if now["pulls"] > before_first["pulls"] else None
+        async def counted(before: dict[str, float] = before, key: str = key) -> bool:
+            return (await t.counters())[key] == before[key] + 1
 
-        base = await eventually(first_pulled, 15, f"the {t.name} to pull after a valid tickle")
-        base_last_pull = await t.last_pull()  # type: ignore[operator]
-        outcomes = []
-        for label, datagram, reason in bad_datagrams(t, replay_of=first):
-            key = f"rejected:{reason.value}"
-            before = await t.counters()
-            sender.send(datagram)
-
-            async def counted(before: dict[str, float] = before, key: str = key) -> bool:
-                return (await t.counters())[key] == before[key] + 1
-
-            await eventually(counted, 5, f"{label} to be counted as {reason.value}")
-            outcomes.append(label)
-        await asyncio.sleep(QUIET_S)  # a pull a bad datagram caused would show by now
-        after = await t.counters()
-        last_pull = await t.last_pull()  # type: ignore[operator]
-        rejected = sum(after[k] - base[k] for k in after if k.startswith("rejected:"))
-        # and the listener still works
-        served = await _tickle_and_wait_for_pull(t, sender)
-    finally:
-        sender.close()
+        await eventually(counted, 5, f"{label} to be counted as {reason.value}")
+        outcomes.append(label)
+    await asyncio.sleep(QUIET_S)  # a pull a bad datagram caused would show by now
+    after = await t.counters()
+    last_pull = await t.last_pull()  # type: ignore[operator]
+    rejected = sum(after[k] - base[k] for k in after if k.startswith("rejected:"))
+    # and the listener still works
+    _, served = await deliver_valid(t, sender)
     record(
         case=f"Bad tickles at the {t.name}",
         done="forged, altered, replayed, stale, future, truncated, oversized, empty, wrong "
@@ -290,9 +299,7 @@ async def test_each_bad_datagram_is_rejected_by_reason_and_causes_no_pull(
         pulls_caused=int(after["pulls"] - base["pulls"]),
     )
     assert rejected == len(outcomes)
-    assert after["received"] == base["received"]
-    assert after["pulls"] == base["pulls"]
-    assert after["own_pulls"] == base["own_pulls"]
+    assert_caused_nothing(base, after)
     assert last_pull == base_last_pull
     assert served["pulls"] == after["pulls"] + 1
 
@@ -352,39 +359,31 @@ def predicted_reason(t: Target, datagram: bytes) -> RejectReason | None:
     return None
 
 
-@pytest.mark.attacks
-@pytest.mark.integration
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("which", ["ts", "agent"])
 async def test_fuzzed_datagrams_are_all_rejected_counted_and_never_pull(
-    lab: Lab, which: str
+    t: Target, sender: Sender
 ) -> None:
-    t: Target = getattr(lab, which)
-    rng = random.Random(f"fuzz-{which}")  # reproducible
+    rng = random.Random(f"fuzz-{t.proc}")  # reproducible
     stream = mutants(t, rng)
-    sender = Sender(t.addr)
     expected: Counter[RejectReason] = Counter()
     damage: Counter[str] = Counter()
     started = time.monotonic()
-    try:
-        base = await t.counters()
-        base_last_pull = await t.last_pull()  # type: ignore[operator]
-        datagrams = []
-        while len(datagrams) < FUZZ_PER_LISTENER:
-            label, datagram = next(stream)
-            reason = predicted_reason(t, datagram)
-            assert reason is not None, f"a mutant ({label}) is a valid tickle: {datagram!r}"
-            datagrams.append(datagram)
-            expected[reason] += 1
-            damage[label] += 1
-        sent = await send_rejected(t, sender, datagrams, base)
-        await asyncio.sleep(QUIET_S)
-        after = await t.counters()
-        last_pull = await t.last_pull()  # type: ignore[operator]
-        fuzz_s = time.monotonic() - started
-        served = await _tickle_and_wait_for_pull(t, sender)
-    finally:
-        sender.close()
+    base = await t.counters()
+    base_last_pull = await t.last_pull()  # type: ignore[operator]
+    datagrams = []
+    while len(datagrams) < FUZZ_PER_LISTENER:
+        label, datagram = next(stream)
+        reason = predicted_reason(t, datagram)
+        assert reason is not None, f"a mutant ({label}) is a valid tickle: {datagram!r}"
+        datagrams.append(datagram)
+        expected[reason] += 1
+        damage[label] += 1
+    sent = await send_rejected(t, sender, datagrams, base)
+    await asyncio.sleep(QUIET_S)
+    after = await t.counters()
+    last_pull = await t.last_pull()  # type: ignore[operator]
+    fuzz_s = time.monotonic() - started
+    _, served = await deliver_valid(t, sender)
     counted = {
         r: int(after[f"rejected:{r.value}"] - base[f"rejected:{r.value}"]) for r in RejectReason
     }
@@ -405,48 +404,31 @@ async def test_fuzzed_datagrams_are_all_rejected_counted_and_never_pull(
     )
     assert counted == predicted
     assert sum(counted.values()) == sent
-    assert after["received"] == base["received"]
-    assert after["pulls"] == base["pulls"]
-    assert after["own_pulls"] == base["own_pulls"]
+    assert_caused_nothing(base, after)
     assert last_pull == base_last_pull
     assert served["pulls"] == after["pulls"] + 1
 
 
-@pytest.mark.attacks
-@pytest.mark.integration
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("which", ["ts", "agent"])
 async def test_tickle_replayed_after_the_receiver_restarts_is_rejected_and_causes_no_pull(
-    lab: Lab, which: str
+    lab: Lab, t: Target, sender: Sender
 ) -> None:
-    t: Target = getattr(lab, which)
-    sender = Sender(t.addr)
-    try:
-        before = await t.counters()
-        captured = valid(t)
-        sender.send(captured)
-        captured_at = time.monotonic()
+    captured_at = time.monotonic()
+    captured, _ = await deliver_valid(t, sender)
+    await restart(lab, t)  # SIGKILLed right after the pull: a crash
+    base = await t.counters()
+    sender.send(captured)
+    replayed_after_s = time.monotonic() - captured_at
 
-        async def pulled() -> bool:
-            return (await t.counters())["tickle_pulls"] > before["tickle_pulls"]
+    async def rejected() -> bool:
+        return (await t.counters())["rejected:replayed"] > base["rejected:replayed"]
 
-        await eventually(pulled, 15, f"the {t.name} to pull after the captured tickle")
-        await restart(lab, t)  # SIGKILLed right after the pull: a crash
-        base = await t.counters()
-        sender.send(captured)
-        replayed_after_s = time.monotonic() - captured_at
-
-        async def rejected() -> bool:
-            return (await t.counters())["rejected:replayed"] > base["rejected:replayed"]
-
-        with contextlib.suppress(pytest.fail.Exception):  # the outcome is recorded either way
-            await eventually(rejected, 5, "the replay to be counted as replayed")
-        await asyncio.sleep(QUIET_S)  # a pull the replay caused would show by now
-        after = await t.counters()
-        # a tickle sent after the restart still gets through
-        served = await _tickle_and_wait_for_pull(t, sender)
-    finally:
-        sender.close()
+    with contextlib.suppress(pytest.fail.Exception):  # the outcome is recorded either way
+        await eventually(rejected, 5, "the replay to be counted as replayed")
+    await asyncio.sleep(QUIET_S)  # a pull the replay caused would show by now
+    after = await t.counters()
+    # a tickle sent after the restart still gets through
+    _, served = await deliver_valid(t, sender)
     replays_rejected = int(after["rejected:replayed"] - base["rejected:replayed"])
     pulls_caused = int(after["pulls"] - base["pulls"])
     record(
@@ -464,14 +446,10 @@ async def test_tickle_replayed_after_the_receiver_restarts_is_rejected_and_cause
     )
     assert replayed_after_s < wire.DEFAULT_FRESHNESS_S  # still fresh: only the mark can stop it
     assert replays_rejected == 1
-    assert after["received"] == base["received"]
-    assert after["pulls"] == base["pulls"]
-    assert after["own_pulls"] == base["own_pulls"]
+    assert_caused_nothing(base, after)
     assert served["tickle_pulls"] == after["tickle_pulls"] + 1
 
 
-@pytest.mark.attacks
-@pytest.mark.integration
 @pytest.mark.timeout(120)
 async def test_tickles_of_restarted_senders_are_still_accepted(lab: Lab) -> None:
     fleet = lab.fleet
@@ -509,26 +487,18 @@ async def test_tickles_of_restarted_senders_are_still_accepted(lab: Lab) -> None
     assert replays == 0
 
 
-@pytest.mark.attacks
-@pytest.mark.integration
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("which", ["ts", "agent"])
 async def test_flood_of_forged_datagrams_is_counted_in_full_but_logged_in_a_few_lines(
-    lab: Lab, which: str
+    lab: Lab, t: Target, sender: Sender
 ) -> None:
-    t: Target = getattr(lab, which)
     log = lab.fleet.procs[t.proc].log
     await restart(lab, t, signal.SIGTERM)  # a fresh process: every line after this is the flood's
     start = len(log.read_text().splitlines())
     forged = [wire.encode(Kind.TASKS, t.sender, next(_seq), b"f" * 32) for _ in range(FLOOD)]
-    sender = Sender(t.addr)
-    try:
-        base = await t.counters()
-        sent = await send_rejected(t, sender, forged, base)
-        await asyncio.sleep(QUIET_S)
-        after = await t.counters()
-    finally:
-        sender.close()
+    base = await t.counters()
+    sent = await send_rejected(t, sender, forged, base)
+    await asyncio.sleep(QUIET_S)
+    after = await t.counters()
     during = log.read_text().splitlines()[start:]
     # what is still only counted is written when the receiver stops
     await restart(lab, t, signal.SIGTERM)
@@ -554,6 +524,6 @@ async def test_flood_of_forged_datagrams_is_counted_in_full_but_logged_in_a_few_
         summed_up=summed_up,
     )
     assert counted == sent
-    assert after["pulls"] == base["pulls"]
+    assert_caused_nothing(base, after)
     assert len(during) <= FLOOD_LOG_LINES, "\n".join(during[:10])
     assert logged_at_once + summed_up == sent
