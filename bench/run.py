@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tickle.console import TIMELINE_STEPS, timeline_times
+from tickle.console import timeline_times
 from tickle.localfleet import TS_API_PORT, AgentSpec, LocalFleet
-from tickle.messages import FINAL_STATUSES, ExecutionOut, RunCreate, TaskCreate
+from tickle.messages import FINAL_STATUSES, TIMELINE_STEPS, ExecutionOut, RunCreate, TaskCreate
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "latest.md"

@@ -40,17 +40,10 @@ from tickle.ns.models import StatusEvent as StatusEventRow
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-TIMELINE = (
-    ("created", "created_at"),
-    ("tickle_sent", "tickle_sent_at"),
-    ("ts_pulled", "ts_pulled_at"),
-    ("agent_tickled", "agent_tickled_at"),
-    ("agent_pulled", "agent_pulled_at"),
-    ("started", "started_at"),
-    ("finished", "finished_at"),
-    ("cached_at_ts", "cached_at_ts"),
-    ("recorded", "recorded_at"),
-)
+# the execution column holding each timeline step's time
+_TIMELINE_COLUMNS = {step: f"{step}_at" for step in m.TIMELINE_STEPS} | {
+    "cached_at_ts": "cached_at_ts"
+}
 _FINAL = m.FINAL_STATUSES
 DISPATCHER_LOCK_KEY = 0x7469636B6C65_02  # "tickle" + 2: the one active tickle dispatcher
 
@@ -758,7 +751,10 @@ def _execution_out(ex: Execution) -> m.ExecutionOut:
             "exit_code": ex.exit_code,
             "output_tail": ex.output_tail,
             "steps": ex.step_results or [],
-            "timeline": [{"step": step, "at": getattr(ex, col)} for step, col in TIMELINE],
+            "timeline": [
+                {"step": step, "at": getattr(ex, _TIMELINE_COLUMNS[step])}
+                for step in m.TIMELINE_STEPS
+            ],
         }
     )
 
