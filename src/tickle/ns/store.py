@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, or_, select, text, update
@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tickle import messages as m
-from tickle.ns import migrations
+from tickle.ns import lifecycle, migrations
 from tickle.ns.models import (
     Computer,
     Execution,
@@ -45,6 +45,7 @@ _TIMELINE_COLUMNS = {step: f"{step}_at" for step in m.TIMELINE_STEPS} | {
     "cached_at_ts": "cached_at_ts"
 }
 _FINAL = m.FINAL_STATUSES
+_PROGRESS_FIELDS = [f.name for f in fields(lifecycle.Progress)]
 DISPATCHER_LOCK_KEY = 0x7469636B6C65_02  # "tickle" + 2: the one active tickle dispatcher
 
 
@@ -522,9 +523,11 @@ class Store:
                     )
                 )
                 seen.add(e.event_id)
-                latency = _apply(ex, e, now)
-                if latency is not None:
-                    out.run_now_to_recorded.append(latency)
+                before = _progress(ex)
+                after = lifecycle.apply(before, e, now, [step["name"] for step in ex.steps])
+                _set_progress(ex, after)
+                if lifecycle.finished_now(before, after):
+                    out.run_now_to_recorded.append(max(0.0, now - ex.created_at))
                     out.finished.append(ex.status)
                 out.accepted.append(e.event_id)
                 out.recorded.append(e)
@@ -780,47 +783,16 @@ def _settings_out(row: Settings) -> m.SettingsOut:
     )
 
 
-_PROGRESS = {"pending": 0, "delivered": 1, "running": 2}
+def _progress(ex: Execution) -> lifecycle.Progress:
+    values: dict[str, Any] = {name: getattr(ex, name) for name in _PROGRESS_FIELDS}
+    values["step_results"] = tuple(ex.step_results or ())
+    return lifecycle.Progress(**values)
 
 
-def _apply(ex: Execution, e: m.StatusEvent, now: float) -> float | None:
-    """Apply one status event to its execution; returns run-now→recorded if it finished it now.
-
-    Events may arrive out of order (separate outboxes, retries): timestamps are set once and the
-    status only moves forward, so a late `started` never reopens a finished execution.
-    """
-    if e.kind == "agent_tickled":
-        ex.agent_tickled_at = ex.agent_tickled_at or e.at
-    elif e.kind == "agent_pulled":
-        ex.agent_pulled_at = ex.agent_pulled_at or e.at
-        ex.via = ex.via or e.via
-        _advance(ex, "delivered")
-    elif e.kind == "started":
-        ex.started_at = ex.started_at or e.at
-        _advance(ex, "running")
-    elif e.kind == "step_finished":
-        if e.step is not None:
-            name = ex.steps[e.step]["name"] if e.step < len(ex.steps) else f"step{e.step}"
-            results = [r for r in (ex.step_results or []) if r.get("step") != e.step]
-            results.append(
-                {"step": e.step, "name": name, "exit_code": e.exit_code, "status": e.status or ""}
-            )
-            ex.step_results = sorted(results, key=lambda r: int(r["step"]))
-    elif e.kind == "finished" and ex.status not in _FINAL:
-        status = e.status if e.status in _FINAL else ("succeeded" if e.exit_code == 0 else "failed")
-        ex.status = status
-        ex.finished_at = e.at
-        ex.exit_code = e.exit_code
-        ex.output_tail = e.output_tail
-        ex.cached_at_ts = e.cached_at
-        ex.recorded_at = now
-        return max(0.0, now - ex.created_at)
-    return None
-
-
-def _advance(ex: Execution, status: str) -> None:
-    if ex.status in _PROGRESS and _PROGRESS[ex.status] < _PROGRESS[status]:
-        ex.status = status
+def _set_progress(ex: Execution, progress: lifecycle.Progress) -> None:
+    for name in _PROGRESS_FIELDS:
+        setattr(ex, name, getattr(progress, name))
+    ex.step_results = list(progress.step_results)
 
 
 def _retry_on_conflict(write: Callable[[], _T], tries: int = 3) -> _T:
