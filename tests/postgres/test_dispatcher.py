@@ -24,7 +24,7 @@ from tickle.messages import (
     TaskCreate,
     TaskServerCredentials,
 )
-from tickle.ns.store import DISPATCHER_LOCK_KEY
+from tickle.ns.database import DISPATCHER_LOCK_KEY
 
 from .conftest import PgServer, TwoNsFactory, TwoNsFleet, dispatcher_active
 

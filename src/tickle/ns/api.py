@@ -22,9 +22,11 @@ from tickle import messages as m
 from tickle import wire
 from tickle.metrics import ComponentMetrics
 from tickle.ns.about import about
-from tickle.ns.auth import AdminDep, StoreDep, TaskServerDep
+from tickle.ns.auth import AdminDep, StoresDep, TaskServerDep
+from tickle.ns.credentials import token_sha256
+from tickle.ns.errors import Conflict, Forbidden, NotFound
 from tickle.ns.settings import NsSettings
-from tickle.ns.store import Conflict, Forbidden, NotFound, Store, token_sha256
+from tickle.ns.stores import Stores
 from tickle.ns.tickle_server import TickleServer
 
 log = logging.getLogger(__name__)
@@ -60,11 +62,11 @@ TAGS = [
 
 def create_app(
     settings: NsSettings,
-    store: Store,
+    stores: Stores,
     tickle_server: TickleServer,
     metrics: ComponentMetrics,
 ) -> FastAPI:
-    """Build the NS API over an open store and a started (or startable) tickle server.
+    """Build the NS API over open stores and a started (or startable) tickle server.
 
     An unset admin token or enrollment secret is read from (or generated into) the state dir.
     """
@@ -87,7 +89,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.started_at = time.time()  # served without lifespan events: when it was built
-    app.state.store = store
+    app.state.stores = stores
     app.state.admin_token_sha256 = token_sha256(admin_token)
 
     _error_handlers(app)
@@ -104,20 +106,20 @@ def create_app(
     # --- operator: tasks and jobs --------------------------------------------------------------
 
     @app.post("/api/tasks", tags=["tasks"], status_code=201, summary="Define a task")
-    def create_task(body: m.TaskCreate, _: AdminDep, st: StoreDep) -> m.TaskOut:
-        return st.create_task(body)
+    def create_task(body: m.TaskCreate, _: AdminDep, st: StoresDep) -> m.TaskOut:
+        return st.catalog.create_task(body)
 
     @app.get("/api/tasks", tags=["tasks"], summary="List tasks")
-    def list_tasks(_: AdminDep, st: StoreDep) -> list[m.TaskOut]:
-        return st.tasks()
+    def list_tasks(_: AdminDep, st: StoresDep) -> list[m.TaskOut]:
+        return st.catalog.tasks()
 
     @app.post("/api/jobs", tags=["tasks"], status_code=201, summary="Define a job")
-    def create_job(body: m.JobCreate, _: AdminDep, st: StoreDep) -> m.JobOut:
-        return st.create_job(body)
+    def create_job(body: m.JobCreate, _: AdminDep, st: StoresDep) -> m.JobOut:
+        return st.catalog.create_job(body)
 
     @app.get("/api/jobs", tags=["tasks"], summary="List jobs")
-    def list_jobs(_: AdminDep, st: StoreDep) -> list[m.JobOut]:
-        return st.jobs()
+    def list_jobs(_: AdminDep, st: StoresDep) -> list[m.JobOut]:
+        return st.catalog.jobs()
 
     # --- operator: run now and progress --------------------------------------------------------
 
@@ -129,15 +131,15 @@ def create_app(
         description="Creates one pending execution per computer (named, or member of a named "
         "group) and tickles their task servers at once. An unknown computer is a 404 naming it.",
     )
-    async def run_now(body: m.RunCreate, _: AdminDep, st: StoreDep) -> m.RunOut:
-        run = await run_in_threadpool(st.create_run, body)
+    async def run_now(body: m.RunCreate, _: AdminDep, st: StoresDep) -> m.RunOut:
+        run = await run_in_threadpool(st.delivery.create_run, body)
         tickle_server.notify()  # after the commit, so the task server's pull sees the work
         log.info("run %d: %d execution(s)", run.id, len(run.executions))
         return run
 
     @app.get("/api/runs/{run_id}", tags=["runs"], summary="A run and the status of its executions")
-    def get_run(run_id: DbId, _: AdminDep, st: StoreDep) -> m.RunOut:
-        return st.run(run_id)
+    def get_run(run_id: DbId, _: AdminDep, st: StoresDep) -> m.RunOut:
+        return st.delivery.run(run_id)
 
     @app.get(
         "/api/executions/{execution_id}",
@@ -146,18 +148,18 @@ def create_app(
         description="The timeline lists created, tickle_sent, ts_pulled, agent_tickled, "
         "agent_pulled, started, finished, cached_at_ts and recorded, in that order.",
     )
-    def get_execution(execution_id: DbId, _: AdminDep, st: StoreDep) -> m.ExecutionOut:
-        return st.execution(execution_id)
+    def get_execution(execution_id: DbId, _: AdminDep, st: StoresDep) -> m.ExecutionOut:
+        return st.delivery.execution(execution_id)
 
     # --- operator: inventory and settings ------------------------------------------------------
 
     @app.get("/api/task-servers", tags=["inventory"], summary="Task servers and reachability")
-    def list_task_servers(_: AdminDep, st: StoreDep) -> list[m.TaskServerOut]:
-        return st.task_servers()
+    def list_task_servers(_: AdminDep, st: StoresDep) -> list[m.TaskServerOut]:
+        return st.inventory.task_servers()
 
     @app.get("/api/computers", tags=["inventory"], summary="Computers, tickle state and NAT")
-    def list_computers(_: AdminDep, st: StoreDep) -> list[m.ComputerOut]:
-        return st.computers()
+    def list_computers(_: AdminDep, st: StoresDep) -> list[m.ComputerOut]:
+        return st.inventory.computers()
 
     @app.get(
         "/api/about",
@@ -167,14 +169,14 @@ def create_app(
         "host:port/dbname, never credentials), the schema revision stamped there, and whether "
         "this process is the active tickle dispatcher now.",
     )
-    async def get_about(_: AdminDep, st: StoreDep, request: Request) -> m.About:
+    async def get_about(_: AdminDep, st: StoresDep, request: Request) -> m.About:
         # the dispatcher role lives on the event loop; the schema revision is a database read
         active = tickle_server.dispatcher_active
-        return await run_in_threadpool(about, st, active, request.app.state.started_at)
+        return await run_in_threadpool(about, st.database, active, request.app.state.started_at)
 
     @app.get("/api/settings", tags=["settings"], summary="Central settings")
-    def get_settings(_: AdminDep, st: StoreDep) -> m.SettingsOut:
-        return st.settings()
+    def get_settings(_: AdminDep, st: StoresDep) -> m.SettingsOut:
+        return st.settings.settings()
 
     @app.put(
         "/api/settings",
@@ -182,8 +184,8 @@ def create_app(
         summary="Change central settings",
         description="Bumps the version and sends a settings tickle to every task server.",
     )
-    async def put_settings(body: m.SettingsUpdate, _: AdminDep, st: StoreDep) -> m.SettingsOut:
-        out = await run_in_threadpool(st.update_settings, body)
+    async def put_settings(body: m.SettingsUpdate, _: AdminDep, st: StoresDep) -> m.SettingsOut:
+        out = await run_in_threadpool(st.settings.update_settings, body)
         tickle_server.settings_changed()
         log.info("settings version %d", out.version)
         return out
@@ -198,11 +200,11 @@ def create_app(
         "rotates its token and tickle key.",
     )
     async def register_task_server(
-        body: m.TaskServerRegister, st: StoreDep
+        body: m.TaskServerRegister, st: StoresDep
     ) -> m.TaskServerCredentials:
         if not hmac.compare_digest(body.enrollment_secret.encode(), enrollment_secret.encode()):
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong enrollment_secret")
-        creds = await run_in_threadpool(st.register_task_server, body, settings.ns_id)
+        creds = await run_in_threadpool(st.inventory.register_task_server, body, settings.ns_id)
         tickle_server.notify()  # refresh its key and address in the tickle server
         log.info("task server %s registered (tickles to %s:%d)", body.name, body.tickle_host,
                  body.tickle_port)  # fmt: skip
@@ -216,15 +218,15 @@ def create_app(
         "credentials.",
     )
     async def register_agent(
-        body: m.AgentRegistration, ts: TaskServerDep, st: StoreDep
+        body: m.AgentRegistration, ts: TaskServerDep, st: StoresDep
     ) -> m.AgentCredentials:
-        creds = await run_in_threadpool(st.register_agent, ts, body)
+        creds = await run_in_threadpool(st.inventory.register_agent, ts, body)
         tickle_server.notify()  # work pending for a computer that moved goes to its new TS
         return creds
 
     @app.get("/api/ts/clients", tags=["task-server"], summary="The calling task server's clients")
-    def list_clients(ts: TaskServerDep, st: StoreDep) -> list[m.ClientInfo]:
-        return st.clients(ts)
+    def list_clients(ts: TaskServerDep, st: StoresDep) -> list[m.ClientInfo]:
+        return st.inventory.clients(ts)
 
     @app.get(
         "/api/ts/work",
@@ -234,7 +236,7 @@ def create_app(
         "A pull with via=tickle acknowledges the tasks tickle; any pull sets last_pull_at.",
     )
     async def pull_work(
-        ts: TaskServerDep, st: StoreDep, via: TsPullViaQuery = "tickle"
+        ts: TaskServerDep, st: StoresDep, via: TsPullViaQuery = "tickle"
     ) -> m.WorkOut:
         now = time.time()
         if via == "tickle":
@@ -242,7 +244,7 @@ def create_app(
             # does not (the tickle may have been dropped). Ack before reading: work committed
             # after this point gets a tickle of its own.
             tickle_server.ack(ts.name, wire.Kind.TASKS)
-        work = await run_in_threadpool(st.pull_work, ts, now, via)
+        work = await run_in_threadpool(st.delivery.pull_work, ts, now, via)
         metrics.pulls.labels(via=via).inc()
         return work
 
@@ -253,12 +255,12 @@ def create_app(
         description="A pull with via=tickle acknowledges the settings tickle.",
     )
     async def pull_settings(
-        ts: TaskServerDep, st: StoreDep, via: TsPullViaQuery = "tickle"
+        ts: TaskServerDep, st: StoresDep, via: TsPullViaQuery = "tickle"
     ) -> m.SettingsOut:
         now = time.time()
         if via == "tickle":  # only a pull the settings tickle caused proves it arrived
             tickle_server.ack(ts.name, wire.Kind.SETTINGS)
-        return await run_in_threadpool(st.pull_settings, ts, now, via)
+        return await run_in_threadpool(st.settings.pull_settings, ts, now, via)
 
     @app.post(
         "/api/ts/events",
@@ -268,8 +270,8 @@ def create_app(
         "recorded now or before (and ids of unknown executions, ignored); an event for another "
         "task server's client is not accepted.",
     )
-    async def report_events(batch: m.EventBatch, ts: TaskServerDep, st: StoreDep) -> m.EventAck:
-        outcome = await run_in_threadpool(st.record_events, ts, batch.events, time.time())
+    async def report_events(batch: m.EventBatch, ts: TaskServerDep, st: StoresDep) -> m.EventAck:
+        outcome = await run_in_threadpool(st.delivery.record_events, ts, batch.events, time.time())
         for event in outcome.recorded:
             metrics.status_events.labels(kind=event.kind).inc()
         for latency, final in zip(outcome.run_now_to_recorded, outcome.finished, strict=True):
@@ -285,9 +287,9 @@ def create_app(
         "from the address the agent reported).",
     )
     def report_computer_states(
-        states: list[m.ComputerState], ts: TaskServerDep, st: StoreDep
+        states: list[m.ComputerState], ts: TaskServerDep, st: StoresDep
     ) -> dict[str, int]:
-        st.update_computer_states(ts, states)
+        st.inventory.update_computer_states(ts, states)
         return {"updated": len(states)}
 
     return app

@@ -28,7 +28,8 @@ from prometheus_client import Gauge
 from tickle import wire
 from tickle.metrics import ComponentMetrics
 from tickle.ns.settings import NsSettings
-from tickle.ns.store import Store, TaskServerLink
+from tickle.ns.stores import Stores
+from tickle.ns.stores.inventory import TaskServerLink
 from tickle.tickling import Tickler
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,14 @@ _LOCK_RETRY_S = 5.0
 class TickleServer:
     """Dispatches NS→TS tickles; every public method runs on the event loop."""
 
-    def __init__(self, settings: NsSettings, store: Store, metrics: ComponentMetrics) -> None:
+    def __init__(self, settings: NsSettings, stores: Stores, metrics: ComponentMetrics) -> None:
         self._settings = settings
-        self._store = store
+        self._stores = stores
         self._links: dict[str, TaskServerLink] = {}
         self._requested_at: dict[tuple[str, wire.Kind], float] = {}
         self._settings_version: int | None = None
         self._wake = asyncio.Event()
-        self._lock = store.dispatcher_lock() if settings.dispatcher_lock else None
+        self._lock = stores.database.dispatcher_lock() if settings.dispatcher_lock else None
         self._task: asyncio.Task[None] | None = None
         self._dispatcher_active = False
         self._active = Gauge(
@@ -68,7 +69,7 @@ class TickleServer:
     async def start(self) -> None:
         """Open the sending socket and start the dispatch loop."""
         await self.tickler.start()
-        self._settings_version = (await self._db(self._store.settings)).version
+        self._settings_version = (await self._db(self._stores.settings.settings)).version
         self._wake.set()  # first pass at once: work may be waiting since before a restart
         self._task = asyncio.create_task(self._run(), name="ns-tickle-dispatcher")
 
@@ -114,11 +115,11 @@ class TickleServer:
         `taking_over` (the first pass after this process became the dispatcher): tickle for all
         unpulled work, also work tickled before, whose resends died with the previous dispatcher.
         """
-        links = await self._db(self._store.task_server_links)
+        links = await self._db(self._stores.inventory.task_server_links)
         self._links = {link.name: link for link in links}
         self._ack_from_db()
         await self._tickle_settings()
-        for pending in await self._db(self._store.pending_tickles, taking_over):
+        for pending in await self._db(self._stores.delivery.pending_tickles, taking_over):
             link = self._links.get(pending.task_server)
             if link is None:
                 continue
@@ -174,7 +175,7 @@ class TickleServer:
                 self.ack(name, kind)
 
     async def _tickle_settings(self) -> None:
-        version = (await self._db(self._store.settings)).version
+        version = (await self._db(self._stores.settings.settings)).version
         previous, self._settings_version = self._settings_version, version
         if previous is None or version <= previous:
             return
@@ -188,18 +189,18 @@ class TickleServer:
 
     async def _on_sent(self, task_server: str, kind: wire.Kind, first_sent: float) -> None:
         if kind is wire.Kind.TASKS:
-            n = await self._db(self._store.mark_tickle_sent, task_server, first_sent)
+            n = await self._db(self._stores.delivery.mark_tickle_sent, task_server, first_sent)
             log.debug("tasks tickle to %s covers %d execution(s)", task_server, n)
 
     async def _on_unreachable(self, task_server: str) -> None:
         log.warning(
             "task server %s is tickle-unreachable: it will get work by polling", task_server
         )
-        await self._db(self._store.set_task_server_state, task_server, "unreachable")
+        await self._db(self._stores.inventory.set_task_server_state, task_server, "unreachable")
 
     async def _on_reachable(self, task_server: str) -> None:
-        await self._db(self._store.set_task_server_state, task_server, "reachable")
+        await self._db(self._stores.inventory.set_task_server_state, task_server, "reachable")
 
     async def _db(self, fn: Callable[..., T], *args: object) -> T:
-        # the store is synchronous: keep its I/O off the event loop
+        # the stores are synchronous: keep their I/O off the event loop
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
