@@ -186,7 +186,7 @@ def create_app(
     )
     async def put_settings(body: m.SettingsUpdate, _: AdminDep, st: StoresDep) -> m.SettingsOut:
         out = await run_in_threadpool(st.settings.update_settings, body)
-        tickle_server.settings_changed()
+        tickle_server.notify()  # its pass sees the new version and sends settings tickles
         log.info("settings version %d", out.version)
         return out
 

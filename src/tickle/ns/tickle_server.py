@@ -1,12 +1,13 @@
 """The NS tickle server: tickles task servers when their clients have work or settings changed.
 
 It finds work to announce in the database (pending executions nobody tickled for or pulled yet),
-woken at once by a run-now in this process (`notify`) and every `dispatch_poll_s` otherwise, so a
-run-now committed by another NS API process sharing a PostgreSQL database is announced too. With
-PostgreSQL only the holder of an advisory lock dispatches; a process that becomes the dispatcher
-(at start, or taking over from a dead one) first tickles for all unpulled work, also work tickled
-before whose resends stopped with the previous dispatcher. A settings version change in the
-database makes it send a SETTINGS tickle to every task server.
+woken at once by a change committed in this process (`notify`: a run-now, a computer that moved, new
+settings) and every `dispatch_poll_s` otherwise, so a run-now committed by another NS API process
+sharing a PostgreSQL database is announced too. With PostgreSQL only the holder of an advisory lock
+dispatches; a process that becomes the dispatcher (at start, or taking over from a dead one) first
+tickles for all unpulled work, also work tickled before whose resends stopped with the previous
+dispatcher. A settings version change in the database makes it send a SETTINGS tickle to every task
+server.
 
 Acknowledgement: only a pull a tickle caused (`via=tickle`) acknowledges; the task server's
 periodic check or its pull at start does not (a tickle that never arrives must end unreachable).
@@ -91,11 +92,8 @@ class TickleServer:
         return self._dispatcher_active
 
     def notify(self) -> None:
-        """Work was committed (run now, a computer moved): look for untickled work now."""
-        self._wake.set()
-
-    def settings_changed(self) -> None:
-        """The central settings changed: tickle every task server with kind SETTINGS now."""
+        """A change was committed (run now, a computer moved, new settings): run a pass now, which
+        tickles for untickled work and, when the settings version moved, every task server."""
         self._wake.set()
 
     def ack(self, task_server: str, kind: wire.Kind) -> None:
@@ -104,10 +102,6 @@ class TickleServer:
             # a follow-up tickle (work came during the flight) starts now and covers all work
             # created until now: the dispatcher must not ask for yet another one
             self._requested_at[(task_server, kind)] = time.time()
-
-    def notify_threadsafe(self, loop: asyncio.AbstractEventLoop) -> None:
-        """`notify` from a thread other than the loop's."""
-        loop.call_soon_threadsafe(self.notify)
 
     async def dispatch_once(self, taking_over: bool = False) -> None:
         """One pass: refresh links, ack pulls seen in the database, tickle for new work/settings.
