@@ -178,6 +178,7 @@ async def ns_factory(tmp_path: Path) -> AsyncIterator[NsFactory]:
         }
         settings = NsSettings(**values)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
+        settings = settings.with_secrets()  # as `tickle ns` reads them at start
         stores = Stores.open(settings.db_url)
         stores.database.migrate()
         metrics = ComponentMetrics("ns")

@@ -14,18 +14,9 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from tickle.ns.credentials import Caller, token_sha256
-from tickle.ns.stores import Stores
+from tickle.ns.dependencies import InventoryDep
 
 _bearer = HTTPBearer(auto_error=False, description="Admin token or task-server token")
-
-
-def get_stores(request: Request) -> Stores:
-    """The stores the app was built with."""
-    stores: Stores = request.app.state.stores
-    return stores
-
-
-StoresDep = Annotated[Stores, Depends(get_stores)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
@@ -50,12 +41,12 @@ def _unknown() -> HTTPException:
     )
 
 
-def require_admin(request: Request, creds: Credentials, stores: StoresDep) -> None:
+def require_admin(request: Request, creds: Credentials, inventory: InventoryDep) -> None:
     """Allow the operator's admin token only."""
     sha = _token_hash(creds)
     if _is_admin(request, sha):
         return
-    caller = stores.inventory.caller_for(sha)
+    caller = inventory.caller_for(sha)
     if caller is None:
         raise _unknown()
     raise HTTPException(
@@ -63,10 +54,10 @@ def require_admin(request: Request, creds: Credentials, stores: StoresDep) -> No
     )
 
 
-def require_task_server(request: Request, creds: Credentials, stores: StoresDep) -> Caller:
+def require_task_server(request: Request, creds: Credentials, inventory: InventoryDep) -> Caller:
     """Allow a registered task server's token; returns who it is."""
     sha = _token_hash(creds)
-    caller = stores.inventory.caller_for(sha)
+    caller = inventory.caller_for(sha)
     if caller is not None and caller.role == "task_server":
         return caller
     if caller is not None or _is_admin(request, sha):

@@ -1,6 +1,10 @@
-"""What the stores refuse with; the API maps each to its HTTP status."""
+"""What the stores and services refuse with; the API maps each to its HTTP status."""
 
 from __future__ import annotations
+
+
+class Unauthorized(Exception):
+    """A missing or wrong secret (HTTP 401)."""
 
 
 class NotFound(Exception):
