@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tickle.console import TIMELINE_STEPS, timeline_times
-from tickle.messages import FINAL_STATUSES, ExecutionOut, RunCreate, TaskCreate
+from tickle.console import timeline_times
+from tickle.messages import FINAL_STATUSES, TIMELINE_STEPS, ExecutionOut, RunCreate, TaskCreate
 from tickle.testing.localfleet import TS_API_PORT, AgentSpec, LocalFleet
 
 HERE = Path(__file__).resolve().parent

@@ -21,6 +21,7 @@ from tickle import http
 from tickle.config import default_state_dir
 from tickle.messages import (
     FINAL_STATUSES,
+    TIMELINE_STEPS,
     About,
     ComputerOut,
     ExecutionOut,
@@ -36,17 +37,6 @@ from tickle.messages import (
 )
 
 DEFAULT_NS_URL = "http://127.0.0.1:50120"
-TIMELINE_STEPS = (
-    "created",
-    "tickle_sent",
-    "ts_pulled",
-    "agent_tickled",
-    "agent_pulled",
-    "started",
-    "finished",
-    "cached_at_ts",
-    "recorded",
-)
 
 
 class ConsoleError(Exception):

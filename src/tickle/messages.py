@@ -26,6 +26,18 @@ PolicyVia = Literal["tickle", "refresh"]
 # why a task server pulls from the NS: a tickle, its periodic check, or its start
 TsPullVia = Literal["tickle", "check", "start"]
 OUTPUT_TAIL_MAX = 4096
+# the nine steps of an execution's timeline (`ExecutionOut.timeline`), in the order it goes through
+TIMELINE_STEPS = (
+    "created",
+    "tickle_sent",
+    "ts_pulled",
+    "agent_tickled",
+    "agent_pulled",
+    "started",
+    "finished",
+    "cached_at_ts",
+    "recorded",
+)
 
 
 class Model(BaseModel):

@@ -22,7 +22,7 @@ from tickle import wire
 from tickle.metrics import ComponentMetrics
 from tickle.ns.api import create_app
 from tickle.ns.settings import NsSettings
-from tickle.ns.store import Store
+from tickle.ns.stores import Stores
 from tickle.ns.tickle_server import TickleServer
 
 ADMIN = "admin-token-for-tests-0123456789"
@@ -53,7 +53,7 @@ async def wait_for(
 class Ns:
     url: str
     settings: NsSettings
-    store: Store
+    stores: Stores
     metrics: ComponentMetrics
     http: aiohttp.ClientSession
 
@@ -161,7 +161,7 @@ NsFactory = Callable[..., Awaitable[Ns]]
 @pytest.fixture
 async def ns_factory(tmp_path: Path) -> AsyncIterator[NsFactory]:
     """Start a real NS in this event loop: `await ns_factory(tickle_tries=3, ...)`."""
-    running: list[tuple[uvicorn.Server, asyncio.Task[None], TickleServer, Store, Ns]] = []
+    running: list[tuple[uvicorn.Server, asyncio.Task[None], TickleServer, Stores, Ns]] = []
     fakes: list[FakeTaskServer] = []
 
     async def start(**overrides: Any) -> Ns:
@@ -178,11 +178,12 @@ async def ns_factory(tmp_path: Path) -> AsyncIterator[NsFactory]:
         }
         settings = NsSettings(**values)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.db_url)
-        store.migrate()
+        settings = settings.with_secrets()  # as `tickle ns` reads them at start
+        stores = Stores.open(settings.db_url)
+        stores.database.migrate()
         metrics = ComponentMetrics("ns")
-        tickle_server = TickleServer(settings, store, metrics)
-        app = create_app(settings, store, tickle_server, metrics)
+        tickle_server = TickleServer(settings, stores, metrics)
+        app = create_app(settings, stores, tickle_server, metrics)
         server = uvicorn.Server(
             uvicorn.Config(
                 app, host="127.0.0.1", port=settings.api_port, log_config=None, ws="none"
@@ -196,7 +197,7 @@ async def ns_factory(tmp_path: Path) -> AsyncIterator[NsFactory]:
             assert time.monotonic() < deadline, "uvicorn did not start"
             await asyncio.sleep(0.01)
         http = aiohttp.ClientSession()
-        ns = Ns(f"http://127.0.0.1:{settings.api_port}", settings, store, metrics, http)
+        ns = Ns(f"http://127.0.0.1:{settings.api_port}", settings, stores, metrics, http)
         original = ns.task_server
 
         async def task_server(name: str = "ts1") -> FakeTaskServer:
@@ -205,18 +206,18 @@ async def ns_factory(tmp_path: Path) -> AsyncIterator[NsFactory]:
             return fake
 
         ns.task_server = task_server  # type: ignore[method-assign]
-        running.append((server, task, tickle_server, store, ns))
+        running.append((server, task, tickle_server, stores, ns))
         return ns
 
     yield start
     for fake in fakes:
         fake.close()
-    for server, task, tickle_server, store, ns in running:
+    for server, task, tickle_server, stores, ns in running:
         await ns.http.close()
         server.should_exit = True
         await task
         await tickle_server.close()
-        store.close()
+        stores.close()
 
 
 @pytest.fixture

@@ -166,7 +166,7 @@ async def test_duplicate_status_event_is_recorded_once(ns: Ns) -> None:
     again = await ts.ok("POST", "/api/ts/events", json={"events": [started]})
     assert first["accepted"] == [started["event_id"]] * 2
     assert again["accepted"] == [started["event_id"]]
-    with ns.store.reading() as s:
+    with ns.stores.database.reading() as s:
         count = s.scalar(select(func.count()).select_from(StatusEventRow))
     assert count == 1
     metrics = ns.metrics.status_events.labels(kind="started")._value.get()
@@ -286,7 +286,7 @@ async def test_event_for_an_unknown_execution_is_accepted_and_ignored(ns: Ns) ->
     ghost = event(424242, "pc1", "started", time.time())
     ack = await ts.ok("POST", "/api/ts/events", json={"events": [ghost]})
     assert ack["accepted"] == [ghost["event_id"]]
-    with ns.store.reading() as s:
+    with ns.stores.database.reading() as s:
         assert s.scalar(select(func.count()).select_from(StatusEventRow)) == 0
 
 

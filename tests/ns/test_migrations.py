@@ -8,15 +8,16 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from tickle.ns.database import Database
 from tickle.ns.migrations import current_revision, upgrade
 from tickle.ns.models import Base
-from tickle.ns.store import Store
+from tickle.ns.stores.settings import SettingsStore
 
 
 def test_upgrade_head_on_an_empty_sqlite_builds_the_schema_and_is_idempotent(
     tmp_path: Path,
 ) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'ns.db'}")
+    store = Database(f"sqlite:///{tmp_path / 'ns.db'}")
     try:
         assert current_revision(store.engine) is None
         store.migrate()
@@ -33,13 +34,13 @@ def test_upgrade_head_on_an_empty_sqlite_builds_the_schema_and_is_idempotent(
             assert conn.execute(text("SELECT count(*) FROM settings")).scalar() == 1
             assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
             assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
-        assert store.settings().task_request_interval_s == 1800
+        assert SettingsStore(store).settings().task_request_interval_s == 1800
     finally:
         store.close()
 
 
 def test_status_event_ids_are_unique_in_the_schema(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'ns.db'}")
+    store = Database(f"sqlite:///{tmp_path / 'ns.db'}")
     try:
         store.migrate()
         uniques = inspect(store.engine).get_unique_constraints("status_events")
@@ -49,7 +50,7 @@ def test_status_event_ids_are_unique_in_the_schema(tmp_path: Path) -> None:
 
 
 def test_upgrade_from_0001_keeps_the_data_and_notes_the_pulls_made_so_far(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'ns.db'}")
+    store = Database(f"sqlite:///{tmp_path / 'ns.db'}")
     try:
         upgrade(store.engine, "0001")
         with store.engine.begin() as conn:
@@ -92,7 +93,7 @@ def test_upgrade_from_0001_keeps_the_data_and_notes_the_pulls_made_so_far(tmp_pa
 def test_upgrade_from_0002_adds_tickle_pulled_at_empty_and_keeps_last_pull_at(
     tmp_path: Path,
 ) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'ns.db'}")
+    store = Database(f"sqlite:///{tmp_path / 'ns.db'}")
     try:
         upgrade(store.engine, "0002")
         with store.engine.begin() as conn:

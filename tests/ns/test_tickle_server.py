@@ -8,7 +8,8 @@ import time
 from tests.ns.conftest import Ns, NsFactory, wait_for
 from tickle import wire
 from tickle.messages import RunCreate
-from tickle.ns.store import Store, token_sha256
+from tickle.ns.credentials import token_sha256
+from tickle.ns.stores import Stores
 
 
 async def test_run_now_tickles_the_task_server_and_its_pull_acks_it(ns: Ns) -> None:
@@ -92,11 +93,11 @@ async def test_pull_served_by_another_process_acks_the_tickle(ns: Ns) -> None:
     await ts.tickle(within=2.0)
 
     # another NS API process sharing the database serves the pull: only the database knows
-    other = Store(ns.settings.db_url)
+    other = Stores.open(ns.settings.db_url)
     try:
-        caller = other.caller_for(token_sha256(ts.token))
+        caller = other.inventory.caller_for(token_sha256(ts.token))
         assert caller is not None
-        other.pull_work(caller, time.time(), "tickle")
+        other.delivery.pull_work(caller, time.time(), "tickle")
     finally:
         other.close()
     await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
@@ -106,9 +107,9 @@ async def test_run_now_committed_by_another_process_is_tickled_by_the_db_poll(ns
     ts = await ns.task_server("ts1")
     await ts.agent("pc1")
     task = await ns.ok("POST", "/api/tasks", json={"name": "t", "command": ["true"]})
-    other = Store(ns.settings.db_url)
+    other = Stores.open(ns.settings.db_url)
     try:
-        other.create_run(RunCreate(task_id=task["id"], computers=["pc1"]))
+        other.delivery.create_run(RunCreate(task_id=task["id"], computers=["pc1"]))
     finally:
         other.close()
     tickle, _ = await ts.tickle(within=2.0)
@@ -234,14 +235,14 @@ async def test_check_pull_served_by_another_process_stamps_last_pull_but_does_no
     first, _ = await ts.tickle(within=2.0)
 
     # another NS API process sharing the database serves a periodic check
-    other = Store(ns.settings.db_url)
+    other = Stores.open(ns.settings.db_url)
     try:
-        caller = other.caller_for(token_sha256(ts.token))
+        caller = other.inventory.caller_for(token_sha256(ts.token))
         assert caller is not None
         pulled_at = time.time()
-        other.pull_work(caller, pulled_at, "check")
-        other.pull_settings(caller, pulled_at, "check")
-        (link,) = other.task_server_links()
+        other.delivery.pull_work(caller, pulled_at, "check")
+        other.settings.pull_settings(caller, pulled_at, "check")
+        (link,) = other.inventory.task_server_links()
         assert (link.tickle_pulled_at, link.settings_pulled_at) == (None, None)
         servers = await ns.ok("GET", "/api/task-servers")
         assert servers[0]["last_pull_at"] == pulled_at

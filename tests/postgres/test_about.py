@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.ns.conftest import NsFactory, wait_for
-from tickle.ns.store import DISPATCHER_LOCK_KEY
+from tickle.ns.database import DISPATCHER_LOCK_KEY
 
 from .conftest import PgServer, dispatcher_active
 

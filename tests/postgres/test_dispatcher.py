@@ -23,7 +23,7 @@ from tickle.messages import (
     TaskCreate,
     TaskServerCredentials,
 )
-from tickle.ns.store import DISPATCHER_LOCK_KEY
+from tickle.ns.database import DISPATCHER_LOCK_KEY
 from tickle.testing.localfleet import AgentSpec
 
 from .conftest import PgServer, TwoNsFactory, TwoNsFleet, dispatcher_active

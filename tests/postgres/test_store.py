@@ -1,5 +1,5 @@
-"""The NS store on PostgreSQL with several processes' stores on one database (in one test process,
-each Store with its own engine and connections, as separate NS processes have)."""
+"""The NS stores on PostgreSQL with several processes' stores on one database (in one test process,
+each process's Stores with its own engine and connections, as separate NS processes have)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,19 @@ import pytest
 from sqlalchemy import event
 
 from tickle import messages as m
-from tickle.ns.store import Caller, Store, token_sha256
+from tickle.ns.credentials import Caller, token_sha256
+from tickle.ns.stores import Stores
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 @pytest.fixture
-def stores(pg_url: str) -> Iterator[tuple[Store, Store]]:
-    """Two stores (two NS processes' worth of connections) on one migrated database."""
-    a, b = Store(pg_url), Store(pg_url)
+def stores(pg_url: str) -> Iterator[tuple[Stores, Stores]]:
+    """Two processes' stores (two NS processes' worth of connections) on one migrated database."""
+    a, b = Stores.open(pg_url), Stores.open(pg_url)
     try:
-        a.migrate()
-        b.migrate()  # a second migration at start is a no-op
+        a.database.migrate()
+        b.database.migrate()  # a second migration at start is a no-op
         yield a, b
     finally:
         a.close()
@@ -33,10 +34,10 @@ def stores(pg_url: str) -> Iterator[tuple[Store, Store]]:
 
 
 def test_released_dispatcher_lock_is_free_for_another_process_at_once(
-    stores: tuple[Store, Store],
+    stores: tuple[Stores, Stores],
 ) -> None:
     a, b = stores
-    lock_a, lock_b = a.dispatcher_lock(), b.dispatcher_lock()
+    lock_a, lock_b = a.database.dispatcher_lock(), b.database.dispatcher_lock()
     try:
         assert lock_a.try_acquire()
         assert not lock_b.try_acquire()
@@ -55,15 +56,15 @@ def _ts_registration(name: str) -> m.TaskServerRegister:
     )  # fmt: skip
 
 
-def _one_execution(store: Store) -> tuple[Caller, int]:
+def _one_execution(stores: Stores) -> tuple[Caller, int]:
     """A task server with one client and one pulled execution; returns the caller and its id."""
-    creds = store.register_task_server(_ts_registration("ts1"), "ns")
-    ts = store.caller_for(token_sha256(creds.token))
+    creds = stores.inventory.register_task_server(_ts_registration("ts1"), "ns")
+    ts = stores.inventory.caller_for(token_sha256(creds.token))
     assert ts is not None
-    store.register_agent(ts, m.AgentRegistration(name="c1", tickle_host="127.0.0.1"))
-    task = store.create_task(m.TaskCreate(name="t", command=["true"]))
-    store.create_run(m.RunCreate(task_id=task.id, computers=["c1"]))
-    (work,) = store.pull_work(ts, time.time(), "tickle").executions
+    stores.inventory.register_agent(ts, m.AgentRegistration(name="c1", tickle_host="127.0.0.1"))
+    task = stores.catalog.create_task(m.TaskCreate(name="t", command=["true"]))
+    stores.delivery.create_run(m.RunCreate(task_id=task.id, computers=["c1"]))
+    (work,) = stores.delivery.pull_work(ts, time.time(), "tickle").executions
     return ts, work.execution_id
 
 
@@ -75,13 +76,13 @@ def _event(execution_id: int, kind: str, **fields: Any) -> m.StatusEvent:
 
 
 def test_started_and_finished_recorded_at_once_by_two_processes_leave_the_execution_finished(
-    stores: tuple[Store, Store],
+    stores: tuple[Stores, Stores],
 ) -> None:
     """Process A reads the execution for a `started` event; process B records `finished` before
     A writes: A must not turn the finished execution back to running."""
     a, b = stores
     ts, execution_id = _one_execution(a)
-    a.record_events(ts, [_event(execution_id, "agent_pulled", via="tickle")], time.time())
+    a.delivery.record_events(ts, [_event(execution_id, "agent_pulled", via="tickle")], time.time())
     a_read, b_done = threading.Event(), threading.Event()
 
     def pause_after_reading_the_execution(
@@ -92,21 +93,21 @@ def test_started_and_finished_recorded_at_once_by_two_processes_leave_the_execut
             # B commits its finish meanwhile, unless A's read locked the row (then B waits for A)
             b_done.wait(1.5)
 
-    event.listen(a.engine, "after_cursor_execute", pause_after_reading_the_execution)
+    event.listen(a.database.engine, "after_cursor_execute", pause_after_reading_the_execution)
     started = _event(execution_id, "started")
     finished = _event(execution_id, "finished", exit_code=0, status="succeeded")
     with ThreadPoolExecutor(2) as pool:
-        in_a = pool.submit(a.record_events, ts, [started], time.time())
+        in_a = pool.submit(a.delivery.record_events, ts, [started], time.time())
         assert a_read.wait(10), "process A never read the execution"
-        in_b = pool.submit(b.record_events, ts, [finished], time.time())
+        in_b = pool.submit(b.delivery.record_events, ts, [finished], time.time())
         outcome_b = in_b.result(20)
         b_done.set()
         outcome_a = in_a.result(20)
-    event.remove(a.engine, "after_cursor_execute", pause_after_reading_the_execution)
+    event.remove(a.database.engine, "after_cursor_execute", pause_after_reading_the_execution)
 
     assert outcome_a.accepted == [started.event_id]
     assert outcome_b.accepted == [finished.event_id]
-    execution = b.execution(execution_id)
+    execution = b.delivery.execution(execution_id)
     assert execution.status == "succeeded", execution
     times = {step.step: step.at for step in execution.timeline}
     assert times["started"] is not None
@@ -114,13 +115,13 @@ def test_started_and_finished_recorded_at_once_by_two_processes_leave_the_execut
 
 
 def test_settings_changed_at_once_by_two_processes_bump_the_version_twice(
-    stores: tuple[Store, Store],
+    stores: tuple[Stores, Stores],
 ) -> None:
     """Two operators change different settings through two NS processes at once: both changes
     stay and the version moves twice, so a task server that saw the first change sees a new
     version for the second."""
     a, b = stores
-    before = a.settings().version
+    before = a.settings.settings().version
     a_read, b_done = threading.Event(), threading.Event()
 
     def pause_after_reading_the_settings(
@@ -130,26 +131,28 @@ def test_settings_changed_at_once_by_two_processes_bump_the_version_twice(
             a_read.set()
             b_done.wait(1.5)  # B commits meanwhile, unless A's read locked the row
 
-    event.listen(a.engine, "after_cursor_execute", pause_after_reading_the_settings)
+    event.listen(a.database.engine, "after_cursor_execute", pause_after_reading_the_settings)
     with ThreadPoolExecutor(2) as pool:
-        in_a = pool.submit(a.update_settings, m.SettingsUpdate(task_request_interval_s=100))
+        in_a = pool.submit(
+            a.settings.update_settings, m.SettingsUpdate(task_request_interval_s=100)
+        )
         assert a_read.wait(10), "process A never read the settings"
-        in_b = pool.submit(b.update_settings, m.SettingsUpdate(poll_jitter_fraction=0.25))
+        in_b = pool.submit(b.settings.update_settings, m.SettingsUpdate(poll_jitter_fraction=0.25))
         in_b.result(20)
         b_done.set()
         in_a.result(20)
-    event.remove(a.engine, "after_cursor_execute", pause_after_reading_the_settings)
+    event.remove(a.database.engine, "after_cursor_execute", pause_after_reading_the_settings)
 
-    after = b.settings()
+    after = b.settings.settings()
     assert after.version == before + 2, after
     assert after.task_request_interval_s == 100
     assert after.poll_jitter_fraction == 0.25
 
 
 def _pause_after_first_read(
-    store: Store, table: str
+    stores: Stores, table: str
 ) -> tuple[threading.Event, threading.Event, Any]:
-    """Hold `store`'s first read of `table` until told (or 1.5 s): the other process commits."""
+    """Hold `stores`'s first read of `table` until told (or 1.5 s): the other process commits."""
     read, other_done = threading.Event(), threading.Event()
 
     def pause(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
@@ -157,53 +160,54 @@ def _pause_after_first_read(
             read.set()
             other_done.wait(1.5)
 
-    event.listen(store.engine, "after_cursor_execute", pause)
+    event.listen(stores.database.engine, "after_cursor_execute", pause)
     return read, other_done, pause
 
 
 def test_same_new_agent_registered_at_once_by_two_processes_gets_credentials_from_both(
-    stores: tuple[Store, Store],
+    stores: tuple[Stores, Stores],
 ) -> None:
     """An agent's registration reaches two NS processes at once (a task server retrying through
     a load balancer): both read "no such computer", both insert; the later one must not fail
     (it was a 500) but take the update path. One computer, and the last credentials hold."""
     a, b = stores
-    creds = a.register_task_server(_ts_registration("ts1"), "ns")
-    ts = a.caller_for(token_sha256(creds.token))
+    creds = a.inventory.register_task_server(_ts_registration("ts1"), "ns")
+    ts = a.inventory.caller_for(token_sha256(creds.token))
     assert ts is not None
     reg = m.AgentRegistration(name="laptop-1", tickle_host="127.0.0.1")
     a_read, b_done, pause = _pause_after_first_read(a, "computers")
     with ThreadPoolExecutor(2) as pool:
-        in_a = pool.submit(a.register_agent, ts, reg)
+        in_a = pool.submit(a.inventory.register_agent, ts, reg)
         assert a_read.wait(10), "process A never looked the computer up"
-        from_b = pool.submit(b.register_agent, ts, reg).result(20)
+        from_b = pool.submit(b.inventory.register_agent, ts, reg).result(20)
         b_done.set()
         from_a = in_a.result(20)
-    event.remove(a.engine, "after_cursor_execute", pause)
+    event.remove(a.database.engine, "after_cursor_execute", pause)
 
-    assert [c.name for c in b.computers()].count("laptop-1") == 1
-    holder = b.caller_for(token_sha256(from_a.token))  # A committed last: its token is the one
+    assert [c.name for c in b.inventory.computers()].count("laptop-1") == 1
+    # A committed last: its token is the one
+    holder = b.inventory.caller_for(token_sha256(from_a.token))
     assert holder is not None
     assert holder.name == "laptop-1"
-    assert b.caller_for(token_sha256(from_b.token)) is None
+    assert b.inventory.caller_for(token_sha256(from_b.token)) is None
 
 
 def test_same_new_task_server_registered_at_once_by_two_processes_gets_credentials_from_both(
-    stores: tuple[Store, Store],
+    stores: tuple[Stores, Stores],
 ) -> None:
     a, b = stores
     reg = _ts_registration("ts-new")
     a_read, b_done, pause = _pause_after_first_read(a, "task_servers")
     with ThreadPoolExecutor(2) as pool:
-        in_a = pool.submit(a.register_task_server, reg, "ns")
+        in_a = pool.submit(a.inventory.register_task_server, reg, "ns")
         assert a_read.wait(10), "process A never looked the task server up"
-        from_b = pool.submit(b.register_task_server, reg, "ns").result(20)
+        from_b = pool.submit(b.inventory.register_task_server, reg, "ns").result(20)
         b_done.set()
         from_a = in_a.result(20)
-    event.remove(a.engine, "after_cursor_execute", pause)
+    event.remove(a.database.engine, "after_cursor_execute", pause)
 
-    assert [t.name for t in b.task_servers()].count("ts-new") == 1
-    holder = b.caller_for(token_sha256(from_a.token))
+    assert [t.name for t in b.inventory.task_servers()].count("ts-new") == 1
+    holder = b.inventory.caller_for(token_sha256(from_a.token))
     assert holder is not None
     assert holder.name == "ts-new"
-    assert b.caller_for(token_sha256(from_b.token)) is None
+    assert b.inventory.caller_for(token_sha256(from_b.token)) is None

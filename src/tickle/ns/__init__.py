@@ -1,1 +1,2 @@
-"""The notification server: operator API, store, and the tickle server that wakes task servers."""
+"""The notification server: operator API, its services and stores, and the tickle server that wakes
+task servers."""

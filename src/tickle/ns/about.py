@@ -9,18 +9,18 @@ from typing import Literal, cast
 from sqlalchemy.engine import URL, make_url
 
 from tickle import messages as m
-from tickle.ns.store import Store
+from tickle.ns.database import Database
 
 _DEFAULT_PORTS = {"postgresql": 5432}
 
 
-def about(store: Store, dispatcher_active: bool, started_at: float) -> m.About:
+def about(database: Database, dispatcher_active: bool, started_at: float) -> m.About:
     """The about body; reads the schema revision, so call it off the event loop."""
     return m.About(
         version=package_version(),
-        database=cast(Literal["sqlite", "postgresql"], store.dialect),
-        database_location=database_location(store.engine.url),
-        schema_revision=store.schema_revision(),
+        database=cast(Literal["sqlite", "postgresql"], database.dialect),
+        database_location=database_location(database.engine.url),
+        schema_revision=database.schema_revision(),
         dispatcher_active=dispatcher_active,
         started_at=started_at,
     )

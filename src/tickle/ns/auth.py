@@ -13,18 +13,10 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from tickle.ns.store import Caller, Store, token_sha256
+from tickle.ns.credentials import Caller, token_sha256
+from tickle.ns.dependencies import InventoryDep
 
 _bearer = HTTPBearer(auto_error=False, description="Admin token or task-server token")
-
-
-def get_store(request: Request) -> Store:
-    """The store the app was built with."""
-    store: Store = request.app.state.store
-    return store
-
-
-StoreDep = Annotated[Store, Depends(get_store)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
@@ -49,12 +41,12 @@ def _unknown() -> HTTPException:
     )
 
 
-def require_admin(request: Request, creds: Credentials, store: StoreDep) -> None:
+def require_admin(request: Request, creds: Credentials, inventory: InventoryDep) -> None:
     """Allow the operator's admin token only."""
     sha = _token_hash(creds)
     if _is_admin(request, sha):
         return
-    caller = store.caller_for(sha)
+    caller = inventory.caller_for(sha)
     if caller is None:
         raise _unknown()
     raise HTTPException(
@@ -62,10 +54,10 @@ def require_admin(request: Request, creds: Credentials, store: StoreDep) -> None
     )
 
 
-def require_task_server(request: Request, creds: Credentials, store: StoreDep) -> Caller:
+def require_task_server(request: Request, creds: Credentials, inventory: InventoryDep) -> Caller:
     """Allow a registered task server's token; returns who it is."""
     sha = _token_hash(creds)
-    caller = store.caller_for(sha)
+    caller = inventory.caller_for(sha)
     if caller is not None and caller.role == "task_server":
         return caller
     if caller is not None or _is_admin(request, sha):

@@ -18,7 +18,7 @@ from tickle.logs import setup_logging
 from tickle.metrics import ComponentMetrics
 from tickle.ns.api import create_app
 from tickle.ns.settings import NsSettings
-from tickle.ns.store import Store
+from tickle.ns.stores import Stores
 from tickle.ns.tickle_server import TickleServer
 
 log = logging.getLogger("tickle.ns")
@@ -49,13 +49,15 @@ def main(args: list[str]) -> int:
 
 
 async def serve(settings: NsSettings, stop: asyncio.Event | None = None) -> int:
-    """Run the NS until SIGTERM/SIGINT (or `stop` is set); returns the exit code."""
-    store = Store(settings.db_url)
+    """Run the NS until SIGTERM/SIGINT (or `stop` is set); returns the exit code.
+
+    `settings` carries its secrets (`NsSettings.with_secrets`, as `main` reads them)."""
+    stores = Stores.open(settings.db_url)
     try:
-        await asyncio.to_thread(store.migrate)
+        await asyncio.to_thread(stores.database.migrate)
         metrics = ComponentMetrics("ns")
-        tickle_server = TickleServer(settings, store, metrics)
-        app = create_app(settings, store, tickle_server, metrics)
+        tickle_server = TickleServer(settings, stores, metrics)
+        app = create_app(settings, stores, tickle_server, metrics)
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -78,7 +80,7 @@ async def serve(settings: NsSettings, stop: asyncio.Event | None = None) -> int:
                 settings.api_host,
                 settings.api_port,
                 _token_source(settings),
-                store.engine.url.render_as_string(hide_password=True),
+                stores.database.engine.url.render_as_string(hide_password=True),
             )
             await server.serve()
         finally:
@@ -88,7 +90,7 @@ async def serve(settings: NsSettings, stop: asyncio.Event | None = None) -> int:
             restore()
         return 0 if server.started else 1
     finally:
-        store.close()
+        stores.close()
 
 
 def _on_signals(server: uvicorn.Server) -> Callable[[], None]:

@@ -1,12 +1,13 @@
 """The NS tickle server: tickles task servers when their clients have work or settings changed.
 
 It finds work to announce in the database (pending executions nobody tickled for or pulled yet),
-woken at once by a run-now in this process (`notify`) and every `dispatch_poll_s` otherwise, so a
-run-now committed by another NS API process sharing a PostgreSQL database is announced too. With
-PostgreSQL only the holder of an advisory lock dispatches; a process that becomes the dispatcher
-(at start, or taking over from a dead one) first tickles for all unpulled work, also work tickled
-before whose resends stopped with the previous dispatcher. A settings version change in the
-database makes it send a SETTINGS tickle to every task server.
+woken at once by a change committed in this process (`notify`: a run-now, a computer that moved, new
+settings) and every `dispatch_poll_s` otherwise, so a run-now committed by another NS API process
+sharing a PostgreSQL database is announced too. With PostgreSQL only the holder of an advisory lock
+dispatches; a process that becomes the dispatcher (at start, or taking over from a dead one) first
+tickles for all unpulled work, also work tickled before whose resends stopped with the previous
+dispatcher. A settings version change in the database makes it send a SETTINGS tickle to every task
+server.
 
 Acknowledgement: only a pull a tickle caused (`via=tickle`) acknowledges; the task server's
 periodic check or its pull at start does not (a tickle that never arrives must end unreachable).
@@ -28,7 +29,8 @@ from prometheus_client import Gauge
 from tickle import wire
 from tickle.metrics import ComponentMetrics
 from tickle.ns.settings import NsSettings
-from tickle.ns.store import Store, TaskServerLink
+from tickle.ns.stores import Stores
+from tickle.ns.stores.inventory import TaskServerLink
 from tickle.tickling import Tickler
 
 log = logging.getLogger(__name__)
@@ -40,14 +42,14 @@ _LOCK_RETRY_S = 5.0
 class TickleServer:
     """Dispatches NS→TS tickles; every public method runs on the event loop."""
 
-    def __init__(self, settings: NsSettings, store: Store, metrics: ComponentMetrics) -> None:
+    def __init__(self, settings: NsSettings, stores: Stores, metrics: ComponentMetrics) -> None:
         self._settings = settings
-        self._store = store
+        self._stores = stores
         self._links: dict[str, TaskServerLink] = {}
         self._requested_at: dict[tuple[str, wire.Kind], float] = {}
         self._settings_version: int | None = None
         self._wake = asyncio.Event()
-        self._lock = store.dispatcher_lock() if settings.dispatcher_lock else None
+        self._lock = stores.database.dispatcher_lock() if settings.dispatcher_lock else None
         self._task: asyncio.Task[None] | None = None
         self._dispatcher_active = False
         self._active = Gauge(
@@ -68,7 +70,7 @@ class TickleServer:
     async def start(self) -> None:
         """Open the sending socket and start the dispatch loop."""
         await self.tickler.start()
-        self._settings_version = (await self._db(self._store.settings)).version
+        self._settings_version = (await self._db(self._stores.settings.settings)).version
         self._wake.set()  # first pass at once: work may be waiting since before a restart
         self._task = asyncio.create_task(self._run(), name="ns-tickle-dispatcher")
 
@@ -90,11 +92,8 @@ class TickleServer:
         return self._dispatcher_active
 
     def notify(self) -> None:
-        """Work was committed (run now, a computer moved): look for untickled work now."""
-        self._wake.set()
-
-    def settings_changed(self) -> None:
-        """The central settings changed: tickle every task server with kind SETTINGS now."""
+        """A change was committed (run now, a computer moved, new settings): run a pass now, which
+        tickles for untickled work and, when the settings version moved, every task server."""
         self._wake.set()
 
     def ack(self, task_server: str, kind: wire.Kind) -> None:
@@ -104,21 +103,17 @@ class TickleServer:
             # created until now: the dispatcher must not ask for yet another one
             self._requested_at[(task_server, kind)] = time.time()
 
-    def notify_threadsafe(self, loop: asyncio.AbstractEventLoop) -> None:
-        """`notify` from a thread other than the loop's."""
-        loop.call_soon_threadsafe(self.notify)
-
     async def dispatch_once(self, taking_over: bool = False) -> None:
         """One pass: refresh links, ack pulls seen in the database, tickle for new work/settings.
 
         `taking_over` (the first pass after this process became the dispatcher): tickle for all
         unpulled work, also work tickled before, whose resends died with the previous dispatcher.
         """
-        links = await self._db(self._store.task_server_links)
+        links = await self._db(self._stores.inventory.task_server_links)
         self._links = {link.name: link for link in links}
         self._ack_from_db()
         await self._tickle_settings()
-        for pending in await self._db(self._store.pending_tickles, taking_over):
+        for pending in await self._db(self._stores.delivery.pending_tickles, taking_over):
             link = self._links.get(pending.task_server)
             if link is None:
                 continue
@@ -174,7 +169,7 @@ class TickleServer:
                 self.ack(name, kind)
 
     async def _tickle_settings(self) -> None:
-        version = (await self._db(self._store.settings)).version
+        version = (await self._db(self._stores.settings.settings)).version
         previous, self._settings_version = self._settings_version, version
         if previous is None or version <= previous:
             return
@@ -188,18 +183,18 @@ class TickleServer:
 
     async def _on_sent(self, task_server: str, kind: wire.Kind, first_sent: float) -> None:
         if kind is wire.Kind.TASKS:
-            n = await self._db(self._store.mark_tickle_sent, task_server, first_sent)
+            n = await self._db(self._stores.delivery.mark_tickle_sent, task_server, first_sent)
             log.debug("tasks tickle to %s covers %d execution(s)", task_server, n)
 
     async def _on_unreachable(self, task_server: str) -> None:
         log.warning(
             "task server %s is tickle-unreachable: it will get work by polling", task_server
         )
-        await self._db(self._store.set_task_server_state, task_server, "unreachable")
+        await self._db(self._stores.inventory.set_task_server_state, task_server, "unreachable")
 
     async def _on_reachable(self, task_server: str) -> None:
-        await self._db(self._store.set_task_server_state, task_server, "reachable")
+        await self._db(self._stores.inventory.set_task_server_state, task_server, "reachable")
 
     async def _db(self, fn: Callable[..., T], *args: object) -> T:
-        # the store is synchronous: keep its I/O off the event loop
+        # the stores are synchronous: keep their I/O off the event loop
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

@@ -1,0 +1,157 @@
+"""The NS database: one engine, short read and write transactions, the schema's migrations, the
+PostgreSQL dispatcher lock, and the retry of a write that lost an insert race.
+
+SQLite (WAL) is the embedded default; any SQLAlchemy URL works (PostgreSQL via psycopg), so several
+NS API processes can share one database. Everything here is synchronous: the API calls the stores
+from its threadpool and the tickle server from an executor, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from tickle.ns import migrations
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+DISPATCHER_LOCK_KEY = 0x7469636B6C65_02  # "tickle" + 2: the one active tickle dispatcher
+
+
+class Database:
+    """The NS database behind every store."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = _create_engine(url)
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite: writers take the write lock at BEGIN, so a read-then-write transaction never
+        # fails half-way with "database is locked" (busy_timeout makes them queue instead)
+        self._write = sessionmaker(
+            self.engine.execution_options(tickle_write=True), expire_on_commit=False
+        )
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def migrate(self) -> None:
+        """Apply the Alembic migrations shipped in the package (idempotent)."""
+        migrations.upgrade(self.engine)
+
+    def schema_revision(self) -> str | None:
+        """The Alembic revision stamped in the database (None: not migrated)."""
+        return migrations.current_revision(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read transaction."""
+        with self._read() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def writing(self) -> Iterator[Session]:
+        """A write transaction (SQLite: holds the write lock from its start)."""
+        with self._write() as session, session.begin():
+            yield session
+
+    def dispatcher_lock(self) -> DispatcherLock:
+        return DispatcherLock(self.engine)
+
+
+def retry_on_conflict(write: Callable[[], _T], tries: int = 3) -> _T:
+    """Run a read-then-insert write again when its insert lost a race to another process.
+
+    Two NS processes (or two threads) both read "absent" and both insert; the one that commits
+    second gets an IntegrityError. By the next try the row exists, so the write takes its other
+    path (update, or skip what is already recorded) — the answer it would have given had it come
+    second in the first place.
+    """
+    for _ in range(tries - 1):
+        try:
+            return write()
+        except IntegrityError:
+            continue
+    return write()
+
+
+class DispatcherLock:
+    """PostgreSQL: a session advisory lock held on a dedicated connection, so exactly one NS
+    process dispatches tickles. Other databases (SQLite: one process) always hold it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._conn: Connection | None = None
+        self._shared = engine.dialect.name == "postgresql"
+
+    def try_acquire(self) -> bool:
+        """Whether this process is the dispatcher now (takes the lock if free)."""
+        if not self._shared:
+            return True
+        try:
+            if self._conn is not None:
+                self._conn.execute(text("SELECT 1"))  # still alive, so still holding it
+                return True
+            conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            got = bool(
+                conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": DISPATCHER_LOCK_KEY})
+            )
+            if got:
+                self._conn = conn
+                log.debug("dispatcher lock taken")
+            else:
+                conn.close()
+            return got
+        except Exception:
+            log.warning("dispatcher lock connection lost", exc_info=True)
+            self.release()
+            return False
+
+    def release(self) -> None:
+        """Stop being the dispatcher: end the lock's database session, which frees the lock."""
+        if self._conn is not None:
+            try:
+                # close() alone would hand the session, lock held, back to the pool: another
+                # process could not dispatch until this one's engine is disposed
+                self._conn.invalidate()
+                self._conn.close()
+            except Exception:
+                log.debug("closing the dispatcher lock connection failed", exc_info=True)
+            self._conn = None
+
+
+def _create_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("tickle_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine

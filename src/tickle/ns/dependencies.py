@@ -1,0 +1,55 @@
+"""The API's dependencies on the services, one typed alias each; `create_app` puts the services on
+`app.state`, and tests may override a getter.
+
+The getters are coroutines only so that FastAPI calls them on the event loop: a plain function
+would cost each request a trip through the threadpool per getter.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from tickle.metrics import ComponentMetrics
+from tickle.ns.services import Services
+from tickle.ns.services.delivery import DeliveryService
+from tickle.ns.services.inventory import InventoryService
+from tickle.ns.services.settings import SettingsService
+from tickle.ns.stores.catalog import CatalogStore
+
+
+async def get_services(request: Request) -> Services:
+    """The services the app was built with."""
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def get_inventory(services: ServicesDep) -> InventoryService:
+    return services.inventory
+
+
+async def get_catalog(services: ServicesDep) -> CatalogStore:
+    return services.catalog
+
+
+async def get_delivery(services: ServicesDep) -> DeliveryService:
+    return services.delivery
+
+
+async def get_settings(services: ServicesDep) -> SettingsService:
+    return services.settings
+
+
+async def get_metrics(services: ServicesDep) -> ComponentMetrics:
+    return services.metrics
+
+
+InventoryDep = Annotated[InventoryService, Depends(get_inventory)]
+CatalogDep = Annotated[CatalogStore, Depends(get_catalog)]
+DeliveryDep = Annotated[DeliveryService, Depends(get_delivery)]
+SettingsDep = Annotated[SettingsService, Depends(get_settings)]
+MetricsDep = Annotated[ComponentMetrics, Depends(get_metrics)]

@@ -1,0 +1,98 @@
+"""The execution lifecycle: how status events move an execution forward.
+
+Events may arrive out of order (separate outboxes, retries): timestamps are set once and the status
+only moves forward (pending → delivered → running → a final status), so a late `started` never
+reopens a finished execution. Pure functions on plain values: the delivery store reads an
+execution into a `Progress`, applies each event here and writes the result back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from tickle import messages as m
+
+_ORDER = {"pending": 0, "delivered": 1, "running": 2}  # final statuses come after all of these
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What status events set on an execution (its columns of the same names)."""
+
+    status: str = "pending"
+    via: str | None = None
+    agent_tickled_at: float | None = None
+    agent_pulled_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    output_tail: str | None = None
+    cached_at_ts: float | None = None
+    recorded_at: float | None = None
+    step_results: tuple[dict[str, Any], ...] = ()  # as stored: step, name, exit_code, status
+
+
+def apply(
+    progress: Progress, event: m.StatusEvent, now: float, step_names: Sequence[str] = ()
+) -> Progress:
+    """`progress` after one status event recorded at `now` (`step_names`: the execution's steps)."""
+    if event.kind == "agent_tickled":
+        return replace(progress, agent_tickled_at=progress.agent_tickled_at or event.at)
+    if event.kind == "agent_pulled":
+        return replace(
+            progress,
+            agent_pulled_at=progress.agent_pulled_at or event.at,
+            via=progress.via or event.via,
+            status=_advance(progress.status, "delivered"),
+        )
+    if event.kind == "started":
+        return replace(
+            progress,
+            started_at=progress.started_at or event.at,
+            status=_advance(progress.status, "running"),
+        )
+    if event.kind == "step_finished" and event.step is not None:
+        results = _with_step(progress.step_results, event.step, event, step_names)
+        return replace(progress, step_results=results)
+    if event.kind == "finished" and progress.status not in m.FINAL_STATUSES:
+        return replace(
+            progress,
+            status=_final_status(event),
+            finished_at=event.at,
+            exit_code=event.exit_code,
+            output_tail=event.output_tail,
+            cached_at_ts=event.cached_at,
+            recorded_at=now,
+        )
+    return progress
+
+
+def finished_now(before: Progress, after: Progress) -> bool:
+    """Whether the event that turned `before` into `after` finished the execution."""
+    return before.status not in m.FINAL_STATUSES and after.status in m.FINAL_STATUSES
+
+
+def _advance(status: str, to: str) -> str:
+    if status in _ORDER and _ORDER[status] < _ORDER[to]:
+        return to
+    return status
+
+
+def _with_step(
+    results: tuple[dict[str, Any], ...], step: int, event: m.StatusEvent, step_names: Sequence[str]
+) -> tuple[dict[str, Any], ...]:
+    # a step reported again replaces its earlier result; the results stay in step order
+    name = step_names[step] if step < len(step_names) else f"step{step}"
+    kept = [r for r in results if r.get("step") != step]
+    status = event.status or ""
+    result = {"step": step, "name": name, "exit_code": event.exit_code, "status": status}
+    return tuple(sorted([*kept, result], key=lambda r: int(r["step"])))
+
+
+def _final_status(event: m.StatusEvent) -> str:
+    # a `finished` event without a final status is judged by its exit code
+    if event.status in m.FINAL_STATUSES:
+        return event.status
+    return "succeeded" if event.exit_code == 0 else "failed"

@@ -1,0 +1,21 @@
+"""Liveness and Prometheus metrics (no credentials)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from tickle import messages as m
+from tickle.ns.dependencies import MetricsDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", summary="Liveness")
+def health() -> m.Health:
+    return m.Health(component="ns")
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+def prometheus(metrics: MetricsDep) -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

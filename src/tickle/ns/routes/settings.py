@@ -1,0 +1,25 @@
+"""The central settings, as the operator sees and changes them."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from tickle import messages as m
+from tickle.ns.auth import AdminDep
+from tickle.ns.dependencies import SettingsDep
+
+router = APIRouter(tags=["settings"])
+
+
+@router.get("/api/settings", summary="Central settings")
+def get_settings(_: AdminDep, settings: SettingsDep) -> m.SettingsOut:
+    return settings.settings()
+
+
+@router.put(
+    "/api/settings",
+    summary="Change central settings",
+    description="Bumps the version and sends a settings tickle to every task server.",
+)
+async def put_settings(body: m.SettingsUpdate, _: AdminDep, settings: SettingsDep) -> m.SettingsOut:
+    return await settings.update(body)

@@ -1,0 +1,65 @@
+"""The delivery service: run now, the progress of runs and executions, the task servers' pulls of
+work and the status events they report — telling the tickle server and counting in the metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from fastapi.concurrency import run_in_threadpool
+
+from tickle import messages as m
+from tickle import wire
+from tickle.metrics import ComponentMetrics
+from tickle.ns.credentials import Caller
+from tickle.ns.stores.delivery import DeliveryStore
+from tickle.ns.tickle_server import TickleServer
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryService:
+    """Runs and their delivery, over the delivery store and the tickle server."""
+
+    def __init__(
+        self, store: DeliveryStore, tickle_server: TickleServer, metrics: ComponentMetrics
+    ) -> None:
+        self._store = store
+        self._tickle_server = tickle_server
+        self._metrics = metrics
+
+    async def run_now(self, body: m.RunCreate) -> m.RunOut:
+        """Create the run's executions and tickle their task servers."""
+        run = await run_in_threadpool(self._store.create_run, body)
+        self._tickle_server.notify()  # after the commit, so the task server's pull sees the work
+        log.info("run %d: %d execution(s)", run.id, len(run.executions))
+        return run
+
+    async def pull_work(self, ts: Caller, via: m.TsPullVia) -> m.WorkOut:
+        """The task server's pull; one a tickle caused acknowledges it."""
+        now = time.time()
+        if via == "tickle":
+            # only a pull the tickle caused proves the task server tickle-reachable; a check
+            # does not (the tickle may have been dropped). Ack before reading: work committed
+            # after this point gets a tickle of its own.
+            self._tickle_server.ack(ts.name, wire.Kind.TASKS)
+        work = await run_in_threadpool(self._store.pull_work, ts, now, via)
+        self._metrics.pulls.labels(via=via).inc()
+        return work
+
+    async def record_events(self, ts: Caller, events: Sequence[m.StatusEvent]) -> m.EventAck:
+        """Record the task server's status events (each once) and count what they did."""
+        outcome = await run_in_threadpool(self._store.record_events, ts, events, time.time())
+        for event in outcome.recorded:
+            self._metrics.status_events.labels(kind=event.kind).inc()
+        for latency, final in zip(outcome.run_now_to_recorded, outcome.finished, strict=True):
+            self._metrics.run_now_to_recorded.observe(latency)
+            self._metrics.executions.labels(status=final).inc()
+        return m.EventAck(accepted=outcome.accepted)
+
+    def run(self, run_id: int) -> m.RunOut:
+        return self._store.run(run_id)
+
+    def execution(self, execution_id: int) -> m.ExecutionOut:
+        return self._store.execution(execution_id)

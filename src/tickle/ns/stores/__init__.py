@@ -1,0 +1,39 @@
+"""The NS's stores, one per domain (after the API's tags), over one database: what the API's
+services, the tickle server and tests read and write through. Synchronous: call them off the
+event loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tickle.ns.database import Database
+from tickle.ns.stores.catalog import CatalogStore
+from tickle.ns.stores.delivery import DeliveryStore
+from tickle.ns.stores.inventory import InventoryStore
+from tickle.ns.stores.settings import SettingsStore
+
+
+@dataclass(frozen=True, slots=True)
+class Stores:
+    """The database and a store per domain over it."""
+
+    database: Database
+    inventory: InventoryStore  # task servers, computers, credentials
+    catalog: CatalogStore  # tasks and jobs
+    delivery: DeliveryStore  # runs, executions, pulls, status events
+    settings: SettingsStore  # the central settings
+
+    @classmethod
+    def open(cls, url: str) -> Stores:
+        """Stores over the database at `url` (migrate it with `database.migrate()`)."""
+        database = Database(url)
+        return cls(
+            database,
+            InventoryStore(database),
+            CatalogStore(database),
+            DeliveryStore(database),
+            SettingsStore(database),
+        )
+
+    def close(self) -> None:
+        self.database.close()

@@ -1,0 +1,300 @@
+"""The delivery store: runs now and their executions, the task servers' pulls of work, and the
+status events that record each execution's progress."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from tickle import messages as m
+from tickle.ns import lifecycle, views
+from tickle.ns.credentials import Caller
+from tickle.ns.database import Database, retry_on_conflict
+from tickle.ns.errors import NotFound
+from tickle.ns.models import Base, Computer, Execution, ExecutionPull, Job, Run, Task, TaskServer
+from tickle.ns.models import StatusEvent as StatusEventRow
+
+log = logging.getLogger(__name__)
+_FINAL = m.FINAL_STATUSES
+_PROGRESS_FIELDS = [f.name for f in fields(lifecycle.Progress)]
+_Row = TypeVar("_Row", bound=Base)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTickle:
+    """A task server with untickled pending work, and when the newest of it was created."""
+
+    task_server: str
+    newest_created_at: float
+
+
+@dataclass(slots=True)
+class EventOutcome:
+    """What recording a batch of status events did."""
+
+    accepted: list[str]
+    recorded: list[m.StatusEvent]  # newly recorded now
+    run_now_to_recorded: list[float]  # latencies of executions finished now
+    finished: list[str]  # their final statuses
+
+
+class DeliveryStore:
+    """Runs, executions, pulls and status events in the NS database."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def create_run(self, body: m.RunCreate) -> m.RunOut:
+        """Run now: one pending execution per selected computer (named or in a named group)."""
+        now = time.time()
+        with self._db.writing() as s:
+            kind, steps = _steps(s, body)
+            targets = _targets(s, body)
+            run = Run(task_id=body.task_id, job_id=body.job_id, created_at=now)
+            s.add(run)
+            s.flush()
+            for c in targets:
+                s.add(
+                    Execution(
+                        run_id=run.id,
+                        computer_id=c.id,
+                        task_id=body.task_id,
+                        job_id=body.job_id,
+                        kind=kind,
+                        steps=steps,
+                        status="pending",
+                        step_results=[],
+                        created_at=now,
+                    )
+                )
+            s.flush()
+            s.expire(run, ["executions"])
+            return views.run_out(run)
+
+    def run(self, run_id: int) -> m.RunOut:
+        with self._db.reading() as s:
+            return views.run_out(_get(s, Run, run_id, "run"))
+
+    def execution(self, execution_id: int) -> m.ExecutionOut:
+        with self._db.reading() as s:
+            return views.execution_out(_get(s, Execution, execution_id, "execution"))
+
+    def pull_work(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
+        """Every unfinished execution of this task server's clients; stamps the first pull and
+        remembers that this task server was given each of them (see `record_events`).
+
+        Every pull stamps `last_pull_at`; only one a tickle caused stamps `tickle_pulled_at`
+        (the acknowledgement another NS process sees)."""
+        # a concurrent pull of the same task server (another NS process) may note a pair first
+        return retry_on_conflict(lambda: self._pull_work(ts, now, via))
+
+    def record_events(
+        self, ts: Caller, events: Sequence[m.StatusEvent], now: float
+    ) -> EventOutcome:
+        """Record each event exactly once (by event id) and apply it to its execution.
+
+        A task server may report an execution of its client now, or one a pull gave it before
+        the computer moved away (it may hold that execution's events from before the move); the
+        event must name the execution's computer. Other events are left out of `accepted`.
+        """
+        # another process may record one of these ids between our check and our commit
+        return retry_on_conflict(lambda: self._record(ts, events, now))
+
+    # --- the tickle server's view --------------------------------------------------------------
+
+    def pending_tickles(self, tickled_too: bool = False) -> list[PendingTickle]:
+        """Task servers with pending executions that were neither tickled for nor pulled yet
+        (`tickled_too`: not pulled yet, tickled or not)."""
+        unpulled = [Execution.status == "pending", Execution.ts_pulled_at.is_(None)]
+        if not tickled_too:
+            unpulled.append(Execution.tickle_sent_at.is_(None))
+        with self._db.reading() as s:
+            rows = s.execute(
+                select(TaskServer.name, func.max(Execution.created_at))
+                .select_from(Execution)
+                .join(Computer, Execution.computer_id == Computer.id)
+                .join(TaskServer, Computer.task_server_id == TaskServer.id)
+                .where(*unpulled)
+                .group_by(TaskServer.name)
+            )
+            return [PendingTickle(name, float(newest)) for name, newest in rows]
+
+    def mark_tickle_sent(self, task_server: str, sent_at: float) -> int:
+        """Stamp `tickle_sent_at` on the work that tickle was for; returns how many."""
+        with self._db.writing() as s:
+            clients = (
+                select(Computer.id)
+                .join(TaskServer, Computer.task_server_id == TaskServer.id)
+                .where(TaskServer.name == task_server)
+            )
+            result = s.execute(
+                update(Execution)
+                .where(
+                    Execution.computer_id.in_(clients.scalar_subquery()),
+                    Execution.tickle_sent_at.is_(None),
+                    Execution.created_at <= sent_at,
+                    or_(Execution.ts_pulled_at.is_(None), Execution.ts_pulled_at >= sent_at),
+                )
+                .values(tickle_sent_at=sent_at)
+                .execution_options(synchronize_session=False)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _pull_work(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
+        stamps = {"last_pull_at": now} | ({"tickle_pulled_at": now} if via == "tickle" else {})
+        with self._db.writing() as s:
+            s.execute(update(TaskServer).where(TaskServer.id == ts.id).values(**stamps))
+            rows = s.scalars(
+                select(Execution)
+                .join(Computer, Execution.computer_id == Computer.id)
+                .where(Computer.task_server_id == ts.id, Execution.status.not_in(_FINAL))
+                .order_by(Execution.id)
+            ).all()
+            for ex in rows:
+                if ex.ts_pulled_at is None:
+                    ex.ts_pulled_at = now
+            ids = [ex.id for ex in rows]
+            known = set(
+                s.scalars(
+                    select(ExecutionPull.execution_id).where(
+                        ExecutionPull.task_server_id == ts.id, ExecutionPull.execution_id.in_(ids)
+                    )
+                )
+            )
+            s.add_all(
+                ExecutionPull(execution_id=i, task_server_id=ts.id, pulled_at=now)
+                for i in ids
+                if i not in known
+            )
+            return m.WorkOut(executions=[views.execution_work(ex) for ex in rows])
+
+    def _record(self, ts: Caller, events: Sequence[m.StatusEvent], now: float) -> EventOutcome:
+        out = EventOutcome(accepted=[], recorded=[], run_now_to_recorded=[], finished=[])
+        with self._db.writing() as s:
+            exec_ids = {e.execution_id for e in events}
+            # PostgreSQL: lock the executions first (in id order: no deadlock), so another NS
+            # process recording events of the same executions waits for this commit instead of
+            # overwriting it with what it read before (a `started` reopening a finished one);
+            # the event ids are read after the lock, so a batch recorded meanwhile is seen
+            execs = {
+                ex.id: ex
+                for ex in s.scalars(
+                    select(Execution)
+                    .where(Execution.id.in_(exec_ids))
+                    .order_by(Execution.id)
+                    .with_for_update(of=Execution)
+                )
+            }
+            ids = [e.event_id for e in events]
+            seen = set(
+                s.scalars(select(StatusEventRow.event_id).where(StatusEventRow.event_id.in_(ids)))
+            )
+            pulled = set(
+                s.scalars(
+                    select(ExecutionPull.execution_id).where(
+                        ExecutionPull.task_server_id == ts.id,
+                        ExecutionPull.execution_id.in_(exec_ids),
+                    )
+                )
+            )
+            for e in events:
+                if e.event_id in seen:
+                    out.accepted.append(e.event_id)
+                    continue
+                ex = execs.get(e.execution_id)
+                if ex is None:
+                    log.warning(
+                        "status event %s from %s for unknown execution %d: ignored",
+                        e.event_id, ts.name, e.execution_id,
+                    )  # fmt: skip
+                    out.accepted.append(e.event_id)
+                    continue
+                given = ex.computer.task_server_id == ts.id or ex.id in pulled
+                if not given or ex.computer.name != e.computer:
+                    log.warning(
+                        "status event %s from %s refused: execution %d is for %s (event says %s),"
+                        " neither a client of this task server nor pulled by it",
+                        e.event_id, ts.name, ex.id, ex.computer.name, e.computer,
+                    )  # fmt: skip
+                    continue
+                s.add(
+                    StatusEventRow(
+                        event_id=e.event_id,
+                        execution_id=ex.id,
+                        kind=e.kind,
+                        at=e.at,
+                        body=e.model_dump(mode="json"),
+                        recorded_at=now,
+                    )
+                )
+                seen.add(e.event_id)
+                before = _progress(ex)
+                after = lifecycle.apply(before, e, now, [step["name"] for step in ex.steps])
+                _set_progress(ex, after)
+                if lifecycle.finished_now(before, after):
+                    out.run_now_to_recorded.append(max(0.0, now - ex.created_at))
+                    out.finished.append(ex.status)
+                out.accepted.append(e.event_id)
+                out.recorded.append(e)
+        return out
+
+
+def _steps(s: Session, body: m.RunCreate) -> tuple[str, list[dict[str, Any]]]:
+    if body.task_id is not None:
+        return "task", [views.task_spec(_get(s, Task, body.task_id, "task"))]
+    job = _get(s, Job, body.job_id, "job")
+    by_id = {
+        t.id: t for t in s.scalars(select(Task).where(Task.id.in_(jt.task_id for jt in job.tasks)))
+    }
+    return "job", [views.task_spec(by_id[jt.task_id]) for jt in job.tasks]
+
+
+def _targets(s: Session, body: m.RunCreate) -> list[Computer]:
+    chosen: dict[str, Computer] = {}
+    if body.computers:
+        names = list(dict.fromkeys(body.computers))
+        found = {c.name: c for c in s.scalars(select(Computer).where(Computer.name.in_(names)))}
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise NotFound(f"unknown computer(s): {', '.join(missing)}")
+        chosen.update((n, found[n]) for n in names)
+    if body.groups:
+        wanted = set(body.groups)
+        matched: set[str] = set()
+        # groups are a JSON list per computer: filtered here, portable across databases
+        for c in s.scalars(select(Computer).order_by(Computer.name)):
+            hit = wanted.intersection(c.groups or [])
+            if hit:
+                matched |= hit
+                chosen.setdefault(c.name, c)
+        empty = [g for g in body.groups if g not in matched]
+        if empty:
+            raise NotFound(f"no computer in group(s): {', '.join(empty)}")
+    return list(chosen.values())
+
+
+def _get(s: Session, table: type[_Row], ident: int | None, what: str) -> _Row:
+    row = s.get(table, ident)
+    if row is None:
+        raise NotFound(f"{what} {ident} does not exist")
+    return row
+
+
+def _progress(ex: Execution) -> lifecycle.Progress:
+    values: dict[str, Any] = {name: getattr(ex, name) for name in _PROGRESS_FIELDS}
+    values["step_results"] = tuple(ex.step_results or ())
+    return lifecycle.Progress(**values)
+
+
+def _set_progress(ex: Execution, progress: lifecycle.Progress) -> None:
+    for name in _PROGRESS_FIELDS:
+        setattr(ex, name, getattr(progress, name))
+    ex.step_results = list(progress.step_results)

@@ -1,0 +1,169 @@
+"""The inventory store: task servers and computers — their credentials, where to tickle them and
+what their task servers see of them."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+
+from tickle import messages as m
+from tickle.ns import views
+from tickle.ns.credentials import Caller, new_tickle_key, new_token, token_sha256
+from tickle.ns.database import Database, retry_on_conflict
+from tickle.ns.errors import Forbidden, NotFound
+from tickle.ns.models import Computer, TaskServer
+
+
+@dataclass(frozen=True, slots=True)
+class TaskServerLink:
+    """What the tickle server needs to tickle a task server and to see its pulls."""
+
+    name: str
+    addr: tuple[str, int]
+    key: bytes
+    tickle_pulled_at: float | None  # the last work pull a tickle caused
+    settings_pulled_at: float | None  # the last settings pull a tickle caused
+
+
+class InventoryStore:
+    """Task servers and computers in the NS database."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def caller_for(self, sha: str) -> Caller | None:
+        """The task server (or agent) whose token hashes to `sha`."""
+        with self._db.reading() as s:
+            row = s.execute(
+                select(TaskServer.id, TaskServer.name).where(TaskServer.token_sha256 == sha)
+            ).first()
+            if row is not None:
+                return Caller("task_server", row.name, row.id)
+            crow = s.execute(
+                select(Computer.id, Computer.name).where(Computer.token_sha256 == sha)
+            ).first()
+            if crow is not None:
+                return Caller("computer", crow.name, crow.id)
+        return None
+
+    def register_task_server(
+        self, reg: m.TaskServerRegister, ns_id: str
+    ) -> m.TaskServerCredentials:
+        """Create the task server, or rotate its credentials if the name exists."""
+        return retry_on_conflict(lambda: self._register_task_server(reg, ns_id))
+
+    def register_agent(self, ts: Caller, reg: m.AgentRegistration) -> m.AgentCredentials:
+        """Create the computer, or move it to this task server and rotate its credentials."""
+        return retry_on_conflict(lambda: self._register_agent(ts, reg))
+
+    def clients(self, ts: Caller) -> list[m.ClientInfo]:
+        """The task server's clients, with what it needs to authenticate and tickle them."""
+        with self._db.reading() as s:
+            rows = s.scalars(
+                select(Computer).where(Computer.task_server_id == ts.id).order_by(Computer.name)
+            ).all()
+            return [views.client_info(c) for c in rows]
+
+    def task_servers(self) -> list[m.TaskServerOut]:
+        with self._db.reading() as s:
+            rows = s.execute(
+                select(Computer.task_server_id, func.count()).group_by(Computer.task_server_id)
+            )
+            counts: dict[int | None, int] = {row[0]: row[1] for row in rows}
+            return [
+                views.task_server_out(t, counts.get(t.id, 0))
+                for t in s.scalars(select(TaskServer).order_by(TaskServer.name))
+            ]
+
+    def computers(self) -> list[m.ComputerOut]:
+        with self._db.reading() as s:
+            return [
+                views.computer_out(c) for c in s.scalars(select(Computer).order_by(Computer.name))
+            ]
+
+    def update_computer_states(self, ts: Caller, states: Sequence[m.ComputerState]) -> None:
+        """Apply what a task server saw of its clients (tickle reachability, observed address)."""
+        names = {st.name for st in states}
+        with self._db.writing() as s:
+            found = {c.name: c for c in s.scalars(select(Computer).where(Computer.name.in_(names)))}
+            for st in states:
+                c = found.get(st.name)
+                if c is None:
+                    raise NotFound(f"computer {st.name!r} is not registered")
+                if c.task_server_id != ts.id:
+                    raise Forbidden(f"computer {st.name!r} is not a client of {ts.name!r}")
+            for st in sorted(states, key=lambda st: st.at):
+                c = found[st.name]
+                if st.tickle_state is not None and not (c.cem and st.tickle_state != "cem"):
+                    c.tickle_state = st.tickle_state
+                if st.observed_address is not None:
+                    c.observed_address = st.observed_address
+                    c.nat_detected = _nat(c.reported_address, st.observed_address)
+                c.last_contact_at = max(c.last_contact_at or 0.0, st.at)
+
+    # --- the tickle server's view --------------------------------------------------------------
+
+    def task_server_links(self) -> list[TaskServerLink]:
+        with self._db.reading() as s:
+            return [
+                TaskServerLink(
+                    name=t.name,
+                    addr=(t.tickle_host, t.tickle_port),
+                    key=base64.b64decode(t.tickle_key),
+                    tickle_pulled_at=t.tickle_pulled_at,
+                    settings_pulled_at=t.settings_pulled_at,
+                )
+                for t in s.scalars(select(TaskServer))
+            ]
+
+    def set_task_server_state(self, name: str, state: str) -> None:
+        """Whether tickles get through to the task server (reachable or unreachable)."""
+        with self._db.writing() as s:
+            s.execute(update(TaskServer).where(TaskServer.name == name).values(tickle_state=state))
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _register_task_server(
+        self, reg: m.TaskServerRegister, ns_id: str
+    ) -> m.TaskServerCredentials:
+        token, key = new_token(), new_tickle_key()
+        with self._db.writing() as s:
+            ts = s.scalar(select(TaskServer).where(TaskServer.name == reg.name))
+            if ts is None:
+                ts = TaskServer(name=reg.name, registered_at=time.time(), tickle_state="unknown")
+                s.add(ts)
+            ts.token_sha256 = token_sha256(token)
+            ts.tickle_key = key
+            ts.tickle_host = reg.tickle_host
+            ts.tickle_port = reg.tickle_port
+            ts.api_url = reg.api_url
+        return m.TaskServerCredentials(name=reg.name, token=token, tickle_key=key, ns_id=ns_id)
+
+    def _register_agent(self, ts: Caller, reg: m.AgentRegistration) -> m.AgentCredentials:
+        token, key = new_token(), new_tickle_key()
+        with self._db.writing() as s:
+            c = s.scalar(select(Computer).where(Computer.name == reg.name))
+            if c is None:
+                c = Computer(name=reg.name)
+                s.add(c)
+            c.task_server_id = ts.id
+            c.token_sha256 = token_sha256(token)
+            c.tickle_key = key
+            c.tickle_host = reg.tickle_host
+            c.tickle_port = reg.tickle_port
+            c.cem = reg.cem
+            c.groups = list(reg.groups)
+            c.reported_address = reg.reported_address
+            c.observed_address = reg.observed_address
+            c.nat_detected = _nat(reg.reported_address, reg.observed_address)
+            c.tickle_state = "cem" if reg.cem else "unknown"
+            c.last_contact_at = time.time()
+        return m.AgentCredentials(name=reg.name, token=token, tickle_key=key)
+
+
+def _nat(reported: str | None, observed: str | None) -> bool:
+    return bool(reported and observed and reported != observed)
