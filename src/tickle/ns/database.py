@@ -38,6 +38,8 @@ class Database:
         self._write = sessionmaker(
             self.engine.execution_options(tickle_write=True), expire_on_commit=False
         )
+        self._closed = False
+        event.listen(self.engine, "checkin", self._on_checkin)
 
     @property
     def dialect(self) -> str:
@@ -52,7 +54,14 @@ class Database:
         return migrations.current_revision(self.engine)
 
     def close(self) -> None:
+        self._closed = True
         self.engine.dispose()
+
+    def _on_checkin(self, dbapi_conn: Any, _record: Any) -> None:
+        # dispose() closes only the connections in the pool: one still checked out by a request
+        # thread when the NS closed would linger in the discarded pool until garbage collection
+        if self._closed:
+            dbapi_conn.close()
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
