@@ -22,8 +22,8 @@ $(VENV)/.stamp: pyproject.toml requirements-dev.txt
 venv: $(VENV)/.stamp ## Create the development venv (Python >= 3.12 when present)
 
 lint: venv ## ruff, ruff format --check, mypy strict on src/, the import contracts (pyproject.toml)
-	$(BIN)/ruff check src tests bench molecule
-	$(BIN)/ruff format --check src tests bench molecule
+	$(BIN)/ruff check src tests bench molecule scripts
+	$(BIN)/ruff format --check src tests bench molecule scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -50,8 +50,9 @@ bench: venv ## Benchmarks: latency per hop, 1,000-agent run-now; writes bench/re
 clean: ## Remove the venv and build output
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .grimp_cache
 
-docs: venv ## Regenerate the settings table in README.md from the settings classes
+docs: venv ## Regenerate README's settings table and the generated sections of docs/ARCHITECTURE.md
 	$(PY) scripts/settings_table.py --write
+	$(PY) scripts/architecture.py --write
 
 reliability: venv ## Run the fault and attack tests and rewrite RELIABILITY.md from their output
 	rm -f build/reliability/results.jsonl

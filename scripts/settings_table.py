@@ -1,13 +1,15 @@
 """Renders every component's settings (name, env variable, default, description) as Markdown.
 
 `python scripts/settings_table.py --write` updates README.md between the settings-table markers;
-a test checks that the README is current.
+a test checks that the README is current. scripts/architecture.py reuses `components()` and `rows()`
+for the settings tables of docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
@@ -33,20 +35,43 @@ def components() -> list[tuple[str, type[BaseSettings]]]:
 def render() -> str:
     parts = []
     for title, cls in components():
-        prefix = str(cls.model_config.get("env_prefix", ""))
         parts += [
             f"**{title}**",
             "",
             "| setting | flag | environment | default | meaning |",
             "|---|---|---|---|---|",
         ]
-        for name, field in cls.model_fields.items():
-            flag = "--" + name.replace("_", "-")
-            desc = (field.description or "").replace("|", "\\|")
-            default = _shown_default(field).replace("|", "\\|")
-            parts.append(f"| `{name}` | `{flag}` | `{prefix}{name.upper()}` | {default} | {desc} |")
+        for row in rows(cls):
+            parts.append(
+                f"| `{row.name}` | `{row.flag}` | `{row.env}` | {row.default} | {row.meaning} |"
+            )
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"
+
+
+class Row(NamedTuple):
+    """One setting as the tables show it (Markdown cells: `|` escaped)."""
+
+    name: str
+    flag: str
+    env: str
+    default: str
+    meaning: str
+
+
+def rows(cls: type[BaseSettings]) -> list[Row]:
+    """The settings of `cls` in declaration order."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    return [
+        Row(
+            name,
+            "--" + name.replace("_", "-"),
+            f"{prefix}{name.upper()}",
+            _shown_default(field).replace("|", "\\|"),
+            (field.description or "").replace("|", "\\|"),
+        )
+        for name, field in cls.model_fields.items()
+    ]
 
 
 def _shown_default(field: FieldInfo) -> str:
@@ -60,6 +85,8 @@ def _shown_default(field: FieldInfo) -> str:
         return "(host name)"
     if value is None:
         return "(unset)"
+    if value == "":
+        return '`""`'
     return f"`{value!r}`" if not isinstance(value, str) else f"`{value}`"
 
 

@@ -78,7 +78,7 @@ async def test_agent_that_never_pulls_is_resent_then_reported_unreachable(
     assert h.running.metrics.tickles_unreachable._value.get() == 1
 
 
-async def test_agent_cannot_read_or_report_another_agents_executions(
+async def test_agent_cannot_read_or_report_another_agents_executions_nor_task_server_events(
     task_server: TaskServerHarness,
 ) -> None:
     h = task_server
@@ -93,6 +93,12 @@ async def test_agent_cannot_read_or_report_another_agents_executions(
     for computer, execution_id in (("pc1", 2), ("pc2", 2), ("pc2", 1), ("pc2", 999)):
         status, body = await _post_event(h, mine, computer, execution_id, "started")
         assert status == 403, (computer, execution_id, body)
+    # kinds only the task server reports (docs/ARCHITECTURE.md): 422, the detail a string
+    for kind in ("agent_tickled", "agent_pulled"):
+        status, body = await _post_event(h, mine, "pc1", 1, kind)
+        assert status == 422, (kind, body)
+        assert isinstance(body, dict)
+        assert "reported by the task server" in body["detail"]
     assert await h.running.forwarder.drained(5)
     assert h.ns.events_of("started") == []  # nothing refused was cached or forwarded
     status, _ = await _post_event(h, theirs, "pc2", 2, "started")

@@ -16,8 +16,19 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from tickle.ns.credentials import Caller, token_sha256
 from tickle.ns.dependencies import InventoryDep
 
-_bearer = HTTPBearer(auto_error=False, description="Admin token or task-server token")
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+# one scheme per kind of token, so the OpenAPI document says which token each route takes
+_admin_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="AdminToken",
+    description="The operator's admin token (setting admin_token, or {state_dir}/admin-token)",
+)
+_task_server_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="TaskServerToken",
+    description="A task server's token, issued by POST /api/ts/register",
+)
+AdminBearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)]
+TaskServerBearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_task_server_bearer)]
 
 
 def _token_hash(creds: HTTPAuthorizationCredentials | None) -> str:
@@ -41,7 +52,7 @@ def _unknown() -> HTTPException:
     )
 
 
-def require_admin(request: Request, creds: Credentials, inventory: InventoryDep) -> None:
+def require_admin(request: Request, creds: AdminBearer, inventory: InventoryDep) -> None:
     """Allow the operator's admin token only."""
     sha = _token_hash(creds)
     if _is_admin(request, sha):
@@ -54,7 +65,9 @@ def require_admin(request: Request, creds: Credentials, inventory: InventoryDep)
     )
 
 
-def require_task_server(request: Request, creds: Credentials, inventory: InventoryDep) -> Caller:
+def require_task_server(
+    request: Request, creds: TaskServerBearer, inventory: InventoryDep
+) -> Caller:
     """Allow a registered task server's token; returns who it is."""
     sha = _token_hash(creds)
     caller = inventory.caller_for(sha)

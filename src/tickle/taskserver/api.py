@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from tickle.messages import (
@@ -35,6 +35,12 @@ from tickle.taskserver.store import Client, Store
 from tickle.taskserver.work_cache import WorkCache
 
 T = TypeVar("T")
+TAGS = [
+    {"name": "health", "description": "Liveness and Prometheus metrics (no credentials)."},
+    {"name": "enrollment", "description": "Agent registration (the enrollment secret)."},
+    {"name": "pulls", "description": "The agent's pulls: its tasks, its policy. Agent token."},
+    {"name": "events", "description": "The agent's status events. Agent token."},
+]
 
 
 def create_app(
@@ -50,6 +56,7 @@ def create_app(
         title="Tickle task server",
         description="Agent-facing API: registration, task pulls, policy, status events.",
         version="1",
+        openapi_tags=TAGS,
     )
     app.state.store = store
     app.state.metrics = metrics
@@ -88,7 +95,11 @@ MetricsDep = Annotated[ComponentMetrics, Depends(get_metrics)]
 EnrollmentDep = Annotated[Enrollment, Depends(get_enrollment)]
 AgentPullsDep = Annotated[AgentPulls, Depends(get_agent_pulls)]
 WorkCacheDep = Annotated[WorkCache, Depends(get_work_cache)]
-_bearer = HTTPBearer(auto_error=False)
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="AgentToken",
+    description="An agent's token, issued by POST /api/agent/register",
+)
 
 
 async def current_agent(
@@ -112,24 +123,26 @@ AgentDep = Annotated[Client, Depends(current_agent)]
 
 # --- routes -------------------------------------------------------------------------------------
 
-operations = APIRouter()
+operations = APIRouter(tags=["health"])
 
 
-@operations.get("/health", response_model=Health)
+@operations.get("/health", response_model=Health, summary="Liveness")
 async def health() -> Health:
     return Health(component="task-server")
 
 
-@operations.get("/metrics")
+@operations.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
 async def metrics(exposed: MetricsDep) -> Response:
     body, content_type = exposed.render()
     return Response(content=body, media_type=content_type)
 
 
-enrollment_routes = APIRouter()
+enrollment_routes = APIRouter(tags=["enrollment"])
 
 
-@enrollment_routes.post("/api/agent/register", response_model=AgentEnrollment)
+@enrollment_routes.post(
+    "/api/agent/register", response_model=AgentEnrollment, summary="Register an agent"
+)
 async def register(
     body: AgentRegister, request: Request, enrollment: EnrollmentDep
 ) -> AgentEnrollment:
@@ -137,34 +150,47 @@ async def register(
     return await enrollment.enroll(body, _peer(request))
 
 
-pull_routes = APIRouter()
+pull_routes = APIRouter(tags=["pulls"])
 
 
-@pull_routes.get("/api/agent/tasks", response_model=AgentTasks)
+@pull_routes.get("/api/agent/tasks", response_model=AgentTasks, summary="Pull tasks")
 async def tasks(
     agent: AgentDep,
     request: Request,
     agent_pulls: AgentPullsDep,
-    via: Annotated[PullVia, Query(description="what made the agent pull")] = "poll",
+    via: Annotated[
+        PullVia,
+        Query(
+            description="what made the agent pull: tickle (a tasks tickle; only this "
+            "acknowledges it), poll (its poll timer, its pull at start or after a failover), "
+            "check_now (`tickle agent check-now`). Default poll."
+        ),
+    ] = "poll",
 ) -> AgentTasks:
     """The agent's pull: its unfinished executions from the cache, and its policy."""
     return agent_pulls.tasks(agent, via, _peer(request))
 
 
-@pull_routes.get("/api/agent/policy", response_model=AgentPolicy)
+@pull_routes.get("/api/agent/policy", response_model=AgentPolicy, summary="Read the policy")
 async def policy(
     agent: AgentDep,
     agent_pulls: AgentPullsDep,
-    via: Annotated[PolicyVia, Query(description="what made the agent ask")] = "refresh",
+    via: Annotated[
+        PolicyVia,
+        Query(
+            description="what made the agent ask: tickle (a settings tickle; only this "
+            "acknowledges it), refresh (`tickle agent policy-refresh`). Default refresh."
+        ),
+    ] = "refresh",
 ) -> AgentPolicy:
     """The agent's configuration policy; it never carries tasks."""
     return agent_pulls.policy(agent, via)
 
 
-event_routes = APIRouter()
+event_routes = APIRouter(tags=["events"])
 
 
-@event_routes.post("/api/agent/events", response_model=EventAck)
+@event_routes.post("/api/agent/events", response_model=EventAck, summary="Report status events")
 async def events(batch: EventBatch, agent: AgentDep, work_cache: WorkCacheDep) -> EventAck:
     """Cache the agent's status events durably, then forward them to the NS.
 

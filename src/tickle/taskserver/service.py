@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import aiohttp
 import uvicorn
+from fastapi import FastAPI
 
 from tickle import wire
 from tickle.backoff import Backoff
@@ -283,14 +284,18 @@ class TaskServer:
 
     # --- the API --------------------------------------------------------------------------------
 
-    async def _start_api(self) -> None:
-        app = create_app(
+    def api_app(self) -> FastAPI:
+        """The agent-facing API over this task server's services (what `start` serves)."""
+        return create_app(
             store=self.store,
             metrics=self.metrics,
             enrollment=self.enrollment,
             agent_pulls=self.agent_pulls,
             work_cache=self.work_cache,
         )
+
+    async def _start_api(self) -> None:
+        app = self.api_app()
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", ws="none",
             ssl_certfile=self.settings.tls_cert_file, ssl_keyfile=self.settings.tls_key_file,

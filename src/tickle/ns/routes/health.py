@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
 
 from tickle import messages as m
 from tickle.ns.dependencies import MetricsDep
@@ -15,7 +16,7 @@ def health() -> m.Health:
     return m.Health(component="ns")
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
 def prometheus(metrics: MetricsDep) -> Response:
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
