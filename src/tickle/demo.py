@@ -130,7 +130,7 @@ def _slowest_ms(run: RunOut) -> float:
 async def _agent_ctl(fleet: LocalFleet, name: str, action: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tickle", "agent", action,
-        "--state-dir", str(fleet.root / name), f"--enrollment-secret={fleet.enrollment_secret}",
+        "--state-dir", str(fleet.root / name),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     output, _ = await proc.communicate()
