@@ -18,14 +18,21 @@ from rich.console import Console
 from rich.rule import Rule
 
 from tickle import console as con
-from tickle.messages import FINAL_STATUSES, RunCreate, RunOut, SettingsUpdate, TaskCreate
+from tickle.messages import (
+    FINAL_STATUSES,
+    TASK_REQUEST_INTERVAL_MIN_S,
+    RunCreate,
+    RunOut,
+    SettingsUpdate,
+    TaskCreate,
+)
 from tickle.testing.localfleet import AgentSpec, FleetError, LocalFleet
 
 out = Console(width=max(Console().width, 150))
 NORMAL = ["computer-a", "computer-b", "computer-c", "computer-d"]
 BLOCKED = "computer-blocked"
 CEM = "computer-cem"
-SHORT_INTERVAL_S = 5
+SHORT_INTERVAL_S = TASK_REQUEST_INTERVAL_MIN_S
 
 
 def main() -> int:
