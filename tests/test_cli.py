@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import TypeAdapter
 from typer.testing import CliRunner
 
+from tests.reliability import record
 from tickle import cli
 from tickle import console as con
 
@@ -121,3 +124,79 @@ def test_the_components_take_their_own_ns_url_after_the_command(
 
     assert result.exit_code == 0, result.output
     assert argv == [["--ns-url", "http://10.0.0.1:50120"]]
+
+
+# --- bad operator input: one line, exit 2, and the NS is never reached ---------------------------
+
+BAD_INPUT = [
+    # (command line, what the one line must name)
+    (["job", "add", "j1", *map(str, range(1, 61))], "at most 50"),
+    (["job", "add", "no spaces", "1"], "name"),
+    (["settings", "set"], "nothing to change"),
+    (["settings", "set", "--task-request-interval", "5"], "greater than or equal to 10"),
+    (["run", "pc 1", "--task", "1"], "computers"),
+    (["run", "pc1", "--task", "1", "--group", "g" * 65], "groups"),
+    (["task", "add", "t1", "--command", "true", "--timeout", "-1"], "timeout_s"),
+]
+_bad_input: list[str] = []
+
+
+@pytest.fixture(scope="module")
+def bad_input_results() -> Iterator[list[str]]:
+    yield _bad_input
+    if _bad_input:
+        failed = [o for o in _bad_input if o != "ok"]
+        record(
+            case="CLI: bad operator input",
+            done="job add with 60 task ids, a bad job name, settings set with no flag, a 5 s "
+            "interval, bad computer and group names, a negative timeout",
+            outcome="; ".join(failed)
+            or "exit 2, one line naming the limit or field, NS not reached",
+            tried=len(_bad_input),
+            command="pytest tests/test_cli.py -k bad_operator_input",
+        )
+
+
+@pytest.mark.attacks
+@pytest.mark.parametrize(
+    ("command", "named"), BAD_INPUT, ids=[" ".join(c)[:40] for c, _ in BAD_INPUT]
+)
+def test_bad_operator_input_is_one_line_and_never_reaches_the_ns(
+    reached: list[Target], bad_input_results: list[str], command: list[str], named: str
+) -> None:
+    result = CliRunner().invoke(cli.app, command)
+
+    ok = (
+        result.exit_code == 2
+        and named in result.output
+        and result.output.count("\n") == 1
+        and reached == []
+    )
+    bad_input_results.append("ok" if ok else f"{' '.join(command)[:30]}: exit {result.exit_code}")
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+    assert result.output.count("\n") == 1, result.output
+    assert reached == [], "bad input must be refused before the NS is called"
+
+
+@pytest.mark.attacks
+def test_an_answer_the_cli_cannot_read_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # an NS of another version (or not an NS at all) answers 200 with a body of another shape
+    async def request(*_args: object, answer: object = None, **_kw: object) -> object:
+        return TypeAdapter(answer).validate_json('{"version": "two"}')
+
+    monkeypatch.setattr(con.http, "request", request)
+    result = CliRunner().invoke(cli.app, ["--admin-token", "t0ken", "settings", "show"])
+
+    ok = result.exit_code == 1 and result.output.count("\n") == 1
+    record(
+        case="CLI: unreadable answer from the NS",
+        done="settings show against a server answering 200 with a body of another shape",
+        outcome="exit 1, one line naming the route" if ok else f"exit {result.exit_code}",
+        tried=1,
+    )
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("tickle: GET /api/settings: "), result.output
+    assert result.output.count("\n") == 1, result.output

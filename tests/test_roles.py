@@ -154,3 +154,21 @@ def test_every_notified_handler_listens_in_the_role(role: str) -> None:
     notified = {name for path in sorted((ROLES / role / "tasks").glob("*.yml"))
                 for task in _tasks(yaml.safe_load(path.read_text())) for name in _notified(task)}  # fmt: skip
     assert notified <= topics, f"{role}: notifies {sorted(notified - topics)}, no handler listens"
+
+
+STATEFUL_UNITS = sorted(
+    p for p in ROLES.glob("*/templates/*.service.j2") if "\nStateDirectory=" in p.read_text()
+)
+
+
+def test_the_three_components_have_state_directories() -> None:
+    assert len(STATEFUL_UNITS) == 3, STATEFUL_UNITS
+
+
+@pytest.mark.parametrize("unit", STATEFUL_UNITS, ids=lambda p: p.name)
+def test_every_unit_with_a_state_directory_keeps_it_private(unit: Path) -> None:
+    # the component refuses a state directory others can write and tightens one others can read
+    # at every start; the unit must agree, or systemd and the component fight over the mode
+    lines = unit.read_text().splitlines()
+    assert "StateDirectoryMode=0700" in lines
+    assert "UMask=0077" in lines

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from tickle import console as con
@@ -32,6 +32,7 @@ from tickle.messages import (
 )
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
@@ -238,7 +239,8 @@ def job_add(
     task_ids: Annotated[list[int], typer.Argument(help="Task ids, in order")],
 ) -> None:
     """Define a job from tasks, run in order, stopping at the first failure."""
-    job = _with_ns(ctx, lambda c: c.add_job(JobCreate(name=name, task_ids=task_ids)))
+    spec = _valid("tickle job add", JobCreate, name=name, task_ids=task_ids)
+    job = _with_ns(ctx, lambda c: c.add_job(spec))
     out.print(f"job {job.id} {job.name!r} defined with tasks {job.task_ids}")
 
 
@@ -266,15 +268,21 @@ def run_command(
     """Run a task or job now on computers (and groups); watch until every target finished."""
     if sum(x is not None for x in (task, job, command)) != 1:
         raise _failure("tickle run", "give exactly one of --task, --job or --command", 2)
+    adhoc = None
+    if command is not None:
+        adhoc = _task_spec(f"adhoc-{int(time.time() * 1000)}", command, None, 300.0)
+    # checked before anything reaches the NS (0 stands in for a one-off task's id until defined)
+    create = _valid(
+        "tickle run", RunCreate,
+        task_id=task if adhoc is None else 0, job_id=job, computers=computers or [],
+        groups=group or [],
+    )  # fmt: skip
 
     async def work(c: con.NsClient) -> RunOut:
-        task_id = task
-        if command is not None:
-            name = f"adhoc-{int(time.time() * 1000)}"
-            task_id = (await c.add_task(_task_spec(name, command, None, 300.0))).id
-        run = await c.run_now(
-            RunCreate(task_id=task_id, job_id=job, computers=computers or [], groups=group or [])
-        )
+        run_create = create
+        if adhoc is not None:
+            run_create = create.model_copy(update={"task_id": (await c.add_task(adhoc)).id})
+        run = await c.run_now(run_create)
         if not watch:
             return run
         if as_json:
@@ -282,10 +290,7 @@ def run_command(
         with con.progress_bar(err) as progress:
             return await c.wait_run(run.id, wait_s, progress)
 
-    try:
-        run = _with_ns(ctx, work)
-    except ValueError as exc:
-        raise _failure("tickle run", exc, 2) from None
+    run = _with_ns(ctx, work)
     _show_run(run, as_json)
     if watch and any(e.status not in FINAL_STATUSES for e in run.executions):
         raise typer.Exit(3)
@@ -385,14 +390,16 @@ def settings_set(
     ] = None,
 ) -> None:
     """Change settings; task servers are tickled to pull them and hand them to their agents."""
-    try:
-        update = SettingsUpdate(
-            task_request_interval_s=interval,
-            poll_jitter_fraction=jitter,
-            ts_check_interval_s=ts_check,
+    if interval is None and jitter is None and ts_check is None:
+        raise _failure(
+            "tickle settings set",
+            "nothing to change: give --task-request-interval, --poll-jitter or --ts-check-interval",
+            2,
         )
-    except ValueError as exc:
-        raise _failure("tickle settings set", exc, 2) from None
+    update = _valid(
+        "tickle settings set", SettingsUpdate,
+        task_request_interval_s=interval, poll_jitter_fraction=jitter, ts_check_interval_s=ts_check,
+    )  # fmt: skip
     s = _with_ns(ctx, lambda c: c.update_settings(update))
     _print_json(s.model_dump())
 
@@ -407,6 +414,14 @@ def _task_spec(name: str, command: str | None, script: Path | None, timeout: flo
     except (ValueError, OSError) as exc:
         raise _failure("tickle: bad task", exc, 2) from None
     raise _failure("tickle", "give exactly one of --command or --script", 2)
+
+
+def _valid(prefix: str, model: type[M], **fields: Any) -> M:
+    """The request body `model` built from the operator's input; a one-line exit 2 if invalid."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise _failure(prefix, exc, 2) from None
 
 
 def _failure(prefix: str, reason: str | Exception, code: int) -> typer.Exit:

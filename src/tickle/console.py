@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -85,6 +86,13 @@ class NsClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ConsoleError(
                 f"cannot reach the NS at {self.url}: {exc or type(exc).__name__}"
+            ) from None
+        except ValidationError as exc:  # another version of the NS, or not an NS at all
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "body"
+            raise ConsoleError(
+                f"{method} {path}: unexpected answer from {self.url} ({exc.error_count()}"
+                f" problem(s), first: {where}: {first['msg']})"
             ) from None
 
     async def add_task(self, task: TaskCreate) -> TaskOut:

@@ -18,14 +18,21 @@ from rich.console import Console
 from rich.rule import Rule
 
 from tickle import console as con
-from tickle.messages import FINAL_STATUSES, RunCreate, RunOut, SettingsUpdate, TaskCreate
+from tickle.messages import (
+    FINAL_STATUSES,
+    TASK_REQUEST_INTERVAL_MIN_S,
+    RunCreate,
+    RunOut,
+    SettingsUpdate,
+    TaskCreate,
+)
 from tickle.testing.localfleet import AgentSpec, FleetError, LocalFleet
 
 out = Console(width=max(Console().width, 150))
 NORMAL = ["computer-a", "computer-b", "computer-c", "computer-d"]
 BLOCKED = "computer-blocked"
 CEM = "computer-cem"
-SHORT_INTERVAL_S = 5
+SHORT_INTERVAL_S = TASK_REQUEST_INTERVAL_MIN_S
 
 
 def main() -> int:
@@ -130,7 +137,7 @@ def _slowest_ms(run: RunOut) -> float:
 async def _agent_ctl(fleet: LocalFleet, name: str, action: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tickle", "agent", action,
-        "--state-dir", str(fleet.root / name), f"--enrollment-secret={fleet.enrollment_secret}",
+        "--state-dir", str(fleet.root / name),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     output, _ = await proc.communicate()

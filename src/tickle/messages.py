@@ -15,6 +15,12 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 # integers the NS stores in INTEGER columns (32-bit on PostgreSQL; larger ones crash SQLite too)
 DB_INT_MIN, DB_INT_MAX = -(2**31), 2**31 - 1
 DbInt = Annotated[int, Field(ge=DB_INT_MIN, le=DB_INT_MAX)]
+# How often agents poll their task server when no tickle reaches them. Below 10 s a fleet's polls
+# would swamp its task servers (10,000 agents: 1,000 requests/s); a day is the longest.
+TASK_REQUEST_INTERVAL_MIN_S, TASK_REQUEST_INTERVAL_MAX_S = 10, 86400
+TaskRequestIntervalS = Annotated[
+    int, Field(ge=TASK_REQUEST_INTERVAL_MIN_S, le=TASK_REQUEST_INTERVAL_MAX_S)
+]
 TickleState = Literal["unknown", "reachable", "unreachable", "cem"]
 ExecutionStatus = Literal[
     "pending", "delivered", "running", "succeeded", "failed", "timed_out", "interrupted"
@@ -164,7 +170,11 @@ class SettingsOut(Model):
 
 
 class SettingsUpdate(Model):
-    task_request_interval_s: int | None = Field(default=None, ge=2, le=86400)
+    """A change of the central settings; a field left out (or null) keeps its value."""
+
+    task_request_interval_s: TaskRequestIntervalS | None = Field(
+        default=None, description="Task Request Interval: how often agents poll (s)"
+    )
     poll_jitter_fraction: float | None = Field(default=None, ge=0.0, le=0.5)
     ts_check_interval_s: int | None = Field(default=None, ge=5, le=86400)
 

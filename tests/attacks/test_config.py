@@ -34,6 +34,17 @@ class Setup:
     tcp: int | None
     udp: int | None
 
+    def ports_free(self) -> bool:
+        """Whether every port the component would have bound can be bound now (and freed)."""
+        for kind, port in ((socket.SOCK_STREAM, self.tcp), (socket.SOCK_DGRAM, self.udp)):
+            if port is not None:
+                with socket.socket(socket.AF_INET, kind) as s:
+                    try:
+                        s.bind(("127.0.0.1", port))
+                    except OSError:
+                        return False
+        return True
+
 
 def setup_for(component: str, state: Path) -> Setup:
     tcp, udp = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_DGRAM)
@@ -127,18 +138,14 @@ def test_bad_setting_exits_2_naming_it_before_binding_anything(case: Case, tmp_p
         _results.setdefault(case.component, []).append(f"{case.label}: accepted, kept running")
         pytest.fail(f"{case.label} was accepted: the process kept running\n{err[-2000:]}")
     # right after the exit: the ports it would have used can be bound, its state dir never made
-    bound = []
-    for kind, port in ((socket.SOCK_STREAM, setup.tcp), (socket.SOCK_DGRAM, setup.udp)):
-        if port is not None:
-            with socket.socket(socket.AF_INET, kind) as s:
-                s.bind(("127.0.0.1", port))
-                bound.append(port)
+    ports_free = setup.ports_free()
     ok = (
         proc.returncode == 2
         and err.startswith(f"tickle {case.component}: ")
         and case.named in err
         and "Traceback" not in err
         and not state.exists()
+        and ports_free
     )
     _results.setdefault(case.component, []).append(
         "ok" if ok else f"{case.label}: rc {proc.returncode}"
@@ -148,4 +155,63 @@ def test_bad_setting_exits_2_naming_it_before_binding_anything(case: Case, tmp_p
     assert case.named in err, err
     assert "Traceback" not in err, err
     assert not state.exists(), "the state directory was created before the config was checked"
-    assert len(bound) == (setup.tcp is not None) + (setup.udp is not None)
+    assert ports_free, "a port was still bound after the exit"
+
+
+# --- a state directory others could write, or another user's: refused at start ----------------
+
+UNSAFE_STATE = {"group-writable": 0o770, "world-writable": 0o777, "another user's": None}
+_unsafe: dict[str, list[str]] = {}
+
+
+@pytest.fixture(scope="module")
+def unsafe_results() -> Iterator[dict[str, list[str]]]:
+    yield _unsafe
+    for comp, outcomes in _unsafe.items():
+        bad = [o for o in outcomes if o != "ok"]
+        record(
+            case=f"Unsafe state directory: tickle {comp}",
+            done="state_dir group-writable (0770), world-writable (0777), owned by another user",
+            outcome="; ".join(bad) or "exit 2 naming the directory, nothing bound or written",
+            tried=len(outcomes),
+            command=f"pytest tests/attacks/test_config.py -k 'unsafe and {comp}-'",
+        )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("unsafe", list(UNSAFE_STATE))
+@pytest.mark.parametrize("component", ["ns", "task-server", "agent"])
+def test_unsafe_state_dir_exits_2_naming_it_before_binding_anything(
+    component: str, unsafe: str, tmp_path: Path, unsafe_results: dict[str, list[str]]
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    mode = UNSAFE_STATE[unsafe]
+    if mode is None:
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a directory to another user")
+        os.chown(state, 65534, 65534)
+        mode = 0o700
+    state.chmod(mode)
+    setup = setup_for(component, state)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TICKLE_")}
+    proc = subprocess.run([sys.executable, "-m", "tickle", *setup.args], env=env, text=True,
+                          capture_output=True, timeout=30, check=False)  # fmt: skip
+    ports_free = setup.ports_free()
+    ok = (
+        proc.returncode == 2
+        and proc.stderr.startswith(f"tickle {component}: setting state_dir: {state} ")
+        and proc.stderr.count("\n") == 1
+        and list(state.iterdir()) == []
+        and state.stat().st_mode & 0o777 == mode
+        and ports_free
+    )
+    unsafe_results.setdefault(component, []).append(
+        "ok" if ok else f"{unsafe}: rc {proc.returncode}"
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"tickle {component}: setting state_dir: {state} "), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert list(state.iterdir()) == [], "files were written to a refused state directory"
+    assert state.stat().st_mode & 0o777 == mode, "a refused state directory was changed"
+    assert ports_free, "a port was still bound after the exit"

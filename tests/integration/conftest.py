@@ -72,8 +72,7 @@ async def wait_run(fleet: LocalFleet, run_id: int, deadline_s: float) -> RunOut:
 def agent_ctl(fleet: LocalFleet, name: str, action: str) -> subprocess.CompletedProcess[str]:
     """`tickle agent <action>` against a running agent of the fleet, as an operator types it."""
     return subprocess.run(
-        [sys.executable, "-m", "tickle", "agent", action, "--state-dir", str(fleet.root / name),
-         f"--enrollment-secret={fleet.enrollment_secret}"],
+        [sys.executable, "-m", "tickle", "agent", action, "--state-dir", str(fleet.root / name)],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
 

@@ -62,11 +62,11 @@ async def test_blocked_tickles_task_arrives_by_polling_and_agent_shown_unreachab
         ts_extra=["--tickle-tries", "3", "--tickle-backoff-s", "0.2", "--tickle-backoff-max-s", "0.5"],
     )  # fmt: skip
     async with fleet.client() as ns:
-        await ns.update_settings(SettingsUpdate(task_request_interval_s=4, poll_jitter_fraction=0))
+        await ns.update_settings(SettingsUpdate(task_request_interval_s=10, poll_jitter_fraction=0))
     # the agent takes the new interval at its next contact; a policy refresh is such a contact
     assert agent_ctl(fleet, "blocked", "policy-refresh").returncode == 0
     run = await run_command(fleet, ["blocked"], ["true"])
-    run = await wait_run(fleet, run.id, 20)
+    run = await wait_run(fleet, run.id, 30)
     assert run.executions[0].status == "succeeded"
     assert run.executions[0].via == "poll"
 
@@ -117,12 +117,12 @@ async def test_cem_agent_binds_no_udp_gets_no_tickle_and_gets_work_by_polling(
     pid = fleet.procs["cem1"].popen.pid  # type: ignore[union-attr]
     assert _udp_inodes_of(pid) == set(), "a CEM agent must open no UDP socket"
     async with fleet.client() as ns:
-        await ns.update_settings(SettingsUpdate(task_request_interval_s=3, poll_jitter_fraction=0))
+        await ns.update_settings(SettingsUpdate(task_request_interval_s=10, poll_jitter_fraction=0))
         computers = await ns.computers()
     assert computers[0].tickle_state == "cem"
     assert agent_ctl(fleet, "cem1", "policy-refresh").returncode == 0
     run = await run_command(fleet, ["cem1"], ["true"])
-    run = await wait_run(fleet, run.id, 20)
+    run = await wait_run(fleet, run.id, 30)
     assert run.executions[0].status == "succeeded"
     assert run.executions[0].via == "poll"
     assert timeline_times(run.executions[0])["agent_tickled"] is None

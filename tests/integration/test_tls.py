@@ -7,6 +7,7 @@ verify their task server against that CA.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -49,12 +50,13 @@ def start_task_server(
     log = fleet.root / f"{name}.log"
     argv = [
         sys.executable, "-m", "tickle", "task-server", "--name", name, "--ns-url", fleet.ns_url,
-        f"--enrollment-secret={fleet.enrollment_secret}", "--api-host", host,
+        "--api-host", host,
         "--api-port", str(TS_API_PORT), "--tickle-host", host, "--tickle-port", "0",
         "--state-dir", str(fleet.root / name), "--ns-wait-s", "20", *flags,
     ]  # fmt: skip
+    env = {**os.environ, "TICKLE_TS_ENROLLMENT_SECRET": fleet.enrollment_secret}  # never on argv
     with log.open("ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     return proc, log
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from sqlalchemy import func, select
 
 from tests.ns.conftest import ADMIN, SECRET, Ns, NsFactory, event
+from tests.reliability import record
 from tickle.ns.models import StatusEvent as StatusEventRow
 
 TIMELINE = [
@@ -83,6 +85,30 @@ async def test_reregistering_an_agent_moves_it_and_rotates_its_credentials(ns: N
     assert [c["name"] for c in clients] == ["pc1"]
     computers = await ns.ok("GET", "/api/computers")
     assert computers[0]["task_server"] == "ts2"
+
+
+@pytest.mark.attacks
+async def test_task_request_interval_outside_10_to_86400_s_is_refused_naming_it(ns: Ns) -> None:
+    wanted = {-1: "refused", 0: "refused", 2: "refused", 9: "refused", 86401: "refused",
+              10: 200, 86400: 200}  # fmt: skip
+    tried = {}
+    for interval in wanted:
+        status, body = await ns.call(
+            "PUT", "/api/settings", json={"task_request_interval_s": interval}
+        )
+        named = status == 422 and ["body", "task_request_interval_s"] in [
+            e["loc"] for e in body["detail"]
+        ]
+        tried[interval] = "refused" if named else status
+    record(
+        case="Task Request Interval out of range",
+        done="PUT /api/settings with intervals -1, 0, 2, 9, 86401 s (and 10, 86400 s)",
+        outcome="out of range: 422 naming task_request_interval_s; 10 and 86400 s accepted"
+        if tried == wanted
+        else str(tried),
+        tried=len(tried),
+    )
+    assert tried == wanted
 
 
 async def test_bad_bodies_get_422_naming_the_field(ns: Ns) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import itertools
 import time
 
+import pytest
+
 from tests.ns.conftest import Ns, NsFactory, wait_for
+from tests.reliability import record
 from tickle import wire
 from tickle.messages import RunCreate
 from tickle.ns.credentials import token_sha256
@@ -75,6 +78,37 @@ async def test_settings_change_bumps_version_and_settings_pull_acks_the_settings
     pulled = await ts.ok("GET", "/api/ts/settings?via=tickle")
     assert pulled == out
     await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
+
+
+@pytest.mark.attacks
+async def test_settings_update_that_changes_nothing_keeps_the_version_and_tickles_no_one(
+    ns: Ns,
+) -> None:
+    ts = await ns.task_server("ts1")
+    before = await ns.ok("GET", "/api/settings")
+    same = {k: before[k] for k in ("task_request_interval_s", "poll_jitter_fraction")}
+    bodies = [{}, same, {**same, "ts_check_interval_s": None}]
+    answers = [await ns.ok("PUT", "/api/settings", json=body) for body in bodies]
+    versions = [a["version"] for a in answers]
+    tickled = False
+    try:
+        await ts.no_tickle(within=1.0)
+    except AssertionError:
+        tickled = True
+    record(
+        case="Settings update that changes nothing",
+        done="PUT /api/settings with an empty body, with the current values, with nulls",
+        outcome="version kept, no settings tickle"
+        if versions == [before["version"]] * 3 and not tickled
+        else f"versions {versions}, tickled {tickled}",
+        tried=3,
+    )
+    assert answers == [before] * 3
+    assert not tickled, "an update that changes nothing sent a settings tickle"
+    # a real change still bumps and tickles
+    out = await ns.ok("PUT", "/api/settings", json={"poll_jitter_fraction": 0.2})
+    assert out["version"] == before["version"] + 1
+    assert (await ts.tickle(within=2.0))[0].kind is wire.Kind.SETTINGS
 
 
 async def test_every_task_server_gets_the_settings_tickle(ns: Ns) -> None:

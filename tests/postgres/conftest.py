@@ -226,14 +226,15 @@ def spawn_ns(fleet: LocalFleet, name: str, host: str, database_url: str) -> NsPr
     the given database (its own state dir)."""
     argv = [
         sys.executable, "-m", "tickle", "ns", "--api-host", host, "--api-port", str(NS_API_PORT),
-        "--state-dir", str(fleet.root / name), f"--admin-token={fleet.admin_token}",
-        f"--enrollment-secret={fleet.enrollment_secret}", "--database-url", database_url,
+        "--state-dir", str(fleet.root / name), "--database-url", database_url,
         "--dispatch-poll-s", "0.2",
     ]  # fmt: skip
     log_path = fleet.root / f"{name}.log"
     with log_path.open("ab") as log:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TICKLE_")}
         env["PYTHONUNBUFFERED"] = "1"
+        env["TICKLE_NS_ADMIN_TOKEN"] = fleet.admin_token  # secrets never on argv
+        env["TICKLE_NS_ENROLLMENT_SECRET"] = fleet.enrollment_secret
         popen = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )

@@ -42,10 +42,14 @@ def free_port() -> int:
 class Proc:
     """A component process with its log in a file; stopped by SIGTERM at the end."""
 
-    def __init__(self, module: str, args: list[str], log: Path) -> None:
+    def __init__(
+        self, module: str, args: list[str], log: Path, secrets: dict[str, str] | None = None
+    ) -> None:
         self.log = log
         self._log_file = log.open("wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("TICKLE_")}
+        # secrets go in the environment, never on argv (readable by all in /proc/PID/cmdline)
+        env |= {"TICKLE_TS_ENROLLMENT_SECRET": SECRET, **(secrets or {})}
         self.popen = subprocess.Popen(
             [sys.executable, "-c", RUN_MAIN.format(module=module), *args],
             stdout=self._log_file,
@@ -93,7 +97,7 @@ async def wait_healthy(url: str, proc: Proc, within_s: float = 20.0) -> None:
 
 def ts_args(ns_url: str, state_dir: Path, api_port: int, tickle_port: int) -> list[str]:
     return [
-        "--name", "ts1", "--ns-url", ns_url, "--enrollment-secret", SECRET,
+        "--name", "ts1", "--ns-url", ns_url,
         "--api-host", "127.0.0.1", "--api-port", str(api_port),
         "--tickle-host", "127.0.0.1", "--tickle-port", str(tickle_port),
         "--state-dir", str(state_dir), "--ns-wait-s", "20",
@@ -168,9 +172,10 @@ async def real_ns(tmp_path: Path, procs: list[Proc]) -> tuple[str, str]:
         "tickle.ns.service",
         [
             "--api-host", "127.0.0.1", "--api-port", str(port), "--state-dir",
-            str(tmp_path / "ns"), f"--admin-token={admin}", f"--enrollment-secret={SECRET}",
+            str(tmp_path / "ns"),
         ],
         tmp_path / "ns.log",
+        {"TICKLE_NS_ADMIN_TOKEN": admin, "TICKLE_NS_ENROLLMENT_SECRET": SECRET},
     )  # fmt: skip
     procs.append(ns)
     url = f"http://127.0.0.1:{port}"

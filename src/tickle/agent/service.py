@@ -32,6 +32,7 @@ from tickle.logs import setup_logging
 from tickle.messages import AgentPolicy
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
+from tickle.statedir import make_private
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ def main(args: list[str]) -> int:
         print(f"tickle agent: {exc}", file=sys.stderr)
         return 2
     setup_logging("agent", settings.log_level, settings.log_format)
+    try:
+        make_private(settings.state_dir)
+    except ConfigError as exc:
+        print(f"tickle agent: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(_serve_until_signal(settings))
     except OSError as exc:  # e.g. the tickle port is taken

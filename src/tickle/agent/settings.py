@@ -17,7 +17,7 @@ from tickle.config import (
     default_state_dir,
     hostname,
 )
-from tickle.messages import Name
+from tickle.messages import Name, TaskRequestIntervalS
 
 DEFAULT_TASK_SERVER = "http://127.0.0.1:50121"
 
@@ -91,11 +91,8 @@ class AgentSettings(ComponentSettings):
         description="With several task_servers: how often to check that ours answers (GET"
         " /health, only when nothing else reached it meanwhile)",
     )
-    default_task_request_interval_s: int = Field(
-        default=1800,
-        ge=2,
-        le=86400,
-        description="Poll interval used until the task server hands down a policy",
+    default_task_request_interval_s: TaskRequestIntervalS = Field(
+        default=1800, description="Poll interval used until the task server hands down a policy"
     )
     ca_file: FilePath | None = Field(
         default=None,

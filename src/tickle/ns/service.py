@@ -20,6 +20,7 @@ from tickle.ns.api import create_app
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
 from tickle.ns.tickle_server import TickleServer
+from tickle.statedir import make_private
 
 log = logging.getLogger("tickle.ns")
 
@@ -33,8 +34,11 @@ def main(args: list[str]) -> int:
         return 2
     setup_logging("ns", settings.log_level, settings.log_format)
     try:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        make_private(settings.state_dir)
         settings = settings.with_secrets()
+    except ConfigError as exc:
+        print(f"tickle ns: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(
             f"tickle ns: setting state_dir: cannot use {settings.state_dir}: {exc}", file=sys.stderr

@@ -35,6 +35,7 @@ from tickle.logs import setup_logging
 from tickle.messages import TaskServerCredentials, TaskServerRegister
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
+from tickle.statedir import make_private
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.agent_tickler import AgentTickler
 from tickle.taskserver.api import create_app
@@ -63,6 +64,11 @@ def main(args: list[str]) -> int:
         print(f"tickle task-server: {exc}", file=sys.stderr)
         return 2
     setup_logging("task-server", settings.log_level, settings.log_format)
+    try:
+        make_private(settings.state_dir)
+    except ConfigError as exc:
+        print(f"tickle task-server: {exc}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(run(settings))
     except KeyboardInterrupt:

@@ -5,7 +5,8 @@ loopback address (127.X.Y.N), with the default ports, so a fleet on one machine 
 on a network. It talks to them as an operator would: over their APIs, and over the agents'
 control sockets through `tickle.agent.control`, the one component module it imports. With
 `tls=True` the APIs speak HTTPS with certificates of a private CA made in the fleet root (needs
-`cryptography`).
+`cryptography`). The fleet's admin token and enrollment secret reach the processes in their
+environment, never on their command lines, which every local user can read in /proc/PID/cmdline.
 """
 
 from __future__ import annotations
@@ -156,7 +157,11 @@ class LocalFleet:
             return
         log = proc.log.open("ab")
         proc.popen = subprocess.Popen(
-            proc.argv, stdout=log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True
+            proc.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._env(name),
+            start_new_session=True,
         )
         log.close()
 
@@ -267,14 +272,12 @@ class LocalFleet:
     def _ns_args(self, extra: list[str]) -> list[str]:
         return [
             "ns", "--api-host", self.ns_host, "--api-port", str(NS_API_PORT),
-            "--state-dir", str(self.root / "ns"), f"--admin-token={self.admin_token}",
-            f"--enrollment-secret={self.enrollment_secret}", *self._tls_args("ns"), *extra,
+            "--state-dir", str(self.root / "ns"), *self._tls_args("ns"), *extra,
         ]  # fmt: skip
 
     def _ts_args(self, name: str, host: str, extra: list[str]) -> list[str]:
         return [
             "task-server", "--name", name, "--ns-url", self.ns_url,
-            f"--enrollment-secret={self.enrollment_secret}",
             "--api-host", host, "--api-port", str(TS_API_PORT),
             "--tickle-host", host, "--tickle-port", str(TS_TICKLE_PORT),
             "--state-dir", str(self.root / name), *self._tls_args(name), *extra,
@@ -285,7 +288,6 @@ class LocalFleet:
         urls = ",".join(self.ts_url(t) for t in spec.task_servers)
         args = [
             "agent", "--name", spec.name, "--task-servers", urls,
-            f"--enrollment-secret={self.enrollment_secret}",
             "--tickle-host", host, "--tickle-port", str(AGENT_TICKLE_PORT),
             "--state-dir", str(self.root / spec.name), *self._tls_args(spec.name),
         ]  # fmt: skip
@@ -321,10 +323,18 @@ class LocalFleet:
             args += ["--ca-file", str(self.ca_file)]
         return args
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, name: str) -> dict[str, str]:
+        """The environment of process `name`: ours, less any TICKLE_ setting, plus its secrets."""
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         for key in list(env):
             if key.startswith(("TICKLE_NS_", "TICKLE_TS_", "TICKLE_AGENT_")):
-                del env[key]  # the fleet's flags are the whole configuration
+                del env[key]  # the fleet's flags and secrets are the whole configuration
+        if name == "ns":
+            env["TICKLE_NS_ADMIN_TOKEN"] = self.admin_token
+            env["TICKLE_NS_ENROLLMENT_SECRET"] = self.enrollment_secret
+        elif name in self.ts_hosts:
+            env["TICKLE_TS_ENROLLMENT_SECRET"] = self.enrollment_secret
+        else:
+            env["TICKLE_AGENT_ENROLLMENT_SECRET"] = self.enrollment_secret
         return env

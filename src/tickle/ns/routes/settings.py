@@ -19,7 +19,8 @@ def get_settings(_: AdminDep, settings: SettingsDep) -> m.SettingsOut:
 @router.put(
     "/api/settings",
     summary="Change central settings",
-    description="Bumps the version and sends a settings tickle to every task server.",
+    description="Bumps the version and sends a settings tickle to every task server, when"
+    " something changed; an update that changes nothing leaves the version as it is.",
 )
 async def put_settings(body: m.SettingsUpdate, _: AdminDep, settings: SettingsDep) -> m.SettingsOut:
     return await settings.update(body)

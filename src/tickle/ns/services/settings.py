@@ -25,10 +25,12 @@ class SettingsService:
         self._tickle_server = tickle_server
 
     async def update(self, body: m.SettingsUpdate) -> m.SettingsOut:
-        """Change the settings, bump their version and tickle every task server."""
-        out = await run_in_threadpool(self._store.update_settings, body)
-        self._tickle_server.notify()  # its pass sees the new version and sends settings tickles
-        log.info("settings version %d", out.version)
+        """Change the settings, bump their version and tickle every task server; an update
+        that changes nothing does neither."""
+        out, changed = await run_in_threadpool(self._store.update_settings, body)
+        if changed:
+            self._tickle_server.notify()  # its pass sees the new version, sends settings tickles
+            log.info("settings version %d", out.version)
         return out
 
     async def pull(self, ts: Caller, via: m.TsPullVia) -> m.SettingsOut:

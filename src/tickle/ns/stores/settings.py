@@ -34,15 +34,24 @@ class SettingsStore:
             )
             return views.settings_out(_settings_row(s))
 
-    def update_settings(self, body: m.SettingsUpdate) -> m.SettingsOut:
-        """Change the central settings and bump their version."""
+    def update_settings(self, body: m.SettingsUpdate) -> tuple[m.SettingsOut, bool]:
+        """Change the central settings and bump their version; whether anything changed.
+
+        An update that changes nothing keeps the version: task servers and agents have nothing
+        to pull."""
         with self._db.writing() as s:
             # locked: on PostgreSQL another NS process's change waits, then bumps again
             row = _settings_row(s, lock=True)
-            for field, value in body.model_dump(exclude_none=True).items():
+            changes = {
+                field: value
+                for field, value in body.model_dump(exclude_none=True).items()
+                if getattr(row, field) != value
+            }
+            for field, value in changes.items():
                 setattr(row, field, value)
-            row.version += 1
-            return views.settings_out(row)
+            if changes:
+                row.version += 1
+            return views.settings_out(row), bool(changes)
 
 
 def _settings_row(s: Session, lock: bool = False) -> Settings:
