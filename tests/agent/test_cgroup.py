@@ -29,6 +29,8 @@ from tickle.outbox import Outbox, OutboxForwarder
 from .conftest import dies
 
 UNIT = "system.slice/tickle-client-task-agent.service"
+# the environment systemd gives the process it starts for a unit
+UNIT_MAIN = {"INVOCATION_ID": "ab12", "SYSTEMD_EXEC_PID": str(os.getpid())}
 
 
 @pytest.fixture
@@ -65,13 +67,14 @@ def test_the_delegated_cgroup_is_found_below_the_cgroup2_mount(
 ) -> None:
     delegate(cgroupfs / UNIT)
     d = proc_self(tmp_path, f"0::/{UNIT}", cgroupfs)
-    assert delegated_cgroup({"INVOCATION_ID": "ab12"}, d) == (cgroupfs / UNIT, "delegated")
+    assert delegated_cgroup(UNIT_MAIN, d) == (cgroupfs / UNIT, "delegated")
 
 
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
-        ("no systemd", "not started by systemd"),
+        ("no systemd", "not the process a systemd unit started"),
+        ("another process of the unit", "not the process a systemd unit started"),
         ("cgroup v1 only", "no cgroup v2 hierarchy"),
         ("not mounted", "is not mounted here"),
         ("not delegated", "is not delegated to the agent (Delegate=yes)"),
@@ -81,7 +84,10 @@ def test_without_a_delegated_cgroup_v2_there_is_none_and_the_reason_says_why(
     tmp_path: Path, cgroupfs: Path, monkeypatch: pytest.MonkeyPatch, case: str, reason: str
 ) -> None:
     monkeypatch.setattr(cgroup.shutil, "which", lambda name: None)  # no systemctl to ask
-    env = {} if case == "no systemd" else {"INVOCATION_ID": "ab12"}
+    env = {
+        "no systemd": {},
+        "another process of the unit": {"SYSTEMD_EXEC_PID": str(os.getppid())},
+    }.get(case, UNIT_MAIN)
     line = "" if case == "cgroup v1 only" else f"0::/{UNIT}"
     d = proc_self(tmp_path, line, cgroupfs, fstype="tmpfs" if case == "not mounted" else "cgroup2")
     directory, why = delegated_cgroup(env, d)

@@ -98,24 +98,30 @@ async def test_terminate_sends_sigterm_then_sigkill_after_the_grace() -> None:
     assert 0.5 <= took < 5.0
 
 
-DETECT = "import logging, sys; logging.basicConfig(stream=sys.stdout, level=logging.INFO, format='%(message)s'); from tickle.agent.containment import detect; print('kind', detect().kind)"
+DETECT = """
+import logging, os, sys
+if sys.argv[1:] == ["unit"]:  # what systemd gives the process it starts for a unit
+    os.environ.update(INVOCATION_ID="0123abcd", SYSTEMD_EXEC_PID=str(os.getpid()))
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+from tickle.agent.containment import detect
+print("kind", detect().kind)
+"""
 
 
 @pytest.mark.parametrize(
-    ("invocation", "reason"),
-    [(None, "not started by systemd"), ("0123abcd", "")],
-    ids=["not under systemd", "under systemd, not delegated"],
+    ("started_as", "reason"),
+    [("process", "not the process a systemd unit started"), ("unit", "")],
+    ids=["not under systemd", "under systemd, no delegated cgroup"],
 )
 def test_without_a_delegated_cgroup_the_agent_becomes_the_subreaper_and_says_why(
-    invocation: str | None, reason: str
+    started_as: str, reason: str
 ) -> None:
     # in a child process: detect() changes the process that calls it
-    env = {k: v for k, v in os.environ.items() if k != "INVOCATION_ID"}
-    if invocation is not None:
-        env["INVOCATION_ID"] = invocation
+    env = {k: v for k, v in os.environ.items() if k not in ("INVOCATION_ID", "SYSTEMD_EXEC_PID")}
     done = subprocess.run(
-        [sys.executable, "-c", DETECT], env=env, capture_output=True, text=True, timeout=30
-    )
+        [sys.executable, "-c", DETECT, started_as],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "kind subreaper", done.stdout
     said = done.stdout.splitlines()[0]

@@ -39,10 +39,12 @@ def delegated_cgroup(
 ) -> tuple[Path | None, str]:
     """This process's cgroup v2 directory when systemd delegated it (and it is writable).
 
-    None otherwise, with the reason, for the log line of the fallback.
+    Only the process systemd started for the unit takes it (`SYSTEMD_EXEC_PID`, systemd ≥ 248):
+    not an agent that something else in the unit started (a test fleet, a task). None
+    otherwise, with the reason, for the log line of the fallback.
     """
-    if not environ.get("INVOCATION_ID"):
-        return None, "not started by systemd"
+    if environ.get("SYSTEMD_EXEC_PID") != str(os.getpid()):
+        return None, "not the process a systemd unit started"
     own = _own_cgroup(proc_self / "cgroup")
     if own is None:
         return None, "no cgroup v2 hierarchy"
