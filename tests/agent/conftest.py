@@ -43,6 +43,24 @@ async def eventually(
         await asyncio.sleep(0.01)
 
 
+def alive(pid: int) -> bool:
+    """Running: in the process table and not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def dies(pid: int, within_s: float = 2.0) -> bool:
+    """Whether process `pid` is dead (at most a zombie) within `within_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while alive(pid) and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    return not alive(pid)
+
+
 def task(execution_id: int, *commands: list[str], timeout_s: float = 30.0) -> ExecutionWork:
     """An execution: one step is a task, several a job."""
     steps = [

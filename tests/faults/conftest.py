@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent.conftest import fake_ts, short_dir  # noqa: F401
 from tests.integration.conftest import eventually, fleet_factory, metric  # noqa: F401
 from tickle.messages import RunCreate, TaskCreate
 from tickle.testing.localfleet import LocalFleet

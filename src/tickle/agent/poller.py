@@ -77,7 +77,7 @@ class Poller:
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop polling; give running executions `grace_s` to finish, then kill them.
 
-        A killed execution stays claimed and unfinished: the next start reports it interrupted.
+        A killed execution's processes are killed with it and it is reported interrupted.
         """
         tasks = [t for t in (self._timer, *self._background) if t is not None]
         for task in tasks:
@@ -192,7 +192,7 @@ class Poller:
         try:
             return await self._executor.run(work, via)
         except asyncio.CancelledError:
-            log.warning("execution %d stopped unfinished", work.execution_id)
+            log.warning("execution %d interrupted: the agent stops", work.execution_id)
             raise
         except Exception:
             log.exception("execution %d failed in the agent", work.execution_id)

@@ -1,10 +1,11 @@
 """Runs the Client Task Agent: `tickle agent` calls `main(args)`.
 
-Start order: settings (a bad one stops the agent before it binds anything), state, registration
-with the first reachable task server, report executions a previous run left unfinished, then the
-tickle listener (not in CEM mode), the outbox forwarder, the control socket, the poll timer, and
-one pull at once; then the failover watch (with several task servers). SIGTERM/SIGINT stop it
-cleanly.
+Start order: settings (a bad one stops the agent before it binds anything), how tasks are
+contained (`containment.detect`: a cgroup per step, else the agent is their subreaper), state,
+registration with the first reachable task server, report executions a previous run left
+unfinished, then the tickle listener (not in CEM mode), the outbox forwarder, the control socket,
+the poll timer, and one pull at once; then the failover watch (with several task servers).
+SIGTERM/SIGINT stop it cleanly: running tasks are killed with all their processes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from typing import Any
 
 from tickle import wire
+from tickle.agent.containment import Containment, detect
 from tickle.agent.control import ControlServer
 from tickle.agent.executor import Executor
 from tickle.agent.failover import Failover
@@ -45,34 +47,37 @@ def main(args: list[str]) -> int:
         print(f"tickle agent: {exc}", file=sys.stderr)
         return 2
     setup_logging("agent", settings.log_level, settings.log_format)
+    containment = detect()  # before anything runs: it may move this process to a cgroup
     try:
         make_private(settings.state_dir)
     except ConfigError as exc:
         print(f"tickle agent: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve_until_signal(settings))
+        asyncio.run(_serve_until_signal(settings, containment))
     except OSError as exc:  # e.g. the tickle port is taken
         log.error("agent stopped: %s", exc)
         return 1
     return 0
 
 
-async def _serve_until_signal(settings: AgentSettings) -> None:
+async def _serve_until_signal(settings: AgentSettings, containment: Containment) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await serve(settings, stop)
+        await serve(settings, stop, containment)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 
 
-async def serve(settings: AgentSettings, stop: asyncio.Event) -> None:
+async def serve(
+    settings: AgentSettings, stop: asyncio.Event, containment: Containment | None = None
+) -> None:
     """Run an agent until `stop` is set (in-process entry, used by tests too)."""
-    agent = Agent(settings)
+    agent = Agent(settings, containment)
     try:
         await agent.start(stop)
         if not stop.is_set():
@@ -84,7 +89,9 @@ async def serve(settings: AgentSettings, stop: asyncio.Event) -> None:
 class Agent:
     """One running agent: its state, client, listener, poller, executor and control socket."""
 
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(self, settings: AgentSettings, containment: Containment | None = None) -> None:
+        """`containment`: `detect()`'s, in `tickle agent`; in-process (tests) orphans of tasks
+        are not adopted (see subreaper.py)."""
         self.settings = settings
         self.metrics = ComponentMetrics("agent")
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -94,7 +101,8 @@ class Agent:
         self.forwarder = OutboxForwarder(self.outbox, self.client.events, self.metrics)
         self.executor = Executor(
             settings.name, self.state, self.forwarder, self.metrics,
-            output_tail_bytes=settings.output_tail_bytes,
+            output_tail_bytes=settings.output_tail_bytes, containment=containment,
+            kill_grace_s=settings.task_kill_grace_s,
         )  # fmt: skip
         default_policy = AgentPolicy(
             settings_version=0,
@@ -139,7 +147,8 @@ class Agent:
         self.failover.start()
 
     async def stop(self) -> None:
-        """Stop timers and sockets; executions that cannot finish in the grace stay claimed."""
+        """Stop timers and sockets; executions that cannot finish in the grace are killed, with
+        every process they started, and reported interrupted."""
         if self.listener is not None:
             self.listener.close()
         await self.failover.stop()
@@ -148,6 +157,8 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.poller.stop(self.settings.stop_grace_s)
+        # each stopped execution killed its processes; anything they left dies here
+        await self.executor.containment.close(self.settings.task_kill_grace_s)
         if self._forwarder_started:
             # give the last events a moment to reach the task server; the outbox keeps the rest
             await self.forwarder.drained(1.0)
@@ -175,6 +186,7 @@ class Agent:
             "task_server_url": creds.url if creds else None,
             "registered": creds is not None,
             "cem": self.settings.cem,
+            "containment": self.executor.containment.kind,
             "reported_address": self.client.reported_address,
             "tickle_listener": (
                 f"{self.tickle_addr[0]}:{self.tickle_addr[1]}" if self.tickle_addr else None

@@ -77,6 +77,13 @@ class AgentSettings(ComponentSettings):
         le=3600,
         description="On stop, how long running executions may finish before they are killed",
     )
+    task_kill_grace_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=600,
+        description="How long a task's processes get between SIGTERM and SIGKILL (timeout,"
+        " processes left running, agent stop)",
+    )
     failover_after_s: float = Field(
         default=60.0,
         ge=0,
