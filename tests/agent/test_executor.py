@@ -174,6 +174,20 @@ async def test_a_step_stopped_while_what_it_left_holds_the_output_kills_that_too
     assert await dies(int(child.read_text()))
 
 
+async def test_a_task_runs_with_the_task_umask_not_the_agents_private_one(
+    parts: tuple[Executor, AgentState, Outbox],
+) -> None:
+    executor, state, _ = parts
+    state.claim(7)
+    old = os.umask(0o077)  # as the agent runs (statedir.make_private)
+    try:
+        outcome = await executor.run(script(7, "umask"))
+    finally:
+        os.umask(old)
+    assert outcome.status == "succeeded"
+    assert outcome.output_tail == "0022\n"
+
+
 async def test_output_tail_keeps_the_last_bytes(
     parts: tuple[Executor, AgentState, Outbox],
 ) -> None:

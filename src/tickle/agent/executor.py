@@ -63,6 +63,7 @@ class Executor:
         work_dir: Path | None = None,
         containment: Containment | None = None,
         kill_grace_s: float = 5.0,
+        task_umask: int = 0o022,
     ) -> None:
         self._computer = computer
         self._state = state
@@ -72,6 +73,7 @@ class Executor:
         self._work_dir = work_dir
         self.containment: Containment = containment or Subreaper()
         self._kill_grace_s = kill_grace_s
+        self._task_umask = task_umask
 
     async def run(self, work: ExecutionWork, via: PullVia | None = None) -> StepOutcome:
         """Run every step in order, stopping at the first failure; report as it goes.
@@ -142,6 +144,8 @@ class Executor:
                     start_new_session=True,  # away from the agent's session and terminal
                     cwd=self._work_dir,
                     env=env,
+                    # the agent keeps its own files private (umask 077); a task gets the usual
+                    umask=self._task_umask,
                 )
             except OSError as exc:
                 return StepOutcome("failed", 127, f"cannot start {argv[0]!r}: {exc}")
