@@ -102,7 +102,7 @@ class Agent:
         self.executor = Executor(
             settings.name, self.state, self.forwarder, self.metrics,
             output_tail_bytes=settings.output_tail_bytes, containment=containment,
-            kill_grace_s=settings.task_kill_grace_s, task_umask=settings.task_umask,
+            kill_grace_s=settings.task_kill_grace_s, task_umask=int(settings.task_umask, 8),
         )  # fmt: skip
         default_policy = AgentPolicy(
             settings_version=0,

@@ -84,11 +84,10 @@ class AgentSettings(ComponentSettings):
         description="How long a task's processes get between SIGTERM and SIGKILL (timeout,"
         " processes left running, agent stop)",
     )
-    task_umask: int = Field(
-        default=0o022,
-        ge=0,
-        le=0o777,
-        description="File mode creation mask of the tasks (the agent's own is 077)",
+    task_umask: str = Field(
+        default="022",
+        pattern=r"^0?[0-7]{3}$",
+        description="File mode creation mask of the tasks, octal (the agent's own is 077)",
     )
     failover_after_s: float = Field(
         default=60.0,
