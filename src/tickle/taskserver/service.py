@@ -34,6 +34,7 @@ from tickle.logs import setup_logging
 from tickle.messages import TaskServerCredentials, TaskServerRegister
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
+from tickle.serving import ServingConfig
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.agent_tickler import AgentTickler
 from tickle.taskserver.api import create_app
@@ -285,14 +286,15 @@ class TaskServer:
 
     async def _start_api(self) -> None:
         app = create_app(
+            limits=self.settings,
             store=self.store,
             metrics=self.metrics,
             enrollment=self.enrollment,
             agent_pulls=self.agent_pulls,
             work_cache=self.work_cache,
         )
-        config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="off", ws="none",
+        config = ServingConfig(
+            app, self.settings, self.metrics, log_config=None, access_log=False, lifespan="off",
             ssl_certfile=self.settings.tls_cert_file, ssl_keyfile=self.settings.tls_key_file,
         )  # fmt: skip
         self._api = _Server(config)
