@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -121,6 +121,68 @@ class TickleSenderSettings(ComponentSettings):
         return Backoff(
             base_s=self.tickle_backoff_s, max_s=self.tickle_backoff_max_s, tries=self.tickle_tries
         )
+
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+class ApiServerSettings(ComponentSettings):
+    """Settings of a component that serves an HTTP API (the NS and the task servers): its limits.
+
+    `tickle.serving` enforces them; each default fits the traffic of a large fleet.
+    """
+
+    max_connections: int = Field(
+        default=4096,
+        ge=16,
+        le=1_000_000,
+        description="API connections open at once; at the cap the one waiting longest on its "
+        "client is closed for a new one (lowered to fit the open-file limit)",
+    )
+    request_head_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Time a client has to send a request line and headers (s); then 408, closed",
+    )
+    request_body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Time a client has to send a request body after its headers (s); then 408",
+    )
+    max_header_bytes: int = Field(
+        default=16 * KIB,
+        ge=KIB,
+        le=MIB,
+        description="Largest request line and headers (bytes); beyond it 431",
+    )
+    max_headers: int = Field(
+        default=100, ge=16, le=10_000, description="Most headers in a request; beyond it 431"
+    )
+    max_body_bytes: int = Field(
+        default=8 * MIB,
+        ge=64 * KIB,
+        le=1024 * MIB,
+        description="Largest request body from a caller with valid credentials (bytes; event "
+        "batches, run-nows); beyond it 413",
+    )
+    max_registration_body_bytes: int = Field(
+        default=16 * KIB,
+        ge=KIB,
+        le=MIB,
+        description="Largest body of a registration, and of any request without valid "
+        "credentials (bytes); beyond it 413",
+    )
+
+    @field_validator("max_registration_body_bytes")
+    @classmethod
+    def _within_max_body(cls, value: int, info: ValidationInfo) -> int:
+        largest = info.data.get("max_body_bytes")
+        if largest is not None and value > largest:
+            raise ValueError(f"must not exceed max_body_bytes ({largest})")
+        return value
 
 
 def load_settings(cls: type[S], args: list[str] | None = None, **overrides: Any) -> S:

@@ -72,6 +72,10 @@ class ComponentMetrics:
         self.executions = Counter(
             "tickle_executions", "Executions finished, by status", ["status"], registry=r
         )
+        self.http_refused = Counter(
+            "tickle_http_refused", "API requests and connections refused by the request limits, "
+            "by reason", ["reason"], registry=r,
+        )  # fmt: skip
         for kind in Kind:
             self.tickles_sent.labels(kind=kind.name.lower())
             self.tickles_resent.labels(kind=kind.name.lower())

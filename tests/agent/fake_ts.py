@@ -55,6 +55,7 @@ class FakeTaskServer:
     keep_serving: bool = False  # serve executions even after they finished
     events_down: bool = False  # answer 503 to events (the task server "is down" for them)
     refuse_executions: set[int] = field(default_factory=set)  # batches with these: 403
+    max_batch_events: int | None = None  # larger batches: 413, as over max_body_bytes
     pull_gate: Callable[[], asyncio.Future[None] | None] | None = None
     tokens: set[str] = field(default_factory=set)
     url: str = ""
@@ -154,6 +155,10 @@ class FakeTaskServer:
         batch = EventBatch.model_validate_json(await request.read())
         if any(e.execution_id in self.refuse_executions for e in batch.events):
             raise web.HTTPForbidden(text='{"detail":"not your execution"}')
+        if self.max_batch_events is not None and len(batch.events) > self.max_batch_events:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=self.max_batch_events, actual_size=len(batch.events)
+            )
         known = {e.event_id for e in self.events}
         for event in batch.events:
             if event.event_id not in known:

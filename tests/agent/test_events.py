@@ -1,4 +1,5 @@
-"""The agent's status events reach its task server; one the task server refuses blocks nothing."""
+"""The agent's status events reach its task server; one the task server refuses blocks nothing,
+and a batch too large for it is sent again in parts."""
 
 from __future__ import annotations
 
@@ -40,3 +41,18 @@ async def test_an_event_the_task_server_refuses_for_good_is_dropped_and_blocks_n
     assert finished[0].status == "succeeded"
     assert fake_ts.events_of(5) == []
     assert all("execution_id=5 " in r.message for r in refused), [r.message for r in refused]
+
+
+@pytest.mark.timeout(60)
+async def test_a_batch_too_large_for_the_task_server_is_sent_again_in_parts(
+    fake_ts: FakeTaskServer, settings_for: Callable[..., AgentSettings]
+) -> None:
+    fake_ts.events_down = True  # the events of run 7 pile up in the outbox
+    fake_ts.work[7] = task(7, ["true"])
+    settings = settings_for(fake_ts)
+    async with running_agent(settings) as agent:
+        await eventually(lambda: agent.outbox.depth() >= 2, 10.0, "events queued")
+        fake_ts.max_batch_events = 1  # back, but answering 413 to a batch of more than one
+        fake_ts.events_down = False
+        await eventually(lambda: agent.outbox.depth() == 0, 20.0, "the outbox drained")
+    assert [e.kind for e in fake_ts.events_of(7)][-1] == "finished"

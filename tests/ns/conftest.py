@@ -24,6 +24,7 @@ from tickle.ns.api import create_app
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
 from tickle.ns.tickle_server import TickleServer
+from tickle.serving import ServingConfig
 
 ADMIN = "admin-token-for-tests-0123456789"
 SECRET = "enrollment-secret-for-tests-0123"
@@ -185,10 +186,9 @@ async def ns_factory(tmp_path: Path) -> AsyncIterator[NsFactory]:
         tickle_server = TickleServer(settings, stores, metrics)
         app = create_app(settings, stores, tickle_server, metrics)
         server = uvicorn.Server(
-            uvicorn.Config(
-                app, host="127.0.0.1", port=settings.api_port, log_config=None, ws="none"
-            )
-        )
+            ServingConfig(app, settings, metrics, host="127.0.0.1", port=settings.api_port,
+                          log_config=None)
+        )  # fmt: skip
         await tickle_server.start()
         task = asyncio.create_task(server.serve())
         deadline = time.monotonic() + 10

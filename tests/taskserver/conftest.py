@@ -88,6 +88,7 @@ class FakeNs:
     agent_registrations: list[AgentRegistration] = field(default_factory=list)
     work_delay_s: float = 0.0
     refuse_executions: set[int] = field(default_factory=set)  # events answered with 403
+    max_batch_events: int | None = None  # larger batches: 413, as over max_body_bytes
     # events left out of `accepted`, as the NS does for another task server's client
     omit_executions: set[int] = field(default_factory=set)
     work_gate: asyncio.Event | None = None  # when set: work pulls wait until it opens
@@ -201,6 +202,10 @@ class FakeNs:
         self.calls.append("events")
         if any(e.execution_id in self.refuse_executions for e in batch.events):
             raise web.HTTPForbidden(text='{"detail": "not your execution"}')
+        if self.max_batch_events is not None and len(batch.events) > self.max_batch_events:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=self.max_batch_events, actual_size=len(batch.events)
+            )
         kept = [e for e in batch.events if e.execution_id not in self.omit_executions]
         for e in kept:
             self.events.setdefault(e.event_id, e)

@@ -195,3 +195,15 @@ async def test_an_event_the_ns_leaves_out_of_accepted_is_dropped_and_blocks_noth
     assert h.running.outbox.depth() == 0
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any(str(refused["event_id"]) in msg for msg in errors), errors
+
+
+async def test_a_batch_too_large_for_the_ns_is_sent_again_in_parts_and_nothing_is_lost(
+    task_server: TaskServerHarness,
+) -> None:
+    task_server.ns.max_batch_events = 1  # the NS answers 413 to a batch of more than one event
+    agent = await task_server.register_agent("pc1")
+    events = [_event(1, "pc1", "started") for _ in range(3)]
+    status, _ = await task_server.call(agent, "POST", "/api/agent/events", json={"events": events})
+    assert status == 200
+    assert await task_server.running.forwarder.drained(10)
+    assert sorted(task_server.ns.events) == sorted(str(e["event_id"]) for e in events)

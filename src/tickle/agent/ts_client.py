@@ -39,6 +39,8 @@ from tickle.tls import client_ssl
 log = logging.getLogger(__name__)
 # answers to an event batch that no retry can change: the task server refuses one of its events
 REFUSED_FOR_GOOD = frozenset({403, 422})
+# a batch over the task server's max_body_bytes: sent again in parts (one event always fits)
+TOO_LARGE = 413
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -203,7 +205,8 @@ class TaskServerClient:
 
         Those are the ids the task server accepted, and an event it refuses for good (403, 422):
         kept, it would be the oldest batch forever and block every later event. A refused batch
-        is split; a single refused event is logged as an error and dropped.
+        is split; a single refused event is logged as an error and dropped. A batch too large
+        for the task server (413) is split too.
         """
         events = [StatusEvent.model_validate_json(b) for b in bodies]
         try:
@@ -211,7 +214,8 @@ class TaskServerClient:
                 "POST", "/api/agent/events", EventAck, body=EventBatch(events=events)
             )
         except ApiError as exc:
-            if exc.status not in REFUSED_FOR_GOOD:
+            too_large = exc.status == TOO_LARGE and len(events) > 1
+            if exc.status not in REFUSED_FOR_GOOD and not too_large:
                 raise
             if len(events) == 1:
                 log.error("the task server refused status event %s for good (%s): dropped",

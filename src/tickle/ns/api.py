@@ -8,6 +8,7 @@ coroutines, because the tickle server lives on the event loop.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,13 +17,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from tickle.metrics import ComponentMetrics
+from tickle.ns.auth import is_known_token
 from tickle.ns.credentials import token_sha256
 from tickle.ns.errors import Conflict, Forbidden, NotFound, Unauthorized
 from tickle.ns.routes import ROUTERS
+from tickle.ns.routes.task_server import REGISTRATIONS
 from tickle.ns.services import Services
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
 from tickle.ns.tickle_server import TickleServer
+from tickle.serving import BodyLimits
 
 TAGS = [
     {"name": "health", "description": "Liveness and Prometheus metrics (no credentials)."},
@@ -75,6 +79,13 @@ def create_app(
         app.add_exception_handler(refusal, _refused)
     for router in ROUTERS:
         app.include_router(router)
+    app.add_middleware(
+        BodyLimits,
+        limits=settings,
+        metrics=metrics,
+        registrations=REGISTRATIONS,
+        known_token=functools.partial(is_known_token, app),
+    )
     return app
 
 

@@ -7,14 +7,16 @@ agent token anywhere on the NS) gets 403.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from tickle.ns.credentials import Caller, token_sha256
 from tickle.ns.dependencies import InventoryDep
+from tickle.ns.services.inventory import InventoryService
 
 # one scheme per kind of token, so the OpenAPI document says which token each route takes
 _admin_bearer = HTTPBearer(
@@ -79,6 +81,17 @@ def require_task_server(
             status.HTTP_403_FORBIDDEN, f"{who} token cannot use the task-server API"
         )
     raise _unknown()
+
+
+async def is_known_token(app: FastAPI, token: str) -> bool:
+    """Whether `token` is the admin or a task server token (checked before a large body is read)."""
+    sha = token_sha256(token)
+    admin_sha: str = app.state.admin_token_sha256
+    if hmac.compare_digest(sha, admin_sha):
+        return True
+    inventory: InventoryService = app.state.services.inventory
+    caller = await asyncio.to_thread(inventory.caller_for, sha)  # a database query
+    return caller is not None and caller.role == "task_server"
 
 
 def _role(role: str) -> str:

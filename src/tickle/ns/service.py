@@ -20,6 +20,7 @@ from tickle.ns.api import create_app
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
 from tickle.ns.tickle_server import TickleServer
+from tickle.serving import ServingConfig
 from tickle.statedir import make_private
 
 log = logging.getLogger("tickle.ns")
@@ -63,8 +64,10 @@ async def serve(settings: NsSettings, stop: asyncio.Event | None = None) -> int:
         tickle_server = TickleServer(settings, stores, metrics)
         app = create_app(settings, stores, tickle_server, metrics)
         server = uvicorn.Server(
-            uvicorn.Config(
+            ServingConfig(
                 app,
+                settings,
+                metrics,
                 host=settings.api_host,
                 port=settings.api_port,
                 ssl_certfile=settings.tls_cert_file,

@@ -9,11 +9,16 @@ from pydantic import Field, FilePath, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from tickle import tls
-from tickle.config import TickleSenderSettings, default_state_dir, read_or_create_secret
+from tickle.config import (
+    ApiServerSettings,
+    TickleSenderSettings,
+    default_state_dir,
+    read_or_create_secret,
+)
 from tickle.messages import Port
 
 
-class NsSettings(TickleSenderSettings):
+class NsSettings(ApiServerSettings, TickleSenderSettings):
     """Everything `tickle ns` reads at start; each default works on one machine."""
 
     model_config = SettingsConfigDict(

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, 
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from tickle.config import ApiServerSettings
 from tickle.messages import (
     AgentEnrollment,
     AgentPolicy,
@@ -28,6 +29,7 @@ from tickle.messages import (
     PullVia,
 )
 from tickle.metrics import ComponentMetrics
+from tickle.serving import BodyLimits
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.enrollment import Enrollment
 from tickle.taskserver.refusal import Refused
@@ -43,8 +45,12 @@ TAGS = [
 ]
 
 
+REGISTER = "/api/agent/register"
+
+
 def create_app(
     *,
+    limits: ApiServerSettings,
     store: Store,
     metrics: ComponentMetrics,
     enrollment: Enrollment,
@@ -66,6 +72,19 @@ def create_app(
     app.add_exception_handler(Refused, _refused)
     for router in (operations, enrollment_routes, pull_routes, event_routes):
         app.include_router(router)
+
+    async def known_token(token: str) -> bool:
+        return store.client_by_token(_token_sha256(token)) is not None
+
+    # a registration's body is held to max_registration_body_bytes, and so is any body without
+    # an agent's token
+    app.add_middleware(
+        BodyLimits,
+        limits=limits,
+        metrics=metrics,
+        registrations=[REGISTER],
+        known_token=known_token,
+    )
     return app
 
 
@@ -108,7 +127,7 @@ async def current_agent(
 ) -> Client:
     """The registered agent whose token is in the Authorization header, else 401."""
     if auth is not None:
-        client = store.client_by_token(hashlib.sha256(auth.credentials.encode()).hexdigest())
+        client = store.client_by_token(_token_sha256(auth.credentials))
         if client is not None:
             return client
     raise HTTPException(
@@ -140,9 +159,7 @@ async def metrics(exposed: MetricsDep) -> Response:
 enrollment_routes = APIRouter(tags=["enrollment"])
 
 
-@enrollment_routes.post(
-    "/api/agent/register", response_model=AgentEnrollment, summary="Register an agent"
-)
+@enrollment_routes.post(REGISTER, response_model=AgentEnrollment, summary="Register an agent")
 async def register(
     body: AgentRegister, request: Request, enrollment: EnrollmentDep
 ) -> AgentEnrollment:
@@ -199,6 +216,10 @@ async def events(batch: EventBatch, agent: AgentDep, work_cache: WorkCacheDep) -
     execution's computer; one cached for another computer is refused.
     """
     return EventAck(accepted=work_cache.take_events(agent.name, batch.events))
+
+
+def _token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _peer(request: Request) -> str | None:

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 REFUSED_FOR_GOOD = frozenset({403, 422})
+# a batch over the NS's max_body_bytes: sent again in parts (one event always fits)
+TOO_LARGE = 413
 Register = Callable[[], Awaitable[TaskServerCredentials]]
 
 
@@ -107,12 +109,14 @@ class NsClient:
         An event the NS refuses for good would block the outbox forever: a batch answered 403 or
         422 is split, and a single refused event is logged as an error and dropped; so is an
         event the NS leaves out of `accepted` (not this task server's to report: it never will).
+        A batch too large for the NS (413) is split too.
         """
         events = [StatusEvent.model_validate_json(b) for b in bodies]
         try:
             accepted = set((await self.events(EventBatch(events=events))).accepted)
         except ApiError as exc:
-            if exc.status not in REFUSED_FOR_GOOD:
+            too_large = exc.status == TOO_LARGE and len(events) > 1
+            if exc.status not in REFUSED_FOR_GOOD and not too_large:
                 raise
             if len(events) == 1:
                 log.error("the NS refused status event %s for good: %s", events[0], exc)

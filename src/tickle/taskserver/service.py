@@ -35,6 +35,7 @@ from tickle.logs import setup_logging
 from tickle.messages import TaskServerCredentials, TaskServerRegister
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
+from tickle.serving import ServingConfig
 from tickle.statedir import make_private
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.agent_tickler import AgentTickler
@@ -293,6 +294,7 @@ class TaskServer:
     def api_app(self) -> FastAPI:
         """The agent-facing API over this task server's services (what `start` serves)."""
         return create_app(
+            limits=self.settings,
             store=self.store,
             metrics=self.metrics,
             enrollment=self.enrollment,
@@ -302,8 +304,8 @@ class TaskServer:
 
     async def _start_api(self) -> None:
         app = self.api_app()
-        config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="off", ws="none",
+        config = ServingConfig(
+            app, self.settings, self.metrics, log_config=None, access_log=False, lifespan="off",
             ssl_certfile=self.settings.tls_cert_file, ssl_keyfile=self.settings.tls_key_file,
         )  # fmt: skip
         self._api = _Server(config)

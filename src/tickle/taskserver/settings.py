@@ -8,11 +8,17 @@ from pydantic import Field, FilePath, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from tickle import tls
-from tickle.config import TickleSenderSettings, check_http_url, default_state_dir, hostname
+from tickle.config import (
+    ApiServerSettings,
+    TickleSenderSettings,
+    check_http_url,
+    default_state_dir,
+    hostname,
+)
 from tickle.messages import Name
 
 
-class TaskServerSettings(TickleSenderSettings):
+class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
     """Everything the task server reads at start; see docs/ARCHITECTURE.md."""
 
     model_config = SettingsConfigDict(

@@ -12,6 +12,10 @@ from tickle.ns.auth import TaskServerDep
 from tickle.ns.dependencies import DeliveryDep, InventoryDep, SettingsDep
 
 router = APIRouter(tags=["task-server"])
+REGISTER = "/api/ts/register"
+REGISTER_AGENT = "/api/ts/agents/register"
+# registrations are small: their bodies are held to max_registration_body_bytes (tickle.serving)
+REGISTRATIONS = (REGISTER, REGISTER_AGENT)
 TsPullViaQuery = Annotated[
     m.TsPullVia,
     Query(
@@ -24,7 +28,7 @@ TsPullViaQuery = Annotated[
 
 
 @router.post(
-    "/api/ts/register",
+    REGISTER,
     summary="Register a task server",
     description="Authenticated by the enrollment secret in the body. Re-registering a name "
     "rotates its token and tickle key.",
@@ -36,7 +40,7 @@ async def register_task_server(
 
 
 @router.post(
-    "/api/ts/agents/register",
+    REGISTER_AGENT,
     summary="Register an agent with the calling task server",
     description="Moves the computer to the calling task server; re-registering rotates its "
     "credentials.",

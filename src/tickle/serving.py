@@ -1,0 +1,550 @@
+"""How the NS and the task servers serve their HTTP APIs: uvicorn, within request limits.
+
+uvicorn bounds neither request bodies nor the number or size of headers, and gives a client that
+stops halfway through a request all the time it wants. Three pieces add what it lacks, each set by
+the component's `ApiServerSettings`:
+
+- `ServingConfig`, the uvicorn configuration an API runs with: it raises the process's soft limit
+  on open files to its hard limit and caps the API's connections below it;
+- `LimitedHttpProtocol`, uvicorn's httptools protocol with the connection-level limits: the size
+  and number of headers (431), a deadline for the request head and one for the body (408), and
+  the cap, at which the connection waiting longest on its client is closed for a new one, so
+  half-sent requests cannot lock out `/health` and the peers that send whole requests;
+- `BodyLimits`, ASGI middleware refusing a body over its limit (413) before it is read into
+  memory: registrations, and requests without valid credentials, get the small limit.
+
+Every refusal is counted in `tickle_http_refused` by reason, and not logged one by one: a flood
+of bad requests must not flood the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import resource
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from tickle.config import ApiServerSettings
+from tickle.metrics import ComponentMetrics
+
+log = logging.getLogger(__name__)
+
+# descriptors kept for what is not an API connection: databases, sockets to peers, logs
+FD_RESERVE = 256
+# how long a refused client may go on sending before its connection is closed anyway
+LINGER_S = 2.0
+# the reasons of `tickle_http_refused`
+REFUSALS = (
+    "body_too_large",
+    "head_too_large",
+    "too_many_headers",
+    "head_timeout",
+    "body_timeout",
+    "evicted",
+    "over_capacity",
+)
+
+# whether a bearer token is one this server issued (checked before a large body is read)
+TokenCheck = Callable[[str], Awaitable[bool]]
+
+
+class ServingConfig(uvicorn.Config):
+    """uvicorn's configuration for an API served within `limits` (pass uvicorn's own options).
+
+    Building it raises the process's soft limit on open files to the hard limit (systemd's
+    `LimitNOFILE`): the connection cap is what that limit leaves, at most `max_connections`.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits: ApiServerSettings,
+        metrics: ComponentMetrics,
+        **options: Any,
+    ) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        open_files = raise_open_file_limit()
+        cap = connection_cap(limits.max_connections, open_files)
+        if cap < limits.max_connections:
+            log.warning(
+                "max_connections %d lowered to %d: this process may open only %d files "
+                "(raise LimitNOFILE)",
+                limits.max_connections, cap, open_files,
+            )  # fmt: skip
+        self.connections = ConnectionTable(cap)
+        for reason in REFUSALS:
+            metrics.http_refused.labels(reason=reason)
+        # asyncio accepts up to `backlog` connections at once before any is admitted to the table:
+        # past the descriptors left, accept() fails and the server stops accepting for a second
+        options.setdefault("backlog", min(2048, max(16, (open_files - cap) // 2)))
+        # no WebSocket routes: an upgrade would take the connection out of the table
+        super().__init__(app, http=LimitedHttpProtocol, ws="none", **options)
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+        else:
+            soft = target
+    return int(soft)
+
+
+def connection_cap(max_connections: int, open_files: int) -> int:
+    """How many API connections may be open at once with `open_files` descriptors."""
+    return min(max_connections, max(open_files - FD_RESERVE, open_files // 2))
+
+
+class ConnectionTable:
+    """The open connections of one API server, and which may be closed to make room.
+
+    A connection waits on its client from when it opens, or its last answer was sent, until its
+    request is complete; it is the server's while the request is served. At the cap, a new
+    connection closes the one that has waited longest; when every connection is being served,
+    the new one is refused (503).
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._waiting: dict[LimitedHttpProtocol, None] = {}  # longest waiting first
+        self._served: set[LimitedHttpProtocol] = set()
+
+    def __len__(self) -> int:
+        return len(self._waiting) + len(self._served)
+
+    def admit(self, conn: LimitedHttpProtocol) -> bool:
+        """Take a new connection, closing the longest waiting one at the cap; False: refuse it."""
+        if len(self) >= self.cap:
+            oldest = next(iter(self._waiting), None)
+            if oldest is None:
+                return False
+            self.discard(oldest)
+            oldest.evict()
+        self._waiting[conn] = None
+        return True
+
+    def served(self, conn: LimitedHttpProtocol) -> None:
+        """`conn`'s request is complete: the server's turn, not to be closed for another."""
+        if conn in self._waiting:
+            del self._waiting[conn]
+            self._served.add(conn)
+
+    def waiting(self, conn: LimitedHttpProtocol) -> None:
+        """`conn` was answered and waits for its next request: behind every other one."""
+        if conn in self._served or conn in self._waiting:
+            self.discard(conn)
+            self._waiting[conn] = None
+
+    def discard(self, conn: LimitedHttpProtocol) -> None:
+        self._waiting.pop(conn, None)
+        self._served.discard(conn)
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with limits on the request head, deadlines, and the cap."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        assert isinstance(config, ServingConfig), "serve with ServingConfig"
+        self.limits = config.limits
+        self.metrics = config.metrics
+        self.table = config.connections
+        self.head_bytes: int | None = 0  # received of the request head so far; None past it
+        self.head_parsed = 0  # bytes of the request line and headers the parser gave us
+        self.header_count = 0
+        self.refusal: tuple[int, str, str] | None = None  # status, reason, detail
+        self.deadline: asyncio.TimerHandle | None = None
+
+    # --- the connection -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.lingering_transport = LingeringTransport(transport, self)
+        super().connection_made(self.lingering_transport)
+        if not self.table.admit(self):
+            self.refuse(503, "over_capacity", "the server has no room for another connection")
+            return
+        self._expect("head")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.table.discard(self)
+        self._cancel_deadline()
+        self.lingering_transport.stop_lingering()
+        super().connection_lost(exc)
+
+    def eof_received(self) -> None:
+        if self.lingering_transport.is_lingering:  # the client has sent all it will: done
+            self.lingering_transport.stop_lingering()
+
+    def evict(self) -> None:
+        """Close this connection, waiting on its client, to make room for a new one."""
+        self.metrics.http_refused.labels(reason="evicted").inc()
+        self._cancel_deadline()
+        self.lingering_transport.close_now()
+
+    def client_is_sending(self) -> bool:
+        """Whether the client is in the middle of a request (its head or its body)."""
+        return self.head_bytes is None or self.head_bytes > 0
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering_transport.is_lingering:
+            return  # the rest of a request already answered: read only to be dropped
+        if self.head_bytes is not None:
+            self.head_bytes += len(data)
+            if self.deadline is None:  # the first bytes of a request after a kept-alive one
+                self._expect("head")
+        super().data_received(data)
+        if self.refusal is not None:
+            self.refuse(*self.refusal)
+        elif self.head_bytes is not None and self.head_bytes > self.limits.max_header_bytes:
+            # a head not complete yet (the parser holds it): checked after parsing, so that the
+            # body in the same read is not counted as head
+            self.refuse(431, "head_too_large", self._head_too_large())
+
+    def _head_too_large(self) -> str:
+        return f"request line and headers over the {self.limits.max_header_bytes}-byte limit"
+
+    # --- parser callbacks (httptools) ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.refusal is None:
+            super().on_message_begin()
+            self.head_parsed = 0
+            self.header_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        if self.refusal is None and self._within_head_limits(len(url), headers=0):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.refusal is None and self._within_head_limits(len(name) + len(value), headers=1):
+            super().on_header(name, value)
+
+    def _within_head_limits(self, size: int, headers: int) -> bool:
+        """Count a part of the head; past a limit, refuse the request once the parser returns
+        (until then every callback does nothing)."""
+        self.head_parsed += size
+        self.header_count += headers
+        if self.head_parsed > self.limits.max_header_bytes:
+            self.refusal = (431, "head_too_large", self._head_too_large())
+        elif self.header_count > self.limits.max_headers:
+            self.refusal = (
+                431,
+                "too_many_headers",
+                f"more than {self.limits.max_headers} request headers",
+            )
+        return self.refusal is None
+
+    def on_headers_complete(self) -> None:
+        if self.refusal is not None:
+            return
+        self.head_bytes = None
+        super().on_headers_complete()
+        self._expect("body")
+
+    def on_body(self, body: bytes) -> None:
+        if self.refusal is None:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.refusal is not None:
+            return
+        super().on_message_complete()
+        self._cancel_deadline()
+        self.head_bytes = 0  # the next request starts here
+        if not self.cycle.response_complete:
+            self.table.served(self)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.cycle.response_complete:
+            self.table.waiting(self)  # kept alive for the next request
+
+    def send_400_response(self, msg: str) -> None:
+        if self.refusal is not None:
+            self.refuse(*self.refusal)
+        else:
+            super().send_400_response(msg)
+
+    # --- refusals ------------------------------------------------------------------------------
+
+    def refuse(self, status: int, reason: str, detail: str) -> None:
+        """Answer `status` with a JSON detail when no answer has begun, and close."""
+        if self.transport.is_closing():
+            return
+        self.metrics.http_refused.labels(reason=reason).inc()
+        self._cancel_deadline()
+        if self._may_answer():
+            body = json.dumps({"detail": detail}).encode()
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, _PHRASES[status], len(body), body)
+            )
+        self.transport.close()
+
+    def _may_answer(self) -> bool:
+        if self.head_bytes is not None:  # in a head: the last cycle, if any, was an earlier one
+            return self.cycle is None or self.cycle.response_complete
+        return not self.cycle.response_started
+
+    def _expect(self, part: str) -> None:
+        """Start the deadline for the request's head or body."""
+        self._cancel_deadline()
+        seconds = (
+            self.limits.request_head_timeout_s
+            if part == "head"
+            else self.limits.request_body_timeout_s
+        )
+        self.deadline = self.loop.call_later(seconds, self._too_slow, part, seconds)
+
+    def _too_slow(self, part: str, seconds: float) -> None:
+        self.deadline = None
+        self.refuse(408, f"{part}_timeout", f"request {part} not received within {seconds:g} s")
+        self.lingering_transport.close_now()  # a client this slow is not worth waiting for
+
+    def _cancel_deadline(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+
+class LingeringTransport(asyncio.Transport):
+    """The connection's transport, which closes gently while the client is still sending.
+
+    A connection closed with unread data is reset, and the reset can overtake the answer in the
+    client: a client still sending a body too large, or a head too long, would see a broken
+    connection instead of its 413 or 431. So the close ends the sending side, drops what still
+    arrives, and closes for good when the client closes or after `LINGER_S`.
+    """
+
+    def __init__(self, transport: asyncio.Transport, protocol: LimitedHttpProtocol) -> None:
+        super().__init__()
+        self._transport = transport
+        self._protocol = protocol
+        self._timer: asyncio.TimerHandle | None = None
+        self.is_lingering = False
+
+    def close(self) -> None:
+        if self.is_lingering or self._transport.is_closing():
+            return
+        if not (self._protocol.client_is_sending() and self._transport.can_write_eof()):
+            self._transport.close()
+            return
+        self.is_lingering = True
+        self._transport.write_eof()
+        self._transport.resume_reading()
+        self._timer = asyncio.get_running_loop().call_later(LINGER_S, self.stop_lingering)
+
+    def close_now(self) -> None:
+        """Close without lingering."""
+        self.stop_lingering()
+        self._transport.close()
+
+    def stop_lingering(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.is_lingering:
+            self.is_lingering = False
+            self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self.is_lingering or self._transport.is_closing()
+
+    # the rest as the transport itself does it
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        if not self.is_lingering:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def write(self, data: bytes | bytearray | memoryview[int]) -> None:
+        self._transport.write(data)
+
+    def write_eof(self) -> None:
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def abort(self) -> None:
+        self.stop_lingering()
+        self._transport.abort()
+
+
+_PHRASES = {
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+
+
+class BodyLimits:
+    """ASGI middleware: a request body over its limit is refused (413) before it is read.
+
+    The limit is `max_registration_body_bytes` for the `registrations` paths and for a request
+    without credentials, and `max_body_bytes` for one whose bearer token `known_token` accepts;
+    the token is checked only when a body outgrows the small limit, and one it does not accept
+    gets 401, as the route would answer (a peer whose token was forgotten registers again). A
+    declared Content-Length is judged before anything is read; a streamed body is counted as it
+    comes, and stopped at its limit.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limits: ApiServerSettings,
+        metrics: ComponentMetrics,
+        registrations: Collection[str],
+        known_token: TokenCheck,
+    ) -> None:
+        self.app = app
+        self.limits = limits
+        self.metrics = metrics
+        self.registrations = frozenset(registrations)
+        self.known_token = known_token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        allowance = _Allowance(self, scope)
+        declared = _content_length(scope)
+        refused = await allowance.refusal(declared) if declared is not None else None
+        if refused is not None:
+            await self._refuse(send, *refused)
+            return
+        received = 0
+        answered = False
+
+        async def receive_within_limit() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                refused = await allowance.refusal(received)
+                if refused is not None:
+                    raise _BodyTooLarge
+            return message
+
+        async def send_unless_refused(message: Message) -> None:
+            nonlocal answered
+            if refused is not None:
+                return  # the app's answer to a body it did not get: ours goes instead
+            answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive_within_limit, send_unless_refused)
+        except Exception:
+            if refused is None:
+                raise
+        if refused is not None and not answered:
+            await self._refuse(send, *refused)
+
+    async def _refuse(self, send: Send, status: int, detail: str) -> None:
+        self.metrics.http_refused.labels(reason="body_too_large").inc()
+        body = json.dumps({"detail": detail}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"connection", b"close"),  # the rest of the body is not read
+        ]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the app by `receive` when a streamed body passes its limit."""
+
+
+class _Allowance:
+    """How large one request's body may be: small until its credentials are known to be valid."""
+
+    def __init__(self, middleware: BodyLimits, scope: Scope) -> None:
+        self._known_token = middleware.known_token
+        self._small = middleware.limits.max_registration_body_bytes
+        self._large = middleware.limits.max_body_bytes
+        self._registration = scope["path"] in middleware.registrations
+        self._token = _bearer_token(scope)
+        self.bytes = self._small
+
+    async def refusal(self, size: int) -> tuple[int, str] | None:
+        """None when a body of `size` bytes may be read, else the status and why."""
+        if size <= self.bytes:
+            return None
+        if self._registration:
+            return 413, f"request body over the {self._small}-byte limit of registrations"
+        if size > self._large:
+            return 413, f"request body over the {self._large}-byte limit"
+        if self._token is None:
+            return 413, f"request body over the {self._small}-byte limit without credentials"
+        token, self._token = self._token, None  # checked once
+        if not await self._known_token(token):
+            return 401, f"unknown bearer token (a body over {self._small} bytes needs a valid one)"
+        self.bytes = self._large
+        return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            with contextlib.suppress(ValueError):
+                return int(value)
+    return None
+
+
+def _bearer_token(scope: Scope) -> str | None:
+    value: bytes
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None

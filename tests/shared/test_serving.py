@@ -1,0 +1,113 @@
+"""The pieces of tickle.serving that need no server: the connection table, the cap, the settings."""
+
+from __future__ import annotations
+
+import resource
+from typing import Any, cast
+
+import pytest
+from pydantic_settings import SettingsConfigDict
+
+from tickle.config import ApiServerSettings, ConfigError, load_settings
+from tickle.serving import (
+    ConnectionTable,
+    LimitedHttpProtocol,
+    connection_cap,
+    raise_open_file_limit,
+)
+
+
+class Conn:
+    """Stands for a connection: remembers that it was closed to make room."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.evicted = False
+
+    def evict(self) -> None:
+        self.evicted = True
+
+
+def _conns(*names: str) -> list[Any]:
+    return [cast(LimitedHttpProtocol, Conn(n)) for n in names]
+
+
+def test_at_the_cap_the_connection_waiting_longest_makes_room() -> None:
+    table = ConnectionTable(cap=3)
+    a, b, c, d = _conns("a", "b", "c", "d")
+    for conn in (a, b, c):
+        assert table.admit(conn)
+    assert table.admit(d)
+    assert (a.evicted, b.evicted, c.evicted) == (True, False, False)
+    assert len(table) == 3
+
+
+def test_connections_being_served_are_never_closed_to_make_room() -> None:
+    table = ConnectionTable(cap=2)
+    a, b, c, d = _conns("a", "b", "c", "d")
+    table.admit(a)
+    table.admit(b)
+    table.served(a)  # a's request is complete: the server's turn
+    assert table.admit(c)
+    assert (a.evicted, b.evicted) == (False, True)
+    table.served(c)
+    assert not table.admit(d)  # every connection is being served: refuse the new one
+    assert len(table) == 2
+
+
+def test_a_connection_answered_waits_again_from_the_end_of_the_line() -> None:
+    table = ConnectionTable(cap=2)
+    a, b, c = _conns("a", "b", "c")
+    table.admit(a)
+    table.admit(b)
+    table.served(a)
+    table.waiting(a)  # answered, kept alive: now it has waited less than b
+    table.admit(c)
+    assert (a.evicted, b.evicted) == (False, True)
+
+
+@pytest.mark.parametrize(
+    ("max_connections", "open_files", "cap"),
+    [(4096, 65536, 4096), (4096, 1024, 768), (4096, 256, 128), (100, 1024, 100)],
+)
+def test_the_cap_leaves_descriptors_for_the_rest(
+    max_connections: int, open_files: int, cap: int
+) -> None:
+    assert connection_cap(max_connections, open_files) == cap
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 512:
+        pytest.skip(f"hard limit {hard}")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert raise_open_file_limit() == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class ServerSettings(ApiServerSettings):
+    model_config = SettingsConfigDict(env_prefix="TICKLE_X_", extra="forbid", validate_default=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--max-connections", "5"], "max_connections (TICKLE_X_MAX_CONNECTIONS)"),
+        (["--request-head-timeout-s", "0"], "request_head_timeout_s"),
+        (["--max-body-bytes", "1000"], "max_body_bytes (TICKLE_X_MAX_BODY_BYTES)"),
+        (
+            ["--max-body-bytes", "65536", "--max-registration-body-bytes", "100000"],
+            "max_registration_body_bytes (TICKLE_X_MAX_REGISTRATION_BODY_BYTES): Value error, "
+            "must not exceed max_body_bytes (65536)",
+        ),
+    ],
+)
+def test_a_bad_limit_is_refused_naming_the_setting(args: list[str], named: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(ServerSettings, args)
+    lines = str(refused.value).splitlines()
+    assert len(lines) == 2, lines  # "invalid configuration:" and one line for the setting
+    assert named in lines[1]
