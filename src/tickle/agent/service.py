@@ -47,12 +47,12 @@ def main(args: list[str]) -> int:
         print(f"tickle agent: {exc}", file=sys.stderr)
         return 2
     setup_logging("agent", settings.log_level, settings.log_format)
-    containment = detect()  # before anything runs: it may move this process to a cgroup
     try:
         make_private(settings.state_dir)
     except ConfigError as exc:
         print(f"tickle agent: {exc}", file=sys.stderr)
         return 2
+    containment = detect()  # before anything runs: it may move this process to a cgroup
     try:
         asyncio.run(_serve_until_signal(settings, containment))
     except OSError as exc:  # e.g. the tickle port is taken
