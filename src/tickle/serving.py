@@ -53,7 +53,7 @@ REFUSALS = (
 )
 
 # whether a bearer token is one this server issued (checked before a large body is read)
-TokenCheck = Callable[[str], Awaitable[bool]]
+TokenCheck = Callable[[str, Scope], Awaitable[bool]]
 
 
 class ServingConfig(uvicorn.Config):
@@ -509,6 +509,7 @@ class _Allowance:
 
     def __init__(self, middleware: BodyLimits, scope: Scope) -> None:
         self._known_token = middleware.known_token
+        self._scope = scope
         self._small = middleware.limits.max_registration_body_bytes
         self._large = middleware.limits.max_body_bytes
         self._registration = scope["path"] in middleware.registrations
@@ -526,7 +527,7 @@ class _Allowance:
         if self._token is None:
             return 413, f"request body over the {self._small}-byte limit without credentials"
         token, self._token = self._token, None  # checked once
-        if not await self._known_token(token):
+        if not await self._known_token(token, self._scope):
             return 401, f"unknown bearer token (a body over {self._small} bytes needs a valid one)"
         self.bytes = self._large
         return None

@@ -183,3 +183,22 @@ async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
         return False
     except ConnectionError:
         return True
+
+
+async def test_a_large_batch_looks_its_task_server_token_up_once(
+    ns: Ns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ts = await ns.task_server()
+    batch = {"events": [event(1, "pc1", "started", 1.0, output_tail="x" * 4000)] * 10}
+    lookups: list[str] = []
+    lookup = ns.stores.inventory.caller_for
+
+    def counted(sha: str) -> object:
+        lookups.append(sha)
+        return lookup(sha)
+
+    monkeypatch.setattr(ns.stores.inventory, "caller_for", counted)
+    status, _ = await ts.call("POST", "/api/ts/events", json=batch)
+    assert status == 200
+    # the body limit's check found the task server: the route's credentials reuse it
+    assert len(lookups) == 1, lookups

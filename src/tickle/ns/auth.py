@@ -13,6 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import Scope
 
 from tickle.ns.credentials import Caller, token_sha256
 from tickle.ns.dependencies import InventoryDep
@@ -31,6 +32,9 @@ _task_server_bearer = HTTPBearer(
 )
 AdminBearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)]
 TaskServerBearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_task_server_bearer)]
+
+# request state: (token SHA-256, Caller) of a task server the body limit already looked up
+_KNOWN_CALLER = "tickle_known_task_server"
 
 
 def _token_hash(creds: HTTPAuthorizationCredentials | None) -> str:
@@ -72,7 +76,8 @@ def require_task_server(
 ) -> Caller:
     """Allow a registered task server's token; returns who it is."""
     sha = _token_hash(creds)
-    caller = inventory.caller_for(sha)
+    known = getattr(request.state, _KNOWN_CALLER, None)  # looked up by the body limit already
+    caller = known[1] if known is not None and known[0] == sha else inventory.caller_for(sha)
     if caller is not None and caller.role == "task_server":
         return caller
     if caller is not None or _is_admin(request, sha):
@@ -83,15 +88,22 @@ def require_task_server(
     raise _unknown()
 
 
-async def is_known_token(app: FastAPI, token: str) -> bool:
-    """Whether `token` is the admin or a task server token (checked before a large body is read)."""
+async def is_known_token(app: FastAPI, token: str, scope: Scope) -> bool:
+    """Whether `token` is the admin or a task server token (checked before a large body is read).
+
+    A task server found here is kept in the request's state, so `require_task_server` does not
+    query the database for it a second time (large bodies are event batches: the hot path).
+    """
     sha = token_sha256(token)
     admin_sha: str = app.state.admin_token_sha256
     if hmac.compare_digest(sha, admin_sha):
         return True
     inventory: InventoryService = app.state.services.inventory
     caller = await asyncio.to_thread(inventory.caller_for, sha)  # a database query
-    return caller is not None and caller.role == "task_server"
+    if caller is None or caller.role != "task_server":
+        return False
+    scope.setdefault("state", {})[_KNOWN_CALLER] = (sha, caller)
+    return True
 
 
 def _role(role: str) -> str:

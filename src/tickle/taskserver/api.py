@@ -15,6 +15,7 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import Scope
 
 from tickle.config import ApiServerSettings
 from tickle.messages import (
@@ -73,7 +74,7 @@ def create_app(
     for router in (operations, enrollment_routes, pull_routes, event_routes):
         app.include_router(router)
 
-    async def known_token(token: str) -> bool:
+    async def known_token(token: str, _scope: Scope) -> bool:
         return store.client_by_token(_token_sha256(token)) is not None
 
     # a registration's body is held to max_registration_body_bytes, and so is any body without
