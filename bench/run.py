@@ -92,7 +92,7 @@ async def fleet_run(root: Path, agents: int, per_process: int = 250) -> list[str
             url = f"http://{fleet.ts_hosts[ts]}:{TS_API_PORT}"
             count = min(per_process, agents - first)
             sims.append(subprocess.Popen(
-                [sys.executable, str(HERE / "simagents.py"), url, fleet.enrollment_secret,
+                [sys.executable, str(HERE / "simagents.py"), url, fleet.agent_enrollment_secret,
                  str(first), str(count), "127.2"],
                 stdout=subprocess.PIPE, text=True,
             ))  # fmt: skip

@@ -265,7 +265,11 @@ def ts_openapi() -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as state_dir:
         server = TaskServer(
-            TaskServerSettings(state_dir=Path(state_dir), enrollment_secret="x" * 16)
+            TaskServerSettings(
+                state_dir=Path(state_dir),
+                enrollment_secret="x" * 16,
+                agent_enrollment_secret="y" * 16,
+            )
         )
         try:
             return server.api_app().openapi()

@@ -241,7 +241,12 @@ def _describe(exc: ValidationError, prefix: str) -> str:
         field = ".".join(str(p) for p in err["loc"]) or "settings"
         env = f"{prefix}{str(err['loc'][0]).upper()}" if err["loc"] else ""
         shown = f"{field} ({env})" if env else field
-        lines.append(f"setting {shown}: {err['msg']} (got {err.get('input')!r})")
+        if err["type"] == "missing":  # its input is every other setting, secrets included
+            lines.append(f"setting {shown}: {err['msg']}")
+        elif any(word in field for word in ("secret", "token")):
+            lines.append(f"setting {shown}: {err['msg']} (value not shown)")
+        else:
+            lines.append(f"setting {shown}: {err['msg']} (got {err.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.taskserver.conftest import SECRET, FakeNs, TaskServerHarness, work_for
+from tests.taskserver.conftest import AGENT_SECRET, FakeNs, TaskServerHarness, work_for
 from tickle.agent.settings import AgentSettings
 from tickle.config import load_settings
 
@@ -35,7 +35,7 @@ async def test_ns_tickle_reaches_agent_through_real_task_server_and_status_comes
 ) -> None:
     ns = real_ts.ns
     settings = load_settings(
-        AgentSettings, [], name="agent1", task_servers=[real_ts.url], enrollment_secret=SECRET,
+        AgentSettings, [], name="agent1", task_servers=[real_ts.url], enrollment_secret=AGENT_SECRET,
         tickle_host="127.0.0.1", tickle_port=free_udp_port(), state_dir=tmp_path / "agent",
         control_socket=short_dir / "agent.sock", stop_grace_s=0.0,
     )  # fmt: skip

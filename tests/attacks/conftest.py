@@ -31,7 +31,7 @@ class Peers:
 
     fleet: LocalFleet
     ts_name: str  # the fleet's task server the probe agents registered with
-    ts_token: str  # a task server registered over HTTP with the enrollment secret
+    ts_token: str  # a task server registered over HTTP with the task servers' enrollment secret
     agent_a: str
     agent_b: str
     agent_a_name: str = "probe-a"
@@ -106,7 +106,7 @@ async def register_peers(fleet: LocalFleet, ts_name: str) -> Peers:
             "POST",
             fleet.ts_url(ts_name) + "/api/agent/register",
             body={
-                "enrollment_secret": fleet.enrollment_secret,
+                "enrollment_secret": fleet.agent_enrollment_secret,
                 "name": name,
                 "tickle_host": f"{fleet.net}.{201 + i}",
                 "tickle_port": 50199,  # nothing listens: tickles to probes are lost

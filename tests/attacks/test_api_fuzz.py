@@ -38,7 +38,10 @@ def _fuzz(component: str, base_url: str, peers: Peers) -> tuple[int, Counter[int
     failures: list[str] = []
     operations = 0
     tick = itertools.count()  # alternates: the generated (wrong) secret, then the real one
-    secret = peers.fleet.enrollment_secret
+    # the secret each component's registration takes: the task servers' at the NS, the agents'
+    # at a task server
+    fleet = peers.fleet
+    secret = fleet.enrollment_secret if component == "ns" else fleet.agent_enrollment_secret
     for result in schema.get_all_operations():
         op = result.ok()
         operations += 1

@@ -71,7 +71,11 @@ def test_every_state_dir_and_file_is_private_when_started_with_umask_022(
 
 
 def test_no_secret_is_on_any_command_line(fleet: LocalFleet) -> None:
-    secrets = {"admin token": fleet.admin_token, "enrollment secret": fleet.enrollment_secret}
+    secrets = {
+        "admin token": fleet.admin_token,
+        "task servers' enrollment secret": fleet.enrollment_secret,
+        "agents' enrollment secret": fleet.agent_enrollment_secret,
+    }
     shown = {}
     for name, proc in fleet.procs.items():
         assert proc.popen is not None

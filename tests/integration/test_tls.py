@@ -54,7 +54,11 @@ def start_task_server(
         "--api-port", str(TS_API_PORT), "--tickle-host", host, "--tickle-port", "0",
         "--state-dir", str(fleet.root / name), "--ns-wait-s", "20", *flags,
     ]  # fmt: skip
-    env = {**os.environ, "TICKLE_TS_ENROLLMENT_SECRET": fleet.enrollment_secret}  # never on argv
+    env = {  # never on argv
+        **os.environ,
+        "TICKLE_TS_ENROLLMENT_SECRET": fleet.enrollment_secret,
+        "TICKLE_TS_AGENT_ENROLLMENT_SECRET": fleet.agent_enrollment_secret,
+    }
     with log.open("ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     return proc, log

@@ -25,6 +25,8 @@ from tickle.testing.devca import DevCa
 from tickle.tls import is_loopback
 
 SECRET = "--enrollment-secret=s3cret-s3cret-s3cret"
+# a task server needs the agents' enrollment secret too (another one)
+TS_SECRETS = [SECRET, "--agent-enrollment-secret=agent-s3cret-s3cret"]
 Main = Callable[[list[str]], int]
 
 # (what, component, its main, its settings class, flags: plain HTTP served or called beyond loopback)
@@ -32,11 +34,11 @@ BEYOND_LOOPBACK = [
     ("NS API on 0.0.0.0", "ns", ns_main, NsSettings, ["--api-host", "0.0.0.0"]),
     ("NS API on an address", "ns", ns_main, NsSettings, ["--api-host", "192.0.2.7"]),
     ("TS to http:// NS address", "task-server", ts_main, TaskServerSettings,
-     [SECRET, "--ns-url", "http://192.0.2.1:50120"]),
+     [*TS_SECRETS, "--ns-url", "http://192.0.2.1:50120"]),
     ("TS to http:// NS name", "task-server", ts_main, TaskServerSettings,
-     [SECRET, "--ns-url", "http://ns.example:50120"]),
+     [*TS_SECRETS, "--ns-url", "http://ns.example:50120"]),
     ("TS API on 0.0.0.0", "task-server", ts_main, TaskServerSettings,
-     [SECRET, "--api-host", "0.0.0.0"]),
+     [*TS_SECRETS, "--api-host", "0.0.0.0"]),
     ("agent to an http:// task server", "agent", agent_main, AgentSettings,
      [SECRET, "--task-servers", "https://a:1,http://ts:50121"]),
     ("agent to an http:// gateway", "agent", agent_main, AgentSettings,
@@ -63,7 +65,7 @@ def test_plain_http_beyond_loopback_stops_at_start_naming_allow_plain_http(
     assert f"{PREFIX[component]}ALLOW_PLAIN_HTTP" in err
     record(
         case=f"TLS: plain HTTP beyond loopback, no allow_plain_http ({what})",
-        done=f"tickle {component} {' '.join(f for f in flags if f != SECRET)}",
+        done=f"tickle {component} {' '.join(f for f in flags if f not in TS_SECRETS)}",
         outcome="refused at start: exit 2 naming allow_plain_http",
         tried=1,
     )
@@ -82,7 +84,10 @@ def test_plain_http_beyond_loopback_is_accepted_with_allow_plain_http(
     [
         (NsSettings, ["--api-host", "127.0.0.5"]),
         (NsSettings, ["--api-host", "localhost"]),
-        (TaskServerSettings, [SECRET, "--ns-url", "http://127.3.0.1:50120", "--api-host", "::1"]),
+        (
+            TaskServerSettings,
+            [*TS_SECRETS, "--ns-url", "http://127.3.0.1:50120", "--api-host", "::1"],
+        ),
         (AgentSettings, [SECRET, "--task-servers", "http://localhost:50121,http://[::1]:50121"]),
         (AgentSettings, [SECRET, "--task-servers", "https://ts.example:50121"]),
     ],
@@ -97,26 +102,26 @@ def test_a_certificate_lets_the_api_listen_beyond_loopback(tmp_path: Path) -> No
     cert = DevCa(tmp_path).issue("ts", ["192.0.2.9"])
     flags = ["--tls-cert-file", str(cert.cert_file), "--tls-key-file", str(cert.key_file)]
     load_settings(NsSettings, ["--api-host", "0.0.0.0", *flags])
-    ts = load_settings(TaskServerSettings, [SECRET, "--api-host", "0.0.0.0", *flags])
+    ts = load_settings(TaskServerSettings, [*TS_SECRETS, "--api-host", "0.0.0.0", *flags])
     assert ts.agent_api_url(50121) == "https://127.0.0.1:50121"
     # a certificate does not cover the client side: plain HTTP to the NS is still refused
     with pytest.raises(ConfigError, match="allow_plain_http"):
-        load_settings(TaskServerSettings, [SECRET, "--ns-url", "http://10.1.1.1", *flags])
+        load_settings(TaskServerSettings, [*TS_SECRETS, "--ns-url", "http://10.1.1.1", *flags])
 
 
 @pytest.mark.parametrize(
     ("cls", "flags", "setting"),
     [
         (NsSettings, ["--tls-cert-file", "{cert}"], "tls_key_file"),
-        (TaskServerSettings, [SECRET, "--tls-key-file", "{key}"], "tls_key_file"),
+        (TaskServerSettings, [*TS_SECRETS, "--tls-key-file", "{key}"], "tls_key_file"),
         (
             NsSettings,
             ["--tls-cert-file", "{cert}", "--tls-key-file", "{other_key}"],
             "tls_key_file",
         ),
         (NsSettings, ["--tls-cert-file", "{garbage}", "--tls-key-file", "{key}"], "tls_key_file"),
-        (TaskServerSettings, [SECRET, "--ns-ca-file", "{garbage}"], "ns_ca_file"),
-        (TaskServerSettings, [SECRET, "--ns-ca-file", "{missing}"], "ns_ca_file"),
+        (TaskServerSettings, [*TS_SECRETS, "--ns-ca-file", "{garbage}"], "ns_ca_file"),
+        (TaskServerSettings, [*TS_SECRETS, "--ns-ca-file", "{missing}"], "ns_ca_file"),
         (AgentSettings, [SECRET, "--ca-file", "{garbage}"], "ca_file"),
     ],
 )

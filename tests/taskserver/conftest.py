@@ -40,7 +40,8 @@ from tickle.messages import (
 from tickle.taskserver.service import TaskServer
 from tickle.taskserver.settings import TaskServerSettings
 
-SECRET = "enroll-me-0123456789"
+SECRET = "enroll-me-0123456789"  # the task servers' enrollment secret
+AGENT_SECRET = "agent-enroll-me-0123456789"  # the agents'
 
 
 async def wait_until(check: Callable[[], Any], within_s: float = 5.0, what: str = "") -> Any:
@@ -278,6 +279,7 @@ class TaskServerHarness:
             "name": "ts1",
             "ns_url": self.ns.url,
             "enrollment_secret": SECRET,
+            "agent_enrollment_secret": AGENT_SECRET,
             "api_host": "127.0.0.1",
             "api_port": 0,
             "tickle_host": "127.0.0.1",
@@ -343,7 +345,7 @@ class TaskServerHarness:
         _, sock = await loop.create_datagram_endpoint(FakeAgentSocket, local_addr=("127.0.0.1", 0))
         self._sockets.append(sock)
         body = AgentRegister(
-            enrollment_secret=SECRET,
+            enrollment_secret=AGENT_SECRET,
             name=name,
             tickle_host=None if cem else "127.0.0.1",
             tickle_port=sock.port,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from tests.taskserver.conftest import Agent, TaskServerHarness, wait_until, work_for
+from tests.taskserver.conftest import SECRET, Agent, TaskServerHarness, wait_until, work_for
 from tickle.messages import StatusEvent
 
 
@@ -143,6 +143,17 @@ async def test_registration_with_a_wrong_enrollment_secret_is_refused(
     body = {"enrollment_secret": "guess", "name": "pc9", "tickle_port": 50124}
     status, _ = await h.call(None, "POST", "/api/agent/register", json=body)
     assert status == 401
+    assert h.ns.agent_registrations == []
+
+
+async def test_an_agent_presenting_the_task_servers_secret_is_refused(
+    task_server: TaskServerHarness,
+) -> None:
+    # the task servers' secret registers a task server at the NS, never an agent here
+    h = task_server
+    body = {"enrollment_secret": SECRET, "name": "pc9", "tickle_port": 50124}
+    status, answer = await h.call(None, "POST", "/api/agent/register", json=body)
+    assert (status, answer) == (401, {"detail": "wrong enrollment secret"})
     assert h.ns.agent_registrations == []
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from tests.taskserver.conftest import SECRET, TaskServerHarness
+from tests.taskserver.conftest import AGENT_SECRET, TaskServerHarness
 from tickle.messages import StatusEvent
 
 
@@ -44,7 +44,7 @@ async def test_an_agents_large_event_batch_is_read_with_its_token_only(
 async def test_an_agent_registration_is_held_to_the_small_limit(
     task_server: TaskServerHarness,
 ) -> None:
-    body = {"enrollment_secret": SECRET, "name": "pc1", "groups": ["g" * 60] * 300}
+    body = {"enrollment_secret": AGENT_SECRET, "name": "pc1", "groups": ["g" * 60] * 300}
     status, answer = await task_server.call(None, "POST", "/api/agent/register", json=body)
     assert (status, answer["detail"]) == (
         413,

@@ -153,6 +153,30 @@ def test_missing_enrollment_secret_exits_2_naming_the_setting(
     assert "TICKLE_TS_ENROLLMENT_SECRET" in err
 
 
+@pytest.mark.parametrize(
+    ("agents_secret", "says"),
+    [(None, "TICKLE_TS_AGENT_ENROLLMENT_SECRET"), ("same-secret-0123", "must differ")],
+)
+def test_the_agents_enrollment_secret_is_required_and_apart_from_the_task_servers(
+    agents_secret: str | None,
+    says: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # one secret for both would let any agent register as a task server and take its clients
+    monkeypatch.delenv("TICKLE_TS_CONFIG", raising=False)
+    monkeypatch.setenv("TICKLE_TS_ENROLLMENT_SECRET", "same-secret-0123")
+    monkeypatch.delenv("TICKLE_TS_AGENT_ENROLLMENT_SECRET", raising=False)
+    if agents_secret is not None:
+        monkeypatch.setenv("TICKLE_TS_AGENT_ENROLLMENT_SECRET", agents_secret)
+    assert main(["--api-port", "1", "--tickle-port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tickle task-server:")
+    assert "agent_enrollment_secret" in err
+    assert says in err
+    assert "same-secret-0123" not in err
+
+
 async def test_start_gives_up_clearly_when_the_ns_stays_unreachable(
     harness: TaskServerHarness, fake_ns: FakeNs
 ) -> None:

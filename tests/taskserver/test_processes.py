@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from tests.taskserver.conftest import (
+    AGENT_SECRET,
     SECRET,
     FakeNs,
     TaskServerHarness,
@@ -49,7 +50,11 @@ class Proc:
         self._log_file = log.open("wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("TICKLE_")}
         # secrets go in the environment, never on argv (readable by all in /proc/PID/cmdline)
-        env |= {"TICKLE_TS_ENROLLMENT_SECRET": SECRET, **(secrets or {})}
+        env |= {
+            "TICKLE_TS_ENROLLMENT_SECRET": SECRET,
+            "TICKLE_TS_AGENT_ENROLLMENT_SECRET": AGENT_SECRET,
+            **(secrets or {}),
+        }
         self.popen = subprocess.Popen(
             [sys.executable, "-c", RUN_MAIN.format(module=module), *args],
             stdout=self._log_file,
@@ -132,7 +137,7 @@ async def test_events_cached_by_a_killed_task_server_process_reach_the_ns_after_
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         enrollment: AgentEnrollment = await request(
             http, "POST", url + "/api/agent/register", answer=AgentEnrollment,
-            body=AgentRegister(enrollment_secret=SECRET, name="pc1", cem=True),
+            body=AgentRegister(enrollment_secret=AGENT_SECRET, name="pc1", cem=True),
         )  # fmt: skip
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(fake_ns.tickle(), ("127.0.0.1", tickle_port))

@@ -1,4 +1,5 @@
-"""Agent enrollment: an agent with the enrollment secret is registered with the NS through us.
+"""Agent enrollment: an agent with the agents' enrollment secret is registered with the NS
+through us (the task servers' secret, which registers a task server, is another one).
 
 The NS issues the agent's credentials; the task server keeps only the SHA-256 of its token, with
 its tickle key and addresses. An agent that fails over to this task server brings its unfinished
@@ -44,7 +45,7 @@ class Enrollment:
 
         `observed`: the address the agent's request came from. Raises `Refused`.
         """
-        expected = self._settings.enrollment_secret.get_secret_value()
+        expected = self._settings.agent_enrollment_secret.get_secret_value()
         if not hmac.compare_digest(body.enrollment_secret.encode(), expected.encode()):
             raise Refused(401, "wrong enrollment secret")
         # what the agent told us but its secret, and where we saw it come from

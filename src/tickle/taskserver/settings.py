@@ -32,7 +32,14 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
     enrollment_secret: SecretStr = Field(
         min_length=1,
         max_length=512,
-        description="Enrollment secret shared with the NS and the agents (required)",
+        description="Task servers' enrollment secret: registers this task server with the NS "
+        "(required)",
+    )
+    agent_enrollment_secret: SecretStr = Field(
+        min_length=1,
+        max_length=512,
+        description="Agents' enrollment secret: an agent registering here must present it "
+        "(required; not the task servers' one)",
     )
     api_host: str = Field(default="127.0.0.1", description="Agent-facing API listen address")
     api_port: int = Field(default=50121, ge=0, le=65535, description="Agent-facing API port")
@@ -85,6 +92,15 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         default=False,
         description="Serve or call plain HTTP beyond loopback (tokens travel unencrypted)",
     )
+
+    @field_validator("agent_enrollment_secret")
+    @classmethod
+    def _apart_from_the_ts_secret(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        # one secret for both would let any agent register as a task server and take its clients
+        ours = info.data.get("enrollment_secret")
+        if ours is not None and value.get_secret_value() == ours.get_secret_value():
+            raise ValueError("must differ from enrollment_secret (the task servers' secret)")
+        return value
 
     @field_validator("ns_url")
     @classmethod

@@ -5,8 +5,9 @@ loopback address (127.X.Y.N), with the default ports, so a fleet on one machine 
 on a network. It talks to them as an operator would: over their APIs, and over the agents'
 control sockets through `tickle.agent.control`, the one component module it imports. With
 `tls=True` the APIs speak HTTPS with certificates of a private CA made in the fleet root (needs
-`cryptography`). The fleet's admin token and enrollment secret reach the processes in their
-environment, never on their command lines, which every local user can read in /proc/PID/cmdline.
+`cryptography`). The fleet's admin token and its two enrollment secrets (the task servers', the
+agents') reach the processes in their environment, never on their command lines, which every local
+user can read in /proc/PID/cmdline.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class LocalFleet:
         net: str = "127.0.0",
         admin_token: str | None = None,
         enrollment_secret: str | None = None,
+        agent_enrollment_secret: str | None = None,
         ns_extra: list[str] | None = None,
         ts_extra: list[str] | None = None,
         python: str = sys.executable,
@@ -88,7 +90,9 @@ class LocalFleet:
         self.net = net
         self.scheme = "https" if tls else "http"
         self.admin_token = admin_token or secrets.token_urlsafe(24)
+        # the task servers' enrollment secret (the NS checks it) and the agents' (task servers do)
         self.enrollment_secret = enrollment_secret or secrets.token_urlsafe(24)
+        self.agent_enrollment_secret = agent_enrollment_secret or secrets.token_urlsafe(24)
         self.python = python
         self.ns_host = f"{net}.1"
         self.ns_url = f"{self.scheme}://{self.ns_host}:{NS_API_PORT}"
@@ -335,6 +339,7 @@ class LocalFleet:
             env["TICKLE_NS_ENROLLMENT_SECRET"] = self.enrollment_secret
         elif name in self.ts_hosts:
             env["TICKLE_TS_ENROLLMENT_SECRET"] = self.enrollment_secret
+            env["TICKLE_TS_AGENT_ENROLLMENT_SECRET"] = self.agent_enrollment_secret
         else:
-            env["TICKLE_AGENT_ENROLLMENT_SECRET"] = self.enrollment_secret
+            env["TICKLE_AGENT_ENROLLMENT_SECRET"] = self.agent_enrollment_secret
         return env
