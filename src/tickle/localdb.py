@@ -9,6 +9,7 @@ database of its component.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -43,6 +44,22 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def identity(db: sqlite3.Connection) -> str:
+    """The component's identity: a secret made on first use and kept in `db`.
+
+    It registers with it: the NS keeps its SHA-256 and refuses a registration under the same
+    name that brings another one, so a second agent or task server cannot take the name over.
+    """
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS identity (id INTEGER PRIMARY KEY CHECK (id = 1),"
+        " secret TEXT NOT NULL)"
+    )
+    db.execute(
+        "INSERT OR IGNORE INTO identity (id, secret) VALUES (1, ?)", (secrets.token_urlsafe(32),)
+    )
+    return str(db.execute("SELECT secret FROM identity WHERE id = 1").fetchone()[0])
 
 
 class HighWaterMarks:

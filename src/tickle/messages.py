@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
+# a secret an agent or task server makes once and keeps in its state: its stable identity. The NS
+# keeps its SHA-256; a registration under a registered name must present the same one.
+Identity = Annotated[str, Field(min_length=16, max_length=128)]
 # integers the NS stores in INTEGER columns (32-bit on PostgreSQL; larger ones crash SQLite too)
 DB_INT_MIN, DB_INT_MAX = -(2**31), 2**31 - 1
 DbInt = Annotated[int, Field(ge=DB_INT_MIN, le=DB_INT_MAX)]
@@ -162,6 +165,31 @@ class ComputerOut(Model):
     last_contact_at: float | None
 
 
+RegistrationKind = Literal["computer", "task_server"]
+RegistrationState = Literal["pending", "approved", "rejected"]
+
+
+class RegistrationOut(Model):
+    """A registration an operator decides on (registration_approval = manual), or rejected."""
+
+    kind: RegistrationKind
+    name: str
+    state: RegistrationState
+    identity: str | None = Field(description="First 16 hex digits of the identity's SHA-256")
+    task_server: str | None = Field(description="The task server an agent registered through")
+    address: str | None = Field(description="Where the request came from, as far as seen")
+    requested_at: float
+    last_seen_at: float
+    decided_at: float | None
+
+
+class Rekeyed(Model):
+    """A computer or task server whose next registration may bring a new identity."""
+
+    kind: RegistrationKind
+    name: str
+
+
 class SettingsOut(Model):
     version: int
     task_request_interval_s: int
@@ -188,6 +216,7 @@ class TaskServerRegister(Model):
     tickle_host: str = Field(min_length=1, max_length=255)
     tickle_port: Port = 50123
     api_url: str = Field(min_length=1, max_length=2048)
+    identity: Identity | None = None
 
 
 class TaskServerCredentials(Model):
@@ -207,6 +236,7 @@ class AgentRegistration(Model):
     reported_address: str | None = Field(default=None, max_length=255)
     observed_address: str | None = Field(default=None, max_length=255)
     groups: list[Name] = Field(default_factory=list, max_length=64)
+    identity: Identity | None = None
 
 
 class AgentCredentials(Model):
@@ -286,6 +316,7 @@ class AgentRegister(Model):
     cem: bool = False
     reported_address: str | None = Field(default=None, max_length=255)
     groups: list[Name] = Field(default_factory=list, max_length=64)
+    identity: Identity | None = None
 
 
 class AgentEnrollment(Model):

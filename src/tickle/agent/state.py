@@ -70,6 +70,10 @@ class AgentState:
                 return creds
         return None
 
+    def identity(self) -> str:
+        """This agent's identity, made once: every registration brings it (see localdb)."""
+        return localdb.identity(self._db)
+
     # --- policy --------------------------------------------------------------------------------
 
     def save_policy(self, policy: AgentPolicy) -> None:

@@ -120,13 +120,20 @@ class TaskServerClient:
                 cem=self._settings.cem,
                 reported_address=address,
                 groups=self._settings.groups,
+                identity=self._state.identity(),
             )
             try:
                 enrollment: AgentEnrollment = await request(
                     self._http(), "POST", f"{url}/api/agent/register", body=body,
                     answer=AgentEnrollment,
                 )  # fmt: skip
-            except (aiohttp.ClientError, OSError, TimeoutError, ApiError) as exc:
+            except ApiError as exc:
+                # refused (awaiting approval, rejected, our name held by another agent...): said
+                # once here, in the task server's and the NS's words
+                log.warning("task server %s refused the registration: %s", url, exc.detail)
+                errors.append(f"{url}: refused ({exc.status})")
+                continue
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.warning("registration with %s failed: %s", url, exc)
                 errors.append(f"{url}: {exc}")
                 continue

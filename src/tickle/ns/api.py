@@ -36,11 +36,16 @@ TAGS = [
         "name": "inventory",
         "description": "Task servers, computers, and what this server is. Admin token.",
     },
+    {
+        "name": "approval",
+        "description": "Who may register: approve or reject new agents and task servers "
+        "(registration_approval = manual), re-key a name for a new identity. Admin token.",
+    },
     {"name": "settings", "description": "Central settings handed down to task servers and agents."},
     {
         "name": "task-server",
         "description": "Routes for task servers: registration, the pull of work, status events. "
-        "Task-server token (registration: the enrollment secret).",
+        "Task-server token (registration: the task servers' enrollment secret).",
     },
 ]
 # what each refusal of a store or service answers

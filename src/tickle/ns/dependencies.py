@@ -17,6 +17,7 @@ from tickle.ns.services.delivery import DeliveryService
 from tickle.ns.services.inventory import InventoryService
 from tickle.ns.services.settings import SettingsService
 from tickle.ns.stores.catalog import CatalogStore
+from tickle.ns.stores.registrations import RegistrationStore
 
 
 async def get_services(request: Request) -> Services:
@@ -48,8 +49,13 @@ async def get_metrics(services: ServicesDep) -> ComponentMetrics:
     return services.metrics
 
 
+async def get_registrations(services: ServicesDep) -> RegistrationStore:
+    return services.registrations
+
+
 InventoryDep = Annotated[InventoryService, Depends(get_inventory)]
 CatalogDep = Annotated[CatalogStore, Depends(get_catalog)]
 DeliveryDep = Annotated[DeliveryService, Depends(get_delivery)]
 SettingsDep = Annotated[SettingsService, Depends(get_settings)]
 MetricsDep = Annotated[ComponentMetrics, Depends(get_metrics)]
+RegistrationsDep = Annotated[RegistrationStore, Depends(get_registrations)]

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Double, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -31,6 +41,8 @@ class TaskServer(Base):
     tickle_pulled_at: Mapped[float | None] = mapped_column(Double, default=None)
     # the settings pull a tickle caused: the acknowledgement of settings tickles, likewise
     settings_pulled_at: Mapped[float | None] = mapped_column(Double, default=None)
+    # SHA-256 of its identity: a registration under its name must bring it (NULL: the next one's)
+    identity_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class Computer(Base):
@@ -54,8 +66,30 @@ class Computer(Base):
     nat_detected: Mapped[bool] = mapped_column(Boolean, default=False)
     tickle_state: Mapped[str] = mapped_column(String(16), default="unknown")
     last_contact_at: Mapped[float | None] = mapped_column(Double, default=None)
+    # SHA-256 of its agent's identity: a registration under its name must bring it (NULL: the
+    # next registration's is kept, after `rekey` or for agents registered before identities)
+    identity_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
 
     task_server: Mapped[TaskServer | None] = relationship(lazy="joined")
+
+
+class Registration(Base):
+    """A registration under a new name that waits for an operator (registration_approval =
+    manual), was approved and not yet repeated, or was rejected. One per kind and name."""
+
+    __tablename__ = "registrations"
+    __table_args__ = (UniqueConstraint("kind", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # computer | task_server
+    name: Mapped[str] = mapped_column(String(64))
+    identity_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    task_server: Mapped[str | None] = mapped_column(String(64), default=None)
+    address: Mapped[str | None] = mapped_column(String(255), default=None)
+    requested_at: Mapped[float] = mapped_column(Double)
+    last_seen_at: Mapped[float] = mapped_column(Double)
+    decided_at: Mapped[float | None] = mapped_column(Double, default=None)
 
 
 class Task(Base):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, FilePath, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -43,7 +43,13 @@ class NsSettings(ApiServerSettings, TickleSenderSettings):
     enrollment_secret: str | None = Field(
         default=None,
         min_length=16,
-        description="Secret task servers register with; unset: {state_dir}/enrollment-secret",
+        description="Task servers' enrollment secret (agents have their own, which task servers "
+        "check); unset: {state_dir}/enrollment-secret",
+    )
+    registration_approval: Literal["auto", "manual"] = Field(
+        default="auto",
+        description="manual: a new agent or task server gets no credentials until an operator "
+        "approves it (tickle computers / task-servers approve NAME)",
     )
     ns_id: str = Field(
         default="ns", min_length=1, max_length=64, description="Sender id in NS tickles"

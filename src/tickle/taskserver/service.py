@@ -57,6 +57,11 @@ class StartupError(Exception):
     """The task server cannot start (the NS stayed unreachable, or refused to register it)."""
 
 
+class NotAdmitted(Exception):
+    """The NS does not admit this task server now (403: awaiting approval or rejected; 409: its
+    name is held by another identity); asking again later may succeed."""
+
+
 def main(args: list[str]) -> int:
     """Entry point of `tickle task-server`; returns the process exit code."""
     try:
@@ -226,7 +231,22 @@ class TaskServer:
             log.info("using stored credentials from the NS (ns_id %s)", stored.ns_id)
             self._use(stored)
             return
-        await self._until_ns_answers("registration", self._register)
+        await self._until_ns_answers("registration", self._register_when_admitted)
+
+    async def _register_when_admitted(self) -> TaskServerCredentials:
+        """Register, asking again with capped backoff while the NS does not admit us: awaiting an
+        operator's approval, rejected, or our name held by another identity (until re-keyed)."""
+        backoff = Backoff(base_s=1.0, max_s=60.0, tries=None)
+        attempt = 0
+        while True:
+            try:
+                return await self._register()
+            except NotAdmitted as exc:
+                delay = backoff.delay(attempt)
+                attempt += 1
+                log.warning("the NS does not admit task server %s: %s; asking again in %.0fs",
+                            self.settings.name, exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
 
     async def _register(self) -> TaskServerCredentials:
         s = self.settings
@@ -236,11 +256,14 @@ class TaskServer:
             tickle_host=s.advertised_host,
             tickle_port=self._advertised_port,
             api_url=self.api_url,
+            identity=self.store.identity(),
         )
         try:
             creds = await self.ns.register(body)
         except ApiError as exc:
-            if exc.status in (401, 403, 422):
+            if exc.status in (403, 409):
+                raise NotAdmitted(exc.detail) from None
+            if exc.status in (401, 422):
                 raise StartupError(f"the NS refused to register {s.name}: {exc.detail}") from None
             raise
         self.store.save_credentials(self._registration_key(), creds)

@@ -89,6 +89,10 @@ class Store:
             return None
         return TaskServerCredentials.model_validate_json(row[1])
 
+    def identity(self) -> str:
+        """This task server's identity, made once: every registration brings it (see localdb)."""
+        return localdb.identity(self._db)
+
     def save_credentials(self, ns_url: str, creds: TaskServerCredentials) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO credentials (id, ns_url, body) VALUES (1, ?, ?)",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from tickle.ns.routes import health, inventory, runs, settings, task_server, tasks
+from tickle.ns.routes import approval, health, inventory, runs, settings, task_server, tasks
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
     tasks.router,
     runs.router,
     inventory.router,
+    approval.router,
     settings.router,
     task_server.router,
 )

@@ -12,6 +12,7 @@ from tickle.ns.services.settings import SettingsService
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
 from tickle.ns.stores.catalog import CatalogStore
+from tickle.ns.stores.registrations import RegistrationStore
 from tickle.ns.tickle_server import TickleServer
 
 
@@ -25,6 +26,8 @@ class Services:
     delivery: DeliveryService
     settings: SettingsService
     metrics: ComponentMetrics
+    # the operator's decisions on registrations touch nothing but the database, likewise
+    registrations: RegistrationStore
 
     @classmethod
     def build(
@@ -41,6 +44,7 @@ class Services:
             tickle_server,
             settings.enrollment_secret or "",
             settings.ns_id,
+            manual_approval=settings.registration_approval == "manual",
         )
         return cls(
             inventory=inventory,
@@ -48,4 +52,5 @@ class Services:
             delivery=DeliveryService(stores.delivery, tickle_server, metrics),
             settings=SettingsService(stores.settings, tickle_server),
             metrics=metrics,
+            registrations=stores.registrations,
         )

@@ -30,8 +30,10 @@ class InventoryService:
         tickle_server: TickleServer,
         enrollment_secret: str,
         ns_id: str,
+        manual_approval: bool = False,
     ) -> None:
         self._store = store
+        self._manual = manual_approval  # new names wait for an operator (registration_approval)
         self._database = database
         self._tickle_server = tickle_server
         self._enrollment_secret = enrollment_secret
@@ -44,7 +46,9 @@ class InventoryService:
             body.enrollment_secret.encode(), self._enrollment_secret.encode()
         ):
             raise Unauthorized("wrong enrollment_secret")
-        creds = await run_in_threadpool(self._store.register_task_server, body, self._ns_id)
+        creds = await run_in_threadpool(
+            self._store.register_task_server, body, self._ns_id, self._manual
+        )
         self._tickle_server.notify()  # refresh its key and address in the tickle server
         log.info("task server %s registered (tickles to %s:%d)", body.name, body.tickle_host,
                  body.tickle_port)  # fmt: skip
@@ -52,7 +56,7 @@ class InventoryService:
 
     async def register_agent(self, ts: Caller, body: m.AgentRegistration) -> m.AgentCredentials:
         """Register an agent with the calling task server (moving its computer there)."""
-        creds = await run_in_threadpool(self._store.register_agent, ts, body)
+        creds = await run_in_threadpool(self._store.register_agent, ts, body, self._manual)
         self._tickle_server.notify()  # work pending for a computer that moved goes to its new TS
         return creds
 

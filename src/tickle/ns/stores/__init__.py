@@ -10,6 +10,7 @@ from tickle.ns.database import Database
 from tickle.ns.stores.catalog import CatalogStore
 from tickle.ns.stores.delivery import DeliveryStore
 from tickle.ns.stores.inventory import InventoryStore
+from tickle.ns.stores.registrations import RegistrationStore
 from tickle.ns.stores.settings import SettingsStore
 
 
@@ -22,6 +23,7 @@ class Stores:
     catalog: CatalogStore  # tasks and jobs
     delivery: DeliveryStore  # runs, executions, pulls, status events
     settings: SettingsStore  # the central settings
+    registrations: RegistrationStore  # registrations awaiting an operator, re-keyed names
 
     @classmethod
     def open(cls, url: str) -> Stores:
@@ -33,6 +35,7 @@ class Stores:
             CatalogStore(database),
             DeliveryStore(database),
             SettingsStore(database),
+            RegistrationStore(database),
         )
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from tickle.ns.credentials import Caller, new_tickle_key, new_token, token_sha25
 from tickle.ns.database import Database, retry_on_conflict
 from tickle.ns.errors import Forbidden, NotFound
 from tickle.ns.models import Computer, TaskServer
+from tickle.ns.stores import registrations
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +52,23 @@ class InventoryStore:
         return None
 
     def register_task_server(
-        self, reg: m.TaskServerRegister, ns_id: str
+        self, reg: m.TaskServerRegister, ns_id: str, manual: bool = False
     ) -> m.TaskServerCredentials:
-        """Create the task server, or rotate its credentials if the name exists."""
-        return retry_on_conflict(lambda: self._register_task_server(reg, ns_id))
+        """Create the task server, or rotate its credentials if the name exists.
 
-    def register_agent(self, ts: Caller, reg: m.AgentRegistration) -> m.AgentCredentials:
-        """Create the computer, or move it to this task server and rotate its credentials."""
-        return retry_on_conflict(lambda: self._register_agent(ts, reg))
+        Raises Conflict for another identity under a registered name, Forbidden while a new name
+        waits for an operator (`manual`) or was rejected (see `registrations.admit`).
+        """
+        return retry_on_conflict(lambda: self._register_task_server(reg, ns_id, manual))
+
+    def register_agent(
+        self, ts: Caller, reg: m.AgentRegistration, manual: bool = False
+    ) -> m.AgentCredentials:
+        """Create the computer, or move it to this task server and rotate its credentials.
+
+        Refused as `register_task_server` is.
+        """
+        return retry_on_conflict(lambda: self._register_agent(ts, reg, manual))
 
     def clients(self, ts: Caller) -> list[m.ClientInfo]:
         """The task server's clients, with what it needs to authenticate and tickle them."""
@@ -128,40 +138,58 @@ class InventoryStore:
     # --- helpers -------------------------------------------------------------------------------
 
     def _register_task_server(
-        self, reg: m.TaskServerRegister, ns_id: str
+        self, reg: m.TaskServerRegister, ns_id: str, manual: bool
     ) -> m.TaskServerCredentials:
         token, key = new_token(), new_tickle_key()
+        ask = registrations.Request("task_server", reg.name, reg.identity, None, reg.tickle_host)
         with self._db.writing() as s:
             ts = s.scalar(select(TaskServer).where(TaskServer.name == reg.name))
-            if ts is None:
-                ts = TaskServer(name=reg.name, registered_at=time.time(), tickle_state="unknown")
-                s.add(ts)
-            ts.token_sha256 = token_sha256(token)
-            ts.tickle_key = key
-            ts.tickle_host = reg.tickle_host
-            ts.tickle_port = reg.tickle_port
-            ts.api_url = reg.api_url
+            # a refusal is raised after the commit: what admit noted (a pending request) is kept
+            refusal = registrations.admit(s, ask, ts, manual)
+            if refusal is None:
+                if ts is None:
+                    ts = TaskServer(
+                        name=reg.name, registered_at=time.time(), tickle_state="unknown"
+                    )
+                    s.add(ts)
+                ts.token_sha256 = token_sha256(token)
+                ts.tickle_key = key
+                ts.tickle_host = reg.tickle_host
+                ts.tickle_port = reg.tickle_port
+                ts.api_url = reg.api_url
+                ts.identity_sha256 = ask.identity_sha256 or ts.identity_sha256
+        if refusal is not None:
+            raise refusal
         return m.TaskServerCredentials(name=reg.name, token=token, tickle_key=key, ns_id=ns_id)
 
-    def _register_agent(self, ts: Caller, reg: m.AgentRegistration) -> m.AgentCredentials:
+    def _register_agent(
+        self, ts: Caller, reg: m.AgentRegistration, manual: bool
+    ) -> m.AgentCredentials:
         token, key = new_token(), new_tickle_key()
+        address = reg.observed_address or reg.reported_address
+        ask = registrations.Request("computer", reg.name, reg.identity, ts.name, address)
         with self._db.writing() as s:
             c = s.scalar(select(Computer).where(Computer.name == reg.name))
-            if c is None:
-                c = Computer(name=reg.name)
-                s.add(c)
-            c.task_server_id = ts.id
-            c.token_sha256 = token_sha256(token)
-            c.tickle_key = key
-            c.tickle_host = reg.tickle_host
-            c.tickle_port = reg.tickle_port
-            c.cem = reg.cem
-            c.groups = list(reg.groups)
-            c.reported_address = reg.reported_address
-            c.observed_address = reg.observed_address
-            c.nat_detected = _nat(reg.reported_address, reg.observed_address)
-            c.tickle_state = "cem" if reg.cem else "unknown"
-            c.last_contact_at = time.time()
+            refusal = registrations.admit(s, ask, c, manual)  # raised after the commit, as above
+            if refusal is None:
+                if c is None:
+                    c = Computer(name=reg.name)
+                    s.add(c)
+                c.task_server_id = ts.id
+                c.token_sha256 = token_sha256(token)
+                c.tickle_key = key
+                c.tickle_host = reg.tickle_host
+                c.tickle_port = reg.tickle_port
+                c.cem = reg.cem
+                c.groups = list(reg.groups)
+                c.reported_address = reg.reported_address
+                c.observed_address = reg.observed_address
+                c.nat_detected = _nat(reg.reported_address, reg.observed_address)
+                c.tickle_state = "cem" if reg.cem else "unknown"
+                c.last_contact_at = time.time()
+                c.identity_sha256 = ask.identity_sha256 or c.identity_sha256
+        if refusal is not None:
+            raise refusal
         return m.AgentCredentials(name=reg.name, token=token, tickle_key=key)
 
 
