@@ -22,7 +22,16 @@ OPERATOR_COMMANDS = [
     ["watch", "1"],
     ["timeline", "1"],
     ["computers"],
+    ["computers", "--json"],
+    ["computers", "pending"],
+    ["computers", "approve", "pc1"],
+    ["computers", "reject", "pc1"],
+    ["computers", "rekey", "pc1"],
     ["task-servers"],
+    ["task-servers", "pending", "--json"],
+    ["task-servers", "approve", "ts1"],
+    ["task-servers", "reject", "ts1"],
+    ["task-servers", "rekey", "ts1"],
     ["about"],
     ["settings", "show"],
     ["settings", "set", "--task-request-interval", "60"],
@@ -137,6 +146,8 @@ BAD_INPUT = [
     (["run", "pc 1", "--task", "1"], "computers"),
     (["run", "pc1", "--task", "1", "--group", "g" * 65], "groups"),
     (["task", "add", "t1", "--command", "true", "--timeout", "-1"], "timeout_s"),
+    (["computers", "approve", "pc 1"], "name 'pc 1'"),
+    (["task-servers", "rekey", "ts/1"], "name 'ts/1'"),
 ]
 _bad_input: list[str] = []
 

@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from rich.console import Console
 
 from tickle import console as con
 from tickle.messages import (
     FINAL_STATUSES,
     JobCreate,
+    Name,
+    RegistrationKind,
     RunCreate,
     RunOut,
     SettingsUpdate,
@@ -330,12 +332,24 @@ def timeline_command(
             out.print(f"output:\n{e.output_tail}")
 
 
-@app.command("computers")
+computers_app = typer.Typer(
+    help="List computers; approve, reject or re-key their agents' registrations."
+)
+task_servers_app = typer.Typer(
+    help="List task servers; approve, reject or re-key their registrations."
+)
+app.add_typer(computers_app, name="computers")
+app.add_typer(task_servers_app, name="task-servers")
+
+
+@computers_app.callback(invoke_without_command=True)
 def computers_command(
     ctx: typer.Context,
     as_json: AsJson = False,
 ) -> None:
     """List computers: task server, tickle-reachable / tickle-unreachable / CEM, NAT."""
+    if ctx.invoked_subcommand is not None:
+        return
     items = _with_ns(ctx, lambda c: c.computers())
     if as_json:
         _print_json([i.model_dump() for i in items])
@@ -343,17 +357,66 @@ def computers_command(
         out.print(con.computers_table(items))
 
 
-@app.command("task-servers")
+@task_servers_app.callback(invoke_without_command=True)
 def task_servers_command(
     ctx: typer.Context,
     as_json: AsJson = False,
 ) -> None:
     """List task servers and whether tickles reach them."""
+    if ctx.invoked_subcommand is not None:
+        return
     items = _with_ns(ctx, lambda c: c.task_servers())
     if as_json:
         _print_json([i.model_dump() for i in items])
     else:
         out.print(con.task_servers_table(items))
+
+
+NameArg = Annotated[str, typer.Argument(help="Its name", show_default=False)]
+
+
+def _registration_commands(group: typer.Typer, kind: RegistrationKind) -> None:
+    """`pending`, `approve`, `reject`, `rekey` under `tickle computers` / `tickle task-servers`."""
+    what, peer = ("computer", "agent") if kind == "computer" else ("task server", "task server")
+    command = "computers" if kind == "computer" else "task-servers"
+
+    @group.command(
+        "pending",
+        help=f"List registrations of new {peer}s awaiting approval (registration_approval = "
+        "manual), and approved or rejected ones not registered since.",
+    )
+    def pending(ctx: typer.Context, as_json: AsJson = False) -> None:
+        items = _with_ns(ctx, lambda c: c.registrations(kind))
+        if as_json:
+            _print_json([i.model_dump() for i in items])
+        else:
+            out.print(con.registrations_table(items, kind))
+
+    @group.command("approve", help=f"Approve a new {peer}: its next registration gets credentials.")
+    def approve(ctx: typer.Context, name: NameArg) -> None:
+        _name_ok(f"tickle {command} approve", name)
+        _with_ns(ctx, lambda c: c.decide(kind, name, "approve"))
+        out.print(f"{what} {name} approved: it gets its credentials when it next asks")
+
+    @group.command("reject", help=f"Reject a new {peer}: it never gets credentials.")
+    def reject(ctx: typer.Context, name: NameArg) -> None:
+        _name_ok(f"tickle {command} reject", name)
+        _with_ns(ctx, lambda c: c.decide(kind, name, "reject"))
+        out.print(f"{what} {name} rejected: it gets no credentials")
+
+    @group.command(
+        "rekey",
+        help=f"Let the next registration under this name bring a new {peer} identity (a "
+        f"reinstalled or replaced {peer}); it replaces the {what}'s credentials.",
+    )
+    def rekey(ctx: typer.Context, name: NameArg) -> None:
+        _name_ok(f"tickle {command} rekey", name)
+        _with_ns(ctx, lambda c: c.rekey(kind, name))
+        out.print(f"{what} {name} re-keyed: the next registration under this name is accepted")
+
+
+_registration_commands(computers_app, "computer")
+_registration_commands(task_servers_app, "task_server")
 
 
 @app.command("about")
@@ -414,6 +477,14 @@ def _task_spec(name: str, command: str | None, script: Path | None, timeout: flo
     except (ValueError, OSError) as exc:
         raise _failure("tickle: bad task", exc, 2) from None
     raise _failure("tickle", "give exactly one of --command or --script", 2)
+
+
+def _name_ok(prefix: str, name: str) -> None:
+    """A one-line exit 2 when `name` cannot be a computer's or task server's name."""
+    try:
+        TypeAdapter(Name).validate_python(name)
+    except ValidationError as exc:
+        raise _failure(prefix, f"name {name!r}: {exc.errors()[0]['msg']}", 2) from None
 
 
 def _valid(prefix: str, model: type[M], **fields: Any) -> M:

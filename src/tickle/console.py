@@ -28,6 +28,9 @@ from tickle.messages import (
     ExecutionOut,
     JobCreate,
     JobOut,
+    RegistrationKind,
+    RegistrationOut,
+    Rekeyed,
     RunCreate,
     RunOut,
     SettingsOut,
@@ -38,6 +41,8 @@ from tickle.messages import (
 )
 
 DEFAULT_NS_URL = "http://127.0.0.1:50120"
+# the path segment of each kind of registration, as in /api/computers and /api/task-servers
+_PLURAL = {"computer": "computers", "task_server": "task-servers"}
 
 
 class ConsoleError(Exception):
@@ -125,6 +130,25 @@ class NsClient:
 
     async def computers(self) -> list[ComputerOut]:
         return await self.call("GET", "/api/computers", answer=list[ComputerOut])  # type: ignore[no-any-return]
+
+    async def registrations(self, kind: RegistrationKind | None = None) -> list[RegistrationOut]:
+        """Registrations awaiting a decision, approved, or rejected (of `kind`, or all)."""
+        query = f"?kind={kind}" if kind else ""
+        return await self.call(  # type: ignore[no-any-return]
+            "GET", f"/api/registrations{query}", answer=list[RegistrationOut]
+        )
+
+    async def decide(self, kind: RegistrationKind, name: str, verb: str) -> RegistrationOut:
+        """`verb`: approve or reject the registration of `name`."""
+        return await self.call(  # type: ignore[no-any-return]
+            "POST", f"/api/{_PLURAL[kind]}/{name}/{verb}", answer=RegistrationOut
+        )
+
+    async def rekey(self, kind: RegistrationKind, name: str) -> Rekeyed:
+        """Let the next registration under `name` bring a new identity."""
+        return await self.call(  # type: ignore[no-any-return]
+            "POST", f"/api/{_PLURAL[kind]}/{name}/rekey", answer=Rekeyed
+        )
 
     async def settings(self) -> SettingsOut:
         return await self.call("GET", "/api/settings", answer=SettingsOut)  # type: ignore[no-any-return]
@@ -243,6 +267,22 @@ def task_servers_table(servers: Sequence[TaskServerOut]) -> Table:
         table.add_row(
             s.name, f"{s.tickle_host}:{s.tickle_port}", s.api_url, s.tickle_state, str(s.clients),
             _ago(s.last_pull_at),
+        )  # fmt: skip
+    return table
+
+
+def registrations_table(items: Sequence[RegistrationOut], kind: RegistrationKind) -> Table:
+    """Registrations an operator decides on: state, identity, where they asked from and when."""
+    computers = kind == "computer"
+    table = Table(title="computer registrations" if computers else "task server registrations")
+    columns = ["name", "state", "identity", *(["task server"] if computers else []), "address"]
+    for col in (*columns, "asked", "last asked"):
+        table.add_column(col)
+    for r in items:
+        via = [r.task_server or "-"] if computers else []
+        table.add_row(
+            r.name, r.state, r.identity or "-", *via, r.address or "-", _ago(r.requested_at),
+            _ago(r.last_seen_at),
         )  # fmt: skip
     return table
 
