@@ -36,7 +36,8 @@ class AgentSettings(ComponentSettings):
         description="Task server URLs, first reachable wins (JSON list or comma-separated)",
     )
     enrollment_secret: str = Field(
-        default="", description="Secret that lets the agent register with a task server"
+        default="",
+        description="Agents' enrollment secret, which lets the agent register with a task server",
     )
     groups: Annotated[list[Name], NoDecode] = Field(
         default_factory=list, description="Groups reported at registration (JSON or comma list)"

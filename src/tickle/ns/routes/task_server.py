@@ -30,8 +30,10 @@ TsPullViaQuery = Annotated[
 @router.post(
     REGISTER,
     summary="Register a task server",
-    description="Authenticated by the enrollment secret in the body. Re-registering a name "
-    "rotates its token and tickle key.",
+    description="Authenticated by the task servers' enrollment secret in the body. "
+    "Re-registering a name rotates its token and tickle key; it must bring the identity the "
+    "name registered with (another: 409, until an operator re-keys it). With "
+    "registration_approval = manual a new name gets 403 until an operator approves it.",
 )
 async def register_task_server(
     body: m.TaskServerRegister, inventory: InventoryDep
@@ -43,7 +45,9 @@ async def register_task_server(
     REGISTER_AGENT,
     summary="Register an agent with the calling task server",
     description="Moves the computer to the calling task server; re-registering rotates its "
-    "credentials.",
+    "credentials. It must bring the identity the computer registered with (another: 409, the "
+    "computer keeps its agent, until an operator re-keys it). With registration_approval = "
+    "manual a new name gets 403 until an operator approves it.",
 )
 async def register_agent(
     body: m.AgentRegistration, ts: TaskServerDep, inventory: InventoryDep
