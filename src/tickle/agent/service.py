@@ -218,7 +218,8 @@ class Agent:
             except NotRegistered as exc:
                 delay = backoff.delay(attempt)
                 attempt += 1
-                log.warning("not registered (%s); retry in %.1fs", exc, delay)
+                # each task server's answer was logged as it came: this only says when again
+                log.info("not registered (%s); asking again in %.1fs", exc, delay)
                 if stop is None:
                     await asyncio.sleep(delay)
                 else:
