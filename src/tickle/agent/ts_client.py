@@ -130,8 +130,9 @@ class TaskServerClient:
             except ApiError as exc:
                 # refused (awaiting approval, rejected, our name held by another agent...): said
                 # once here, in the task server's and the NS's words
-                log.warning("task server %s refused the registration: %s", url, exc.detail)
-                errors.append(f"{url}: refused ({exc.status})")
+                refused = "refused the registration" if exc.status < 500 else "failed"
+                log.warning("task server %s %s: %s", url, refused, exc.detail)
+                errors.append(f"{url}: HTTP {exc.status}")
                 continue
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.warning("registration with %s failed: %s", url, exc)
