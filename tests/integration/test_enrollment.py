@@ -3,7 +3,11 @@ computer name, and the operator's approval of new agents and task servers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,7 @@ import pytest
 from tests.reliability import record
 from tickle.agent.control import control_call
 from tickle.messages import RegistrationOut
-from tickle.testing.localfleet import AgentSpec, LocalFleet
+from tickle.testing.localfleet import TS_API_PORT, TS_TICKLE_PORT, AgentSpec, LocalFleet
 
 from .conftest import NET_BASE, Factory, eventually, run_command, wait_run
 
@@ -98,6 +102,55 @@ async def test_a_second_agent_with_a_registered_name_is_refused_and_the_first_st
     # one clear line per try, naming the refusal and what the operator can do
     assert "HTTP 409" not in refusals[0]
     assert "tickle computers rekey pc1" in refusals[0]
+
+
+async def test_a_second_task_server_with_a_registered_name_is_refused_and_the_first_serves(
+    fleet_factory: Factory,
+) -> None:
+    fleet = await fleet_factory(["ts1"], [AgentSpec("pc1", ["ts1"])])
+    log = fleet.root / "ts1-clone.log"
+    clone = _second_task_server(fleet, "ts1", f"{fleet.net}.9", log)  # between TS and agents
+    try:
+
+        async def refused() -> bool:
+            return "is registered to another task server" in log.read_text(errors="replace")
+
+        await eventually(refused, 20, "the second ts1 to be refused")
+        run = await wait_run(fleet, (await run_command(fleet, ["pc1"], ["true"])).id, 20)
+        async with fleet.client() as ns:
+            [ts1] = await ns.task_servers()
+    finally:
+        clone.terminate()
+        await asyncio.to_thread(clone.wait, 10)
+    record(
+        case="Identity: a second task server under a registered name",
+        done="a second task server process (its own state directory, both secrets) registers "
+        "as ts1 while ts1 runs; then a run on ts1's agent",
+        outcome=f"second ts1 refused (409), kept waiting; ts1 still at {ts1.tickle_host}; the "
+        f"run: {run.executions[0].status}",
+        tried=1,
+    )
+    assert ts1.tickle_host == fleet.ts_hosts["ts1"]  # the NS still tickles the first one
+    assert run.executions[0].status == "succeeded"
+    assert run.executions[0].via == "tickle"
+
+
+def _second_task_server(
+    fleet: LocalFleet, name: str, host: str, log: Path
+) -> subprocess.Popen[bytes]:
+    """Another task server process named `name`, with its own state and both secrets."""
+    argv = [
+        sys.executable, "-m", "tickle", "task-server", "--name", name, "--ns-url", fleet.ns_url,
+        "--api-host", host, "--api-port", str(TS_API_PORT), "--tickle-host", host,
+        "--tickle-port", str(TS_TICKLE_PORT), "--state-dir", str(fleet.root / f"{name}-clone"),
+    ]  # fmt: skip
+    env = {  # never on argv
+        **os.environ,
+        "TICKLE_TS_ENROLLMENT_SECRET": fleet.enrollment_secret,
+        "TICKLE_TS_AGENT_ENROLLMENT_SECRET": fleet.agent_enrollment_secret,
+    }
+    with log.open("wb") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 @pytest.fixture
