@@ -105,6 +105,22 @@ async def test_credentials_survive_a_restart_without_registering_again(
     assert len(fake_ts.registrations) == 1
 
 
+async def test_every_registration_brings_the_identity_made_once_in_the_agents_state(
+    fake_ts: FakeTaskServer, settings_for: Callable[..., AgentSettings]
+) -> None:
+    settings = settings_for(fake_ts)
+    async with running_agent(settings):
+        fake_ts.revoke_tokens()  # the next call registers again
+        await control_call(settings.socket_path, "POST", "/check-now")
+    fake_ts.revoke_tokens()
+    async with running_agent(settings):  # restarted: registers again (the token is refused)
+        await control_call(settings.socket_path, "POST", "/check-now")
+    identities = [r.identity for r in fake_ts.registrations]
+    assert len(identities) == 3
+    assert identities[0] is not None
+    assert len(set(identities)) == 1  # the NS sees one agent throughout
+
+
 async def test_loopback_agent_reports_and_uses_its_own_address(
     fake_ts: FakeTaskServer, settings_for: Callable[..., AgentSettings]
 ) -> None:

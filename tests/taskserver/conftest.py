@@ -86,6 +86,9 @@ class FakeNs:
     # (call, the `via` query parameter) of every work and settings pull
     pulls: list[tuple[str, str | None]] = field(default_factory=list)
     registrations: list[TaskServerRegister] = field(default_factory=list)
+    # answers (status, detail) to the next task server registrations, before one is accepted
+    refusals: list[tuple[int, str]] = field(default_factory=list)
+    refused: list[TaskServerRegister] = field(default_factory=list)
     agent_registrations: list[AgentRegistration] = field(default_factory=list)
     work_delay_s: float = 0.0
     refuse_executions: set[int] = field(default_factory=set)  # events answered with 403
@@ -149,6 +152,10 @@ class FakeNs:
         self.calls.append("register")
         if body.enrollment_secret != SECRET:
             raise web.HTTPUnauthorized(text='{"detail": "wrong enrollment secret"}')
+        if self.refusals:
+            self.refused.append(body)
+            status, detail = self.refusals.pop(0)
+            return web.json_response({"detail": detail}, status=status)
         self.registrations.append(body)
         creds = TaskServerCredentials(
             name=body.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import pytest
@@ -68,6 +69,24 @@ async def test_events_cached_while_the_ns_is_down_survive_a_task_server_restart(
         what="the events delivered by the restarted task server",
     )
     assert h.ns.count("register") == 1  # the restart used the stored credentials
+
+
+async def test_a_task_server_the_ns_does_not_admit_yet_asks_again_with_its_one_identity(
+    fake_ns: FakeNs, harness: TaskServerHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    awaits = "task server ts1 awaits an operator's approval (`tickle task-servers approve ts1`)"
+    held = "task server ts1 is registered to another task server (a different identity): refused"
+    fake_ns.refusals = [(403, awaits), (409, held)]
+    with caplog.at_level(logging.WARNING, logger="tickle.taskserver.service"):
+        await harness.start()  # waits, then starts once admitted
+    assert fake_ns.count("register") == 3
+    identities = {r.identity for r in [*fake_ns.refused, *fake_ns.registrations]}
+    assert len(identities) == 1
+    assert None not in identities
+    said = [r.getMessage() for r in caplog.records if "does not admit" in r.getMessage()]
+    assert len(said) == 2
+    assert awaits in said[0]
+    assert held in said[1]
 
 
 async def test_work_found_by_the_periodic_check_is_tickled_without_an_ns_tickle(
