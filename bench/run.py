@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import statistics
 import subprocess
 import sys
@@ -92,9 +93,10 @@ async def fleet_run(root: Path, agents: int, per_process: int = 250) -> list[str
             url = f"http://{fleet.ts_hosts[ts]}:{TS_API_PORT}"
             count = min(per_process, agents - first)
             sims.append(subprocess.Popen(
-                [sys.executable, str(HERE / "simagents.py"), url, fleet.agent_enrollment_secret,
-                 str(first), str(count), "127.2"],
+                [sys.executable, str(HERE / "simagents.py"), url, str(first), str(count),
+                 "127.2"],
                 stdout=subprocess.PIPE, text=True,
+                env={**os.environ, "TICKLE_AGENT_ENROLLMENT_SECRET": fleet.agent_enrollment_secret},
             ))  # fmt: skip
         for sim in sims:
             assert sim.stdout is not None

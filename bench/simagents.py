@@ -5,7 +5,8 @@ own UDP tickle listener on its own loopback address (port 50124), verifies every
 TickleGuard, pulls its tasks over HTTP when tickled, and posts `started` and `finished` status
 events. Only the task itself is simulated (it "succeeds" at once, without spawning a process).
 
-Usage: python bench/simagents.py TS_URL ENROLLMENT_SECRET FIRST_INDEX COUNT NET_PREFIX
+Usage: TICKLE_AGENT_ENROLLMENT_SECRET=... python bench/simagents.py TS_URL FIRST_INDEX COUNT NET_PREFIX
+(the agents' enrollment secret in the environment, never on the command line)
 Prints "ready N" when every agent is registered and listening; stops on SIGTERM.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import signal
 import sys
 import time
@@ -139,5 +141,6 @@ async def main(ts_url: str, secret: str, first: int, count: int, net: str) -> No
 
 
 if __name__ == "__main__":
-    url, secret, first, count, net = sys.argv[1:6]
+    url, first, count, net = sys.argv[1:5]
+    secret = os.environ["TICKLE_AGENT_ENROLLMENT_SECRET"]
     asyncio.run(main(url, secret, int(first), int(count), net))
