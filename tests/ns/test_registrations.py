@@ -4,7 +4,10 @@ operator's approval of new names (registration_approval = manual)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
+
+import pytest
 
 from tests.ns.conftest import SECRET, FakeTaskServer, Ns, NsFactory
 
@@ -121,14 +124,23 @@ async def test_manual_approval_holds_new_task_servers_and_agents_until_approved(
     ts.close()
 
 
-async def test_a_rejected_agent_never_gets_credentials(ns_factory: NsFactory) -> None:
+async def test_a_rejected_agent_never_gets_credentials(
+    ns_factory: NsFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     ns = await ns_factory(registration_approval="manual")
     ts = FakeTaskServer(ns, "ts1")
     ts.port = 50199
     await ns.call("POST", "/api/ts/register", None, _ts_body(ts, None))
     await ns.ok("POST", "/api/task-servers/ts1/approve")
     await ts.start()
-    assert (await _register_agent(ts, "pc1", AGENT_A))[0] == 403
+    with caplog.at_level(logging.WARNING, logger="tickle.ns.stores.registrations"):
+        assert (await _register_agent(ts, "pc1", AGENT_A))[0] == 403
+        assert (await _register_agent(ts, "pc1", AGENT_A))[0] == 403
+    # the NS's log says it once, not at every try
+    assert [r.getMessage() for r in caplog.records if "computer" in r.getMessage()] == [
+        "computer pc1 asks to register through task server ts1 (from ?): waiting for approval "
+        "(`tickle computers approve pc1`)"
+    ]
     assert (await ns.ok("POST", "/api/computers/pc1/reject"))["state"] == "rejected"
     for _ in range(3):
         status, answer = await _register_agent(ts, "pc1", AGENT_A)

@@ -1,9 +1,9 @@
 """Run the task server: `tickle task-server [flags]`.
 
 Start order: bind the tickle socket and the API socket, obtain credentials from the NS (stored
-ones first; a new task server waits while the NS does not admit it: approval, identity), take the client list and the settings, then start the agent tickler, the event
-forwarder, the API and the periodic NS check; tickle agents for work cached before a restart and
-pull work once.
+ones first; a new task server waits while the NS does not admit it: approval, identity), take
+the client list and the settings, then start the agent tickler, the event forwarder, the API and
+the periodic NS check; tickle agents for work cached before a restart and pull work once.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ waits in `registrations` (403) until an operator approves it; a rejected one sta
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,6 +24,8 @@ from tickle import messages as m
 from tickle.ns.database import Database
 from tickle.ns.errors import Conflict, Forbidden, NotFound
 from tickle.ns.models import Computer, Registration, TaskServer
+
+log = logging.getLogger(__name__)
 
 # how the operator's command names each kind, for the refusals that tell what to do
 _COMMAND = {"computer": "tickle computers", "task_server": "tickle task-servers"}
@@ -91,6 +94,10 @@ def admit(
         r = Registration(kind=ask.kind, name=ask.name, identity_sha256=sha, state="pending",
                          requested_at=now)  # fmt: skip
         s.add(r)
+        # once per new name: the operator learns of it in the NS's log too
+        through = f" through task server {ask.task_server}" if ask.task_server else ""
+        log.warning("%s %s asks to register%s (from %s): waiting for approval (`%s approve %s`)",
+                    what, ask.name, through, ask.address or "?", cmd, ask.name)  # fmt: skip
     r.last_seen_at = now
     r.task_server, r.address = ask.task_server, ask.address
     return Forbidden(
