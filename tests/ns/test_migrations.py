@@ -6,10 +6,11 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from tickle.ns.database import Database
-from tickle.ns.migrations import current_revision, upgrade
+from tickle.ns.migrations import alembic_config, current_revision, upgrade
 from tickle.ns.models import Base
 from tickle.ns.stores.settings import SettingsStore
 
@@ -109,7 +110,7 @@ def test_upgrade_from_0002_adds_tickle_pulled_at_empty_and_keeps_last_pull_at(
 
         store.migrate()
 
-        assert current_revision(store.engine) == "0003"
+        assert current_revision(store.engine) == _head()
         with store.engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
             row = conn.execute(
@@ -122,3 +123,31 @@ def test_upgrade_from_0002_adds_tickle_pulled_at_empty_and_keeps_last_pull_at(
             assert tuple(row) == ("ts1", 7.0, None, 8.0)
     finally:
         store.close()
+
+
+def test_upgrade_from_0003_adds_clock_offsets_unmeasured(tmp_path: Path) -> None:
+    store = Database(f"sqlite:///{tmp_path / 'ns.db'}")
+    try:
+        upgrade(store.engine, "0003")
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO task_servers (id, name, token_sha256, tickle_key, tickle_host,"
+                    " tickle_port, api_url, tickle_state, registered_at)"
+                    " VALUES (1, 'ts1', 'x', 'k', '127.0.0.1', 50123, 'http://ts1', 'reachable',"
+                    " 1)"
+                )
+            )
+
+        store.migrate()
+
+        with store.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            row = conn.execute(text("SELECT name, clock_offset_s FROM task_servers")).one()
+            assert tuple(row) == ("ts1", None)  # not measured before its next request
+    finally:
+        store.close()
+
+
+def _head() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()

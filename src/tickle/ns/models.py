@@ -31,6 +31,8 @@ class TaskServer(Base):
     tickle_pulled_at: Mapped[float | None] = mapped_column(Double, default=None)
     # the settings pull a tickle caused: the acknowledgement of settings tickles, likewise
     settings_pulled_at: Mapped[float | None] = mapped_column(Double, default=None)
+    # how far its clock is ahead of the NS's, measured from its requests (None: unmeasured)
+    clock_offset_s: Mapped[float | None] = mapped_column(Double, default=None)
 
 
 class Computer(Base):
@@ -54,6 +56,8 @@ class Computer(Base):
     nat_detected: Mapped[bool] = mapped_column(Boolean, default=False)
     tickle_state: Mapped[str] = mapped_column(String(16), default="unknown")
     last_contact_at: Mapped[float | None] = mapped_column(Double, default=None)
+    # how far its clock is ahead of its task server's, as the task server measured it
+    clock_offset_s: Mapped[float | None] = mapped_column(Double, default=None)
 
     task_server: Mapped[TaskServer | None] = relationship(lazy="joined")
 

@@ -37,6 +37,7 @@ from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
 from tickle.serving import ServingConfig
 from tickle.statedir import make_private
+from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.agent_tickler import AgentTickler
 from tickle.taskserver.api import create_app
@@ -119,6 +120,7 @@ class TaskServer:
         self.reporter = StateReporter(self.ns)
         self.forwarder = OutboxForwarder(self.outbox, self.ns.send_events, self.metrics)
         self.work_cache = WorkCache(self.store, self.forwarder, self.metrics)
+        self.agent_clocks = AgentClocks(self.reporter, self.metrics, settings.freshness_window_s)
         self.agents = AgentTickler(
             settings.name,
             self.store,
@@ -126,6 +128,7 @@ class TaskServer:
             self.reporter,
             self.metrics,
             settings.tickle_backoff(),
+            self.agent_clocks,
         )
         self.sync = NsSync(
             self.ns, self.store, self.work_cache, self.agents, settings.ns_check_interval_s
@@ -300,6 +303,7 @@ class TaskServer:
             enrollment=self.enrollment,
             agent_pulls=self.agent_pulls,
             work_cache=self.work_cache,
+            agent_clocks=self.agent_clocks,
         )
 
     async def _start_api(self) -> None:

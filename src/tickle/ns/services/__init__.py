@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tickle.metrics import ComponentMetrics
+from tickle.ns.services.clocks import ClockMetrics, ClockService
 from tickle.ns.services.delivery import DeliveryService
 from tickle.ns.services.inventory import InventoryService
 from tickle.ns.services.settings import SettingsService
@@ -25,6 +26,7 @@ class Services:
     delivery: DeliveryService
     settings: SettingsService
     metrics: ComponentMetrics
+    clocks: ClockService
 
     @classmethod
     def build(
@@ -42,10 +44,12 @@ class Services:
             settings.enrollment_secret or "",
             settings.ns_id,
         )
+        metrics.registry.register(ClockMetrics(stores.inventory))
         return cls(
             inventory=inventory,
             catalog=stores.catalog,
             delivery=DeliveryService(stores.delivery, tickle_server, metrics),
             settings=SettingsService(stores.settings, tickle_server),
             metrics=metrics,
+            clocks=ClockService(stores.inventory),
         )
