@@ -99,11 +99,17 @@ async def test_agent_60s_ahead_is_clock_skewed_not_unreachable_and_its_timeline_
     ts_offset = await metric(
         fleet.ns_url, "tickle_task_server_clock_offset_seconds", task_server="ts1"
     )
-    stale = await metric(fleet.ts_url("ts1"), "tickle_tickles_unreachable")
+    declared = await metric(fleet.ts_url("ts1"), "tickle_tickles_unreachable_total")
     assert ts_skewed == 1
     assert abs(ts_largest - SKEW_S) < TOLERANCE_S
     assert ns_skewed == 1
     assert abs(ts_offset) < TOLERANCE_S
+    # the tickles to both ran out unanswered; the one with the skewed clock is still shown so
+    assert declared >= 2
+    async with fleet.client() as ns:
+        after = {c.name: c.tickle_state for c in await ns.computers()}
+    assert after["ahead"] == "clock_skewed"
+    assert after["walled"] == "unreachable"
 
     record(
         "Agent clock 60 s ahead",
@@ -116,7 +122,7 @@ async def test_agent_60s_ahead_is_clock_skewed_not_unreachable_and_its_timeline_
         sent=3,
         recorded=len(run.executions),
         measured_offset_s=round(ahead, 3),
-        tickle_unreachable_declared=int(stale),
+        tickle_flights_run_out=int(declared),
     )
 
 
