@@ -8,7 +8,9 @@ trip`. `OffsetEstimator` keeps the median of each peer's last samples, so one de
 does not swing the estimate.
 
 A peer whose offset is larger than the tickle freshness window rejects every tickle as stale: it
-is shown as `clock_skewed`, not as unreachable, so the operator sees the real cause.
+is shown as `clock_skewed`, not as unreachable, so the operator sees the real cause. The receiver
+itself knows its offset from the time on its sender's answers: `ClockWarning` says in its log that
+its clock is off when it rejects a stale tickle.
 
 Tests skew one agent's clock with `TICKLE_TEST_CLOCK_OFFSET_S` (test-only: refused unless
 `TICKLE_TESTING=1` is set too): the agent reads the time through the clock `from_environment`
@@ -17,11 +19,14 @@ returns, so only that process is skewed.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+
+from tickle import wire
 
 TIME_HEADER = "X-Tickle-Time"
 TEST_OFFSET_ENV = "TICKLE_TEST_CLOCK_OFFSET_S"
@@ -32,6 +37,8 @@ SAMPLES = 9
 CORRECTION_MIN_S = 1.0
 # a sender's time further off ours than this (about 30 years) is garbage, not a skewed clock
 _SANE_OFFSET_S = 1e9
+# a receiver says its clock is off at most this often (each stale tickle is counted anyway)
+WARNING_INTERVAL_S = 600.0
 
 Clock = Callable[[], float]
 
@@ -128,3 +135,42 @@ class OffsetEstimator:
     def offsets(self) -> dict[str, float]:
         """Every peer's estimate."""
         return {peer: statistics.median(w) for peer, w in self._by_peer.items() if w}
+
+
+class ClockWarning:
+    """Says, at most once per `interval_s`, that our clock is off our tickle sender's.
+
+    Called with each rejected tickle; only a stale one, while `offset()` (our clock's offset from
+    the sender's, measured from its answers) is beyond the freshness window, is explained.
+    """
+
+    def __init__(
+        self,
+        offset: Callable[[], float | None],
+        sender: Callable[[], str],
+        window_s: float,
+        log: logging.Logger,
+        interval_s: float = WARNING_INTERVAL_S,
+    ) -> None:
+        self._offset = offset
+        self._sender = sender
+        self._window_s = window_s
+        self._log = log
+        self._interval_s = interval_s
+        self._warned_at: float | None = None  # monotonic
+
+    def rejected(self, exc: wire.TickleRejected) -> None:
+        """A tickle was rejected: explain it when our clock is the cause."""
+        offset = self._offset()
+        if exc.reason is not wire.RejectReason.STALE or not skewed(offset, self._window_s):
+            return
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < self._interval_s:
+            return
+        self._warned_at = now
+        self._log.warning(
+            "this computer's clock is %+.1fs off %s's (measured from its answers), beyond the "
+            "%.0fs tickle freshness window: every tickle from it is rejected as stale and work "
+            "arrives only by polling; set the clock right (NTP)",
+            offset, self._sender(), self._window_s,
+        )  # fmt: skip

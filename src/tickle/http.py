@@ -63,10 +63,12 @@ def client_session(
     timeout_s: float = 10.0,
     ca_file: Path | None = None,
     limit: int = 100,
+    on_offset: Callable[[float], None] | None = None,
 ) -> aiohttp.ClientSession:
     """An aiohttp session with bearer auth, a total timeout and (optionally) a private CA.
 
-    Its requests carry our time (`clock_trace`), so the server sees how far our clock is off.
+    Its requests carry our time (`clock_trace`), so the server sees how far our clock is off;
+    `on_offset` gets a sample of the server's offset from each answer.
     """
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     ssl_ctx: ssl.SSLContext | bool = True
@@ -77,7 +79,7 @@ def client_session(
         headers=headers,
         timeout=aiohttp.ClientTimeout(total=timeout_s),
         connector=connector,
-        trace_configs=[clock_trace()],
+        trace_configs=[clock_trace(on_offset=on_offset)],
     )
 
 

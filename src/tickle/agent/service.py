@@ -38,8 +38,6 @@ from tickle.outbox import Outbox, OutboxForwarder
 from tickle.statedir import make_private
 
 log = logging.getLogger(__name__)
-# the agent says its clock is off at most this often (each stale tickle is counted anyway)
-CLOCK_WARNING_INTERVAL_S = 600.0
 
 
 def main(args: list[str]) -> int:
@@ -109,7 +107,6 @@ class Agent:
         freshness, its events' times, what its requests say), shifted in tests only."""
         self.settings = settings
         self.clock = wall_clock
-        self._clock_warned_at: float | None = None  # monotonic: the last clock warning
         self.metrics = ComponentMetrics("agent")
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state = AgentState(settings.state_dir / "agent.db")
@@ -153,7 +150,9 @@ class Agent:
                 wire.TickleGuard(keys=self._tickle_key, freshness_s=s.freshness_window_s,
                                  clock=self.clock, marks=self.state.tickle_marks),
                 self.metrics, on_tasks=self._on_tasks_tickle, on_settings=self._on_settings_tickle,
-                on_rejected=self._on_rejected,
+                on_rejected=clock.ClockWarning(
+                    lambda: self.client.clock_offset_s, self._ts_name, s.freshness_window_s, log
+                ).rejected,
             )  # fmt: skip
             self.tickle_addr = await self.listener.start(s.tickle_host, s.tickle_port)
             log.info("tickle listener on %s:%d/udp", *self.tickle_addr)
@@ -255,26 +254,9 @@ class Agent:
         # looked up per datagram: a re-registration rotates the key without a restart
         return self.client.tickle_keys().get(sender)
 
-    def _on_rejected(self, exc: wire.TickleRejected) -> None:
-        """A stale tickle while our clock is measured off the task server's beyond the window:
-        say so plainly, at most once per `CLOCK_WARNING_INTERVAL_S`."""
-        offset = self.client.clock_offset_s
-        window = self.settings.freshness_window_s
-        if exc.reason is not wire.RejectReason.STALE or not clock.skewed(offset, window):
-            return
-        now = time.monotonic()
-        if self._clock_warned_at is not None and now - self._clock_warned_at < (
-            CLOCK_WARNING_INTERVAL_S
-        ):
-            return
-        self._clock_warned_at = now
+    def _ts_name(self) -> str:
         creds = self.client.credentials
-        log.warning(
-            "this computer's clock is %+.1fs off task server %s's (measured from its answers), "
-            "beyond the %.0fs tickle freshness window: every tickle is rejected as stale and work "
-            "arrives only by polling; set the clock right (NTP)",
-            offset, creds.ts_name if creds else "?", window,
-        )  # fmt: skip
+        return f"task server {creds.ts_name if creds else '?'}"
 
     def _on_tasks_tickle(self) -> None:
         self.poller.trigger("tickle")

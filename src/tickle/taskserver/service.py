@@ -28,6 +28,7 @@ from fastapi import FastAPI
 
 from tickle import wire
 from tickle.backoff import Backoff
+from tickle.clock import ClockWarning
 from tickle.config import ConfigError, load_settings
 from tickle.http import ApiError
 from tickle.listening import TickleListener
@@ -148,7 +149,11 @@ class TaskServer:
             self.metrics,
             on_tasks=functools.partial(self.sync.work.trigger, "tickle"),
             on_settings=functools.partial(self.sync.settings.trigger, "tickle"),
-        )
+            on_rejected=ClockWarning(
+                lambda: self.ns.clock_offset_s, lambda: "the notification server",
+                settings.freshness_window_s, log,
+            ).rejected,
+        )  # fmt: skip
         self.tickle_port = 0
         self.api_port = 0
         self._api_socket: socket.socket | None = None
