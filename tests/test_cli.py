@@ -211,3 +211,48 @@ def test_an_answer_the_cli_cannot_read_is_one_line(monkeypatch: pytest.MonkeyPat
     assert result.exit_code == 1, result.output
     assert result.output.startswith("tickle: GET /api/settings: "), result.output
     assert result.output.count("\n") == 1, result.output
+
+
+def _render(table: object) -> str:
+    from rich.console import Console
+
+    out = Console(record=True, width=240)
+    out.print(table)
+    return out.export_text()
+
+
+def test_computers_and_task_servers_show_their_clock() -> None:
+    from tickle.messages import ComputerOut, TaskServerOut
+
+    ahead = ComputerOut(
+        name="pc1", task_server="ts1", tickle_state="clock_skewed", cem=False, groups=[],
+        reported_address=None, observed_address=None, nat_detected=False, last_contact_at=None,
+        clock_offset_s=60.04,
+    )  # fmt: skip
+    ts = TaskServerOut(
+        name="ts1", tickle_host="h", tickle_port=1, api_url="u", tickle_state="reachable",
+        last_pull_at=None, clients=1, clock_offset_s=-0.01,
+    )  # fmt: skip
+    computers = _render(con.computers_table([ahead]))
+    assert "clock_skewed" in computers
+    assert "+60.0s" in computers
+    assert "±0.0s" in _render(con.task_servers_table([ts]))
+
+
+def test_a_corrected_timeline_says_so() -> None:
+    from tickle.messages import ExecutionOut, TimelineStep
+
+    steps = [TimelineStep(step=s, at=100.0) for s in ("created", "recorded")] + [
+        TimelineStep(step=s, at=100.5, corrected=True, clock_offset_s=60.0)
+        for s in ("started", "finished")
+    ]
+    execution = ExecutionOut(
+        id=1, run_id=1, computer="pc1", task_server="ts1", status="succeeded", timeline=steps
+    )
+    text = _render(con.timeline_table(execution))
+    assert "* started, finished: timed by a clock 60.0s ahead of the NS's" in text
+    assert "00:01:40.500 *" in text
+    plain = ExecutionOut(
+        id=2, run_id=1, computer="pc2", task_server="ts1", status="succeeded", timeline=steps[:2]
+    )
+    assert con.timeline_note(plain) is None

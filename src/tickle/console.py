@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tickle import http
+from tickle import clock, http
 from tickle.config import default_state_dir
 from tickle.messages import (
     FINAL_STATUSES,
@@ -221,6 +221,8 @@ def timeline_table(execution: ExecutionOut) -> Table:
     table.add_column("since run-now (ms)", justify="right")
     table.add_column("hop (ms)", justify="right")
     times = timeline_times(execution)
+    corrected = {s.step for s in execution.timeline if s.corrected}
+    table.caption = timeline_note(execution)
     origin = times.get("created")
     previous = origin
     for step in TIMELINE_STEPS:
@@ -229,12 +231,26 @@ def timeline_table(execution: ExecutionOut) -> Table:
             "-"
             if at is None
             else time.strftime("%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}"
-        )
+        ) + (" *" if step in corrected else "")
         hop = "-" if at is None or previous is None else f"{(at - previous) * 1000:.1f}"
         table.add_row(step, stamp, _ms(at, origin), hop)
         if at is not None:
             previous = at
     return table
+
+
+def timeline_note(execution: ExecutionOut) -> str | None:
+    """What was corrected for clock skew, one line per clock (None: nothing was)."""
+    by_offset: dict[float, list[str]] = {}
+    for s in execution.timeline:
+        if s.corrected and s.clock_offset_s is not None:
+            by_offset.setdefault(s.clock_offset_s, []).append(s.step)
+    lines = [
+        f"* {', '.join(steps)}: timed by a clock {abs(offset):.1f}s "
+        f"{'ahead of' if offset > 0 else 'behind'} the NS's, shown corrected to the NS's clock"
+        for offset, steps in by_offset.items()
+    ]
+    return "\n".join(lines) or None
 
 
 def computers_table(computers: Sequence[ComputerOut]) -> Table:
@@ -247,6 +263,7 @@ def computers_table(computers: Sequence[ComputerOut]) -> Table:
         "reported",
         "observed",
         "NAT",
+        "clock",
         "last contact",
     ):
         table.add_column(col)
@@ -254,19 +271,19 @@ def computers_table(computers: Sequence[ComputerOut]) -> Table:
         table.add_row(
             c.name, c.task_server or "-", c.tickle_state, ",".join(c.groups) or "-",
             c.reported_address or "-", c.observed_address or "-", "yes" if c.nat_detected else "no",
-            _ago(c.last_contact_at),
+            clock.describe(c.clock_offset_s), _ago(c.last_contact_at),
         )  # fmt: skip
     return table
 
 
 def task_servers_table(servers: Sequence[TaskServerOut]) -> Table:
     table = Table(title="task servers")
-    for col in ("name", "tickle address", "api", "tickle", "clients", "last pull"):
+    for col in ("name", "tickle address", "api", "tickle", "clients", "clock", "last pull"):
         table.add_column(col)
     for s in servers:
         table.add_row(
             s.name, f"{s.tickle_host}:{s.tickle_port}", s.api_url, s.tickle_state, str(s.clients),
-            _ago(s.last_pull_at),
+            clock.describe(s.clock_offset_s), _ago(s.last_pull_at),
         )  # fmt: skip
     return table
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import aiohttp
 from pydantic import BaseModel, TypeAdapter
+
+from tickle.clock import TIME_HEADER, Clock, header_value, parse_header
 
 M = TypeVar("M")
 
@@ -22,13 +27,49 @@ class ApiError(Exception):
         self.url = url
 
 
+def clock_trace(
+    clock: Clock = time.time, on_offset: Callable[[float], None] | None = None
+) -> aiohttp.TraceConfig:
+    """Each request carries our time (`X-Tickle-Time`), so the server can measure our clock.
+
+    Each answer carrying the server's time gives `on_offset` one sample of the server's offset
+    from us: its time minus the midpoint of the round trip (positive: its clock is ahead).
+    """
+    trace = aiohttp.TraceConfig()
+
+    async def started(
+        _: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestStartParams
+    ) -> None:
+        ctx.sent_at = clock()
+        params.headers[TIME_HEADER] = header_value(ctx.sent_at)
+
+    async def answered(
+        _: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        if on_offset is None:
+            return
+        now = clock()
+        theirs = parse_header(params.response.headers.get(TIME_HEADER), now)
+        if theirs is not None:
+            on_offset(theirs - (ctx.sent_at + now) / 2)
+
+    trace.on_request_start.append(started)
+    trace.on_request_end.append(answered)
+    return trace
+
+
 def client_session(
     token: str | None = None,
     timeout_s: float = 10.0,
     ca_file: Path | None = None,
     limit: int = 100,
+    on_offset: Callable[[float], None] | None = None,
 ) -> aiohttp.ClientSession:
-    """An aiohttp session with bearer auth, a total timeout and (optionally) a private CA."""
+    """An aiohttp session with bearer auth, a total timeout and (optionally) a private CA.
+
+    Its requests carry our time (`clock_trace`), so the server sees how far our clock is off;
+    `on_offset` gets a sample of the server's offset from each answer.
+    """
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     ssl_ctx: ssl.SSLContext | bool = True
     if ca_file is not None:
@@ -38,6 +79,7 @@ def client_session(
         headers=headers,
         timeout=aiohttp.ClientTimeout(total=timeout_s),
         connector=connector,
+        trace_configs=[clock_trace(on_offset=on_offset)],
     )
 
 

@@ -33,7 +33,8 @@ class TickleListener(asyncio.DatagramProtocol):
     """Checks every datagram with `guard`; a valid tickle calls `on_tasks` or `on_settings`.
 
     The callbacks run in the event loop's datagram handler: they must not block. Rejections are
-    logged by a `RejectionLog` of `log_interval_s`.
+    logged by a `RejectionLog` of `log_interval_s`, and each is handed to `on_rejected` when given
+    (the agent explains stale ones by its clock).
     """
 
     def __init__(
@@ -43,8 +44,10 @@ class TickleListener(asyncio.DatagramProtocol):
         on_tasks: Callable[[], None],
         on_settings: Callable[[], None],
         log_interval_s: float = REJECTION_LOG_INTERVAL_S,
+        on_rejected: Callable[[wire.TickleRejected], None] | None = None,
     ) -> None:
         self._guard = guard
+        self._on_rejected = on_rejected
         self._metrics = metrics
         self._rejections = RejectionLog(log_interval_s)
         self._on = {wire.Kind.TASKS: on_tasks, wire.Kind.SETTINGS: on_settings}
@@ -72,6 +75,8 @@ class TickleListener(asyncio.DatagramProtocol):
         except wire.TickleRejected as exc:
             self._metrics.tickles_rejected.labels(reason=exc.reason.value).inc()
             self._rejections.rejected(str(addr[0]), exc)
+            if self._on_rejected is not None:
+                self._on_rejected(exc)
             return
         except sqlite3.Error as exc:  # its replay mark was not saved: it must not count
             log.error("tickle from %s dropped, its replay mark not saved: %s", addr[0], exc)

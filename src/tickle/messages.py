@@ -24,7 +24,11 @@ TASK_REQUEST_INTERVAL_MIN_S, TASK_REQUEST_INTERVAL_MAX_S = 10, 86400
 TaskRequestIntervalS = Annotated[
     int, Field(ge=TASK_REQUEST_INTERVAL_MIN_S, le=TASK_REQUEST_INTERVAL_MAX_S)
 ]
-TickleState = Literal["unknown", "reachable", "unreachable", "cem"]
+# clock_skewed: its clock is further off than the tickle freshness window, so it rejects (or its
+# receiver rejects) every tickle as stale — not a firewall, a clock to set right
+TickleState = Literal["unknown", "reachable", "unreachable", "cem", "clock_skewed"]
+# a peer's clock offset as measured and reported (seconds; positive: its clock is ahead)
+ClockOffsetS = Annotated[float, Field(ge=-1e9, le=1e9, allow_inf_nan=False)]
 ExecutionStatus = Literal[
     "pending", "delivered", "running", "succeeded", "failed", "timed_out", "interrupted"
 ]
@@ -108,8 +112,17 @@ class RunCreate(Model):
 
 
 class TimelineStep(Model):
+    """One step of an execution's timeline.
+
+    A step timed by an agent's or task server's clock that is measured off the NS's by
+    `clock.CORRECTION_MIN_S` or more is shown corrected: `at` is the NS's time, `corrected` is
+    true and `clock_offset_s` says by how much that clock is ahead (`at` = its time - offset).
+    """
+
     step: str
     at: float | None
+    corrected: bool = False
+    clock_offset_s: float | None = None
 
 
 class StepResult(Model):
@@ -151,6 +164,9 @@ class TaskServerOut(Model):
     tickle_state: TickleState
     last_pull_at: float | None
     clients: int
+    clock_offset_s: float | None = Field(
+        default=None, description="how far its clock is ahead of the NS's (s; null: unmeasured)"
+    )
 
 
 class ComputerOut(Model):
@@ -163,6 +179,11 @@ class ComputerOut(Model):
     observed_address: str | None
     nat_detected: bool
     last_contact_at: float | None
+    clock_offset_s: float | None = Field(
+        default=None,
+        description="how far its clock is ahead of the NS's (s; its offset from its task "
+        "server's plus the task server's; null: unmeasured)",
+    )
 
 
 RegistrationKind = Literal["computer", "task_server"]
@@ -293,6 +314,9 @@ class ComputerState(Model):
     name: Name
     tickle_state: TickleState | None = None
     observed_address: str | None = None
+    clock_offset_s: ClockOffsetS | None = Field(
+        default=None, description="how far its clock is ahead of the task server's (s)"
+    )
     at: float
 
 

@@ -11,7 +11,9 @@ the component's `ApiServerSettings`:
   the cap, at which the connection waiting longest on its client is closed for a new one, so
   half-sent requests cannot lock out `/health` and the peers that send whole requests;
 - `BodyLimits`, ASGI middleware refusing a body over its limit (413) before it is read into
-  memory: registrations, and requests without valid credentials, get the small limit.
+  memory: registrations, and requests without valid credentials, get the small limit;
+- `ClockHeaders`, ASGI middleware noting when each request arrived (the peer's clock offset is
+  measured against it) and putting the server's time on every answer (`X-Tickle-Time`).
 
 Every refusal is counted in `tickle_http_refused` by reason, and not logged one by one: a flood
 of bad requests must not flood the log.
@@ -24,6 +26,7 @@ import contextlib
 import json
 import logging
 import resource
+import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -32,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from tickle.clock import TIME_HEADER, header_value
 from tickle.config import ApiServerSettings
 from tickle.metrics import ComponentMetrics
 
@@ -549,3 +553,40 @@ def _bearer_token(scope: Scope) -> str | None:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
     return None
+
+
+# request state: when the request arrived (`time.time()`), set by `ClockHeaders`
+ARRIVED_AT = "tickle_arrived_at"
+_TIME_HEADER = TIME_HEADER.lower().encode()
+
+
+class ClockHeaders:
+    """Notes each request's arrival in its state (`ARRIVED_AT`) and answers with our time.
+
+    The arrival, taken before the body is read, is what a peer's `X-Tickle-Time` is compared
+    with; the time on the answer lets the peer measure its own offset from us.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})[ARRIVED_AT] = time.time()
+
+        async def send_with_time(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((_TIME_HEADER, header_value(time.time()).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_time)
+
+
+def arrived_at(state: Any) -> float:
+    """When the request whose `request.state` this is arrived (now, without `ClockHeaders`)."""
+    at = getattr(state, ARRIVED_AT, None)
+    return at if isinstance(at, float) else time.time()

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
+from tickle import clock
 from tickle.messages import (
     AgentEnrollment,
     AgentPolicy,
@@ -62,7 +64,7 @@ class FakeTaskServer:
     _runner: web.AppRunner | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[_with_our_time])
         app.router.add_get("/health", self._health)
         app.router.add_post("/api/agent/register", self._register)
         app.router.add_get("/api/agent/tasks", self._tasks)
@@ -168,3 +170,11 @@ class FakeTaskServer:
                 self.work.pop(event.execution_id, None)
         ack = EventAck(accepted=[e.event_id for e in batch.events])
         return web.json_response(text=ack.model_dump_json())
+
+
+@web.middleware
+async def _with_our_time(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer carries the (fake) task server's time, as the real one's do."""
+    response = await handler(request)
+    response.headers[clock.TIME_HEADER] = clock.header_value(time.time())
+    return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tickle import wire
+from tickle.agent.service import Agent
 from tickle.agent.settings import AgentSettings
 
 from .conftest import eventually, running_agent, script, task, tickle_sender
@@ -194,3 +196,29 @@ async def test_tickle_and_poll_race_runs_execution_once(
         assert 7 in result.executions
         assert marker.read_text() == "ran\n"
         assert len(fake_ts.events_of(7, "started")) == 1
+
+
+async def test_agent_60s_ahead_says_once_that_its_clock_is_off_when_it_rejects_stale_tickles(
+    fake_ts: FakeTaskServer,
+    settings_for: Callable[..., AgentSettings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent = Agent(settings_for(fake_ts), wall_clock=lambda: time.time() + 60)
+    try:
+        await agent.start()
+        # measured from the fake task server's answers (its time on each)
+        assert agent.status()["clock_offset_s"] == pytest.approx(60, abs=1)
+        with (
+            caplog.at_level(logging.WARNING, logger="tickle.agent.service"),
+            tickle_sender(agent, fake_ts) as sender,
+        ):
+            for _ in range(3):
+                sender.tickle()  # fresh by the task server's clock: stale by the agent's
+            await eventually(lambda: rejected(agent, "stale") == 3, what="3 stale tickles")
+    finally:
+        await agent.stop()
+    lines = [r.getMessage() for r in caplog.records if "clock is" in r.getMessage()]
+    assert len(lines) == 1, lines  # once, not per tickle
+    assert "this computer's clock is +60." in lines[0]
+    assert "set the clock right" in lines[0]
+    assert fake_ts.pulls("tickle") == []

@@ -98,6 +98,9 @@ def cases() -> Iterator[Case]:
             yield Case(comp, f"{flag} {value}", [f"{flag}={value}"], None, {}, setting)
         env = PREFIX[comp] + ENV[comp]
         yield Case(comp, f"env {env}=many", [], None, {env: "many"}, env)
+    # the test-only clock offset outside a test (no TICKLE_TESTING=1): a shifted production clock
+    yield Case("agent", "test clock offset outside tests", [], None,
+               {"TICKLE_TEST_CLOCK_OFFSET_S": "60"}, "TICKLE_TESTING=1")  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,7 +110,8 @@ def _record_figures() -> Iterator[None]:
         bad = [o for o in outcomes if o != "ok"]
         record(
             case=f"Bad configuration: tickle {comp}",
-            done="broken TOML, unknown key, port 70000, negative interval, bad URL, bad env var",
+            done="broken TOML, unknown key, port 70000, negative interval, bad URL, bad env var"
+            + (", the test-only clock offset outside tests" if comp == "agent" else ""),
             outcome="exit 2 naming the setting, nothing bound, no state dir"
             if not bad
             else "; ".join(bad),

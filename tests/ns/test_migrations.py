@@ -147,6 +147,30 @@ def test_upgrade_from_0003_leaves_identities_unknown_so_the_next_registration_ke
         store.close()
 
 
+def test_upgrade_from_0004_adds_clock_offsets_unmeasured(tmp_path: Path) -> None:
+    store = Database(f"sqlite:///{tmp_path / 'ns.db'}")
+    try:
+        upgrade(store.engine, "0004_registration_approval")
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO task_servers (id, name, token_sha256, tickle_key, tickle_host,"
+                    " tickle_port, api_url, tickle_state, registered_at)"
+                    " VALUES (1, 'ts1', 'x', 'k', '127.0.0.1', 50123, 'http://ts1', 'reachable',"
+                    " 1)"
+                )
+            )
+
+        store.migrate()
+
+        with store.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            row = conn.execute(text("SELECT name, clock_offset_s FROM task_servers")).one()
+            assert tuple(row) == ("ts1", None)  # not measured before its next request
+    finally:
+        store.close()
+
+
 def _head() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None

@@ -16,8 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from tickle import wire
+from tickle import clock, wire
 from tickle.config import load_settings
 from tickle.http import request
 from tickle.messages import (
@@ -96,6 +97,7 @@ class FakeNs:
     # events left out of `accepted`, as the NS does for another task server's client
     omit_executions: set[int] = field(default_factory=set)
     work_gate: asyncio.Event | None = None  # when set: work pulls wait until it opens
+    clock_offset_s: float = 0.0  # how far its clock (the time on its answers) is ahead of ours
     port: int = 0
     _runner: web.AppRunner | None = None
     _seq: wire.SequenceCounter = field(default_factory=wire.SequenceCounter)
@@ -122,7 +124,7 @@ class FakeNs:
         )
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[self._with_its_time])
         app.router.add_post("/api/ts/register", self._register)
         app.router.add_post("/api/ts/agents/register", self._register_agent)
         app.router.add_get("/api/ts/clients", self._clients)
@@ -135,6 +137,14 @@ class FakeNs:
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
+
+    @web.middleware
+    async def _with_its_time(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every answer carries the NS's time, as the real one's do."""
+        response = await handler(request)
+        its_time = time.time() + self.clock_offset_s
+        response.headers[clock.TIME_HEADER] = clock.header_value(its_time)
+        return response
 
     async def stop(self) -> None:
         if self.work_gate is not None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.taskserver.conftest import TaskServerHarness, wait_until, work_for
+from tests.taskserver.conftest import FakeNs, TaskServerHarness, wait_until, work_for
 from tickle import wire
 
 
@@ -153,3 +154,25 @@ def _kind(ns: object, kind: int) -> bytes:
     good = ns.tickle()
     body = good[:4] + bytes([kind]) + good[5 : -wire.MAC_LEN]
     return body + hmac.new(ns.tickle_key, body, hashlib.sha256).digest()
+
+
+async def test_task_server_60s_ahead_of_the_ns_says_once_that_its_clock_is_off(
+    fake_ns: FakeNs, harness: TaskServerHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_ns.clock_offset_s = -60.0  # the NS's clock a minute behind: ours a minute ahead
+    h = harness
+    await h.start()
+    assert h.running.ns.clock_offset_s == pytest.approx(60, abs=1)
+    with caplog.at_level(logging.WARNING, logger="tickle.taskserver.service"):
+        for _ in range(3):  # sent now by the NS's clock: a minute old by ours
+            h.send_tickle(fake_ns.tickle(sent_at_ms=int((time.time() - 60) * 1000)))
+        await wait_until(
+            lambda: h.running.metrics.registry.get_sample_value(
+                "tickle_tickles_rejected_total", {"reason": "stale"}
+            ) == 3,
+            what="3 stale tickles",
+        )  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if "clock is" in r.getMessage()]
+    assert len(lines) == 1, lines  # once, not per tickle
+    assert "clock is +60." in lines[0]
+    assert "the notification server's" in lines[0]

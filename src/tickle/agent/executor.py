@@ -27,6 +27,7 @@ from pathlib import Path
 from tickle.agent.containment import Containment, TaskTree
 from tickle.agent.state import AgentState
 from tickle.agent.subreaper import Subreaper
+from tickle.clock import Clock
 from tickle.messages import OUTPUT_TAIL_MAX, ExecutionWork, PullVia, StatusEvent, TaskSpec
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import OutboxForwarder
@@ -64,8 +65,10 @@ class Executor:
         containment: Containment | None = None,
         kill_grace_s: float = 5.0,
         task_umask: int = 0o022,
+        clock: Clock = time.time,
     ) -> None:
         self._computer = computer
+        self._clock = clock  # the times of its status events
         self._state = state
         self._forwarder = forwarder
         self._metrics = metrics
@@ -210,7 +213,7 @@ class Executor:
                 "execution_id": execution_id,
                 "computer": self._computer,
                 "kind": kind,
-                "at": time.time(),
+                "at": self._clock(),
                 **fields,
             }
         )

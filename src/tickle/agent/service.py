@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
 from typing import Any
 
-from tickle import wire
+from tickle import clock, wire
 from tickle.agent.containment import Containment, detect
 from tickle.agent.control import ControlServer
 from tickle.agent.executor import Executor
@@ -43,7 +44,8 @@ def main(args: list[str]) -> int:
     """Run the agent until SIGTERM/SIGINT; 2 on a configuration error (nothing bound)."""
     try:
         settings = load_settings(AgentSettings, args)
-    except ConfigError as exc:
+        wall_clock = clock.from_environment(os.environ)  # shifted in tests only
+    except (ConfigError, clock.ClockConfigError) as exc:
         print(f"tickle agent: {exc}", file=sys.stderr)
         return 2
     setup_logging("agent", settings.log_level, settings.log_format)
@@ -54,30 +56,35 @@ def main(args: list[str]) -> int:
         return 2
     containment = detect()  # before anything runs: it may move this process to a cgroup
     try:
-        asyncio.run(_serve_until_signal(settings, containment))
+        asyncio.run(_serve_until_signal(settings, containment, wall_clock))
     except OSError as exc:  # e.g. the tickle port is taken
         log.error("agent stopped: %s", exc)
         return 1
     return 0
 
 
-async def _serve_until_signal(settings: AgentSettings, containment: Containment) -> None:
+async def _serve_until_signal(
+    settings: AgentSettings, containment: Containment, wall_clock: clock.Clock
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await serve(settings, stop, containment)
+        await serve(settings, stop, containment, wall_clock)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 
 
 async def serve(
-    settings: AgentSettings, stop: asyncio.Event, containment: Containment | None = None
+    settings: AgentSettings,
+    stop: asyncio.Event,
+    containment: Containment | None = None,
+    wall_clock: clock.Clock = time.time,
 ) -> None:
     """Run an agent until `stop` is set (in-process entry, used by tests too)."""
-    agent = Agent(settings, containment)
+    agent = Agent(settings, containment, wall_clock)
     try:
         await agent.start(stop)
         if not stop.is_set():
@@ -89,20 +96,28 @@ async def serve(
 class Agent:
     """One running agent: its state, client, listener, poller, executor and control socket."""
 
-    def __init__(self, settings: AgentSettings, containment: Containment | None = None) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        containment: Containment | None = None,
+        wall_clock: clock.Clock = time.time,
+    ) -> None:
         """`containment`: `detect()`'s, in `tickle agent`; in-process (tests) orphans of tasks
-        are not adopted (see subreaper.py)."""
+        are not adopted (see subreaper.py). `wall_clock`: the time the agent reads (its tickles'
+        freshness, its events' times, what its requests say), shifted in tests only."""
         self.settings = settings
+        self.clock = wall_clock
         self.metrics = ComponentMetrics("agent")
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state = AgentState(settings.state_dir / "agent.db")
         self.outbox = Outbox(settings.state_dir / "outbox.db")
-        self.client = TaskServerClient(settings, self.state)
+        self.client = TaskServerClient(settings, self.state, clock=wall_clock)
         self.forwarder = OutboxForwarder(self.outbox, self.client.events, self.metrics)
         self.executor = Executor(
             settings.name, self.state, self.forwarder, self.metrics,
             output_tail_bytes=settings.output_tail_bytes, containment=containment,
             kill_grace_s=settings.task_kill_grace_s, task_umask=int(settings.task_umask, 8),
+            clock=wall_clock,
         )  # fmt: skip
         default_policy = AgentPolicy(
             settings_version=0,
@@ -133,8 +148,11 @@ class Agent:
         if not s.cem:  # a CEM agent opens no tickle port at all: it polls
             self.listener = TickleListener(
                 wire.TickleGuard(keys=self._tickle_key, freshness_s=s.freshness_window_s,
-                                 marks=self.state.tickle_marks),
+                                 clock=self.clock, marks=self.state.tickle_marks),
                 self.metrics, on_tasks=self._on_tasks_tickle, on_settings=self._on_settings_tickle,
+                on_rejected=clock.ClockWarning(
+                    lambda: self.client.clock_offset_s, self._ts_name, s.freshness_window_s, log
+                ).rejected,
             )  # fmt: skip
             self.tickle_addr = await self.listener.start(s.tickle_host, s.tickle_port)
             log.info("tickle listener on %s:%d/udp", *self.tickle_addr)
@@ -199,6 +217,7 @@ class Agent:
             "last_poll_at": self.poller.last_poll_at,
             "next_poll_at": self.poller.next_poll_at,
             "last_tickle_at": self.listener.last_tickle_at if self.listener else None,
+            "clock_offset_s": self.client.clock_offset_s,
             "last_error": self.poller.last_error,
             "failovers": self.failover.failovers,
             "last_failover_at": self.failover.last_failover_at,
@@ -235,6 +254,10 @@ class Agent:
     def _tickle_key(self, sender: str) -> bytes | None:
         # looked up per datagram: a re-registration rotates the key without a restart
         return self.client.tickle_keys().get(sender)
+
+    def _ts_name(self) -> str:
+        creds = self.client.credentials
+        return f"task server {creds.ts_name if creds else '?'}"
 
     def _on_tasks_tickle(self) -> None:
         self.poller.trigger("tickle")

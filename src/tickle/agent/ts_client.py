@@ -6,6 +6,10 @@ task server no longer knows the agent's token: the agent registers again and ret
 
 Every call notes whether the task server answered: `unreachable_for()` says how long every contact
 has failed, and `fail_over()` registers with the next task server of the list (see failover.py).
+
+Every request carries the agent's time and every answer the task server's (`X-Tickle-Time`): the
+task server measures the agent's clock, and `clock_offset_s` is the agent's own measure of how far
+its clock is off the task server's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from pydantic import BaseModel
 from tickle.agent.address import client_local_addr, tickle_address
 from tickle.agent.settings import AgentSettings
 from tickle.agent.state import AgentState, Credentials
-from tickle.http import ApiError, request
+from tickle.clock import Clock, OffsetEstimator
+from tickle.http import ApiError, clock_trace, request
 from tickle.messages import (
     AgentEnrollment,
     AgentPolicy,
@@ -43,6 +48,8 @@ REFUSED_FOR_GOOD = frozenset({403, 422})
 TOO_LARGE = 413
 
 M = TypeVar("M", bound=BaseModel)
+# the one peer whose clock the agent measures: its current task server
+_TS = "task-server"
 
 
 class NotRegistered(Exception):
@@ -52,8 +59,17 @@ class NotRegistered(Exception):
 class TaskServerClient:
     """One aiohttp session to the task server, bound to the tickle address when it is specific."""
 
-    def __init__(self, settings: AgentSettings, state: AgentState, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        state: AgentState,
+        timeout_s: float = 10.0,
+        clock: Clock = time.time,
+    ) -> None:
         self._settings = settings
+        self._clock = clock
+        # samples of the task server's offset from us, from the time on its answers
+        self._ts_clock = OffsetEstimator()
         self._state = state
         self._timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
@@ -72,7 +88,9 @@ class TaskServerClient:
         ssl_context = client_ssl(self._settings.ca_file)
         connector = aiohttp.TCPConnector(limit=10, local_addr=local_addr, ssl=ssl_context)
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout_s)
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            trace_configs=[clock_trace(self._clock, self._ts_offset_sample)],
         )
 
     async def close(self) -> None:
@@ -83,6 +101,12 @@ class TaskServerClient:
     @property
     def credentials(self) -> Credentials | None:
         return self._creds
+
+    @property
+    def clock_offset_s(self) -> float | None:
+        """How far our clock is ahead of our task server's (None: no answer measured yet)."""
+        theirs = self._ts_clock.offset(_TS)
+        return None if theirs is None else -theirs
 
     @property
     def has_alternatives(self) -> bool:
@@ -122,6 +146,7 @@ class TaskServerClient:
                 groups=self._settings.groups,
                 identity=self._state.identity(),
             )
+            self._ts_clock.forget(_TS)  # maybe another task server: its clock is measured anew
             try:
                 enrollment: AgentEnrollment = await request(
                     self._http(), "POST", f"{url}/api/agent/register", body=body,
@@ -278,6 +303,9 @@ class TaskServerClient:
             raise
         self._answered()
         return result  # type: ignore[no-any-return]
+
+    def _ts_offset_sample(self, offset_s: float) -> None:
+        self._ts_clock.add(_TS, offset_s)
 
     def _answered(self) -> None:
         self._failing_since = None

@@ -26,7 +26,7 @@ from tickle.ns.services import Services
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
 from tickle.ns.tickle_server import TickleServer
-from tickle.serving import BodyLimits
+from tickle.serving import BodyLimits, ClockHeaders
 
 TAGS = [
     {"name": "health", "description": "Liveness and Prometheus metrics (no credentials)."},
@@ -91,6 +91,7 @@ def create_app(
         registrations=REGISTRATIONS,
         known_token=functools.partial(is_known_token, app),
     )
+    app.add_middleware(ClockHeaders)  # outermost: the arrival before the body limit reads
     return app
 
 

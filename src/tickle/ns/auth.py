@@ -15,9 +15,12 @@ from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import Scope
 
+from tickle import clock
 from tickle.ns.credentials import Caller, token_sha256
 from tickle.ns.dependencies import InventoryDep
+from tickle.ns.services import Services
 from tickle.ns.services.inventory import InventoryService
+from tickle.serving import arrived_at
 
 # one scheme per kind of token, so the OpenAPI document says which token each route takes
 _admin_bearer = HTTPBearer(
@@ -74,11 +77,15 @@ def require_admin(request: Request, creds: AdminBearer, inventory: InventoryDep)
 def require_task_server(
     request: Request, creds: TaskServerBearer, inventory: InventoryDep
 ) -> Caller:
-    """Allow a registered task server's token; returns who it is."""
+    """Allow a registered task server's token; returns who it is.
+
+    The time the task server sent along (`X-Tickle-Time`) is a sample of its clock's offset.
+    """
     sha = _token_hash(creds)
     known = getattr(request.state, _KNOWN_CALLER, None)  # looked up by the body limit already
     caller = known[1] if known is not None and known[0] == sha else inventory.caller_for(sha)
     if caller is not None and caller.role == "task_server":
+        _measure_clock(request, caller)
         return caller
     if caller is not None or _is_admin(request, sha):
         who = _role(caller.role) if caller is not None else "the admin"
@@ -104,6 +111,14 @@ async def is_known_token(app: FastAPI, token: str, scope: Scope) -> bool:
         return False
     scope.setdefault("state", {})[_KNOWN_CALLER] = (sha, caller)
     return True
+
+
+def _measure_clock(request: Request, caller: Caller) -> None:
+    arrived = arrived_at(request.state)
+    theirs = clock.parse_header(request.headers.get(clock.TIME_HEADER), arrived)
+    if theirs is not None:
+        services: Services = request.app.state.services
+        services.clocks.sample(caller, theirs, arrived)
 
 
 def _role(role: str) -> str:

@@ -43,6 +43,8 @@ class TaskServer(Base):
     settings_pulled_at: Mapped[float | None] = mapped_column(Double, default=None)
     # SHA-256 of its identity: a registration under its name must bring it (NULL: the next one's)
     identity_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # how far its clock is ahead of the NS's, measured from its requests (None: unmeasured)
+    clock_offset_s: Mapped[float | None] = mapped_column(Double, default=None)
 
 
 class Computer(Base):
@@ -69,6 +71,8 @@ class Computer(Base):
     # SHA-256 of its agent's identity: a registration under its name must bring it (NULL: the
     # next registration's is kept, after `rekey` or for agents registered before identities)
     identity_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # how far its clock is ahead of its task server's, as the task server measured it
+    clock_offset_s: Mapped[float | None] = mapped_column(Double, default=None)
 
     task_server: Mapped[TaskServer | None] = relationship(lazy="joined")
 

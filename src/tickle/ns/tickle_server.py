@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from prometheus_client import Gauge
 
-from tickle import wire
+from tickle import clock, wire
 from tickle.metrics import ComponentMetrics
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
@@ -187,10 +187,19 @@ class TickleServer:
             log.debug("tasks tickle to %s covers %d execution(s)", task_server, n)
 
     async def _on_unreachable(self, task_server: str) -> None:
-        log.warning(
-            "task server %s is tickle-unreachable: it will get work by polling", task_server
-        )
-        await self._db(self._stores.inventory.set_task_server_state, task_server, "unreachable")
+        offset = await self._db(self._stores.inventory.task_server_clock, task_server)
+        if clock.skewed(offset, wire.DEFAULT_FRESHNESS_S):
+            log.warning(
+                "task server %s rejects tickles as stale: its clock is %+.1fs off ours; it will "
+                "get work by polling", task_server, offset,
+            )  # fmt: skip
+            state = "clock_skewed"
+        else:
+            log.warning(
+                "task server %s is tickle-unreachable: it will get work by polling", task_server
+            )
+            state = "unreachable"
+        await self._db(self._stores.inventory.set_task_server_state, task_server, state)
 
     async def _on_reachable(self, task_server: str) -> None:
         await self._db(self._stores.inventory.set_task_server_state, task_server, "reachable")

@@ -2,6 +2,10 @@
 
 A message whose fields are all columns of the same names is read off the row (`from_attributes`);
 the others say what they derive.
+
+Clock offsets: a task server's is measured against the NS's clock; a computer's against its task
+server's, so the computer's offset from the NS is the sum of both. Timeline steps timed by a clock
+measured `clock.CORRECTION_MIN_S` or more off the NS's are shown on the NS's clock, and say so.
 """
 
 from __future__ import annotations
@@ -9,12 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 from tickle import messages as m
+from tickle.clock import CORRECTION_MIN_S
 from tickle.ns.models import Computer, Execution, Job, Run, Settings, Task, TaskServer
 
 # the execution column holding each timeline step's time
 _TIMELINE_COLUMNS = {step: f"{step}_at" for step in m.TIMELINE_STEPS} | {
     "cached_at_ts": "cached_at_ts"
 }
+# the steps timed by the agent's clock, and those timed by its task server's
+_AGENT_STEPS = frozenset({"started", "finished"})
+_TS_STEPS = frozenset({"agent_tickled", "agent_pulled", "cached_at_ts"})
 
 
 def task_out(t: Task) -> m.TaskOut:
@@ -42,6 +50,11 @@ def run_out(run: Run) -> m.RunOut:
 
 def execution_out(ex: Execution) -> m.ExecutionOut:
     ts = ex.computer.task_server
+    ts_offset = ts.clock_offset_s if ts is not None else None
+    offsets = {
+        **dict.fromkeys(_TS_STEPS, ts_offset),
+        **dict.fromkeys(_AGENT_STEPS, _ns_offset(ex.computer)),
+    }
     return m.ExecutionOut.model_validate(
         {
             "id": ex.id,
@@ -54,7 +67,7 @@ def execution_out(ex: Execution) -> m.ExecutionOut:
             "output_tail": ex.output_tail,
             "steps": ex.step_results or [],
             "timeline": [
-                {"step": step, "at": getattr(ex, _TIMELINE_COLUMNS[step])}
+                _timeline_step(step, getattr(ex, _TIMELINE_COLUMNS[step]), offsets.get(step))
                 for step in m.TIMELINE_STEPS
             ],
         }
@@ -80,6 +93,7 @@ def task_server_out(t: TaskServer, clients: int) -> m.TaskServerOut:
         tickle_state=_state(t.tickle_state),
         last_pull_at=t.last_pull_at,
         clients=clients,
+        clock_offset_s=t.clock_offset_s,
     )
 
 
@@ -94,6 +108,7 @@ def computer_out(c: Computer) -> m.ComputerOut:
         observed_address=c.observed_address,
         nat_detected=c.nat_detected,
         last_contact_at=c.last_contact_at,
+        clock_offset_s=_ns_offset(c),
     )
 
 
@@ -106,7 +121,23 @@ def settings_out(row: Settings) -> m.SettingsOut:
     return m.SettingsOut.model_validate(row, from_attributes=True)
 
 
+def _ns_offset(c: Computer) -> float | None:
+    """How far the computer's clock is ahead of the NS's: ahead of its task server's, plus the
+    task server's (when measured)."""
+    if c.clock_offset_s is None:
+        return None
+    ts_offset = c.task_server.clock_offset_s if c.task_server is not None else None
+    return round(c.clock_offset_s + (ts_offset or 0.0), 3)
+
+
+def _timeline_step(step: str, at: float | None, offset: float | None) -> dict[str, Any]:
+    """A timeline step, on the NS's clock when its own clock is measured off."""
+    if at is None or offset is None or abs(offset) < CORRECTION_MIN_S:
+        return {"step": step, "at": at}
+    return {"step": step, "at": at - offset, "corrected": True, "clock_offset_s": offset}
+
+
 def _state(value: str) -> m.TickleState:
-    if value in ("reachable", "unreachable", "cem"):
+    if value in ("reachable", "unreachable", "cem", "clock_skewed"):
         return value  # type: ignore[return-value]
     return "unknown"

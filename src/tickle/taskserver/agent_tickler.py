@@ -2,8 +2,9 @@
 
 Agents in CEM mode are never tickled (they poll). The first send of a `tasks` tickle reports the
 executions it announces as `agent_tickled`, so the NS timeline shows the hop. An agent that has
-not pulled after the last resend is reported tickle-unreachable to the NS, and reachable again once
-a pull answers a tickle.
+not pulled after the last resend is reported tickle-unreachable to the NS (`clock_skewed` when its
+clock is further off than the freshness window: it rejected the tickles as stale), and reachable
+again once a pull answers a tickle.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 from tickle import wire
 from tickle.backoff import Backoff
 from tickle.metrics import ComponentMetrics
+from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.state_reporter import StateReporter
 from tickle.taskserver.store import Store
 from tickle.taskserver.work_cache import WorkCache
@@ -34,8 +36,10 @@ class AgentTickler:
         reporter: StateReporter,
         metrics: ComponentMetrics,
         backoff: Backoff | None = None,
+        clocks: AgentClocks | None = None,
     ) -> None:
         self._store = store
+        self._clocks = clocks
         self._work_cache = work_cache
         self._reporter = reporter
         self._metrics = metrics
@@ -100,6 +104,14 @@ class AgentTickler:
             self._work_cache.tickled(name, first_sent)
 
     def on_unreachable(self, name: str) -> None:
+        if self._clocks is not None and self._clocks.skewed(name):
+            offset = self._clocks.offset(name) or 0.0
+            log.warning(
+                "agent %s rejects tickles as stale: its clock is %+.1fs off ours; it gets its "
+                "work by polling", name, offset,
+            )  # fmt: skip
+            self._reporter.tickle_state(name, "clock_skewed")
+            return
         log.warning("agent %s is tickle-unreachable; it gets its work by polling", name)
         self._reporter.tickle_state(name, "unreachable")
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import Scope
 
+from tickle import clock
 from tickle.config import ApiServerSettings
 from tickle.messages import (
     AgentEnrollment,
@@ -30,7 +31,8 @@ from tickle.messages import (
     PullVia,
 )
 from tickle.metrics import ComponentMetrics
-from tickle.serving import BodyLimits
+from tickle.serving import BodyLimits, ClockHeaders, arrived_at
+from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.enrollment import Enrollment
 from tickle.taskserver.refusal import Refused
@@ -57,6 +59,7 @@ def create_app(
     enrollment: Enrollment,
     agent_pulls: AgentPulls,
     work_cache: WorkCache,
+    agent_clocks: AgentClocks | None = None,
 ) -> FastAPI:
     """The FastAPI application serving these services."""
     app = FastAPI(
@@ -70,6 +73,7 @@ def create_app(
     app.state.enrollment = enrollment
     app.state.agent_pulls = agent_pulls
     app.state.work_cache = work_cache
+    app.state.agent_clocks = agent_clocks
     app.add_exception_handler(Refused, _refused)
     for router in (operations, enrollment_routes, pull_routes, event_routes):
         app.include_router(router)
@@ -86,6 +90,7 @@ def create_app(
         registrations=[REGISTER],
         known_token=known_token,
     )
+    app.add_middleware(ClockHeaders)  # outermost: the arrival before the body limit reads
     return app
 
 
@@ -123,13 +128,18 @@ _bearer = HTTPBearer(
 
 
 async def current_agent(
+    request: Request,
     store: StoreDep,
     auth: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Client:
-    """The registered agent whose token is in the Authorization header, else 401."""
+    """The registered agent whose token is in the Authorization header, else 401.
+
+    The time the agent sent along (`X-Tickle-Time`) is a sample of its clock's offset.
+    """
     if auth is not None:
         client = store.client_by_token(_token_sha256(auth.credentials))
         if client is not None:
+            _measure_clock(request, client)
             return client
     raise HTTPException(
         status_code=401,
@@ -217,6 +227,14 @@ async def events(batch: EventBatch, agent: AgentDep, work_cache: WorkCacheDep) -
     execution's computer; one cached for another computer is refused.
     """
     return EventAck(accepted=work_cache.take_events(agent.name, batch.events))
+
+
+def _measure_clock(request: Request, client: Client) -> None:
+    clocks: AgentClocks | None = request.app.state.agent_clocks
+    arrived = arrived_at(request.state)
+    theirs = clock.parse_header(request.headers.get(clock.TIME_HEADER), arrived)
+    if clocks is not None and theirs is not None:
+        clocks.sample(client.name, theirs, arrived, tickled=not client.cem)
 
 
 def _token_sha256(token: str) -> str:

@@ -2,6 +2,8 @@
 
 The task server registers once and keeps its credentials; it registers again only when the NS
 answers 401 to the stored token (the NS lost or rotated them), then repeats the request once.
+Every request carries our time and every answer the NS's (`X-Tickle-Time`): the NS measures our
+clock, and `clock_offset_s` is our own measure of how far our clock is off the NS's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 import aiohttp
 from pydantic import BaseModel
 
+from tickle.clock import OffsetEstimator
 from tickle.http import ApiError, client_session, request
 from tickle.messages import (
     AgentCredentials,
@@ -51,6 +54,13 @@ class NsClient:
         self._token: str | None = None
         self._reregister: Register | None = None
         self._reregister_lock = asyncio.Lock()
+        self._ns_clock = OffsetEstimator()  # samples of the NS's offset from us
+
+    @property
+    def clock_offset_s(self) -> float | None:
+        """How far our clock is ahead of the NS's (None: no answer measured yet)."""
+        theirs = self._ns_clock.offset(self.ns_url)
+        return None if theirs is None else -theirs
 
     def use_credentials(self, creds: TaskServerCredentials, reregister: Register) -> None:
         """Authenticate with `creds`; call `reregister` when the NS no longer knows them."""
@@ -161,8 +171,13 @@ class NsClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = client_session(timeout_s=self._timeout_s, ca_file=self._ca_file)
+            self._session = client_session(
+                timeout_s=self._timeout_s, ca_file=self._ca_file, on_offset=self._ns_offset_sample
+            )
         return self._session
+
+    def _ns_offset_sample(self, offset_s: float) -> None:
+        self._ns_clock.add(self.ns_url, offset_s)
 
     def _url(self, path: str) -> str:
         return self.ns_url + path

@@ -28,6 +28,7 @@ from fastapi import FastAPI
 
 from tickle import wire
 from tickle.backoff import Backoff
+from tickle.clock import ClockWarning
 from tickle.config import ConfigError, load_settings
 from tickle.http import ApiError
 from tickle.listening import TickleListener
@@ -37,6 +38,7 @@ from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
 from tickle.serving import ServingConfig
 from tickle.statedir import make_private
+from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.agent_tickler import AgentTickler
 from tickle.taskserver.api import create_app
@@ -124,6 +126,7 @@ class TaskServer:
         self.reporter = StateReporter(self.ns)
         self.forwarder = OutboxForwarder(self.outbox, self.ns.send_events, self.metrics)
         self.work_cache = WorkCache(self.store, self.forwarder, self.metrics)
+        self.agent_clocks = AgentClocks(self.reporter, self.metrics, settings.freshness_window_s)
         self.agents = AgentTickler(
             settings.name,
             self.store,
@@ -131,6 +134,7 @@ class TaskServer:
             self.reporter,
             self.metrics,
             settings.tickle_backoff(),
+            self.agent_clocks,
         )
         self.sync = NsSync(
             self.ns, self.store, self.work_cache, self.agents, settings.ns_check_interval_s
@@ -150,7 +154,11 @@ class TaskServer:
             self.metrics,
             on_tasks=functools.partial(self.sync.work.trigger, "tickle"),
             on_settings=functools.partial(self.sync.settings.trigger, "tickle"),
-        )
+            on_rejected=ClockWarning(
+                lambda: self.ns.clock_offset_s, lambda: "the notification server",
+                settings.freshness_window_s, log,
+            ).rejected,
+        )  # fmt: skip
         self.tickle_port = 0
         self.api_port = 0
         self._api_socket: socket.socket | None = None
@@ -323,6 +331,7 @@ class TaskServer:
             enrollment=self.enrollment,
             agent_pulls=self.agent_pulls,
             work_cache=self.work_cache,
+            agent_clocks=self.agent_clocks,
         )
 
     async def _start_api(self) -> None:

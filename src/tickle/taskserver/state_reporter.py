@@ -44,13 +44,19 @@ class StateReporter:
                 name=state.name,
                 tickle_state=state.tickle_state or old.tickle_state,
                 observed_address=state.observed_address or old.observed_address,
+                clock_offset_s=(
+                    old.clock_offset_s if state.clock_offset_s is None else state.clock_offset_s
+                ),
                 at=state.at,
             )
         self._pending[state.name] = state
         self._wake.set()
 
-    def tickle_state(self, name: str, state: Literal["reachable", "unreachable"]) -> None:
-        """Report that computer `name` turned tickle-reachable or tickle-unreachable."""
+    def tickle_state(
+        self, name: str, state: Literal["reachable", "unreachable", "clock_skewed"]
+    ) -> None:
+        """Report that computer `name` turned tickle-reachable or tickle-unreachable (or is
+        unreachable because its clock is skewed)."""
         # unreachable is told every time (a new outage); reachable only when it changes
         if state == "reachable" and self._tickle_states.get(name) == state:
             return

@@ -52,6 +52,8 @@ class AgentSpec:
     blocked: bool = False
     groups: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
+    # more environment for its process (e.g. the test-only clock offset, clock.TEST_OFFSET_ENV)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -328,11 +330,12 @@ class LocalFleet:
         return args
 
     def _env(self, name: str) -> dict[str, str]:
-        """The environment of process `name`: ours, less any TICKLE_ setting, plus its secrets."""
+        """The environment of process `name`: ours, less any TICKLE_ setting, plus its secrets
+        (and an agent's own `env`)."""
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         for key in list(env):
-            if key.startswith(("TICKLE_NS_", "TICKLE_TS_", "TICKLE_AGENT_")):
+            if key.startswith(("TICKLE_NS_", "TICKLE_TS_", "TICKLE_AGENT_", "TICKLE_TEST")):
                 del env[key]  # the fleet's flags and secrets are the whole configuration
         if name == "ns":
             env["TICKLE_NS_ADMIN_TOKEN"] = self.admin_token
@@ -342,4 +345,5 @@ class LocalFleet:
             env["TICKLE_TS_AGENT_ENROLLMENT_SECRET"] = self.agent_enrollment_secret
         else:
             env["TICKLE_AGENT_ENROLLMENT_SECRET"] = self.agent_enrollment_secret
+            env.update(self.agents[name].env)
         return env

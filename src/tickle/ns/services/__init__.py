@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tickle.metrics import ComponentMetrics
+from tickle.ns.services.clocks import ClockMetrics, ClockService
 from tickle.ns.services.delivery import DeliveryService
 from tickle.ns.services.inventory import InventoryService
 from tickle.ns.services.settings import SettingsService
@@ -28,6 +29,7 @@ class Services:
     metrics: ComponentMetrics
     # the operator's decisions on registrations touch nothing but the database, likewise
     registrations: RegistrationStore
+    clocks: ClockService
 
     @classmethod
     def build(
@@ -46,6 +48,7 @@ class Services:
             settings.ns_id,
             manual_approval=settings.registration_approval == "manual",
         )
+        metrics.registry.register(ClockMetrics(stores.inventory))
         return cls(
             inventory=inventory,
             catalog=stores.catalog,
@@ -53,4 +56,5 @@ class Services:
             settings=SettingsService(stores.settings, tickle_server),
             metrics=metrics,
             registrations=stores.registrations,
+            clocks=ClockService(stores.inventory),
         )

@@ -113,6 +113,8 @@ class InventoryStore:
                 if st.observed_address is not None:
                     c.observed_address = st.observed_address
                     c.nat_detected = _nat(c.reported_address, st.observed_address)
+                if st.clock_offset_s is not None:
+                    c.clock_offset_s = st.clock_offset_s
                 c.last_contact_at = max(c.last_contact_at or 0.0, st.at)
 
     # --- the tickle server's view --------------------------------------------------------------
@@ -134,6 +136,38 @@ class InventoryStore:
         """Whether tickles get through to the task server (reachable or unreachable)."""
         with self._db.writing() as s:
             s.execute(update(TaskServer).where(TaskServer.name == name).values(tickle_state=state))
+
+    # --- clocks --------------------------------------------------------------------------------
+
+    def set_task_server_clock(self, name: str, offset_s: float, state: str | None) -> None:
+        """How far the task server's clock is ahead of ours; `state`: its new tickle state."""
+        values: dict[str, object] = {"clock_offset_s": offset_s}
+        if state is not None:
+            values["tickle_state"] = state
+        with self._db.writing() as s:
+            s.execute(update(TaskServer).where(TaskServer.name == name).values(**values))
+
+    def task_server_clock(self, name: str) -> float | None:
+        """How far the task server's clock is ahead of ours, as last measured (None: unknown)."""
+        with self._db.reading() as s:
+            offset: float | None = s.scalar(
+                select(TaskServer.clock_offset_s).where(TaskServer.name == name)
+            )
+            return offset
+
+    def clock_figures(self) -> tuple[dict[str, float], int]:
+        """Every measured task server's clock offset, and how many computers are clock-skewed."""
+        with self._db.reading() as s:
+            offsets = {
+                row.name: row.clock_offset_s
+                for row in s.execute(
+                    select(TaskServer.name, TaskServer.clock_offset_s).where(
+                        TaskServer.clock_offset_s.is_not(None)
+                    )
+                )
+            }
+            skewed = s.scalar(select(func.count()).where(Computer.tickle_state == "clock_skewed"))
+            return offsets, int(skewed or 0)
 
     # --- helpers -------------------------------------------------------------------------------
 
