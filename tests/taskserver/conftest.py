@@ -215,8 +215,9 @@ class FakeNs:
     async def _states(self, req: web.Request) -> web.Response:
         self._authorized(req)
         self.calls.append("states")
-        self.states.extend(ComputerState.model_validate(s) for s in await req.json())
-        return web.json_response({})
+        states = [ComputerState.model_validate(s) for s in await req.json()]
+        self.states.extend(states)
+        return web.json_response({"updated": len(states)})
 
     def events_of(self, kind: str) -> list[StatusEvent]:
         return [e for e in self.events.values() if e.kind == kind]

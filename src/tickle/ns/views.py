@@ -37,6 +37,7 @@ def run_out(run: Run) -> m.RunOut:
         task_id=run.task_id,
         job_id=run.job_id,
         executions=[execution_out(ex) for ex in run.executions],
+        label=run.label,
     )
 
 
@@ -83,7 +84,10 @@ def task_server_out(t: TaskServer, clients: int) -> m.TaskServerOut:
     )
 
 
-def computer_out(c: Computer) -> m.ComputerOut:
+def computer_out(c: Computer, online_since: float) -> m.ComputerOut:
+    """The computer as the operator sees it; online when its last contact is after
+    `online_since` (see `tickle.ns.liveness`)."""
+    online = c.last_contact_at is not None and c.last_contact_at >= online_since
     return m.ComputerOut(
         name=c.name,
         task_server=c.task_server.name if c.task_server is not None else None,
@@ -94,6 +98,8 @@ def computer_out(c: Computer) -> m.ComputerOut:
         observed_address=c.observed_address,
         nat_detected=c.nat_detected,
         last_contact_at=c.last_contact_at,
+        liveness="online" if online else "offline",
+        settings_version=c.settings_version,
     )
 
 

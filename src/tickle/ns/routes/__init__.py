@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from tickle.ns.routes import health, inventory, runs, settings, task_server, tasks
+from tickle.ns.routes import health, history, inventory, runs, settings, task_server, tasks
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
     tasks.router,
     runs.router,
+    history.router,
     inventory.router,
     settings.router,
     task_server.router,

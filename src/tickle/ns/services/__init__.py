@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tickle.metrics import ComponentMetrics
+from tickle.ns.liveness import LivenessGauge, OfflineBound
 from tickle.ns.services.delivery import DeliveryService
+from tickle.ns.services.history import HistoryService
 from tickle.ns.services.inventory import InventoryService
 from tickle.ns.services.settings import SettingsService
 from tickle.ns.settings import NsSettings
@@ -24,6 +26,7 @@ class Services:
     catalog: CatalogStore
     delivery: DeliveryService
     settings: SettingsService
+    history: HistoryService
     metrics: ComponentMetrics
 
     @classmethod
@@ -41,11 +44,14 @@ class Services:
             tickle_server,
             settings.enrollment_secret or "",
             settings.ns_id,
+            OfflineBound(settings.offline_intervals, settings.offline_slack_s),
         )
+        metrics.registry.register(LivenessGauge(inventory.liveness_counts))
         return cls(
             inventory=inventory,
             catalog=stores.catalog,
             delivery=DeliveryService(stores.delivery, tickle_server, metrics),
             settings=SettingsService(stores.settings, tickle_server),
+            history=HistoryService(stores.history, tickle_server),
             metrics=metrics,
         )

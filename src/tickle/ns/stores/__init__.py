@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from tickle.ns.database import Database
 from tickle.ns.stores.catalog import CatalogStore
 from tickle.ns.stores.delivery import DeliveryStore
+from tickle.ns.stores.history import HistoryStore
 from tickle.ns.stores.inventory import InventoryStore
 from tickle.ns.stores.settings import SettingsStore
 
@@ -22,6 +23,7 @@ class Stores:
     catalog: CatalogStore  # tasks and jobs
     delivery: DeliveryStore  # runs, executions, pulls, status events
     settings: SettingsStore  # the central settings
+    history: HistoryStore  # run history, deletions, the settings' reach
 
     @classmethod
     def open(cls, url: str) -> Stores:
@@ -33,6 +35,7 @@ class Stores:
             CatalogStore(database),
             DeliveryStore(database),
             SettingsStore(database),
+            HistoryStore(database),
         )
 
     def close(self) -> None:

@@ -9,13 +9,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from tickle import messages as m
 from tickle.ns import views
 from tickle.ns.credentials import Caller, new_tickle_key, new_token, token_sha256
 from tickle.ns.database import Database, retry_on_conflict
-from tickle.ns.errors import Forbidden, NotFound
-from tickle.ns.models import Computer, TaskServer
+from tickle.ns.errors import Forbidden
+from tickle.ns.liveness import OfflineBound
+from tickle.ns.models import Computer, Settings, TaskServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +46,9 @@ class InventoryStore:
             if row is not None:
                 return Caller("task_server", row.name, row.id)
             crow = s.execute(
-                select(Computer.id, Computer.name).where(Computer.token_sha256 == sha)
+                select(Computer.id, Computer.name).where(
+                    Computer.token_sha256 == sha, Computer.forgotten_at.is_(None)
+                )
             ).first()
             if crow is not None:
                 return Caller("computer", crow.name, crow.id)
@@ -79,31 +83,68 @@ class InventoryStore:
                 for t in s.scalars(select(TaskServer).order_by(TaskServer.name))
             ]
 
-    def computers(self) -> list[m.ComputerOut]:
+    def computers(
+        self, bound: OfflineBound, liveness: m.Liveness | None = None
+    ) -> list[m.ComputerOut]:
+        """The computers (not forgotten), each online or offline under `bound`; `liveness`:
+        only those in that state."""
         with self._db.reading() as s:
-            return [
-                views.computer_out(c) for c in s.scalars(select(Computer).order_by(Computer.name))
+            since = bound.online_since(_interval_s(s))
+            found = [
+                views.computer_out(c, since)
+                for c in s.scalars(
+                    select(Computer).where(Computer.forgotten_at.is_(None)).order_by(Computer.name)
+                )
             ]
+        return [c for c in found if liveness is None or c.liveness == liveness]
 
-    def update_computer_states(self, ts: Caller, states: Sequence[m.ComputerState]) -> None:
-        """Apply what a task server saw of its clients (tickle reachability, observed address)."""
+    def liveness_counts(self, bound: OfflineBound) -> dict[m.Liveness, int]:
+        """How many computers (not forgotten) are online and offline: one count query."""
+        with self._db.reading() as s:
+            since = bound.online_since(_interval_s(s))
+            online = Computer.last_contact_at >= since
+            total, up = s.execute(
+                select(func.count(), func.count().filter(online)).where(
+                    Computer.forgotten_at.is_(None)
+                )
+            ).one()
+        return {"online": int(up), "offline": int(total) - int(up)}
+
+    def update_computer_states(self, ts: Caller, states: Sequence[m.ComputerState]) -> list[str]:
+        """Apply what a task server saw of its clients (last contact, settings version, tickle
+        reachability, observed address); returns the names the NS does not know (forgotten):
+        the task server drops their credentials.
+
+        The other clients' states are applied even when the batch names a computer of another
+        task server; that refusal is raised after the commit."""
         names = {st.name for st in states}
         with self._db.writing() as s:
-            found = {c.name: c for c in s.scalars(select(Computer).where(Computer.name.in_(names)))}
-            for st in states:
-                c = found.get(st.name)
-                if c is None:
-                    raise NotFound(f"computer {st.name!r} is not registered")
-                if c.task_server_id != ts.id:
-                    raise Forbidden(f"computer {st.name!r} is not a client of {ts.name!r}")
+            found = {
+                c.name: c
+                for c in s.scalars(
+                    select(Computer).where(
+                        Computer.name.in_(names), Computer.forgotten_at.is_(None)
+                    )
+                )
+            }
+            unknown = sorted(names - found.keys())
+            foreign = sorted(n for n, c in found.items() if c.task_server_id != ts.id)
             for st in sorted(states, key=lambda st: st.at):
-                c = found[st.name]
+                c = found.get(st.name)
+                if c is None or c.task_server_id != ts.id:
+                    continue
                 if st.tickle_state is not None and not (c.cem and st.tickle_state != "cem"):
                     c.tickle_state = st.tickle_state
                 if st.observed_address is not None:
                     c.observed_address = st.observed_address
                     c.nat_detected = _nat(c.reported_address, st.observed_address)
-                c.last_contact_at = max(c.last_contact_at or 0.0, st.at)
+                if st.settings_version is not None:
+                    c.settings_version = st.settings_version
+                if st.contact_at is not None:
+                    c.last_contact_at = max(c.last_contact_at or 0.0, st.contact_at)
+        if foreign:
+            raise Forbidden(f"computer(s) {', '.join(foreign)} not a client of {ts.name!r}")
+        return unknown
 
     # --- the tickle server's view --------------------------------------------------------------
 
@@ -150,6 +191,9 @@ class InventoryStore:
             if c is None:
                 c = Computer(name=reg.name)
                 s.add(c)
+            if c.forgotten_at is not None:  # a forgotten computer registers as a new one
+                c.forgotten_at = None
+                c.settings_version = None
             c.task_server_id = ts.id
             c.token_sha256 = token_sha256(token)
             c.tickle_key = key
@@ -163,6 +207,11 @@ class InventoryStore:
             c.tickle_state = "cem" if reg.cem else "unknown"
             c.last_contact_at = time.time()
         return m.AgentCredentials(name=reg.name, token=token, tickle_key=key)
+
+
+def _interval_s(s: Session) -> float:
+    row = s.get(Settings, 1)
+    return float(row.task_request_interval_s if row is not None else 1800)
 
 
 def _nat(reported: str | None, observed: str | None) -> bool:
