@@ -4,9 +4,6 @@ executions, ad-hoc commands that leave no task behind, and deleting each kind of
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -15,7 +12,7 @@ from tickle.console import ConsoleError
 from tickle.messages import JobCreate, RunCreate, RunOut, TaskCreate, TaskSpec
 from tickle.testing.localfleet import AgentSpec, LocalFleet
 
-from .conftest import Factory, agent_ctl, eventually, wait_run
+from .conftest import Factory, agent_ctl, eventually, tickle_cli, wait_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 # contacts reach the NS within half a second: a forgotten computer's task server learns it fast
@@ -26,15 +23,6 @@ async def _run(fleet: LocalFleet, create: RunCreate) -> RunOut:
     async with fleet.client() as ns:
         run = await ns.run_now(create)
     return await wait_run(fleet, run.id, 30)
-
-
-def _cli(fleet: LocalFleet, *argv: str) -> subprocess.CompletedProcess[str]:
-    """`tickle ...` against the fleet's NS, as an operator types it."""
-    env = dict(os.environ, TICKLE_NS_URL=fleet.ns_url, TICKLE_ADMIN_TOKEN=fleet.admin_token)
-    return subprocess.run(
-        [sys.executable, "-m", "tickle", *argv], capture_output=True, text=True, timeout=30,
-        env=env, check=False,
-    )  # fmt: skip
 
 
 async def test_runs_are_listed_newest_first_filtered_and_paged(fleet_factory: Factory) -> None:
@@ -77,19 +65,19 @@ async def test_runs_are_listed_newest_first_filtered_and_paged(fleet_factory: Fa
         page2 = await ns.runs(limit=3, before=page1.next_before)
         assert ([r.id for r in page2.runs], page2.next_before) == ([first.id], None)
 
-    listed = _cli(fleet, "runs", "list", "--computer", "a2", "--json")
+    listed = tickle_cli(fleet, "runs", "list", "--computer", "a2", "--json")
     assert listed.returncode == 0, listed.stderr
     assert [r["id"] for r in json.loads(listed.stdout)["runs"]] == [third.id, first.id]
-    table = _cli(fleet, "runs", "list", "--limit", "2", "--since", "1h")
+    table = tickle_cli(fleet, "runs", "list", "--limit", "2", "--since", "1h")
     assert table.returncode == 0, table.stderr
     assert f"--before {third.id}" in table.stdout
-    wrong = _cli(fleet, "runs", "list", "--since", "yesterday")
+    wrong = tickle_cli(fleet, "runs", "list", "--since", "yesterday")
     assert wrong.returncode == 2
     assert wrong.stderr.strip() == (
         "tickle: --since: 'yesterday' is neither ISO 8601 nor a duration like 2h"
     )
     # the CLI's ad-hoc command leaves no task behind either
-    once = _cli(fleet, "run", "--command", "echo once", "a2", "--json")
+    once = tickle_cli(fleet, "run", "--command", "echo once", "a2", "--json")
     assert once.returncode == 0, once.stderr
     async with fleet.client() as ns:
         assert [t.name for t in await ns.tasks()] == ["ok", "bad"]
@@ -119,10 +107,10 @@ async def test_a_computers_executions_newest_first_in_pages(fleet_factory: Facto
         assert [e.id for e in failed.executions] == mine[:1]
         with pytest.raises(ConsoleError, match="404: computer 'nobody' is not known"):
             await ns.computer_executions("nobody")
-    shown = _cli(fleet, "history", "--computer", "a1", "--json")
+    shown = tickle_cli(fleet, "history", "--computer", "a1", "--json")
     assert shown.returncode == 0, shown.stderr
     assert [e["id"] for e in json.loads(shown.stdout)["executions"]] == mine
-    one = _cli(fleet, "executions", "show", str(mine[0]))
+    one = tickle_cli(fleet, "executions", "show", str(mine[0]))
     assert one.returncode == 0, one.stderr
     assert f"execution {mine[0]} on a1: failed" in one.stdout
 
@@ -204,7 +192,7 @@ async def test_deleting_a_task_server_refused_while_it_serves_computers_unless_f
     async with fleet.client() as ns:
         with pytest.raises(ConsoleError, match="409: task server ts2 still serves 1 computer"):
             await ns.delete_task_server("ts2")
-    deleted = _cli(fleet, "task-servers", "delete", "ts2", "--force")
+    deleted = tickle_cli(fleet, "task-servers", "delete", "ts2", "--force")
     assert (deleted.returncode, deleted.stdout.strip()) == (0, "task server ts2 deleted")
     async with fleet.client() as ns:
         assert [s.name for s in await ns.task_servers()] == ["ts1"]
@@ -214,10 +202,10 @@ async def test_deleting_a_task_server_refused_while_it_serves_computers_unless_f
             await ns.delete_task_server("ts2")
         with pytest.raises(ConsoleError, match="404: task server 'nope' is not registered"):
             await ns.delete_task_server("nope")
-    assert _cli(fleet, "task-servers", "delete", "ts1").returncode == 0  # serves nobody
+    assert tickle_cli(fleet, "task-servers", "delete", "ts1").returncode == 0  # serves nobody
 
 
 async def _cli_ok(fleet: LocalFleet, *argv: str) -> str:
-    done = _cli(fleet, *argv)
+    done = tickle_cli(fleet, *argv)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
