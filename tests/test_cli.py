@@ -137,6 +137,10 @@ BAD_INPUT = [
     (["run", "pc 1", "--task", "1"], "computers"),
     (["run", "pc1", "--task", "1", "--group", "g" * 65], "groups"),
     (["task", "add", "t1", "--command", "true", "--timeout", "-1"], "timeout_s"),
+    (["runs", "list", "--status", "done"], "--status: 'done' is not one of pending"),
+    (["runs", "list", "--until", "noon"], "--until: 'noon' is neither ISO 8601"),
+    (["history", "--computer", "pc1", "--status", "ok"], "--status: 'ok' is not one of"),
+    (["computers", "--offline", "--online"], "at most one of --offline or --online"),
 ]
 _bad_input: list[str] = []
 
@@ -149,7 +153,8 @@ def bad_input_results() -> Iterator[list[str]]:
         record(
             case="CLI: bad operator input",
             done="job add with 60 task ids, a bad job name, settings set with no flag, a 5 s "
-            "interval, bad computer and group names, a negative timeout",
+            "interval, bad computer and group names, a negative timeout, an unknown status, a "
+            "time that is no time, both --offline and --online",
             outcome="; ".join(failed)
             or "exit 2, one line naming the limit or field, NS not reached",
             tried=len(_bad_input),

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -24,6 +24,7 @@ from rich.console import Console
 from tickle import console as con
 from tickle.messages import (
     FINAL_STATUSES,
+    ExecutionStatus,
     JobCreate,
     RunCreate,
     RunOut,
@@ -460,6 +461,7 @@ def runs_list(
     as_json: AsJson = False,
 ) -> None:
     """List runs, newest first, with their executions per status."""
+    _check_status(status)
     filters = {
         "status": status, "task_id": task, "job_id": job, "computer": computer,
         "since": _when("--since", since), "until": _when("--until", until), "limit": limit,
@@ -502,6 +504,7 @@ def history_command(
     as_json: AsJson = False,
 ) -> None:
     """A computer's executions, newest first (a forgotten computer's too)."""
+    _check_status(status)
     page = _with_ns(
         ctx, lambda c: c.computer_executions(computer, status=status, limit=limit, before=before)
     )
@@ -578,6 +581,12 @@ def _task_spec(name: str, command: str | None, script: Path | None, timeout: flo
     except (ValueError, OSError) as exc:
         raise _failure("tickle: bad task", exc, 2) from None
     raise _failure("tickle", "give exactly one of --command or --script", 2)
+
+
+def _check_status(status: str | None) -> None:
+    statuses = get_args(ExecutionStatus)
+    if status is not None and status not in statuses:
+        raise _failure("tickle", f"--status: {status!r} is not one of {', '.join(statuses)}", 2)
 
 
 def _when(option: str, text: str | None) -> str | None:

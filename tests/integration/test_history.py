@@ -4,10 +4,12 @@ executions, ad-hoc commands that leave no task behind, and deleting each kind of
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 
 import pytest
 
+from tests.reliability import record
 from tickle.console import ConsoleError
 from tickle.messages import JobCreate, RunCreate, RunOut, TaskCreate, TaskSpec
 from tickle.testing.localfleet import AgentSpec, LocalFleet
@@ -178,8 +180,17 @@ async def test_a_forgotten_computer_loses_its_credentials_keeps_its_history_and_
         async with fleet.client() as ns:
             return [c.name for c in await ns.computers()] == ["a1"]
 
+    forgot_at = time.monotonic()
     await eventually(registered_again, 20, "a1 to register again as a new computer", every_s=0.5)
+    took_s = time.monotonic() - forgot_at
     assert "registering again" in fleet.log_tail("a1", 200)
+    record(
+        case="Forgotten computer's credentials",
+        done="tickle computers forget a1 while its agent runs, then its agent's contacts",
+        outcome=f"its token refused (401) once its task server learned it, {took_s:.1f} s later;"
+        " it registered again as a new computer; its history kept",
+        command="pytest tests/integration/test_history.py",
+    )
     again = await _run(fleet, RunCreate(task_id=t.id, computers=["a1"]))
     assert again.executions[0].status == "succeeded"
 

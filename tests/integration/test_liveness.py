@@ -6,9 +6,11 @@ settings version its agent has."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
+from tests.reliability import record
 from tickle.agent.control import control_call
 from tickle.messages import ComputerOut, SettingsUpdate
 from tickle.testing.localfleet import AgentSpec, LocalFleet
@@ -64,6 +66,7 @@ async def test_a_cem_agents_poll_is_a_contact_and_a_silent_computer_turns_offlin
         return (await _computers(fleet))["cem1"].liveness == "offline"
 
     await eventually(offline, 40, "cem1 to turn offline after 1 x 10 s + 5 s", every_s=0.5)
+    silent_s = time.time() - killed_contact
     computers = await _computers(fleet)
     # offline only once the bound passed since its last contact
     assert computers["cem1"].last_contact_at == killed_contact
@@ -76,6 +79,13 @@ async def test_a_cem_agents_poll_is_a_contact_and_a_silent_computer_turns_offlin
     listed = tickle_cli(fleet, "computers", "--offline", "--json")
     assert listed.returncode == 0, listed.stderr
     assert [c["name"] for c in json.loads(listed.stdout)] == ["cem1"]
+    record(
+        case="Dead agent shown offline",
+        done="CEM agent SIGKILLed (interval 10 s, offline bound 1 x 10 s + 5 s); a live one beside",
+        outcome=f"offline {silent_s:.1f} s after its last contact (bound 15 s), the live one"
+        " online; tickle_computers gauge offline 1, online 1",
+        command="pytest tests/integration/test_liveness.py",
+    )
 
 
 async def test_each_computer_shows_its_settings_version_and_settings_set_tells_the_reach(

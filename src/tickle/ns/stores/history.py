@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, select, update
@@ -56,9 +56,9 @@ class HistoryStore:
         if where.job_id is not None:
             conditions.append(Run.job_id == where.job_id)
         if where.since is not None:
-            conditions.append(Run.created_at >= where.since.timestamp())
+            conditions.append(Run.created_at >= _epoch(where.since))
         if where.until is not None:
-            conditions.append(Run.created_at < where.until.timestamp())
+            conditions.append(Run.created_at < _epoch(where.until))
         if where.status is not None or where.computer is not None:
             matching = select(Execution.run_id)
             if where.status is not None:
@@ -211,6 +211,11 @@ class HistoryStore:
         return m.SettingsReach(
             version=version, current=int(current), pending=int(total) - int(current)
         )
+
+
+def _epoch(at: datetime) -> float:
+    """Unix seconds of `at`; a time without a zone is UTC (not the server's local time)."""
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
 
 def _refuse_unfinished(s: Session, which: ColumnElement[bool], what: str) -> None:
