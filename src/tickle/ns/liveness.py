@@ -36,6 +36,10 @@ class OfflineBound:
         return (time.time() if now is None else now) - self.after_s(task_request_interval_s)
 
 
+# the NS settings' defaults (offline_intervals, offline_slack_s)
+DEFAULT_BOUND = OfflineBound(intervals=2.0, slack_s=60.0)
+
+
 class LivenessGauge(Collector):
     """`tickle_computers{state="online"|"offline"}`, counted in the database at each scrape."""
 

@@ -16,7 +16,7 @@ from tickle.ns import views
 from tickle.ns.credentials import Caller, new_tickle_key, new_token, token_sha256
 from tickle.ns.database import Database, retry_on_conflict
 from tickle.ns.errors import Forbidden
-from tickle.ns.liveness import OfflineBound
+from tickle.ns.liveness import DEFAULT_BOUND, OfflineBound
 from tickle.ns.models import Computer, Settings, TaskServer
 
 
@@ -84,7 +84,7 @@ class InventoryStore:
             ]
 
     def computers(
-        self, bound: OfflineBound, liveness: m.Liveness | None = None
+        self, bound: OfflineBound = DEFAULT_BOUND, liveness: m.Liveness | None = None
     ) -> list[m.ComputerOut]:
         """The computers (not forgotten), each online or offline under `bound`; `liveness`:
         only those in that state."""
