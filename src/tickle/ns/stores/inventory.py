@@ -7,6 +7,7 @@ import base64
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -119,29 +120,43 @@ class InventoryStore:
         task server; that refusal is raised after the commit."""
         names = {st.name for st in states}
         with self._db.writing() as s:
+            # the columns it needs, and one executemany UPDATE by id: a batch of 1,000 contacts
+            # must not load (and flush) 1,000 ORM rows
             found = {
-                c.name: c
-                for c in s.scalars(
-                    select(Computer).where(
-                        Computer.name.in_(names), Computer.forgotten_at.is_(None)
-                    )
+                row.name: row
+                for row in s.execute(
+                    select(
+                        Computer.id, Computer.name, Computer.task_server_id, Computer.cem,
+                        Computer.reported_address, Computer.last_contact_at,
+                    ).where(Computer.name.in_(names), Computer.forgotten_at.is_(None))
                 )
-            }
+            }  # fmt: skip
             unknown = sorted(names - found.keys())
             foreign = sorted(n for n, c in found.items() if c.task_server_id != ts.id)
+            changes: dict[str, dict[str, Any]] = {}
             for st in sorted(states, key=lambda st: st.at):
                 c = found.get(st.name)
                 if c is None or c.task_server_id != ts.id:
                     continue
+                change = changes.setdefault(c.name, {"id": c.id})
                 if st.tickle_state is not None and not (c.cem and st.tickle_state != "cem"):
-                    c.tickle_state = st.tickle_state
+                    change["tickle_state"] = st.tickle_state
                 if st.observed_address is not None:
-                    c.observed_address = st.observed_address
-                    c.nat_detected = _nat(c.reported_address, st.observed_address)
+                    change["observed_address"] = st.observed_address
+                    change["nat_detected"] = _nat(c.reported_address, st.observed_address)
                 if st.settings_version is not None:
-                    c.settings_version = st.settings_version
+                    change["settings_version"] = st.settings_version
                 if st.contact_at is not None:
-                    c.last_contact_at = max(c.last_contact_at or 0.0, st.contact_at)
+                    change["last_contact_at"] = max(
+                        change.get("last_contact_at") or c.last_contact_at or 0.0, st.contact_at
+                    )
+            # rows alike in their columns go in one executemany each
+            by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for change in changes.values():
+                by_columns.setdefault(tuple(sorted(change)), []).append(change)
+            for rows in by_columns.values():
+                if len(rows[0]) > 1:
+                    s.execute(update(Computer), rows)
         if foreign:
             raise Forbidden(f"computer(s) {', '.join(foreign)} not a client of {ts.name!r}")
         return unknown
