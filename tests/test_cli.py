@@ -148,6 +148,10 @@ BAD_INPUT = [
     (["task", "add", "t1", "--command", "true", "--timeout", "-1"], "timeout_s"),
     (["computers", "approve", "pc 1"], "name 'pc 1'"),
     (["task-servers", "rekey", "ts/1"], "name 'ts/1'"),
+    (["runs", "list", "--status", "done"], "--status: 'done' is not one of pending"),
+    (["runs", "list", "--until", "noon"], "--until: 'noon' is neither ISO 8601"),
+    (["history", "--computer", "pc1", "--status", "ok"], "--status: 'ok' is not one of"),
+    (["computers", "--offline", "--online"], "at most one of --offline or --online"),
 ]
 _bad_input: list[str] = []
 
@@ -160,7 +164,8 @@ def bad_input_results() -> Iterator[list[str]]:
         record(
             case="CLI: bad operator input",
             done="job add with 60 task ids, a bad job name, settings set with no flag, a 5 s "
-            "interval, bad computer and group names, a negative timeout",
+            "interval, bad computer and group names, a negative timeout, an unknown status, a "
+            "time that is no time, both --offline and --online",
             outcome="; ".join(failed)
             or "exit 2, one line naming the limit or field, NS not reached",
             tried=len(_bad_input),

@@ -11,11 +11,11 @@ import asyncio
 import json
 import shlex
 import sys
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import typer
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -24,13 +24,17 @@ from rich.console import Console
 from tickle import console as con
 from tickle.messages import (
     FINAL_STATUSES,
+    ExecutionStatus,
     JobCreate,
     Name,
     RegistrationKind,
     RunCreate,
     RunOut,
+    SettingsOut,
+    SettingsReach,
     SettingsUpdate,
     TaskCreate,
+    TaskSpec,
 )
 
 T = TypeVar("T")
@@ -234,6 +238,14 @@ def task_list(ctx: typer.Context) -> None:
     _print_json([t.model_dump() for t in tasks])
 
 
+@task_app.command("delete")
+def task_delete(ctx: typer.Context, task_id: int) -> None:
+    """Delete a task (refused while a job has it as a step or one of its runs is unfinished);
+    its runs stay in the history."""
+    _with_ns(ctx, lambda c: c.delete_task(task_id))
+    out.print(f"task {task_id} deleted")
+
+
 @job_app.command("add")
 def job_add(
     ctx: typer.Context,
@@ -253,6 +265,14 @@ def job_list(ctx: typer.Context) -> None:
     _print_json([j.model_dump() for j in jobs])
 
 
+@job_app.command("delete")
+def job_delete(ctx: typer.Context, job_id: int) -> None:
+    """Delete a job (its tasks stay; refused while one of its runs is unfinished); its runs stay
+    in the history."""
+    _with_ns(ctx, lambda c: c.delete_job(job_id))
+    out.print(f"job {job_id} deleted")
+
+
 @app.command("run")
 def run_command(
     ctx: typer.Context,
@@ -260,7 +280,10 @@ def run_command(
     task: Annotated[int | None, typer.Option("--task", help="Task id")] = None,
     job: Annotated[int | None, typer.Option("--job", help="Job id")] = None,
     command: Annotated[
-        str | None, typer.Option("--command", help="Define a one-off task from this command line")
+        str | None,
+        typer.Option(
+            "--command", help="Run this command line once (kept with the run, not as a task)"
+        ),
     ] = None,
     group: Annotated[list[str] | None, typer.Option("--group", help="Computer group")] = None,
     watch: Annotated[bool, typer.Option(help="Wait and show progress until all finish")] = True,
@@ -270,21 +293,17 @@ def run_command(
     """Run a task or job now on computers (and groups); watch until every target finished."""
     if sum(x is not None for x in (task, job, command)) != 1:
         raise _failure("tickle run", "give exactly one of --task, --job or --command", 2)
-    adhoc = None
-    if command is not None:
-        adhoc = _task_spec(f"adhoc-{int(time.time() * 1000)}", command, None, 300.0)
-    # checked before anything reaches the NS (0 stands in for a one-off task's id until defined)
+    # an ad-hoc command travels inline with the run: it is not added to the defined tasks
+    inline = None if command is None else _task_spec("adhoc", command, None, 300.0)
     create = _valid(
         "tickle run", RunCreate,
-        task_id=task if adhoc is None else 0, job_id=job, computers=computers or [],
-        groups=group or [],
+        task_id=task, job_id=job,
+        task=None if inline is None else TaskSpec.model_validate(inline.model_dump()),
+        computers=computers or [], groups=group or [],
     )  # fmt: skip
 
     async def work(c: con.NsClient) -> RunOut:
-        run_create = create
-        if adhoc is not None:
-            run_create = create.model_copy(update={"task_id": (await c.add_task(adhoc)).id})
-        run = await c.run_now(run_create)
+        run = await c.run_now(create)
         if not watch:
             return run
         if as_json:
@@ -333,31 +352,52 @@ def timeline_command(
 
 
 computers_app = typer.Typer(
-    help="List computers; approve, reject or re-key their agents' registrations."
+    help="List computers (bare `tickle computers`); approve, reject or re-key their agents' "
+    "registrations; forget one.",
+    invoke_without_command=True,
 )
 task_servers_app = typer.Typer(
-    help="List task servers; approve, reject or re-key their registrations."
+    help="List task servers (bare `tickle task-servers`); approve, reject or re-key their "
+    "registrations; delete one.",
+    invoke_without_command=True,
 )
 app.add_typer(computers_app, name="computers")
 app.add_typer(task_servers_app, name="task-servers")
 
 
-@computers_app.callback(invoke_without_command=True)
+@computers_app.callback()
 def computers_command(
     ctx: typer.Context,
+    offline: Annotated[bool, typer.Option("--offline", help="Only the offline computers")] = False,
+    online: Annotated[bool, typer.Option("--online", help="Only the online computers")] = False,
     as_json: AsJson = False,
 ) -> None:
-    """List computers: task server, tickle-reachable / tickle-unreachable / CEM, NAT."""
+    """List computers: online/offline, last contact, settings version, tickle state, NAT.
+
+    Offline: not heard from (poll, pull, event, registration) within 2 x the Task Request
+    Interval + 60 s (the NS's offline_intervals and offline_slack_s).
+    """
     if ctx.invoked_subcommand is not None:
         return
-    items = _with_ns(ctx, lambda c: c.computers())
+    if offline and online:
+        raise _failure("tickle computers", "give at most one of --offline or --online", 2)
+    liveness = "offline" if offline else "online" if online else None
+    items = _with_ns(ctx, lambda c: c.computers(liveness))
     if as_json:
         _print_json([i.model_dump() for i in items])
     else:
         out.print(con.computers_table(items))
 
 
-@task_servers_app.callback(invoke_without_command=True)
+@computers_app.command("forget")
+def computers_forget(ctx: typer.Context, name: str) -> None:
+    """Forget a computer: its agent's credentials go (its next registration is a new computer);
+    its history stays. Refused while one of its executions is unfinished."""
+    _with_ns(ctx, lambda c: c.forget_computer(name))
+    out.print(f"computer {name} forgotten")
+
+
+@task_servers_app.callback()
 def task_servers_command(
     ctx: typer.Context,
     as_json: AsJson = False,
@@ -419,6 +459,113 @@ _registration_commands(computers_app, "computer")
 _registration_commands(task_servers_app, "task_server")
 
 
+@task_servers_app.command("delete")
+def task_servers_delete(
+    ctx: typer.Context,
+    name: str,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Delete even while it serves computers: they stay, with no task server, until "
+            "their agents register through another one",
+        ),
+    ] = False,
+) -> None:
+    """Delete a task server (stop it first: a running one registers again)."""
+    _with_ns(ctx, lambda c: c.delete_task_server(name, force))
+    out.print(f"task server {name} deleted")
+
+
+# --- history ------------------------------------------------------------------------------------
+
+runs_app = typer.Typer(help="The history of runs: list them, show one.")
+executions_app = typer.Typer(help="Executions: one run of a task or job on one computer.")
+app.add_typer(runs_app, name="runs")
+app.add_typer(executions_app, name="executions")
+Limit = Annotated[int, typer.Option("--limit", help="At most this many, newest first")]
+Before = Annotated[
+    int | None, typer.Option("--before", help="The next page: ids below this one (as printed)")
+]
+StatusOption = Annotated[
+    str | None, typer.Option("--status", help="With an execution in this status")
+]
+
+
+@runs_app.command("list")
+def runs_list(
+    ctx: typer.Context,
+    status: StatusOption = None,
+    task: Annotated[int | None, typer.Option("--task", help="Runs of this task id")] = None,
+    job: Annotated[int | None, typer.Option("--job", help="Runs of this job id")] = None,
+    computer: Annotated[
+        str | None, typer.Option("--computer", help="Runs with an execution on this computer")
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Made at or after: ISO 8601 (UTC if no zone) or 30m, 2h, 7d"),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="Made before: ISO 8601 or 30m, 2h, 7d (ago)")
+    ] = None,
+    limit: Limit = 20,
+    before: Before = None,
+    as_json: AsJson = False,
+) -> None:
+    """List runs, newest first, with their executions per status."""
+    _check_status(status)
+    filters = {
+        "status": status, "task_id": task, "job_id": job, "computer": computer,
+        "since": _when("--since", since), "until": _when("--until", until), "limit": limit,
+        "before": before,
+    }  # fmt: skip
+    page = _with_ns(ctx, lambda c: c.runs(**filters))
+    if as_json:
+        _print_json(page.model_dump())
+    else:
+        out.print(con.runs_table(page))
+
+
+@runs_app.command("show")
+def runs_show(ctx: typer.Context, run_id: int, as_json: AsJson = False) -> None:
+    """Show a run and each of its executions."""
+    _show_run(_with_ns(ctx, lambda c: c.run(run_id)), as_json)
+
+
+@executions_app.command("show")
+def executions_show(ctx: typer.Context, execution_id: int, as_json: AsJson = False) -> None:
+    """Show one execution in full: status, steps, timeline, output."""
+    e = _with_ns(ctx, lambda c: c.execution(execution_id))
+    if as_json:
+        _print_json(e.model_dump())
+        return
+    out.print(con.timeline_table(e))
+    for step in e.steps:
+        out.print(f"step {step.step} {step.name}: {step.status} (exit {step.exit_code})")
+    if e.output_tail:
+        out.print(f"output:\n{e.output_tail}", markup=False, highlight=False)
+
+
+@app.command("history")
+def history_command(
+    ctx: typer.Context,
+    computer: Annotated[str, typer.Option("--computer", help="The computer whose history")],
+    status: Annotated[str | None, typer.Option("--status", help="Only this status")] = None,
+    limit: Limit = 20,
+    before: Before = None,
+    as_json: AsJson = False,
+) -> None:
+    """A computer's executions, newest first (a forgotten computer's too)."""
+    _check_status(status)
+    page = _with_ns(
+        ctx, lambda c: c.computer_executions(computer, status=status, limit=limit, before=before)
+    )
+    if as_json:
+        _print_json(page.model_dump())
+    else:
+        out.print(con.executions_table(page, f"executions on {computer} (newest first)"))
+
+
 @app.command("about")
 def about_command(
     ctx: typer.Context,
@@ -463,8 +610,17 @@ def settings_set(
         "tickle settings set", SettingsUpdate,
         task_request_interval_s=interval, poll_jitter_fraction=jitter, ts_check_interval_s=ts_check,
     )  # fmt: skip
-    s = _with_ns(ctx, lambda c: c.update_settings(update))
+
+    async def work(c: con.NsClient) -> tuple[SettingsOut, SettingsReach]:
+        return await c.update_settings(update), await c.settings_reach()
+
+    s, reach = _with_ns(ctx, work)
     _print_json(s.model_dump())
+    err.print(
+        f"settings version {reach.version}: {reach.current} agent(s) have it, {reach.pending}"
+        " take it at their next contact (a settings tickle, or their next poll)",
+        markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 def _task_spec(name: str, command: str | None, script: Path | None, timeout: float) -> TaskCreate:
@@ -485,6 +641,31 @@ def _name_ok(prefix: str, name: str) -> None:
         TypeAdapter(Name).validate_python(name)
     except ValidationError as exc:
         raise _failure(prefix, f"name {name!r}: {exc.errors()[0]['msg']}", 2) from None
+
+
+def _check_status(status: str | None) -> None:
+    statuses = get_args(ExecutionStatus)
+    if status is not None and status not in statuses:
+        raise _failure("tickle", f"--status: {status!r} is not one of {', '.join(statuses)}", 2)
+
+
+def _when(option: str, text: str | None) -> str | None:
+    """An operator's time (ISO 8601, UTC when it names no zone; or 30s, 15m, 2h, 7d ago) as
+    ISO 8601; a one-line exit 2 if it is neither."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value = text.strip()
+    if value[-1:] in units and value[:-1].isdigit():
+        at = datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
+        return at.isoformat()
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise _failure(
+            "tickle", f"{option}: {text!r} is neither ISO 8601 nor a duration like 2h", 2
+        ) from None
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).isoformat()
 
 
 def _valid(prefix: str, model: type[M], **fields: Any) -> M:

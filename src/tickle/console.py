@@ -26,6 +26,7 @@ from tickle.messages import (
     About,
     ComputerOut,
     ExecutionOut,
+    ExecutionsPage,
     JobCreate,
     JobOut,
     RegistrationKind,
@@ -33,7 +34,9 @@ from tickle.messages import (
     Rekeyed,
     RunCreate,
     RunOut,
+    RunsPage,
     SettingsOut,
+    SettingsReach,
     SettingsUpdate,
     TaskCreate,
     TaskOut,
@@ -81,11 +84,19 @@ class NsClient:
     async def __aexit__(self, *exc: object) -> None:
         await self._session.close()
 
-    async def call(self, method: str, path: str, body: Any = None, answer: Any = None) -> Any:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        answer: Any = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
         try:
             return await http.request(
-                self._session, method, self.url.rstrip("/") + path, body=body, answer=answer
-            )
+                self._session, method, self.url.rstrip("/") + path, body=body, answer=answer,
+                params=params,
+            )  # fmt: skip
         except http.ApiError as exc:
             raise ConsoleError(f"{method} {path}: HTTP {exc.status}: {exc.detail}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -128,8 +139,37 @@ class NsClient:
             "GET", "/api/task-servers", answer=list[TaskServerOut]
         )
 
-    async def computers(self) -> list[ComputerOut]:
-        return await self.call("GET", "/api/computers", answer=list[ComputerOut])  # type: ignore[no-any-return]
+    async def computers(self, liveness: str | None = None) -> list[ComputerOut]:
+        params = {"liveness": liveness} if liveness else None
+        return await self.call(  # type: ignore[no-any-return]
+            "GET", "/api/computers", answer=list[ComputerOut], params=params
+        )
+
+    async def runs(self, **filters: str | int | None) -> RunsPage:
+        """Runs, newest first; `filters`: the query of GET /api/runs (None: not given)."""
+        return await self.call("GET", "/api/runs", answer=RunsPage, params=_query(filters))  # type: ignore[no-any-return]
+
+    async def computer_executions(self, name: str, **filters: str | int | None) -> ExecutionsPage:
+        return await self.call(  # type: ignore[no-any-return]
+            "GET", f"/api/computers/{name}/executions", answer=ExecutionsPage,
+            params=_query(filters),
+        )  # fmt: skip
+
+    async def delete_task(self, task_id: int) -> None:
+        await self.call("DELETE", f"/api/tasks/{task_id}")
+
+    async def delete_job(self, job_id: int) -> None:
+        await self.call("DELETE", f"/api/jobs/{job_id}")
+
+    async def forget_computer(self, name: str) -> None:
+        await self.call("DELETE", f"/api/computers/{name}")
+
+    async def delete_task_server(self, name: str, force: bool = False) -> None:
+        params = {"force": "true"} if force else None
+        await self.call("DELETE", f"/api/task-servers/{name}", params=params)
+
+    async def settings_reach(self) -> SettingsReach:
+        return await self.call("GET", "/api/settings/reach", answer=SettingsReach)  # type: ignore[no-any-return]
 
     async def registrations(self, kind: RegistrationKind | None = None) -> list[RegistrationOut]:
         """Registrations awaiting a decision, approved, or rejected (of `kind`, or all)."""
@@ -258,21 +298,54 @@ def computers_table(computers: Sequence[ComputerOut]) -> Table:
     for col in (
         "name",
         "task server",
+        "state",
+        "last contact",
+        "settings",
         "tickle",
         "groups",
-        "reported",
         "observed",
         "NAT",
         "clock",
-        "last contact",
     ):
         table.add_column(col)
     for c in computers:
         table.add_row(
-            c.name, c.task_server or "-", c.tickle_state, ",".join(c.groups) or "-",
-            c.reported_address or "-", c.observed_address or "-", "yes" if c.nat_detected else "no",
-            clock.describe(c.clock_offset_s), _ago(c.last_contact_at),
+            c.name, c.task_server or "-", c.liveness, _ago(c.last_contact_at),
+            "-" if c.settings_version is None else f"v{c.settings_version}", c.tickle_state,
+            ",".join(c.groups) or "-", c.observed_address or "-",
+            "yes" if c.nat_detected else "no", clock.describe(c.clock_offset_s),
         )  # fmt: skip
+    return table
+
+
+def runs_table(page: RunsPage) -> Table:
+    """One row per run, newest first: what ran, when, and its executions per status."""
+    table = Table(title="runs (newest first)")
+    for col in ("run", "created (UTC)", "what", "targets", "statuses"):
+        table.add_column(col, justify="right" if col in ("run", "targets") else "left")
+    for r in page.runs:
+        what = r.label or "-"
+        what += f" (task {r.task_id})" if r.task_id else f" (job {r.job_id})" if r.job_id else ""
+        statuses = ", ".join(f"{n} {status}" for status, n in sorted(r.statuses.items()))
+        table.add_row(str(r.id), _utc(r.created_at), what, str(r.executions), statuses or "-")
+    if page.next_before is not None:
+        table.caption = f"more: --before {page.next_before}"
+    return table
+
+
+def executions_table(page: ExecutionsPage, title: str) -> Table:
+    """One row per execution, newest first: its run, status, exit code and when it was made."""
+    table = Table(title=title)
+    for col in ("execution", "run", "created (UTC)", "status", "via", "exit", "finished (UTC)"):
+        table.add_column(col, justify="right" if col in ("execution", "run", "exit") else "left")
+    for e in page.executions:
+        times = timeline_times(e)
+        table.add_row(
+            str(e.id), str(e.run_id), _utc(times.get("created")), e.status, e.via or "-",
+            "-" if e.exit_code is None else str(e.exit_code), _utc(times.get("finished")),
+        )  # fmt: skip
+    if page.next_before is not None:
+        table.caption = f"more: --before {page.next_before}"
     return table
 
 
@@ -326,6 +399,14 @@ def _ms(at: float | None, origin: float | None) -> str:
     if at is None or origin is None:
         return "-"
     return f"{(at - origin) * 1000:.1f}"
+
+
+def _utc(at: float | None) -> str:
+    return "-" if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
+
+
+def _query(filters: dict[str, str | int | None]) -> dict[str, str]:
+    return {k: str(v) for k, v in filters.items() if v is not None}
 
 
 def _ago(at: float | None) -> str:

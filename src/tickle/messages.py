@@ -29,6 +29,7 @@ TaskRequestIntervalS = Annotated[
 TickleState = Literal["unknown", "reachable", "unreachable", "cem", "clock_skewed"]
 # a peer's clock offset as measured and reported (seconds; positive: its clock is ahead)
 ClockOffsetS = Annotated[float, Field(ge=-1e9, le=1e9, allow_inf_nan=False)]
+Liveness = Literal["online", "offline"]
 ExecutionStatus = Literal[
     "pending", "delivered", "running", "succeeded", "failed", "timed_out", "interrupted"
 ]
@@ -95,17 +96,19 @@ class JobOut(JobCreate):
 
 
 class RunCreate(Model):
-    """Run a task or a job now on named computers and/or groups."""
+    """Run a task or a job now on named computers and/or groups; or an ad-hoc command, its task
+    given inline (`task`): it is kept with the run only, never added to the defined tasks."""
 
     task_id: DbInt | None = None
     job_id: DbInt | None = None
+    task: TaskSpec | None = None
     computers: list[Name] = Field(default_factory=list, max_length=100_000)
     groups: list[Name] = Field(default_factory=list, max_length=1000)
 
     @model_validator(mode="after")
     def _one_target(self) -> RunCreate:
-        if (self.task_id is None) == (self.job_id is None):
-            raise ValueError("give exactly one of 'task_id' or 'job_id'")
+        if sum(x is not None for x in (self.task_id, self.job_id, self.task)) != 1:
+            raise ValueError("give exactly one of 'task_id', 'job_id' or 'task'")
         if not self.computers and not self.groups:
             raise ValueError("give at least one computer or group")
         return self
@@ -151,6 +154,33 @@ class RunOut(Model):
     task_id: int | None
     job_id: int | None
     executions: list[ExecutionOut]
+    label: str | None = None  # the task's or job's name when the run was made
+
+
+class RunSummary(Model):
+    """A run in the history list: what ran, when, and how many executions are in each status."""
+
+    id: int
+    created_at: float
+    task_id: int | None
+    job_id: int | None
+    label: str | None
+    executions: int
+    statuses: dict[str, int]
+
+
+class RunsPage(Model):
+    """A page of runs, newest first; `next_before`: pass it as `before` for the next page."""
+
+    runs: list[RunSummary]
+    next_before: int | None
+
+
+class ExecutionsPage(Model):
+    """A page of executions, newest first; `next_before`: pass it as `before` for the next page."""
+
+    executions: list[ExecutionOut]
+    next_before: int | None
 
 
 # --- inventory views --------------------------------------------------------------------------
@@ -184,6 +214,9 @@ class ComputerOut(Model):
         description="how far its clock is ahead of the NS's (s; its offset from its task "
         "server's plus the task server's; null: unmeasured)",
     )
+    # offline: no contact within 2 x its Task Request Interval + slack (`offline_after_s`)
+    liveness: Liveness = "offline"
+    settings_version: int | None = None  # the version its agent has (None: not reported yet)
 
 
 RegistrationKind = Literal["computer", "task_server"]
@@ -226,6 +259,14 @@ class SettingsUpdate(Model):
     )
     poll_jitter_fraction: float | None = Field(default=None, ge=0.0, le=0.5)
     ts_check_interval_s: int | None = Field(default=None, ge=5, le=86400)
+
+
+class SettingsReach(Model):
+    """How far the current settings version has reached the agents."""
+
+    version: int
+    current: int  # agents whose last contact reported this version
+    pending: int  # agents that take it at their next contact
 
 
 # --- task server <-> notification server ------------------------------------------------------
@@ -311,6 +352,9 @@ class EventAck(Model):
 
 
 class ComputerState(Model):
+    """What a task server saw of one client, as of `at`; `contact_at`: the agent's last contact
+    (poll, pull, policy fetch, status event) — a tickle that got no answer is none."""
+
     name: Name
     tickle_state: TickleState | None = None
     observed_address: str | None = None
@@ -318,6 +362,13 @@ class ComputerState(Model):
         default=None, description="how far its clock is ahead of the task server's (s)"
     )
     at: float
+    contact_at: float | None = None
+    settings_version: DbInt | None = None  # the settings version the agent has
+
+
+class ComputerStatesAck(Model):
+    updated: int
+    forgotten: list[str] = Field(default_factory=list)  # unknown to the NS: drop their credentials
 
 
 # --- agent <-> task server --------------------------------------------------------------------

@@ -36,6 +36,7 @@ class Call:
     peer: str | None
     via: str | None = None
     answered_at: float | None = None
+    settings_version: str | None = None  # as the agent reported it (query parameter)
 
 
 @dataclass
@@ -106,7 +107,10 @@ class FakeTaskServer:
     # --- routes --------------------------------------------------------------------------------
 
     def _record(self, request: web.Request, route: str) -> Call:
-        call = Call(route=route, at=time.time(), peer=request.remote, via=request.query.get("via"))
+        call = Call(
+            route=route, at=time.time(), peer=request.remote, via=request.query.get("via"),
+            settings_version=request.query.get("settings_version"),
+        )  # fmt: skip
         self.calls.append(call)
         return call
 

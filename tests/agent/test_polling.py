@@ -101,6 +101,24 @@ async def test_check_now_via_control_socket_pulls_and_runs(
     assert status["policy"]["task_request_interval_s"] == 1800
 
 
+async def test_every_call_tells_the_task_server_the_settings_version_the_agent_has(
+    fake_ts: FakeTaskServer, settings_for: Callable[..., AgentSettings]
+) -> None:
+    settings = settings_for(fake_ts)
+    async with running_agent(settings) as agent:
+        fake_ts.work[14] = task(14, ["true"])
+        await control_call(settings.socket_path, "POST", "/check-now")
+        await eventually(lambda: fake_ts.events_of(14, "finished"))
+        fake_ts.policy = fake_ts.policy.model_copy(update={"settings_version": 5})
+        await agent.policy_refresh()  # asks with version 1, takes 5
+        since = time.time()
+        await control_call(settings.socket_path, "POST", "/check-now")
+    calls = [c for c in fake_ts.calls if c.route in ("tasks", "policy", "events")]
+    assert all(c.settings_version is not None for c in calls), calls
+    assert {c.route for c in calls} == {"tasks", "policy", "events"}
+    assert [c.settings_version for c in fake_ts.pulls(since=since)] == ["5"]
+
+
 async def test_control_socket_is_private_and_serves_metrics(
     fake_ts: FakeTaskServer, settings_for: Callable[..., AgentSettings]
 ) -> None:

@@ -77,6 +77,15 @@ def agent_ctl(fleet: LocalFleet, name: str, action: str) -> subprocess.Completed
     )  # fmt: skip
 
 
+def tickle_cli(fleet: LocalFleet, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`tickle ...` against the fleet's NS, as an operator types it."""
+    env = dict(os.environ, TICKLE_NS_URL=fleet.ns_url, TICKLE_ADMIN_TOKEN=fleet.admin_token)
+    return subprocess.run(
+        [sys.executable, "-m", "tickle", *argv], capture_output=True, text=True, timeout=30,
+        env=env, check=False,
+    )  # fmt: skip
+
+
 @pytest.fixture
 async def fleet_factory(tmp_path: Path) -> AsyncIterator[Factory]:
     """Start fleets for one test; stop them all at the end, printing logs of failures."""

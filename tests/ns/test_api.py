@@ -323,7 +323,8 @@ async def test_computer_state_reports_reachability_and_detects_nat(ns: Ns) -> No
     computers = {c["name"]: c for c in await ns.ok("GET", "/api/computers")}
     assert computers["pc1"]["nat_detected"] is False
     assert computers["pc2"]["tickle_state"] == "cem"
-    at = time.time()
+    registered_at = computers["pc1"]["last_contact_at"]
+    at = time.time() + 1
     await ts.ok("POST", "/api/ts/computers/state", json=[
         {"name": "pc1", "tickle_state": "unreachable", "observed_address": "192.0.2.7", "at": at},
     ])  # fmt: skip
@@ -331,7 +332,14 @@ async def test_computer_state_reports_reachability_and_detects_nat(ns: Ns) -> No
     assert pc1["tickle_state"] == "unreachable"
     assert pc1["observed_address"] == "192.0.2.7"
     assert pc1["nat_detected"] is True
-    assert pc1["last_contact_at"] >= at
+    # a tickle that got no answer is no contact: a dead agent must not look alive
+    assert pc1["last_contact_at"] == registered_at
+    ack = await ts.ok("POST", "/api/ts/computers/state", json=[
+        {"name": "pc1", "at": at, "contact_at": at, "settings_version": 1},
+    ])  # fmt: skip
+    assert ack == {"updated": 1, "forgotten": []}
+    pc1 = {c["name"]: c for c in await ns.ok("GET", "/api/computers")}["pc1"]
+    assert (pc1["last_contact_at"], pc1["settings_version"]) == (at, 1)
     servers = await ns.ok("GET", "/api/task-servers")
     assert servers[0]["clients"] == 2
 

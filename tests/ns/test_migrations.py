@@ -171,6 +171,25 @@ def test_upgrade_from_0004_adds_clock_offsets_unmeasured(tmp_path: Path) -> None
         store.close()
 
 
+def test_upgrade_from_0003_names_existing_runs_after_their_task_or_job(tmp_path: Path) -> None:
+    store = Database(f"sqlite:///{tmp_path / 'ns.db'}")
+    try:
+        upgrade(store.engine, "0003")
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO tasks (id, name, timeout_s) VALUES (1, 'backup', 30)"))
+            conn.execute(text("INSERT INTO jobs (id, name) VALUES (1, 'nightly')"))
+            conn.execute(
+                text("INSERT INTO runs (id, task_id, job_id, created_at) VALUES (1, 1, NULL, 1.0),"
+                     " (2, NULL, 1, 2.0)")
+            )  # fmt: skip
+        store.migrate()
+        with store.engine.connect() as conn:
+            labels = conn.execute(text("SELECT id, label FROM runs ORDER BY id")).all()
+        assert [tuple(r) for r in labels] == [(1, "backup"), (2, "nightly")]
+    finally:
+        store.close()
+
+
 def _head() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None

@@ -93,6 +93,7 @@ class FakeNs:
     agent_registrations: list[AgentRegistration] = field(default_factory=list)
     work_delay_s: float = 0.0
     refuse_executions: set[int] = field(default_factory=set)  # events answered with 403
+    forgotten: set[str] = field(default_factory=set)  # computers the operator forgot
     max_batch_events: int | None = None  # larger batches: 413, as over max_body_bytes
     # events left out of `accepted`, as the NS does for another task server's client
     omit_executions: set[int] = field(default_factory=set)
@@ -233,8 +234,10 @@ class FakeNs:
     async def _states(self, req: web.Request) -> web.Response:
         self._authorized(req)
         self.calls.append("states")
-        self.states.extend(ComputerState.model_validate(s) for s in await req.json())
-        return web.json_response({})
+        states = [ComputerState.model_validate(s) for s in await req.json()]
+        self.states.extend(states)
+        forgotten = sorted({s.name for s in states} & self.forgotten)
+        return web.json_response({"updated": len(states) - len(forgotten), "forgotten": forgotten})
 
     def events_of(self, kind: str) -> list[StatusEvent]:
         return [e for e in self.events.values() if e.kind == kind]

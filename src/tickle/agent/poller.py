@@ -60,6 +60,7 @@ class Poller:
         self._executor = executor
         self._metrics = metrics
         self.policy = state.policy() or default_policy
+        client.settings_version = self.policy.settings_version
         self._rearm = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[object]] = set()
@@ -152,6 +153,7 @@ class Poller:
             policy.settings_version, policy.task_request_interval_s, policy.poll_jitter_fraction,
         )  # fmt: skip
         self.policy = policy
+        self._client.settings_version = policy.settings_version  # told on every contact
         self._state.save_policy(policy)
         self._rearm.set()
 

@@ -81,6 +81,8 @@ class TaskServerClient:
         # monotonic time of the first failed contact since the last answer (None: it answers)
         self._failing_since: float | None = None
         self.last_answer_at: float | None = None
+        # the settings version this agent has, told to the task server on each contact
+        self.settings_version: int | None = None
 
     async def start(self) -> None:
         local_addr = client_local_addr(self._settings)
@@ -227,11 +229,11 @@ class TaskServerClient:
 
     async def tasks(self, via: PullVia) -> AgentTasks:
         """The pull: this agent's unfinished executions and the current policy."""
-        return await self._call("GET", "/api/agent/tasks", AgentTasks, params={"via": via})
+        return await self._call("GET", "/api/agent/tasks", AgentTasks, params=self._params(via))
 
     async def policy(self, via: PolicyVia = "refresh") -> AgentPolicy:
         """The configuration policy only (never tasks); `via="tickle"` acks a settings tickle."""
-        return await self._call("GET", "/api/agent/policy", AgentPolicy, params={"via": via})
+        return await self._call("GET", "/api/agent/policy", AgentPolicy, params=self._params(via))
 
     async def events(self, bodies: list[str]) -> list[str]:
         """Send serialized status events; return the ids the outbox may drop.
@@ -244,8 +246,9 @@ class TaskServerClient:
         events = [StatusEvent.model_validate_json(b) for b in bodies]
         try:
             ack = await self._call(
-                "POST", "/api/agent/events", EventAck, body=EventBatch(events=events)
-            )
+                "POST", "/api/agent/events", EventAck, body=EventBatch(events=events),
+                params=self._params(),
+            )  # fmt: skip
         except ApiError as exc:
             too_large = exc.status == TOO_LARGE and len(events) > 1
             if exc.status not in REFUSED_FOR_GOOD and not too_large:
@@ -306,6 +309,12 @@ class TaskServerClient:
 
     def _ts_offset_sample(self, offset_s: float) -> None:
         self._ts_clock.add(_TS, offset_s)
+
+    def _params(self, via: str | None = None) -> dict[str, str]:
+        params = {} if via is None else {"via": via}
+        if self.settings_version is not None:
+            params["settings_version"] = str(self.settings_version)
+        return params
 
     def _answered(self) -> None:
         self._failing_since = None

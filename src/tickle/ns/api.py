@@ -33,6 +33,11 @@ TAGS = [
     {"name": "tasks", "description": "Tasks and jobs (ordered lists of tasks). Admin token."},
     {"name": "runs", "description": "Run now, and watch runs and executions. Admin token."},
     {
+        "name": "history",
+        "description": "List runs and a computer's executions; delete tasks, jobs and task "
+        "servers, forget computers; the settings' reach. Admin token.",
+    },
+    {
         "name": "inventory",
         "description": "Task servers, computers, and what this server is. Admin token.",
     },

@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from tickle.metrics import ComponentMetrics
 from tickle.ns.services import Services
 from tickle.ns.services.delivery import DeliveryService
+from tickle.ns.services.history import HistoryService
 from tickle.ns.services.inventory import InventoryService
 from tickle.ns.services.settings import SettingsService
 from tickle.ns.stores.catalog import CatalogStore
@@ -45,6 +46,10 @@ async def get_settings(services: ServicesDep) -> SettingsService:
     return services.settings
 
 
+async def get_history(services: ServicesDep) -> HistoryService:
+    return services.history
+
+
 async def get_metrics(services: ServicesDep) -> ComponentMetrics:
     return services.metrics
 
@@ -57,5 +62,6 @@ InventoryDep = Annotated[InventoryService, Depends(get_inventory)]
 CatalogDep = Annotated[CatalogStore, Depends(get_catalog)]
 DeliveryDep = Annotated[DeliveryService, Depends(get_delivery)]
 SettingsDep = Annotated[SettingsService, Depends(get_settings)]
+HistoryDep = Annotated[HistoryService, Depends(get_history)]
 MetricsDep = Annotated[ComponentMetrics, Depends(get_metrics)]
 RegistrationsDep = Annotated[RegistrationStore, Depends(get_registrations)]

@@ -73,6 +73,11 @@ class Computer(Base):
     identity_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     # how far its clock is ahead of its task server's, as the task server measured it
     clock_offset_s: Mapped[float | None] = mapped_column(Double, default=None)
+    # the settings version its agent has (its contacts say so, through its task server)
+    settings_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    # forgotten by the operator: no credentials, not listed, not a target; its history stays,
+    # and its agent's next registration makes it a new computer
+    forgotten_at: Mapped[float | None] = mapped_column(Double, default=None)
 
     task_server: Mapped[TaskServer | None] = relationship(lazy="joined")
 
@@ -138,7 +143,10 @@ class Run(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"), default=None)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), default=None)
-    created_at: Mapped[float] = mapped_column(Double)
+    # what ran, named when the run was made: the task or job may be deleted later; an ad-hoc
+    # command (no task_id, no job_id) carries its task inline and is named by it
+    label: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[float] = mapped_column(Double, index=True)
     executions: Mapped[list[Execution]] = relationship(
         order_by="Execution.id", lazy="selectin", back_populates="run"
     )

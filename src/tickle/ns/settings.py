@@ -64,6 +64,19 @@ class NsSettings(ApiServerSettings, TickleSenderSettings):
         le=60,
         description="How often the tickle server looks in the database for untickled work",
     )
+    offline_intervals: float = Field(
+        default=2.0,
+        ge=1.0,
+        le=100.0,
+        description="A computer is offline after this many Task Request Intervals without contact"
+        " (plus offline_slack_s)",
+    )
+    offline_slack_s: float = Field(
+        default=60.0,
+        ge=0.0,
+        le=86400.0,
+        description="Added to the offline bound: covers the task servers' contact reports",
+    )
     tls_cert_file: FilePath | None = Field(
         default=None,
         description="PEM certificate (chain) the API serves HTTPS with; set with tls_key_file",

@@ -45,6 +45,7 @@ def run_out(run: Run) -> m.RunOut:
         task_id=run.task_id,
         job_id=run.job_id,
         executions=[execution_out(ex) for ex in run.executions],
+        label=run.label,
     )
 
 
@@ -97,7 +98,10 @@ def task_server_out(t: TaskServer, clients: int) -> m.TaskServerOut:
     )
 
 
-def computer_out(c: Computer) -> m.ComputerOut:
+def computer_out(c: Computer, online_since: float) -> m.ComputerOut:
+    """The computer as the operator sees it; online when its last contact is after
+    `online_since` (see `tickle.ns.liveness`)."""
+    online = c.last_contact_at is not None and c.last_contact_at >= online_since
     return m.ComputerOut(
         name=c.name,
         task_server=c.task_server.name if c.task_server is not None else None,
@@ -109,6 +113,8 @@ def computer_out(c: Computer) -> m.ComputerOut:
         nat_detected=c.nat_detected,
         last_contact_at=c.last_contact_at,
         clock_offset_s=_ns_offset(c),
+        liveness="online" if online else "offline",
+        settings_version=c.settings_version,
     )
 
 

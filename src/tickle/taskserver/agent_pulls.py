@@ -36,8 +36,11 @@ class AgentPulls:
         self._reporter = reporter
         self._metrics = metrics
 
-    def tasks(self, agent: Client, via: PullVia, peer: str | None) -> AgentTasks:
-        """The agent's unfinished executions and its policy; `peer`: the address it pulled from."""
+    def tasks(
+        self, agent: Client, via: PullVia, peer: str | None, settings_version: int | None = None
+    ) -> AgentTasks:
+        """The agent's unfinished executions and its policy; `peer`: the address it pulled from,
+        `settings_version`: the version it reported having."""
         if via == "tickle":
             self._agents.ack(agent.name, wire.Kind.TASKS)
         self._metrics.pulls.labels(via=via).inc()
@@ -45,13 +48,28 @@ class AgentPulls:
             self._metrics.polls.inc()
         self._note_address(agent, peer)
         executions = self._work_cache.pulled(agent.name, via)
-        return AgentTasks(executions=executions, policy=self._policy(agent))
+        policy = self._policy(agent)
+        self.contact(agent, settings_version, policy)
+        return AgentTasks(executions=executions, policy=policy)
 
-    def policy(self, agent: Client, via: PolicyVia) -> AgentPolicy:
+    def policy(
+        self, agent: Client, via: PolicyVia, settings_version: int | None = None
+    ) -> AgentPolicy:
         """The agent's policy; a fetch the settings tickle caused acknowledges it."""
         if via == "tickle":
             self._agents.ack(agent.name, wire.Kind.SETTINGS)
-        return self._policy(agent)
+        policy = self._policy(agent)
+        self.contact(agent, settings_version, policy)
+        return policy
+
+    def contact(
+        self, agent: Client, settings_version: int | None, answer: AgentPolicy | None = None
+    ) -> None:
+        """Note the agent's contact for the NS (batched); an answer carrying a policy gives it
+        that version (an agent takes any version not older than its own)."""
+        if answer is not None and answer.settings_version > 0:
+            settings_version = max(settings_version or 0, answer.settings_version)
+        self._reporter.contact(agent.name, settings_version)
 
     def _policy(self, agent: Client) -> AgentPolicy:
         return policy_for(self._store.settings(), agent.cem)

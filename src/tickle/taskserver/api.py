@@ -149,6 +149,11 @@ async def current_agent(
 
 
 AgentDep = Annotated[Client, Depends(current_agent)]
+# every agent call says which settings version it has: the NS shows it per computer
+SettingsVersionQuery = Annotated[
+    int | None,
+    Query(ge=0, le=2**31 - 1, description="the settings version the agent has (for the NS)"),
+]
 
 
 # --- routes -------------------------------------------------------------------------------------
@@ -194,9 +199,10 @@ async def tasks(
             "check_now (`tickle agent check-now`). Default poll."
         ),
     ] = "poll",
+    settings_version: SettingsVersionQuery = None,
 ) -> AgentTasks:
     """The agent's pull: its unfinished executions from the cache, and its policy."""
-    return agent_pulls.tasks(agent, via, _peer(request))
+    return agent_pulls.tasks(agent, via, _peer(request), settings_version)
 
 
 @pull_routes.get("/api/agent/policy", response_model=AgentPolicy, summary="Read the policy")
@@ -210,22 +216,30 @@ async def policy(
             "acknowledges it), refresh (`tickle agent policy-refresh`). Default refresh."
         ),
     ] = "refresh",
+    settings_version: SettingsVersionQuery = None,
 ) -> AgentPolicy:
     """The agent's configuration policy; it never carries tasks."""
-    return agent_pulls.policy(agent, via)
+    return agent_pulls.policy(agent, via, settings_version)
 
 
 event_routes = APIRouter(tags=["events"])
 
 
 @event_routes.post("/api/agent/events", response_model=EventAck, summary="Report status events")
-async def events(batch: EventBatch, agent: AgentDep, work_cache: WorkCacheDep) -> EventAck:
+async def events(
+    batch: EventBatch,
+    agent: AgentDep,
+    work_cache: WorkCacheDep,
+    agent_pulls: AgentPullsDep,
+    settings_version: SettingsVersionQuery = None,
+) -> EventAck:
     """Cache the agent's status events durably, then forward them to the NS.
 
     An execution this task server does not hold (the agent moved here after running it, or
     the NS no longer lists it) is accepted and left to the NS, which records it only for the
     execution's computer; one cached for another computer is refused.
     """
+    agent_pulls.contact(agent, settings_version)
     return EventAck(accepted=work_cache.take_events(agent.name, batch.events))
 
 

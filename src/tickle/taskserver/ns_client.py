@@ -24,6 +24,7 @@ from tickle.messages import (
     AgentRegistration,
     ClientInfo,
     ComputerState,
+    ComputerStatesAck,
     EventAck,
     EventBatch,
     SettingsOut,
@@ -110,8 +111,12 @@ class NsClient:
         ack: EventAck = await self._call("POST", "/api/ts/events", body=batch, answer=EventAck)
         return ack
 
-    async def computer_states(self, states: list[ComputerState]) -> None:
-        await self._call("POST", "/api/ts/computers/state", body=states)
+    async def computer_states(self, states: list[ComputerState]) -> list[str]:
+        """Report what we saw of our clients; the names the NS does not know (forgotten)."""
+        ack = await self._call(
+            "POST", "/api/ts/computers/state", body=states, answer=ComputerStatesAck
+        )
+        return list(ack.forgotten)
 
     async def send_events(self, bodies: list[str]) -> list[str]:
         """The outbox forwarder's send: post serialized status events, return the ids to drop.

@@ -123,7 +123,11 @@ class TaskServer:
         self.store = Store(settings.state_dir)
         self.outbox = Outbox(settings.state_dir / OUTBOX_FILE)
         self.ns = NsClient(settings.ns_url, settings.ns_timeout_s, settings.ns_ca_file)
-        self.reporter = StateReporter(self.ns)
+        self.reporter = StateReporter(
+            self.ns,
+            contact_interval_s=settings.contact_report_interval_s,
+            on_forgotten=self.store.remove_clients,
+        )
         self.forwarder = OutboxForwarder(self.outbox, self.ns.send_events, self.metrics)
         self.work_cache = WorkCache(self.store, self.forwarder, self.metrics)
         self.agent_clocks = AgentClocks(self.reporter, self.metrics, settings.freshness_window_s)

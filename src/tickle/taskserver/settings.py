@@ -69,6 +69,13 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         le=86400,
         description="Periodic work check with the NS until the NS hands down its own interval",
     )
+    contact_report_interval_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="How often the agents' contacts (last contact, settings version) are reported"
+        " to the NS, in one batch",
+    )
     ns_timeout_s: float = Field(
         default=10.0, gt=0, le=300, description="Timeout of one request to the NS"
     )

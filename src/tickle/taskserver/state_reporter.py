@@ -1,7 +1,13 @@
-"""Tells the NS what the task server learned about its agents (tickle reachability, NAT).
+"""Tells the NS what the task server learned about its agents: their contacts (last contact,
+settings version), tickle reachability, NAT.
 
-Best effort but bounded: reports are merged per computer (the latest wins), posted in order by one
-background worker, retried with backoff, and dropped with a warning after the last try.
+Cheap on the hot path: an agent's contact (poll, pull, policy fetch, status event) is one dict
+write here; the contacts are reported in batches every `contact_interval_s`, so 10,000 agents
+cost the NS a few writes per interval, not one per pull. State changes (reachability, a new
+address) are reported at once. Reports are merged per computer (the latest wins), posted in order
+by one background worker in parts of at most `BATCH` computers, retried with backoff, and
+dropped with a warning after the last try. Computers the NS answers it does not know (forgotten
+by the operator) are handed to `on_forgotten`, which drops their credentials.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import aiohttp
@@ -20,21 +27,37 @@ from tickle.messages import ComputerState, TickleState
 from tickle.taskserver.ns_client import NsClient
 
 log = logging.getLogger(__name__)
+BATCH = 1000  # computers per report
 
 
 class StateReporter:
     """Queues `ComputerState` reports and delivers them to the NS in the background."""
 
-    def __init__(self, ns: NsClient, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        ns: NsClient,
+        backoff: Backoff | None = None,
+        contact_interval_s: float = 15.0,
+        on_forgotten: Callable[[list[str]], None] | None = None,
+    ) -> None:
         self._ns = ns
         self._backoff = backoff or Backoff(base_s=1.0, max_s=30.0, tries=6)
+        self._contact_interval_s = contact_interval_s
+        self._on_forgotten = on_forgotten
         self._pending: dict[str, ComputerState] = {}
+        self._contacts: dict[str, tuple[float, int | None]] = {}  # name -> (at, settings version)
         self._tickle_states: dict[str, TickleState] = {}  # the last one told, per computer
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._flush())]
+
+    def contact(self, name: str, settings_version: int | None = None) -> None:
+        """Note that agent `name` contacted us now, having `settings_version` (None: unknown)."""
+        if settings_version is None and name in self._contacts:
+            settings_version = self._contacts[name][1]
+        self._contacts[name] = (time.time(), settings_version)
 
     def report(self, state: ComputerState) -> None:
         """Queue a report; fields it leaves unset keep the value of an earlier queued report."""
@@ -48,7 +71,12 @@ class StateReporter:
                     old.clock_offset_s if state.clock_offset_s is None else state.clock_offset_s
                 ),
                 at=state.at,
-            )
+                contact_at=max(state.contact_at or 0.0, old.contact_at or 0.0) or None,
+                settings_version=(
+                    old.settings_version if state.settings_version is None
+                    else state.settings_version
+                ),
+            )  # fmt: skip
         self._pending[state.name] = state
         self._wake.set()
 
@@ -63,26 +91,40 @@ class StateReporter:
         self._tickle_states[name] = state
         self.report(ComputerState(name=name, tickle_state=state, at=time.time()))
 
+    def flush_contacts(self) -> None:
+        """Queue the contacts noted since the last flush as one report."""
+        contacts, self._contacts = self._contacts, {}
+        for name, (at, version) in contacts.items():
+            self.report(ComputerState(name=name, at=at, contact_at=at, settings_version=version))
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+
+    async def _flush(self) -> None:
+        while True:
+            await asyncio.sleep(self._contact_interval_s)
+            self.flush_contacts()
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                batch = list(self._pending.values())
-                self._pending.clear()
+                names = list(self._pending)[:BATCH]
+                batch = [self._pending.pop(n) for n in names]
                 await self._deliver(batch)
 
     async def _deliver(self, batch: list[ComputerState]) -> None:
         delays = self._backoff.delays()
         while True:
             try:
-                await self._ns.computer_states(batch)
+                forgotten = await self._ns.computer_states(batch)
+                if forgotten and self._on_forgotten is not None:
+                    log.info("computers forgotten at the NS: %s", ", ".join(forgotten))
+                    self._on_forgotten(forgotten)
                 return
             except ApiError as exc:
                 if exc.status < 500:  # the NS will not take it however often it is sent
@@ -100,4 +142,5 @@ class StateReporter:
 
 
 def _names(batch: list[ComputerState]) -> str:
-    return ", ".join(s.name for s in batch)
+    names = [s.name for s in batch]
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")

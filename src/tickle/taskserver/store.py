@@ -137,6 +137,11 @@ class Store:
                     (c.name, c.token_sha256, c.tickle_key, c.tickle_host, c.tickle_port, c.cem),
                 )
 
+    def remove_clients(self, names: Iterable[str]) -> None:
+        """Drop clients the NS no longer knows (forgotten): their tokens authenticate no more."""
+        with localdb.transaction(self._db):
+            self._db.executemany("DELETE FROM clients WHERE name = ?", [(n,) for n in names])
+
     def client(self, name: str) -> Client | None:
         row = self._db.execute("SELECT * FROM clients WHERE name = ?", (name,)).fetchone()
         return _client(row) if row else None

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from tickle.ns.routes import approval, health, inventory, runs, settings, task_server, tasks
+from tickle.ns.routes import (
+    approval,
+    health,
+    history,
+    inventory,
+    runs,
+    settings,
+    task_server,
+    tasks,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
     tasks.router,
     runs.router,
+    history.router,
     inventory.router,
     approval.router,
     settings.router,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 
 from tickle import messages as m
 from tickle.ns.auth import AdminDep
@@ -16,9 +18,21 @@ def list_task_servers(_: AdminDep, inventory: InventoryDep) -> list[m.TaskServer
     return inventory.task_servers()
 
 
-@router.get("/api/computers", summary="Computers, tickle state and NAT")
-def list_computers(_: AdminDep, inventory: InventoryDep) -> list[m.ComputerOut]:
-    return inventory.computers()
+@router.get(
+    "/api/computers",
+    summary="Computers: liveness, settings version, tickle state and NAT",
+    description="A computer is offline when it has not been heard from (poll, pull, event, "
+    "registration) within offline_intervals x its Task Request Interval + offline_slack_s "
+    "(NS settings; default 2 x interval + 60 s).",
+)
+def list_computers(
+    _: AdminDep,
+    inventory: InventoryDep,
+    liveness: Annotated[
+        m.Liveness | None, Query(description="only the online or only the offline computers")
+    ] = None,
+) -> list[m.ComputerOut]:
+    return inventory.computers(liveness)
 
 
 @router.get(

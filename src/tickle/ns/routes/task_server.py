@@ -99,11 +99,14 @@ async def report_events(
 @router.post(
     "/api/ts/computers/state",
     summary="Report what the task server sees of its clients",
-    description="Tickle reachability and observed address (NAT is detected when it differs "
-    "from the address the agent reported).",
+    description="Last contact (the agents' polls, pulls and events, batched), the settings "
+    "version each agent has, tickle reachability and observed address (NAT is detected when it "
+    "differs from the address the agent reported). `forgotten` names computers the NS does not "
+    "know (forgotten by the operator): the task server drops their credentials. A state of "
+    "another task server's client is refused (403) after the others are applied.",
 )
 def report_computer_states(
     states: list[m.ComputerState], ts: TaskServerDep, inventory: InventoryDep
-) -> dict[str, int]:
-    inventory.update_computer_states(ts, states)
-    return {"updated": len(states)}
+) -> m.ComputerStatesAck:
+    forgotten = inventory.update_computer_states(ts, states)
+    return m.ComputerStatesAck(updated=len(states) - len(forgotten), forgotten=forgotten)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from tickle.metrics import ComponentMetrics
 from tickle.ns.services.clocks import ClockMetrics, ClockService
+from tickle.ns.liveness import LivenessGauge, OfflineBound
 from tickle.ns.services.delivery import DeliveryService
+from tickle.ns.services.history import HistoryService
 from tickle.ns.services.inventory import InventoryService
 from tickle.ns.services.settings import SettingsService
 from tickle.ns.settings import NsSettings
@@ -26,6 +28,7 @@ class Services:
     catalog: CatalogStore
     delivery: DeliveryService
     settings: SettingsService
+    history: HistoryService
     metrics: ComponentMetrics
     # the operator's decisions on registrations touch nothing but the database, likewise
     registrations: RegistrationStore
@@ -46,14 +49,17 @@ class Services:
             tickle_server,
             settings.enrollment_secret or "",
             settings.ns_id,
+            OfflineBound(settings.offline_intervals, settings.offline_slack_s),
             manual_approval=settings.registration_approval == "manual",
         )
         metrics.registry.register(ClockMetrics(stores.inventory))
+        metrics.registry.register(LivenessGauge(inventory.liveness_counts))
         return cls(
             inventory=inventory,
             catalog=stores.catalog,
             delivery=DeliveryService(stores.delivery, tickle_server, metrics),
             settings=SettingsService(stores.settings, tickle_server),
+            history=HistoryService(stores.history, tickle_server),
             metrics=metrics,
             registrations=stores.registrations,
             clocks=ClockService(stores.inventory),

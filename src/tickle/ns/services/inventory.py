@@ -14,6 +14,7 @@ from tickle.ns.about import about
 from tickle.ns.credentials import Caller
 from tickle.ns.database import Database
 from tickle.ns.errors import Unauthorized
+from tickle.ns.liveness import OfflineBound
 from tickle.ns.stores.inventory import InventoryStore
 from tickle.ns.tickle_server import TickleServer
 
@@ -30,6 +31,7 @@ class InventoryService:
         tickle_server: TickleServer,
         enrollment_secret: str,
         ns_id: str,
+        offline_bound: OfflineBound,
         manual_approval: bool = False,
     ) -> None:
         self._store = store
@@ -38,6 +40,7 @@ class InventoryService:
         self._tickle_server = tickle_server
         self._enrollment_secret = enrollment_secret
         self._ns_id = ns_id
+        self.offline_bound = offline_bound
 
     async def register_task_server(self, body: m.TaskServerRegister) -> m.TaskServerCredentials:
         """Register (or re-register, rotating its credentials) a task server that knows the
@@ -76,9 +79,13 @@ class InventoryService:
     def task_servers(self) -> list[m.TaskServerOut]:
         return self._store.task_servers()
 
-    def computers(self) -> list[m.ComputerOut]:
-        return self._store.computers()
+    def computers(self, liveness: m.Liveness | None = None) -> list[m.ComputerOut]:
+        """The computers, online or offline; `liveness`: only those in that state."""
+        return self._store.computers(self.offline_bound, liveness)
 
-    def update_computer_states(self, ts: Caller, states: Sequence[m.ComputerState]) -> None:
-        """Apply what a task server saw of its clients."""
-        self._store.update_computer_states(ts, states)
+    def liveness_counts(self) -> dict[m.Liveness, int]:
+        return self._store.liveness_counts(self.offline_bound)
+
+    def update_computer_states(self, ts: Caller, states: Sequence[m.ComputerState]) -> list[str]:
+        """Apply what a task server saw of its clients; the names the NS does not know."""
+        return self._store.update_computer_states(ts, states)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from tickle.ns.database import Database
 from tickle.ns.stores.catalog import CatalogStore
 from tickle.ns.stores.delivery import DeliveryStore
+from tickle.ns.stores.history import HistoryStore
 from tickle.ns.stores.inventory import InventoryStore
 from tickle.ns.stores.registrations import RegistrationStore
 from tickle.ns.stores.settings import SettingsStore
@@ -24,6 +25,7 @@ class Stores:
     delivery: DeliveryStore  # runs, executions, pulls, status events
     settings: SettingsStore  # the central settings
     registrations: RegistrationStore  # registrations awaiting an operator, re-keyed names
+    history: HistoryStore  # run history, deletions, the settings' reach
 
     @classmethod
     def open(cls, url: str) -> Stores:
@@ -36,6 +38,7 @@ class Stores:
             DeliveryStore(database),
             SettingsStore(database),
             RegistrationStore(database),
+            HistoryStore(database),
         )
 
     def close(self) -> None:

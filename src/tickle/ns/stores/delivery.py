@@ -54,9 +54,9 @@ class DeliveryStore:
         """Run now: one pending execution per selected computer (named or in a named group)."""
         now = time.time()
         with self._db.writing() as s:
-            kind, steps = _steps(s, body)
+            kind, steps, label = _steps(s, body)
             targets = _targets(s, body)
-            run = Run(task_id=body.task_id, job_id=body.job_id, created_at=now)
+            run = Run(task_id=body.task_id, job_id=body.job_id, label=label, created_at=now)
             s.add(run)
             s.flush()
             for c in targets:
@@ -247,21 +247,30 @@ class DeliveryStore:
         return out
 
 
-def _steps(s: Session, body: m.RunCreate) -> tuple[str, list[dict[str, Any]]]:
+def _steps(s: Session, body: m.RunCreate) -> tuple[str, list[dict[str, Any]], str]:
+    """The run's kind, its steps (task snapshots) and its label (what it ran, by name)."""
+    if body.task is not None:  # an ad-hoc command: its task lives in the run only
+        return "task", [body.task.model_dump(mode="json")], body.task.name
     if body.task_id is not None:
-        return "task", [views.task_spec(_get(s, Task, body.task_id, "task"))]
+        task = _get(s, Task, body.task_id, "task")
+        return "task", [views.task_spec(task)], task.name
     job = _get(s, Job, body.job_id, "job")
     by_id = {
         t.id: t for t in s.scalars(select(Task).where(Task.id.in_(jt.task_id for jt in job.tasks)))
     }
-    return "job", [views.task_spec(by_id[jt.task_id]) for jt in job.tasks]
+    return "job", [views.task_spec(by_id[jt.task_id]) for jt in job.tasks], job.name
 
 
 def _targets(s: Session, body: m.RunCreate) -> list[Computer]:
     chosen: dict[str, Computer] = {}
     if body.computers:
         names = list(dict.fromkeys(body.computers))
-        found = {c.name: c for c in s.scalars(select(Computer).where(Computer.name.in_(names)))}
+        found = {
+            c.name: c
+            for c in s.scalars(
+                select(Computer).where(Computer.name.in_(names), Computer.forgotten_at.is_(None))
+            )
+        }
         missing = [n for n in names if n not in found]
         if missing:
             raise NotFound(f"unknown computer(s): {', '.join(missing)}")
@@ -270,7 +279,9 @@ def _targets(s: Session, body: m.RunCreate) -> list[Computer]:
         wanted = set(body.groups)
         matched: set[str] = set()
         # groups are a JSON list per computer: filtered here, portable across databases
-        for c in s.scalars(select(Computer).order_by(Computer.name)):
+        for c in s.scalars(
+            select(Computer).where(Computer.forgotten_at.is_(None)).order_by(Computer.name)
+        ):
             hit = wanted.intersection(c.groups or [])
             if hit:
                 matched |= hit

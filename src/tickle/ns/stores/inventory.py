@@ -7,15 +7,18 @@ import base64
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from tickle import messages as m
 from tickle.ns import views
 from tickle.ns.credentials import Caller, new_tickle_key, new_token, token_sha256
 from tickle.ns.database import Database, retry_on_conflict
 from tickle.ns.errors import Forbidden, NotFound
-from tickle.ns.models import Computer, TaskServer
+from tickle.ns.liveness import DEFAULT_BOUND, OfflineBound
+from tickle.ns.models import Computer, Settings, TaskServer
 from tickle.ns.stores import registrations
 
 
@@ -45,7 +48,9 @@ class InventoryStore:
             if row is not None:
                 return Caller("task_server", row.name, row.id)
             crow = s.execute(
-                select(Computer.id, Computer.name).where(Computer.token_sha256 == sha)
+                select(Computer.id, Computer.name).where(
+                    Computer.token_sha256 == sha, Computer.forgotten_at.is_(None)
+                )
             ).first()
             if crow is not None:
                 return Caller("computer", crow.name, crow.id)
@@ -89,33 +94,84 @@ class InventoryStore:
                 for t in s.scalars(select(TaskServer).order_by(TaskServer.name))
             ]
 
-    def computers(self) -> list[m.ComputerOut]:
+    def computers(
+        self, bound: OfflineBound = DEFAULT_BOUND, liveness: m.Liveness | None = None
+    ) -> list[m.ComputerOut]:
+        """The computers (not forgotten), each online or offline under `bound`; `liveness`:
+        only those in that state."""
         with self._db.reading() as s:
-            return [
-                views.computer_out(c) for c in s.scalars(select(Computer).order_by(Computer.name))
+            since = bound.online_since(_interval_s(s))
+            found = [
+                views.computer_out(c, since)
+                for c in s.scalars(
+                    select(Computer).where(Computer.forgotten_at.is_(None)).order_by(Computer.name)
+                )
             ]
+        return [c for c in found if liveness is None or c.liveness == liveness]
 
-    def update_computer_states(self, ts: Caller, states: Sequence[m.ComputerState]) -> None:
-        """Apply what a task server saw of its clients (tickle reachability, observed address)."""
+    def liveness_counts(self, bound: OfflineBound) -> dict[m.Liveness, int]:
+        """How many computers (not forgotten) are online and offline: one count query."""
+        with self._db.reading() as s:
+            since = bound.online_since(_interval_s(s))
+            online = Computer.last_contact_at >= since
+            total, up = s.execute(
+                select(func.count(), func.count().filter(online)).where(
+                    Computer.forgotten_at.is_(None)
+                )
+            ).one()
+        return {"online": int(up), "offline": int(total) - int(up)}
+
+    def update_computer_states(self, ts: Caller, states: Sequence[m.ComputerState]) -> list[str]:
+        """Apply what a task server saw of its clients (last contact, settings version, tickle
+        reachability, observed address); returns the names the NS does not know (forgotten):
+        the task server drops their credentials.
+
+        The other clients' states are applied even when the batch names a computer of another
+        task server; that refusal is raised after the commit."""
         names = {st.name for st in states}
         with self._db.writing() as s:
-            found = {c.name: c for c in s.scalars(select(Computer).where(Computer.name.in_(names)))}
-            for st in states:
-                c = found.get(st.name)
-                if c is None:
-                    raise NotFound(f"computer {st.name!r} is not registered")
-                if c.task_server_id != ts.id:
-                    raise Forbidden(f"computer {st.name!r} is not a client of {ts.name!r}")
+            # the columns it needs, and one executemany UPDATE by id: a batch of 1,000 contacts
+            # must not load (and flush) 1,000 ORM rows
+            found = {
+                row.name: row
+                for row in s.execute(
+                    select(
+                        Computer.id, Computer.name, Computer.task_server_id, Computer.cem,
+                        Computer.reported_address, Computer.last_contact_at,
+                    ).where(Computer.name.in_(names), Computer.forgotten_at.is_(None))
+                )
+            }  # fmt: skip
+            unknown = sorted(names - found.keys())
+            foreign = sorted(n for n, c in found.items() if c.task_server_id != ts.id)
+            changes: dict[str, dict[str, Any]] = {}
             for st in sorted(states, key=lambda st: st.at):
-                c = found[st.name]
+                c = found.get(st.name)
+                if c is None or c.task_server_id != ts.id:
+                    continue
+                change = changes.setdefault(c.name, {"id": c.id})
                 if st.tickle_state is not None and not (c.cem and st.tickle_state != "cem"):
-                    c.tickle_state = st.tickle_state
+                    change["tickle_state"] = st.tickle_state
                 if st.observed_address is not None:
-                    c.observed_address = st.observed_address
-                    c.nat_detected = _nat(c.reported_address, st.observed_address)
+                    change["observed_address"] = st.observed_address
+                    change["nat_detected"] = _nat(c.reported_address, st.observed_address)
                 if st.clock_offset_s is not None:
-                    c.clock_offset_s = st.clock_offset_s
-                c.last_contact_at = max(c.last_contact_at or 0.0, st.at)
+                    change["clock_offset_s"] = st.clock_offset_s
+                if st.settings_version is not None:
+                    change["settings_version"] = st.settings_version
+                if st.contact_at is not None:
+                    change["last_contact_at"] = max(
+                        change.get("last_contact_at") or c.last_contact_at or 0.0, st.contact_at
+                    )
+            # rows alike in their columns go in one executemany each
+            by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for change in changes.values():
+                by_columns.setdefault(tuple(sorted(change)), []).append(change)
+            for rows in by_columns.values():
+                if len(rows[0]) > 1:
+                    s.execute(update(Computer), rows)
+        if foreign:
+            raise Forbidden(f"computer(s) {', '.join(foreign)} not a client of {ts.name!r}")
+        return unknown
 
     # --- the tickle server's view --------------------------------------------------------------
 
@@ -204,11 +260,19 @@ class InventoryStore:
         ask = registrations.Request("computer", reg.name, reg.identity, ts.name, address)
         with self._db.writing() as s:
             c = s.scalar(select(Computer).where(Computer.name == reg.name))
-            refusal = registrations.admit(s, ask, c, manual)  # raised after the commit, as above
+            # a forgotten computer registers as a new one: its old identity went with it
+            known = c if c is not None and c.forgotten_at is None else None
+            refusal = registrations.admit(
+                s, ask, known, manual
+            )  # raised after the commit, as above
             if refusal is None:
                 if c is None:
                     c = Computer(name=reg.name)
                     s.add(c)
+                if c.forgotten_at is not None:
+                    c.forgotten_at = None
+                    c.settings_version = None
+                    c.identity_sha256 = None
                 c.task_server_id = ts.id
                 c.token_sha256 = token_sha256(token)
                 c.tickle_key = key
@@ -225,6 +289,11 @@ class InventoryStore:
         if refusal is not None:
             raise refusal
         return m.AgentCredentials(name=reg.name, token=token, tickle_key=key)
+
+
+def _interval_s(s: Session) -> float:
+    row = s.get(Settings, 1)
+    return float(row.task_request_interval_s if row is not None else 1800)
 
 
 def _nat(reported: str | None, observed: str | None) -> bool:
