@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tickle.metrics import ComponentMetrics
-from tickle.ns.services.clocks import ClockMetrics, ClockService
 from tickle.ns.liveness import LivenessGauge, OfflineBound
+from tickle.ns.services.clocks import ClockMetrics, ClockService
 from tickle.ns.services.delivery import DeliveryService
 from tickle.ns.services.history import HistoryService
 from tickle.ns.services.inventory import InventoryService

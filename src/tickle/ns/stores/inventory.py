@@ -16,7 +16,7 @@ from tickle import messages as m
 from tickle.ns import views
 from tickle.ns.credentials import Caller, new_tickle_key, new_token, token_sha256
 from tickle.ns.database import Database, retry_on_conflict
-from tickle.ns.errors import Forbidden, NotFound
+from tickle.ns.errors import Forbidden
 from tickle.ns.liveness import DEFAULT_BOUND, OfflineBound
 from tickle.ns.models import Computer, Settings, TaskServer
 from tickle.ns.stores import registrations
