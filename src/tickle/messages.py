@@ -23,15 +23,36 @@ TaskRequestIntervalS = Annotated[
 ]
 TickleState = Literal["unknown", "reachable", "unreachable", "cem"]
 ExecutionStatus = Literal[
-    "pending", "delivered", "running", "succeeded", "failed", "timed_out", "interrupted"
+    "pending",
+    "delivered",
+    "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "interrupted",
+    "cancelled",
+    "expired",
+    "lost",
 ]
-FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "timed_out", "interrupted"})
+FINAL_STATUSES: frozenset[str] = frozenset(
+    {"succeeded", "failed", "timed_out", "interrupted", "cancelled", "expired", "lost"}
+)
+# the statuses `tickle run --rerun RUN --failed` runs again
+RERUN_STATUSES: frozenset[str] = frozenset(
+    {"failed", "timed_out", "interrupted", "cancelled", "expired", "lost"}
+)
 EventKind = Literal["agent_tickled", "agent_pulled", "started", "step_finished", "finished"]
 PullVia = Literal["tickle", "poll", "check_now"]
 PolicyVia = Literal["tickle", "refresh"]
 # why a task server pulls from the NS: a tickle, its periodic check, or its start
 TsPullVia = Literal["tickle", "check", "start"]
 OUTPUT_TAIL_MAX = 4096
+# The largest output of one step (stdout and stderr together) an agent may keep and send: its
+# `output_max_bytes` is at most this. Characters on the wire (a cut adds a marker line of its own).
+# One status event carrying it stays far within the default `max_body_bytes` (8 MiB) even when
+# JSON escapes control characters (6 bytes each).
+OUTPUT_MAX_BYTES = 1024 * 1024
+OUTPUT_MAX_CHARS = OUTPUT_MAX_BYTES + 256
 # the nine steps of an execution's timeline (`ExecutionOut.timeline`), in the order it goes through
 TIMELINE_STEPS = (
     "created",
@@ -87,20 +108,32 @@ class JobOut(JobCreate):
     id: int
 
 
+# the longest a run may wait for its computers before its unstarted executions expire
+RUN_EXPIRY_MAX_S = 366 * 86400
+
+
 class RunCreate(Model):
-    """Run a task or a job now on named computers and/or groups."""
+    """Run a task or a job now on named computers and/or groups, or on every computer."""
 
     task_id: DbInt | None = None
     job_id: DbInt | None = None
     computers: list[Name] = Field(default_factory=list, max_length=100_000)
     groups: list[Name] = Field(default_factory=list, max_length=1000)
+    all_computers: bool = Field(default=False, description="Run on every registered computer")
+    expires_in_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=RUN_EXPIRY_MAX_S,
+        description="Executions not started this many seconds after the run end `expired` "
+        "(default: the NS's default_run_expiry_s)",
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> RunCreate:
         if (self.task_id is None) == (self.job_id is None):
             raise ValueError("give exactly one of 'task_id' or 'job_id'")
-        if not self.computers and not self.groups:
-            raise ValueError("give at least one computer or group")
+        if not self.computers and not self.groups and not self.all_computers:
+            raise ValueError("give at least one computer or group, or all_computers")
         return self
 
 
@@ -114,6 +147,8 @@ class StepResult(Model):
     name: str
     exit_code: int | None
     status: str
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 class ExecutionOut(Model):
@@ -127,6 +162,8 @@ class ExecutionOut(Model):
     output_tail: str | None = None
     steps: list[StepResult] = Field(default_factory=list)
     timeline: list[TimelineStep] = Field(default_factory=list)
+    cancel_requested_at: float | None = None
+    expires_at: float | None = None
 
 
 class RunOut(Model):
@@ -135,6 +172,32 @@ class RunOut(Model):
     task_id: int | None
     job_id: int | None
     executions: list[ExecutionOut]
+    expires_at: float | None = None
+
+
+class CancelOut(Model):
+    """What a cancel did to each execution it named."""
+
+    run_id: int
+    cancelled: list[int] = Field(description="not started: ended `cancelled` now")
+    stopping: list[int] = Field(
+        description="pulled by their agent: it stops them and reports `cancelled`"
+    )
+    already_final: list[int] = Field(description="had ended before: left as they were")
+
+
+class StepOutput(Model):
+    step: int
+    name: str
+    stdout: str
+    stderr: str
+
+
+class ExecutionOutputOut(Model):
+    """Each step's output as its agent kept it (cut at its cap, with a marker where it was)."""
+
+    execution_id: int
+    steps: list[StepOutput]
 
 
 # --- inventory views --------------------------------------------------------------------------
@@ -231,10 +294,13 @@ class ExecutionWork(Model):
     computer: str
     kind: Literal["task", "job"]
     steps: list[TaskSpec] = Field(min_length=1)
+    expires_at: float | None = None  # not started by then: not started at all
 
 
 class WorkOut(Model):
     executions: list[ExecutionWork]
+    # executions an operator cancelled lately: never start them, stop them where they run
+    cancel: list[int] = Field(default_factory=list)
 
 
 class StatusEvent(Model):
@@ -249,6 +315,16 @@ class StatusEvent(Model):
     status: ExecutionStatus | None = None
     output_tail: str | None = Field(default=None, max_length=OUTPUT_TAIL_MAX)
     via: PullVia | None = None
+    # a step's whole output, cut at the agent's cap (`step_finished`, and `finished` of a task)
+    stdout: str | None = Field(default=None, max_length=OUTPUT_MAX_CHARS)
+    stderr: str | None = Field(default=None, max_length=OUTPUT_MAX_CHARS)
+    step_started_at: float | None = None
+
+    @model_validator(mode="after")
+    def _output_within_cap(self) -> StatusEvent:
+        if len(self.stdout or "") + len(self.stderr or "") > OUTPUT_MAX_CHARS:
+            raise ValueError(f"stdout and stderr together exceed {OUTPUT_MAX_CHARS} characters")
+        return self
 
 
 class EventBatch(Model):
@@ -299,6 +375,8 @@ class AgentEnrollment(Model):
 class AgentTasks(Model):
     executions: list[ExecutionWork]
     policy: AgentPolicy
+    # executions of this agent an operator cancelled: not to start, or to stop where they run
+    cancel: list[int] = Field(default_factory=list)
 
 
 class Health(Model):

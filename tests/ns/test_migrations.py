@@ -109,7 +109,7 @@ def test_upgrade_from_0002_adds_tickle_pulled_at_empty_and_keeps_last_pull_at(
 
         store.migrate()
 
-        assert current_revision(store.engine) == "0003"
+        assert current_revision(store.engine) == "0007_output_cancel"
         with store.engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
             row = conn.execute(

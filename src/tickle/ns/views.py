@@ -37,6 +37,7 @@ def run_out(run: Run) -> m.RunOut:
         task_id=run.task_id,
         job_id=run.job_id,
         executions=[execution_out(ex) for ex in run.executions],
+        expires_at=run.expires_at,
     )
 
 
@@ -57,6 +58,8 @@ def execution_out(ex: Execution) -> m.ExecutionOut:
                 {"step": step, "at": getattr(ex, _TIMELINE_COLUMNS[step])}
                 for step in m.TIMELINE_STEPS
             ],
+            "cancel_requested_at": ex.cancel_requested_at,
+            "expires_at": ex.expires_at,
         }
     )
 
@@ -68,6 +71,7 @@ def execution_work(ex: Execution) -> m.ExecutionWork:
         computer=ex.computer.name,
         kind="job" if ex.kind == "job" else "task",
         steps=[m.TaskSpec.model_validate(step) for step in ex.steps],
+        expires_at=ex.expires_at,
     )
 
 

@@ -45,7 +45,11 @@ class AgentPulls:
             self._metrics.polls.inc()
         self._note_address(agent, peer)
         executions = self._work_cache.pulled(agent.name, via)
-        return AgentTasks(executions=executions, policy=self._policy(agent))
+        return AgentTasks(
+            executions=executions,
+            policy=self._policy(agent),
+            cancel=self._work_cache.cancels_for(agent.name),
+        )
 
     def policy(self, agent: Client, via: PolicyVia) -> AgentPolicy:
         """The agent's policy; a fetch the settings tickle caused acknowledges it."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from tickle.ns.routes import health, inventory, runs, settings, task_server, tasks
+from tickle.ns.routes import cancel, health, inventory, output, runs, settings, task_server, tasks
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
     tasks.router,
     runs.router,
+    cancel.router,
+    output.router,
     inventory.router,
     settings.router,
     task_server.router,

@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tickle.metrics import ComponentMetrics
+from tickle.ns.services.cancel import CancelService
 from tickle.ns.services.delivery import DeliveryService
 from tickle.ns.services.inventory import InventoryService
 from tickle.ns.services.settings import SettingsService
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
 from tickle.ns.stores.catalog import CatalogStore
+from tickle.ns.stores.output import OutputStore
 from tickle.ns.tickle_server import TickleServer
 
 
@@ -25,6 +27,9 @@ class Services:
     delivery: DeliveryService
     settings: SettingsService
     metrics: ComponentMetrics
+    cancel: CancelService
+    # reading output touches nothing but the database: the store serves the route
+    output: OutputStore
 
     @classmethod
     def build(
@@ -45,7 +50,15 @@ class Services:
         return cls(
             inventory=inventory,
             catalog=stores.catalog,
-            delivery=DeliveryService(stores.delivery, tickle_server, metrics),
+            delivery=DeliveryService(
+                stores.delivery,
+                tickle_server,
+                metrics,
+                stores.cancel,
+                settings.default_run_expiry_s,
+            ),
+            cancel=CancelService(stores.cancel, tickle_server, metrics),
+            output=stores.output,
             settings=SettingsService(stores.settings, tickle_server),
             metrics=metrics,
         )

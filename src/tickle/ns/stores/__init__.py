@@ -7,9 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tickle.ns.database import Database
+from tickle.ns.stores.cancel import CancelStore
 from tickle.ns.stores.catalog import CatalogStore
 from tickle.ns.stores.delivery import DeliveryStore
 from tickle.ns.stores.inventory import InventoryStore
+from tickle.ns.stores.output import OutputStore
 from tickle.ns.stores.settings import SettingsStore
 
 
@@ -22,6 +24,8 @@ class Stores:
     catalog: CatalogStore  # tasks and jobs
     delivery: DeliveryStore  # runs, executions, pulls, status events
     settings: SettingsStore  # the central settings
+    cancel: CancelStore  # cancel, expiry and loss of executions
+    output: OutputStore  # the steps' output
 
     @classmethod
     def open(cls, url: str) -> Stores:
@@ -33,6 +37,8 @@ class Stores:
             CatalogStore(database),
             DeliveryStore(database),
             SettingsStore(database),
+            CancelStore(database),
+            OutputStore(database),
         )
 
     def close(self) -> None:
