@@ -326,6 +326,17 @@ class StatusEvent(Model):
             raise ValueError(f"stdout and stderr together exceed {OUTPUT_MAX_CHARS} characters")
         return self
 
+    def without_output(self) -> StatusEvent | None:
+        """This event with its step's output replaced by a note (None: it carries none) — for
+        a next hop whose `max_body_bytes` it exceeds alone: the status still gets through."""
+        if not self.stdout and not self.stderr:
+            return None
+        note = (
+            f"[tickle] {len(self.stdout or '')} characters of stdout and {len(self.stderr or '')}"
+        )
+        note += " of stderr dropped: over the next hop's max_body_bytes\n"
+        return self.model_copy(update={"stdout": "", "stderr": note})
+
 
 class EventBatch(Model):
     events: list[StatusEvent] = Field(max_length=1000)

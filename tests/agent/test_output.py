@@ -37,3 +37,8 @@ def test_a_stream_barely_over_its_budget_is_cut_from_what_it_kept() -> None:
     out, err = cut_to_cap(stream(data, 100), stream(b"e" * 500, 100), 100)
     assert out == data[:25].decode() + cut_marker(10) + data[-25:].decode()
     assert err == "e" * 25 + cut_marker(450) + "e" * 25
+
+
+def test_nul_and_bytes_that_are_not_utf8_become_replacement_characters() -> None:
+    out, _ = cut_to_cap(stream(b"a\x00b\xffc", 100), stream(b"", 100), 100)
+    assert out == "a\ufffdb\ufffdc"

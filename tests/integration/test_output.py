@@ -110,3 +110,27 @@ async def test_a_three_step_job_keeps_each_step_s_exit_code_times_and_output(
     missing = tickle_cli(fleet, "output", str(execution.id), "--step", "7")
     assert missing.returncode == 1
     assert "has no step 7" in missing.stderr
+
+
+async def test_an_event_over_the_task_server_s_body_limit_gets_through_without_its_output(
+    fleet_factory: Factory,
+) -> None:
+    # a task server that takes bodies of 64 KiB at most, an agent keeping 1 MiB per step
+    fleet = await fleet_factory(
+        ["ts1"], [AgentSpec("a1", ["ts1"])], ts_extra=["--max-body-bytes", "65536"]
+    )
+    async with fleet.client() as ns:
+        task = await ns.add_task(
+            TaskCreate(name="chatty", script="head -c 200000 /dev/zero | tr '\\0' y; echo; exit 5")
+        )
+        run = await ns.run_now(RunCreate(task_id=task.id, computers=["a1"]))
+    execution = (await wait_run(fleet, run.id, 30)).executions[0]
+    assert (execution.status, execution.exit_code) == ("failed", 5)
+    assert (execution.output_tail or "").endswith("yyy\n")  # the summary fits: it is kept
+    async with fleet.client() as ns:
+        [step] = (await ns.output(execution.id)).steps
+    assert step.stdout == ""
+    assert step.stderr == (
+        "[tickle] 200001 characters of stdout and 0 of stderr dropped: over the next hop's"
+        " max_body_bytes\n"
+    )

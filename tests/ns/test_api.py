@@ -371,6 +371,11 @@ async def test_admin_token_and_secret_are_generated_into_the_state_dir(
 async def test_cancel_ends_pending_work_lists_it_for_the_task_server_and_leaves_finished_alone(
     ns: Ns,
 ) -> None:
+    await cancel_and_output_scenario(ns)
+
+
+async def cancel_and_output_scenario(ns: Ns) -> None:
+    """Cancel three executions in three states; a job step's output (also on PostgreSQL)."""
     ts = await ns.task_server("ts1")
     await ts.agent("pc1")
     await ts.agent("pc2")
@@ -402,6 +407,12 @@ async def test_cancel_ends_pending_work_lists_it_for_the_task_server_and_leaves_
     ]})  # fmt: skip
     assert (await ns.ok("GET", f"/api/executions/{pulled}"))["status"] == "cancelled"
     assert ns.metrics.executions.labels(status="cancelled")._value.get() == 2
+    # output, NUL included (PostgreSQL keeps none in text): kept, readable
+    step = event(done, "pc3", "step_finished", time.time(), step=0, status="succeeded",
+                 exit_code=0, stdout="a\x00b", stderr="e")  # fmt: skip
+    await ts.ok("POST", "/api/ts/events", json={"events": [step]})
+    [kept] = (await ns.ok("GET", f"/api/executions/{done}/output"))["steps"]
+    assert (kept["stdout"], kept["stderr"]) == ("a\ufffdb", "e")
 
 
 async def test_cancel_and_output_of_what_does_not_exist_are_404_naming_it(ns: Ns) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tickle.agent.containment import Containment, TaskTree
-from tickle.agent.output import CappedStream, cut_to_cap
+from tickle.agent.output import CappedStream, as_text, cut_to_cap
 from tickle.agent.state import AgentState
 from tickle.agent.subreaper import Subreaper
 from tickle.messages import (
@@ -327,7 +327,7 @@ class _Output:
 
     def text(self) -> str:
         """The last bytes of stdout and stderr, in the order they came."""
-        return self._tail.decode(errors="replace")
+        return as_text(bytes(self._tail))
 
     def kept(self) -> tuple[str, str]:
         """stdout and stderr as kept: together within the cap, each cut in its middle."""

@@ -4,6 +4,9 @@ cut out with a visible marker saying how many bytes were cut.
 Each stream keeps at most `cap` bytes while the step runs (its first half-cap and its last
 half-cap), so memory stays bounded however much a task writes. When the step ends, stdout and
 stderr share the cap: each gets half, and what one does not use the other may.
+
+Output is text: bytes that are not UTF-8, and NUL characters (which PostgreSQL cannot store in
+text), become U+FFFD.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class CappedStream:
     def kept(self, budget: int) -> str:
         """The stream within `budget` bytes (at most its cap): all of it, or head, marker, tail."""
         if self.total <= budget:
-            return (bytes(self.head) + bytes(self.tail)).decode(errors="replace")
+            return as_text(bytes(self.head) + bytes(self.tail))
         head_n = budget // 2
         tail_n = budget - head_n
         # nothing dropped yet: the tail may be shorter than its share, the head holds the rest
@@ -41,11 +44,12 @@ class CappedStream:
         head = bytes((whole or self.head)[:head_n])
         tail_of = whole or self.tail
         tail = bytes(tail_of[len(tail_of) - tail_n :]) if tail_n else b""
-        return (
-            head.decode(errors="replace")
-            + cut_marker(self.total - len(head) - len(tail))
-            + tail.decode(errors="replace")
-        )
+        return as_text(head) + cut_marker(self.total - len(head) - len(tail)) + as_text(tail)
+
+
+def as_text(data: bytes) -> str:
+    """Output bytes as text: what is not UTF-8, and NUL, shown as U+FFFD."""
+    return data.decode(errors="replace").replace("\x00", "\ufffd")
 
 
 def cut_marker(cut: int) -> str:

@@ -131,7 +131,7 @@ class TickleServer:
     async def _tickle_for_cancels(self) -> None:
         """Tickle the task servers that have not pulled since an execution of theirs was
         cancelled (its agent must hear of it); once per cancel, like work."""
-        for name, newest in await self._db(self._stores.cancel.unheard_cancels):
+        for name, newest in await self._db(self._stores.cancel.unheard_cancels, time.time()):
             link = self._links.get(name)
             if link is None or newest <= self._requested_at.get((name, wire.Kind.TASKS), 0):
                 continue

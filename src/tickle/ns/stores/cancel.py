@@ -97,9 +97,9 @@ class CancelStore:
             )
             return list(ids)
 
-    def unheard_cancels(self) -> list[tuple[str, float]]:
+    def unheard_cancels(self, now: float) -> list[tuple[str, float]]:
         """Task servers that have not pulled work since an execution of their clients was
-        cancelled, with the newest such cancel."""
+        cancelled (within `CANCEL_NOTICE_S`), with the newest such cancel."""
         with self._db.reading() as s:
             rows = s.execute(
                 select(TaskServer.name, func.max(Execution.cancel_requested_at))
@@ -107,7 +107,7 @@ class CancelStore:
                 .join(Computer, Execution.computer_id == Computer.id)
                 .join(TaskServer, Computer.task_server_id == TaskServer.id)
                 .where(
-                    Execution.cancel_requested_at.is_not(None),
+                    Execution.cancel_requested_at >= now - CANCEL_NOTICE_S,
                     Execution.cancel_requested_at > func.coalesce(TaskServer.last_pull_at, 0.0),
                 )
                 .group_by(TaskServer.name)

@@ -268,10 +268,9 @@ def _keep_output(s: Session, ex: Execution, e: m.StatusEvent) -> None:
     """Keep the step output an event carries (a step reported again replaces it)."""
     if e.step is None or (e.stdout is None and e.stderr is None):
         return
-    output = ExecutionOutput(
-        execution_id=ex.id, step=e.step, stdout=e.stdout or "", stderr=e.stderr or ""
-    )
-    s.merge(output)
+    # PostgreSQL keeps no NUL in text (agents send none; a foreign one might)
+    stdout, stderr = ((text or "").replace("\x00", "\ufffd") for text in (e.stdout, e.stderr))
+    s.merge(ExecutionOutput(execution_id=ex.id, step=e.step, stdout=stdout, stderr=stderr))
 
 
 def _steps(s: Session, body: m.RunCreate) -> tuple[str, list[dict[str, Any]]]:
