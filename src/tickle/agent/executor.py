@@ -5,11 +5,14 @@ session of its own and in a contained tree (`containment.py`): every process it 
 it escapes (new session, double fork, daemon), is killed with it. A step ends when its main
 process exits — what it left running gets a moment to finish writing its output, then is killed
 (SIGTERM, `kill_grace_s`, SIGKILL) and the output tail says so — or at its timeout, when the whole
-tree is killed the same way. Reading the output is bounded in time: a step never hangs on a pipe.
-The combined stdout/stderr tail is kept. A job stops at its first failing step. Events:
-`started`, `step_finished` per step of a job, `finished` (succeeded / failed / timed_out, or
-interrupted when the agent stops) — each committed to the outbox before the forwarder is woken, so
-none is lost if the task server is down or the agent restarts.
+tree is killed the same way, or when the operator cancels it (`cancelling`). Reading the output
+is bounded in time: a step never hangs on a pipe. stdout and stderr are kept apart, within
+`output_max_bytes` together (`output.py`: head and tail, a marker where the middle was cut), and
+their last bytes as they came (the summary). A job stops at its first failing step. Events:
+`started`, `step_finished` per step of a job (with its output and times), `finished` (succeeded /
+failed / timed_out, cancelled, or interrupted when the agent stops; a task's output) — each
+committed to the outbox before the forwarder is woken, so none is lost if the task server is down
+or the agent restarts.
 """
 
 from __future__ import annotations
