@@ -141,6 +141,13 @@ def test_a_lost_execution_takes_the_status_its_agent_reports_late_and_counts_onc
     assert apply(after, event("finished", 12.0, status="succeeded", exit_code=0), NOW) == after
 
 
+def test_an_expired_execution_its_agent_started_just_before_takes_what_the_agent_reports() -> None:
+    expired = replace(apply_all(IN_ORDER[:2]), status="expired", finished_at=10.0)
+    after = apply(expired, FINISHED, NOW)
+    assert after.status == "succeeded"
+    assert not finished_now(expired, after)
+
+
 def test_a_cancelled_execution_stays_cancelled_whatever_its_agent_reports() -> None:
     cancelled = replace(apply_all(IN_ORDER[:3]), status="cancelled", finished_at=10.0)
     assert apply(cancelled, FINISHED, NOW) == cancelled

@@ -2,10 +2,11 @@
 
 Events may arrive out of order (separate outboxes, retries): timestamps are set once and the status
 only moves forward (pending → delivered → running → a final status), so a late `started` never
-reopens a finished execution. One final status is provisional: `lost` (the NS stopped hearing from
-the computer) gives way to the `finished` its agent reports when it comes back. Pure functions on
-plain values: the delivery store reads an
-execution into a `Progress`, applies each event here and writes the result back.
+reopens a finished execution. Two final statuses are provisional: `lost` (the NS stopped hearing
+from the computer) and `expired` (the NS saw no start by the run's expiry — the agent may have
+started it just before) give way to the `finished` its agent reports. Pure functions on plain
+values: the delivery store reads an execution into a `Progress`, applies each event here and
+writes the result back.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 from tickle import messages as m
 
 _ORDER = {"pending": 0, "delivered": 1, "running": 2}  # final statuses come after all of these
+# final statuses the NS gave without word from the agent: what the agent reports replaces them
+_PROVISIONAL = frozenset({"lost", "expired"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +63,7 @@ def apply(
         results = _with_step(progress.step_results, event.step, event, step_names)
         return replace(progress, step_results=results)
     if event.kind == "finished" and (
-        progress.status not in m.FINAL_STATUSES or progress.status == "lost"
+        progress.status not in m.FINAL_STATUSES or progress.status in _PROVISIONAL
     ):
         results = progress.step_results
         if event.step is not None and all(r.get("step") != event.step for r in results):
