@@ -152,6 +152,12 @@ BAD_INPUT = [
     (["runs", "list", "--until", "noon"], "--until: 'noon' is neither ISO 8601"),
     (["history", "--computer", "pc1", "--status", "ok"], "--status: 'ok' is not one of"),
     (["computers", "--offline", "--online"], "at most one of --offline or --online"),
+    (["run", "pc1", "--task", "1", "--expires-in", "soon"], "not a duration like 90s"),
+    (["run", "pc1", "--task", "1", "--expires-in", "0h"], "must be more than 0"),
+    (["run", "pc1", "--task", "1", "--expires-in", "400d"], "expires_in_s"),
+    (["run", "pc1", "--task", "1", "--failed"], "--failed goes with --rerun"),
+    (["run", "--rerun", "3", "--task", "1"], "--rerun takes the run's task or job"),
+    (["run", "--task", "1"], "give at least one computer or group, or all_computers"),
 ]
 _bad_input: list[str] = []
 
@@ -165,7 +171,8 @@ def bad_input_results() -> Iterator[list[str]]:
             case="CLI: bad operator input",
             done="job add with 60 task ids, a bad job name, settings set with no flag, a 5 s "
             "interval, bad computer and group names, a negative timeout, an unknown status, a "
-            "time that is no time, both --offline and --online",
+            "time that is no time, both --offline and --online, bad expiries, --failed without "
+            "--rerun, --rerun with a task, run without targets",
             outcome="; ".join(failed)
             or "exit 2, one line naming the limit or field, NS not reached",
             tried=len(_bad_input),

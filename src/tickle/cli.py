@@ -24,6 +24,7 @@ from rich.console import Console
 from tickle import console as con
 from tickle.messages import (
     FINAL_STATUSES,
+    RERUN_STATUSES,
     ExecutionStatus,
     JobCreate,
     Name,
@@ -286,24 +287,57 @@ def run_command(
         ),
     ] = None,
     group: Annotated[list[str] | None, typer.Option("--group", help="Computer group")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Run on every registered computer")] = False,
+    rerun: Annotated[
+        int | None,
+        typer.Option(
+            "--rerun",
+            help="Run that run's task or job again, on its computers (with --failed: those "
+            "whose execution failed, timed out, was interrupted, cancelled, expired or lost)",
+        ),
+    ] = None,
+    failed: Annotated[
+        bool, typer.Option("--failed", help="With --rerun: only the computers that did not succeed")
+    ] = False,
+    expires_in: Annotated[
+        str | None,
+        typer.Option(
+            "--expires-in",
+            help="Executions not started within this time end expired (90s, 30m, 2h, 1d; "
+            "default: the NS's default_run_expiry_s)",
+        ),
+    ] = None,
     watch: Annotated[bool, typer.Option(help="Wait and show progress until all finish")] = True,
     wait_s: Annotated[float, typer.Option("--wait", help="How long to watch (s)")] = 300.0,
     as_json: AsJson = False,
 ) -> None:
-    """Run a task or job now on computers (and groups); watch until every target finished."""
-    if sum(x is not None for x in (task, job, command)) != 1:
+    """Run a task or job now on computers (and groups, or --all); watch until every target
+    finished. --rerun RUN [--failed] runs a run's task or job again."""
+    if failed and rerun is None:
+        raise _failure("tickle run", "--failed goes with --rerun RUN", 2)
+    if rerun is not None:
+        if task is not None or job is not None or command is not None:
+            raise _failure("tickle run", "--rerun takes the run's task or job: give no other", 2)
+    elif sum(x is not None for x in (task, job, command)) != 1:
         raise _failure("tickle run", "give exactly one of --task, --job or --command", 2)
+    expires_in_s = None if expires_in is None else _duration("tickle run: --expires-in", expires_in)
     # an ad-hoc command travels inline with the run: it is not added to the defined tasks
     inline = None if command is None else _task_spec("adhoc", command, None, 300.0)
+    # checked before anything reaches the NS (0 stands in for the rerun's task, and a rerun's
+    # computers, until known)
     create = _valid(
         "tickle run", RunCreate,
-        task_id=task, job_id=job,
+        task_id=task if rerun is None else 0, job_id=job,
         task=None if inline is None else TaskSpec.model_validate(inline.model_dump()),
-        computers=computers or [], groups=group or [],
+        computers=computers or ([] if rerun is None else ["rerun"]), groups=group or [],
+        all_computers=every, expires_in_s=expires_in_s,
     )  # fmt: skip
 
     async def work(c: con.NsClient) -> RunOut:
-        run = await c.run_now(create)
+        run_create = create
+        if rerun is not None:
+            run_create = await _rerun_of(c, rerun, failed, create)
+        run = await c.run_now(run_create)
         if not watch:
             return run
         if as_json:
@@ -317,6 +351,91 @@ def run_command(
         raise typer.Exit(3)
     if any(e.status != "succeeded" for e in run.executions if e.status in FINAL_STATUSES):
         raise typer.Exit(4)
+
+
+async def _rerun_of(c: con.NsClient, run_id: int, failed: bool, create: RunCreate) -> RunCreate:
+    """A run of `run_id`'s task or job on its computers (`failed`: those that did not succeed)."""
+    before = await c.run(run_id)
+    targets = sorted(
+        {e.computer for e in before.executions if not failed or e.status in RERUN_STATUSES}
+    )
+    if not targets:
+        raise con.ConsoleError(f"run {run_id} has no computer to run again (none failed)")
+    if before.task_id is None and before.job_id is None:
+        raise con.ConsoleError(
+            f"run {run_id} ran an ad-hoc command: give it again with --command and the computers"
+        )
+    return create.model_copy(
+        update={
+            "task_id": before.task_id, "job_id": before.job_id, "computers": targets,
+            "groups": [], "all_computers": False,
+        }
+    )  # fmt: skip
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(prefix: str, text: str) -> float:
+    """Seconds of "90", "90s", "30m", "2h" or "1d"; a one-line exit 2 otherwise."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise _failure(prefix, f"{text!r} is not a duration like 90s, 30m, 2h or 1d", 2) from None
+    if not seconds > 0:
+        raise _failure(prefix, f"{text!r} must be more than 0", 2)
+    return seconds
+
+
+@app.command("cancel")
+def cancel_command(
+    ctx: typer.Context,
+    run_id: Annotated[int, typer.Argument(help="The run to cancel")],
+    execution: Annotated[
+        int | None, typer.Option("--execution", help="Cancel only this execution of the run")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Cancel a run (or one execution): what has not started never starts; what runs is
+    stopped by its agent, with every process it started, and recorded cancelled."""
+    result = _with_ns(ctx, lambda c: c.cancel(run_id, execution))
+    if as_json:
+        _print_json(result.model_dump())
+        return
+    for what, ids in (
+        ("cancelled", result.cancelled),
+        ("being stopped by their agents", result.stopping),
+        ("had ended already", result.already_final),
+    ):
+        if ids:
+            out.print(f"run {run_id}: {', '.join(map(str, ids))} {what}")
+
+
+@app.command("output")
+def output_command(
+    ctx: typer.Context,
+    execution_id: Annotated[int, typer.Argument(help="The execution")],
+    step: Annotated[
+        int | None, typer.Option("--step", help="Only this step (0: the first)")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Print an execution's output, step by step, stdout and stderr each under its own header
+    (kept up to the agent's cap per step; a marker line says where and how much was cut)."""
+    result = _with_ns(ctx, lambda c: c.output(execution_id, step))
+    if as_json:
+        _print_json(result.model_dump())
+        return
+    if not result.steps:
+        err.print(f"execution {execution_id}: no output (yet)", markup=False, highlight=False)
+    for s in result.steps:
+        for stream, text in (("stdout", s.stdout), ("stderr", s.stderr)):
+            if not text:
+                continue
+            sys.stdout.write(f"=== step {s.step} ({s.name}) {stream} ===\n")
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
 
 
 @app.command("watch")
@@ -347,6 +466,8 @@ def timeline_command(
         _print_json(e.model_dump())
     else:
         out.print(con.timeline_table(e))
+        if e.steps:
+            out.print(con.steps_table(e))
         if e.output_tail:
             out.print(f"output:\n{e.output_tail}")
 

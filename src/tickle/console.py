@@ -24,8 +24,10 @@ from tickle.messages import (
     FINAL_STATUSES,
     TIMELINE_STEPS,
     About,
+    CancelOut,
     ComputerOut,
     ExecutionOut,
+    ExecutionOutputOut,
     ExecutionsPage,
     JobCreate,
     JobOut,
@@ -132,6 +134,18 @@ class NsClient:
     async def execution(self, execution_id: int) -> ExecutionOut:
         return await self.call(  # type: ignore[no-any-return]
             "GET", f"/api/executions/{execution_id}", answer=ExecutionOut
+        )
+
+    async def output(self, execution_id: int, step: int | None = None) -> ExecutionOutputOut:
+        query = "" if step is None else f"?step={step}"
+        return await self.call(  # type: ignore[no-any-return]
+            "GET", f"/api/executions/{execution_id}/output{query}", answer=ExecutionOutputOut
+        )
+
+    async def cancel(self, run_id: int, execution_id: int | None = None) -> CancelOut:
+        query = "" if execution_id is None else f"?execution_id={execution_id}"
+        return await self.call(  # type: ignore[no-any-return]
+            "POST", f"/api/runs/{run_id}/cancel{query}", answer=CancelOut
         )
 
     async def task_servers(self) -> list[TaskServerOut]:
@@ -267,11 +281,7 @@ def timeline_table(execution: ExecutionOut) -> Table:
     previous = origin
     for step in TIMELINE_STEPS:
         at = times.get(step)
-        stamp = (
-            "-"
-            if at is None
-            else time.strftime("%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}"
-        ) + (" *" if step in corrected else "")
+        stamp = _clock(at) + (" *" if step in corrected else "")
         hop = "-" if at is None or previous is None else f"{(at - previous) * 1000:.1f}"
         table.add_row(step, stamp, _ms(at, origin), hop)
         if at is not None:
@@ -291,6 +301,24 @@ def timeline_note(execution: ExecutionOut) -> str | None:
         for offset, steps in by_offset.items()
     ]
     return "\n".join(lines) or None
+
+
+def steps_table(execution: ExecutionOut) -> Table:
+    """A job's (or task's) steps: status, exit code, when each ran and how long."""
+    table = Table(title=f"steps of execution {execution.id}")
+    for col in ("step", "name", "status", "exit", "started (UTC)", "took (ms)"):
+        table.add_column(col, justify="right" if col in ("step", "exit", "took (ms)") else "left")
+    for r in execution.steps:
+        took = (
+            "-"
+            if r.started_at is None or r.finished_at is None
+            else f"{(r.finished_at - r.started_at) * 1000:.1f}"
+        )
+        table.add_row(
+            str(r.step), r.name, r.status, "-" if r.exit_code is None else str(r.exit_code),
+            _clock(r.started_at), took,
+        )  # fmt: skip
+    return table
 
 
 def computers_table(computers: Sequence[ComputerOut]) -> Table:
@@ -393,6 +421,13 @@ def about_table(about: About) -> Table:
     ):
         table.add_row(name, value)
     return table
+
+
+def _clock(at: float | None) -> str:
+    """A time of day in UTC, to the millisecond."""
+    if at is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}"
 
 
 def _ms(at: float | None, origin: float | None) -> str:

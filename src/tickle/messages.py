@@ -31,15 +31,36 @@ TickleState = Literal["unknown", "reachable", "unreachable", "cem", "clock_skewe
 ClockOffsetS = Annotated[float, Field(ge=-1e9, le=1e9, allow_inf_nan=False)]
 Liveness = Literal["online", "offline"]
 ExecutionStatus = Literal[
-    "pending", "delivered", "running", "succeeded", "failed", "timed_out", "interrupted"
+    "pending",
+    "delivered",
+    "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "interrupted",
+    "cancelled",
+    "expired",
+    "lost",
 ]
-FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "timed_out", "interrupted"})
+FINAL_STATUSES: frozenset[str] = frozenset(
+    {"succeeded", "failed", "timed_out", "interrupted", "cancelled", "expired", "lost"}
+)
+# the statuses `tickle run --rerun RUN --failed` runs again
+RERUN_STATUSES: frozenset[str] = frozenset(
+    {"failed", "timed_out", "interrupted", "cancelled", "expired", "lost"}
+)
 EventKind = Literal["agent_tickled", "agent_pulled", "started", "step_finished", "finished"]
 PullVia = Literal["tickle", "poll", "check_now"]
 PolicyVia = Literal["tickle", "refresh"]
 # why a task server pulls from the NS: a tickle, its periodic check, or its start
 TsPullVia = Literal["tickle", "check", "start"]
 OUTPUT_TAIL_MAX = 4096
+# The largest output of one step (stdout and stderr together) an agent may keep and send: its
+# `output_max_bytes` is at most this. Characters on the wire (a cut adds a marker line of its own).
+# One status event carrying it stays far within the default `max_body_bytes` (8 MiB) even when
+# JSON escapes control characters (6 bytes each).
+OUTPUT_MAX_BYTES = 1024 * 1024
+OUTPUT_MAX_CHARS = OUTPUT_MAX_BYTES + 256
 # the nine steps of an execution's timeline (`ExecutionOut.timeline`), in the order it goes through
 TIMELINE_STEPS = (
     "created",
@@ -95,22 +116,35 @@ class JobOut(JobCreate):
     id: int
 
 
+# the longest a run may wait for its computers before its unstarted executions expire
+RUN_EXPIRY_MAX_S = 366 * 86400
+
+
 class RunCreate(Model):
-    """Run a task or a job now on named computers and/or groups; or an ad-hoc command, its task
-    given inline (`task`): it is kept with the run only, never added to the defined tasks."""
+    """Run a task or a job now on named computers and/or groups, or on every computer; or an
+    ad-hoc command, its task given inline (`task`): it is kept with the run only, never added to
+    the defined tasks."""
 
     task_id: DbInt | None = None
     job_id: DbInt | None = None
     task: TaskSpec | None = None
     computers: list[Name] = Field(default_factory=list, max_length=100_000)
     groups: list[Name] = Field(default_factory=list, max_length=1000)
+    all_computers: bool = Field(default=False, description="Run on every registered computer")
+    expires_in_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=RUN_EXPIRY_MAX_S,
+        description="Executions not started this many seconds after the run end `expired` "
+        "(default: the NS's default_run_expiry_s)",
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> RunCreate:
         if sum(x is not None for x in (self.task_id, self.job_id, self.task)) != 1:
             raise ValueError("give exactly one of 'task_id', 'job_id' or 'task'")
-        if not self.computers and not self.groups:
-            raise ValueError("give at least one computer or group")
+        if not self.computers and not self.groups and not self.all_computers:
+            raise ValueError("give at least one computer or group, or all_computers")
         return self
 
 
@@ -133,6 +167,8 @@ class StepResult(Model):
     name: str
     exit_code: int | None
     status: str
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 class ExecutionOut(Model):
@@ -146,6 +182,8 @@ class ExecutionOut(Model):
     output_tail: str | None = None
     steps: list[StepResult] = Field(default_factory=list)
     timeline: list[TimelineStep] = Field(default_factory=list)
+    cancel_requested_at: float | None = None
+    expires_at: float | None = None
 
 
 class RunOut(Model):
@@ -155,6 +193,7 @@ class RunOut(Model):
     job_id: int | None
     executions: list[ExecutionOut]
     label: str | None = None  # the task's or job's name when the run was made
+    expires_at: float | None = None
 
 
 class RunSummary(Model):
@@ -181,6 +220,31 @@ class ExecutionsPage(Model):
 
     executions: list[ExecutionOut]
     next_before: int | None
+
+
+class CancelOut(Model):
+    """What a cancel did to each execution it named."""
+
+    run_id: int
+    cancelled: list[int] = Field(description="not started: ended `cancelled` now")
+    stopping: list[int] = Field(
+        description="pulled by their agent: it stops them and reports `cancelled`"
+    )
+    already_final: list[int] = Field(description="had ended before: left as they were")
+
+
+class StepOutput(Model):
+    step: int
+    name: str
+    stdout: str
+    stderr: str
+
+
+class ExecutionOutputOut(Model):
+    """Each step's output as its agent kept it (cut at its cap, with a marker where it was)."""
+
+    execution_id: int
+    steps: list[StepOutput]
 
 
 # --- inventory views --------------------------------------------------------------------------
@@ -323,10 +387,13 @@ class ExecutionWork(Model):
     computer: str
     kind: Literal["task", "job"]
     steps: list[TaskSpec] = Field(min_length=1)
+    expires_at: float | None = None  # not started by then: not started at all
 
 
 class WorkOut(Model):
     executions: list[ExecutionWork]
+    # executions an operator cancelled lately: never start them, stop them where they run
+    cancel: list[int] = Field(default_factory=list)
 
 
 class StatusEvent(Model):
@@ -341,6 +408,27 @@ class StatusEvent(Model):
     status: ExecutionStatus | None = None
     output_tail: str | None = Field(default=None, max_length=OUTPUT_TAIL_MAX)
     via: PullVia | None = None
+    # a step's whole output, cut at the agent's cap (`step_finished`, and `finished` of a task)
+    stdout: str | None = Field(default=None, max_length=OUTPUT_MAX_CHARS)
+    stderr: str | None = Field(default=None, max_length=OUTPUT_MAX_CHARS)
+    step_started_at: float | None = None
+
+    @model_validator(mode="after")
+    def _output_within_cap(self) -> StatusEvent:
+        if len(self.stdout or "") + len(self.stderr or "") > OUTPUT_MAX_CHARS:
+            raise ValueError(f"stdout and stderr together exceed {OUTPUT_MAX_CHARS} characters")
+        return self
+
+    def without_output(self) -> StatusEvent | None:
+        """This event with its step's output replaced by a note (None: it carries none) — for
+        a next hop whose `max_body_bytes` it exceeds alone: the status still gets through."""
+        if not self.stdout and not self.stderr:
+            return None
+        note = (
+            f"[tickle] {len(self.stdout or '')} characters of stdout and {len(self.stderr or '')}"
+        )
+        note += " of stderr dropped: over the next hop's max_body_bytes\n"
+        return self.model_copy(update={"stdout": "", "stderr": note})
 
 
 class EventBatch(Model):
@@ -405,6 +493,8 @@ class AgentEnrollment(Model):
 class AgentTasks(Model):
     executions: list[ExecutionWork]
     policy: AgentPolicy
+    # executions of this agent an operator cancelled: not to start, or to stop where they run
+    cancel: list[int] = Field(default_factory=list)
 
 
 class Health(Model):

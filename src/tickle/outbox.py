@@ -21,6 +21,10 @@ from tickle.messages import StatusEvent
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
+# The most event bodies (characters of JSON) one forwarded batch carries, beyond its first event:
+# status events carrying a step's whole output (up to messages.OUTPUT_MAX_BYTES each) go a few at
+# a time, so a batch stays within the next hop's max_body_bytes (8 MiB by default).
+BATCH_BYTES = 2 * 1024 * 1024
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS outbox ("
@@ -84,12 +88,14 @@ class OutboxForwarder:
         metrics: ComponentMetrics,
         backoff: Backoff | None = None,
         batch_size: int = 200,
+        batch_bytes: int = BATCH_BYTES,
     ) -> None:
         self._outbox = outbox
         self._send = send
         self._metrics = metrics
         self._backoff = backoff or Backoff(base_s=0.2, max_s=10.0, tries=None)
         self._batch_size = batch_size
+        self._batch_bytes = batch_bytes
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -134,7 +140,7 @@ class OutboxForwarder:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while batch := self._outbox.peek(self._batch_size):
+            while batch := _within(self._outbox.peek(self._batch_size), self._batch_bytes):
                 try:
                     accepted = await self._send([body for _, body in batch])
                 except Exception as exc:
@@ -155,3 +161,13 @@ class OutboxForwarder:
                     await asyncio.sleep(self._backoff.delay(5))
             self._metrics.outbox_depth.set(0)
             self._idle.set()
+
+
+def _within(batch: list[tuple[str, str]], max_bytes: int) -> list[tuple[str, str]]:
+    """The first events of `batch` whose bodies fit `max_bytes` together (always the first)."""
+    size = 0
+    for n, (_, body) in enumerate(batch):
+        size += len(body)
+        if n and size > max_bytes:
+            return batch[:n]
+    return batch

@@ -188,7 +188,7 @@ async def test_a_task_runs_with_the_task_umask_not_the_agents_private_one(
     assert outcome.output_tail == "0022\n"
 
 
-async def test_output_tail_keeps_the_last_bytes(
+async def test_output_tail_keeps_the_last_bytes_and_each_stream_is_kept_apart(
     parts: tuple[Executor, AgentState, Outbox],
 ) -> None:
     executor, _, _ = parts
@@ -197,7 +197,30 @@ async def test_output_tail_keeps_the_last_bytes(
     )
     assert outcome.status == "succeeded"
     assert len(outcome.output_tail) <= 64
-    assert outcome.output_tail.endswith("1000\nerr\n\ufffd")
+    assert outcome.output_tail.endswith("\ufffd") or outcome.output_tail.endswith("err\n")
+    assert outcome.stdout == "".join(f"{i}\n" for i in range(1, 1001)) + "\ufffd"
+    assert outcome.stderr == "err\n"
+
+
+async def test_output_over_the_cap_keeps_head_and_tail_with_a_marker(tmp_path: Path) -> None:
+    state = AgentState(tmp_path / "agent.db")
+    outbox = Outbox(tmp_path / "outbox.db")
+    metrics = ComponentMetrics("agent")
+    forwarder = OutboxForwarder(outbox, _never_sent, metrics)
+    executor = Executor("agent1", state, forwarder, metrics, output_max_bytes=64 * 1024)
+    # 3 MiB on stdout: the first and the last lines are numbered, the middle is filler
+    script = "echo FIRST; head -c 3145728 /dev/zero | tr '\\0' x; echo; echo LAST; echo oops >&2"
+    outcome = await executor.run_step(TaskSpec(name="big", script=script))
+    outbox.close()
+    state.close()
+    assert outcome.status == "succeeded"
+    assert outcome.stderr == "oops\n"  # small: kept whole, its unused share goes to stdout
+    assert outcome.stdout.startswith("FIRST\nxxx")
+    assert outcome.stdout.endswith("xxx\nLAST\n")
+    kept = 64 * 1024 - len("oops\n")
+    total = len("FIRST\n") + 3145728 + len("\nLAST\n")
+    assert f"\n[tickle] ... {total - kept} bytes cut here ...\n" in outcome.stdout
+    assert len(outcome.stdout) == kept + len(f"\n[tickle] ... {total - kept} bytes cut here ...\n")
 
 
 async def test_command_that_cannot_start_fails_with_127(

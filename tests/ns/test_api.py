@@ -374,3 +374,91 @@ async def test_admin_token_and_secret_are_generated_into_the_state_dir(
     assert (await ns.call("GET", "/api/tasks", token=token))[0] == 200
     assert (await ns.call("GET", "/api/tasks", token=ADMIN))[0] == 401
     assert SECRET  # the fixture's secret is not the generated one
+
+
+async def test_cancel_ends_pending_work_lists_it_for_the_task_server_and_leaves_finished_alone(
+    ns: Ns,
+) -> None:
+    await cancel_and_output_scenario(ns)
+
+
+async def cancel_and_output_scenario(ns: Ns) -> None:
+    """Cancel three executions in three states; a job step's output (also on PostgreSQL)."""
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await ts.agent("pc2")
+    await ts.agent("pc3")
+    run = await ns.run_task(["pc1", "pc2", "pc3"])
+    pending, pulled, done = (e["id"] for e in run["executions"])
+    await ts.ok("GET", "/api/ts/work")
+    t = time.time()
+    await ts.ok("POST", "/api/ts/events", json={"events": [
+        event(pulled, "pc2", "agent_pulled", t, via="tickle"),
+        event(done, "pc3", "finished", t, status="succeeded", exit_code=0),
+    ]})  # fmt: skip
+
+    one = await ns.ok("POST", f"/api/runs/{run['id']}/cancel?execution_id={pending}")
+    assert (one["cancelled"], one["stopping"], one["already_final"]) == ([pending], [], [])
+    rest = await ns.ok("POST", f"/api/runs/{run['id']}/cancel")
+    assert (rest["cancelled"], rest["stopping"], rest["already_final"]) == (
+        [], [pulled], [pending, done],
+    )  # fmt: skip
+    work = await ts.ok("GET", "/api/ts/work")
+    # the pending one is no longer work; the pulled one is, until its agent reports its end
+    assert [w["execution_id"] for w in work["executions"]] == [pulled]
+    assert work["cancel"] == [pending, pulled]
+    assert (await ns.ok("GET", f"/api/executions/{pending}"))["status"] == "cancelled"
+    stopping = await ns.ok("GET", f"/api/executions/{pulled}")
+    assert (stopping["status"], stopping["cancel_requested_at"] is not None) == ("delivered", True)
+    await ts.ok("POST", "/api/ts/events", json={"events": [
+        event(pulled, "pc2", "finished", time.time(), status="cancelled"),
+    ]})  # fmt: skip
+    assert (await ns.ok("GET", f"/api/executions/{pulled}"))["status"] == "cancelled"
+    assert ns.metrics.executions.labels(status="cancelled")._value.get() == 2
+    # output, NUL included (PostgreSQL keeps none in text): kept, readable
+    step = event(done, "pc3", "step_finished", time.time(), step=0, status="succeeded",
+                 exit_code=0, stdout="a\x00b", stderr="e")  # fmt: skip
+    await ts.ok("POST", "/api/ts/events", json={"events": [step]})
+    [kept] = (await ns.ok("GET", f"/api/executions/{done}/output"))["steps"]
+    assert (kept["stdout"], kept["stderr"]) == ("a\ufffdb", "e")
+
+
+async def test_cancel_and_output_of_what_does_not_exist_are_404_naming_it(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    run = await ns.run_task(["pc1"])
+    ex_id = run["executions"][0]["id"]
+    status, body = await ns.call("POST", "/api/runs/999/cancel")
+    assert (status, body["detail"]) == (404, "run 999 does not exist")
+    status, body = await ns.call("POST", f"/api/runs/{run['id']}/cancel?execution_id=999")
+    assert (status, body["detail"]) == (404, f"execution 999 is not one of run {run['id']}")
+    status, body = await ns.call("GET", "/api/executions/999/output")
+    assert (status, body["detail"]) == (404, "execution 999 does not exist")
+    status, body = await ns.call("GET", f"/api/executions/{ex_id}/output?step=1")
+    assert (status, body["detail"]) == (404, f"execution {ex_id} has no step 1")
+    assert await ns.ok("GET", f"/api/executions/{ex_id}/output") == {
+        "execution_id": ex_id, "steps": [],
+    }  # fmt: skip
+
+
+async def test_a_step_s_output_is_kept_once_outside_the_event_body(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    run = await ns.run_task(["pc1"])
+    ex_id = run["executions"][0]["id"]
+    await ts.ok("GET", "/api/ts/work")
+    finished = event(ex_id, "pc1", "finished", time.time(), status="succeeded", exit_code=0,
+                     step=0, stdout="out\n", stderr="err\n", step_started_at=time.time() - 1)  # fmt: skip
+    await ts.ok("POST", "/api/ts/events", json={"events": [finished]})
+    output = await ns.ok("GET", f"/api/executions/{ex_id}/output")
+    assert output["steps"] == [{"step": 0, "name": output["steps"][0]["name"], "stdout": "out\n",
+                                "stderr": "err\n"}]  # fmt: skip
+    with ns.stores.database.reading() as s:
+        body = s.scalar(select(StatusEventRow.body))
+    assert body is not None
+    assert "stdout" not in body
+    assert "stderr" not in body
+    execution = await ns.ok("GET", f"/api/executions/{ex_id}")
+    assert [(r["step"], r["status"], r["exit_code"]) for r in execution["steps"]] == [
+        (0, "succeeded", 0)
+    ]

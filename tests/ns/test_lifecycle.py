@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -86,22 +87,31 @@ def test_step_results_are_named_ordered_and_a_repeated_step_replaces_its_result(
     steps = ("build", "test")
     progress = apply_all(
         [
-            event("step_finished", 2.0, step=1, exit_code=1, status="failed"),
-            event("step_finished", 1.0, step=0, exit_code=0, status="succeeded"),
-            event("step_finished", 3.0, step=1, exit_code=0, status="succeeded"),
+            event("step_finished", 2.0, step=1, exit_code=1, status="failed", step_started_at=1.5),
+            event(
+                "step_finished", 1.0, step=0, exit_code=0, status="succeeded", step_started_at=0.5
+            ),
+            event(
+                "step_finished", 3.0, step=1, exit_code=0, status="succeeded", step_started_at=2.5
+            ),
         ],
         steps,
     )
     assert progress.step_results == (
-        {"step": 0, "name": "build", "exit_code": 0, "status": "succeeded"},
-        {"step": 1, "name": "test", "exit_code": 0, "status": "succeeded"},
-    )
+        {"step": 0, "name": "build", "exit_code": 0, "status": "succeeded", "started_at": 0.5,
+         "finished_at": 1.0},
+        {"step": 1, "name": "test", "exit_code": 0, "status": "succeeded", "started_at": 2.5,
+         "finished_at": 3.0},
+    )  # fmt: skip
     assert progress.status == "pending"  # a step result does not move the status
 
 
 def test_a_step_beyond_the_execution_s_steps_is_named_by_its_index() -> None:
     progress = apply_all([event("step_finished", 1.0, step=5, exit_code=0)], ("only",))
-    assert progress.step_results == ({"step": 5, "name": "step5", "exit_code": 0, "status": ""},)
+    assert progress.step_results == (
+        {"step": 5, "name": "step5", "exit_code": 0, "status": "", "started_at": None,
+         "finished_at": 1.0},
+    )  # fmt: skip
 
 
 def test_finished_now_only_for_the_event_that_finished_it() -> None:
@@ -110,3 +120,34 @@ def test_finished_now_only_for_the_event_that_finished_it() -> None:
     assert finished_now(running, finished)
     assert not finished_now(finished, apply(finished, FINISHED, NOW))
     assert not finished_now(Progress(), running)
+
+
+def test_a_task_s_finished_carries_its_one_step_result() -> None:
+    finished = event("finished", 4.0, step=0, exit_code=2, status="failed", step_started_at=3.0)
+    progress = apply_all([finished], ("only",))
+    assert progress.step_results == (
+        {"step": 0, "name": "only", "exit_code": 2, "status": "failed", "started_at": 3.0,
+         "finished_at": 4.0},
+    )  # fmt: skip
+
+
+def test_a_lost_execution_takes_the_status_its_agent_reports_late_and_counts_once() -> None:
+    lost = replace(apply_all(IN_ORDER[:3]), status="lost", finished_at=10.0)
+    late = event("finished", 11.0, step=0, status="interrupted")
+    after = apply(lost, late, NOW)
+    assert after.status == "interrupted"
+    assert after.step_results[0]["status"] == "interrupted"
+    assert not finished_now(lost, after)  # it was counted when it was found lost
+    assert apply(after, event("finished", 12.0, status="succeeded", exit_code=0), NOW) == after
+
+
+def test_an_expired_execution_its_agent_started_just_before_takes_what_the_agent_reports() -> None:
+    expired = replace(apply_all(IN_ORDER[:2]), status="expired", finished_at=10.0)
+    after = apply(expired, FINISHED, NOW)
+    assert after.status == "succeeded"
+    assert not finished_now(expired, after)
+
+
+def test_a_cancelled_execution_stays_cancelled_whatever_its_agent_reports() -> None:
+    cancelled = replace(apply_all(IN_ORDER[:3]), status="cancelled", finished_at=10.0)
+    assert apply(cancelled, FINISHED, NOW) == cancelled

@@ -5,17 +5,21 @@ session of its own and in a contained tree (`containment.py`): every process it 
 it escapes (new session, double fork, daemon), is killed with it. A step ends when its main
 process exits — what it left running gets a moment to finish writing its output, then is killed
 (SIGTERM, `kill_grace_s`, SIGKILL) and the output tail says so — or at its timeout, when the whole
-tree is killed the same way. Reading the output is bounded in time: a step never hangs on a pipe.
-The combined stdout/stderr tail is kept. A job stops at its first failing step. Events:
-`started`, `step_finished` per step of a job, `finished` (succeeded / failed / timed_out, or
-interrupted when the agent stops) — each committed to the outbox before the forwarder is woken, so
-none is lost if the task server is down or the agent restarts.
+tree is killed the same way, or when the operator cancels it (`cancelling`). Reading the output
+is bounded in time: a step never hangs on a pipe. stdout and stderr are kept apart, within
+`output_max_bytes` together (`output.py`: head and tail, a marker where the middle was cut), and
+their last bytes as they came (the summary). A job stops at its first failing step. Events:
+`started`, `step_finished` per step of a job (with its output and times), `finished` (succeeded /
+failed / timed_out, cancelled, or interrupted when the agent stops; a task's output) — each
+committed to the outbox before the forwarder is woken, so none is lost if the task server is down
+or the agent restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -25,10 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tickle.agent.containment import Containment, TaskTree
+from tickle.agent.output import CappedStream, as_text, cut_to_cap
 from tickle.agent.state import AgentState
 from tickle.agent.subreaper import Subreaper
 from tickle.clock import Clock
-from tickle.messages import OUTPUT_TAIL_MAX, ExecutionWork, PullVia, StatusEvent, TaskSpec
+from tickle.messages import (
+    OUTPUT_MAX_BYTES,
+    OUTPUT_TAIL_MAX,
+    ExecutionWork,
+    PullVia,
+    StatusEvent,
+    TaskSpec,
+)
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import OutboxForwarder
 
@@ -44,11 +56,27 @@ EXECUTION_ID_VAR = "TICKLE_EXECUTION_ID"
 
 @dataclass(frozen=True, slots=True)
 class StepOutcome:
-    """How one step ended."""
+    """How one step ended: its status, exit code, output (whole within the cap, and the tail of
+    both streams) and times."""
 
-    status: str  # succeeded | failed | timed_out
+    status: str  # succeeded | failed | timed_out | cancelled
     exit_code: int | None
     output_tail: str
+    stdout: str = ""
+    stderr: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def output_fields(self) -> dict[str, object]:
+        """What a status event carries of this step."""
+        return {
+            "status": self.status, "exit_code": self.exit_code, "output_tail": self.output_tail,
+            "stdout": self.stdout, "stderr": self.stderr, "step_started_at": self.started_at,
+        }  # fmt: skip
+
+
+class Cancelled(Exception):
+    """The operator cancelled the execution while it ran."""
 
 
 class Executor:
@@ -61,6 +89,7 @@ class Executor:
         forwarder: OutboxForwarder,
         metrics: ComponentMetrics,
         output_tail_bytes: int = OUTPUT_TAIL_MAX,
+        output_max_bytes: int = OUTPUT_MAX_BYTES,
         work_dir: Path | None = None,
         containment: Containment | None = None,
         kill_grace_s: float = 5.0,
@@ -73,10 +102,12 @@ class Executor:
         self._forwarder = forwarder
         self._metrics = metrics
         self._tail_bytes = output_tail_bytes
+        self._output_max = output_max_bytes
         self._work_dir = work_dir
         self.containment: Containment = containment or Subreaper()
         self._kill_grace_s = kill_grace_s
         self._task_umask = task_umask
+        self._cancelling: set[int] = set()
 
     async def run(self, work: ExecutionWork, via: PullVia | None = None) -> StepOutcome:
         """Run every step in order, stopping at the first failure; report as it goes.
@@ -97,28 +128,48 @@ class Executor:
                 )  # fmt: skip
                 if work.kind == "job":
                     self._emit(
-                        work.execution_id, "step_finished", step=index, status=outcome.status,
-                        exit_code=outcome.exit_code, output_tail=outcome.output_tail,
-                    )  # fmt: skip
+                        work.execution_id, "step_finished", step=index, **outcome.output_fields()
+                    )
                 if outcome.status != "succeeded":
                     break
         except asyncio.CancelledError:
-            self.report_interrupted(work.execution_id, step=last)
+            if work.execution_id in self._cancelling:  # the operator's cancel, not the agent's stop
+                self._cancelling.discard(work.execution_id)
+                note = "cancelled by the operator: stopped with its processes"
+                self.report_ended(work.execution_id, "cancelled", last, note)
+            else:
+                self.report_interrupted(work.execution_id, step=last)
             raise
-        self._emit(
-            work.execution_id, "finished", step=last, status=outcome.status,
-            exit_code=outcome.exit_code, output_tail=outcome.output_tail,
-        )  # fmt: skip
+        # a job's steps carried their output already; a task's one step is in its `finished`
+        fields = outcome.output_fields()
+        if work.kind == "job":
+            fields = {k: fields[k] for k in ("status", "exit_code", "output_tail")}
+        self._emit(work.execution_id, "finished", step=last, **fields)
         self._state.mark_finished(work.execution_id, outcome.status)
         self._metrics.executions.labels(status=outcome.status).inc()
         return outcome
 
     def report_interrupted(self, execution_id: int, step: int | None = None) -> None:
         """Report an execution the agent stopped while it ran (it is not run again)."""
-        self._emit(execution_id, "finished", step=step, status="interrupted", exit_code=None,
-                   output_tail="the agent stopped while this execution ran")  # fmt: skip
-        self._state.mark_finished(execution_id, "interrupted")
-        self._metrics.executions.labels(status="interrupted").inc()
+        self.report_ended(
+            execution_id, "interrupted", step, "the agent stopped while this execution ran"
+        )
+
+    def report_ended(self, execution_id: int, status: str, step: int | None, note: str) -> None:
+        """Report an execution ended without running to its end (interrupted, cancelled, or
+        expired before it started)."""
+        self._emit(execution_id, "finished", step=step, status=status, exit_code=None,
+                   output_tail=note)  # fmt: skip
+        self._state.mark_finished(execution_id, status)
+        self._metrics.executions.labels(status=status).inc()
+
+    def cancelling(self, execution_id: int) -> bool:
+        """The operator cancelled this running execution: its stop is reported `cancelled`.
+        False when it was being cancelled already."""
+        if execution_id in self._cancelling:
+            return False
+        self._cancelling.add(execution_id)
+        return True
 
     async def run_step(
         self, spec: TaskSpec, execution_id: int | None = None, index: int = 0
@@ -137,13 +188,14 @@ class Executor:
             except OSError as exc:
                 return StepOutcome("failed", None, f"cannot contain the task: {exc}")
             cleanup.callback(tree.release)
-            output = cleanup.enter_context(_Output(self._tail_bytes))
+            output = cleanup.enter_context(_Output(self._tail_bytes, self._output_max))
+            started_at = time.time()
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *tree.command(argv),
                     stdin=asyncio.subprocess.DEVNULL,
-                    stdout=output.write_end,
-                    stderr=asyncio.subprocess.STDOUT,
+                    stdout=output.stdout_fd,
+                    stderr=output.stderr_fd,
                     start_new_session=True,  # away from the agent's session and terminal
                     cwd=self._work_dir,
                     env=env,
@@ -151,11 +203,14 @@ class Executor:
                     umask=self._task_umask,
                 )
             except OSError as exc:
-                return StepOutcome("failed", 127, f"cannot start {argv[0]!r}: {exc}")
+                why = f"cannot start {argv[0]!r}: {exc}"
+                return StepOutcome("failed", 127, why, stderr=why, started_at=started_at,
+                                   finished_at=time.time())  # fmt: skip
             finally:
                 output.close_write_end()  # the task holds it now
             tree.started(proc.pid)
-            return await self._supervise(proc, tree, output, spec.timeout_s)
+            outcome = await self._supervise(proc, tree, output, spec.timeout_s)
+            return dataclasses.replace(outcome, started_at=started_at, finished_at=time.time())
 
     async def _supervise(
         self, proc: asyncio.subprocess.Process, tree: TaskTree, output: _Output, timeout_s: float
@@ -176,16 +231,19 @@ class Executor:
         if not await output.closed(_EOF_S):
             log.warning("the output of %s stays open after its processes died", proc.pid)
         text = output.text()[-OUTPUT_TAIL_MAX:]
+        stdout, stderr = output.kept()
         if timed_out:
             note = f"timed out after {timeout_s:g} s: killed it"
             if killed:
                 note += f" and {_processes(killed)} it started"
-            return StepOutcome("timed_out", proc.returncode, _noted(text, note))
+            return StepOutcome("timed_out", proc.returncode, _noted(text, note), stdout,
+                               _noted(stderr, note, None))  # fmt: skip
         if killed:
             log.warning("the task %d left %d processes running: killed them", proc.pid, killed)
-            text = _noted(text, f"killed {_processes(killed)} the task left running")
+            note = f"killed {_processes(killed)} the task left running"
+            text, stderr = _noted(text, note), _noted(stderr, note, None)
         status = "succeeded" if proc.returncode == 0 else "failed"
-        return StepOutcome(status, proc.returncode, text)
+        return StepOutcome(status, proc.returncode, text, stdout, stderr)
 
     async def _kill(self, proc: asyncio.subprocess.Process, tree: TaskTree) -> int:
         """Kill the step's whole tree; how many processes besides the main one."""
@@ -221,62 +279,93 @@ class Executor:
 
 
 class _Output:
-    """A step's output pipe: read as it comes, the last bytes kept."""
+    """A step's stdout and stderr pipes, read as they come: each stream's head and tail are kept
+    (`output.py` cuts them to the cap), and the last bytes of both in arrival order."""
 
-    def __init__(self, keep: int) -> None:
-        self._fd, self.write_end = os.pipe()
-        os.set_blocking(self._fd, False)
-        self._keep = keep
-        self._tail = bytearray()
-        self._eof = asyncio.Event()
+    def __init__(self, keep_tail: int, cap: int) -> None:
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._fd, self._read)
+        self._cap = cap
+        self._streams = [CappedStream(cap), CappedStream(cap)]
+        self._tail_keep = keep_tail
+        self._tail = bytearray()
+        self._fds: list[int] = []
+        self.write_ends: list[int] = []
+        self._open = 0
+        self._eof = asyncio.Event()
+        for stream in self._streams:
+            read_end, write_end = os.pipe()
+            os.set_blocking(read_end, False)
+            self._fds.append(read_end)
+            self.write_ends.append(write_end)
+            self._open += 1
+            self._loop.add_reader(read_end, self._read, read_end, stream)
+
+    @property
+    def stdout_fd(self) -> int:
+        return self.write_ends[0]
+
+    @property
+    def stderr_fd(self) -> int:
+        return self.write_ends[1]
 
     def __enter__(self) -> _Output:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close_write_end()
-        if not self._eof.is_set():
-            self._loop.remove_reader(self._fd)
-        os.close(self._fd)
+        for fd in self._fds:
+            if fd >= 0:
+                self._loop.remove_reader(fd)
+                os.close(fd)
+        self._fds = []
 
     def close_write_end(self) -> None:
-        if self.write_end >= 0:
-            os.close(self.write_end)
-            self.write_end = -1
+        for i, fd in enumerate(self.write_ends):
+            if fd >= 0:
+                os.close(fd)
+                self.write_ends[i] = -1
 
     async def closed(self, within_s: float) -> bool:
-        """Whether every writer closed the pipe within `within_s` (the output is complete)."""
+        """Whether every writer closed both pipes within `within_s` (the output is complete)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._eof.wait(), within_s)
         return self._eof.is_set()
 
     def text(self) -> str:
-        return self._tail.decode(errors="replace")
+        """The last bytes of stdout and stderr, in the order they came."""
+        return as_text(bytes(self._tail))
 
-    def _read(self) -> None:
+    def kept(self) -> tuple[str, str]:
+        """stdout and stderr as kept: together within the cap, each cut in its middle."""
+        return cut_to_cap(self._streams[0], self._streams[1], self._cap)
+
+    def _read(self, fd: int, stream: CappedStream) -> None:
         try:
-            chunk = os.read(self._fd, 65536)
+            chunk = os.read(fd, 65536)
         except BlockingIOError:
             return
         except OSError:
             chunk = b""
         if not chunk:
-            self._loop.remove_reader(self._fd)
-            self._eof.set()
+            self._loop.remove_reader(fd)
+            os.close(fd)
+            self._fds[self._fds.index(fd)] = -1
+            self._open -= 1
+            if self._open == 0:
+                self._eof.set()
             return
+        stream.write(chunk)
         self._tail += chunk
-        if len(self._tail) > self._keep:
-            del self._tail[: len(self._tail) - self._keep]
+        if len(self._tail) > self._tail_keep:
+            del self._tail[: len(self._tail) - self._tail_keep]
 
 
-def _noted(text: str, note: str) -> str:
-    """The output tail with the agent's own line at its end (within the wire's bound)."""
+def _noted(text: str, note: str, keep: int | None = OUTPUT_TAIL_MAX) -> str:
+    """The output with the agent's own line at its end (the tail: within the wire's bound)."""
     line = f"[tickle] {note}\n"
     if text and not text.endswith("\n"):
         line = "\n" + line
-    return (text + line)[-OUTPUT_TAIL_MAX:]
+    return (text + line) if keep is None else (text + line)[-keep:]
 
 
 def _processes(n: int) -> str:

@@ -117,11 +117,23 @@ class Poller:
         self._failures = 0
         self.apply_policy(answer.policy)
         result = PullResult(via=via)
+        cancel = set(answer.cancel)
+        for execution_id in answer.cancel:
+            self._cancel(execution_id, via)
+        now = time.time()
         for work in answer.executions:
             result.executions.append(work.execution_id)
-            if self._state.claim(work.execution_id, via):
-                result.started.append(work.execution_id)
-                self._start(work, via)
+            if work.execution_id in cancel:
+                continue
+            if not self._state.claim(work.execution_id, via):
+                continue
+            if work.expires_at is not None and now > work.expires_at:
+                # its run expired before it could start here: it never starts
+                self._executor.report_ended(work.execution_id, "expired", None,
+                                            "expired before the agent could start it")  # fmt: skip
+                continue
+            result.started.append(work.execution_id)
+            self._start(work, via)
         if result.executions:
             log.info("pull via %s: %s, started %s", via, result.executions, result.started)
         return result
@@ -184,6 +196,18 @@ class Poller:
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("pull via %s failed: %s", via, self.last_error)
             return None
+
+    def _cancel(self, execution_id: int, via: PullVia) -> None:
+        """The operator cancelled it: never start it here; stop it (with every process it
+        started) if it runs. Its end is reported once: by the stop, or here if it never ran."""
+        task = self._running.get(execution_id)
+        if task is not None:
+            if self._executor.cancelling(execution_id):  # a later pull repeats the cancel
+                log.info("execution %d cancelled: stopping it", execution_id)
+                task.cancel()
+        elif self._state.claim(execution_id, via):
+            self._executor.report_ended(execution_id, "cancelled", None,
+                                        "cancelled before the agent started it")  # fmt: skip
 
     def _start(self, work: ExecutionWork, via: PullVia) -> None:
         task: asyncio.Task[object] = asyncio.create_task(self._run(work, via))

@@ -115,7 +115,8 @@ class Agent:
         self.forwarder = OutboxForwarder(self.outbox, self.client.events, self.metrics)
         self.executor = Executor(
             settings.name, self.state, self.forwarder, self.metrics,
-            output_tail_bytes=settings.output_tail_bytes, containment=containment,
+            output_tail_bytes=settings.output_tail_bytes,
+            output_max_bytes=settings.output_max_bytes, containment=containment,
             kill_grace_s=settings.task_kill_grace_s, task_umask=int(settings.task_umask, 8),
             clock=wall_clock,
         )  # fmt: skip

@@ -17,7 +17,7 @@ from tickle.config import (
     default_state_dir,
     hostname,
 )
-from tickle.messages import Name, TaskRequestIntervalS
+from tickle.messages import OUTPUT_MAX_BYTES, OUTPUT_TAIL_MAX, Name, TaskRequestIntervalS
 
 DEFAULT_TASK_SERVER = "http://127.0.0.1:50121"
 
@@ -69,7 +69,18 @@ class AgentSettings(ComponentSettings):
         default=0, ge=0, le=65535, description="Metrics HTTP port (0: control socket only)"
     )
     output_tail_bytes: int = Field(
-        default=4096, ge=0, le=1_048_576, description="Bytes of output kept per step"
+        default=OUTPUT_TAIL_MAX,
+        ge=0,
+        le=OUTPUT_TAIL_MAX,
+        description="Bytes of a step's last output (stdout and stderr as they came) shown in "
+        "the run's summary",
+    )
+    output_max_bytes: int = Field(
+        default=OUTPUT_MAX_BYTES,
+        ge=1024,
+        le=OUTPUT_MAX_BYTES,
+        description="Bytes of output (stdout and stderr together) kept and reported per step; "
+        "beyond it the head and the tail are kept with a marker of how many bytes were cut",
     )
     freshness_window_s: FreshnessWindowS
     stop_grace_s: float = Field(

@@ -2,8 +2,11 @@
 
 Events may arrive out of order (separate outboxes, retries): timestamps are set once and the status
 only moves forward (pending → delivered → running → a final status), so a late `started` never
-reopens a finished execution. Pure functions on plain values: the delivery store reads an
-execution into a `Progress`, applies each event here and writes the result back.
+reopens a finished execution. Two final statuses are provisional: `lost` (the NS stopped hearing
+from the computer) and `expired` (the NS saw no start by the run's expiry — the agent may have
+started it just before) give way to the `finished` its agent reports. Pure functions on plain
+values: the delivery store reads an execution into a `Progress`, applies each event here and
+writes the result back.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 from tickle import messages as m
 
 _ORDER = {"pending": 0, "delivered": 1, "running": 2}  # final statuses come after all of these
+# final statuses the NS gave without word from the agent: what the agent reports replaces them
+_PROVISIONAL = frozenset({"lost", "expired"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +36,8 @@ class Progress:
     output_tail: str | None = None
     cached_at_ts: float | None = None
     recorded_at: float | None = None
-    step_results: tuple[dict[str, Any], ...] = ()  # as stored: step, name, exit_code, status
+    # as stored: step, name, exit_code, status, started_at, finished_at
+    step_results: tuple[dict[str, Any], ...] = ()
 
 
 def apply(
@@ -56,9 +62,16 @@ def apply(
     if event.kind == "step_finished" and event.step is not None:
         results = _with_step(progress.step_results, event.step, event, step_names)
         return replace(progress, step_results=results)
-    if event.kind == "finished" and progress.status not in m.FINAL_STATUSES:
+    if event.kind == "finished" and (
+        progress.status not in m.FINAL_STATUSES or progress.status in _PROVISIONAL
+    ):
+        results = progress.step_results
+        if event.step is not None and all(r.get("step") != event.step for r in results):
+            # a task's one step, or the step a job was stopped in, is reported by `finished`
+            results = _with_step(results, event.step, event, step_names)
         return replace(
             progress,
+            step_results=results,
             status=_final_status(event),
             finished_at=event.at,
             exit_code=event.exit_code,
@@ -70,7 +83,8 @@ def apply(
 
 
 def finished_now(before: Progress, after: Progress) -> bool:
-    """Whether the event that turned `before` into `after` finished the execution."""
+    """Whether the event that turned `before` into `after` finished the execution (a lost one's
+    late report is not: it was counted when it was found lost)."""
     return before.status not in m.FINAL_STATUSES and after.status in m.FINAL_STATUSES
 
 
@@ -87,7 +101,10 @@ def _with_step(
     name = step_names[step] if step < len(step_names) else f"step{step}"
     kept = [r for r in results if r.get("step") != step]
     status = event.status or ""
-    result = {"step": step, "name": name, "exit_code": event.exit_code, "status": status}
+    result = {
+        "step": step, "name": name, "exit_code": event.exit_code, "status": status,
+        "started_at": event.step_started_at, "finished_at": event.at,
+    }  # fmt: skip
     return tuple(sorted([*kept, result], key=lambda r: int(r["step"])))
 
 

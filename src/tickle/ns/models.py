@@ -147,6 +147,8 @@ class Run(Base):
     # command (no task_id, no job_id) carries its task inline and is named by it
     label: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[float] = mapped_column(Double, index=True)
+    # executions not started by then end `expired` (None: never)
+    expires_at: Mapped[float | None] = mapped_column(Double, index=True, default=None)
     executions: Mapped[list[Execution]] = relationship(
         order_by="Execution.id", lazy="selectin", back_populates="run"
     )
@@ -179,9 +181,26 @@ class Execution(Base):
     finished_at: Mapped[float | None] = mapped_column(Double, default=None)
     cached_at_ts: Mapped[float | None] = mapped_column(Double, default=None)
     recorded_at: Mapped[float | None] = mapped_column(Double, default=None)
+    # an operator cancelled it after its agent pulled it: the agent stops it and reports how
+    cancel_requested_at: Mapped[float | None] = mapped_column(Double, index=True, default=None)
+    # its run's expiry: not started by then, it ends `expired` (the agent checks it too)
+    expires_at: Mapped[float | None] = mapped_column(Double, index=True, default=None)
 
     run: Mapped[Run] = relationship(back_populates="executions")
     computer: Mapped[Computer] = relationship(lazy="joined")
+
+
+class ExecutionOutput(Base):
+    """One step's output as its agent kept it (stdout and stderr, cut at the agent's cap)."""
+
+    __tablename__ = "execution_outputs"
+
+    execution_id: Mapped[int] = mapped_column(
+        ForeignKey("executions.id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stdout: Mapped[str] = mapped_column(Text)
+    stderr: Mapped[str] = mapped_column(Text)
 
 
 class ExecutionPull(Base):

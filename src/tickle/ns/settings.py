@@ -15,7 +15,7 @@ from tickle.config import (
     default_state_dir,
     read_or_create_secret,
 )
-from tickle.messages import Port
+from tickle.messages import RUN_EXPIRY_MAX_S, Port
 
 
 class NsSettings(ApiServerSettings, TickleSenderSettings):
@@ -76,6 +76,30 @@ class NsSettings(ApiServerSettings, TickleSenderSettings):
         ge=0.0,
         le=86400.0,
         description="Added to the offline bound: covers the task servers' contact reports",
+    )
+    default_run_expiry_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=RUN_EXPIRY_MAX_S,
+        description="Executions of a run not started this long after it end `expired`, unless "
+        "the run says otherwise (unset: runs do not expire)",
+    )
+    lost_after_intervals: float = Field(
+        default=2.0,
+        ge=1.0,
+        le=100.0,
+        description="An execution is `lost` when neither it nor its computer was heard from for "
+        "this many Task Request Intervals plus lost_grace_s (a running one: counted from when "
+        "its steps' timeouts would have ended it)",
+    )
+    lost_grace_s: float = Field(
+        default=60.0, ge=0, le=86400, description="Added to the bound of lost_after_intervals (s)"
+    )
+    sweep_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often the active tickle dispatcher ends expired and lost executions (s)",
     )
     tls_cert_file: FilePath | None = Field(
         default=None,

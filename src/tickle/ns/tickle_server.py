@@ -31,6 +31,7 @@ from tickle.metrics import ComponentMetrics
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
 from tickle.ns.stores.inventory import TaskServerLink
+from tickle.ns.sweeper import Sweeper
 from tickle.tickling import Tickler
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class TickleServer:
             "1 while this NS process is the active tickle dispatcher (PostgreSQL: holds the lock)",
             registry=metrics.registry,
         )
+        self._sweeper = Sweeper(settings, stores.cancel, metrics)
         self.tickler = Tickler(
             settings.ns_id,
             self._key_for,
@@ -121,6 +123,17 @@ class TickleServer:
             if not taking_over and pending.newest_created_at <= requested:
                 # a tickle requested after this work covers it: in flight, being stamped by
                 # on_sent, or the follow-up the Tickler sends after an ack
+                continue
+            self._tickle(link, wire.Kind.TASKS)
+        await self._tickle_for_cancels()
+        await self._sweeper.sweep_if_due()
+
+    async def _tickle_for_cancels(self) -> None:
+        """Tickle the task servers that have not pulled since an execution of theirs was
+        cancelled (its agent must hear of it); once per cancel, like work."""
+        for name, newest in await self._db(self._stores.cancel.unheard_cancels, time.time()):
+            link = self._links.get(name)
+            if link is None or newest <= self._requested_at.get((name, wire.Kind.TASKS), 0):
                 continue
             self._tickle(link, wire.Kind.TASKS)
 

@@ -46,6 +46,7 @@ def run_out(run: Run) -> m.RunOut:
         job_id=run.job_id,
         executions=[execution_out(ex) for ex in run.executions],
         label=run.label,
+        expires_at=run.expires_at,
     )
 
 
@@ -71,6 +72,8 @@ def execution_out(ex: Execution) -> m.ExecutionOut:
                 _timeline_step(step, getattr(ex, _TIMELINE_COLUMNS[step]), offsets.get(step))
                 for step in m.TIMELINE_STEPS
             ],
+            "cancel_requested_at": ex.cancel_requested_at,
+            "expires_at": ex.expires_at,
         }
     )
 
@@ -82,6 +85,7 @@ def execution_work(ex: Execution) -> m.ExecutionWork:
         computer=ex.computer.name,
         kind="job" if ex.kind == "job" else "task",
         steps=[m.TaskSpec.model_validate(step) for step in ex.steps],
+        expires_at=ex.expires_at,
     )
 
 

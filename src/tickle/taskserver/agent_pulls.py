@@ -50,7 +50,11 @@ class AgentPulls:
         executions = self._work_cache.pulled(agent.name, via)
         policy = self._policy(agent)
         self.contact(agent, settings_version, policy)
-        return AgentTasks(executions=executions, policy=policy)
+        return AgentTasks(
+            executions=executions,
+            policy=policy,
+            cancel=self._work_cache.cancels_for(agent.name),
+        )
 
     def policy(
         self, agent: Client, via: PolicyVia, settings_version: int | None = None

@@ -62,7 +62,11 @@ class AgentTickler:
     def tickle_pending(self) -> None:
         """Tickle every non-CEM agent that has cached work it has not pulled yet."""
         waiting = sorted({w.computer for w in self._store.pending_work() if not w.agent_pulled})
-        for name in waiting:
+        self.tickle_computers(waiting)
+
+    def tickle_computers(self, names: list[str]) -> None:
+        """Tickle these agents to pull now (not those in CEM mode: they poll)."""
+        for name in names:
             client = self._store.client(name)
             if client is None:
                 log.warning("work cached for %s, which is not a client of this task server", name)

@@ -130,6 +130,12 @@ class NsClient:
         try:
             accepted = set((await self.events(EventBatch(events=events))).accepted)
         except ApiError as exc:
+            if exc.status == TOO_LARGE and len(events) == 1:
+                smaller = events[0].without_output()
+                if smaller is not None:  # alone too large: its output goes, its status gets through
+                    log.error("status event %s is over the NS's body limit: its output is"
+                              " dropped", events[0].event_id)  # fmt: skip
+                    return await self.send_events([smaller.model_dump_json()])
             too_large = exc.status == TOO_LARGE and len(events) > 1
             if exc.status not in REFUSED_FOR_GOOD and not too_large:
                 raise

@@ -78,6 +78,8 @@ class NsSync:
             await self.refresh_clients()
         self._work_cache.apply(work)
         self._agents.tickle_pending()
+        # the agents that pulled work cancelled since must hear of it now, not at their next poll
+        self._agents.tickle_computers(self._work_cache.cancel(work))
 
     async def _pull_settings(self, via: TsPullVia) -> None:
         new = await self._ns.settings(via)

@@ -36,6 +36,8 @@ _SCHEMA = (
     " updated_at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS work_computer ON work (computer)",
     "CREATE TABLE IF NOT EXISTS settings (id INTEGER PRIMARY KEY CHECK (id = 1), body TEXT)",
+    # executions the NS says were cancelled: never handed out again, the cancel handed instead
+    "CREATE TABLE IF NOT EXISTS cancels (execution_id INTEGER PRIMARY KEY, at REAL NOT NULL)",
 )
 
 
@@ -76,6 +78,10 @@ class Store:
         # one connection, used from the event loop's thread only (sqlite3 refuses other threads)
         self._db = localdb.connect(state_dir / DB_FILE, _SCHEMA)
         self.tickle_marks = localdb.HighWaterMarks(self._db)
+        # read on every agent pull: kept in memory (small: the cancels of the last days)
+        self.cancelled: frozenset[int] = frozenset(
+            int(r[0]) for r in self._db.execute("SELECT execution_id FROM cancels")
+        )
 
     def close(self) -> None:
         self._db.close()
@@ -218,6 +224,46 @@ class Store:
                 f"UPDATE work SET {flag} = 1 WHERE execution_id = ?",  # noqa: S608 - checked above
                 [(eid,) for eid in execution_ids],
             )
+
+    # --- cancels ------------------------------------------------------------------------------
+
+    def add_cancels(self, execution_ids: Iterable[int]) -> list[int]:
+        """Note the NS's cancels; return those new here (forgotten after `TOMBSTONE_S`)."""
+        now = time.time()
+        new = sorted(set(execution_ids) - self.cancelled)
+        with localdb.transaction(self._db):
+            self._db.executemany(
+                "INSERT OR IGNORE INTO cancels (execution_id, at) VALUES (?, ?)",
+                [(eid, now) for eid in new],
+            )
+            self._db.execute("DELETE FROM cancels WHERE at < ?", (now - TOMBSTONE_S,))
+        self.cancelled = frozenset(
+            int(r[0]) for r in self._db.execute("SELECT execution_id FROM cancels")
+        )
+        return new
+
+    def cancels_for(self, computer: str) -> list[int]:
+        """The cancelled executions cached for `computer` that it has not reported finished."""
+        if not self.cancelled:
+            return []
+        rows = self._db.execute(
+            "SELECT w.execution_id FROM work w JOIN cancels c USING (execution_id)"
+            " WHERE w.computer = ? AND w.done = 0 ORDER BY w.execution_id",
+            (computer,),
+        )
+        return [int(r[0]) for r in rows]
+
+    def computers_of(self, execution_ids: Iterable[int]) -> list[str]:
+        """The computers the executions are cached for."""
+        ids = list(execution_ids)
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        rows = self._db.execute(
+            f"SELECT DISTINCT computer FROM work WHERE execution_id IN ({marks})",  # noqa: S608
+            ids,
+        )
+        return sorted(str(r[0]) for r in rows)
 
     # --- settings -----------------------------------------------------------------------------
 

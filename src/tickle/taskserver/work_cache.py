@@ -39,6 +39,19 @@ class WorkCache:
             log.info("work from the NS: %d new executions %s", len(new), new)
         return new
 
+    def cancel(self, work: WorkOut) -> list[str]:
+        """Note the cancels a work pull brought; the computers that must hear of new ones."""
+        if not work.cancel:
+            return []
+        new = self._store.add_cancels(work.cancel)
+        if new:
+            log.info("cancelled by the NS: %s", new)
+        return self._store.computers_of(new)
+
+    def cancels_for(self, computer: str) -> list[int]:
+        """What `computer` must not start, or must stop: its cancelled unfinished executions."""
+        return self._store.cancels_for(computer)
+
     def tickled(self, computer: str, first_sent: float) -> None:
         """A tasks tickle went to `computer`: its work not yet reported tickled is, now."""
         fresh = [w for w in self._store.pending_work(computer) if not w.agent_tickled]
@@ -47,6 +60,8 @@ class WorkCache:
     def pulled(self, computer: str, via: PullVia) -> list[ExecutionWork]:
         """`computer` pulled: its pending work; what it pulls the first time is reported pulled."""
         pending = self._store.pending_work(computer)
+        if self._store.cancelled:
+            pending = [w for w in pending if w.execution_id not in self._store.cancelled]
         first = [w for w in pending if not w.agent_pulled]
         self._hop("agent_pulled", computer, first, via=via)
         return [w.work for w in pending]

@@ -6,9 +6,11 @@ from fastapi import APIRouter
 
 from tickle.ns.routes import (
     approval,
+    cancel,
     health,
     history,
     inventory,
+    output,
     runs,
     settings,
     task_server,
@@ -20,6 +22,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     tasks.router,
     runs.router,
     history.router,
+    cancel.router,
+    output.router,
     inventory.router,
     approval.router,
     settings.router,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from tickle.metrics import ComponentMetrics
 from tickle.ns.liveness import LivenessGauge, OfflineBound
+from tickle.ns.services.cancel import CancelService
 from tickle.ns.services.clocks import ClockMetrics, ClockService
 from tickle.ns.services.delivery import DeliveryService
 from tickle.ns.services.history import HistoryService
@@ -15,6 +16,7 @@ from tickle.ns.services.settings import SettingsService
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
 from tickle.ns.stores.catalog import CatalogStore
+from tickle.ns.stores.output import OutputStore
 from tickle.ns.stores.registrations import RegistrationStore
 from tickle.ns.tickle_server import TickleServer
 
@@ -33,6 +35,9 @@ class Services:
     # the operator's decisions on registrations touch nothing but the database, likewise
     registrations: RegistrationStore
     clocks: ClockService
+    cancel: CancelService
+    # reading output touches nothing but the database: the store serves the route
+    output: OutputStore
 
     @classmethod
     def build(
@@ -57,7 +62,15 @@ class Services:
         return cls(
             inventory=inventory,
             catalog=stores.catalog,
-            delivery=DeliveryService(stores.delivery, tickle_server, metrics),
+            delivery=DeliveryService(
+                stores.delivery,
+                tickle_server,
+                metrics,
+                stores.cancel,
+                settings.default_run_expiry_s,
+            ),
+            cancel=CancelService(stores.cancel, tickle_server, metrics),
+            output=stores.output,
             settings=SettingsService(stores.settings, tickle_server),
             history=HistoryService(stores.history, tickle_server),
             metrics=metrics,

@@ -13,6 +13,7 @@ from tickle import messages as m
 from tickle import wire
 from tickle.metrics import ComponentMetrics
 from tickle.ns.credentials import Caller
+from tickle.ns.stores.cancel import CancelStore
 from tickle.ns.stores.delivery import DeliveryStore
 from tickle.ns.tickle_server import TickleServer
 
@@ -23,14 +24,24 @@ class DeliveryService:
     """Runs and their delivery, over the delivery store and the tickle server."""
 
     def __init__(
-        self, store: DeliveryStore, tickle_server: TickleServer, metrics: ComponentMetrics
+        self,
+        store: DeliveryStore,
+        tickle_server: TickleServer,
+        metrics: ComponentMetrics,
+        cancels: CancelStore | None = None,
+        default_expiry_s: float | None = None,
     ) -> None:
         self._store = store
         self._tickle_server = tickle_server
         self._metrics = metrics
+        self._cancels = cancels
+        self._default_expiry_s = default_expiry_s
 
     async def run_now(self, body: m.RunCreate) -> m.RunOut:
-        """Create the run's executions and tickle their task servers."""
+        """Create the run's executions (expiring as the run says, else the site default) and
+        tickle their task servers."""
+        if body.expires_in_s is None and self._default_expiry_s is not None:
+            body = body.model_copy(update={"expires_in_s": self._default_expiry_s})
         run = await run_in_threadpool(self._store.create_run, body)
         self._tickle_server.notify()  # after the commit, so the task server's pull sees the work
         log.info("run %d: %d execution(s)", run.id, len(run.executions))
@@ -46,6 +57,11 @@ class DeliveryService:
             self._tickle_server.ack(ts.name, wire.Kind.TASKS)
         work = await run_in_threadpool(self._store.pull_work, ts, now, via)
         self._metrics.pulls.labels(via=via).inc()
+        if self._cancels is not None:
+            # the cancels its agents must hear of: never start those, stop them where they run
+            cancel = await run_in_threadpool(self._cancels.cancelled_for, ts, now)
+            if cancel:
+                work = work.model_copy(update={"cancel": cancel})
         return work
 
     async def record_events(self, ts: Caller, events: Sequence[m.StatusEvent]) -> m.EventAck:

@@ -7,10 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tickle.ns.database import Database
+from tickle.ns.stores.cancel import CancelStore
 from tickle.ns.stores.catalog import CatalogStore
 from tickle.ns.stores.delivery import DeliveryStore
 from tickle.ns.stores.history import HistoryStore
 from tickle.ns.stores.inventory import InventoryStore
+from tickle.ns.stores.output import OutputStore
 from tickle.ns.stores.registrations import RegistrationStore
 from tickle.ns.stores.settings import SettingsStore
 
@@ -26,6 +28,8 @@ class Stores:
     settings: SettingsStore  # the central settings
     registrations: RegistrationStore  # registrations awaiting an operator, re-keyed names
     history: HistoryStore  # run history, deletions, the settings' reach
+    cancel: CancelStore  # cancel, expiry and loss of executions
+    output: OutputStore  # the steps' output
 
     @classmethod
     def open(cls, url: str) -> Stores:
@@ -39,6 +43,8 @@ class Stores:
             SettingsStore(database),
             RegistrationStore(database),
             HistoryStore(database),
+            CancelStore(database),
+            OutputStore(database),
         )
 
     def close(self) -> None:

@@ -17,13 +17,24 @@ from tickle.ns import lifecycle, views
 from tickle.ns.credentials import Caller
 from tickle.ns.database import Database, retry_on_conflict
 from tickle.ns.errors import NotFound
-from tickle.ns.models import Base, Computer, Execution, ExecutionPull, Job, Run, Task, TaskServer
+from tickle.ns.models import (
+    Base,
+    Computer,
+    Execution,
+    ExecutionOutput,
+    ExecutionPull,
+    Job,
+    Run,
+    Task,
+    TaskServer,
+)
 from tickle.ns.models import StatusEvent as StatusEventRow
 
 log = logging.getLogger(__name__)
 _FINAL = m.FINAL_STATUSES
 _PROGRESS_FIELDS = [f.name for f in fields(lifecycle.Progress)]
 _Row = TypeVar("_Row", bound=Base)
+_OUTPUT_FIELDS = {"stdout", "stderr"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +67,14 @@ class DeliveryStore:
         with self._db.writing() as s:
             kind, steps, label = _steps(s, body)
             targets = _targets(s, body)
-            run = Run(task_id=body.task_id, job_id=body.job_id, label=label, created_at=now)
+            expires_at = None if body.expires_in_s is None else now + body.expires_in_s
+            run = Run(
+                task_id=body.task_id,
+                job_id=body.job_id,
+                label=label,
+                created_at=now,
+                expires_at=expires_at,
+            )
             s.add(run)
             s.flush()
             for c in targets:
@@ -71,6 +89,7 @@ class DeliveryStore:
                         status="pending",
                         step_results=[],
                         created_at=now,
+                        expires_at=expires_at,
                     )
                 )
             s.flush()
@@ -231,11 +250,13 @@ class DeliveryStore:
                         execution_id=ex.id,
                         kind=e.kind,
                         at=e.at,
-                        body=e.model_dump(mode="json"),
+                        # the output is kept once, in its step's row (`execution_outputs`)
+                        body=e.model_dump(mode="json", exclude=_OUTPUT_FIELDS),
                         recorded_at=now,
                     )
                 )
                 seen.add(e.event_id)
+                _keep_output(s, ex, e)
                 before = _progress(ex)
                 after = lifecycle.apply(before, e, now, [step["name"] for step in ex.steps])
                 _set_progress(ex, after)
@@ -245,6 +266,15 @@ class DeliveryStore:
                 out.accepted.append(e.event_id)
                 out.recorded.append(e)
         return out
+
+
+def _keep_output(s: Session, ex: Execution, e: m.StatusEvent) -> None:
+    """Keep the step output an event carries (a step reported again replaces it)."""
+    if e.step is None or (e.stdout is None and e.stderr is None):
+        return
+    # PostgreSQL keeps no NUL in text (agents send none; a foreign one might)
+    stdout, stderr = ((text or "").replace("\x00", "\ufffd") for text in (e.stdout, e.stderr))
+    s.merge(ExecutionOutput(execution_id=ex.id, step=e.step, stdout=stdout, stderr=stderr))
 
 
 def _steps(s: Session, body: m.RunCreate) -> tuple[str, list[dict[str, Any]], str]:
@@ -263,6 +293,15 @@ def _steps(s: Session, body: m.RunCreate) -> tuple[str, list[dict[str, Any]], st
 
 def _targets(s: Session, body: m.RunCreate) -> list[Computer]:
     chosen: dict[str, Computer] = {}
+    if body.all_computers:
+        every = list(
+            s.scalars(
+                select(Computer).where(Computer.forgotten_at.is_(None)).order_by(Computer.name)
+            )
+        )
+        if not every:
+            raise NotFound("no computer is registered")
+        chosen.update((c.name, c) for c in every)
     if body.computers:
         names = list(dict.fromkeys(body.computers))
         found = {

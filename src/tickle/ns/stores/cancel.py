@@ -1,0 +1,188 @@
+"""Ending executions that will not end by themselves: cancelled by an operator, expired before
+they started, or lost with their computer.
+
+- Cancel: an execution no agent pulled yet ends `cancelled` at once (final: its task server drops
+  it from its cache at its next work pull, which the tickle server causes); one its agent pulled
+  keeps running until the agent hears of the cancel — the task server lists it in `cancel` at
+  every work pull for `CANCEL_NOTICE_S`, and hands it to the agent at its next pull — and then
+  ends as the agent reports it (`cancelled`, or how it ended before the cancel reached it).
+- Expiry: an execution of a run with an expiry, not started by then, ends `expired`.
+- Lost: an execution neither it nor its computer was heard from within
+  `lost_after_intervals` Task Request Intervals plus `lost_grace_s` ends `lost`; for a running one
+  the bound counts from when its steps' timeouts would have ended it. `lost` gives way to the
+  `finished` its agent reports if it comes back (lifecycle.py).
+
+Each of these is one conditional UPDATE per execution (its status must still be unfinished), so
+an execution ends once, also when several NS processes sweep at the same time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from tickle import messages as m
+from tickle.ns.credentials import Caller
+from tickle.ns.database import Database
+from tickle.ns.errors import NotFound
+from tickle.ns.models import Computer, Execution, ExecutionPull, Run, TaskServer
+from tickle.ns.models import Settings as SettingsRow
+
+log = logging.getLogger(__name__)
+
+# how long a task server keeps hearing of a cancel at its work pulls (its agents may be offline)
+CANCEL_NOTICE_S = 86400.0
+_UNFINISHED = ("pending", "delivered", "running")
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """What one sweep ended."""
+
+    expired: list[int]
+    lost: list[int]
+
+
+class CancelStore:
+    """Cancel, expiry and loss of executions in the NS database."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def cancel(self, run_id: int, execution_id: int | None, now: float) -> m.CancelOut:
+        """Cancel a run's unfinished executions (or one of them)."""
+        with self._db.writing() as s:
+            if s.get(Run, run_id) is None:
+                raise NotFound(f"run {run_id} does not exist")
+            query = select(Execution).where(Execution.run_id == run_id).order_by(Execution.id)
+            if execution_id is not None:
+                query = query.where(Execution.id == execution_id)
+            rows = list(s.scalars(query.with_for_update(of=Execution)))
+            if execution_id is not None and not rows:
+                raise NotFound(f"execution {execution_id} is not one of run {run_id}")
+            out = m.CancelOut(run_id=run_id, cancelled=[], stopping=[], already_final=[])
+            for ex in rows:
+                if ex.status in m.FINAL_STATUSES:
+                    out.already_final.append(ex.id)
+                    continue
+                if ex.cancel_requested_at is None:
+                    ex.cancel_requested_at = now
+                if ex.status == "pending":
+                    _end(ex, "cancelled", now)
+                    out.cancelled.append(ex.id)
+                else:
+                    out.stopping.append(ex.id)
+            return out
+
+    def cancelled_for(self, ts: Caller, now: float) -> list[int]:
+        """Executions cancelled lately of this task server's clients, or pulled by it."""
+        with self._db.reading() as s:
+            recent = Execution.cancel_requested_at >= now - CANCEL_NOTICE_S
+            clients = select(Computer.id).where(Computer.task_server_id == ts.id)
+            pulled = select(ExecutionPull.execution_id).where(ExecutionPull.task_server_id == ts.id)
+            ids = s.scalars(
+                select(Execution.id)
+                .where(
+                    recent,
+                    or_(
+                        Execution.computer_id.in_(clients.scalar_subquery()),
+                        Execution.id.in_(pulled.scalar_subquery()),
+                    ),
+                )
+                .order_by(Execution.id)
+            )
+            return list(ids)
+
+    def unheard_cancels(self, now: float) -> list[tuple[str, float]]:
+        """Task servers that have not pulled work since an execution of their clients was
+        cancelled (within `CANCEL_NOTICE_S`), with the newest such cancel."""
+        with self._db.reading() as s:
+            rows = s.execute(
+                select(TaskServer.name, func.max(Execution.cancel_requested_at))
+                .select_from(Execution)
+                .join(Computer, Execution.computer_id == Computer.id)
+                .join(TaskServer, Computer.task_server_id == TaskServer.id)
+                .where(
+                    Execution.cancel_requested_at >= now - CANCEL_NOTICE_S,
+                    Execution.cancel_requested_at > func.coalesce(TaskServer.last_pull_at, 0.0),
+                )
+                .group_by(TaskServer.name)
+            )
+            return [(str(name), float(newest or 0.0)) for name, newest in rows]
+
+    def sweep(self, now: float, lost_intervals: float, lost_grace_s: float) -> Swept:
+        """End the executions that expired unstarted and those lost with their computer."""
+        with self._db.writing() as s:
+            expired = _expire(s, now)
+            lost = _lose(s, now, lost_intervals, lost_grace_s)
+        if expired or lost:
+            log.info("executions expired: %s; lost: %s", expired, lost)
+        return Swept(expired, lost)
+
+
+def _expire(s: Session, now: float) -> list[int]:
+    ids = list(
+        s.scalars(
+            select(Execution.id).where(
+                Execution.expires_at < now,
+                Execution.status.in_(("pending", "delivered")),
+                Execution.started_at.is_(None),
+            )
+        )
+    )
+    return _end_where_unfinished(s, ids, "expired", now, unstarted=True)
+
+
+def _lose(s: Session, now: float, lost_intervals: float, lost_grace_s: float) -> list[int]:
+    settings = s.get(SettingsRow, 1)
+    interval = float(settings.task_request_interval_s if settings else 1800)
+    bound = lost_intervals * interval + lost_grace_s
+    candidates = s.execute(
+        select(Execution, Computer.last_contact_at)
+        .join(Computer, Execution.computer_id == Computer.id)
+        .where(Execution.status.in_(_UNFINISHED), Execution.created_at < now - bound)
+    ).all()
+    lost = [ex.id for ex, contact in candidates if _last_heard(ex, contact) < now - bound]
+    return _end_where_unfinished(s, lost, "lost", now)
+
+
+def _last_heard(ex: Execution, last_contact_at: float | None) -> float:
+    """When the NS last had a sign of this execution or its computer (a running one: when its
+    steps' timeouts would have ended it, at the latest)."""
+    times = [ex.created_at, ex.agent_pulled_at, ex.started_at, last_contact_at]
+    heard = max(t for t in times if t is not None)
+    if ex.started_at is not None:
+        timeouts = sum(float(step.get("timeout_s", 0.0)) for step in ex.steps)
+        heard = max(heard, ex.started_at + timeouts)
+    return heard
+
+
+def _end_where_unfinished(
+    s: Session, ids: Sequence[int], status: str, now: float, unstarted: bool = False
+) -> list[int]:
+    """End each execution still unfinished (and unstarted) now: one UPDATE each, so an execution
+    another process ended meanwhile is left alone. Returns those ended here."""
+    ended: list[int] = []
+    for eid in ids:
+        where = [Execution.id == eid, Execution.status.in_(_UNFINISHED)]
+        if unstarted:
+            where.append(Execution.started_at.is_(None))
+        result = s.execute(
+            update(Execution)
+            .where(*where)
+            .values(status=status, finished_at=now, recorded_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(result, "rowcount", 0):
+            ended.append(eid)
+    return ended
+
+
+def _end(ex: Execution, status: str, now: float) -> None:
+    ex.status = status
+    ex.finished_at = now
+    ex.recorded_at = now
