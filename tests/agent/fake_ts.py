@@ -55,6 +55,7 @@ class FakeTaskServer:
     registrations: list[AgentRegister] = field(default_factory=list)
     events: list[StatusEvent] = field(default_factory=list)
     work: dict[int, ExecutionWork] = field(default_factory=dict)
+    cancel: list[int] = field(default_factory=list)  # the cancels every pull lists
     keep_serving: bool = False  # serve executions even after they finished
     events_down: bool = False  # answer 503 to events (the task server "is down" for them)
     refuse_executions: set[int] = field(default_factory=set)  # batches with these: 403
@@ -144,7 +145,9 @@ class FakeTaskServer:
             gate = self.pull_gate()
             if gate is not None:
                 await gate
-        answer = AgentTasks(executions=list(self.work.values()), policy=self.policy)
+        answer = AgentTasks(
+            executions=list(self.work.values()), policy=self.policy, cancel=self.cancel
+        )
         call.answered_at = time.time()
         return web.json_response(text=answer.model_dump_json())
 

@@ -80,6 +80,7 @@ class FakeNs:
         )
     )  # fmt: skip
     work: list[ExecutionWork] = field(default_factory=list)
+    cancel: list[int] = field(default_factory=list)  # the cancels a work pull lists
     clients: dict[str, ClientInfo] = field(default_factory=dict)
     events: dict[str, StatusEvent] = field(default_factory=dict)
     states: list[ComputerState] = field(default_factory=list)
@@ -207,7 +208,8 @@ class FakeNs:
             await asyncio.sleep(self.work_delay_s)
         if self.work_gate is not None:
             await self.work_gate.wait()
-        return web.json_response(text=WorkOut(executions=self.work).model_dump_json())
+        work = WorkOut(executions=self.work, cancel=self.cancel)
+        return web.json_response(text=work.model_dump_json())
 
     async def _settings(self, req: web.Request) -> web.Response:
         self._authorized(req)
