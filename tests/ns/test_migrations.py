@@ -6,10 +6,11 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from tickle.ns.database import Database
-from tickle.ns.migrations import current_revision, upgrade
+from tickle.ns.migrations import alembic_config, current_revision, upgrade
 from tickle.ns.models import Base
 from tickle.ns.stores.settings import SettingsStore
 
@@ -109,7 +110,7 @@ def test_upgrade_from_0002_adds_tickle_pulled_at_empty_and_keeps_last_pull_at(
 
         store.migrate()
 
-        assert current_revision(store.engine) == "0003"
+        assert current_revision(store.engine) == _head()
         with store.engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
             row = conn.execute(
@@ -120,5 +121,30 @@ def test_upgrade_from_0002_adds_tickle_pulled_at_empty_and_keeps_last_pull_at(
             ).one()
             # a pull before the upgrade is not known to be tickle-caused
             assert tuple(row) == ("ts1", 7.0, None, 8.0)
+    finally:
+        store.close()
+
+
+def _head() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def test_upgrade_from_0003_adds_the_console_tables_empty_and_keeps_the_runs(
+    tmp_path: Path,
+) -> None:
+    store = Database(f"sqlite:///{tmp_path / 'ns.db'}")
+    try:
+        upgrade(store.engine, "0003")
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO runs (id, created_at) VALUES (1, 3.0)"))
+
+        store.migrate()
+
+        assert current_revision(store.engine) == _head()
+        with store.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            for table in ("operators", "console_sessions", "audit_events"):
+                assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
+            assert conn.execute(text("SELECT created_at FROM runs")).scalar() == 3.0
     finally:
         store.close()

@@ -13,10 +13,14 @@ from fastapi import Depends, Request
 
 from tickle.metrics import ComponentMetrics
 from tickle.ns.services import Services
+from tickle.ns.services.actions import OperatorActions
 from tickle.ns.services.delivery import DeliveryService
 from tickle.ns.services.inventory import InventoryService
 from tickle.ns.services.settings import SettingsService
+from tickle.ns.stores.audit import AuditStore
 from tickle.ns.stores.catalog import CatalogStore
+from tickle.ns.stores.operators import OperatorStore
+from tickle.ns.stores.run_list import RunListStore
 
 
 async def get_services(request: Request) -> Services:
@@ -48,8 +52,28 @@ async def get_metrics(services: ServicesDep) -> ComponentMetrics:
     return services.metrics
 
 
+async def get_actions(services: ServicesDep) -> OperatorActions:
+    return services.actions
+
+
+async def get_audit(services: ServicesDep) -> AuditStore:
+    return services.audit
+
+
+async def get_operators(services: ServicesDep) -> OperatorStore:
+    return services.operators
+
+
+async def get_run_list(services: ServicesDep) -> RunListStore:
+    return services.run_list
+
+
 InventoryDep = Annotated[InventoryService, Depends(get_inventory)]
 CatalogDep = Annotated[CatalogStore, Depends(get_catalog)]
 DeliveryDep = Annotated[DeliveryService, Depends(get_delivery)]
 SettingsDep = Annotated[SettingsService, Depends(get_settings)]
 MetricsDep = Annotated[ComponentMetrics, Depends(get_metrics)]
+ActionsDep = Annotated[OperatorActions, Depends(get_actions)]
+AuditDep = Annotated[AuditStore, Depends(get_audit)]
+OperatorsDep = Annotated[OperatorStore, Depends(get_operators)]
+RunListDep = Annotated[RunListStore, Depends(get_run_list)]

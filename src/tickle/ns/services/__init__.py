@@ -6,12 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tickle.metrics import ComponentMetrics
+from tickle.ns.services.actions import OperatorActions
 from tickle.ns.services.delivery import DeliveryService
 from tickle.ns.services.inventory import InventoryService
 from tickle.ns.services.settings import SettingsService
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
+from tickle.ns.stores.audit import AuditStore
 from tickle.ns.stores.catalog import CatalogStore
+from tickle.ns.stores.operators import OperatorStore
+from tickle.ns.stores.run_list import RunListStore
 from tickle.ns.tickle_server import TickleServer
 
 
@@ -25,6 +29,10 @@ class Services:
     delivery: DeliveryService
     settings: SettingsService
     metrics: ComponentMetrics
+    operators: OperatorStore
+    audit: AuditStore
+    run_list: RunListStore
+    actions: OperatorActions  # what operators do, audited
 
     @classmethod
     def build(
@@ -42,10 +50,18 @@ class Services:
             settings.enrollment_secret or "",
             settings.ns_id,
         )
+        delivery = DeliveryService(stores.delivery, tickle_server, metrics)
+        central = SettingsService(stores.settings, tickle_server)
         return cls(
             inventory=inventory,
             catalog=stores.catalog,
-            delivery=DeliveryService(stores.delivery, tickle_server, metrics),
-            settings=SettingsService(stores.settings, tickle_server),
+            delivery=delivery,
+            settings=central,
             metrics=metrics,
+            operators=stores.operators,
+            audit=stores.audit,
+            run_list=stores.run_list,
+            actions=OperatorActions(
+                stores.catalog, delivery, central, stores.operators, stores.audit
+            ),
         )

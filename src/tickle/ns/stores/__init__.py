@@ -7,9 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tickle.ns.database import Database
+from tickle.ns.stores.audit import AuditStore
 from tickle.ns.stores.catalog import CatalogStore
 from tickle.ns.stores.delivery import DeliveryStore
 from tickle.ns.stores.inventory import InventoryStore
+from tickle.ns.stores.operators import OperatorStore
+from tickle.ns.stores.run_list import RunListStore
 from tickle.ns.stores.settings import SettingsStore
 
 
@@ -22,6 +25,9 @@ class Stores:
     catalog: CatalogStore  # tasks and jobs
     delivery: DeliveryStore  # runs, executions, pulls, status events
     settings: SettingsStore  # the central settings
+    operators: OperatorStore  # operator accounts, web console sessions
+    audit: AuditStore  # every operator action
+    run_list: RunListStore  # the newest runs, counted per status
 
     @classmethod
     def open(cls, url: str) -> Stores:
@@ -33,6 +39,9 @@ class Stores:
             CatalogStore(database),
             DeliveryStore(database),
             SettingsStore(database),
+            OperatorStore(database),
+            AuditStore(database),
+            RunListStore(database),
         )
 
     def close(self) -> None:
