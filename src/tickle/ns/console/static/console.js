@@ -8,6 +8,7 @@ function liveGrid(table) {
   const counts = document.getElementById("status-counts");
   source.onmessage = (message) => {
     const update = JSON.parse(message.data);
+    table.dataset.messages = String(Number(table.dataset.messages || "0") + 1);
     for (const row of update.rows) {
       const tr = document.getElementById("ex-" + row.id);
       if (!tr) continue;
