@@ -26,6 +26,9 @@ OPERATOR_COMMANDS = [
     ["about"],
     ["settings", "show"],
     ["settings", "set", "--task-request-interval", "60"],
+    ["operators", "add", "alice"],
+    ["operators", "list"],
+    ["audit", "--who", "alice"],
 ]
 NS_ENV = ("TICKLE_NS_URL", "TICKLE_ADMIN_TOKEN", "TICKLE_ADMIN_TOKEN_FILE", "TICKLE_CA_FILE")
 Target = tuple[str, str, Path | None]
@@ -137,6 +140,7 @@ BAD_INPUT = [
     (["run", "pc 1", "--task", "1"], "computers"),
     (["run", "pc1", "--task", "1", "--group", "g" * 65], "groups"),
     (["task", "add", "t1", "--command", "true", "--timeout", "-1"], "timeout_s"),
+    (["operators", "add", "bad name!"], "name"),
 ]
 _bad_input: list[str] = []
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from pydantic import ValidationError
@@ -24,10 +25,14 @@ from tickle.messages import (
     FINAL_STATUSES,
     TIMELINE_STEPS,
     About,
+    AuditEventOut,
     ComputerOut,
     ExecutionOut,
     JobCreate,
     JobOut,
+    OperatorCreate,
+    OperatorCredentials,
+    OperatorOut,
     RunCreate,
     RunOut,
     SettingsOut,
@@ -134,6 +139,18 @@ class NsClient:
 
     async def about(self) -> About:
         return await self.call("GET", "/api/about", answer=About)  # type: ignore[no-any-return]
+
+    async def add_operator(self, name: str) -> OperatorCredentials:
+        return await self.call(  # type: ignore[no-any-return]
+            "POST", "/api/operators", OperatorCreate(name=name), OperatorCredentials
+        )
+
+    async def operators(self) -> list[OperatorOut]:
+        return await self.call("GET", "/api/operators", answer=list[OperatorOut])  # type: ignore[no-any-return]
+
+    async def audit(self, limit: int, who: str | None) -> list[AuditEventOut]:
+        query = f"?limit={limit}" + (f"&who={quote(who)}" if who else "")
+        return await self.call("GET", "/api/audit" + query, answer=list[AuditEventOut])  # type: ignore[no-any-return]
 
     async def wait_run(
         self, run_id: int, deadline_s: float, progress: Progress | None = None
@@ -262,6 +279,18 @@ def about_table(about: About) -> Table:
         ("started", f"{started} ({_ago(about.started_at)})"),
     ):
         table.add_row(name, value)
+    return table
+
+
+def audit_table(events: Sequence[AuditEventOut]) -> Table:
+    """Operator actions, newest first: when, who, what, on what."""
+    table = Table(title="audit")
+    for col in ("when (UTC)", "who", "action", "target"):
+        table.add_column(col)
+    for e in events:
+        table.add_row(
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at)), e.who, e.action, e.target
+        )
     return table
 
 

@@ -4,7 +4,11 @@ API docs served from the NS's own assets."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -254,3 +258,23 @@ async def test_a_bad_form_value_is_one_line_naming_the_field(browser: Browser, n
     )  # fmt: skip
     assert status == 400
     assert "task: choose one" in page
+
+
+async def test_tickle_operators_add_prints_the_token_once_and_it_works(ns: Ns) -> None:
+    env = {**os.environ, "TICKLE_NS_URL": ns.url, "TICKLE_ADMIN_TOKEN": ADMIN}
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "tickle", "operators", "add", "bob"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "operator 'bob' added; its token (shown only now):"
+    token = lines[1]
+    assert await ns.ok("GET", "/api/computers", token=token) == []
+    listed = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "tickle", "operators", "list"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert listed.stdout.startswith("bob  added ")
+    assert token not in listed.stdout
+    assert [(e["who"], e["action"]) for e in await audit(ns)] == [("admin", "operator.add")]
