@@ -201,28 +201,29 @@ def runs(request: Request, session: PageSession) -> HTMLResponse:
 
 @router.get("/runs/{run_id}")
 def run_page(request: Request, session: PageSession, run_id: DbId) -> HTMLResponse:
-    run = _found(lambda: _services(request).delivery.run(run_id))
-    return _page(request, "run.html", session, run=run, rows=views.grid_rows(run))
+    services = _services(request)
+    run = _found(lambda: services.delivery.run(run_id))
+    rows = views.grid_rows(services.run_list.grid(run_id))
+    return _page(request, "run.html", session, run=run, rows=rows)
 
 
 @router.get("/runs/{run_id}/events")
 async def run_events(request: Request, _: PageSession, run_id: DbId) -> StreamingResponse:
     """Server-sent events: the run's grid rows that changed since the last message, one message
     per tick however many executions moved (a run on 1,000 computers stays one message a tick)."""
-    delivery = _services(request).delivery
-    await run_in_threadpool(_found, lambda: delivery.run(run_id))
+    services = _services(request)
+    await run_in_threadpool(_found, lambda: services.delivery.run(run_id))
 
     async def stream() -> AsyncIterator[str]:
         sent: dict[int, dict[str, Any]] = {}
         started = last = time.monotonic()
         while time.monotonic() - started < LIVE_MAX_S and not await request.is_disconnected():
-            run = await run_in_threadpool(delivery.run, run_id)
-            rows = views.grid_rows(run)
+            rows = views.grid_rows(await run_in_threadpool(services.run_list.grid, run_id))
             changed = [r for r in rows if sent.get(r["id"]) != r]
             done = all(r["final"] for r in rows)
             if changed or done:
                 sent.update((r["id"], r) for r in changed)
-                body = {"rows": changed, "counts": views.status_counts(run), "done": done}
+                body = {"rows": changed, "counts": views.status_counts(rows), "done": done}
                 yield f"data: {json.dumps(body)}\n\n"
                 last = time.monotonic()
             elif time.monotonic() - last > HEARTBEAT_S:

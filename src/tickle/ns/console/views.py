@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tickle import messages as m
+from tickle.ns.stores.run_list import GridRow
 
 # the statuses a run's bar shows, in order (issue 12 adds cancelled, expired and lost)
 STATUS_ORDER = (
@@ -75,24 +76,19 @@ def filter_computers(
     ]
 
 
-def status_counts(run: m.RunOut) -> dict[str, int]:
-    counts: Counter[str] = Counter(e.status for e in run.executions)
+def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    counts: Counter[str] = Counter(row["status"] for row in rows)
     return {status: counts.get(status, 0) for status in STATUS_ORDER}
 
 
-def grid_rows(run: m.RunOut) -> list[dict[str, Any]]:
+def grid_rows(grid: list[GridRow]) -> list[dict[str, Any]]:
     """One row per execution: its status, via, and each step's time after `created` (ms)."""
     rows = []
-    for e in run.executions:
-        times = {t.step: t.at for t in e.timeline}
-        created = times.get("created")
+    for e in grid:
+        created = e.times[0]
         cells = {
-            step: (
-                None
-                if times.get(step) is None or created is None
-                else round(((times[step] or 0) - created) * 1000)
-            )
-            for step in m.TIMELINE_STEPS
+            step: None if at is None or created is None else round((at - created) * 1000)
+            for step, at in zip(m.TIMELINE_STEPS, e.times, strict=True)
         }
         rows.append(
             {
