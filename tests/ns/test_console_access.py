@@ -16,9 +16,12 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
+from fastapi.routing import APIRoute
 from sqlalchemy import update
 
 from tests.ns.conftest import ADMIN, Ns
+from tests.reliability import record
+from tickle.ns.console import pages
 from tickle.ns.models import ConsoleSession
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -278,3 +281,86 @@ async def test_tickle_operators_add_prints_the_token_once_and_it_works(ns: Ns) -
     assert listed.stdout.startswith("bob  added ")
     assert token not in listed.stdout
     assert [(e["who"], e["action"]) for e in await audit(ns)] == [("admin", "operator.add")]
+
+
+def _console_routes() -> list[tuple[str, str]]:
+    """Every (method, path) of the console, with path parameters filled in."""
+    found = []
+    for route in pages.router.routes:
+        assert isinstance(route, APIRoute)
+        path = re.sub(r"\{[a-z_]*_id\}", "1", route.path).replace("{name}", "pc1")
+        found += [(method, path) for method in sorted(route.methods)]
+    return found
+
+
+@pytest.mark.attacks
+async def test_every_console_route_refuses_no_session_a_forged_one_and_a_wrong_csrf_token(
+    browser: Browser, ns: Ns
+) -> None:
+    routes = _console_routes()
+    open_routes = {("GET", "/console/login"), ("POST", "/console/login")}
+    wrong: list[str] = []
+    tried = 0
+    for cookies in ({}, {"tickle_session": "forged-session-value"}):
+        intruder = Browser(ns, dict(cookies))
+        for method, path in routes:
+            if (method, path) in open_routes:
+                continue
+            tried += 1
+            form = {"csrf": "x"} if method == "POST" else None
+            status, _, r = await intruder.request(method, path, form)
+            refused = (status == 303 and r.headers["Location"] == "/console/login") if (
+                method == "GET") else status == 403  # fmt: skip
+            if not refused:
+                wrong.append(f"{method} {path} {cookies}: {status}")
+    await browser.login(ADMIN)
+    real = await browser.csrf()
+    for method, path in routes:
+        if method != "POST" or (method, path) in open_routes:
+            continue
+        tried += 2
+        for csrf in ("forged", real.upper()):
+            status, _, _ = await browser.request("POST", path, {"csrf": csrf, "name": "x"})
+            if status != 403:
+                wrong.append(f"POST {path} csrf={csrf[:6]}: {status}")
+    actions = [e["action"] for e in await audit(ns)]
+    record(
+        case="Console: every route without a session or with a wrong CSRF token",
+        done=f"{len(routes)} console routes x no cookie / forged session cookie; every action "
+        "of a real session with a forged or altered CSRF token",
+        outcome="all refused (pages: the login page, actions: 403), nothing done"
+        if not wrong and actions == ["login"]
+        else f"{len(wrong)} let in; audit {actions}",
+        tried=tried,
+    )
+    assert wrong == []
+    assert actions == ["login"]  # nothing was done
+
+
+@pytest.mark.attacks
+async def test_a_session_cookie_replayed_after_logout_or_expiry_is_refused(
+    browser: Browser, ns: Ns
+) -> None:
+    await browser.login(ADMIN)
+    stolen = browser.cookies["tickle_session"]
+    await browser.request("POST", "/console/logout", {"csrf": await browser.csrf()})
+    after_logout, _, _ = await Browser(ns, {"tickle_session": stolen}).request(
+        "GET", "/console/audit"
+    )
+    await browser.login(ADMIN)
+    stolen = browser.cookies["tickle_session"]
+    with ns.stores.database.writing() as s:
+        s.execute(update(ConsoleSession).values(expires_at=time.time() - 1))
+    after_expiry, _, _ = await Browser(ns, {"tickle_session": stolen}).request(
+        "GET", "/console/audit"
+    )
+    refused = after_logout == after_expiry == 303
+    record(
+        case="Console: a session cookie replayed after logout / expiry",
+        done="a copied session cookie sent again after its session logged out, and after it expired",
+        outcome="refused (the login page)"
+        if refused
+        else f"answered {after_logout}/{after_expiry}",
+        tried=2,
+    )
+    assert (after_logout, after_expiry) == (303, 303)
