@@ -72,3 +72,21 @@ async def _next_message(lines: Any) -> dict[str, Any]:
         if line.startswith("data: "):
             return dict(json.loads(line[len("data: ") :]))
     raise AssertionError("the stream ended before a message")
+
+
+async def test_the_stream_ends_when_its_session_logs_out(ns: Ns) -> None:
+    ts = await ns.task_server()
+    await ts.agent("c1")
+    run = await ns.run_task(["c1"])
+    browser = Browser(ns, {})
+    await browser.login(ADMIN)
+    cookie = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+    async with ns.http.get(
+        f"{ns.url}/console/runs/{run['id']}/events", headers={"Cookie": cookie}
+    ) as stream:
+        lines = stream.content.__aiter__()
+        first = await _next_message(lines)
+        assert first["done"] is False  # pending: nothing will move it
+        await browser.request("POST", "/console/logout", {"csrf": await browser.csrf()})
+        rest = [raw.decode().strip() async for raw in lines]
+    assert "event: ended" in rest

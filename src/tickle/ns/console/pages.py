@@ -208,9 +208,10 @@ def run_page(request: Request, session: PageSession, run_id: DbId) -> HTMLRespon
 
 
 @router.get("/runs/{run_id}/events")
-async def run_events(request: Request, _: PageSession, run_id: DbId) -> StreamingResponse:
+async def run_events(request: Request, session: PageSession, run_id: DbId) -> StreamingResponse:
     """Server-sent events: the run's grid rows that changed since the last message, one message
-    per tick however many executions moved (a run on 1,000 computers stays one message a tick)."""
+    per tick however many executions moved (a run on 1,000 computers stays one message a tick).
+    The stream ends when the run is done, or its session has ended (logout, expiry)."""
     services = _services(request)
     await run_in_threadpool(_found, lambda: services.delivery.run(run_id))
 
@@ -218,6 +219,9 @@ async def run_events(request: Request, _: PageSession, run_id: DbId) -> Streamin
         sent: dict[int, dict[str, Any]] = {}
         started = last = time.monotonic()
         while time.monotonic() - started < LIVE_MAX_S and not await request.is_disconnected():
+            if await run_in_threadpool(services.operators.session_who, session.token) is None:
+                yield "event: ended\ndata: {}\n\n"
+                return
             rows = views.grid_rows(await run_in_threadpool(services.run_list.grid, run_id))
             changed = [r for r in rows if sent.get(r["id"]) != r]
             done = all(r["final"] for r in rows)

@@ -40,6 +40,12 @@ function liveGrid(table) {
       table.dataset.done = "true";
     }
   };
+  source.addEventListener("ended", () => {
+    // the session ended (logout elsewhere, or expiry): stop, and say so
+    source.close();
+    table.dataset.done = "true";
+    live.textContent = "session ended: reload to log in again";
+  });
   source.onerror = () => {
     if (table.dataset.done !== "true") live.textContent = "reconnecting…";
   };
