@@ -4,8 +4,9 @@ console's browser tests use is here."""
 
 from __future__ import annotations
 
+import base64
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,13 +38,28 @@ def missing() -> list[str]:
     return [p for p in (CHROMIUM, CHROMEDRIVER) if shutil.which(p) is None]
 
 
+def trusting(cert_file: Path) -> list[str]:
+    """The option that makes Chromium accept this one server certificate (by the SHA-256 of its
+    public key) and no other untrusted one: for a fleet whose private CA it does not know."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    return [f"--ignore-certificate-errors-spki-list={base64.b64encode(digest.finalize()).decode()}"]
+
+
 @contextmanager
-def chromium(profile: Path) -> Iterator[webdriver.Chrome]:
-    """A headless Chromium with a fresh profile in `profile`, its console log kept for reading
-    (`driver.get_log("browser")`); quit at the end."""
+def chromium(profile: Path, extra: Sequence[str] = ()) -> Iterator[webdriver.Chrome]:
+    """A headless Chromium with a fresh profile in `profile` (and `extra` options), its console log
+    kept for reading (`driver.get_log("browser")`); quit at the end."""
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for option in OPTIONS:
+    for option in (*OPTIONS, *extra):
         options.add_argument(option)
     options.add_argument(f"--user-data-dir={profile}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
