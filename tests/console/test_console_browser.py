@@ -9,8 +9,6 @@ One fleet and one browser for the module; the tests run in order, each from wher
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.console.chromium import chromium, missing
+from tests.console.chromium import chromium
+from tests.console.conftest import running_fleet
 from tickle.messages import TIMELINE_STEPS
 from tickle.testing.localfleet import AgentSpec, LocalFleet
 
@@ -35,19 +34,9 @@ SLOW = "sh -c 'sleep 1.5; hostname'"
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
-    assert not missing(), f"run `make sysdeps` to install {missing()}"
-    root = tmp_path_factory.mktemp("console-fleet")
-    fleet = LocalFleet(
-        root,
-        ["ts1"],
-        [AgentSpec(name, ["ts1"], groups=["web"]) for name in AGENTS],
-        net=f"127.{61 + os.getpid() % 60}.251",
-    )
-    try:
-        asyncio.run(fleet.start())
+    agents = [AgentSpec(name, ["ts1"], groups=["web"]) for name in AGENTS]
+    with running_fleet(tmp_path_factory.mktemp("console-fleet"), agents, 251) as fleet:
         yield fleet
-    finally:
-        asyncio.run(fleet.stop())
 
 
 @pytest.fixture(scope="module")

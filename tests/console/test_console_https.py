@@ -4,8 +4,6 @@ Chromium is told to accept for that key alone) and gets its Secure session cooki
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +12,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.console.chromium import chromium, missing, trusting
+from tests.console.chromium import chromium, trusting
+from tests.console.conftest import running_fleet
 from tickle.testing.localfleet import AgentSpec, LocalFleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -22,19 +21,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
-    assert not missing(), f"run `make sysdeps` to install {missing()}"
-    fleet = LocalFleet(
-        tmp_path_factory.mktemp("console-tls-fleet"),
-        ["ts1"],
-        [AgentSpec("tls-a", ["ts1"])],
-        net=f"127.{61 + os.getpid() % 60}.252",
-        tls=True,
-    )
-    try:
-        asyncio.run(fleet.start())
+    root = tmp_path_factory.mktemp("console-tls-fleet")
+    with running_fleet(root, [AgentSpec("tls-a", ["ts1"])], 252, tls=True) as fleet:
         yield fleet
-    finally:
-        asyncio.run(fleet.stop())
 
 
 @pytest.fixture(scope="module")
