@@ -22,6 +22,7 @@ from sqlalchemy import update
 from tests.ns.conftest import ADMIN, Ns
 from tests.reliability import record
 from tickle.ns.console import pages
+from tickle.ns.console.sessions import LoginThrottle
 from tickle.ns.models import ConsoleSession
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -364,3 +365,39 @@ async def test_a_session_cookie_replayed_after_logout_or_expiry_is_refused(
         tried=2,
     )
     assert (after_logout, after_expiry) == (303, 303)
+
+
+@pytest.mark.attacks
+async def test_guessing_tokens_is_throttled_per_address_without_filling_the_audit(
+    browser: Browser, ns: Ns
+) -> None:
+    guesses = 50
+    answers = [(await browser.login(f"guess-{i:04d}-xxxxxxxx"))[0] for i in range(guesses)]
+    refused_logins = [e for e in await audit(ns) if e["action"] == "login.refused"]
+    throttled_right_token, _, _ = await browser.login(ADMIN)  # the same address, for a while
+    ok = answers == [401] * 10 + [429] * (guesses - 10) and len(refused_logins) == 10
+    record(
+        case="Console: guessing login tokens",
+        done=f"{guesses} wrong tokens from one address within a minute, then the right one",
+        outcome="10 refused (401, audited), the rest 429 without a check or an audit row"
+        if ok and throttled_right_token == 429
+        else f"answers {sorted(set(answers))}, {len(refused_logins)} audit rows",
+        tried=guesses + 1,
+    )
+    assert answers == [401] * 10 + [429] * (guesses - 10)
+    assert len(refused_logins) == 10
+    assert throttled_right_token == 429
+
+
+def test_the_login_throttle_forgets_old_refusals_and_old_addresses() -> None:
+    throttle = LoginThrottle(limit=2, window_s=60, max_addresses=2)
+    for at in (0.0, 1.0):
+        throttle.refused("10.0.0.1", at)
+    assert throttle.blocked("10.0.0.1", 2.0)
+    assert not throttle.blocked("10.0.0.1", 61.0)  # the first refusal left the window
+    throttle.refused("10.0.0.1", 62.0)
+    throttle.refused("10.0.0.2", 62.0)
+    throttle.refused("10.0.0.3", 62.0)  # a third address: the one refused longest ago goes
+    throttle.refused("10.0.0.3", 62.0)
+    assert throttle.blocked("10.0.0.3", 63.0)
+    assert not throttle.blocked("10.0.0.1", 63.0)

@@ -15,6 +15,7 @@ from tickle.ns.console import docs, pages, sessions
 def mount(app: FastAPI, session_s: float) -> None:
     """Serve the console on `app`; a login lasts `session_s` seconds."""
     app.state.console_session_s = session_s
+    app.state.console_login_throttle = sessions.LoginThrottle()
     app.include_router(pages.router)
     pages.mount_static(app)
     docs.mount(app)

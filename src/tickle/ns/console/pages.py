@@ -120,9 +120,13 @@ async def login(request: Request) -> Response:
     sessions.check_login_csrf(request, form)
     token = form.get("token", "").strip()
     services = _services(request)
-    who = _who_for(request, token) if token else None
     client = request.client.host if request.client else "?"
+    throttle: sessions.LoginThrottle = request.app.state.console_login_throttle
+    if throttle.blocked(client, time.monotonic()):
+        raise HTTPException(429, "too many refused logins from this address; try again later")
+    who = _who_for(request, token) if token else None
     if who is None:
+        throttle.refused(client, time.monotonic())
         await services.actions.record("unknown", "login.refused", "console", {"from": client})
         csrf = form.get(sessions.CSRF_FIELD, "")
         return _page(request, "login.html", None, 401, login_csrf=csrf, error="unknown token")

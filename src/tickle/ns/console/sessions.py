@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -36,6 +37,36 @@ HEADERS = {
     "x-frame-options": "DENY",
     "cache-control": "no-store",
 }
+
+
+class LoginThrottle:
+    """Refused logins per client address: past `limit` within `window_s`, that address's logins
+    are refused at once (429) without a token check or an audit row, so guessing tokens is slow
+    and a flood of wrong ones cannot fill the audit. In memory, per NS process; at most
+    `max_addresses` addresses are followed (the one refused longest ago is forgotten first)."""
+
+    def __init__(
+        self, limit: int = 10, window_s: float = 60.0, max_addresses: int = 10_000
+    ) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_addresses = max_addresses
+        self._refused: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def blocked(self, address: str, now: float) -> bool:
+        times = self._refused.get(address)
+        if times is None:
+            return False
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return len(times) >= self.limit
+
+    def refused(self, address: str, now: float) -> None:
+        times = self._refused.pop(address, None) or deque(maxlen=self.limit)
+        times.append(now)
+        self._refused[address] = times  # now the newest
+        while len(self._refused) > self.max_addresses:
+            self._refused.popitem(last=False)
 
 
 class LoginNeeded(Exception):
