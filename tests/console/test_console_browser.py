@@ -116,6 +116,11 @@ def test_fleet_shows_the_task_server_and_the_four_computers_with_counts(
     counts = {s: int(driver.find_element(By.ID, f"count-{s}").text) for s in
               ("reachable", "unreachable", "cem", "unknown", "nat")}  # fmt: skip
     assert sum(counts.values()) - counts["nat"] == 4
+    live = driver.find_element(By.ID, "fleet-counts")  # kept up to date by its event stream
+    until(
+        driver, "the counts' stream", lambda d: int(live.get_attribute("data-messages") or 0) >= 1
+    )
+    assert driver.find_element(By.ID, "count-all").text == "4"
     shot(driver, "fleet")
     Select(driver.find_element(By.NAME, "group")).select_by_visible_text("web")
     navigate(driver, driver.find_element(By.CSS_SELECTOR, "form.filters button"))

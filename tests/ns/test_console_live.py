@@ -90,3 +90,20 @@ async def test_the_stream_ends_when_its_session_logs_out(ns: Ns) -> None:
         await browser.request("POST", "/console/logout", {"csrf": await browser.csrf()})
         rest = [raw.decode().strip() async for raw in lines]
     assert "event: ended" in rest
+
+
+async def test_the_fleet_counts_stream_sends_a_change_of_state(ns: Ns) -> None:
+    ts = await ns.task_server()
+    await ts.agent("c1")
+    await ts.agent("c2")
+    browser = Browser(ns, {})
+    await browser.login(ADMIN)
+    cookie = "; ".join(f"{k}={v}" for k, v in browser.cookies.items())
+    async with ns.http.get(f"{ns.url}/console/fleet/events", headers={"Cookie": cookie}) as stream:
+        lines = stream.content.__aiter__()
+        first = await _next_message(lines)
+        assert (first["counts"]["all"], first["counts"]["reachable"]) == (2, 0)
+        states = [{"name": "c1", "tickle_state": "reachable", "at": time.time()}]
+        await ts.ok("POST", "/api/ts/computers/state", json=states)
+        second = await _next_message(lines)
+    assert (second["counts"]["reachable"], second["counts"]["all"]) == (1, 2)

@@ -46,6 +46,7 @@ DbId = Annotated[int, PathParam(ge=m.DB_INT_MIN, le=m.DB_INT_MAX)]
 LIVE_TICK_S = 0.5
 LIVE_MAX_S = 3600.0
 HEARTBEAT_S = 15.0
+FLEET_TICK_S = 2.0
 
 
 def mount_static(app: FastAPI) -> None:
@@ -184,6 +185,34 @@ def fleet(
         total=len(computers), counts=counts, state=state or "", task_server=task_server or "",
         group=group or "", groups=views.all_groups(computers),
     )  # fmt: skip
+
+
+@router.get("/fleet/events")
+async def fleet_events(request: Request, session: PageSession) -> StreamingResponse:
+    """Server-sent events: the fleet's counts per state whenever they change (looked at every
+    FLEET_TICK_S), until the session ends."""
+    services = _services(request)
+
+    async def stream() -> AsyncIterator[str]:
+        sent: dict[str, int] | None = None
+        started = last = time.monotonic()
+        while time.monotonic() - started < LIVE_MAX_S and not await request.is_disconnected():
+            if await run_in_threadpool(services.operators.session_who, session.token) is None:
+                yield "event: ended\ndata: {}\n\n"
+                return
+            computers = await run_in_threadpool(services.inventory.computers)
+            counts = views.state_counts(computers) | {"all": len(computers)}
+            if counts != sent:
+                yield f"data: {json.dumps({'counts': counts})}\n\n"
+                sent, last = counts, time.monotonic()
+            elif time.monotonic() - last > HEARTBEAT_S:
+                yield ": still here\n\n"
+                last = time.monotonic()
+            await asyncio.sleep(FLEET_TICK_S)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"x-accel-buffering": "no"}
+    )
 
 
 @router.get("/computers/{name}")

@@ -1,5 +1,5 @@
 // The Tickle console's only script: the live run grid, fed by server-sent events (one message per
-// tick with every row that changed), and the run-now form's small conveniences.
+// tick with every row that changed), the fleet's live counts, and the run-now form's conveniences.
 "use strict";
 
 function liveGrid(table) {
@@ -51,6 +51,20 @@ function liveGrid(table) {
   };
 }
 
+function liveCounts(list) {
+  // the fleet's counts per state, sent whenever they change
+  const source = new EventSource(list.dataset.events);
+  source.onmessage = (message) => {
+    const update = JSON.parse(message.data);
+    for (const [state, n] of Object.entries(update.counts)) {
+      const count = document.getElementById("count-" + state);
+      if (count) count.textContent = String(n);
+    }
+    list.dataset.messages = String(Number(list.dataset.messages || "0") + 1);
+  };
+  source.addEventListener("ended", () => source.close());
+}
+
 function runNowForm(form) {
   // choosing a task, a job or typing a command selects its radio button
   for (const [name, value] of [["task_id", "task"], ["job_id", "job"], ["command", "command"]]) {
@@ -70,6 +84,8 @@ function runNowForm(form) {
 document.addEventListener("DOMContentLoaded", () => {
   const grid = document.getElementById("grid");
   if (grid) liveGrid(grid);
+  const counts = document.getElementById("fleet-counts");
+  if (counts) liveCounts(counts);
   const runNow = document.getElementById("run-now");
   if (runNow) runNowForm(runNow);
 });
