@@ -410,10 +410,13 @@ def audit_command(
         int, typer.Option(help="How many of the newest actions", min=1, max=1000)
     ] = 50,
     who: Annotated[str | None, typer.Option(help="Only this operator's (or admin's)")] = None,
+    action: Annotated[
+        str | None, typer.Option(help="Only this kind: run, settings, task.define, login...")
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Show operator actions, newest first: who, when, what, on what. Admin token."""
-    events = _with_ns(ctx, lambda c: c.audit(limit, who))
+    events = _with_ns(ctx, lambda c: c.audit(limit, who, action))
     if as_json:
         _print_json([e.model_dump(mode="json") for e in events])
     else:

@@ -148,8 +148,11 @@ class NsClient:
     async def operators(self) -> list[OperatorOut]:
         return await self.call("GET", "/api/operators", answer=list[OperatorOut])  # type: ignore[no-any-return]
 
-    async def audit(self, limit: int, who: str | None) -> list[AuditEventOut]:
+    async def audit(
+        self, limit: int, who: str | None = None, action: str | None = None
+    ) -> list[AuditEventOut]:
         query = f"?limit={limit}" + (f"&who={quote(who)}" if who else "")
+        query += f"&action={quote(action)}" if action else ""
         return await self.call("GET", "/api/audit" + query, answer=list[AuditEventOut])  # type: ignore[no-any-return]
 
     async def wait_run(

@@ -200,6 +200,8 @@ def test_changing_the_task_request_interval_moves_the_version(
     submit(driver, "settings")
     assert int(driver.find_element(By.ID, "settings-version").text) == before + 1
     assert driver.find_element(By.ID, "tri").get_attribute("value") == "600"
+    change = driver.find_element(By.CSS_SELECTOR, "#settings-history tbody tr").text
+    assert change.endswith(f"admin {before + 1} task_request_interval_s: 1800 → 600"), change
     shot(driver, "settings")
 
 

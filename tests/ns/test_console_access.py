@@ -209,6 +209,10 @@ async def test_operator_accounts_act_under_their_own_name_in_the_api_and_the_aud
     ]
     limited = await ns.ok("GET", "/api/audit?limit=1&who=alice")
     assert [e["action"] for e in limited] == ["login"]
+    changes = await ns.ok("GET", "/api/audit?action=settings")
+    assert [(e["who"], e["detail"]) for e in changes] == [
+        ("alice", {"task_request_interval_s": [1800, 120]})
+    ]
     status, body = await ns.call("GET", "/api/audit?limit=0")
     assert status == 422
 

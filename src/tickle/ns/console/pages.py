@@ -398,8 +398,12 @@ async def define_job(request: Request, action: ActionForm) -> Response:
 def _settings_page(
     request: Request, session: Session, status_code: int = 200, **ctx: Any
 ) -> HTMLResponse:
-    current = _services(request).settings.settings()
-    return _page(request, "settings.html", session, status_code, settings=current, **ctx)
+    services = _services(request)
+    current = services.settings.settings()
+    history = services.audit.events(50, action="settings")
+    return _page(
+        request, "settings.html", session, status_code, settings=current, history=history, **ctx
+    )
 
 
 @router.get("/settings")

@@ -41,5 +41,6 @@ def list_audit(
     audit: AuditDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
     who: Annotated[str | None, Query(max_length=64)] = None,
+    action: Annotated[str | None, Query(max_length=32)] = None,
 ) -> list[m.AuditEventOut]:
-    return audit.events(limit, who)
+    return audit.events(limit, who, action)

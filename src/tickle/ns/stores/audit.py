@@ -34,11 +34,16 @@ class AuditStore:
                 )
             )
 
-    def events(self, limit: int = 200, who: str | None = None) -> list[m.AuditEventOut]:
-        """The newest `limit` events, newest first (of one operator, with `who`)."""
+    def events(
+        self, limit: int = 200, who: str | None = None, action: str | None = None
+    ) -> list[m.AuditEventOut]:
+        """The newest `limit` events, newest first (of one operator, with `who`; of one kind of
+        action, with `action`)."""
         query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
         if who is not None:
             query = query.where(AuditEvent.who == who)
+        if action is not None:
+            query = query.where(AuditEvent.action == action)
         with self._db.reading() as s:
             return [
                 m.AuditEventOut.model_validate(row, from_attributes=True)
