@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 -include mk/*.mk
 
-.PHONY: help venv lint unit integration sysdeps test demo bench clean docs reliability
+.PHONY: help venv lint unit integration sysdeps test demo bench clean docs reliability screenshots
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -41,8 +41,17 @@ test: lint sysdeps ## Every check: lint, unit, integration, faults, attacks, dep
 	$(MAKE) deploy-lint
 	$(MAKE) molecule
 
-demo: venv ## Local fleet on loopback: nine steps with times, blocked-tickle and CEM paths
-	$(PY) -m tickle.demo
+demo: venv ## Local fleet on loopback: nine steps, blocked-tickle and CEM paths (CONSOLE=1: keep the web console open)
+	$(PY) -m tickle.demo $(if $(CONSOLE),--console)
+
+# the README's Console section shows these (regenerated, never hand-made)
+SCREENSHOTS := fleet run execution settings
+
+screenshots: venv sysdeps ## Browser tests of the web console; their screenshots to build/screenshots, a few to docs/
+	rm -rf build/screenshots
+	$(BIN)/pytest -q tests/console
+	mkdir -p docs/screenshots
+	for name in $(SCREENSHOTS); do cp build/screenshots/$$name.png docs/screenshots/console-$$name.png; done
 
 bench: venv ## Benchmarks: latency per hop, 1,000-agent run-now; writes bench/results.md
 	$(PY) bench/run.py

@@ -35,6 +35,9 @@ OPERATOR_COMMANDS = [
     ["about"],
     ["settings", "show"],
     ["settings", "set", "--task-request-interval", "60"],
+    ["operators", "add", "alice"],
+    ["operators", "list"],
+    ["audit", "--who", "alice"],
 ]
 NS_ENV = ("TICKLE_NS_URL", "TICKLE_ADMIN_TOKEN", "TICKLE_ADMIN_TOKEN_FILE", "TICKLE_CA_FILE")
 Target = tuple[str, str, Path | None]
@@ -158,6 +161,7 @@ BAD_INPUT = [
     (["run", "pc1", "--task", "1", "--failed"], "--failed goes with --rerun"),
     (["run", "--rerun", "3", "--task", "1"], "--rerun takes the run's task or job"),
     (["run", "--task", "1"], "give at least one computer or group, or all_computers"),
+    (["operators", "add", "bad name!"], "name"),
 ]
 _bad_input: list[str] = []
 

@@ -11,6 +11,7 @@ import asyncio
 import json
 import shlex
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from tickle.messages import (
     ExecutionStatus,
     JobCreate,
     Name,
+    OperatorCreate,
     RegistrationKind,
     RunCreate,
     RunOut,
@@ -208,6 +210,10 @@ settings_app = typer.Typer(help="Show or change the central settings (Task Reque
 app.add_typer(task_app, name="task")
 app.add_typer(job_app, name="job")
 app.add_typer(settings_app, name="settings")
+operators_app = typer.Typer(
+    help="Operator accounts: each has its own token, so the audit says who did what."
+)
+app.add_typer(operators_app, name="operators")
 
 
 @task_app.command("add")
@@ -698,6 +704,55 @@ def about_command(
         _print_json(about.model_dump())
     else:
         out.print(con.about_table(about))
+
+
+@operators_app.command("add")
+def operators_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The operator's name (letters, digits, . _ -)")],
+    as_json: AsJson = False,
+) -> None:
+    """Add an operator account and print its token, once (the NS keeps only a hash). Admin token."""
+    spec = _valid("tickle operators add", OperatorCreate, name=name)
+    creds = _with_ns(ctx, lambda c: c.add_operator(spec.name))
+    if as_json:
+        _print_json(creds.model_dump())
+        return
+    out.print(f"operator {creds.name!r} added; its token (shown only now):")
+    out.print(creds.token, markup=False, highlight=False, soft_wrap=True)
+
+
+@operators_app.command("list")
+def operators_list(ctx: typer.Context, as_json: AsJson = False) -> None:
+    """List the operator accounts. Admin token."""
+    items = _with_ns(ctx, lambda c: c.operators())
+    if as_json:
+        _print_json([i.model_dump(mode="json") for i in items])
+    else:
+        for o in items:
+            out.print(
+                f"{o.name}  added {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(o.created_at))}"
+            )
+
+
+@app.command("audit")
+def audit_command(
+    ctx: typer.Context,
+    limit: Annotated[
+        int, typer.Option(help="How many of the newest actions", min=1, max=1000)
+    ] = 50,
+    who: Annotated[str | None, typer.Option(help="Only this operator's (or admin's)")] = None,
+    action: Annotated[
+        str | None, typer.Option(help="Only this kind: run, settings, task.define, login...")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show operator actions, newest first: who, when, what, on what. Admin token."""
+    events = _with_ns(ctx, lambda c: c.audit(limit, who, action))
+    if as_json:
+        _print_json([e.model_dump(mode="json") for e in events])
+    else:
+        out.print(con.audit_table(events))
 
 
 @settings_app.command("show")

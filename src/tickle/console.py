@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from pydantic import ValidationError
@@ -24,6 +25,7 @@ from tickle.messages import (
     FINAL_STATUSES,
     TIMELINE_STEPS,
     About,
+    AuditEventOut,
     CancelOut,
     ComputerOut,
     ExecutionOut,
@@ -31,6 +33,9 @@ from tickle.messages import (
     ExecutionsPage,
     JobCreate,
     JobOut,
+    OperatorCreate,
+    OperatorCredentials,
+    OperatorOut,
     RegistrationKind,
     RegistrationOut,
     Rekeyed,
@@ -212,6 +217,21 @@ class NsClient:
 
     async def about(self) -> About:
         return await self.call("GET", "/api/about", answer=About)  # type: ignore[no-any-return]
+
+    async def add_operator(self, name: str) -> OperatorCredentials:
+        return await self.call(  # type: ignore[no-any-return]
+            "POST", "/api/operators", OperatorCreate(name=name), OperatorCredentials
+        )
+
+    async def operators(self) -> list[OperatorOut]:
+        return await self.call("GET", "/api/operators", answer=list[OperatorOut])  # type: ignore[no-any-return]
+
+    async def audit(
+        self, limit: int, who: str | None = None, action: str | None = None
+    ) -> list[AuditEventOut]:
+        query = f"?limit={limit}" + (f"&who={quote(who)}" if who else "")
+        query += f"&action={quote(action)}" if action else ""
+        return await self.call("GET", "/api/audit" + query, answer=list[AuditEventOut])  # type: ignore[no-any-return]
 
     async def wait_run(
         self, run_id: int, deadline_s: float, progress: Progress | None = None
@@ -428,6 +448,18 @@ def _clock(at: float | None) -> str:
     if at is None:
         return "-"
     return time.strftime("%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}"
+
+
+def audit_table(events: Sequence[AuditEventOut]) -> Table:
+    """Operator actions, newest first: when, who, what, on what."""
+    table = Table(title="audit")
+    for col in ("when (UTC)", "who", "action", "target"):
+        table.add_column(col)
+    for e in events:
+        table.add_row(
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at)), e.who, e.action, e.target
+        )
+    return table
 
 
 def _ms(at: float | None, origin: float | None) -> str:

@@ -3,7 +3,8 @@
 Starts an NS, two task servers and six agents as real processes on 127.0.0.N with the default
 ports, runs a task now on every normal agent and prints each one's timeline, then shows an agent
 whose tickles are dropped getting its task by polling, and a CEM agent that only polls. Stops
-everything it started.
+everything it started. With `--console` (`make demo CONSOLE=1`) it then prints the web console's
+address and the login token and keeps the fleet running until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -35,17 +36,24 @@ CEM = "computer-cem"
 SHORT_INTERVAL_S = TASK_REQUEST_INTERVAL_MIN_S
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the demo; 0 when every path delivered its task."""
+    args = sys.argv[1:] if argv is None else argv
+    unknown = [a for a in args if a != "--console"]
+    if unknown:
+        out.print(f"demo: unknown option {unknown[0]} (the one option is --console)")
+        return 2
     with tempfile.TemporaryDirectory(prefix="tickle-demo-") as tmp:
         try:
-            return asyncio.run(_demo(Path(tmp)))
+            return asyncio.run(_demo(Path(tmp), console="--console" in args))
         except FleetError as exc:
             out.print(f"[red]demo: the fleet did not start: {exc}[/red]")
             return 1
+        except KeyboardInterrupt:  # Ctrl-C while the console was kept open: the fleet is stopped
+            return 0
 
 
-async def _demo(root: Path) -> int:
+async def _demo(root: Path, console: bool = False) -> int:
     agents = [
         AgentSpec(NORMAL[0], ["ts1"]),
         AgentSpec(NORMAL[1], ["ts1"]),
@@ -63,6 +71,8 @@ async def _demo(root: Path) -> int:
         out.print(f"fleet up in {time.monotonic() - started:.1f}s (logs in {root})")
         async with fleet.client() as ns:
             ok = await _paths(fleet, ns)
+        if console:
+            await _keep_console_open(fleet)
     finally:
         await fleet.stop()
     out.print(Rule("done" if ok else "[red]a path failed[/red]"))
@@ -114,6 +124,15 @@ async def _paths(fleet: LocalFleet, ns: con.NsClient) -> bool:
     cem = run.executions[0].status == "succeeded" and run.executions[0].via == "poll"
     out.print(con.computers_table(await ns.computers()))
     return delivered and blocked and cem
+
+
+async def _keep_console_open(fleet: LocalFleet) -> None:
+    out.print(Rule("Web console"))
+    out.print(f"console: {fleet.ns_url}/console/  (API docs: {fleet.ns_url}/docs)")
+    out.print("log in with the admin token:")
+    out.print(fleet.admin_token, markup=False, highlight=False, soft_wrap=True)
+    out.print("the fleet keeps running until Ctrl-C")
+    await asyncio.Event().wait()  # until Ctrl-C cancels it
 
 
 async def _run_and_watch(ns: con.NsClient, create: RunCreate, deadline_s: float) -> RunOut:

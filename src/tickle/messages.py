@@ -6,7 +6,7 @@ validation error that names the field.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -515,3 +515,45 @@ class About(Model):
     schema_revision: str | None
     dispatcher_active: bool
     started_at: float
+
+
+# --- operators, the audit and the run list (the web console's API) ---------------------------
+
+
+class OperatorCreate(Model):
+    """A named operator account (its token is made by the NS and shown once)."""
+
+    name: Name
+
+
+class OperatorOut(Model):
+    name: str
+    created_at: float
+
+
+class OperatorCredentials(Model):
+    name: str
+    token: str
+
+
+class AuditEventOut(Model):
+    """One operator action: who (an operator's name, or "admin"), when, what, on what."""
+
+    id: int
+    at: float
+    who: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+
+
+class RunListItem(Model):
+    """A run in the list of runs: what ran, when, and how many executions are in each status."""
+
+    id: int
+    created_at: float
+    task_id: int | None
+    job_id: int | None
+    what: str  # "task NAME" or "job NAME"
+    total: int
+    statuses: dict[str, int]

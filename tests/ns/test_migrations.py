@@ -190,6 +190,27 @@ def test_upgrade_from_0003_names_existing_runs_after_their_task_or_job(tmp_path:
         store.close()
 
 
+def test_upgrade_from_0007_adds_the_console_tables_empty_and_keeps_the_runs(
+    tmp_path: Path,
+) -> None:
+    store = Database(f"sqlite:///{tmp_path / 'ns.db'}")
+    try:
+        upgrade(store.engine, "0007_output_cancel")
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO runs (id, created_at) VALUES (1, 3.0)"))
+
+        store.migrate()
+
+        assert current_revision(store.engine) == _head()
+        with store.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            for table in ("operators", "console_sessions", "audit_events"):
+                assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
+            assert conn.execute(text("SELECT created_at FROM runs")).scalar() == 3.0
+    finally:
+        store.close()
+
+
 def _head() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None

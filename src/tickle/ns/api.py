@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from tickle.metrics import ComponentMetrics
+from tickle.ns import console
 from tickle.ns.auth import is_known_token
 from tickle.ns.credentials import token_sha256
 from tickle.ns.errors import Conflict, Forbidden, NotFound, Unauthorized
@@ -30,8 +31,8 @@ from tickle.serving import BodyLimits, ClockHeaders
 
 TAGS = [
     {"name": "health", "description": "Liveness and Prometheus metrics (no credentials)."},
-    {"name": "tasks", "description": "Tasks and jobs (ordered lists of tasks). Admin token."},
-    {"name": "runs", "description": "Run now, and watch runs and executions. Admin token."},
+    {"name": "tasks", "description": "Tasks and jobs (ordered lists of tasks). Operator token."},
+    {"name": "runs", "description": "Run now, and watch runs and executions. Operator token."},
     {
         "name": "history",
         "description": "List runs and a computer's executions; delete tasks, jobs and task "
@@ -39,7 +40,7 @@ TAGS = [
     },
     {
         "name": "inventory",
-        "description": "Task servers, computers, and what this server is. Admin token.",
+        "description": "Task servers, computers, and what this server is. Operator token.",
     },
     {
         "name": "approval",
@@ -47,6 +48,10 @@ TAGS = [
         "(registration_approval = manual), re-key a name for a new identity. Admin token.",
     },
     {"name": "settings", "description": "Central settings handed down to task servers and agents."},
+    {
+        "name": "operators",
+        "description": "Operator accounts and the audit of what operators did. Admin token.",
+    },
     {
         "name": "task-server",
         "description": "Routes for task servers: registration, the pull of work, status events. "
@@ -81,6 +86,8 @@ def create_app(
         "status events back. Every route but health and metrics needs a bearer token.",
         openapi_tags=TAGS,
         lifespan=lifespan,
+        docs_url=None,  # served by the console's docs module, from the NS's own assets
+        redoc_url=None,
     )
     app.state.started_at = time.time()  # served without lifespan events: when it was built
     app.state.services = Services.build(settings, stores, tickle_server, metrics)
@@ -89,6 +96,7 @@ def create_app(
         app.add_exception_handler(refusal, _refused)
     for router in ROUTERS:
         app.include_router(router)
+    console.mount(app, settings.console_session_s)
     app.add_middleware(
         BodyLimits,
         limits=settings,

@@ -1,4 +1,5 @@
-"""Who is calling: bearer tokens for operators (admin) and task servers, as FastAPI dependencies.
+"""Who is calling: bearer tokens for operators (the admin token, or a named operator account's) and
+task servers, as FastAPI dependencies.
 
 Servers keep only the SHA-256 of a token. A missing or unknown token gets 401; a valid token used
 where its holder may not go (a task server on the admin API, the admin on the task-server API, an
@@ -17,16 +18,18 @@ from starlette.types import Scope
 
 from tickle import clock
 from tickle.ns.credentials import Caller, token_sha256
-from tickle.ns.dependencies import InventoryDep
+from tickle.ns.dependencies import InventoryDep, OperatorsDep
 from tickle.ns.services import Services
 from tickle.ns.services.inventory import InventoryService
+from tickle.ns.stores.operators import ADMIN, OperatorStore
 from tickle.serving import arrived_at
 
 # one scheme per kind of token, so the OpenAPI document says which token each route takes
 _admin_bearer = HTTPBearer(
     auto_error=False,
     scheme_name="AdminToken",
-    description="The operator's admin token (setting admin_token, or {state_dir}/admin-token)",
+    description="The admin token (setting admin_token, or {state_dir}/admin-token), or an "
+    "operator account's token (`tickle operators add NAME`)",
 )
 _task_server_bearer = HTTPBearer(
     auto_error=False,
@@ -61,17 +64,32 @@ def _unknown() -> HTTPException:
     )
 
 
-def require_admin(request: Request, creds: AdminBearer, inventory: InventoryDep) -> None:
-    """Allow the operator's admin token only."""
+def require_operator(
+    request: Request, creds: AdminBearer, inventory: InventoryDep, operators: OperatorsDep
+) -> str:
+    """Allow the admin token or an operator account's; returns who ("admin" or the operator's
+    name), which the audit records."""
     sha = _token_hash(creds)
     if _is_admin(request, sha):
-        return
+        return ADMIN
+    name = operators.name_for(sha)
+    if name is not None:
+        return name
     caller = inventory.caller_for(sha)
     if caller is None:
         raise _unknown()
     raise HTTPException(
         status.HTTP_403_FORBIDDEN, f"{_role(caller.role)} token cannot use the admin API"
     )
+
+
+def require_admin(who: Annotated[str, Depends(require_operator)]) -> str:
+    """Allow the admin token only (adding operator accounts)."""
+    if who != ADMIN:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "only the admin token can manage operator accounts"
+        )
+    return who
 
 
 def require_task_server(
@@ -96,7 +114,8 @@ def require_task_server(
 
 
 async def is_known_token(app: FastAPI, token: str, scope: Scope) -> bool:
-    """Whether `token` is the admin or a task server token (checked before a large body is read).
+    """Whether `token` is the admin's, an operator's or a task server's (checked before a large
+    body is read).
 
     A task server found here is kept in the request's state, so `require_task_server` does not
     query the database for it a second time (large bodies are event batches: the hot path).
@@ -104,6 +123,9 @@ async def is_known_token(app: FastAPI, token: str, scope: Scope) -> bool:
     sha = token_sha256(token)
     admin_sha: str = app.state.admin_token_sha256
     if hmac.compare_digest(sha, admin_sha):
+        return True
+    operators: OperatorStore = app.state.services.operators
+    if await asyncio.to_thread(operators.name_for, sha) is not None:
         return True
     inventory: InventoryService = app.state.services.inventory
     caller = await asyncio.to_thread(inventory.caller_for, sha)  # a database query
@@ -125,5 +147,7 @@ def _role(role: str) -> str:
     return "a task server" if role == "task_server" else "an agent"
 
 
-AdminDep = Annotated[None, Depends(require_admin)]
+# who calls: "admin" or an operator account's name (what the audit records)
+OperatorDep = Annotated[str, Depends(require_operator)]
+AdminDep = Annotated[str, Depends(require_admin)]
 TaskServerDep = Annotated[Caller, Depends(require_task_server)]

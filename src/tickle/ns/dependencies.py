@@ -13,12 +13,16 @@ from fastapi import Depends, Request
 
 from tickle.metrics import ComponentMetrics
 from tickle.ns.services import Services
+from tickle.ns.services.actions import OperatorActions
 from tickle.ns.services.delivery import DeliveryService
 from tickle.ns.services.history import HistoryService
 from tickle.ns.services.inventory import InventoryService
 from tickle.ns.services.settings import SettingsService
+from tickle.ns.stores.audit import AuditStore
 from tickle.ns.stores.catalog import CatalogStore
+from tickle.ns.stores.operators import OperatorStore
 from tickle.ns.stores.registrations import RegistrationStore
+from tickle.ns.stores.run_list import RunListStore
 
 
 async def get_services(request: Request) -> Services:
@@ -58,6 +62,22 @@ async def get_registrations(services: ServicesDep) -> RegistrationStore:
     return services.registrations
 
 
+async def get_actions(services: ServicesDep) -> OperatorActions:
+    return services.actions
+
+
+async def get_audit(services: ServicesDep) -> AuditStore:
+    return services.audit
+
+
+async def get_operators(services: ServicesDep) -> OperatorStore:
+    return services.operators
+
+
+async def get_run_list(services: ServicesDep) -> RunListStore:
+    return services.run_list
+
+
 InventoryDep = Annotated[InventoryService, Depends(get_inventory)]
 CatalogDep = Annotated[CatalogStore, Depends(get_catalog)]
 DeliveryDep = Annotated[DeliveryService, Depends(get_delivery)]
@@ -65,3 +85,7 @@ SettingsDep = Annotated[SettingsService, Depends(get_settings)]
 HistoryDep = Annotated[HistoryService, Depends(get_history)]
 MetricsDep = Annotated[ComponentMetrics, Depends(get_metrics)]
 RegistrationsDep = Annotated[RegistrationStore, Depends(get_registrations)]
+ActionsDep = Annotated[OperatorActions, Depends(get_actions)]
+AuditDep = Annotated[AuditStore, Depends(get_audit)]
+OperatorsDep = Annotated[OperatorStore, Depends(get_operators)]
+RunListDep = Annotated[RunListStore, Depends(get_run_list)]

@@ -245,3 +245,39 @@ class Settings(Base):
     task_request_interval_s: Mapped[int] = mapped_column(Integer, default=1800)
     poll_jitter_fraction: Mapped[float] = mapped_column(Double, default=0.1)
     ts_check_interval_s: Mapped[int] = mapped_column(Integer, default=60)
+
+
+class Operator(Base):
+    """A named operator account: its own token (kept as SHA-256), so the audit says who."""
+
+    __tablename__ = "operators"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class ConsoleSession(Base):
+    """A web console session: the SHA-256 of its cookie, who logged in, and when it expires."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    who: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Double)
+    expires_at: Mapped[float] = mapped_column(Double, index=True)
+
+
+class AuditEvent(Base):
+    """One operator action: who (an operator's name, or "admin"), when, what, on what."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Double, index=True)
+    who: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(255))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

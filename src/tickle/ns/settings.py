@@ -101,6 +101,12 @@ class NsSettings(ApiServerSettings, TickleSenderSettings):
         le=3600,
         description="How often the active tickle dispatcher ends expired and lost executions (s)",
     )
+    console_session_s: int = Field(
+        default=28800,
+        ge=60,
+        le=7 * 86400,
+        description="How long a web console login lasts (seconds) before it must log in again",
+    )
     tls_cert_file: FilePath | None = Field(
         default=None,
         description="PEM certificate (chain) the API serves HTTPS with; set with tls_key_file",

@@ -10,6 +10,7 @@ from tickle.ns.routes import (
     health,
     history,
     inventory,
+    operators,
     output,
     runs,
     settings,
@@ -27,5 +28,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     inventory.router,
     approval.router,
     settings.router,
+    operators.router,
     task_server.router,
 )

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from tickle import messages as m
-from tickle.ns.auth import AdminDep
-from tickle.ns.dependencies import RegistrationsDep
+from tickle.ns.auth import OperatorDep
+from tickle.ns.dependencies import AuditDep, RegistrationsDep
 
 router = APIRouter(tags=["approval"])
 NamePath = Annotated[m.Name, Path(description="The computer's or task server's name")]
@@ -24,7 +24,7 @@ _KINDS: dict[str, m.RegistrationKind] = {"computers": "computer", "task-servers"
     "approved but not repeated yet (approved), or were refused for good (rejected), oldest first.",
 )
 def list_registrations(
-    _: AdminDep,
+    _: OperatorDep,
     registrations: RegistrationsDep,
     kind: Annotated[m.RegistrationKind | None, Query(description="Only this kind")] = None,
 ) -> list[m.RegistrationOut]:
@@ -36,8 +36,12 @@ def _decide_route(plural: str, state: m.RegistrationState, summary: str) -> None
     verb = "approve" if state == "approved" else "reject"
 
     @router.post(f"/api/{plural}/{{name}}/{verb}", summary=summary, name=f"{verb}_{kind}")
-    def decide(name: NamePath, _: AdminDep, registrations: RegistrationsDep) -> m.RegistrationOut:
-        return registrations.decide(kind, name, state)
+    def decide(
+        name: NamePath, who: OperatorDep, registrations: RegistrationsDep, audit: AuditDep
+    ) -> m.RegistrationOut:
+        decided = registrations.decide(kind, name, state)
+        audit.record(who, f"{kind}.{verb}", f"{kind} {name}")
+        return decided
 
 
 def _rekey_route(plural: str, summary: str, description: str) -> None:
@@ -49,8 +53,12 @@ def _rekey_route(plural: str, summary: str, description: str) -> None:
         description=description,
         name=f"rekey_{kind}",
     )
-    def rekey(name: NamePath, _: AdminDep, registrations: RegistrationsDep) -> m.Rekeyed:
-        return registrations.rekey(kind, name)
+    def rekey(
+        name: NamePath, who: OperatorDep, registrations: RegistrationsDep, audit: AuditDep
+    ) -> m.Rekeyed:
+        rekeyed = registrations.rekey(kind, name)
+        audit.record(who, f"{kind}.rekey", f"{kind} {name}")
+        return rekeyed
 
 
 _decide_route(

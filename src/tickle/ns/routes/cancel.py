@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from tickle import messages as m
-from tickle.ns.auth import AdminDep
-from tickle.ns.dependencies import ServicesDep
+from tickle.ns.auth import OperatorDep
+from tickle.ns.dependencies import ActionsDep, ServicesDep
 from tickle.ns.routes.runs import DbId
 from tickle.ns.services.cancel import CancelService
 
@@ -32,11 +32,16 @@ CancelDep = Annotated[CancelService, Depends(get_cancel)]
 )
 async def cancel_run(
     run_id: DbId,
-    _: AdminDep,
+    who: OperatorDep,
     cancel: CancelDep,
+    actions: ActionsDep,
     execution_id: Annotated[
         int | None,
         Query(ge=m.DB_INT_MIN, le=m.DB_INT_MAX, description="Cancel only this execution"),
     ] = None,
 ) -> m.CancelOut:
-    return await cancel.cancel(run_id, execution_id)
+    out = await cancel.cancel(run_id, execution_id)
+    target = f"run {run_id}" + ("" if execution_id is None else f" execution {execution_id}")
+    detail = {"cancelled": len(out.cancelled), "stopping": len(out.stopping)}
+    await actions.record(who, "run.cancel", target, detail)
+    return out

@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 
 from tickle import messages as m
-from tickle.ns.auth import AdminDep
-from tickle.ns.dependencies import HistoryDep
+from tickle.ns.auth import OperatorDep
+from tickle.ns.dependencies import ActionsDep, AuditDep, HistoryDep
 from tickle.ns.stores.history import RunFilter
 
 router = APIRouter(tags=["history"])
@@ -35,7 +35,7 @@ StatusQuery = Annotated[m.ExecutionStatus | None, Query(description="with an exe
     "ISO 8601 or Unix seconds). Pages: `limit`, then `before=<next_before>`.",
 )
 def list_runs(
-    _: AdminDep,
+    _: OperatorDep,
     history: HistoryDep,
     status: StatusQuery = None,
     task_id: Annotated[int | None, Query(ge=m.DB_INT_MIN, le=m.DB_INT_MAX)] = None,
@@ -57,7 +57,7 @@ def list_runs(
 )
 def computer_executions(
     name: Annotated[str, Path(max_length=64)],
-    _: AdminDep,
+    _: OperatorDep,
     history: HistoryDep,
     status: StatusQuery = None,
     limit: Limit = 50,
@@ -73,8 +73,9 @@ def computer_executions(
     description="Refused (409) while a job has it as a step or an execution of it is "
     "unfinished. Its runs stay in the history, under the task's name.",
 )
-def delete_task(task_id: DbId, _: AdminDep, history: HistoryDep) -> Response:
+def delete_task(task_id: DbId, who: OperatorDep, history: HistoryDep, audit: AuditDep) -> Response:
     history.delete_task(task_id)
+    audit.record(who, "task.delete", f"task {task_id}")
     return Response(status_code=204)
 
 
@@ -85,8 +86,9 @@ def delete_task(task_id: DbId, _: AdminDep, history: HistoryDep) -> Response:
     description="Refused (409) while an execution of it is unfinished. Its tasks stay; its "
     "runs stay in the history, under the job's name.",
 )
-def delete_job(job_id: DbId, _: AdminDep, history: HistoryDep) -> Response:
+def delete_job(job_id: DbId, who: OperatorDep, history: HistoryDep, audit: AuditDep) -> Response:
     history.delete_job(job_id)
+    audit.record(who, "job.delete", f"job {job_id}")
     return Response(status_code=204)
 
 
@@ -99,9 +101,13 @@ def delete_job(job_id: DbId, _: AdminDep, history: HistoryDep) -> Response:
     "its executions is unfinished.",
 )
 async def forget_computer(
-    name: Annotated[str, Path(max_length=64)], _: AdminDep, history: HistoryDep
+    name: Annotated[str, Path(max_length=64)],
+    who: OperatorDep,
+    history: HistoryDep,
+    actions: ActionsDep,
 ) -> Response:
     await history.forget_computer(name)
+    await actions.record(who, "computer.forget", f"computer {name}")
     return Response(status_code=204)
 
 
@@ -116,11 +122,13 @@ async def forget_computer(
 )
 async def delete_task_server(
     name: Annotated[str, Path(max_length=64)],
-    _: AdminDep,
+    who: OperatorDep,
     history: HistoryDep,
+    actions: ActionsDep,
     force: Annotated[bool, Query(description="delete even while it serves computers")] = False,
 ) -> Response:
     await history.delete_task_server(name, force)
+    await actions.record(who, "task_server.delete", f"task server {name}", {"force": force})
     return Response(status_code=204)
 
 
@@ -130,5 +138,5 @@ async def delete_task_server(
     description="current: agents whose contacts report the current version; pending: those "
     "that take it at their next contact.",
 )
-def settings_reach(_: AdminDep, history: HistoryDep) -> m.SettingsReach:
+def settings_reach(_: OperatorDep, history: HistoryDep) -> m.SettingsReach:
     return history.settings_reach()

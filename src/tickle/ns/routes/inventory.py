@@ -7,14 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from tickle import messages as m
-from tickle.ns.auth import AdminDep
+from tickle.ns.auth import OperatorDep
 from tickle.ns.dependencies import InventoryDep
 
 router = APIRouter(tags=["inventory"])
 
 
 @router.get("/api/task-servers", summary="Task servers and reachability")
-def list_task_servers(_: AdminDep, inventory: InventoryDep) -> list[m.TaskServerOut]:
+def list_task_servers(_: OperatorDep, inventory: InventoryDep) -> list[m.TaskServerOut]:
     return inventory.task_servers()
 
 
@@ -26,7 +26,7 @@ def list_task_servers(_: AdminDep, inventory: InventoryDep) -> list[m.TaskServer
     "(NS settings; default 2 x interval + 60 s).",
 )
 def list_computers(
-    _: AdminDep,
+    _: OperatorDep,
     inventory: InventoryDep,
     liveness: Annotated[
         m.Liveness | None, Query(description="only the online or only the offline computers")
@@ -42,5 +42,5 @@ def list_computers(
     "host:port/dbname, never credentials), the schema revision stamped there, and whether "
     "this process is the active tickle dispatcher now.",
 )
-async def get_about(_: AdminDep, inventory: InventoryDep, request: Request) -> m.About:
+async def get_about(_: OperatorDep, inventory: InventoryDep, request: Request) -> m.About:
     return await inventory.about(request.app.state.started_at)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from tickle import messages as m
-from tickle.ns.auth import AdminDep
+from tickle.ns.auth import OperatorDep
 from tickle.ns.dependencies import ServicesDep
 from tickle.ns.routes.runs import DbId
 from tickle.ns.stores.output import OutputStore
@@ -31,7 +31,7 @@ OutputDep = Annotated[OutputStore, Depends(get_output)]
 )
 def get_execution_output(
     execution_id: DbId,
-    _: AdminDep,
+    _: OperatorDep,
     output: OutputDep,
     step: Annotated[int | None, Query(ge=0, le=1000, description="Only this step")] = None,
 ) -> m.ExecutionOutputOut:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from tickle import messages as m
-from tickle.ns.auth import AdminDep
-from tickle.ns.dependencies import SettingsDep
+from tickle.ns.auth import OperatorDep
+from tickle.ns.dependencies import ActionsDep, SettingsDep
 
 router = APIRouter(tags=["settings"])
 
 
 @router.get("/api/settings", summary="Central settings")
-def get_settings(_: AdminDep, settings: SettingsDep) -> m.SettingsOut:
+def get_settings(_: OperatorDep, settings: SettingsDep) -> m.SettingsOut:
     return settings.settings()
 
 
@@ -22,5 +22,7 @@ def get_settings(_: AdminDep, settings: SettingsDep) -> m.SettingsOut:
     description="Bumps the version and sends a settings tickle to every task server, when"
     " something changed; an update that changes nothing leaves the version as it is.",
 )
-async def put_settings(body: m.SettingsUpdate, _: AdminDep, settings: SettingsDep) -> m.SettingsOut:
-    return await settings.update(body)
+async def put_settings(
+    body: m.SettingsUpdate, who: OperatorDep, actions: ActionsDep
+) -> m.SettingsOut:
+    return await actions.update_settings(who, body)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from tickle.metrics import ComponentMetrics
 from tickle.ns.liveness import LivenessGauge, OfflineBound
+from tickle.ns.services.actions import OperatorActions
 from tickle.ns.services.cancel import CancelService
 from tickle.ns.services.clocks import ClockMetrics, ClockService
 from tickle.ns.services.delivery import DeliveryService
@@ -15,9 +16,12 @@ from tickle.ns.services.inventory import InventoryService
 from tickle.ns.services.settings import SettingsService
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
+from tickle.ns.stores.audit import AuditStore
 from tickle.ns.stores.catalog import CatalogStore
+from tickle.ns.stores.operators import OperatorStore
 from tickle.ns.stores.output import OutputStore
 from tickle.ns.stores.registrations import RegistrationStore
+from tickle.ns.stores.run_list import RunListStore
 from tickle.ns.tickle_server import TickleServer
 
 
@@ -38,6 +42,10 @@ class Services:
     cancel: CancelService
     # reading output touches nothing but the database: the store serves the route
     output: OutputStore
+    operators: OperatorStore
+    audit: AuditStore
+    run_list: RunListStore
+    actions: OperatorActions  # what operators do, audited
 
     @classmethod
     def build(
@@ -59,21 +67,29 @@ class Services:
         )
         metrics.registry.register(ClockMetrics(stores.inventory))
         metrics.registry.register(LivenessGauge(inventory.liveness_counts))
+        delivery = DeliveryService(
+            stores.delivery,
+            tickle_server,
+            metrics,
+            stores.cancel,
+            settings.default_run_expiry_s,
+        )
+        central = SettingsService(stores.settings, tickle_server)
         return cls(
             inventory=inventory,
             catalog=stores.catalog,
-            delivery=DeliveryService(
-                stores.delivery,
-                tickle_server,
-                metrics,
-                stores.cancel,
-                settings.default_run_expiry_s,
-            ),
+            delivery=delivery,
             cancel=CancelService(stores.cancel, tickle_server, metrics),
             output=stores.output,
-            settings=SettingsService(stores.settings, tickle_server),
+            settings=central,
             history=HistoryService(stores.history, tickle_server),
             metrics=metrics,
             registrations=stores.registrations,
             clocks=ClockService(stores.inventory),
+            operators=stores.operators,
+            audit=stores.audit,
+            run_list=stores.run_list,
+            actions=OperatorActions(
+                stores.catalog, delivery, central, stores.operators, stores.audit
+            ),
         )

@@ -7,13 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tickle.ns.database import Database
+from tickle.ns.stores.audit import AuditStore
 from tickle.ns.stores.cancel import CancelStore
 from tickle.ns.stores.catalog import CatalogStore
 from tickle.ns.stores.delivery import DeliveryStore
 from tickle.ns.stores.history import HistoryStore
 from tickle.ns.stores.inventory import InventoryStore
+from tickle.ns.stores.operators import OperatorStore
 from tickle.ns.stores.output import OutputStore
 from tickle.ns.stores.registrations import RegistrationStore
+from tickle.ns.stores.run_list import RunListStore
 from tickle.ns.stores.settings import SettingsStore
 
 
@@ -30,6 +33,9 @@ class Stores:
     history: HistoryStore  # run history, deletions, the settings' reach
     cancel: CancelStore  # cancel, expiry and loss of executions
     output: OutputStore  # the steps' output
+    operators: OperatorStore  # operator accounts, web console sessions
+    audit: AuditStore  # every operator action
+    run_list: RunListStore  # the newest runs, counted per status
 
     @classmethod
     def open(cls, url: str) -> Stores:
@@ -45,6 +51,9 @@ class Stores:
             HistoryStore(database),
             CancelStore(database),
             OutputStore(database),
+            OperatorStore(database),
+            AuditStore(database),
+            RunListStore(database),
         )
 
     def close(self) -> None:
