@@ -36,7 +36,7 @@ integration: venv ## Integration tests: real processes on loopback
 sysdeps: ## System packages the tests need (nftables, iproute2, postgresql), installed when missing
 	scripts/sysdeps.sh
 
-test: lint sysdeps ## Every check: lint, unit, integration, faults, attacks, deploy lint, Molecule
+test: lint sysdeps deploy-venv ## Every check: lint, unit, integration, faults, attacks, deploy lint, Molecule
 	$(BIN)/pytest -q -m "not molecule"
 	$(MAKE) deploy-lint
 	$(MAKE) molecule
