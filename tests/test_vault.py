@@ -5,7 +5,6 @@ values are what the roles use and the vaulted files stay encrypted."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tomllib
@@ -17,9 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY_BIN = ROOT / ".venv-deploy" / "bin"
-COLLECTIONS = ROOT / "build" / "collections"
+from tests.deploy_tools import DEPLOY_BIN, LOCAL_HOST, ROOT, ansible_playbook, controller_env
+
 VAULT_HEADER = "$ANSIBLE_VAULT;1.1;AES256"
 ADMIN_TOKEN = "admin-token-from-the-vault-0123456789abcdefg"
 ENROLLMENT = "enrollment-secret-from-the-vault-0123456789"
@@ -76,10 +74,6 @@ class Controller:
     """A fleet inventory of one local host, a vault password file and the deploy venv's tools."""
 
     def __init__(self, tmp: Path) -> None:
-        assert (DEPLOY_BIN / "ansible-playbook").exists(), "no .venv-deploy: run make deploy-venv"
-        assert (COLLECTIONS / "ansible_collections" / "community" / "crypto").is_dir(), (
-            "no community.crypto in build/collections: run make deploy-venv"
-        )
         self.tmp = tmp
         self.inventory = tmp / "inventory"
         self.secrets = self.inventory / ".secrets"
@@ -92,11 +86,7 @@ class Controller:
         hosts = {
             "all": {
                 "children": {"fleet": {"hosts": {"localhost": None}}},
-                "vars": {
-                    "ansible_connection": "local",
-                    "ansible_python_interpreter": str(DEPLOY_BIN / "python"),
-                    "out_dir": str(self.out),
-                },
+                "vars": {**LOCAL_HOST, "out_dir": str(self.out)},
             }
         }
         (self.inventory / "hosts.yml").write_text(yaml.safe_dump(hosts))
@@ -111,15 +101,7 @@ class Controller:
                 NS_RENDER if role == "tickle_notification_server" else SECRET_RENDER % (role, role)
             )
             (self.roles / role / "tasks" / "render.yml").write_text(render)
-        self.env = {
-            **os.environ,
-            "PATH": f"{DEPLOY_BIN}:{os.environ['PATH']}",
-            "ANSIBLE_ROLES_PATH": f"{self.roles}:{ROOT / 'roles'}",
-            "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
-            "ANSIBLE_HOME": str(tmp / "ansible-home"),
-            "ANSIBLE_FORCE_COLOR": "false",
-            "ANSIBLE_NOCOLOR": "true",
-        }
+        self.env = controller_env(tmp, self.roles)
 
     def vault(self, *args: str, stdin: str | None = None) -> str:
         cmd = [str(DEPLOY_BIN / "ansible-vault"), *args]
@@ -139,15 +121,8 @@ class Controller:
     def playbook(self, text: str, *, vault: bool = True) -> subprocess.CompletedProcess[str]:
         book = self.tmp / "playbook.yml"
         book.write_text(text)
-        cmd = [
-            str(DEPLOY_BIN / "ansible-playbook"),
-            "-i",
-            str(self.inventory / "hosts.yml"),
-            str(book),
-        ]
-        if vault:
-            cmd += ["--vault-password-file", str(self.password_file)]
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=False)
+        args = ["--vault-password-file", str(self.password_file)] if vault else []
+        return ansible_playbook(self.env, self.inventory / "hosts.yml", book, *args)
 
     def render(self) -> tuple[dict[str, object], dict[str, str]]:
         run = self.playbook(PLAYBOOK)
