@@ -27,7 +27,7 @@ lint: venv ## ruff, ruff format --check, mypy strict on src/, the import contrac
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-unit: venv ## Unit tests
+unit: venv deploy-venv ## Unit tests (the deploy venv runs the Ansible tests: vault, tickle_monitoring)
 	$(BIN)/pytest -q -m "not integration and not faults and not molecule"
 
 integration: venv ## Integration tests: real processes on loopback
