@@ -27,7 +27,7 @@ lint: venv ## ruff, ruff format --check, mypy strict on src/, the import contrac
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-unit: venv ## Unit tests
+unit: venv deploy-venv ## Unit tests (the deploy venv runs the Ansible tests: vault, tickle_monitoring)
 	$(BIN)/pytest -q -m "not integration and not faults and not molecule"
 
 integration: venv ## Integration tests: real processes on loopback
@@ -36,7 +36,7 @@ integration: venv ## Integration tests: real processes on loopback
 sysdeps: ## System packages the tests need (nftables, iproute2, postgresql), installed when missing
 	scripts/sysdeps.sh
 
-test: lint sysdeps ## Every check: lint, unit, integration, faults, attacks, deploy lint, Molecule
+test: lint sysdeps deploy-venv ## Every check: lint, unit, integration, faults, attacks, deploy lint, Molecule
 	$(BIN)/pytest -q -m "not molecule"
 	$(MAKE) deploy-lint
 	$(MAKE) molecule

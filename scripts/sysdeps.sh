@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# System packages the tests need: nft for dropping tickles, ip for namespaces, a PostgreSQL
-# server (initdb, pg_ctl) for the NS's PostgreSQL tests, which start a private server of their own,
-# and Debian's Chromium with its driver for the web console's browser tests (tests/console).
+# System packages the tests need: nft for dropping tickles, ip for namespaces, promtool (Debian's
+# prometheus package) to check and unit-test the alert rules in monitoring/, a PostgreSQL server
+# (initdb, pg_ctl) for the NS's PostgreSQL tests, which start a private server of their own, and
+# Debian's Chromium with its driver for the web console's browser tests (tests/console).
 # Idempotent: installs only what is missing; does nothing when everything is present.
 set -euo pipefail
 
-declare -A package_of=([nft]=nftables [ip]=iproute2 [chromium]=chromium [chromedriver]=chromium-driver)
+declare -A package_of=([nft]=nftables [ip]=iproute2 [promtool]=prometheus [chromium]=chromium [chromedriver]=chromium-driver)
 missing=()
 for cmd in "${!package_of[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${package_of[$cmd]}")

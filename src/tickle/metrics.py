@@ -69,6 +69,11 @@ class ComponentMetrics:
         self.outbox_depth = Gauge(
             "tickle_outbox_depth", "Status events waiting in the durable outbox", registry=r
         )
+        self.outbox_oldest_age = Gauge(
+            "tickle_outbox_oldest_age_seconds",
+            "Age of the oldest status event waiting in the durable outbox (0 when it is empty)",
+            registry=r,
+        )  # fmt: skip
         self.executions = Counter(
             "tickle_executions", "Executions finished, by status", ["status"], registry=r
         )

@@ -74,6 +74,11 @@ class Outbox:
     def depth(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
+    def oldest_age(self) -> float:
+        """Seconds the oldest queued event has waited (0 when none waits)."""
+        oldest = self._db.execute("SELECT min(queued_at) FROM outbox").fetchone()[0]
+        return 0.0 if oldest is None else max(0.0, time.time() - float(oldest))
+
     def close(self) -> None:
         self._db.close()
 
@@ -102,6 +107,7 @@ class OutboxForwarder:
         self._metrics.outbox_depth.set(outbox.depth())
         # read at scrape time: the depth grows while the next hop is down and nothing is sent
         self._metrics.outbox_depth.set_function(self._depth)
+        self._metrics.outbox_oldest_age.set_function(self._oldest_age)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -126,6 +132,12 @@ class OutboxForwarder:
     def _depth(self) -> float:
         try:
             return float(self._outbox.depth())
+        except sqlite3.ProgrammingError:  # closed at shutdown
+            return 0.0
+
+    def _oldest_age(self) -> float:
+        try:
+            return self._outbox.oldest_age()
         except sqlite3.ProgrammingError:  # closed at shutdown
             return 0.0
 

@@ -78,3 +78,29 @@ async def test_only_accepted_events_leave_the_outbox(tmp_path: Path) -> None:
     assert calls >= 2
     assert box.depth() == 0
     box.close()
+
+
+async def test_the_oldest_waiting_event_s_age_is_exposed(tmp_path: Path) -> None:
+    # what the alert on status events stuck in an outbox reads (monitoring/rules/tickle.rules.yml)
+    box = Outbox(tmp_path / "o.db")
+    metrics = ComponentMetrics("t")
+    OutboxForwarder(box, _refuse, metrics, Backoff(base_s=10, tries=None))  # never started
+
+    def age() -> float | None:  # as a scrape reads it
+        return metrics.registry.get_sample_value("tickle_outbox_oldest_age_seconds")
+
+    assert age() == 0  # empty: nothing waits
+    box.put_many([("old", "{}")])
+    box._db.execute("UPDATE outbox SET queued_at = queued_at - 600")
+    box.put_many([("new", "{}")])
+    assert 600 <= age() < 660
+    box.remove(["old"])
+    assert 0 <= age() < 60
+    box.remove(["new"])
+    assert age() == 0
+    box.close()
+    assert age() == 0  # closed at shutdown: no error
+
+
+async def _refuse(bodies: list[str]) -> list[str]:
+    raise ConnectionError("next hop down")
