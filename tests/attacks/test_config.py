@@ -54,7 +54,7 @@ def setup_for(component: str, state: Path) -> Setup:
                       str(state), "--admin-token=" + "a" * 24, secret], tcp, None)  # fmt: skip
     if component == "task-server":
         return Setup(["task-server", "--name", "tsx", "--ns-url", "http://127.0.0.1:9", secret,
-                      "--api-host", "127.0.0.1", "--api-port", str(tcp), "--tickle-host",
+                      "--agent-enrollment-secret=" + "g" * 24, "--api-host", "127.0.0.1", "--api-port", str(tcp), "--tickle-host",
                       "127.0.0.1", "--tickle-port", str(udp), "--state-dir", str(state)],
                      tcp, udp)  # fmt: skip
     return Setup(["agent", "--name", "agx", "--task-servers", "http://127.0.0.1:9", secret,
