@@ -22,7 +22,7 @@ from tickle.testing.localfleet import TS_API_PORT, TS_TICKLE_PORT, AgentSpec, Lo
 
 from .conftest import NET_BASE, Factory, eventually, run_command, wait_run
 
-pytestmark = [pytest.mark.integration, pytest.mark.attacks, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.attacks, pytest.mark.timeout(240)]
 
 
 async def _post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -79,8 +79,8 @@ async def test_a_second_agent_with_a_registered_name_is_refused_and_the_first_st
     async def probe() -> bool:
         return refused()
 
-    await eventually(probe, 20, "the clone's registration to be refused")
-    run = await wait_run(fleet, (await run_command(fleet, ["pc1"], ["true"])).id, 20)
+    await eventually(probe, 60, "the clone's registration to be refused")
+    run = await wait_run(fleet, (await run_command(fleet, ["pc1"], ["true"])).id, 60)
     clone = await control_call(fleet.root / "pc1-clone" / "agent.sock", "GET", "/status")
     original = await control_call(fleet.root / "pc1" / "agent.sock", "GET", "/status")
     async with fleet.client() as ns:
@@ -115,8 +115,8 @@ async def test_a_second_task_server_with_a_registered_name_is_refused_and_the_fi
         async def refused() -> bool:
             return "is registered to another task server" in log.read_text(errors="replace")
 
-        await eventually(refused, 20, "the second ts1 to be refused")
-        run = await wait_run(fleet, (await run_command(fleet, ["pc1"], ["true"])).id, 20)
+        await eventually(refused, 60, "the second ts1 to be refused")
+        run = await wait_run(fleet, (await run_command(fleet, ["pc1"], ["true"])).id, 60)
         async with fleet.client() as ns:
             [ts1] = await ns.task_servers()
     finally:
@@ -170,7 +170,7 @@ async def _waiting(fleet: LocalFleet, kind: str, names: set[str]) -> list[Regist
             found = [r for r in await ns.registrations() if r.kind == kind]
         return found if {r.name for r in found} >= names else None
 
-    return await eventually(probe, 20, f"{kind} registrations {sorted(names)} to wait")
+    return await eventually(probe, 60, f"{kind} registrations {sorted(names)} to wait")
 
 
 async def test_with_manual_approval_new_peers_wait_and_a_rejected_agent_never_gets_work(
@@ -178,14 +178,14 @@ async def test_with_manual_approval_new_peers_wait_and_a_rejected_agent_never_ge
 ) -> None:
     fleet = manual_fleet
     fleet.spawn("ns")
-    await fleet.wait_healthy(fleet.ns_url, "ns", 20)
+    await fleet.wait_healthy(fleet.ns_url, "ns", 60)  # generous: a loaded machine
     fleet.spawn("ts1")
     [ts1] = await _waiting(fleet, "task_server", {"ts1"})
     assert ts1.state == "pending"
     async with fleet.client() as ns:
         assert await ns.task_servers() == []  # no credentials, no tickle key
         await ns.decide("task_server", "ts1", "approve")
-    await fleet.wait_healthy(fleet.ts_url("ts1"), "ts1", 30)
+    await fleet.wait_healthy(fleet.ts_url("ts1"), "ts1", 60)
 
     fleet.spawn("pc1")
     fleet.spawn("pc2")
@@ -197,15 +197,15 @@ async def test_with_manual_approval_new_peers_wait_and_a_rejected_agent_never_ge
         assert await ns.computers() == []
         await ns.decide("computer", "pc1", "approve")
         await ns.decide("computer", "pc2", "reject")
-    await fleet.wait_registered(["pc1"], 30)
-    run = await wait_run(fleet, (await run_command(fleet, ["pc1"], ["true"])).id, 20)
+    await fleet.wait_registered(["pc1"], 60)
+    run = await wait_run(fleet, (await run_command(fleet, ["pc1"], ["true"])).id, 60)
 
     pc2_log = fleet.procs["pc2"].log
 
     async def pc2_told() -> bool:
         return "computer pc2 was rejected by an operator" in pc2_log.read_text(errors="replace")
 
-    await eventually(pc2_told, 20, "pc2 to be told it was rejected")
+    await eventually(pc2_told, 60, "pc2 to be told it was rejected")
     pc2 = await control_call(fleet.root / "pc2" / "agent.sock", "GET", "/status")
     async with fleet.client() as ns:
         computers = [c.name for c in await ns.computers()]
