@@ -11,6 +11,11 @@ from pydantic import BaseModel, TypeAdapter
 
 M = TypeVar("M")
 
+# how long a client keeps an idle connection for reuse: shorter than the servers' keep-alive
+# (`tickle.serving.SERVER_KEEPALIVE_S`), so a client never sends on a connection the server is
+# closing at that moment ("Server disconnected")
+CLIENT_KEEPALIVE_S = 10.0
+
 
 class ApiError(Exception):
     """An HTTP answer other than 2xx; `detail` is the server's explanation."""
@@ -33,7 +38,7 @@ def client_session(
     ssl_ctx: ssl.SSLContext | bool = True
     if ca_file is not None:
         ssl_ctx = ssl.create_default_context(cafile=str(ca_file))
-    connector = aiohttp.TCPConnector(limit=limit, ssl=ssl_ctx)
+    connector = aiohttp.TCPConnector(limit=limit, ssl=ssl_ctx, keepalive_timeout=CLIENT_KEEPALIVE_S)
     return aiohttp.ClientSession(
         headers=headers,
         timeout=aiohttp.ClientTimeout(total=timeout_s),
@@ -50,8 +55,13 @@ async def request(
     params: dict[str, str] | None = None,
     answer: type[M] | Any = None,
     token: str | None = None,
+    idempotent: bool = False,
 ) -> M | Any:
-    """Send a request with a pydantic body; parse the answer into `answer` (a type) if given."""
+    """Send a request with a pydantic body; parse the answer into `answer` (a type) if given.
+
+    `idempotent`: a request the server may get twice; sent once more, on a new connection, when
+    the server closed the connection without answering (a kept-alive one it was closing).
+    """
     data: bytes | None = None
     headers = {"Content-Type": "application/json"}
     if token is not None:
@@ -60,13 +70,30 @@ async def request(
         data = body.model_dump_json().encode()
     elif body is not None:
         data = b"[" + b",".join(m.model_dump_json().encode() for m in body) + b"]"
+    try:
+        raw = await _send(session, method, url, data, params, headers)
+    except aiohttp.ServerDisconnectedError:
+        if not idempotent:
+            raise
+        raw = await _send(session, method, url, data, params, headers)
+    if answer is None:
+        return None
+    return TypeAdapter(answer).validate_json(raw)
+
+
+async def _send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    data: bytes | None,
+    params: dict[str, str] | None,
+    headers: dict[str, str],
+) -> bytes:
     async with session.request(method, url, data=data, params=params, headers=headers) as resp:
         raw = await resp.read()
         if resp.status >= 400:
             raise ApiError(resp.status, _detail(raw), url)
-    if answer is None:
-        return None
-    return TypeAdapter(answer).validate_json(raw)
+    return raw
 
 
 def _detail(raw: bytes) -> str:

@@ -86,6 +86,8 @@ class Tickler:
         if flight is None or flight.acked.is_set():
             return False
         flight.acked.set()
+        # observed here, at the acknowledgement: the resend loop may wake much later under load
+        self._metrics.tickle_to_pull.observe(time.time() - flight.first_sent)
         return True
 
     def in_flight(self, target: str, kind: wire.Kind = wire.Kind.TASKS) -> bool:
@@ -139,7 +141,6 @@ class Tickler:
             if acked and flight.again and not self._closed:
                 self.tickle(target, flight.addr, kind)
         if acked:
-            self._metrics.tickle_to_pull.observe(time.time() - flight.first_sent)
             await _call(self._on_reachable, target)
         else:
             log.warning("tickle to %s %s: no pull after %d tries", target, flight.addr, attempt + 1)

@@ -63,9 +63,9 @@ class WorkCache:
         now = time.time()
         cached = [e.model_copy(update={"cached_at": now}) for e in events]
         # durable before the answer: the agent drops its copy once we acknowledge
-        self._queue(cached, "done", [e.execution_id for e in cached if e.kind == "finished"])
+        new = self._queue(cached, "done", [e.execution_id for e in cached if e.kind == "finished"])
         for e in cached:
-            if e.kind == "finished" and e.status is not None:
+            if e.kind == "finished" and e.status is not None and e.event_id in new:
                 self._metrics.executions.labels(status=e.status).inc()
         return [e.event_id for e in cached]
 
@@ -120,10 +120,13 @@ class WorkCache:
         events: list[StatusEvent],
         flag: Literal["agent_tickled", "agent_pulled", "done"],
         flagged: list[int],
-    ) -> None:
-        """Queue `events` for the NS, set `flag` on the `flagged` executions, count the events."""
-        self._forwarder.queue(events)
+    ) -> set[str]:
+        """Queue `events` for the NS, set `flag` on the `flagged` executions, count the events
+        new to the outbox (a retried post counts once); return their ids."""
+        new = set(self._forwarder.queue(events))
         if flagged:
             self._store.mark(flag, flagged)
         for e in events:
-            self._metrics.status_events.labels(kind=e.kind).inc()
+            if e.event_id in new:
+                self._metrics.status_events.labels(kind=e.kind).inc()
+        return new

@@ -1,0 +1,48 @@
+"""What the task server measures counts each thing once, however often an agent retries."""
+
+from __future__ import annotations
+
+import uuid
+
+from tests.taskserver.conftest import TaskServerHarness, wait_until, work_for
+from tickle.messages import StatusEvent
+
+
+def _events(computer: str, execution_id: int) -> list[dict[str, object]]:
+    started = {"kind": "started"}
+    finished = {"kind": "finished", "status": "succeeded", "exit_code": 0}
+    return [
+        StatusEvent.model_validate(
+            {"event_id": str(uuid.uuid4()), "execution_id": execution_id,
+             "computer": computer, "at": 1.0, **extra}
+        ).model_dump(mode="json")
+        for extra in (started, finished)
+    ]  # fmt: skip
+
+
+async def test_a_retried_event_post_counts_and_forwards_each_event_once(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1")
+    await h.cache_work(work_for(1, "pc1"))
+    batch = {"events": _events("pc1", 1)}
+    metrics = h.running.metrics
+
+    status, body = await h.call(agent, "POST", "/api/agent/events", json=batch)
+    assert (status, len(body["accepted"])) == (200, 2)
+    # the agent's post timed out although served: it posts the same events again, once while
+    # they wait in the outbox and once after they were forwarded
+    status, body = await h.call(agent, "POST", "/api/agent/events", json=batch)
+    assert (status, len(body["accepted"])) == (200, 2)  # the agent may drop its copies
+    await wait_until(lambda: h.ns.events_of("finished"), what="the finished event at the NS")
+    assert await h.running.forwarder.drained(5)
+    posts = h.ns.count("events")
+    status, body = await h.call(agent, "POST", "/api/agent/events", json=batch)
+    assert (status, len(body["accepted"])) == (200, 2)
+    assert await h.running.forwarder.drained(5)
+    assert h.ns.count("events") == posts, "events already forwarded were forwarded again"
+
+    assert metrics.status_events.labels(kind="started")._value.get() == 1
+    assert metrics.status_events.labels(kind="finished")._value.get() == 1
+    assert metrics.executions.labels(status="succeeded")._value.get() == 1
