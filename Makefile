@@ -44,8 +44,8 @@ test: lint sysdeps ## Every check: lint, unit, integration, faults, attacks, dep
 demo: venv ## Local fleet on loopback: nine steps with times, blocked-tickle and CEM paths
 	$(PY) -m tickle.demo
 
-bench: venv ## Benchmarks: latency per hop, 1,000-agent run-now; writes bench/results.md
-	$(PY) bench/run.py
+bench: venv ## Benchmarks S1-S8 of issue 10 (ARGS="--only fleet --agents 2000", see --help); writes bench/results/latest.{json,md}
+	$(PY) bench/run.py $(ARGS)
 
 clean: ## Remove the venv and build output
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .grimp_cache
