@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Iterable
 
 from tests.taskserver.conftest import TaskServerHarness, wait_until, work_for
 from tickle.messages import StatusEvent
@@ -46,3 +48,37 @@ async def test_a_retried_event_post_counts_and_forwards_each_event_once(
     assert metrics.status_events.labels(kind="started")._value.get() == 1
     assert metrics.status_events.labels(kind="finished")._value.get() == 1
     assert metrics.executions.labels(status="succeeded")._value.get() == 1
+
+
+async def test_pulls_served_together_share_one_commit_and_report_each_hop_once(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    agents = [await h.register_agent(f"pc{i}") for i in range(20)]
+    await h.cache_work(*(work_for(i + 1, f"pc{i}") for i in range(20)))
+    await h.running.forwarder.drained(5)
+    commits = 0
+    queue = h.running.forwarder.queue
+
+    def counting_queue(events: Iterable[StatusEvent]) -> list[str]:
+        nonlocal commits
+        commits += 1
+        return queue(events)
+
+    h.running.forwarder.queue = counting_queue  # type: ignore[method-assign]
+    # every agent pulls at once, the first one twice
+    answers = await asyncio.gather(
+        *(
+            h.call(a, "GET", "/api/agent/tasks", params={"via": "poll"})
+            for a in [*agents, agents[0]]
+        )
+    )
+    assert [body["executions"][0]["execution_id"] for _, body in answers] == [
+        *range(1, 21), 1,
+    ]  # fmt: skip
+    assert commits < 20, "every pull committed on its own"
+    await wait_until(lambda: len(h.ns.events_of("agent_pulled")) >= 20, what="agent_pulled")
+    assert await h.running.forwarder.drained(5)
+    pulled = sorted(e.execution_id for e in h.ns.events_of("agent_pulled"))
+    assert pulled == list(range(1, 21))  # once each, the double pull too
+    assert h.running.metrics.status_events.labels(kind="agent_pulled")._value.get() == 20

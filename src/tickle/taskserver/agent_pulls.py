@@ -36,7 +36,7 @@ class AgentPulls:
         self._reporter = reporter
         self._metrics = metrics
 
-    def tasks(self, agent: Client, via: PullVia, peer: str | None) -> AgentTasks:
+    async def tasks(self, agent: Client, via: PullVia, peer: str | None) -> AgentTasks:
         """The agent's unfinished executions and its policy; `peer`: the address it pulled from."""
         if via == "tickle":
             self._agents.ack(agent.name, wire.Kind.TASKS)
@@ -44,7 +44,7 @@ class AgentPulls:
         if via == "poll":
             self._metrics.polls.inc()
         self._note_address(agent, peer)
-        executions = self._work_cache.pulled(agent.name, via)
+        executions = await self._work_cache.pulled(agent.name, via)
         return AgentTasks(executions=executions, policy=self._policy(agent))
 
     def policy(self, agent: Client, via: PolicyVia) -> AgentPolicy:

@@ -95,9 +95,9 @@ class AgentTickler:
             log.error("the tickle key of %s is not base64", name)
             return None
 
-    def on_sent(self, name: str, kind: wire.Kind, first_sent: float) -> None:
+    async def on_sent(self, name: str, kind: wire.Kind, first_sent: float) -> None:
         if kind is wire.Kind.TASKS:
-            self._work_cache.tickled(name, first_sent)
+            await self._work_cache.tickled(name, first_sent)
 
     def on_unreachable(self, name: str) -> None:
         log.warning("agent %s is tickle-unreachable; it gets its work by polling", name)

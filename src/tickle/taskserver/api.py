@@ -186,7 +186,7 @@ async def tasks(
     ] = "poll",
 ) -> AgentTasks:
     """The agent's pull: its unfinished executions from the cache, and its policy."""
-    return agent_pulls.tasks(agent, via, _peer(request))
+    return await agent_pulls.tasks(agent, via, _peer(request))
 
 
 @pull_routes.get("/api/agent/policy", response_model=AgentPolicy, summary="Read the policy")
@@ -216,7 +216,7 @@ async def events(batch: EventBatch, agent: AgentDep, work_cache: WorkCacheDep) -
     the NS no longer lists it) is accepted and left to the NS, which records it only for the
     execution's computer; one cached for another computer is refused.
     """
-    return EventAck(accepted=work_cache.take_events(agent.name, batch.events))
+    return EventAck(accepted=await work_cache.take_events(agent.name, batch.events))
 
 
 def _token_sha256(token: str) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from tickle import messages as m
@@ -205,6 +205,7 @@ class DeliveryStore:
                     )
                 )
             )
+            new_rows: list[dict[str, Any]] = []
             for e in events:
                 if e.event_id in seen:
                     out.accepted.append(e.event_id)
@@ -225,15 +226,15 @@ class DeliveryStore:
                         e.event_id, ts.name, ex.id, ex.computer.name, e.computer,
                     )  # fmt: skip
                     continue
-                s.add(
-                    StatusEventRow(
-                        event_id=e.event_id,
-                        execution_id=ex.id,
-                        kind=e.kind,
-                        at=e.at,
-                        body=e.model_dump(mode="json"),
-                        recorded_at=now,
-                    )
+                new_rows.append(
+                    {
+                        "event_id": e.event_id,
+                        "execution_id": ex.id,
+                        "kind": e.kind,
+                        "at": e.at,
+                        "body": e.model_dump(mode="json"),
+                        "recorded_at": now,
+                    }
                 )
                 seen.add(e.event_id)
                 before = _progress(ex)
@@ -244,6 +245,8 @@ class DeliveryStore:
                     out.finished.append(ex.status)
                 out.accepted.append(e.event_id)
                 out.recorded.append(e)
+            if new_rows:  # one bulk INSERT (Core), not an ORM object per event
+                s.execute(insert(StatusEventRow), new_rows)
         return out
 
 
