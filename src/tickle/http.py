@@ -20,11 +20,19 @@ CLIENT_KEEPALIVE_S = 10.0
 class ApiError(Exception):
     """An HTTP answer other than 2xx; `detail` is the server's explanation."""
 
-    def __init__(self, status: int, detail: str, url: str) -> None:
+    def __init__(
+        self, status: int, detail: str, url: str, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"HTTP {status} from {url}: {detail}")
         self.status = status
         self.detail = detail
         self.url = url
+        self.retry_after_s = retry_after_s  # the server's Retry-After (seconds), if it said
+
+
+def retry_after_s(exc: BaseException) -> float:
+    """How long the server asked the client to wait before trying again (0: it did not say)."""
+    return (exc.retry_after_s or 0.0) if isinstance(exc, ApiError) else 0.0
 
 
 def client_session(
@@ -92,7 +100,8 @@ async def _send(
     async with session.request(method, url, data=data, params=params, headers=headers) as resp:
         raw = await resp.read()
         if resp.status >= 400:
-            raise ApiError(resp.status, _detail(raw), url)
+            wait = resp.headers.get("Retry-After", "")
+            raise ApiError(resp.status, _detail(raw), url, float(wait) if wait.isdigit() else None)
     return raw
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tickle import localdb
 from tickle.backoff import Backoff
+from tickle.http import retry_after_s
 from tickle.messages import StatusEvent
 from tickle.metrics import ComponentMetrics
 
@@ -108,7 +109,8 @@ class OutboxForwarder:
         self._outbox = outbox
         self._send = send
         self._metrics = metrics
-        self._backoff = backoff or Backoff(base_s=0.2, max_s=10.0, tries=None)
+        # wide jitter: producers whose next hop restarted do not all come back in the same second
+        self._backoff = backoff or Backoff(base_s=0.2, max_s=10.0, tries=None, jitter=0.5)
         self._batch_size = batch_size
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -160,7 +162,7 @@ class OutboxForwarder:
                 try:
                     accepted = await self._send([body for _, body in batch])
                 except Exception as exc:
-                    delay = self._backoff.delay(attempt)
+                    delay = max(self._backoff.delay(attempt), retry_after_s(exc))
                     attempt += 1
                     log.warning(
                         "forwarding %d events failed (%s); retry in %.1fs", len(batch), exc, delay

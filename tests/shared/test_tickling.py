@@ -141,3 +141,29 @@ async def test_tickle_to_pull_is_measured_at_the_acknowledgement() -> None:
 def _count(metrics: ComponentMetrics) -> float:
     (family,) = [f for f in metrics.registry.collect() if f.name == "tickle_tickle_to_pull_seconds"]
     return next(s.value for s in family.samples if s.name.endswith("_count"))
+
+
+async def test_a_paced_tickler_spreads_its_sends_and_resends_after_the_queued_first_sends() -> None:
+    receivers = [await open_receiver() for _ in range(20)]
+    metrics = ComponentMetrics("t")
+    backoff = Backoff(base_s=0.5, max_s=1, tries=3, jitter=0)
+    tickler = Tickler("ns", lambda t: KEY, metrics, backoff, rate=50)
+    await tickler.start(("127.0.0.1", 0))
+    arrivals: list[tuple[float, int]] = []
+    try:
+        for i, (_, _, addr) in enumerate(receivers):
+            tickler.tickle(f"t{i}", addr)
+
+        async def first(i: int, rx: Receiver) -> None:
+            await asyncio.wait_for(rx.queue.get(), 5)
+            arrivals.append((time.monotonic(), i))
+
+        await asyncio.gather(*(first(i, rx) for i, (_, rx, _) in enumerate(receivers)))
+        assert all(rx.queue.empty() for _, rx, _ in receivers)  # no resend came before
+        times = sorted(t for t, _ in arrivals)
+        assert times[-1] - times[0] >= 0.3  # 20 sends at 50/s: 0.38 s from first to last
+        assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
+    finally:
+        await tickler.close()
+        for transport, _, _ in receivers:
+            transport.close()

@@ -34,6 +34,7 @@ class AgentTickler:
         reporter: StateReporter,
         metrics: ComponentMetrics,
         backoff: Backoff | None = None,
+        rate: float | None = None,
     ) -> None:
         self._store = store
         self._work_cache = work_cache
@@ -47,6 +48,7 @@ class AgentTickler:
             on_unreachable=self.on_unreachable,
             on_reachable=self.on_reachable,
             on_sent=self.on_sent,
+            rate=rate,
         )
 
     async def start(self) -> None:

@@ -126,6 +126,7 @@ class TaskServer:
             self.reporter,
             self.metrics,
             settings.tickle_backoff(),
+            rate=settings.agent_tickle_rate,
         )
         self.sync = NsSync(
             self.ns, self.store, self.work_cache, self.agents, settings.ns_check_interval_s
