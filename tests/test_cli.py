@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,3 +202,14 @@ def test_an_answer_the_cli_cannot_read_is_one_line(monkeypatch: pytest.MonkeyPat
     assert result.exit_code == 1, result.output
     assert result.output.startswith("tickle: GET /api/settings: "), result.output
     assert result.output.count("\n") == 1, result.output
+
+
+@pytest.mark.parametrize("component", ["agent", "task-server", "ns"])
+def test_a_component_help_prints_its_flags_and_exits_0(component: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tickle", component, "--help"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--state-dir" in done.stdout
+    assert "bad command-line flags" not in done.stderr
