@@ -378,7 +378,7 @@ def pulls_per_s(executions: list[ExecutionOut]) -> float | None:
     return len(pulled) / span if span > 0 else None
 
 
-async def fleet(root: Path, r: Results, agents: int) -> None:
+async def fleet(root: Path, r: Results, agents: int, postgres: bool = True) -> None:
     f = await fleet_run(root / "sqlite", agents, 4, "127.0.10")
     r.put("s2_agents", agents, "agents", "S2 simulated agents (4 task servers, SQLite)")
     r.put("s2_wall_s", f.wall_s, "s", "S2 run-now → every status event recorded")
@@ -386,6 +386,9 @@ async def fleet(root: Path, r: Results, agents: int) -> None:
           "S2 tickles the task servers resent")  # fmt: skip
     r.put("s2_pulls", f.ts_metrics.get("tickle_pulls_total"), "pulls", "S2 agent pulls")
     r.md += fleet_md(f"S2: run-now on {agents} agents over 4 task servers, NS on SQLite", f)
+    if not postgres:
+        r.notes.append("S3: not measured: --skip-postgres")
+        return
     with postgres_or_none(r, "S3") as pg:
         if pg is None:
             return
@@ -632,6 +635,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=200, help="S1 sequential run-nows")
     parser.add_argument("--gap-ms", type=float, default=100.0, help="S1 time between run-nows")
     parser.add_argument("--idle-s", type=float, default=60.0, help="S7 idle time")
+    parser.add_argument("--skip-postgres", action="store_true",
+                        help="fleet: S2 only (no PostgreSQL run)")  # fmt: skip
     parser.add_argument("--curve", default="1000,2500,5000,10000", help="S8 agent counts")
     parser.add_argument("--ingest-executions", type=int, default=10_000,
                         help="S4 executions (4 events each)")  # fmt: skip
@@ -658,7 +663,7 @@ async def main() -> int:
         root = Path(tmp)
         steps = {
             "latency": lambda: latency(root / "latency", r, args.runs, args.gap_ms / 1000),
-            "fleet": lambda: fleet(root / "fleet", r, args.agents),
+            "fleet": lambda: fleet(root / "fleet", r, args.agents, not args.skip_postgres),
             "ingest": lambda: ingest(root / "ingest", r, args.ingest_executions),
             "pulls": lambda: pulls(root / "pulls", r, max(1, args.agents // 4)),
             "register": lambda: register(root / "register", r, args.agents),

@@ -82,3 +82,17 @@ async def test_pulls_served_together_share_one_commit_and_report_each_hop_once(
     pulled = sorted(e.execution_id for e in h.ns.events_of("agent_pulled"))
     assert pulled == list(range(1, 21))  # once each, the double pull too
     assert h.running.metrics.status_events.labels(kind="agent_pulled")._value.get() == 20
+
+
+async def test_events_are_forwarded_to_the_ns_in_batches_of_500(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1")
+    # executions this task server does not hold: accepted and left to the NS
+    events = [e for i in range(300) for e in _events("pc1", 1000 + i)]
+    status, body = await h.call(agent, "POST", "/api/agent/events", json={"events": events})
+    assert (status, len(body["accepted"])) == (200, 600)
+    assert await h.running.forwarder.drained(5)
+    assert len(h.ns.events) == 600
+    assert h.ns.count("events") == 2  # 500 + 100: the NS records a post in one transaction

@@ -51,6 +51,9 @@ from tickle.taskserver.work_cache import WorkCache
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# status events per post to the NS: the NS records a post in one transaction, so fewer, larger
+# posts cost it less per event (the NS splits nothing: a batch over its body limit is split here)
+FORWARD_BATCH = 500
 
 
 class StartupError(Exception):
@@ -117,7 +120,9 @@ class TaskServer:
         self.outbox = Outbox(settings.state_dir / OUTBOX_FILE)
         self.ns = NsClient(settings.ns_url, settings.ns_timeout_s, settings.ns_ca_file)
         self.reporter = StateReporter(self.ns)
-        self.forwarder = OutboxForwarder(self.outbox, self.ns.send_events, self.metrics)
+        self.forwarder = OutboxForwarder(
+            self.outbox, self.ns.send_events, self.metrics, batch_size=FORWARD_BATCH
+        )
         self.work_cache = WorkCache(self.store, self.forwarder, self.metrics)
         self.agents = AgentTickler(
             settings.name,
