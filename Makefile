@@ -53,8 +53,8 @@ screenshots: venv sysdeps ## Browser tests of the web console; their screenshots
 	mkdir -p docs/screenshots
 	for name in $(SCREENSHOTS); do cp build/screenshots/$$name.png docs/screenshots/console-$$name.png; done
 
-bench: venv ## Benchmarks: latency per hop, 1,000-agent run-now; writes bench/results.md
-	$(PY) bench/run.py
+bench: venv ## Benchmarks S1-S8 of issue 10 (ARGS="--only fleet --agents 2000", see --help); writes bench/results/latest.{json,md}
+	$(PY) bench/run.py $(ARGS)
 
 clean: ## Remove the venv and build output
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .grimp_cache

@@ -1,28 +1,159 @@
-"""`make bench`: run-now → recorded latency per hop, and a run-now on 1,000 agents.
+"""`make bench`: the fleet-scale targets S1-S8 (issue 10), measured on loopback with real processes.
 
-Writes the figures to bench/results/latest.md and prints them. Everything runs on loopback.
-Options: --runs N (default 200), --agents N (default 1000), --skip-latency, --skip-fleet.
+  S1 latency   one real agent, sequential run-nows: run-now → recorded, from the timelines
+  S2 fleet     N simulated agents over 4 task servers, one run-now on all, NS on SQLite
+  S3 fleet     the same, NS on PostgreSQL with 2 NS API processes (needs PostgreSQL's binaries)
+  S4 ingest    NS status-event ingest through the real API, 4 clients posting batches of 500
+  S5 pulls     one task server serving the pulls of all its agents tickled at once
+  S6 register  N agents registering; then their reconnection after a task-server restart
+  S7 agent     one real agent at rest: RSS and CPU over an idle minute; `tickle agent --help` time
+  S8 curve     S2 at 1,000 / 2,500 / 5,000 / 10,000 agents
+
+Every figure comes from the components' own timestamps (the execution timelines) or from the
+simulated agents' request counts, read after the run: nothing polls the NS while it is measured
+but a scrape of its /metrics every half second in the fleet runs, to know when to read.
+Writes bench/results/latest.json (every figure with its unit) and latest.md, and prints the
+table of targets with now / target / met.
+
+Options: --only PART[,PART] (latency|fleet|ingest|pulls|register|agent|curve), --agents N,
+--runs N, --idle-s S, --curve N,N,..; see --help.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
+import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from tickle import http
 from tickle.console import timeline_times
-from tickle.messages import FINAL_STATUSES, TIMELINE_STEPS, ExecutionOut, RunCreate, TaskCreate
-from tickle.testing.localfleet import TS_API_PORT, AgentSpec, LocalFleet
+from tickle.messages import (
+    TIMELINE_STEPS,
+    AgentCredentials,
+    AgentRegistration,
+    EventAck,
+    EventBatch,
+    ExecutionOut,
+    RunCreate,
+    StatusEvent,
+    TaskCreate,
+    TaskServerCredentials,
+    TaskServerRegister,
+)
+from tickle.testing.localfleet import AgentSpec, LocalFleet, scrape_metric
+from tickle.testing.simagents import SimAgents
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "latest.md"
+RESULTS = HERE / "results"
+PARTS = ("latency", "fleet", "ingest", "pulls", "register", "agent", "curve")
+SIM_NET = "127.2"  # the simulated agents' loopback /16 (tests use 127.61-127.184)
+DONE_DEADLINE_S = 600.0
+
+
+# --- figures and targets -------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    figures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    md: list[str] = field(default_factory=list)
+
+    def put(self, key: str, value: float | None, unit: str, what: str) -> None:
+        self.figures[key] = {"value": value, "unit": unit, "what": what}
+
+    def value(self, key: str) -> float | None:
+        fig = self.figures.get(key)
+        return None if fig is None else fig["value"]
+
+
+@dataclass
+class Target:
+    id: str
+    what: str
+    target: str
+    now: Callable[[Results], str]
+    met: Callable[[Results], bool | None]
+
+
+def _fmt(r: Results, key: str, digits: int = 1) -> str:
+    v = r.value(key)
+    return "—" if v is None else f"{v:,.{digits}f} {r.figures[key]['unit']}"
+
+
+def _le(r: Results, key: str, bound: float) -> bool | None:
+    v = r.value(key)
+    return None if v is None else v <= bound
+
+
+def _ge(r: Results, key: str, bound: float) -> bool | None:
+    v = r.value(key)
+    return None if v is None else v >= bound
+
+
+def _all(*checks: bool | None) -> bool | None:
+    """Met when every check is; not met when one is not; else not measured (None)."""
+    if False in checks:
+        return False
+    return None if None in checks else True
+
+
+TARGETS = [
+    Target("S1", "one agent, run-now → recorded (p50 / p99)", "≤ 10 ms / ≤ 25 ms",
+           lambda r: f"{_fmt(r, 's1_p50_ms', 2)} / {_fmt(r, 's1_p99_ms', 2)}",
+           lambda r: _all(_le(r, "s1_p50_ms", 10), _le(r, "s1_p99_ms", 25))),
+    Target("S2", "run-now on N agents, 4 task servers, SQLite: all recorded", "≤ 10 s",
+           lambda r: f"{_fmt(r, 's2_wall_s', 2)} ({_fmt(r, 's2_agents', 0)})",
+           lambda r: _all(_le(r, "s2_wall_s", 10), _ge(r, "s2_agents", 10_000))),
+    Target("S3", "the same on PostgreSQL, 2 NS API processes", "≤ 10 s",
+           lambda r: f"{_fmt(r, 's3_wall_s', 2)} ({_fmt(r, 's3_agents', 0)})",
+           lambda r: _all(_le(r, "s3_wall_s", 10), _ge(r, "s3_agents", 10_000))),
+    Target("S4", "NS status-event ingest, SQLite / PostgreSQL", "≥ 20,000 events/s each",
+           lambda r: f"{_fmt(r, 's4_sqlite_eps', 0)} / {_fmt(r, 's4_postgres_eps', 0)}",
+           lambda r: _all(_ge(r, "s4_sqlite_eps", 20_000), _ge(r, "s4_postgres_eps", 20_000))),
+    Target("S5", "one task server serving its agents' pulls", "≥ 5,000 pulls/s",
+           lambda r: _fmt(r, "s5_pulls_per_s", 0),
+           lambda r: _ge(r, "s5_pulls_per_s", 5_000)),
+    Target("S6", "N agents registering; reconnection peak / mean", "≤ 20 s; ≤ 1.5",
+           lambda r: f"{_fmt(r, 's6_register_s', 1)} ({_fmt(r, 's6_agents', 0)}); "
+                     f"{_fmt(r, 's6_peak_to_mean', 2)}",
+           lambda r: _all(_le(r, "s6_register_s", 20), _le(r, "s6_peak_to_mean", 1.5),
+                          _ge(r, "s6_agents", 10_000))),
+    Target("S7", "agent at rest: RSS, CPU (start-up of --help)", "≤ 30 MB, ≤ 0.1 %",
+           lambda r: f"{_fmt(r, 's7_rss_mb', 1)}, {_fmt(r, 's7_cpu_percent', 3)} "
+                     f"({_fmt(r, 's7_help_s', 2)})",
+           lambda r: _all(_le(r, "s7_rss_mb", 30), _le(r, "s7_cpu_percent", 0.1))),
+    Target("S8", "scaling curve: s per 1,000 agents, largest / smallest run", "≤ 1 (linear)",
+           lambda r: _fmt(r, "s8_growth", 2),
+           lambda r: _le(r, "s8_growth", 1.0)),
+]  # fmt: skip
+
+
+def targets_table(r: Results) -> list[str]:
+    rows = ["| id | what | now | target | met |", "|---|---|---|---|---|"]
+    for t in TARGETS:
+        met = t.met(r)
+        mark = "not measured" if met is None else "yes" if met else "no"
+        rows.append(f"| {t.id} | {t.what} | {t.now(r)} | {t.target} | {mark} |")
+    return rows
+
+
+# --- helpers -------------------------------------------------------------------------------------
 
 
 def pct(values: list[float], q: float) -> float:
@@ -32,7 +163,7 @@ def pct(values: list[float], q: float) -> float:
 
 def hop_rows(executions: list[ExecutionOut]) -> list[str]:
     """p50/p99 of each hop (ms), from consecutive timeline steps."""
-    rows = []
+    rows = ["| hop | p50 (ms) | p99 (ms) |", "|---|---|---|"]
     for a, b in itertools.pairwise(TIMELINE_STEPS):
         deltas = []
         for e in executions:
@@ -44,22 +175,70 @@ def hop_rows(executions: list[ExecutionOut]) -> list[str]:
     return rows
 
 
-async def latency(root: Path, runs: int) -> list[str]:
+async def scrape(url: str, name: str) -> float:
+    """The sum of one metric's samples on a component's /metrics (0 when absent or down)."""
+    return await scrape_metric(url, name) or 0.0
+
+
+async def wait_metric(urls: list[str], name: str, wanted: float, deadline_s: float) -> bool:
+    """Scrape `name` (summed over `urls`) every 0.5 s until it reaches `wanted`."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if sum([await scrape(u, name) for u in urls]) >= wanted:
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
+async def gather_limited(aws: Iterable[Awaitable[Any]], limit: int = 16) -> list[Any]:
+    sem = asyncio.Semaphore(limit)
+
+    async def one(aw: Awaitable[Any]) -> Any:
+        async with sem:
+            return await aw
+
+    return await asyncio.gather(*(one(aw) for aw in aws))
+
+
+@contextlib.contextmanager
+def postgres_or_none(r: Results, what: str) -> Iterator[Any]:
+    """A private PostgreSQL server, or None (noted) when it cannot start here."""
+    try:
+        from tickle.testing.postgres import PostgresError, start_postgres
+    except ImportError as exc:  # psycopg missing
+        r.notes.append(f"{what}: not measured: {exc}")
+        yield None
+        return
+    try:
+        server = start_postgres(max_connections=400)
+    except PostgresError as exc:
+        r.notes.append(f"{what}: not measured: {str(exc).splitlines()[0]}")
+        yield None
+        return
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --- S1: latency ---------------------------------------------------------------------------------
+
+
+async def latency(root: Path, r: Results, runs: int, gap_s: float) -> None:
     fleet = LocalFleet(root, ["ts1"], [AgentSpec("bench-agent", ["ts1"])], net="127.0.9")
     await fleet.start()
-    executions: list[ExecutionOut] = []
     try:
         async with fleet.client() as ns:
             task = await ns.add_task(TaskCreate(name="bench-true", command=["true"]))
+            ids = []
+            # sequential: each run-now `gap_s` after the last (a run takes far less); nothing
+            # reads the NS until the last run is done, then the timelines tell the times
             for _ in range(runs):
                 run = await ns.run_now(RunCreate(task_id=task.id, computers=["bench-agent"]))
-                deadline = time.monotonic() + 30
-                while True:
-                    run = await ns.run(run.id)
-                    if run.executions[0].status in FINAL_STATUSES or time.monotonic() > deadline:
-                        break
-                    await asyncio.sleep(0.002)
-                executions.append(run.executions[0])
+                ids.append(run.executions[0].id)
+                await asyncio.sleep(gap_s)
+            await wait_metric([fleet.ns_url], "tickle_executions_total", runs, 60)
+            executions = [await ns.execution(i) for i in ids]
     finally:
         await fleet.stop()
     ok = [e for e in executions if e.status == "succeeded"]
@@ -68,99 +247,462 @@ async def latency(root: Path, runs: int) -> list[str]:
         t = timeline_times(e)
         if t.get("recorded") and t.get("created"):
             totals.append(((t["recorded"] or 0) - (t["created"] or 0)) * 1000)
-    return [
-        f"## Run-now → recorded, one agent, {runs} sequential runs",
+    overlapped = sum(1 for ms in totals if ms > gap_s * 1000)
+    r.put("s1_runs", len(ok), "runs", "S1 run-nows that succeeded")
+    r.put(
+        "s1_via_tickle", sum(e.via == "tickle" for e in ok), "runs", "S1 runs delivered by tickle"
+    )
+    r.put("s1_p50_ms", statistics.median(totals), "ms", "S1 run-now → recorded, p50")
+    r.put("s1_p99_ms", pct(totals, 99), "ms", "S1 run-now → recorded, p99")
+    r.put("s1_max_ms", max(totals), "ms", "S1 run-now → recorded, max")
+    r.md += [
+        f"## S1: run-now → recorded, one agent, {runs} sequential runs {gap_s * 1000:.0f} ms apart",
         "",
-        f"succeeded: {len(ok)}/{runs}; via tickle: {sum(e.via == 'tickle' for e in ok)}",
+        f"succeeded {len(ok)}/{runs}, via tickle {r.value('s1_via_tickle'):.0f}; "
+        f"p50 {r.value('s1_p50_ms'):.2f} ms, p99 {r.value('s1_p99_ms'):.2f} ms, "
+        f"max {r.value('s1_max_ms'):.2f} ms; runs longer than the gap: {overlapped}",
         "",
-        f"run-now → recorded: p50 {statistics.median(totals):.2f} ms, p99 {pct(totals, 99):.2f} ms, "
-        f"max {max(totals):.2f} ms",
-        "",
-        "| hop | p50 (ms) | p99 (ms) |",
-        "|---|---|---|",
         *hop_rows(ok),
+        "",
     ]
 
 
-async def fleet_run(root: Path, agents: int, per_process: int = 250) -> list[str]:
-    fleet = LocalFleet(root, ["ts1", "ts2"], [], net="127.0.8")
+# --- S2, S3, S5, S6, S8: fleet runs --------------------------------------------------------------
+
+
+@dataclass
+class FleetRun:
+    agents: int
+    register_s: float
+    accepted_ms: float
+    wall_s: float | None  # run-now → the last finished event recorded (timelines)
+    done: int
+    executions: list[ExecutionOut]
+    ts_metrics: dict[str, float]
+    requests_per_s: Counter[int]
+    restart_at: float | None = None
+
+
+async def fleet_run(
+    root: Path,
+    agents: int,
+    task_servers: int,
+    net: str,
+    database_url: str | None = None,
+    two_ns: bool = False,
+    restart_task_servers: bool = False,
+) -> FleetRun:
+    """Start an NS (two on PostgreSQL when `two_ns`), the task servers and `agents` simulated
+    agents, then one run-now on all of them. `restart_task_servers`: the task servers are
+    killed before the run-now and started again after it (the reconnection)."""
+    ts_names = [f"ts{i + 1}" for i in range(task_servers)]
+    ns_extra = ["--database-url", database_url] if database_url else []
+    fleet = LocalFleet(root, ts_names, [], net=net, ns_extra=ns_extra)
+    ns_urls = [fleet.ns_url]
+    if two_ns:
+        ns2_url = fleet.add_ns("ns2", f"{net}.200")
+        ns_urls.append(ns2_url)
+        for name in ts_names[1::2]:  # every other task server talks to the second NS
+            fleet.set_ts_ns_url(name, ns2_url)
     await fleet.start()
-    sims: list[subprocess.Popen[str]] = []
+    sims = SimAgents(fleet, agents, SIM_NET)
+    per_second: Counter[int] = Counter()
+    restart_at = None
     try:
-        started = time.monotonic()
-        for i, first in enumerate(range(0, agents, per_process)):
-            ts = ["ts1", "ts2"][i % 2]
-            url = f"http://{fleet.ts_hosts[ts]}:{TS_API_PORT}"
-            count = min(per_process, agents - first)
-            sims.append(subprocess.Popen(
-                [sys.executable, str(HERE / "simagents.py"), url, str(first), str(count),
-                 "127.2"],
-                stdout=subprocess.PIPE, text=True,
-                env={**os.environ, "TICKLE_AGENT_ENROLLMENT_SECRET": fleet.agent_enrollment_secret},
-            ))  # fmt: skip
-        for sim in sims:
-            assert sim.stdout is not None
-            line = await asyncio.to_thread(sim.stdout.readline)
-            if not line.startswith("ready"):
-                raise RuntimeError(f"simulated agents failed to start: {line!r}")
-        setup_s = time.monotonic() - started
-        names = [f"sim-{i:05d}" for i in range(agents)]
+        register_s = await sims.start(deadline_s=DONE_DEADLINE_S)
         async with fleet.client() as ns:
             task = await ns.add_task(TaskCreate(name="bench-fleet", command=["true"]))
+            if restart_task_servers:
+                for name in ts_names:
+                    fleet.kill(name)
             t0 = time.monotonic()
-            run = await ns.run_now(RunCreate(task_id=task.id, computers=names))
-            accepted_s = time.monotonic() - t0
-            deadline = t0 + 300
-            while True:
-                run = await ns.run(run.id)
-                done = sum(e.status in FINAL_STATUSES for e in run.executions)
-                if done == agents or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-            wall_s = time.monotonic() - t0
+            run = await ns.run_now(RunCreate(task_id=task.id, computers=sims.names))
+            accepted_ms = (time.monotonic() - t0) * 1000
+            if restart_task_servers:
+                restart_at = time.time()
+                for name in ts_names:
+                    fleet.spawn(name)
+            await wait_metric(ns_urls, "tickle_executions_total", agents, DONE_DEADLINE_S)
+            # the last events of the run (agent_pulled may trail finished): settle, then read
+            await wait_metric(ns_urls, "tickle_status_events_total", 4 * agents, 30)
+            run = await ns.run(run.id)
+        ts_metrics: dict[str, float] = {}
+        for name in ts_names:
+            for metric in ("tickle_tickles_resent_total", "tickle_pulls_total",
+                           "tickle_status_events_total", "tickle_http_refused_total"):  # fmt: skip
+                ts_metrics[metric] = ts_metrics.get(metric, 0) + await scrape(
+                    fleet.ts_url(name), metric
+                )
     finally:
-        for sim in sims:
-            sim.terminate()
-        for sim in sims:
-            sim.wait(10)
+        per_second = await sims.stop()
         await fleet.stop()
+    done = sum(e.status == "succeeded" for e in run.executions)
+    recorded = [timeline_times(e).get("recorded") for e in run.executions]
+    created = min((timeline_times(e).get("created") or 0.0) for e in run.executions)
+    wall = max(t for t in recorded if t) - created if done == agents else None
+    return FleetRun(agents, register_s, accepted_ms, wall, done, run.executions, ts_metrics,
+                    per_second, restart_at)  # fmt: skip
+
+
+def fleet_md(title: str, f: FleetRun) -> list[str]:
+    wall = "not all recorded" if f.wall_s is None else f"{f.wall_s:.2f} s"
     recorded = []
-    for e in run.executions:
+    for e in f.executions:
         t = timeline_times(e)
         if t.get("recorded") and t.get("created"):
             recorded.append((t["recorded"] or 0) - (t["created"] or 0))
+    m = f.ts_metrics
     return [
-        f"## Run-now on {agents} agents over 2 task servers "
-        f"({len(sims)} simulator processes, real UDP listeners and HTTP clients)",
+        f"## {title}",
         "",
-        f"agents registered in {setup_s:.1f} s; run-now accepted in {accepted_s * 1000:.0f} ms",
-        f"all {done}/{agents} status events recorded {wall_s:.2f} s after run-now "
+        f"registered in {f.register_s:.1f} s; run-now accepted in {f.accepted_ms:.0f} ms; "
+        f"{f.done}/{f.agents} succeeded; all recorded after {wall} "
         f"(per execution p50 {statistics.median(recorded):.2f} s, p99 {pct(recorded, 99):.2f} s)",
+        f"task servers: {m.get('tickle_tickles_resent_total', 0):.0f} tickles resent, "
+        f"{m.get('tickle_pulls_total', 0):.0f} agent pulls, "
+        f"{m.get('tickle_status_events_total', 0):.0f} status events, "
+        f"{m.get('tickle_http_refused_total', 0):.0f} requests refused",
         "",
-        "| hop | p50 (ms) | p99 (ms) |",
-        "|---|---|---|",
-        *hop_rows(run.executions),
+        *hop_rows(f.executions),
+        "",
     ]
 
 
-async def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--agents", type=int, default=1000)
-    parser.add_argument("--skip-latency", action="store_true")
-    parser.add_argument("--skip-fleet", action="store_true")
+def pulls_per_s(executions: list[ExecutionOut]) -> float | None:
+    """Agent pulls served per second: executions / (last agent_pulled - first agent_tickled)."""
+    tickled = [t for e in executions if (t := timeline_times(e).get("agent_tickled"))]
+    pulled = [t for e in executions if (t := timeline_times(e).get("agent_pulled"))]
+    if not tickled or not pulled:
+        return None
+    span = max(pulled) - min(tickled)
+    return len(pulled) / span if span > 0 else None
+
+
+async def fleet(root: Path, r: Results, agents: int, postgres: bool = True) -> None:
+    f = await fleet_run(root / "sqlite", agents, 4, "127.0.10")
+    r.put("s2_agents", agents, "agents", "S2 simulated agents (4 task servers, SQLite)")
+    r.put("s2_wall_s", f.wall_s, "s", "S2 run-now → every status event recorded")
+    r.put("s2_resent", f.ts_metrics.get("tickle_tickles_resent_total"), "tickles",
+          "S2 tickles the task servers resent")  # fmt: skip
+    r.put("s2_pulls", f.ts_metrics.get("tickle_pulls_total"), "pulls", "S2 agent pulls")
+    r.md += fleet_md(f"S2: run-now on {agents} agents over 4 task servers, NS on SQLite", f)
+    if not postgres:
+        r.notes.append("S3: not measured: --skip-postgres")
+        return
+    with postgres_or_none(r, "S3") as pg:
+        if pg is None:
+            return
+        url = pg.create_database("bench_s3")
+        f = await fleet_run(root / "postgres", agents, 4, "127.0.11", url, two_ns=True)
+        r.put("s3_agents", agents, "agents", "S3 simulated agents (4 task servers, PostgreSQL)")
+        r.put("s3_wall_s", f.wall_s, "s", "S3 run-now → every status event recorded")
+        r.md += fleet_md(
+            f"S3: run-now on {agents} agents over 4 task servers, NS on PostgreSQL "
+            "(2 NS API processes, 2 task servers on each)", f
+        )  # fmt: skip
+
+
+async def pulls(root: Path, r: Results, agents: int) -> None:
+    f = await fleet_run(root, agents, 1, "127.0.12")
+    r.put("s5_agents", agents, "agents", "S5 agents of the one task server")
+    r.put("s5_pulls_per_s", pulls_per_s(f.executions), "pulls/s",
+          "S5 pulls served: agents / (last agent_pulled - first agent_tickled)")  # fmt: skip
+    r.md += fleet_md(f"S5: one task server, {agents} agents tickled at once", f)
+
+
+async def register(root: Path, r: Results, agents: int) -> None:
+    f = await fleet_run(root, agents, 4, "127.0.13", restart_task_servers=True)
+    r.put("s6_agents", agents, "agents", "S6 agents registering (4 task servers)")
+    r.put("s6_register_s", f.register_s, "s", "S6 every agent registered")
+    window = sorted(s for s in f.requests_per_s if f.restart_at and s >= int(f.restart_at))
+    counts = [f.requests_per_s[s] for s in range(window[0], window[-1] + 1)] if window else []
+    peak_to_mean = max(counts) / statistics.mean(counts) if counts else None
+    r.put("s6_peak_to_mean", peak_to_mean, "ratio",
+          "S6 reconnection after a task-server restart: agents' requests per second, peak / mean")  # fmt: skip
+    r.put("s6_reconnect_s", len(counts), "s", "S6 reconnection: seconds with agent requests")
+    r.md += [
+        *fleet_md(
+            f"S6: {agents} agents registering, then run-now across a restart of all 4 task servers",
+            f,
+        ),
+        f"agents' requests per second after the restart: {counts}",
+        "",
+    ]
+
+
+async def curve(root: Path, r: Results, sizes: list[int]) -> None:
+    rows = ["| agents | all recorded (s) | s per 1,000 agents |", "|---|---|---|"]
+    per_k = []
+    for n in sizes:
+        f = await fleet_run(root / str(n), n, 4, "127.0.14")
+        r.put(f"s8_{n}_wall_s", f.wall_s, "s", f"S8 run-now on {n} agents → all recorded")
+        if f.wall_s is not None:
+            per_k.append(f.wall_s / n * 1000)
+            rows.append(f"| {n:,} | {f.wall_s:.2f} | {per_k[-1]:.2f} |")
+        else:
+            rows.append(f"| {n:,} | not all recorded | — |")
+    growth = per_k[-1] / per_k[0] if len(per_k) == len(sizes) and len(per_k) > 1 else None
+    r.put("s8_growth", growth, "ratio", "S8 seconds per 1,000 agents, largest run / smallest")
+    r.md += ["## S8: scaling curve (4 task servers, SQLite)", "", *rows, ""]
+
+
+# --- S4: ingest ----------------------------------------------------------------------------------
+
+
+async def ingest_one(root: Path, net: str, database_url: str | None, executions: int,
+                     clients: int, batch: int) -> float:  # fmt: skip
+    """Events/s the NS records from `clients` task servers posting batches at once."""
+    fleet = LocalFleet(root, [], [], net=net,
+                       ns_extra=["--database-url", database_url] if database_url else [])  # fmt: skip
+    await fleet.start()
+    try:
+        async with http.client_session(timeout_s=120) as session:
+            tokens: list[str] = []
+            computers: list[list[str]] = []
+            for c in range(clients):
+                creds = await http.request(
+                    session, "POST", fleet.ns_url + "/api/ts/register",
+                    body=TaskServerRegister(enrollment_secret=fleet.enrollment_secret,
+                                            name=f"ingest{c}", tickle_host=f"{net}.250",
+                                            tickle_port=50199, api_url=f"http://{net}.250:1"),
+                    answer=TaskServerCredentials,
+                )  # fmt: skip
+                tokens.append(creds.token)
+                names = [f"ing-{c}-{i:05d}" for i in range(executions // clients)]
+                computers.append(names)
+                await gather_limited(
+                    http.request(session, "POST", fleet.ns_url + "/api/ts/agents/register",
+                                 body=AgentRegistration(name=name), answer=AgentCredentials,
+                                 token=creds.token)
+                    for name in names
+                )  # fmt: skip
+            async with fleet.client() as ns:
+                task = await ns.add_task(TaskCreate(name="ingest", command=["true"]))
+                run = await ns.run_now(
+                    RunCreate(task_id=task.id, computers=[n for c in computers for n in c])
+                )
+            by_computer = {e.computer: e.id for e in run.executions}
+            bodies: list[list[bytes]] = []
+            for c in range(clients):
+                events = []
+                for name in computers[c]:
+                    eid = by_computer[name]
+                    for kind in ("agent_tickled", "agent_pulled", "started", "finished"):
+                        extra: dict[str, Any] = (
+                            {"status": "succeeded", "exit_code": 0} if kind == "finished" else {}
+                        )
+                        events.append(StatusEvent(event_id=str(uuid.uuid4()), execution_id=eid,
+                                                  computer=name, kind=kind, at=time.time(),
+                                                  cached_at=time.time(), **extra))  # fmt: skip
+                bodies.append([
+                    EventBatch(events=events[i : i + batch]).model_dump_json().encode()
+                    for i in range(0, len(events), batch)
+                ])  # fmt: skip
+
+            async def post(c: int) -> int:
+                accepted = 0
+                headers = {"Authorization": f"Bearer {tokens[c]}",
+                           "Content-Type": "application/json"}  # fmt: skip
+                for body in bodies[c]:
+                    async with session.post(fleet.ns_url + "/api/ts/events", data=body,
+                                            headers=headers) as resp:  # fmt: skip
+                        raw = await resp.read()
+                        if resp.status != 200:
+                            raise RuntimeError(f"ingest post: HTTP {resp.status}: {raw[:200]!r}")
+                        accepted += len(EventAck.model_validate_json(raw).accepted)
+                return accepted
+
+            t0 = time.monotonic()
+            accepted = sum(await asyncio.gather(*(post(c) for c in range(clients))))
+            elapsed = time.monotonic() - t0
+            return accepted / elapsed
+    finally:
+        await fleet.stop()
+
+
+async def ingest(
+    root: Path, r: Results, executions: int, clients: int = 4, batch: int = 500
+) -> None:
+    eps = await ingest_one(root / "sqlite", "127.0.15", None, executions, clients, batch)
+    r.put(
+        "s4_sqlite_eps",
+        eps,
+        "events/s",
+        f"S4 ingest, SQLite ({clients} clients, batches of {batch})",
+    )
+    lines = [f"SQLite: {eps:,.0f} events/s"]
+    with postgres_or_none(r, "S4 PostgreSQL") as pg:
+        if pg is not None:
+            url = pg.create_database("bench_s4")
+            eps = await ingest_one(root / "postgres", "127.0.16", url, executions, clients, batch)
+            r.put("s4_postgres_eps", eps, "events/s",
+                  f"S4 ingest, PostgreSQL ({clients} clients, batches of {batch})")  # fmt: skip
+            lines.append(f"PostgreSQL: {eps:,.0f} events/s")
+    r.md += [
+        f"## S4: NS status-event ingest, {4 * executions:,} events from {clients} task-server "
+        f"clients in batches of {batch}",
+        "",
+        "; ".join(lines),
+        "",
+    ]
+
+
+# --- S7: the agent at rest -----------------------------------------------------------------------
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _proc_pss_mb(pid: int) -> float | None:
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def _help_start_times(n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t = time.monotonic()
+        # (not checked: `tickle agent --help` exits 2 after printing its help)
+        subprocess.run([sys.executable, "-m", "tickle", "agent", "--help"], check=False,
+                       capture_output=True)  # fmt: skip
+        times.append(time.monotonic() - t)
+    return times
+
+
+async def agent(root: Path, r: Results, idle_s: float) -> None:
+    fleet = LocalFleet(root, ["ts1"], [AgentSpec("idle-agent", ["ts1"])], net="127.0.17")
+    await fleet.start()
+    try:
+        popen = fleet.procs["idle-agent"].popen
+        assert popen is not None
+        pid = popen.pid
+        cpu0, t0 = _proc_cpu_s(pid), time.monotonic()
+        await asyncio.sleep(idle_s)
+        cpu = (_proc_cpu_s(pid) - cpu0) / (time.monotonic() - t0) * 100
+        rss, pss = _proc_rss_mb(pid), _proc_pss_mb(pid)
+    finally:
+        await fleet.stop()
+    starts = await asyncio.to_thread(_help_start_times, 5)
+    r.put("s7_rss_mb", rss, "MB", "S7 agent RSS after start, registration and idling")
+    r.put("s7_pss_mb", pss, "MB", "S7 agent PSS (shared pages split)")
+    r.put("s7_cpu_percent", cpu, "% of a core", f"S7 agent CPU over {idle_s:.0f} s idle")
+    r.put(
+        "s7_help_s",
+        statistics.median(starts),
+        "s",
+        "S7 `tickle agent --help` start-up, median of 5",
+    )
+    r.md += [
+        f"## S7: agent at rest ({idle_s:.0f} s idle)",
+        "",
+        f"RSS {rss:.1f} MB, PSS {pss or 0:.1f} MB, CPU {cpu:.3f} % of a core; "
+        f"`tickle agent --help` {statistics.median(starts):.2f} s",
+        "",
+    ]
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", default=",".join(PARTS), help="parts to run, comma-separated: " + "|".join(PARTS)
+    )
+    parser.add_argument(
+        "--agents",
+        type=int,
+        default=10_000,
+        help="simulated agents of the fleet, pulls (a quarter) and register runs",
+    )
+    parser.add_argument("--runs", type=int, default=200, help="S1 sequential run-nows")
+    parser.add_argument("--gap-ms", type=float, default=100.0, help="S1 time between run-nows")
+    parser.add_argument("--idle-s", type=float, default=60.0, help="S7 idle time")
+    parser.add_argument("--skip-postgres", action="store_true",
+                        help="fleet: S2 only (no PostgreSQL run)")  # fmt: skip
+    parser.add_argument("--curve", default="1000,2500,5000,10000", help="S8 agent counts")
+    parser.add_argument("--ingest-executions", type=int, default=10_000,
+                        help="S4 executions (4 events each)")  # fmt: skip
     args = parser.parse_args()
-    lines = [f"# Tickle benchmarks ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", ""]
+    args.parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    bad = [p for p in args.parts if p not in PARTS]
+    if bad:
+        parser.error(f"--only: unknown part {bad[0]!r}; choose from {', '.join(PARTS)}")
+    for name in ("agents", "runs", "ingest_executions"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        args.sizes = [int(n) for n in args.curve.split(",")]
+    except ValueError:
+        parser.error(f"--curve: not a comma-separated list of agent counts: {args.curve!r}")
+    return args
+
+
+async def main() -> int:
+    args = parse_args()
+    r = Results()
+    started = time.time()
     with tempfile.TemporaryDirectory(prefix="tickle-bench-") as tmp:
-        if not args.skip_latency:
-            lines += await latency(Path(tmp) / "latency", args.runs) + [""]
-        if not args.skip_fleet:
-            lines += await fleet_run(Path(tmp) / "fleet", args.agents) + [""]
-    text = "\n".join(lines)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text + "\n")
-    print(text)
-    print(f"(written to {RESULTS})")
+        root = Path(tmp)
+        steps = {
+            "latency": lambda: latency(root / "latency", r, args.runs, args.gap_ms / 1000),
+            "fleet": lambda: fleet(root / "fleet", r, args.agents, not args.skip_postgres),
+            "ingest": lambda: ingest(root / "ingest", r, args.ingest_executions),
+            "pulls": lambda: pulls(root / "pulls", r, max(1, args.agents // 4)),
+            "register": lambda: register(root / "register", r, args.agents),
+            "agent": lambda: agent(root / "agent", r, args.idle_s),
+            "curve": lambda: curve(root / "curve", r, args.sizes),
+        }
+        for part in PARTS:
+            if part in args.parts:
+                print(f"bench: {part} ...", file=sys.stderr, flush=True)
+                t = time.monotonic()
+                try:
+                    await steps[part]()
+                except Exception as exc:  # the other parts still run, and the results are written
+                    r.notes.append(f"{part}: failed: {type(exc).__name__}: {exc}")
+                print(
+                    f"bench: {part} done in {time.monotonic() - t:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    table = targets_table(r)
+    head = (f"# Tickle benchmarks ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
+            f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
+            f"parts: {','.join(args.parts)})")  # fmt: skip
+    text = "\n".join([head, "", *table, "", *[f"- {n}" for n in r.notes], "", *r.md])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.md").write_text(text + "\n")
+    doc = {
+        "started": started,
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
+                    "load_1m_at_end": os.getloadavg()[0]},
+        "parts": args.parts,
+        "figures": r.figures,
+        "targets": [{"id": t.id, "what": t.what, "now": t.now(r), "target": t.target,
+                     "met": t.met(r)} for t in TARGETS],
+        "notes": r.notes,
+    }  # fmt: skip
+    (RESULTS / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print("\n".join([head, "", *table, "", *[f"- {n}" for n in r.notes]]))
+    print(f"(details in {RESULTS / 'latest.md'}, figures in {RESULTS / 'latest.json'})")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -272,3 +274,14 @@ def test_a_corrected_timeline_says_so() -> None:
         id=2, run_id=1, computer="pc2", task_server="ts1", status="succeeded", timeline=steps[:2]
     )
     assert con.timeline_note(plain) is None
+
+
+@pytest.mark.parametrize("component", ["agent", "task-server", "ns"])
+def test_a_component_help_prints_its_flags_and_exits_0(component: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tickle", component, "--help"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--state-dir" in done.stdout
+    assert "bad command-line flags" not in done.stderr

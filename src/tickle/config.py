@@ -202,6 +202,8 @@ def load_settings(cls: type[S], args: list[str] | None = None, **overrides: Any)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, prefix)) from None
     except SystemExit as exc:  # argparse inside the CLI source on --help or a bad flag
+        if exc.code in (0, None):  # --help: printed, a success
+            raise
         raise ConfigError(f"bad command-line flags: {exc}") from None
     except Exception as exc:  # the CLI source raises SettingsError for unknown flags
         raise ConfigError(str(exc)) from None

@@ -16,15 +16,28 @@ from tickle.clock import TIME_HEADER, Clock, header_value, parse_header
 
 M = TypeVar("M")
 
+# how long a client keeps an idle connection for reuse: shorter than the servers' keep-alive
+# (`tickle.serving.SERVER_KEEPALIVE_S`), so a client never sends on a connection the server is
+# closing at that moment ("Server disconnected")
+CLIENT_KEEPALIVE_S = 10.0
+
 
 class ApiError(Exception):
     """An HTTP answer other than 2xx; `detail` is the server's explanation."""
 
-    def __init__(self, status: int, detail: str, url: str) -> None:
+    def __init__(
+        self, status: int, detail: str, url: str, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"HTTP {status} from {url}: {detail}")
         self.status = status
         self.detail = detail
         self.url = url
+        self.retry_after_s = retry_after_s  # the server's Retry-After (seconds), if it said
+
+
+def retry_after_s(exc: BaseException) -> float:
+    """How long the server asked the client to wait before trying again (0: it did not say)."""
+    return (exc.retry_after_s or 0.0) if isinstance(exc, ApiError) else 0.0
 
 
 def clock_trace(
@@ -74,7 +87,7 @@ def client_session(
     ssl_ctx: ssl.SSLContext | bool = True
     if ca_file is not None:
         ssl_ctx = ssl.create_default_context(cafile=str(ca_file))
-    connector = aiohttp.TCPConnector(limit=limit, ssl=ssl_ctx)
+    connector = aiohttp.TCPConnector(limit=limit, ssl=ssl_ctx, keepalive_timeout=CLIENT_KEEPALIVE_S)
     return aiohttp.ClientSession(
         headers=headers,
         timeout=aiohttp.ClientTimeout(total=timeout_s),
@@ -92,8 +105,13 @@ async def request(
     params: dict[str, str] | None = None,
     answer: type[M] | Any = None,
     token: str | None = None,
+    idempotent: bool = False,
 ) -> M | Any:
-    """Send a request with a pydantic body; parse the answer into `answer` (a type) if given."""
+    """Send a request with a pydantic body; parse the answer into `answer` (a type) if given.
+
+    `idempotent`: a request the server may get twice; sent once more, on a new connection, when
+    the server closed the connection without answering (a kept-alive one it was closing).
+    """
     data: bytes | None = None
     headers = {"Content-Type": "application/json"}
     if token is not None:
@@ -102,13 +120,31 @@ async def request(
         data = body.model_dump_json().encode()
     elif body is not None:
         data = b"[" + b",".join(m.model_dump_json().encode() for m in body) + b"]"
-    async with session.request(method, url, data=data, params=params, headers=headers) as resp:
-        raw = await resp.read()
-        if resp.status >= 400:
-            raise ApiError(resp.status, _detail(raw), url)
+    try:
+        raw = await _send(session, method, url, data, params, headers)
+    except aiohttp.ServerDisconnectedError:
+        if not idempotent:
+            raise
+        raw = await _send(session, method, url, data, params, headers)
     if answer is None:
         return None
     return TypeAdapter(answer).validate_json(raw)
+
+
+async def _send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    data: bytes | None,
+    params: dict[str, str] | None,
+    headers: dict[str, str],
+) -> bytes:
+    async with session.request(method, url, data=data, params=params, headers=headers) as resp:
+        raw = await resp.read()
+        if resp.status >= 400:
+            wait = resp.headers.get("Retry-After", "")
+            raise ApiError(resp.status, _detail(raw), url, float(wait) if wait.isdigit() else None)
+    return raw
 
 
 def _detail(raw: bytes) -> str:

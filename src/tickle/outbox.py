@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tickle import localdb
 from tickle.backoff import Backoff
+from tickle.http import retry_after_s
 from tickle.messages import StatusEvent
 from tickle.metrics import ComponentMetrics
 
@@ -32,7 +33,13 @@ _SCHEMA = (
     " event_id TEXT NOT NULL UNIQUE,"
     " body TEXT NOT NULL,"
     " queued_at REAL NOT NULL)",
+    # what the next hop accepted, kept a while: a producer's retry of an event already forwarded
+    # (its answer lost, or its post timed out while the first one was served) is not queued again
+    "CREATE TABLE IF NOT EXISTS forwarded (event_id TEXT PRIMARY KEY, at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS forwarded_at ON forwarded (at)",
 )
+# how long a forwarded event's id is remembered (a producer retries for far less)
+FORWARDED_KEEP_S = 3600.0
 
 SendBatch = Callable[[list[str]], Awaitable[list[str]]]
 """Send serialized events; return the ids the next hop accepted."""
@@ -44,19 +51,27 @@ class Outbox:
     def __init__(self, path: Path) -> None:
         self._db = localdb.connect(path, _SCHEMA, any_thread=True)
 
-    def put_many(self, events: Iterable[tuple[str, str]]) -> int:
-        """Queue (event_id, body) pairs in one transaction; duplicates are ignored."""
+    def put_many(self, events: Iterable[tuple[str, str]]) -> list[str]:
+        """Queue (event_id, body) pairs in one transaction; return the ids queued now.
+
+        An event already queued, or already forwarded (within `FORWARDED_KEEP_S`), is ignored.
+        """
         now = time.time()
+        new: list[str] = []
         with localdb.transaction(self._db):
-            cur = self._db.executemany(
-                "INSERT OR IGNORE INTO outbox (event_id, body, queued_at) VALUES (?, ?, ?)",
-                [(eid, body, now) for eid, body in events],
-            )
-        return cur.rowcount
+            for eid, body in events:
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO outbox (event_id, body, queued_at) SELECT ?, ?, ?"
+                    " WHERE NOT EXISTS (SELECT 1 FROM forwarded WHERE event_id = ?)",
+                    (eid, body, now, eid),
+                )
+                if cur.rowcount == 1:
+                    new.append(eid)
+        return new
 
     def put(self, event_id: str, body: str) -> bool:
-        """Queue one event; False when it was already queued."""
-        return self.put_many([(event_id, body)]) == 1
+        """Queue one event; False when it was already queued or forwarded."""
+        return bool(self.put_many([(event_id, body)]))
 
     def peek(self, limit: int = 200) -> list[tuple[str, str]]:
         """The oldest queued events, oldest first."""
@@ -66,10 +81,16 @@ class Outbox:
         return [(str(r[0]), str(r[1])) for r in rows]
 
     def remove(self, event_ids: Iterable[str]) -> None:
+        """The next hop has these events: drop them, and remember their ids a while."""
+        now = time.time()
+        ids = [(eid,) for eid in event_ids]
         with localdb.transaction(self._db):
+            self._db.executemany("DELETE FROM outbox WHERE event_id = ?", ids)
             self._db.executemany(
-                "DELETE FROM outbox WHERE event_id = ?", [(eid,) for eid in event_ids]
+                "INSERT OR REPLACE INTO forwarded (event_id, at) VALUES (?, ?)",
+                [(eid, now) for (eid,) in ids],
             )
+            self._db.execute("DELETE FROM forwarded WHERE at < ?", (now - FORWARDED_KEEP_S,))
 
     def depth(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
@@ -98,7 +119,8 @@ class OutboxForwarder:
         self._outbox = outbox
         self._send = send
         self._metrics = metrics
-        self._backoff = backoff or Backoff(base_s=0.2, max_s=10.0, tries=None)
+        # wide jitter: producers whose next hop restarted do not all come back in the same second
+        self._backoff = backoff or Backoff(base_s=0.2, max_s=10.0, tries=None, jitter=0.5)
         self._batch_size = batch_size
         self._batch_bytes = batch_bytes
         self._wake = asyncio.Event()
@@ -113,10 +135,12 @@ class OutboxForwarder:
         self._task = asyncio.create_task(self._run())
         self._wake.set()  # deliver what a previous run left behind
 
-    def queue(self, events: Iterable[StatusEvent]) -> None:
-        """Commit `events` to the outbox and forward them now."""
-        self._outbox.put_many((e.event_id, e.model_dump_json()) for e in events)
+    def queue(self, events: Iterable[StatusEvent]) -> list[str]:
+        """Commit `events` to the outbox and forward them now; return the ids new to it (not
+        queued or forwarded before)."""
+        new = self._outbox.put_many((e.event_id, e.model_dump_json()) for e in events)
         self.wake()
+        return new
 
     def wake(self) -> None:
         """Something is waiting in the outbox: forward now."""
@@ -156,7 +180,7 @@ class OutboxForwarder:
                 try:
                     accepted = await self._send([body for _, body in batch])
                 except Exception as exc:
-                    delay = self._backoff.delay(attempt)
+                    delay = max(self._backoff.delay(attempt), retry_after_s(exc))
                     attempt += 1
                     log.warning(
                         "forwarding %d events failed (%s); retry in %.1fs", len(batch), exc, delay

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 FD_RESERVE = 256
 # how long a refused client may go on sending before its connection is closed anyway
 LINGER_S = 2.0
+# how long the APIs keep an idle connection open: longer than their clients keep one idle for
+# reuse (`tickle.http.CLIENT_KEEPALIVE_S`), so the client always closes first
+SERVER_KEEPALIVE_S = 20
 # the reasons of `tickle_http_refused`
 REFUSALS = (
     "body_too_large",
@@ -90,6 +93,7 @@ class ServingConfig(uvicorn.Config):
         # asyncio accepts up to `backlog` connections at once before any is admitted to the table:
         # past the descriptors left, accept() fails and the server stops accepting for a second
         options.setdefault("backlog", min(2048, max(16, (open_files - cap) // 2)))
+        options.setdefault("timeout_keep_alive", SERVER_KEEPALIVE_S)
         # no WebSocket routes: an upgrade would take the connection out of the table
         super().__init__(app, http=LimitedHttpProtocol, ws="none", **options)
 

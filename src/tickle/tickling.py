@@ -46,7 +46,11 @@ class Tickler:
         on_unreachable: Callback | None = None,
         on_reachable: Callback | None = None,
         on_sent: SentCallback | None = None,
+        rate: float | None = None,
     ) -> None:
+        """`rate`: at most this many sends per second (first sends and resends), the rest wait
+        their turn; a resend's delay counts from its own send, plus the wait of the sends queued
+        then (a sender behind its sends is behind serving their pulls too)."""
         self.sender_id = sender_id
         self._key_for = key_for
         self._metrics = metrics
@@ -58,6 +62,8 @@ class Tickler:
         self._inflight: dict[tuple[str, wire.Kind], _InFlight] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self._closed = False
+        self._interval = 1.0 / rate if rate else 0.0
+        self._next_slot = 0.0  # loop time of the next free send slot
 
     async def start(self, local_addr: tuple[str, int] = ("0.0.0.0", 0)) -> None:
         """Open the sending socket (an ephemeral port unless told otherwise)."""
@@ -86,6 +92,8 @@ class Tickler:
         if flight is None or flight.acked.is_set():
             return False
         flight.acked.set()
+        # observed here, at the acknowledgement: the resend loop may wake much later under load
+        self._metrics.tickle_to_pull.observe(time.time() - flight.first_sent)
         return True
 
     def in_flight(self, target: str, kind: wire.Kind = wire.Kind.TASKS) -> bool:
@@ -111,6 +119,11 @@ class Tickler:
             delays = self._backoff.delays()
             attempt = 0
             while True:
+                if await self._pace() and attempt == 0:
+                    flight.first_sent = time.time()  # the send, not the request, starts the clock
+                if flight.acked.is_set():  # pulled while waiting its turn (another tickle's)
+                    acked = True
+                    break
                 self._send(target, kind, flight.addr)
                 if attempt == 0:
                     self._metrics.tickles_sent.labels(kind=label).inc()
@@ -124,6 +137,7 @@ class Tickler:
                     last = True
                 else:
                     last = False
+                delay += self._backlog_s()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(flight.acked.wait(), delay)
                 if flight.acked.is_set():
@@ -139,12 +153,30 @@ class Tickler:
             if acked and flight.again and not self._closed:
                 self.tickle(target, flight.addr, kind)
         if acked:
-            self._metrics.tickle_to_pull.observe(time.time() - flight.first_sent)
             await _call(self._on_reachable, target)
         else:
             log.warning("tickle to %s %s: no pull after %d tries", target, flight.addr, attempt + 1)
             self._metrics.tickles_unreachable.inc()
             await _call(self._on_unreachable, target)
+
+    async def _pace(self) -> bool:
+        """Wait for this send's slot (no wait without a rate, or when the sender is idle);
+        return whether it waited."""
+        if not self._interval:
+            return False
+        now = asyncio.get_running_loop().time()
+        slot = max(now, self._next_slot)
+        self._next_slot = slot + self._interval
+        if slot <= now:
+            return False
+        await asyncio.sleep(slot - now)
+        return True
+
+    def _backlog_s(self) -> float:
+        """How long the sends queued now will take."""
+        if not self._interval:
+            return 0.0
+        return max(0.0, self._next_slot - asyncio.get_running_loop().time())
 
     def _send(self, target: str, kind: wire.Kind, addr: tuple[str, int]) -> None:
         key = self._key_for(target)

@@ -10,162 +10,40 @@ do not skip: the SPEC promises PostgreSQL support.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import pwd
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import NET_BASE, eventually, fleet_factory  # noqa: F401
 from tests.ns.conftest import ns_factory  # noqa: F401  (an in-process NS, e.g. on PostgreSQL)
-from tickle.testing.localfleet import NS_API_PORT, AgentSpec, FleetError, LocalFleet
-
-START_DEADLINE_S = 30.0
-
-
-@dataclass
-class PgServer:
-    """A running private PostgreSQL server."""
-
-    port: int
-    root: Path
-    process: subprocess.Popen[bytes]
-
-    def url(self, database: str, driver: str = "postgresql+psycopg") -> str:
-        return f"{driver}://postgres@127.0.0.1:{self.port}/{database}"
-
-    def connect(self, database: str = "postgres") -> psycopg.Connection[tuple[object, ...]]:
-        """An autocommit connection (close it, or use it as a context manager)."""
-        return psycopg.connect(self.url(database, "postgresql"), autocommit=True)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = (self.root / "postgres.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def _server_bindir() -> Path:
-    found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: (
-            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
-        ),
-    )
-    if not found:
-        pytest.fail(
-            "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb): "
-            "run `scripts/sysdeps.sh` as root (`make sysdeps`) to install Debian's postgresql",
-            pytrace=False,
-        )
-    return Path(found[-1]).parent
-
-
-def _as_postgres() -> tuple[list[str], int | None, int | None]:
-    """The command prefix that runs a program as the `postgres` user (root only), and its ids."""
-    if os.geteuid() != 0:
-        return [], None, None
-    try:
-        pw = pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.fail("no `postgres` system user: install Debian's postgresql package", pytrace=False)
-    prefix = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--"]
-    return prefix, pw.pw_uid, pw.pw_gid
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tickle.testing.localfleet import (
+    NS_API_PORT,
+    AgentSpec,
+    FleetError,
+    LocalFleet,
+    scrape_metric,
+)
+from tickle.testing.postgres import PgServer, PostgresError, start_postgres
 
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PgServer]:
     """Start the session's PostgreSQL server; stop it and remove its files at the end."""
-    bindir = _server_bindir()
-    prefix, uid, gid = _as_postgres()
-    root = Path(tempfile.mkdtemp(prefix="tickle-pg-"))
-    process: subprocess.Popen[bytes] | None = None
     try:
-        if uid is not None and gid is not None:
-            os.chown(root, uid, gid)
-        data = root / "data"
-        initdb = subprocess.run(
-            [*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-             "-E", "UTF8", "--locale=C", "--no-sync"],
-            capture_output=True, text=True, timeout=120, check=False, cwd=root,
-        )  # fmt: skip
-        if initdb.returncode != 0:
-            pytest.fail(f"initdb failed ({initdb.returncode}):\n{initdb.stderr}", pytrace=False)
-        port = _free_port()
-        log = (root / "postgres.log").open("ab")
-        if uid is not None and gid is not None:
-            os.chown(root / "postgres.log", uid, gid)
-        # the server in the foreground, as our child: killed with the session, never left behind
-        process = subprocess.Popen(
-            [*prefix, str(bindir / "postgres"), "-D", str(data), "-p", str(port),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}",
-             "-c", "max_connections=300", "-c", "fsync=off", "-c", "full_page_writes=off"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-        )  # fmt: skip
-        log.close()
-        server = PgServer(port, root, process)
-        _wait_ready(server)
+        server = start_postgres()
+    except PostgresError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
         yield server
     finally:
-        if process is not None:
-            _stop(process)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _wait_ready(server: PgServer) -> None:
-    end = time.monotonic() + START_DEADLINE_S
-    while True:
-        if server.process.poll() is not None:
-            pytest.fail(
-                f"PostgreSQL exited with {server.process.returncode} at start:\n"
-                + server.log_tail(),
-                pytrace=False,
-            )
-        try:
-            with server.connect() as conn:
-                conn.execute("SELECT 1")
-            return
-        except psycopg.OperationalError:
-            if time.monotonic() > end:
-                pytest.fail(
-                    f"PostgreSQL did not accept connections in {START_DEADLINE_S}s:\n"
-                    + server.log_tail(),
-                    pytrace=False,
-                )
-            time.sleep(0.1)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    # SIGINT: fast shutdown (disconnect clients, no checkpoint wait worth mentioning)
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGINT)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        server.stop()
 
 
 @pytest.fixture
@@ -243,19 +121,7 @@ def spawn_ns(fleet: LocalFleet, name: str, host: str, database_url: str) -> NsPr
 
 async def dispatcher_active(url: str) -> float | None:
     """The NS's `tickle_dispatcher_active` gauge (None: no answer)."""
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
-            session.get(url + "/metrics") as resp,
-        ):
-            text = await resp.text()
-    except (aiohttp.ClientError, TimeoutError):
-        return None
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "tickle_dispatcher_active":
-                return sample.value
-    return None
+    return await scrape_metric(url, "tickle_dispatcher_active", timeout_s=2)
 
 
 @dataclass

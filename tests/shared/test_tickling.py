@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 from tickle import wire
 from tickle.backoff import Backoff
@@ -115,3 +116,54 @@ def test_backoff_schedule_is_bounded_and_capped() -> None:
     b = Backoff(base_s=0.5, factor=2, max_s=8, tries=6, jitter=0)
     assert list(b.delays()) == [0.5, 1.0, 2.0, 4.0, 8.0]
     assert b.total_s() == 0.5 + 1 + 2 + 4 + 8 + 8
+
+
+async def test_tickle_to_pull_is_measured_at_the_acknowledgement() -> None:
+    transport, rx, addr = await open_receiver()
+    metrics = ComponentMetrics("t")
+    tickler = Tickler("ns", lambda t: KEY, metrics, fast(tries=20))
+    await tickler.start(("127.0.0.1", 0))
+    try:
+        tickler.tickle("ts1", addr)
+        await asyncio.wait_for(rx.queue.get(), 2)
+        assert tickler.ack("ts1")
+        time.sleep(0.5)  # noqa: ASYNC251 - a loaded event loop: the resend loop wakes late
+        async with asyncio.timeout(2):
+            while tickler.in_flight("ts1"):
+                await asyncio.sleep(0.01)
+        assert metrics.tickle_to_pull._sum.get() < 0.4  # type: ignore[attr-defined]
+        assert _count(metrics) == 1
+    finally:
+        await tickler.close()
+        transport.close()
+
+
+def _count(metrics: ComponentMetrics) -> float:
+    (family,) = [f for f in metrics.registry.collect() if f.name == "tickle_tickle_to_pull_seconds"]
+    return next(s.value for s in family.samples if s.name.endswith("_count"))
+
+
+async def test_a_paced_tickler_spreads_its_sends_and_resends_after_the_queued_first_sends() -> None:
+    receivers = [await open_receiver() for _ in range(20)]
+    metrics = ComponentMetrics("t")
+    backoff = Backoff(base_s=0.5, max_s=1, tries=3, jitter=0)
+    tickler = Tickler("ns", lambda t: KEY, metrics, backoff, rate=50)
+    await tickler.start(("127.0.0.1", 0))
+    arrivals: list[tuple[float, int]] = []
+    try:
+        for i, (_, _, addr) in enumerate(receivers):
+            tickler.tickle(f"t{i}", addr)
+
+        async def first(i: int, rx: Receiver) -> None:
+            await asyncio.wait_for(rx.queue.get(), 5)
+            arrivals.append((time.monotonic(), i))
+
+        await asyncio.gather(*(first(i, rx) for i, (_, rx, _) in enumerate(receivers)))
+        assert all(rx.queue.empty() for _, rx, _ in receivers)  # no resend came before
+        times = sorted(t for t, _ in arrivals)
+        assert times[-1] - times[0] >= 0.3  # 20 sends at 50/s: 0.38 s from first to last
+        assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
+    finally:
+        await tickler.close()
+        for transport, _, _ in receivers:
+            transport.close()

@@ -20,12 +20,14 @@ from tickle.agent.executor import Executor
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import TaskServerClient
 from tickle.backoff import Backoff
+from tickle.http import retry_after_s
 from tickle.messages import AgentPolicy, ExecutionWork, PolicyVia, PullVia
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
 
-_RETRY = Backoff(base_s=5.0, max_s=300.0, tries=None)
+# wide jitter: the agents of a task server that restarted come back spread out, not together
+_RETRY = Backoff(base_s=5.0, max_s=300.0, tries=None, jitter=0.5)
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Poller:
         self.last_error: str | None = None
         self.next_poll_at: float | None = None
         self._failures = 0
+        self._retry_after_s = 0.0
 
     def start(self) -> None:
         """Arm the poll timer."""
@@ -178,7 +181,9 @@ class Poller:
             delay = self.next_delay()
             if self._failures:
                 # the last pull failed (task server down?): check back sooner than the interval
-                delay = min(delay, _RETRY.delay(self._failures - 1))
+                # (no sooner than the task server asked, when it was too busy: Retry-After)
+                retry = max(_RETRY.delay(self._failures - 1), self._retry_after_s)
+                delay = min(delay, retry)
             self.next_poll_at = time.time() + delay
             try:
                 await asyncio.wait_for(self._rearm.wait(), delay)
@@ -193,6 +198,7 @@ class Poller:
             return await self.pull(via)
         except Exception as exc:
             self._failures += 1
+            self._retry_after_s = retry_after_s(exc)
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("pull via %s failed: %s", via, self.last_error)
             return None

@@ -27,7 +27,7 @@ from tickle.agent.address import client_local_addr, tickle_address
 from tickle.agent.settings import AgentSettings
 from tickle.agent.state import AgentState, Credentials
 from tickle.clock import Clock, OffsetEstimator
-from tickle.http import ApiError, clock_trace, request
+from tickle.http import CLIENT_KEEPALIVE_S, ApiError, clock_trace, request
 from tickle.messages import (
     AgentEnrollment,
     AgentPolicy,
@@ -88,7 +88,9 @@ class TaskServerClient:
         local_addr = client_local_addr(self._settings)
         # verification is never off: the private CA (ca_file) or the system trust store
         ssl_context = client_ssl(self._settings.ca_file)
-        connector = aiohttp.TCPConnector(limit=10, local_addr=local_addr, ssl=ssl_context)
+        connector = aiohttp.TCPConnector(
+            limit=10, local_addr=local_addr, ssl=ssl_context, keepalive_timeout=CLIENT_KEEPALIVE_S
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self._timeout_s),

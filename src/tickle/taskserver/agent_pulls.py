@@ -36,7 +36,7 @@ class AgentPulls:
         self._reporter = reporter
         self._metrics = metrics
 
-    def tasks(
+    async def tasks(
         self, agent: Client, via: PullVia, peer: str | None, settings_version: int | None = None
     ) -> AgentTasks:
         """The agent's unfinished executions and its policy; `peer`: the address it pulled from,
@@ -47,7 +47,7 @@ class AgentPulls:
         if via == "poll":
             self._metrics.polls.inc()
         self._note_address(agent, peer)
-        executions = self._work_cache.pulled(agent.name, via)
+        executions = await self._work_cache.pulled(agent.name, via)
         policy = self._policy(agent)
         self.contact(agent, settings_version, policy)
         return AgentTasks(

@@ -37,6 +37,7 @@ class AgentTickler:
         metrics: ComponentMetrics,
         backoff: Backoff | None = None,
         clocks: AgentClocks | None = None,
+        rate: float | None = None,
     ) -> None:
         self._store = store
         self._clocks = clocks
@@ -51,6 +52,7 @@ class AgentTickler:
             on_unreachable=self.on_unreachable,
             on_reachable=self.on_reachable,
             on_sent=self.on_sent,
+            rate=rate,
         )
 
     async def start(self) -> None:
@@ -103,9 +105,9 @@ class AgentTickler:
             log.error("the tickle key of %s is not base64", name)
             return None
 
-    def on_sent(self, name: str, kind: wire.Kind, first_sent: float) -> None:
+    async def on_sent(self, name: str, kind: wire.Kind, first_sent: float) -> None:
         if kind is wire.Kind.TASKS:
-            self._work_cache.tickled(name, first_sent)
+            await self._work_cache.tickled(name, first_sent)
 
     def on_unreachable(self, name: str) -> None:
         if self._clocks is not None and self._clocks.skewed(name):

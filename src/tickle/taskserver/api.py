@@ -202,7 +202,7 @@ async def tasks(
     settings_version: SettingsVersionQuery = None,
 ) -> AgentTasks:
     """The agent's pull: its unfinished executions from the cache, and its policy."""
-    return agent_pulls.tasks(agent, via, _peer(request), settings_version)
+    return await agent_pulls.tasks(agent, via, _peer(request), settings_version)
 
 
 @pull_routes.get("/api/agent/policy", response_model=AgentPolicy, summary="Read the policy")
@@ -240,7 +240,7 @@ async def events(
     execution's computer; one cached for another computer is refused.
     """
     agent_pulls.contact(agent, settings_version)
-    return EventAck(accepted=work_cache.take_events(agent.name, batch.events))
+    return EventAck(accepted=await work_cache.take_events(agent.name, batch.events))
 
 
 def _measure_clock(request: Request, client: Client) -> None:

@@ -41,6 +41,9 @@ T = TypeVar("T")
 REFUSED_FOR_GOOD = frozenset({403, 422})
 # a batch over the NS's max_body_bytes: sent again in parts (one event always fits)
 TOO_LARGE = 413
+# posts the NS may get twice (it records status events by id, states are set, not added)
+IDEMPOTENT_POSTS = frozenset({"/api/ts/events", "/api/ts/computers/state"})
+
 Register = Callable[[], Awaitable[TaskServerCredentials]]
 
 
@@ -177,7 +180,7 @@ class NsClient:
     ) -> Any:
         return await request(
             self._http(), method, self._url(path), body=body, params=params, answer=answer,
-            token=self._token,
+            token=self._token, idempotent=method == "GET" or path in IDEMPOTENT_POSTS,
         )  # fmt: skip
 
     def _http(self) -> aiohttp.ClientSession:

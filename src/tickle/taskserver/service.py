@@ -53,6 +53,9 @@ from tickle.taskserver.work_cache import WorkCache
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# status events per post to the NS: the NS records a post in one transaction, so fewer, larger
+# posts cost it less per event (the NS splits nothing: a batch over its body limit is split here)
+FORWARD_BATCH = 500
 
 
 class StartupError(Exception):
@@ -128,7 +131,9 @@ class TaskServer:
             contact_interval_s=settings.contact_report_interval_s,
             on_forgotten=self.store.remove_clients,
         )
-        self.forwarder = OutboxForwarder(self.outbox, self.ns.send_events, self.metrics)
+        self.forwarder = OutboxForwarder(
+            self.outbox, self.ns.send_events, self.metrics, batch_size=FORWARD_BATCH
+        )
         self.work_cache = WorkCache(self.store, self.forwarder, self.metrics)
         self.agent_clocks = AgentClocks(self.reporter, self.metrics, settings.freshness_window_s)
         self.agents = AgentTickler(
@@ -139,6 +144,7 @@ class TaskServer:
             self.metrics,
             settings.tickle_backoff(),
             self.agent_clocks,
+            rate=settings.agent_tickle_rate,
         )
         self.sync = NsSync(
             self.ns, self.store, self.work_cache, self.agents, settings.ns_check_interval_s

@@ -55,6 +55,13 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         le=65535,
         description="UDP port the NS tickles (default: the tickle_port bound)",
     )
+    agent_tickle_rate: float = Field(
+        default=2000.0,
+        ge=1,
+        le=1_000_000,
+        description="Tickles per second sent to agents at most (first sends and resends): a "
+        "run-now on thousands of agents wakes them no faster than their pulls can be served",
+    )
     api_url: str | None = Field(
         default=None,
         description="URL agents use (default http(s)://{advertise_host}:{api_port})",

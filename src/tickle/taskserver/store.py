@@ -9,7 +9,7 @@ and local, so the calls are synchronous; each write is one short transaction.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,13 +217,23 @@ class Store:
 
     def mark(self, flag: str, execution_ids: Iterable[int]) -> None:
         """Set `agent_tickled`, `agent_pulled` or `done` on executions."""
-        if flag not in ("agent_tickled", "agent_pulled", "done"):
-            raise ValueError(f"unknown work flag {flag!r}")
+        self.mark_all({flag: execution_ids})
+
+    def mark_all(self, flags: Mapping[str, Iterable[int]]) -> None:
+        """Set each flag (`agent_tickled`, `agent_pulled`, `done`) on its executions, in one
+        transaction."""
+        for flag in flags:
+            if flag not in ("agent_tickled", "agent_pulled", "done"):
+                raise ValueError(f"unknown work flag {flag!r}")
+        marks = {flag: [(eid,) for eid in ids] for flag, ids in flags.items()}
+        if not any(marks.values()):
+            return
         with localdb.transaction(self._db):
-            self._db.executemany(
-                f"UPDATE work SET {flag} = 1 WHERE execution_id = ?",  # noqa: S608 - checked above
-                [(eid,) for eid in execution_ids],
-            )
+            for flag, rows in marks.items():
+                self._db.executemany(
+                    f"UPDATE work SET {flag} = 1 WHERE execution_id = ?",  # noqa: S608 - checked
+                    rows,
+                )
 
     # --- cancels ------------------------------------------------------------------------------
 

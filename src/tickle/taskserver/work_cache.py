@@ -4,13 +4,21 @@ A work pull from the NS reconciles the cache with the NS's list. What happens to
 reported to the NS as status events, each committed to the outbox before it counts: the hops the
 task server sees (`agent_tickled`, `agent_pulled`: once per execution) and the agents' own events
 (`finished` takes the execution out of the agent's pulls).
+
+Group commit: the writes of every request served in one turn of the event loop (pulls, event
+posts, tickles sent) are committed together, one transaction (one fsync) per database for all of
+them, and each request is answered once its own writes are durable. A task server whose agents
+are tickled at once serves thousands of pulls a second this way, not one per fsync.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Literal
 
 from tickle.messages import ExecutionWork, PullVia, StatusEvent, WorkOut
@@ -23,6 +31,20 @@ log = logging.getLogger(__name__)
 
 AGENT_EVENT_KINDS = frozenset({"started", "step_finished", "finished"})
 
+Flag = Literal["agent_tickled", "agent_pulled", "done"]
+
+
+@dataclass
+class _Write:
+    """One request's share of a group commit: its events, and the flag they set."""
+
+    events: list[StatusEvent]
+    flag: Flag
+    flagged: list[int]
+    committed: asyncio.Future[set[str]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
 
 class WorkCache:
     """Keeps the cache in step with the NS and queues the status events of its executions."""
@@ -31,6 +53,10 @@ class WorkCache:
         self._store = store
         self._forwarder = forwarder
         self._metrics = metrics
+        self._writes: list[_Write] = []
+        # (flag, execution id) queued and not committed yet: a hop is reported once, also when
+        # two requests of the same turn see the flag unset
+        self._flagging: set[tuple[Flag, int]] = set()
 
     def apply(self, work: WorkOut) -> list[int]:
         """A work pull came back: make the cache the NS's list; return the new execution ids."""
@@ -52,21 +78,21 @@ class WorkCache:
         """What `computer` must not start, or must stop: its cancelled unfinished executions."""
         return self._store.cancels_for(computer)
 
-    def tickled(self, computer: str, first_sent: float) -> None:
+    async def tickled(self, computer: str, first_sent: float) -> None:
         """A tasks tickle went to `computer`: its work not yet reported tickled is, now."""
-        fresh = [w for w in self._store.pending_work(computer) if not w.agent_tickled]
-        self._hop("agent_tickled", computer, fresh, at=first_sent)
+        fresh = self._first("agent_tickled", self._store.pending_work(computer))
+        await self._hop("agent_tickled", computer, fresh, at=first_sent)
 
-    def pulled(self, computer: str, via: PullVia) -> list[ExecutionWork]:
+    async def pulled(self, computer: str, via: PullVia) -> list[ExecutionWork]:
         """`computer` pulled: its pending work; what it pulls the first time is reported pulled."""
         pending = self._store.pending_work(computer)
         if self._store.cancelled:
             pending = [w for w in pending if w.execution_id not in self._store.cancelled]
-        first = [w for w in pending if not w.agent_pulled]
-        self._hop("agent_pulled", computer, first, via=via)
+        first = self._first("agent_pulled", pending)
+        await self._hop("agent_pulled", computer, first, via=via)
         return [w.work for w in pending]
 
-    def take_events(self, computer: str, events: list[StatusEvent]) -> list[str]:
+    async def take_events(self, computer: str, events: list[StatusEvent]) -> list[str]:
         """Cache the status events `computer` reports, durably, for the NS; return their ids.
 
         An execution this task server does not hold is left to the NS; an event about another
@@ -78,11 +104,19 @@ class WorkCache:
         now = time.time()
         cached = [e.model_copy(update={"cached_at": now}) for e in events]
         # durable before the answer: the agent drops its copy once we acknowledge
-        self._queue(cached, "done", [e.execution_id for e in cached if e.kind == "finished"])
+        new = await self._queue(
+            cached, "done", [e.execution_id for e in cached if e.kind == "finished"]
+        )
         for e in cached:
-            if e.kind == "finished" and e.status is not None:
+            if e.kind == "finished" and e.status is not None and e.event_id in new:
                 self._metrics.executions.labels(status=e.status).inc()
         return [e.event_id for e in cached]
+
+    def _first(self, flag: Flag, work: list[CachedWork]) -> list[CachedWork]:
+        """The work whose `flag` is neither set nor being set."""
+        return [
+            w for w in work if not getattr(w, flag) and (flag, w.execution_id) not in self._flagging
+        ]
 
     def _check(self, computer: str, event: StatusEvent) -> None:
         if event.computer != computer:
@@ -104,7 +138,7 @@ class WorkCache:
                 " not by agents",
             )
 
-    def _hop(
+    async def _hop(
         self,
         kind: Literal["agent_tickled", "agent_pulled"],
         computer: str,
@@ -128,17 +162,38 @@ class WorkCache:
             )
             for w in work
         ]
-        self._queue(events, kind, [w.execution_id for w in work])
+        await self._queue(events, kind, [w.execution_id for w in work])
 
-    def _queue(
-        self,
-        events: list[StatusEvent],
-        flag: Literal["agent_tickled", "agent_pulled", "done"],
-        flagged: list[int],
-    ) -> None:
-        """Queue `events` for the NS, set `flag` on the `flagged` executions, count the events."""
-        self._forwarder.queue(events)
-        if flagged:
-            self._store.mark(flag, flagged)
-        for e in events:
-            self._metrics.status_events.labels(kind=e.kind).inc()
+    async def _queue(self, events: list[StatusEvent], flag: Flag, flagged: list[int]) -> set[str]:
+        """Queue `events` for the NS and set `flag` on the `flagged` executions, in the group
+        commit of this turn; count the events new to the outbox (a retried post counts once)
+        and return their ids once committed."""
+        write = _Write(events, flag, flagged)
+        if not self._writes:
+            asyncio.get_running_loop().call_soon(self._commit)
+        self._writes.append(write)
+        self._flagging.update((flag, eid) for eid in flagged)
+        return await asyncio.shield(write.committed)
+
+    def _commit(self) -> None:
+        """Commit every write queued this turn: one outbox and one cache transaction."""
+        writes, self._writes = self._writes, []
+        try:
+            new = set(self._forwarder.queue([e for w in writes for e in w.events]))
+            flags: dict[str, list[int]] = defaultdict(list)
+            for w in writes:
+                flags[w.flag] += w.flagged
+            self._store.mark_all(flags)
+        except Exception as exc:
+            for w in writes:
+                w.committed.set_exception(exc)
+            return
+        finally:
+            for w in writes:
+                self._flagging.difference_update((w.flag, eid) for eid in w.flagged)
+        for w in writes:
+            mine = {e.event_id for e in w.events} & new
+            for e in w.events:
+                if e.event_id in mine:
+                    self._metrics.status_events.labels(kind=e.kind).inc()
+            w.committed.set_result(mine)

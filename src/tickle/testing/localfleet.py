@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from tickle import http
 from tickle.agent.control import control_call
@@ -67,6 +68,24 @@ class Proc:
         return self.popen is not None and self.popen.poll() is None
 
 
+async def scrape_metric(url: str, name: str, timeout_s: float = 5.0) -> float | None:
+    """The sum of one metric's samples on a component's /metrics (None: no answer)."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.get(url + "/metrics") as resp,
+        ):
+            text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
 class FleetError(Exception):
     """A fleet process failed to start or answer in time; the message includes its log tail."""
 
@@ -103,6 +122,8 @@ class LocalFleet:
         self.agent_hosts = {a.name: f"{net}.{self._agent_base + i}" for i, a in enumerate(agents)}
         self.agents = {a.name: a for a in agents}
         self.procs: dict[str, Proc] = {}
+        self.extra_ns: dict[str, str] = {}  # another NS process on the same database: name -> host
+        self._ns_extra = ns_extra or []
         root.mkdir(parents=True, exist_ok=True)
         self.ca_file: Path | None = None
         self.certs: dict[str, tuple[Path, Path]] = {}  # server name -> (certificate, key)
@@ -127,11 +148,27 @@ class LocalFleet:
         self.agents[spec.name] = spec
         self._add(spec.name, self._agent_args(spec))
 
+    def add_ns(self, name: str, host: str) -> str:
+        """Add another NS process on `host`, with the first one's flags (`ns_extra`: share its
+        PostgreSQL database), started after it by `start`; return its URL."""
+        self.extra_ns[name] = host
+        args = self._ns_args(self._ns_extra, host, name)
+        self._add(name, args)
+        return f"{self.scheme}://{host}:{NS_API_PORT}"
+
+    def set_ts_ns_url(self, task_server: str, ns_url: str) -> None:
+        """Point a task server (before it starts) at another NS process of `add_ns`."""
+        argv = self.procs[task_server].argv
+        argv[argv.index("--ns-url") + 1] = ns_url
+
     async def start(self, deadline_s: float = 30.0) -> None:
         """Start every process in tier order and wait until each answers / is registered."""
         self._check_ports_free()
         self.spawn("ns")
         await self.wait_healthy(self.ns_url, "ns", deadline_s)
+        for name, host in self.extra_ns.items():
+            self.spawn(name)
+            await self.wait_healthy(f"{self.scheme}://{host}:{NS_API_PORT}", name, deadline_s)
         for name in self.ts_hosts:
             self.spawn(name)
         for name in self.ts_hosts:
@@ -143,7 +180,7 @@ class LocalFleet:
 
     async def stop(self) -> None:
         """SIGTERM every process (agents first), then SIGKILL what is left after 10 s."""
-        order = [*self.agents, *self.ts_hosts, "ns"]
+        order = [*self.agents, *self.ts_hosts, *self.extra_ns, "ns"]
         for name in order:
             self.signal(name, signal.SIGTERM)
         end = time.monotonic() + 10
@@ -275,10 +312,10 @@ class LocalFleet:
             name, [self.python, "-m", "tickle", *args], self.root / f"{name}.log"
         )
 
-    def _ns_args(self, extra: list[str]) -> list[str]:
+    def _ns_args(self, extra: list[str], host: str | None = None, name: str = "ns") -> list[str]:
         return [
-            "ns", "--api-host", self.ns_host, "--api-port", str(NS_API_PORT),
-            "--state-dir", str(self.root / "ns"), *self._tls_args("ns"), *extra,
+            "ns", "--api-host", host or self.ns_host, "--api-port", str(NS_API_PORT),
+            "--state-dir", str(self.root / name), *self._tls_args("ns"), *extra,
         ]  # fmt: skip
 
     def _ts_args(self, name: str, host: str, extra: list[str]) -> list[str]:
@@ -337,7 +374,7 @@ class LocalFleet:
         for key in list(env):
             if key.startswith(("TICKLE_NS_", "TICKLE_TS_", "TICKLE_AGENT_", "TICKLE_TEST")):
                 del env[key]  # the fleet's flags and secrets are the whole configuration
-        if name == "ns":
+        if name == "ns" or name in self.extra_ns:
             env["TICKLE_NS_ADMIN_TOKEN"] = self.admin_token
             env["TICKLE_NS_ENROLLMENT_SECRET"] = self.enrollment_secret
         elif name in self.ts_hosts:

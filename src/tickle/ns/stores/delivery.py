@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from tickle import messages as m
@@ -224,6 +224,7 @@ class DeliveryStore:
                     )
                 )
             )
+            new_rows: list[dict[str, Any]] = []
             for e in events:
                 if e.event_id in seen:
                     out.accepted.append(e.event_id)
@@ -244,16 +245,16 @@ class DeliveryStore:
                         e.event_id, ts.name, ex.id, ex.computer.name, e.computer,
                     )  # fmt: skip
                     continue
-                s.add(
-                    StatusEventRow(
-                        event_id=e.event_id,
-                        execution_id=ex.id,
-                        kind=e.kind,
-                        at=e.at,
+                new_rows.append(
+                    {
+                        "event_id": e.event_id,
+                        "execution_id": ex.id,
+                        "kind": e.kind,
+                        "at": e.at,
                         # the output is kept once, in its step's row (`execution_outputs`)
-                        body=e.model_dump(mode="json", exclude=_OUTPUT_FIELDS),
-                        recorded_at=now,
-                    )
+                        "body": e.model_dump(mode="json", exclude=_OUTPUT_FIELDS),
+                        "recorded_at": now,
+                    }
                 )
                 seen.add(e.event_id)
                 _keep_output(s, ex, e)
@@ -265,6 +266,8 @@ class DeliveryStore:
                     out.finished.append(ex.status)
                 out.accepted.append(e.event_id)
                 out.recorded.append(e)
+            if new_rows:  # one bulk INSERT (Core), not an ORM object per event
+                s.execute(insert(StatusEventRow), new_rows)
         return out
 
 

@@ -1,0 +1,276 @@
+"""Many simulated client task agents in a few processes: for the fleet-scale test and the bench.
+
+Each simulated agent is real on the wire: it registers with its task server over HTTP, binds its
+own UDP tickle listener on its own loopback address (port 50124), verifies every tickle with
+TickleGuard, pulls its tasks over HTTP when tickled, and posts `started` and `finished` status
+events. Only the task itself is simulated (it "succeeds" at once, without spawning a process).
+Like the real agent, it backs off with jitter when a server is busy (429, 503, or no answer),
+waiting at least what `Retry-After` says.
+
+`SimAgents` starts the processes (`python -m tickle.testing.simagents`) for a `LocalFleet`, spread
+over its task servers, and waits until every agent is registered and listening. Each process
+counts the requests its agents send per second, and prints them when stopped (`SimAgents.stop`
+returns the fleet's sums).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import aiohttp
+
+from tickle import http, wire
+from tickle.messages import (
+    AgentEnrollment,
+    AgentRegister,
+    AgentTasks,
+    EventAck,
+    EventBatch,
+    StatusEvent,
+)
+from tickle.testing.localfleet import AGENT_TICKLE_PORT, LocalFleet
+
+PER_PROCESS = 250
+SECRET_ENV = "TICKLE_SIM_ENROLLMENT_SECRET"  # noqa: S105 - the name of a variable
+# how long a simulated agent keeps trying one request (the servers may be busy, or restarting)
+GIVE_UP_S = 120.0
+BUSY = frozenset({429, 503})
+
+
+def sim_name(index: int) -> str:
+    return f"sim-{index:05d}"
+
+
+def sim_host(net: str, index: int) -> str:
+    """The loopback address of simulated agent `index` under `net` (two octets, "127.N")."""
+    return f"{net}.{index // 250}.{index % 250 + 1}"
+
+
+class SimAgents:
+    """Processes of simulated agents for `fleet`, agent i on task server i mod len(task servers)."""
+
+    def __init__(
+        self,
+        fleet: LocalFleet,
+        count: int,
+        net: str,
+        task_servers: list[str] | None = None,
+        per_process: int = PER_PROCESS,
+    ) -> None:
+        self.fleet = fleet
+        self.count = count
+        self.net = net
+        self.task_servers = task_servers or list(fleet.ts_hosts)
+        self.per_process = per_process
+        self.names = [sim_name(i) for i in range(count)]
+        self.procs: list[subprocess.Popen[str]] = []
+
+    async def start(self, deadline_s: float = 120.0) -> float:
+        """Start the processes; return the seconds until every agent was registered."""
+        started = time.monotonic()
+        self._spawn()
+        end = started + deadline_s
+        for proc in self.procs:
+            assert proc.stdout is not None
+            try:
+                line = await asyncio.wait_for(
+                    asyncio.to_thread(proc.stdout.readline), max(0.1, end - time.monotonic())
+                )
+            except TimeoutError:
+                raise RuntimeError(f"simulated agents not registered in {deadline_s}s") from None
+            if not line.startswith("ready"):
+                raise RuntimeError(f"simulated agents failed to start: {line!r}")
+        return time.monotonic() - started
+
+    def _spawn(self) -> None:
+        env = {**os.environ, SECRET_ENV: self.fleet.agent_enrollment_secret}
+        ts_count = len(self.task_servers)
+        # each process serves agents of one task server: agent i on task server i mod ts_count
+        for t, ts in enumerate(self.task_servers):
+            mine = list(range(t, self.count, ts_count))
+            for first in range(0, len(mine), self.per_process):
+                part = ",".join(map(str, mine[first : first + self.per_process]))
+                argv = [sys.executable, "-m", "tickle.testing.simagents", self.fleet.ts_url(ts),
+                        self.net, part]  # fmt: skip
+                self.procs.append(
+                    subprocess.Popen(
+                        argv, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
+                    )
+                )
+
+    async def stop(self) -> Counter[int]:
+        """Stop every process; return the requests sent per second (unix time) by all agents."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        per_second: Counter[int] = Counter()
+        for proc in self.procs:
+            try:
+                out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = await asyncio.to_thread(proc.communicate)
+            for line in out.splitlines():
+                if line.startswith("stats "):
+                    per_second.update({int(k): v for k, v in json.loads(line[6:]).items()})
+        self.procs.clear()
+        return per_second
+
+
+class _Busy(Exception):
+    def __init__(self, retry_after_s: float | None) -> None:
+        self.retry_after_s = retry_after_s
+
+
+class SimAgent(asyncio.DatagramProtocol):
+    def __init__(self, name: str, host: str, ts_url: str, sent: Counter[int]) -> None:
+        self.name = name
+        self.host = host
+        self.ts_url = ts_url
+        self.sent = sent
+        self.session: aiohttp.ClientSession | None = None
+        self.guard: wire.TickleGuard | None = None
+        self.token = ""
+        self.seen: set[int] = set()
+        self.pulling = False
+        self.again = False
+
+    async def start(self, secret: str) -> None:
+        connector = aiohttp.TCPConnector(
+            local_addr=(self.host, 0), limit=4, keepalive_timeout=http.CLIENT_KEEPALIVE_S
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+        )
+        body = AgentRegister(enrollment_secret=secret, name=self.name, tickle_host=self.host,
+                             tickle_port=AGENT_TICKLE_PORT, reported_address=self.host)  # fmt: skip
+        enrollment = await self.call("POST", "/api/agent/register", body, AgentEnrollment, None)
+        self.token = enrollment.token
+        self.guard = wire.TickleGuard({enrollment.ts_name: base64.b64decode(enrollment.tickle_key)})
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, AGENT_TICKLE_PORT))
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        answer: Any,
+        token: str | None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        """One request, tried again after a jittered backoff while the server is busy or away."""
+        assert self.session is not None
+        session = self.session
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = body.model_dump_json().encode() if body is not None else None
+
+        async def once() -> Any:
+            async with session.request(
+                method, self.ts_url + path, data=data, params=params, headers=headers
+            ) as resp:
+                raw = await resp.read()
+                if resp.status in BUSY:
+                    retry_after = resp.headers.get("Retry-After", "")
+                    raise _Busy(float(retry_after) if retry_after.isdigit() else None)
+                if resp.status >= 400:
+                    raise http.ApiError(resp.status, raw.decode(errors="replace")[:200], path)
+            return answer.model_validate_json(raw)
+
+        end = time.monotonic() + GIVE_UP_S
+        delay = 0.2
+        while True:
+            self.sent[int(time.time())] += 1
+            try:
+                return await once()
+            except (_Busy, aiohttp.ClientError, TimeoutError) as exc:
+                if time.monotonic() > end:
+                    raise
+                wait = random.uniform(delay / 2, delay)  # jitter over the upper half
+                if isinstance(exc, _Busy) and exc.retry_after_s is not None:
+                    wait = max(wait, exc.retry_after_s * random.uniform(1.0, 1.5))
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, 10.0)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.guard is not None
+        try:
+            tickle = self.guard.check(data)
+        except wire.TickleRejected:
+            return
+        if tickle.kind is wire.Kind.TASKS:
+            if self.pulling:
+                self.again = True
+            else:
+                asyncio.get_running_loop().create_task(self.pull())
+
+    async def pull(self) -> None:
+        self.pulling = True
+        try:
+            while True:
+                self.again = False
+                tasks = await self.call("GET", "/api/agent/tasks", None, AgentTasks, self.token,
+                                        params={"via": "tickle"})  # fmt: skip
+                events = []
+                for work in tasks.executions:
+                    if work.execution_id in self.seen:
+                        continue
+                    self.seen.add(work.execution_id)
+                    now = time.time()
+                    events += [
+                        StatusEvent(event_id=str(uuid.uuid4()), execution_id=work.execution_id,
+                                    computer=self.name, kind="started", at=now),
+                        StatusEvent(event_id=str(uuid.uuid4()), execution_id=work.execution_id,
+                                    computer=self.name, kind="finished", at=now,
+                                    status="succeeded", exit_code=0),
+                    ]  # fmt: skip
+                if events:
+                    await self.call("POST", "/api/agent/events", EventBatch(events=events),
+                                    EventAck, self.token)  # fmt: skip
+                if not self.again:
+                    return
+        except Exception as exc:  # a simulated agent reports and carries on
+            print(f"{self.name}: pull failed: {exc!r}", file=sys.stderr, flush=True)
+        finally:
+            self.pulling = False
+
+
+async def main(ts_url: str, net: str, indexes: list[int]) -> None:
+    secret = os.environ[SECRET_ENV]
+    sent: Counter[int] = Counter()
+    agents = [SimAgent(sim_name(i), sim_host(net, i), ts_url, sent) for i in indexes]
+    sem = asyncio.Semaphore(20)
+
+    async def start(a: SimAgent) -> None:
+        async with sem:
+            await a.start(secret)
+
+    await asyncio.gather(*(start(a) for a in agents))
+    print(f"ready {len(agents)}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    for a in agents:
+        if a.session is not None:
+            await a.session.close()
+    print("stats " + json.dumps(sent), flush=True)
+
+
+if __name__ == "__main__":
+    url, net, indexes = sys.argv[1:4]
+    asyncio.run(main(url, net, [int(i) for i in indexes.split(",")]))

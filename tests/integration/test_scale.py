@@ -1,0 +1,62 @@
+"""Fleet scale: 2,000 simulated agents over 2 task servers, one run-now on all, every execution
+recorded exactly once (correctness at scale; `make bench` measures the times)."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+
+import pytest
+
+from tests.integration.conftest import NET_BASE, Factory, eventually, metric
+from tickle.messages import FINAL_STATUSES, RunCreate, TaskCreate
+from tickle.testing.simagents import SimAgents
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+AGENTS = 2000
+# the simulated agents' addresses: a /16 of their own, apart from every session's fleets
+SIM_NET = f"127.{NET_BASE + 64}"
+
+
+async def test_a_run_now_on_2000_agents_is_recorded_exactly_once_per_execution(
+    fleet_factory: Factory,
+) -> None:
+    fleet = await fleet_factory(["ts1", "ts2"], [])
+    sims = SimAgents(fleet, AGENTS, SIM_NET)
+    try:
+        await sims.start(deadline_s=120)
+        async with fleet.client() as ns:
+            task = await ns.add_task(TaskCreate(name="scale", command=["true"]))
+            run = await ns.run_now(RunCreate(task_id=task.id, computers=sims.names))
+            assert len(run.executions) == AGENTS
+
+            async def finished() -> bool:
+                done = await metric(fleet.ns_url, "tickle_executions_total")
+                return done >= AGENTS
+
+            await eventually(finished, 120, "every finished event at the NS", every_s=0.5)
+            run = await ns.run(run.id)
+    finally:
+        await sims.stop()
+    assert all(e.status == "succeeded" for e in run.executions), {e.status for e in run.executions}
+    assert all(e.status in FINAL_STATUSES for e in run.executions)
+    assert len({e.computer for e in run.executions}) == AGENTS
+
+    # once: one row per execution and kind in the NS database, whatever was retried or resent
+    db_path = fleet.root / "ns" / "ns.db"
+
+    async def every_hop_recorded() -> dict[str, int] | None:
+        with contextlib.closing(sqlite3.connect(db_path)) as db:
+            counts = dict(db.execute("SELECT kind, count(*) FROM status_events GROUP BY kind"))
+        hops = ("agent_tickled", "agent_pulled", "started", "finished")
+        return counts if all(counts.get(k, 0) >= AGENTS for k in hops) else None
+
+    counts = await eventually(every_hop_recorded, 30, "every hop's events at the NS")
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        twice = db.execute(
+            "SELECT execution_id, kind, count(*) FROM status_events"
+            " GROUP BY execution_id, kind HAVING count(*) > 1 LIMIT 5"
+        ).fetchall()
+    assert twice == []
+    assert all(counts[k] == AGENTS for k in counts), counts
