@@ -267,8 +267,15 @@ def _describe(exc: ValidationError, prefix: str) -> str:
         field = ".".join(str(p) for p in err["loc"]) or "settings"
         env = f"{prefix}{str(err['loc'][0]).upper()}" if err["loc"] else ""
         shown = f"{field} ({env})" if env else field
-        lines.append(f"setting {shown}: {err['msg']} (got {err.get('input')!r})")
+        # a secret's value never reaches a log (check-config's messages end up in deployment logs)
+        got = "" if _secret_name(field) else f" (got {err.get('input')!r})"
+        lines.append(f"setting {shown}: {err['msg']}{got}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _secret_name(field: str) -> bool:
+    """Settings whose values are secret: tokens, secrets, passwords, database URLs (a password)."""
+    return any(word in field for word in ("secret", "token", "password", "database_url"))
 
 
 def check_http_url(value: str) -> str:

@@ -117,3 +117,17 @@ def test_bad_or_missing_secrets_file_is_named(tmp_path: Path) -> None:
     conf.write_text('secrets_file = "bad.toml"\n')
     with pytest.raises(ConfigError, match=r"bad\.toml is not valid TOML"):
         load_settings(DemoSettings, ["--config", str(conf)])
+
+
+class SecretDemoSettings(DemoSettings):
+    enrollment_secret: str = Field(default="x" * 20, min_length=16)
+
+
+def test_a_bad_secret_is_named_but_never_shown(tmp_path: Path) -> None:
+    # check-config's message reaches deployment logs: it names the setting, not its value
+    (tmp_path / "s.toml").write_text('enrollment_secret = "sekrit"\n')
+    conf = tmp_path / "c.toml"
+    conf.write_text('secrets_file = "s.toml"\n')
+    with pytest.raises(ConfigError, match="enrollment_secret") as caught:
+        load_settings(SecretDemoSettings, ["--config", str(conf)])
+    assert "sekrit" not in str(caught.value)
