@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from fleet import NS_CONFIG, TS_CONFIG, Fleet, FleetHost
+from fleet import NS_CONFIG, TS_CONFIG, Fleet, FleetHost, wait_for
 
 PLAYBOOKS = Path(__file__).resolve().parent.parent.parent / "playbooks"
 
@@ -171,4 +171,11 @@ def test_failing_unit_is_reported_at_once_with_its_journal(fleet: Fleet, ts1: Fl
         ts1.check(
             "systemctl reset-failed tickle-task-server.service; systemctl restart tickle-task-server.service"
         )
-    assert ts1.local_api(TS_CONFIG, "GET", "/health")["status"] == "ok"
+
+    def healthy() -> bool | None:
+        try:
+            return ts1.local_api(TS_CONFIG, "GET", "/health")["status"] == "ok" or None
+        except AssertionError:  # not listening yet
+            return None
+
+    wait_for(f"{ts1} answers GET /health again", healthy, timeout_s=120)
