@@ -285,3 +285,46 @@ def test_a_component_help_prints_its_flags_and_exits_0(component: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "--state-dir" in done.stdout
     assert "bad command-line flags" not in done.stderr
+
+
+COMPONENTS = [("ns", "notification-server"), ("task-server", "task-server"), ("agent", "agent")]
+
+
+@pytest.mark.parametrize(("command", "name"), COMPONENTS)
+def test_check_config_names_the_bad_setting_in_one_line(
+    command: str, name: str, tmp_path: Path
+) -> None:
+    # Ansible's `validate:` runs this on every config file before it replaces the old one
+    conf = tmp_path / "c.toml"
+    conf.write_text(
+        f'api_port = 70000\ntickle_port = 70000\nenrollment_secret = "{"s" * 20}"\n'
+        f'state_dir = "{tmp_path}"\ntask_servers = ["https://ts.example:50121"]\n'
+    )
+    args = [command, "run"] if command == "agent" else [command]
+    result = CliRunner().invoke(cli.app, [*args, "--check-config", str(conf)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert str(conf) in lines[0]
+    assert "tickle_port" in lines[0] or "api_port" in lines[0], lines[0]
+
+
+def test_check_config_accepts_a_good_file_and_changes_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    secrets = tmp_path / "c.secrets.toml"
+    secrets.write_text(f'enrollment_secret = "{"s" * 20}"\n')
+    conf = tmp_path / "c.toml"
+    conf.write_text(
+        f'task_servers = ["https://ts.example:50121"]\nstate_dir = "{state}"\n'
+        'secrets_file = "c.secrets.toml"\n'
+    )
+    result = CliRunner().invoke(cli.app, ["agent", "--check-config", str(conf)])
+    assert result.exit_code == 0, result.output
+    assert not state.exists()
+
+
+def test_check_config_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli.app, ["ns", "--check-config", str(tmp_path / "none.toml")])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1
+    assert "does not exist" in result.output

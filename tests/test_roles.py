@@ -6,6 +6,7 @@ not evaluate it (a lookup there would generate a secret the operator supplies)."
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +173,107 @@ def test_every_unit_with_a_state_directory_keeps_it_private(unit: Path) -> None:
     lines = unit.read_text().splitlines()
     assert "StateDirectoryMode=0700" in lines
     assert "UMask=0077" in lines
+
+
+COMPONENTS = {
+    "tickle_notification_server": ("notification-server.toml.j2", {"admin_token", "enrollment_secret", "database_url"}),
+    "tickle_task_server": ("task-server.toml.j2", {"enrollment_secret"}),
+    "tickle_client_task_agent": ("client-task-agent.toml.j2", {"enrollment_secret"}),
+}  # fmt: skip
+SECRETS = {"admin_token", "enrollment_secret", "database_url"}  # its password
+
+
+def _yaml(path: Path) -> Any:
+    return yaml.load(path.read_text(), Loader=_SpecLoader)
+
+
+def _template_keys(role: str) -> set[str]:
+    template = ROLES / role / "templates" / COMPONENTS[role][0]
+    return set(re.findall(r"(?m)^([a-z_]+) = ", template.read_text()))
+
+
+@pytest.mark.parametrize("role", sorted(COMPONENTS))
+def test_config_templates_hold_no_secret_and_name_the_secrets_file(role: str) -> None:
+    # the configuration is shown by --diff (not no_log): the secrets go to a file of their own
+    keys = _template_keys(role)
+    assert keys & SECRETS == set(), f"{role}: secrets in the configuration template"
+    assert "secrets_file" in keys
+    configure = _yaml(ROLES / role / "tasks" / "configure.yml")
+    service = next(t for t in configure if t.get("ansible.builtin.include_role", {}).get("tasks_from") == "configure")  # fmt: skip
+    secrets = service["vars"]["tickle_service_secrets"]
+    assert all(name in secrets for name in COMPONENTS[role][1]), secrets
+
+
+def test_only_the_secrets_file_is_no_log() -> None:
+    tasks = {t["name"]: t for t in _tasks(_yaml(ROLES / "tickle_service" / "tasks" / "configure.yml"))}  # fmt: skip
+    assert tasks["Write the secret settings"].get("no_log") is True
+    assert "no_log" not in tasks["Write the configuration"]
+
+
+@pytest.mark.parametrize("role", sorted(COMPONENTS))
+def test_every_config_is_checked_by_the_component_before_it_is_written(role: str) -> None:
+    tasks = {t["name"]: t for t in _tasks(_yaml(ROLES / "tickle_service" / "tasks" / "configure.yml"))}  # fmt: skip
+    assert "tickle_service_config_check" in tasks["Write the configuration"]["ansible.builtin.template"]["validate"]  # fmt: skip
+    configure = _yaml(ROLES / role / "tasks" / "configure.yml")
+    service = next(t for t in configure if t.get("ansible.builtin.include_role", {}).get("tasks_from") == "configure")  # fmt: skip
+    check = service["vars"]["tickle_service_config_check"]
+    assert check[-1] == "--check-config", check
+    assert check[-2] in {"ns", "task-server", "agent"}, check
+    # the certificate the configuration names is installed before the configuration is checked
+    names = [t.get("ansible.builtin.include_role", {}).get("name") for t in configure]
+    if "tickle_certificate" in names:
+        assert names.index("tickle_certificate") < names.index("tickle_service"), names
+
+
+@pytest.mark.parametrize("role", sorted(COMPONENTS))
+def test_extra_config_may_not_repeat_a_built_in_setting(role: str) -> None:
+    builtin = set(_yaml(ROLES / role / "vars" / "main.yml")[f"{role}__builtin_keys"])
+    assert builtin == _template_keys(role) | COMPONENTS[role][1] | {"config"}
+    preflight = _yaml(ROLES / role / "tasks" / "preflight.yml")
+    check = preflight[0]["vars"]
+    assert check["tickle_service_builtin_keys"] == f"{{{{ {role}__builtin_keys }}}}"
+    assert check["tickle_service_extra_config"] == f"{{{{ {role}_extra_config }}}}"
+
+
+def test_ns_role_enforces_the_api_s_ranges_of_the_central_settings() -> None:
+    from tickle.messages import SettingsUpdate
+
+    ranges = _yaml(ROLES / "tickle_notification_server" / "vars" / "main.yml")[
+        "tickle_notification_server__settings_ranges"
+    ]
+    properties = SettingsUpdate.model_json_schema()["properties"]
+    assert set(ranges) == set(properties)
+    for name, prop in properties.items():
+        number = next(p for p in prop.get("anyOf", [prop]) if p.get("type") != "null")
+        assert (ranges[name]["min"], ranges[name]["max"]) == (
+            number["minimum"],
+            number["maximum"],
+        ), name
+
+
+def _port_ranges(role: str) -> dict[str, tuple[int, int]]:
+    preflight = _yaml(ROLES / role / "tasks" / "preflight.yml")
+    return {r["name"]: (r["min"], r["max"]) for r in preflight[0]["vars"]["tickle_service_ranges"]}
+
+
+@pytest.mark.parametrize("role", sorted(COMPONENTS))
+def test_every_port_is_checked_against_its_range(role: str) -> None:
+    ports = [name for name in _defaults(role) if name.endswith("_port")]
+    ranges = _port_ranges(role)
+    assert ports, role
+    assert set(ports) <= set(ranges), f"{role}: ports without a range check"
+    assert all(ranges[p][1] == 65535 and ranges[p][0] in (0, 1) for p in ports)
+
+
+def test_firewall_ports_follow_the_component_roles() -> None:
+    defaults = _defaults("tickle_firewall")
+    assert "tickle_task_server_tickle_port" in defaults["tickle_firewall_task_server_tickle_port"]
+    assert "tickle_client_task_agent_tickle_port" in defaults["tickle_firewall_agent_tickle_port"]
+    assert "tickle_task_server_api_port" in defaults["tickle_firewall_api_ports"]
+    assert "tickle_notification_server_api_port" in defaults["tickle_firewall_api_ports"]
+
+
+def test_agent_urls_follow_each_task_server_s_own_port_and_address() -> None:
+    urls = _defaults("tickle_client_task_agent")["tickle_client_task_agent_task_server_urls"]
+    for name in ("api_url", "api_port", "advertise_host", "tls"):
+        assert f"h.tickle_task_server_{name}" in urls, name

@@ -5,9 +5,9 @@ values are what the roles use and the vaulted files stay encrypted."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -25,10 +25,12 @@ AGENT_ENROLLMENT = "agent-enrollment-secret-from-the-vault-01234"
 # What the test adds to a copy of each role (tasks/render.yml): the NS role renders its real
 # configuration template; the task server and agent roles write the enrollment secret they resolve.
 NS_RENDER = """
-- name: Render the NS configuration
-  ansible.builtin.template:
-    src: notification-server.toml.j2
-    dest: "{{ out_dir }}/notification-server.toml"
+- name: Write the NS's secrets as its configure step resolves them
+  ansible.builtin.copy:
+    content: >-
+      {{ {'admin_token': tickle_notification_server_admin_token,
+          'enrollment_secret': tickle_notification_server_enrollment_secret} | to_json }}
+    dest: "{{ out_dir }}/notification-server.secrets.json"
     mode: "0600"
 """
 SECRET_RENDER = """
@@ -128,7 +130,7 @@ class Controller:
     def render(self) -> tuple[dict[str, object], dict[str, str]]:
         run = self.playbook(PLAYBOOK)
         assert run.returncode == 0, run.stdout + run.stderr
-        config = tomllib.loads((self.out / "notification-server.toml").read_text())
+        config = json.loads((self.out / "notification-server.secrets.json").read_text())
         roles = {"task_server": "tickle_task_server", "agent": "tickle_client_task_agent"}
         return config, {k: (self.out / f"{r}.secret").read_text() for k, r in roles.items()}
 
@@ -190,7 +192,7 @@ def test_a_vaulted_secret_without_the_password_stops_the_run(controller: Control
     run = controller.playbook(PLAYBOOK, vault=False)
     assert run.returncode != 0
     assert "Attempting to decrypt but no vault secrets found" in run.stdout + run.stderr
-    assert not (controller.out / "notification-server.toml").exists()
+    assert not (controller.out / "notification-server.secrets.json").exists()
 
 
 def _pem(key: ec.EllipticCurvePrivateKey) -> str:

@@ -39,6 +39,9 @@ import json, ssl, sys, tomllib, urllib.error, urllib.request
 config, method, path, body = sys.argv[1:5]
 with open(config, "rb") as f:
     cfg = tomllib.load(f)
+if cfg.get("secrets_file"):  # the admin token lives in the secrets file the config names
+    with open(cfg["secrets_file"], "rb") as f:
+        cfg.update(tomllib.load(f))
 host = cfg.get("api_host", "127.0.0.1")
 host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 default_port = 50120 if "notification" in config else 50121
@@ -99,6 +102,25 @@ class FleetHost:
     @property
     def tickles_blocked(self) -> bool:
         return _bool(self.hostvars.get("tickle_firewall_block_tickles", False))
+
+    @property
+    def ts_tickle_port(self) -> int:
+        """UDP port this host's task server rules use (its task server's, else the default)."""
+        return int(self.hostvars.get("tickle_task_server_tickle_port", 50123))
+
+    @property
+    def agent_tickle_port(self) -> int:
+        """UDP port this host's agent listens for tickles on."""
+        return int(self.hostvars.get("tickle_client_task_agent_tickle_port", 50124))
+
+    @property
+    def api_ports(self) -> list[int]:
+        """TCP API ports the firewall keeps open on this host (the NS's and the task server's)."""
+        ports = [
+            int(self.hostvars.get("tickle_notification_server_api_port", 50120)),
+            int(self.hostvars.get("tickle_task_server_api_port", 50121)),
+        ]
+        return list(dict.fromkeys(ports))
 
     @property
     def computer_name(self) -> str:

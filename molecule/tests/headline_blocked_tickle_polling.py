@@ -82,7 +82,7 @@ def test_firewall_drops_every_tickle_to_the_blocked_agents(
         assert match, f"{agent}: the first rule does not drop the tickle ports:\n{table}"
         server = fleet.task_servers_of(agent)[0]
         before = int(match.group(3))
-        server.check(_SEND, agent.ipv4_addresses()[0], "50124")
+        server.check(_SEND, agent.ipv4_addresses()[0], str(agent.agent_tickle_port))
 
         def dropped(agent: FleetHost = agent, before: int = before) -> bool | None:
             found = _BLOCK_RULE.search(agent.check("nft list table inet tickle"))

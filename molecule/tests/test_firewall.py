@@ -29,18 +29,30 @@ def _drop_counter(table: str, port: int) -> int:
     return int(match.group(1))
 
 
+def _blocked(host: FleetHost) -> str:
+    """The switch's rule: both tickle ports (the host's own settings) dropped."""
+    return rf"udp dport \{{ {host.ts_tickle_port}, {host.agent_tickle_port} \}} counter .* drop"
+
+
 def test_tickle_table_loaded_by_its_unit(any_host: FleetHost) -> None:
     table = _table(any_host)
     assert "hook input" in table
-    assert re.search(r"tcp dport \{ 50120, 50121 \} counter packets \d+ bytes \d+ accept", table)
+    # the ports follow the host's settings (tickle_delivery gives a task server ports of its own)
+    ports = ", ".join(str(p) for p in sorted(any_host.api_ports))
+    assert re.search(rf"tcp dport \{{ {ports} \}} counter packets \d+ bytes \d+ accept", table), (
+        table
+    )
     assert any_host.host.file("/etc/tickle/firewall.nft").exists
 
 
 def test_task_server_accepts_tickles_only_from_the_ns(fleet: Fleet, task_server: FleetHost) -> None:
     table = _table(task_server)
     assert set(fleet.ns.ipv4_addresses()) <= _set_elements(table, "notification_servers_v4")
-    assert re.search(r"udp dport 50123 ip saddr @notification_servers_v4 counter .* accept", table)
-    _drop_counter(table, 50123)
+    port = task_server.ts_tickle_port
+    assert re.search(
+        rf"udp dport {port} ip saddr @notification_servers_v4 counter .* accept", table
+    )
+    _drop_counter(table, port)
 
 
 def _send_stray_and_see_it_dropped(sender: FleetHost, target: FleetHost, port: int) -> None:
@@ -57,13 +69,13 @@ def _send_stray_and_see_it_dropped(sender: FleetHost, target: FleetHost, port: i
 def test_stray_datagram_to_task_server_is_dropped(fleet: Fleet, task_server: FleetHost) -> None:
     senders = [h for h in fleet.hosts if not h.is_ns and h is not task_server]
     assert senders, f"no host other than the NS and {task_server} to send from"
-    _send_stray_and_see_it_dropped(senders[0], task_server, 50123)
+    _send_stray_and_see_it_dropped(senders[0], task_server, task_server.ts_tickle_port)
 
 
 def test_agent_accepts_tickles_only_from_its_task_servers(fleet: Fleet, agent: FleetHost) -> None:
     table = _table(agent)
     if agent.tickles_blocked:
-        assert re.search(r"udp dport \{ 50123, 50124 \} counter .* drop", table)
+        assert re.search(_blocked(agent), table)
         return
     servers = fleet.task_servers_of(agent)
     assert servers, f"{agent} has no task server in the inventory"
@@ -72,28 +84,29 @@ def test_agent_accepts_tickles_only_from_its_task_servers(fleet: Fleet, agent: F
     assert allowed == wanted, (
         f"{agent} takes tickles from {sorted(allowed)}, its task servers {servers} are {sorted(wanted)}"
     )
-    assert re.search(r"udp dport 50124 ip saddr @task_servers_v4 counter .* accept", table)
-    _drop_counter(table, 50124)
+    port = agent.agent_tickle_port
+    assert re.search(rf"udp dport {port} ip saddr @task_servers_v4 counter .* accept", table)
+    _drop_counter(table, port)
 
 
 def test_stray_datagram_to_agent_is_dropped(fleet: Fleet, agent: FleetHost) -> None:
     if agent.tickles_blocked:
         # its one rule drops both tickle ports: headline_blocked_tickle_polling sends to it
-        assert re.search(r"udp dport \{ 50123, 50124 \} counter .* drop", _table(agent))
+        assert re.search(_blocked(agent), _table(agent))
         return
     servers = fleet.task_servers_of(agent)
     senders = [h for h in fleet.hosts if h is not agent and h not in servers]
     assert senders, f"no host other than {agent}'s task servers to send from"
-    _send_stray_and_see_it_dropped(senders[0], agent, 50124)
+    _send_stray_and_see_it_dropped(senders[0], agent, agent.agent_tickle_port)
 
 
 def test_cem_agent_drops_every_tickle(cem_agent: FleetHost) -> None:
-    _drop_counter(_table(cem_agent), 50124)
+    _drop_counter(_table(cem_agent), cem_agent.agent_tickle_port)
 
 
 def test_switch_blocks_tickles_entirely_where_set(any_host: FleetHost) -> None:
     table = _table(any_host)
-    block = re.compile(r"udp dport \{ 50123, 50124 \} counter .* drop")
+    block = re.compile(_blocked(any_host))
     if any_host.tickles_blocked:
         first_rule = table.split("policy accept;")[1].strip().splitlines()[0]
         assert block.search(first_rule), f"{any_host}: tickles not blocked first:\n{table}"

@@ -20,13 +20,13 @@ def test_task_server_answers_health(task_server: FleetHost) -> None:
     assert task_server.local_api(TS_CONFIG, "GET", "/health")["status"] == "ok"
 
 
-def test_task_server_listens_for_tickles_on_udp_50123(task_server: FleetHost) -> None:
-    port = int(task_server.hostvars.get("tickle_task_server_tickle_port", 50123))
+def test_task_server_listens_for_tickles_on_its_udp_port(task_server: FleetHost) -> None:
+    port = task_server.ts_tickle_port
     assert task_server.host.socket(f"udp://0.0.0.0:{port}").is_listening
 
 
-def test_agent_listens_for_tickles_on_udp_50124(agent: FleetHost) -> None:
-    port = int(agent.hostvars.get("tickle_client_task_agent_tickle_port", 50124))
+def test_agent_listens_for_tickles_on_its_udp_port(agent: FleetHost) -> None:
+    port = agent.agent_tickle_port
     assert agent.host.socket(f"udp://0.0.0.0:{port}").is_listening
 
 

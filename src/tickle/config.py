@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import sys
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -29,6 +30,7 @@ from tickle import wire
 from tickle.backoff import Backoff
 
 _config_file: ContextVar[Path | None] = ContextVar("tickle_config_file", default=None)
+_secrets_file: ContextVar[Path | None] = ContextVar("tickle_secrets_file", default=None)
 _cli_args: ContextVar[list[str] | None] = ContextVar("tickle_cli_args", default=None)
 
 S = TypeVar("S", bound="ComponentSettings")
@@ -50,6 +52,11 @@ class ComponentSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", validate_default=True)
 
     config: Path | None = Field(default=None, description="TOML config file to read")
+    secrets_file: Path | None = Field(
+        default=None,
+        description="TOML file of the secret settings, read with the config file (which can then "
+        "be shown and diffed); relative to the config file's directory",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level"
     )
@@ -79,8 +86,9 @@ class ComponentSettings(BaseSettings):
             )
         sources.append(env_settings)
         path = _config_file.get()
-        if path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        for toml_file in (path, _secrets_file.get()):
+            if toml_file is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
 
 
@@ -193,9 +201,11 @@ def load_settings(cls: type[S], args: list[str] | None = None, **overrides: Any)
     """
     prefix = str(cls.model_config.get("env_prefix", ""))
     path = _find_config_path(args or [], os.environ.get(f"{prefix}CONFIG"), overrides)
+    secrets_path = None
     if path is not None:
-        _check_toml(path)
+        secrets_path = _secrets_path(path, _check_toml(path))
     token_f = _config_file.set(path)
+    token_s = _secrets_file.set(secrets_path)
     token_a = _cli_args.set(list(args) if args is not None else None)
     try:
         return cls(**overrides)
@@ -209,6 +219,7 @@ def load_settings(cls: type[S], args: list[str] | None = None, **overrides: Any)
         raise ConfigError(str(exc)) from None
     finally:
         _config_file.reset(token_f)
+        _secrets_file.reset(token_s)
         _cli_args.reset(token_a)
 
 
@@ -225,10 +236,25 @@ def _find_config_path(
     return Path(env_value) if env_value else None
 
 
-def _check_toml(path: Path) -> None:
+def _secrets_path(config: Path, values: dict[str, Any]) -> Path | None:
+    """The config file's secrets file, checked: valid TOML, no setting of the config file again."""
+    name = values.get("secrets_file")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"config: secrets_file in {config} must be a file name")
+    path = config.parent / name
+    secrets = _check_toml(path)
+    both = sorted(set(secrets) & (set(values) | {"secrets_file", "config"}))
+    if both:
+        raise ConfigError(f"config: setting {', '.join(both)} is in both {config} and {path}")
+    return path
+
+
+def _check_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config: file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
@@ -245,11 +271,16 @@ def _describe(exc: ValidationError, prefix: str) -> str:
         shown = f"{field} ({env})" if env else field
         if err["type"] == "missing":  # its input is every other setting, secrets included
             lines.append(f"setting {shown}: {err['msg']}")
-        elif any(word in field for word in ("secret", "token")):
-            lines.append(f"setting {shown}: {err['msg']} (value not shown)")
-        else:
-            lines.append(f"setting {shown}: {err['msg']} (got {err.get('input')!r})")
+            continue
+        # a secret's value never reaches a log (check-config's messages end up in deployment logs)
+        got = " (value not shown)" if _secret_name(field) else f" (got {err.get('input')!r})"
+        lines.append(f"setting {shown}: {err['msg']}{got}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _secret_name(field: str) -> bool:
+    """Settings whose values are secret: tokens, secrets, passwords, database URLs (a password)."""
+    return any(word in field for word in ("secret", "token", "password", "database_url"))
 
 
 def check_http_url(value: str) -> str:
@@ -279,3 +310,34 @@ def read_or_create_secret(path: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value
+
+
+def check_config(component: str, cls: type[ComponentSettings], args: list[str]) -> int | None:
+    """`tickle COMPONENT --check-config FILE`: exit code 0 when FILE (and its secrets file) is a
+    valid configuration, else 2 with one line naming the setting; None without the flag.
+
+    Nothing is bound, created or started (deployment tools run it before replacing a config)."""
+    if not any(a == "--check-config" or a.startswith("--check-config=") for a in args):
+        return None
+    prog = f"tickle {component}"
+    rest = list(args)
+    i = next(i for i, a in enumerate(rest) if a.startswith("--check-config"))
+    flag = rest.pop(i)
+    if "=" in flag:
+        path = flag.split("=", 1)[1]
+    elif i < len(rest):
+        path = rest.pop(i)
+    else:
+        print(f"{prog}: --check-config needs a file", file=sys.stderr)
+        return 2
+    if rest:
+        print(f"{prog}: --check-config takes no other flag (got {' '.join(rest)})", file=sys.stderr)
+        return 2
+    try:
+        load_settings(cls, [], config=path)
+    except ConfigError as exc:
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"{prog}: {path}: {message}", file=sys.stderr)
+        return 2
+    print(f"{path}: a valid {component} configuration")
+    return 0

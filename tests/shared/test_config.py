@@ -80,3 +80,54 @@ def test_secret_is_created_once_private_and_reused(tmp_path: Path) -> None:
     assert len(first) >= 32
     assert path.stat().st_mode & 0o777 == 0o600
     assert read_or_create_secret(path) == first
+
+
+def test_secrets_file_named_by_the_config_file_is_read(tmp_path: Path) -> None:
+    # the secrets live in a file of their own, so the config file can be shown and diffed
+    secrets = tmp_path / "c.secrets.toml"
+    secrets.write_text('api_host = "127.0.0.7"\n')
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"api_port = 1111\nsecrets_file = {str(secrets)!r}\n")
+    s = load_settings(DemoSettings, ["--config", str(conf)])
+    assert (s.api_port, s.api_host) == (1111, "127.0.0.7")
+
+
+def test_secrets_file_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text('api_host = "127.0.0.8"\n')
+    conf = tmp_path / "c.toml"
+    conf.write_text('secrets_file = "s.toml"\n')
+    assert load_settings(DemoSettings, ["--config", str(conf)]).api_host == "127.0.0.8"
+
+
+def test_setting_in_both_files_is_refused_by_name(tmp_path: Path) -> None:
+    secrets = tmp_path / "s.toml"
+    secrets.write_text("api_port = 2\n")
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"api_port = 1\nsecrets_file = {str(secrets)!r}\n")
+    with pytest.raises(ConfigError, match=r"api_port.*both"):
+        load_settings(DemoSettings, ["--config", str(conf)])
+
+
+def test_bad_or_missing_secrets_file_is_named(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('secrets_file = "missing.toml"\n')
+    with pytest.raises(ConfigError, match=r"missing\.toml does not exist"):
+        load_settings(DemoSettings, ["--config", str(conf)])
+    (tmp_path / "bad.toml").write_text("x = = 1\n")
+    conf.write_text('secrets_file = "bad.toml"\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml is not valid TOML"):
+        load_settings(DemoSettings, ["--config", str(conf)])
+
+
+class SecretDemoSettings(DemoSettings):
+    enrollment_secret: str = Field(default="x" * 20, min_length=16)
+
+
+def test_a_bad_secret_is_named_but_never_shown(tmp_path: Path) -> None:
+    # check-config's message reaches deployment logs: it names the setting, not its value
+    (tmp_path / "s.toml").write_text('enrollment_secret = "sekrit"\n')
+    conf = tmp_path / "c.toml"
+    conf.write_text('secrets_file = "s.toml"\n')
+    with pytest.raises(ConfigError, match="enrollment_secret") as caught:
+        load_settings(SecretDemoSettings, ["--config", str(conf)])
+    assert "sekrit" not in str(caught.value)

@@ -29,7 +29,7 @@ from tickle.agent.settings import AgentSettings
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import NotRegistered, TaskServerClient
 from tickle.backoff import Backoff
-from tickle.config import ConfigError, load_settings
+from tickle.config import ConfigError, check_config, load_settings
 from tickle.listening import TickleListener
 from tickle.logs import setup_logging
 from tickle.messages import AgentPolicy
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 def main(args: list[str]) -> int:
     """Run the agent until SIGTERM/SIGINT; 2 on a configuration error (nothing bound)."""
+    checked = check_config("agent", AgentSettings, args)
+    if checked is not None:
+        return checked
     try:
         settings = load_settings(AgentSettings, args)
         wall_clock = clock.from_environment(os.environ)  # shifted in tests only

@@ -13,7 +13,7 @@ from types import FrameType
 import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 
-from tickle.config import ConfigError, load_settings
+from tickle.config import ConfigError, check_config, load_settings
 from tickle.logs import setup_logging
 from tickle.metrics import ComponentMetrics
 from tickle.ns.api import create_app
@@ -28,6 +28,9 @@ log = logging.getLogger("tickle.ns")
 
 def main(args: list[str]) -> int:
     """`tickle ns [flags]`: returns 0 after a clean stop (SIGTERM/SIGINT), 2 on bad config."""
+    checked = check_config("ns", NsSettings, args)
+    if checked is not None:
+        return checked
     try:
         settings = load_settings(NsSettings, args)
     except ConfigError as exc:

@@ -29,7 +29,7 @@ from fastapi import FastAPI
 from tickle import wire
 from tickle.backoff import Backoff
 from tickle.clock import ClockWarning
-from tickle.config import ConfigError, load_settings
+from tickle.config import ConfigError, check_config, load_settings
 from tickle.http import ApiError
 from tickle.listening import TickleListener
 from tickle.logs import setup_logging
@@ -69,6 +69,9 @@ class NotAdmitted(Exception):
 
 def main(args: list[str]) -> int:
     """Entry point of `tickle task-server`; returns the process exit code."""
+    checked = check_config("task-server", TaskServerSettings, args)
+    if checked is not None:
+        return checked
     try:
         settings = load_settings(TaskServerSettings, args)
     except ConfigError as exc:
