@@ -81,10 +81,13 @@ async def test_cancel_and_rerun_the_failed_from_the_run_page_are_audited(
     admin: Browser, ns: Ns
 ) -> None:
     await fleet_of(ns, "pc1", "pc2")
-    # an ad-hoc command (its task inline with the run) on two computers
-    body = {"task": {"name": "adhoc", "command": ["sleep", "60"]}, "computers": ["pc1", "pc2"]}
-    run = await ns.ok("POST", "/api/runs", json=body)
-    path = f"/console/runs/{run['id']}"
+    # an ad-hoc command from Run now: its task goes inline with the run, not among the tasks
+    status, _, r = await act(admin, "/console/run-now", "/console/run-now", what="command",
+                             command="sleep 60", computers="pc1, pc2")  # fmt: skip
+    assert status == 303
+    path = r.headers["Location"]
+    run = await ns.ok("GET", "/api/runs/" + path.rsplit("/", 1)[1])
+    assert await ns.ok("GET", "/api/tasks") == []
 
     status, _, r = await act(admin, f"{path}/cancel", path)
     assert (status, r.headers["Location"]) == (303, path)

@@ -453,14 +453,14 @@ async def run_now(request: Request, action: ActionForm) -> Response:
     services = _services(request)
 
     async def act() -> str:
-        create = await _run_create(services, session.who, form)
+        create = _run_create(form)
         run = await services.actions.run_now(session.who, create)
         return f"{P}/runs/{run.id}"
 
     return await _act(request, session, act, _run_now_page, form=form)
 
 
-async def _run_create(services: Services, who: str, form: dict[str, str]) -> m.RunCreate:
+def _run_create(form: dict[str, str]) -> m.RunCreate:
     what = form.get("what", "task")
     every = bool(form.get("all"))
     computers = [n for n in form.get("computers", "").replace(",", " ").split() if n]
@@ -472,13 +472,11 @@ async def _run_create(services: Services, who: str, form: dict[str, str]) -> m.R
         "all_computers": every,
         "expires_in_s": None if not expiry else _number(expiry, "expiry") * 60,
     }
-    if what == "command":
+    if what == "command":  # an ad-hoc command: kept with the run only, as `tickle run --command`
         argv = shlex.split(form.get("command", ""))
-        spec = m.TaskCreate(name=f"adhoc-{int(time.time() * 1000)}", command=argv or None,
-                            timeout_s=float(form.get("timeout") or 300))  # fmt: skip
-        m.RunCreate(task_id=0, **target)  # the targets are checked before the task is defined
-        task = await services.actions.define_task(who, spec)
-        return m.RunCreate(task_id=task.id, **target)
+        spec = m.TaskSpec(name="adhoc", command=argv or None,
+                          timeout_s=float(form.get("timeout") or 300))  # fmt: skip
+        return m.RunCreate(task=spec, **target)
     if what == "job":
         return m.RunCreate(job_id=_int(form.get("job_id"), "job"), **target)
     return m.RunCreate(task_id=_int(form.get("task_id"), "task"), **target)
