@@ -317,7 +317,7 @@ def run_command(
     as_json: AsJson = False,
 ) -> None:
     """Run a task or job now on computers (and groups, or --all); watch until every target
-    finished. --rerun RUN [--failed] runs a run's task or job again."""
+    finished. --rerun RUN [--failed] runs a run's task, job or command again."""
     if failed and rerun is None:
         raise _failure("tickle run", "--failed goes with --rerun RUN", 2)
     if rerun is not None:

@@ -265,6 +265,7 @@ def test_cancel_a_run_in_progress_and_its_cells_end_cancelled_live(
     assert driver.execute_script("return window.sameDocument") is True
     counts = driver.find_element(By.ID, "status-counts").text
     assert counts == "cancelled 4", counts
+    assert not driver.find_element(By.CSS_SELECTOR, "#cancel-run button").is_enabled()
     shot(driver, "run-cancelled")
 
 

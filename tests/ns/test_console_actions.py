@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import tickle
 from tests.ns.conftest import ADMIN, FakeTaskServer, Ns, NsFactory, event
 from tests.ns.test_console_access import Browser, audit, csrf_in
 
@@ -177,6 +178,7 @@ async def test_fleet_shows_liveness_versions_and_clocks_and_a_computer_its_histo
     for state in ("online", "offline", "clock_skewed"):
         assert f'id="count-{state}"' in page
     assert "not reported" in page  # no agent has reported its settings version yet
+    assert f"Tickle {tickle.__version__} ·" in page  # the footer's is the software's version
 
     _, page, _ = await admin.request("GET", "/console/computers/pc1")
     assert f'href="/console/executions/{run["executions"][0]["id"]}"' in page

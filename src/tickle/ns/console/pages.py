@@ -193,7 +193,7 @@ def _fleet_page(
         request, "fleet.html", session, status_code, task_servers=task_servers, computers=shown,
         total=len(computers), counts=counts, state=state or "", task_server=task_server or "",
         group=group or "", groups=views.all_groups(computers), registrations=waiting,
-        version=services.settings.settings().version, **ctx,
+        settings_version=services.settings.settings().version, **ctx,
     )  # fmt: skip
 
 
