@@ -45,7 +45,7 @@ demo: venv ## Local fleet on loopback: nine steps, blocked-tickle and CEM paths 
 	$(PY) -m tickle.demo $(if $(CONSOLE),--console)
 
 # the README's Console section shows these (regenerated, never hand-made)
-SCREENSHOTS := fleet run execution settings
+SCREENSHOTS := fleet run execution settings run-cancelled
 
 screenshots: venv sysdeps ## Browser tests of the web console; their screenshots to build/screenshots, a few to docs/
 	rm -rf build/screenshots

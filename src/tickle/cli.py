@@ -25,7 +25,6 @@ from rich.console import Console
 from tickle import console as con
 from tickle.messages import (
     FINAL_STATUSES,
-    RERUN_STATUSES,
     ExecutionStatus,
     JobCreate,
     Name,
@@ -318,7 +317,7 @@ def run_command(
     as_json: AsJson = False,
 ) -> None:
     """Run a task or job now on computers (and groups, or --all); watch until every target
-    finished. --rerun RUN [--failed] runs a run's task or job again."""
+    finished. --rerun RUN [--failed] runs a run's task, job or command again."""
     if failed and rerun is None:
         raise _failure("tickle run", "--failed goes with --rerun RUN", 2)
     if rerun is not None:
@@ -329,21 +328,22 @@ def run_command(
     expires_in_s = None if expires_in is None else _duration("tickle run: --expires-in", expires_in)
     # an ad-hoc command travels inline with the run: it is not added to the defined tasks
     inline = None if command is None else _task_spec("adhoc", command, None, 300.0)
-    # checked before anything reaches the NS (0 stands in for the rerun's task, and a rerun's
-    # computers, until known)
-    create = _valid(
-        "tickle run", RunCreate,
-        task_id=task if rerun is None else 0, job_id=job,
-        task=None if inline is None else TaskSpec.model_validate(inline.model_dump()),
-        computers=computers or ([] if rerun is None else ["rerun"]), groups=group or [],
-        all_computers=every, expires_in_s=expires_in_s,
-    )  # fmt: skip
+    # checked before anything reaches the NS (a rerun's task and computers are the NS's)
+    create = None
+    if rerun is None:
+        create = _valid(
+            "tickle run", RunCreate,
+            task_id=task, job_id=job,
+            task=None if inline is None else TaskSpec.model_validate(inline.model_dump()),
+            computers=computers or [], groups=group or [],
+            all_computers=every, expires_in_s=expires_in_s,
+        )  # fmt: skip
 
     async def work(c: con.NsClient) -> RunOut:
-        run_create = create
-        if rerun is not None:
-            run_create = await _rerun_of(c, rerun, failed, create)
-        run = await c.run_now(run_create)
+        if create is None:  # a rerun: the NS takes the run's task, job or command
+            run = await c.rerun(rerun or 0, failed, expires_in_s)
+        else:
+            run = await c.run_now(create)
         if not watch:
             return run
         if as_json:
@@ -357,26 +357,6 @@ def run_command(
         raise typer.Exit(3)
     if any(e.status != "succeeded" for e in run.executions if e.status in FINAL_STATUSES):
         raise typer.Exit(4)
-
-
-async def _rerun_of(c: con.NsClient, run_id: int, failed: bool, create: RunCreate) -> RunCreate:
-    """A run of `run_id`'s task or job on its computers (`failed`: those that did not succeed)."""
-    before = await c.run(run_id)
-    targets = sorted(
-        {e.computer for e in before.executions if not failed or e.status in RERUN_STATUSES}
-    )
-    if not targets:
-        raise con.ConsoleError(f"run {run_id} has no computer to run again (none failed)")
-    if before.task_id is None and before.job_id is None:
-        raise con.ConsoleError(
-            f"run {run_id} ran an ad-hoc command: give it again with --command and the computers"
-        )
-    return create.model_copy(
-        update={
-            "task_id": before.task_id, "job_id": before.job_id, "computers": targets,
-            "groups": [], "all_computers": False,
-        }
-    )  # fmt: skip
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -153,6 +153,14 @@ class NsClient:
             "POST", f"/api/runs/{run_id}/cancel{query}", answer=CancelOut
         )
 
+    async def rerun(self, run_id: int, failed: bool, expires_in_s: float | None = None) -> RunOut:
+        query = f"?failed={str(failed).lower()}"
+        if expires_in_s is not None:
+            query += f"&expires_in_s={expires_in_s}"
+        return await self.call(  # type: ignore[no-any-return]
+            "POST", f"/api/runs/{run_id}/rerun{query}", answer=RunOut
+        )
+
     async def task_servers(self) -> list[TaskServerOut]:
         return await self.call(  # type: ignore[no-any-return]
             "GET", "/api/task-servers", answer=list[TaskServerOut]

@@ -545,15 +545,3 @@ class AuditEventOut(Model):
     action: str
     target: str
     detail: dict[str, Any]
-
-
-class RunListItem(Model):
-    """A run in the list of runs: what ran, when, and how many executions are in each status."""
-
-    id: int
-    created_at: float
-    task_id: int | None
-    job_id: int | None
-    what: str  # "task NAME" or "job NAME"
-    total: int
-    statuses: dict[str, int]

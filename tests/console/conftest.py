@@ -19,7 +19,9 @@ def running_fleet(
     """A started fleet of one task server and `agents` on 127.X.`subnet`.0/24 (X: this pytest
     session's, as the integration tests choose it), stopped at the end."""
     assert not missing(), f"run `make sysdeps` to install {missing()}"
-    fleet = LocalFleet(root, ["ts1"], agents, net=f"127.{61 + os.getpid() % 60}.{subnet}", tls=tls)
+    # contacts reported every 0.5 s: the settings' reach moves while the browser looks
+    fleet = LocalFleet(root, ["ts1"], agents, net=f"127.{61 + os.getpid() % 60}.{subnet}", tls=tls,
+                       ts_extra=["--contact-report-interval-s", "0.5"])  # fmt: skip
     try:
         asyncio.run(fleet.start())
         yield fleet

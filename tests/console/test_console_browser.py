@@ -114,8 +114,12 @@ def test_fleet_shows_the_task_server_and_the_four_computers_with_counts(
     ts = driver.find_element(By.CSS_SELECTOR, "#task-servers tbody tr").text
     assert ts.startswith("ts1 ")
     counts = {s: int(driver.find_element(By.ID, f"count-{s}").text) for s in
-              ("reachable", "unreachable", "cem", "unknown", "nat")}  # fmt: skip
+              ("reachable", "unreachable", "cem", "clock_skewed", "unknown", "nat")}  # fmt: skip
     assert sum(counts.values()) - counts["nat"] == 4
+    assert driver.find_element(By.ID, "count-online").text == "4"
+    versions = {r.find_elements(By.TAG_NAME, "td")[5].text
+                for r in driver.find_elements(By.CSS_SELECTOR, "#computers tbody tr")}  # fmt: skip
+    assert versions <= {"v1", "not reported"}, versions
     live = driver.find_element(By.ID, "fleet-counts")  # kept up to date by its event stream
     until(
         driver, "the counts' stream", lambda d: int(live.get_attribute("data-messages") or 0) >= 1
@@ -127,6 +131,7 @@ def test_fleet_shows_the_task_server_and_the_four_computers_with_counts(
     assert len(driver.find_elements(By.CSS_SELECTOR, "#computers tbody tr a")) == 4
     navigate(driver, driver.find_element(By.LINK_TEXT, "web-a"))
     assert driver.find_element(By.TAG_NAME, "h1").text == "Computer web-a"
+    assert driver.find_element(By.CSS_SELECTOR, "#history tbody tr").text == "No execution yet."
     shot(driver, "computer")
 
 
@@ -174,7 +179,9 @@ def test_an_execution_shows_its_waterfall_and_output(driver: WebDriver, fleet: L
     assert len(hops) == len(TIMELINE_STEPS)
     widths = [float(h.get_attribute("width") or 0) for h in hops]
     assert max(widths) > 100  # the task's 1.5 s dominates the waterfall
-    assert driver.find_element(By.ID, "output").text.strip() != ""
+    output = driver.find_element(By.CSS_SELECTOR, "#output-step-0 pre.stdout").text
+    assert output.strip() != ""  # the step's whole output (hostname's)
+    assert driver.find_elements(By.ID, "cancel-execution") == []  # it has ended
     shot(driver, "execution")
 
 
@@ -194,6 +201,7 @@ def test_changing_the_task_request_interval_moves_the_version(
 ) -> None:
     go(driver, fleet, "/console/settings")
     before = int(driver.find_element(By.ID, "settings-version").text)
+    reached(driver, "every agent to have the first version")
     field = driver.find_element(By.ID, "tri")
     field.clear()
     field.send_keys("600")
@@ -202,7 +210,26 @@ def test_changing_the_task_request_interval_moves_the_version(
     assert driver.find_element(By.ID, "tri").get_attribute("value") == "600"
     change = driver.find_element(By.CSS_SELECTOR, "#settings-history tbody tr").text
     assert change.endswith(f"admin {before + 1} task_request_interval_s: 1800 → 600"), change
+    assert sum(reach(driver)) == 4
+    # a settings tickle hands it to each agent, whose next contact reports it
+    reached(driver, "every agent to have the new version")
     shot(driver, "settings")
+
+
+def reach(driver: WebDriver) -> tuple[int, int]:
+    """The settings page's agents with the current version, and those taking it next."""
+    return (int(driver.find_element(By.ID, "reach-current").text),
+            int(driver.find_element(By.ID, "reach-pending").text))  # fmt: skip
+
+
+def reached(driver: WebDriver, what: str) -> None:
+    """Reload the settings page until all four agents have the current version."""
+
+    def everyone(d: WebDriver) -> bool:
+        d.refresh()
+        return reach(d) == (4, 0)
+
+    WebDriverWait(driver, 30, poll_frequency=0.5).until(everyone, what)
 
 
 def test_runs_page_shows_the_run_with_its_status_bar(driver: WebDriver, fleet: LocalFleet) -> None:
@@ -214,6 +241,32 @@ def test_runs_page_shows_the_run_with_its_status_bar(driver: WebDriver, fleet: L
         == "200.0"
     )
     shot(driver, "runs")
+    Select(driver.find_element(By.NAME, "status")).select_by_visible_text("failed")
+    navigate(driver, driver.find_element(By.CSS_SELECTOR, "#run-filters button"))
+    assert driver.find_element(By.CSS_SELECTOR, "#runs tbody tr").text == "No run matches."
+
+
+def test_cancel_a_run_in_progress_and_its_cells_end_cancelled_live(
+    driver: WebDriver, fleet: LocalFleet
+) -> None:
+    go(driver, fleet, "/console/run-now")
+    driver.find_element(By.NAME, "command").send_keys("sleep 120")
+    driver.find_element(By.ID, "all").click()
+    driver.find_element(By.ID, "expires").send_keys("5")
+    submit(driver, "run-now")
+    until(driver, "the four to run",
+          lambda d: [r.get_attribute("data-status") for r in rows(d)] == ["running"] * 4)  # fmt: skip
+    submit(driver, "cancel-run")
+    assert "/console/runs/" in driver.current_url
+    driver.execute_script("window.sameDocument = true")
+    # each agent stops its sleep and reports it: the cells turn cancelled without a reload
+    until(driver, "the grid to end cancelled",
+          lambda d: [r.get_attribute("data-status") for r in rows(d)] == ["cancelled"] * 4)  # fmt: skip
+    assert driver.execute_script("return window.sameDocument") is True
+    counts = driver.find_element(By.ID, "status-counts").text
+    assert counts == "cancelled 4", counts
+    assert not driver.find_element(By.CSS_SELECTOR, "#cancel-run button").is_enabled()
+    shot(driver, "run-cancelled")
 
 
 def test_the_audit_page_lists_what_this_test_did(driver: WebDriver, fleet: LocalFleet) -> None:
@@ -225,10 +278,11 @@ def test_the_audit_page_lists_what_this_test_did(driver: WebDriver, fleet: Local
     assert list(reversed(seen)) == [
         ("unknown", "login.refused"),
         ("admin", "login"),
-        ("admin", "task.define"),  # the command of Run now, defined as a one-off task
-        ("admin", "run"),
+        ("admin", "run"),  # the command of Run now: kept with the run, not defined as a task
         ("admin", "task.define"),
         ("admin", "settings"),
+        ("admin", "run"),
+        ("admin", "run.cancel"),
     ]
     shot(driver, "audit")
 

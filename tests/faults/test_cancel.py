@@ -356,7 +356,8 @@ async def test_rerun_of_failed_targets_the_computers_that_did_not_succeed_and_al
     nothing = _cli(base, "run", "--rerun", str(ok.id), "--failed", "--no-watch")
     assert (nothing.returncode, nothing.stderr.strip()) == (
         1,
-        f"tickle: run {ok.id} has no computer to run again (none failed)",
+        f"tickle: POST /api/runs/{ok.id}/rerun?failed=true: HTTP 409: "
+        f"run {ok.id} has no computer to run again (none failed)",
     )
 
 

@@ -235,7 +235,13 @@ async def test_run_now_through_the_api_is_audited_and_listed_newest_first(ns: Ns
         f"run {second['id']}: task {task}",
         f"run {first['id']}: task {task}",
     ]
-    assert run_rows[0]["detail"] == {"computers": ["c1"], "groups": [], "executions": 1}
+    assert run_rows[0]["detail"] == {
+        "computers": ["c1"],
+        "groups": [],
+        "all": False,
+        "executions": 1,
+        "expires_in_s": None,
+    }
 
 
 async def test_the_api_docs_pages_load_their_assets_from_the_ns_itself(ns: Ns) -> None:

@@ -22,7 +22,6 @@ from tickle.ns.stores.audit import AuditStore
 from tickle.ns.stores.catalog import CatalogStore
 from tickle.ns.stores.operators import OperatorStore
 from tickle.ns.stores.registrations import RegistrationStore
-from tickle.ns.stores.run_list import RunListStore
 
 
 async def get_services(request: Request) -> Services:
@@ -74,10 +73,6 @@ async def get_operators(services: ServicesDep) -> OperatorStore:
     return services.operators
 
 
-async def get_run_list(services: ServicesDep) -> RunListStore:
-    return services.run_list
-
-
 InventoryDep = Annotated[InventoryService, Depends(get_inventory)]
 CatalogDep = Annotated[CatalogStore, Depends(get_catalog)]
 DeliveryDep = Annotated[DeliveryService, Depends(get_delivery)]
@@ -88,4 +83,3 @@ RegistrationsDep = Annotated[RegistrationStore, Depends(get_registrations)]
 ActionsDep = Annotated[OperatorActions, Depends(get_actions)]
 AuditDep = Annotated[AuditStore, Depends(get_audit)]
 OperatorsDep = Annotated[OperatorStore, Depends(get_operators)]
-RunListDep = Annotated[RunListStore, Depends(get_run_list)]

@@ -11,8 +11,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -37,11 +38,17 @@ templates.env.globals.update(
     P=P, version=getattr(tickle, "__version__", ""), steps=m.TIMELINE_STEPS
 )
 templates.env.filters.update(
-    when=views.when, ago=views.ago, ms=views.ms, status_bar=views.status_bar
+    when=views.when,
+    ago=views.ago,
+    ms=views.ms,
+    status_bar=views.status_bar,
+    offset=views.offset,
 )
 PageSession = Annotated[Session, Depends(page_session)]
 ActionForm = Annotated[tuple[Session, dict[str, str]], Depends(sessions.action_form)]
 DbId = Annotated[int, PathParam(ge=m.DB_INT_MIN, le=m.DB_INT_MAX)]
+BeforeQuery = Annotated[int | None, Query(ge=m.DB_INT_MIN, le=m.DB_INT_MAX)]
+PAGE_SIZE = 50  # runs, or a computer's executions, per page
 # how often the live run grid looks for new events, and how long one stream lasts at most
 LIVE_TICK_S = 0.5
 LIVE_MAX_S = 3600.0
@@ -167,6 +174,29 @@ def home(_: PageSession) -> RedirectResponse:
     return RedirectResponse(f"{P}/fleet", status_code=303)
 
 
+def _fleet_page(
+    request: Request,
+    session: Session,
+    status_code: int = 200,
+    state: str | None = None,
+    task_server: str | None = None,
+    group: str | None = None,
+    **ctx: Any,
+) -> HTMLResponse:
+    services = _services(request)
+    task_servers = services.inventory.task_servers()
+    computers = services.inventory.computers()
+    counts = views.state_counts(computers)
+    shown = views.filter_computers(computers, state, task_server, group)
+    waiting = [r for r in services.registrations.registrations() if r.state == "pending"]
+    return _page(
+        request, "fleet.html", session, status_code, task_servers=task_servers, computers=shown,
+        total=len(computers), counts=counts, state=state or "", task_server=task_server or "",
+        group=group or "", groups=views.all_groups(computers), registrations=waiting,
+        settings_version=services.settings.settings().version, **ctx,
+    )  # fmt: skip
+
+
 @router.get("/fleet")
 def fleet(
     request: Request,
@@ -175,16 +205,37 @@ def fleet(
     task_server: str | None = None,
     group: str | None = None,
 ) -> HTMLResponse:
-    inventory = _services(request).inventory
-    task_servers = inventory.task_servers()
-    computers = inventory.computers()
-    counts = views.state_counts(computers)
-    shown = views.filter_computers(computers, state, task_server, group)
-    return _page(
-        request, "fleet.html", session, task_servers=task_servers, computers=shown,
-        total=len(computers), counts=counts, state=state or "", task_server=task_server or "",
-        group=group or "", groups=views.all_groups(computers),
-    )  # fmt: skip
+    return _fleet_page(request, session, 200, state, task_server, group)
+
+
+@router.post("/task-servers/{name}/delete")
+async def delete_task_server(request: Request, action: ActionForm, name: str) -> Response:
+    session, form = action
+
+    async def act() -> str:
+        force = bool(form.get("force"))
+        await _services(request).actions.delete_task_server(session.who, name, force)
+        return f"{P}/fleet"
+
+    return await _act(request, session, act, _fleet_page)
+
+
+@router.post("/registrations/{kind}/{name}/{verb}")
+async def decide_registration(
+    request: Request, action: ActionForm, kind: str, name: str, verb: str
+) -> Response:
+    session, _ = action
+    kinds: dict[str, m.RegistrationKind] = {"computer": "computer", "task_server": "task_server"}
+    verbs: dict[str, m.RegistrationState] = {"approve": "approved", "reject": "rejected"}
+    if kind not in kinds or verb not in verbs:
+        raise HTTPException(404, "no such decision")
+
+    async def act() -> str:
+        actions = _services(request).actions
+        await actions.decide_registration(session.who, kinds[kind], name, verbs[verb])
+        return f"{P}/fleet"
+
+    return await _act(request, session, act, _fleet_page)
 
 
 @router.get("/fleet/events")
@@ -215,29 +266,114 @@ async def fleet_events(request: Request, session: PageSession) -> StreamingRespo
     )
 
 
-@router.get("/computers/{name}")
-def computer(request: Request, session: PageSession, name: str) -> HTMLResponse:
-    found = [c for c in _services(request).inventory.computers() if c.name == name]
-    if not found:
+def _computer_page(
+    request: Request,
+    session: Session,
+    status_code: int = 200,
+    name: str = "",
+    before: int | None = None,
+    **ctx: Any,
+) -> HTMLResponse:
+    services = _services(request)
+    found = [c for c in services.inventory.computers() if c.name == name]
+    page = services.history.computer_executions(name, PAGE_SIZE, before, None)
+    if not found and not page.executions:
         raise HTTPException(404, f"computer {name!r} does not exist")
-    return _page(request, "computer.html", session, computer=found[0])
+    return _page(
+        request, "computer.html", session, status_code, computer_name=name,
+        computer=found[0] if found else None, history=page, **ctx,
+    )  # fmt: skip
+
+
+@router.get("/computers/{name}")
+def computer(
+    request: Request, session: PageSession, name: str, before: BeforeQuery = None
+) -> HTMLResponse:
+    return _computer_page(request, session, 200, name, before)
+
+
+@router.post("/computers/{name}/forget")
+async def forget_computer(request: Request, action: ActionForm, name: str) -> Response:
+    session, _ = action
+
+    async def act() -> str:
+        await _services(request).actions.forget_computer(session.who, name)
+        return f"{P}/fleet"
+
+    return await _act(request, session, act, _computer_page, name=name)
 
 
 # --- runs -------------------------------------------------------------------------------------
 
 
 @router.get("/runs")
-def runs(request: Request, session: PageSession) -> HTMLResponse:
-    summaries = _services(request).run_list.recent(100)
-    return _page(request, "runs.html", session, runs=summaries, bars=views.STATUS_ORDER)
+def runs(
+    request: Request,
+    session: PageSession,
+    status: str = "",
+    task_id: str = "",
+    job_id: str = "",
+    computer: str = "",
+    since: str = "",
+    until: str = "",
+    before: BeforeQuery = None,
+) -> HTMLResponse:
+    filters = {"status": status, "task_id": task_id, "job_id": job_id, "computer": computer,
+               "since": since, "until": until}  # fmt: skip
+    try:
+        where = views.run_filter(filters)
+    except ValueError as exc:
+        page, error = m.RunsPage(runs=[], next_before=None), str(exc)
+    else:
+        page, error = _services(request).history.runs(where, PAGE_SIZE, before), ""
+    shown = {k: v for k, v in filters.items() if v}
+    return _page(
+        request, "runs.html", session, 400 if error else 200, page=page, bars=views.STATUS_ORDER,
+        filters=filters, more=urlencode(shown | {"before": page.next_before}), error=error,
+    )  # fmt: skip
+
+
+def _run_page(
+    request: Request, session: Session, status_code: int = 200, run_id: int = 0, **ctx: Any
+) -> HTMLResponse:
+    services = _services(request)
+    run = _found(lambda: services.delivery.run(run_id))
+    rows = views.grid_rows(services.run_list.grid(run_id))
+    failed = sum(1 for r in rows if r["status"] in m.RERUN_STATUSES)
+    return _page(
+        request, "run.html", session, status_code, run=run, rows=rows, failed=failed,
+        unfinished=sum(1 for r in rows if not r["final"]), **ctx,
+    )  # fmt: skip
 
 
 @router.get("/runs/{run_id}")
 def run_page(request: Request, session: PageSession, run_id: DbId) -> HTMLResponse:
-    services = _services(request)
-    run = _found(lambda: services.delivery.run(run_id))
-    rows = views.grid_rows(services.run_list.grid(run_id))
-    return _page(request, "run.html", session, run=run, rows=rows)
+    return _run_page(request, session, 200, run_id)
+
+
+@router.post("/runs/{run_id}/cancel")
+async def cancel_run(request: Request, action: ActionForm, run_id: DbId) -> Response:
+    session, form = action
+
+    async def act() -> str:
+        one = form.get("execution_id")
+        execution_id = int(one) if one else None
+        await _services(request).actions.cancel(session.who, run_id, execution_id)
+        return f"{P}/executions/{execution_id}" if execution_id else f"{P}/runs/{run_id}"
+
+    return await _act(request, session, act, _run_page, run_id=run_id)
+
+
+@router.post("/runs/{run_id}/rerun")
+async def rerun(request: Request, action: ActionForm, run_id: DbId) -> Response:
+    session, form = action
+
+    async def act() -> str:
+        failed = bool(form.get("failed"))
+        run = await _services(request).actions.rerun(session.who, run_id, failed)
+        return f"{P}/runs/{run.id}"
+
+    return await _act(request, session, act, _run_page, run_id=run_id)
 
 
 @router.get("/runs/{run_id}/events")
@@ -277,8 +413,13 @@ async def run_events(request: Request, session: PageSession, run_id: DbId) -> St
 
 @router.get("/executions/{execution_id}")
 def execution(request: Request, session: PageSession, execution_id: DbId) -> HTMLResponse:
-    ex = _found(lambda: _services(request).delivery.execution(execution_id))
-    return _page(request, "execution.html", session, ex=ex, waterfall=views.waterfall(ex))
+    services = _services(request)
+    ex = _found(lambda: services.delivery.execution(execution_id))
+    output = services.output.output(execution_id)
+    return _page(
+        request, "execution.html", session, ex=ex, waterfall=views.waterfall(ex),
+        output=output.steps, final=ex.status in m.FINAL_STATUSES,
+    )  # fmt: skip
 
 
 def _found(read: Any) -> Any:
@@ -312,31 +453,40 @@ async def run_now(request: Request, action: ActionForm) -> Response:
     services = _services(request)
 
     async def act() -> str:
-        create = await _run_create(services, session.who, form)
+        create = _run_create(form)
         run = await services.actions.run_now(session.who, create)
         return f"{P}/runs/{run.id}"
 
     return await _act(request, session, act, _run_now_page, form=form)
 
 
-async def _run_create(services: Services, who: str, form: dict[str, str]) -> m.RunCreate:
+def _run_create(form: dict[str, str]) -> m.RunCreate:
     what = form.get("what", "task")
-    if form.get("all"):
-        computers = [c.name for c in await run_in_threadpool(services.inventory.computers)]
-    else:
-        computers = [n for n in form.get("computers", "").replace(",", " ").split() if n]
+    every = bool(form.get("all"))
+    computers = [n for n in form.get("computers", "").replace(",", " ").split() if n]
     groups = [g for g in form.get("groups", "").replace(",", " ").split() if g]
-    target: dict[str, Any] = {"computers": computers, "groups": groups}
-    if what == "command":
+    expiry = form.get("expires_in_min", "").strip()
+    target: dict[str, Any] = {
+        "computers": [] if every else computers,
+        "groups": [] if every else groups,
+        "all_computers": every,
+        "expires_in_s": None if not expiry else _number(expiry, "expiry") * 60,
+    }
+    if what == "command":  # an ad-hoc command: kept with the run only, as `tickle run --command`
         argv = shlex.split(form.get("command", ""))
-        spec = m.TaskCreate(name=f"adhoc-{int(time.time() * 1000)}", command=argv or None,
-                            timeout_s=float(form.get("timeout") or 300))  # fmt: skip
-        m.RunCreate(task_id=0, **target)  # the targets are checked before the task is defined
-        task = await services.actions.define_task(who, spec)
-        return m.RunCreate(task_id=task.id, **target)
+        spec = m.TaskSpec(name="adhoc", command=argv or None,
+                          timeout_s=float(form.get("timeout") or 300))  # fmt: skip
+        return m.RunCreate(task=spec, **target)
     if what == "job":
         return m.RunCreate(job_id=_int(form.get("job_id"), "job"), **target)
     return m.RunCreate(task_id=_int(form.get("task_id"), "task"), **target)
+
+
+def _number(value: str, what: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{what}: {value!r} is not a number") from None
 
 
 def _int(value: str | None, what: str) -> int:
@@ -392,6 +542,23 @@ async def define_job(request: Request, action: ActionForm) -> Response:
     return await _act(request, session, act, _tasks_page)
 
 
+@router.post("/{kind}/{ident}/delete")
+async def delete_task_or_job(
+    request: Request, action: ActionForm, kind: str, ident: DbId
+) -> Response:
+    session, _ = action
+    actions = _services(request).actions
+    deletes = {"tasks": actions.delete_task, "jobs": actions.delete_job}
+    if kind not in deletes:
+        raise HTTPException(404, "nothing of that kind to delete")
+
+    async def act() -> str:
+        await deletes[kind](session.who, ident)
+        return f"{P}/tasks"
+
+    return await _act(request, session, act, _tasks_page)
+
+
 # --- settings and audit -----------------------------------------------------------------------
 
 
@@ -401,9 +568,11 @@ def _settings_page(
     services = _services(request)
     current = services.settings.settings()
     history = services.audit.events(50, action="settings")
+    reach = services.history.settings_reach()
     return _page(
-        request, "settings.html", session, status_code, settings=current, history=history, **ctx
-    )
+        request, "settings.html", session, status_code, settings=current, history=history,
+        reach=reach, **ctx,
+    )  # fmt: skip
 
 
 @router.get("/settings")

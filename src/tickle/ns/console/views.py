@@ -6,23 +6,16 @@ from __future__ import annotations
 import time
 from collections import Counter
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast, get_args
 
 from tickle import messages as m
+from tickle.ns.stores.history import RunFilter
 from tickle.ns.stores.run_list import GridRow
 
-# the statuses a run's bar shows, in order (issue 12 adds cancelled, expired and lost)
-STATUS_ORDER = (
-    "pending",
-    "delivered",
-    "running",
-    "succeeded",
-    "failed",
-    "timed_out",
-    "interrupted",
-)
+# the statuses a run's bar shows, in order: every execution status
+STATUS_ORDER: tuple[str, ...] = get_args(m.ExecutionStatus)
 # the computer states the fleet page counts and filters by
-STATES = ("reachable", "unreachable", "cem", "unknown", "nat")
+STATES = ("online", "offline", "reachable", "unreachable", "cem", "clock_skewed", "unknown", "nat")
 
 
 def when(at: float | None) -> str:
@@ -47,9 +40,52 @@ def ms(seconds: float | None) -> str:
     return "" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
+def offset(seconds: float | None) -> str:
+    """A clock offset ("" when unmeasured): positive when the peer's clock is ahead."""
+    return "" if seconds is None else f"{seconds:+.1f} s"
+
+
 def computer_states(c: m.ComputerOut) -> list[str]:
-    """The states a computer counts in (its tickle state, and nat when NAT was detected)."""
-    return [c.tickle_state, *(["nat"] if c.nat_detected else [])]
+    """The states a computer counts in (online or offline, its tickle state, and nat when NAT
+    was detected)."""
+    return [c.liveness, c.tickle_state, *(["nat"] if c.nat_detected else [])]
+
+
+def run_filter(form: dict[str, str]) -> RunFilter:
+    """The runs page's filters (query strings, "" when unset) as the history's filter; a
+    ValueError naming the field that is wrong."""
+    status = form.get("status", "")
+    if status and status not in STATUS_ORDER:
+        raise ValueError(f"status: {status!r} is not one of {', '.join(STATUS_ORDER)}")
+    return RunFilter(
+        cast("m.ExecutionStatus | None", status or None),
+        _id(form, "task_id"),
+        _id(form, "job_id"),
+        form.get("computer") or None,
+        _time(form, "since"),
+        _time(form, "until"),
+    )
+
+
+def _id(form: dict[str, str], field: str) -> int | None:
+    text = form.get(field, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) > m.DB_INT_MAX:
+        raise ValueError(f"{field}: {text!r} is not an id")
+    return int(text)
+
+
+def _time(form: dict[str, str], field: str) -> datetime | None:
+    """A time from a datetime-local field (taken as UTC) or ISO 8601 with its offset."""
+    text = form.get(field, "").strip()
+    if not text:
+        return None
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{field}: {text!r} is not a time like 2026-01-31T14:00") from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def state_counts(computers: list[m.ComputerOut]) -> dict[str, int]:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query
 
 from tickle import messages as m
 from tickle.ns.auth import OperatorDep
-from tickle.ns.dependencies import AuditDep, RegistrationsDep
+from tickle.ns.dependencies import ActionsDep, RegistrationsDep
 
 router = APIRouter(tags=["approval"])
 NamePath = Annotated[m.Name, Path(description="The computer's or task server's name")]
@@ -36,12 +36,8 @@ def _decide_route(plural: str, state: m.RegistrationState, summary: str) -> None
     verb = "approve" if state == "approved" else "reject"
 
     @router.post(f"/api/{plural}/{{name}}/{verb}", summary=summary, name=f"{verb}_{kind}")
-    def decide(
-        name: NamePath, who: OperatorDep, registrations: RegistrationsDep, audit: AuditDep
-    ) -> m.RegistrationOut:
-        decided = registrations.decide(kind, name, state)
-        audit.record(who, f"{kind}.{verb}", f"{kind} {name}")
-        return decided
+    async def decide(name: NamePath, who: OperatorDep, actions: ActionsDep) -> m.RegistrationOut:
+        return await actions.decide_registration(who, kind, name, state)
 
 
 def _rekey_route(plural: str, summary: str, description: str) -> None:
@@ -53,12 +49,8 @@ def _rekey_route(plural: str, summary: str, description: str) -> None:
         description=description,
         name=f"rekey_{kind}",
     )
-    def rekey(
-        name: NamePath, who: OperatorDep, registrations: RegistrationsDep, audit: AuditDep
-    ) -> m.Rekeyed:
-        rekeyed = registrations.rekey(kind, name)
-        audit.record(who, f"{kind}.rekey", f"{kind} {name}")
-        return rekeyed
+    async def rekey(name: NamePath, who: OperatorDep, actions: ActionsDep) -> m.Rekeyed:
+        return await actions.rekey(who, kind, name)
 
 
 _decide_route(

@@ -1,25 +1,18 @@
-"""Cancel a run, or one of its executions (the operator's side of stopping work)."""
+"""Cancel a run, or one of its executions, and rerun a run (the operator's side of stopping
+work and trying again)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 
 from tickle import messages as m
 from tickle.ns.auth import OperatorDep
-from tickle.ns.dependencies import ActionsDep, ServicesDep
+from tickle.ns.dependencies import ActionsDep
 from tickle.ns.routes.runs import DbId
-from tickle.ns.services.cancel import CancelService
 
 router = APIRouter(tags=["runs"])
-
-
-async def get_cancel(services: ServicesDep) -> CancelService:
-    return services.cancel
-
-
-CancelDep = Annotated[CancelService, Depends(get_cancel)]
 
 
 @router.post(
@@ -33,15 +26,31 @@ CancelDep = Annotated[CancelService, Depends(get_cancel)]
 async def cancel_run(
     run_id: DbId,
     who: OperatorDep,
-    cancel: CancelDep,
     actions: ActionsDep,
     execution_id: Annotated[
         int | None,
         Query(ge=m.DB_INT_MIN, le=m.DB_INT_MAX, description="Cancel only this execution"),
     ] = None,
 ) -> m.CancelOut:
-    out = await cancel.cancel(run_id, execution_id)
-    target = f"run {run_id}" + ("" if execution_id is None else f" execution {execution_id}")
-    detail = {"cancelled": len(out.cancelled), "stopping": len(out.stopping)}
-    await actions.record(who, "run.cancel", target, detail)
-    return out
+    return await actions.cancel(who, run_id, execution_id)
+
+
+@router.post(
+    "/api/runs/{run_id}/rerun",
+    status_code=201,
+    summary="Run a run's task, job or command again",
+    description="A new run of the same task, job or ad-hoc command on the run's computers; "
+    "with failed=true only on those whose execution failed, timed out, was interrupted, "
+    "cancelled, expired or lost (409 when there is none). Forgotten computers are left out.",
+)
+async def rerun(
+    run_id: DbId,
+    who: OperatorDep,
+    actions: ActionsDep,
+    failed: Annotated[bool, Query(description="only the computers that did not succeed")] = False,
+    expires_in_s: Annotated[
+        float | None,
+        Query(gt=0, le=m.RUN_EXPIRY_MAX_S, description="executions not started by then expire"),
+    ] = None,
+) -> m.RunOut:
+    return await actions.rerun(who, run_id, failed, expires_in_s)

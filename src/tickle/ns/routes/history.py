@@ -10,7 +10,7 @@ from fastapi import APIRouter, Path, Query, Response
 
 from tickle import messages as m
 from tickle.ns.auth import OperatorDep
-from tickle.ns.dependencies import ActionsDep, AuditDep, HistoryDep
+from tickle.ns.dependencies import ActionsDep, HistoryDep
 from tickle.ns.stores.history import RunFilter
 
 router = APIRouter(tags=["history"])
@@ -73,9 +73,8 @@ def computer_executions(
     description="Refused (409) while a job has it as a step or an execution of it is "
     "unfinished. Its runs stay in the history, under the task's name.",
 )
-def delete_task(task_id: DbId, who: OperatorDep, history: HistoryDep, audit: AuditDep) -> Response:
-    history.delete_task(task_id)
-    audit.record(who, "task.delete", f"task {task_id}")
+async def delete_task(task_id: DbId, who: OperatorDep, actions: ActionsDep) -> Response:
+    await actions.delete_task(who, task_id)
     return Response(status_code=204)
 
 
@@ -86,9 +85,8 @@ def delete_task(task_id: DbId, who: OperatorDep, history: HistoryDep, audit: Aud
     description="Refused (409) while an execution of it is unfinished. Its tasks stay; its "
     "runs stay in the history, under the job's name.",
 )
-def delete_job(job_id: DbId, who: OperatorDep, history: HistoryDep, audit: AuditDep) -> Response:
-    history.delete_job(job_id)
-    audit.record(who, "job.delete", f"job {job_id}")
+async def delete_job(job_id: DbId, who: OperatorDep, actions: ActionsDep) -> Response:
+    await actions.delete_job(who, job_id)
     return Response(status_code=204)
 
 
@@ -103,11 +101,9 @@ def delete_job(job_id: DbId, who: OperatorDep, history: HistoryDep, audit: Audit
 async def forget_computer(
     name: Annotated[str, Path(max_length=64)],
     who: OperatorDep,
-    history: HistoryDep,
     actions: ActionsDep,
 ) -> Response:
-    await history.forget_computer(name)
-    await actions.record(who, "computer.forget", f"computer {name}")
+    await actions.forget_computer(who, name)
     return Response(status_code=204)
 
 
@@ -123,12 +119,10 @@ async def forget_computer(
 async def delete_task_server(
     name: Annotated[str, Path(max_length=64)],
     who: OperatorDep,
-    history: HistoryDep,
     actions: ActionsDep,
     force: Annotated[bool, Query(description="delete even while it serves computers")] = False,
 ) -> Response:
-    await history.delete_task_server(name, force)
-    await actions.record(who, "task_server.delete", f"task server {name}", {"force": force})
+    await actions.delete_task_server(who, name, force)
     return Response(status_code=204)
 
 

@@ -75,14 +75,16 @@ class Services:
             settings.default_run_expiry_s,
         )
         central = SettingsService(stores.settings, tickle_server)
+        cancel = CancelService(stores.cancel, tickle_server, metrics)
+        history = HistoryService(stores.history, tickle_server)
         return cls(
             inventory=inventory,
             catalog=stores.catalog,
             delivery=delivery,
-            cancel=CancelService(stores.cancel, tickle_server, metrics),
+            cancel=cancel,
             output=stores.output,
             settings=central,
-            history=HistoryService(stores.history, tickle_server),
+            history=history,
             metrics=metrics,
             registrations=stores.registrations,
             clocks=ClockService(stores.inventory),
@@ -90,6 +92,13 @@ class Services:
             audit=stores.audit,
             run_list=stores.run_list,
             actions=OperatorActions(
-                stores.catalog, delivery, central, stores.operators, stores.audit
+                stores.catalog,
+                delivery,
+                central,
+                stores.operators,
+                stores.audit,
+                cancel,
+                history,
+                stores.registrations,
             ),
         )

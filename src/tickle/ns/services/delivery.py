@@ -47,6 +47,12 @@ class DeliveryService:
         log.info("run %d: %d execution(s)", run.id, len(run.executions))
         return run
 
+    async def rerun(self, run_id: int, failed: bool, expires_in_s: float | None) -> m.RunOut:
+        """Run `run_id`'s task, job or ad-hoc command again on its computers (`failed`: those
+        that did not succeed)."""
+        body = await run_in_threadpool(self._store.rerun_of, run_id, failed)
+        return await self.run_now(body.model_copy(update={"expires_in_s": expires_in_s}))
+
     async def pull_work(self, ts: Caller, via: m.TsPullVia) -> m.WorkOut:
         """The task server's pull; one a tickle caused acknowledges it."""
         now = time.time()

@@ -35,7 +35,7 @@ class Stores:
     output: OutputStore  # the steps' output
     operators: OperatorStore  # operator accounts, web console sessions
     audit: AuditStore  # every operator action
-    run_list: RunListStore  # the newest runs, counted per status
+    run_list: RunListStore  # a run's grid, as the console shows it live
 
     @classmethod
     def open(cls, url: str) -> Stores:

@@ -16,7 +16,7 @@ from tickle import messages as m
 from tickle.ns import lifecycle, views
 from tickle.ns.credentials import Caller
 from tickle.ns.database import Database, retry_on_conflict
-from tickle.ns.errors import NotFound
+from tickle.ns.errors import Conflict, NotFound
 from tickle.ns.models import (
     Base,
     Computer,
@@ -95,6 +95,30 @@ class DeliveryStore:
             s.flush()
             s.expire(run, ["executions"])
             return views.run_out(run)
+
+    def rerun_of(self, run_id: int, failed: bool) -> m.RunCreate:
+        """A run of `run_id`'s task, job or ad-hoc command again, on its computers (`failed`:
+        those whose execution did not succeed; a forgotten computer is left out)."""
+        with self._db.reading() as s:
+            run = _get(s, Run, run_id, "run")
+            targets = sorted(
+                {
+                    e.computer.name
+                    for e in run.executions
+                    if e.computer.forgotten_at is None
+                    and (not failed or e.status in m.RERUN_STATUSES)
+                }
+            )
+            if not targets:
+                what = "none failed" if failed else "all are forgotten"
+                raise Conflict(f"run {run_id} has no computer to run again ({what})")
+            if run.task_id is not None or run.job_id is not None:
+                return m.RunCreate(task_id=run.task_id, job_id=run.job_id, computers=targets)
+            if not run.executions:
+                raise Conflict(f"run {run_id} has no execution to take its command from")
+            # an ad-hoc command: its task lives in its executions only
+            spec = m.TaskSpec.model_validate(run.executions[0].steps[0])
+            return m.RunCreate(task=spec, computers=targets)
 
     def run(self, run_id: int) -> m.RunOut:
         with self._db.reading() as s:

@@ -37,6 +37,8 @@ function liveGrid(table) {
     if (update.done) {
       source.close();
       live.textContent = "finished";
+      const cancel = document.querySelector("#cancel-run button");
+      if (cancel) cancel.disabled = true; // nothing is left to cancel
       table.dataset.done = "true";
     }
   };
