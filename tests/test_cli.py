@@ -145,7 +145,10 @@ BAD_INPUT = [
     (["job", "add", "j1", *map(str, range(1, 61))], "at most 50"),
     (["job", "add", "no spaces", "1"], "name"),
     (["settings", "set"], "nothing to change"),
-    (["settings", "set", "--task-request-interval", "5"], "greater than or equal to 10"),
+    (
+        ["settings", "set", "--task-request-interval", "5"],
+        "task_request_interval_s: must be at least 10",
+    ),
     (["run", "pc 1", "--task", "1"], "computers"),
     (["run", "pc1", "--task", "1", "--group", "g" * 65], "groups"),
     (["task", "add", "t1", "--command", "true", "--timeout", "-1"], "timeout_s"),

@@ -6,9 +6,11 @@ Imports only the shared pieces (messages, http), so it works on any install.
 from __future__ import annotations
 
 import asyncio
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -269,20 +271,25 @@ def timeline_times(execution: ExecutionOut) -> dict[str, float | None]:
     return {s.step: s.at for s in execution.timeline}
 
 
-def run_table(run: RunOut) -> Table:
-    """One row per execution: status, how the task arrived, and the time of each hop (ms)."""
-    table = Table(title=f"run {run.id}: time of each step after run-now (ms)")
-    for col in ("computer", "status", "via", "exit", *TIMELINE_STEPS[1:]):
-        table.add_column(
-            col, justify="right" if col not in ("computer", "status", "via") else "left"
-        )
-    for e in sorted(run.executions, key=lambda x: x.computer):
+def run_table(run: RunOut, wide: bool = False) -> Table:
+    """One row per execution: its id, status, how the task arrived, when it started and finished
+    (ms after run-now); `wide`: the time of every hop instead."""
+    title = f"run {run.id}" + (f" ({run.label})" if run.label else "")
+    table = Table(title=f"{title}: ms after run-now")
+    steps = TIMELINE_STEPS[1:] if wide else ("started", "finished")
+    table.add_column("execution", justify="right", no_wrap=True)
+    table.add_column("computer", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("via")
+    table.add_column("exit", justify="right")
+    for step in steps:
+        table.add_column(step.replace("_", " "), justify="right")
+    for e in sorted(run.executions, key=lambda x: (x.computer, x.id)):
         times = timeline_times(e)
         origin = times.get("created") or run.created_at
-        cells = [_ms(times.get(step), origin) for step in TIMELINE_STEPS[1:]]
         table.add_row(
-            e.computer, e.status, e.via or "-", "-" if e.exit_code is None else str(e.exit_code),
-            *cells,
+            str(e.id), e.computer, e.status, e.via or "-", _exit(e.exit_code),
+            *(_ms(times.get(step), origin) for step in steps),
         )  # fmt: skip
     return table
 
@@ -341,36 +348,101 @@ def steps_table(execution: ExecutionOut) -> Table:
     return table
 
 
-def computers_table(computers: Sequence[ComputerOut]) -> Table:
+def computers_table(computers: Sequence[ComputerOut], wide: bool = False) -> Table:
+    """One row per computer: liveness, last contact, settings version, tickle state, clock;
+    `wide`: its groups, observed address and NAT too."""
     table = Table(title="computers")
-    for col in (
-        "name",
-        "task server",
-        "state",
-        "last contact",
-        "settings",
-        "tickle",
-        "groups",
-        "observed",
-        "NAT",
-        "clock",
-    ):
-        table.add_column(col)
+    columns = ["name", "task server", "state", "last contact", "settings", "tickle", "clock"]
+    for col in columns + (["groups", "observed", "NAT"] if wide else []):
+        table.add_column(col, no_wrap=col in ("name", "task server", "state"))
     for c in computers:
+        extra = (
+            [
+                ",".join(c.groups) or "-",
+                c.observed_address or "-",
+                "yes" if c.nat_detected else "no",
+            ]
+            if wide
+            else []
+        )
         table.add_row(
             c.name, c.task_server or "-", c.liveness, _ago(c.last_contact_at),
             "-" if c.settings_version is None else f"v{c.settings_version}", c.tickle_state,
-            ",".join(c.groups) or "-", c.observed_address or "-",
-            "yes" if c.nat_detected else "no", clock.describe(c.clock_offset_s),
+            clock.describe(c.clock_offset_s), *extra,
         )  # fmt: skip
     return table
+
+
+def tasks_table(tasks: Sequence[TaskOut]) -> Table:
+    """One row per task: id, name, timeout, what it runs."""
+    table = Table(title="tasks")
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("timeout (s)", justify="right")
+    table.add_column("runs", overflow="ellipsis", no_wrap=True, max_width=60)
+    for t in tasks:
+        runs = shlex.join(t.command) if t.command else f"script ({len(t.script or '')} bytes)"
+        table.add_row(str(t.id), t.name, f"{t.timeout_s:g}", runs)
+    return table
+
+
+def jobs_table(jobs: Sequence[JobOut]) -> Table:
+    """One row per job: id, name, its tasks in order."""
+    table = Table(title="jobs")
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("task ids, in order")
+    for j in jobs:
+        table.add_row(str(j.id), j.name, " ".join(map(str, j.task_ids)))
+    return table
+
+
+def settings_table(s: SettingsOut) -> Table:
+    """The central settings, one per row."""
+    table = Table(title=f"central settings (version {s.version})", show_header=False)
+    table.add_column("setting")
+    table.add_column("value", justify="right")
+    table.add_row("Task Request Interval (s)", str(s.task_request_interval_s))
+    table.add_row("poll jitter (fraction of the interval)", f"{s.poll_jitter_fraction:g}")
+    table.add_row("task servers' NS check (s)", str(s.ts_check_interval_s))
+    return table
+
+
+def operators_table(operators: Sequence[OperatorOut]) -> Table:
+    table = Table(title="operators")
+    table.add_column("name", no_wrap=True)
+    table.add_column("added (UTC)")
+    for o in operators:
+        table.add_row(o.name, _utc(o.created_at))
+    return table
+
+
+def json_ready(data: Any) -> Any:
+    """`data` (a model dump in JSON mode) with every time (`at`, `*_at`: unix seconds) as an
+    ISO 8601 UTC string; the API itself keeps unix seconds."""
+    if isinstance(data, dict):
+        return {k: iso(v) if _is_time(k, v) else json_ready(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [json_ready(v) for v in data]
+    return data
+
+
+def iso(at: float) -> str:
+    """Unix seconds as ISO 8601 in UTC, to the millisecond: 2026-11-30T14:20:57.123Z."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _is_time(key: str, value: object) -> bool:
+    return (key == "at" or key.endswith("_at")) and type(value) in (int, float)
 
 
 def runs_table(page: RunsPage) -> Table:
     """One row per run, newest first: what ran, when, and its executions per status."""
     table = Table(title="runs (newest first)")
     for col in ("run", "created (UTC)", "what", "targets", "statuses"):
-        table.add_column(col, justify="right" if col in ("run", "targets") else "left")
+        table.add_column(
+            col, justify="right" if col in ("run", "targets") else "left", no_wrap=col == "run"
+        )
     for r in page.runs:
         what = r.label or "-"
         what += f" (task {r.task_id})" if r.task_id else f" (job {r.job_id})" if r.job_id else ""
@@ -385,7 +457,8 @@ def executions_table(page: ExecutionsPage, title: str) -> Table:
     """One row per execution, newest first: its run, status, exit code and when it was made."""
     table = Table(title=title)
     for col in ("execution", "run", "created (UTC)", "status", "via", "exit", "finished (UTC)"):
-        table.add_column(col, justify="right" if col in ("execution", "run", "exit") else "left")
+        right = col in ("execution", "run", "exit")
+        table.add_column(col, justify="right" if right else "left", no_wrap=right)
     for e in page.executions:
         times = timeline_times(e)
         table.add_row(
@@ -397,14 +470,17 @@ def executions_table(page: ExecutionsPage, title: str) -> Table:
     return table
 
 
-def task_servers_table(servers: Sequence[TaskServerOut]) -> Table:
+def task_servers_table(servers: Sequence[TaskServerOut], wide: bool = False) -> Table:
+    """One row per task server: tickle state, clients, clock, last pull; `wide`: its addresses."""
     table = Table(title="task servers")
-    for col in ("name", "tickle address", "api", "tickle", "clients", "clock", "last pull"):
-        table.add_column(col)
+    columns = ["name", "tickle", "clients", "clock", "last pull"]
+    for col in columns + (["tickle address", "api"] if wide else []):
+        table.add_column(col, no_wrap=col == "name")
     for s in servers:
+        extra = [f"{s.tickle_host}:{s.tickle_port}", s.api_url] if wide else []
         table.add_row(
-            s.name, f"{s.tickle_host}:{s.tickle_port}", s.api_url, s.tickle_state, str(s.clients),
-            clock.describe(s.clock_offset_s), _ago(s.last_pull_at),
+            s.name, s.tickle_state, str(s.clients), clock.describe(s.clock_offset_s),
+            _ago(s.last_pull_at), *extra,
         )  # fmt: skip
     return table
 
@@ -466,6 +542,10 @@ def _ms(at: float | None, origin: float | None) -> str:
     if at is None or origin is None:
         return "-"
     return f"{(at - origin) * 1000:.1f}"
+
+
+def _exit(code: int | None) -> str:
+    return "-" if code is None else str(code)
 
 
 def _utc(at: float | None) -> str:
