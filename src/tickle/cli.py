@@ -54,18 +54,52 @@ class _RootGroup(typer.core.TyperGroup):
         super().__init__(*args, **kwargs)
         _readable_help(self)
 
+    def make_context(self, info_name: str | None, args: list[str], *a: Any, **kw: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, *a, **kw)
+        except Exception as exc:
+            if not _is_usage_error(exc):
+                raise
+            raise _failure(info_name or "tickle", _usage_message(exc), 2) from None
+
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except Exception as exc:
+            if not _is_usage_error(exc):
+                raise
             # click's NoSuchOption, matched by name: typer may bring its own copy of click
             option = getattr(exc, "option_name", None)
             if type(exc).__name__ == "NoSuchOption" and any(option in p.opts for p in self.params):
-                exc.message = (  # type: ignore[attr-defined]
+                message = (
                     f"{option} goes before the command: "
                     f"tickle {option} ... {ctx.invoked_subcommand} ..."
                 )
-            raise
+            else:
+                message = _usage_message(exc)
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) else ctx.command_path  # type: ignore[attr-defined]
+            raise _failure(where, message, 2) from None
+
+
+def _usage_message(exc: Exception) -> str:
+    """What is wrong with the command line, in plain words (typer checks values with pydantic:
+    its wording is replaced)."""
+    cause = exc.__cause__
+    param = getattr(exc, "param", None)
+    if isinstance(cause, ValidationError) and param is not None:
+        name = param.opts[0] if getattr(param, "opts", None) else str(param.name).upper()
+        if isinstance(param, typer.core.TyperArgument):
+            name = str(param.name).upper()
+        problems = [f"{plain_error(e)} (got {e['input']!r})" for e in cause.errors()]
+        return f"{name}: {'; '.join(problems)}"
+    return str(exc.format_message())  # type: ignore[attr-defined]
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """A bad command line (click's UsageError, by name: typer may bring its own click), but not
+    the help a group prints when given nothing."""
+    names = {k.__name__ for k in type(exc).__mro__}
+    return "UsageError" in names and "NoArgsIsHelpError" not in names
 
 
 # the value words of the help texts (typer would print Python types: <int>, <list[str]>)

@@ -207,7 +207,8 @@ def load_settings(cls: type[S], args: list[str] | None = None, **overrides: Any)
     except SystemExit as exc:  # argparse inside the CLI source (help is answered before)
         raise ConfigError(f"bad command-line flags (exit {exc})") from None
     except Exception as exc:  # the CLI source raises SettingsError for unknown flags
-        raise ConfigError(str(exc).removeprefix("error parsing CLI: ")) from None
+        message = str(exc).removeprefix("error parsing CLI: ")
+        raise ConfigError(message.replace("unrecognized arguments:", "unknown options:")) from None
     finally:
         _config_file.reset(token_f)
         _cli_args.reset(token_a)
@@ -248,15 +249,17 @@ def _describe(exc: ValidationError, cls: type[ComponentSettings]) -> str:
         if top in cls.model_fields:
             shown = f"{field} (--{top.replace('_', '-')}, {prefix}{top.upper()})"
         else:
-            shown = field or "settings"
+            shown = field
         reason = plain_error(err)
-        if not top or err["type"] == "missing":  # its input is every setting, secrets included
+        if not shown:  # a check across settings: its input is every setting, secrets included
+            problems.append(reason)
+        elif err["type"] == "missing":  # its input is every setting, secrets included
             problems.append(f"{shown}: {reason}")
         elif any(word in field for word in ("secret", "token")):
             problems.append(f"{shown}: {reason} (value not shown)")
         else:
             problems.append(f"{shown}: {reason} (got {err.get('input')!r})")
-    return "invalid setting " + "; ".join(problems)
+    return "invalid settings: " + "; ".join(problems)
 
 
 _PLAIN = {

@@ -557,4 +557,11 @@ def _query(filters: dict[str, str | int | None]) -> dict[str, str]:
 
 
 def _ago(at: float | None) -> str:
-    return "never" if at is None else f"{time.time() - at:.0f}s ago"
+    """How long ago, in the largest unit that keeps it short: 42s, 15m, 5h, 3d ago."""
+    if at is None:
+        return "never"
+    seconds = max(0.0, time.time() - at)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
