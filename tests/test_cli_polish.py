@@ -3,12 +3,15 @@ errors are one plain line, --json on every listing with ISO 8601 times, tables f
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +19,9 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from tickle import cli
+from tickle import cli, clock
 from tickle import console as con
+from tickle.agent.control import ControlServer
 from tickle.messages import (
     TIMELINE_STEPS,
     About,
@@ -37,6 +41,7 @@ from tickle.messages import (
     TaskServerOut,
     TimelineStep,
 )
+from tickle.metrics import ComponentMetrics
 
 # what a help text must never show: Python types, pydantic's and argparse's internals
 LEAKS = [
@@ -370,3 +375,53 @@ def test_the_other_tables_fit_100_columns() -> None:
     _fits(_render(con.steps_table(RUN.executions[0])), "1000000", "build")
     _fits(_render(con.tasks_table([TaskOut(id=12, name="patch", script="x" * 500)])), "12")
     _fits(_render(con.jobs_table([JobOut(id=3, name="nightly", task_ids=list(range(1, 51)))])))
+
+
+def test_iso_times_converts_every_time_and_nothing_else() -> None:
+    data = {"at": T0, "created_at": 0, "cached_at_ts": 5, "clock_offset_s": 1.5, "flag_at": True,
+            "steps": [{"started_at": T0, "finished_at": None, "name": "x_at"}]}  # fmt: skip
+
+    assert clock.iso_times(data) == {
+        "at": "2026-11-30T00:53:20.250Z", "created_at": "1970-01-01T00:00:00.000Z",
+        "cached_at_ts": 5, "clock_offset_s": 1.5, "flag_at": True,
+        "steps": [{"started_at": "2026-11-30T00:53:20.250Z", "finished_at": None, "name": "x_at"}],
+    }  # fmt: skip
+
+
+class StatusOnly:
+    """An agent as its control API sees it: only a status with times."""
+
+    def __init__(self) -> None:
+        self.metrics = ComponentMetrics("agent")
+
+    async def check_now(self) -> dict[str, Any]:
+        return {}
+
+    async def policy_refresh(self) -> dict[str, Any]:
+        return {}
+
+    def status(self) -> dict[str, Any]:
+        return {"name": "pc1", "last_pull_at": T0, "next_poll_at": None, "outbox_depth": 0}
+
+
+async def test_agent_status_prints_iso_times(tmp_path: Path) -> None:
+    socket_path = tmp_path / "agent.sock"
+    server = ControlServer(StatusOnly(), socket_path)
+    await server.start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tickle", "agent", "status", "--control-socket",
+            str(socket_path), env={**_no_tickle_env(), "TICKLE_AGENT_STATE_DIR": str(tmp_path)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await server.close()
+
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout) == {"name": "pc1", "last_pull_at": "2026-11-30T00:53:20.250Z",
+                                  "next_poll_at": None, "outbox_depth": 0}  # fmt: skip
+
+
+def _no_tickle_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TICKLE_")}

@@ -22,6 +22,7 @@ import typer
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from rich.console import Console
 
+from tickle import clock
 from tickle import console as con
 from tickle.config import plain_error, settings_help
 from tickle.messages import (
@@ -312,7 +313,7 @@ def _with_ns(ctx: typer.Context, work: Callable[[con.NsClient], Coroutine[Any, A
 def _print_json(data: Any) -> None:
     """`data` (models, or lists of them) as JSON, times as ISO 8601 UTC (the API's unix seconds
     converted: see README, Command line)."""
-    plain = con.json_ready(TypeAdapter(Any).dump_python(data, mode="json"))
+    plain = clock.iso_times(TypeAdapter(Any).dump_python(data, mode="json"))
     sys.stdout.write(json.dumps(plain, indent=2) + "\n")
 
 

@@ -10,7 +10,6 @@ import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -415,25 +414,6 @@ def operators_table(operators: Sequence[OperatorOut]) -> Table:
     for o in operators:
         table.add_row(o.name, _utc(o.created_at))
     return table
-
-
-def json_ready(data: Any) -> Any:
-    """`data` (a model dump in JSON mode) with every time (`at`, `*_at`: unix seconds) as an
-    ISO 8601 UTC string; the API itself keeps unix seconds."""
-    if isinstance(data, dict):
-        return {k: iso(v) if _is_time(k, v) else json_ready(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [json_ready(v) for v in data]
-    return data
-
-
-def iso(at: float) -> str:
-    """Unix seconds as ISO 8601 in UTC, to the millisecond: 2026-11-30T14:20:57.123Z."""
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _is_time(key: str, value: object) -> bool:
-    return (key == "at" or key.endswith("_at")) and type(value) in (int, float)
 
 
 def runs_table(page: RunsPage) -> Table:
