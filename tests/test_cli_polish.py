@@ -86,6 +86,18 @@ def test_every_help_exits_0_and_reads_as_documentation(path: tuple[str, ...]) ->
         assert leak not in result.output, f"{leak!r} in the help of {' '.join(path)}"
 
 
+def test_every_option_and_argument_says_what_it_is() -> None:
+    missing = []
+
+    def walk(command: Any, path: tuple[str, ...]) -> None:
+        missing.extend(f"{' '.join(path)} {p.name}" for p in command.params if not p.help)
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, (*path, name))
+
+    walk(typer.main.get_command(cli.app), ("tickle",))
+    assert missing == []
+
+
 @pytest.mark.parametrize("path", list(COMPONENTS), ids=" ".join)
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_a_component_help_documents_every_setting(path: tuple[str, ...], flag: str) -> None:

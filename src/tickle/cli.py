@@ -228,6 +228,9 @@ def _print_help(text: str) -> None:
 
 # --- operator commands on the NS API ------------------------------------------------------------
 
+RunArg = Annotated[int, typer.Argument(help="The run's id (as tickle run and runs list print)")]
+ExecutionArg = Annotated[int, typer.Argument(help="The execution's id (as the run tables print)")]
+NewName = Annotated[str, typer.Argument(help="Its name: letters, digits, . _ - (up to 64)")]
 AsJson = Annotated[
     bool, typer.Option("--json", help="Print JSON (times in ISO 8601, UTC) instead of text")
 ]
@@ -332,14 +335,16 @@ app.add_typer(operators_app, name="operators")
 @task_app.command("add")
 def task_add(
     ctx: typer.Context,
-    name: str,
+    name: NewName,
     command: Annotated[
         str | None, typer.Option(help="Command line to run (split like a shell)")
     ] = None,
     script: Annotated[
         Path | None, typer.Option(help="Shell script file to run ('-': stdin)")
     ] = None,
-    timeout: Annotated[float, typer.Option(help="Timeout in seconds")] = 300.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds the task may run before it is stopped (up to 86400)")
+    ] = 300.0,
     as_json: AsJson = False,
 ) -> None:
     """Define a task: a command or a script, with a timeout."""
@@ -362,7 +367,9 @@ def task_list(ctx: typer.Context, as_json: AsJson = False) -> None:
 
 
 @task_app.command("delete")
-def task_delete(ctx: typer.Context, task_id: int) -> None:
+def task_delete(
+    ctx: typer.Context, task_id: Annotated[int, typer.Argument(help="The task's id")]
+) -> None:
     """Delete a task (refused while a job has it as a step or one of its runs is unfinished);
     its runs stay in the history."""
     _with_ns(ctx, lambda c: c.delete_task(task_id))
@@ -372,7 +379,7 @@ def task_delete(ctx: typer.Context, task_id: int) -> None:
 @job_app.command("add")
 def job_add(
     ctx: typer.Context,
-    name: str,
+    name: NewName,
     task_ids: Annotated[list[int], typer.Argument(help="Task ids, in order (1 to 50)")],
     as_json: AsJson = False,
 ) -> None:
@@ -396,7 +403,9 @@ def job_list(ctx: typer.Context, as_json: AsJson = False) -> None:
 
 
 @job_app.command("delete")
-def job_delete(ctx: typer.Context, job_id: int) -> None:
+def job_delete(
+    ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="The job's id")]
+) -> None:
     """Delete a job (its tasks stay; refused while one of its runs is unfinished); its runs stay
     in the history."""
     _with_ns(ctx, lambda c: c.delete_job(job_id))
@@ -521,7 +530,7 @@ def _duration(prefix: str, text: str) -> float:
 @app.command("cancel")
 def cancel_command(
     ctx: typer.Context,
-    run_id: Annotated[int, typer.Argument(help="The run to cancel")],
+    run_id: Annotated[int, typer.Argument(help="The run to cancel (its id)")],
     execution: Annotated[
         int | None, typer.Option("--execution", help="Cancel only this execution of the run")
     ] = None,
@@ -545,7 +554,7 @@ def cancel_command(
 @app.command("output")
 def output_command(
     ctx: typer.Context,
-    execution_id: Annotated[int, typer.Argument(help="The execution")],
+    execution_id: ExecutionArg,
     step: Annotated[
         int | None, typer.Option("--step", help="Only this step (0: the first)")
     ] = None,
@@ -571,7 +580,7 @@ def output_command(
 @app.command("watch")
 def watch_command(
     ctx: typer.Context,
-    run_id: int,
+    run_id: RunArg,
     wait_s: Annotated[float, typer.Option("--wait", help="How long to watch (s)")] = 300.0,
     as_json: AsJson = False,
     wide: Wide = False,
@@ -588,7 +597,7 @@ def watch_command(
 @app.command("timeline")
 def timeline_command(
     ctx: typer.Context,
-    execution_id: int,
+    execution_id: ExecutionArg,
     as_json: AsJson = False,
 ) -> None:
     """Show one execution's nine-step timeline with the time spent in each hop."""
@@ -643,7 +652,7 @@ def computers_command(
 
 
 @computers_app.command("forget")
-def computers_forget(ctx: typer.Context, name: str) -> None:
+def computers_forget(ctx: typer.Context, name: NameArg) -> None:
     """Forget a computer: its agent's credentials go (its next registration is a new computer);
     its history stays. Refused while one of its executions is unfinished."""
     _with_ns(ctx, lambda c: c.forget_computer(name))
@@ -716,7 +725,7 @@ _registration_commands(task_servers_app, "task_server")
 @task_servers_app.command("delete")
 def task_servers_delete(
     ctx: typer.Context,
-    name: str,
+    name: NameArg,
     force: Annotated[
         bool,
         typer.Option(
@@ -737,7 +746,9 @@ runs_app = typer.Typer(help="The history of runs: list them, show one.")
 executions_app = typer.Typer(help="Executions: one run of a task or job on one computer.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(executions_app, name="executions")
-Limit = Annotated[int, typer.Option("--limit", help="At most this many, newest first")]
+Limit = Annotated[
+    int, typer.Option("--limit", help="At most this many, newest first (1 to 500)", min=1, max=500)
+]
 Before = Annotated[
     int | None, typer.Option("--before", help="The next page: ids below this one (as printed)")
 ]
@@ -781,13 +792,17 @@ def runs_list(
 
 
 @runs_app.command("show")
-def runs_show(ctx: typer.Context, run_id: int, as_json: AsJson = False, wide: Wide = False) -> None:
+def runs_show(
+    ctx: typer.Context, run_id: RunArg, as_json: AsJson = False, wide: Wide = False
+) -> None:
     """Show a run and each of its executions."""
     _show_run(_with_ns(ctx, lambda c: c.run(run_id)), as_json, wide)
 
 
 @executions_app.command("show")
-def executions_show(ctx: typer.Context, execution_id: int, as_json: AsJson = False) -> None:
+def executions_show(
+    ctx: typer.Context, execution_id: ExecutionArg, as_json: AsJson = False
+) -> None:
     """Show one execution in full: status, steps, timeline, output."""
     e = _with_ns(ctx, lambda c: c.execution(execution_id))
     if as_json:
