@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable, Coroutine
@@ -131,7 +132,8 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-out = Console()
+# piped: 100 columns (the width the tables are made for) unless COLUMNS says otherwise
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 100)
 err = Console(stderr=True)
 
 
@@ -228,6 +230,7 @@ def _print_help(text: str) -> None:
 
 # --- operator commands on the NS API ------------------------------------------------------------
 
+_STATUSES = ", ".join(get_args(ExecutionStatus))
 RunArg = Annotated[int, typer.Argument(help="The run's id (as tickle run and runs list print)")]
 ExecutionArg = Annotated[int, typer.Argument(help="The execution's id (as the run tables print)")]
 NewName = Annotated[str, typer.Argument(help="Its name: letters, digits, . _ - (up to 64)")]
@@ -747,13 +750,13 @@ executions_app = typer.Typer(help="Executions: one run of a task or job on one c
 app.add_typer(runs_app, name="runs")
 app.add_typer(executions_app, name="executions")
 Limit = Annotated[
-    int, typer.Option("--limit", help="At most this many, newest first (1 to 500)", min=1, max=500)
+    int, typer.Option("--limit", help="At most this many, newest first", min=1, max=500)
 ]
 Before = Annotated[
     int | None, typer.Option("--before", help="The next page: ids below this one (as printed)")
 ]
 StatusOption = Annotated[
-    str | None, typer.Option("--status", help="With an execution in this status")
+    str | None, typer.Option("--status", help=f"With an execution in this status ({_STATUSES})")
 ]
 
 
@@ -819,7 +822,9 @@ def executions_show(
 def history_command(
     ctx: typer.Context,
     computer: Annotated[str, typer.Option("--computer", help="The computer whose history")],
-    status: Annotated[str | None, typer.Option("--status", help="Only this status")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help=f"Only this status ({_STATUSES})")
+    ] = None,
     limit: Limit = 20,
     before: Before = None,
     as_json: AsJson = False,
