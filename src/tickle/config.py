@@ -247,9 +247,9 @@ def _describe(exc: ValidationError, cls: type[ComponentSettings]) -> str:
         field = ".".join(str(p) for p in err["loc"])
         top = str(err["loc"][0]) if err["loc"] else ""
         if top in cls.model_fields:
-            shown = f"{field} (--{top.replace('_', '-')}, {prefix}{top.upper()})"
+            shown = f"setting {field} (--{top.replace('_', '-')}, {prefix}{top.upper()})"
         else:
-            shown = field
+            shown = f"setting {field}" if field else ""
         reason = plain_error(err)
         if not shown:  # a check across settings: its input is every setting, secrets included
             problems.append(reason)
@@ -259,7 +259,7 @@ def _describe(exc: ValidationError, cls: type[ComponentSettings]) -> str:
             problems.append(f"{shown}: {reason} (value not shown)")
         else:
             problems.append(f"{shown}: {reason} (got {err.get('input')!r})")
-    return "invalid settings: " + "; ".join(problems)
+    return "invalid configuration: " + "; ".join(problems)
 
 
 _PLAIN = {
@@ -278,19 +278,21 @@ _PLAIN = {
     "string_pattern_mismatch": "must match {pattern}",
     "literal_error": "must be {expected}",
     "extra_forbidden": "is not a setting",
+    "path_not_file": "is not a file",
+    "path_not_directory": "is not a directory",
 }
 
 
 def plain_error(err: Any) -> str:
     """A pydantic error (one item of `ValidationError.errors()`) in plain words, no library
     wording: `must be at least 10`."""
-    template = _PLAIN.get(err["type"])
+    template = _PLAIN.get(err.get("type", ""))
     if template is not None:
         try:
             return template.format(**err.get("ctx", {}))
         except (KeyError, IndexError):
             pass
-    return str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return str(err.get("msg", "")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
 def check_http_url(value: str) -> str:

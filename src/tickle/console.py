@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tickle import clock, http
-from tickle.config import default_state_dir
+from tickle.config import default_state_dir, plain_error
 from tickle.messages import (
     FINAL_STATUSES,
     TIMELINE_STEPS,
@@ -106,7 +106,8 @@ class NsClient:
                 params=params,
             )  # fmt: skip
         except http.ApiError as exc:
-            raise ConsoleError(f"{method} {path}: HTTP {exc.status}: {exc.detail}") from None
+            detail = "; ".join(map(_field_error, exc.errors)) or exc.detail
+            raise ConsoleError(f"{method} {path}: HTTP {exc.status}: {detail}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ConsoleError(
                 f"cannot reach the NS at {self.url}: {exc or type(exc).__name__}"
@@ -530,6 +531,13 @@ def _exit(code: int | None) -> str:
 
 def _utc(at: float | None) -> str:
     return "-" if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
+
+
+def _field_error(error: dict[str, Any]) -> str:
+    """One field error of a 422 in plain words: `computers.0: must match ...`."""
+    loc = [str(p) for p in error.get("loc", [])]
+    where = ".".join(loc[1:] if loc[:1] in (["body"], ["query"], ["path"]) else loc)
+    return f"{where}: {plain_error(error)}" if where else plain_error(error)
 
 
 def _query(filters: dict[str, str | int | None]) -> dict[str, str]:

@@ -20,11 +20,14 @@ M = TypeVar("M")
 class ApiError(Exception):
     """An HTTP answer other than 2xx; `detail` is the server's explanation."""
 
-    def __init__(self, status: int, detail: str, url: str) -> None:
+    def __init__(
+        self, status: int, detail: str, url: str, errors: list[dict[str, Any]] | None = None
+    ) -> None:
         super().__init__(f"HTTP {status} from {url}: {detail}")
         self.status = status
         self.detail = detail
         self.url = url
+        self.errors = errors or []  # a 422's field errors: loc, msg, type, ctx
 
 
 def clock_trace(
@@ -105,10 +108,23 @@ async def request(
     async with session.request(method, url, data=data, params=params, headers=headers) as resp:
         raw = await resp.read()
         if resp.status >= 400:
-            raise ApiError(resp.status, _detail(raw), url)
+            raise ApiError(resp.status, _detail(raw), url, _field_errors(raw))
     if answer is None:
         return None
     return TypeAdapter(answer).validate_json(raw)
+
+
+def _field_errors(raw: bytes) -> list[dict[str, Any]]:
+    """The field errors of a 422 answer (FastAPI's `detail` list); [] for any other answer."""
+    import json
+
+    try:
+        detail = json.loads(raw).get("detail")
+    except (ValueError, AttributeError):
+        return []
+    if isinstance(detail, list) and all(isinstance(e, dict) and "msg" in e for e in detail):
+        return detail
+    return []
 
 
 def _detail(raw: bytes) -> str:
