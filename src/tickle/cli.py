@@ -50,7 +50,8 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 
 
 class _RootGroup(typer.core.TyperGroup):
-    """The `tickle` group; an NS option given after the command is told where it goes."""
+    """The `tickle` group: help texts with plain value words; a bad command line is one plain
+    line (exit 2); an NS option given after the command is told where it goes."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -89,9 +90,8 @@ def _usage_message(exc: Exception) -> str:
     cause = exc.__cause__
     param = getattr(exc, "param", None)
     if isinstance(cause, ValidationError) and param is not None:
-        name = param.opts[0] if getattr(param, "opts", None) else str(param.name).upper()
-        if isinstance(param, typer.core.TyperArgument):
-            name = str(param.name).upper()
+        argument = isinstance(param, typer.core.TyperArgument)
+        name = str(param.name).upper() if argument else param.opts[0]
         problems = [f"{plain_error(e)} (got {e['input']!r})" for e in cause.errors()]
         return f"{name}: {'; '.join(problems)}"
     return str(exc.format_message())  # type: ignore[attr-defined]
