@@ -147,7 +147,10 @@ BAD_INPUT = [
     (["job", "add", "j1", *map(str, range(1, 61))], "at most 50"),
     (["job", "add", "no spaces", "1"], "name"),
     (["settings", "set"], "nothing to change"),
-    (["settings", "set", "--task-request-interval", "5"], "greater than or equal to 10"),
+    (
+        ["settings", "set", "--task-request-interval", "5"],
+        "task_request_interval_s: must be at least 10",
+    ),
     (["run", "pc 1", "--task", "1"], "computers"),
     (["run", "pc1", "--task", "1", "--group", "g" * 65], "groups"),
     (["task", "add", "t1", "--command", "true", "--timeout", "-1"], "timeout_s"),
@@ -276,10 +279,10 @@ def test_a_corrected_timeline_says_so() -> None:
     assert con.timeline_note(plain) is None
 
 
-@pytest.mark.parametrize("component", ["agent", "task-server", "ns"])
-def test_a_component_help_prints_its_flags_and_exits_0(component: str) -> None:
+@pytest.mark.parametrize("component", [["agent", "run"], ["task-server"], ["ns"]], ids=" ".join)
+def test_a_component_help_prints_its_flags_and_exits_0(component: list[str]) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "tickle", component, "--help"],
+        [sys.executable, "-m", "tickle", *component, "--help"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

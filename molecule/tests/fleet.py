@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -180,8 +181,15 @@ class FleetHost:
         return f"--- journal of {self.name} ({', '.join(self.units)}) ---\n{result.stdout}"
 
     def agent_status(self) -> dict[str, Any]:
-        """`tickle agent status`: the agent's own view (registration, policy, polls)."""
-        return json.loads(self.check(f"{TICKLE} agent status --config {AGENT_CONFIG}"))
+        """`tickle agent status`: the agent's own view (registration, policy, polls); its times
+        (printed in ISO 8601) as unix seconds, to compare with time.time()."""
+        status = json.loads(self.check(f"{TICKLE} agent status --config {AGENT_CONFIG}"))
+        return {
+            k: datetime.fromisoformat(v).timestamp()
+            if k.endswith("_at") and isinstance(v, str)
+            else v
+            for k, v in status.items()
+        }
 
     def ipv4_addresses(self) -> list[str]:
         out = self.check("ip -4 -o addr show scope global")

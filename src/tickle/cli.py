@@ -8,21 +8,24 @@ an agent-only install. Which NS the operator commands talk to is said once, befo
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
+import os
 import shlex
 import sys
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, get_args
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 import typer
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from rich.console import Console
 
+from tickle import clock
 from tickle import console as con
+from tickle.config import plain_error, settings_help
 from tickle.messages import (
     FINAL_STATUSES,
     ExecutionStatus,
@@ -41,24 +44,82 @@ from tickle.messages import (
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
+HELP_FLAGS = ("--help", "-h")
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
 class _RootGroup(typer.core.TyperGroup):
-    """The `tickle` group; an NS option given after the command is told where it goes."""
+    """The `tickle` group: help texts with plain value words; a bad command line is one plain
+    line (exit 2); an NS option given after the command is told where it goes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _readable_help(self)
+
+    def make_context(self, info_name: str | None, args: list[str], *a: Any, **kw: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, *a, **kw)
+        except Exception as exc:
+            if not _is_usage_error(exc):
+                raise
+            raise _failure(info_name or "tickle", _usage_message(exc), 2) from None
 
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except Exception as exc:
+            if not _is_usage_error(exc):
+                raise
             # click's NoSuchOption, matched by name: typer may bring its own copy of click
             option = getattr(exc, "option_name", None)
             if type(exc).__name__ == "NoSuchOption" and any(option in p.opts for p in self.params):
-                exc.message = (  # type: ignore[attr-defined]
+                message = (
                     f"{option} goes before the command: "
                     f"tickle {option} ... {ctx.invoked_subcommand} ..."
                 )
-            raise
+            else:
+                message = _usage_message(exc)
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) else ctx.command_path  # type: ignore[attr-defined]
+            raise _failure(where, message, 2) from None
+
+
+def _usage_message(exc: Exception) -> str:
+    """What is wrong with the command line, in plain words (typer checks values with pydantic:
+    its wording is replaced)."""
+    cause = exc.__cause__
+    param = getattr(exc, "param", None)
+    if isinstance(cause, ValidationError) and param is not None:
+        argument = isinstance(param, typer.core.TyperArgument)
+        name = str(param.name).upper() if argument else param.opts[0]
+        problems = [f"{plain_error(e)} (got {e['input']!r})" for e in cause.errors()]
+        return f"{name}: {'; '.join(problems)}"
+    return str(exc.format_message())  # type: ignore[attr-defined]
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """A bad command line (click's UsageError, by name: typer may bring its own click), but not
+    the help a group prints when given nothing."""
+    names = {k.__name__ for k in type(exc).__mro__}
+    return "UsageError" in names and "NoArgsIsHelpError" not in names
+
+
+# the value words of the help texts (typer would print Python types: <int>, <list[str]>)
+_VALUE_WORDS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "Path": "PATH"}
+
+
+def _readable_help(command: Any) -> None:
+    """Give every option and argument of `command` and its subcommands a plain value word."""
+    for param in command.params:
+        if isinstance(param, typer.core.TyperArgument):
+            param.metavar = param.metavar or param.name.upper()
+            # the name says what it is: no Python type after it
+            param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+        elif param.metavar is None and not param.is_flag and not param.type_descriptor.is_choice:
+            annotation = param.type_descriptor.annotation
+            element = get_args(annotation)[0] if get_origin(annotation) is list else annotation
+            param.metavar = _VALUE_WORDS.get(getattr(element, "__name__", ""), "TEXT")
+    for sub in getattr(command, "commands", {}).values():
+        _readable_help(sub)
 
 
 app = typer.Typer(
@@ -70,7 +131,8 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-out = Console()
+# piped: 100 columns (the width the tables are made for) unless COLUMNS says otherwise
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 100)
 err = Console(stderr=True)
 
 
@@ -80,6 +142,10 @@ err = Console(stderr=True)
 @app.command("ns", context_settings=PASS_THROUGH)
 def ns_command(ctx: typer.Context) -> None:
     """Run the notification server and its tickle server (flags, TICKLE_NS_*, --config)."""
+    if _wants_help(ctx.args):
+        from tickle.ns.settings import NsSettings
+
+        _print_help(settings_help(NsSettings, "tickle ns"))
     from tickle.ns.service import main as ns_main
 
     raise typer.Exit(ns_main(ctx.args))
@@ -88,6 +154,10 @@ def ns_command(ctx: typer.Context) -> None:
 @app.command("task-server", context_settings=PASS_THROUGH)
 def task_server_command(ctx: typer.Context) -> None:
     """Run a task server (settings: flags, TICKLE_TS_*, --config)."""
+    if _wants_help(ctx.args):
+        from tickle.taskserver.settings import TaskServerSettings
+
+        _print_help(settings_help(TaskServerSettings, "tickle task-server"))
     from tickle.taskserver.service import main as ts_main
 
     raise typer.Exit(ts_main(ctx.args))
@@ -97,7 +167,7 @@ class _AgentGroup(typer.core.TyperGroup):
     """`tickle agent [flags]` runs the agent; `tickle agent check-now` etc. talk to it."""
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
-        if not args or args[0] not in self.commands:
+        if not args or (args[0] not in self.commands and args[0] not in HELP_FLAGS):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
@@ -112,13 +182,24 @@ app.add_typer(agent_app, name="agent")
 @agent_app.command("run", context_settings=PASS_THROUGH)
 def agent_run(ctx: typer.Context) -> None:
     """Run the agent (settings: flags, TICKLE_AGENT_*, --config)."""
+    if _wants_help(ctx.args):
+        from tickle.agent.settings import AgentSettings
+
+        _print_help(settings_help(AgentSettings, "tickle agent run"))
     from tickle.agent.service import main as agent_main
 
     raise typer.Exit(agent_main(ctx.args))
 
 
-def _agent_control(action: str) -> Callable[[typer.Context], None]:
+def _agent_control(action: str, summary: str) -> Callable[[typer.Context], None]:
     def command(ctx: typer.Context) -> None:
+        if _wants_help(ctx.args):
+            _print_help(
+                f"Usage: tickle agent {action} [AGENT OPTIONS]\n\n  {summary}\n\n"
+                "  The agent's own options say where its control socket is: --control-socket\n"
+                "  PATH, --state-dir PATH or --config PATH (see tickle agent run --help).\n"
+                "  Prints the agent's answer as JSON.\n"
+            )
         from tickle.agent.control import run_control_command
 
         raise typer.Exit(run_control_command(ctx.args, action))
@@ -126,22 +207,41 @@ def _agent_control(action: str) -> Callable[[typer.Context], None]:
     return command
 
 
-agent_app.command(
-    "check-now", context_settings=PASS_THROUGH, help="Fetch and run pending tasks at once."
-)(_agent_control("check-now"))
-agent_app.command(
-    "policy-refresh",
-    context_settings=PASS_THROUGH,
-    help="Refresh the agent's configuration policy (does not fetch tasks).",
-)(_agent_control("policy-refresh"))
-agent_app.command("status", context_settings=PASS_THROUGH, help="Show the agent's state.")(
-    _agent_control("status")
-)
+for _action, _summary in (
+    ("check-now", "Fetch and run pending tasks at once."),
+    ("policy-refresh", "Refresh the agent's configuration policy (does not fetch tasks)."),
+    ("status", "Show the agent's state."),
+):
+    agent_app.command(_action, context_settings=PASS_THROUGH, help=_summary)(
+        _agent_control(_action, _summary)
+    )
+
+
+def _wants_help(args: list[str]) -> bool:
+    return any(arg in HELP_FLAGS for arg in args)
+
+
+def _print_help(text: str) -> None:
+    """Print a component command's help and end with exit 0."""
+    sys.stdout.write(text)
+    raise typer.Exit(0)
 
 
 # --- operator commands on the NS API ------------------------------------------------------------
 
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
+_STATUSES = ", ".join(get_args(ExecutionStatus))
+RunArg = Annotated[int, typer.Argument(help="The run's id (as tickle run and runs list print)")]
+ExecutionArg = Annotated[int, typer.Argument(help="The execution's id (as the run tables print)")]
+NewName = Annotated[str, typer.Argument(help="Its name: letters, digits, . _ - (up to 64)")]
+AsJson = Annotated[
+    bool, typer.Option("--json", help="Print JSON (times in ISO 8601, UTC) instead of text")
+]
+Wide = Annotated[
+    bool,
+    typer.Option(
+        "--wide", help="More columns (a run: the time of every hop); wider than 100 columns"
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -152,6 +252,12 @@ class NsTarget:
     token: str | None
     token_file: Path | None
     ca_file: Path | None
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"tickle {importlib.metadata.version('tickle')}\n")
+        raise typer.Exit(0)
 
 
 @app.callback()
@@ -176,8 +282,18 @@ def ns_target(
     ] = None,
     ca_file: Annotated[
         Path | None,
-        typer.Option("--ca-file", envvar="TICKLE_CA_FILE", help="CA bundle to verify an https NS"),
+        typer.Option(
+            "--ca-file",
+            envvar="TICKLE_CA_FILE",
+            help="CA bundle (PEM) that verifies an https NS (default: the system trust store)",
+        ),
     ] = None,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit"
+        ),
+    ] = False,
 ) -> None:
     """Keep the NS target of the operator commands in the context."""
     # Only kept here: the token is read when an operator command runs, so `tickle agent` never
@@ -200,7 +316,10 @@ def _with_ns(ctx: typer.Context, work: Callable[[con.NsClient], Coroutine[Any, A
 
 
 def _print_json(data: Any) -> None:
-    out.print_json(json.dumps(data, default=str))
+    """`data` (models, or lists of them) as JSON, times as ISO 8601 UTC (the API's unix seconds
+    converted: see README, Command line)."""
+    plain = clock.iso_times(TypeAdapter(Any).dump_python(data, mode="json"))
+    sys.stdout.write(json.dumps(plain, indent=2) + "\n")
 
 
 task_app = typer.Typer(help="Define tasks.")
@@ -218,34 +337,41 @@ app.add_typer(operators_app, name="operators")
 @task_app.command("add")
 def task_add(
     ctx: typer.Context,
-    name: str,
+    name: NewName,
     command: Annotated[
         str | None, typer.Option(help="Command line to run (split like a shell)")
     ] = None,
     script: Annotated[
         Path | None, typer.Option(help="Shell script file to run ('-': stdin)")
     ] = None,
-    timeout: Annotated[float, typer.Option(help="Timeout in seconds")] = 300.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds the task may run before it is stopped (up to 86400)")
+    ] = 300.0,
     as_json: AsJson = False,
 ) -> None:
     """Define a task: a command or a script, with a timeout."""
     spec = _task_spec(name, command, script, timeout)
     task = _with_ns(ctx, lambda c: c.add_task(spec))
     if as_json:
-        _print_json(task.model_dump())
+        _print_json(task)
     else:
         out.print(f"task {task.id} {task.name!r} defined")
 
 
 @task_app.command("list")
-def task_list(ctx: typer.Context) -> None:
+def task_list(ctx: typer.Context, as_json: AsJson = False) -> None:
     """List the tasks."""
     tasks = _with_ns(ctx, lambda c: c.tasks())
-    _print_json([t.model_dump() for t in tasks])
+    if as_json:
+        _print_json(tasks)
+    else:
+        out.print(con.tasks_table(tasks))
 
 
 @task_app.command("delete")
-def task_delete(ctx: typer.Context, task_id: int) -> None:
+def task_delete(
+    ctx: typer.Context, task_id: Annotated[int, typer.Argument(help="The task's id")]
+) -> None:
     """Delete a task (refused while a job has it as a step or one of its runs is unfinished);
     its runs stay in the history."""
     _with_ns(ctx, lambda c: c.delete_task(task_id))
@@ -255,24 +381,33 @@ def task_delete(ctx: typer.Context, task_id: int) -> None:
 @job_app.command("add")
 def job_add(
     ctx: typer.Context,
-    name: str,
-    task_ids: Annotated[list[int], typer.Argument(help="Task ids, in order")],
+    name: NewName,
+    task_ids: Annotated[list[int], typer.Argument(help="Task ids, in order (1 to 50)")],
+    as_json: AsJson = False,
 ) -> None:
     """Define a job from tasks, run in order, stopping at the first failure."""
     spec = _valid("tickle job add", JobCreate, name=name, task_ids=task_ids)
     job = _with_ns(ctx, lambda c: c.add_job(spec))
-    out.print(f"job {job.id} {job.name!r} defined with tasks {job.task_ids}")
+    if as_json:
+        _print_json(job)
+    else:
+        out.print(f"job {job.id} {job.name!r} defined with tasks {job.task_ids}")
 
 
 @job_app.command("list")
-def job_list(ctx: typer.Context) -> None:
+def job_list(ctx: typer.Context, as_json: AsJson = False) -> None:
     """List the jobs."""
     jobs = _with_ns(ctx, lambda c: c.jobs())
-    _print_json([j.model_dump() for j in jobs])
+    if as_json:
+        _print_json(jobs)
+    else:
+        out.print(con.jobs_table(jobs))
 
 
 @job_app.command("delete")
-def job_delete(ctx: typer.Context, job_id: int) -> None:
+def job_delete(
+    ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="The job's id")]
+) -> None:
     """Delete a job (its tasks stay; refused while one of its runs is unfinished); its runs stay
     in the history."""
     _with_ns(ctx, lambda c: c.delete_job(job_id))
@@ -315,6 +450,7 @@ def run_command(
     watch: Annotated[bool, typer.Option(help="Wait and show progress until all finish")] = True,
     wait_s: Annotated[float, typer.Option("--wait", help="How long to watch (s)")] = 300.0,
     as_json: AsJson = False,
+    wide: Wide = False,
 ) -> None:
     """Run a task or job now on computers (and groups, or --all); watch until every target
     finished. --rerun RUN [--failed] runs a run's task, job or command again."""
@@ -352,7 +488,7 @@ def run_command(
             return await c.wait_run(run.id, wait_s, progress)
 
     run = _with_ns(ctx, work)
-    _show_run(run, as_json)
+    _show_run(run, as_json, wide)
     if watch and any(e.status not in FINAL_STATUSES for e in run.executions):
         raise typer.Exit(3)
     if any(e.status != "succeeded" for e in run.executions if e.status in FINAL_STATUSES):
@@ -377,7 +513,7 @@ def _duration(prefix: str, text: str) -> float:
 @app.command("cancel")
 def cancel_command(
     ctx: typer.Context,
-    run_id: Annotated[int, typer.Argument(help="The run to cancel")],
+    run_id: Annotated[int, typer.Argument(help="The run to cancel (its id)")],
     execution: Annotated[
         int | None, typer.Option("--execution", help="Cancel only this execution of the run")
     ] = None,
@@ -387,7 +523,7 @@ def cancel_command(
     stopped by its agent, with every process it started, and recorded cancelled."""
     result = _with_ns(ctx, lambda c: c.cancel(run_id, execution))
     if as_json:
-        _print_json(result.model_dump())
+        _print_json(result)
         return
     for what, ids in (
         ("cancelled", result.cancelled),
@@ -401,7 +537,7 @@ def cancel_command(
 @app.command("output")
 def output_command(
     ctx: typer.Context,
-    execution_id: Annotated[int, typer.Argument(help="The execution")],
+    execution_id: ExecutionArg,
     step: Annotated[
         int | None, typer.Option("--step", help="Only this step (0: the first)")
     ] = None,
@@ -411,7 +547,7 @@ def output_command(
     (kept up to the agent's cap per step; a marker line says where and how much was cut)."""
     result = _with_ns(ctx, lambda c: c.output(execution_id, step))
     if as_json:
-        _print_json(result.model_dump())
+        _print_json(result)
         return
     if not result.steps:
         err.print(f"execution {execution_id}: no output (yet)", markup=False, highlight=False)
@@ -427,9 +563,10 @@ def output_command(
 @app.command("watch")
 def watch_command(
     ctx: typer.Context,
-    run_id: int,
+    run_id: RunArg,
     wait_s: Annotated[float, typer.Option("--wait", help="How long to watch (s)")] = 300.0,
     as_json: AsJson = False,
+    wide: Wide = False,
 ) -> None:
     """Watch a run's progress until every target finished."""
 
@@ -437,19 +574,19 @@ def watch_command(
         with con.progress_bar(err) as progress:
             return await c.wait_run(run_id, wait_s, progress)
 
-    _show_run(_with_ns(ctx, work), as_json)
+    _show_run(_with_ns(ctx, work), as_json, wide)
 
 
 @app.command("timeline")
 def timeline_command(
     ctx: typer.Context,
-    execution_id: int,
+    execution_id: ExecutionArg,
     as_json: AsJson = False,
 ) -> None:
     """Show one execution's nine-step timeline with the time spent in each hop."""
     e = _with_ns(ctx, lambda c: c.execution(execution_id))
     if as_json:
-        _print_json(e.model_dump())
+        _print_json(e)
     else:
         out.print(con.timeline_table(e))
         if e.steps:
@@ -478,6 +615,7 @@ def computers_command(
     offline: Annotated[bool, typer.Option("--offline", help="Only the offline computers")] = False,
     online: Annotated[bool, typer.Option("--online", help="Only the online computers")] = False,
     as_json: AsJson = False,
+    wide: Wide = False,
 ) -> None:
     """List computers: online/offline, last contact, settings version, tickle state, NAT.
 
@@ -491,13 +629,13 @@ def computers_command(
     liveness = "offline" if offline else "online" if online else None
     items = _with_ns(ctx, lambda c: c.computers(liveness))
     if as_json:
-        _print_json([i.model_dump() for i in items])
+        _print_json(items)
     else:
-        out.print(con.computers_table(items))
+        out.print(con.computers_table(items, wide))
 
 
 @computers_app.command("forget")
-def computers_forget(ctx: typer.Context, name: str) -> None:
+def computers_forget(ctx: typer.Context, name: NameArg) -> None:
     """Forget a computer: its agent's credentials go (its next registration is a new computer);
     its history stays. Refused while one of its executions is unfinished."""
     _with_ns(ctx, lambda c: c.forget_computer(name))
@@ -508,15 +646,16 @@ def computers_forget(ctx: typer.Context, name: str) -> None:
 def task_servers_command(
     ctx: typer.Context,
     as_json: AsJson = False,
+    wide: Wide = False,
 ) -> None:
     """List task servers and whether tickles reach them."""
     if ctx.invoked_subcommand is not None:
         return
     items = _with_ns(ctx, lambda c: c.task_servers())
     if as_json:
-        _print_json([i.model_dump() for i in items])
+        _print_json(items)
     else:
-        out.print(con.task_servers_table(items))
+        out.print(con.task_servers_table(items, wide))
 
 
 NameArg = Annotated[str, typer.Argument(help="Its name", show_default=False)]
@@ -535,7 +674,7 @@ def _registration_commands(group: typer.Typer, kind: RegistrationKind) -> None:
     def pending(ctx: typer.Context, as_json: AsJson = False) -> None:
         items = _with_ns(ctx, lambda c: c.registrations(kind))
         if as_json:
-            _print_json([i.model_dump() for i in items])
+            _print_json(items)
         else:
             out.print(con.registrations_table(items, kind))
 
@@ -569,7 +708,7 @@ _registration_commands(task_servers_app, "task_server")
 @task_servers_app.command("delete")
 def task_servers_delete(
     ctx: typer.Context,
-    name: str,
+    name: NameArg,
     force: Annotated[
         bool,
         typer.Option(
@@ -590,12 +729,14 @@ runs_app = typer.Typer(help="The history of runs: list them, show one.")
 executions_app = typer.Typer(help="Executions: one run of a task or job on one computer.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(executions_app, name="executions")
-Limit = Annotated[int, typer.Option("--limit", help="At most this many, newest first")]
+Limit = Annotated[
+    int, typer.Option("--limit", help="At most this many, newest first", min=1, max=500)
+]
 Before = Annotated[
     int | None, typer.Option("--before", help="The next page: ids below this one (as printed)")
 ]
 StatusOption = Annotated[
-    str | None, typer.Option("--status", help="With an execution in this status")
+    str | None, typer.Option("--status", help=f"With an execution in this status ({_STATUSES})")
 ]
 
 
@@ -628,23 +769,27 @@ def runs_list(
     }  # fmt: skip
     page = _with_ns(ctx, lambda c: c.runs(**filters))
     if as_json:
-        _print_json(page.model_dump())
+        _print_json(page)
     else:
         out.print(con.runs_table(page))
 
 
 @runs_app.command("show")
-def runs_show(ctx: typer.Context, run_id: int, as_json: AsJson = False) -> None:
+def runs_show(
+    ctx: typer.Context, run_id: RunArg, as_json: AsJson = False, wide: Wide = False
+) -> None:
     """Show a run and each of its executions."""
-    _show_run(_with_ns(ctx, lambda c: c.run(run_id)), as_json)
+    _show_run(_with_ns(ctx, lambda c: c.run(run_id)), as_json, wide)
 
 
 @executions_app.command("show")
-def executions_show(ctx: typer.Context, execution_id: int, as_json: AsJson = False) -> None:
+def executions_show(
+    ctx: typer.Context, execution_id: ExecutionArg, as_json: AsJson = False
+) -> None:
     """Show one execution in full: status, steps, timeline, output."""
     e = _with_ns(ctx, lambda c: c.execution(execution_id))
     if as_json:
-        _print_json(e.model_dump())
+        _print_json(e)
         return
     out.print(con.timeline_table(e))
     for step in e.steps:
@@ -657,7 +802,9 @@ def executions_show(ctx: typer.Context, execution_id: int, as_json: AsJson = Fal
 def history_command(
     ctx: typer.Context,
     computer: Annotated[str, typer.Option("--computer", help="The computer whose history")],
-    status: Annotated[str | None, typer.Option("--status", help="Only this status")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help=f"Only this status ({_STATUSES})")
+    ] = None,
     limit: Limit = 20,
     before: Before = None,
     as_json: AsJson = False,
@@ -668,7 +815,7 @@ def history_command(
         ctx, lambda c: c.computer_executions(computer, status=status, limit=limit, before=before)
     )
     if as_json:
-        _print_json(page.model_dump())
+        _print_json(page)
     else:
         out.print(con.executions_table(page, f"executions on {computer} (newest first)"))
 
@@ -681,7 +828,7 @@ def about_command(
     """Show what the NS is: version, database, schema revision, tickle dispatcher role."""
     about = _with_ns(ctx, lambda c: c.about())
     if as_json:
-        _print_json(about.model_dump())
+        _print_json(about)
     else:
         out.print(con.about_table(about))
 
@@ -696,7 +843,7 @@ def operators_add(
     spec = _valid("tickle operators add", OperatorCreate, name=name)
     creds = _with_ns(ctx, lambda c: c.add_operator(spec.name))
     if as_json:
-        _print_json(creds.model_dump())
+        _print_json(creds)
         return
     out.print(f"operator {creds.name!r} added; its token (shown only now):")
     out.print(creds.token, markup=False, highlight=False, soft_wrap=True)
@@ -707,12 +854,9 @@ def operators_list(ctx: typer.Context, as_json: AsJson = False) -> None:
     """List the operator accounts. Admin token."""
     items = _with_ns(ctx, lambda c: c.operators())
     if as_json:
-        _print_json([i.model_dump(mode="json") for i in items])
+        _print_json(items)
     else:
-        for o in items:
-            out.print(
-                f"{o.name}  added {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(o.created_at))}"
-            )
+        out.print(con.operators_table(items))
 
 
 @app.command("audit")
@@ -730,30 +874,42 @@ def audit_command(
     """Show operator actions, newest first: who, when, what, on what. Admin token."""
     events = _with_ns(ctx, lambda c: c.audit(limit, who, action))
     if as_json:
-        _print_json([e.model_dump(mode="json") for e in events])
+        _print_json(events)
     else:
         out.print(con.audit_table(events))
 
 
 @settings_app.command("show")
-def settings_show(ctx: typer.Context) -> None:
+def settings_show(ctx: typer.Context, as_json: AsJson = False) -> None:
     """Show the central settings."""
     s = _with_ns(ctx, lambda c: c.settings())
-    _print_json(s.model_dump())
+    if as_json:
+        _print_json(s)
+    else:
+        out.print(con.settings_table(s))
 
 
 @settings_app.command("set")
 def settings_set(
     ctx: typer.Context,
     interval: Annotated[
-        int | None, typer.Option("--task-request-interval", help="Task Request Interval (s)")
+        int | None,
+        typer.Option(
+            "--task-request-interval",
+            help="Task Request Interval: how often agents poll (s, 10 to 86400)",
+        ),
     ] = None,
     jitter: Annotated[
-        float | None, typer.Option("--poll-jitter", help="Poll jitter, fraction of the interval")
+        float | None,
+        typer.Option("--poll-jitter", help="Poll jitter, a fraction of the interval (0 to 0.5)"),
     ] = None,
     ts_check: Annotated[
-        int | None, typer.Option("--ts-check-interval", help="Task servers' NS check (s)")
+        int | None,
+        typer.Option(
+            "--ts-check-interval", help="How often task servers check the NS (s, 5 to 86400)"
+        ),
     ] = None,
+    as_json: AsJson = False,
 ) -> None:
     """Change settings; task servers are tickled to pull them and hand them to their agents."""
     if interval is None and jitter is None and ts_check is None:
@@ -771,7 +927,10 @@ def settings_set(
         return await c.update_settings(update), await c.settings_reach()
 
     s, reach = _with_ns(ctx, work)
-    _print_json(s.model_dump())
+    if as_json:
+        _print_json(s)
+    else:
+        out.print(con.settings_table(s))
     err.print(
         f"settings version {reach.version}: {reach.current} agent(s) have it, {reach.pending}"
         " take it at their next contact (a settings tickle, or their next poll)",
@@ -835,22 +994,22 @@ def _valid(prefix: str, model: type[M], **fields: Any) -> M:
 def _failure(prefix: str, reason: str | Exception, code: int) -> typer.Exit:
     """Say what went wrong in one line on stderr; the exit (with `code`) to raise."""
     if isinstance(reason, ValidationError):
-        reason = "; ".join(_field_error(e["loc"], e["msg"]) for e in reason.errors())
+        reason = "; ".join(_field_error(e) for e in reason.errors())
     # soft_wrap: one line however narrow the terminal; markup off: a reason may hold [brackets]
     err.print(f"{prefix}: {reason}", style="red", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
-def _field_error(loc: tuple[int | str, ...], msg: str) -> str:
-    msg = msg.removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError
-    return f"{'.'.join(map(str, loc))}: {msg}" if loc else msg
+def _field_error(error: Any) -> str:
+    where = ".".join(map(str, error["loc"]))
+    return f"{where}: {plain_error(error)}" if where else plain_error(error)
 
 
-def _show_run(run: RunOut, as_json: bool) -> None:
+def _show_run(run: RunOut, as_json: bool, wide: bool = False) -> None:
     if as_json:
-        _print_json(run.model_dump())
+        _print_json(run)
     else:
-        out.print(con.run_table(run))
+        out.print(con.run_table(run, wide))
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from tickle import wire
 
@@ -174,3 +176,22 @@ class ClockWarning:
             "arrives only by polling; set the clock right (NTP)",
             offset, self._sender(), self._window_s,
         )  # fmt: skip
+
+
+def iso(at: float) -> str:
+    """Unix seconds as ISO 8601 in UTC, to the millisecond: 2026-11-30T14:20:57.123Z."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso_times(data: Any) -> Any:
+    """JSON-ready `data` with every time (`at`, `*_at`: unix seconds) as an ISO 8601 UTC string:
+    what the CLI prints (the APIs keep unix seconds)."""
+    if isinstance(data, dict):
+        return {k: iso(v) if _is_time(k, v) else iso_times(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [iso_times(v) for v in data]
+    return data
+
+
+def _is_time(key: str, value: object) -> bool:
+    return (key == "at" or key.endswith("_at")) and type(value) in (int, float)

@@ -11,13 +11,16 @@ import os
 import secrets
 import socket
 import sys
+import textwrap
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Literal, Self, TypeVar, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -210,13 +213,14 @@ def load_settings(cls: type[S], args: list[str] | None = None, **overrides: Any)
     try:
         return cls(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, prefix)) from None
-    except SystemExit as exc:  # argparse inside the CLI source on --help or a bad flag
-        if exc.code in (0, None):  # --help: printed, a success
+        raise ConfigError(_describe(exc, cls)) from None
+    except SystemExit as exc:  # argparse inside the CLI source (help is answered before)
+        if exc.code in (0, None):  # --help all the same: printed, a success
             raise
-        raise ConfigError(f"bad command-line flags: {exc}") from None
+        raise ConfigError(f"bad command-line flags (exit {exc})") from None
     except Exception as exc:  # the CLI source raises SettingsError for unknown flags
-        raise ConfigError(str(exc)) from None
+        message = str(exc).removeprefix("error parsing CLI: ")
+        raise ConfigError(message.replace("unrecognized arguments:", "unknown options:")) from None
     finally:
         _config_file.reset(token_f)
         _secrets_file.reset(token_s)
@@ -263,19 +267,60 @@ def _check_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config: cannot read {path}: {exc}") from None
 
 
-def _describe(exc: ValidationError, prefix: str) -> str:
-    lines = []
+def _describe(exc: ValidationError, cls: type[ComponentSettings]) -> str:
+    """One line naming each bad setting (its flag and variable), what is wrong, and the value."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    problems = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "settings"
-        env = f"{prefix}{str(err['loc'][0]).upper()}" if err["loc"] else ""
-        shown = f"{field} ({env})" if env else field
-        if err["type"] == "missing":  # its input is every other setting, secrets included
-            lines.append(f"setting {shown}: {err['msg']}")
-            continue
-        # a secret's value never reaches a log (check-config's messages end up in deployment logs)
-        got = " (value not shown)" if _secret_name(field) else f" (got {err.get('input')!r})"
-        lines.append(f"setting {shown}: {err['msg']}{got}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+        field = ".".join(str(p) for p in err["loc"])
+        top = str(err["loc"][0]) if err["loc"] else ""
+        if top in cls.model_fields:
+            shown = f"setting {field} (--{top.replace('_', '-')}, {prefix}{top.upper()})"
+        else:
+            shown = f"setting {field}" if field else ""
+        reason = plain_error(err)
+        if not shown:  # a check across settings: its input is every setting, secrets included
+            problems.append(reason)
+        elif err["type"] == "missing":  # its input is every setting, secrets included
+            problems.append(f"{shown}: {reason}")
+        elif _secret_name(field):  # never a secret's value (check-config's lines reach logs)
+            problems.append(f"{shown}: {reason} (value not shown)")
+        else:
+            problems.append(f"{shown}: {reason} (got {err.get('input')!r})")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+_PLAIN = {
+    "missing": "is required",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+    "greater_than": "must be more than {gt}",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than": "must be less than {lt}",
+    "less_than_equal": "must be at most {le}",
+    "string_too_short": "must have at least {min_length} character(s)",
+    "string_too_long": "must have at most {max_length} characters",
+    "too_long": "must have at most {max_length} items",
+    "string_pattern_mismatch": "must match {pattern}",
+    "literal_error": "must be {expected}",
+    "extra_forbidden": "is not a setting",
+    "path_not_file": "is not a file",
+    "path_not_directory": "is not a directory",
+}
+
+
+def plain_error(err: Any) -> str:
+    """A pydantic error (one item of `ValidationError.errors()`) in plain words, no library
+    wording: `must be at least 10`."""
+    template = _PLAIN.get(err.get("type", ""))
+    if template is not None:
+        try:
+            return template.format(**err.get("ctx", {}))
+        except (KeyError, IndexError):
+            pass
+    return str(err.get("msg", "")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
 def _secret_name(field: str) -> bool:
@@ -341,3 +386,100 @@ def check_config(component: str, cls: type[ComponentSettings], args: list[str]) 
         return 2
     print(f"{path}: a valid {component} configuration")
     return 0
+
+
+# --- help -------------------------------------------------------------------------------------
+
+
+def settings_help(cls: type[ComponentSettings], usage: str) -> str:
+    """The `--help` of a component command: every setting with its flag, variable, default and
+    range, worded for an operator (no Python types, no factories)."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    summary = (cls.__doc__ or "").strip().splitlines()[0]
+    lines = [
+        f"Usage: {usage} [OPTIONS]",
+        "",
+        f"  {summary}",
+        "",
+        "  Each setting comes from, highest first: its flag, its environment variable, the TOML",
+        "  file named by --config, its default.",
+        "",
+        "Options:",
+    ]
+    for name, field in cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        shown = (
+            f"{flag} / --no-{flag[2:]}"
+            if _annotation(field) is bool
+            else f"{flag} {_metavar(name, field)}"
+        )
+        text = (field.description or name.replace("_", " ")).rstrip(".")
+        facts = [f"default: {shown_default(field)}"]
+        facts += [f"range: {r}"] if (r := _range(field)) else []
+        facts.append(f"env: {prefix}{name.upper()}")
+        lines.append(f"  {shown}")
+        lines += textwrap.wrap(
+            f"{text} [{'; '.join(facts)}]", width=88, initial_indent=" " * 6,
+            subsequent_indent=" " * 6, break_on_hyphens=False,
+        )  # fmt: skip
+    lines += ["  -h, --help", "      Show this message and exit."]
+    return "\n".join(lines) + "\n"
+
+
+def shown_default(field: FieldInfo) -> str:
+    """A setting's default as an operator should read it, the same on every machine."""
+    if field.is_required():
+        return "(required)"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, Path):
+        value = str(value).replace(str(Path.home()), "~")
+    if field.default_factory is not None and value == hostname():
+        return "(host name)"
+    if value is None:
+        return "(unset)"
+    if value == "":
+        return '""'
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "(none)"
+    return str(value)
+
+
+def _annotation(field: FieldInfo) -> Any:
+    """The field's type without `| None` and constraints."""
+    kind = field.annotation
+    args = [a for a in get_args(kind) if a is not type(None)]
+    if get_origin(kind) in (UnionType, Union) and args:
+        kind = args[0]
+    return get_args(kind)[0] if get_origin(kind) is Annotated else kind
+
+
+def _metavar(name: str, field: FieldInfo) -> str:
+    kind = _annotation(field)
+    if get_origin(kind) is Literal:
+        return "{" + "|".join(map(str, get_args(kind))) + "}"
+    if get_origin(kind) is list:
+        return "LIST"
+    if kind is int:
+        return "INTEGER"
+    if kind is float:
+        return "SECONDS" if name.endswith("_s") else "NUMBER"
+    if isinstance(kind, type) and issubclass(kind, Path):
+        return "PATH"
+    if name.endswith("_url") or name.endswith("_urls"):
+        return "URL"
+    return "TEXT"
+
+
+def _range(field: FieldInfo) -> str:
+    """`1..65535`, `more than 0, at most 600`... from the field's constraints ('' if none)."""
+    bounds: dict[str, Any] = {}
+    for item in field.metadata:
+        for key in ("gt", "ge", "lt", "le"):
+            if getattr(item, key, None) is not None:
+                bounds[key] = getattr(item, key)
+    if "ge" in bounds and "le" in bounds:
+        return f"{bounds['ge']}..{bounds['le']}"
+    words = {"gt": "more than", "ge": "at least", "lt": "less than", "le": "at most"}
+    return ", ".join(f"{words[k]} {v}" for k, v in bounds.items())

@@ -6,6 +6,7 @@ Imports only the shared pieces (messages, http), so it works on any install.
 from __future__ import annotations
 
 import asyncio
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tickle import clock, http
-from tickle.config import default_state_dir
+from tickle.config import default_state_dir, plain_error
 from tickle.messages import (
     FINAL_STATUSES,
     TIMELINE_STEPS,
@@ -105,7 +106,8 @@ class NsClient:
                 params=params,
             )  # fmt: skip
         except http.ApiError as exc:
-            raise ConsoleError(f"{method} {path}: HTTP {exc.status}: {exc.detail}") from None
+            detail = "; ".join(map(_field_error, exc.errors)) or exc.detail
+            raise ConsoleError(f"{method} {path}: HTTP {exc.status}: {detail}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ConsoleError(
                 f"cannot reach the NS at {self.url}: {exc or type(exc).__name__}"
@@ -277,20 +279,25 @@ def timeline_times(execution: ExecutionOut) -> dict[str, float | None]:
     return {s.step: s.at for s in execution.timeline}
 
 
-def run_table(run: RunOut) -> Table:
-    """One row per execution: status, how the task arrived, and the time of each hop (ms)."""
-    table = Table(title=f"run {run.id}: time of each step after run-now (ms)")
-    for col in ("computer", "status", "via", "exit", *TIMELINE_STEPS[1:]):
-        table.add_column(
-            col, justify="right" if col not in ("computer", "status", "via") else "left"
-        )
-    for e in sorted(run.executions, key=lambda x: x.computer):
+def run_table(run: RunOut, wide: bool = False) -> Table:
+    """One row per execution: its id, status, how the task arrived, when it started and finished
+    (ms after run-now); `wide`: the time of every hop instead."""
+    title = f"run {run.id}" + (f" ({run.label})" if run.label else "")
+    table = Table(title=f"{title}: ms after run-now")
+    steps = TIMELINE_STEPS[1:] if wide else ("started", "finished")
+    table.add_column("execution", justify="right", no_wrap=True)
+    table.add_column("computer", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("via")
+    table.add_column("exit", justify="right")
+    for step in steps:
+        table.add_column(step.replace("_", " "), justify="right")
+    for e in sorted(run.executions, key=lambda x: (x.computer, x.id)):
         times = timeline_times(e)
         origin = times.get("created") or run.created_at
-        cells = [_ms(times.get(step), origin) for step in TIMELINE_STEPS[1:]]
         table.add_row(
-            e.computer, e.status, e.via or "-", "-" if e.exit_code is None else str(e.exit_code),
-            *cells,
+            str(e.id), e.computer, e.status, e.via or "-", _exit(e.exit_code),
+            *(_ms(times.get(step), origin) for step in steps),
         )  # fmt: skip
     return table
 
@@ -349,28 +356,72 @@ def steps_table(execution: ExecutionOut) -> Table:
     return table
 
 
-def computers_table(computers: Sequence[ComputerOut]) -> Table:
+def computers_table(computers: Sequence[ComputerOut], wide: bool = False) -> Table:
+    """One row per computer: liveness, last contact, settings version, tickle state, clock;
+    `wide`: its groups, observed address and NAT too."""
     table = Table(title="computers")
-    for col in (
-        "name",
-        "task server",
-        "state",
-        "last contact",
-        "settings",
-        "tickle",
-        "groups",
-        "observed",
-        "NAT",
-        "clock",
-    ):
-        table.add_column(col)
+    columns = ["name", "task server", "state", "last contact", "settings", "tickle", "clock"]
+    for col in columns + (["groups", "observed", "NAT"] if wide else []):
+        table.add_column(col, no_wrap=col in ("name", "task server", "state"))
     for c in computers:
+        extra = (
+            [
+                ",".join(c.groups) or "-",
+                c.observed_address or "-",
+                "yes" if c.nat_detected else "no",
+            ]
+            if wide
+            else []
+        )
         table.add_row(
             c.name, c.task_server or "-", c.liveness, _ago(c.last_contact_at),
             "-" if c.settings_version is None else f"v{c.settings_version}", c.tickle_state,
-            ",".join(c.groups) or "-", c.observed_address or "-",
-            "yes" if c.nat_detected else "no", clock.describe(c.clock_offset_s),
+            clock.describe(c.clock_offset_s), *extra,
         )  # fmt: skip
+    return table
+
+
+def tasks_table(tasks: Sequence[TaskOut]) -> Table:
+    """One row per task: id, name, timeout, what it runs."""
+    table = Table(title="tasks")
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("timeout (s)", justify="right")
+    table.add_column("runs", overflow="ellipsis", no_wrap=True, max_width=60)
+    for t in tasks:
+        runs = shlex.join(t.command) if t.command else f"script ({len(t.script or '')} bytes)"
+        table.add_row(str(t.id), t.name, f"{t.timeout_s:g}", runs)
+    return table
+
+
+def jobs_table(jobs: Sequence[JobOut]) -> Table:
+    """One row per job: id, name, its tasks in order."""
+    table = Table(title="jobs")
+    table.add_column("id", justify="right", no_wrap=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("task ids, in order")
+    for j in jobs:
+        table.add_row(str(j.id), j.name, " ".join(map(str, j.task_ids)))
+    return table
+
+
+def settings_table(s: SettingsOut) -> Table:
+    """The central settings, one per row."""
+    table = Table(title=f"central settings (version {s.version})", show_header=False)
+    table.add_column("setting")
+    table.add_column("value", justify="right")
+    table.add_row("Task Request Interval (s)", str(s.task_request_interval_s))
+    table.add_row("poll jitter (fraction of the interval)", f"{s.poll_jitter_fraction:g}")
+    table.add_row("task servers' NS check (s)", str(s.ts_check_interval_s))
+    return table
+
+
+def operators_table(operators: Sequence[OperatorOut]) -> Table:
+    table = Table(title="operators")
+    table.add_column("name", no_wrap=True)
+    table.add_column("added (UTC)")
+    for o in operators:
+        table.add_row(o.name, _utc(o.created_at))
     return table
 
 
@@ -378,7 +429,9 @@ def runs_table(page: RunsPage) -> Table:
     """One row per run, newest first: what ran, when, and its executions per status."""
     table = Table(title="runs (newest first)")
     for col in ("run", "created (UTC)", "what", "targets", "statuses"):
-        table.add_column(col, justify="right" if col in ("run", "targets") else "left")
+        table.add_column(
+            col, justify="right" if col in ("run", "targets") else "left", no_wrap=col == "run"
+        )
     for r in page.runs:
         what = r.label or "-"
         what += f" (task {r.task_id})" if r.task_id else f" (job {r.job_id})" if r.job_id else ""
@@ -393,7 +446,8 @@ def executions_table(page: ExecutionsPage, title: str) -> Table:
     """One row per execution, newest first: its run, status, exit code and when it was made."""
     table = Table(title=title)
     for col in ("execution", "run", "created (UTC)", "status", "via", "exit", "finished (UTC)"):
-        table.add_column(col, justify="right" if col in ("execution", "run", "exit") else "left")
+        right = col in ("execution", "run", "exit")
+        table.add_column(col, justify="right" if right else "left", no_wrap=right)
     for e in page.executions:
         times = timeline_times(e)
         table.add_row(
@@ -405,14 +459,17 @@ def executions_table(page: ExecutionsPage, title: str) -> Table:
     return table
 
 
-def task_servers_table(servers: Sequence[TaskServerOut]) -> Table:
+def task_servers_table(servers: Sequence[TaskServerOut], wide: bool = False) -> Table:
+    """One row per task server: tickle state, clients, clock, last pull; `wide`: its addresses."""
     table = Table(title="task servers")
-    for col in ("name", "tickle address", "api", "tickle", "clients", "clock", "last pull"):
-        table.add_column(col)
+    columns = ["name", "tickle", "clients", "clock", "last pull"]
+    for col in columns + (["tickle address", "api"] if wide else []):
+        table.add_column(col, no_wrap=col == "name")
     for s in servers:
+        extra = [f"{s.tickle_host}:{s.tickle_port}", s.api_url] if wide else []
         table.add_row(
-            s.name, f"{s.tickle_host}:{s.tickle_port}", s.api_url, s.tickle_state, str(s.clients),
-            clock.describe(s.clock_offset_s), _ago(s.last_pull_at),
+            s.name, s.tickle_state, str(s.clients), clock.describe(s.clock_offset_s),
+            _ago(s.last_pull_at), *extra,
         )  # fmt: skip
     return table
 
@@ -476,8 +533,19 @@ def _ms(at: float | None, origin: float | None) -> str:
     return f"{(at - origin) * 1000:.1f}"
 
 
+def _exit(code: int | None) -> str:
+    return "-" if code is None else str(code)
+
+
 def _utc(at: float | None) -> str:
     return "-" if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
+
+
+def _field_error(error: dict[str, Any]) -> str:
+    """One field error of a 422 in plain words: `computers.0: must match ...`."""
+    loc = [str(p) for p in error.get("loc", [])]
+    where = ".".join(loc[1:] if loc[:1] in (["body"], ["query"], ["path"]) else loc)
+    return f"{where}: {plain_error(error)}" if where else plain_error(error)
 
 
 def _query(filters: dict[str, str | int | None]) -> dict[str, str]:
@@ -485,4 +553,11 @@ def _query(filters: dict[str, str | int | None]) -> dict[str, str]:
 
 
 def _ago(at: float | None) -> str:
-    return "never" if at is None else f"{time.time() - at:.0f}s ago"
+    """How long ago, in the largest unit that keeps it short: 42s, 15m, 5h, 3d ago."""
+    if at is None:
+        return "never"
+    seconds = max(0.0, time.time() - at)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"

@@ -87,7 +87,7 @@ async def _paths(fleet: LocalFleet, ns: con.NsClient) -> bool:
     out.print(Rule("1. Tickle delivery: run now on four agents"))
     task = await ns.add_task(TaskCreate(name="hello", command=["hostname"], timeout_s=30))
     run = await _run_and_watch(ns, RunCreate(task_id=task.id, computers=NORMAL), 30)
-    out.print(con.run_table(run))
+    out.print(con.run_table(run, wide=True))
     out.print(con.timeline_table(run.executions[0]))
     delivered = all(e.status == "succeeded" and e.via == "tickle" for e in run.executions)
     out.print(
@@ -107,7 +107,7 @@ async def _paths(fleet: LocalFleet, ns: con.NsClient) -> bool:
     await _agent_ctl(fleet, BLOCKED, "policy-refresh")
     await _agent_ctl(fleet, CEM, "policy-refresh")
     run = await _run_and_watch(ns, RunCreate(task_id=task.id, computers=[BLOCKED]), 60)
-    out.print(con.run_table(run))
+    out.print(con.run_table(run, wide=True))
     computers = {c.name: c for c in await ns.computers()}
     out.print("waiting for the task server's last tickle try to the blocked agent...")
     deadline = time.monotonic() + 40
@@ -120,7 +120,7 @@ async def _paths(fleet: LocalFleet, ns: con.NsClient) -> bool:
 
     out.print(Rule("3. CEM mode: no tickle listener, work arrives by polling"))
     run = await _run_and_watch(ns, RunCreate(task_id=task.id, computers=[CEM]), 60)
-    out.print(con.run_table(run))
+    out.print(con.run_table(run, wide=True))
     cem = run.executions[0].status == "succeeded" and run.executions[0].via == "poll"
     out.print(con.computers_table(await ns.computers()))
     return delivered and blocked and cem

@@ -26,13 +26,19 @@ class ApiError(Exception):
     """An HTTP answer other than 2xx; `detail` is the server's explanation."""
 
     def __init__(
-        self, status: int, detail: str, url: str, retry_after_s: float | None = None
+        self,
+        status: int,
+        detail: str,
+        url: str,
+        retry_after_s: float | None = None,
+        errors: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(f"HTTP {status} from {url}: {detail}")
         self.status = status
         self.detail = detail
         self.url = url
         self.retry_after_s = retry_after_s  # the server's Retry-After (seconds), if it said
+        self.errors = errors or []  # a 422's field errors: loc, msg, type, ctx
 
 
 def retry_after_s(exc: BaseException) -> float:
@@ -143,8 +149,27 @@ async def _send(
         raw = await resp.read()
         if resp.status >= 400:
             wait = resp.headers.get("Retry-After", "")
-            raise ApiError(resp.status, _detail(raw), url, float(wait) if wait.isdigit() else None)
+            raise ApiError(
+                resp.status,
+                _detail(raw),
+                url,
+                float(wait) if wait.isdigit() else None,
+                _field_errors(raw),
+            )
     return raw
+
+
+def _field_errors(raw: bytes) -> list[dict[str, Any]]:
+    """The field errors of a 422 answer (FastAPI's `detail` list); [] for any other answer."""
+    import json
+
+    try:
+        detail = json.loads(raw).get("detail")
+    except (ValueError, AttributeError):
+        return []
+    if isinstance(detail, list) and all(isinstance(e, dict) and "msg" in e for e in detail):
+        return detail
+    return []
 
 
 def _detail(raw: bytes) -> str:

@@ -102,7 +102,7 @@ async def test_each_computer_shows_its_settings_version_and_settings_set_tells_t
         return got == wanted
 
     await eventually(lambda: versions({"cem1": 1, "a1": 1}), 10, "both agents at version 1")
-    changed = tickle_cli(fleet, "settings", "set", "--task-request-interval", "900")
+    changed = tickle_cli(fleet, "settings", "set", "--task-request-interval", "900", "--json")
     assert changed.returncode == 0, changed.stderr
     assert json.loads(changed.stdout)["version"] == 2
     # the command asks at once: a1's settings tickle may or may not have come back yet
@@ -118,7 +118,7 @@ async def test_each_computer_shows_its_settings_version_and_settings_set_tells_t
         assert (reach.version, reach.current, reach.pending) == (2, 1, 1)
     assert agent_ctl(fleet, "cem1", "check-now").returncode == 0
     await eventually(lambda: versions({"cem1": 2, "a1": 2}), 10, "cem1 at version 2")
-    same = tickle_cli(fleet, "settings", "set", "--task-request-interval", "900")
+    same = tickle_cli(fleet, "settings", "set", "--task-request-interval", "900", "--json")
     assert json.loads(same.stdout)["version"] == 2, "no change: no new version"
     assert "settings version 2: 2 agent(s) have it, 0 take it" in same.stderr
     table = tickle_cli(fleet, "computers")

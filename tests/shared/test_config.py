@@ -44,7 +44,9 @@ def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_bad_environment_value_names_setting_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TICKLE_DEMO_API_PORT", "abc")
-    with pytest.raises(ConfigError, match=r"api_port \(TICKLE_DEMO_API_PORT\)"):
+    with pytest.raises(
+        ConfigError, match=r"api_port \(--api-port, TICKLE_DEMO_API_PORT\): must be a whole number"
+    ):
         load_settings(DemoSettings, [])
 
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
+from tickle import clock
 from tickle.agent.settings import AgentSettings
 from tickle.config import ConfigError, load_settings
 from tickle.http import ApiError
@@ -64,7 +65,8 @@ def run_control_command(settings_args: list[str], action: str) -> int:
     except ApiError as exc:
         print(f"tickle agent: {action} failed: {exc.detail}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, sort_keys=True))
+    # times in ISO 8601, as in every JSON the CLI prints
+    print(json.dumps(clock.iso_times(result), indent=2, sort_keys=True))
     return 0
 
 
