@@ -142,9 +142,7 @@ def test_generated_secret_files_encrypted_in_place_are_decrypted(controller: Con
     # what an operator does to the secrets the roles generated: ansible-vault encrypt them in place
     controller.encrypt_file(controller.secrets / "admin-token", ADMIN_TOKEN + "\n")
     controller.encrypt_file(controller.secrets / "task-server-enrollment-secret", ENROLLMENT + "\n")
-    controller.encrypt_file(
-        controller.secrets / "agent-enrollment-secret", AGENT_ENROLLMENT + "\n"
-    )
+    controller.encrypt_file(controller.secrets / "agent-enrollment-secret", AGENT_ENROLLMENT + "\n")
     config, secrets = controller.render()
     assert config["admin_token"] == ADMIN_TOKEN
     assert config["enrollment_secret"] == ENROLLMENT

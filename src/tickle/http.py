@@ -92,8 +92,12 @@ async def request(
     params: dict[str, str] | None = None,
     answer: type[M] | Any = None,
     token: str | None = None,
+    time_limit: aiohttp.ClientTimeout | None = None,
 ) -> M | Any:
-    """Send a request with a pydantic body; parse the answer into `answer` (a type) if given."""
+    """Send a request with a pydantic body; parse the answer into `answer` (a type) if given.
+
+    An answer without content (204) is None. `time_limit`: this request's, instead of the
+    session's."""
     data: bytes | None = None
     headers = {"Content-Type": "application/json"}
     if token is not None:
@@ -102,11 +106,14 @@ async def request(
         data = body.model_dump_json().encode()
     elif body is not None:
         data = b"[" + b",".join(m.model_dump_json().encode() for m in body) + b"]"
-    async with session.request(method, url, data=data, params=params, headers=headers) as resp:
+    extra: dict[str, Any] = {} if time_limit is None else {"timeout": time_limit}
+    async with session.request(
+        method, url, data=data, params=params, headers=headers, **extra
+    ) as resp:
         raw = await resp.read()
         if resp.status >= 400:
             raise ApiError(resp.status, _detail(raw), url)
-    if answer is None:
+    if answer is None or resp.status == 204:
         return None
     return TypeAdapter(answer).validate_json(raw)
 
