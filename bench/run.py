@@ -1,7 +1,8 @@
 """`make bench`: run-now → recorded latency per hop, and a run-now on 1,000 agents.
 
 Writes the figures to bench/results/latest.md and prints them. Everything runs on loopback.
-Options: --runs N (default 200), --agents N (default 1000), --skip-latency, --skip-fleet.
+Options: --runs N (default 200), --agents N (default 1000), --skip-latency, --skip-fleet,
+--long-polls N (default 10000), --skip-longpoll, --only longpoll (its part alone: bench/longpoll.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import longpoll  # bench/longpoll.py, beside this file
 
 from tickle.console import timeline_times
 from tickle.messages import FINAL_STATUSES, TIMELINE_STEPS, ExecutionOut, RunCreate, TaskCreate
@@ -149,13 +152,20 @@ async def main() -> int:
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-fleet", action="store_true")
+    parser.add_argument("--long-polls", type=int, default=10_000)
+    parser.add_argument("--skip-longpoll", action="store_true")
+    parser.add_argument("--only", choices=["longpoll"], default=None)
     args = parser.parse_args()
+    if args.only == "longpoll":
+        args.skip_latency = args.skip_fleet = True
     lines = [f"# Tickle benchmarks ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", ""]
     with tempfile.TemporaryDirectory(prefix="tickle-bench-") as tmp:
         if not args.skip_latency:
             lines += await latency(Path(tmp) / "latency", args.runs) + [""]
         if not args.skip_fleet:
             lines += await fleet_run(Path(tmp) / "fleet", args.agents) + [""]
+        if not args.skip_longpoll:
+            lines += await longpoll.measure(Path(tmp) / "longpoll", args.long_polls) + [""]
     text = "\n".join(lines)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text + "\n")

@@ -9,9 +9,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tickle.messages import SettingsOut
+from tickle.messages import AgentTasks, SettingsOut
 from tickle.metrics import ComponentMetrics
 from tickle.taskserver.long_polls import LongPolls
+from tickle.taskserver.policy import policy_for
 from tickle.taskserver.refusal import Refused
 
 from .conftest import Agent, FakeNs, TaskServerHarness, wait_until, work_for
@@ -183,12 +184,40 @@ async def test_long_polls_wait_beside_the_connection_cap_and_health_still_answer
 
 async def test_past_max_long_polls_one_more_is_refused() -> None:
     polls = LongPolls(ComponentMetrics("task-server"), max_waiting=1)
+    answer = AgentTasks(executions=[], policy=policy_for(None, cem=True))
+    polls.respond = lambda names: dict.fromkeys(names, answer)
     first = asyncio.create_task(polls.wait("a", 10))
     await wait_until(lambda: polls.waiting("a"))
     with pytest.raises(Refused) as refused:
         await polls.wait("b", 10)
     assert refused.value.status == 503
-    assert polls.wake(["a"]) == 1
-    assert await first == "woken"
-    assert await polls.wait("b", 0.05) == "timeout"  # the bound: empty
+    assert polls.wake(["a", "b"]) == 1
+    assert await first is answer
+    assert await polls.wait("b", 0.05) is None  # the bound: empty
     assert len(polls) == 0
+
+
+async def test_many_woken_together_are_answered_in_one_commit(
+    long_polling: TaskServerHarness,
+) -> None:
+    h = long_polling
+    agents = [await h.register_agent(f"cem{i}", cem=True) for i in range(5)]
+    waiting = [_long_poll(h, a) for a in agents]
+    await wait_until(lambda: len(h.running.long_polls) == 5, what="5 long-polls")
+    commits = 0
+    queue = h.running.forwarder.queue
+
+    def counted(events: Any) -> None:
+        nonlocal commits
+        commits += 1
+        queue(events)
+
+    h.running.forwarder.queue = counted  # type: ignore[method-assign]
+    await h.cache_work(*(work_for(i + 1, a.name) for i, a in enumerate(agents)))
+    for i, task in enumerate(waiting):
+        status, body = await asyncio.wait_for(task, 5)
+        assert (status, [e["execution_id"] for e in body["executions"]]) == (200, [i + 1])
+    assert commits == 1
+    assert await h.running.forwarder.drained(5)
+    assert {e.via for e in h.ns.events_of("agent_pulled")} == {"long_poll"}
+    assert len(h.ns.events_of("agent_pulled")) == 5

@@ -38,6 +38,8 @@ class AgentPulls:
         long_polls: LongPolls | None = None,
     ) -> None:
         self._long_polls = long_polls
+        if long_polls is not None:
+            long_polls.respond = self.answer_woken
         self._store = store
         self._work_cache = work_cache
         self._agents = agents
@@ -76,11 +78,29 @@ class AgentPulls:
                 409, f"long-poll is off for {agent.name!r} (its policy says so): poll instead"
             )
         self.contact(agent, settings_version)
-        if not self._has_news(agent, settings_version, policy):
-            outcome = await self._long_polls.wait(agent.name, policy.long_poll_timeout_s)
-            if outcome != "woken":
-                return None
-        return self.tasks(agent, "long_poll", peer, settings_version)
+        if self._has_news(agent, settings_version, policy):
+            return self.tasks(agent, "long_poll", peer, settings_version)
+        answer = await self._long_polls.wait(agent.name, policy.long_poll_timeout_s)
+        if answer is not None:
+            self._note_address(agent, peer)
+        return answer
+
+    def answer_woken(self, names: list[str]) -> dict[str, AgentTasks]:
+        """The answers of these agents' long-polls, woken together: their pulls (via
+        `long_poll`), made at once."""
+        clients = [c for n in names if (c := self._store.client(n)) is not None]
+        pulled = self._work_cache.pulled_many([c.name for c in clients], "long_poll")
+        self._metrics.pulls.labels(via="long_poll").inc(len(clients))
+        answers = {}
+        for client in clients:
+            policy = self._policy(client)
+            self.contact(client, None, policy)
+            answers[client.name] = AgentTasks(
+                executions=pulled[client.name],
+                policy=policy,
+                cancel=self._work_cache.cancels_for(client.name),
+            )
+        return answers
 
     def _has_news(self, agent: Client, settings_version: int | None, policy: AgentPolicy) -> bool:
         """Whether the agent has work it has not pulled yet, or settings it does not have."""

@@ -4,9 +4,11 @@ as something arrives for it.
 An agent in CEM mode, or one its tickles do not reach, may hold one long-poll open when the NS's
 `long_poll` setting is on: it waits here (an asyncio future keyed by the agent's name, no thread,
 no task of its own) until work, a cancel or new settings arrive for that agent, or until its
-timeout, and the agent re-arms it. A second long-poll of the same agent replaces the first (which
-returns empty). At most `max_long_polls` wait at once; one more is refused (503) and its agent
-backs off. It is still a pull: nothing is ever sent to the agent unasked.
+timeout, and the agent re-arms it. The long-polls woken together are answered together: `respond`
+makes all their answers at once (one read of the work cache, one commit of their events). A
+second long-poll of the same agent replaces the first (which returns empty). At most
+`max_long_polls` wait at once; one more is refused (503) and its agent backs off. It is still a
+pull: nothing is ever sent to the agent unasked.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Callable, Iterable
 
+from tickle.messages import AgentTasks
 from tickle.metrics import ComponentMetrics
 from tickle.taskserver.refusal import Refused
 
 log = logging.getLogger(__name__)
 
-# why a long-poll ended: something arrived for its agent, it timed out, a newer one replaced it
-Outcome = Literal["woken", "timeout", "replaced"]
+# the answers of the long-polls of these agents, woken together
+Respond = Callable[[list[str]], dict[str, AgentTasks]]
 
 
 class LongPolls:
@@ -32,7 +34,10 @@ class LongPolls:
     def __init__(self, metrics: ComponentMetrics, max_waiting: int) -> None:
         self._metrics = metrics
         self._max_waiting = max_waiting
-        self._waiting: dict[str, asyncio.Future[Outcome]] = {}
+        self._waiting: dict[str, asyncio.Future[AgentTasks | None]] = {}
+        # set by the agents' pulls; without it a woken long-poll returns empty (and its agent,
+        # re-arming, finds what arrived at once)
+        self.respond: Respond | None = None
         self._closed = False
 
     def __len__(self) -> int:
@@ -41,26 +46,26 @@ class LongPolls:
     def waiting(self, name: str) -> bool:
         return name in self._waiting
 
-    async def wait(self, name: str, timeout_s: float) -> Outcome:
-        """Wait until something arrives for `name` (woken), `timeout_s` passes, or a newer
-        long-poll of the same agent replaces this one."""
+    async def wait(self, name: str, timeout_s: float) -> AgentTasks | None:
+        """The answer made when something arrives for `name`; None when `timeout_s` passes
+        first, or a newer long-poll of the same agent replaces this one."""
         if self._closed:  # stopping: the agent re-arms at the next task server
-            return "timeout"
+            return None
         older = self._waiting.pop(name, None)
         if older is not None and not older.done():
-            older.set_result("replaced")
+            older.set_result(None)
         elif len(self._waiting) >= self._max_waiting:
             raise Refused(
                 503, f"this task server holds {self._max_waiting} long-polls already: poll"
             )
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[AgentTasks | None] = asyncio.get_running_loop().create_future()
         self._waiting[name] = future
         self._metrics.long_polls_waiting.set(len(self._waiting))
         try:
             async with asyncio.timeout(timeout_s):
                 return await future
         except TimeoutError:
-            return "timeout"
+            return None
         finally:
             if self._waiting.get(name) is future:
                 del self._waiting[name]
@@ -68,16 +73,21 @@ class LongPolls:
 
     def wake(self, names: Iterable[str]) -> int:
         """Answer the long-polls of these agents now; how many were waiting."""
-        woken = 0
-        for name in names:
-            future = self._waiting.pop(name, None)
-            if future is not None and not future.done():
-                future.set_result("woken")
-                woken += 1
-        if woken:
-            self._metrics.long_polls_woken.inc(woken)
-            self._metrics.long_polls_waiting.set(len(self._waiting))
-        return woken
+        woken = {n: f for n in names if (f := self._waiting.pop(n, None)) is not None}
+        if not woken:
+            return 0
+        answers: dict[str, AgentTasks] = {}
+        if self.respond is not None:
+            try:
+                answers = self.respond(list(woken))
+            except Exception:
+                log.exception("answering %d woken long-polls failed: they return empty", len(woken))
+        for name, future in woken.items():
+            if not future.done():
+                future.set_result(answers.get(name))
+        self._metrics.long_polls_woken.inc(len(woken))
+        self._metrics.long_polls_waiting.set(len(self._waiting))
+        return len(woken)
 
     def wake_all(self) -> int:
         """Answer every waiting long-poll now (new settings)."""
@@ -88,6 +98,6 @@ class LongPolls:
         self._closed = True
         for future in self._waiting.values():
             with contextlib.suppress(asyncio.InvalidStateError):
-                future.set_result("timeout")
+                future.set_result(None)
         self._waiting.clear()
         self._metrics.long_polls_waiting.set(0)

@@ -55,7 +55,7 @@ class WorkCache:
     def tickled(self, computer: str, first_sent: float) -> None:
         """A tasks tickle went to `computer`: its work not yet reported tickled is, now."""
         fresh = [w for w in self._store.pending_work(computer) if not w.agent_tickled]
-        self._hop("agent_tickled", computer, fresh, at=first_sent)
+        self._hop("agent_tickled", fresh, at=first_sent)
 
     def pulled(self, computer: str, via: PullVia) -> list[ExecutionWork]:
         """`computer` pulled: its pending work; what it pulls the first time is reported pulled."""
@@ -63,8 +63,24 @@ class WorkCache:
         if self._store.cancelled:
             pending = [w for w in pending if w.execution_id not in self._store.cancelled]
         first = [w for w in pending if not w.agent_pulled]
-        self._hop("agent_pulled", computer, first, via=via)
+        self._hop("agent_pulled", first, via=via)
         return [w.work for w in pending]
+
+    def pulled_many(self, computers: list[str], via: PullVia) -> dict[str, list[ExecutionWork]]:
+        """These computers pulled at once (long-polls woken together): as `pulled`, in one read
+        of the cache and one commit of their `agent_pulled` events."""
+        wanted = set(computers)
+        cancelled = self._store.cancelled
+        pending = [
+            w
+            for w in self._store.pending_work()
+            if w.computer in wanted and w.execution_id not in cancelled
+        ]
+        self._hop("agent_pulled", [w for w in pending if not w.agent_pulled], via=via)
+        pulled: dict[str, list[ExecutionWork]] = {c: [] for c in computers}
+        for w in pending:
+            pulled[w.computer].append(w.work)
+        return pulled
 
     def take_events(self, computer: str, events: list[StatusEvent]) -> list[str]:
         """Cache the status events `computer` reports, durably, for the NS; return their ids.
@@ -107,7 +123,6 @@ class WorkCache:
     def _hop(
         self,
         kind: Literal["agent_tickled", "agent_pulled"],
-        computer: str,
         work: list[CachedWork],
         at: float | None = None,
         via: PullVia | None = None,
@@ -120,7 +135,7 @@ class WorkCache:
             StatusEvent(
                 event_id=str(uuid.uuid4()),
                 execution_id=w.execution_id,
-                computer=computer,
+                computer=w.computer,
                 kind=kind,
                 at=now if at is None else at,
                 cached_at=now,
