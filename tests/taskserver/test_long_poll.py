@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.reliability import record
 from tickle.messages import AgentTasks, SettingsOut
 from tickle.metrics import ComponentMetrics
 from tickle.taskserver.long_polls import LongPolls
@@ -166,11 +167,23 @@ async def test_long_polls_wait_beside_the_connection_cap_and_health_still_answer
             for s, a in zip(sessions, agents, strict=True)
         ]
         await wait_until(lambda: len(h.running.long_polls) == 24, what="24 long-polls waiting")
+        health = []
         for _ in range(3):  # more connections than max_connections - 24 would leave
             async with aiohttp.ClientSession() as s, s.get(h.url + "/health") as resp:
-                assert resp.status == 200
+                health.append(resp.status)
+        still_waiting = len(h.running.long_polls)
+        record(
+            case="Idle long-polls vs the connection cap",
+            done="24 agents hold long-polls on a task server with max_connections 16, then new "
+            "connections ask /health",
+            outcome="every long-poll kept, /health answered"
+            if health == [200] * 3 and still_waiting == 24
+            else f"health {health}, {still_waiting}/24 long-polls kept",
+            tried=27,
+        )
+        assert health == [200] * 3
         # idle kept-alive connections may be closed for them; a waiting long-poll never is
-        assert len(h.running.long_polls) == 24
+        assert still_waiting == 24
         assert h.running.metrics.http_refused.labels(reason="over_capacity")._value.get() == 0
         await h.cache_work(*(work_for(i + 1, a.name) for i, a in enumerate(agents)))
         for task in waiting:
