@@ -21,6 +21,7 @@ from .conftest import (
     eventually,
     metric,
     run_command,
+    tickle_cli,
     udp_inodes_of,
     wait_run,
 )
@@ -29,9 +30,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 async def _long_poll_on(fleet: LocalFleet, agent: str) -> None:
-    """Turn long-poll on at the NS; the agent takes it at its next contact (a policy refresh)."""
-    async with fleet.client() as ns:
-        await ns.update_settings(SettingsUpdate(long_poll=True))
+    """Turn long-poll on at the NS, as an operator does; the agent takes it at its next contact
+    (a policy refresh)."""
+    done = tickle_cli(fleet, "settings", "set", "--long-poll")
+    assert done.returncode == 0, done.stderr
+    assert '"long_poll": true' in done.stdout
     ts = fleet.ts_url("ts1")
 
     async def agent_long_polls() -> bool:
