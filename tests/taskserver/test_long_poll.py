@@ -234,3 +234,20 @@ async def test_many_woken_together_are_answered_in_one_commit(
     assert await h.running.forwarder.drained(5)
     assert {e.via for e in h.ns.events_of("agent_pulled")} == {"long_poll"}
     assert len(h.ns.events_of("agent_pulled")) == 5
+
+
+async def test_a_long_poll_whose_client_went_away_is_dropped_and_its_work_not_marked_pulled(
+    long_polling: TaskServerHarness,
+) -> None:
+    h = long_polling
+    agent = await h.register_agent("cem1", cem=True)
+    gone = _long_poll(h, agent)
+    await _waiting(h, "cem1")
+    gone.cancel()  # the agent's request ends without an answer: its connection closes
+    await wait_until(lambda: not h.running.long_polls.waiting("cem1"), what="the drop")
+    assert h.running.metrics.long_polls_waiting._value.get() == 0
+    await h.cache_work(work_for(1, "cem1"))
+    assert await h.running.forwarder.drained(5)
+    assert not h.ns.events_of("agent_pulled")  # nobody was there to take it
+    status, body = await asyncio.wait_for(h.call(agent, "GET", WAIT), 5)  # re-armed: at once
+    assert (status, [e["execution_id"] for e in body["executions"]]) == (200, [1])

@@ -12,6 +12,8 @@ something arrives for the agent (then it is the pull, via `long_poll`) or return
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from tickle import wire
 from tickle.messages import AgentPolicy, AgentTasks, ComputerState, PolicyVia, PullVia
@@ -67,11 +69,15 @@ class AgentPulls:
         )
 
     async def long_poll(
-        self, agent: Client, peer: str | None, settings_version: int | None = None
+        self,
+        agent: Client,
+        peer: str | None,
+        settings_version: int | None = None,
+        receive: Callable[[], Awaitable[Any]] | None = None,
     ) -> AgentTasks | None:
         """Wait (at most the policy's long-poll timeout) for something to arrive for the agent;
         then its pull (via `long_poll`), or None: nothing came. 409 when long-poll is not on for
-        this agent (its policy says so)."""
+        this agent (its policy says so). `receive`: the request's, to notice a client gone."""
         policy = self._policy(agent)
         if not policy.long_poll or self._long_polls is None:
             raise Refused(
@@ -80,7 +86,7 @@ class AgentPulls:
         self.contact(agent, settings_version)
         if self._has_news(agent, settings_version, policy):
             return self.tasks(agent, "long_poll", peer, settings_version)
-        answer = await self._long_polls.wait(agent.name, policy.long_poll_timeout_s)
+        answer = await self._long_polls.wait(agent.name, policy.long_poll_timeout_s, receive)
         if answer is not None:
             self._note_address(agent, peer)
         return answer

@@ -227,7 +227,7 @@ async def wait_for_tasks(
     `long_poll` setting is on: answered as soon as work, a cancel or new settings arrive for
     it (as `GET /api/agent/tasks` answers, via `long_poll`), or 204 after the long-poll timeout
     of its policy. A newer long-poll of the same agent ends this one (204)."""
-    answer = await agent_pulls.long_poll(agent, _peer(request), settings_version)
+    answer = await agent_pulls.long_poll(agent, _peer(request), settings_version, request.receive)
     return Response(status_code=204) if answer is None else answer
 
 

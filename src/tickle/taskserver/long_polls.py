@@ -6,7 +6,8 @@ An agent in CEM mode, or one its tickles do not reach, may hold one long-poll op
 no task of its own) until work, a cancel or new settings arrive for that agent, or until its
 timeout, and the agent re-arms it. The long-polls woken together are answered together: `respond`
 makes all their answers at once (one read of the work cache, one commit of their events). A
-second long-poll of the same agent replaces the first (which returns empty). At most
+second long-poll of the same agent replaces the first (which returns empty); one whose client
+went away is dropped at once (its answer would be lost, and the work marked pulled). At most
 `max_long_polls` wait at once; one more is refused (503) and its agent backs off. It is still a
 pull: nothing is ever sent to the agent unasked.
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from tickle.messages import AgentTasks
 from tickle.metrics import ComponentMetrics
@@ -46,9 +48,15 @@ class LongPolls:
     def waiting(self, name: str) -> bool:
         return name in self._waiting
 
-    async def wait(self, name: str, timeout_s: float) -> AgentTasks | None:
+    async def wait(
+        self,
+        name: str,
+        timeout_s: float,
+        receive: Callable[[], Awaitable[Any]] | None = None,
+    ) -> AgentTasks | None:
         """The answer made when something arrives for `name`; None when `timeout_s` passes
-        first, or a newer long-poll of the same agent replaces this one."""
+        first, a newer long-poll of the same agent replaces this one, or the client goes away
+        (`receive`: the request's ASGI receive, which says so)."""
         if self._closed:  # stopping: the agent re-arms at the next task server
             return None
         older = self._waiting.pop(name, None)
@@ -61,15 +69,28 @@ class LongPolls:
         future: asyncio.Future[AgentTasks | None] = asyncio.get_running_loop().create_future()
         self._waiting[name] = future
         self._metrics.long_polls_waiting.set(len(self._waiting))
+        watch = None if receive is None else asyncio.ensure_future(_disconnected(receive))
+        if watch is not None:
+            watch.add_done_callback(lambda _: self._gone(name, future))
         try:
             async with asyncio.timeout(timeout_s):
                 return await future
         except TimeoutError:
             return None
         finally:
+            if watch is not None:
+                watch.cancel()
             if self._waiting.get(name) is future:
                 del self._waiting[name]
             self._metrics.long_polls_waiting.set(len(self._waiting))
+
+    def _gone(self, name: str, future: asyncio.Future[AgentTasks | None]) -> None:
+        """The client of `name`'s long-poll went away (or its request ended): drop it."""
+        if self._waiting.get(name) is future:
+            del self._waiting[name]
+            self._metrics.long_polls_waiting.set(len(self._waiting))
+        if not future.done():
+            future.set_result(None)
 
     def wake(self, names: Iterable[str]) -> int:
         """Answer the long-polls of these agents now; how many were waiting."""
@@ -101,3 +122,11 @@ class LongPolls:
                 future.set_result(None)
         self._waiting.clear()
         self._metrics.long_polls_waiting.set(0)
+
+
+async def _disconnected(receive: Callable[[], Awaitable[Any]]) -> None:
+    """Return when the request's client goes away (ASGI `http.disconnect`)."""
+    for _ in range(1024):  # the (empty) body's parts come first, then the disconnect
+        if (await receive())["type"] == "http.disconnect":
+            return
+    await asyncio.get_running_loop().create_future()  # a client that never stops: not watched
