@@ -98,8 +98,9 @@ class AgentPulls:
         pulled = self._work_cache.pulled_many([c.name for c in clients], "long_poll")
         self._metrics.pulls.labels(via="long_poll").inc(len(clients))
         answers = {}
+        settings = self._store.settings()  # read once for all of them
         for client in clients:
-            policy = self._policy(client)
+            policy = policy_for(settings, client.cem, client.name in self._agents.unreachable)
             self.contact(client, None, policy)
             answers[client.name] = AgentTasks(
                 executions=pulled[client.name],
