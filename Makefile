@@ -53,7 +53,7 @@ screenshots: venv sysdeps ## Browser tests of the web console; their screenshots
 	mkdir -p docs/screenshots
 	for name in $(SCREENSHOTS); do cp build/screenshots/$$name.png docs/screenshots/console-$$name.png; done
 
-bench: venv ## Benchmarks: latency per hop, 1,000-agent run-now; writes bench/results.md
+bench: venv ## Benchmarks: latency per hop, 1,000-agent run-now, 10,000 waiting long-polls; writes bench/results/latest.md
 	$(PY) bench/run.py
 
 clean: ## Remove the venv and build output
