@@ -44,16 +44,17 @@ async def _long_poll_on(fleet: LocalFleet, agent: str) -> None:
     await eventually(agent_long_polls, 30, "the agent's long-poll to wait at the task server", 0.5)
 
 
-async def _delivered_by_long_poll(fleet: LocalFleet, agent: str) -> float:
-    """Run a command on `agent`; check it came by long-poll, never by tickle; the seconds from
-    the run's creation to the agent's pull."""
+async def _delivered_by_long_poll(fleet: LocalFleet, agent: str, cem: bool = True) -> float:
+    """Run a command on `agent`; check it came by long-poll (and, to a CEM agent, no tickle was
+    sent); the seconds from the run's creation to the agent's pull."""
     run = await run_command(fleet, [agent], ["true"])
     run = await wait_run(fleet, run.id, 30)
     execution = run.executions[0]
     assert execution.status == "succeeded", execution
     assert execution.via == "long_poll"
     times = timeline_times(execution)
-    assert times["agent_tickled"] is None
+    if cem:
+        assert times["agent_tickled"] is None
     created, pulled = times["created"], times["agent_pulled"]
     assert created is not None
     assert pulled is not None
@@ -118,3 +119,28 @@ async def test_long_poll_survives_a_task_server_restart(fleet_factory: Factory) 
 
 async def _equals(value: Awaitable[float], expected: float) -> bool:
     return await value == expected
+
+
+async def test_tickle_unreachable_agent_long_polls_once_declared_so(fleet_factory: Factory) -> None:
+    fleet = await fleet_factory(
+        ["ts1"], [AgentSpec("blocked", ["ts1"], blocked=True)],
+        ts_extra=["--tickle-tries", "3", "--tickle-backoff-s", "0.2", "--tickle-backoff-max-s", "0.5"],
+    )  # fmt: skip
+    ts = fleet.ts_url("ts1")
+    done = tickle_cli(fleet, "settings", "set", "--long-poll")
+    assert done.returncode == 0, done.stderr
+    # its tickles are lost: the first run waits (interval 1800 s) until check-now, and the
+    # task server declares the agent tickle-unreachable
+    first = await run_command(fleet, ["blocked"], ["true"])
+    await eventually(
+        lambda: _equals(metric(ts, "tickle_tickles_unreachable_total"), 1), 30,
+        "the task server to declare the agent tickle-unreachable",
+    )  # fmt: skip
+    assert agent_ctl(fleet, "blocked", "check-now").returncode == 0
+    assert (await wait_run(fleet, first.id, 30)).executions[0].via == "check_now"
+    # that pull's policy turned its long-poll on
+    await eventually(
+        lambda: _equals(metric(ts, "tickle_long_polls_waiting"), 1), 30, "the long-poll", 0.5
+    )
+    # it is no CEM agent: its task server still tickles it, and the long-poll is what arrives
+    assert await _delivered_by_long_poll(fleet, "blocked", cem=False) < 1.0
