@@ -53,7 +53,7 @@ screenshots: venv sysdeps ## Browser tests of the web console; their screenshots
 	mkdir -p docs/screenshots
 	for name in $(SCREENSHOTS); do cp build/screenshots/$$name.png docs/screenshots/console-$$name.png; done
 
-bench: venv ## Benchmarks S1-S8 of issue 10 (ARGS="--only fleet --agents 2000", see --help); writes bench/results/latest.{json,md}
+bench: venv ## Benchmarks S1-S8 of issue 10 and 10,000 waiting long-polls (ARGS="--only fleet --agents 2000", see --help); writes bench/results/
 	$(PY) bench/run.py $(ARGS)
 
 clean: ## Remove the venv and build output

@@ -8,6 +8,7 @@
   S6 register  N agents registering; then their reconnection after a task-server restart
   S7 agent     one real agent at rest: RSS and CPU over an idle minute; `tickle agent --help` time
   S8 curve     S2 at 1,000 / 2,500 / 5,000 / 10,000 agents
+  longpoll     one task server holding N waiting long-polls (bench/longpoll.py), then work for all
 
 Every figure comes from the components' own timestamps (the execution timelines) or from the
 simulated agents' request counts, read after the run: nothing polls the NS while it is measured
@@ -15,8 +16,8 @@ but a scrape of its /metrics every half second in the fleet runs, to know when t
 Writes bench/results/latest.json (every figure with its unit) and latest.md, and prints the
 table of targets with now / target / met.
 
-Options: --only PART[,PART] (latency|fleet|ingest|pulls|register|agent|curve), --agents N,
---runs N, --idle-s S, --curve N,N,..; see --help.
+Options: --only PART[,PART] (latency|fleet|ingest|pulls|register|agent|curve|longpoll), --agents N,
+--long-polls N, --runs N, --idle-s S, --curve N,N,..; see --help.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import longpoll  # bench/longpoll.py, beside this file
+
 from tickle import http
 from tickle.console import timeline_times
 from tickle.messages import (
@@ -60,7 +63,7 @@ from tickle.testing.simagents import SimAgents
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PARTS = ("latency", "fleet", "ingest", "pulls", "register", "agent", "curve")
+PARTS = ("latency", "fleet", "ingest", "pulls", "register", "agent", "curve", "longpoll")
 SIM_NET = "127.2"  # the simulated agents' loopback /16 (tests use 127.61-127.184)
 DONE_DEADLINE_S = 600.0
 
@@ -547,6 +550,14 @@ async def ingest(
     ]
 
 
+# --- long-polls -----------------------------------------------------------------------------------
+
+
+async def long_polls(root: Path, r: Results, count: int) -> None:
+    """One task server holding `count` waiting long-polls, then work for all (bench/longpoll.py)."""
+    r.md += [*await longpoll.measure(root, count), ""]
+
+
 # --- S7: the agent at rest -----------------------------------------------------------------------
 
 
@@ -638,6 +649,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-postgres", action="store_true",
                         help="fleet: S2 only (no PostgreSQL run)")  # fmt: skip
     parser.add_argument("--curve", default="1000,2500,5000,10000", help="S8 agent counts")
+    parser.add_argument("--long-polls", type=int, default=10_000,
+                        help="longpoll: waiting long-polls one task server holds")  # fmt: skip
     parser.add_argument("--ingest-executions", type=int, default=10_000,
                         help="S4 executions (4 events each)")  # fmt: skip
     args = parser.parse_args()
@@ -669,6 +682,7 @@ async def main() -> int:
             "register": lambda: register(root / "register", r, args.agents),
             "agent": lambda: agent(root / "agent", r, args.idle_s),
             "curve": lambda: curve(root / "curve", r, args.sizes),
+            "longpoll": lambda: long_polls(root / "longpoll", r, args.long_polls),
         }
         for part in PARTS:
             if part in args.parts:

@@ -151,6 +151,7 @@ BAD_INPUT = [
         ["settings", "set", "--task-request-interval", "5"],
         "task_request_interval_s: must be at least 10",
     ),
+    (["settings", "set", "--long-poll-timeout", "2"], "long_poll_timeout_s"),
     (["run", "pc 1", "--task", "1"], "computers"),
     (["run", "pc1", "--task", "1", "--group", "g" * 65], "groups"),
     (["task", "add", "t1", "--command", "true", "--timeout", "-1"], "timeout_s"),
@@ -179,7 +180,7 @@ def bad_input_results() -> Iterator[list[str]]:
         record(
             case="CLI: bad operator input",
             done="job add with 60 task ids, a bad job name, settings set with no flag, a 5 s "
-            "interval, bad computer and group names, a negative timeout, an unknown status, a "
+            "interval, a 2 s long-poll timeout, bad computer and group names, a negative timeout, an unknown status, a "
             "time that is no time, both --offline and --online, bad expiries, --failed without "
             "--rerun, --rerun with a task, run without targets",
             outcome="; ".join(failed)

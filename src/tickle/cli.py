@@ -909,18 +909,33 @@ def settings_set(
             "--ts-check-interval", help="How often task servers check the NS (s, 5 to 86400)"
         ),
     ] = None,
+    long_poll: Annotated[
+        bool | None,
+        typer.Option(
+            "--long-poll/--no-long-poll",
+            help="Agents that cannot be tickled (CEM, tickle-unreachable) hold a long-poll open "
+            "and start work within a second (off: they poll)",
+        ),
+    ] = None,
+    long_poll_timeout: Annotated[
+        int | None,
+        typer.Option("--long-poll-timeout", help="How long a long-poll waits, then re-arms (s)"),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Change settings; task servers are tickled to pull them and hand them to their agents."""
-    if interval is None and jitter is None and ts_check is None:
+    given = (interval, jitter, ts_check, long_poll, long_poll_timeout)
+    if all(value is None for value in given):
         raise _failure(
             "tickle settings set",
-            "nothing to change: give --task-request-interval, --poll-jitter or --ts-check-interval",
+            "nothing to change: give --task-request-interval, --poll-jitter, --ts-check-interval,"
+            " --long-poll/--no-long-poll or --long-poll-timeout",
             2,
         )
     update = _valid(
         "tickle settings set", SettingsUpdate,
         task_request_interval_s=interval, poll_jitter_fraction=jitter, ts_check_interval_s=ts_check,
+        long_poll=long_poll, long_poll_timeout_s=long_poll_timeout,
     )  # fmt: skip
 
     async def work(c: con.NsClient) -> tuple[SettingsOut, SettingsReach]:

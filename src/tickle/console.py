@@ -413,6 +413,8 @@ def settings_table(s: SettingsOut) -> Table:
     table.add_row("Task Request Interval (s)", str(s.task_request_interval_s))
     table.add_row("poll jitter (fraction of the interval)", f"{s.poll_jitter_fraction:g}")
     table.add_row("task servers' NS check (s)", str(s.ts_check_interval_s))
+    table.add_row("long-poll (agents that cannot be tickled)", "on" if s.long_poll else "off")
+    table.add_row("long-poll timeout (s)", str(s.long_poll_timeout_s))
     return table
 
 

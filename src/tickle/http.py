@@ -112,11 +112,13 @@ async def request(
     answer: type[M] | Any = None,
     token: str | None = None,
     idempotent: bool = False,
+    time_limit: aiohttp.ClientTimeout | None = None,
 ) -> M | Any:
     """Send a request with a pydantic body; parse the answer into `answer` (a type) if given.
 
     `idempotent`: a request the server may get twice; sent once more, on a new connection, when
-    the server closed the connection without answering (a kept-alive one it was closing).
+    the server closed the connection without answering (a kept-alive one it was closing). An
+    answer without content (204) is None. `time_limit`: this request's, instead of the session's.
     """
     data: bytes | None = None
     headers = {"Content-Type": "application/json"}
@@ -127,12 +129,12 @@ async def request(
     elif body is not None:
         data = b"[" + b",".join(m.model_dump_json().encode() for m in body) + b"]"
     try:
-        raw = await _send(session, method, url, data, params, headers)
+        raw, status = await _send(session, method, url, data, params, headers, time_limit)
     except aiohttp.ServerDisconnectedError:
         if not idempotent:
             raise
-        raw = await _send(session, method, url, data, params, headers)
-    if answer is None:
+        raw, status = await _send(session, method, url, data, params, headers, time_limit)
+    if answer is None or status == 204:
         return None
     return TypeAdapter(answer).validate_json(raw)
 
@@ -144,8 +146,13 @@ async def _send(
     data: bytes | None,
     params: dict[str, str] | None,
     headers: dict[str, str],
-) -> bytes:
-    async with session.request(method, url, data=data, params=params, headers=headers) as resp:
+    time_limit: aiohttp.ClientTimeout | None = None,
+) -> tuple[bytes, int]:
+    """The answer's body and status; ApiError for a status of 400 or more."""
+    extra: dict[str, Any] = {} if time_limit is None else {"timeout": time_limit}
+    async with session.request(
+        method, url, data=data, params=params, headers=headers, **extra
+    ) as resp:
         raw = await resp.read()
         if resp.status >= 400:
             wait = resp.headers.get("Retry-After", "")
@@ -156,7 +163,7 @@ async def _send(
                 float(wait) if wait.isdigit() else None,
                 _field_errors(raw),
             )
-    return raw
+    return raw, resp.status
 
 
 def _field_errors(raw: bytes) -> list[dict[str, Any]]:

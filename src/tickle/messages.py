@@ -24,6 +24,11 @@ TASK_REQUEST_INTERVAL_MIN_S, TASK_REQUEST_INTERVAL_MAX_S = 10, 86400
 TaskRequestIntervalS = Annotated[
     int, Field(ge=TASK_REQUEST_INTERVAL_MIN_S, le=TASK_REQUEST_INTERVAL_MAX_S)
 ]
+# How long an agent's long-poll waits at its task server before it returns empty: below the idle
+# timeout of any proxy or NAT on the way (60 s is common), 5 s at least (a shorter one is a poll).
+LONG_POLL_TIMEOUT_S = 55
+LONG_POLL_TIMEOUT_MIN_S, LONG_POLL_TIMEOUT_MAX_S = 5, 600
+LongPollTimeoutS = Annotated[int, Field(ge=LONG_POLL_TIMEOUT_MIN_S, le=LONG_POLL_TIMEOUT_MAX_S)]
 # clock_skewed: its clock is further off than the tickle freshness window, so it rejects (or its
 # receiver rejects) every tickle as stale — not a firewall, a clock to set right
 TickleState = Literal["unknown", "reachable", "unreachable", "cem", "clock_skewed"]
@@ -50,7 +55,7 @@ RERUN_STATUSES: frozenset[str] = frozenset(
     {"failed", "timed_out", "interrupted", "cancelled", "expired", "lost"}
 )
 EventKind = Literal["agent_tickled", "agent_pulled", "started", "step_finished", "finished"]
-PullVia = Literal["tickle", "poll", "check_now"]
+PullVia = Literal["tickle", "poll", "check_now", "long_poll"]
 PolicyVia = Literal["tickle", "refresh"]
 # why a task server pulls from the NS: a tickle, its periodic check, or its start
 TsPullVia = Literal["tickle", "check", "start"]
@@ -313,6 +318,9 @@ class SettingsOut(Model):
     task_request_interval_s: int
     poll_jitter_fraction: float
     ts_check_interval_s: int
+    # agents that cannot be tickled (CEM, tickle-unreachable) hold a long-poll open (off: poll)
+    long_poll: bool = False
+    long_poll_timeout_s: int = LONG_POLL_TIMEOUT_S
 
 
 class SettingsUpdate(Model):
@@ -323,6 +331,14 @@ class SettingsUpdate(Model):
     )
     poll_jitter_fraction: float | None = Field(default=None, ge=0.0, le=0.5)
     ts_check_interval_s: int | None = Field(default=None, ge=5, le=86400)
+    long_poll: bool | None = Field(
+        default=None,
+        description="agents that cannot be tickled (CEM, tickle-unreachable) hold a long-poll "
+        "open to their task server and start work within a second",
+    )
+    long_poll_timeout_s: LongPollTimeoutS | None = Field(
+        default=None, description="how long a long-poll waits before it returns empty (s)"
+    )
 
 
 class SettingsReach(Model):
@@ -463,12 +479,17 @@ class ComputerStatesAck(Model):
 
 
 class AgentPolicy(Model):
-    """The agent's configuration policy. It never carries tasks."""
+    """The agent's configuration policy. It never carries tasks.
+
+    `long_poll`: whether this agent is to hold a long-poll open (the setting is on and the agent
+    cannot be tickled: CEM, or tickle-unreachable)."""
 
     settings_version: int
     task_request_interval_s: int
     poll_jitter_fraction: float
     cem: bool
+    long_poll: bool = False
+    long_poll_timeout_s: int = LONG_POLL_TIMEOUT_S
 
 
 class AgentRegister(Model):

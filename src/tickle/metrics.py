@@ -52,6 +52,16 @@ class ComponentMetrics:
             "tickle_tickles_skipped_cem", "Tickles not sent because the target is in CEM mode",
             registry=r,
         )  # fmt: skip
+        self.long_polls_waiting = Gauge(
+            "tickle_long_polls_waiting",
+            "Agents' long-polls waiting at the task server for work, a cancel or new settings",
+            registry=r,
+        )  # fmt: skip
+        self.long_polls_woken = Counter(
+            "tickle_long_polls_woken",
+            "Long-polls answered because work, a cancel or new settings arrived for the agent",
+            registry=r,
+        )  # fmt: skip
         self.pulls = Counter("tickle_pulls", "Pulls of work, by trigger", ["via"], registry=r)
         self.polls = Counter("tickle_polls", "Polls (pulls not caused by a tickle)", registry=r)
         self.tickle_to_pull = Histogram(

@@ -6,6 +6,8 @@ the component's `ApiServerSettings`:
 
 - `ServingConfig`, the uvicorn configuration an API runs with: it raises the process's soft limit
   on open files to its hard limit and caps the API's connections below it;
+  long-polls (requests idle by design, on the paths it is given) have a cap of their own, so that
+  they neither count against the connections of the other requests nor can be closed for them;
 - `LimitedHttpProtocol`, uvicorn's httptools protocol with the connection-level limits: the size
   and number of headers (431), a deadline for the request head and one for the body (408), and
   the cap, at which the connection waiting longest on its client is closed for a new one, so
@@ -75,10 +77,15 @@ class ServingConfig(uvicorn.Config):
         app: ASGIApp,
         limits: ApiServerSettings,
         metrics: ComponentMetrics,
+        long_poll_paths: Collection[str] = (),
+        max_long_polls: int = 0,
         **options: Any,
     ) -> None:
+        """`long_poll_paths`: the routes whose requests wait by design (up to `max_long_polls`
+        at once, beside the `max_connections`)."""
         self.limits = limits
         self.metrics = metrics
+        self.long_poll_paths = frozenset(long_poll_paths)
         open_files = raise_open_file_limit()
         cap = connection_cap(limits.max_connections, open_files)
         if cap < limits.max_connections:
@@ -87,7 +94,15 @@ class ServingConfig(uvicorn.Config):
                 "(raise LimitNOFILE)",
                 limits.max_connections, cap, open_files,
             )  # fmt: skip
-        self.connections = ConnectionTable(cap)
+        long_polls = min(max_long_polls, max(0, open_files - FD_RESERVE - cap))
+        if long_polls < max_long_polls:
+            log.warning(
+                "max_long_polls %d lowered to %d: this process may open only %d files "
+                "(raise LimitNOFILE)",
+                max_long_polls, long_polls, open_files,
+            )  # fmt: skip
+        self.max_long_polls = long_polls
+        self.connections = ConnectionTable(cap, long_polls)
         for reason in REFUSALS:
             metrics.http_refused.labels(reason=reason)
         # asyncio accepts up to `backlog` connections at once before any is admitted to the table:
@@ -124,12 +139,23 @@ class ConnectionTable:
     request is complete; it is the server's while the request is served. At the cap, a new
     connection closes the one that has waited longest; when every connection is being served,
     the new one is refused (503).
+
+    A long-poll, once its request is complete, is parked: it counts against `long_poll_cap`
+    instead of `cap`, and is never closed for another connection. Past `long_poll_cap` a
+    long-poll is served like any request.
     """
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, long_poll_cap: int = 0) -> None:
         self.cap = cap
+        self.long_poll_cap = long_poll_cap
         self._waiting: dict[LimitedHttpProtocol, None] = {}  # longest waiting first
         self._served: set[LimitedHttpProtocol] = set()
+        self._parked: set[LimitedHttpProtocol] = set()
+
+    @property
+    def parked(self) -> int:
+        """How many long-polls wait (beside the `len` connections)."""
+        return len(self._parked)
 
     def __len__(self) -> int:
         return len(self._waiting) + len(self._served)
@@ -151,15 +177,24 @@ class ConnectionTable:
             del self._waiting[conn]
             self._served.add(conn)
 
+    def park(self, conn: LimitedHttpProtocol) -> None:
+        """`conn`'s request is a complete long-poll: parked while there is room, else served."""
+        if conn in self._waiting and len(self._parked) < self.long_poll_cap:
+            del self._waiting[conn]
+            self._parked.add(conn)
+        else:
+            self.served(conn)
+
     def waiting(self, conn: LimitedHttpProtocol) -> None:
         """`conn` was answered and waits for its next request: behind every other one."""
-        if conn in self._served or conn in self._waiting:
+        if conn in self._served or conn in self._waiting or conn in self._parked:
             self.discard(conn)
             self._waiting[conn] = None
 
     def discard(self, conn: LimitedHttpProtocol) -> None:
         self._waiting.pop(conn, None)
         self._served.discard(conn)
+        self._parked.discard(conn)
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -177,6 +212,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.limits = config.limits
         self.metrics = config.metrics
         self.table = config.connections
+        self.long_poll_paths = config.long_poll_paths
         self.head_bytes: int | None = 0  # received of the request head so far; None past it
         self.head_parsed = 0  # bytes of the request line and headers the parser gave us
         self.header_count = 0
@@ -280,7 +316,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._cancel_deadline()
         self.head_bytes = 0  # the next request starts here
         if not self.cycle.response_complete:
-            self.table.served(self)
+            if self.scope.get("path") in self.long_poll_paths:
+                self.table.park(self)
+            else:
+                self.table.served(self)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import secrets
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from tickle.messages import (
 
 @dataclass
 class Call:
-    route: str  # health | register | tasks | policy | events
+    route: str  # health | register | tasks | wait | policy | events
     at: float
     peer: str | None
     via: str | None = None
@@ -62,6 +63,11 @@ class FakeTaskServer:
     max_batch_events: int | None = None  # larger batches: 413, as over max_body_bytes
     pull_gate: Callable[[], asyncio.Future[None] | None] | None = None
     tokens: set[str] = field(default_factory=set)
+    # the long-poll: answered with this status when it is an error; else it waits until
+    # `long_poll_release` is set (or `long_poll_hold_s` passes), then answers the work, or 204
+    long_poll_status: int = 200
+    long_poll_release: asyncio.Event = field(default_factory=asyncio.Event)
+    long_poll_hold_s: float = 0.0
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -70,6 +76,7 @@ class FakeTaskServer:
         app.router.add_get("/health", self._health)
         app.router.add_post("/api/agent/register", self._register)
         app.router.add_get("/api/agent/tasks", self._tasks)
+        app.router.add_get("/api/agent/tasks/wait", self._wait)
         app.router.add_get("/api/agent/policy", self._policy)
         app.router.add_post("/api/agent/events", self._events)
         self._runner = web.AppRunner(app, access_log=None)
@@ -149,6 +156,22 @@ class FakeTaskServer:
             executions=list(self.work.values()), policy=self.policy, cancel=self.cancel
         )
         call.answered_at = time.time()
+        return web.json_response(text=answer.model_dump_json())
+
+    async def _wait(self, request: web.Request) -> web.Response:
+        call = self._record(request, "wait")
+        self._authorize(request)
+        if self.long_poll_status >= 400:
+            return web.json_response({"detail": "refused"}, status=self.long_poll_status)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.long_poll_release.wait(), self.long_poll_hold_s)
+        self.long_poll_release.clear()
+        call.answered_at = time.time()
+        if not self.work:
+            return web.Response(status=204)
+        answer = AgentTasks(
+            executions=list(self.work.values()), policy=self.policy, cancel=self.cancel
+        )
         return web.json_response(text=answer.model_dump_json())
 
     async def _policy(self, request: web.Request) -> web.Response:

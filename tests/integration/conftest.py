@@ -107,3 +107,21 @@ async def fleet_factory(tmp_path: Path) -> AsyncIterator[Factory]:
     yield make
     for fleet in fleets:
         await fleet.stop()
+
+
+def udp_inodes_of(pid: int) -> set[str]:
+    """The inodes of the UDP sockets process `pid` holds open."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    udp = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with open(table) as f:
+            next(f)
+            udp |= {line.split()[9] for line in f}
+    return inodes & udp

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections.abc import Awaitable
@@ -17,7 +16,15 @@ from tickle.console import timeline_times
 from tickle.messages import JobCreate, RunCreate, SettingsUpdate, TaskCreate
 from tickle.testing.localfleet import AgentSpec, LocalFleet
 
-from .conftest import Factory, agent_ctl, eventually, metric, run_command, wait_run
+from .conftest import (
+    Factory,
+    agent_ctl,
+    eventually,
+    metric,
+    run_command,
+    udp_inodes_of,
+    wait_run,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 NINE_STEPS = [
@@ -93,29 +100,12 @@ async def test_policy_refresh_does_not_fetch_tasks_but_check_now_does(
     assert run.executions[0].via == "check_now"
 
 
-def _udp_inodes_of(pid: int) -> set[str]:
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    udp = set()
-    for table in ("/proc/net/udp", "/proc/net/udp6"):
-        with open(table) as f:
-            next(f)
-            udp |= {line.split()[9] for line in f}
-    return inodes & udp
-
-
 async def test_cem_agent_binds_no_udp_gets_no_tickle_and_gets_work_by_polling(
     fleet_factory: Factory,
 ) -> None:
     fleet = await fleet_factory(["ts1"], [AgentSpec("cem1", ["ts1"], cem=True)])
     pid = fleet.procs["cem1"].popen.pid  # type: ignore[union-attr]
-    assert _udp_inodes_of(pid) == set(), "a CEM agent must open no UDP socket"
+    assert udp_inodes_of(pid) == set(), "a CEM agent must open no UDP socket"
     async with fleet.client() as ns:
         await ns.update_settings(SettingsUpdate(task_request_interval_s=10, poll_jitter_fraction=0))
         computers = await ns.computers()
@@ -129,6 +119,10 @@ async def test_cem_agent_binds_no_udp_gets_no_tickle_and_gets_work_by_polling(
     ts = fleet.ts_url("ts1")
     assert await metric(ts, "tickle_tickles_sent_total", kind="tasks") == 0
     assert await metric(ts, "tickle_tickles_skipped_cem_total") >= 1
+    # long-poll is off by default: the CEM agent only polls
+    assert await metric(ts, "tickle_long_polls_waiting") == 0
+    assert await metric(ts, "tickle_pulls_total", via="long_poll") == 0
+    assert '"long_polling": false' in agent_ctl(fleet, "cem1", "status").stdout
 
 
 async def test_settings_change_reaches_task_server_and_agents(fleet_factory: Factory) -> None:

@@ -360,6 +360,8 @@ async def test_settings_are_read_by_admin_and_task_servers(ns: Ns) -> None:
         "task_request_interval_s": 1800,
         "poll_jitter_fraction": 0.1,
         "ts_check_interval_s": 60,
+        "long_poll": False,  # off by default: CEM agents poll, as in the original
+        "long_poll_timeout_s": 55,
     }
     assert await ns.ok("GET", "/api/settings") == expected
     assert await ts.ok("GET", "/api/ts/settings") == expected

@@ -411,3 +411,21 @@ def test_the_login_throttle_forgets_old_refusals_and_old_addresses() -> None:
     throttle.refused("10.0.0.3", 62.0)
     assert throttle.blocked("10.0.0.3", 63.0)
     assert not throttle.blocked("10.0.0.1", 63.0)
+
+
+async def test_the_settings_form_turns_long_poll_on_and_off(browser: Browser, ns: Ns) -> None:
+    await browser.login(ADMIN)
+    form = {"task_request_interval_s": "1800", "poll_jitter_fraction": "0.1",
+            "ts_check_interval_s": "60", "long_poll_timeout_s": "40"}  # fmt: skip
+    status, _, _ = await browser.request(
+        "POST", "/console/settings", form | {"long_poll": "on", "csrf": await browser.csrf()}
+    )
+    assert status == 303
+    settings = await ns.ok("GET", "/api/settings")
+    assert (settings["long_poll"], settings["long_poll_timeout_s"]) == (True, 40)
+    # an unticked checkbox is absent from the form: off
+    status, _, _ = await browser.request(
+        "POST", "/console/settings", form | {"csrf": await browser.csrf()}
+    )
+    assert status == 303
+    assert (await ns.ok("GET", "/api/settings"))["long_poll"] is False

@@ -211,6 +211,30 @@ def test_upgrade_from_0007_adds_the_console_tables_empty_and_keeps_the_runs(
         store.close()
 
 
+def test_upgrade_from_0008_keeps_the_settings_with_long_poll_off(tmp_path: Path) -> None:
+    store = Database(f"sqlite:///{tmp_path / 'ns.db'}")
+    try:
+        upgrade(store.engine, "0008_console_audit")
+        with store.engine.begin() as conn:
+            conn.execute(text("UPDATE settings SET version = 7, task_request_interval_s = 600"))
+
+        store.migrate()
+
+        assert current_revision(store.engine) == _head()
+        with store.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            row = conn.execute(
+                text(
+                    "SELECT version, task_request_interval_s, long_poll, long_poll_timeout_s"
+                    " FROM settings"
+                )
+            ).one()
+        # CEM agents keep polling, as in the original, until an operator turns long-poll on
+        assert tuple(row) == (7, 600, 0, 55)
+    finally:
+        store.close()
+
+
 def _head() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None

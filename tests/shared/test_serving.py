@@ -118,3 +118,19 @@ def test_a_bad_limit_is_refused_naming_the_setting(args: list[str], named: str) 
     lines = str(refused.value).splitlines()
     assert len(lines) == 1, lines  # one line, naming the setting
     assert named in lines[0]
+
+
+def test_a_long_poll_is_parked_beside_the_cap_and_never_closed_for_another() -> None:
+    table = ConnectionTable(cap=2, long_poll_cap=1)
+    a, b, c, d = _conns("a", "b", "c", "d")
+    table.admit(a)
+    table.park(a)  # a long-poll: out of the cap's count
+    assert (len(table), table.parked) == (0, 1)
+    table.admit(b)
+    table.admit(c)
+    assert table.admit(d)  # at the cap: b, waiting longest, makes room; a is never a candidate
+    assert (a.evicted, b.evicted) == (False, True)
+    table.park(c)  # past long_poll_cap: served like any request, in the cap's count
+    assert (len(table), table.parked) == (2, 1)
+    table.waiting(a)  # answered: a kept-alive connection like any other
+    assert (len(table), table.parked) == (3, 0)

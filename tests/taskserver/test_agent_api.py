@@ -194,6 +194,7 @@ async def test_policy_never_carries_tasks_and_acks_the_settings_tickle(
     assert status == 200
     assert set(body) == {
         "settings_version", "task_request_interval_s", "poll_jitter_fraction", "cem",
+        "long_poll", "long_poll_timeout_s",
     }  # fmt: skip
     assert h.running.agents.tickler.in_flight("pc1")  # the tasks tickle is not acked by it
 

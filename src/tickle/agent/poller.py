@@ -5,6 +5,12 @@ by jitter (uniform ± poll_jitter_fraction of the interval) so a fleet does not 
 second. The interval comes from the policy the task server hands down with every pull; a changed
 policy re-arms the timer. Each execution a pull returns is claimed atomically before it runs, so a
 tickle-triggered pull racing a poll runs it once.
+
+When the policy says so (the NS's `long_poll` setting on, and this agent cannot be tickled: CEM,
+or tickle-unreachable) the agent also holds one long-poll open to its task server, answered as
+soon as work, a cancel or new settings arrive for it (a pull via `long_poll`). It re-arms the
+long-poll after a short random pause, and backs off with jitter while it fails; the poll timer
+keeps running under it.
 """
 
 from __future__ import annotations
@@ -21,13 +27,16 @@ from tickle.agent.state import AgentState
 from tickle.agent.ts_client import TaskServerClient
 from tickle.backoff import Backoff
 from tickle.http import retry_after_s
-from tickle.messages import AgentPolicy, ExecutionWork, PolicyVia, PullVia
+from tickle.messages import AgentPolicy, AgentTasks, ExecutionWork, PolicyVia, PullVia
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
 
 # wide jitter: the agents of a task server that restarted come back spread out, not together
 _RETRY = Backoff(base_s=5.0, max_s=300.0, tries=None, jitter=0.5)
+# the long-poll: after a failed one (task server down, refusing), and between two
+_LONG_POLL_RETRY = Backoff(base_s=1.0, max_s=60.0, tries=None, jitter=0.5)
+LONG_POLL_REARM_S = (0.05, 0.5)
 
 
 @dataclass
@@ -65,6 +74,8 @@ class Poller:
         client.settings_version = self.policy.settings_version
         self._rearm = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
+        self._long_poll: asyncio.Task[None] | None = None
+        self.long_poll_failures = 0
         self._background: set[asyncio.Task[object]] = set()
         self._running: dict[int, asyncio.Task[object]] = {}
         self.last_pull_at: float | None = None
@@ -75,15 +86,21 @@ class Poller:
         self._retry_after_s = 0.0
 
     def start(self) -> None:
-        """Arm the poll timer."""
+        """Arm the poll timer (and the long-poll, when the policy says so)."""
         self._timer = asyncio.create_task(self._poll_loop())
+        self._arm_long_poll()
+
+    @property
+    def long_polling(self) -> bool:
+        return self._long_poll is not None and not self._long_poll.done()
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop polling; give running executions `grace_s` to finish, then kill them.
 
         A killed execution's processes are killed with it and it is reported interrupted.
         """
-        tasks = [t for t in (self._timer, *self._background) if t is not None]
+        tasks = [t for t in (self._timer, self._long_poll, *self._background) if t is not None]
+        self._timer = self._long_poll = None
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -114,7 +131,10 @@ class Poller:
         if via == "poll":
             self._metrics.polls.inc()
             self.last_poll_at = time.time()
-        answer = await self._client.tasks(via)
+        return self.take(await self._client.tasks(via), via)
+
+    def take(self, answer: AgentTasks, via: PullVia) -> PullResult:
+        """Apply what a pull returned: its policy, its cancels; run what is new."""
         self.last_pull_at = time.time()
         self.last_error = None
         self._failures = 0
@@ -171,6 +191,8 @@ class Poller:
         self._client.settings_version = policy.settings_version  # told on every contact
         self._state.save_policy(policy)
         self._rearm.set()
+        if self._timer is not None:  # started: the long-poll follows the policy
+            self._arm_long_poll()
 
     def next_delay(self) -> float:
         return poll_delay(self.policy)
@@ -191,6 +213,35 @@ class Poller:
             except TimeoutError:
                 pass
             await self.pull_quietly("poll")
+
+    def _arm_long_poll(self) -> None:
+        """Hold a long-poll open when the policy says so; stop it when it no longer does."""
+        if self.policy.long_poll and not self.long_polling:
+            log.info("long-poll on (timeout %ds)", self.policy.long_poll_timeout_s)
+            self._long_poll = asyncio.create_task(self._long_poll_loop())
+        elif not self.policy.long_poll and self._long_poll is not None:
+            log.info("long-poll off: polling")
+            self._long_poll.cancel()  # maybe ourselves: it ends at its next pause
+            self._long_poll = None
+
+    async def _long_poll_loop(self) -> None:
+        """One long-poll at a time, re-armed after a short random pause; every failure backs
+        off (with jitter, capped), so the loop never spins."""
+        while True:
+            try:
+                answer = await self._client.wait_for_tasks(self.policy.long_poll_timeout_s)
+            except Exception as exc:
+                delay = _LONG_POLL_RETRY.delay(self.long_poll_failures)
+                self.long_poll_failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("long-poll failed: %s; again in %.1fs", self.last_error, delay)
+                await asyncio.sleep(delay)
+                continue
+            self.long_poll_failures = 0
+            if answer is not None:
+                self._metrics.pulls.labels(via="long_poll").inc()
+                self.take(answer, "long_poll")
+            await asyncio.sleep(random.uniform(*LONG_POLL_REARM_S))
 
     async def pull_quietly(self, via: PullVia) -> object:
         """Pull; a failure is logged and makes the next poll come sooner, not raised."""

@@ -220,6 +220,7 @@ class Agent:
             "last_pull_at": self.poller.last_pull_at,
             "last_poll_at": self.poller.last_poll_at,
             "next_poll_at": self.poller.next_poll_at,
+            "long_polling": self.poller.long_polling,
             "last_tickle_at": self.listener.last_tickle_at if self.listener else None,
             "clock_offset_s": self.client.clock_offset_s,
             "last_error": self.poller.last_error,

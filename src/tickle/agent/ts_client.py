@@ -47,6 +47,9 @@ REFUSED_FOR_GOOD = frozenset({403, 422})
 # a batch over the task server's max_body_bytes: sent again in parts (one event always fits)
 TOO_LARGE = 413
 
+# how long past its timeout the agent waits for a long-poll's answer before it gives up on it
+LONG_POLL_GRACE_S = 15.0
+
 M = TypeVar("M", bound=BaseModel)
 # the one peer whose clock the agent measures: its current task server
 _TS = "task-server"
@@ -233,6 +236,16 @@ class TaskServerClient:
         """The pull: this agent's unfinished executions and the current policy."""
         return await self._call("GET", "/api/agent/tasks", AgentTasks, params=self._params(via))
 
+    async def wait_for_tasks(self, timeout_s: float) -> AgentTasks | None:
+        """The long-poll: the pull, as soon as something arrives for this agent at the task
+        server; None when nothing did within its `timeout_s` (the task server's bound)."""
+        # the task server answers by its bound: ours only catches one that never does
+        timeout = aiohttp.ClientTimeout(total=timeout_s + LONG_POLL_GRACE_S)
+        answer: AgentTasks | None = await self._call(
+            "GET", "/api/agent/tasks/wait", AgentTasks, params=self._params(), time_limit=timeout
+        )
+        return answer
+
     async def policy(self, via: PolicyVia = "refresh") -> AgentPolicy:
         """The configuration policy only (never tasks); `via="tickle"` acks a settings tickle."""
         return await self._call("GET", "/api/agent/policy", AgentPolicy, params=self._params(via))
@@ -278,10 +291,11 @@ class TaskServerClient:
         answer: type[M],
         body: BaseModel | None = None,
         params: dict[str, str] | None = None,
+        time_limit: aiohttp.ClientTimeout | None = None,
     ) -> M:
         creds = await self.ensure_registered()
         try:
-            return await self._send(creds, method, path, answer, body, params)
+            return await self._send(creds, method, path, answer, body, params, time_limit)
         except ApiError as exc:
             if exc.status != 401:
                 raise
@@ -290,7 +304,7 @@ class TaskServerClient:
             if self._creds is creds:  # nobody registered again meanwhile
                 await self.register()
             creds = await self.ensure_registered()
-        return await self._send(creds, method, path, answer, body, params)
+        return await self._send(creds, method, path, answer, body, params, time_limit)
 
     async def _send(
         self,
@@ -300,11 +314,12 @@ class TaskServerClient:
         answer: type[M],
         body: BaseModel | None,
         params: dict[str, str] | None,
+        time_limit: aiohttp.ClientTimeout | None = None,
     ) -> M:
         try:
             result: Any = await request(
                 self._http(), method, f"{creds.url}{path}", body=body, params=params,
-                answer=answer, token=creds.token,
+                answer=answer, token=creds.token, time_limit=time_limit,
             )  # fmt: skip
         except Exception as exc:
             if _unreachable(exc):

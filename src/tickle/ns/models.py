@@ -245,6 +245,8 @@ class Settings(Base):
     task_request_interval_s: Mapped[int] = mapped_column(Integer, default=1800)
     poll_jitter_fraction: Mapped[float] = mapped_column(Double, default=0.1)
     ts_check_interval_s: Mapped[int] = mapped_column(Integer, default=60)
+    long_poll: Mapped[bool] = mapped_column(Boolean, default=False)
+    long_poll_timeout_s: Mapped[int] = mapped_column(Integer, default=55)
 
 
 class Operator(Base):

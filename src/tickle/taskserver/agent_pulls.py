@@ -3,17 +3,25 @@
 Only a pull a tickle caused acknowledges that tickle (a poll does not: its tickle may have been
 dropped), and it does so before the work is read, so work cached after that point gets a tickle of
 its own. A pull from a new address is told to the NS (NAT shows as a difference).
+
+A long-poll (an agent that cannot be tickled, with the NS's `long_poll` setting on) is answered at
+once when the agent has work it has not pulled or an older settings version; else it waits until
+something arrives for the agent (then it is the pull, via `long_poll`) or returns empty (None).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from tickle import wire
 from tickle.messages import AgentPolicy, AgentTasks, ComputerState, PolicyVia, PullVia
 from tickle.metrics import ComponentMetrics
 from tickle.taskserver.agent_tickler import AgentTickler
+from tickle.taskserver.long_polls import LongPolls
 from tickle.taskserver.policy import policy_for
+from tickle.taskserver.refusal import Refused
 from tickle.taskserver.state_reporter import StateReporter
 from tickle.taskserver.store import Client, Store
 from tickle.taskserver.work_cache import WorkCache
@@ -29,7 +37,11 @@ class AgentPulls:
         agents: AgentTickler,
         reporter: StateReporter,
         metrics: ComponentMetrics,
+        long_polls: LongPolls | None = None,
     ) -> None:
+        self._long_polls = long_polls
+        if long_polls is not None:
+            long_polls.respond = self.answer_woken
         self._store = store
         self._work_cache = work_cache
         self._agents = agents
@@ -56,6 +68,57 @@ class AgentPulls:
             cancel=self._work_cache.cancels_for(agent.name),
         )
 
+    async def long_poll(
+        self,
+        agent: Client,
+        peer: str | None,
+        settings_version: int | None = None,
+        receive: Callable[[], Awaitable[Any]] | None = None,
+    ) -> AgentTasks | None:
+        """Wait (at most the policy's long-poll timeout) for something to arrive for the agent;
+        then its pull (via `long_poll`), or None: nothing came. 409 when long-poll is not on for
+        this agent (its policy says so). `receive`: the request's, to notice a client gone."""
+        policy = self._policy(agent)
+        if not policy.long_poll or self._long_polls is None:
+            raise Refused(
+                409, f"long-poll is off for {agent.name!r} (its policy says so): poll instead"
+            )
+        self.contact(agent, settings_version)
+        if self._has_news(agent, settings_version, policy):
+            return await self.tasks(agent, "long_poll", peer, settings_version)
+        answer = await self._long_polls.wait(agent.name, policy.long_poll_timeout_s, receive)
+        if answer is not None:
+            self._note_address(agent, peer)
+        return answer
+
+    async def answer_woken(self, names: list[str]) -> dict[str, AgentTasks]:
+        """The answers of these agents' long-polls, woken together: their pulls (via
+        `long_poll`), made at once."""
+        clients = [c for n in names if (c := self._store.client(n)) is not None]
+        pulled = await self._work_cache.pulled_many([c.name for c in clients], "long_poll")
+        self._metrics.pulls.labels(via="long_poll").inc(len(clients))
+        answers = {}
+        settings = self._store.settings()  # read once for all of them
+        for client in clients:
+            policy = policy_for(settings, client.cem, client.name in self._agents.unreachable)
+            self.contact(client, None, policy)
+            answers[client.name] = AgentTasks(
+                executions=pulled[client.name],
+                policy=policy,
+                cancel=self._work_cache.cancels_for(client.name),
+            )
+        return answers
+
+    def _has_news(self, agent: Client, settings_version: int | None, policy: AgentPolicy) -> bool:
+        """Whether the agent has work it has not pulled yet, or settings it does not have."""
+        if settings_version is not None and settings_version < policy.settings_version:
+            return True
+        cancelled = self._store.cancelled  # never handed out: not news
+        return any(
+            not w.agent_pulled and w.execution_id not in cancelled
+            for w in self._store.pending_work(agent.name)
+        )
+
     def policy(
         self, agent: Client, via: PolicyVia, settings_version: int | None = None
     ) -> AgentPolicy:
@@ -76,7 +139,7 @@ class AgentPulls:
         self._reporter.contact(agent.name, settings_version)
 
     def _policy(self, agent: Client) -> AgentPolicy:
-        return policy_for(self._store.settings(), agent.cem)
+        return policy_for(self._store.settings(), agent.cem, agent.name in self._agents.unreachable)
 
     def _note_address(self, agent: Client, peer: str | None) -> None:
         if peer is None or peer == agent.observed_address:

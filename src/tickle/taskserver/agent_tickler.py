@@ -1,10 +1,11 @@
 """The task server's agent tickler: tells its agents, by confirmed tickle, that work is waiting.
 
-Agents in CEM mode are never tickled (they poll). The first send of a `tasks` tickle reports the
-executions it announces as `agent_tickled`, so the NS timeline shows the hop. An agent that has
-not pulled after the last resend is reported tickle-unreachable to the NS (`clock_skewed` when its
-clock is further off than the freshness window: it rejected the tickles as stale), and reachable
-again once a pull answers a tickle.
+Agents in CEM mode are never tickled (they poll, or hold a long-poll: see long_polls.py); whenever
+an agent would be tickled, its waiting long-poll is answered too. The first send of a `tasks`
+tickle reports the executions it announces as `agent_tickled`, so the NS timeline shows the hop.
+An agent that has not pulled after the last resend is reported tickle-unreachable to the NS
+(`clock_skewed` when its clock is further off than the freshness window: it rejected the tickles
+as stale), and reachable again once a pull answers a tickle.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tickle import wire
 from tickle.backoff import Backoff
 from tickle.metrics import ComponentMetrics
 from tickle.taskserver.agent_clocks import AgentClocks
+from tickle.taskserver.long_polls import LongPolls
 from tickle.taskserver.state_reporter import StateReporter
 from tickle.taskserver.store import Store
 from tickle.taskserver.work_cache import WorkCache
@@ -38,8 +40,12 @@ class AgentTickler:
         backoff: Backoff | None = None,
         clocks: AgentClocks | None = None,
         rate: float | None = None,
+        long_polls: LongPolls | None = None,
     ) -> None:
         self._store = store
+        self.long_polls = long_polls
+        # the agents declared tickle-unreachable since we started (their policy may long-poll)
+        self.unreachable: set[str] = set()
         self._clocks = clocks
         self._work_cache = work_cache
         self._reporter = reporter
@@ -67,7 +73,10 @@ class AgentTickler:
         self.tickle_computers(waiting)
 
     def tickle_computers(self, names: list[str]) -> None:
-        """Tickle these agents to pull now (not those in CEM mode: they poll)."""
+        """Tickle these agents to pull now (not those in CEM mode: they poll); answer their
+        long-polls."""
+        if self.long_polls is not None:
+            self.long_polls.wake(names)
         for name in names:
             client = self._store.client(name)
             if client is None:
@@ -83,7 +92,10 @@ class AgentTickler:
             self.tickler.tickle(name, addr, wire.Kind.TASKS)
 
     def tickle_settings(self) -> None:
-        """Settings changed: tickle every non-CEM agent so it refreshes its policy."""
+        """Settings changed: tickle every non-CEM agent so it refreshes its policy; answer every
+        long-poll (its answer carries the policy)."""
+        if self.long_polls is not None:
+            self.long_polls.wake_all()
         for client in self._store.clients():
             addr = client.tickle_addr
             if not client.cem and addr is not None:
@@ -110,6 +122,7 @@ class AgentTickler:
             await self._work_cache.tickled(name, first_sent)
 
     def on_unreachable(self, name: str) -> None:
+        self.unreachable.add(name)
         if self._clocks is not None and self._clocks.skewed(name):
             offset = self._clocks.offset(name) or 0.0
             log.warning(
@@ -122,4 +135,5 @@ class AgentTickler:
         self._reporter.tickle_state(name, "unreachable")
 
     def on_reachable(self, name: str) -> None:
+        self.unreachable.discard(name)
         self._reporter.tickle_state(name, "reachable")

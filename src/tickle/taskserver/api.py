@@ -49,6 +49,8 @@ TAGS = [
 
 
 REGISTER = "/api/agent/register"
+# the agents' long-polls: idle by design, served within bounds of their own (see serving.py)
+LONG_POLL = "/api/agent/tasks/wait"
 
 
 def create_app(
@@ -203,6 +205,30 @@ async def tasks(
 ) -> AgentTasks:
     """The agent's pull: its unfinished executions from the cache, and its policy."""
     return await agent_pulls.tasks(agent, via, _peer(request), settings_version)
+
+
+@pull_routes.get(
+    LONG_POLL,
+    response_model=AgentTasks,
+    summary="Long-poll for tasks",
+    responses={
+        204: {"description": "nothing arrived within the long-poll timeout: ask again"},
+        409: {"description": "long-poll is off for this agent: poll"},
+        503: {"description": "the task server holds as many long-polls as it may: poll"},
+    },
+)
+async def wait_for_tasks(
+    agent: AgentDep,
+    request: Request,
+    agent_pulls: AgentPullsDep,
+    settings_version: SettingsVersionQuery = None,
+) -> AgentTasks | Response:
+    """The pull of an agent that cannot be tickled (CEM, or tickle-unreachable), when the NS's
+    `long_poll` setting is on: answered as soon as work, a cancel or new settings arrive for
+    it (as `GET /api/agent/tasks` answers, via `long_poll`), or 204 after the long-poll timeout
+    of its policy. A newer long-poll of the same agent ends this one (204)."""
+    answer = await agent_pulls.long_poll(agent, _peer(request), settings_version, request.receive)
+    return Response(status_code=204) if answer is None else answer
 
 
 @pull_routes.get("/api/agent/policy", response_model=AgentPolicy, summary="Read the policy")

@@ -41,8 +41,9 @@ from tickle.statedir import make_private
 from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.agent_tickler import AgentTickler
-from tickle.taskserver.api import create_app
+from tickle.taskserver.api import LONG_POLL, create_app
 from tickle.taskserver.enrollment import Enrollment
+from tickle.taskserver.long_polls import LongPolls
 from tickle.taskserver.ns_client import NsClient
 from tickle.taskserver.ns_sync import NsSync
 from tickle.taskserver.settings import TaskServerSettings
@@ -139,6 +140,7 @@ class TaskServer:
         )
         self.work_cache = WorkCache(self.store, self.forwarder, self.metrics)
         self.agent_clocks = AgentClocks(self.reporter, self.metrics, settings.freshness_window_s)
+        self.long_polls = LongPolls(self.metrics, settings.max_long_polls)
         self.agents = AgentTickler(
             settings.name,
             self.store,
@@ -147,6 +149,7 @@ class TaskServer:
             self.metrics,
             settings.tickle_backoff(),
             self.agent_clocks,
+            long_polls=self.long_polls,
             rate=settings.agent_tickle_rate,
         )
         self.sync = NsSync(
@@ -154,7 +157,7 @@ class TaskServer:
         )
         self.enrollment = Enrollment(settings, self.ns, self.store, self.sync)
         self.agent_pulls = AgentPulls(
-            self.store, self.work_cache, self.agents, self.reporter, self.metrics
+            self.store, self.work_cache, self.agents, self.reporter, self.metrics, self.long_polls
         )
         self.credentials: TaskServerCredentials | None = None
         self._ns_key: bytes | None = None
@@ -215,6 +218,7 @@ class TaskServer:
 
     async def stop(self) -> None:
         """Stop every loop and close every socket and file (safe to call more than once)."""
+        self.long_polls.close()  # the waiting long-polls return empty: their agents re-arm
         if self._api is not None:
             self._api.should_exit = True
         if self._api_task is not None:
@@ -350,7 +354,9 @@ class TaskServer:
     async def _start_api(self) -> None:
         app = self.api_app()
         config = ServingConfig(
-            app, self.settings, self.metrics, log_config=None, access_log=False, lifespan="off",
+            app, self.settings, self.metrics, long_poll_paths=[LONG_POLL],
+            max_long_polls=self.settings.max_long_polls,
+            log_config=None, access_log=False, lifespan="off",
             ssl_certfile=self.settings.tls_cert_file, ssl_keyfile=self.settings.tls_key_file,
         )  # fmt: skip
         self._api = _Server(config)

@@ -76,6 +76,13 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         le=86400,
         description="Periodic work check with the NS until the NS hands down its own interval",
     )
+    max_long_polls: int = Field(
+        default=20_000,
+        ge=0,
+        le=1_000_000,
+        description="Agents' long-polls waiting at once (beside max_connections; the NS's "
+        "long_poll setting turns them on); one more is refused and its agent polls",
+    )
     contact_report_interval_s: float = Field(
         default=15.0,
         gt=0,

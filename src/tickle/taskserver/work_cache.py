@@ -81,7 +81,7 @@ class WorkCache:
     async def tickled(self, computer: str, first_sent: float) -> None:
         """A tasks tickle went to `computer`: its work not yet reported tickled is, now."""
         fresh = self._first("agent_tickled", self._store.pending_work(computer))
-        await self._hop("agent_tickled", computer, fresh, at=first_sent)
+        await self._hop("agent_tickled", fresh, at=first_sent)
 
     async def pulled(self, computer: str, via: PullVia) -> list[ExecutionWork]:
         """`computer` pulled: its pending work; what it pulls the first time is reported pulled."""
@@ -89,8 +89,26 @@ class WorkCache:
         if self._store.cancelled:
             pending = [w for w in pending if w.execution_id not in self._store.cancelled]
         first = self._first("agent_pulled", pending)
-        await self._hop("agent_pulled", computer, first, via=via)
+        await self._hop("agent_pulled", first, via=via)
         return [w.work for w in pending]
+
+    async def pulled_many(
+        self, computers: list[str], via: PullVia
+    ) -> dict[str, list[ExecutionWork]]:
+        """These computers pulled at once (long-polls woken together): as `pulled`, in one read
+        of the cache and one commit of their `agent_pulled` events."""
+        wanted = set(computers)
+        cancelled = self._store.cancelled
+        pending = [
+            w
+            for w in self._store.pending_work()
+            if w.computer in wanted and w.execution_id not in cancelled
+        ]
+        await self._hop("agent_pulled", self._first("agent_pulled", pending), via=via)
+        pulled: dict[str, list[ExecutionWork]] = {c: [] for c in computers}
+        for w in pending:
+            pulled[w.computer].append(w.work)
+        return pulled
 
     async def take_events(self, computer: str, events: list[StatusEvent]) -> list[str]:
         """Cache the status events `computer` reports, durably, for the NS; return their ids.
@@ -141,7 +159,6 @@ class WorkCache:
     async def _hop(
         self,
         kind: Literal["agent_tickled", "agent_pulled"],
-        computer: str,
         work: list[CachedWork],
         at: float | None = None,
         via: PullVia | None = None,
@@ -154,7 +171,7 @@ class WorkCache:
             StatusEvent(
                 event_id=str(uuid.uuid4()),
                 execution_id=w.execution_id,
-                computer=computer,
+                computer=w.computer,
                 kind=kind,
                 at=now if at is None else at,
                 cached_at=now,

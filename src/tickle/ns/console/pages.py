@@ -589,6 +589,11 @@ async def change_settings(request: Request, action: ActionForm) -> Response:
             task_request_interval_s=int(form["task_request_interval_s"]),
             poll_jitter_fraction=float(form["poll_jitter_fraction"]),
             ts_check_interval_s=int(form["ts_check_interval_s"]),
+            # a checkbox: absent when unticked; the timeout kept when the form has none
+            long_poll=form.get("long_poll") == "on",
+            long_poll_timeout_s=int(form["long_poll_timeout_s"])
+            if form.get("long_poll_timeout_s")
+            else None,
         )
         await _services(request).actions.update_settings(session.who, body)
         return f"{P}/settings"

@@ -59,7 +59,7 @@ def _settings_row(s: Session, lock: bool = False) -> Settings:
     if row is None:  # the migration inserts it; a hand-made database may lack it
         row = Settings(
             id=1, version=1, task_request_interval_s=1800, poll_jitter_fraction=0.1,
-            ts_check_interval_s=60,
+            ts_check_interval_s=60, long_poll=False, long_poll_timeout_s=55,
         )  # fmt: skip
         s.add(row)
         s.flush()
