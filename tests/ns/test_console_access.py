@@ -5,6 +5,7 @@ API docs served from the NS's own assets."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -286,10 +287,10 @@ async def test_tickle_operators_add_prints_the_token_once_and_it_works(ns: Ns) -
     token = lines[1]
     assert await ns.ok("GET", "/api/computers", token=token) == []
     listed = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "tickle", "operators", "list"],
+        subprocess.run, [sys.executable, "-m", "tickle", "operators", "list", "--json"],
         capture_output=True, text=True, env=env, timeout=60, check=False,
     )  # fmt: skip
-    assert listed.stdout.startswith("bob  added ")
+    assert [o["name"] for o in json.loads(listed.stdout)] == ["bob"]
     assert token not in listed.stdout
     assert [(e["who"], e["action"]) for e in await audit(ns)] == [("admin", "operator.add")]
 
