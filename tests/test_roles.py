@@ -177,7 +177,7 @@ def test_every_unit_with_a_state_directory_keeps_it_private(unit: Path) -> None:
 
 COMPONENTS = {
     "tickle_notification_server": ("notification-server.toml.j2", {"admin_token", "enrollment_secret", "database_url"}),
-    "tickle_task_server": ("task-server.toml.j2", {"enrollment_secret"}),
+    "tickle_task_server": ("task-server.toml.j2", {"enrollment_secret", "agent_enrollment_secret"}),
     "tickle_client_task_agent": ("client-task-agent.toml.j2", {"enrollment_secret"}),
 }  # fmt: skip
 SECRETS = {"admin_token", "enrollment_secret", "database_url"}  # its password
@@ -245,6 +245,9 @@ def test_ns_role_enforces_the_api_s_ranges_of_the_central_settings() -> None:
     assert set(ranges) == set(properties)
     for name, prop in properties.items():
         number = next(p for p in prop.get("anyOf", [prop]) if p.get("type") != "null")
+        if number.get("type") == "boolean":  # true or false: 1 or 0 to the role's range check
+            assert (ranges[name]["min"], ranges[name]["max"]) == (0, 1), name
+            continue
         assert (ranges[name]["min"], ranges[name]["max"]) == (
             number["minimum"],
             number["maximum"],
