@@ -322,6 +322,14 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(plain, indent=2) + "\n")
 
 
+def _show(data: Any, as_json: bool, table: Callable[[Any], Any]) -> None:
+    """Print `data` as JSON (ISO times) with --json, else as its table."""
+    if as_json:
+        _print_json(data)
+    else:
+        out.print(table(data))
+
+
 task_app = typer.Typer(help="Define tasks.")
 job_app = typer.Typer(help="Define jobs (ordered lists of tasks, stopping at the first failure).")
 settings_app = typer.Typer(help="Show or change the central settings (Task Request Interval...).")
@@ -362,10 +370,7 @@ def task_add(
 def task_list(ctx: typer.Context, as_json: AsJson = False) -> None:
     """List the tasks."""
     tasks = _with_ns(ctx, lambda c: c.tasks())
-    if as_json:
-        _print_json(tasks)
-    else:
-        out.print(con.tasks_table(tasks))
+    _show(tasks, as_json, con.tasks_table)
 
 
 @task_app.command("delete")
@@ -398,10 +403,7 @@ def job_add(
 def job_list(ctx: typer.Context, as_json: AsJson = False) -> None:
     """List the jobs."""
     jobs = _with_ns(ctx, lambda c: c.jobs())
-    if as_json:
-        _print_json(jobs)
-    else:
-        out.print(con.jobs_table(jobs))
+    _show(jobs, as_json, con.jobs_table)
 
 
 @job_app.command("delete")
@@ -768,10 +770,7 @@ def runs_list(
         "before": before,
     }  # fmt: skip
     page = _with_ns(ctx, lambda c: c.runs(**filters))
-    if as_json:
-        _print_json(page)
-    else:
-        out.print(con.runs_table(page))
+    _show(page, as_json, con.runs_table)
 
 
 @runs_app.command("show")
@@ -827,10 +826,7 @@ def about_command(
 ) -> None:
     """Show what the NS is: version, database, schema revision, tickle dispatcher role."""
     about = _with_ns(ctx, lambda c: c.about())
-    if as_json:
-        _print_json(about)
-    else:
-        out.print(con.about_table(about))
+    _show(about, as_json, con.about_table)
 
 
 @operators_app.command("add")
@@ -853,10 +849,7 @@ def operators_add(
 def operators_list(ctx: typer.Context, as_json: AsJson = False) -> None:
     """List the operator accounts. Admin token."""
     items = _with_ns(ctx, lambda c: c.operators())
-    if as_json:
-        _print_json(items)
-    else:
-        out.print(con.operators_table(items))
+    _show(items, as_json, con.operators_table)
 
 
 @app.command("audit")
@@ -873,20 +866,14 @@ def audit_command(
 ) -> None:
     """Show operator actions, newest first: who, when, what, on what. Admin token."""
     events = _with_ns(ctx, lambda c: c.audit(limit, who, action))
-    if as_json:
-        _print_json(events)
-    else:
-        out.print(con.audit_table(events))
+    _show(events, as_json, con.audit_table)
 
 
 @settings_app.command("show")
 def settings_show(ctx: typer.Context, as_json: AsJson = False) -> None:
     """Show the central settings."""
     s = _with_ns(ctx, lambda c: c.settings())
-    if as_json:
-        _print_json(s)
-    else:
-        out.print(con.settings_table(s))
+    _show(s, as_json, con.settings_table)
 
 
 @settings_app.command("set")
@@ -942,10 +929,7 @@ def settings_set(
         return await c.update_settings(update), await c.settings_reach()
 
     s, reach = _with_ns(ctx, work)
-    if as_json:
-        _print_json(s)
-    else:
-        out.print(con.settings_table(s))
+    _show(s, as_json, con.settings_table)
     err.print(
         f"settings version {reach.version}: {reach.current} agent(s) have it, {reach.pending}"
         " take it at their next contact (a settings tickle, or their next poll)",
