@@ -74,6 +74,23 @@ def test_database_other_than_sqlite_or_postgresql_exits_2_naming_it(
     assert "mysql" in err
 
 
+def test_unreachable_database_says_so_in_one_line_without_its_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # nothing listens on port 1: the connection is refused when the NS migrates at start
+    url = "postgresql+psycopg://tickle:s3cr3t-pw@127.0.0.1:1/tickle"
+    assert main(["--state-dir", str(tmp_path), "--database-url", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "tickle ns: database postgresql+psycopg://tickle:***@127.0.0.1:1/tickle: "
+    )
+    assert "s3cr3t-pw" not in err
+    assert "sqlalche.me" not in err
+    assert "Background on this error" not in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_ns_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from tickle.config import ConfigError, check_config, load_settings
 from tickle.logs import setup_logging
@@ -52,8 +53,32 @@ def main(args: list[str]) -> int:
         return asyncio.run(serve(settings))
     except SQLAlchemyError as exc:
         # a database that cannot be opened or migrated: say which, without a traceback
-        print(f"tickle ns: database {settings.db_url!r}: {exc}", file=sys.stderr)
+        reason = _reason(exc, settings.db_url)
+        print(f"tickle ns: database {_shown_url(settings.db_url)}: {reason}", file=sys.stderr)
         return 1
+
+
+def _shown_url(url: str) -> str:
+    """The database URL as an operator may see it: its password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(unparsable URL)"
+
+
+def _reason(exc: SQLAlchemyError, url: str) -> str:
+    """The driver's own first line (`connection refused`), without SQLAlchemy's wrapping: no
+    statement, no parameters, no link to its documentation."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    first = lines[0] if lines else type(cause).__name__
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        password = None
+    if password:
+        first = first.replace(str(password), "***")
+    return first.removesuffix(".")
 
 
 async def serve(settings: NsSettings, stop: asyncio.Event | None = None) -> int:
