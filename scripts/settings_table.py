@@ -14,7 +14,7 @@ from typing import NamedTuple
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
-from tickle.config import hostname
+from tickle.config import shown_default
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
@@ -75,19 +75,12 @@ def rows(cls: type[BaseSettings]) -> list[Row]:
 
 
 def _shown_default(field: FieldInfo) -> str:
-    """The default as a reader should see it: the same on every machine."""
-    if field.is_required():
-        return "(required)"
+    """The default as a reader should see it (the same on every machine), as Python writes it."""
+    shown = shown_default(field)
+    if shown in ("(required)", "(host name)", "(unset)"):
+        return shown
     value = field.get_default(call_default_factory=True)
-    if isinstance(value, Path):
-        value = str(value).replace(str(Path.home()), "~")
-    if field.default_factory is not None and value == hostname():
-        return "(host name)"
-    if value is None:
-        return "(unset)"
-    if value == "":
-        return '`""`'
-    return f"`{value!r}`" if not isinstance(value, str) else f"`{value}`"
+    return f"`{shown}`" if isinstance(value, str | Path) else f"`{value!r}`"
 
 
 def current_readme_table() -> str:
