@@ -5,8 +5,8 @@ tickle_delivery scenario; molecule/tests/upgrade_tickle_delivery.py checks what 
 Runs on the NS host with the system Python (the tickle venv is replaced while it runs), against
 the NS's own API on loopback with the admin token from its configuration. Defines one task, which
 appends its execution id to a file on its agent and sleeps a second, then runs it now on the given
-computers every `every_s` seconds until the stop file appears, `max_runs` runs were created or
-`max_s` seconds passed. A refused or unanswered call (the NS restarting) is counted and tried again
+computers every `every_s` seconds until the stop file appears (then once more), `max_runs` runs
+were created or `max_s` seconds passed. A refused or unanswered call (the NS restarting) is counted and tried again
 at the next tick. Writes a JSON summary to `summary` when done; touches `started` after the first
 run is created. One JSON argument: {"computers", "every_s", "max_runs", "max_s", "stop_file",
 "started", "summary", "marker"}.
@@ -56,8 +56,7 @@ def main():
     task_id = None
     runs, refused, errors = [], 0, []
     while time.monotonic() < deadline and len(runs) < int(spec["max_runs"]):
-        if runs and os.path.exists(spec["stop_file"]):
-            break
+        stopping = os.path.exists(spec["stop_file"])  # one more run, after everything was upgraded
         tick = time.monotonic()
         try:
             if task_id is None:
@@ -71,6 +70,8 @@ def main():
             runs.append({"id": run["id"], "created_at": run["created_at"]})
             if len(runs) == 1:
                 open(spec["started"], "w").close()
+            if stopping:
+                break
         except Exception as exc:  # the NS is restarting: try again at the next tick
             refused += 1
             errors.append(f"{type(exc).__name__}: {exc}"[:200])
