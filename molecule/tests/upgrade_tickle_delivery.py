@@ -162,6 +162,16 @@ def test_every_service_runs_the_new_version(fleet: Fleet) -> None:
     assert version != previous, f"the checkout's version is the previous release's ({previous})"
 
 
+def test_a_downgrade_is_refused_before_anything_changes(fleet: Fleet) -> None:
+    older = ROOT / "build" / "previous" / "tree" / "build" / "wheelhouse"
+    run = Run(fleet, "upgrade.yml", "-e", json.dumps({"tickle_install_wheelhouse": str(older)}))
+    assert run.rc != 0, run
+    previous = json.loads(older.with_suffix(".json").read_text())["version"]
+    assert f"newer than the {previous} to install" in run.out, run
+    for host in fleet.hosts:
+        assert run.recap(host)["changed"] == 0, f"{host} changed before the refusal\n{run}"
+
+
 def test_upgrade_again_changes_nothing(fleet: Fleet) -> None:
     # the same roles in fewer batches: what is checked here is that nothing changes
     batches = {"tickle_upgrade_task_server_serial": 2, "tickle_upgrade_agent_serial": "100%"}
