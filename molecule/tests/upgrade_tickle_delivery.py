@@ -100,7 +100,7 @@ def test_every_execution_of_the_load_is_recorded_exactly_once(
         if set(events.get(e["id"], {}).values()) != {1}
         or not wanted <= set(events.get(e["id"], {}))
     }
-    print(
+    counts = (
         f"upgrade load: {len(runs)} runs ({len(created)} answered, "
         f"{load['summary']['refused']} calls refused while the NS restarted), "
         f"{len(executions)} executions on {len(agents)} agents, "
@@ -108,6 +108,8 @@ def test_every_execution_of_the_load_is_recorded_exactly_once(
         f"{sum(sum(k.values()) for k in events.values())} status events, "
         f"duplicates {len(duplicates) + len(wrong_events)}, lost {len(lost) + len(missing)}"
     )
+    print(counts)
+    (ROOT / "build" / "upgrade-load.txt").write_text(counts + "\n")  # the figures of the last run
     assert len(runs) >= 10, f"the load made only {len(runs)} runs: {load['summary']}"
     assert not duplicates, f"executions recorded more than once: {duplicates}"
     assert not missing, f"targets with no execution: {missing[:20]}"
