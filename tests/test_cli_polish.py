@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
+import tickle
 from tests.reliability import record
 from tickle import cli, clock
 from tickle import console as con
@@ -135,6 +136,8 @@ def test_version_prints_the_package_version() -> None:
 
     assert result.exit_code == 0
     assert result.output == f"tickle {importlib.metadata.version('tickle')}\n"
+    # one source of the version: the installed metadata is built from tickle.__version__
+    assert importlib.metadata.version("tickle") == tickle.__version__
 
 
 # --- errors: one line, naming what is wrong, no library wording or links -------------------------

@@ -10,6 +10,8 @@ route to the API and no copy of the secrets.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 import subprocess
 import time
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
+from pathlib import Path
 from typing import Any, TypeVar
 
 NS_UNIT = "tickle-notification-server.service"
@@ -32,6 +35,7 @@ TS_CONFIG = "/etc/tickle/task-server.toml"
 AGENT_CONFIG = "/etc/tickle/client-task-agent.toml"
 TICKLE = "/opt/tickle/venv/bin/tickle"
 FINAL = {"succeeded", "failed", "timed_out", "interrupted"}
+PLAYBOOKS = Path(__file__).resolve().parent.parent.parent / "playbooks"
 T = TypeVar("T")
 
 # Runs on a host: one HTTP call to a local tickle API, with the credentials from its config file.
@@ -313,6 +317,29 @@ class Fleet:
 
     def execution(self, execution_id: int) -> dict[str, Any]:
         return dict(self.ns_api("GET", f"/api/executions/{execution_id}"))
+
+
+class Run:
+    """One ansible-playbook run: its exit code, output and seconds taken."""
+
+    def __init__(self, fleet: Fleet, playbook: str, *args: str) -> None:
+        start = time.monotonic()
+        done = subprocess.run(
+            ["ansible-playbook", "-i", fleet.inventory, str(PLAYBOOKS / playbook), *args],
+            capture_output=True, text=True, timeout=900,
+            env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"},
+        )  # fmt: skip
+        self.took = time.monotonic() - start
+        self.rc = done.returncode
+        self.out = done.stdout + done.stderr
+
+    def recap(self, host: FleetHost) -> dict[str, int]:
+        match = re.search(rf"^{re.escape(host.name)}\s*:\s*(.*)$", self.out, re.M)
+        assert match, f"{host} not in the play recap:\n{self.out[-3000:]}"
+        return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))}
+
+    def __repr__(self) -> str:
+        return f"rc={self.rc} after {self.took:.0f} s:\n{self.out[-4000:]}"
 
 
 def check_index_served(index: FleetHost, hosts: list[FleetHost]) -> None:

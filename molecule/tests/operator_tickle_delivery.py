@@ -11,41 +11,12 @@ and leaves the fleet as the scenario deployed it.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fleet import NS_CONFIG, TS_CONFIG, Fleet, FleetHost, wait_for
-
-PLAYBOOKS = Path(__file__).resolve().parent.parent.parent / "playbooks"
-
-
-class Run:
-    """One ansible-playbook run: its exit code, output and seconds taken."""
-
-    def __init__(self, fleet: Fleet, playbook: str, *args: str) -> None:
-        start = time.monotonic()
-        done = subprocess.run(
-            ["ansible-playbook", "-i", fleet.inventory, str(PLAYBOOKS / playbook), *args],
-            capture_output=True, text=True, timeout=900,
-            env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"},
-        )  # fmt: skip
-        self.took = time.monotonic() - start
-        self.rc = done.returncode
-        self.out = done.stdout + done.stderr
-
-    def recap(self, host: FleetHost) -> dict[str, int]:
-        match = re.search(rf"^{re.escape(host.name)}\s*:\s*(.*)$", self.out, re.M)
-        assert match, f"{host} not in the play recap:\n{self.out[-3000:]}"
-        return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))}
-
-    def __repr__(self) -> str:
-        return f"rc={self.rc} after {self.took:.0f} s:\n{self.out[-4000:]}"
+from fleet import NS_CONFIG, TS_CONFIG, Fleet, FleetHost, Run, wait_for
 
 
 def _extra(values: dict[str, Any]) -> list[str]:

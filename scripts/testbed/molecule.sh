@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the Molecule scenarios (default: every scenario under molecule/), one after the other, each
 # `molecule test` (destroy, create, converge, idempotence, verify, destroy) with molecule/base.yml
-# as the shared base config. Builds what is missing first (images, controller venv, wheelhouse),
+# as the shared base config. Builds what is missing first (images, controller venv, wheelhouse, and
+# the previous release for a scenario that converges it: previous.sh),
 # then runs the `default` scenario, the testbed check (hosts boot and resolve each other's names),
 # and stops at once when it fails. Whatever happens, the scenarios' containers and networks are
 # removed at the end (cleanup.sh) and the host's ip_forward restored; the exit code is non-zero
@@ -29,10 +30,13 @@ trap 'exit 130' INT TERM
 for scenario in "$@"; do
   grep -qs 'tickle-debian13' "molecule/$scenario/molecule.yml" && need_trixie=1
   grep -qs 'tickle-debian12-services' "molecule/$scenario/molecule.yml" && need_services=1
+  grep -qs 'build/previous/' "molecule/$scenario/molecule.yml" && need_previous=1
 done
 if [ -n "${need_trixie:-}" ]; then "$here/build-image.sh" trixie || exit 2; fi
 if [ -n "${need_services:-}" ]; then "$here/build-image.sh" services || exit 2; fi
 "$here/wheelhouse.sh" || exit 2
+# The previous release (its files and wheelhouse) for a scenario that upgrades from it.
+if [ -n "${need_previous:-}" ]; then "$here/previous.sh" || exit 2; fi
 export PATH="$TESTBED_ROOT/.venv-deploy/bin:$PATH"
 export ANSIBLE_ROLES_PATH="$TESTBED_ROOT/roles" ANSIBLE_COLLECTIONS_PATH="$TESTBED_ROOT/build/collections"
 export ANSIBLE_FORCE_COLOR=false PY_COLORS=0 MOLECULE_NO_LOG=false

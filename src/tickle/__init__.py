@@ -1,3 +1,3 @@
 """Tickle: tickle task delivery for endpoint fleets."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tickle import __version__
+
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
 # a secret an agent or task server makes once and keeps in its state: its stable identity. The NS
@@ -521,6 +523,8 @@ class AgentTasks(Model):
 class Health(Model):
     status: Literal["ok"] = "ok"
     component: str
+    # the software version the process runs (playbooks/upgrade.yml waits for the new one)
+    version: str = __version__
 
 
 class About(Model):

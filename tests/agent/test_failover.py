@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+import tickle
 from tickle.agent.settings import AgentSettings
 
 from .conftest import eventually, running_agent, task
@@ -38,6 +39,7 @@ async def test_agent_fails_over_to_the_next_task_server_and_gets_work_there(
     )
     async with running_agent(settings) as agent:
         assert agent.status()["task_server"] == "ts1"
+        assert agent.status()["version"] == tickle.__version__  # what upgrade.yml waits for
         ts2.work[7] = task(7, ["true"])
         await ts1.close()
         down_at = time.monotonic()

@@ -8,6 +8,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
+import tickle
 from tests.ns.conftest import ADMIN, SECRET, Ns, NsFactory, event
 from tests.reliability import record
 from tickle.ns.models import StatusEvent as StatusEventRow
@@ -26,7 +27,11 @@ TIMELINE = [
 
 
 async def test_health_and_metrics_need_no_credentials(ns: Ns) -> None:
-    assert await ns.ok("GET", "/health", token=None) == {"status": "ok", "component": "ns"}
+    assert await ns.ok("GET", "/health", token=None) == {
+        "status": "ok",
+        "component": "ns",
+        "version": tickle.__version__,  # the rolling upgrade waits for the new one
+    }
     status, text = await ns.call("GET", "/metrics", token=None)
     assert status == 200
     assert "tickle_tickles_sent_total" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import tickle
 from tests.taskserver.conftest import SECRET, Agent, TaskServerHarness, wait_until, work_for
 from tickle.messages import StatusEvent
 
@@ -132,7 +133,10 @@ async def test_calls_without_valid_credentials_get_401(task_server: TaskServerHa
         ):
             status, _ = await h.call(who, method, path, json={"events": []})
             assert status == 401, (who, path)
-    assert (await h.call(None, "GET", "/health"))[0] == 200
+    assert await h.call(None, "GET", "/health") == (
+        200,
+        {"status": "ok", "component": "task-server", "version": tickle.__version__},
+    )
     assert (await h.call(None, "GET", "/metrics"))[0] == 200
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from tickle import clock, wire
+from tickle import __version__, clock, wire
 from tickle.agent.containment import Containment, detect
 from tickle.agent.control import ControlServer
 from tickle.agent.executor import Executor
@@ -204,6 +204,7 @@ class Agent:
         creds = self.client.credentials
         return {
             "name": self.settings.name,
+            "version": __version__,
             "task_server": creds.ts_name if creds else None,
             "task_server_url": creds.url if creds else None,
             "registered": creds is not None,
