@@ -50,6 +50,8 @@ LINGER_S = 2.0
 # how long the APIs keep an idle connection open: longer than their clients keep one idle for
 # reuse (`tickle.http.CLIENT_KEEPALIVE_S`), so the client always closes first
 SERVER_KEEPALIVE_S = 20
+# a 503 (no room, too busy) says when to try again: its client waits at least this, with jitter
+RETRY_AFTER_S = 2
 # the reasons of `tickle_http_refused`
 REFUSALS = (
     "body_too_large",
@@ -341,11 +343,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.metrics.http_refused.labels(reason=reason).inc()
         self._cancel_deadline()
         if self._may_answer():
-            body = json.dumps({"detail": detail}).encode()
-            self.transport.write(
-                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                b"connection: close\r\n\r\n%s" % (status, _PHRASES[status], len(body), body)
-            )
+            self.transport.write(refusal_response(status, detail))
         self.transport.close()
 
     def _may_answer(self) -> bool:
@@ -467,6 +465,17 @@ _PHRASES = {
     431: b"Request Header Fields Too Large",
     503: b"Service Unavailable",
 }
+
+
+def refusal_response(status: int, detail: str) -> bytes:
+    """The whole answer of a refusal the server writes itself (before or instead of the app):
+    a JSON detail, the connection closed; a 503 says when to try again (Retry-After)."""
+    body = json.dumps({"detail": detail}).encode()
+    retry = b"retry-after: %d\r\n" % RETRY_AFTER_S if status == 503 else b""
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"%sconnection: close\r\n\r\n%s" % (status, _PHRASES[status], len(body), retry, body)
+    )
 
 
 class BodyLimits:

@@ -287,4 +287,5 @@ def _peer(request: Request) -> str | None:
 
 async def _refused(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Refused)  # registered for Refused only
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+    retry = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=retry)
