@@ -29,10 +29,13 @@ import json
 import logging
 import resource
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any
 
+import pydantic_core
 import uvicorn
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -465,6 +468,32 @@ _PHRASES = {
     431: b"Request Header Fields Too Large",
     503: b"Service Unavailable",
 }
+
+
+class JsonRoute(APIRoute):
+    """A route whose JSON body pydantic-core's parser reads (the routes of event batches: the
+    standard library's parser was a tenth of the NS's status-event ingest, this one takes a
+    third of that). A body it will not read goes to the standard library's, whose error the
+    API answers as before (422, JSON decode error)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            return await handler(_JsonRequest(request.scope, request.receive))
+
+        return handle
+
+
+class _JsonRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = pydantic_core.from_json(body)
+            except ValueError:
+                self._json = json.loads(body)  # its error, as FastAPI answers it
+        return self._json
 
 
 def refusal_response(status: int, detail: str) -> bytes:

@@ -229,3 +229,15 @@ async def test_a_task_servers_token_is_looked_up_once_and_refused_at_once_when_i
     await ns.ok("DELETE", "/api/task-servers/ts1?force=true")
     status, _ = await ts.call("GET", "/api/ts/settings")
     assert status == 401
+
+
+async def test_an_event_batch_any_json_parser_refuses_is_answered_as_before(ns: Ns) -> None:
+    """Event batches are read by pydantic-core's JSON parser (faster); what it will not read goes
+    to the standard library's, so a bad body is answered as FastAPI always did."""
+    ts = await ns.task_server()
+    headers = {"Authorization": f"Bearer {ts.token}", "Content-Type": "application/json"}
+    url = ns.url + "/api/ts/events"
+    async with ns.http.post(url, data=b'{"events": [', headers=headers) as resp:  # cut short
+        assert resp.status == 422
+        (error,) = (await resp.json())["detail"]
+    assert (error["type"], error["loc"]) == ("json_invalid", ["body", 12])
