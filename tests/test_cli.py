@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from tests.reliability import record
 from tickle import cli
 from tickle import console as con
+from tickle.__main__ import _agent_run_flags
 
 OPERATOR_COMMANDS = [
     ["task", "add", "t1", "--command", "true"],
@@ -332,3 +333,34 @@ def test_check_config_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1
     assert "does not exist" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "flags"),
+    [
+        (["agent"], []),
+        (["agent", "run", "--name", "pc1"], ["--name", "pc1"]),
+        (["agent", "--name", "pc1"], ["--name", "pc1"]),
+        (["agent", "status"], None),
+        (["agent", "check-now", "--state-dir", "x"], None),
+        (["agent", "--help"], None),
+        (["agent", "run", "-h"], None),
+        (["ns", "--name", "x"], None),
+        ([], None),
+    ],
+)
+def test_only_running_the_agent_skips_the_cli(args: list[str], flags: list[str] | None) -> None:
+    assert _agent_run_flags(args) == flags
+
+
+def test_the_running_agent_never_loads_the_operators_cli() -> None:
+    """The CLI's libraries would stay in the agent's memory as long as it runs (S7)."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tickle", "agent", "--no-such-flag"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert "tickle.agent.service" in imported
+    assert not imported & {"typer", "rich", "click", "tickle.cli", "tickle.console"}
+    assert "no-such-flag" in done.stderr

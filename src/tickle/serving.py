@@ -29,10 +29,13 @@ import json
 import logging
 import resource
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any
 
+import pydantic_core
 import uvicorn
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -50,6 +53,8 @@ LINGER_S = 2.0
 # how long the APIs keep an idle connection open: longer than their clients keep one idle for
 # reuse (`tickle.http.CLIENT_KEEPALIVE_S`), so the client always closes first
 SERVER_KEEPALIVE_S = 20
+# a 503 (no room, too busy) says when to try again: its client waits at least this, with jitter
+RETRY_AFTER_S = 2
 # the reasons of `tickle_http_refused`
 REFUSALS = (
     "body_too_large",
@@ -341,11 +346,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.metrics.http_refused.labels(reason=reason).inc()
         self._cancel_deadline()
         if self._may_answer():
-            body = json.dumps({"detail": detail}).encode()
-            self.transport.write(
-                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                b"connection: close\r\n\r\n%s" % (status, _PHRASES[status], len(body), body)
-            )
+            self.transport.write(refusal_response(status, detail))
         self.transport.close()
 
     def _may_answer(self) -> bool:
@@ -467,6 +468,43 @@ _PHRASES = {
     431: b"Request Header Fields Too Large",
     503: b"Service Unavailable",
 }
+
+
+class JsonRoute(APIRoute):
+    """A route whose JSON body pydantic-core's parser reads (the routes of event batches: the
+    standard library's parser was a tenth of the NS's status-event ingest, this one takes a
+    third of that). A body it will not read goes to the standard library's, whose error the
+    API answers as before (422, JSON decode error)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            return await handler(_JsonRequest(request.scope, request.receive))
+
+        return handle
+
+
+class _JsonRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = pydantic_core.from_json(body)
+            except ValueError:
+                self._json = json.loads(body)  # its error, as FastAPI answers it
+        return self._json
+
+
+def refusal_response(status: int, detail: str) -> bytes:
+    """The whole answer of a refusal the server writes itself (before or instead of the app):
+    a JSON detail, the connection closed; a 503 says when to try again (Retry-After)."""
+    body = json.dumps({"detail": detail}).encode()
+    retry = b"retry-after: %d\r\n" % RETRY_AFTER_S if status == 503 else b""
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"%sconnection: close\r\n\r\n%s" % (status, _PHRASES[status], len(body), retry, body)
+    )
 
 
 class BodyLimits:

@@ -66,6 +66,7 @@ class FakeTaskServer:
     # the long-poll: answered with this status when it is an error; else it waits until
     # `long_poll_release` is set (or `long_poll_hold_s` passes), then answers the work, or 204
     long_poll_status: int = 200
+    long_poll_retry_after: str | None = None  # the refusal's Retry-After, if any
     long_poll_release: asyncio.Event = field(default_factory=asyncio.Event)
     long_poll_hold_s: float = 0.0
     url: str = ""
@@ -162,7 +163,14 @@ class FakeTaskServer:
         call = self._record(request, "wait")
         self._authorize(request)
         if self.long_poll_status >= 400:
-            return web.json_response({"detail": "refused"}, status=self.long_poll_status)
+            retry = (
+                {}
+                if self.long_poll_retry_after is None
+                else {"Retry-After": self.long_poll_retry_after}
+            )
+            return web.json_response(
+                {"detail": "refused"}, status=self.long_poll_status, headers=retry
+            )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.long_poll_release.wait(), self.long_poll_hold_s)
         self.long_poll_release.clear()

@@ -62,6 +62,19 @@ async def test_failing_long_polls_back_off_and_empty_ones_rearm_with_a_pause(
         assert 2 <= empty <= 41, empty
 
 
+async def test_a_long_poll_refused_busy_is_tried_again_no_sooner_than_retry_after(
+    fake_ts: FakeTaskServer, settings_for: Callable[..., AgentSettings]
+) -> None:
+    _long_poll_policy(fake_ts)
+    fake_ts.long_poll_status, fake_ts.long_poll_retry_after = 503, "3"
+    async with running_agent(settings_for(fake_ts, cem=True)):
+        await eventually(lambda: fake_ts.routes().count("wait") == 2, within_s=15,
+                         what="the long-poll tried again")  # fmt: skip
+    first, second = [c.at for c in fake_ts.calls if c.route == "wait"][:2]
+    # its own backoff alone would try again after 0.5-1.5 s
+    assert second - first >= 3.0, second - first
+
+
 async def test_no_long_poll_while_the_policy_says_off(
     fake_ts: FakeTaskServer, settings_for: Callable[..., AgentSettings]
 ) -> None:

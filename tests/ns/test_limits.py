@@ -202,3 +202,42 @@ async def test_a_large_batch_looks_its_task_server_token_up_once(
     assert status == 200
     # the body limit's check found the task server: the route's credentials reuse it
     assert len(lookups) == 1, lookups
+
+
+async def test_a_task_servers_token_is_looked_up_once_and_refused_at_once_when_it_ends(
+    ns: Ns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The NS keeps the task servers' tokens it looked up (a database query per request was 7 %
+    of the event ingest); a rotated or deleted token is refused from the next request on."""
+    ts = await ns.task_server()
+    assert (await ts.call("GET", "/api/ts/settings"))[0] == 200  # looked up, and kept
+
+    class Unreachable:
+        def reading(self) -> None:
+            raise AssertionError("the token was looked up in the database again")
+
+    monkeypatch.setattr(ns.stores.inventory, "_db", Unreachable())
+    for _ in range(3):
+        assert (await ts.call("GET", "/api/ts/settings"))[0] == 200
+    monkeypatch.undo()
+
+    old = ts.token
+    await ts.register()  # re-registering rotates the token
+    status, _ = await ns.call("GET", "/api/ts/settings", token=old)
+    assert status == 401
+    assert (await ts.call("GET", "/api/ts/settings"))[0] == 200
+    await ns.ok("DELETE", "/api/task-servers/ts1?force=true")
+    status, _ = await ts.call("GET", "/api/ts/settings")
+    assert status == 401
+
+
+async def test_an_event_batch_any_json_parser_refuses_is_answered_as_before(ns: Ns) -> None:
+    """Event batches are read by pydantic-core's JSON parser (faster); what it will not read goes
+    to the standard library's, so a bad body is answered as FastAPI always did."""
+    ts = await ns.task_server()
+    headers = {"Authorization": f"Bearer {ts.token}", "Content-Type": "application/json"}
+    url = ns.url + "/api/ts/events"
+    async with ns.http.post(url, data=b'{"events": [', headers=headers) as resp:  # cut short
+        assert resp.status == 422
+        (error,) = (await resp.json())["detail"]
+    assert (error["type"], error["loc"]) == ("json_invalid", ["body", 12])

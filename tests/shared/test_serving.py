@@ -10,10 +10,12 @@ from pydantic_settings import SettingsConfigDict
 
 from tickle.config import ApiServerSettings, ConfigError, load_settings
 from tickle.serving import (
+    RETRY_AFTER_S,
     ConnectionTable,
     LimitedHttpProtocol,
     connection_cap,
     raise_open_file_limit,
+    refusal_response,
 )
 
 
@@ -134,3 +136,18 @@ def test_a_long_poll_is_parked_beside_the_cap_and_never_closed_for_another() -> 
     assert (len(table), table.parked) == (2, 1)
     table.waiting(a)  # answered: a kept-alive connection like any other
     assert (len(table), table.parked) == (3, 0)
+
+
+def test_a_refusal_for_lack_of_room_says_when_to_try_again() -> None:
+    """A 503 (no room for the connection) carries Retry-After, which agents wait at least."""
+    head, _, body = refusal_response(503, "no room").partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 503 Service Unavailable"
+    assert f"retry-after: {RETRY_AFTER_S}".encode() in lines[1:]
+    assert RETRY_AFTER_S >= 1
+    assert body == b'{"detail": "no room"}'
+    # a refusal for the request itself (too large, too slow) is not to be tried again as it is
+    assert not any(
+        line.startswith(b"retry-after")
+        for line in refusal_response(413, "too large").split(b"\r\n")
+    )

@@ -12,6 +12,7 @@ import pytest
 from tests.reliability import record
 from tickle.messages import AgentTasks, SettingsOut
 from tickle.metrics import ComponentMetrics
+from tickle.serving import RETRY_AFTER_S
 from tickle.taskserver.long_polls import LongPolls
 from tickle.taskserver.policy import policy_for
 from tickle.taskserver.refusal import Refused
@@ -212,6 +213,26 @@ async def test_past_max_long_polls_one_more_is_refused() -> None:
     assert await first is answer
     assert await polls.wait("b", 0.05) is None  # the bound: empty
     assert len(polls) == 0
+
+
+async def test_a_long_poll_past_max_long_polls_is_refused_with_retry_after(
+    fake_ns: FakeNs, harness: TaskServerHarness
+) -> None:
+    """The agent told 503 waits at least Retry-After before it long-polls again (no hammering)."""
+    h = harness
+    fake_ns.settings = _settings()
+    h.overrides.update(max_long_polls=1)
+    await h.start()
+    first, second = [await h.register_agent(f"cem{i}", cem=True) for i in range(2)]
+    waiting = _long_poll(h, first)
+    await _waiting(h, "cem0")
+    async with h.http.get(
+        h.url + WAIT, headers={"Authorization": f"Bearer {second.token}"}
+    ) as resp:
+        assert resp.status == 503
+        assert "long-polls already" in (await resp.json())["detail"]
+        assert resp.headers.get("Retry-After") == str(RETRY_AFTER_S)
+    waiting.cancel()
 
 
 async def test_many_woken_together_are_answered_in_one_commit(

@@ -231,7 +231,8 @@ class Poller:
             try:
                 answer = await self._client.wait_for_tasks(self.policy.long_poll_timeout_s)
             except Exception as exc:
-                delay = _LONG_POLL_RETRY.delay(self.long_poll_failures)
+                # no sooner than a busy task server asked (Retry-After)
+                delay = max(_LONG_POLL_RETRY.delay(self.long_poll_failures), retry_after_s(exc))
                 self.long_poll_failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("long-poll failed: %s; again in %.1fs", self.last_error, delay)

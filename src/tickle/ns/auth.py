@@ -124,11 +124,13 @@ async def is_known_token(app: FastAPI, token: str, scope: Scope) -> bool:
     admin_sha: str = app.state.admin_token_sha256
     if hmac.compare_digest(sha, admin_sha):
         return True
-    operators: OperatorStore = app.state.services.operators
-    if await asyncio.to_thread(operators.name_for, sha) is not None:
-        return True
     inventory: InventoryService = app.state.services.inventory
-    caller = await asyncio.to_thread(inventory.caller_for, sha)  # a database query
+    caller = inventory.cached_caller(sha)  # a task server seen lately: no database query
+    if caller is None:
+        operators: OperatorStore = app.state.services.operators
+        if await asyncio.to_thread(operators.name_for, sha) is not None:
+            return True
+        caller = await asyncio.to_thread(inventory.caller_for, sha)  # a database query
     if caller is None or caller.role != "task_server":
         return False
     scope.setdefault("state", {})[_KNOWN_CALLER] = (sha, caller)

@@ -31,7 +31,7 @@ from tickle.messages import (
     PullVia,
 )
 from tickle.metrics import ComponentMetrics
-from tickle.serving import BodyLimits, ClockHeaders, arrived_at
+from tickle.serving import BodyLimits, ClockHeaders, JsonRoute, arrived_at
 from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.enrollment import Enrollment
@@ -248,7 +248,7 @@ async def policy(
     return agent_pulls.policy(agent, via, settings_version)
 
 
-event_routes = APIRouter(tags=["events"])
+event_routes = APIRouter(tags=["events"], route_class=JsonRoute)
 
 
 @event_routes.post("/api/agent/events", response_model=EventAck, summary="Report status events")
@@ -287,4 +287,5 @@ def _peer(request: Request) -> str | None:
 
 async def _refused(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Refused)  # registered for Refused only
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+    retry = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=retry)

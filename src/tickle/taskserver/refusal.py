@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from tickle.serving import RETRY_AFTER_S
+
 
 class Refused(Exception):
-    """The agent's request is refused; the API answers `status` with `detail`."""
+    """The agent's request is refused; the API answers `status` with `detail`. A 503 (too busy,
+    the NS unreachable) says when to try again: Retry-After, `retry_after_s` (default
+    `tickle.serving.RETRY_AFTER_S`); the agent waits at least that long, with jitter."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, retry_after_s: int | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        if retry_after_s is None and status == 503:
+            retry_after_s = RETRY_AFTER_S
+        self.retry_after_s = retry_after_s

@@ -10,8 +10,9 @@ from fastapi import APIRouter, Query
 from tickle import messages as m
 from tickle.ns.auth import TaskServerDep
 from tickle.ns.dependencies import DeliveryDep, InventoryDep, SettingsDep
+from tickle.serving import JsonRoute
 
-router = APIRouter(tags=["task-server"])
+router = APIRouter(tags=["task-server"], route_class=JsonRoute)
 REGISTER = "/api/ts/register"
 REGISTER_AGENT = "/api/ts/agents/register"
 # registrations are small: their bodies are held to max_registration_body_bytes (tickle.serving)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 from fastapi.concurrency import run_in_threadpool
@@ -73,8 +74,8 @@ class DeliveryService:
     async def record_events(self, ts: Caller, events: Sequence[m.StatusEvent]) -> m.EventAck:
         """Record the task server's status events (each once) and count what they did."""
         outcome = await run_in_threadpool(self._store.record_events, ts, events, time.time())
-        for event in outcome.recorded:
-            self._metrics.status_events.labels(kind=event.kind).inc()
+        for kind, count in Counter(event.kind for event in outcome.recorded).items():
+            self._metrics.status_events.labels(kind=kind).inc(count)
         for latency, final in zip(outcome.run_now_to_recorded, outcome.finished, strict=True):
             self._metrics.run_now_to_recorded.observe(latency)
             self._metrics.executions.labels(status=final).inc()

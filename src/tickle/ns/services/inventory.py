@@ -73,6 +73,11 @@ class InventoryService:
         """The task server (or agent) whose token hashes to `sha`."""
         return self._store.caller_for(sha)
 
+    def cached_caller(self, sha: str) -> Caller | None:
+        """The task server whose token hashes to `sha`, if this process looked it up lately
+        (never a database query: safe on the event loop)."""
+        return self._store.callers.get(sha)
+
     def clients(self, ts: Caller) -> list[m.ClientInfo]:
         return self._store.clients(ts)
 

@@ -41,14 +41,15 @@ class Stores:
     def open(cls, url: str) -> Stores:
         """Stores over the database at `url` (migrate it with `database.migrate()`)."""
         database = Database(url)
+        inventory = InventoryStore(database)
         return cls(
             database,
-            InventoryStore(database),
+            inventory,
             CatalogStore(database),
             DeliveryStore(database),
             SettingsStore(database),
             RegistrationStore(database),
-            HistoryStore(database),
+            HistoryStore(database, inventory.callers),
             CancelStore(database),
             OutputStore(database),
             OperatorStore(database),

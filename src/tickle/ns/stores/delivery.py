@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import JSON, Row, Text, bindparam, cast, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from tickle import messages as m
@@ -35,6 +37,30 @@ _FINAL = m.FINAL_STATUSES
 _PROGRESS_FIELDS = [f.name for f in fields(lifecycle.Progress)]
 _Row = TypeVar("_Row", bound=Base)
 _OUTPUT_FIELDS = {"stdout", "stderr"}
+_EXECUTIONS = Base.metadata.tables[Execution.__tablename__]
+_COMPUTERS = Base.metadata.tables[Computer.__tablename__]
+_EVENTS = Base.metadata.tables[StatusEventRow.__tablename__]
+_OUTPUTS = Base.metadata.tables[ExecutionOutput.__tablename__]
+# what recording an event reads of its execution (the computer's columns come joined)
+_EXEC_COLUMNS = [_EXECUTIONS.c[name] for name in ("id", "steps", "created_at", *_PROGRESS_FIELDS)]
+# the events of a batch in one executemany, their bodies serialized by pydantic (the JSON column's
+# own json.dumps of a dict per event cost more than the rest of the insert); PostgreSQL is told
+# the text is JSON, SQLite keeps JSON as text anyway
+_EVENT_BINDS: dict[str, Any] = {
+    name: bindparam(name) for name in ("event_id", "execution_id", "kind", "at", "recorded_at")
+}
+_INSERT_EVENTS = {
+    "postgresql": insert(_EVENTS).values(
+        _EVENT_BINDS | {"body": cast(bindparam("body", type_=Text), JSON)}
+    ),
+    "other": insert(_EVENTS).values(_EVENT_BINDS | {"body": bindparam("body", type_=Text)}),
+}
+# the progress of many executions in one executemany
+_UPDATE_PROGRESS = (
+    update(_EXECUTIONS)
+    .where(_EXECUTIONS.c.id == bindparam("_id"))
+    .values({name: bindparam(name) for name in _PROGRESS_FIELDS})
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,35 +246,44 @@ class DeliveryStore:
             return m.WorkOut(executions=[views.execution_work(ex) for ex in rows])
 
     def _record(self, ts: Caller, events: Sequence[m.StatusEvent], now: float) -> EventOutcome:
+        # SQLAlchemy Core throughout: no ORM object per execution or per event (the profile had
+        # half of the ingest in the ORM's loading, attribute tracking and flush)
         out = EventOutcome(accepted=[], recorded=[], run_now_to_recorded=[], finished=[])
         with self._db.writing() as s:
-            exec_ids = {e.execution_id for e in events}
+            conn = s.connection()
+            exec_ids = sorted({e.execution_id for e in events})
             # PostgreSQL: lock the executions first (in id order: no deadlock), so another NS
             # process recording events of the same executions waits for this commit instead of
             # overwriting it with what it read before (a `started` reopening a finished one);
             # the event ids are read after the lock, so a batch recorded meanwhile is seen
             execs = {
-                ex.id: ex
-                for ex in s.scalars(
-                    select(Execution)
-                    .where(Execution.id.in_(exec_ids))
-                    .order_by(Execution.id)
-                    .with_for_update(of=Execution)
+                row.id: row
+                for row in conn.execute(
+                    select(*_EXEC_COLUMNS, _COMPUTERS.c.task_server_id, _COMPUTERS.c.name)
+                    .select_from(_EXECUTIONS.join(_COMPUTERS))
+                    .where(_EXECUTIONS.c.id.in_(exec_ids))
+                    .order_by(_EXECUTIONS.c.id)
+                    .with_for_update(of=_EXECUTIONS)
                 )
             }
-            ids = [e.event_id for e in events]
             seen = set(
-                s.scalars(select(StatusEventRow.event_id).where(StatusEventRow.event_id.in_(ids)))
+                conn.scalars(
+                    select(_EVENTS.c.event_id).where(
+                        _EVENTS.c.event_id.in_([e.event_id for e in events])
+                    )
+                )
             )
             pulled = set(
-                s.scalars(
+                conn.scalars(
                     select(ExecutionPull.execution_id).where(
                         ExecutionPull.task_server_id == ts.id,
                         ExecutionPull.execution_id.in_(exec_ids),
                     )
                 )
             )
+            progress: dict[int, lifecycle.Progress] = {}  # as the events leave each execution
             new_rows: list[dict[str, Any]] = []
+            outputs: list[dict[str, Any]] = []
             for e in events:
                 if e.event_id in seen:
                     out.accepted.append(e.event_id)
@@ -261,12 +296,12 @@ class DeliveryStore:
                     )  # fmt: skip
                     out.accepted.append(e.event_id)
                     continue
-                given = ex.computer.task_server_id == ts.id or ex.id in pulled
-                if not given or ex.computer.name != e.computer:
+                given = ex.task_server_id == ts.id or ex.id in pulled
+                if not given or ex.name != e.computer:
                     log.warning(
                         "status event %s from %s refused: execution %d is for %s (event says %s),"
                         " neither a client of this task server nor pulled by it",
-                        e.event_id, ts.name, ex.id, ex.computer.name, e.computer,
+                        e.event_id, ts.name, ex.id, ex.name, e.computer,
                     )  # fmt: skip
                     continue
                 new_rows.append(
@@ -276,32 +311,63 @@ class DeliveryStore:
                         "kind": e.kind,
                         "at": e.at,
                         # the output is kept once, in its step's row (`execution_outputs`)
-                        "body": e.model_dump(mode="json", exclude=_OUTPUT_FIELDS),
+                        "body": e.model_dump_json(exclude=_OUTPUT_FIELDS),
                         "recorded_at": now,
                     }
                 )
                 seen.add(e.event_id)
-                _keep_output(s, ex, e)
-                before = _progress(ex)
+                output = _output_row(ex.id, e)
+                if output is not None:
+                    outputs.append(output)
+                before = progress.get(ex.id) or _progress(ex)
                 after = lifecycle.apply(before, e, now, [step["name"] for step in ex.steps])
-                _set_progress(ex, after)
+                progress[ex.id] = after
                 if lifecycle.finished_now(before, after):
                     out.run_now_to_recorded.append(max(0.0, now - ex.created_at))
-                    out.finished.append(ex.status)
+                    out.finished.append(after.status)
                 out.accepted.append(e.event_id)
                 out.recorded.append(e)
-            if new_rows:  # one bulk INSERT (Core), not an ORM object per event
-                s.execute(insert(StatusEventRow), new_rows)
+            if new_rows:  # one bulk INSERT
+                dialect = "postgresql" if conn.dialect.name == "postgresql" else "other"
+                conn.execute(_INSERT_EVENTS[dialect], new_rows)
+            _keep_outputs(s, outputs)
+            changed = [
+                _progress_params(ex_id, after)
+                for ex_id, after in progress.items()
+                if after != _progress(execs[ex_id])
+            ]
+            if changed:  # one UPDATE executed for the many executions this batch moved
+                conn.execute(_UPDATE_PROGRESS, changed)
         return out
 
 
-def _keep_output(s: Session, ex: Execution, e: m.StatusEvent) -> None:
-    """Keep the step output an event carries (a step reported again replaces it)."""
+def _output_row(execution_id: int, e: m.StatusEvent) -> dict[str, Any] | None:
+    """The step output an event carries, as its `execution_outputs` row (None: it carries none)."""
     if e.step is None or (e.stdout is None and e.stderr is None):
-        return
+        return None
     # PostgreSQL keeps no NUL in text (agents send none; a foreign one might)
     stdout, stderr = ((text or "").replace("\x00", "\ufffd") for text in (e.stdout, e.stderr))
-    s.merge(ExecutionOutput(execution_id=ex.id, step=e.step, stdout=stdout, stderr=stderr))
+    return {"execution_id": execution_id, "step": e.step, "stdout": stdout, "stderr": stderr}
+
+
+def _keep_outputs(s: Session, rows: list[dict[str, Any]]) -> None:
+    """Keep the steps' outputs (a step reported again replaces it: the last one wins)."""
+    last = list({(r["execution_id"], r["step"]): r for r in rows}.values())  # one row per key
+    if not last:
+        return
+    dialect = s.get_bind().dialect.name
+    if dialect not in ("sqlite", "postgresql"):  # another database: the ORM, one at a time
+        for row in last:
+            s.merge(ExecutionOutput(**row))
+        return
+    stmt = sqlite_insert(_OUTPUTS) if dialect == "sqlite" else postgresql_insert(_OUTPUTS)
+    s.connection().execute(
+        stmt.on_conflict_do_update(
+            index_elements=[_OUTPUTS.c.execution_id, _OUTPUTS.c.step],
+            set_={"stdout": stmt.excluded.stdout, "stderr": stmt.excluded.stderr},
+        ),
+        last,
+    )
 
 
 def _steps(s: Session, body: m.RunCreate) -> tuple[str, list[dict[str, Any]], str]:
@@ -365,13 +431,15 @@ def _get(s: Session, table: type[_Row], ident: int | None, what: str) -> _Row:
     return row
 
 
-def _progress(ex: Execution) -> lifecycle.Progress:
+def _progress(ex: Row[*tuple[Any, ...]]) -> lifecycle.Progress:
     values: dict[str, Any] = {name: getattr(ex, name) for name in _PROGRESS_FIELDS}
     values["step_results"] = tuple(ex.step_results or ())
     return lifecycle.Progress(**values)
 
 
-def _set_progress(ex: Execution, progress: lifecycle.Progress) -> None:
-    for name in _PROGRESS_FIELDS:
-        setattr(ex, name, getattr(progress, name))
-    ex.step_results = list(progress.step_results)
+def _progress_params(execution_id: int, progress: lifecycle.Progress) -> dict[str, Any]:
+    """The parameters of `_UPDATE_PROGRESS` for one execution."""
+    values: dict[str, Any] = {name: getattr(progress, name) for name in _PROGRESS_FIELDS}
+    values["step_results"] = list(progress.step_results)
+    values["_id"] = execution_id
+    return values

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from tickle import messages as m
 from tickle.ns import views
-from tickle.ns.credentials import new_tickle_key
+from tickle.ns.credentials import CallerCache, new_tickle_key
 from tickle.ns.database import Database
 from tickle.ns.errors import Conflict, NotFound
 from tickle.ns.models import Computer, Execution, Job, JobTask, Run, Settings, Task, TaskServer
@@ -43,8 +43,9 @@ class RunFilter:
 class HistoryStore:
     """Run history, deletions and the settings' reach in the NS database."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, callers: CallerCache | None = None) -> None:
         self._db = database
+        self._callers = callers  # the inventory's task-server tokens: a deletion ends one
 
     def runs(self, where: RunFilter, limit: int, before: int | None = None) -> m.RunsPage:
         """Runs matching `where`, newest first: at most `limit`, with ids below `before`."""
@@ -177,6 +178,12 @@ class HistoryStore:
 
         One that still serves computers is refused unless `force`: its computers then stay,
         with no task server, until their agents register through another one."""
+        clients = self._delete_task_server(name, force)
+        if self._callers is not None:
+            self._callers.clear()  # after the commit: its token is refused from now on
+        return clients
+
+    def _delete_task_server(self, name: str, force: bool) -> int:
         with self._db.writing() as s:
             ts = s.scalar(select(TaskServer).where(TaskServer.name == name))
             if ts is None:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from tickle import messages as m
 from tickle.ns import views
-from tickle.ns.credentials import Caller, new_tickle_key, new_token, token_sha256
+from tickle.ns.credentials import Caller, CallerCache, new_tickle_key, new_token, token_sha256
 from tickle.ns.database import Database, retry_on_conflict
 from tickle.ns.errors import Forbidden
 from tickle.ns.liveness import DEFAULT_BOUND, OfflineBound
@@ -36,17 +36,23 @@ class TaskServerLink:
 class InventoryStore:
     """Task servers and computers in the NS database."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, callers: CallerCache | None = None) -> None:
         self._db = database
+        self.callers = callers or CallerCache()  # task servers' tokens this process looked up
 
     def caller_for(self, sha: str) -> Caller | None:
         """The task server (or agent) whose token hashes to `sha`."""
+        cached = self.callers.get(sha)
+        if cached is not None:
+            return cached
         with self._db.reading() as s:
             row = s.execute(
                 select(TaskServer.id, TaskServer.name).where(TaskServer.token_sha256 == sha)
             ).first()
             if row is not None:
-                return Caller("task_server", row.name, row.id)
+                caller = Caller("task_server", row.name, row.id)
+                self.callers.put(sha, caller)
+                return caller
             crow = s.execute(
                 select(Computer.id, Computer.name).where(
                     Computer.token_sha256 == sha, Computer.forgotten_at.is_(None)
@@ -64,7 +70,10 @@ class InventoryStore:
         Raises Conflict for another identity under a registered name, Forbidden while a new name
         waits for an operator (`manual`) or was rejected (see `registrations.admit`).
         """
-        return retry_on_conflict(lambda: self._register_task_server(reg, ns_id, manual))
+        try:
+            return retry_on_conflict(lambda: self._register_task_server(reg, ns_id, manual))
+        finally:
+            self.callers.clear()  # a re-registration rotated the name's token: the old one ends
 
     def register_agent(
         self, ts: Caller, reg: m.AgentRegistration, manual: bool = False
