@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # pytest processes for unit, integration, test and reliability (pytest-xdist; 0: none, in-process).
-# Modules whose fixtures live for the module stay on one worker (tests/conftest.py).
+# --dist loadfile: a test module runs whole on one worker, so a fleet or browser its module-scoped
+# fixtures start is started once (xdist's loadgroup marks are lost on pytest 9.2's node ids).
 PYTEST_WORKERS ?= 2
-XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 -include mk/*.mk
 

@@ -15,16 +15,16 @@ import pytest
 SHARED_SCOPES = {"module", "class", "package"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        info: Any = getattr(item, "_fixtureinfo", None)
-        if info is None:
-            continue
-        shared = any(
-            d.scope in SHARED_SCOPES and d.func.__module__.startswith("tests.")
-            for defs in info.name2fixturedefs.values()
-            for d in defs
-        )
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Group a test using a module-scoped fixture of the suite by its module (during collection:
+    before xdist's own collection hook reads the groups into the test ids)."""
+    info: Any = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return
+    shared = any(
+        d.scope in SHARED_SCOPES and d.func.__module__.startswith("tests.")
+        for defs in info.name2fixturedefs.values()
+        for d in defs
+    )
+    if shared:
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]

@@ -53,6 +53,5 @@ def record(
 
 
 def _current_test() -> str:
-    """The running test's name (without the `@group` suffix pytest-xdist's loadgroup adds)."""
-    nodeid = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
-    return nodeid.split("::")[-1].split("@")[0]
+    """The running test's name."""
+    return os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0].split("::")[-1]
