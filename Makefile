@@ -5,6 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# pytest processes for unit, integration, test and reliability (pytest-xdist; 0: none, in-process).
+# --dist loadfile: a test module runs whole on one worker, so a fleet or browser its module-scoped
+# fixtures start is started once (xdist's loadgroup marks are lost on pytest 9.2's node ids).
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 -include mk/*.mk
 
@@ -28,16 +33,16 @@ lint: venv ## ruff, ruff format --check, mypy strict on src/, the import contrac
 	$(BIN)/lint-imports
 
 unit: venv deploy-venv ## Unit tests (the deploy venv runs the Ansible tests: vault, tickle_monitoring)
-	$(BIN)/pytest -q -m "not integration and not faults and not molecule"
+	$(BIN)/pytest -q $(XDIST) -m "not integration and not faults and not molecule"
 
 integration: venv ## Integration tests: real processes on loopback
-	$(BIN)/pytest -q -m "integration"
+	$(BIN)/pytest -q $(XDIST) -m "integration"
 
 sysdeps: ## System packages the tests need (nftables, iproute2, postgresql), installed when missing
 	scripts/sysdeps.sh
 
 test: lint sysdeps deploy-venv ## Every check: lint, unit, integration, faults, attacks, deploy lint, Molecule
-	$(BIN)/pytest -q -m "not molecule"
+	$(BIN)/pytest -q $(XDIST) -m "not molecule"
 	$(MAKE) deploy-lint
 	$(MAKE) molecule
 
@@ -65,5 +70,5 @@ docs: venv ## Regenerate README's settings table and the generated sections of d
 
 reliability: venv ## Run the fault and attack tests and rewrite RELIABILITY.md from their output
 	rm -f build/reliability/results.jsonl
-	$(BIN)/pytest -q -m "faults or attacks"
+	$(BIN)/pytest -q $(XDIST) -m "faults or attacks"
 	$(PY) scripts/reliability_report.py

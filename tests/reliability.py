@@ -7,6 +7,7 @@ last run into the table in RELIABILITY.md, so the table is the tests' own output
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -37,10 +38,20 @@ def record(
         "duplicated": duplicated,
         "tried": tried,
         "outcome": outcome,
-        "command": command
-        or f"pytest -k {os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0].split('::')[-1]}",
+        "command": command or f"pytest -k {_current_test()}",
         "figures": figures,
         "at": time.time(),
     }
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    # one write of the whole line to a file opened for appending, under an exclusive lock: rows
+    # of tests running at once (pytest -n N) never interleave
+    fd = os.open(RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, (json.dumps(row) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def _current_test() -> str:
+    """The running test's name."""
+    return os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0].split("::")[-1]

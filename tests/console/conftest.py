@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tests.console.chromium import missing
+from tests.integration.conftest import NET_BASE
 from tickle.testing.localfleet import AgentSpec, LocalFleet
 
 
@@ -20,7 +20,7 @@ def running_fleet(
     session's, as the integration tests choose it), stopped at the end."""
     assert not missing(), f"run `make sysdeps` to install {missing()}"
     # contacts reported every 0.5 s: the settings' reach moves while the browser looks
-    fleet = LocalFleet(root, ["ts1"], agents, net=f"127.{61 + os.getpid() % 60}.{subnet}", tls=tls,
+    fleet = LocalFleet(root, ["ts1"], agents, net=f"127.{NET_BASE}.{subnet}", tls=tls,
                        ts_extra=["--contact-report-interval-s", "0.5"])  # fmt: skip
     try:
         asyncio.run(fleet.start())

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -22,8 +23,20 @@ from tickle.testing.localfleet import AgentSpec, LocalFleet
 Factory = Callable[..., Awaitable[LocalFleet]]
 
 T = TypeVar("T")
-# each pytest session takes its own 127.X.0.0/16, so sessions running at once do not collide
-NET_BASE = 61 + os.getpid() % 60
+
+
+def _net_base() -> int:
+    """The second octet of this process's loopback range 127.X.0.0/16 (61..120): each pytest
+    session takes its own, so sessions running at once do not collide, and each xdist worker of
+    one session (`pytest -n N`) a different one from its siblings."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under pytest-xdist
+    if worker is None:
+        return 61 + os.getpid() % 60
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getppid())
+    return 61 + (zlib.crc32(run.encode()) + int(worker.removeprefix("gw"))) % 60
+
+
+NET_BASE = _net_base()
 
 
 async def eventually(
