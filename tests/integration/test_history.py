@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -57,7 +57,11 @@ async def test_runs_are_listed_newest_first_filtered_and_paged(fleet_factory: Fa
         assert [r.id for r in (await ns.runs(computer="a2")).runs] == [third.id, first.id]
         assert [r.id for r in (await ns.runs(task_id=ok.id)).runs] == [third.id, first.id]
         assert [r.id for r in (await ns.runs(computer="a2", status="failed")).runs] == []
-        since = datetime.fromtimestamp(third.created_at, UTC).isoformat()
+        # ISO 8601 keeps microseconds: round down, or `since` may fall just after the third run
+        at = datetime.fromtimestamp(third.created_at, UTC)
+        if at.timestamp() > third.created_at:
+            at -= timedelta(microseconds=1)
+        since = at.isoformat()
         assert [r.id for r in (await ns.runs(since=since)).runs] == [adhoc.id, third.id]
         assert [r.id for r in (await ns.runs(until=since)).runs] == [second.id, first.id]
 
