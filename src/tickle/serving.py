@@ -471,10 +471,11 @@ _PHRASES = {
 
 
 class JsonRoute(APIRoute):
-    """A route whose JSON body pydantic-core's parser reads (the routes of event batches: the
-    standard library's parser was a tenth of the NS's status-event ingest, this one takes a
-    third of that). A body it will not read goes to the standard library's, whose error the
-    API answers as before (422, JSON decode error)."""
+    """A route whose JSON body pydantic-core's parser reads: every route of the NS and the task
+    server (for event batches the standard library's parser was a tenth of the NS's ingest, this
+    one takes a third of that). A body that is not JSON gets the standard library's error, as
+    FastAPI answers it (422, JSON decode error); JSON whose strings are not Unicode (a lone
+    surrogate escape) gets pydantic-core's, also a 422."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -491,8 +492,13 @@ class _JsonRequest(Request):
             body = await self.body()
             try:
                 self._json = pydantic_core.from_json(body)
-            except ValueError:
-                self._json = json.loads(body)  # its error, as FastAPI answers it
+            except ValueError as exc:
+                json.loads(body)  # not JSON: its error, as FastAPI answers it (422)
+                # JSON the standard library reads but pydantic-core refuses: a lone surrogate
+                # (`"\\ud800"`), no Unicode character, which could be neither stored nor
+                # echoed in UTF-8 (it was a 500)
+                reason = f"{exc} (strings must be Unicode text: no lone \\ud800-\\udfff escape)"
+                raise json.JSONDecodeError(reason, body.decode("utf-8", "replace"), 0) from None
         return self._json
 
 

@@ -77,3 +77,54 @@ async def test_non_finite_times_in_events_are_refused_not_a_500(peers: Peers) ->
             status, _ = await call("POST", base + path, token, raw=raw % (uuid.uuid4(), value))
             answers.append((path, value, status))
     assert all(s < 500 for _, _, s in answers), answers
+
+
+@pytest.mark.attacks
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_lone_surrogates_in_strings_are_refused_not_a_500(peers: Peers) -> None:
+    # "\ud800" is valid JSON but no Unicode character: UTF-8 cannot encode it, not to answer
+    # with it nor to store it
+    bad = "\\ud800"
+    event = (
+        '{"events": [{"event_id": "%s", "execution_id": 1, "computer": "probe-%s",'
+        ' "kind": "started", "at": 1.0}]}'
+    )
+    cases = [
+        (peers.fleet.ns_url, "/api/ts/events", peers.ts_token, event % (uuid.uuid4(), bad)),
+        (peers.ts_url, "/api/agent/events", peers.agent_a, event % (uuid.uuid4(), bad)),
+        # a 422 echoes the input: here an event id that is no UUID
+        (
+            peers.fleet.ns_url,
+            "/api/ts/events",
+            peers.ts_token,
+            event.replace('"%s"', '"x%s"', 1) % (bad, "a"),
+        ),
+        (
+            peers.fleet.ns_url,
+            "/api/tasks",
+            peers.fleet.admin_token,
+            '{"name": "t-' + bad + '", "command": ["true"]}',
+        ),
+        (
+            peers.fleet.ns_url,
+            "/api/runs",
+            peers.fleet.admin_token,
+            '{"task_id": 1, "computers": ["pc-' + bad + '"]}',
+        ),
+    ]
+    answers = []
+    for base, path, token, raw in cases:
+        status, detail = await call("POST", base + path, token, raw=raw)
+        answers.append((path, status, detail))
+    server_errors = [a for a in answers if a[1] >= 500]
+    record(
+        case="Lone surrogate escapes in JSON strings",
+        done=f"{len(cases)} requests to the NS and task server with \\ud800 in a string",
+        outcome="all refused with 4xx" if not server_errors else f"{len(server_errors)} x 5xx",
+        tried=len(cases),
+        server_errors=len(server_errors),
+    )
+    assert not server_errors, server_errors
+    assert all(a[1] == 422 for a in answers), answers
+    assert all("Unicode" in str(a[2]) for a in answers), answers  # the 422 says what is wrong

@@ -160,7 +160,7 @@ SettingsVersionQuery = Annotated[
 
 # --- routes -------------------------------------------------------------------------------------
 
-operations = APIRouter(tags=["health"])
+operations = APIRouter(tags=["health"], route_class=JsonRoute)
 
 
 @operations.get("/health", response_model=Health, summary="Liveness")
@@ -174,7 +174,7 @@ async def metrics(exposed: MetricsDep) -> Response:
     return Response(content=body, media_type=content_type)
 
 
-enrollment_routes = APIRouter(tags=["enrollment"])
+enrollment_routes = APIRouter(tags=["enrollment"], route_class=JsonRoute)
 
 
 @enrollment_routes.post(REGISTER, response_model=AgentEnrollment, summary="Register an agent")
@@ -185,7 +185,7 @@ async def register(
     return await enrollment.enroll(body, _peer(request))
 
 
-pull_routes = APIRouter(tags=["pulls"])
+pull_routes = APIRouter(tags=["pulls"], route_class=JsonRoute)
 
 
 @pull_routes.get("/api/agent/tasks", response_model=AgentTasks, summary="Pull tasks")

@@ -10,8 +10,9 @@ from fastapi import APIRouter, Path, Query
 from tickle import messages as m
 from tickle.ns.auth import OperatorDep
 from tickle.ns.dependencies import ActionsDep, RegistrationsDep
+from tickle.serving import JsonRoute
 
-router = APIRouter(tags=["approval"])
+router = APIRouter(tags=["approval"], route_class=JsonRoute)
 NamePath = Annotated[m.Name, Path(description="The computer's or task server's name")]
 # the two kinds as they appear in paths, as in the listing routes /api/computers, /api/task-servers
 _KINDS: dict[str, m.RegistrationKind] = {"computers": "computer", "task-servers": "task_server"}

@@ -11,8 +11,9 @@ from tickle import messages as m
 from tickle.ns.auth import OperatorDep
 from tickle.ns.dependencies import ActionsDep
 from tickle.ns.routes.runs import DbId
+from tickle.serving import JsonRoute
 
-router = APIRouter(tags=["runs"])
+router = APIRouter(tags=["runs"], route_class=JsonRoute)
 
 
 @router.post(

@@ -7,8 +7,9 @@ from fastapi.responses import PlainTextResponse
 
 from tickle import messages as m
 from tickle.ns.dependencies import MetricsDep
+from tickle.serving import JsonRoute
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=JsonRoute)
 
 
 @router.get("/health", summary="Liveness")

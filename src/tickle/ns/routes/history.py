@@ -12,8 +12,9 @@ from tickle import messages as m
 from tickle.ns.auth import OperatorDep
 from tickle.ns.dependencies import ActionsDep, HistoryDep
 from tickle.ns.stores.history import RunFilter
+from tickle.serving import JsonRoute
 
-router = APIRouter(tags=["history"])
+router = APIRouter(tags=["history"], route_class=JsonRoute)
 DbId = Annotated[int, Path(ge=m.DB_INT_MIN, le=m.DB_INT_MAX)]
 Limit = Annotated[int, Query(ge=1, le=500, description="at most this many, newest first")]
 Before = Annotated[

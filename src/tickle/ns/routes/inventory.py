@@ -9,8 +9,9 @@ from fastapi import APIRouter, Query, Request
 from tickle import messages as m
 from tickle.ns.auth import OperatorDep
 from tickle.ns.dependencies import InventoryDep
+from tickle.serving import JsonRoute
 
-router = APIRouter(tags=["inventory"])
+router = APIRouter(tags=["inventory"], route_class=JsonRoute)
 
 
 @router.get("/api/task-servers", summary="Task servers and reachability")

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Query
 from tickle import messages as m
 from tickle.ns.auth import AdminDep
 from tickle.ns.dependencies import ActionsDep, AuditDep, OperatorsDep
+from tickle.serving import JsonRoute
 
-router = APIRouter(tags=["operators"])
+router = APIRouter(tags=["operators"], route_class=JsonRoute)
 
 
 @router.post(

@@ -11,8 +11,9 @@ from tickle.ns.auth import OperatorDep
 from tickle.ns.dependencies import ServicesDep
 from tickle.ns.routes.runs import DbId
 from tickle.ns.stores.output import OutputStore
+from tickle.serving import JsonRoute
 
-router = APIRouter(tags=["runs"])
+router = APIRouter(tags=["runs"], route_class=JsonRoute)
 
 
 async def get_output(services: ServicesDep) -> OutputStore:

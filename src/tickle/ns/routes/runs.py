@@ -9,8 +9,9 @@ from fastapi import APIRouter, Path
 from tickle import messages as m
 from tickle.ns.auth import OperatorDep
 from tickle.ns.dependencies import ActionsDep, DeliveryDep
+from tickle.serving import JsonRoute
 
-router = APIRouter(tags=["runs"])
+router = APIRouter(tags=["runs"], route_class=JsonRoute)
 # an id in a path fits the database's INTEGER column (a larger one crashed the query)
 DbId = Annotated[int, Path(ge=m.DB_INT_MIN, le=m.DB_INT_MAX)]
 

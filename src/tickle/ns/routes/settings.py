@@ -7,8 +7,9 @@ from fastapi import APIRouter
 from tickle import messages as m
 from tickle.ns.auth import OperatorDep
 from tickle.ns.dependencies import ActionsDep, SettingsDep
+from tickle.serving import JsonRoute
 
-router = APIRouter(tags=["settings"])
+router = APIRouter(tags=["settings"], route_class=JsonRoute)
 
 
 @router.get("/api/settings", summary="Central settings")

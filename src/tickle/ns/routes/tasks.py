@@ -7,8 +7,9 @@ from fastapi import APIRouter
 from tickle import messages as m
 from tickle.ns.auth import OperatorDep
 from tickle.ns.dependencies import ActionsDep, CatalogDep
+from tickle.serving import JsonRoute
 
-router = APIRouter(tags=["tasks"])
+router = APIRouter(tags=["tasks"], route_class=JsonRoute)
 
 
 @router.post("/api/tasks", status_code=201, summary="Define a task")
