@@ -53,32 +53,23 @@ def main(args: list[str]) -> int:
         return asyncio.run(serve(settings))
     except SQLAlchemyError as exc:
         # a database that cannot be opened or migrated: say which, without a traceback
-        reason = _reason(exc, settings.db_url)
-        print(f"tickle ns: database {_shown_url(settings.db_url)}: {reason}", file=sys.stderr)
+        print(f"tickle ns: {_database_error(settings.db_url, exc)}", file=sys.stderr)
         return 1
 
 
-def _shown_url(url: str) -> str:
-    """The database URL as an operator may see it: its password masked."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "(unparsable URL)"
-
-
-def _reason(exc: SQLAlchemyError, url: str) -> str:
-    """The driver's own first line (`connection refused`), without SQLAlchemy's wrapping: no
-    statement, no parameters, no link to its documentation."""
+def _database_error(url: str, exc: SQLAlchemyError) -> str:
+    """`database URL: reason`: the URL with its password masked, and the driver's own first line
+    (`connection refused`) without SQLAlchemy's wrapping (no statement, parameters or link)."""
     cause = getattr(exc, "orig", None) or exc
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    first = lines[0] if lines else type(cause).__name__
+    reason = (lines[0] if lines else type(cause).__name__).removesuffix(".")
     try:
-        password = make_url(url).password
+        parsed = make_url(url)
     except ArgumentError:
-        password = None
-    if password:
-        first = first.replace(str(password), "***")
-    return first.removesuffix(".")
+        return f"database (unparsable URL): {reason}"
+    if parsed.password:
+        reason = reason.replace(str(parsed.password), "***")
+    return f"database {parsed.render_as_string(hide_password=True)}: {reason}"
 
 
 async def serve(settings: NsSettings, stop: asyncio.Event | None = None) -> int:

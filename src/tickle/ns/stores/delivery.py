@@ -281,6 +281,7 @@ class DeliveryStore:
                     )
                 )
             )
+            initial: dict[int, lifecycle.Progress] = {}  # as each execution was read
             progress: dict[int, lifecycle.Progress] = {}  # as the events leave each execution
             new_rows: list[dict[str, Any]] = []
             outputs: list[dict[str, Any]] = []
@@ -319,7 +320,9 @@ class DeliveryStore:
                 output = _output_row(ex.id, e)
                 if output is not None:
                     outputs.append(output)
-                before = progress.get(ex.id) or _progress(ex)
+                if ex.id not in initial:
+                    initial[ex.id] = _progress(ex)
+                before = progress.get(ex.id, initial[ex.id])
                 after = lifecycle.apply(before, e, now, [step["name"] for step in ex.steps])
                 progress[ex.id] = after
                 if lifecycle.finished_now(before, after):
@@ -334,7 +337,7 @@ class DeliveryStore:
             changed = [
                 _progress_params(ex_id, after)
                 for ex_id, after in progress.items()
-                if after != _progress(execs[ex_id])
+                if after != initial[ex_id]
             ]
             if changed:  # one UPDATE executed for the many executions this batch moved
                 conn.execute(_UPDATE_PROGRESS, changed)
@@ -355,12 +358,9 @@ def _keep_outputs(s: Session, rows: list[dict[str, Any]]) -> None:
     last = list({(r["execution_id"], r["step"]): r for r in rows}.values())  # one row per key
     if not last:
         return
-    dialect = s.get_bind().dialect.name
-    if dialect not in ("sqlite", "postgresql"):  # another database: the ORM, one at a time
-        for row in last:
-            s.merge(ExecutionOutput(**row))
-        return
-    stmt = sqlite_insert(_OUTPUTS) if dialect == "sqlite" else postgresql_insert(_OUTPUTS)
+    # the NS runs on SQLite or PostgreSQL only (its settings refuse any other database)
+    sqlite = s.get_bind().dialect.name == "sqlite"
+    stmt = sqlite_insert(_OUTPUTS) if sqlite else postgresql_insert(_OUTPUTS)
     s.connection().execute(
         stmt.on_conflict_do_update(
             index_elements=[_OUTPUTS.c.execution_id, _OUTPUTS.c.step],
