@@ -64,7 +64,19 @@ from tickle.testing.simagents import SimAgents
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PARTS = ("latency", "fleet", "ingest", "pulls", "register", "agent", "curve", "longpoll")
-SIM_NET = "127.2"  # the simulated agents' loopback /16 (tests use 127.61-127.184)
+# the loopback /16s: servers 127.NET.N, simulated agents 127.NET+1 (tests use 127.61-127.184);
+# --net moves both so two benchmarks can run side by side
+NET = 0
+
+
+def net(n: int) -> str:
+    return f"127.{NET}.{n}"
+
+
+def sim_net() -> str:
+    return f"127.{NET + 1}"
+
+
 DONE_DEADLINE_S = 600.0
 
 
@@ -228,7 +240,7 @@ def postgres_or_none(r: Results, what: str) -> Iterator[Any]:
 
 
 async def latency(root: Path, r: Results, runs: int, gap_s: float) -> None:
-    fleet = LocalFleet(root, ["ts1"], [AgentSpec("bench-agent", ["ts1"])], net="127.0.9")
+    fleet = LocalFleet(root, ["ts1"], [AgentSpec("bench-agent", ["ts1"])], net=net(9))
     await fleet.start()
     try:
         async with fleet.client() as ns:
@@ -308,7 +320,7 @@ async def fleet_run(
         for name in ts_names[1::2]:  # every other task server talks to the second NS
             fleet.set_ts_ns_url(name, ns2_url)
     await fleet.start()
-    sims = SimAgents(fleet, agents, SIM_NET)
+    sims = SimAgents(fleet, agents, sim_net())
     per_second: Counter[int] = Counter()
     restart_at = None
     try:
@@ -382,7 +394,7 @@ def pulls_per_s(executions: list[ExecutionOut]) -> float | None:
 
 
 async def fleet(root: Path, r: Results, agents: int, postgres: bool = True) -> None:
-    f = await fleet_run(root / "sqlite", agents, 4, "127.0.10")
+    f = await fleet_run(root / "sqlite", agents, 4, net(10))
     r.put("s2_agents", agents, "agents", "S2 simulated agents (4 task servers, SQLite)")
     r.put("s2_wall_s", f.wall_s, "s", "S2 run-now → every status event recorded")
     r.put("s2_resent", f.ts_metrics.get("tickle_tickles_resent_total"), "tickles",
@@ -396,7 +408,7 @@ async def fleet(root: Path, r: Results, agents: int, postgres: bool = True) -> N
         if pg is None:
             return
         url = pg.create_database("bench_s3")
-        f = await fleet_run(root / "postgres", agents, 4, "127.0.11", url, two_ns=True)
+        f = await fleet_run(root / "postgres", agents, 4, net(11), url, two_ns=True)
         r.put("s3_agents", agents, "agents", "S3 simulated agents (4 task servers, PostgreSQL)")
         r.put("s3_wall_s", f.wall_s, "s", "S3 run-now → every status event recorded")
         r.md += fleet_md(
@@ -406,7 +418,7 @@ async def fleet(root: Path, r: Results, agents: int, postgres: bool = True) -> N
 
 
 async def pulls(root: Path, r: Results, agents: int) -> None:
-    f = await fleet_run(root, agents, 1, "127.0.12")
+    f = await fleet_run(root, agents, 1, net(12))
     r.put("s5_agents", agents, "agents", "S5 agents of the one task server")
     r.put("s5_pulls_per_s", pulls_per_s(f.executions), "pulls/s",
           "S5 pulls served: agents / (last agent_pulled - first agent_tickled)")  # fmt: skip
@@ -414,7 +426,7 @@ async def pulls(root: Path, r: Results, agents: int) -> None:
 
 
 async def register(root: Path, r: Results, agents: int) -> None:
-    f = await fleet_run(root, agents, 4, "127.0.13", restart_task_servers=True)
+    f = await fleet_run(root, agents, 4, net(13), restart_task_servers=True)
     r.put("s6_agents", agents, "agents", "S6 agents registering (4 task servers)")
     r.put("s6_register_s", f.register_s, "s", "S6 every agent registered")
     window = sorted(s for s in f.requests_per_s if f.restart_at and s >= int(f.restart_at))
@@ -437,7 +449,7 @@ async def curve(root: Path, r: Results, sizes: list[int]) -> None:
     rows = ["| agents | all recorded (s) | s per 1,000 agents |", "|---|---|---|"]
     per_k = []
     for n in sizes:
-        f = await fleet_run(root / str(n), n, 4, "127.0.14")
+        f = await fleet_run(root / str(n), n, 4, net(14))
         r.put(f"s8_{n}_wall_s", f.wall_s, "s", f"S8 run-now on {n} agents → all recorded")
         if f.wall_s is not None:
             per_k.append(f.wall_s / n * 1000)
@@ -526,7 +538,7 @@ async def ingest_one(root: Path, net: str, database_url: str | None, executions:
 async def ingest(
     root: Path, r: Results, executions: int, clients: int = 4, batch: int = 500
 ) -> None:
-    eps = await ingest_one(root / "sqlite", "127.0.15", None, executions, clients, batch)
+    eps = await ingest_one(root / "sqlite", net(15), None, executions, clients, batch)
     r.put(
         "s4_sqlite_eps",
         eps,
@@ -537,7 +549,7 @@ async def ingest(
     with postgres_or_none(r, "S4 PostgreSQL") as pg:
         if pg is not None:
             url = pg.create_database("bench_s4")
-            eps = await ingest_one(root / "postgres", "127.0.16", url, executions, clients, batch)
+            eps = await ingest_one(root / "postgres", net(16), url, executions, clients, batch)
             r.put("s4_postgres_eps", eps, "events/s",
                   f"S4 ingest, PostgreSQL ({clients} clients, batches of {batch})")  # fmt: skip
             lines.append(f"PostgreSQL: {eps:,.0f} events/s")
@@ -596,7 +608,7 @@ def _help_start_times(n: int) -> list[float]:
 
 
 async def agent(root: Path, r: Results, idle_s: float) -> None:
-    fleet = LocalFleet(root, ["ts1"], [AgentSpec("idle-agent", ["ts1"])], net="127.0.17")
+    fleet = LocalFleet(root, ["ts1"], [AgentSpec("idle-agent", ["ts1"])], net=net(17))
     await fleet.start()
     try:
         popen = fleet.procs["idle-agent"].popen
@@ -643,6 +655,8 @@ def parse_args() -> argparse.Namespace:
         default=10_000,
         help="simulated agents of the fleet, pulls (a quarter) and register runs",
     )
+    parser.add_argument("--net", type=int, default=0,
+                        help="loopback second octet of the servers (the agents take the next)")  # fmt: skip
     parser.add_argument("--runs", type=int, default=200, help="S1 sequential run-nows")
     parser.add_argument("--gap-ms", type=float, default=100.0, help="S1 time between run-nows")
     parser.add_argument("--idle-s", type=float, default=60.0, help="S7 idle time")
@@ -654,6 +668,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ingest-executions", type=int, default=10_000,
                         help="S4 executions (4 events each)")  # fmt: skip
     args = parser.parse_args()
+    if not 0 <= args.net <= 253 or 60 <= args.net <= 184:
+        parser.error("--net must be 0-253 and outside 60-184 (the tests' ranges)")
     args.parts = [p.strip() for p in args.only.split(",") if p.strip()]
     bad = [p for p in args.parts if p not in PARTS]
     if bad:
@@ -670,6 +686,8 @@ def parse_args() -> argparse.Namespace:
 
 async def main() -> int:
     args = parse_args()
+    global NET
+    NET = args.net
     r = Results()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="tickle-bench-") as tmp:
