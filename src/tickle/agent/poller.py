@@ -22,20 +22,16 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from tickle.agent import retries
 from tickle.agent.executor import Executor
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import TaskServerClient
-from tickle.backoff import Backoff
 from tickle.http import retry_after_s
 from tickle.messages import AgentPolicy, AgentTasks, ExecutionWork, PolicyVia, PullVia
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
 
-# wide jitter: the agents of a task server that restarted come back spread out, not together
-_RETRY = Backoff(base_s=5.0, max_s=300.0, tries=None, jitter=0.5)
-# the long-poll: after a failed one (task server down, refusing), and between two
-_LONG_POLL_RETRY = Backoff(base_s=1.0, max_s=60.0, tries=None, jitter=0.5)
 LONG_POLL_REARM_S = (0.05, 0.5)
 
 
@@ -204,7 +200,7 @@ class Poller:
             if self._failures:
                 # the last pull failed (task server down?): check back sooner than the interval
                 # (no sooner than the task server asked, when it was too busy: Retry-After)
-                retry = max(_RETRY.delay(self._failures - 1), self._retry_after_s)
+                retry = retries.PULL.wait(self._failures - 1, self._retry_after_s)
                 delay = min(delay, retry)
             self.next_poll_at = time.time() + delay
             try:
@@ -232,7 +228,7 @@ class Poller:
                 answer = await self._client.wait_for_tasks(self.policy.long_poll_timeout_s)
             except Exception as exc:
                 # no sooner than a busy task server asked (Retry-After)
-                delay = max(_LONG_POLL_RETRY.delay(self.long_poll_failures), retry_after_s(exc))
+                delay = retries.LONG_POLL.wait(self.long_poll_failures, retry_after_s(exc))
                 self.long_poll_failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("long-poll failed: %s; again in %.1fs", self.last_error, delay)

@@ -4,8 +4,11 @@ Each simulated agent is real on the wire: it registers with its task server over
 own UDP tickle listener on its own loopback address (port 50124), verifies every tickle with
 TickleGuard, pulls its tasks over HTTP when tickled, and posts `started` and `finished` status
 events. Only the task itself is simulated (it "succeeds" at once, without spawning a process).
-Like the real agent, it backs off with jitter when a server is busy (429, 503, or no answer),
-waiting at least what `Retry-After` says.
+Like the real agent, it backs off when a server is busy (429, 503, or no answer) with the real
+agent's own schedules (tickle.agent.retries: full jitter, after what `Retry-After` says): its
+registration and its status events are tried again on their schedules, and a failed pull is
+left to the next tickle (the task server resends it) or to the agent's retry poll, whichever
+comes first.
 
 `SimAgents` starts the processes (`python -m tickle.testing.simagents`) for a `LocalFleet`, spread
 over its task servers, and waits until every agent is registered and listening. Each process
@@ -17,9 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -31,6 +34,8 @@ from typing import Any
 import aiohttp
 
 from tickle import http, wire
+from tickle.agent import retries
+from tickle.backoff import Backoff
 from tickle.messages import (
     AgentEnrollment,
     AgentRegister,
@@ -133,6 +138,12 @@ class _Busy(Exception):
         self.retry_after_s = retry_after_s
 
 
+def _retry_after(exc: BaseException) -> float:
+    if isinstance(exc, _Busy) and exc.retry_after_s is not None:
+        return exc.retry_after_s
+    return 0.0
+
+
 class SimAgent(asyncio.DatagramProtocol):
     def __init__(self, name: str, host: str, ts_url: str, sent: Counter[int]) -> None:
         self.name = name
@@ -145,8 +156,17 @@ class SimAgent(asyncio.DatagramProtocol):
         self.seen: set[int] = set()
         self.pulling = False
         self.again = False
+        self.tickled = asyncio.Event()  # a tickle arrived while a failed pull waits to retry
+        self.pull_failures = 0
 
     async def start(self, secret: str) -> None:
+        """Register, then listen for tickles."""
+        await self.register(secret)
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, AGENT_TICKLE_PORT))
+
+    async def register(self, secret: str) -> None:
+        """Register with the task server (tried again on the agent's schedule)."""
         connector = aiohttp.TCPConnector(
             local_addr=(self.host, 0), limit=4, keepalive_timeout=http.CLIENT_KEEPALIVE_S
         )
@@ -155,11 +175,11 @@ class SimAgent(asyncio.DatagramProtocol):
         )
         body = AgentRegister(enrollment_secret=secret, name=self.name, tickle_host=self.host,
                              tickle_port=AGENT_TICKLE_PORT, reported_address=self.host)  # fmt: skip
-        enrollment = await self.call("POST", "/api/agent/register", body, AgentEnrollment, None)
+        enrollment = await self.call(
+            "POST", "/api/agent/register", body, AgentEnrollment, None, retries.REGISTER
+        )
         self.token = enrollment.token
         self.guard = wire.TickleGuard({enrollment.ts_name: base64.b64decode(enrollment.tickle_key)})
-        loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, AGENT_TICKLE_PORT))
 
     async def call(
         self,
@@ -168,9 +188,11 @@ class SimAgent(asyncio.DatagramProtocol):
         body: Any,
         answer: Any,
         token: str | None,
+        backoff: Backoff | None,
         params: dict[str, str] | None = None,
     ) -> Any:
-        """One request, tried again after a jittered backoff while the server is busy or away."""
+        """One request, tried again on `backoff` (None: tried once) while the server is busy or
+        away; each try counted in the second it is sent."""
         assert self.session is not None
         session = self.session
         headers = {"Content-Type": "application/json"}
@@ -191,19 +213,16 @@ class SimAgent(asyncio.DatagramProtocol):
             return answer.model_validate_json(raw)
 
         end = time.monotonic() + GIVE_UP_S
-        delay = 0.2
+        attempt = 0
         while True:
             self.sent[int(time.time())] += 1
             try:
                 return await once()
             except (_Busy, aiohttp.ClientError, TimeoutError) as exc:
-                if time.monotonic() > end:
+                if backoff is None or time.monotonic() > end:
                     raise
-                wait = random.uniform(delay / 2, delay)  # jitter over the upper half
-                if isinstance(exc, _Busy) and exc.retry_after_s is not None:
-                    wait = max(wait, exc.retry_after_s * random.uniform(1.0, 1.5))
-                await asyncio.sleep(wait)
-                delay = min(delay * 2, 10.0)
+                await asyncio.sleep(backoff.wait(attempt, _retry_after(exc)))
+                attempt += 1
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         assert self.guard is not None
@@ -214,16 +233,45 @@ class SimAgent(asyncio.DatagramProtocol):
         if tickle.kind is wire.Kind.TASKS:
             if self.pulling:
                 self.again = True
+                self.tickled.set()
             else:
                 asyncio.get_running_loop().create_task(self.pull())
+
+    async def pull_once(self) -> AgentTasks | None:
+        """One pull, as the real agent's poller makes it: a failed one is tried again at the
+        next tickle (the task server resends) or on the agent's retry poll (retries.PULL),
+        whichever comes first; None when it kept failing for GIVE_UP_S."""
+        end = time.monotonic() + GIVE_UP_S
+        while True:
+            self.tickled.clear()
+            try:
+                tasks: AgentTasks = await self.call(
+                    "GET", "/api/agent/tasks", None, AgentTasks, self.token, None,
+                    params={"via": "tickle"},
+                )  # fmt: skip
+            except (_Busy, aiohttp.ClientError, TimeoutError) as exc:
+                self.pull_failures += 1
+                if time.monotonic() > end:
+                    return None
+                if self.again:  # a tickle came while it failed: pull again at once
+                    self.again = False
+                    continue
+                delay = retries.PULL.wait(self.pull_failures - 1, _retry_after(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.tickled.wait(), delay)
+                self.again = False
+                continue
+            self.pull_failures = 0
+            return tasks
 
     async def pull(self) -> None:
         self.pulling = True
         try:
             while True:
                 self.again = False
-                tasks = await self.call("GET", "/api/agent/tasks", None, AgentTasks, self.token,
-                                        params={"via": "tickle"})  # fmt: skip
+                tasks = await self.pull_once()
+                if tasks is None:
+                    raise RuntimeError(f"no pull answered in {GIVE_UP_S:.0f}s")
                 events = []
                 for work in tasks.executions:
                     if work.execution_id in self.seen:
@@ -239,7 +287,7 @@ class SimAgent(asyncio.DatagramProtocol):
                     ]  # fmt: skip
                 if events:
                     await self.call("POST", "/api/agent/events", EventBatch(events=events),
-                                    EventAck, self.token)  # fmt: skip
+                                    EventAck, self.token, retries.EVENTS)  # fmt: skip
                 if not self.again:
                     return
         except Exception as exc:  # a simulated agent reports and carries on

@@ -1,0 +1,106 @@
+"""Reconnection after a restart spreads itself: the agents (real, and the bench's simulated ones,
+which use the real agent's schedules) try again with full jitter and wait what Retry-After says.
+
+A task server that restarts answers 503 ("restarting") to the registrations of every agent that
+comes to it at that moment: those agents must come back spread over their retry window, not
+together, and never sooner than the task server asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from tickle.agent.service import Agent
+from tickle.testing.simagents import SimAgent
+
+from .agent_process import agent_process
+from .conftest import agent_settings, eventually
+from .fake_ts import FakeTaskServer
+
+AGENTS = 16
+# the agent's first registration retry is drawn over [0, 1 s]: 16 agents spread over less than
+# 0.4 s of it happens about once in 50,000 runs; the old ±10 % jitter kept them within 0.2 s
+SPREAD_S = 0.4
+GENEROUS_S = 15.0
+
+
+async def _real_agents(fake: FakeTaskServer, root: Path, sock_dir: Path, count: int) -> None:
+    """`count` real agents (in this event loop) start at once, register, and stop."""
+    agents = [
+        Agent(agent_settings(root / f"a{i}", fake, sock_dir, name=f"agent{i:02d}",
+                             control_socket=sock_dir / f"a{i}.sock"))
+        for i in range(count)
+    ]  # fmt: skip
+    try:
+        await asyncio.wait_for(asyncio.gather(*(a.start() for a in agents)), GENEROUS_S)
+    finally:
+        for agent in agents:
+            await agent.stop()
+
+
+async def _simulated_agents(fake: FakeTaskServer, root: Path, sock_dir: Path, count: int) -> None:
+    """`count` of the bench's simulated agents register at once."""
+    sims = [SimAgent(f"agent{i:02d}", "127.0.0.1", fake.url, Counter()) for i in range(count)]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(s.register(fake.secret) for s in sims)), GENEROUS_S)
+    finally:
+        for sim in sims:
+            if sim.session is not None:
+                await sim.session.close()
+
+
+KINDS: dict[str, Callable[[FakeTaskServer, Path, Path, int], Awaitable[None]]] = {
+    "real agent": _real_agents,
+    "simulated agent": _simulated_agents,
+}
+
+
+def _second_try_after(fake: FakeTaskServer) -> list[float]:
+    """Each agent's wait between its refused registration and the next."""
+    assert all(len(t) == 2 for t in fake.register_tries.values()), fake.register_tries
+    return [t[1] - t[0] for t in fake.register_tries.values()]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+async def test_agents_refused_by_a_restarting_task_server_come_back_spread_over_the_window(
+    kind: str, fake_ts: FakeTaskServer, tmp_path: Path, short_dir: Path
+) -> None:
+    fake_ts.register_refusals = 1  # every agent's first registration: 503, no Retry-After
+    await KINDS[kind](fake_ts, tmp_path, short_dir, AGENTS)
+    waits = _second_try_after(fake_ts)
+    assert len(waits) == AGENTS
+    assert max(waits) - min(waits) >= SPREAD_S, sorted(waits)  # spread, not together
+    assert max(waits) < GENEROUS_S
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+async def test_agents_wait_what_retry_after_says_then_come_back_spread_after_it(
+    kind: str, fake_ts: FakeTaskServer, tmp_path: Path, short_dir: Path
+) -> None:
+    fake_ts.register_refusals = 1
+    fake_ts.register_retry_after = "2"
+    await KINDS[kind](fake_ts, tmp_path, short_dir, AGENTS)
+    waits = _second_try_after(fake_ts)
+    assert min(waits) >= 2.0, sorted(waits)  # never sooner than the task server asked
+    assert max(waits) - min(waits) >= SPREAD_S, sorted(waits)  # and not all at 2 s
+    assert max(waits) < 2.0 + GENEROUS_S
+
+
+async def test_the_agent_process_honours_retry_after_when_registering(
+    fake_ts: FakeTaskServer, tmp_path: Path, short_dir: Path
+) -> None:
+    fake_ts.register_refusals = 1
+    fake_ts.register_retry_after = "3"
+    async with agent_process(fake_ts, tmp_path / "state", short_dir) as agent:
+        await eventually(
+            lambda: fake_ts.pulls() or agent.proc.returncode is not None,
+            within_s=GENEROUS_S, what="the pull after the registration",
+        )  # fmt: skip
+        assert agent.proc.returncode is None, agent.log.read_text()
+    (wait,) = _second_try_after(fake_ts)
+    assert 3.0 <= wait < 3.0 + GENEROUS_S
