@@ -12,8 +12,8 @@ comes first.
 
 `SimAgents` starts the processes (`python -m tickle.testing.simagents`) for a `LocalFleet`, spread
 over its task servers, and waits until every agent is registered and listening. Each process
-counts the requests its agents send per second, and prints them when stopped (`SimAgents.stop`
-returns the fleet's sums).
+counts the requests its agents send per tenth of a second, and prints them when stopped
+(`SimAgents.stop` returns the fleet's sums).
 """
 
 from __future__ import annotations
@@ -115,11 +115,12 @@ class SimAgents:
                 )
 
     async def stop(self) -> Counter[int]:
-        """Stop every process; return the requests sent per second (unix time) by all agents."""
+        """Stop every process; return the requests all agents sent per tenth of a second (keyed
+        by unix time * 10, rounded down)."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        per_second: Counter[int] = Counter()
+        per_tenth: Counter[int] = Counter()
         for proc in self.procs:
             try:
                 out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
@@ -128,9 +129,9 @@ class SimAgents:
                 out, _ = await asyncio.to_thread(proc.communicate)
             for line in out.splitlines():
                 if line.startswith("stats "):
-                    per_second.update({int(k): v for k, v in json.loads(line[6:]).items()})
+                    per_tenth.update({int(k): v for k, v in json.loads(line[6:]).items()})
         self.procs.clear()
-        return per_second
+        return per_tenth
 
 
 class _Busy(Exception):
@@ -192,7 +193,7 @@ class SimAgent(asyncio.DatagramProtocol):
         params: dict[str, str] | None = None,
     ) -> Any:
         """One request, tried again on `backoff` (None: tried once) while the server is busy or
-        away; each try counted in the second it is sent."""
+        away; each try counted in the tenth of a second it is sent."""
         assert self.session is not None
         session = self.session
         headers = {"Content-Type": "application/json"}
@@ -215,7 +216,7 @@ class SimAgent(asyncio.DatagramProtocol):
         end = time.monotonic() + GIVE_UP_S
         attempt = 0
         while True:
-            self.sent[int(time.time())] += 1
+            self.sent[int(time.time() * 10)] += 1
             try:
                 return await once()
             except (_Busy, aiohttp.ClientError, TimeoutError) as exc:
