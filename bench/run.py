@@ -54,6 +54,7 @@ from tickle.messages import (
     EventBatch,
     ExecutionOut,
     RunCreate,
+    SettingsUpdate,
     StatusEvent,
     TaskCreate,
     TaskServerCredentials,
@@ -147,15 +148,18 @@ TARGETS = [
     Target("S5", "one task server serving its agents' pulls", "≥ 5,000 pulls/s",
            lambda r: _fmt(r, "s5_pulls_per_s", 0),
            lambda r: _ge(r, "s5_pulls_per_s", 5_000)),
-    Target("S6", "N agents registering; reconnection peak / mean: task-server restart; "
-                 "NS restart (agents / task servers)", "≤ 20 s; ≤ 1.5",
+    Target("S6", "N agents registering; reconnection peak / mean: task-server restart "
+                 "(tickled / long-polling agents); NS restart (agents / task servers)",
+           "≤ 20 s; ≤ 1.5",
            lambda r: f"{_fmt(r, 's6_register_s', 1)} ({_fmt(r, 's6_agents', 0)}); "
-                     f"TS restart {_fmt(r, 's6_peak_to_mean', 2)}; NS restart "
+                     f"TS restart {_fmt(r, 's6_peak_to_mean', 2)} (tickled) / "
+                     f"{_fmt(r, 's6_lp_peak_to_mean', 2)} (long-polling); NS restart "
                      f"{_fmt(r, 's6_ns_agents_peak_to_mean', 2)} / "
                      f"{_fmt(r, 's6_ns_ts_peak_to_mean', 2)}",
            lambda r: _all(_le(r, "s6_register_s", 20), _le(r, "s6_peak_to_mean", 1.5),
                           _le(r, "s6_ns_agents_peak_to_mean", 1.5),
-                          _le(r, "s6_ns_ts_peak_to_mean", 1.5), _ge(r, "s6_agents", 10_000))),
+                          _le(r, "s6_ns_ts_peak_to_mean", 1.5), _le(r, "s6_lp_peak_to_mean", 1.5),
+                          _ge(r, "s6_agents", 10_000))),
     Target("S7", "agent at rest: RSS, CPU (start-up of --help)", "≤ 30 MB, ≤ 0.1 %",
            lambda r: f"{_fmt(r, 's7_rss_mb', 1)}, {_fmt(r, 's7_cpu_percent', 3)} "
                      f"({_fmt(r, 's7_help_s', 2)})",
@@ -622,7 +626,52 @@ async def register(root: Path, r: Results, agents: int) -> None:
             f"task servers' requests to the NS per second from the kill: {ts_counts}",
             "",
         ]
+    counts, reconnect_s, lp_register_s = await long_poll_restart(root / "long-poll", agents)
+    r.put("s6_lp_peak_to_mean", ratio(counts), "ratio",
+          "S6 long-polling (CEM) agents reconnecting after a restart of every task server: their "
+          "requests per second from the kill until every long-poll waits again, peak / mean")  # fmt: skip
+    r.put("s6_lp_reconnect_s", reconnect_s, "s",
+          "S6 long-polling agents: from the task servers' kill until every long-poll waits again")  # fmt: skip
+    md += [
+        f"### {agents} long-polling (CEM) agents, every task server killed and started again",
+        "",
+        f"registered in {lp_register_s:.1f} s; every long-poll waiting again {reconnect_s:.1f} s "
+        f"after the kill",
+        f"agents' requests per second from the kill: {counts}",
+        "",
+    ]
     r.md += md
+
+
+async def long_poll_restart(root: Path, agents: int) -> tuple[list[int], float, float]:
+    """`agents` simulated CEM agents holding long-polls (the NS's `long_poll` on) over 4 task
+    servers, every task server killed and started again at once: the agents' requests per second
+    from the kill until every long-poll waits again; also the seconds that took, and the
+    register time."""
+    ts_names = [f"ts{i + 1}" for i in range(4)]
+    fleet = LocalFleet(root, ts_names, [], net=net(18))
+    await fleet.start()
+    sims = SimAgents(fleet, agents, sim_net(), long_poll=True)
+    ts_urls = [fleet.ts_url(name) for name in ts_names]
+    metric = "tickle_long_polls_waiting"
+    try:
+        async with fleet.client() as ns:  # the task servers have it before any agent long-polls
+            await ns.update_settings(SettingsUpdate(long_poll=True))
+        register_s = await sims.start(deadline_s=DONE_DEADLINE_S)
+        if not await wait_metric(ts_urls, metric, agents, DONE_DEADLINE_S):
+            raise RuntimeError(f"not all {agents} long-polls waiting")
+        for name in ts_names:
+            fleet.kill(name)
+        killed_at = time.time()
+        for name in ts_names:
+            fleet.spawn(name)
+        if not await wait_metric(ts_urls, metric, agents, DONE_DEADLINE_S):
+            raise RuntimeError(f"not all {agents} long-polls waiting again after the restart")
+        done_at = time.time()
+    finally:
+        per_tenth = await sims.stop()
+        await fleet.stop()
+    return per_second_counts(per_tenth, killed_at, done_at), done_at - killed_at, register_s
 
 
 async def curve(root: Path, r: Results, sizes: list[int]) -> None:

@@ -6,6 +6,11 @@ draws each delay uniformly between 0 and the attempt's cap ("full jitter"): many
 failed together — a server restarted under them — come back spread over the whole window instead
 of in waves, and the first retry is already spread over [0, base_s].
 
+`flat_tries`: the first tries' delays all drawn over the same window (base_s) before the
+delays grow. Clients that lost their server together then retry at an even rate until it is
+back: a window that doubles at each try leaves a long, thin tail of stragglers instead, and the
+server sees its clients return as a peak followed by a trickle.
+
 `wait(attempt, retry_after_s)` is the delay to sleep: never sooner than the server's Retry-After,
 and spread after it by the attempt's delay, so clients told the same Retry-After do not all
 return in the same instant.
@@ -32,10 +37,12 @@ class Backoff:
     tries: int | None = 6
     jitter: float = 0.1
     full_jitter: bool = False  # each delay uniform over [0, cap(attempt)]; `jitter` unused
+    flat_tries: int = 0  # the delays after the first `flat_tries` tries do not grow
 
     def cap(self, attempt: int) -> float:
         """The nominal delay after the `attempt`-th failed try (0-based), before jitter."""
-        return min(self.max_s, self.base_s * self.factor ** min(attempt, 64))
+        grown = min(max(0, attempt - self.flat_tries + 1) if self.flat_tries else attempt, 64)
+        return min(self.max_s, self.base_s * self.factor**grown)
 
     def delay(self, attempt: int) -> float:
         """Delay after the `attempt`-th failed try (0-based)."""

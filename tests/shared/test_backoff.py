@@ -27,3 +27,9 @@ def test_wait_is_never_sooner_than_retry_after_and_spread_after_it() -> None:
     assert all(5.0 <= w <= 6.0 for w in waits)
     assert max(waits) - min(waits) > 0.5
     assert all(0.0 <= FULL.wait(0) <= 1.0 for _ in range(DRAWS))  # nothing said: the delay alone
+
+
+def test_flat_tries_keep_the_window_steady_before_it_grows() -> None:
+    steady = Backoff(base_s=10.0, max_s=60.0, tries=None, full_jitter=True, flat_tries=3)
+    assert [steady.cap(a) for a in range(6)] == [10.0, 10.0, 10.0, 20.0, 40.0, 60.0]
+    assert [FULL.cap(a) for a in range(5)] == [1.0, 2.0, 4.0, 8.0, 8.0]  # without: it grows

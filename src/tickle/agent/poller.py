@@ -9,8 +9,10 @@ tickle-triggered pull racing a poll runs it once.
 When the policy says so (the NS's `long_poll` setting on, and this agent cannot be tickled: CEM,
 or tickle-unreachable) the agent also holds one long-poll open to its task server, answered as
 soon as work, a cancel or new settings arrive for it (a pull via `long_poll`). It re-arms the
-long-poll after a short random pause, and backs off with jitter while it fails; the poll timer
-keeps running under it.
+long-poll after a short random pause; after a failure, it tries again at a random moment of a
+15 s window (retries.LONG_POLL: all the agents of a restarted task server come back at an even
+rate, not together), never sooner than a busy task server's Retry-After; the poll timer keeps
+running under it.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ from tickle.messages import AgentPolicy, AgentTasks, ExecutionWork, PolicyVia, P
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
-
-LONG_POLL_REARM_S = (0.05, 0.5)
 
 
 @dataclass
@@ -238,7 +238,7 @@ class Poller:
             if answer is not None:
                 self._metrics.pulls.labels(via="long_poll").inc()
                 self.take(answer, "long_poll")
-            await asyncio.sleep(random.uniform(*LONG_POLL_REARM_S))
+            await asyncio.sleep(random.uniform(*retries.LONG_POLL_REARM_S))
 
     async def pull_quietly(self, via: PullVia) -> object:
         """Pull; a failure is logged and makes the next poll come sooner, not raised."""

@@ -10,6 +10,10 @@ registration and its status events are tried again on their schedules, and a fai
 left to the next tickle (the task server resends it) or to the agent's retry poll, whichever
 comes first.
 
+With `long_poll`, the agents are in CEM mode instead (no tickle listener): each holds a long-poll
+open to its task server, as a real CEM agent does when the NS's `long_poll` setting is on, armed
+again after each answer, and after a failure on the real agent's schedule (retries.LONG_POLL).
+
 `SimAgents` starts the processes (`python -m tickle.testing.simagents`) for a `LocalFleet`, spread
 over its task servers, and waits until every agent is registered and listening. Each process
 counts the requests its agents send per tenth of a second, and prints them when stopped
@@ -23,6 +27,7 @@ import base64
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -72,12 +77,14 @@ class SimAgents:
         net: str,
         task_servers: list[str] | None = None,
         per_process: int = PER_PROCESS,
+        long_poll: bool = False,
     ) -> None:
         self.fleet = fleet
         self.count = count
         self.net = net
         self.task_servers = task_servers or list(fleet.ts_hosts)
         self.per_process = per_process
+        self.long_poll = long_poll
         self.names = [sim_name(i) for i in range(count)]
         self.procs: list[subprocess.Popen[str]] = []
 
@@ -107,7 +114,7 @@ class SimAgents:
             for first in range(0, len(mine), self.per_process):
                 part = ",".join(map(str, mine[first : first + self.per_process]))
                 argv = [sys.executable, "-m", "tickle.testing.simagents", self.fleet.ts_url(ts),
-                        self.net, part]  # fmt: skip
+                        self.net, part, *(["--long-poll"] if self.long_poll else [])]  # fmt: skip
                 self.procs.append(
                     subprocess.Popen(
                         argv, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
@@ -146,8 +153,12 @@ def _retry_after(exc: BaseException) -> float:
 
 
 class SimAgent(asyncio.DatagramProtocol):
-    def __init__(self, name: str, host: str, ts_url: str, sent: Counter[int]) -> None:
+    def __init__(
+        self, name: str, host: str, ts_url: str, sent: Counter[int], cem: bool = False
+    ) -> None:
         self.name = name
+        self.cem = cem
+        self.long_poll_timeout_s = 0.0
         self.host = host
         self.ts_url = ts_url
         self.sent = sent
@@ -161,8 +172,10 @@ class SimAgent(asyncio.DatagramProtocol):
         self.pull_failures = 0
 
     async def start(self, secret: str) -> None:
-        """Register, then listen for tickles."""
+        """Register, then listen for tickles (not in CEM mode: it long-polls)."""
         await self.register(secret)
+        if self.cem:
+            return
         loop = asyncio.get_running_loop()
         await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, AGENT_TICKLE_PORT))
 
@@ -174,12 +187,14 @@ class SimAgent(asyncio.DatagramProtocol):
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=30)
         )
-        body = AgentRegister(enrollment_secret=secret, name=self.name, tickle_host=self.host,
+        body = AgentRegister(enrollment_secret=secret, name=self.name, cem=self.cem,
+                             tickle_host=None if self.cem else self.host,
                              tickle_port=AGENT_TICKLE_PORT, reported_address=self.host)  # fmt: skip
         enrollment = await self.call(
             "POST", "/api/agent/register", body, AgentEnrollment, None, retries.REGISTER
         )
         self.token = enrollment.token
+        self.long_poll_timeout_s = float(enrollment.policy.long_poll_timeout_s)
         self.guard = wire.TickleGuard({enrollment.ts_name: base64.b64decode(enrollment.tickle_key)})
 
     async def call(
@@ -265,6 +280,54 @@ class SimAgent(asyncio.DatagramProtocol):
             self.pull_failures = 0
             return tasks
 
+    async def hold_long_poll(self) -> None:
+        """As the real agent's poller holds it: one long-poll at a time, armed again after a
+        short random pause, and after a failure on retries.LONG_POLL (after Retry-After)."""
+        assert self.session is not None
+        headers = {"Authorization": f"Bearer {self.token}"}
+        # the task server answers by its bound: this only catches one that never does
+        limit = aiohttp.ClientTimeout(total=self.long_poll_timeout_s + 15.0)
+        failures = 0
+        while True:
+            self.sent[int(time.time() * 10)] += 1
+            try:
+                async with self.session.get(self.ts_url + "/api/agent/tasks/wait",
+                                            headers=headers, timeout=limit) as resp:  # fmt: skip
+                    raw = await resp.read()
+                    if resp.status in BUSY or resp.status >= 500:
+                        retry_after = resp.headers.get("Retry-After", "")
+                        raise _Busy(float(retry_after) if retry_after.isdigit() else None)
+                    if resp.status >= 400:
+                        raise http.ApiError(resp.status, raw.decode(errors="replace")[:200], "")
+                    answer = None if resp.status == 204 else AgentTasks.model_validate_json(raw)
+            except (_Busy, http.ApiError, aiohttp.ClientError, TimeoutError) as exc:
+                await asyncio.sleep(retries.LONG_POLL.wait(failures, _retry_after(exc)))
+                failures += 1
+                continue
+            failures = 0
+            if answer is not None and answer.executions:
+                await self.run(answer)
+            await asyncio.sleep(random.uniform(*retries.LONG_POLL_REARM_S))
+
+    async def run(self, tasks: AgentTasks) -> None:
+        """Run the new executions of a pull (simulated): post their `started` and `finished`."""
+        events = []
+        for work in tasks.executions:
+            if work.execution_id in self.seen:
+                continue
+            self.seen.add(work.execution_id)
+            now = time.time()
+            events += [
+                StatusEvent(event_id=str(uuid.uuid4()), execution_id=work.execution_id,
+                            computer=self.name, kind="started", at=now),
+                StatusEvent(event_id=str(uuid.uuid4()), execution_id=work.execution_id,
+                            computer=self.name, kind="finished", at=now,
+                            status="succeeded", exit_code=0),
+            ]  # fmt: skip
+        if events:
+            await self.call("POST", "/api/agent/events", EventBatch(events=events),
+                            EventAck, self.token, retries.EVENTS)  # fmt: skip
+
     async def pull(self) -> None:
         self.pulling = True
         try:
@@ -273,22 +336,7 @@ class SimAgent(asyncio.DatagramProtocol):
                 tasks = await self.pull_once()
                 if tasks is None:
                     raise RuntimeError(f"no pull answered in {GIVE_UP_S:.0f}s")
-                events = []
-                for work in tasks.executions:
-                    if work.execution_id in self.seen:
-                        continue
-                    self.seen.add(work.execution_id)
-                    now = time.time()
-                    events += [
-                        StatusEvent(event_id=str(uuid.uuid4()), execution_id=work.execution_id,
-                                    computer=self.name, kind="started", at=now),
-                        StatusEvent(event_id=str(uuid.uuid4()), execution_id=work.execution_id,
-                                    computer=self.name, kind="finished", at=now,
-                                    status="succeeded", exit_code=0),
-                    ]  # fmt: skip
-                if events:
-                    await self.call("POST", "/api/agent/events", EventBatch(events=events),
-                                    EventAck, self.token, retries.EVENTS)  # fmt: skip
+                await self.run(tasks)
                 if not self.again:
                     return
         except Exception as exc:  # a simulated agent reports and carries on
@@ -297,10 +345,11 @@ class SimAgent(asyncio.DatagramProtocol):
             self.pulling = False
 
 
-async def main(ts_url: str, net: str, indexes: list[int]) -> None:
+async def main(ts_url: str, net: str, indexes: list[int], long_poll: bool = False) -> None:
     secret = os.environ[SECRET_ENV]
     sent: Counter[int] = Counter()
-    agents = [SimAgent(sim_name(i), sim_host(net, i), ts_url, sent) for i in indexes]
+    agents = [SimAgent(sim_name(i), sim_host(net, i), ts_url, sent, cem=long_poll)
+              for i in indexes]  # fmt: skip
     sem = asyncio.Semaphore(20)
 
     async def start(a: SimAgent) -> None:
@@ -309,11 +358,15 @@ async def main(ts_url: str, net: str, indexes: list[int]) -> None:
 
     await asyncio.gather(*(start(a) for a in agents))
     print(f"ready {len(agents)}", flush=True)
+    holding = [asyncio.create_task(a.hold_long_poll()) for a in agents if long_poll]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     await stop.wait()
+    for task in holding:
+        task.cancel()
+    await asyncio.gather(*holding, return_exceptions=True)
     for a in agents:
         if a.session is not None:
             await a.session.close()
@@ -322,4 +375,4 @@ async def main(ts_url: str, net: str, indexes: list[int]) -> None:
 
 if __name__ == "__main__":
     url, net, indexes = sys.argv[1:4]
-    asyncio.run(main(url, net, [int(i) for i in indexes.split(",")]))
+    asyncio.run(main(url, net, [int(i) for i in indexes.split(",")], "--long-poll" in sys.argv))
