@@ -6,7 +6,8 @@
   S4 ingest    NS status-event ingest through the real API, 4 clients posting batches of 500
   S5 pulls     one task server serving the pulls of all its agents tickled at once
   S6 register  N agents registering; then their reconnection after a restart of every task
-               server, and the agents' and task servers' requests after an NS restart mid-run
+               server (tickled agents across a run-now; N long-polling CEM agents), and the
+               agents' and task servers' requests after an NS restart mid-run
   S7 agent     one real agent at rest: RSS and CPU over an idle minute; `tickle agent --help` time
   S8 curve     S2 at 1,000 / 2,500 / 5,000 / 10,000 agents
   longpoll     one task server holding N waiting long-polls (bench/longpoll.py), then work for all
