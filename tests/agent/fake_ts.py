@@ -189,6 +189,8 @@ class FakeTaskServer:
             await asyncio.wait_for(self.long_poll_release.wait(), self.long_poll_hold_s)
         self.long_poll_release.clear()
         call.answered_at = time.time()
+        if self.long_poll_status >= 400:  # went down while it waited: every waiting one fails
+            return web.json_response({"detail": "restarting"}, status=self.long_poll_status)
         if not self.work:
             return web.Response(status=204)
         answer = AgentTasks(
