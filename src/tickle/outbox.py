@@ -195,7 +195,7 @@ class OutboxForwarder:
                 self._metrics.outbox_depth.set(self._outbox.depth())
                 if not ids:  # the next hop refused all of them: do not spin
                     log.error("next hop accepted none of %d events; backing off", len(batch))
-                    await asyncio.sleep(self._backoff.delay(5))
+                    await asyncio.sleep(self._backoff.cap(5))
             self._metrics.outbox_depth.set(0)
             self._idle.set()
 

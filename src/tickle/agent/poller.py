@@ -10,7 +10,7 @@ When the policy says so (the NS's `long_poll` setting on, and this agent cannot 
 or tickle-unreachable) the agent also holds one long-poll open to its task server, answered as
 soon as work, a cancel or new settings arrive for it (a pull via `long_poll`). It re-arms the
 long-poll after a short random pause; after a failure, it tries again at a random moment of a
-15 s window (retries.LONG_POLL: all the agents of a restarted task server come back at an even
+20 s window (retries.LONG_POLL: all the agents of a restarted task server come back at an even
 rate, not together), never sooner than a busy task server's Retry-After; the poll timer keeps
 running under it.
 """
