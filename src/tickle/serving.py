@@ -24,17 +24,22 @@ of bad requests must not flood the log.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import dataclasses
+import functools
+import inspect
 import json
 import logging
 import resource
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine
-from typing import Any
+from typing import Annotated, Any, get_args, get_origin
 
 import pydantic_core
 import uvicorn
-from fastapi import Request, Response
+from fastapi import Request, Response, params
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -471,11 +476,24 @@ _PHRASES = {
 
 
 class JsonRoute(APIRoute):
-    """A route whose JSON body pydantic-core's parser reads: every route of the NS and the task
-    server (for event batches the standard library's parser was a tenth of the NS's ingest, this
-    one takes a third of that). A body that is not JSON gets the standard library's error, as
+    """A route of the NS and the task servers: its JSON body read by pydantic-core's parser, its
+    plain-function endpoint and dependencies run on the route threads.
+
+    JSON: for event batches the standard library's parser was a tenth of the NS's ingest, this
+    one takes a third of that. A body that is not JSON gets the standard library's error, as
     FastAPI answers it (422, JSON decode error); JSON whose strings are not Unicode (a lone
-    surrogate escape) gets pydantic-core's, also a 422."""
+    surrogate escape) gets pydantic-core's, also a 422.
+
+    Threads: FastAPI runs a plain function through starlette's threadpool (anyio), and for a
+    plain endpoint validates its answer there too: three or four trips between the event loop
+    and a thread per request, each a lock handoff under the GIL. Here the endpoint and each
+    plain dependency become coroutines that call it on `route_threads()` (one trip each), and the
+    answer is validated on the event loop, as for a coroutine endpoint. A test overriding a
+    plain dependency (`app.dependency_overrides`) must override `threaded(dependency)`.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, threaded(endpoint), **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -484,6 +502,72 @@ class JsonRoute(APIRoute):
             return await handler(_JsonRequest(request.scope, request.receive))
 
         return handle
+
+
+# as many as starlette's threadpool has (anyio's default): a plain endpoint waiting on the
+# database holds one
+ROUTE_THREADS = 40
+_route_threads: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def route_threads() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads the plain endpoints and dependencies of `JsonRoute`s run on (made on first
+    use, one set per process)."""
+    if not _route_threads:
+        _route_threads.append(
+            concurrent.futures.ThreadPoolExecutor(ROUTE_THREADS, thread_name_prefix="tickle-route")
+        )
+    return _route_threads[0]
+
+
+@functools.cache
+def threaded(call: Callable[..., Any]) -> Callable[..., Any]:
+    """`call` as FastAPI should call it on a `JsonRoute`: a plain function becomes a coroutine
+    function running it on `route_threads()` (in a copy of the caller's context, as starlette
+    does), with the same signature but for its plain dependencies, `threaded` in turn. Anything
+    else (a coroutine or generator function, a class, a callable object) is `call` itself.
+
+    One wrapper per function, so that FastAPI still calls a dependency once per request."""
+    if not inspect.isfunction(call) or (
+        inspect.iscoroutinefunction(call)
+        or inspect.isgeneratorfunction(call)
+        or inspect.isasyncgenfunction(call)
+    ):
+        return call
+    try:
+        signature = inspect.signature(call, eval_str=True)
+    except NameError:  # an annotation only for the type checker: left to FastAPI as it is
+        return call
+
+    async def on_route_thread(*args: Any, **kwargs: Any) -> Any:
+        run = functools.partial(contextvars.copy_context().run, call, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(route_threads(), run)
+
+    functools.update_wrapper(on_route_thread, call)
+    on_route_thread.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[_threaded_dependencies(p) for p in signature.parameters.values()]
+    )
+    return on_route_thread
+
+
+def _threaded_dependencies(param: inspect.Parameter) -> inspect.Parameter:
+    """`param`, its dependency (`Depends(f)` as default or in `Annotated`) `threaded`."""
+    if isinstance(param.default, params.Depends):
+        param = param.replace(default=_threaded_depends(param.default))
+    if get_origin(param.annotation) is Annotated:
+        kind, *metadata = get_args(param.annotation)
+        metadata = [_threaded_depends(m) if isinstance(m, params.Depends) else m for m in metadata]
+        param = param.replace(annotation=Annotated[(kind, *metadata)])
+    return param
+
+
+def _threaded_depends(depends: params.Depends) -> params.Depends:
+    if depends.dependency is None:  # the annotated class itself: left to FastAPI
+        return depends
+    dependency = threaded(depends.dependency)
+    if dependency is depends.dependency:
+        return depends
+    return dataclasses.replace(depends, dependency=dependency)
 
 
 class _JsonRequest(Request):
