@@ -35,7 +35,7 @@ import logging
 import resource
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 import pydantic_core
 import uvicorn
@@ -50,6 +50,7 @@ from tickle.config import ApiServerSettings
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # descriptors kept for what is not an API connection: databases, sockets to peers, logs
 FD_RESERVE = 256
@@ -622,16 +623,24 @@ class BodyLimits:
         self.metrics = metrics
         self.registrations = frozenset(registrations)
         self.known_token = known_token
+        self.small = limits.max_registration_body_bytes  # what any request may send
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared, streamed = _body_framing(scope)
+        if not streamed and (declared is None or declared <= self.small):
+            # no body, or one the parser stops at its declared length: within every limit
+            await self.app(scope, receive, send)
+            return
         allowance = _Allowance(self, scope)
-        declared = _content_length(scope)
         refused = await allowance.refusal(declared) if declared is not None else None
         if refused is not None:
             await self._refuse(send, *refused)
+            return
+        if not streamed:  # a declared length within the limit: the body cannot outgrow it
+            await self.app(scope, receive, send)
             return
         received = 0
         answered = False
@@ -708,12 +717,18 @@ class _Allowance:
         return None
 
 
-def _content_length(scope: Scope) -> int | None:
+def _body_framing(scope: Scope) -> tuple[int | None, bool]:
+    """The request's declared body length (Content-Length), and whether its body is streamed
+    without one (Transfer-Encoding): the parser refuses a request with both."""
+    declared: int | None = None
+    streamed = False
     for name, value in scope["headers"]:
-        if name == b"content-length":
+        if name == b"content-length" and declared is None:
             with contextlib.suppress(ValueError):
-                return int(value)
-    return None
+                declared = int(value)
+        elif name == b"transfer-encoding":
+            streamed = True
+    return declared, streamed
 
 
 def _bearer_token(scope: Scope) -> str | None:
@@ -749,9 +764,8 @@ class ClockHeaders:
 
         async def send_with_time(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((_TIME_HEADER, header_value(time.time()).encode()))
-                message = {**message, "headers": headers}
+                now = (_TIME_HEADER, header_value(time.time()).encode())
+                message["headers"] = [*message.get("headers", ()), now]
             await send(message)
 
         await self.app(scope, receive, send_with_time)
@@ -761,3 +775,13 @@ def arrived_at(state: Any) -> float:
     """When the request whose `request.state` this is arrived (now, without `ClockHeaders`)."""
     at = getattr(state, ARRIVED_AT, None)
     return at if isinstance(at, float) else time.time()
+
+
+def run_server(main: Coroutine[Any, Any, T]) -> T:
+    """Run a server's `main` to its end on uvloop, the event loop uvicorn itself would pick
+    (asyncio's own where uvloop is not installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
