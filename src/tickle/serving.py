@@ -17,6 +17,10 @@ the component's `ApiServerSettings`:
 - `ClockHeaders`, ASGI middleware noting when each request arrived (the peer's clock offset is
   measured against it) and putting the server's time on every answer (`X-Tickle-Time`).
 
+Beside the limits: `JsonRoute`, the route class of every API route (pydantic-core's JSON parser,
+plain endpoints and dependencies on the route threads, one trip each), and `run_server`, the
+servers' event loop start (uvloop).
+
 Every refusal is counted in `tickle_http_refused` by reason, and not logged one by one: a flood
 of bad requests must not flood the log.
 """
