@@ -36,7 +36,7 @@ from tickle.logs import setup_logging
 from tickle.messages import TaskServerCredentials, TaskServerRegister
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
-from tickle.serving import ServingConfig
+from tickle.serving import ServingConfig, run_server
 from tickle.statedir import make_private
 from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
@@ -85,7 +85,7 @@ def main(args: list[str]) -> int:
         print(f"tickle task-server: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(run(settings))
+        return run_server(run(settings))
     except KeyboardInterrupt:
         return 0
 
