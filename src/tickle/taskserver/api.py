@@ -111,17 +111,11 @@ def _state_getter(name: str, kind: type[T]) -> Callable[[Request], Awaitable[T]]
     return get
 
 
-get_store = _state_getter("store", Store)
 get_metrics = _state_getter("metrics", ComponentMetrics)
 get_enrollment = _state_getter("enrollment", Enrollment)
-get_agent_pulls = _state_getter("agent_pulls", AgentPulls)
-get_work_cache = _state_getter("work_cache", WorkCache)
 
-StoreDep = Annotated[Store, Depends(get_store)]
 MetricsDep = Annotated[ComponentMetrics, Depends(get_metrics)]
 EnrollmentDep = Annotated[Enrollment, Depends(get_enrollment)]
-AgentPullsDep = Annotated[AgentPulls, Depends(get_agent_pulls)]
-WorkCacheDep = Annotated[WorkCache, Depends(get_work_cache)]
 _bearer = HTTPBearer(
     auto_error=False,
     scheme_name="AgentToken",
@@ -131,14 +125,16 @@ _bearer = HTTPBearer(
 
 async def current_agent(
     request: Request,
-    store: StoreDep,
     auth: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Client:
     """The registered agent whose token is in the Authorization header, else 401.
 
-    The time the agent sent along (`X-Tickle-Time`) is a sample of its clock's offset.
+    The time the agent sent along (`X-Tickle-Time`) is a sample of its clock's offset. The
+    agents' routes depend on this alone and take their services from the app's state: each
+    dependency costs FastAPI work on every request, and these routes serve every agent.
     """
     if auth is not None:
+        store: Store = request.app.state.store
         client = store.client_by_token(_token_sha256(auth.credentials))
         if client is not None:
             _measure_clock(request, client)
@@ -192,7 +188,6 @@ pull_routes = APIRouter(tags=["pulls"], route_class=JsonRoute)
 async def tasks(
     agent: AgentDep,
     request: Request,
-    agent_pulls: AgentPullsDep,
     via: Annotated[
         PullVia,
         Query(
@@ -204,7 +199,7 @@ async def tasks(
     settings_version: SettingsVersionQuery = None,
 ) -> AgentTasks:
     """The agent's pull: its unfinished executions from the cache, and its policy."""
-    return await agent_pulls.tasks(agent, via, _peer(request), settings_version)
+    return await _agent_pulls(request).tasks(agent, via, _peer(request), settings_version)
 
 
 @pull_routes.get(
@@ -220,21 +215,22 @@ async def tasks(
 async def wait_for_tasks(
     agent: AgentDep,
     request: Request,
-    agent_pulls: AgentPullsDep,
     settings_version: SettingsVersionQuery = None,
 ) -> AgentTasks | Response:
     """The pull of an agent that cannot be tickled (CEM, or tickle-unreachable), when the NS's
     `long_poll` setting is on: answered as soon as work, a cancel or new settings arrive for
     it (as `GET /api/agent/tasks` answers, via `long_poll`), or 204 after the long-poll timeout
     of its policy. A newer long-poll of the same agent ends this one (204)."""
-    answer = await agent_pulls.long_poll(agent, _peer(request), settings_version, request.receive)
+    answer = await _agent_pulls(request).long_poll(
+        agent, _peer(request), settings_version, request.receive
+    )
     return Response(status_code=204) if answer is None else answer
 
 
 @pull_routes.get("/api/agent/policy", response_model=AgentPolicy, summary="Read the policy")
 async def policy(
     agent: AgentDep,
-    agent_pulls: AgentPullsDep,
+    request: Request,
     via: Annotated[
         PolicyVia,
         Query(
@@ -245,7 +241,7 @@ async def policy(
     settings_version: SettingsVersionQuery = None,
 ) -> AgentPolicy:
     """The agent's configuration policy; it never carries tasks."""
-    return agent_pulls.policy(agent, via, settings_version)
+    return _agent_pulls(request).policy(agent, via, settings_version)
 
 
 event_routes = APIRouter(tags=["events"], route_class=JsonRoute)
@@ -255,8 +251,7 @@ event_routes = APIRouter(tags=["events"], route_class=JsonRoute)
 async def events(
     batch: EventBatch,
     agent: AgentDep,
-    work_cache: WorkCacheDep,
-    agent_pulls: AgentPullsDep,
+    request: Request,
     settings_version: SettingsVersionQuery = None,
 ) -> EventAck:
     """Cache the agent's status events durably, then forward them to the NS.
@@ -265,8 +260,14 @@ async def events(
     the NS no longer lists it) is accepted and left to the NS, which records it only for the
     execution's computer; one cached for another computer is refused.
     """
-    agent_pulls.contact(agent, settings_version)
+    _agent_pulls(request).contact(agent, settings_version)
+    work_cache: WorkCache = request.app.state.work_cache
     return EventAck(accepted=await work_cache.take_events(agent.name, batch.events))
+
+
+def _agent_pulls(request: Request) -> AgentPulls:
+    pulls: AgentPulls = request.app.state.agent_pulls
+    return pulls
 
 
 def _measure_clock(request: Request, client: Client) -> None:
