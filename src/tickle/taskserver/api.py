@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import Scope
 
@@ -35,7 +35,8 @@ from tickle.serving import BodyLimits, ClockHeaders, JsonRoute, arrived_at
 from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.enrollment import Enrollment
-from tickle.taskserver.refusal import Refused
+from tickle.taskserver.fast_path import AgentFastPath
+from tickle.taskserver.refusal import Refused, refusal_response
 from tickle.taskserver.store import Client, Store
 from tickle.taskserver.work_cache import WorkCache
 
@@ -83,6 +84,14 @@ def create_app(
     async def known_token(token: str, _scope: Scope) -> bool:
         return store.client_by_token(_token_sha256(token)) is not None
 
+    # innermost: the limits and the clock headers below apply to what it serves too
+    app.add_middleware(
+        AgentFastPath,
+        store=store,
+        agent_pulls=agent_pulls,
+        work_cache=work_cache,
+        agent_clocks=agent_clocks,
+    )
     # a registration's body is held to max_registration_body_bytes, and so is any body without
     # an agent's token
     app.add_middleware(
@@ -272,10 +281,9 @@ def _agent_pulls(request: Request) -> AgentPulls:
 
 def _measure_clock(request: Request, client: Client) -> None:
     clocks: AgentClocks | None = request.app.state.agent_clocks
-    arrived = arrived_at(request.state)
-    theirs = clock.parse_header(request.headers.get(clock.TIME_HEADER), arrived)
-    if clocks is not None and theirs is not None:
-        clocks.sample(client.name, theirs, arrived, tickled=not client.cem)
+    if clocks is not None:
+        header = request.headers.get(clock.TIME_HEADER)
+        clocks.sample_header(client.name, header, arrived_at(request.state), client.cem)
 
 
 def _token_sha256(token: str) -> str:
@@ -288,5 +296,4 @@ def _peer(request: Request) -> str | None:
 
 async def _refused(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Refused)  # registered for Refused only
-    retry = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=retry)
+    return refusal_response(exc)

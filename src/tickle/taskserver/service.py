@@ -179,6 +179,7 @@ class TaskServer:
         self.api_port = 0
         self._api_socket: socket.socket | None = None
         self._api: _Server | None = None
+        self.api: FastAPI | None = None  # the agent API app being served
         self._api_task: asyncio.Task[None] | None = None
         self._started = False
 
@@ -352,7 +353,7 @@ class TaskServer:
         )
 
     async def _start_api(self) -> None:
-        app = self.api_app()
+        app = self.api = self.api_app()
         config = ServingConfig(
             app, self.settings, self.metrics, long_poll_paths=[LONG_POLL],
             max_long_polls=self.settings.max_long_polls,
