@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from tests.shared.conftest import serving
 from tickle.backoff import Backoff
 from tickle.http import ApiError, client_session, request
 from tickle.metrics import ComponentMetrics
@@ -20,14 +21,8 @@ async def busy_server() -> AsyncIterator[str]:
     async def busy(_: web.Request) -> web.Response:
         return web.json_response({"detail": "busy"}, status=503, headers={"Retry-After": "2"})
 
-    app = web.Application()
-    app.router.add_get("/busy", busy)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with serving({"/busy": busy}) as url:
+        yield url
 
 
 async def test_a_busy_answer_carries_its_retry_after(busy_server: str) -> None:

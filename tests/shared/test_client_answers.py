@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from tests.shared.conftest import serving
 from tickle import http
 
 
@@ -27,16 +28,8 @@ async def server() -> AsyncIterator[str]:
     async def wrong(_: web.Request) -> web.Response:
         return web.json_response({"name": 1})
 
-    app = web.Application()
-    app.router.add_get("/one", one)
-    app.router.add_get("/many", many)
-    app.router.add_get("/wrong", wrong)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with serving({"/one": one, "/many": many, "/wrong": wrong}) as url:
+        yield url
 
 
 async def test_answers_are_read_into_the_type_asked_for(server: str) -> None:

@@ -91,6 +91,7 @@ class FakeNs:
     # answers (status, detail) to the next task server registrations, before one is accepted
     refusals: list[tuple[int, str]] = field(default_factory=list)
     refused: list[TaskServerRegister] = field(default_factory=list)
+    refusal_retry_after_s: int | None = None  # a Retry-After on those refusals
     agent_registrations: list[AgentRegistration] = field(default_factory=list)
     work_delay_s: float = 0.0
     refuse_executions: set[int] = field(default_factory=set)  # events answered with 403
@@ -167,7 +168,9 @@ class FakeNs:
         if self.refusals:
             self.refused.append(body)
             status, detail = self.refusals.pop(0)
-            return web.json_response({"detail": detail}, status=status)
+            retry = self.refusal_retry_after_s
+            headers = {} if retry is None else {"Retry-After": str(retry)}
+            return web.json_response({"detail": detail}, status=status, headers=headers)
         self.registrations.append(body)
         creds = TaskServerCredentials(
             name=body.name,

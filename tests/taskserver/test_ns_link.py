@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 
 import pytest
@@ -205,6 +206,26 @@ async def test_start_gives_up_clearly_when_the_ns_stays_unreachable(
     harness.overrides["ns_wait_s"] = 1.5
     with pytest.raises(StartupError, match="unreachable"):
         await harness.start()
+
+
+async def test_start_waits_what_a_busy_ns_said_in_retry_after_before_asking_again(
+    harness: TaskServerHarness, fake_ns: FakeNs, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_ns.refusals = [(503, "starting up")]
+    fake_ns.refusal_retry_after_s = 1
+    with caplog.at_level(logging.WARNING, logger="tickle.taskserver.service"):
+        await harness.start()
+
+    assert len(fake_ns.refused) == 1
+    assert len(fake_ns.registrations) == 1
+    waits = [
+        float(m.group(1))
+        for r in caplog.records
+        if (m := re.search(r"retry 1 in ([0-9.]+)s", r.getMessage()))
+    ]
+    # Retry-After, plus this try's share of the spread (full jitter over [0, 0.5 s])
+    assert len(waits) == 1
+    assert 1.0 <= waits[0] <= 1.5
 
 
 async def test_an_event_the_ns_refuses_for_good_does_not_block_the_others(

@@ -31,7 +31,7 @@ from tickle import wire
 from tickle.backoff import Backoff
 from tickle.clock import ClockWarning
 from tickle.config import ConfigError, check_config, load_settings
-from tickle.http import ApiError
+from tickle.http import ApiError, retry_after_s
 from tickle.listening import TickleListener
 from tickle.logs import setup_logging
 from tickle.messages import TaskServerCredentials, TaskServerRegister
@@ -280,7 +280,8 @@ class TaskServer:
     async def _register_when_admitted(self) -> TaskServerCredentials:
         """Register, asking again with capped backoff while the NS does not admit us: awaiting an
         operator's approval, rejected, or our name held by another identity (until re-keyed)."""
-        backoff = Backoff(base_s=1.0, max_s=60.0, tries=None)
+        # full jitter: task servers an NS refused together do not come back together
+        backoff = Backoff(base_s=1.0, max_s=60.0, tries=None, full_jitter=True)
         attempt = 0
         while True:
             try:
@@ -325,8 +326,10 @@ class TaskServer:
         self.ns.use_credentials(creds, self._register)
 
     async def _until_ns_answers(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Retry `call` with capped backoff while the NS is unreachable, for `ns_wait_s`."""
-        backoff = Backoff(base_s=0.5, max_s=10.0, tries=None)
+        """Retry `call` with capped backoff while the NS is unreachable, for `ns_wait_s`: after
+        the NS's Retry-After when it said one, spread by full jitter (every task server of a site
+        restarted with its NS would otherwise come back in step)."""
+        backoff = Backoff(base_s=0.5, max_s=10.0, tries=None, full_jitter=True)
         limit = self.settings.ns_wait_s
         deadline = time.monotonic() + limit if limit else None
         attempt = 0
@@ -343,7 +346,7 @@ class TaskServer:
             except (aiohttp.ClientError, TimeoutError, ApiError) as exc:
                 if isinstance(exc, ApiError) and exc.status < 500 and exc.status != 429:
                     raise StartupError(f"{what}: the NS answered {exc}") from None
-                delay = backoff.delay(attempt)
+                delay = backoff.wait(attempt, retry_after_s(exc))
                 attempt += 1
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise StartupError(
