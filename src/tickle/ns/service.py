@@ -21,7 +21,7 @@ from tickle.ns.api import create_app
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
 from tickle.ns.tickle_server import TickleServer
-from tickle.serving import ServingConfig, run_server
+from tickle.serving import ServingConfig, run_server, settle_gc
 from tickle.statedir import make_private
 
 log = logging.getLogger("tickle.ns")
@@ -108,6 +108,7 @@ async def serve(settings: NsSettings, stop: asyncio.Event | None = None) -> int:
                 _token_source(settings),
                 stores.database.engine.url.render_as_string(hide_password=True),
             )
+            settle_gc()  # the app, its routes and the database engine are built
             await server.serve()
         finally:
             if watcher is not None:

@@ -13,7 +13,6 @@ import base64
 import binascii
 import contextlib
 import functools
-import gc
 import logging
 import signal
 import socket
@@ -37,7 +36,7 @@ from tickle.logs import setup_logging
 from tickle.messages import TaskServerCredentials, TaskServerRegister
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
-from tickle.serving import ServingConfig, run_server
+from tickle.serving import ServingConfig, run_server, settle_gc
 from tickle.statedir import make_private
 from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
@@ -58,8 +57,6 @@ T = TypeVar("T")
 # status events per post to the NS: the NS records a post in one transaction, so fewer, larger
 # posts cost it less per event (the NS splits nothing: a batch over its body limit is split here)
 FORWARD_BATCH = 500
-# the cyclic garbage collector's thresholds once started (Python's: 2,000, 10, 10): see settle_gc
-GC_THRESHOLD = (50_000, 20, 10)
 
 
 class StartupError(Exception):
@@ -124,19 +121,6 @@ async def run(settings: TaskServerSettings) -> int:
         await server.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-
-
-def settle_gc() -> None:
-    """Once started: what start-up made (modules, the app, its schemas) is kept out of the cyclic
-    garbage collector's passes, and a pass comes every `GC_THRESHOLD` new objects, not 2,000.
-
-    A run-now on thousands of agents makes objects by the million (requests, events, tickle
-    flights): with Python's defaults the collector took a third of the task server's CPU in S5
-    (gc.callbacks), mostly full passes over everything start-up made.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLD)
 
 
 class TaskServer:

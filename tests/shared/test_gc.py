@@ -1,5 +1,6 @@
-"""Once started, the task server keeps what start-up made out of the garbage collector's passes
-and runs them less often (S5: with Python's defaults they took a third of its CPU)."""
+"""Once started, the NS and the task servers keep what start-up made out of the garbage
+collector's passes and run them less often (S5: with Python's defaults they took a third of the
+task server's CPU)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 CHECK = """
 import gc
-from tickle.taskserver.service import GC_THRESHOLD, settle_gc
+from tickle.serving import GC_THRESHOLD, settle_gc
 before = gc.get_freeze_count()
 settle_gc()
 print(before, gc.get_freeze_count() > before, gc.get_threshold() == GC_THRESHOLD)
