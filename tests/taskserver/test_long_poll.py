@@ -152,6 +152,49 @@ async def test_a_tickle_unreachable_agent_long_polls_and_a_reachable_one_does_no
     assert (status, [e["execution_id"] for e in body["executions"]]) == (200, [1])
 
 
+async def _unreachable_agent(h: TaskServerHarness, name: str) -> Agent:
+    """An agent with work whose tickles it never answers: declared tickle-unreachable."""
+    agent = await h.register_agent(name)
+    h.ns.work = [work_for(1, name)]
+    h.send_tickle(h.ns.tickle())
+    await wait_until(lambda: name in h.running.agents.unreachable, what=f"{name} unreachable")
+    return agent
+
+
+async def _restart(h: TaskServerHarness) -> None:
+    h.pin_ports()
+    await h.stop()
+    await h.start()
+
+
+async def test_a_tickle_unreachable_agent_still_long_polls_after_a_task_server_restart(
+    long_polling: TaskServerHarness,
+) -> None:
+    # what the task server learnt (and told the NS) survives it: after a restart the agent
+    # behind a firewall is not left polling every 30 minutes until a new tickle goes unanswered
+    h = long_polling
+    agent = await _unreachable_agent(h, "pc1")
+    await _restart(h)
+
+    assert "pc1" in h.running.agents.unreachable
+    status, body = await h.call(agent, "GET", "/api/agent/policy")
+    assert (status, body["long_poll"]) == (200, True)
+
+
+async def test_an_agent_that_pulls_after_a_tickle_is_tickle_reachable_again_for_good(
+    long_polling: TaskServerHarness,
+) -> None:
+    h = long_polling
+    agent = await _unreachable_agent(h, "pc1")
+    await h.cache_work(work_for(1, "pc1"), work_for(2, "pc1"))  # work 2 is tickled
+    pulled = await h.call(agent, "GET", "/api/agent/tasks", params={"via": "tickle"})
+    assert pulled[0] == 200  # the pull answers the tickle
+    await wait_until(lambda: "pc1" not in h.running.agents.unreachable, what="pc1 reachable")
+    await _restart(h)
+
+    assert "pc1" not in h.running.agents.unreachable
+
+
 async def test_long_polls_wait_beside_the_connection_cap_and_health_still_answers(
     fake_ns: FakeNs, harness: TaskServerHarness
 ) -> None:

@@ -15,6 +15,12 @@ def _client(name: str, token: str) -> Client:
                   tickle_port=50124, cem=False)  # fmt: skip
 
 
+def _info(name: str, token: str) -> ClientInfo:
+    """The NS's record of an agent of this task server."""
+    return ClientInfo(name=name, token_sha256=token, tickle_key="a2V5", tickle_host="127.0.0.1",
+                      tickle_port=50124, cem=False)  # fmt: skip
+
+
 def _answers(store: Store) -> dict[str, object]:
     """Everything the store answers an agent's requests from."""
     return {
@@ -83,3 +89,20 @@ def test_the_clients_from_the_ns_replace_the_held_ones(tmp_path: Path) -> None:
     assert pc2 is not None
     assert (pc2.cem, pc2.observed_address) == (True, "192.0.2.9")
     store.close()
+
+
+def test_unreachable_agents_are_kept_until_reachable_or_gone(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for name, token in (("pc1", "t1"), ("pc2", "t2"), ("pc3", "t3"), ("pc4", "t4")):
+        store.save_client(_client(name, token))
+        store.set_unreachable(name, True)
+    store.set_unreachable("pc1", False)  # it answered a tickle
+    store.remove_clients(["pc2"])  # forgotten by the operator
+    # pc3 is no longer the NS's client of this task server
+    store.replace_clients([_info("pc4", "t4"), _info("pc1", "t1")])
+    assert set(store.unreachable) == {"pc4"}
+    store.close()
+
+    reopened = Store(tmp_path)
+    assert set(reopened.unreachable) == {"pc4"}
+    reopened.close()

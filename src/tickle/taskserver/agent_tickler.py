@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from collections.abc import Set as AbstractSet
 
 from tickle import wire
 from tickle.backoff import Backoff
@@ -44,8 +45,6 @@ class AgentTickler:
     ) -> None:
         self._store = store
         self.long_polls = long_polls
-        # the agents declared tickle-unreachable since we started (their policy may long-poll)
-        self.unreachable: set[str] = set()
         self._clocks = clocks
         self._work_cache = work_cache
         self._reporter = reporter
@@ -60,6 +59,12 @@ class AgentTickler:
             on_sent=self.on_sent,
             rate=rate,
         )
+
+    @property
+    def unreachable(self) -> AbstractSet[str]:
+        """The agents declared tickle-unreachable (their policy may long-poll), kept in the store
+        across restarts until one answers a tickle."""
+        return self._store.unreachable
 
     async def start(self) -> None:
         await self.tickler.start()
@@ -122,7 +127,7 @@ class AgentTickler:
             await self._work_cache.tickled(name, first_sent)
 
     def on_unreachable(self, name: str) -> None:
-        self.unreachable.add(name)
+        self._store.set_unreachable(name, True)
         if self._clocks is not None and self._clocks.skewed(name):
             offset = self._clocks.offset(name) or 0.0
             log.warning(
@@ -135,5 +140,5 @@ class AgentTickler:
         self._reporter.tickle_state(name, "unreachable")
 
     def on_reachable(self, name: str) -> None:
-        self.unreachable.discard(name)
+        self._store.set_unreachable(name, False)
         self._reporter.tickle_state(name, "reachable")

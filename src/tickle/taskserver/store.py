@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,6 +46,8 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS settings (id INTEGER PRIMARY KEY CHECK (id = 1), body TEXT)",
     # executions the NS says were cancelled: never handed out again, the cancel handed instead
     "CREATE TABLE IF NOT EXISTS cancels (execution_id INTEGER PRIMARY KEY, at REAL NOT NULL)",
+    # agents whose tickles went unanswered (their policy may long-poll), until one is answered
+    "CREATE TABLE IF NOT EXISTS unreachable (name TEXT PRIMARY KEY)",
 )
 
 
@@ -89,6 +92,7 @@ class Store:
         self.cancelled: frozenset[int] = frozenset(
             int(r[0]) for r in self._db.execute("SELECT execution_id FROM cancels")
         )
+        self._unreachable = {str(r[0]) for r in self._db.execute("SELECT name FROM unreachable")}
         self._by_name: dict[str, Client] = {}
         self._by_token: dict[str, Client] = {}
         self._load_clients()
@@ -167,6 +171,7 @@ class Store:
             for (name,) in self._db.execute("SELECT name FROM clients").fetchall():
                 if name not in keep:
                     self._db.execute("DELETE FROM clients WHERE name = ?", (name,))
+                    self._db.execute("DELETE FROM unreachable WHERE name = ?", (name,))
             for c in infos:
                 self._db.execute(
                     "INSERT INTO clients (name, token_sha256, tickle_key, tickle_host,"
@@ -176,6 +181,7 @@ class Store:
                     " tickle_port = excluded.tickle_port, cem = excluded.cem",
                     (c.name, c.token_sha256, c.tickle_key, c.tickle_host, c.tickle_port, c.cem),
                 )
+        self._unreachable &= keep
         self._load_clients()
 
     def remove_clients(self, names: Iterable[str]) -> None:
@@ -183,6 +189,8 @@ class Store:
         names = list(names)
         with localdb.transaction(self._db):
             self._db.executemany("DELETE FROM clients WHERE name = ?", [(n,) for n in names])
+            self._db.executemany("DELETE FROM unreachable WHERE name = ?", [(n,) for n in names])
+        self._unreachable.difference_update(names)
         for name in names:
             old = self._by_name.pop(name, None)
             if old is not None:
@@ -196,6 +204,25 @@ class Store:
 
     def clients(self) -> list[Client]:
         return sorted(self._by_name.values(), key=lambda c: c.name)
+
+    @property
+    def unreachable(self) -> AbstractSet[str]:
+        """The agents declared tickle-unreachable, and not answered a tickle since (kept across
+        restarts: an agent behind a firewall keeps its long-poll). Read on every pull: no copy."""
+        return self._unreachable
+
+    def set_unreachable(self, name: str, unreachable: bool) -> None:
+        """Note whether `name`'s last tickle went unanswered (written only when it changes)."""
+        if unreachable == (name in self._unreachable):
+            return
+        if unreachable:
+            self._db.execute("INSERT OR IGNORE INTO unreachable (name) VALUES (?)", (name,))
+        else:
+            self._db.execute("DELETE FROM unreachable WHERE name = ?", (name,))
+        if unreachable:
+            self._unreachable.add(name)
+        else:
+            self._unreachable.discard(name)
 
     def set_observed_address(self, name: str, address: str) -> None:
         self._db.execute("UPDATE clients SET observed_address = ? WHERE name = ?", (address, name))
