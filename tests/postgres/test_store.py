@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
+from tests.ns.test_delivery_store import check_run_now_answers_the_run_as_read_back
 from tickle import messages as m
 from tickle.ns.credentials import Caller, token_sha256
 from tickle.ns.stores import Stores
@@ -211,3 +212,10 @@ def test_same_new_task_server_registered_at_once_by_two_processes_gets_credentia
     assert holder is not None
     assert holder.name == "ts-new"
     assert b.inventory.caller_for(token_sha256(from_b.token)) is None
+
+
+def test_run_now_answers_the_run_as_read_back_on_postgresql(
+    stores: tuple[Stores, Stores],
+) -> None:
+    # PostgreSQL's run now inserts its executions from an array of computers (`stores.bulk`)
+    check_run_now_answers_the_run_as_read_back(stores[0])

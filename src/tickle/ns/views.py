@@ -78,6 +78,30 @@ def execution_out(ex: Execution) -> m.ExecutionOut:
     )
 
 
+def new_execution_out(
+    execution_id: int,
+    run_id: int,
+    computer: str,
+    task_server: str | None,
+    created_at: float,
+    expires_at: float | None,
+) -> m.ExecutionOut:
+    """`execution_out` of an execution just created (pending, only its creation timed: no step
+    to correct), without its row."""
+    return m.ExecutionOut(
+        id=execution_id,
+        run_id=run_id,
+        computer=computer,
+        task_server=task_server,
+        status="pending",
+        timeline=[
+            m.TimelineStep(step=step, at=created_at if step == "created" else None)
+            for step in m.TIMELINE_STEPS
+        ],
+        expires_at=expires_at,
+    )
+
+
 def execution_work(ex: Execution) -> m.ExecutionWork:
     """The job information a task server pulls for one execution."""
     return m.ExecutionWork(
