@@ -102,14 +102,15 @@ def new_execution_out(
     )
 
 
-def execution_work(ex: Execution) -> m.ExecutionWork:
-    """The job information a task server pulls for one execution."""
+def execution_work(row: Any) -> m.ExecutionWork:
+    """The job information a task server pulls for one execution (a Core row: id, kind, steps,
+    expires_at, and its computer's name)."""
     return m.ExecutionWork(
-        execution_id=ex.id,
-        computer=ex.computer.name,
-        kind="job" if ex.kind == "job" else "task",
-        steps=[m.TaskSpec.model_validate(step) for step in ex.steps],
-        expires_at=ex.expires_at,
+        execution_id=row.id,
+        computer=row.name,
+        kind="job" if row.kind == "job" else "task",
+        steps=[m.TaskSpec.model_validate(step) for step in row.steps],
+        expires_at=row.expires_at,
     )
 
 
