@@ -25,20 +25,19 @@ def stores(tmp_path: Path) -> Iterator[Stores]:
         stores.close()
 
 
+def task_server(stores: Stores, name: str = "ts1") -> Caller:
+    """A task server registered in `stores`, as it calls the NS."""
+    reg = m.TaskServerRegister(enrollment_secret="x" * 16, name=name, tickle_host="127.0.0.1",
+                               tickle_port=9, api_url="http://127.0.0.1:9")  # fmt: skip
+    creds = stores.inventory.register_task_server(reg, "ns")
+    caller = stores.inventory.caller_for(token_sha256(creds.token))
+    assert caller is not None
+    return caller
+
+
 def fleet(stores: Stores, computers: int = 4) -> Caller:
     """A task server with `computers` clients c0.. (the even ones in group "even")."""
-    creds = stores.inventory.register_task_server(
-        m.TaskServerRegister(
-            enrollment_secret="x" * 16,
-            name="ts1",
-            tickle_host="127.0.0.1",
-            tickle_port=9,
-            api_url="http://127.0.0.1:9",
-        ),
-        "ns",
-    )
-    ts = stores.inventory.caller_for(token_sha256(creds.token))
-    assert ts is not None
+    ts = task_server(stores)
     for i in range(computers):
         groups = ["even"] if i % 2 == 0 else []
         stores.inventory.register_agent(ts, m.AgentRegistration(name=f"c{i}", groups=groups))
