@@ -83,23 +83,29 @@ def new_execution_out(
     run_id: int,
     computer: str,
     task_server: str | None,
-    created_at: float,
+    timeline: list[m.TimelineStep],
     expires_at: float | None,
 ) -> m.ExecutionOut:
-    """`execution_out` of an execution just created (pending, only its creation timed: no step
-    to correct), without its row."""
+    """`execution_out` of an execution just created (pending, its `new_timeline`), without its
+    row."""
     return m.ExecutionOut(
         id=execution_id,
         run_id=run_id,
         computer=computer,
         task_server=task_server,
         status="pending",
-        timeline=[
-            m.TimelineStep(step=step, at=created_at if step == "created" else None)
-            for step in m.TIMELINE_STEPS
-        ],
+        timeline=timeline,
         expires_at=expires_at,
     )
+
+
+def new_timeline(created_at: float) -> list[m.TimelineStep]:
+    """The timeline of an execution just created: only its creation timed (no step to correct);
+    the same steps for every execution of a run (shared: the messages are not changed)."""
+    return [
+        m.TimelineStep(step=step, at=created_at if step == "created" else None)
+        for step in m.TIMELINE_STEPS
+    ]
 
 
 def execution_work(row: Any) -> m.ExecutionWork:

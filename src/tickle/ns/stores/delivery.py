@@ -166,6 +166,7 @@ class DeliveryStore:
                     [execution | {"computer_id": computer_id} for computer_id in by_computer],
                 ).all()
             made = sorted((int(row[0]), int(row[1])) for row in rows)  # a run's order: by id
+            timeline = views.new_timeline(now)
             return m.RunOut(
                 id=run_id,
                 created_at=now,
@@ -179,7 +180,7 @@ class DeliveryStore:
                         run_id,
                         by_computer[computer_id].name,
                         by_computer[computer_id].task_server,
-                        now,
+                        timeline,
                         expires_at,
                     )
                     for execution_id, computer_id in made
