@@ -303,6 +303,15 @@ class DeliveryStore:
             ).all()
             # the ids read, not a condition: an execution committed since was not given here
             unpulled = [row.id for row in rows if row.ts_pulled_at is None]
+            if unpulled and postgresql:
+                # lock them in id order first, as `_record` does: an UPDATE of many rows locks
+                # them in its scan's order, and two pulls (two NS processes) could deadlock
+                conn.execute(
+                    select(_EXECUTIONS.c.id)
+                    .where(_id_among(_EXECUTIONS.c.id, unpulled, postgresql))
+                    .order_by(_EXECUTIONS.c.id)
+                    .with_for_update()
+                ).all()
             if unpulled:
                 conn.execute(
                     update(_EXECUTIONS)
