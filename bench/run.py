@@ -5,7 +5,9 @@
   S3 fleet     the same, NS on PostgreSQL with 2 NS API processes (needs PostgreSQL's binaries)
   S4 ingest    NS status-event ingest through the real API, 4 clients posting batches of 500
   S5 pulls     one task server serving the pulls of all its agents tickled at once
-  S6 register  N agents registering; then their reconnection after a task-server restart
+  S6 register  N agents registering; then their reconnection after a restart of every task
+               server (tickled agents across a run-now; N long-polling CEM agents), and the
+               agents' and task servers' requests after an NS restart mid-run
   S7 agent     one real agent at rest: RSS and CPU over an idle minute; `tickle agent --help` time
   S8 curve     S2 at 1,000 / 2,500 / 5,000 / 10,000 agents
   longpoll     one task server holding N waiting long-polls (bench/longpoll.py), then work for all
@@ -53,12 +55,13 @@ from tickle.messages import (
     EventBatch,
     ExecutionOut,
     RunCreate,
+    SettingsUpdate,
     StatusEvent,
     TaskCreate,
     TaskServerCredentials,
     TaskServerRegister,
 )
-from tickle.testing.localfleet import AgentSpec, LocalFleet, scrape_metric
+from tickle.testing.localfleet import NS_API_PORT, AgentSpec, LocalFleet, scrape_metric
 from tickle.testing.simagents import SimAgents
 
 HERE = Path(__file__).resolve().parent
@@ -78,6 +81,8 @@ def sim_net() -> str:
 
 
 DONE_DEADLINE_S = 600.0
+# how long the NS stays down in S6's NS restart (killed mid-run, started again after this)
+NS_DOWN_S = 2.0
 
 
 # --- figures and targets -------------------------------------------------------------------------
@@ -144,10 +149,17 @@ TARGETS = [
     Target("S5", "one task server serving its agents' pulls", "≥ 5,000 pulls/s",
            lambda r: _fmt(r, "s5_pulls_per_s", 0),
            lambda r: _ge(r, "s5_pulls_per_s", 5_000)),
-    Target("S6", "N agents registering; reconnection peak / mean", "≤ 20 s; ≤ 1.5",
+    Target("S6", "N agents registering; reconnection peak / mean: task-server restart "
+                 "(tickled / long-polling agents); NS restart (agents / task servers)",
+           "≤ 20 s; ≤ 1.5",
            lambda r: f"{_fmt(r, 's6_register_s', 1)} ({_fmt(r, 's6_agents', 0)}); "
-                     f"{_fmt(r, 's6_peak_to_mean', 2)}",
+                     f"TS restart {_fmt(r, 's6_peak_to_mean', 2)} (tickled) / "
+                     f"{_fmt(r, 's6_lp_peak_to_mean', 2)} (long-polling); NS restart "
+                     f"{_fmt(r, 's6_ns_agents_peak_to_mean', 2)} / "
+                     f"{_fmt(r, 's6_ns_ts_peak_to_mean', 2)}",
            lambda r: _all(_le(r, "s6_register_s", 20), _le(r, "s6_peak_to_mean", 1.5),
+                          _le(r, "s6_ns_agents_peak_to_mean", 1.5),
+                          _le(r, "s6_ns_ts_peak_to_mean", 1.5), _le(r, "s6_lp_peak_to_mean", 1.5),
                           _ge(r, "s6_agents", 10_000))),
     Target("S7", "agent at rest: RSS, CPU (start-up of --help)", "≤ 30 MB, ≤ 0.1 %",
            lambda r: f"{_fmt(r, 's7_rss_mb', 1)}, {_fmt(r, 's7_cpu_percent', 3)} "
@@ -236,6 +248,95 @@ def postgres_or_none(r: Results, what: str) -> Iterator[Any]:
         server.stop()
 
 
+class RequestCounter:
+    """A TCP relay in front of the NS that counts the HTTP requests sent through it (per tenth
+    of a second, keyed like the simulated agents' counts: unix time * 10).
+
+    The task servers talk to the NS through it (their `--ns-url`), so S6 sees their requests
+    after an NS restart without the NS counting anything. A request is its request line's end
+    (b" HTTP/1.1\r\n": a JSON body never holds a bare CRLF). While the NS is down the relay still
+    accepts, counts what the task server sends and closes: a retry is counted as a request.
+    """
+
+    MARK = b" HTTP/1.1\r\n"
+
+    def __init__(self, host: str, upstream: tuple[str, int]) -> None:
+        self.host = host
+        self.upstream = upstream
+        self.per_tenth: Counter[int] = Counter()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        """Listen; return the URL the task servers use for the NS."""
+        self._server = await asyncio.start_server(self._serve, self.host, NS_API_PORT)
+        return f"http://{self.host}:{NS_API_PORT}"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _count(self, data: bytes) -> None:
+        if n := data.count(self.MARK):
+            self.per_tenth[int(time.time() * 10)] += n
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            except OSError:  # the NS is down: count what the task server sends, then close
+                with contextlib.suppress(OSError, TimeoutError):
+                    self._count(await asyncio.wait_for(reader.read(65536), 2.0))
+                return
+            try:
+                await asyncio.gather(self._pipe(reader, up_writer, count=True),
+                                     self._pipe(up_reader, writer))  # fmt: skip
+            finally:
+                up_writer.close()
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool = False
+    ) -> None:
+        tail = b""
+        try:
+            while data := await reader.read(65536):
+                if count:  # a request line may straddle two reads
+                    self._count(tail + data)
+                    tail = data[-(len(self.MARK) - 1) :]
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()  # one side ended: so does the other
+
+
+def per_second_counts(per_tenth: Counter[int], start: float, end: float) -> list[int]:
+    """Requests per second between `start` and `end`, in seconds counted from `start` (not the
+    clock's: requests just before `start` stay out), from the first second with requests to the
+    last (seconds without any in between count as 0). `per_tenth`: counts by unix time * 10."""
+    seconds: Counter[int] = Counter()
+    for tenth, n in per_tenth.items():
+        if start <= tenth / 10 < end:
+            seconds[int(tenth / 10 - start)] += n
+    used = sorted(s for s, n in seconds.items() if n)
+    return [seconds[s] for s in range(used[0], used[-1] + 1)] if used else []
+
+
+def ratio(counts: list[int]) -> float | None:
+    """Peak / mean of per-second counts (None: no requests)."""
+    return max(counts) / statistics.mean(counts) if counts else None
+
+
 # --- S1: latency ---------------------------------------------------------------------------------
 
 
@@ -294,8 +395,22 @@ class FleetRun:
     done: int
     executions: list[ExecutionOut]
     ts_metrics: dict[str, float]
-    requests_per_s: Counter[int]
+    requests_per_tenth: Counter[int]
     restart_at: float | None = None
+    done_at: float | None = None  # when the run-now's last execution was seen recorded
+    ns_restart: NsRestart | None = None
+
+
+@dataclass
+class NsRestart:
+    """S6's second run-now on all agents, the NS killed just after accepting it and started
+    again `NS_DOWN_S` later: when, how it ended, and the task servers' requests per second."""
+
+    killed_at: float
+    started_at: float
+    done_at: float
+    done: int
+    ts_requests_per_tenth: Counter[int]
 
 
 async def fleet_run(
@@ -306,14 +421,23 @@ async def fleet_run(
     database_url: str | None = None,
     two_ns: bool = False,
     restart_task_servers: bool = False,
+    restart_ns: bool = False,
 ) -> FleetRun:
     """Start an NS (two on PostgreSQL when `two_ns`), the task servers and `agents` simulated
     agents, then one run-now on all of them. `restart_task_servers`: the task servers are
-    killed before the run-now and started again after it (the reconnection)."""
+    killed before the run-now and started again after it (the reconnection). `restart_ns`: then
+    a second run-now, the NS killed just after accepting it and started again `NS_DOWN_S` later;
+    the task servers reach the NS through a `RequestCounter`."""
     ts_names = [f"ts{i + 1}" for i in range(task_servers)]
     ns_extra = ["--database-url", database_url] if database_url else []
     fleet = LocalFleet(root, ts_names, [], net=net, ns_extra=ns_extra)
     ns_urls = [fleet.ns_url]
+    relay = None
+    if restart_ns:
+        relay = RequestCounter(f"{net}.9", (fleet.ns_host, NS_API_PORT))
+        relay_url = await relay.start()
+        for name in ts_names:
+            fleet.set_ts_ns_url(name, relay_url)
     if two_ns:
         ns2_url = fleet.add_ns("ns2", f"{net}.200")
         ns_urls.append(ns2_url)
@@ -321,7 +445,7 @@ async def fleet_run(
             fleet.set_ts_ns_url(name, ns2_url)
     await fleet.start()
     sims = SimAgents(fleet, agents, sim_net())
-    per_second: Counter[int] = Counter()
+    per_tenth: Counter[int] = Counter()
     restart_at = None
     try:
         register_s = await sims.start(deadline_s=DONE_DEADLINE_S)
@@ -338,9 +462,14 @@ async def fleet_run(
                 for name in ts_names:
                     fleet.spawn(name)
             await wait_metric(ns_urls, "tickle_executions_total", agents, DONE_DEADLINE_S)
+            done_at = time.time()
             # the last events of the run (agent_pulled may trail finished): settle, then read
             await wait_metric(ns_urls, "tickle_status_events_total", 4 * agents, 30)
             run = await ns.run(run.id)
+            ns_restart = None
+            if restart_ns:
+                assert relay is not None
+                ns_restart = await _across_ns_restart(fleet, ns, task.id, sims.names, relay)
         ts_metrics: dict[str, float] = {}
         for name in ts_names:
             for metric in ("tickle_tickles_resent_total", "tickle_pulls_total",
@@ -349,14 +478,43 @@ async def fleet_run(
                     fleet.ts_url(name), metric
                 )
     finally:
-        per_second = await sims.stop()
+        per_tenth = await sims.stop()
         await fleet.stop()
+        if relay is not None:
+            await relay.close()
     done = sum(e.status == "succeeded" for e in run.executions)
     recorded = [timeline_times(e).get("recorded") for e in run.executions]
     created = min((timeline_times(e).get("created") or 0.0) for e in run.executions)
     wall = max(t for t in recorded if t) - created if done == agents else None
     return FleetRun(agents, register_s, accepted_ms, wall, done, run.executions, ts_metrics,
-                    per_second, restart_at)  # fmt: skip
+                    per_tenth, restart_at, done_at, ns_restart)  # fmt: skip
+
+
+async def _across_ns_restart(
+    fleet: LocalFleet, ns: Any, task_id: int, names: list[str], relay: RequestCounter
+) -> NsRestart:
+    """A run-now on all `names`, the NS killed as soon as it accepted it and started again
+    `NS_DOWN_S` later; returns once every execution is recorded (or the deadline passed)."""
+    run = await ns.run_now(RunCreate(task_id=task_id, computers=names))
+    fleet.kill("ns")
+    killed_at = time.time()
+    await asyncio.sleep(NS_DOWN_S)
+    fleet.spawn("ns")
+    started_at = time.time()
+    await fleet.wait_healthy(fleet.ns_url, "ns", 60)
+    # the restarted NS counts from 0: wait until it recorded nearly all of this run (one
+    # recorded before the kill is not counted again), then read the run until all are
+    end = time.monotonic() + DONE_DEADLINE_S
+    await wait_metric([fleet.ns_url], "tickle_executions_total", 0.98 * len(names),
+                      DONE_DEADLINE_S)  # fmt: skip
+    async with fleet.client() as fresh:  # the old client's kept-alive connection died with the NS
+        while True:
+            after = await fresh.run(run.id)
+            done = sum(e.status == "succeeded" for e in after.executions)
+            if done == len(names) or time.monotonic() > end:
+                break
+            await asyncio.sleep(1.0)
+    return NsRestart(killed_at, started_at, time.time(), done, relay.per_tenth)
 
 
 def fleet_md(title: str, f: FleetRun) -> list[str]:
@@ -426,23 +584,95 @@ async def pulls(root: Path, r: Results, agents: int) -> None:
 
 
 async def register(root: Path, r: Results, agents: int) -> None:
-    f = await fleet_run(root, agents, 4, net(13), restart_task_servers=True)
+    f = await fleet_run(root, agents, 4, net(13), restart_task_servers=True, restart_ns=True)
     r.put("s6_agents", agents, "agents", "S6 agents registering (4 task servers)")
     r.put("s6_register_s", f.register_s, "s", "S6 every agent registered")
-    window = sorted(s for s in f.requests_per_s if f.restart_at and s >= int(f.restart_at))
-    counts = [f.requests_per_s[s] for s in range(window[0], window[-1] + 1)] if window else []
-    peak_to_mean = max(counts) / statistics.mean(counts) if counts else None
-    r.put("s6_peak_to_mean", peak_to_mean, "ratio",
+    assert f.restart_at is not None
+    assert f.done_at is not None
+    counts = per_second_counts(f.requests_per_tenth, f.restart_at, f.done_at)
+    r.put("s6_peak_to_mean", ratio(counts), "ratio",
           "S6 reconnection after a task-server restart: agents' requests per second, peak / mean")  # fmt: skip
     r.put("s6_reconnect_s", len(counts), "s", "S6 reconnection: seconds with agent requests")
-    r.md += [
+    md = [
         *fleet_md(
             f"S6: {agents} agents registering, then run-now across a restart of all 4 task servers",
             f,
         ),
-        f"agents' requests per second after the restart: {counts}",
+        f"agents' requests per second after the task servers' restart: {counts}",
         "",
     ]
+    n = f.ns_restart
+    if n is None:
+        r.notes.append("S6 NS restart: not measured")
+    else:
+        agent_counts = per_second_counts(f.requests_per_tenth, n.killed_at, n.done_at)
+        ts_counts = per_second_counts(n.ts_requests_per_tenth, n.killed_at, n.done_at)
+        r.put("s6_ns_agents_peak_to_mean", ratio(agent_counts), "ratio",
+              "S6 NS restart mid-run: agents' requests per second from the kill to the run's "
+              "end, peak / mean")  # fmt: skip
+        r.put("s6_ns_ts_peak_to_mean", ratio(ts_counts), "ratio",
+              "S6 NS restart mid-run: task servers' requests to the NS per second from the kill "
+              "to the run's end, peak / mean")  # fmt: skip
+        r.put("s6_ns_done", n.done, "executions",
+              "S6 NS restart: executions of the second run-now that succeeded")  # fmt: skip
+        r.put("s6_ns_recorded_s", n.done_at - n.killed_at, "s",
+              "S6 NS restart: from the kill until the restarted NS recorded every execution")  # fmt: skip
+        md += [
+            f"### NS restart: run-now on all {agents}, the NS killed once it accepted it, started "
+            f"again {NS_DOWN_S:.0f} s later",
+            "",
+            f"{n.done}/{agents} succeeded; every execution recorded "
+            f"{n.done_at - n.killed_at:.1f} s after the kill",
+            f"agents' requests per second from the kill: {agent_counts}",
+            f"task servers' requests to the NS per second from the kill: {ts_counts}",
+            "",
+        ]
+    counts, reconnect_s, lp_register_s = await long_poll_restart(root / "long-poll", agents)
+    r.put("s6_lp_peak_to_mean", ratio(counts), "ratio",
+          "S6 long-polling (CEM) agents reconnecting after a restart of every task server: their "
+          "requests per second from the kill until every long-poll waits again, peak / mean")  # fmt: skip
+    r.put("s6_lp_reconnect_s", reconnect_s, "s",
+          "S6 long-polling agents: from the task servers' kill until every long-poll waits again")  # fmt: skip
+    md += [
+        f"### {agents} long-polling (CEM) agents, every task server killed and started again",
+        "",
+        f"registered in {lp_register_s:.1f} s; every long-poll waiting again {reconnect_s:.1f} s "
+        f"after the kill",
+        f"agents' requests per second from the kill: {counts}",
+        "",
+    ]
+    r.md += md
+
+
+async def long_poll_restart(root: Path, agents: int) -> tuple[list[int], float, float]:
+    """`agents` simulated CEM agents holding long-polls (the NS's `long_poll` on) over 4 task
+    servers, every task server killed and started again at once: the agents' requests per second
+    from the kill until every long-poll waits again; also the seconds that took, and the
+    register time."""
+    ts_names = [f"ts{i + 1}" for i in range(4)]
+    fleet = LocalFleet(root, ts_names, [], net=net(18))
+    await fleet.start()
+    sims = SimAgents(fleet, agents, sim_net(), long_poll=True)
+    ts_urls = [fleet.ts_url(name) for name in ts_names]
+    metric = "tickle_long_polls_waiting"
+    try:
+        async with fleet.client() as ns:  # the task servers have it before any agent long-polls
+            await ns.update_settings(SettingsUpdate(long_poll=True))
+        register_s = await sims.start(deadline_s=DONE_DEADLINE_S)
+        if not await wait_metric(ts_urls, metric, agents, DONE_DEADLINE_S):
+            raise RuntimeError(f"not all {agents} long-polls waiting")
+        for name in ts_names:
+            fleet.kill(name)
+        killed_at = time.time()
+        for name in ts_names:
+            fleet.spawn(name)
+        if not await wait_metric(ts_urls, metric, agents, DONE_DEADLINE_S):
+            raise RuntimeError(f"not all {agents} long-polls waiting again after the restart")
+        done_at = time.time()
+    finally:
+        per_tenth = await sims.stop()
+        await fleet.stop()
+    return per_second_counts(per_tenth, killed_at, done_at), done_at - killed_at, register_s
 
 
 async def curve(root: Path, r: Results, sizes: list[int]) -> None:

@@ -119,8 +119,8 @@ class OutboxForwarder:
         self._outbox = outbox
         self._send = send
         self._metrics = metrics
-        # wide jitter: producers whose next hop restarted do not all come back in the same second
-        self._backoff = backoff or Backoff(base_s=0.2, max_s=10.0, tries=None, jitter=0.5)
+        # full jitter: producers whose next hop restarted come back spread over the window
+        self._backoff = backoff or Backoff(base_s=0.2, max_s=10.0, tries=None, full_jitter=True)
         self._batch_size = batch_size
         self._batch_bytes = batch_bytes
         self._wake = asyncio.Event()
@@ -180,7 +180,8 @@ class OutboxForwarder:
                 try:
                     accepted = await self._send([body for _, body in batch])
                 except Exception as exc:
-                    delay = max(self._backoff.delay(attempt), retry_after_s(exc))
+                    # no sooner than a busy next hop asked (Retry-After), spread after that
+                    delay = self._backoff.wait(attempt, retry_after_s(exc))
                     attempt += 1
                     log.warning(
                         "forwarding %d events failed (%s); retry in %.1fs", len(batch), exc, delay
@@ -194,7 +195,7 @@ class OutboxForwarder:
                 self._metrics.outbox_depth.set(self._outbox.depth())
                 if not ids:  # the next hop refused all of them: do not spin
                     log.error("next hop accepted none of %d events; backing off", len(batch))
-                    await asyncio.sleep(self._backoff.delay(5))
+                    await asyncio.sleep(self._backoff.cap(5))
             self._metrics.outbox_depth.set(0)
             self._idle.set()
 

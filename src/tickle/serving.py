@@ -17,6 +17,10 @@ the component's `ApiServerSettings`:
 - `ClockHeaders`, ASGI middleware noting when each request arrived (the peer's clock offset is
   measured against it) and putting the server's time on every answer (`X-Tickle-Time`).
 
+Beside the limits: `JsonRoute`, the route class of every API route (pydantic-core's JSON parser,
+plain endpoints and dependencies on the route threads, one trip each), and `run_server`, the
+servers' event loop start (uvloop).
+
 Every refusal is counted in `tickle_http_refused` by reason, and not logged one by one: a flood
 of bad requests must not flood the log.
 """
@@ -24,17 +28,22 @@ of bad requests must not flood the log.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import dataclasses
+import functools
+import inspect
 import json
 import logging
 import resource
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine
-from typing import Any
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 import pydantic_core
 import uvicorn
-from fastapi import Request, Response
+from fastapi import Request, Response, params
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -45,6 +54,7 @@ from tickle.config import ApiServerSettings
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # descriptors kept for what is not an API connection: databases, sockets to peers, logs
 FD_RESERVE = 256
@@ -471,11 +481,24 @@ _PHRASES = {
 
 
 class JsonRoute(APIRoute):
-    """A route whose JSON body pydantic-core's parser reads: every route of the NS and the task
-    server (for event batches the standard library's parser was a tenth of the NS's ingest, this
-    one takes a third of that). A body that is not JSON gets the standard library's error, as
+    """A route of the NS and the task servers: its JSON body read by pydantic-core's parser, its
+    plain-function endpoint and dependencies run on the route threads.
+
+    JSON: for event batches the standard library's parser was a tenth of the NS's ingest, this
+    one takes a third of that. A body that is not JSON gets the standard library's error, as
     FastAPI answers it (422, JSON decode error); JSON whose strings are not Unicode (a lone
-    surrogate escape) gets pydantic-core's, also a 422."""
+    surrogate escape) gets pydantic-core's, also a 422.
+
+    Threads: FastAPI runs a plain function through starlette's threadpool (anyio), and for a
+    plain endpoint validates its answer there too: three or four trips between the event loop
+    and a thread per request, each a lock handoff under the GIL. Here the endpoint and each
+    plain dependency become coroutines that call it on `route_threads()` (one trip each), and the
+    answer is validated on the event loop, as for a coroutine endpoint. A test overriding a
+    plain dependency (`app.dependency_overrides`) must override `threaded(dependency)`.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, threaded(endpoint), **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -484,6 +507,72 @@ class JsonRoute(APIRoute):
             return await handler(_JsonRequest(request.scope, request.receive))
 
         return handle
+
+
+# as many as starlette's threadpool has (anyio's default): a plain endpoint waiting on the
+# database holds one
+ROUTE_THREADS = 40
+_route_threads: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def route_threads() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads the plain endpoints and dependencies of `JsonRoute`s run on (made on first
+    use, one set per process)."""
+    if not _route_threads:
+        _route_threads.append(
+            concurrent.futures.ThreadPoolExecutor(ROUTE_THREADS, thread_name_prefix="tickle-route")
+        )
+    return _route_threads[0]
+
+
+@functools.cache
+def threaded(call: Callable[..., Any]) -> Callable[..., Any]:
+    """`call` as FastAPI should call it on a `JsonRoute`: a plain function becomes a coroutine
+    function running it on `route_threads()` (in a copy of the caller's context, as starlette
+    does), with the same signature but for its plain dependencies, `threaded` in turn. Anything
+    else (a coroutine or generator function, a class, a callable object) is `call` itself.
+
+    One wrapper per function, so that FastAPI still calls a dependency once per request."""
+    if not inspect.isfunction(call) or (
+        inspect.iscoroutinefunction(call)
+        or inspect.isgeneratorfunction(call)
+        or inspect.isasyncgenfunction(call)
+    ):
+        return call
+    try:
+        signature = inspect.signature(call, eval_str=True)
+    except NameError:  # an annotation only for the type checker: left to FastAPI as it is
+        return call
+
+    async def on_route_thread(*args: Any, **kwargs: Any) -> Any:
+        run = functools.partial(contextvars.copy_context().run, call, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(route_threads(), run)
+
+    functools.update_wrapper(on_route_thread, call)
+    on_route_thread.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[_threaded_dependencies(p) for p in signature.parameters.values()]
+    )
+    return on_route_thread
+
+
+def _threaded_dependencies(param: inspect.Parameter) -> inspect.Parameter:
+    """`param`, its dependency (`Depends(f)` as default or in `Annotated`) `threaded`."""
+    if isinstance(param.default, params.Depends):
+        param = param.replace(default=_threaded_depends(param.default))
+    if get_origin(param.annotation) is Annotated:
+        kind, *metadata = get_args(param.annotation)
+        metadata = [_threaded_depends(m) if isinstance(m, params.Depends) else m for m in metadata]
+        param = param.replace(annotation=Annotated[(kind, *metadata)])
+    return param
+
+
+def _threaded_depends(depends: params.Depends) -> params.Depends:
+    if depends.dependency is None:  # the annotated class itself: left to FastAPI
+        return depends
+    dependency = threaded(depends.dependency)
+    if dependency is depends.dependency:
+        return depends
+    return dataclasses.replace(depends, dependency=dependency)
 
 
 class _JsonRequest(Request):
@@ -538,16 +627,24 @@ class BodyLimits:
         self.metrics = metrics
         self.registrations = frozenset(registrations)
         self.known_token = known_token
+        self.small = limits.max_registration_body_bytes  # what any request may send
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared, streamed = _body_framing(scope)
+        if not streamed and (declared is None or declared <= self.small):
+            # no body, or one the parser stops at its declared length: within every limit
+            await self.app(scope, receive, send)
+            return
         allowance = _Allowance(self, scope)
-        declared = _content_length(scope)
         refused = await allowance.refusal(declared) if declared is not None else None
         if refused is not None:
             await self._refuse(send, *refused)
+            return
+        if not streamed:  # a declared length within the limit: the body cannot outgrow it
+            await self.app(scope, receive, send)
             return
         received = 0
         answered = False
@@ -624,12 +721,18 @@ class _Allowance:
         return None
 
 
-def _content_length(scope: Scope) -> int | None:
+def _body_framing(scope: Scope) -> tuple[int | None, bool]:
+    """The request's declared body length (Content-Length), and whether its body is streamed
+    without one (Transfer-Encoding): the parser refuses a request with both."""
+    declared: int | None = None
+    streamed = False
     for name, value in scope["headers"]:
-        if name == b"content-length":
+        if name == b"content-length" and declared is None:
             with contextlib.suppress(ValueError):
-                return int(value)
-    return None
+                declared = int(value)
+        elif name == b"transfer-encoding":
+            streamed = True
+    return declared, streamed
 
 
 def _bearer_token(scope: Scope) -> str | None:
@@ -665,9 +768,8 @@ class ClockHeaders:
 
         async def send_with_time(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((_TIME_HEADER, header_value(time.time()).encode()))
-                message = {**message, "headers": headers}
+                now = (_TIME_HEADER, header_value(time.time()).encode())
+                message["headers"] = [*message.get("headers", ()), now]
             await send(message)
 
         await self.app(scope, receive, send_with_time)
@@ -677,3 +779,13 @@ def arrived_at(state: Any) -> float:
     """When the request whose `request.state` this is arrived (now, without `ClockHeaders`)."""
     at = getattr(state, ARRIVED_AT, None)
     return at if isinstance(at, float) else time.time()
+
+
+def run_server(main: Coroutine[Any, Any, T]) -> T:
+    """Run a server's `main` to its end on uvloop, the event loop uvicorn itself would pick
+    (asyncio's own where uvloop is not installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)

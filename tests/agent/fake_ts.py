@@ -63,6 +63,11 @@ class FakeTaskServer:
     max_batch_events: int | None = None  # larger batches: 413, as over max_body_bytes
     pull_gate: Callable[[], asyncio.Future[None] | None] | None = None
     tokens: set[str] = field(default_factory=set)
+    # each agent's first `register_refusals` registrations: answered 503 ("restarting"), with
+    # this Retry-After if any; `register_tries` has the time of every registration, by name
+    register_refusals: int = 0
+    register_retry_after: str | None = None
+    register_tries: dict[str, list[float]] = field(default_factory=dict)
     # the long-poll: answered with this status when it is an error; else it waits until
     # `long_poll_release` is set (or `long_poll_hold_s` passes), then answers the work, or 204
     long_poll_status: int = 200
@@ -137,6 +142,15 @@ class FakeTaskServer:
         body = AgentRegister.model_validate_json(await request.read())
         if body.enrollment_secret != self.secret:
             raise web.HTTPUnauthorized(text='{"detail":"bad enrollment secret"}')
+        tries = self.register_tries.setdefault(body.name, [])
+        tries.append(time.time())
+        if len(tries) <= self.register_refusals:
+            retry = (
+                {}
+                if self.register_retry_after is None
+                else {"Retry-After": self.register_retry_after}
+            )
+            return web.json_response({"detail": "restarting"}, status=503, headers=retry)
         self.registrations.append(body)
         token = secrets.token_urlsafe(32)
         self.tokens.add(token)
@@ -175,6 +189,8 @@ class FakeTaskServer:
             await asyncio.wait_for(self.long_poll_release.wait(), self.long_poll_hold_s)
         self.long_poll_release.clear()
         call.answered_at = time.time()
+        if self.long_poll_status >= 400:  # went down while it waited: every waiting one fails
+            return web.json_response({"detail": "restarting"}, status=self.long_poll_status)
         if not self.work:
             return web.Response(status=204)
         answer = AgentTasks(

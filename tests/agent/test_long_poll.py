@@ -51,11 +51,11 @@ async def test_failing_long_polls_back_off_and_empty_ones_rearm_with_a_pause(
     async with running_agent(settings_for(fake_ts, cem=True)) as agent:
         await asyncio.sleep(3.0)  # the window observed: no event marks "not calling"
         refused = fake_ts.routes().count("wait")
-        # 1 s, 2 s (± 50 %) between tries: at most 3 in 3 s, never a tight loop
-        assert 1 <= refused <= 3, refused
+        # each try at a random moment of a 20 s window: a few in 3 s, never a tight loop
+        assert 1 <= refused <= 4, refused
         assert agent.poller.long_poll_failures >= 1
         fake_ts.long_poll_status = 200  # answered empty at once: re-armed 0.05..0.5 s later
-        await eventually(lambda: agent.poller.long_poll_failures == 0, within_s=10)
+        await eventually(lambda: agent.poller.long_poll_failures == 0, within_s=30)
         since = time.time()
         await asyncio.sleep(2.0)
         empty = len(fake_ts.routes(since=since))
@@ -68,10 +68,10 @@ async def test_a_long_poll_refused_busy_is_tried_again_no_sooner_than_retry_afte
     _long_poll_policy(fake_ts)
     fake_ts.long_poll_status, fake_ts.long_poll_retry_after = 503, "3"
     async with running_agent(settings_for(fake_ts, cem=True)):
-        await eventually(lambda: fake_ts.routes().count("wait") == 2, within_s=15,
+        await eventually(lambda: fake_ts.routes().count("wait") == 2, within_s=30,
                          what="the long-poll tried again")  # fmt: skip
     first, second = [c.at for c in fake_ts.calls if c.route == "wait"][:2]
-    # its own backoff alone would try again after 0.5-1.5 s
+    # its own backoff alone could try again at once (anywhere in its 20 s window)
     assert second - first >= 3.0, second - first
 
 

@@ -383,6 +383,7 @@ class TaskServerHarness:
     async def call(self, agent: Agent | None, method: str, path: str, **kw: Any) -> tuple[int, Any]:
         """Call the TS API as `agent` (None: no credentials); (status, parsed JSON or text)."""
         headers = {"Authorization": f"Bearer {agent.token}"} if agent else {}
+        headers.update(kw.pop("headers", {}))
         async with self.http.request(method, self.url + path, headers=headers, **kw) as resp:
             text = await resp.text()
             try:

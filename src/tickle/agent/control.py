@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Protocol
@@ -107,12 +108,19 @@ class ControlServer:
         self._socket_path.parent.mkdir(parents=True, exist_ok=True)
         if self._socket_path.is_socket():  # left over by an agent that died
             self._socket_path.unlink()
-        old_umask = os.umask(0o177)  # created 0600: no window where others may connect
+        # created 0600: no window where others may connect. Bound here, with no await while the
+        # process umask is changed: agents sharing a loop would restore it out of order
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
         try:
-            await web.UnixSite(runner, str(self._socket_path)).start()
+            sock.bind(str(self._socket_path))
+        except OSError:
+            sock.close()
+            raise
         finally:
             os.umask(old_umask)
         os.chmod(self._socket_path, 0o600)
+        await web.SockSite(runner, sock).start()
         if metrics_host and metrics_port:
             # only metrics on TCP: the control actions stay on the private socket
             metrics_app = web.Application()

@@ -9,8 +9,10 @@ tickle-triggered pull racing a poll runs it once.
 When the policy says so (the NS's `long_poll` setting on, and this agent cannot be tickled: CEM,
 or tickle-unreachable) the agent also holds one long-poll open to its task server, answered as
 soon as work, a cancel or new settings arrive for it (a pull via `long_poll`). It re-arms the
-long-poll after a short random pause, and backs off with jitter while it fails; the poll timer
-keeps running under it.
+long-poll after a short random pause; after a failure, it tries again at a random moment of a
+20 s window (retries.LONG_POLL: all the agents of a restarted task server come back at an even
+rate, not together), never sooner than a busy task server's Retry-After; the poll timer keeps
+running under it.
 """
 
 from __future__ import annotations
@@ -22,21 +24,15 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from tickle.agent import retries
 from tickle.agent.executor import Executor
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import TaskServerClient
-from tickle.backoff import Backoff
 from tickle.http import retry_after_s
 from tickle.messages import AgentPolicy, AgentTasks, ExecutionWork, PolicyVia, PullVia
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
-
-# wide jitter: the agents of a task server that restarted come back spread out, not together
-_RETRY = Backoff(base_s=5.0, max_s=300.0, tries=None, jitter=0.5)
-# the long-poll: after a failed one (task server down, refusing), and between two
-_LONG_POLL_RETRY = Backoff(base_s=1.0, max_s=60.0, tries=None, jitter=0.5)
-LONG_POLL_REARM_S = (0.05, 0.5)
 
 
 @dataclass
@@ -204,7 +200,7 @@ class Poller:
             if self._failures:
                 # the last pull failed (task server down?): check back sooner than the interval
                 # (no sooner than the task server asked, when it was too busy: Retry-After)
-                retry = max(_RETRY.delay(self._failures - 1), self._retry_after_s)
+                retry = retries.PULL.wait(self._failures - 1, self._retry_after_s)
                 delay = min(delay, retry)
             self.next_poll_at = time.time() + delay
             try:
@@ -232,7 +228,7 @@ class Poller:
                 answer = await self._client.wait_for_tasks(self.policy.long_poll_timeout_s)
             except Exception as exc:
                 # no sooner than a busy task server asked (Retry-After)
-                delay = max(_LONG_POLL_RETRY.delay(self.long_poll_failures), retry_after_s(exc))
+                delay = retries.LONG_POLL.wait(self.long_poll_failures, retry_after_s(exc))
                 self.long_poll_failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("long-poll failed: %s; again in %.1fs", self.last_error, delay)
@@ -242,7 +238,7 @@ class Poller:
             if answer is not None:
                 self._metrics.pulls.labels(via="long_poll").inc()
                 self.take(answer, "long_poll")
-            await asyncio.sleep(random.uniform(*LONG_POLL_REARM_S))
+            await asyncio.sleep(random.uniform(*retries.LONG_POLL_REARM_S))
 
     async def pull_quietly(self, via: PullVia) -> object:
         """Pull; a failure is logged and makes the next poll come sooner, not raised."""

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from tickle import __version__, clock, wire
+from tickle.agent import retries
 from tickle.agent.containment import Containment, detect
 from tickle.agent.control import ControlServer
 from tickle.agent.executor import Executor
@@ -28,7 +29,6 @@ from tickle.agent.poller import Poller
 from tickle.agent.settings import AgentSettings
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import NotRegistered, TaskServerClient
-from tickle.backoff import Backoff
 from tickle.config import ConfigError, check_config, load_settings
 from tickle.listening import TickleListener
 from tickle.logs import setup_logging
@@ -115,7 +115,9 @@ class Agent:
         self.state = AgentState(settings.state_dir / "agent.db")
         self.outbox = Outbox(settings.state_dir / "outbox.db")
         self.client = TaskServerClient(settings, self.state, clock=wall_clock)
-        self.forwarder = OutboxForwarder(self.outbox, self.client.events, self.metrics)
+        self.forwarder = OutboxForwarder(
+            self.outbox, self.client.events, self.metrics, backoff=retries.EVENTS
+        )
         self.executor = Executor(
             settings.name, self.state, self.forwarder, self.metrics,
             output_tail_bytes=settings.output_tail_bytes,
@@ -234,14 +236,14 @@ class Agent:
 
     async def _register(self, stop: asyncio.Event | None) -> bool:
         """Register (unless already) retrying with backoff; False when stopped first."""
-        backoff = Backoff(base_s=1.0, max_s=60.0, tries=None)
         attempt = 0
         while stop is None or not stop.is_set():
             try:
                 await self.client.ensure_registered()
                 return True
             except NotRegistered as exc:
-                delay = backoff.delay(attempt)
+                # no sooner than a busy task server asked (Retry-After), spread after that
+                delay = retries.REGISTER.wait(attempt, exc.retry_after_s)
                 attempt += 1
                 # each task server's answer was logged as it came: this only says when again
                 log.info("not registered (%s); asking again in %.1fs", exc, delay)

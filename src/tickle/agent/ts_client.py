@@ -56,7 +56,14 @@ _TS = "task-server"
 
 
 class NotRegistered(Exception):
-    """No task server accepted the registration (all unreachable or refusing)."""
+    """No task server accepted the registration (all unreachable or refusing).
+
+    `retry_after_s`: the longest `Retry-After` a busy task server answered (0: none said one).
+    """
+
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class TaskServerClient:
@@ -140,6 +147,7 @@ class TaskServerClient:
         `urls` (default: the configured list) are tried in order, each once.
         """
         errors: list[str] = []
+        retry_after = 0.0
         for url in self._settings.api_urls if urls is None else urls:
             address = await tickle_address(self._settings, url)
             self.reported_address = address
@@ -165,6 +173,7 @@ class TaskServerClient:
                 refused = "refused the registration" if exc.status < 500 else "failed"
                 log.warning("task server %s %s: %s", url, refused, exc.detail)
                 errors.append(f"{url}: HTTP {exc.status}")
+                retry_after = max(retry_after, exc.retry_after_s or 0.0)
                 continue
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.warning("registration with %s failed: %s", url, exc)
@@ -183,7 +192,7 @@ class TaskServerClient:
             self._answered()
             log.info("registered with task server %s at %s", enrollment.ts_name, url)
             return enrollment
-        raise NotRegistered("; ".join(errors) or "no task server configured")
+        raise NotRegistered("; ".join(errors) or "no task server configured", retry_after)
 
     async def fail_over(self) -> AgentEnrollment | None:
         """Register with the next reachable task server after ours, in list order (wrapping).

@@ -21,7 +21,7 @@ from tickle.ns.api import create_app
 from tickle.ns.settings import NsSettings
 from tickle.ns.stores import Stores
 from tickle.ns.tickle_server import TickleServer
-from tickle.serving import ServingConfig
+from tickle.serving import ServingConfig, run_server
 from tickle.statedir import make_private
 
 log = logging.getLogger("tickle.ns")
@@ -50,7 +50,7 @@ def main(args: list[str]) -> int:
         )
         return 2
     try:
-        return asyncio.run(serve(settings))
+        return run_server(serve(settings))
     except SQLAlchemyError as exc:
         # a database that cannot be opened or migrated: say which, without a traceback
         print(f"tickle ns: {_database_error(settings.db_url, exc)}", file=sys.stderr)

@@ -48,6 +48,13 @@ class AgentClocks:
         )
         largest.set_function(self._largest)
 
+    def sample_header(self, name: str, header: str | None, arrived_at: float, cem: bool) -> None:
+        """A request of agent `name` (in CEM mode or not) that arrived at `arrived_at` carried
+        `header` (`X-Tickle-Time`, None: none): a sample when it holds a time."""
+        theirs = clock.parse_header(header, arrived_at)
+        if theirs is not None:
+            self.sample(name, theirs, arrived_at, tickled=not cem)
+
     def sample(self, name: str, their_time: float, arrived_at: float, tickled: bool) -> None:
         """Agent `name` sent a request stamped `their_time` that arrived at `arrived_at`.
 

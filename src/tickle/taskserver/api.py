@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import Scope
 
@@ -35,7 +35,8 @@ from tickle.serving import BodyLimits, ClockHeaders, JsonRoute, arrived_at
 from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.enrollment import Enrollment
-from tickle.taskserver.refusal import Refused
+from tickle.taskserver.fast_path import AgentFastPath
+from tickle.taskserver.refusal import Refused, refusal_response
 from tickle.taskserver.store import Client, Store
 from tickle.taskserver.work_cache import WorkCache
 
@@ -83,6 +84,14 @@ def create_app(
     async def known_token(token: str, _scope: Scope) -> bool:
         return store.client_by_token(_token_sha256(token)) is not None
 
+    # innermost: the limits and the clock headers below apply to what it serves too
+    app.add_middleware(
+        AgentFastPath,
+        store=store,
+        agent_pulls=agent_pulls,
+        work_cache=work_cache,
+        agent_clocks=agent_clocks,
+    )
     # a registration's body is held to max_registration_body_bytes, and so is any body without
     # an agent's token
     app.add_middleware(
@@ -111,17 +120,11 @@ def _state_getter(name: str, kind: type[T]) -> Callable[[Request], Awaitable[T]]
     return get
 
 
-get_store = _state_getter("store", Store)
 get_metrics = _state_getter("metrics", ComponentMetrics)
 get_enrollment = _state_getter("enrollment", Enrollment)
-get_agent_pulls = _state_getter("agent_pulls", AgentPulls)
-get_work_cache = _state_getter("work_cache", WorkCache)
 
-StoreDep = Annotated[Store, Depends(get_store)]
 MetricsDep = Annotated[ComponentMetrics, Depends(get_metrics)]
 EnrollmentDep = Annotated[Enrollment, Depends(get_enrollment)]
-AgentPullsDep = Annotated[AgentPulls, Depends(get_agent_pulls)]
-WorkCacheDep = Annotated[WorkCache, Depends(get_work_cache)]
 _bearer = HTTPBearer(
     auto_error=False,
     scheme_name="AgentToken",
@@ -131,14 +134,16 @@ _bearer = HTTPBearer(
 
 async def current_agent(
     request: Request,
-    store: StoreDep,
     auth: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Client:
     """The registered agent whose token is in the Authorization header, else 401.
 
-    The time the agent sent along (`X-Tickle-Time`) is a sample of its clock's offset.
+    The time the agent sent along (`X-Tickle-Time`) is a sample of its clock's offset. The
+    agents' routes depend on this alone and take their services from the app's state: each
+    dependency costs FastAPI work on every request, and these routes serve every agent.
     """
     if auth is not None:
+        store: Store = request.app.state.store
         client = store.client_by_token(_token_sha256(auth.credentials))
         if client is not None:
             _measure_clock(request, client)
@@ -192,7 +197,6 @@ pull_routes = APIRouter(tags=["pulls"], route_class=JsonRoute)
 async def tasks(
     agent: AgentDep,
     request: Request,
-    agent_pulls: AgentPullsDep,
     via: Annotated[
         PullVia,
         Query(
@@ -204,7 +208,7 @@ async def tasks(
     settings_version: SettingsVersionQuery = None,
 ) -> AgentTasks:
     """The agent's pull: its unfinished executions from the cache, and its policy."""
-    return await agent_pulls.tasks(agent, via, _peer(request), settings_version)
+    return await _agent_pulls(request).tasks(agent, via, _peer(request), settings_version)
 
 
 @pull_routes.get(
@@ -220,21 +224,22 @@ async def tasks(
 async def wait_for_tasks(
     agent: AgentDep,
     request: Request,
-    agent_pulls: AgentPullsDep,
     settings_version: SettingsVersionQuery = None,
 ) -> AgentTasks | Response:
     """The pull of an agent that cannot be tickled (CEM, or tickle-unreachable), when the NS's
     `long_poll` setting is on: answered as soon as work, a cancel or new settings arrive for
     it (as `GET /api/agent/tasks` answers, via `long_poll`), or 204 after the long-poll timeout
     of its policy. A newer long-poll of the same agent ends this one (204)."""
-    answer = await agent_pulls.long_poll(agent, _peer(request), settings_version, request.receive)
+    answer = await _agent_pulls(request).long_poll(
+        agent, _peer(request), settings_version, request.receive
+    )
     return Response(status_code=204) if answer is None else answer
 
 
 @pull_routes.get("/api/agent/policy", response_model=AgentPolicy, summary="Read the policy")
 async def policy(
     agent: AgentDep,
-    agent_pulls: AgentPullsDep,
+    request: Request,
     via: Annotated[
         PolicyVia,
         Query(
@@ -245,7 +250,7 @@ async def policy(
     settings_version: SettingsVersionQuery = None,
 ) -> AgentPolicy:
     """The agent's configuration policy; it never carries tasks."""
-    return agent_pulls.policy(agent, via, settings_version)
+    return _agent_pulls(request).policy(agent, via, settings_version)
 
 
 event_routes = APIRouter(tags=["events"], route_class=JsonRoute)
@@ -255,8 +260,7 @@ event_routes = APIRouter(tags=["events"], route_class=JsonRoute)
 async def events(
     batch: EventBatch,
     agent: AgentDep,
-    work_cache: WorkCacheDep,
-    agent_pulls: AgentPullsDep,
+    request: Request,
     settings_version: SettingsVersionQuery = None,
 ) -> EventAck:
     """Cache the agent's status events durably, then forward them to the NS.
@@ -265,16 +269,21 @@ async def events(
     the NS no longer lists it) is accepted and left to the NS, which records it only for the
     execution's computer; one cached for another computer is refused.
     """
-    agent_pulls.contact(agent, settings_version)
+    _agent_pulls(request).contact(agent, settings_version)
+    work_cache: WorkCache = request.app.state.work_cache
     return EventAck(accepted=await work_cache.take_events(agent.name, batch.events))
+
+
+def _agent_pulls(request: Request) -> AgentPulls:
+    pulls: AgentPulls = request.app.state.agent_pulls
+    return pulls
 
 
 def _measure_clock(request: Request, client: Client) -> None:
     clocks: AgentClocks | None = request.app.state.agent_clocks
-    arrived = arrived_at(request.state)
-    theirs = clock.parse_header(request.headers.get(clock.TIME_HEADER), arrived)
-    if clocks is not None and theirs is not None:
-        clocks.sample(client.name, theirs, arrived, tickled=not client.cem)
+    if clocks is not None:
+        header = request.headers.get(clock.TIME_HEADER)
+        clocks.sample_header(client.name, header, arrived_at(request.state), client.cem)
 
 
 def _token_sha256(token: str) -> str:
@@ -287,5 +296,4 @@ def _peer(request: Request) -> str | None:
 
 async def _refused(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Refused)  # registered for Refused only
-    retry = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=retry)
+    return refusal_response(exc)

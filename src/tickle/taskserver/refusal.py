@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from starlette.responses import JSONResponse
+
 from tickle.serving import RETRY_AFTER_S
 
 
@@ -17,3 +19,9 @@ class Refused(Exception):
         if retry_after_s is None and status == 503:
             retry_after_s = RETRY_AFTER_S
         self.retry_after_s = retry_after_s
+
+
+def refusal_response(exc: Refused) -> JSONResponse:
+    """The answer to a refused request: its detail, and when to try again (Retry-After)."""
+    retry = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=retry)

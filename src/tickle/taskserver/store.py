@@ -4,13 +4,19 @@ restarts).
 
 The status-event outbox lives in its own file (`tickle.outbox.Outbox`). Everything here is small
 and local, so the calls are synchronous; each write is one short transaction.
+
+What every agent request reads is also held in memory, written through: the clients (by name and
+by token), the settings, and the work the NS lists (parsed once, with its flags). An agent's pull
+reads no SQLite and parses no JSON; SQLite is what a restart loads them from. Only this process
+writes the database, so the copies cannot go stale; each is changed after its transaction
+commits.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tickle import localdb
@@ -21,6 +27,7 @@ OUTBOX_FILE = "outbox.db"
 # Executions the NS stopped listing are kept this long so late events of their agent still pass
 # the ownership check (an agent's outbox may deliver a retry after the NS recorded the finish).
 TOMBSTONE_S = 7 * 86400.0
+_IN_CHUNK = 500  # execution ids per `IN (...)` (SQLite allows 32,766 parameters, older 999)
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS credentials ("
@@ -82,6 +89,21 @@ class Store:
         self.cancelled: frozenset[int] = frozenset(
             int(r[0]) for r in self._db.execute("SELECT execution_id FROM cancels")
         )
+        self._by_name: dict[str, Client] = {}
+        self._by_token: dict[str, Client] = {}
+        self._load_clients()
+        row = self._db.execute("SELECT body FROM settings WHERE id = 1").fetchone()
+        self._settings = SettingsOut.model_validate_json(row[0]) if row else None
+        # the listed work, and per computer its unfinished part (execution id order)
+        self._listed: dict[int, CachedWork] = {}
+        self._unfinished: dict[str, dict[int, CachedWork]] = {}
+        for r in self._db.execute(
+            "SELECT * FROM work WHERE listed = 1 ORDER BY execution_id"
+        ).fetchall():
+            self._hold(_work(r))
+        # per computer: its cancelled executions it has not reported finished
+        self._cancels_of: dict[str, list[int]] = {}
+        self._load_cancels_of()
 
     def close(self) -> None:
         self._db.close()
@@ -107,6 +129,17 @@ class Store:
 
     # --- clients ------------------------------------------------------------------------------
 
+    def _load_clients(self) -> None:
+        self._by_name = {c.name: c for c in map(_client, self._db.execute("SELECT * FROM clients"))}
+        self._by_token = {c.token_sha256: c for c in self._by_name.values()}
+
+    def _keep_client(self, client: Client) -> None:
+        old = self._by_name.get(client.name)
+        if old is not None and self._by_token.get(old.token_sha256) is old:
+            del self._by_token[old.token_sha256]
+        self._by_name[client.name] = client
+        self._by_token[client.token_sha256] = client
+
     def save_client(self, client: Client) -> None:
         with localdb.transaction(self._db):
             # a name registered anew replaces its old token
@@ -124,6 +157,7 @@ class Store:
                     client.observed_address,
                 ),
             )
+        self._keep_client(client)
 
     def replace_clients(self, infos: Iterable[ClientInfo]) -> None:
         """Make the client list the NS's, keeping the addresses this TS observed."""
@@ -142,27 +176,32 @@ class Store:
                     " tickle_port = excluded.tickle_port, cem = excluded.cem",
                     (c.name, c.token_sha256, c.tickle_key, c.tickle_host, c.tickle_port, c.cem),
                 )
+        self._load_clients()
 
     def remove_clients(self, names: Iterable[str]) -> None:
         """Drop clients the NS no longer knows (forgotten): their tokens authenticate no more."""
+        names = list(names)
         with localdb.transaction(self._db):
             self._db.executemany("DELETE FROM clients WHERE name = ?", [(n,) for n in names])
+        for name in names:
+            old = self._by_name.pop(name, None)
+            if old is not None:
+                self._by_token.pop(old.token_sha256, None)
 
     def client(self, name: str) -> Client | None:
-        row = self._db.execute("SELECT * FROM clients WHERE name = ?", (name,)).fetchone()
-        return _client(row) if row else None
+        return self._by_name.get(name)
 
     def client_by_token(self, token_sha256: str) -> Client | None:
-        row = self._db.execute(
-            "SELECT * FROM clients WHERE token_sha256 = ?", (token_sha256,)
-        ).fetchone()
-        return _client(row) if row else None
+        return self._by_token.get(token_sha256)
 
     def clients(self) -> list[Client]:
-        return [_client(r) for r in self._db.execute("SELECT * FROM clients ORDER BY name")]
+        return sorted(self._by_name.values(), key=lambda c: c.name)
 
     def set_observed_address(self, name: str, address: str) -> None:
         self._db.execute("UPDATE clients SET observed_address = ? WHERE name = ?", (address, name))
+        old = self._by_name.get(name)
+        if old is not None:
+            self._keep_client(replace(old, observed_address=address))
 
     # --- the work cache -----------------------------------------------------------------------
 
@@ -171,25 +210,26 @@ class Store:
         now = time.time()
         listed = {w.execution_id: w for w in executions}
         new: list[int] = []
+        relisted: list[int] = []
         with localdb.transaction(self._db):
-            known = {
-                int(r[0]): bool(r[1])
-                for r in self._db.execute("SELECT execution_id, listed FROM work")
-            }
-            for eid, work in listed.items():
+            # the listed work is in memory; only what is not needs the table
+            unlisted = [eid for eid in listed if eid not in self._listed]
+            known = self._existing(unlisted)
+            for eid in unlisted:
                 if eid not in known:
                     new.append(eid)
                     self._db.execute(
                         "INSERT INTO work (execution_id, computer, body, updated_at)"
                         " VALUES (?, ?, ?, ?)",
-                        (eid, work.computer, work.model_dump_json(), now),
+                        (eid, listed[eid].computer, listed[eid].model_dump_json(), now),
                     )
-                elif not known[eid]:
+                else:
+                    relisted.append(eid)
                     self._db.execute(
                         "UPDATE work SET listed = 1, updated_at = ? WHERE execution_id = ?",
                         (now, eid),
                     )
-            gone = [eid for eid, was_listed in known.items() if was_listed and eid not in listed]
+            gone = [eid for eid in self._listed if eid not in listed]
             self._db.executemany(
                 "UPDATE work SET listed = 0, updated_at = ? WHERE execution_id = ?",
                 [(now, eid) for eid in gone],
@@ -197,19 +237,66 @@ class Store:
             self._db.execute(
                 "DELETE FROM work WHERE listed = 0 AND updated_at < ?", (now - TOMBSTONE_S,)
             )
+        for eid in gone:
+            self._release(self._listed[eid])
+        for eid in new:
+            w = listed[eid]
+            self._hold(CachedWork(eid, w.computer, w, False, False, False))
+        for eid in relisted:
+            row = self._db.execute("SELECT * FROM work WHERE execution_id = ?", (eid,)).fetchone()
+            self._hold(_work(row))
         return new
 
+    def _existing(self, execution_ids: list[int]) -> set[int]:
+        """Those of `execution_ids` the table holds (listed or not)."""
+        found: set[int] = set()
+        for first in range(0, len(execution_ids), _IN_CHUNK):
+            ids = execution_ids[first : first + _IN_CHUNK]
+            marks = ",".join("?" * len(ids))
+            found.update(
+                int(r[0])
+                for r in self._db.execute(
+                    f"SELECT execution_id FROM work WHERE execution_id IN ({marks})",  # noqa: S608
+                    ids,
+                )
+            )
+        return found
+
+    def _hold(self, w: CachedWork) -> None:
+        """Keep listed work in memory (and among its computer's unfinished, unless done)."""
+        self._listed[w.execution_id] = w
+        mine = self._unfinished.setdefault(w.computer, {})
+        if w.done:
+            mine.pop(w.execution_id, None)
+        else:
+            mine[w.execution_id] = w
+        if not mine:
+            del self._unfinished[w.computer]
+
+    def _release(self, w: CachedWork) -> None:
+        """Work the NS no longer lists: out of memory (its row stays, as a tombstone)."""
+        del self._listed[w.execution_id]
+        mine = self._unfinished.get(w.computer)
+        if mine is not None:
+            mine.pop(w.execution_id, None)
+            if not mine:
+                del self._unfinished[w.computer]
+
     def pending_work(self, computer: str | None = None) -> list[CachedWork]:
-        """Work the NS lists and the agent has not finished (of one computer, or all)."""
-        sql = "SELECT * FROM work WHERE listed = 1 AND done = 0"
-        args: tuple[str, ...] = ()
+        """Work the NS lists and the agent has not finished (of one computer, or all), in
+        execution id order."""
         if computer is not None:
-            sql += " AND computer = ?"
-            args = (computer,)
-        return [_work(r) for r in self._db.execute(sql + " ORDER BY execution_id", args)]
+            mine = self._unfinished.get(computer)
+            return sorted(mine.values(), key=_execution_id) if mine else []
+        return sorted(
+            (w for mine in self._unfinished.values() for w in mine.values()), key=_execution_id
+        )
 
     def work_owner(self, execution_id: int) -> str | None:
         """The computer an execution (listed now or recently) belongs to."""
+        listed = self._listed.get(execution_id)
+        if listed is not None:
+            return listed.computer
         row = self._db.execute(
             "SELECT computer FROM work WHERE execution_id = ?", (execution_id,)
         ).fetchone()
@@ -234,6 +321,13 @@ class Store:
                     f"UPDATE work SET {flag} = 1 WHERE execution_id = ?",  # noqa: S608 - checked
                     rows,
                 )
+        for flag, rows in marks.items():
+            for (eid,) in rows:
+                w = self._listed.get(eid)
+                if w is not None and not getattr(w, flag):
+                    self._hold(_flagged(w, flag))
+            if flag == "done":
+                self._drop_cancels(eid for (eid,) in rows)
 
     # --- cancels ------------------------------------------------------------------------------
 
@@ -250,18 +344,36 @@ class Store:
         self.cancelled = frozenset(
             int(r[0]) for r in self._db.execute("SELECT execution_id FROM cancels")
         )
+        self._load_cancels_of()
         return new
 
     def cancels_for(self, computer: str) -> list[int]:
         """The cancelled executions cached for `computer` that it has not reported finished."""
+        return list(self._cancels_of.get(computer, ()))
+
+    def _load_cancels_of(self) -> None:
+        """Read which computers have cancelled work they have not finished (after the cancels
+        changed; a finish takes its execution out with `_drop_cancels`)."""
+        self._cancels_of = {}
         if not self.cancelled:
-            return []
+            return
         rows = self._db.execute(
-            "SELECT w.execution_id FROM work w JOIN cancels c USING (execution_id)"
-            " WHERE w.computer = ? AND w.done = 0 ORDER BY w.execution_id",
-            (computer,),
+            "SELECT w.computer, w.execution_id FROM work w JOIN cancels c USING (execution_id)"
+            " WHERE w.done = 0 ORDER BY w.execution_id"
         )
-        return [int(r[0]) for r in rows]
+        for computer, eid in rows:
+            self._cancels_of.setdefault(str(computer), []).append(int(eid))
+
+    def _drop_cancels(self, finished: Iterable[int]) -> None:
+        gone = set(finished) & self.cancelled
+        if not gone:
+            return
+        for computer, eids in list(self._cancels_of.items()):
+            left = [eid for eid in eids if eid not in gone]
+            if left:
+                self._cancels_of[computer] = left
+            else:
+                del self._cancels_of[computer]
 
     def computers_of(self, execution_ids: Iterable[int]) -> list[str]:
         """The computers the executions are cached for."""
@@ -278,14 +390,26 @@ class Store:
     # --- settings -----------------------------------------------------------------------------
 
     def settings(self) -> SettingsOut | None:
-        row = self._db.execute("SELECT body FROM settings WHERE id = 1").fetchone()
-        return SettingsOut.model_validate_json(row[0]) if row else None
+        return self._settings
 
     def save_settings(self, settings: SettingsOut) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO settings (id, body) VALUES (1, ?)",
             (settings.model_dump_json(),),
         )
+        self._settings = settings
+
+
+def _flagged(w: CachedWork, flag: str) -> CachedWork:
+    if flag == "agent_tickled":
+        return replace(w, agent_tickled=True)
+    if flag == "agent_pulled":
+        return replace(w, agent_pulled=True)
+    return replace(w, done=True)
+
+
+def _execution_id(w: CachedWork) -> int:
+    return w.execution_id
 
 
 def _client(row: tuple[object, ...]) -> Client:

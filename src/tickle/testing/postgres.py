@@ -1,9 +1,10 @@
 """A private PostgreSQL server in a temporary directory: for the PostgreSQL tests and the bench.
 
 It runs from Debian's binaries (`scripts/sysdeps.sh` installs the `postgresql` package) as the
-`postgres` system user when we are root (initdb refuses root), listening only on 127.0.0.1 on a
-free port with its unix socket in its directory, trusting loopback, without fsync (a test server:
-nothing in it must survive a crash). `stop()` ends it and removes its files.
+`postgres` system user when we are root (initdb refuses root), in a directory under that user's
+home then (the temporary directory may be closed to it: a private /tmp of mode 0700), listening
+only on 127.0.0.1 on a free port with its unix socket in its directory, trusting loopback, without
+fsync (a test server: nothing in it must survive a crash). `stop()` ends it and removes its files.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ class PgServer:
 def start_postgres(max_connections: int = 300) -> PgServer:
     """Start a private server and wait until it accepts connections."""
     bindir = _server_bindir()
-    prefix, uid, gid = _as_postgres()
-    root = Path(tempfile.mkdtemp(prefix="tickle-pg-"))
+    prefix, uid, gid, home = _as_postgres()
+    root = Path(tempfile.mkdtemp(prefix="tickle-pg-", dir=home))
+    root.chmod(0o700)  # whatever the umask: the server must enter it
     process: subprocess.Popen[bytes] | None = None
     try:
         if uid is not None and gid is not None:
@@ -127,10 +129,13 @@ def _server_bindir() -> Path:
     return Path(found[-1]).parent
 
 
-def _as_postgres() -> tuple[list[str], int | None, int | None]:
-    """The command prefix that runs a program as the `postgres` user (root only), and its ids."""
+def _as_postgres() -> tuple[list[str], int | None, int | None, Path | None]:
+    """The command prefix that runs a program as the `postgres` user (root only), its ids, and the
+    directory to make the server's own in: that user's home when it owns it (every path above is
+    open to it there, unlike a temporary directory that may be root's alone), else None (the
+    temporary directory)."""
     if os.geteuid() != 0:
-        return [], None, None
+        return [], None, None, None
     try:
         pw = pwd.getpwnam("postgres")
     except KeyError:
@@ -138,7 +143,12 @@ def _as_postgres() -> tuple[list[str], int | None, int | None]:
             "no `postgres` system user: install Debian's postgresql package"
         ) from None
     prefix = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--"]
-    return prefix, pw.pw_uid, pw.pw_gid
+    home = Path(pw.pw_dir)
+    try:
+        owned = home.is_dir() and home.stat().st_uid == pw.pw_uid
+    except OSError:
+        owned = False
+    return prefix, pw.pw_uid, pw.pw_gid, home if owned else None
 
 
 def _free_port() -> int:

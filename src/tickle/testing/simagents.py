@@ -4,19 +4,27 @@ Each simulated agent is real on the wire: it registers with its task server over
 own UDP tickle listener on its own loopback address (port 50124), verifies every tickle with
 TickleGuard, pulls its tasks over HTTP when tickled, and posts `started` and `finished` status
 events. Only the task itself is simulated (it "succeeds" at once, without spawning a process).
-Like the real agent, it backs off with jitter when a server is busy (429, 503, or no answer),
-waiting at least what `Retry-After` says.
+Like the real agent, it backs off when a server is busy (429, 503, or no answer) with the real
+agent's own schedules (tickle.agent.retries: full jitter, after what `Retry-After` says): its
+registration and its status events are tried again on their schedules, and a failed pull is
+left to the next tickle (the task server resends it) or to the agent's retry poll, whichever
+comes first.
+
+With `long_poll`, the agents are in CEM mode instead (no tickle listener): each holds a long-poll
+open to its task server, as a real CEM agent does when the NS's `long_poll` setting is on, armed
+again after each answer, and after a failure on the real agent's schedule (retries.LONG_POLL).
 
 `SimAgents` starts the processes (`python -m tickle.testing.simagents`) for a `LocalFleet`, spread
 over its task servers, and waits until every agent is registered and listening. Each process
-counts the requests its agents send per second, and prints them when stopped (`SimAgents.stop`
-returns the fleet's sums).
+counts the requests its agents send per tenth of a second, and prints them when stopped
+(`SimAgents.stop` returns the fleet's sums).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
@@ -31,6 +39,8 @@ from typing import Any
 import aiohttp
 
 from tickle import http, wire
+from tickle.agent import retries
+from tickle.backoff import Backoff
 from tickle.messages import (
     AgentEnrollment,
     AgentRegister,
@@ -67,12 +77,14 @@ class SimAgents:
         net: str,
         task_servers: list[str] | None = None,
         per_process: int = PER_PROCESS,
+        long_poll: bool = False,
     ) -> None:
         self.fleet = fleet
         self.count = count
         self.net = net
         self.task_servers = task_servers or list(fleet.ts_hosts)
         self.per_process = per_process
+        self.long_poll = long_poll
         self.names = [sim_name(i) for i in range(count)]
         self.procs: list[subprocess.Popen[str]] = []
 
@@ -102,7 +114,7 @@ class SimAgents:
             for first in range(0, len(mine), self.per_process):
                 part = ",".join(map(str, mine[first : first + self.per_process]))
                 argv = [sys.executable, "-m", "tickle.testing.simagents", self.fleet.ts_url(ts),
-                        self.net, part]  # fmt: skip
+                        self.net, part, *(["--long-poll"] if self.long_poll else [])]  # fmt: skip
                 self.procs.append(
                     subprocess.Popen(
                         argv, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
@@ -110,11 +122,12 @@ class SimAgents:
                 )
 
     async def stop(self) -> Counter[int]:
-        """Stop every process; return the requests sent per second (unix time) by all agents."""
+        """Stop every process; return the requests all agents sent per tenth of a second (keyed
+        by unix time * 10, rounded down)."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        per_second: Counter[int] = Counter()
+        per_tenth: Counter[int] = Counter()
         for proc in self.procs:
             try:
                 out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
@@ -123,9 +136,9 @@ class SimAgents:
                 out, _ = await asyncio.to_thread(proc.communicate)
             for line in out.splitlines():
                 if line.startswith("stats "):
-                    per_second.update({int(k): v for k, v in json.loads(line[6:]).items()})
+                    per_tenth.update({int(k): v for k, v in json.loads(line[6:]).items()})
         self.procs.clear()
-        return per_second
+        return per_tenth
 
 
 class _Busy(Exception):
@@ -133,9 +146,19 @@ class _Busy(Exception):
         self.retry_after_s = retry_after_s
 
 
+def _retry_after(exc: BaseException) -> float:
+    if isinstance(exc, _Busy) and exc.retry_after_s is not None:
+        return exc.retry_after_s
+    return 0.0
+
+
 class SimAgent(asyncio.DatagramProtocol):
-    def __init__(self, name: str, host: str, ts_url: str, sent: Counter[int]) -> None:
+    def __init__(
+        self, name: str, host: str, ts_url: str, sent: Counter[int], cem: bool = False
+    ) -> None:
         self.name = name
+        self.cem = cem
+        self.long_poll_timeout_s = 0.0
         self.host = host
         self.ts_url = ts_url
         self.sent = sent
@@ -145,21 +168,34 @@ class SimAgent(asyncio.DatagramProtocol):
         self.seen: set[int] = set()
         self.pulling = False
         self.again = False
+        self.tickled = asyncio.Event()  # a tickle arrived while a failed pull waits to retry
+        self.pull_failures = 0
 
     async def start(self, secret: str) -> None:
+        """Register, then listen for tickles (not in CEM mode: it long-polls)."""
+        await self.register(secret)
+        if self.cem:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, AGENT_TICKLE_PORT))
+
+    async def register(self, secret: str) -> None:
+        """Register with the task server (tried again on the agent's schedule)."""
         connector = aiohttp.TCPConnector(
             local_addr=(self.host, 0), limit=4, keepalive_timeout=http.CLIENT_KEEPALIVE_S
         )
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=30)
         )
-        body = AgentRegister(enrollment_secret=secret, name=self.name, tickle_host=self.host,
+        body = AgentRegister(enrollment_secret=secret, name=self.name, cem=self.cem,
+                             tickle_host=None if self.cem else self.host,
                              tickle_port=AGENT_TICKLE_PORT, reported_address=self.host)  # fmt: skip
-        enrollment = await self.call("POST", "/api/agent/register", body, AgentEnrollment, None)
+        enrollment = await self.call(
+            "POST", "/api/agent/register", body, AgentEnrollment, None, retries.REGISTER
+        )
         self.token = enrollment.token
+        self.long_poll_timeout_s = float(enrollment.policy.long_poll_timeout_s)
         self.guard = wire.TickleGuard({enrollment.ts_name: base64.b64decode(enrollment.tickle_key)})
-        loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, AGENT_TICKLE_PORT))
 
     async def call(
         self,
@@ -168,9 +204,11 @@ class SimAgent(asyncio.DatagramProtocol):
         body: Any,
         answer: Any,
         token: str | None,
+        backoff: Backoff | None,
         params: dict[str, str] | None = None,
     ) -> Any:
-        """One request, tried again after a jittered backoff while the server is busy or away."""
+        """One request, tried again on `backoff` (None: tried once) while the server is busy or
+        away; each try counted in the tenth of a second it is sent."""
         assert self.session is not None
         session = self.session
         headers = {"Content-Type": "application/json"}
@@ -191,19 +229,16 @@ class SimAgent(asyncio.DatagramProtocol):
             return answer.model_validate_json(raw)
 
         end = time.monotonic() + GIVE_UP_S
-        delay = 0.2
+        attempt = 0
         while True:
-            self.sent[int(time.time())] += 1
+            self.sent[int(time.time() * 10)] += 1
             try:
                 return await once()
             except (_Busy, aiohttp.ClientError, TimeoutError) as exc:
-                if time.monotonic() > end:
+                if backoff is None or time.monotonic() > end:
                     raise
-                wait = random.uniform(delay / 2, delay)  # jitter over the upper half
-                if isinstance(exc, _Busy) and exc.retry_after_s is not None:
-                    wait = max(wait, exc.retry_after_s * random.uniform(1.0, 1.5))
-                await asyncio.sleep(wait)
-                delay = min(delay * 2, 10.0)
+                await asyncio.sleep(backoff.wait(attempt, _retry_after(exc)))
+                attempt += 1
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         assert self.guard is not None
@@ -214,32 +249,94 @@ class SimAgent(asyncio.DatagramProtocol):
         if tickle.kind is wire.Kind.TASKS:
             if self.pulling:
                 self.again = True
+                self.tickled.set()
             else:
                 asyncio.get_running_loop().create_task(self.pull())
+
+    async def pull_once(self) -> AgentTasks | None:
+        """One pull, as the real agent's poller makes it: a failed one is tried again at the
+        next tickle (the task server resends) or on the agent's retry poll (retries.PULL),
+        whichever comes first; None when it kept failing for GIVE_UP_S."""
+        end = time.monotonic() + GIVE_UP_S
+        while True:
+            self.tickled.clear()
+            try:
+                tasks: AgentTasks = await self.call(
+                    "GET", "/api/agent/tasks", None, AgentTasks, self.token, None,
+                    params={"via": "tickle"},
+                )  # fmt: skip
+            except (_Busy, aiohttp.ClientError, TimeoutError) as exc:
+                self.pull_failures += 1
+                if time.monotonic() > end:
+                    return None
+                if self.again:  # a tickle came while it failed: pull again at once
+                    self.again = False
+                    continue
+                delay = retries.PULL.wait(self.pull_failures - 1, _retry_after(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.tickled.wait(), delay)
+                self.again = False
+                continue
+            self.pull_failures = 0
+            return tasks
+
+    async def hold_long_poll(self) -> None:
+        """As the real agent's poller holds it: one long-poll at a time, armed again after a
+        short random pause, and after a failure on retries.LONG_POLL (after Retry-After)."""
+        assert self.session is not None
+        headers = {"Authorization": f"Bearer {self.token}"}
+        # the task server answers by its bound: this only catches one that never does
+        limit = aiohttp.ClientTimeout(total=self.long_poll_timeout_s + 15.0)
+        failures = 0
+        while True:
+            self.sent[int(time.time() * 10)] += 1
+            try:
+                async with self.session.get(self.ts_url + "/api/agent/tasks/wait",
+                                            headers=headers, timeout=limit) as resp:  # fmt: skip
+                    raw = await resp.read()
+                    if resp.status in BUSY or resp.status >= 500:
+                        retry_after = resp.headers.get("Retry-After", "")
+                        raise _Busy(float(retry_after) if retry_after.isdigit() else None)
+                    if resp.status >= 400:
+                        raise http.ApiError(resp.status, raw.decode(errors="replace")[:200], "")
+                    answer = None if resp.status == 204 else AgentTasks.model_validate_json(raw)
+            except (_Busy, http.ApiError, aiohttp.ClientError, TimeoutError) as exc:
+                await asyncio.sleep(retries.LONG_POLL.wait(failures, _retry_after(exc)))
+                failures += 1
+                continue
+            failures = 0
+            if answer is not None and answer.executions:
+                await self.run(answer)
+            await asyncio.sleep(random.uniform(*retries.LONG_POLL_REARM_S))
+
+    async def run(self, tasks: AgentTasks) -> None:
+        """Run the new executions of a pull (simulated): post their `started` and `finished`."""
+        events = []
+        for work in tasks.executions:
+            if work.execution_id in self.seen:
+                continue
+            self.seen.add(work.execution_id)
+            now = time.time()
+            events += [
+                StatusEvent(event_id=str(uuid.uuid4()), execution_id=work.execution_id,
+                            computer=self.name, kind="started", at=now),
+                StatusEvent(event_id=str(uuid.uuid4()), execution_id=work.execution_id,
+                            computer=self.name, kind="finished", at=now,
+                            status="succeeded", exit_code=0),
+            ]  # fmt: skip
+        if events:
+            await self.call("POST", "/api/agent/events", EventBatch(events=events),
+                            EventAck, self.token, retries.EVENTS)  # fmt: skip
 
     async def pull(self) -> None:
         self.pulling = True
         try:
             while True:
                 self.again = False
-                tasks = await self.call("GET", "/api/agent/tasks", None, AgentTasks, self.token,
-                                        params={"via": "tickle"})  # fmt: skip
-                events = []
-                for work in tasks.executions:
-                    if work.execution_id in self.seen:
-                        continue
-                    self.seen.add(work.execution_id)
-                    now = time.time()
-                    events += [
-                        StatusEvent(event_id=str(uuid.uuid4()), execution_id=work.execution_id,
-                                    computer=self.name, kind="started", at=now),
-                        StatusEvent(event_id=str(uuid.uuid4()), execution_id=work.execution_id,
-                                    computer=self.name, kind="finished", at=now,
-                                    status="succeeded", exit_code=0),
-                    ]  # fmt: skip
-                if events:
-                    await self.call("POST", "/api/agent/events", EventBatch(events=events),
-                                    EventAck, self.token)  # fmt: skip
+                tasks = await self.pull_once()
+                if tasks is None:
+                    raise RuntimeError(f"no pull answered in {GIVE_UP_S:.0f}s")
+                await self.run(tasks)
                 if not self.again:
                     return
         except Exception as exc:  # a simulated agent reports and carries on
@@ -248,10 +345,11 @@ class SimAgent(asyncio.DatagramProtocol):
             self.pulling = False
 
 
-async def main(ts_url: str, net: str, indexes: list[int]) -> None:
+async def main(ts_url: str, net: str, indexes: list[int], long_poll: bool = False) -> None:
     secret = os.environ[SECRET_ENV]
     sent: Counter[int] = Counter()
-    agents = [SimAgent(sim_name(i), sim_host(net, i), ts_url, sent) for i in indexes]
+    agents = [SimAgent(sim_name(i), sim_host(net, i), ts_url, sent, cem=long_poll)
+              for i in indexes]  # fmt: skip
     sem = asyncio.Semaphore(20)
 
     async def start(a: SimAgent) -> None:
@@ -260,11 +358,15 @@ async def main(ts_url: str, net: str, indexes: list[int]) -> None:
 
     await asyncio.gather(*(start(a) for a in agents))
     print(f"ready {len(agents)}", flush=True)
+    holding = [asyncio.create_task(a.hold_long_poll()) for a in agents if long_poll]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     await stop.wait()
+    for task in holding:
+        task.cancel()
+    await asyncio.gather(*holding, return_exceptions=True)
     for a in agents:
         if a.session is not None:
             await a.session.close()
@@ -273,4 +375,4 @@ async def main(ts_url: str, net: str, indexes: list[int]) -> None:
 
 if __name__ == "__main__":
     url, net, indexes = sys.argv[1:4]
-    asyncio.run(main(url, net, [int(i) for i in indexes.split(",")]))
+    asyncio.run(main(url, net, [int(i) for i in indexes.split(",")], "--long-poll" in sys.argv))

@@ -1,0 +1,115 @@
+"""The agents' pulls and event posts, served without FastAPI's per-request work when well-formed
+(tickle.taskserver.fast_path): every answer is the one the routes give, and whatever the fast
+path does not serve reaches the routes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from fastapi import HTTPException
+
+from tests.taskserver.conftest import Agent, TaskServerHarness, work_for
+from tickle.taskserver.api import current_agent
+
+
+def _event(computer: str, execution_id: int, kind: str = "started", **extra: Any) -> dict[str, Any]:
+    return {"event_id": str(uuid.uuid4()), "execution_id": execution_id, "computer": computer,
+            "kind": kind, "at": 1.0, **extra}  # fmt: skip
+
+
+async def test_well_formed_pulls_and_event_posts_do_not_reach_the_routes(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1")
+    await h.cache_work(work_for(1, "pc1"))
+    app = h.running.api
+    assert app is not None
+
+    async def at_the_route() -> None:
+        raise HTTPException(status_code=418, detail="served by the route")
+
+    app.dependency_overrides[current_agent] = at_the_route
+    pulls = [{}, {"via": "tickle"}, {"via": "poll", "settings_version": "0"},
+             {"settings_version": str(2**31 - 1)}]  # fmt: skip
+    for params in pulls:
+        status, body = await h.call(agent, "GET", "/api/agent/tasks", params=params)
+        assert status == 200, (params, body)
+        assert [e["execution_id"] for e in body["executions"]] == [1]
+    started = {"events": [_event("pc1", 1)]}
+    status, body = await h.call(agent, "POST", "/api/agent/events", json=started)
+    assert (status, body) == (200, {"accepted": [started["events"][0]["event_id"]]})
+    # an unknown parameter, a charset in the content type: the route's to judge
+    status, _ = await h.call(agent, "GET", "/api/agent/tasks", params={"via": "poll", "x": "1"})
+    assert status == 418
+    status, _ = await h.call(agent, "POST", "/api/agent/events", data=json.dumps(started),
+                             headers={"Content-Type": "application/json; charset=utf-8"})  # fmt: skip
+    assert status == 418
+
+
+async def _both_ways(
+    h: TaskServerHarness, agent: Agent | None, method: str, path: str, params: dict[str, str],
+    **kw: Any,
+) -> tuple[tuple[int, Any], tuple[int, Any]]:  # fmt: skip
+    """The answer of the fast path, then the route's (an unknown parameter passes it on)."""
+    fast = await h.call(agent, method, path, params=params, **kw)
+    route = await h.call(agent, method, path, params={**params, "passed_on": "1"}, **kw)
+    return fast, route
+
+
+async def test_the_fast_path_answers_as_the_routes_do(task_server: TaskServerHarness) -> None:
+    h = task_server
+    mine = await h.register_agent("pc1")
+    await h.register_agent("pc2")
+    await h.cache_work(work_for(1, "pc1"), work_for(2, "pc1"), work_for(3, "pc2"))
+    h.ns.cancel = [2]
+    await h.running.sync.work.run("check")
+    fast, route = await _both_ways(h, mine, "GET", "/api/agent/tasks", {"via": "tickle"})
+    assert fast[0] == 200
+    assert fast == route
+    assert ([e["execution_id"] for e in fast[1]["executions"]], fast[1]["cancel"]) == ([1], [2])
+
+    posts: list[tuple[str, dict[str, Any]]] = [
+        ("started", {"events": [_event("pc1", 1)]}),
+        ("finished", {"events": [_event("pc1", 1, "finished", status="succeeded", exit_code=0)]}),
+        ("another computer's execution", {"events": [_event("pc1", 3)]}),
+        ("as another computer", {"events": [_event("pc2", 3)]}),
+        ("a task server's kind", {"events": [_event("pc1", 1, "agent_pulled")]}),
+    ]
+    answers = []
+    for what, batch in posts:
+        fast, route = await _both_ways(h, mine, "POST", "/api/agent/events", {}, json=batch)
+        assert fast == route, what
+        answers.append(fast[0])
+    assert answers == [200, 200, 403, 403, 422]
+    assert await h.running.forwarder.drained(5)
+    assert len(h.ns.events_of("started")) == len(h.ns.events_of("finished")) == 1
+
+
+async def test_requests_the_fast_path_does_not_serve_get_the_routes_answers(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1")
+    forged = Agent("pc1", "not-a-token", b"", agent.socket, agent.enrollment)
+    tasks = "/api/agent/tasks"
+    cases: list[tuple[Agent | None, str, str, dict[str, Any], int]] = [
+        (None, "GET", tasks, {}, 401),
+        (forged, "GET", tasks, {}, 401),
+        (forged, "POST", "/api/agent/events", {"json": {"events": []}}, 401),
+        (agent, "GET", tasks, {"params": {"via": "bogus"}}, 422),
+        (agent, "GET", tasks, {"params": {"via": ""}}, 422),
+        (agent, "GET", tasks, {"params": {"settings_version": "-1"}}, 422),
+        (agent, "GET", tasks, {"params": {"settings_version": str(2**31)}}, 422),
+        (agent, "GET", tasks, {"params": {"settings_version": "v2"}}, 422),
+        (agent, "POST", "/api/agent/events", {"data": b"{not json"}, 422),
+        (agent, "POST", "/api/agent/events", {"json": {"events": [{"kind": "started"}]}}, 422),
+        (agent, "POST", "/api/agent/events", {"json": {"events": []}, "params": {"settings_version": "x"}}, 422),
+    ]  # fmt: skip
+    for who, method, path, kw, expected in cases:
+        status, body = await h.call(who, method, path, **kw)
+        assert status == expected, (method, path, kw, body)
+        if expected == 422:  # the route's validation error: it names what is wrong
+            assert isinstance(body["detail"], list), body
