@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from prometheus_client import Gauge
@@ -98,12 +98,30 @@ class TickleServer:
         tickles for untickled work and, when the settings version moved, every task server."""
         self._wake.set()
 
-    def ack(self, task_server: str, kind: wire.Kind) -> None:
-        """A pull the tickle caused (work acks TASKS, settings acks SETTINGS): stop resending."""
-        if self.tickler.ack(task_server, kind):
-            # a follow-up tickle (work came during the flight) starts now and covers all work
-            # created until now: the dispatcher must not ask for yet another one
-            self._requested_at[(task_server, kind)] = time.time()
+    def ack(self, task_server: str, kind: wire.Kind) -> bool:
+        """A pull the tickle caused (work acks TASKS, settings acks SETTINGS): stop resending.
+        Returns whether a tickle was in flight (see `tickle_again`)."""
+        if not self.tickler.ack(task_server, kind):
+            return False
+        # a follow-up tickle (work came during the flight) starts now and covers all work
+        # created until now: the dispatcher must not ask for yet another one
+        self._requested_at[(task_server, kind)] = time.time()
+        return True
+
+    @contextlib.contextmanager
+    def pulling(self, task_server: str, kind: wire.Kind, by_tickle: bool) -> Iterator[None]:
+        """Around a pull: one the tickle caused (`by_tickle`) acknowledges it first (what is
+        committed after this point gets a tickle of its own). If the pull then fails (a deadlock
+        lost on PostgreSQL, the database briefly away), the task server got nothing: it is
+        tickled again at once, else it waited for its periodic check."""
+        acked = by_tickle and self.ack(task_server, kind)
+        try:
+            yield
+        except Exception:
+            link = self._links.get(task_server)
+            if acked and link is not None:
+                self._tickle(link, kind)
+            raise
 
     async def dispatch_once(self, taking_over: bool = False) -> None:
         """One pass: refresh links, ack pulls seen in the database, tickle for new work/settings.

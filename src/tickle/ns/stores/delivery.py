@@ -267,14 +267,31 @@ class DeliveryStore:
                 .join(TaskServer, Computer.task_server_id == TaskServer.id)
                 .where(TaskServer.name == task_server)
             )
+            covered = [
+                Execution.computer_id.in_(clients.scalar_subquery()),
+                Execution.tickle_sent_at.is_(None),
+                Execution.created_at <= sent_at,
+                or_(Execution.ts_pulled_at.is_(None), Execution.ts_pulled_at >= sent_at),
+            ]
+            if s.get_bind().dialect.name == "postgresql":
+                # lock them in id order first, as a pull and `_record` do: this UPDATE alone
+                # locks them in its scan's order, and the pull the tickle caused, stamping the
+                # same rows at once, deadlocked with it (the pull, already taken as the tickle's
+                # acknowledgement, failed: its task server waited for its periodic check)
+                ids = list(
+                    s.scalars(
+                        select(Execution.id)
+                        .where(*covered)
+                        .order_by(Execution.id)
+                        .with_for_update(of=Execution)
+                    )
+                )
+                if not ids:
+                    return 0
+                covered = [_id_among(_EXECUTIONS.c.id, ids, postgresql=True)]
             result = s.execute(
                 update(Execution)
-                .where(
-                    Execution.computer_id.in_(clients.scalar_subquery()),
-                    Execution.tickle_sent_at.is_(None),
-                    Execution.created_at <= sent_at,
-                    or_(Execution.ts_pulled_at.is_(None), Execution.ts_pulled_at >= sent_at),
-                )
+                .where(*covered)
                 .values(tickle_sent_at=sent_at)
                 .execution_options(synchronize_session=False)
             )
