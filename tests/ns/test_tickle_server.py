@@ -332,3 +332,39 @@ async def test_a_tickle_caused_pull_that_fails_is_tickled_again(ns: Ns) -> None:
     assert tickle.kind is wire.Kind.TASKS
     assert pulled == [run["executions"][0]["id"]]
     await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
+
+
+async def test_tickle_caused_pulls_that_keep_failing_are_tickled_again_a_bounded_number_of_times(
+    ns: Ns,
+) -> None:
+    """A database that stays away: every pull fails. The tickle after a failed pull must not
+    make tickle and pull chase each other for ever: at most the tickles' tries in a row."""
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await ns.run_task(["pc1"])
+    await ts.tickle(within=2.0)
+
+    def fail_every_pull(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.startswith("UPDATE task_servers SET last_pull_at"):
+            raise OperationalError(statement, None, Exception("the database is away"))
+
+    tickles = 0
+    event.listen(ns.stores.database.engine, "before_cursor_execute", fail_every_pull)
+    try:
+        for _ in range(3 * ns.settings.tickle_tries):  # bounded: the assert below says more
+            status, _ = await ts.call("GET", "/api/ts/work?via=tickle")
+            assert status == 500
+            try:
+                await ts.tickle(within=4 * ns.settings.tickle_backoff_max_s)
+            except TimeoutError:
+                break
+            tickles += 1
+    finally:
+        event.remove(ns.stores.database.engine, "before_cursor_execute", fail_every_pull)
+    record(
+        case="Tickle-caused pulls keep failing (the database away)",
+        done="every tickle answered by a pull that fails with 500",
+        outcome=f"tickled again {tickles} times, then no more until a pull succeeds",
+        tried=tickles + 1,
+    )
+    assert 1 <= tickles <= ns.settings.tickle_tries

@@ -59,11 +59,14 @@ class TickleServer:
             registry=metrics.registry,
         )
         self._sweeper = Sweeper(settings, stores.cancel, metrics)
+        self._backoff = settings.tickle_backoff()
+        # tickle-caused pulls that failed in a row (see `pulling`)
+        self._failed_pulls: dict[tuple[str, wire.Kind], int] = {}
         self.tickler = Tickler(
             settings.ns_id,
             self._key_for,
             metrics,
-            settings.tickle_backoff(),
+            self._backoff,
             on_unreachable=self._on_unreachable,
             on_reachable=self._on_reachable,
             on_sent=self._on_sent,
@@ -113,15 +116,37 @@ class TickleServer:
         """Around a pull: one the tickle caused (`by_tickle`) acknowledges it first (what is
         committed after this point gets a tickle of its own). If the pull then fails (a deadlock
         lost on PostgreSQL, the database briefly away), the task server got nothing: it is
-        tickled again at once, else it waited for its periodic check."""
+        tickled again after the tickles' backoff (else it waited for its periodic check), at
+        most their tries in a row until one of its pulls succeeds."""
         acked = by_tickle and self.ack(task_server, kind)
         try:
             yield
         except Exception:
-            link = self._links.get(task_server)
-            if acked and link is not None:
-                self._tickle(link, kind)
+            if acked:
+                self._tickle_after_failed_pull(task_server, kind)
             raise
+        self._failed_pulls.pop((task_server, kind), None)
+
+    def _tickle_after_failed_pull(self, task_server: str, kind: wire.Kind) -> None:
+        # after the tickles' backoff, and bounded by their tries until a pull succeeds: a
+        # database that stays away must not make tickle and pull chase each other
+        key = (task_server, kind)
+        failed = self._failed_pulls.get(key, 0)
+        if self._backoff.tries is not None and failed >= self._backoff.tries:
+            log.warning(
+                "%s: its last %d tickle-caused pulls failed: no more tickles until a pull "
+                "succeeds (its periodic check)", task_server, failed,
+            )  # fmt: skip
+            return
+        self._failed_pulls[key] = failed + 1
+        asyncio.get_running_loop().call_later(
+            self._backoff.delay(failed), self._tickle_again, task_server, kind
+        )
+
+    def _tickle_again(self, task_server: str, kind: wire.Kind) -> None:
+        link = self._links.get(task_server)
+        if link is not None:
+            self._tickle(link, kind)
 
     async def dispatch_once(self, taking_over: bool = False) -> None:
         """One pass: refresh links, ack pulls seen in the database, tickle for new work/settings.
