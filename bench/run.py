@@ -19,7 +19,8 @@ Writes bench/results/latest.json (every figure with its unit) and latest.md, and
 table of targets with now / target / met.
 
 Options: --only PART[,PART] (latency|fleet|ingest|pulls|register|agent|curve|longpoll), --agents N,
---long-polls N, --runs N, --idle-s S, --curve N,N,..; see --help.
+--long-polls N, --runs N, --idle-s S, --curve N,N,.., --skip-postgres / --skip-sqlite (fleet: S2 or
+S3 only), --keep DIR (every process's log and PostgreSQL's kept there); see --help.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ PARTS = ("latency", "fleet", "ingest", "pulls", "register", "agent", "curve", "l
 # the loopback /16s: servers 127.NET.N, simulated agents 127.NET+1 (tests use 127.61-127.184);
 # --net moves both so two benchmarks can run side by side
 NET = 0
+# --keep DIR: the processes' directories (their logs) and PostgreSQL's log are kept there
+KEEP: Path | None = None
 
 
 def net(n: int) -> str:
@@ -245,6 +248,12 @@ def postgres_or_none(r: Results, what: str) -> Iterator[Any]:
     try:
         yield server
     finally:
+        if KEEP is not None:  # its directory goes with it: its log (lock waits, deadlocks) stays
+            with contextlib.suppress(OSError):
+                name = what.split()[0].lower()
+                (KEEP / f"postgres-{name}.log").write_bytes(
+                    (server.root / "postgres.log").read_bytes()
+                )
         server.stop()
 
 
@@ -551,14 +560,19 @@ def pulls_per_s(executions: list[ExecutionOut]) -> float | None:
     return len(pulled) / span if span > 0 else None
 
 
-async def fleet(root: Path, r: Results, agents: int, postgres: bool = True) -> None:
-    f = await fleet_run(root / "sqlite", agents, 4, net(10))
-    r.put("s2_agents", agents, "agents", "S2 simulated agents (4 task servers, SQLite)")
-    r.put("s2_wall_s", f.wall_s, "s", "S2 run-now → every status event recorded")
-    r.put("s2_resent", f.ts_metrics.get("tickle_tickles_resent_total"), "tickles",
-          "S2 tickles the task servers resent")  # fmt: skip
-    r.put("s2_pulls", f.ts_metrics.get("tickle_pulls_total"), "pulls", "S2 agent pulls")
-    r.md += fleet_md(f"S2: run-now on {agents} agents over 4 task servers, NS on SQLite", f)
+async def fleet(
+    root: Path, r: Results, agents: int, postgres: bool = True, sqlite: bool = True
+) -> None:
+    if sqlite:
+        f = await fleet_run(root / "sqlite", agents, 4, net(10))
+        r.put("s2_agents", agents, "agents", "S2 simulated agents (4 task servers, SQLite)")
+        r.put("s2_wall_s", f.wall_s, "s", "S2 run-now → every status event recorded")
+        r.put("s2_resent", f.ts_metrics.get("tickle_tickles_resent_total"), "tickles",
+              "S2 tickles the task servers resent")  # fmt: skip
+        r.put("s2_pulls", f.ts_metrics.get("tickle_pulls_total"), "pulls", "S2 agent pulls")
+        r.md += fleet_md(f"S2: run-now on {agents} agents over 4 task servers, NS on SQLite", f)
+    else:
+        r.notes.append("S2: not measured: --skip-sqlite")
     if not postgres:
         r.notes.append("S3: not measured: --skip-postgres")
         return
@@ -892,6 +906,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--idle-s", type=float, default=60.0, help="S7 idle time")
     parser.add_argument("--skip-postgres", action="store_true",
                         help="fleet: S2 only (no PostgreSQL run)")  # fmt: skip
+    parser.add_argument("--skip-sqlite", action="store_true",
+                        help="fleet: S3 only (no SQLite run)")  # fmt: skip
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="keep the processes' directories (logs) and PostgreSQL's log in "
+                             "DIR (else a temporary directory, removed)")  # fmt: skip
     parser.add_argument("--curve", default="1000,2500,5000,10000", help="S8 agent counts")
     parser.add_argument("--long-polls", type=int, default=10_000,
                         help="longpoll: waiting long-polls one task server holds")  # fmt: skip
@@ -916,15 +935,21 @@ def parse_args() -> argparse.Namespace:
 
 async def main() -> int:
     args = parse_args()
-    global NET
+    global NET, KEEP
     NET = args.net
     r = Results()
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="tickle-bench-") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            root = KEEP = args.keep.resolve()
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tickle-bench-")))
         steps = {
             "latency": lambda: latency(root / "latency", r, args.runs, args.gap_ms / 1000),
-            "fleet": lambda: fleet(root / "fleet", r, args.agents, not args.skip_postgres),
+            "fleet": lambda: fleet(
+                root / "fleet", r, args.agents, not args.skip_postgres, not args.skip_sqlite
+            ),
             "ingest": lambda: ingest(root / "ingest", r, args.ingest_executions),
             "pulls": lambda: pulls(root / "pulls", r, max(1, args.agents // 4)),
             "register": lambda: register(root / "register", r, args.agents),

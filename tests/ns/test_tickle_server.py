@@ -6,6 +6,8 @@ import itertools
 import time
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 
 from tests.ns.conftest import Ns, NsFactory, wait_for
 from tests.reliability import record
@@ -286,3 +288,83 @@ async def test_check_pull_served_by_another_process_stamps_last_pull_but_does_no
     resent, _ = await ts.tickle(within=2.0)
     assert resent.kind is wire.Kind.TASKS
     assert resent.seq > first.seq
+
+
+async def test_a_tickle_caused_pull_that_fails_is_tickled_again(ns: Ns) -> None:
+    """The pull a tickle caused acknowledges it before it reads the work: when that pull fails
+    (a deadlock lost on PostgreSQL, the database briefly away) the task server got nothing, and
+    without another tickle its work waited for its periodic check (a minute: S3 stalled)."""
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    run = await ns.run_task(["pc1"])
+    await ts.tickle(within=2.0)
+    failed: list[str] = []
+
+    def fail_the_pull_once(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.startswith("UPDATE task_servers SET last_pull_at") and not failed:
+            failed.append(statement)
+            raise OperationalError(statement, None, Exception("deadlock detected"))
+
+    event.listen(ns.stores.database.engine, "before_cursor_execute", fail_the_pull_once)
+    try:
+        status, _ = await ts.call("GET", "/api/ts/work?via=tickle")
+    finally:
+        event.remove(ns.stores.database.engine, "before_cursor_execute", fail_the_pull_once)
+    assert failed
+    assert status == 500
+
+    # not only at the task server's periodic check
+    try:
+        tickle: wire.Tickle | None = (await ts.tickle(within=2.0))[0]
+    except TimeoutError:
+        tickle = None
+    work = await ts.ok("GET", "/api/ts/work?via=tickle")
+    pulled = [w["execution_id"] for w in work["executions"]]
+    record(
+        case="The pull a tickle caused fails (after acknowledging it)",
+        done="run now; the task server's tickle-caused pull answered 500 (database error)",
+        outcome="tickled again at once, the next pull gets the work"
+        if tickle is not None and pulled == [run["executions"][0]["id"]]
+        else f"tickled again: {tickle is not None}, pulled {pulled}",
+        tried=1,
+    )
+    assert tickle is not None, "no tickle after the failed pull"
+    assert tickle.kind is wire.Kind.TASKS
+    assert pulled == [run["executions"][0]["id"]]
+    await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
+
+
+async def test_tickle_caused_pulls_that_keep_failing_are_tickled_again_a_bounded_number_of_times(
+    ns: Ns,
+) -> None:
+    """A database that stays away: every pull fails. The tickle after a failed pull must not
+    make tickle and pull chase each other for ever: at most the tickles' tries in a row."""
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await ns.run_task(["pc1"])
+    await ts.tickle(within=2.0)
+
+    def fail_every_pull(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.startswith("UPDATE task_servers SET last_pull_at"):
+            raise OperationalError(statement, None, Exception("the database is away"))
+
+    tickles = 0
+    event.listen(ns.stores.database.engine, "before_cursor_execute", fail_every_pull)
+    try:
+        for _ in range(3 * ns.settings.tickle_tries):  # bounded: the assert below says more
+            status, _ = await ts.call("GET", "/api/ts/work?via=tickle")
+            assert status == 500
+            try:
+                await ts.tickle(within=4 * ns.settings.tickle_backoff_max_s)
+            except TimeoutError:
+                break
+            tickles += 1
+    finally:
+        event.remove(ns.stores.database.engine, "before_cursor_execute", fail_every_pull)
+    record(
+        case="Tickle-caused pulls keep failing (the database away)",
+        done="every tickle answered by a pull that fails with 500",
+        outcome=f"tickled again {tickles} times, then no more until a pull succeeds",
+        tried=tickles + 1,
+    )
+    assert 1 <= tickles <= ns.settings.tickle_tries

@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import event
 
+from tests.ns.test_delivery_store import check_run_now_answers_the_run_as_read_back
+from tests.reliability import record
 from tickle import messages as m
 from tickle.ns.credentials import Caller, token_sha256
 from tickle.ns.stores import Stores
@@ -211,3 +214,85 @@ def test_same_new_task_server_registered_at_once_by_two_processes_gets_credentia
     assert holder is not None
     assert holder.name == "ts-new"
     assert b.inventory.caller_for(token_sha256(from_b.token)) is None
+
+
+def test_run_now_answers_the_run_as_read_back_on_postgresql(
+    stores: tuple[Stores, Stores],
+) -> None:
+    # PostgreSQL's run now inserts its executions from an array of computers (`stores.bulk`)
+    check_run_now_answers_the_run_as_read_back(stores[0])
+
+
+def _backends_waiting_for_a_lock(pg_url: str) -> int:
+    with psycopg.connect(_libpq_url(pg_url), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _libpq_url(pg_url: str) -> str:
+    return pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _wait_for_lock_waiters(pg_url: str, count: int) -> None:
+    end = time.monotonic() + 10
+    while _backends_waiting_for_a_lock(pg_url) < count:
+        assert time.monotonic() < end, f"never {count} backend(s) waiting for a lock"
+        time.sleep(0.02)
+
+
+def test_a_pull_and_the_stamp_of_its_tickle_at_once_both_succeed_whatever_order_the_rows_lie_in(
+    stores: tuple[Stores, Stores], pg_url: str
+) -> None:
+    """The dispatcher stamps `tickle_sent_at` on a task server's work (process B) while the pull
+    that tickle caused stamps `ts_pulled_at` on the same executions (process A). Both must lock
+    the rows in one order: a pull that lost a deadlock answered 500 after the dispatcher had
+    taken it as the tickle's acknowledgement, and the task server's work waited for its
+    periodic check (S3 stalled ~50 s).
+
+    The executions lie out of id order (the lower id rewritten since, as any update does) and a
+    third connection holds the lower one, so the pull waits for it first and the stamp, coming
+    second, reaches the rows in the order they lie in unless it locks them in id order too."""
+    a, b = stores
+    creds = a.inventory.register_task_server(_ts_registration("ts1"), "ns")
+    ts = a.inventory.caller_for(token_sha256(creds.token))
+    assert ts is not None
+    for name in ("c1", "c2"):
+        a.inventory.register_agent(ts, m.AgentRegistration(name=name, tickle_host="127.0.0.1"))
+    task = a.catalog.create_task(m.TaskCreate(name="t", command=["true"]))
+    run = a.delivery.create_run(m.RunCreate(task_id=task.id, computers=["c2", "c1"]))
+    low, high = sorted(e.id for e in run.executions)
+    sent_at = time.time()
+    with psycopg.connect(_libpq_url(pg_url)) as holder:
+        # rewrite the lower id's row: its new version lies after the higher one's
+        holder.execute("UPDATE executions SET job_id = NULL WHERE id = %s", (low,))
+        holder.commit()
+        holder.execute("SELECT id FROM executions WHERE id = %s FOR UPDATE", (low,))
+        with ThreadPoolExecutor(2) as pool:
+            pulled = pool.submit(a.delivery.pull_work, ts, time.time(), "tickle")
+            _wait_for_lock_waiters(pg_url, 1)
+            stamped = pool.submit(b.delivery.mark_tickle_sent, "ts1", sent_at)
+            _wait_for_lock_waiters(pg_url, 2)
+            holder.commit()  # the pull goes first, then the stamp
+            errors = [f.exception(20) for f in (pulled, stamped)]
+            record(
+                case="PostgreSQL: a pull and the stamp of its tickle at once (2 NS processes)",
+                done="rows out of id order, the pull waiting first for a row the stamp needs",
+                outcome="both committed, no deadlock"
+                if errors == [None, None]
+                else f"failed: {[type(e).__name__ for e in errors if e]}",
+                tried=1,
+            )
+            work = pulled.result()
+            count = stamped.result()
+
+    assert sorted(e.execution_id for e in work.executions) == [low, high]
+    assert count == 2
+    with psycopg.connect(_libpq_url(pg_url)) as conn:
+        rows = conn.execute(
+            "SELECT tickle_sent_at, ts_pulled_at FROM executions ORDER BY id"
+        ).fetchall()
+    assert [r[0] for r in rows] == [pytest.approx(sent_at)] * 2
+    assert all(r[1] is not None for r in rows)

@@ -13,13 +13,13 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import Scope
 
 from tickle import clock
 from tickle.ns.credentials import Caller, token_sha256
 from tickle.ns.dependencies import InventoryDep, OperatorsDep
-from tickle.ns.services import Services
 from tickle.ns.services.inventory import InventoryService
 from tickle.ns.stores.operators import ADMIN, OperatorStore
 from tickle.serving import arrived_at
@@ -64,14 +64,20 @@ def _unknown() -> HTTPException:
     )
 
 
-def require_operator(
+async def require_operator(
     request: Request, creds: AdminBearer, inventory: InventoryDep, operators: OperatorsDep
 ) -> str:
     """Allow the admin token or an operator account's; returns who ("admin" or the operator's
-    name), which the audit records."""
+    name), which the audit records. Async: the admin's token needs no query (an operator's is
+    looked up from a thread)."""
     sha = _token_hash(creds)
     if _is_admin(request, sha):
         return ADMIN
+    return await run_in_threadpool(_operator, sha, inventory, operators)
+
+
+def _operator(sha: str, inventory: InventoryService, operators: OperatorStore) -> str:
+    """The operator account whose token hashes to `sha` (blocking: database queries)."""
     name = operators.name_for(sha)
     if name is not None:
         return name
@@ -83,7 +89,7 @@ def require_operator(
     )
 
 
-def require_admin(who: Annotated[str, Depends(require_operator)]) -> str:
+async def require_admin(who: Annotated[str, Depends(require_operator)]) -> str:
     """Allow the admin token only (adding operator accounts)."""
     if who != ADMIN:
         raise HTTPException(
@@ -92,18 +98,22 @@ def require_admin(who: Annotated[str, Depends(require_operator)]) -> str:
     return who
 
 
-def require_task_server(
+async def require_task_server(
     request: Request, creds: TaskServerBearer, inventory: InventoryDep
 ) -> Caller:
     """Allow a registered task server's token; returns who it is.
 
     The time the task server sent along (`X-Tickle-Time`) is a sample of its clock's offset.
+    Async: a task server seen lately costs no query, and the threadpool's hand-off cost more
+    than the rest of this check (the database is asked from a thread when it must be).
     """
     sha = _token_hash(creds)
     known = getattr(request.state, _KNOWN_CALLER, None)  # looked up by the body limit already
-    caller = known[1] if known is not None and known[0] == sha else inventory.caller_for(sha)
+    caller = known[1] if known is not None and known[0] == sha else inventory.cached_caller(sha)
+    if caller is None:
+        caller = await run_in_threadpool(inventory.caller_for, sha)
     if caller is not None and caller.role == "task_server":
-        _measure_clock(request, caller)
+        await _measure_clock(request, caller)
         return caller
     if caller is not None or _is_admin(request, sha):
         who = _role(caller.role) if caller is not None else "the admin"
@@ -137,12 +147,14 @@ async def is_known_token(app: FastAPI, token: str, scope: Scope) -> bool:
     return True
 
 
-def _measure_clock(request: Request, caller: Caller) -> None:
+async def _measure_clock(request: Request, caller: Caller) -> None:
     arrived = arrived_at(request.state)
     theirs = clock.parse_header(request.headers.get(clock.TIME_HEADER), arrived)
     if theirs is not None:
-        services: Services = request.app.state.services
-        services.clocks.sample(caller, theirs, arrived)
+        clocks = request.app.state.services.clocks
+        save = clocks.note(caller, theirs, arrived)
+        if save is not None:  # the estimate moved: written from a thread
+            await run_in_threadpool(clocks.save, caller, *save)
 
 
 def _role(role: str) -> str:

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from prometheus_client import Gauge
@@ -59,11 +59,14 @@ class TickleServer:
             registry=metrics.registry,
         )
         self._sweeper = Sweeper(settings, stores.cancel, metrics)
+        self._backoff = settings.tickle_backoff()
+        # tickle-caused pulls that failed in a row (see `pulling`)
+        self._failed_pulls: dict[tuple[str, wire.Kind], int] = {}
         self.tickler = Tickler(
             settings.ns_id,
             self._key_for,
             metrics,
-            settings.tickle_backoff(),
+            self._backoff,
             on_unreachable=self._on_unreachable,
             on_reachable=self._on_reachable,
             on_sent=self._on_sent,
@@ -98,12 +101,52 @@ class TickleServer:
         tickles for untickled work and, when the settings version moved, every task server."""
         self._wake.set()
 
-    def ack(self, task_server: str, kind: wire.Kind) -> None:
-        """A pull the tickle caused (work acks TASKS, settings acks SETTINGS): stop resending."""
-        if self.tickler.ack(task_server, kind):
-            # a follow-up tickle (work came during the flight) starts now and covers all work
-            # created until now: the dispatcher must not ask for yet another one
-            self._requested_at[(task_server, kind)] = time.time()
+    def ack(self, task_server: str, kind: wire.Kind) -> bool:
+        """A pull the tickle caused (work acks TASKS, settings acks SETTINGS): stop resending.
+        Returns whether a tickle was in flight (see `tickle_again`)."""
+        if not self.tickler.ack(task_server, kind):
+            return False
+        # a follow-up tickle (work came during the flight) starts now and covers all work
+        # created until now: the dispatcher must not ask for yet another one
+        self._requested_at[(task_server, kind)] = time.time()
+        return True
+
+    @contextlib.contextmanager
+    def pulling(self, task_server: str, kind: wire.Kind, by_tickle: bool) -> Iterator[None]:
+        """Around a pull: one the tickle caused (`by_tickle`) acknowledges it first (what is
+        committed after this point gets a tickle of its own). If the pull then fails (a deadlock
+        lost on PostgreSQL, the database briefly away), the task server got nothing: it is
+        tickled again after the tickles' backoff (else it waited for its periodic check), at
+        most their tries in a row until one of its pulls succeeds."""
+        acked = by_tickle and self.ack(task_server, kind)
+        try:
+            yield
+        except Exception:
+            if acked:
+                self._tickle_after_failed_pull(task_server, kind)
+            raise
+        self._failed_pulls.pop((task_server, kind), None)
+
+    def _tickle_after_failed_pull(self, task_server: str, kind: wire.Kind) -> None:
+        # after the tickles' backoff, and bounded by their tries until a pull succeeds: a
+        # database that stays away must not make tickle and pull chase each other
+        key = (task_server, kind)
+        failed = self._failed_pulls.get(key, 0)
+        if self._backoff.tries is not None and failed >= self._backoff.tries:
+            log.warning(
+                "%s: its last %d tickle-caused pulls failed: no more tickles until a pull "
+                "succeeds (its periodic check)", task_server, failed,
+            )  # fmt: skip
+            return
+        self._failed_pulls[key] = failed + 1
+        asyncio.get_running_loop().call_later(
+            self._backoff.delay(failed), self._tickle_again, task_server, kind
+        )
+
+    def _tickle_again(self, task_server: str, kind: wire.Kind) -> None:
+        link = self._links.get(task_server)
+        if link is not None:
+            self._tickle(link, kind)
 
     async def dispatch_once(self, taking_over: bool = False) -> None:
         """One pass: refresh links, ack pulls seen in the database, tickle for new work/settings.

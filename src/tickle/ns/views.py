@@ -78,14 +78,45 @@ def execution_out(ex: Execution) -> m.ExecutionOut:
     )
 
 
-def execution_work(ex: Execution) -> m.ExecutionWork:
-    """The job information a task server pulls for one execution."""
+def new_execution_out(
+    execution_id: int,
+    run_id: int,
+    computer: str,
+    task_server: str | None,
+    timeline: list[m.TimelineStep],
+    expires_at: float | None,
+) -> m.ExecutionOut:
+    """`execution_out` of an execution just created (pending, its `new_timeline`), without its
+    row."""
+    return m.ExecutionOut(
+        id=execution_id,
+        run_id=run_id,
+        computer=computer,
+        task_server=task_server,
+        status="pending",
+        timeline=timeline,
+        expires_at=expires_at,
+    )
+
+
+def new_timeline(created_at: float) -> list[m.TimelineStep]:
+    """The timeline of an execution just created: only its creation timed (no step to correct);
+    the same steps for every execution of a run (shared: the messages are not changed)."""
+    return [
+        m.TimelineStep(step=step, at=created_at if step == "created" else None)
+        for step in m.TIMELINE_STEPS
+    ]
+
+
+def execution_work(row: Any) -> m.ExecutionWork:
+    """The job information a task server pulls for one execution (a Core row: id, kind, steps,
+    expires_at, and its computer's name)."""
     return m.ExecutionWork(
-        execution_id=ex.id,
-        computer=ex.computer.name,
-        kind="job" if ex.kind == "job" else "task",
-        steps=[m.TaskSpec.model_validate(step) for step in ex.steps],
-        expires_at=ex.expires_at,
+        execution_id=row.id,
+        computer=row.name,
+        kind="job" if row.kind == "job" else "task",
+        steps=[m.TaskSpec.model_validate(step) for step in row.steps],
+        expires_at=row.expires_at,
     )
 
 

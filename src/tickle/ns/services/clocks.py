@@ -49,11 +49,20 @@ class ClockService:
 
         Writes to the database (blocking) when the estimate moved: call it off the event loop.
         """
+        save = self.note(ts, their_time, arrived_at)
+        if save is not None:
+            self.save(ts, *save)
+
+    def note(
+        self, ts: Caller, their_time: float, arrived_at: float
+    ) -> tuple[float, str | None] | None:
+        """`sample` without its write (no blocking: safe on the event loop): the offset and state
+        to `save` when the estimate moved, else None."""
         with self._lock:
             offset = self._estimates.add(ts.name, their_time - arrived_at)
             saved = self._saved.get(ts.name)
             if saved is not None and abs(offset - saved) < SAVE_STEP_S:
-                return
+                return None
             self._saved[ts.name] = offset
         was, now = clock.skewed(saved, self._window_s), clock.skewed(offset, self._window_s)
         state = None
@@ -66,6 +75,10 @@ class ClockService:
             state = "clock_skewed"
         elif was and not now:
             state = "unknown"  # until a tickle is answered again
+        return offset, state
+
+    def save(self, ts: Caller, offset: float, state: str | None) -> None:
+        """Write what `note` returned (blocking)."""
         try:
             self._store.set_task_server_clock(ts.name, round(offset, 3), state)
         except SQLAlchemyError as exc:  # a measurement never fails the request: the next saves

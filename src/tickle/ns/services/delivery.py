@@ -57,12 +57,10 @@ class DeliveryService:
     async def pull_work(self, ts: Caller, via: m.TsPullVia) -> m.WorkOut:
         """The task server's pull; one a tickle caused acknowledges it."""
         now = time.time()
-        if via == "tickle":
-            # only a pull the tickle caused proves the task server tickle-reachable; a check
-            # does not (the tickle may have been dropped). Ack before reading: work committed
-            # after this point gets a tickle of its own.
-            self._tickle_server.ack(ts.name, wire.Kind.TASKS)
-        work = await run_in_threadpool(self._store.pull_work, ts, now, via)
+        # only a pull the tickle caused proves the task server tickle-reachable; a check does
+        # not (the tickle may have been dropped)
+        with self._tickle_server.pulling(ts.name, wire.Kind.TASKS, via == "tickle"):
+            work = await run_in_threadpool(self._store.pull_work, ts, now, via)
         self._metrics.pulls.labels(via=via).inc()
         if self._cancels is not None:
             # the cancels its agents must hear of: never start those, stop them where they run

@@ -59,9 +59,12 @@ class InventoryService:
 
     async def register_agent(self, ts: Caller, body: m.AgentRegistration) -> m.AgentCredentials:
         """Register an agent with the calling task server (moving its computer there)."""
-        creds = await run_in_threadpool(self._store.register_agent, ts, body, self._manual)
-        self._tickle_server.notify()  # work pending for a computer that moved goes to its new TS
-        return creds
+        enrolled = await run_in_threadpool(self._store.enroll_agent, ts, body, self._manual)
+        if enrolled.moved:  # work pending for a computer that moved goes to its new TS
+            # (not for every registration: a fleet registering ran a dispatch pass, five
+            # queries, for each of its agents)
+            self._tickle_server.notify()
+        return enrolled.credentials
 
     async def about(self, started_at: float) -> m.About:
         """What this notification server is, and whether it is the tickle dispatcher now."""

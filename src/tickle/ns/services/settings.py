@@ -36,9 +36,9 @@ class SettingsService:
     async def pull(self, ts: Caller, via: m.TsPullVia) -> m.SettingsOut:
         """The task server's settings pull; one the settings tickle caused acknowledges it."""
         now = time.time()
-        if via == "tickle":  # only a pull the settings tickle caused proves it arrived
-            self._tickle_server.ack(ts.name, wire.Kind.SETTINGS)
-        return await run_in_threadpool(self._store.pull_settings, ts, now, via)
+        # only a pull the settings tickle caused proves it arrived
+        with self._tickle_server.pulling(ts.name, wire.Kind.SETTINGS, via == "tickle"):
+            return await run_in_threadpool(self._store.pull_settings, ts, now, via)
 
     def settings(self) -> m.SettingsOut:
         return self._store.settings()

@@ -9,7 +9,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Row, Text, bindparam, cast, func, insert, or_, select, update
+from sqlalchemy import (
+    ARRAY,
+    Column,
+    ColumnElement,
+    Connection,
+    Integer,
+    Row,
+    Text,
+    any_,
+    bindparam,
+    cast,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -31,6 +47,7 @@ from tickle.ns.models import (
     TaskServer,
 )
 from tickle.ns.models import StatusEvent as StatusEventRow
+from tickle.ns.stores import bulk
 
 log = logging.getLogger(__name__)
 _FINAL = m.FINAL_STATUSES
@@ -41,20 +58,42 @@ _EXECUTIONS = Base.metadata.tables[Execution.__tablename__]
 _COMPUTERS = Base.metadata.tables[Computer.__tablename__]
 _EVENTS = Base.metadata.tables[StatusEventRow.__tablename__]
 _OUTPUTS = Base.metadata.tables[ExecutionOutput.__tablename__]
+_RUNS = Base.metadata.tables[Run.__tablename__]
+_TASK_SERVERS = Base.metadata.tables[TaskServer.__tablename__]
+_PULLS = Base.metadata.tables[ExecutionPull.__tablename__]
+# what a pull gives of each execution (with its computer's name)
+_WORK_COLUMNS = [
+    _EXECUTIONS.c[name] for name in ("id", "kind", "steps", "expires_at", "ts_pulled_at")
+]
 # what recording an event reads of its execution (the computer's columns come joined)
 _EXEC_COLUMNS = [_EXECUTIONS.c[name] for name in ("id", "steps", "created_at", *_PROGRESS_FIELDS)]
-# the events of a batch in one executemany, their bodies serialized by pydantic (the JSON column's
-# own json.dumps of a dict per event cost more than the rest of the insert); PostgreSQL is told
-# the text is JSON, SQLite keeps JSON as text anyway
-_EVENT_BINDS: dict[str, Any] = {
-    name: bindparam(name) for name in ("event_id", "execution_id", "kind", "at", "recorded_at")
-}
-_INSERT_EVENTS = {
-    "postgresql": insert(_EVENTS).values(
-        _EVENT_BINDS | {"body": cast(bindparam("body", type_=Text), JSON)}
-    ),
-    "other": insert(_EVENTS).values(_EVENT_BINDS | {"body": bindparam("body", type_=Text)}),
-}
+# the events of a batch in one executemany (SQLite), their bodies serialized by pydantic (the JSON
+# column's own json.dumps of a dict per event cost more than the rest of the insert); PostgreSQL:
+# in one INSERT of arrays (see `bulk`)
+_EVENT_VARYING = ["event_id", "execution_id", "kind", "at", "body"]
+_INSERT_EVENTS = insert(_EVENTS).values(
+    {name: bindparam(name) for name in _EVENT_VARYING} | {"body": bindparam("body", type_=Text)}
+)
+_PG_INSERT_EVENTS = bulk.insert(_EVENTS, _EVENT_VARYING, ["recorded_at"])
+# PostgreSQL: a run's executions in one INSERT of an array of computers (see `bulk`)
+_PG_INSERT_EXECUTIONS = bulk.insert(
+    _EXECUTIONS,
+    ["computer_id"],
+    [
+        "run_id",
+        "task_id",
+        "job_id",
+        "kind",
+        "steps",
+        "status",
+        "step_results",
+        "created_at",
+        "expires_at",
+    ],
+    returning=["id", "computer_id"],
+)
+_PG_INSERT_PULLS = bulk.insert(_PULLS, ["execution_id"], ["task_server_id", "pulled_at"])
+_PG_UPDATE_PROGRESS = bulk.update(_EXECUTIONS, "id", _PROGRESS_FIELDS)
 # the progress of many executions in one executemany
 _UPDATE_PROGRESS = (
     update(_EXECUTIONS)
@@ -91,36 +130,62 @@ class DeliveryStore:
         """Run now: one pending execution per selected computer (named or in a named group)."""
         now = time.time()
         with self._db.writing() as s:
+            conn = s.connection()
             kind, steps, label = _steps(s, body)
-            targets = _targets(s, body)
+            targets = _targets(conn, body)
             expires_at = None if body.expires_in_s is None else now + body.expires_in_s
-            run = Run(
+            run = {"task_id": body.task_id, "job_id": body.job_id, "created_at": now}
+            run_id = int(
+                conn.execute(
+                    insert(_RUNS)
+                    .values(run | {"label": label, "expires_at": expires_at})
+                    .returning(_RUNS.c.id)
+                ).scalar_one()
+            )
+            # SQLAlchemy Core in one statement (PostgreSQL) or one executemany (SQLite): the
+            # ORM's flush of one object per execution cost 150 µs a computer (10,000: 1.5 s)
+            execution = run | {
+                "run_id": run_id,
+                "kind": kind,
+                "steps": steps,
+                "status": "pending",
+                "step_results": [],
+                "expires_at": expires_at,
+            }
+            by_computer = {t.id: t for t in targets}
+            rows: Sequence[Any] = []
+            if by_computer and conn.dialect.name == "postgresql":
+                json_columns = {"steps": bulk.json_text(steps), "step_results": "[]"}
+                rows = conn.execute(
+                    _PG_INSERT_EXECUTIONS,
+                    execution | json_columns | {"computer_id": list(by_computer)},
+                ).all()
+            elif by_computer:
+                rows = conn.execute(
+                    insert(_EXECUTIONS).returning(_EXECUTIONS.c.id, _EXECUTIONS.c.computer_id),
+                    [execution | {"computer_id": computer_id} for computer_id in by_computer],
+                ).all()
+            made = sorted((int(row[0]), int(row[1])) for row in rows)  # a run's order: by id
+            timeline = views.new_timeline(now)
+            return m.RunOut(
+                id=run_id,
+                created_at=now,
                 task_id=body.task_id,
                 job_id=body.job_id,
                 label=label,
-                created_at=now,
                 expires_at=expires_at,
-            )
-            s.add(run)
-            s.flush()
-            for c in targets:
-                s.add(
-                    Execution(
-                        run_id=run.id,
-                        computer_id=c.id,
-                        task_id=body.task_id,
-                        job_id=body.job_id,
-                        kind=kind,
-                        steps=steps,
-                        status="pending",
-                        step_results=[],
-                        created_at=now,
-                        expires_at=expires_at,
+                executions=[
+                    views.new_execution_out(
+                        execution_id,
+                        run_id,
+                        by_computer[computer_id].name,
+                        by_computer[computer_id].task_server,
+                        timeline,
+                        expires_at,
                     )
-                )
-            s.flush()
-            s.expire(run, ["executions"])
-            return views.run_out(run)
+                    for execution_id, computer_id in made
+                ],
+            )
 
     def rerun_of(self, run_id: int, failed: bool) -> m.RunCreate:
         """A run of `run_id`'s task, job or ad-hoc command again, on its computers (`failed`:
@@ -202,14 +267,31 @@ class DeliveryStore:
                 .join(TaskServer, Computer.task_server_id == TaskServer.id)
                 .where(TaskServer.name == task_server)
             )
+            covered = [
+                Execution.computer_id.in_(clients.scalar_subquery()),
+                Execution.tickle_sent_at.is_(None),
+                Execution.created_at <= sent_at,
+                or_(Execution.ts_pulled_at.is_(None), Execution.ts_pulled_at >= sent_at),
+            ]
+            if s.get_bind().dialect.name == "postgresql":
+                # lock them in id order first, as a pull and `_record` do: this UPDATE alone
+                # locks them in its scan's order, and the pull the tickle caused, stamping the
+                # same rows at once, deadlocked with it (the pull, already taken as the tickle's
+                # acknowledgement, failed: its task server waited for its periodic check)
+                ids = list(
+                    s.scalars(
+                        select(Execution.id)
+                        .where(*covered)
+                        .order_by(Execution.id)
+                        .with_for_update(of=Execution)
+                    )
+                )
+                if not ids:
+                    return 0
+                covered = [_id_among(_EXECUTIONS.c.id, ids, postgresql=True)]
             result = s.execute(
                 update(Execution)
-                .where(
-                    Execution.computer_id.in_(clients.scalar_subquery()),
-                    Execution.tickle_sent_at.is_(None),
-                    Execution.created_at <= sent_at,
-                    or_(Execution.ts_pulled_at.is_(None), Execution.ts_pulled_at >= sent_at),
-                )
+                .where(*covered)
                 .values(tickle_sent_at=sent_at)
                 .execution_options(synchronize_session=False)
             )
@@ -218,32 +300,53 @@ class DeliveryStore:
     # --- helpers -------------------------------------------------------------------------------
 
     def _pull_work(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
+        # SQLAlchemy Core: no ORM object per execution (their loading and flush were most of a
+        # pull's 3 ms)
         stamps = {"last_pull_at": now} | ({"tickle_pulled_at": now} if via == "tickle" else {})
         with self._db.writing() as s:
-            s.execute(update(TaskServer).where(TaskServer.id == ts.id).values(**stamps))
-            rows = s.scalars(
-                select(Execution)
-                .join(Computer, Execution.computer_id == Computer.id)
-                .where(Computer.task_server_id == ts.id, Execution.status.not_in(_FINAL))
-                .order_by(Execution.id)
-            ).all()
-            for ex in rows:
-                if ex.ts_pulled_at is None:
-                    ex.ts_pulled_at = now
-            ids = [ex.id for ex in rows]
-            known = set(
-                s.scalars(
-                    select(ExecutionPull.execution_id).where(
-                        ExecutionPull.task_server_id == ts.id, ExecutionPull.execution_id.in_(ids)
+            conn = s.connection()
+            postgresql = conn.dialect.name == "postgresql"
+            conn.execute(update(_TASK_SERVERS).where(_TASK_SERVERS.c.id == ts.id).values(stamps))
+            given = _PULLS.c.task_server_id == ts.id
+            rows = conn.execute(
+                select(*_WORK_COLUMNS, _COMPUTERS.c.name, _PULLS.c.execution_id.label("given"))
+                .select_from(
+                    _EXECUTIONS.join(_COMPUTERS).outerjoin(
+                        _PULLS, (_PULLS.c.execution_id == _EXECUTIONS.c.id) & given
                     )
                 )
-            )
-            s.add_all(
-                ExecutionPull(execution_id=i, task_server_id=ts.id, pulled_at=now)
-                for i in ids
-                if i not in known
-            )
-            return m.WorkOut(executions=[views.execution_work(ex) for ex in rows])
+                .where(_COMPUTERS.c.task_server_id == ts.id, _EXECUTIONS.c.status.not_in(_FINAL))
+                .order_by(_EXECUTIONS.c.id)
+            ).all()
+            # the ids read, not a condition: an execution committed since was not given here
+            unpulled = [row.id for row in rows if row.ts_pulled_at is None]
+            if unpulled and postgresql:
+                # lock them in id order first, as `_record` does: an UPDATE of many rows locks
+                # them in its scan's order, and two pulls (two NS processes) could deadlock
+                conn.execute(
+                    select(_EXECUTIONS.c.id)
+                    .where(_id_among(_EXECUTIONS.c.id, unpulled, postgresql))
+                    .order_by(_EXECUTIONS.c.id)
+                    .with_for_update()
+                ).all()
+            if unpulled:
+                conn.execute(
+                    update(_EXECUTIONS)
+                    .where(_id_among(_EXECUTIONS.c.id, unpulled, postgresql))
+                    .values(ts_pulled_at=now)
+                )
+            new = [row.id for row in rows if row.given is None]
+            if new and postgresql:
+                conn.execute(
+                    _PG_INSERT_PULLS,
+                    {"execution_id": new, "task_server_id": ts.id, "pulled_at": now},
+                )
+            elif new:
+                conn.execute(
+                    insert(_PULLS),
+                    [{"execution_id": i, "task_server_id": ts.id, "pulled_at": now} for i in new],
+                )
+            return m.WorkOut(executions=[views.execution_work(row) for row in rows])
 
     def _record(self, ts: Caller, events: Sequence[m.StatusEvent], now: float) -> EventOutcome:
         # SQLAlchemy Core throughout: no ORM object per execution or per event (the profile had
@@ -330,16 +433,26 @@ class DeliveryStore:
                     out.finished.append(after.status)
                 out.accepted.append(e.event_id)
                 out.recorded.append(e)
-            if new_rows:  # one bulk INSERT
-                dialect = "postgresql" if conn.dialect.name == "postgresql" else "other"
-                conn.execute(_INSERT_EVENTS[dialect], new_rows)
+            postgresql = conn.dialect.name == "postgresql"
+            if new_rows and postgresql:  # one INSERT of arrays (see `bulk`)
+                conn.execute(
+                    _PG_INSERT_EVENTS,
+                    bulk.columns(new_rows, _EVENT_VARYING) | {"recorded_at": now},
+                )
+            elif new_rows:  # one executemany
+                conn.execute(_INSERT_EVENTS, new_rows)
             _keep_outputs(s, outputs)
             changed = [
                 _progress_params(ex_id, after)
                 for ex_id, after in progress.items()
                 if after != initial[ex_id]
             ]
-            if changed:  # one UPDATE executed for the many executions this batch moved
+            if changed and postgresql:  # one UPDATE from arrays
+                for params in changed:
+                    params["id"] = params.pop("_id")
+                    params["step_results"] = bulk.json_text(params["step_results"])
+                conn.execute(_PG_UPDATE_PROGRESS, bulk.columns(changed, ["id", *_PROGRESS_FIELDS]))
+            elif changed:  # one UPDATE executed for the many executions this batch moved
                 conn.execute(_UPDATE_PROGRESS, changed)
         return out
 
@@ -384,25 +497,29 @@ def _steps(s: Session, body: m.RunCreate) -> tuple[str, list[dict[str, Any]], st
     return "job", [views.task_spec(by_id[jt.task_id]) for jt in job.tasks], job.name
 
 
-def _targets(s: Session, body: m.RunCreate) -> list[Computer]:
-    chosen: dict[str, Computer] = {}
-    if body.all_computers:
-        every = list(
-            s.scalars(
-                select(Computer).where(Computer.forgotten_at.is_(None)).order_by(Computer.name)
-            )
+def _targets(conn: Connection, body: m.RunCreate) -> list[Any]:
+    """The computers a run is for: id, name, task_server (its name, or None), groups."""
+    # Core rows: an ORM Computer (with its task server joined) per target cost more than the
+    # insert of its execution
+    unforgotten = (
+        select(
+            _COMPUTERS.c.id,
+            _COMPUTERS.c.name,
+            _TASK_SERVERS.c.name.label("task_server"),
+            _COMPUTERS.c.groups,
         )
+        .select_from(_COMPUTERS.outerjoin(_TASK_SERVERS))
+        .where(_COMPUTERS.c.forgotten_at.is_(None))
+    )
+    chosen: dict[str, Any] = {}
+    if body.all_computers:
+        every = conn.execute(unforgotten.order_by(_COMPUTERS.c.name)).all()
         if not every:
             raise NotFound("no computer is registered")
         chosen.update((c.name, c) for c in every)
     if body.computers:
         names = list(dict.fromkeys(body.computers))
-        found = {
-            c.name: c
-            for c in s.scalars(
-                select(Computer).where(Computer.name.in_(names), Computer.forgotten_at.is_(None))
-            )
-        }
+        found = {c.name: c for c in conn.execute(unforgotten.where(_COMPUTERS.c.name.in_(names)))}
         missing = [n for n in names if n not in found]
         if missing:
             raise NotFound(f"unknown computer(s): {', '.join(missing)}")
@@ -411,9 +528,7 @@ def _targets(s: Session, body: m.RunCreate) -> list[Computer]:
         wanted = set(body.groups)
         matched: set[str] = set()
         # groups are a JSON list per computer: filtered here, portable across databases
-        for c in s.scalars(
-            select(Computer).where(Computer.forgotten_at.is_(None)).order_by(Computer.name)
-        ):
+        for c in conn.execute(unforgotten.order_by(_COMPUTERS.c.name)):
             hit = wanted.intersection(c.groups or [])
             if hit:
                 matched |= hit
@@ -422,6 +537,14 @@ def _targets(s: Session, body: m.RunCreate) -> list[Computer]:
         if empty:
             raise NotFound(f"no computer in group(s): {', '.join(empty)}")
     return list(chosen.values())
+
+
+def _id_among(column: Column[int], ids: list[int], postgresql: bool) -> ColumnElement[bool]:
+    """`column IN ids`; on PostgreSQL as `= ANY` of one array (thousands of placeholders cost
+    psycopg more to parse than the statement costs to run)."""
+    if postgresql:
+        return column == any_(cast(bindparam("ids", ids, type_=ARRAY(Integer)), ARRAY(Integer)))
+    return column.in_(ids)
 
 
 def _get(s: Session, table: type[_Row], ident: int | None, what: str) -> _Row:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from tickle import messages as m
@@ -18,8 +18,17 @@ from tickle.ns.credentials import Caller, CallerCache, new_tickle_key, new_token
 from tickle.ns.database import Database, retry_on_conflict
 from tickle.ns.errors import Forbidden
 from tickle.ns.liveness import DEFAULT_BOUND, OfflineBound
-from tickle.ns.models import Computer, Settings, TaskServer
+from tickle.ns.models import Base, Computer, Settings, TaskServer
 from tickle.ns.stores import registrations
+
+_COMPUTERS = Base.metadata.tables[Computer.__tablename__]
+# what an agent's registration reads of the computer of its name
+_ENROLL_COLUMNS = [
+    _COMPUTERS.c[name] for name in ("id", "task_server_id", "identity_sha256", "forgotten_at")
+]
+_ENROLLED = select(*_ENROLL_COLUMNS).where(_COMPUTERS.c.name == bindparam("name"))
+_INSERT_COMPUTER = insert(_COMPUTERS)
+_UPDATE_COMPUTER = update(_COMPUTERS).where(_COMPUTERS.c.id == bindparam("_id"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +40,15 @@ class TaskServerLink:
     key: bytes
     tickle_pulled_at: float | None  # the last work pull a tickle caused
     settings_pulled_at: float | None  # the last settings pull a tickle caused
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolled:
+    """An agent's registration: its credentials, and whether its computer moved here from
+    another task server (its unfinished work may now be for this one)."""
+
+    credentials: m.AgentCredentials
+    moved: bool
 
 
 class InventoryStore:
@@ -82,6 +100,10 @@ class InventoryStore:
 
         Refused as `register_task_server` is.
         """
+        return self.enroll_agent(ts, reg, manual).credentials
+
+    def enroll_agent(self, ts: Caller, reg: m.AgentRegistration, manual: bool = False) -> Enrolled:
+        """`register_agent`, saying too whether the computer moved from another task server."""
         return retry_on_conflict(lambda: self._register_agent(ts, reg, manual))
 
     def clients(self, ts: Caller) -> list[m.ClientInfo]:
@@ -261,43 +283,49 @@ class InventoryStore:
             raise refusal
         return m.TaskServerCredentials(name=reg.name, token=token, tickle_key=key, ns_id=ns_id)
 
-    def _register_agent(
-        self, ts: Caller, reg: m.AgentRegistration, manual: bool
-    ) -> m.AgentCredentials:
+    def _register_agent(self, ts: Caller, reg: m.AgentRegistration, manual: bool) -> Enrolled:
         token, key = new_token(), new_tickle_key()
         address = reg.observed_address or reg.reported_address
         ask = registrations.Request("computer", reg.name, reg.identity, ts.name, address)
+        now = time.time()
+        # SQLAlchemy Core: no ORM Computer (with its task server joined) loaded and flushed
         with self._db.writing() as s:
-            c = s.scalar(select(Computer).where(Computer.name == reg.name))
+            conn = s.connection()
+            c = conn.execute(_ENROLLED, {"name": reg.name}).first()
             # a forgotten computer registers as a new one: its old identity went with it
             known = c if c is not None and c.forgotten_at is None else None
             refusal = registrations.admit(
                 s, ask, known, manual
             )  # raised after the commit, as above
             if refusal is None:
+                values: dict[str, Any] = {
+                    "task_server_id": ts.id,
+                    "token_sha256": token_sha256(token),
+                    "tickle_key": key,
+                    "tickle_host": reg.tickle_host,
+                    "tickle_port": reg.tickle_port,
+                    "cem": reg.cem,
+                    "groups": list(reg.groups),
+                    "reported_address": reg.reported_address,
+                    "observed_address": reg.observed_address,
+                    "nat_detected": _nat(reg.reported_address, reg.observed_address),
+                    "tickle_state": "cem" if reg.cem else "unknown",
+                    "last_contact_at": now,
+                    "identity_sha256": ask.identity_sha256
+                    or (known.identity_sha256 if known is not None else None),
+                }
+                # statements built once, the values bound: building one with its values cost
+                # more than running it
                 if c is None:
-                    c = Computer(name=reg.name)
-                    s.add(c)
-                if c.forgotten_at is not None:
-                    c.forgotten_at = None
-                    c.settings_version = None
-                    c.identity_sha256 = None
-                c.task_server_id = ts.id
-                c.token_sha256 = token_sha256(token)
-                c.tickle_key = key
-                c.tickle_host = reg.tickle_host
-                c.tickle_port = reg.tickle_port
-                c.cem = reg.cem
-                c.groups = list(reg.groups)
-                c.reported_address = reg.reported_address
-                c.observed_address = reg.observed_address
-                c.nat_detected = _nat(reg.reported_address, reg.observed_address)
-                c.tickle_state = "cem" if reg.cem else "unknown"
-                c.last_contact_at = time.time()
-                c.identity_sha256 = ask.identity_sha256 or c.identity_sha256
+                    conn.execute(_INSERT_COMPUTER, values | {"name": reg.name})
+                else:
+                    if c.forgotten_at is not None:
+                        values |= {"forgotten_at": None, "settings_version": None}
+                    conn.execute(_UPDATE_COMPUTER, values | {"_id": c.id})
         if refusal is not None:
             raise refusal
-        return m.AgentCredentials(name=reg.name, token=token, tickle_key=key)
+        moved = c is not None and c.task_server_id not in (None, ts.id)
+        return Enrolled(m.AgentCredentials(name=reg.name, token=token, tickle_key=key), moved)
 
 
 def _interval_s(s: Session) -> float:

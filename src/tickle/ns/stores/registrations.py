@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy import ColumnElement, delete, select
+from sqlalchemy import ColumnElement, bindparam, delete, select
 from sqlalchemy.orm import Session
 
 from tickle import messages as m
@@ -59,6 +59,11 @@ def identity_sha256(identity: str | None) -> str | None:
     return hashlib.sha256(identity.encode()).hexdigest() if identity else None
 
 
+_BY_NAME = (Registration.kind == bindparam("kind"), Registration.name == bindparam("name"))
+_REQUEST = select(Registration).where(*_BY_NAME)
+_FORGET_REQUEST = delete(Registration).where(*_BY_NAME)
+
+
 def admit(
     s: Session, ask: Request, registered: Registered | None, manual: bool
 ) -> Conflict | Forbidden | None:
@@ -74,9 +79,10 @@ def admit(
                 f"{what} {ask.name} is registered to another {_PEER[ask.kind]} (a different "
                 f"identity): refused; `{cmd} rekey {ask.name}` lets a new one take the name"
             )
-        s.execute(delete(Registration).where(*_named(ask.kind, ask.name)))
+        # statements built once, kind and name bound (on every registration)
+        s.execute(_FORGET_REQUEST, {"kind": ask.kind, "name": ask.name})
         return None
-    r = s.scalar(select(Registration).where(*_named(ask.kind, ask.name)))
+    r = s.scalar(_REQUEST, {"kind": ask.kind, "name": ask.name})
     now = time.time()
     if r is not None and r.identity_sha256 != sha:
         return Conflict(
