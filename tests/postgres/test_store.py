@@ -6,9 +6,9 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -21,6 +21,8 @@ from tickle.ns.credentials import Caller, token_sha256
 from tickle.ns.stores import Stores
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+_A = TypeVar("_A")
+_B = TypeVar("_B")
 
 
 @pytest.fixture
@@ -223,6 +225,65 @@ def test_run_now_answers_the_run_as_read_back_on_postgresql(
     check_run_now_answers_the_run_as_read_back(stores[0])
 
 
+def test_a_pull_and_the_sweep_ending_its_executions_at_once_both_finish_without_a_deadlock(
+    stores: tuple[Stores, Stores], pg_url: str
+) -> None:
+    """The sweeper (process B) ends executions it finds lost while a pull (process A) stamps the
+    same ones: both must lock them in id order. The rows lie out of id order and a third
+    connection holds the lower one, so the pull waits for it first; a sweep ending them in the
+    order its query found them takes the higher one first and the two deadlock."""
+    a, b = stores
+    ts, low, high = _run_on_two_computers(a)
+    later = time.time() + 10 * 86400  # the sweep's clock: long after, both computers silent
+    work, ended = _pull_first_then(
+        pg_url, low, lambda: a.delivery.pull_work(ts, time.time(), "tickle"),
+        lambda: b.cancel.sweep(later, 1.0, 0.0),
+        "PostgreSQL: a pull and the sweep ending its executions at once (2 NS processes)",
+        "rows out of id order, the pull waiting first for a row the sweep needs",
+    )  # fmt: skip
+
+    assert sorted(e.execution_id for e in work.executions) == [low, high]
+    assert sorted(ended.lost) == [low, high]
+
+
+def _run_on_two_computers(store: Stores) -> tuple[Caller, int, int]:
+    """A task server with agents c1 and c2 and a run on both: the task server, the two
+    execution ids (lower first)."""
+    creds = store.inventory.register_task_server(_ts_registration("ts1"), "ns")
+    ts = store.inventory.caller_for(token_sha256(creds.token))
+    assert ts is not None
+    for name in ("c1", "c2"):
+        store.inventory.register_agent(ts, m.AgentRegistration(name=name, tickle_host="127.0.0.1"))
+    task = store.catalog.create_task(m.TaskCreate(name="t", command=["true"]))
+    run = store.delivery.create_run(m.RunCreate(task_id=task.id, computers=["c2", "c1"]))
+    low, high = sorted(e.id for e in run.executions)
+    return ts, low, high
+
+
+def _pull_first_then(
+    pg_url: str, low: int, pull: Callable[[], _A], other: Callable[[], _B], case: str, done: str
+) -> tuple[_A, _B]:
+    """Run `pull` and then `other` on executions lying out of id order (the lower id's row
+    rewritten, so its new version lies after the higher one's), with a third connection holding
+    the lower one until both wait: the pull waits for it first, and `other` deadlocks with it
+    unless it too locks the rows in id order. Records the outcome; returns both answers."""
+    with psycopg.connect(_libpq_url(pg_url)) as holder:
+        holder.execute("UPDATE executions SET job_id = NULL WHERE id = %s", (low,))
+        holder.commit()
+        holder.execute("SELECT id FROM executions WHERE id = %s FOR UPDATE", (low,))
+        with ThreadPoolExecutor(2) as pool:
+            pulled = pool.submit(pull)
+            _wait_for_lock_waiters(pg_url, 1)
+            then = pool.submit(other)
+            _wait_for_lock_waiters(pg_url, 2)
+            holder.commit()  # the pull goes first, then the other
+            errors = [f.exception(20) for f in (pulled, then)]
+            failed = [type(e).__name__ for e in errors if e]
+            outcome = f"failed: {failed}" if failed else "both committed, no deadlock"
+            record(case=case, done=done, outcome=outcome, tried=1)
+            return pulled.result(), then.result()
+
+
 def _backends_waiting_for_a_lock(pg_url: str) -> int:
     with psycopg.connect(_libpq_url(pg_url), autocommit=True) as conn:
         row = conn.execute(
@@ -256,37 +317,14 @@ def test_a_pull_and_the_stamp_of_its_tickle_at_once_both_succeed_whatever_order_
     third connection holds the lower one, so the pull waits for it first and the stamp, coming
     second, reaches the rows in the order they lie in unless it locks them in id order too."""
     a, b = stores
-    creds = a.inventory.register_task_server(_ts_registration("ts1"), "ns")
-    ts = a.inventory.caller_for(token_sha256(creds.token))
-    assert ts is not None
-    for name in ("c1", "c2"):
-        a.inventory.register_agent(ts, m.AgentRegistration(name=name, tickle_host="127.0.0.1"))
-    task = a.catalog.create_task(m.TaskCreate(name="t", command=["true"]))
-    run = a.delivery.create_run(m.RunCreate(task_id=task.id, computers=["c2", "c1"]))
-    low, high = sorted(e.id for e in run.executions)
+    ts, low, high = _run_on_two_computers(a)
     sent_at = time.time()
-    with psycopg.connect(_libpq_url(pg_url)) as holder:
-        # rewrite the lower id's row: its new version lies after the higher one's
-        holder.execute("UPDATE executions SET job_id = NULL WHERE id = %s", (low,))
-        holder.commit()
-        holder.execute("SELECT id FROM executions WHERE id = %s FOR UPDATE", (low,))
-        with ThreadPoolExecutor(2) as pool:
-            pulled = pool.submit(a.delivery.pull_work, ts, time.time(), "tickle")
-            _wait_for_lock_waiters(pg_url, 1)
-            stamped = pool.submit(b.delivery.mark_tickle_sent, "ts1", sent_at)
-            _wait_for_lock_waiters(pg_url, 2)
-            holder.commit()  # the pull goes first, then the stamp
-            errors = [f.exception(20) for f in (pulled, stamped)]
-            record(
-                case="PostgreSQL: a pull and the stamp of its tickle at once (2 NS processes)",
-                done="rows out of id order, the pull waiting first for a row the stamp needs",
-                outcome="both committed, no deadlock"
-                if errors == [None, None]
-                else f"failed: {[type(e).__name__ for e in errors if e]}",
-                tried=1,
-            )
-            work = pulled.result()
-            count = stamped.result()
+    work, count = _pull_first_then(
+        pg_url, low, lambda: a.delivery.pull_work(ts, time.time(), "tickle"),
+        lambda: b.delivery.mark_tickle_sent("ts1", sent_at),
+        "PostgreSQL: a pull and the stamp of its tickle at once (2 NS processes)",
+        "rows out of id order, the pull waiting first for a row the stamp needs",
+    )  # fmt: skip
 
     assert sorted(e.execution_id for e in work.executions) == [low, high]
     assert count == 2

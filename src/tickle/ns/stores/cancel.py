@@ -165,9 +165,12 @@ def _end_where_unfinished(
     s: Session, ids: Sequence[int], status: str, now: float, unstarted: bool = False
 ) -> list[int]:
     """End each execution still unfinished (and unstarted) now: one UPDATE each, so an execution
-    another process ended meanwhile is left alone. Returns those ended here."""
+    another process ended meanwhile is left alone. Returns those ended here.
+
+    In id order, as every write that stamps several executions locks them (PostgreSQL): in the
+    order a query found them, a sweep and a pull of the same executions could deadlock."""
     ended: list[int] = []
-    for eid in ids:
+    for eid in sorted(ids):
         where = [Execution.id == eid, Execution.status.in_(_UNFINISHED)]
         if unstarted:
             where.append(Execution.started_at.is_(None))
