@@ -20,6 +20,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import tickle
+from tests.agent.conftest import StubAgent
 from tests.reliability import record
 from tickle import cli, clock
 from tickle import console as con
@@ -43,7 +44,6 @@ from tickle.messages import (
     TaskServerOut,
     TimelineStep,
 )
-from tickle.metrics import ComponentMetrics
 
 # what a help text must never show: Python types, pydantic's and argparse's internals
 LEAKS = [
@@ -433,25 +433,10 @@ def test_iso_times_converts_every_time_and_nothing_else() -> None:
     }  # fmt: skip
 
 
-class StatusOnly:
-    """An agent as its control API sees it: only a status with times."""
-
-    def __init__(self) -> None:
-        self.metrics = ComponentMetrics("agent")
-
-    async def check_now(self) -> dict[str, Any]:
-        return {}
-
-    async def policy_refresh(self) -> dict[str, Any]:
-        return {}
-
-    def status(self) -> dict[str, Any]:
-        return {"name": "pc1", "last_pull_at": T0, "next_poll_at": None, "outbox_depth": 0}
-
-
 async def test_agent_status_prints_iso_times(tmp_path: Path) -> None:
     socket_path = tmp_path / "agent.sock"
-    server = ControlServer(StatusOnly(), socket_path)
+    status = {"name": "pc1", "last_pull_at": T0, "next_poll_at": None, "outbox_depth": 0}
+    server = ControlServer(StubAgent(status), socket_path)
     await server.start()
     try:
         proc = await asyncio.create_subprocess_exec(

@@ -18,6 +18,7 @@ from tickle.agent.service import Agent
 from tickle.agent.settings import AgentSettings
 from tickle.config import load_settings
 from tickle.messages import ExecutionWork, TaskSpec
+from tickle.metrics import ComponentMetrics
 
 from .fake_ts import FakeTaskServer
 
@@ -166,3 +167,20 @@ def tickle_sender(agent: Agent, fake: FakeTaskServer) -> Iterator[TickleSender]:
         yield sender
     finally:
         sender.close()
+
+
+class StubAgent:
+    """An agent as its control API sees it: does nothing, answers `status` with what it is given."""
+
+    def __init__(self, status: dict[str, Any] | None = None) -> None:
+        self.metrics = ComponentMetrics("agent")
+        self._status = status or {}
+
+    async def check_now(self) -> dict[str, Any]:
+        return {}
+
+    async def policy_refresh(self) -> dict[str, Any]:
+        return {}
+
+    def status(self) -> dict[str, Any]:
+        return self._status

@@ -7,28 +7,11 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.agent.conftest import StubAgent
 from tickle.agent.control import ControlServer
-from tickle.metrics import ComponentMetrics
-
-
-class Idle:
-    """An agent as its control API sees it, doing nothing."""
-
-    def __init__(self) -> None:
-        self.metrics = ComponentMetrics("agent")
-
-    async def check_now(self) -> dict[str, Any]:
-        return {}
-
-    async def policy_refresh(self) -> dict[str, Any]:
-        return {}
-
-    def status(self) -> dict[str, Any]:
-        return {}
 
 
 @pytest.fixture
@@ -51,7 +34,7 @@ async def test_control_sockets_started_together_leave_the_process_umask_alone(
 ) -> None:
     # several agents in one event loop (tests, simulators): a umask changed around an await
     # would be restored out of order and stay 0o177, so later directories lose their x bit
-    servers = [ControlServer(Idle(), short_dir / f"a{i}.sock") for i in range(4)]
+    servers = [ControlServer(StubAgent(), short_dir / f"a{i}.sock") for i in range(4)]
     await asyncio.gather(*(s.start() for s in servers))
     try:
         assert _umask() == 0o022
