@@ -56,20 +56,41 @@ def executions(fleet: Fleet, run_id: int, wait_s: float) -> dict[str, dict[str, 
     return {e["computer"]: fleet.execution(e["id"]) for e in done["executions"]}
 
 
+# The three tasks below, started together by `started` so that a fleet whose agents get work only
+# by polling waits for one poll, not three: name -> (script ({marker}: its child's sleep), timeout).
+TASKS: dict[str, tuple[str, float]] = {
+    # a child in a new session outlives nothing: the task is killed at its timeout
+    "timeout": ("setsid sleep {marker} & echo started; exec sleep 3601", 3),
+    # the issue's task: it exits 0 at once, its child keeps the output open
+    "exits": ("setsid sleep {marker} & echo x; exit 0", 60),
+    "cgroup": ("grep '^0::' /proc/self/cgroup || echo no-cgroup-v2", 30),
+}
+
+
+@pytest.fixture(scope="module")
+def started(fleet: Fleet, targets: tuple[list[FleetHost], float]) -> dict[str, tuple[int, str]]:
+    """The runs of TASKS on the target agents, all created at once: name -> (run id, marker)."""
+    agents, _ = targets
+    runs = {}
+    for name, (script, timeout_s) in TASKS.items():
+        marker = f"3600.{secrets.randbelow(10**6)}"
+        runs[name] = (run(fleet, agents, script.format(marker=marker), timeout_s)["id"], marker)
+    return runs
+
+
 def check_contained(
     fleet: Fleet,
     targets: tuple[list[FleetHost], float],
-    script: str,
-    timeout_s: float,
+    started: dict[str, tuple[int, str]],
+    name: str,
     status: str,
     output: list[str],
 ) -> None:
-    """Run `script` ({marker}: its child's sleep) on the agents; each ends `status`, its output
-    holding every one of `output`, and the child is gone."""
+    """The run of TASKS[name] ends `status` on every agent, its output holding every one of
+    `output`, and the child it left is gone."""
     agents, wait = targets
-    marker = f"3600.{secrets.randbelow(10**6)}"
-    started = run(fleet, agents, script.format(marker=marker), timeout_s)
-    for who, execution in executions(fleet, started["id"], wait + timeout_s + SETTLE_S).items():
+    run_id, marker = started[name]
+    for who, execution in executions(fleet, run_id, wait + TASKS[name][1] + SETTLE_S).items():
         assert execution["status"] == status, f"{who}: {execution}"
         missing = [text for text in output if text not in (execution["output_tail"] or "")]
         assert not missing, f"{who}: {missing} not in the output of {execution}"
@@ -78,27 +99,24 @@ def check_contained(
 
 
 def test_a_child_in_a_new_session_dies_at_the_task_timeout(
-    fleet: Fleet, targets: tuple[list[FleetHost], float]
+    fleet: Fleet, targets: tuple[list[FleetHost], float], started: dict[str, tuple[int, str]]
 ) -> None:
-    script = "setsid sleep {marker} & echo started; exec sleep 3601"
-    check_contained(fleet, targets, script, 3, "timed_out", ["started", "[tickle] timed out"])
+    expected = ["started", "[tickle] timed out"]
+    check_contained(fleet, targets, started, "timeout", "timed_out", expected)
 
 
 def test_a_child_left_running_dies_when_the_task_exits(
-    fleet: Fleet, targets: tuple[list[FleetHost], float]
+    fleet: Fleet, targets: tuple[list[FleetHost], float], started: dict[str, tuple[int, str]]
 ) -> None:
-    # the issue's task: it exits 0 at once, its child keeps the output open
-    script = "setsid sleep {marker} & echo x; exit 0"
     expected = ["x", "[tickle] killed 1 process the task left running"]
-    check_contained(fleet, targets, script, 60, "succeeded", expected)
+    check_contained(fleet, targets, started, "exits", "succeeded", expected)
 
 
 def test_the_agent_contains_tasks_in_cgroups_where_its_unit_delegates_one(
-    fleet: Fleet, targets: tuple[list[FleetHost], float]
+    fleet: Fleet, targets: tuple[list[FleetHost], float], started: dict[str, tuple[int, str]]
 ) -> None:
     agents, wait = targets
-    started = run(fleet, agents, "grep '^0::' /proc/self/cgroup || echo no-cgroup-v2", 30)
-    seen = executions(fleet, started["id"], wait + SETTLE_S)
+    seen = executions(fleet, started["cgroup"][0], wait + SETTLE_S)
     for agent in agents:
         root = str(agent.hostvars.get("tickle_client_task_agent_user", "root")) == "root"
         delegated = agent.check(f"systemctl show -p Delegate --value {AGENT_UNIT}").strip()
