@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from prometheus_client import Gauge
@@ -96,10 +96,21 @@ class TickleServer:
         """Whether this process is the active tickle dispatcher now (the gauge's value)."""
         return self._dispatcher_active
 
-    def notify(self) -> None:
+    def notify(self, task_servers: Iterable[str] = ()) -> None:
         """A change was committed (run now, a computer moved, new settings): run a pass now, which
-        tickles for untickled work and, when the settings version moved, every task server."""
-        self._wake.set()
+        tickles for untickled work and, when the settings version moved, every task server.
+
+        `task_servers`: the change is new work for these (a run-now). The dispatcher tickles
+        those it knows at once, without a pass (its three reads of the database before the
+        send were most of a run-now's first hop); one it does not know yet gets the pass. A
+        tickle in flight to one of them coalesces the work into its follow-up, as in a pass.
+        """
+        names = set(task_servers)
+        if not names or not self._dispatcher_active or not names <= self._links.keys():
+            self._wake.set()
+            return
+        for name in sorted(names):
+            self._tickle(self._links[name], wire.Kind.TASKS)
 
     def ack(self, task_server: str, kind: wire.Kind) -> bool:
         """A pull the tickle caused (work acks TASKS, settings acks SETTINGS): stop resending.
@@ -156,6 +167,10 @@ class TickleServer:
         """
         links = await self._db(self._stores.inventory.task_server_links)
         self._links = {link.name: link for link in links}
+        for current in links:
+            # a tickle sent before the task server moved (a run-now tickles from the links of
+            # the last pass) is resent to where it is now
+            self.tickler.readdress(current.name, current.addr)
         self._ack_from_db()
         await self._tickle_settings()
         for pending in await self._db(self._stores.delivery.pending_tickles, taking_over):

@@ -44,7 +44,8 @@ class DeliveryService:
         if body.expires_in_s is None and self._default_expiry_s is not None:
             body = body.model_copy(update={"expires_in_s": self._default_expiry_s})
         run = await run_in_threadpool(self._store.create_run, body)
-        self._tickle_server.notify()  # after the commit, so the task server's pull sees the work
+        # after the commit, so the task server's pull sees the work
+        self._tickle_server.notify({e.task_server for e in run.executions if e.task_server})
         log.info("run %d: %d execution(s)", run.id, len(run.executions))
         return run
 
