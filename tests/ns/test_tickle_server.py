@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Awaitable
 
 import pytest
 from sqlalchemy import event
@@ -76,6 +77,47 @@ async def test_tickle_in_flight_follows_its_task_server_to_a_new_address(ns: Ns)
         assert tickle.kind is wire.Kind.TASKS
     finally:
         moved.close()
+
+
+async def test_acknowledged_tickles_write_the_reachable_state_once_not_per_run(
+    ns_factory: NsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = await ns_factory(tickle_tries=2, tickle_backoff_s=0.2, tickle_backoff_max_s=0.2)
+    written: list[str] = []
+    write = ns.stores.inventory.set_task_server_state
+
+    def counted(name: str, state: str) -> None:
+        written.append(state)
+        write(name, state)
+
+    monkeypatch.setattr(ns.stores.inventory, "set_task_server_state", counted)
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+
+    async def state() -> str:
+        return str((await ns.ok("GET", "/api/task-servers"))[0]["tickle_state"])
+
+    async def run_and_pull(name: str) -> None:
+        await ns.run_task(["pc1"], name=name)
+        await ts.tickle(within=2.0)
+        await ts.ok("GET", "/api/ts/work?via=tickle")
+        await wait_for(lambda: _equal(state(), "reachable"), within=3.0)
+
+    for i in range(3):
+        await run_and_pull(f"run{i}")
+    assert written == ["reachable"]
+    # unanswered: unreachable; answered again: reachable again
+    await ns.run_task(["pc1"], name="unanswered")
+    for _ in range(2):
+        await ts.tickle(within=2.0)
+    await wait_for(lambda: _equal(state(), "unreachable"), within=3.0)
+    await ts.ok("GET", "/api/ts/work?via=check")  # not an ack
+    await run_and_pull("answered")
+    assert written == ["reachable", "unreachable", "reachable"]
+
+
+async def _equal(value: Awaitable[str], wanted: str) -> bool:
+    return await value == wanted
 
 
 async def test_unpulled_tickle_is_resent_with_backoff_then_task_server_is_unreachable(

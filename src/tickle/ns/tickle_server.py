@@ -60,6 +60,10 @@ class TickleServer:
         )
         self._sweeper = Sweeper(settings, stores.cancel, metrics)
         self._backoff = settings.tickle_backoff()
+        # each task server's tickle state as last read or written (see `_on_reachable`), and
+        # how many writes this process made
+        self._states: dict[str, str] = {}
+        self._state_writes = 0
         # tickle-caused pulls that failed in a row (see `pulling`)
         self._failed_pulls: dict[tuple[str, wire.Kind], int] = {}
         self.tickler = Tickler(
@@ -165,8 +169,11 @@ class TickleServer:
         `taking_over` (the first pass after this process became the dispatcher): tickle for all
         unpulled work, also work tickled before, whose resends died with the previous dispatcher.
         """
+        state_writes = self._state_writes
         links = await self._db(self._stores.inventory.task_server_links)
         self._links = {link.name: link for link in links}
+        if state_writes == self._state_writes:  # else ours are newer than what was read
+            self._states = {link.name: link.tickle_state for link in links}
         for current in links:
             # a tickle sent before the task server moved (a run-now tickles from the links of
             # the last pass) is resent to where it is now
@@ -270,10 +277,19 @@ class TickleServer:
                 "task server %s is tickle-unreachable: it will get work by polling", task_server
             )
             state = "unreachable"
-        await self._db(self._stores.inventory.set_task_server_state, task_server, state)
+        await self._set_state(task_server, state)
 
     async def _on_reachable(self, task_server: str) -> None:
-        await self._db(self._stores.inventory.set_task_server_state, task_server, "reachable")
+        # every acknowledged tickle lands here: written only when the state changes (the
+        # write competed with the pull's own for the database's write lock, on every run)
+        await self._set_state(task_server, "reachable", only_if_changed=True)
+
+    async def _set_state(self, task_server: str, state: str, only_if_changed: bool = False) -> None:
+        if only_if_changed and self._states.get(task_server) == state:
+            return
+        self._states[task_server] = state
+        self._state_writes += 1
+        await self._db(self._stores.inventory.set_task_server_state, task_server, state)
 
     async def _db(self, fn: Callable[..., T], *args: object) -> T:
         # the stores are synchronous: keep their I/O off the event loop
