@@ -356,6 +356,8 @@ async def latency(root: Path, r: Results, runs: int, gap_s: float) -> None:
         async with fleet.client() as ns:
             task = await ns.add_task(TaskCreate(name="bench-true", command=["true"]))
             ids = []
+            pids = {name: proc.popen.pid for name, proc in fleet.procs.items() if proc.popen}
+            cpu_before = {name: _proc_cpu_s(pid) for name, pid in pids.items()}
             # sequential: each run-now `gap_s` after the last (a run takes far less); nothing
             # reads the NS until the last run is done, then the timelines tell the times
             for _ in range(runs):
@@ -363,6 +365,10 @@ async def latency(root: Path, r: Results, runs: int, gap_s: float) -> None:
                 ids.append(run.executions[0].id)
                 await asyncio.sleep(gap_s)
             await wait_metric([fleet.ns_url], "tickle_executions_total", runs, 60)
+            # each process's CPU over the runs (with its idle work and the metric scrapes)
+            cpu_ms = {
+                n: (_proc_cpu_s(pid) - cpu_before[n]) * 1000 / runs for n, pid in pids.items()
+            }
             executions = [await ns.execution(i) for i in ids]
     finally:
         await fleet.stop()
@@ -389,7 +395,12 @@ async def latency(root: Path, r: Results, runs: int, gap_s: float) -> None:
         "",
         *hop_rows(ok),
         "",
+        "CPU per run (ms, over the runs, idle work included): "
+        + ", ".join(f"{name} {ms:.2f}" for name, ms in cpu_ms.items()),
+        "",
     ]
+    for name, ms in cpu_ms.items():
+        r.put(f"s1_cpu_{name.replace('-', '_')}_ms", ms, "ms", f"S1 CPU per run of {name}")
 
 
 # --- S2, S3, S5, S6, S8: fleet runs --------------------------------------------------------------

@@ -34,16 +34,28 @@ def connect(
 
 
 @contextlib.contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """One atomic write: commits when the block ends, rolls back when it raises."""
+def transaction(db: sqlite3.Connection, durable: bool = True) -> Iterator[None]:
+    """One atomic write: commits when the block ends, rolls back when it raises.
+
+    `durable=False`: the commit is not synced to disk (WAL, synchronous=NORMAL): still atomic
+    and surviving a crash of the process, but a power cut may undo it until the next durable
+    commit (whose sync covers it). For writes that may be lost that way, e.g. dropping what
+    the next hop has acknowledged (it would be sent again, and is recorded once by its id).
+    """
+    if not durable:
+        db.execute("PRAGMA synchronous=NORMAL")
     # IMMEDIATE takes the write lock up front: a writer never fails halfway on a busy database
-    db.execute("BEGIN IMMEDIATE")
     try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    finally:
+        if not durable:
+            db.execute("PRAGMA synchronous=FULL")
 
 
 def identity(db: sqlite3.Connection) -> str:

@@ -526,6 +526,13 @@ def route_threads() -> concurrent.futures.ThreadPoolExecutor:
     return _route_threads[0]
 
 
+async def on_route_thread(call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)` on `route_threads()`, in a copy of the caller's context: one trip to a
+    thread (starlette's `run_in_threadpool` adds anyio's limiter and a handoff or two)."""
+    run = functools.partial(contextvars.copy_context().run, call, *args)
+    return await asyncio.get_running_loop().run_in_executor(route_threads(), run)
+
+
 @functools.cache
 def threaded(call: Callable[..., Any]) -> Callable[..., Any]:
     """`call` as FastAPI should call it on a `JsonRoute`: a plain function becomes a coroutine
@@ -545,15 +552,14 @@ def threaded(call: Callable[..., Any]) -> Callable[..., Any]:
     except NameError:  # an annotation only for the type checker: left to FastAPI as it is
         return call
 
-    async def on_route_thread(*args: Any, **kwargs: Any) -> Any:
-        run = functools.partial(contextvars.copy_context().run, call, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(route_threads(), run)
+    async def on_thread(*args: Any, **kwargs: Any) -> Any:
+        return await on_route_thread(functools.partial(call, *args, **kwargs))
 
-    functools.update_wrapper(on_route_thread, call)
-    on_route_thread.__signature__ = signature.replace(  # type: ignore[attr-defined]
+    functools.update_wrapper(on_thread, call)
+    on_thread.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[_threaded_dependencies(p) for p in signature.parameters.values()]
     )
-    return on_route_thread
+    return on_thread
 
 
 def _threaded_dependencies(param: inspect.Parameter) -> inspect.Parameter:

@@ -86,6 +86,13 @@ class Tickler:
         self._inflight[(target, kind)] = flight
         flight.task = asyncio.create_task(self._deliver(target, kind, flight))
 
+    def readdress(self, target: str, addr: tuple[str, int]) -> None:
+        """`target` is now at `addr`: its tickles in flight are resent there."""
+        for kind in wire.Kind:
+            flight = self._inflight.get((target, kind))
+            if flight is not None:
+                flight.addr = addr
+
     def ack(self, target: str, kind: wire.Kind = wire.Kind.TASKS) -> bool:
         """The target pulled: stop resending. Returns whether a tickle was in flight."""
         flight = self._inflight.get((target, kind))

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from tickle import messages as m
 from tickle import wire
@@ -57,6 +58,8 @@ class Ns:
     stores: Stores
     metrics: ComponentMetrics
     http: aiohttp.ClientSession
+    tickle_server: TickleServer
+    app: FastAPI
 
     async def call(
         self, method: str, path: str, token: str | None = ADMIN, json: Any = None
@@ -197,7 +200,15 @@ async def ns_factory(tmp_path: Path) -> AsyncIterator[NsFactory]:
             assert time.monotonic() < deadline, "uvicorn did not start"
             await asyncio.sleep(0.01)
         http = aiohttp.ClientSession()
-        ns = Ns(f"http://127.0.0.1:{settings.api_port}", settings, stores, metrics, http)
+        ns = Ns(
+            f"http://127.0.0.1:{settings.api_port}",
+            settings,
+            stores,
+            metrics,
+            http,
+            tickle_server,
+            app,
+        )
         original = ns.task_server
 
         async def task_server(name: str = "ts1") -> FakeTaskServer:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
+from collections.abc import Awaitable
 
 import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
-from tests.ns.conftest import Ns, NsFactory, wait_for
+from tests.ns.conftest import FakeTaskServer, Ns, NsFactory, wait_for
 from tests.reliability import record
 from tickle import wire
 from tickle.messages import RunCreate
@@ -38,6 +40,84 @@ async def test_run_now_tickles_the_task_server_and_its_pull_acks_it(ns: Ns) -> N
     servers = await ns.ok("GET", "/api/task-servers")
     assert servers[0]["tickle_state"] == "reachable"
     assert servers[0]["last_pull_at"] >= times["ts_pulled"]
+
+
+async def test_run_now_tickles_a_known_task_server_at_once_without_a_dispatch_pass(
+    ns: Ns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await ns.tickle_server.dispatch_once()  # the task server is known (its link is read)
+    stuck = asyncio.Event()
+
+    async def no_pass(taking_over: bool = False) -> None:
+        await stuck.wait()  # the dispatch loop's passes never end from now on
+
+    monkeypatch.setattr(ns.tickle_server, "dispatch_once", no_pass)
+    try:
+        run = await ns.run_task(["pc1"])
+        tickle, _ = await ts.tickle(within=2.0)
+        assert tickle.kind is wire.Kind.TASKS
+        work = await ts.ok("GET", "/api/ts/work?via=tickle")
+        assert [w["execution_id"] for w in work["executions"]] == [run["executions"][0]["id"]]
+        await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)  # the pull acked it
+    finally:
+        stuck.set()
+
+
+async def test_tickle_in_flight_follows_its_task_server_to_a_new_address(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await ns.run_task(["pc1"])
+    await ts.tickle(within=2.0)  # not pulled: resent until it is
+    moved = FakeTaskServer(ns, "ts1")
+    await moved.start()  # re-registers: the same name at another port
+    try:
+        tickle, _ = await moved.tickle(within=4 * ns.settings.tickle_backoff_max_s)
+        assert tickle.kind is wire.Kind.TASKS
+    finally:
+        moved.close()
+
+
+async def test_acknowledged_tickles_write_the_reachable_state_once_not_per_run(
+    ns_factory: NsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = await ns_factory(tickle_tries=2, tickle_backoff_s=0.2, tickle_backoff_max_s=0.2)
+    written: list[str] = []
+    write = ns.stores.inventory.set_task_server_state
+
+    def counted(name: str, state: str) -> None:
+        written.append(state)
+        write(name, state)
+
+    monkeypatch.setattr(ns.stores.inventory, "set_task_server_state", counted)
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+
+    async def state() -> str:
+        return str((await ns.ok("GET", "/api/task-servers"))[0]["tickle_state"])
+
+    async def run_and_pull(name: str) -> None:
+        await ns.run_task(["pc1"], name=name)
+        await ts.tickle(within=2.0)
+        await ts.ok("GET", "/api/ts/work?via=tickle")
+        await wait_for(lambda: _equal(state(), "reachable"), within=3.0)
+
+    for i in range(3):
+        await run_and_pull(f"run{i}")
+    assert written == ["reachable"]
+    # unanswered: unreachable; answered again: reachable again
+    await ns.run_task(["pc1"], name="unanswered")
+    for _ in range(2):
+        await ts.tickle(within=2.0)
+    await wait_for(lambda: _equal(state(), "unreachable"), within=3.0)
+    await ts.ok("GET", "/api/ts/work?via=check")  # not an ack
+    await run_and_pull("answered")
+    assert written == ["reachable", "unreachable", "reachable"]
+
+
+async def _equal(value: Awaitable[str], wanted: str) -> bool:
+    return await value == wanted
 
 
 async def test_unpulled_tickle_is_resent_with_backoff_then_task_server_is_unreachable(

@@ -23,6 +23,28 @@ def test_events_survive_reopening_and_duplicates_are_ignored(tmp_path: Path) -> 
     box.close()
 
 
+def test_dropping_acknowledged_events_is_not_synced_but_queueing_still_is(
+    tmp_path: Path,
+) -> None:
+    box = Outbox(tmp_path / "o.db")
+    statements: list[str] = []
+    box._db.set_trace_callback(statements.append)
+    box.put_many([("e1", "{}"), ("e2", "{}")])
+    queued, statements[:] = list(statements), []
+    box.remove(["e1"])
+    dropped, statements[:] = list(statements), []
+    box.put("e3", "{}")
+    assert "PRAGMA synchronous" not in " ".join(queued)
+    assert dropped[0] == "PRAGMA synchronous=NORMAL"
+    assert dropped[-1] == "PRAGMA synchronous=FULL"
+    assert box._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL for what follows
+    box.close()
+    box = Outbox(tmp_path / "o.db")  # the drop is committed all the same
+    assert [eid for eid, _ in box.peek()] == ["e2", "e3"]
+    assert not box.put("e1", "{}"), "a forwarded event's id is remembered"
+    box.close()
+
+
 async def test_forwarder_retries_until_the_next_hop_accepts(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db")
     up = asyncio.Event()

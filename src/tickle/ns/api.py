@@ -20,7 +20,8 @@ from tickle.metrics import ComponentMetrics
 from tickle.ns import console
 from tickle.ns.auth import is_known_token
 from tickle.ns.credentials import token_sha256
-from tickle.ns.errors import Conflict, Forbidden, NotFound, Unauthorized
+from tickle.ns.errors import STATUS
+from tickle.ns.fast_path import TaskServerFastPath
 from tickle.ns.routes import ROUTERS
 from tickle.ns.routes.task_server import REGISTRATIONS
 from tickle.ns.services import Services
@@ -58,8 +59,6 @@ TAGS = [
         "Task-server token (registration: the task servers' enrollment secret).",
     },
 ]
-# what each refusal of a store or service answers
-_STATUS = {Unauthorized: 401, Forbidden: 403, NotFound: 404, Conflict: 409}
 
 
 def create_app(
@@ -92,11 +91,13 @@ def create_app(
     app.state.started_at = time.time()  # served without lifespan events: when it was built
     app.state.services = Services.build(settings, stores, tickle_server, metrics)
     app.state.admin_token_sha256 = token_sha256(settings.admin_token or "")
-    for refusal in _STATUS:
+    for refusal in STATUS:
         app.add_exception_handler(refusal, _refused)
     for router in ROUTERS:
         app.include_router(router)
     console.mount(app, settings.console_session_s)
+    # inside the body limit and the clock: a task server's pull and events skip FastAPI's work
+    app.add_middleware(TaskServerFastPath, services=app.state.services)
     app.add_middleware(
         BodyLimits,
         limits=settings,
@@ -109,4 +110,4 @@ def create_app(
 
 
 async def _refused(_: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=_STATUS[type(exc)])
+    return JSONResponse({"detail": str(exc)}, status_code=STATUS[type(exc)])

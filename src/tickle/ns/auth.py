@@ -20,6 +20,7 @@ from starlette.types import Scope
 from tickle import clock
 from tickle.ns.credentials import Caller, token_sha256
 from tickle.ns.dependencies import InventoryDep, OperatorsDep
+from tickle.ns.services.clocks import ClockService
 from tickle.ns.services.inventory import InventoryService
 from tickle.ns.stores.operators import ADMIN, OperatorStore
 from tickle.serving import arrived_at
@@ -148,10 +149,20 @@ async def is_known_token(app: FastAPI, token: str, scope: Scope) -> bool:
 
 
 async def _measure_clock(request: Request, caller: Caller) -> None:
-    arrived = arrived_at(request.state)
-    theirs = clock.parse_header(request.headers.get(clock.TIME_HEADER), arrived)
+    await measure_clock(
+        request.app.state.services.clocks,
+        caller,
+        request.headers.get(clock.TIME_HEADER),
+        arrived_at(request.state),
+    )
+
+
+async def measure_clock(
+    clocks: ClockService, caller: Caller, header: str | None, arrived: float
+) -> None:
+    """The time a task server sent along (`header`) is a sample of its clock's offset."""
+    theirs = clock.parse_header(header, arrived)
     if theirs is not None:
-        clocks = request.app.state.services.clocks
         save = clocks.note(caller, theirs, arrived)
         if save is not None:  # the estimate moved: written from a thread
             await run_in_threadpool(clocks.save, caller, *save)

@@ -17,3 +17,12 @@ class Forbidden(Exception):
 
 class Conflict(Exception):
     """The request clashes with what exists (HTTP 409)."""
+
+
+# what each refusal answers
+STATUS: dict[type[Exception], int] = {
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+}

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from prometheus_client import Gauge
@@ -60,6 +60,10 @@ class TickleServer:
         )
         self._sweeper = Sweeper(settings, stores.cancel, metrics)
         self._backoff = settings.tickle_backoff()
+        # each task server's tickle state as last read or written (see `_on_reachable`), and
+        # how many writes this process made
+        self._states: dict[str, str] = {}
+        self._state_writes = 0
         # tickle-caused pulls that failed in a row (see `pulling`)
         self._failed_pulls: dict[tuple[str, wire.Kind], int] = {}
         self.tickler = Tickler(
@@ -96,10 +100,21 @@ class TickleServer:
         """Whether this process is the active tickle dispatcher now (the gauge's value)."""
         return self._dispatcher_active
 
-    def notify(self) -> None:
+    def notify(self, task_servers: Iterable[str] = ()) -> None:
         """A change was committed (run now, a computer moved, new settings): run a pass now, which
-        tickles for untickled work and, when the settings version moved, every task server."""
-        self._wake.set()
+        tickles for untickled work and, when the settings version moved, every task server.
+
+        `task_servers`: the change is new work for these (a run-now). The dispatcher tickles
+        those it knows at once, without a pass (its three reads of the database before the
+        send were most of a run-now's first hop); one it does not know yet gets the pass. A
+        tickle in flight to one of them coalesces the work into its follow-up, as in a pass.
+        """
+        names = set(task_servers)
+        if not names or not self._dispatcher_active or not names <= self._links.keys():
+            self._wake.set()
+            return
+        for name in sorted(names):
+            self._tickle(self._links[name], wire.Kind.TASKS)
 
     def ack(self, task_server: str, kind: wire.Kind) -> bool:
         """A pull the tickle caused (work acks TASKS, settings acks SETTINGS): stop resending.
@@ -154,8 +169,15 @@ class TickleServer:
         `taking_over` (the first pass after this process became the dispatcher): tickle for all
         unpulled work, also work tickled before, whose resends died with the previous dispatcher.
         """
+        state_writes = self._state_writes
         links = await self._db(self._stores.inventory.task_server_links)
         self._links = {link.name: link for link in links}
+        if state_writes == self._state_writes:  # else ours are newer than what was read
+            self._states = {link.name: link.tickle_state for link in links}
+        for current in links:
+            # a tickle sent before the task server moved (a run-now tickles from the links of
+            # the last pass) is resent to where it is now
+            self.tickler.readdress(current.name, current.addr)
         self._ack_from_db()
         await self._tickle_settings()
         for pending in await self._db(self._stores.delivery.pending_tickles, taking_over):
@@ -255,10 +277,19 @@ class TickleServer:
                 "task server %s is tickle-unreachable: it will get work by polling", task_server
             )
             state = "unreachable"
-        await self._db(self._stores.inventory.set_task_server_state, task_server, state)
+        await self._set_state(task_server, state)
 
     async def _on_reachable(self, task_server: str) -> None:
-        await self._db(self._stores.inventory.set_task_server_state, task_server, "reachable")
+        # every acknowledged tickle lands here: written only when the state changes (the
+        # write competed with the pull's own for the database's write lock, on every run)
+        await self._set_state(task_server, "reachable", only_if_changed=True)
+
+    async def _set_state(self, task_server: str, state: str, only_if_changed: bool = False) -> None:
+        if only_if_changed and self._states.get(task_server) == state:
+            return
+        self._states[task_server] = state
+        self._state_writes += 1
+        await self._db(self._stores.inventory.set_task_server_state, task_server, state)
 
     async def _db(self, fn: Callable[..., T], *args: object) -> T:
         # the stores are synchronous: keep their I/O off the event loop

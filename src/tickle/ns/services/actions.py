@@ -16,6 +16,7 @@ from tickle.ns.stores.audit import AuditStore
 from tickle.ns.stores.catalog import CatalogStore
 from tickle.ns.stores.operators import OperatorStore
 from tickle.ns.stores.registrations import RegistrationStore
+from tickle.serving import on_route_thread
 
 
 class OperatorActions:
@@ -46,7 +47,7 @@ class OperatorActions:
         self, who: str, action: str, target: str, detail: dict[str, Any] | None = None
     ) -> None:
         """Record an action done elsewhere (a login, a logout)."""
-        await run_in_threadpool(self._audit.record, who, action, target, detail)
+        await on_route_thread(self._audit.record, who, action, target, detail)
 
     async def run_now(self, who: str, body: m.RunCreate) -> m.RunOut:
         run = await self._delivery.run_now(body)

@@ -17,6 +17,7 @@ from tickle.ns.credentials import Caller
 from tickle.ns.stores.cancel import CancelStore
 from tickle.ns.stores.delivery import DeliveryStore
 from tickle.ns.tickle_server import TickleServer
+from tickle.serving import on_route_thread
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ class DeliveryService:
         tickle their task servers."""
         if body.expires_in_s is None and self._default_expiry_s is not None:
             body = body.model_copy(update={"expires_in_s": self._default_expiry_s})
-        run = await run_in_threadpool(self._store.create_run, body)
-        self._tickle_server.notify()  # after the commit, so the task server's pull sees the work
+        run = await on_route_thread(self._store.create_run, body)
+        # after the commit, so the task server's pull sees the work
+        self._tickle_server.notify({e.task_server for e in run.executions if e.task_server})
         log.info("run %d: %d execution(s)", run.id, len(run.executions))
         return run
 
@@ -60,18 +62,23 @@ class DeliveryService:
         # only a pull the tickle caused proves the task server tickle-reachable; a check does
         # not (the tickle may have been dropped)
         with self._tickle_server.pulling(ts.name, wire.Kind.TASKS, via == "tickle"):
-            work = await run_in_threadpool(self._store.pull_work, ts, now, via)
+            work = await on_route_thread(self._pull, ts, now, via)
         self._metrics.pulls.labels(via=via).inc()
+        return work
+
+    def _pull(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
+        """The pull's reads and writes, on one trip to a thread."""
+        work = self._store.pull_work(ts, now, via)
         if self._cancels is not None:
             # the cancels its agents must hear of: never start those, stop them where they run
-            cancel = await run_in_threadpool(self._cancels.cancelled_for, ts, now)
+            cancel = self._cancels.cancelled_for(ts, now)
             if cancel:
                 work = work.model_copy(update={"cancel": cancel})
         return work
 
     async def record_events(self, ts: Caller, events: Sequence[m.StatusEvent]) -> m.EventAck:
         """Record the task server's status events (each once) and count what they did."""
-        outcome = await run_in_threadpool(self._store.record_events, ts, events, time.time())
+        outcome = await on_route_thread(self._store.record_events, ts, events, time.time())
         for kind, count in Counter(event.kind for event in outcome.recorded).items():
             self._metrics.status_events.labels(kind=kind).inc(count)
         for latency, final in zip(outcome.run_now_to_recorded, outcome.finished, strict=True):

@@ -40,6 +40,7 @@ class TaskServerLink:
     key: bytes
     tickle_pulled_at: float | None  # the last work pull a tickle caused
     settings_pulled_at: float | None  # the last settings pull a tickle caused
+    tickle_state: str = "unknown"  # whether tickles get through (set_task_server_state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +216,7 @@ class InventoryStore:
                     key=base64.b64decode(t.tickle_key),
                     tickle_pulled_at=t.tickle_pulled_at,
                     settings_pulled_at=t.settings_pulled_at,
+                    tickle_state=t.tickle_state,
                 )
                 for t in s.scalars(select(TaskServer))
             ]
