@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from tests.reliability import record
 from tickle.ns.group_commit import GroupCommit
 
 
@@ -71,6 +72,14 @@ async def test_a_group_that_fails_is_written_again_one_by_one_and_fails_only_the
     outcomes, writes = await _one_group_with("broken")
     assert isinstance(outcomes[1], RuntimeError)
     assert writes.groups == [["a", "broken", "c"], ["a"], ["broken"], ["c"]]
+    record(
+        case="a group commit that fails (NS registrations)",
+        done="the write of a group of 3 raises for one of them",
+        outcome="the group written again one by one: the 2 others answered, only the failing "
+        "one gets its error",
+        sent=3,
+        recorded=2,
+    )
     group: GroupCommit[str, str] = GroupCommit("test", writes)
     with pytest.raises(RuntimeError, match="the database failed"):  # alone: raised as it is
         await group.submit("broken")

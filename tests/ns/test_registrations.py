@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.ns.conftest import SECRET, FakeTaskServer, Ns, NsFactory
+from tests.reliability import record
 
 AGENT_A = "identity-of-agent-a-0123456789"
 AGENT_B = "identity-of-agent-b-0123456789"
@@ -183,3 +184,12 @@ async def test_registrations_arriving_together_are_each_recorded_once_and_answer
     assert sorted(c["name"] for c in clients) == [*names, "twice"]  # each once
     for c in clients:  # each holds the credentials its own answer gave
         assert c["token_sha256"] == hashlib.sha256(tokens[c["name"]].encode()).hexdigest()
+    record(
+        case="registrations arriving together (NS group commit)",
+        done="42 agents register at once through one task server, two of them under one name "
+        "with different identities",
+        outcome="each answered as if alone and recorded once; the second under the shared name 409",
+        sent=len(answers),
+        recorded=len(clients),
+        duplicated=len(clients) - len({c["name"] for c in clients}),
+    )
