@@ -90,3 +90,19 @@ async def test_groups_are_bounded() -> None:
     group: GroupCommit[str, str] = GroupCommit("test", writes, max_group=3)
     await asyncio.gather(*(group.submit(f"a{i}") for i in range(7)))
     assert [len(g) for g in writes.groups] == [3, 3, 1]
+
+
+async def test_a_request_cancelled_while_its_group_is_written_leaves_the_others_answered() -> None:
+    writes = Writes(hold=True)
+    group: GroupCommit[str, str] = GroupCommit("test", writes)
+    first = asyncio.create_task(group.submit("a0"))
+    assert await asyncio.to_thread(writes.started.wait, 10)
+    rest = [asyncio.create_task(group.submit(name)) for name in ("a1", "gone", "a3")]
+    await asyncio.sleep(0)  # each is queued
+    rest[1].cancel()  # its client went away: the write goes on, nobody is told
+    writes.release.set()
+    assert await first == "done a0"
+    assert await rest[0] == "done a1"
+    assert await rest[2] == "done a3"
+    assert rest[1].cancelled()
+    assert writes.groups == [["a0"], ["a1", "gone", "a3"]]
