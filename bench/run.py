@@ -63,7 +63,7 @@ from tickle.messages import (
     TaskServerRegister,
 )
 from tickle.testing.localfleet import NS_API_PORT, AgentSpec, LocalFleet, scrape_metric
-from tickle.testing.simagents import SimAgents
+from tickle.testing.simagents import PER_PROCESS, SimAgents
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -84,6 +84,11 @@ def sim_net() -> str:
 
 
 DONE_DEADLINE_S = 600.0
+# S6: simulated agents per simulator process. Each process costs ~0.5 CPU-s to start (its
+# imports), which the servers' registrations wait behind on 2 cores: 40 processes for 10,000
+# agents spent 20 CPU-s before registering anything. Registration is what S6 measures, so its
+# agents run in fewer processes (their descriptors fit: the simulator raises its open-file limit)
+REGISTER_PER_PROCESS = 1000
 # how long the NS stays down in S6's NS restart (killed mid-run, started again after this)
 NS_DOWN_S = 2.0
 
@@ -419,6 +424,8 @@ class FleetRun:
     restart_at: float | None = None
     done_at: float | None = None  # when the run-now's last execution was seen recorded
     ns_restart: NsRestart | None = None
+    # CPU-seconds each server process spent while the agents registered (by process name)
+    register_cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -442,12 +449,14 @@ async def fleet_run(
     two_ns: bool = False,
     restart_task_servers: bool = False,
     restart_ns: bool = False,
+    per_process: int = PER_PROCESS,
 ) -> FleetRun:
     """Start an NS (two on PostgreSQL when `two_ns`), the task servers and `agents` simulated
     agents, then one run-now on all of them. `restart_task_servers`: the task servers are
     killed before the run-now and started again after it (the reconnection). `restart_ns`: then
     a second run-now, the NS killed just after accepting it and started again `NS_DOWN_S` later;
-    the task servers reach the NS through a `RequestCounter`."""
+    the task servers reach the NS through a `RequestCounter`. `per_process`: simulated agents
+    per simulator process."""
     ts_names = [f"ts{i + 1}" for i in range(task_servers)]
     ns_extra = ["--database-url", database_url] if database_url else []
     fleet = LocalFleet(root, ts_names, [], net=net, ns_extra=ns_extra)
@@ -464,11 +473,15 @@ async def fleet_run(
         for name in ts_names[1::2]:  # every other task server talks to the second NS
             fleet.set_ts_ns_url(name, ns2_url)
     await fleet.start()
-    sims = SimAgents(fleet, agents, sim_net())
+    sims = SimAgents(fleet, agents, sim_net(), per_process=per_process)
     per_tenth: Counter[int] = Counter()
     restart_at = None
+    servers = {name: p.popen.pid for name, p in fleet.procs.items() if p.popen is not None}
     try:
+        cpu_before = {name: _proc_cpu_s(pid) for name, pid in servers.items()}
         register_s = await sims.start(deadline_s=DONE_DEADLINE_S)
+        register_cpu_s = {name: _proc_cpu_s(pid) - cpu_before[name]
+                          for name, pid in servers.items()}  # fmt: skip
         async with fleet.client() as ns:
             task = await ns.add_task(TaskCreate(name="bench-fleet", command=["true"]))
             if restart_task_servers:
@@ -507,7 +520,7 @@ async def fleet_run(
     created = min((timeline_times(e).get("created") or 0.0) for e in run.executions)
     wall = max(t for t in recorded if t) - created if done == agents else None
     return FleetRun(agents, register_s, accepted_ms, wall, done, run.executions, ts_metrics,
-                    per_tenth, restart_at, done_at, ns_restart)  # fmt: skip
+                    per_tenth, restart_at, done_at, ns_restart, register_cpu_s)  # fmt: skip
 
 
 async def _across_ns_restart(
@@ -548,7 +561,8 @@ def fleet_md(title: str, f: FleetRun) -> list[str]:
     return [
         f"## {title}",
         "",
-        f"registered in {f.register_s:.1f} s; run-now accepted in {f.accepted_ms:.0f} ms; "
+        f"registered in {f.register_s:.1f} s{_register_cpu(f)}; "
+        f"run-now accepted in {f.accepted_ms:.0f} ms; "
         f"{f.done}/{f.agents} succeeded; all recorded after {wall} "
         f"(per execution p50 {statistics.median(recorded):.2f} s, p99 {pct(recorded, 99):.2f} s)",
         f"task servers: {m.get('tickle_tickles_resent_total', 0):.0f} tickles resent, "
@@ -559,6 +573,20 @@ def fleet_md(title: str, f: FleetRun) -> list[str]:
         *hop_rows(f.executions),
         "",
     ]
+
+
+def register_cpu(f: FleetRun) -> tuple[float, float]:
+    """CPU-seconds per 1,000 registrations: the NS's (both on PostgreSQL), the task servers'."""
+    ns = sum(s for name, s in f.register_cpu_s.items() if name.startswith("ns"))
+    ts = sum(s for name, s in f.register_cpu_s.items() if not name.startswith("ns"))
+    return ns / f.agents * 1000, ts / f.agents * 1000
+
+
+def _register_cpu(f: FleetRun) -> str:
+    if not f.register_cpu_s:
+        return ""
+    ns, ts = register_cpu(f)
+    return f" (CPU per 1,000 registrations: NS {ns:.2f} s, task servers {ts:.2f} s)"
 
 
 def pulls_per_s(executions: list[ExecutionOut]) -> float | None:
@@ -609,9 +637,14 @@ async def pulls(root: Path, r: Results, agents: int) -> None:
 
 
 async def register(root: Path, r: Results, agents: int) -> None:
-    f = await fleet_run(root, agents, 4, net(13), restart_task_servers=True, restart_ns=True)
+    f = await fleet_run(root, agents, 4, net(13), restart_task_servers=True, restart_ns=True,
+                        per_process=REGISTER_PER_PROCESS)  # fmt: skip
     r.put("s6_agents", agents, "agents", "S6 agents registering (4 task servers)")
     r.put("s6_register_s", f.register_s, "s", "S6 every agent registered")
+    ns_cpu, ts_cpu = register_cpu(f)
+    r.put("s6_register_ns_cpu_s_per_1k", ns_cpu, "CPU-s", "S6 the NS's CPU per 1,000 registrations")
+    r.put("s6_register_ts_cpu_s_per_1k", ts_cpu, "CPU-s",
+          "S6 the task servers' CPU (all 4) per 1,000 registrations")  # fmt: skip
     assert f.restart_at is not None
     assert f.done_at is not None
     counts = per_second_counts(f.requests_per_tenth, f.restart_at, f.done_at)

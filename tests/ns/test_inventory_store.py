@@ -1,12 +1,17 @@
-"""The inventory store's agent registration (SQLAlchemy Core): what it keeps, and whether the
-computer moved from another task server (only then does the NS run a dispatch pass for it)."""
+"""The inventory store's agent registration (SQLAlchemy Core): what it keeps, whether the
+computer moved from another task server (only then does the NS run a dispatch pass for it), and
+registrations written together (one transaction) each answered as if it came alone."""
 
 from __future__ import annotations
+
+from sqlalchemy import event
 
 from tests.ns.test_delivery_store import stores, task_server  # noqa: F401  (a fixture)
 from tickle import messages as m
 from tickle.ns.credentials import token_sha256
+from tickle.ns.errors import Conflict, Forbidden
 from tickle.ns.stores import Stores
+from tickle.ns.stores.inventory import Enrolled, Enrollment
 
 
 def test_registration_says_moved_only_for_a_computer_of_another_task_server(
@@ -24,3 +29,42 @@ def test_registration_says_moved_only_for_a_computer_of_another_task_server(
     caller = stores.inventory.caller_for(token_sha256(moved.credentials.token))
     assert caller is not None
     assert (caller.role, caller.name) == ("computer", "pc1")
+
+
+def test_registrations_written_together_are_one_commit_each_judged_as_if_alone(
+    stores: Stores,  # noqa: F811
+) -> None:
+    ts1, ts2 = task_server(stores, "ts1"), task_server(stores, "ts2")
+    stores.inventory.enroll_agent(ts1, m.AgentRegistration(name="old", identity="i-old" * 4))
+    commits: list[object] = []
+    event.listen(stores.database.engine, "commit", commits.append)
+    asks = [
+        Enrollment(ts1, m.AgentRegistration(name="pc1", identity="i-one" * 4)),
+        # the same agent again in the same group: the second sees the first, rotates its token
+        Enrollment(ts1, m.AgentRegistration(name="pc1", identity="i-one" * 4)),
+        # another agent under that name: refused, the first keeps it
+        Enrollment(ts1, m.AgentRegistration(name="pc1", identity="i-two" * 4)),
+        Enrollment(ts2, m.AgentRegistration(name="old", identity="i-old" * 4)),  # moves to ts2
+        # a new name under manual approval waits for an operator; its request is kept
+        Enrollment(ts1, m.AgentRegistration(name="new", identity="i-new" * 4), manual=True),
+    ]
+    first, second, other, old, new = stores.inventory.enroll_agents(asks)
+    assert len(commits) == 1
+    assert isinstance(first, Enrolled)
+    assert isinstance(second, Enrolled)
+    assert first.credentials.token != second.credentials.token
+    assert (first.moved, second.moved) == (False, False)
+    assert isinstance(other, Conflict)
+    assert "pc1 is registered to another agent" in str(other)
+    assert isinstance(old, Enrolled)
+    assert old.moved
+    assert isinstance(new, Forbidden)
+    assert "new awaits an operator's approval" in str(new)
+    pc1 = stores.inventory.caller_for(token_sha256(second.credentials.token))
+    assert pc1 is not None
+    assert pc1.name == "pc1"
+    assert stores.inventory.caller_for(token_sha256(first.credentials.token)) is None
+    assert [(c.name, c.task_server) for c in stores.inventory.computers()] == [
+        ("old", "ts2"), ("pc1", "ts1")
+    ]  # fmt: skip
+    assert [(r.name, r.state) for r in stores.registrations.registrations()] == [("new", "pending")]

@@ -3,6 +3,7 @@ operator's approval of new names (registration_approval = manual)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.ns.conftest import SECRET, FakeTaskServer, Ns, NsFactory
+from tests.reliability import record
 
 AGENT_A = "identity-of-agent-a-0123456789"
 AGENT_B = "identity-of-agent-b-0123456789"
@@ -162,3 +164,32 @@ async def test_registration_routes_need_the_admin_token(ns_factory: NsFactory) -
                          ("POST", "/api/task-servers/ts1/rekey")]:  # fmt: skip
         assert (await ns.call(method, path, token=None))[0] == 401
         assert (await ns.call(method, path, token=ts.token))[0] == 403
+
+
+async def test_registrations_arriving_together_are_each_recorded_once_and_answered(
+    ns_factory: NsFactory,
+) -> None:
+    ns = await ns_factory()
+    ts = await ns.task_server("ts1")
+    names = [f"pc{i:02d}" for i in range(40)]
+    answers = await asyncio.gather(
+        *(_register_agent(ts, name, f"identity-of-{name}-0123456789") for name in names),
+        _register_agent(ts, "twice", AGENT_A),
+        _register_agent(ts, "twice", AGENT_B),  # another agent under the same name, meanwhile
+    )
+    assert all(status == 200 for status, _ in answers[:40])
+    assert sorted(status for status, _ in answers[40:]) == [200, 409]  # whichever came first
+    tokens = {a["name"]: a["token"] for status, a in answers if status == 200}
+    clients = await ts.ok("GET", "/api/ts/clients")
+    assert sorted(c["name"] for c in clients) == [*names, "twice"]  # each once
+    for c in clients:  # each holds the credentials its own answer gave
+        assert c["token_sha256"] == hashlib.sha256(tokens[c["name"]].encode()).hexdigest()
+    record(
+        case="registrations arriving together (NS group commit)",
+        done="42 agents register at once through one task server, two of them under one name "
+        "with different identities",
+        outcome="each answered as if alone and recorded once; the second under the shared name 409",
+        sent=len(answers),
+        recorded=len(clients),
+        duplicated=len(clients) - len({c["name"] for c in clients}),
+    )

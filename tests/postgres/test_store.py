@@ -19,6 +19,7 @@ from tests.reliability import record
 from tickle import messages as m
 from tickle.ns.credentials import Caller, token_sha256
 from tickle.ns.stores import Stores
+from tickle.ns.stores.inventory import Enrolled, Enrollment
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 _A = TypeVar("_A")
@@ -195,6 +196,41 @@ def test_same_new_agent_registered_at_once_by_two_processes_gets_credentials_fro
     assert holder is not None
     assert holder.name == "laptop-1"
     assert b.inventory.caller_for(token_sha256(from_b.token)) is None
+
+
+def test_a_group_of_registrations_that_lost_an_insert_race_is_written_again_whole(
+    stores: tuple[Stores, Stores],
+) -> None:
+    """Registrations written together (one transaction) while another NS process registers one
+    of their names: the group's insert of that name fails, the whole group is written again,
+    and every registration in it is answered; one computer a name."""
+    a, b = stores
+    creds = a.inventory.register_task_server(_ts_registration("ts1"), "ns")
+    ts = a.inventory.caller_for(token_sha256(creds.token))
+    assert ts is not None
+    group = [Enrollment(ts, m.AgentRegistration(name=name, tickle_host="127.0.0.1"))
+             for name in ("laptop-1", "laptop-2")]  # fmt: skip
+    lost: list[str] = []  # the insert races A lost (each makes it write the group again)
+    event.listen(a.database.engine, "handle_error",
+                 lambda ctx: lost.append(type(ctx.original_exception).__name__))  # fmt: skip
+    a_read, b_done, pause = _pause_after_first_read(a, "computers")
+    with ThreadPoolExecutor(2) as pool:
+        in_a = pool.submit(a.inventory.enroll_agents, group)
+        assert a_read.wait(10), "process A never looked laptop-1 up"
+        b.inventory.register_agent(ts, group[0].registration)
+        b_done.set()
+        from_a = in_a.result(20)
+    event.remove(a.database.engine, "after_cursor_execute", pause)
+
+    assert lost == ["UniqueViolation"]
+    assert all(isinstance(outcome, Enrolled) for outcome in from_a)
+    names = [c.name for c in b.inventory.computers()]
+    assert sorted(names) == ["laptop-1", "laptop-2"]
+    for outcome in from_a:  # A committed last: its tokens are the ones
+        assert isinstance(outcome, Enrolled)
+        holder = b.inventory.caller_for(token_sha256(outcome.credentials.token))
+        assert holder is not None
+        assert holder.name == outcome.credentials.name
 
 
 def test_same_new_task_server_registered_at_once_by_two_processes_gets_credentials_from_both(

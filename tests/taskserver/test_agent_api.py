@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import uuid
 
 import tickle
 from tests.taskserver.conftest import SECRET, Agent, TaskServerHarness, wait_until, work_for
 from tickle.messages import StatusEvent
+from tickle.taskserver.store import Store
 
 
 async def test_cem_agent_is_never_tickled_but_gets_its_work_by_polling(
@@ -238,3 +241,20 @@ async def _post_event(
     return await h.call(
         agent, "POST", "/api/agent/events", json={"events": [event.model_dump(mode="json")]}
     )
+
+
+async def test_agents_registering_at_once_are_each_answered_and_kept_durably(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    names = [f"pc{i:02d}" for i in range(30)]
+    agents = await asyncio.gather(*(h.register_agent(name) for name in names))
+    for agent in agents:  # each pulls with the credentials its own answer gave
+        assert (await h.call(agent, "GET", "/api/agent/tasks"))[0] == 200
+    on_disk = Store(h.state_dir)  # what a restart loads (the clients' group commits)
+    try:
+        assert {c.name: c.token_sha256 for c in on_disk.clients()} == {
+            a.name: hashlib.sha256(a.token.encode()).hexdigest() for a in agents
+        }
+    finally:
+        on_disk.close()

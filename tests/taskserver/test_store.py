@@ -40,9 +40,9 @@ def _answers(store: Store) -> dict[str, object]:
 def test_a_reopened_store_answers_what_the_running_one_answered(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.save_client(_client("pc1", "t1"))
-    store.save_client(_client("pc2", "t2"))
-    store.save_client(_client("pc2", "t2b"))  # registered anew: the old token is gone
-    store.save_client(_client("pc3", "t3"))
+    # registered together (one transaction), pc2 registered anew in the same group: the old
+    # token is gone
+    store.save_clients([_client("pc2", "t2"), _client("pc2", "t2b"), _client("pc3", "t3")])
     store.set_observed_address("pc1", "192.0.2.7")
     store.remove_clients(["pc3"])
     store.save_settings(SettingsOut(version=3, task_request_interval_s=60,

@@ -145,23 +145,30 @@ class Store:
         self._by_token[client.token_sha256] = client
 
     def save_client(self, client: Client) -> None:
+        self.save_clients([client])
+
+    def save_clients(self, clients: Iterable[Client]) -> None:
+        """Keep the clients registered together, in one transaction, in their order (a name
+        registered anew, even later in the same group, replaces its old token)."""
+        clients = list(clients)
         with localdb.transaction(self._db):
-            # a name registered anew replaces its old token
-            self._db.execute("DELETE FROM clients WHERE name = ?", (client.name,))
-            self._db.execute(
-                "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    client.name,
-                    client.token_sha256,
-                    client.tickle_key,
-                    client.tickle_host,
-                    client.tickle_port,
-                    int(client.cem),
-                    client.reported_address,
-                    client.observed_address,
-                ),
-            )
-        self._keep_client(client)
+            for client in clients:
+                self._db.execute("DELETE FROM clients WHERE name = ?", (client.name,))
+                self._db.execute(
+                    "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        client.name,
+                        client.token_sha256,
+                        client.tickle_key,
+                        client.tickle_host,
+                        client.tickle_port,
+                        int(client.cem),
+                        client.reported_address,
+                        client.observed_address,
+                    ),
+                )
+        for client in clients:
+            self._keep_client(client)
 
     def replace_clients(self, infos: Iterable[ClientInfo]) -> None:
         """Make the client list the NS's, keeping the addresses this TS observed."""

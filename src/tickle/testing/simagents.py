@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -347,6 +348,10 @@ class SimAgent(asyncio.DatagramProtocol):
 
 async def main(ts_url: str, net: str, indexes: list[int], long_poll: bool = False) -> None:
     secret = os.environ[SECRET_ENV]
+    # a few descriptors per agent (its tickle socket, its connection): a process of many agents
+    # needs more than a default soft limit of 1,024
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sent: Counter[int] = Counter()
     agents = [SimAgent(sim_name(i), sim_host(net, i), ts_url, sent, cem=long_poll)
               for i in indexes]  # fmt: skip

@@ -14,8 +14,9 @@ from tickle.ns.about import about
 from tickle.ns.credentials import Caller
 from tickle.ns.database import Database
 from tickle.ns.errors import Unauthorized
+from tickle.ns.group_commit import GroupCommit
 from tickle.ns.liveness import OfflineBound
-from tickle.ns.stores.inventory import InventoryStore
+from tickle.ns.stores.inventory import Enrolled, Enrollment, InventoryStore
 from tickle.ns.tickle_server import TickleServer
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ class InventoryService:
         self._enrollment_secret = enrollment_secret
         self._ns_id = ns_id
         self.offline_bound = offline_bound
+        self._enrollments: GroupCommit[Enrollment, Enrolled] = GroupCommit(
+            "agent registrations", store.enroll_agents
+        )
 
     async def register_task_server(self, body: m.TaskServerRegister) -> m.TaskServerCredentials:
         """Register (or re-register, rotating its credentials) a task server that knows the
@@ -58,8 +62,11 @@ class InventoryService:
         return creds
 
     async def register_agent(self, ts: Caller, body: m.AgentRegistration) -> m.AgentCredentials:
-        """Register an agent with the calling task server (moving its computer there)."""
-        enrolled = await run_in_threadpool(self._store.enroll_agent, ts, body, self._manual)
+        """Register an agent with the calling task server (moving its computer there).
+
+        Registrations that arrive together are written in one transaction (a fleet registering
+        at once queued for SQLite's write lock one by one), each answered as if alone."""
+        enrolled = await self._enrollments.submit(Enrollment(ts, body, self._manual))
         if enrolled.moved:  # work pending for a computer that moved goes to its new TS
             # (not for every registration: a fleet registering ran a dispatch pass, five
             # queries, for each of its agents)

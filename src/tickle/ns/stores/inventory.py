@@ -16,7 +16,7 @@ from tickle import messages as m
 from tickle.ns import views
 from tickle.ns.credentials import Caller, CallerCache, new_tickle_key, new_token, token_sha256
 from tickle.ns.database import Database, retry_on_conflict
-from tickle.ns.errors import Forbidden
+from tickle.ns.errors import Conflict, Forbidden
 from tickle.ns.liveness import DEFAULT_BOUND, OfflineBound
 from tickle.ns.models import Base, Computer, Settings, TaskServer
 from tickle.ns.stores import registrations
@@ -41,6 +41,19 @@ class TaskServerLink:
     tickle_pulled_at: float | None  # the last work pull a tickle caused
     settings_pulled_at: float | None  # the last settings pull a tickle caused
     tickle_state: str = "unknown"  # whether tickles get through (set_task_server_state)
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """An agent's registration through a task server, as the store judges it."""
+
+    task_server: Caller
+    registration: m.AgentRegistration
+    manual: bool = False  # registration_approval = manual: a new name waits for an operator
+
+
+# an agent's registration refused (see registrations.admit)
+Refusal = Conflict | Forbidden
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +118,17 @@ class InventoryStore:
 
     def enroll_agent(self, ts: Caller, reg: m.AgentRegistration, manual: bool = False) -> Enrolled:
         """`register_agent`, saying too whether the computer moved from another task server."""
-        return retry_on_conflict(lambda: self._register_agent(ts, reg, manual))
+        (outcome,) = self.enroll_agents([Enrollment(ts, reg, manual)])
+        if isinstance(outcome, Enrolled):
+            return outcome
+        raise outcome
+
+    def enroll_agents(self, asks: Sequence[Enrollment]) -> list[Enrolled | Refusal]:
+        """Several agents' registrations in one write transaction (one commit), in their order:
+        each is judged and answered as if it came alone, after the ones before it (two under one
+        name: the second sees the first registered). A refusal is returned, not raised: what
+        `registrations.admit` noted for it (a pending request) is committed with the others."""
+        return retry_on_conflict(lambda: self._enroll_agents(asks))
 
     def clients(self, ts: Caller) -> list[m.ClientInfo]:
         """The task server's clients, with what it needs to authenticate and tickle them."""
@@ -285,47 +308,47 @@ class InventoryStore:
             raise refusal
         return m.TaskServerCredentials(name=reg.name, token=token, tickle_key=key, ns_id=ns_id)
 
-    def _register_agent(self, ts: Caller, reg: m.AgentRegistration, manual: bool) -> Enrolled:
-        token, key = new_token(), new_tickle_key()
-        address = reg.observed_address or reg.reported_address
-        ask = registrations.Request("computer", reg.name, reg.identity, ts.name, address)
-        now = time.time()
+    def _enroll_agents(self, asks: Sequence[Enrollment]) -> list[Enrolled | Refusal]:
         # SQLAlchemy Core: no ORM Computer (with its task server joined) loaded and flushed
         with self._db.writing() as s:
-            conn = s.connection()
-            c = conn.execute(_ENROLLED, {"name": reg.name}).first()
-            # a forgotten computer registers as a new one: its old identity went with it
-            known = c if c is not None and c.forgotten_at is None else None
-            refusal = registrations.admit(
-                s, ask, known, manual
-            )  # raised after the commit, as above
-            if refusal is None:
-                values: dict[str, Any] = {
-                    "task_server_id": ts.id,
-                    "token_sha256": token_sha256(token),
-                    "tickle_key": key,
-                    "tickle_host": reg.tickle_host,
-                    "tickle_port": reg.tickle_port,
-                    "cem": reg.cem,
-                    "groups": list(reg.groups),
-                    "reported_address": reg.reported_address,
-                    "observed_address": reg.observed_address,
-                    "nat_detected": _nat(reg.reported_address, reg.observed_address),
-                    "tickle_state": "cem" if reg.cem else "unknown",
-                    "last_contact_at": now,
-                    "identity_sha256": ask.identity_sha256
-                    or (known.identity_sha256 if known is not None else None),
-                }
-                # statements built once, the values bound: building one with its values cost
-                # more than running it
-                if c is None:
-                    conn.execute(_INSERT_COMPUTER, values | {"name": reg.name})
-                else:
-                    if c.forgotten_at is not None:
-                        values |= {"forgotten_at": None, "settings_version": None}
-                    conn.execute(_UPDATE_COMPUTER, values | {"_id": c.id})
+            return [self._enroll_agent(s, ask) for ask in asks]
+
+    def _enroll_agent(self, s: Session, ask: Enrollment) -> Enrolled | Refusal:
+        ts, reg = ask.task_server, ask.registration
+        token, key = new_token(), new_tickle_key()
+        address = reg.observed_address or reg.reported_address
+        request = registrations.Request("computer", reg.name, reg.identity, ts.name, address)
+        conn = s.connection()
+        c = conn.execute(_ENROLLED, {"name": reg.name}).first()
+        # a forgotten computer registers as a new one: its old identity went with it
+        known = c if c is not None and c.forgotten_at is None else None
+        refusal = registrations.admit(s, request, known, ask.manual)
         if refusal is not None:
-            raise refusal
+            return refusal
+        values: dict[str, Any] = {
+            "task_server_id": ts.id,
+            "token_sha256": token_sha256(token),
+            "tickle_key": key,
+            "tickle_host": reg.tickle_host,
+            "tickle_port": reg.tickle_port,
+            "cem": reg.cem,
+            "groups": list(reg.groups),
+            "reported_address": reg.reported_address,
+            "observed_address": reg.observed_address,
+            "nat_detected": _nat(reg.reported_address, reg.observed_address),
+            "tickle_state": "cem" if reg.cem else "unknown",
+            "last_contact_at": time.time(),
+            "identity_sha256": request.identity_sha256
+            or (known.identity_sha256 if known is not None else None),
+        }
+        # statements built once, the values bound: building one with its values cost more than
+        # running it
+        if c is None:
+            conn.execute(_INSERT_COMPUTER, values | {"name": reg.name})
+        else:
+            if c.forgotten_at is not None:
+                values |= {"forgotten_at": None, "settings_version": None}
+            conn.execute(_UPDATE_COMPUTER, values | {"_id": c.id})
         moved = c is not None and c.task_server_id not in (None, ts.id)
         return Enrolled(m.AgentCredentials(name=reg.name, token=token, tickle_key=key), moved)
 
