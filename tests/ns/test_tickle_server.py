@@ -414,6 +414,40 @@ async def test_a_tickle_caused_pull_that_fails_is_tickled_again(ns: Ns) -> None:
     await ts.no_tickle(within=4 * ns.settings.tickle_backoff_max_s)
 
 
+async def test_a_tickle_caused_pull_whose_cancels_read_fails_is_tickled_again(ns: Ns) -> None:
+    """The pull reads the cancels its agents must hear of on the same trip as its work: when that
+    read fails the whole pull fails (500), and, like any failed tickle-caused pull, the task
+    server is tickled again rather than left to its periodic check."""
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    run = await ns.run_task(["pc1"])
+    await ts.tickle(within=2.0)
+    failed: list[str] = []
+
+    def fail_the_cancels_once(_conn: object, _cursor: object, statement: str, *_a: object) -> None:
+        reads_cancels = statement.startswith("SELECT") and "cancel_requested_at >=" in statement
+        if reads_cancels and not failed:
+            failed.append(statement)
+            raise OperationalError(statement, None, Exception("the database is away"))
+
+    event.listen(ns.stores.database.engine, "before_cursor_execute", fail_the_cancels_once)
+    try:
+        status, _ = await ts.call("GET", "/api/ts/work?via=tickle")
+    finally:
+        event.remove(ns.stores.database.engine, "before_cursor_execute", fail_the_cancels_once)
+    assert failed, "the pull did not read its cancels"
+    assert status == 500
+
+    try:
+        tickle: wire.Tickle | None = (await ts.tickle(within=2.0))[0]
+    except TimeoutError:
+        tickle = None
+    assert tickle is not None, "no tickle after the pull whose cancels read failed"
+    assert tickle.kind is wire.Kind.TASKS
+    work = await ts.ok("GET", "/api/ts/work?via=tickle")
+    assert [w["execution_id"] for w in work["executions"]] == [run["executions"][0]["id"]]
+
+
 async def test_tickle_caused_pulls_that_keep_failing_are_tickled_again_a_bounded_number_of_times(
     ns: Ns,
 ) -> None:
