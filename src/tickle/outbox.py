@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tickle import localdb
 from tickle.backoff import Backoff
-from tickle.http import retry_after_s
+from tickle.httpbase import retry_after_s
 from tickle.messages import StatusEvent
 from tickle.metrics import ComponentMetrics
 

@@ -28,7 +28,7 @@ from tickle.agent import retries
 from tickle.agent.executor import Executor
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import TaskServerClient
-from tickle.http import retry_after_s
+from tickle.httpbase import retry_after_s
 from tickle.messages import AgentPolicy, AgentTasks, ExecutionWork, PolicyVia, PullVia
 from tickle.metrics import ComponentMetrics
 
