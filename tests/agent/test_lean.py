@@ -17,8 +17,10 @@ from .agent_process import agent_process, first_pull
 from .conftest import free_udp_port
 from .fake_ts import FakeTaskServer
 
-# what the agent must not load: the servers' stack, and aiohttp with its parts
-NOT_IN_THE_AGENT = ("aiohttp", "multidict", "yarl", "fastapi", "starlette", "sqlalchemy", "uvicorn")
+# what the agent must not load: the servers' stack, aiohttp with its parts, netlink (pyroute2)
+NOT_IN_THE_AGENT = (
+    "aiohttp", "multidict", "yarl", "pyroute2", "fastapi", "starlette", "sqlalchemy", "uvicorn",
+)  # fmt: skip
 
 
 def test_starting_the_agent_imports_no_aiohttp_nor_server_stack() -> None:
