@@ -17,9 +17,11 @@ from .agent_process import agent_process, first_pull
 from .conftest import free_udp_port
 from .fake_ts import FakeTaskServer
 
-# what the agent must not load: the servers' stack, aiohttp with its parts, netlink (pyroute2)
+# what the agent must not load: the servers' stack, aiohttp with its parts, netlink (pyroute2),
+# prometheus_client (until something reads its /metrics)
 NOT_IN_THE_AGENT = (
-    "aiohttp", "multidict", "yarl", "pyroute2", "fastapi", "starlette", "sqlalchemy", "uvicorn",
+    "aiohttp", "multidict", "yarl", "pyroute2", "prometheus_client", "fastapi", "starlette",
+    "sqlalchemy", "uvicorn",
 )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from tickle.agent.h11http import Answer, HttpClient, HttpServer, json_answer
 from tickle.agent.settings import AgentSettings
 from tickle.config import ConfigError, load_settings
 from tickle.httpbase import ApiError
-from tickle.metrics import ComponentMetrics
+from tickle.metrics import Metrics
 
 # how long a control command waits for the agent's answer (a check-now waits for the pull)
 CONTROL_TIMEOUT_S = 60.0
@@ -35,7 +35,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
 class Controlled(Protocol):
     """What the control API needs from the running agent."""
 
-    metrics: ComponentMetrics
+    @property
+    def metrics(self) -> Metrics: ...
 
     async def check_now(self) -> dict[str, Any]: ...
 
