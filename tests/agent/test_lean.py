@@ -7,11 +7,17 @@ check the process: what `tickle agent run` imports, and what a running agent has
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
+
+from tickle.agent.settings import AgentSettings
+from tickle.agent.state import AgentState
+from tickle.agent.ts_client import TaskServerClient
+from tickle.config import load_settings
 
 from .agent_process import agent_process, first_pull
 from .conftest import free_udp_port
@@ -55,3 +61,24 @@ async def test_a_running_agent_has_not_loaded_aiohttp(
         maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
     loaded = {name for name in NOT_IN_THE_AGENT if f"/site-packages/{name}/" in maps}
     assert loaded == set(), f"the running agent has loaded {sorted(loaded)}"
+
+
+async def test_only_an_agent_calling_https_builds_a_tls_context(tmp_path: Path) -> None:
+    # the system trust store a default context loads is 2.5 MB: a plain-HTTP agent needs none
+    contexts: dict[str, ssl.SSLContext | None] = {}
+    for scheme in ("http", "https"):
+        settings = load_settings(
+            AgentSettings, [], name="pc1", task_servers=[f"{scheme}://127.0.0.1:1"],
+            state_dir=tmp_path / scheme, enrollment_secret="s", allow_plain_http=True,
+        )  # fmt: skip
+        state = AgentState(settings.state_dir / "state.db")
+        client = TaskServerClient(settings, state)
+        await client.start()
+        assert client._http_client is not None
+        contexts[scheme] = client._http_client._ssl
+        await client.close()
+        state.close()
+    assert contexts["http"] is None
+    https = contexts["https"]
+    assert https is not None
+    assert https.verify_mode == ssl.CERT_REQUIRED
