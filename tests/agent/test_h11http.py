@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from tests.agent.conftest import eventually
+from tests.reliability import record
 from tickle.agent.h11http import Answer, HttpClient, HttpServer, ProtocolError, json_answer
 from tickle.clock import TIME_HEADER
 from tickle.testing.devca import DevCa
@@ -263,6 +264,7 @@ async def test_the_control_server_answers_its_routes_on_one_kept_alive_connectio
     ],
     ids=["head-too-large", "body-too-large", "not-http"],
 )  # fmt: skip
+@pytest.mark.attacks
 async def test_the_control_server_refuses_oversized_or_malformed_requests(
     control: tuple[str, list[str]], request_bytes: bytes, status: bytes
 ) -> None:
@@ -270,6 +272,13 @@ async def test_the_control_server_refuses_oversized_or_malformed_requests(
     answer = await _raw(path, request_bytes)
     assert answer.split(b" ")[1] == status, answer
     assert calls == []
+    what = {b"431": "a 20 KB head", b"413": "a 40 KB body", b"400": "bytes that are not HTTP"}
+    record(
+        case=f"Agent control/metrics server: {what[status]}",
+        done=f"one request of {what[status]} to the agent's control server",
+        outcome=f"refused with HTTP {status.decode()} before any handler, connection closed",
+        tried=1,
+    )
 
 
 async def test_the_control_server_closes_a_connection_that_sends_nothing(
