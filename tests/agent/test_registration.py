@@ -14,6 +14,8 @@ from tickle.agent import address
 from tickle.agent.control import control_call
 from tickle.agent.service import main
 from tickle.agent.settings import AgentSettings
+from tickle.agent.state import AgentState
+from tickle.agent.ts_client import NotRegistered, TaskServerClient
 from tickle.config import ConfigError, load_settings
 
 from .conftest import free_udp_port, running_agent
@@ -152,3 +154,35 @@ async def test_route_source_is_the_source_address_of_the_kernels_route(dst: str)
     route = subprocess.run(["ip", "route", "get", dst], capture_output=True, text=True, check=True)
     words = route.stdout.split()
     assert await address.route_source(dst) == words[words.index("src") + 1]
+
+
+async def test_a_task_server_answering_with_a_redirect_is_refused_not_followed(
+    tmp_path: Path,
+) -> None:
+    # the agent's client follows no redirect (its token must not go where a proxy points): a
+    # 3xx is a refusal like a 4xx, never an answer to parse
+    from aiohttp import web
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect("http://127.0.0.1:1/elsewhere")
+
+    app = web.Application()
+    app.router.add_post("/api/agent/register", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    settings = load_settings(
+        AgentSettings, [], name="pc1", task_servers=[url], state_dir=tmp_path / "agent",
+        enrollment_secret="s", tickle_host="127.0.0.1",
+    )  # fmt: skip
+    state = AgentState(settings.state_dir / "agent.db")
+    client = TaskServerClient(settings, state)
+    await client.start()
+    try:
+        with pytest.raises(NotRegistered, match="HTTP 307"):
+            await client.register()
+    finally:
+        await client.close()
+        state.close()
+        await runner.cleanup()

@@ -364,7 +364,7 @@ class TaskServerClient:
         time_limit: float | None = None,
     ) -> Any:
         """Send a request with a JSON body; its answer parsed into `answer` (None: not parsed).
-        ApiError for a status of 400 or more; `time_limit`: this request's, not the client's."""
+        ApiError for a status of 300 or more; `time_limit`: this request's, not the client's."""
         if self._http_client is None:
             raise RuntimeError("TaskServerClient used before start()")
         headers = {"Content-Type": "application/json"}
@@ -374,7 +374,8 @@ class TaskServerClient:
             method, url, body=None if body is None else body.model_dump_json().encode(),
             params=params, headers=headers, timeout_s=time_limit,
         )  # fmt: skip
-        if resp.status >= 400:
+        # a redirect is refused, not followed: our token goes to our task server only
+        if resp.status >= 300:
             raise api_error(resp.status, resp.body, url, resp.headers.get("retry-after"))
         if answer is None or resp.status == 204:
             return None
