@@ -166,8 +166,9 @@ class HttpClient:
             tls: ssl.SSLContext | None = None
             if scheme == "https":
                 tls = self._ssl or ssl.create_default_context()
+            # a name with IPv6 and IPv4 addresses: each tried 0.25 s after the last (as aiohttp)
             reader, writer = await asyncio.open_connection(
-                host, port, ssl=tls, local_addr=self._local_addr
+                host, port, ssl=tls, local_addr=self._local_addr, happy_eyeballs_delay=0.25
             )
         return _Connection(reader, writer)
 
