@@ -1,4 +1,7 @@
-"""HTTP client helpers shared by the task server, the agent and the operator commands (aiohttp)."""
+"""HTTP client helpers of the task server and the operator commands (aiohttp).
+
+The agent has its own, lighter client (`tickle.agent.h11http`); both raise `ApiError`.
+"""
 
 from __future__ import annotations
 
@@ -14,37 +17,18 @@ import aiohttp
 from pydantic import BaseModel, TypeAdapter
 
 from tickle.clock import TIME_HEADER, Clock, header_value, parse_header
+from tickle.httpbase import CLIENT_KEEPALIVE_S, ApiError, api_error, retry_after_s
 
 M = TypeVar("M")
 
-# how long a client keeps an idle connection for reuse: shorter than the servers' keep-alive
-# (`tickle.serving.SERVER_KEEPALIVE_S`), so a client never sends on a connection the server is
-# closing at that moment ("Server disconnected")
-CLIENT_KEEPALIVE_S = 10.0
-
-
-class ApiError(Exception):
-    """An HTTP answer other than 2xx; `detail` is the server's explanation."""
-
-    def __init__(
-        self,
-        status: int,
-        detail: str,
-        url: str,
-        retry_after_s: float | None = None,
-        errors: list[dict[str, Any]] | None = None,
-    ) -> None:
-        super().__init__(f"HTTP {status} from {url}: {detail}")
-        self.status = status
-        self.detail = detail
-        self.url = url
-        self.retry_after_s = retry_after_s  # the server's Retry-After (seconds), if it said
-        self.errors = errors or []  # a 422's field errors: loc, msg, type, ctx
-
-
-def retry_after_s(exc: BaseException) -> float:
-    """How long the server asked the client to wait before trying again (0: it did not say)."""
-    return (exc.retry_after_s or 0.0) if isinstance(exc, ApiError) else 0.0
+__all__ = [
+    "CLIENT_KEEPALIVE_S",
+    "ApiError",
+    "client_session",
+    "clock_trace",
+    "request",
+    "retry_after_s",
+]
 
 
 def clock_trace(
@@ -170,37 +154,5 @@ async def _send(
     ) as resp:
         raw = await resp.read()
         if resp.status >= 400:
-            wait = resp.headers.get("Retry-After", "")
-            raise ApiError(
-                resp.status,
-                _detail(raw),
-                url,
-                float(wait) if wait.isdigit() else None,
-                _field_errors(raw),
-            )
+            raise api_error(resp.status, raw, url, resp.headers.get("Retry-After"))
     return raw, resp.status
-
-
-def _field_errors(raw: bytes) -> list[dict[str, Any]]:
-    """The field errors of a 422 answer (FastAPI's `detail` list); [] for any other answer."""
-    import json
-
-    try:
-        detail = json.loads(raw).get("detail")
-    except (ValueError, AttributeError):
-        return []
-    if isinstance(detail, list) and all(isinstance(e, dict) and "msg" in e for e in detail):
-        return detail
-    return []
-
-
-def _detail(raw: bytes) -> str:
-    import json
-
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        return raw.decode(errors="replace")[:500]
-    if isinstance(parsed, dict) and "detail" in parsed:
-        return str(parsed["detail"])[:2000]
-    return str(parsed)[:500]

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tickle import wire
-from tickle.metrics import ComponentMetrics
+from tickle.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class TickleListener(asyncio.DatagramProtocol):
     def __init__(
         self,
         guard: wire.TickleGuard,
-        metrics: ComponentMetrics,
+        metrics: Metrics,
         on_tasks: Callable[[], None],
         on_settings: Callable[[], None],
         log_interval_s: float = REJECTION_LOG_INTERVAL_S,

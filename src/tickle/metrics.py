@@ -2,20 +2,24 @@
 
 A registry per component instance keeps several components (or a simulated fleet) in one process
 apart, and makes tests independent.
+
+The servers' `ComponentMetrics` are prometheus_client's. The agent's (`AgentMetrics`: only what
+an agent counts) are plain numbers until something reads /metrics: prometheus_client, which cost
+the agent 2-4 MB at rest, is loaded by the first `render()` only and writes the same exposition
+(S7 of issue 10). This module imports prometheus_client only when one of them needs it.
 """
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from tickle.wire import Kind, RejectReason
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -27,6 +31,8 @@ class ComponentMetrics:
     """Counters and histograms for one component (labelled with its component name)."""
 
     def __init__(self, component: str) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.component = component
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -100,4 +106,122 @@ class ComponentMetrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return _exposition(self.registry)
+
+
+def _exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _Child:
+    """One labelled series of a counter or gauge."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+        self.function: Callable[[], float] | None = None
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        """Read `function` at each scrape instead of the value set (as prometheus_client's)."""
+        self.function = function
+
+    def read(self) -> float:
+        return float(self.function()) if self.function is not None else self.value
+
+
+class _Family(_Child):
+    """A counter or gauge: its series by label values (itself, when it has no labels)."""
+
+    def __init__(
+        self, kind: str, name: str, documentation: str, labels: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labels
+        self.children: dict[tuple[str, ...], _Child] = {}
+
+    def labels(self, **labels: str) -> _Child:
+        key = tuple(str(labels[name]) for name in self.labelnames)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = _Child()
+        return child
+
+    def family(self) -> Metric:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        series = self.children.items() if self.labelnames else [((), self)]
+        if self.kind == "counter":
+            counter = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            for key, child in series:
+                counter.add_metric(list(key), child.read(), created=child.created)
+            return counter
+        gauge = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, child in series:
+            gauge.add_metric(list(key), child.read())
+        return gauge
+
+
+class AgentMetrics:
+    """What an agent counts, under the names, help and labels of `ComponentMetrics`."""
+
+    def __init__(self, component: str = "agent") -> None:
+        self.component = component
+        self.tickles_received = _Family(
+            "counter", "tickle_tickles_received", "Valid tickle datagrams received", ("kind",)
+        )
+        self.tickles_rejected = _Family(
+            "counter", "tickle_tickles_rejected", "Tickle datagrams rejected, by reason",
+            ("reason",),
+        )  # fmt: skip
+        self.pulls = _Family("counter", "tickle_pulls", "Pulls of work, by trigger", ("via",))
+        self.polls = _Family("counter", "tickle_polls", "Polls (pulls not caused by a tickle)")
+        self.outbox_depth = _Family(
+            "gauge", "tickle_outbox_depth", "Status events waiting in the durable outbox"
+        )
+        self.outbox_oldest_age = _Family(
+            "gauge", "tickle_outbox_oldest_age_seconds",
+            "Age of the oldest status event waiting in the durable outbox (0 when it is empty)",
+        )  # fmt: skip
+        self.executions = _Family(
+            "counter", "tickle_executions", "Executions finished, by status", ("status",)
+        )
+        for kind in Kind:
+            self.tickles_received.labels(kind=kind.name.lower())
+        for reason in RejectReason:
+            self.tickles_rejected.labels(reason=reason.value)
+        self._registry: CollectorRegistry | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        """The families as prometheus_client collects them (this object is their collector)."""
+        for value in vars(self).values():
+            if isinstance(value, _Family):
+                yield value.family()
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """A prometheus_client registry of these metrics (loading prometheus_client)."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(self)
+        return self._registry
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type (prometheus_client is loaded here)."""
+        return _exposition(self.registry)
+
+
+# what the parts both the servers and the agent run (tickle listener, outbox) count into
+Metrics = ComponentMetrics | AgentMetrics

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from tickle import localdb
 from tickle.backoff import Backoff
-from tickle.http import retry_after_s
+from tickle.httpbase import retry_after_s
 from tickle.messages import StatusEvent
-from tickle.metrics import ComponentMetrics
+from tickle.metrics import Metrics
 
 log = logging.getLogger(__name__)
 # The most event bodies (characters of JSON) one forwarded batch carries, beyond its first event:
@@ -113,7 +113,7 @@ class OutboxForwarder:
         self,
         outbox: Outbox,
         send: SendBatch,
-        metrics: ComponentMetrics,
+        metrics: Metrics,
         backoff: Backoff | None = None,
         batch_size: int = 200,
         batch_bytes: int = BATCH_BYTES,

@@ -14,6 +14,8 @@ from tickle.agent import address
 from tickle.agent.control import control_call
 from tickle.agent.service import main
 from tickle.agent.settings import AgentSettings
+from tickle.agent.state import AgentState
+from tickle.agent.ts_client import NotRegistered, TaskServerClient
 from tickle.config import ConfigError, load_settings
 
 from .conftest import free_udp_port, running_agent
@@ -146,22 +148,41 @@ async def test_wildcard_agent_reports_the_routing_table_source_address(
     assert reg.groups == ["lab"]
 
 
-async def test_route_source_falls_back_to_udp_socket_when_netlink_fails(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("dst", ["127.0.0.9", "192.0.2.1"])
+async def test_route_source_is_the_source_address_of_the_kernels_route(dst: str) -> None:
+    # what `ip route get` says (iproute2 reads the kernel's answer over netlink); nothing is sent
+    route = subprocess.run(["ip", "route", "get", dst], capture_output=True, text=True, check=True)
+    words = route.stdout.split()
+    assert await address.route_source(dst) == words[words.index("src") + 1]
+
+
+async def test_a_task_server_answering_with_a_redirect_is_refused_not_followed(
+    tmp_path: Path,
 ) -> None:
-    assert await address.route_source("127.0.0.9") == "127.0.0.1"
+    # the agent's client follows no redirect (its token must not go where a proxy points): a
+    # 3xx is a refusal like a 4xx, never an answer to parse
+    from aiohttp import web
 
-    async def broken(dst: str) -> str | None:
-        raise OSError("no netlink here")
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect("http://127.0.0.1:1/elsewhere")
 
-    used: list[str] = []
-    real_udp_source = address._udp_source
-
-    def spy(dst: str) -> str | None:
-        used.append(dst)
-        return real_udp_source(dst)
-
-    monkeypatch.setattr(address, "_route_prefsrc", broken)
-    monkeypatch.setattr(address, "_udp_source", spy)
-    assert await address.route_source("127.0.0.9") == "127.0.0.1"
-    assert used == ["127.0.0.9"]
+    app = web.Application()
+    app.router.add_post("/api/agent/register", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    settings = load_settings(
+        AgentSettings, [], name="pc1", task_servers=[url], state_dir=tmp_path / "agent",
+        enrollment_secret="s", tickle_host="127.0.0.1",
+    )  # fmt: skip
+    state = AgentState(settings.state_dir / "agent.db")
+    client = TaskServerClient(settings, state)
+    await client.start()
+    try:
+        with pytest.raises(NotRegistered, match="HTTP 307"):
+            await client.register()
+    finally:
+        await client.close()
+        state.close()
+        await runner.cleanup()

@@ -38,9 +38,8 @@ async def test_the_clients_close_idle_connections_before_the_servers_do(tmp_path
     agent = TaskServerClient(settings, state)
     await agent.start()
     try:
-        connector = agent._session.connector  # type: ignore[union-attr]
-        assert connector is not None
-        assert connector._keepalive_timeout < server  # type: ignore[attr-defined]
+        assert agent._http_client is not None
+        assert agent._http_client._keepalive_s < server
     finally:
         await agent.close()
         state.close()

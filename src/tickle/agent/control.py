@@ -12,18 +12,19 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
-from aiohttp import web
-
 from tickle import clock
+from tickle.agent.h11http import Answer, HttpClient, HttpServer, json_answer
 from tickle.agent.settings import AgentSettings
 from tickle.config import ConfigError, load_settings
-from tickle.http import ApiError
-from tickle.metrics import ComponentMetrics
+from tickle.httpbase import ApiError
+from tickle.metrics import Metrics
 
+# how long a control command waits for the agent's answer (a check-now waits for the pull)
+CONTROL_TIMEOUT_S = 60.0
 ACTIONS: dict[str, tuple[str, str]] = {
     "check-now": ("POST", "/check-now"),
     "policy-refresh": ("POST", "/policy-refresh"),
@@ -34,7 +35,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
 class Controlled(Protocol):
     """What the control API needs from the running agent."""
 
-    metrics: ComponentMetrics
+    @property
+    def metrics(self) -> Metrics: ...
 
     async def check_now(self) -> dict[str, Any]: ...
 
@@ -57,7 +59,14 @@ def run_control_command(settings_args: list[str], action: str) -> int:
     method, path = ACTIONS[action]
     try:
         result = asyncio.run(control_call(settings.socket_path, method, path))
-    except (OSError, aiohttp.ClientError) as exc:
+    except TimeoutError:
+        print(
+            f"tickle agent: the agent at {settings.socket_path} did not answer within"
+            f" {CONTROL_TIMEOUT_S:.0f} s",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:
         print(
             f"tickle agent: cannot reach the agent at {settings.socket_path}: {exc}",
             file=sys.stderr,
@@ -73,16 +82,14 @@ def run_control_command(settings_args: list[str], action: str) -> int:
 
 async def control_call(socket_path: Path | str, method: str, path: str) -> dict[str, Any]:
     """Call the control API of the agent listening on `socket_path`; return its JSON answer."""
-    connector = aiohttp.UnixConnector(path=str(socket_path))
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with (
-        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-        session.request(method, f"http://agent{path}") as resp,
-    ):
-        raw = await resp.read()
-        if resp.status >= 400:
-            raise ApiError(resp.status, raw.decode(errors="replace"), path)
-    answer: Any = json.loads(raw)
+    client = HttpClient(unix_path=str(socket_path), timeout_s=CONTROL_TIMEOUT_S)
+    try:
+        resp = await client.request(method, f"http://agent{path}")
+    finally:
+        await client.close()
+    if resp.status >= 400:
+        raise ApiError(resp.status, resp.body.decode(errors="replace"), path)
+    answer: Any = json.loads(resp.body)
     if not isinstance(answer, dict):
         return {"result": answer}
     return answer
@@ -94,17 +101,17 @@ class ControlServer:
     def __init__(self, agent: Controlled, socket_path: Path) -> None:
         self._agent = agent
         self._socket_path = socket_path
-        self._runners: list[web.AppRunner] = []
+        self._servers: list[HttpServer] = []
 
     async def start(self, metrics_host: str | None = None, metrics_port: int = 0) -> None:
-        app = web.Application()
-        app.router.add_post("/check-now", self._check_now)
-        app.router.add_post("/policy-refresh", self._policy_refresh)
-        app.router.add_get("/status", self._status)
-        app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        self._runners.append(runner)
+        server = HttpServer(
+            {
+                ("POST", "/check-now"): self._check_now,
+                ("POST", "/policy-refresh"): self._policy_refresh,
+                ("GET", "/status"): self._status,
+                ("GET", "/metrics"): self._metrics,
+            }
+        )
         self._socket_path.parent.mkdir(parents=True, exist_ok=True)
         if self._socket_path.is_socket():  # left over by an agent that died
             self._socket_path.unlink()
@@ -120,40 +127,38 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         os.chmod(self._socket_path, 0o600)
-        await web.SockSite(runner, sock).start()
+        await server.serve_socket(sock)
+        self._servers.append(server)
         if metrics_host and metrics_port:
             # only metrics on TCP: the control actions stay on the private socket
-            metrics_app = web.Application()
-            metrics_app.router.add_get("/metrics", self._metrics)
-            metrics_runner = web.AppRunner(metrics_app, access_log=None)
-            await metrics_runner.setup()
-            self._runners.append(metrics_runner)
-            await web.TCPSite(metrics_runner, metrics_host, metrics_port).start()
+            metrics_server = HttpServer({("GET", "/metrics"): self._metrics})
+            await metrics_server.serve_tcp(metrics_host, metrics_port)
+            self._servers.append(metrics_server)
 
     async def close(self) -> None:
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        self._runners.clear()
+        for server in reversed(self._servers):
+            await server.close()
+        self._servers.clear()
         if self._socket_path.is_socket():
             self._socket_path.unlink()
 
-    async def _check_now(self, request: web.Request) -> web.Response:
+    async def _check_now(self) -> Answer:
         return await _answer(self._agent.check_now())
 
-    async def _policy_refresh(self, request: web.Request) -> web.Response:
+    async def _policy_refresh(self) -> Answer:
         return await _answer(self._agent.policy_refresh())
 
-    async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(self._agent.status())
+    async def _status(self) -> Answer:
+        return json_answer(self._agent.status())
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self) -> Answer:
         body, content_type = self._agent.metrics.render()
-        return web.Response(body=body, headers={"Content-Type": content_type})
+        return 200, content_type, body
 
 
-async def _answer(action: Any) -> web.Response:
+async def _answer(action: Awaitable[dict[str, Any]]) -> Answer:
     try:
         result = await action
     except Exception as exc:  # the task server is down, refused us, ...: say so to the caller
-        return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=502)
-    return web.json_response(result)
+        return json_answer({"error": f"{type(exc).__name__}: {exc}"}, status=502)
+    return json_answer(result)

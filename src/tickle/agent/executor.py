@@ -41,7 +41,7 @@ from tickle.messages import (
     StatusEvent,
     TaskSpec,
 )
-from tickle.metrics import ComponentMetrics
+from tickle.metrics import Metrics
 from tickle.outbox import OutboxForwarder
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class Executor:
         computer: str,
         state: AgentState,
         forwarder: OutboxForwarder,
-        metrics: ComponentMetrics,
+        metrics: Metrics,
         output_tail_bytes: int = OUTPUT_TAIL_MAX,
         output_max_bytes: int = OUTPUT_MAX_BYTES,
         work_dir: Path | None = None,

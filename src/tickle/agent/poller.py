@@ -28,9 +28,9 @@ from tickle.agent import retries
 from tickle.agent.executor import Executor
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import TaskServerClient
-from tickle.http import retry_after_s
+from tickle.httpbase import retry_after_s
 from tickle.messages import AgentPolicy, AgentTasks, ExecutionWork, PolicyVia, PullVia
-from tickle.metrics import ComponentMetrics
+from tickle.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Poller:
         client: TaskServerClient,
         state: AgentState,
         executor: Executor,
-        metrics: ComponentMetrics,
+        metrics: Metrics,
         default_policy: AgentPolicy,
     ) -> None:
         self._client = client

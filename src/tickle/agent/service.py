@@ -33,7 +33,7 @@ from tickle.config import ConfigError, check_config, load_settings
 from tickle.listening import TickleListener
 from tickle.logs import setup_logging
 from tickle.messages import AgentPolicy
-from tickle.metrics import ComponentMetrics
+from tickle.metrics import AgentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
 from tickle.statedir import make_private
 
@@ -110,7 +110,7 @@ class Agent:
         freshness, its events' times, what its requests say), shifted in tests only."""
         self.settings = settings
         self.clock = wall_clock
-        self.metrics = ComponentMetrics("agent")
+        self.metrics = AgentMetrics()
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state = AgentState(settings.state_dir / "agent.db")
         self.outbox = Outbox(settings.state_dir / "outbox.db")
