@@ -105,6 +105,34 @@ _UPDATE_PROGRESS = (
 )
 
 
+# what recording events reads of their executions (`ids`), locking them in id order, with whether
+# the task server reporting them (`ts_id`) was given each by a pull (`pulled`); built once (a
+# select built per batch cost more than its execution)
+_READ_FOR_EVENTS = (
+    select(
+        *_EXEC_COLUMNS,
+        _COMPUTERS.c.task_server_id,
+        _COMPUTERS.c.name,
+        _PULLS.c.execution_id.label("pulled"),
+    )
+    .select_from(
+        _EXECUTIONS.join(_COMPUTERS).outerjoin(
+            _PULLS,
+            (_PULLS.c.execution_id == _EXECUTIONS.c.id)
+            & (_PULLS.c.task_server_id == bindparam("ts_id")),
+        )
+    )
+    .order_by(_EXECUTIONS.c.id)
+    .with_for_update(of=_EXECUTIONS)
+)
+_PG_READ_FOR_EVENTS = _READ_FOR_EVENTS.where(
+    _EXECUTIONS.c.id == any_(cast(bindparam("ids"), ARRAY(Integer)))
+)
+_SQLITE_READ_FOR_EVENTS = _READ_FOR_EVENTS.where(
+    _EXECUTIONS.c.id.in_(bindparam("ids", expanding=True))
+)
+
+
 @dataclass(frozen=True, slots=True)
 class PendingTickle:
     """A task server with untickled pending work, and when the newest of it was created."""
@@ -370,21 +398,9 @@ class DeliveryStore:
             # overwriting it with what it read before (a `started` reopening a finished one);
             # the event ids are checked after the lock, so a batch recorded meanwhile is seen.
             # Whether this task server was given each (`pulled`) comes joined.
-            given = (_PULLS.c.execution_id == _EXECUTIONS.c.id) & (_PULLS.c.task_server_id == ts.id)
+            read = _PG_READ_FOR_EVENTS if postgresql else _SQLITE_READ_FOR_EVENTS
             execs = {
-                row.id: row
-                for row in conn.execute(
-                    select(
-                        *_EXEC_COLUMNS,
-                        _COMPUTERS.c.task_server_id,
-                        _COMPUTERS.c.name,
-                        _PULLS.c.execution_id.label("pulled"),
-                    )
-                    .select_from(_EXECUTIONS.join(_COMPUTERS).outerjoin(_PULLS, given))
-                    .where(_id_among(_EXECUTIONS.c.id, exec_ids, postgresql))
-                    .order_by(_EXECUTIONS.c.id)
-                    .with_for_update(of=_EXECUTIONS)
-                ).all()
+                row.id: row for row in conn.execute(read, {"ts_id": ts.id, "ids": exec_ids}).all()
             }
             rows: dict[str, dict[str, Any]] = {}  # the events to record, by id (first of each)
             refused: list[m.StatusEvent] = []
