@@ -133,6 +133,28 @@ _SQLITE_READ_FOR_EVENTS = _READ_FOR_EVENTS.where(
 )
 
 
+# a pull: its stamps on its task server (`ts_id`), and every unfinished execution of the task
+# server's clients with whether a pull gave it to this task server before (`given`); built once
+_STAMP_PULL = (
+    update(_TASK_SERVERS)
+    .where(_TASK_SERVERS.c.id == bindparam("ts_id"))
+    .values(last_pull_at=bindparam("now"))
+)
+_STAMP_TICKLE_PULL = _STAMP_PULL.values(tickle_pulled_at=bindparam("now"))
+_READ_WORK = (
+    select(*_WORK_COLUMNS, _COMPUTERS.c.name, _PULLS.c.execution_id.label("given"))
+    .select_from(
+        _EXECUTIONS.join(_COMPUTERS).outerjoin(
+            _PULLS,
+            (_PULLS.c.execution_id == _EXECUTIONS.c.id)
+            & (_PULLS.c.task_server_id == bindparam("ts_id")),
+        )
+    )
+    .where(_COMPUTERS.c.task_server_id == bindparam("ts_id"), _EXECUTIONS.c.status.not_in(_FINAL))
+    .order_by(_EXECUTIONS.c.id)
+)
+
+
 @dataclass(frozen=True, slots=True)
 class PendingTickle:
     """A task server with untickled pending work, and when the newest of it was created."""
@@ -335,22 +357,12 @@ class DeliveryStore:
     def _pull_work(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
         # SQLAlchemy Core: no ORM object per execution (their loading and flush were most of a
         # pull's 3 ms)
-        stamps = {"last_pull_at": now} | ({"tickle_pulled_at": now} if via == "tickle" else {})
         with self._db.writing() as s:
             conn = s.connection()
             postgresql = conn.dialect.name == "postgresql"
-            conn.execute(update(_TASK_SERVERS).where(_TASK_SERVERS.c.id == ts.id).values(stamps))
-            given = _PULLS.c.task_server_id == ts.id
-            rows = conn.execute(
-                select(*_WORK_COLUMNS, _COMPUTERS.c.name, _PULLS.c.execution_id.label("given"))
-                .select_from(
-                    _EXECUTIONS.join(_COMPUTERS).outerjoin(
-                        _PULLS, (_PULLS.c.execution_id == _EXECUTIONS.c.id) & given
-                    )
-                )
-                .where(_COMPUTERS.c.task_server_id == ts.id, _EXECUTIONS.c.status.not_in(_FINAL))
-                .order_by(_EXECUTIONS.c.id)
-            ).all()
+            stamp = _STAMP_TICKLE_PULL if via == "tickle" else _STAMP_PULL
+            conn.execute(stamp, {"ts_id": ts.id, "now": now})
+            rows = conn.execute(_READ_WORK, {"ts_id": ts.id}).all()
             # the ids read, not a condition: an execution committed since was not given here
             unpulled = [row.id for row in rows if row.ts_pulled_at is None]
             if unpulled and postgresql:
