@@ -3,6 +3,7 @@ status events that record each execution's progress."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -62,9 +63,12 @@ _OUTPUTS = Base.metadata.tables[ExecutionOutput.__tablename__]
 _RUNS = Base.metadata.tables[Run.__tablename__]
 _TASK_SERVERS = Base.metadata.tables[TaskServer.__tablename__]
 _PULLS = Base.metadata.tables[ExecutionPull.__tablename__]
-# what a pull gives of each execution (with its computer's name)
+# what a pull gives of each execution (with its computer's name); its steps as their JSON text,
+# read once per text (the executions of a run share theirs; a JSON load and a model validation
+# per execution were most of a pull of 2,500)
 _WORK_COLUMNS = [
-    _EXECUTIONS.c[name] for name in ("id", "kind", "steps", "expires_at", "ts_pulled_at")
+    *(_EXECUTIONS.c[name] for name in ("id", "kind", "expires_at", "ts_pulled_at")),
+    cast(_EXECUTIONS.c.steps, Text).label("steps"),
 ]
 # what recording an event reads of its execution (the computer's columns come joined)
 _EXEC_COLUMNS = [_EXECUTIONS.c[name] for name in ("id", "steps", "created_at", *_PROGRESS_FIELDS)]
@@ -395,7 +399,13 @@ class DeliveryStore:
                     insert(_PULLS),
                     [{"execution_id": i, "task_server_id": ts.id, "pulled_at": now} for i in new],
                 )
-            return m.WorkOut(executions=[views.execution_work(row) for row in rows])
+            steps: dict[str, list[m.TaskSpec]] = {}
+            return m.WorkOut(
+                executions=[
+                    views.execution_work(row, steps.get(row.steps) or _steps_of(steps, row.steps))
+                    for row in rows
+                ]
+            )
 
     def _record(self, ts: Caller, events: Sequence[m.StatusEvent], now: float) -> EventOutcome:
         # SQLAlchemy Core throughout: no ORM object per execution or per event (the profile had
@@ -508,6 +518,12 @@ def _recorded_events(conn: Connection, event_ids: list[str]) -> set[str]:
     if not event_ids:
         return set()
     return set(conn.scalars(select(_EVENTS.c.event_id).where(_EVENTS.c.event_id.in_(event_ids))))
+
+
+def _steps_of(known: dict[str, list[m.TaskSpec]], text: str) -> list[m.TaskSpec]:
+    """The steps of an execution's JSON text, remembered in `known`."""
+    steps = known[text] = [m.TaskSpec.model_validate(step) for step in json.loads(text)]
+    return steps
 
 
 def _output_row(execution_id: int, e: m.StatusEvent) -> dict[str, Any] | None:
