@@ -70,8 +70,12 @@ _WORK_COLUMNS = [
     *(_EXECUTIONS.c[name] for name in ("id", "kind", "expires_at", "ts_pulled_at")),
     cast(_EXECUTIONS.c.steps, Text).label("steps"),
 ]
-# what recording an event reads of its execution (the computer's columns come joined)
-_EXEC_COLUMNS = [_EXECUTIONS.c[name] for name in ("id", "steps", "created_at", *_PROGRESS_FIELDS)]
+# what recording an event reads of its execution (the computer's columns come joined); its steps
+# as JSON text, read once per text (see `_names`)
+_EXEC_COLUMNS = [
+    *(_EXECUTIONS.c[name] for name in ("id", "created_at", *_PROGRESS_FIELDS)),
+    cast(_EXECUTIONS.c.steps, Text).label("steps"),
+]
 # the events of a batch in one executemany (SQLite), their bodies serialized by pydantic (the JSON
 # column's own json.dumps of a dict per event cost more than the rest of the insert); PostgreSQL:
 # in one INSERT of one JSON document (see `bulk`)
@@ -446,6 +450,7 @@ class DeliveryStore:
             new = _insert_new_events(conn, list(rows.values()), now)
             # an event refused now counts as accepted if it was recorded before
             recorded_before = _recorded_events(conn, [e.event_id for e in refused])
+            step_names: dict[str, list[str]] = {}  # by the steps' JSON text
             initial: dict[int, lifecycle.Progress] = {}  # as each execution was read
             progress: dict[int, lifecycle.Progress] = {}  # as the events leave each execution
             outputs: list[dict[str, Any]] = []
@@ -478,7 +483,7 @@ class DeliveryStore:
                 if ex.id not in initial:
                     initial[ex.id] = _progress(ex)
                 before = progress.get(ex.id, initial[ex.id])
-                after = lifecycle.apply(before, e, now, [step["name"] for step in ex.steps])
+                after = lifecycle.apply(before, e, now, _names(step_names, ex.steps))
                 progress[ex.id] = after
                 if lifecycle.finished_now(before, after):
                     out.run_now_to_recorded.append(max(0.0, now - ex.created_at))
@@ -518,6 +523,14 @@ def _recorded_events(conn: Connection, event_ids: list[str]) -> set[str]:
     if not event_ids:
         return set()
     return set(conn.scalars(select(_EVENTS.c.event_id).where(_EVENTS.c.event_id.in_(event_ids))))
+
+
+def _names(known: dict[str, list[str]], steps: str) -> list[str]:
+    """The step names of an execution's steps (their JSON text), remembered in `known`."""
+    names = known.get(steps)
+    if names is None:
+        names = known[steps] = [step["name"] for step in json.loads(steps)]
+    return names
 
 
 def _steps_of(known: dict[str, list[m.TaskSpec]], text: str) -> list[m.TaskSpec]:
