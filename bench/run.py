@@ -752,9 +752,20 @@ async def curve(root: Path, r: Results, sizes: list[int]) -> None:
 # --- S4: ingest ----------------------------------------------------------------------------------
 
 
+@dataclass
+class Ingest:
+    """What S4 measured: events/s, and CPU-seconds per 10,000 events of the NS process and of
+    the database server (PostgreSQL's processes; None on SQLite, inside the NS)."""
+
+    eps: float
+    ns_cpu_s: float
+    db_cpu_s: float | None
+
+
 async def ingest_one(root: Path, net: str, database_url: str | None, executions: int,
-                     clients: int, batch: int) -> float:  # fmt: skip
-    """Events/s the NS records from `clients` task servers posting batches at once."""
+                     clients: int, batch: int, db_pid: int | None = None) -> Ingest:  # fmt: skip
+    """Events/s the NS records from `clients` task servers posting batches at once, and the CPU
+    they cost (`db_pid`: the database server's, its processes counted with it)."""
     fleet = LocalFleet(root, [], [], net=net,
                        ns_extra=["--database-url", database_url] if database_url else [])  # fmt: skip
     await fleet.start()
@@ -815,10 +826,16 @@ async def ingest_one(root: Path, net: str, database_url: str | None, executions:
                         accepted += len(EventAck.model_validate_json(raw).accepted)
                 return accepted
 
+            ns_pid = fleet.procs["ns"].popen.pid  # type: ignore[union-attr]
+            ns0, db0 = _proc_cpu_s(ns_pid), _tree_cpu_s(db_pid)
             t0 = time.monotonic()
             accepted = sum(await asyncio.gather(*(post(c) for c in range(clients))))
             elapsed = time.monotonic() - t0
-            return accepted / elapsed
+            per_10k = 10_000 / max(1, accepted)
+            ns_cpu = (_proc_cpu_s(ns_pid) - ns0) * per_10k
+            db1 = _tree_cpu_s(db_pid)
+            db_cpu = None if db0 is None or db1 is None else (db1 - db0) * per_10k
+            return Ingest(accepted / elapsed, ns_cpu, db_cpu)
     finally:
         await fleet.stop()
 
@@ -826,21 +843,30 @@ async def ingest_one(root: Path, net: str, database_url: str | None, executions:
 async def ingest(
     root: Path, r: Results, executions: int, clients: int = 4, batch: int = 500
 ) -> None:
-    eps = await ingest_one(root / "sqlite", net(15), None, executions, clients, batch)
+    got = await ingest_one(root / "sqlite", net(15), None, executions, clients, batch)
     r.put(
         "s4_sqlite_eps",
-        eps,
+        got.eps,
         "events/s",
         f"S4 ingest, SQLite ({clients} clients, batches of {batch})",
     )
-    lines = [f"SQLite: {eps:,.0f} events/s"]
+    r.put("s4_sqlite_ns_cpu", got.ns_cpu_s, "CPU-s per 10,000 events", "S4 SQLite: the NS's CPU")
+    lines = [f"SQLite: {got.eps:,.0f} events/s (NS {got.ns_cpu_s:.3f} CPU-s per 10,000 events)"]
     with postgres_or_none(r, "S4 PostgreSQL") as pg:
         if pg is not None:
             url = pg.create_database("bench_s4")
-            eps = await ingest_one(root / "postgres", net(16), url, executions, clients, batch)
-            r.put("s4_postgres_eps", eps, "events/s",
+            got = await ingest_one(root / "postgres", net(16), url, executions, clients, batch,
+                                   db_pid=pg.process.pid)  # fmt: skip
+            r.put("s4_postgres_eps", got.eps, "events/s",
                   f"S4 ingest, PostgreSQL ({clients} clients, batches of {batch})")  # fmt: skip
-            lines.append(f"PostgreSQL: {eps:,.0f} events/s")
+            r.put("s4_postgres_ns_cpu", got.ns_cpu_s, "CPU-s per 10,000 events",
+                  "S4 PostgreSQL: the NS's CPU")  # fmt: skip
+            r.put("s4_postgres_db_cpu", got.db_cpu_s, "CPU-s per 10,000 events",
+                  "S4 PostgreSQL: PostgreSQL's CPU (all its processes)")  # fmt: skip
+            lines.append(
+                f"PostgreSQL: {got.eps:,.0f} events/s (NS {got.ns_cpu_s:.3f}, PostgreSQL "
+                f"{got.db_cpu_s or 0:.3f} CPU-s per 10,000 events)"
+            )
     r.md += [
         f"## S4: NS status-event ingest, {4 * executions:,} events from {clients} task-server "
         f"clients in batches of {batch}",
@@ -864,6 +890,19 @@ async def long_polls(root: Path, r: Results, count: int) -> None:
 def _proc_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_s(pid: int | None) -> float | None:
+    """CPU-seconds of a process and its children (PostgreSQL's server and its backends)."""
+    if pid is None:
+        return None
+    total = _proc_cpu_s(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:  # its parent
+                total += _proc_cpu_s(int(stat.parent.name))
+    return total
 
 
 def _proc_rss_mb(pid: int) -> float:

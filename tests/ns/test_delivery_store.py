@@ -1,17 +1,23 @@
 """The delivery store's bulk paths (Core, no ORM object per row) against what the NS shows later:
 a run as run now answers it is the run as read back, executions in the order the computers were
-chosen; a pull stamps and notes what it gives. Shared with tests/postgres (PostgreSQL's paths)."""
+chosen; a pull stamps and notes what it gives; a batch of status events records each event once
+and only from a task server it concerns. Shared with tests/postgres (PostgreSQL's paths)."""
 
 from __future__ import annotations
 
+import math
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from tickle import messages as m
 from tickle.ns.credentials import Caller, token_sha256
+from tickle.ns.models import StatusEvent
 from tickle.ns.stores import Stores
 
 
@@ -68,3 +74,58 @@ def check_run_now_answers_the_run_as_read_back(stores: Stores) -> None:
 
 def test_run_now_answers_the_run_as_read_back(stores: Stores) -> None:
     check_run_now_answers_the_run_as_read_back(stores)
+
+
+def _event(execution: m.ExecutionOut, kind: str, **fields: Any) -> m.StatusEvent:
+    fields = {"at": time.time(), "computer": execution.computer} | fields
+    return m.StatusEvent(event_id=str(uuid.uuid4()), execution_id=execution.id, kind=kind, **fields)
+
+
+def check_a_batch_records_each_event_once_and_only_from_its_task_server(stores: Stores) -> None:
+    ts = fleet(stores, computers=2)
+    other = task_server(stores, "ts2")
+    task = stores.catalog.create_task(m.TaskCreate(name="t", command=["true"]))
+    e0, e1 = stores.delivery.create_run(
+        m.RunCreate(task_id=task.id, computers=["c0", "c1"])
+    ).executions
+    pulled = _event(e0, "agent_pulled", via="tickle")
+    started = _event(e0, "started")
+    unknown = m.StatusEvent(event_id=str(uuid.uuid4()), execution_id=e1.id + 1000,
+                            computer="c0", kind="started", at=time.time())  # fmt: skip
+    misnamed = _event(e1, "started", computer="c0")  # not the execution's computer: refused
+    # times JSON cannot carry (a foreign task server's): recorded as they are
+    finished = _event(e0, "finished", step=0, exit_code=0, status="succeeded", stdout="out",
+                      stderr="", at=math.inf, cached_at=-math.inf, step_started_at=math.nan)  # fmt: skip
+    batch = [pulled, pulled, started, unknown, misnamed, finished]
+
+    outcome = stores.delivery.record_events(ts, batch, time.time())
+    again = stores.delivery.record_events(ts, batch, time.time())
+    # a task server neither serving c1 nor given its execution by a pull
+    foreign = stores.delivery.record_events(other, [_event(e1, "started")], time.time())
+
+    ids = [e.event_id for e in (pulled, pulled, started, unknown, finished)]
+    assert outcome.accepted == ids
+    assert outcome.recorded == [pulled, started, finished]
+    assert outcome.finished == ["succeeded"]
+    assert again.accepted == ids
+    assert again.recorded == again.finished == []
+    assert foreign.accepted == foreign.recorded == []
+    execution = stores.delivery.execution(e0.id)
+    assert execution.status == "succeeded"
+    (step,) = execution.steps
+    assert (step.exit_code, step.finished_at) == (0, math.inf)
+    assert step.started_at is not None
+    assert math.isnan(step.started_at)
+    assert [o.stdout for o in stores.output.output(e0.id).steps] == ["out"]
+    assert stores.delivery.execution(e1.id).status == "pending"
+    with stores.database.reading() as s:
+        counts = dict(
+            s.execute(
+                select(StatusEvent.execution_id, func.count()).group_by(StatusEvent.execution_id)
+            ).all()
+        )
+    assert counts == {e0.id: 3}
+
+
+def test_a_batch_records_each_event_once_and_only_from_its_task_server(stores: Stores) -> None:
+    check_a_batch_records_each_event_once_and_only_from_its_task_server(stores)

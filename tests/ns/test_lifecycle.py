@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -132,7 +131,7 @@ def test_a_task_s_finished_carries_its_one_step_result() -> None:
 
 
 def test_a_lost_execution_takes_the_status_its_agent_reports_late_and_counts_once() -> None:
-    lost = replace(apply_all(IN_ORDER[:3]), status="lost", finished_at=10.0)
+    lost = apply_all(IN_ORDER[:3])._replace(status="lost", finished_at=10.0)
     late = event("finished", 11.0, step=0, status="interrupted")
     after = apply(lost, late, NOW)
     assert after.status == "interrupted"
@@ -142,12 +141,12 @@ def test_a_lost_execution_takes_the_status_its_agent_reports_late_and_counts_onc
 
 
 def test_an_expired_execution_its_agent_started_just_before_takes_what_the_agent_reports() -> None:
-    expired = replace(apply_all(IN_ORDER[:2]), status="expired", finished_at=10.0)
+    expired = apply_all(IN_ORDER[:2])._replace(status="expired", finished_at=10.0)
     after = apply(expired, FINISHED, NOW)
     assert after.status == "succeeded"
     assert not finished_now(expired, after)
 
 
 def test_a_cancelled_execution_stays_cancelled_whatever_its_agent_reports() -> None:
-    cancelled = replace(apply_all(IN_ORDER[:3]), status="cancelled", finished_at=10.0)
+    cancelled = apply_all(IN_ORDER[:3])._replace(status="cancelled", finished_at=10.0)
     assert apply(cancelled, FINISHED, NOW) == cancelled

@@ -14,7 +14,10 @@ import psycopg
 import pytest
 from sqlalchemy import event
 
-from tests.ns.test_delivery_store import check_run_now_answers_the_run_as_read_back
+from tests.ns.test_delivery_store import (
+    check_a_batch_records_each_event_once_and_only_from_its_task_server,
+    check_run_now_answers_the_run_as_read_back,
+)
 from tests.reliability import record
 from tickle import messages as m
 from tickle.ns.credentials import Caller, token_sha256
@@ -259,6 +262,13 @@ def test_run_now_answers_the_run_as_read_back_on_postgresql(
 ) -> None:
     # PostgreSQL's run now inserts its executions from an array of computers (`stores.bulk`)
     check_run_now_answers_the_run_as_read_back(stores[0])
+
+
+def test_a_batch_records_each_event_once_and_only_from_its_task_server_on_postgresql(
+    stores: tuple[Stores, Stores],
+) -> None:
+    # PostgreSQL inserts the batch's events in one statement that skips the ids recorded before
+    check_a_batch_records_each_event_once_and_only_from_its_task_server(stores[0])
 
 
 def test_a_pull_and_the_sweep_ending_its_executions_at_once_both_finish_without_a_deadlock(

@@ -12,8 +12,7 @@ writes the result back.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from tickle import messages as m
 
@@ -22,9 +21,11 @@ _ORDER = {"pending": 0, "delivered": 1, "running": 2}  # final statuses come aft
 _PROVISIONAL = frozenset({"lost", "expired"})
 
 
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """What status events set on an execution (its columns of the same names)."""
+class Progress(NamedTuple):
+    """What status events set on an execution (its columns of the same names).
+
+    A named tuple: its `_replace` costs a third of a frozen dataclass's `replace`, which was a
+    tenth of the NS's CPU in the status-event ingest."""
 
     status: str = "pending"
     via: str | None = None
@@ -45,23 +46,21 @@ def apply(
 ) -> Progress:
     """`progress` after one status event recorded at `now` (`step_names`: the execution's steps)."""
     if event.kind == "agent_tickled":
-        return replace(progress, agent_tickled_at=progress.agent_tickled_at or event.at)
+        return progress._replace(agent_tickled_at=progress.agent_tickled_at or event.at)
     if event.kind == "agent_pulled":
-        return replace(
-            progress,
+        return progress._replace(
             agent_pulled_at=progress.agent_pulled_at or event.at,
             via=progress.via or event.via,
             status=_advance(progress.status, "delivered"),
         )
     if event.kind == "started":
-        return replace(
-            progress,
+        return progress._replace(
             started_at=progress.started_at or event.at,
             status=_advance(progress.status, "running"),
         )
     if event.kind == "step_finished" and event.step is not None:
         results = _with_step(progress.step_results, event.step, event, step_names)
-        return replace(progress, step_results=results)
+        return progress._replace(step_results=results)
     if event.kind == "finished" and (
         progress.status not in m.FINAL_STATUSES or progress.status in _PROVISIONAL
     ):
@@ -69,8 +68,7 @@ def apply(
         if event.step is not None and all(r.get("step") != event.step for r in results):
             # a task's one step, or the step a job was stopped in, is reported by `finished`
             results = _with_step(results, event.step, event, step_names)
-        return replace(
-            progress,
+        return progress._replace(
             step_results=results,
             status=_final_status(event),
             finished_at=event.at,

@@ -108,14 +108,14 @@ def new_timeline(created_at: float) -> list[m.TimelineStep]:
     ]
 
 
-def execution_work(row: Any) -> m.ExecutionWork:
-    """The job information a task server pulls for one execution (a Core row: id, kind, steps,
-    expires_at, and its computer's name)."""
+def execution_work(row: Any, steps: list[m.TaskSpec]) -> m.ExecutionWork:
+    """The job information a task server pulls for one execution (a Core row: id, kind,
+    expires_at, and its computer's name; its steps read)."""
     return m.ExecutionWork(
         execution_id=row.id,
         computer=row.name,
         kind="job" if row.kind == "job" else "task",
-        steps=[m.TaskSpec.model_validate(step) for step in row.steps],
+        steps=steps,
         expires_at=row.expires_at,
     )
 

@@ -1,65 +1,81 @@
-"""PostgreSQL: many rows in one statement of a few array parameters (`unnest`).
+"""PostgreSQL: many rows in one statement of one JSON parameter (`json_to_recordset`).
 
 SQLAlchemy's batched `INSERT ... VALUES (...), (...)` binds every value of every row: psycopg
 parses a statement of thousands of placeholders anew each time (it caches only short ones), which
-took most of the NS's CPU in a run now on 10,000 computers and in the status-event ingest. Here
-each column is one array: the statement is short, parsed once, its arrays dumped in C.
+took most of the NS's CPU in a run now on 10,000 computers and in the status-event ingest. An array
+per column (`unnest`) made the statement short, but psycopg dumps arrays in Python, element by
+element (a regular expression each to quote a JSON body): a third of the ingest's CPU. Here the
+rows travel as one JSON document, written by pydantic-core (a status event's model goes in as it
+is) and read by the server; the statement is short and parsed once.
 
-JSON columns travel as text arrays, cast back row by row; a JSON value is given as its JSON text.
+A JSON column's value is a value in the row (nested in the document); a fixed one is its JSON
+text.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import JSON, Column, Table, TextClause, text
+import pydantic_core
+from sqlalchemy import Column, Table, TextClause, text
 from sqlalchemy.dialects import postgresql
 
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
 def insert(
-    table: Table, varying: Sequence[str], fixed: Sequence[str] = (), returning: Sequence[str] = ()
+    table: Table,
+    varying: Sequence[str],
+    fixed: Sequence[str] = (),
+    returning: Sequence[str] = (),
+    skip_conflicts_on: str | None = None,
 ) -> TextClause:
-    """INSERT one row per element of the `varying` columns' arrays (in their order), the `fixed`
-    columns the same in every row; parameters named after the columns (see `columns`)."""
-    return _insert(table, tuple(varying), tuple(fixed), tuple(returning))
+    """INSERT one row per row of the `rows` parameter (see `rows`; in their order) with its
+    `varying` columns, the `fixed` columns the same in every row (parameters of their names).
+
+    `skip_conflicts_on`: a unique column; a row whose value is there already (or twice in the
+    rows) is left out (then `returning` names the rows inserted, not those skipped)."""
+    return _insert(table, tuple(varying), tuple(fixed), tuple(returning), skip_conflicts_on)
 
 
 def update(table: Table, key: str, varying: Sequence[str]) -> TextClause:
-    """UPDATE the rows whose `key` is in the `key` array, each from its elements of the others."""
+    """UPDATE the row of each row's `key`, setting its `varying` columns (parameter `rows`)."""
     return _update(table, key, tuple(varying))
 
 
-def columns(rows: Iterable[dict[str, Any]], names: Sequence[str]) -> dict[str, list[Any]]:
-    """The parameters of `insert` or `update`: each column's values as a list."""
-    out: dict[str, list[Any]] = {name: [] for name in names}
-    for row in rows:
-        for name in names:
-            out[name].append(row[name])
-    return out
+def rows(values: Sequence[Mapping[str, Any]], exclude: Any = None) -> str:
+    """The `rows` parameter of `insert` and `update`: the rows as one JSON document (keys that
+    are not the statement's columns are ignored; `exclude`: pydantic-core's, e.g. fields of a
+    model in a row). A float JSON cannot carry (NaN, infinite) goes as the text PostgreSQL's
+    float input reads."""
+    return pydantic_core.to_json(values, exclude=exclude, inf_nan_mode="strings").decode()
 
 
 def json_text(value: Any) -> str:
-    """A JSON column's value as the text this module binds."""
+    """A fixed JSON column's value as the text this module binds."""
     return json.dumps(value)
 
 
 @functools.cache
 def _insert(
-    table: Table, varying: tuple[str, ...], fixed: tuple[str, ...], returning: tuple[str, ...]
+    table: Table,
+    varying: tuple[str, ...],
+    fixed: tuple[str, ...],
+    returning: tuple[str, ...],
+    skip_conflicts_on: str | None,
 ) -> TextClause:
-    values = [_from_array(table.c[c], f"u.{_q(c)}") for c in varying]
+    values = [f"u.{_q(c)}" for c in varying]
     values += [f"CAST(:{c} AS {_type(table.c[c])})" for c in fixed]
     names = ", ".join(_q(c) for c in (*varying, *fixed))
     sql = (
         f"INSERT INTO {_q(table.name)} ({names}) SELECT {', '.join(values)}"  # noqa: S608 (names: the models'; values bound)
-        f" FROM {_unnest(table, varying)} WITH ORDINALITY"
-        f" AS u({', '.join(_q(c) for c in varying)}, _n) ORDER BY u._n"
+        f" FROM {_recordset(table, varying, ordered=True)} ORDER BY u._n"
     )
+    if skip_conflicts_on is not None:
+        sql += f" ON CONFLICT ({_q(skip_conflicts_on)}) DO NOTHING"
     if returning:
         sql += f" RETURNING {', '.join(_q(c) for c in returning)}"
     return text(sql)
@@ -67,29 +83,26 @@ def _insert(
 
 @functools.cache
 def _update(table: Table, key: str, varying: tuple[str, ...]) -> TextClause:
-    sets = ", ".join(f"{_q(c)} = {_from_array(table.c[c], f'u.{_q(c)}')}" for c in varying)
-    names = ", ".join(_q(c) for c in (key, *varying))
+    sets = ", ".join(f"{_q(c)} = u.{_q(c)}" for c in varying)
     return text(
-        f"UPDATE {_q(table.name)} SET {sets} FROM {_unnest(table, (key, *varying))}"  # noqa: S608
-        f" AS u({names}) WHERE {_q(table.name)}.{_q(key)} = u.{_q(key)}"
+        f"UPDATE {_q(table.name)} SET {sets} FROM {_recordset(table, (key, *varying))}"  # noqa: S608
+        f" WHERE {_q(table.name)}.{_q(key)} = u.{_q(key)}"
     )
 
 
-def _unnest(table: Table, names: Sequence[str]) -> str:
-    arrays = (f"CAST(:{c} AS {_array_type(table.c[c])})" for c in names)
-    return f"unnest({', '.join(arrays)})"
+def _recordset(table: Table, names: Sequence[str], ordered: bool = False) -> str:
+    """The `rows` parameter as rows `u` of the columns `names` (`ordered`: and their place `_n`)."""
+    typed = ", ".join(f"{_q(c)} {_type(table.c[c])}" for c in names)
+    rows = "json_to_recordset(CAST(:rows AS JSON))"
+    if not ordered:
+        return f"{rows} AS u({typed})"
+    # WITH ORDINALITY takes a column definition list only inside ROWS FROM
+    named = ", ".join(_q(c) for c in names)
+    return f"ROWS FROM ({rows} AS ({typed})) WITH ORDINALITY AS u({named}, _n)"
 
 
 def _type(column: Column[Any]) -> str:
     return str(column.type.compile(dialect=_DIALECT))
-
-
-def _array_type(column: Column[Any]) -> str:
-    return "TEXT[]" if isinstance(column.type, JSON) else f"{_type(column)}[]"
-
-
-def _from_array(column: Column[Any], element: str) -> str:
-    return f"CAST({element} AS JSON)" if isinstance(column.type, JSON) else element
 
 
 def _q(name: str) -> str:

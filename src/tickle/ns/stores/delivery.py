@@ -3,10 +3,11 @@ status events that record each execution's progress."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -51,9 +52,10 @@ from tickle.ns.stores import bulk
 
 log = logging.getLogger(__name__)
 _FINAL = m.FINAL_STATUSES
-_PROGRESS_FIELDS = [f.name for f in fields(lifecycle.Progress)]
+_PROGRESS_FIELDS = list(lifecycle.Progress._fields)
 _Row = TypeVar("_Row", bound=Base)
 _OUTPUT_FIELDS = {"stdout", "stderr"}
+_BODY_OUTPUT = {"__all__": {"body": _OUTPUT_FIELDS}}  # pydantic-core's exclude: rows' bodies
 _EXECUTIONS = Base.metadata.tables[Execution.__tablename__]
 _COMPUTERS = Base.metadata.tables[Computer.__tablename__]
 _EVENTS = Base.metadata.tables[StatusEventRow.__tablename__]
@@ -61,21 +63,30 @@ _OUTPUTS = Base.metadata.tables[ExecutionOutput.__tablename__]
 _RUNS = Base.metadata.tables[Run.__tablename__]
 _TASK_SERVERS = Base.metadata.tables[TaskServer.__tablename__]
 _PULLS = Base.metadata.tables[ExecutionPull.__tablename__]
-# what a pull gives of each execution (with its computer's name)
+# what a pull gives of each execution (with its computer's name); its steps as their JSON text,
+# read once per text (the executions of a run share theirs; a JSON load and a model validation
+# per execution were most of a pull of 2,500)
 _WORK_COLUMNS = [
-    _EXECUTIONS.c[name] for name in ("id", "kind", "steps", "expires_at", "ts_pulled_at")
+    *(_EXECUTIONS.c[name] for name in ("id", "kind", "expires_at", "ts_pulled_at")),
+    cast(_EXECUTIONS.c.steps, Text).label("steps"),
 ]
-# what recording an event reads of its execution (the computer's columns come joined)
-_EXEC_COLUMNS = [_EXECUTIONS.c[name] for name in ("id", "steps", "created_at", *_PROGRESS_FIELDS)]
+# what recording an event reads of its execution (the computer's columns come joined); its steps
+# as JSON text, read once per text (see `_names`)
+_EXEC_COLUMNS = [
+    *(_EXECUTIONS.c[name] for name in ("id", "created_at", *_PROGRESS_FIELDS)),
+    cast(_EXECUTIONS.c.steps, Text).label("steps"),
+]
 # the events of a batch in one executemany (SQLite), their bodies serialized by pydantic (the JSON
 # column's own json.dumps of a dict per event cost more than the rest of the insert); PostgreSQL:
-# in one INSERT of arrays (see `bulk`)
+# in one INSERT of one JSON document (see `bulk`)
 _EVENT_VARYING = ["event_id", "execution_id", "kind", "at", "body"]
 _INSERT_EVENTS = insert(_EVENTS).values(
     {name: bindparam(name) for name in _EVENT_VARYING} | {"body": bindparam("body", type_=Text)}
 )
-_PG_INSERT_EVENTS = bulk.insert(_EVENTS, _EVENT_VARYING, ["recorded_at"])
-# PostgreSQL: a run's executions in one INSERT of an array of computers (see `bulk`)
+_PG_INSERT_EVENTS = bulk.insert(
+    _EVENTS, _EVENT_VARYING, ["recorded_at"], returning=["event_id"], skip_conflicts_on="event_id"
+)
+# PostgreSQL: a run's executions in one INSERT of one JSON document of computers (see `bulk`)
 _PG_INSERT_EXECUTIONS = bulk.insert(
     _EXECUTIONS,
     ["computer_id"],
@@ -99,6 +110,56 @@ _UPDATE_PROGRESS = (
     update(_EXECUTIONS)
     .where(_EXECUTIONS.c.id == bindparam("_id"))
     .values({name: bindparam(name) for name in _PROGRESS_FIELDS})
+)
+
+
+# what recording events reads of their executions (`ids`), locking them in id order, with whether
+# the task server reporting them (`ts_id`) was given each by a pull (`pulled`); built once (a
+# select built per batch cost more than its execution)
+_READ_FOR_EVENTS = (
+    select(
+        *_EXEC_COLUMNS,
+        _COMPUTERS.c.task_server_id,
+        _COMPUTERS.c.name,
+        _PULLS.c.execution_id.label("pulled"),
+    )
+    .select_from(
+        _EXECUTIONS.join(_COMPUTERS).outerjoin(
+            _PULLS,
+            (_PULLS.c.execution_id == _EXECUTIONS.c.id)
+            & (_PULLS.c.task_server_id == bindparam("ts_id")),
+        )
+    )
+    .order_by(_EXECUTIONS.c.id)
+    .with_for_update(of=_EXECUTIONS)
+)
+_PG_READ_FOR_EVENTS = _READ_FOR_EVENTS.where(
+    _EXECUTIONS.c.id == any_(cast(bindparam("ids"), ARRAY(Integer)))
+)
+_SQLITE_READ_FOR_EVENTS = _READ_FOR_EVENTS.where(
+    _EXECUTIONS.c.id.in_(bindparam("ids", expanding=True))
+)
+
+
+# a pull: its stamps on its task server (`ts_id`), and every unfinished execution of the task
+# server's clients with whether a pull gave it to this task server before (`given`); built once
+_STAMP_PULL = (
+    update(_TASK_SERVERS)
+    .where(_TASK_SERVERS.c.id == bindparam("ts_id"))
+    .values(last_pull_at=bindparam("now"))
+)
+_STAMP_TICKLE_PULL = _STAMP_PULL.values(tickle_pulled_at=bindparam("now"))
+_READ_WORK = (
+    select(*_WORK_COLUMNS, _COMPUTERS.c.name, _PULLS.c.execution_id.label("given"))
+    .select_from(
+        _EXECUTIONS.join(_COMPUTERS).outerjoin(
+            _PULLS,
+            (_PULLS.c.execution_id == _EXECUTIONS.c.id)
+            & (_PULLS.c.task_server_id == bindparam("ts_id")),
+        )
+    )
+    .where(_COMPUTERS.c.task_server_id == bindparam("ts_id"), _EXECUTIONS.c.status.not_in(_FINAL))
+    .order_by(_EXECUTIONS.c.id)
 )
 
 
@@ -158,7 +219,9 @@ class DeliveryStore:
                 json_columns = {"steps": bulk.json_text(steps), "step_results": "[]"}
                 rows = conn.execute(
                     _PG_INSERT_EXECUTIONS,
-                    execution | json_columns | {"computer_id": list(by_computer)},
+                    execution
+                    | json_columns
+                    | {"rows": bulk.rows([{"computer_id": c} for c in by_computer])},
                 ).all()
             elif by_computer:
                 rows = conn.execute(
@@ -302,22 +365,12 @@ class DeliveryStore:
     def _pull_work(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
         # SQLAlchemy Core: no ORM object per execution (their loading and flush were most of a
         # pull's 3 ms)
-        stamps = {"last_pull_at": now} | ({"tickle_pulled_at": now} if via == "tickle" else {})
         with self._db.writing() as s:
             conn = s.connection()
             postgresql = conn.dialect.name == "postgresql"
-            conn.execute(update(_TASK_SERVERS).where(_TASK_SERVERS.c.id == ts.id).values(stamps))
-            given = _PULLS.c.task_server_id == ts.id
-            rows = conn.execute(
-                select(*_WORK_COLUMNS, _COMPUTERS.c.name, _PULLS.c.execution_id.label("given"))
-                .select_from(
-                    _EXECUTIONS.join(_COMPUTERS).outerjoin(
-                        _PULLS, (_PULLS.c.execution_id == _EXECUTIONS.c.id) & given
-                    )
-                )
-                .where(_COMPUTERS.c.task_server_id == ts.id, _EXECUTIONS.c.status.not_in(_FINAL))
-                .order_by(_EXECUTIONS.c.id)
-            ).all()
+            stamp = _STAMP_TICKLE_PULL if via == "tickle" else _STAMP_PULL
+            conn.execute(stamp, {"ts_id": ts.id, "now": now})
+            rows = conn.execute(_READ_WORK, {"ts_id": ts.id}).all()
             # the ids read, not a condition: an execution committed since was not given here
             unpulled = [row.id for row in rows if row.ts_pulled_at is None]
             if unpulled and postgresql:
@@ -339,14 +392,24 @@ class DeliveryStore:
             if new and postgresql:
                 conn.execute(
                     _PG_INSERT_PULLS,
-                    {"execution_id": new, "task_server_id": ts.id, "pulled_at": now},
+                    {
+                        "rows": bulk.rows([{"execution_id": i} for i in new]),
+                        "task_server_id": ts.id,
+                        "pulled_at": now,
+                    },
                 )
             elif new:
                 conn.execute(
                     insert(_PULLS),
                     [{"execution_id": i, "task_server_id": ts.id, "pulled_at": now} for i in new],
                 )
-            return m.WorkOut(executions=[views.execution_work(row) for row in rows])
+            steps: dict[str, list[m.TaskSpec]] = {}
+            return m.WorkOut(
+                executions=[
+                    views.execution_work(row, steps.get(row.steps) or _steps_of(steps, row.steps))
+                    for row in rows
+                ]
+            )
 
     def _record(self, ts: Caller, events: Sequence[m.StatusEvent], now: float) -> EventOutcome:
         # SQLAlchemy Core throughout: no ORM object per execution or per event (the profile had
@@ -354,44 +417,44 @@ class DeliveryStore:
         out = EventOutcome(accepted=[], recorded=[], run_now_to_recorded=[], finished=[])
         with self._db.writing() as s:
             conn = s.connection()
+            postgresql = conn.dialect.name == "postgresql"
             exec_ids = sorted({e.execution_id for e in events})
             # PostgreSQL: lock the executions first (in id order: no deadlock), so another NS
             # process recording events of the same executions waits for this commit instead of
             # overwriting it with what it read before (a `started` reopening a finished one);
-            # the event ids are read after the lock, so a batch recorded meanwhile is seen
+            # the event ids are checked after the lock, so a batch recorded meanwhile is seen.
+            # Whether this task server was given each (`pulled`) comes joined.
+            read = _PG_READ_FOR_EVENTS if postgresql else _SQLITE_READ_FOR_EVENTS
             execs = {
-                row.id: row
-                for row in conn.execute(
-                    select(*_EXEC_COLUMNS, _COMPUTERS.c.task_server_id, _COMPUTERS.c.name)
-                    .select_from(_EXECUTIONS.join(_COMPUTERS))
-                    .where(_EXECUTIONS.c.id.in_(exec_ids))
-                    .order_by(_EXECUTIONS.c.id)
-                    .with_for_update(of=_EXECUTIONS)
-                )
+                row.id: row for row in conn.execute(read, {"ts_id": ts.id, "ids": exec_ids}).all()
             }
-            seen = set(
-                conn.scalars(
-                    select(_EVENTS.c.event_id).where(
-                        _EVENTS.c.event_id.in_([e.event_id for e in events])
-                    )
-                )
-            )
-            pulled = set(
-                conn.scalars(
-                    select(ExecutionPull.execution_id).where(
-                        ExecutionPull.task_server_id == ts.id,
-                        ExecutionPull.execution_id.in_(exec_ids),
-                    )
-                )
-            )
+            rows: dict[str, dict[str, Any]] = {}  # the events to record, by id (first of each)
+            refused: list[m.StatusEvent] = []
+            for e in events:
+                ex = execs.get(e.execution_id)
+                if ex is None or e.event_id in rows:
+                    continue
+                if (ex.task_server_id != ts.id and ex.pulled is None) or ex.name != e.computer:
+                    refused.append(e)
+                    continue
+                rows[e.event_id] = {
+                    "event_id": e.event_id,
+                    "execution_id": ex.id,
+                    "kind": e.kind,
+                    "at": e.at,
+                    # the output is kept once, in its step's row (`execution_outputs`): left out
+                    # of the body (SQLite: here; PostgreSQL: as the rows are written, see `bulk`)
+                    "body": e if postgresql else e.model_dump_json(exclude=_OUTPUT_FIELDS),
+                    "recorded_at": now,
+                }
+            new = _insert_new_events(conn, list(rows.values()), now)
+            # an event refused now counts as accepted if it was recorded before
+            recorded_before = _recorded_events(conn, [e.event_id for e in refused])
+            step_names: dict[str, list[str]] = {}  # by the steps' JSON text
             initial: dict[int, lifecycle.Progress] = {}  # as each execution was read
             progress: dict[int, lifecycle.Progress] = {}  # as the events leave each execution
-            new_rows: list[dict[str, Any]] = []
             outputs: list[dict[str, Any]] = []
             for e in events:
-                if e.event_id in seen:
-                    out.accepted.append(e.event_id)
-                    continue
                 ex = execs.get(e.execution_id)
                 if ex is None:
                     log.warning(
@@ -400,61 +463,80 @@ class DeliveryStore:
                     )  # fmt: skip
                     out.accepted.append(e.event_id)
                     continue
-                given = ex.task_server_id == ts.id or ex.id in pulled
-                if not given or ex.name != e.computer:
+                if e.event_id not in rows:  # refused (or a repeat of a refused one)
+                    if e.event_id in recorded_before:
+                        out.accepted.append(e.event_id)
+                        continue
                     log.warning(
                         "status event %s from %s refused: execution %d is for %s (event says %s),"
                         " neither a client of this task server nor pulled by it",
                         e.event_id, ts.name, ex.id, ex.name, e.computer,
                     )  # fmt: skip
                     continue
-                new_rows.append(
-                    {
-                        "event_id": e.event_id,
-                        "execution_id": ex.id,
-                        "kind": e.kind,
-                        "at": e.at,
-                        # the output is kept once, in its step's row (`execution_outputs`)
-                        "body": e.model_dump_json(exclude=_OUTPUT_FIELDS),
-                        "recorded_at": now,
-                    }
-                )
-                seen.add(e.event_id)
+                out.accepted.append(e.event_id)
+                if e.event_id not in new:  # recorded before, or earlier in this batch
+                    continue
+                new.discard(e.event_id)
                 output = _output_row(ex.id, e)
                 if output is not None:
                     outputs.append(output)
                 if ex.id not in initial:
                     initial[ex.id] = _progress(ex)
                 before = progress.get(ex.id, initial[ex.id])
-                after = lifecycle.apply(before, e, now, [step["name"] for step in ex.steps])
+                after = lifecycle.apply(before, e, now, _names(step_names, ex.steps))
                 progress[ex.id] = after
                 if lifecycle.finished_now(before, after):
                     out.run_now_to_recorded.append(max(0.0, now - ex.created_at))
                     out.finished.append(after.status)
-                out.accepted.append(e.event_id)
                 out.recorded.append(e)
-            postgresql = conn.dialect.name == "postgresql"
-            if new_rows and postgresql:  # one INSERT of arrays (see `bulk`)
-                conn.execute(
-                    _PG_INSERT_EVENTS,
-                    bulk.columns(new_rows, _EVENT_VARYING) | {"recorded_at": now},
-                )
-            elif new_rows:  # one executemany
-                conn.execute(_INSERT_EVENTS, new_rows)
             _keep_outputs(s, outputs)
             changed = [
-                _progress_params(ex_id, after)
+                _progress_params(ex_id, after, postgresql)
                 for ex_id, after in progress.items()
                 if after != initial[ex_id]
             ]
-            if changed and postgresql:  # one UPDATE from arrays
-                for params in changed:
-                    params["id"] = params.pop("_id")
-                    params["step_results"] = bulk.json_text(params["step_results"])
-                conn.execute(_PG_UPDATE_PROGRESS, bulk.columns(changed, ["id", *_PROGRESS_FIELDS]))
+            if changed and postgresql:  # one UPDATE from one JSON document (see `bulk`)
+                conn.execute(_PG_UPDATE_PROGRESS, {"rows": bulk.rows(changed)})
             elif changed:  # one UPDATE executed for the many executions this batch moved
                 conn.execute(_UPDATE_PROGRESS, changed)
         return out
+
+
+def _insert_new_events(conn: Connection, rows: list[dict[str, Any]], now: float) -> set[str]:
+    """Insert the events (unique ids) not recorded yet; return the ids inserted."""
+    if not rows:
+        return set()
+    if conn.dialect.name == "postgresql":
+        # one INSERT that skips the ids recorded already (by another process, waiting for its
+        # commit) and names those it inserted: no lookup before
+        params = {"rows": bulk.rows(rows, _BODY_OUTPUT), "recorded_at": now}
+        return set(conn.execute(_PG_INSERT_EVENTS, params).scalars().all())
+    seen = _recorded_events(conn, [row["event_id"] for row in rows])
+    fresh = [row for row in rows if row["event_id"] not in seen]
+    if fresh:
+        conn.execute(_INSERT_EVENTS, fresh)  # one executemany
+    return {row["event_id"] for row in fresh}
+
+
+def _recorded_events(conn: Connection, event_ids: list[str]) -> set[str]:
+    """Which of these event ids are recorded."""
+    if not event_ids:
+        return set()
+    return set(conn.scalars(select(_EVENTS.c.event_id).where(_EVENTS.c.event_id.in_(event_ids))))
+
+
+def _names(known: dict[str, list[str]], steps: str) -> list[str]:
+    """The step names of an execution's steps (their JSON text), remembered in `known`."""
+    names = known.get(steps)
+    if names is None:
+        names = known[steps] = [step["name"] for step in json.loads(steps)]
+    return names
+
+
+def _steps_of(known: dict[str, list[m.TaskSpec]], text: str) -> list[m.TaskSpec]:
+    """The steps of an execution's JSON text, remembered in `known`."""
+    steps = known[text] = [m.TaskSpec.model_validate(step) for step in json.loads(text)]
+    return steps
 
 
 def _output_row(execution_id: int, e: m.StatusEvent) -> dict[str, Any] | None:
@@ -560,9 +642,12 @@ def _progress(ex: Row[*tuple[Any, ...]]) -> lifecycle.Progress:
     return lifecycle.Progress(**values)
 
 
-def _progress_params(execution_id: int, progress: lifecycle.Progress) -> dict[str, Any]:
-    """The parameters of `_UPDATE_PROGRESS` for one execution."""
+def _progress_params(
+    execution_id: int, progress: lifecycle.Progress, postgresql: bool
+) -> dict[str, Any]:
+    """The parameters of `_UPDATE_PROGRESS` for one execution (PostgreSQL: a row of
+    `_PG_UPDATE_PROGRESS`)."""
     values: dict[str, Any] = {name: getattr(progress, name) for name in _PROGRESS_FIELDS}
     values["step_results"] = list(progress.step_results)
-    values["_id"] = execution_id
+    values["id" if postgresql else "_id"] = execution_id
     return values
