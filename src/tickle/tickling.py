@@ -51,20 +51,19 @@ class _Window:
     """At most `size` first sends outstanding; the others wait, first come first served.
 
     `queue_wait_s` estimates how long a flight's own pull waits behind those of the earlier first
-    sends not acknowledged yet (resent or not), at `gap_s`, the recent mean time between acks while
-    sends are outstanding.
+    sends not acknowledged yet (resent or not), at `gap_s`, the mean time between the last `RECENT`
+    acks of a busy spell (over a span, not gap by gap: a server answers its pulls in bursts).
     """
 
-    SMOOTHING = 0.2  # weight of the newest gap between acks in the moving mean
+    RECENT = 64
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.outstanding = 0
         self.entered = 0  # first sends ever let through
         self.served = 0  # of those, the flights acknowledged or ended
-        self.gap_s = 0.0
-        self._mark: float | None = None  # the last ack, or the start of this busy spell
-        self._spell_acked = False
+        self.gap_s = 0.0  # kept from one busy spell to the next until two acks measure it anew
+        self._acks: deque[float] = deque(maxlen=self.RECENT)  # this busy spell's last acks
         self._waiting: deque[_InFlight] = deque()
 
     async def enter(self, flight: _InFlight) -> bool:
@@ -86,7 +85,7 @@ class _Window:
         flight.holds = False
         self.outstanding -= 1
         if not self.outstanding:
-            self._mark = None  # idle: the next gap starts with the next send, not this ack
+            self._acks.clear()  # idle: the time to the next ack is no gap between pulls served
         while self._waiting and self.outstanding < self.size:
             nxt = self._waiting.popleft()
             if nxt.waiter is not None and not nxt.waiter.done():
@@ -96,14 +95,10 @@ class _Window:
     def acked(self, flight: _InFlight) -> None:
         """A pull acknowledged `flight`: update the mean gap between acks, free its place, and
         stop its wait for one."""
-        if self._mark is not None:
-            now = time.monotonic()
-            gap, self._mark = now - self._mark, now
-            if self._spell_acked:  # not the first of a spell: from its start, that is latency
-                self.gap_s = (
-                    gap if not self.gap_s else self.gap_s + self.SMOOTHING * (gap - self.gap_s)
-                )
-            self._spell_acked = True
+        if self.outstanding:
+            self._acks.append(time.monotonic())
+            if len(self._acks) > 1:
+                self.gap_s = (self._acks[-1] - self._acks[0]) / (len(self._acks) - 1)
         if flight.waiter is not None and not flight.waiter.done():
             flight.waiter.set_result(False)
         self.end(flight)
@@ -121,9 +116,6 @@ class _Window:
         return max(0, flight.order - self.served) * self.gap_s
 
     def _take(self, flight: _InFlight) -> None:
-        if not self.outstanding and self._mark is None:
-            self._mark = time.monotonic()
-            self._spell_acked = False
         flight.holds = True
         flight.queued = True
         flight.order = self.entered

@@ -66,8 +66,9 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         default=256,
         ge=1,
         le=1_000_000,
-        description="Tickles sent to agents and not yet answered by a pull at most (first sends; "
-        "one resent no longer counts): the next waits for a pull, so tickles follow the pulls served",
+        description="Tickles sent to agents and not yet answered by a pull at most (first "
+        "sends; one resent no longer counts): the next waits for a pull, so tickles follow the "
+        "pulls served",
     )
     api_url: str | None = Field(
         default=None,
