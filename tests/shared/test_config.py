@@ -139,7 +139,7 @@ def test_a_bad_secret_is_named_but_never_shown(tmp_path: Path) -> None:
 def test_a_task_server_tickle_window_below_one_is_named_on_one_line(tmp_path: Path) -> None:
     good = {"name": "ts1", "ns_url": "http://127.0.0.1:9", "state_dir": tmp_path,
             "enrollment_secret": "s" * 24, "agent_enrollment_secret": "g" * 24}  # fmt: skip
-    assert load_settings(TaskServerSettings, [], **good).agent_tickle_window == 256
+    assert load_settings(TaskServerSettings, [], **good).agent_tickle_window == 512
     with pytest.raises(ConfigError) as err:
         load_settings(TaskServerSettings, ["--agent-tickle-window", "0"], **good)
     assert str(err.value) == (

@@ -63,7 +63,7 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         "run-now on thousands of agents wakes them no faster than their pulls can be served",
     )
     agent_tickle_window: int = Field(
-        default=256,
+        default=512,
         ge=1,
         le=1_000_000,
         description="Tickles sent to agents and not yet answered by a pull at most (first "
