@@ -3,6 +3,12 @@
 Shared by the NS tickle server (tickling task servers) and the task server (tickling its agents).
 The pull is the acknowledgement: the component that serves the pull calls `Tickler.ack` *before*
 it reads the work, so work created after the ack gets a tickle of its own.
+
+A tickler given a `window` (the task server's, tickling its agents) paces itself by the pulls it
+waits for: at most `window` first sends are outstanding (sent, neither acknowledged nor resent
+yet), the next waits for an ack; and a resend waits, beyond its backoff delay, for the pulls queued
+ahead of its own to be served at the recent rate of acks, so an agent whose pull is still queued is
+not tickled again (each resend would bring one more pull to the queue).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import inspect
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +39,88 @@ class _InFlight:
     acked: asyncio.Event = field(default_factory=asyncio.Event)
     again: bool = False
     task: asyncio.Task[None] | None = None
+    # the window: the flight's place among the first sends, whether it still holds a place,
+    # and what it waits on for one (resolved False if the target pulls meanwhile)
+    order: int = 0
+    holds: bool = False
+    queued: bool = False  # its pull still to come (counted in the queue of those behind it)
+    waiter: asyncio.Future[bool] | None = None
+
+
+class _Window:
+    """At most `size` first sends outstanding; the others wait, first come first served.
+
+    `queue_wait_s` estimates how long a flight's own pull waits behind those of the earlier first
+    sends not acknowledged yet (resent or not), at `gap_s`, the mean time between the last `RECENT`
+    acks of a busy spell (over a span, not gap by gap: a server answers its pulls in bursts).
+    """
+
+    RECENT = 64
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.outstanding = 0
+        self.entered = 0  # first sends ever let through
+        self.served = 0  # of those, the flights acknowledged or ended
+        self.gap_s = 0.0  # kept from one busy spell to the next until two acks measure it anew
+        self._acks: deque[float] = deque(maxlen=self.RECENT)  # this busy spell's last acks
+        self._waiting: deque[_InFlight] = deque()
+
+    async def enter(self, flight: _InFlight) -> bool:
+        """Take a place for `flight`'s first send; False if its target pulled while it waited."""
+        if self.outstanding < self.size and not self._waiting:
+            self._take(flight)
+            return True
+        flight.waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(flight)
+        try:
+            return await flight.waiter
+        finally:
+            flight.waiter = None
+
+    def leave(self, flight: _InFlight) -> None:
+        """`flight` gives its place back (if it holds one): the next waiting send goes."""
+        if not flight.holds:
+            return
+        flight.holds = False
+        self.outstanding -= 1
+        if not self.outstanding:
+            self._acks.clear()  # idle: the time to the next ack is no gap between pulls served
+        while self._waiting and self.outstanding < self.size:
+            nxt = self._waiting.popleft()
+            if nxt.waiter is not None and not nxt.waiter.done():
+                self._take(nxt)
+                nxt.waiter.set_result(True)
+
+    def acked(self, flight: _InFlight) -> None:
+        """A pull acknowledged `flight`: update the mean gap between acks, free its place, and
+        stop its wait for one."""
+        if self.outstanding:
+            self._acks.append(time.monotonic())
+            if len(self._acks) > 1:
+                self.gap_s = (self._acks[-1] - self._acks[0]) / (len(self._acks) - 1)
+        if flight.waiter is not None and not flight.waiter.done():
+            flight.waiter.set_result(False)
+        self.end(flight)
+
+    def end(self, flight: _InFlight) -> None:
+        """`flight` was acknowledged or is over: its place and its pull are no longer waited for."""
+        if flight.queued:
+            flight.queued = False
+            self.served += 1
+        self.leave(flight)
+
+    def queue_wait_s(self, flight: _InFlight) -> float:
+        """How long the pulls of the first sends ahead of `flight`'s, not yet served, will take:
+        at the recent mean gap between acks (none known yet: no wait)."""
+        return max(0, flight.order - self.served) * self.gap_s
+
+    def _take(self, flight: _InFlight) -> None:
+        flight.holds = True
+        flight.queued = True
+        flight.order = self.entered
+        self.entered += 1
+        self.outstanding += 1
 
 
 class Tickler:
@@ -47,10 +136,14 @@ class Tickler:
         on_reachable: Callback | None = None,
         on_sent: SentCallback | None = None,
         rate: float | None = None,
+        window: int | None = None,
     ) -> None:
         """`rate`: at most this many sends per second (first sends and resends), the rest wait
         their turn; a resend's delay counts from its own send, plus the wait of the sends queued
-        then (a sender behind its sends is behind serving their pulls too)."""
+        then (a sender behind its sends is behind serving their pulls too).
+
+        `window`: at most this many first sends outstanding (see the module's doc); None, as
+        the NS tickle server has it, sends at once."""
         self.sender_id = sender_id
         self._key_for = key_for
         self._metrics = metrics
@@ -64,6 +157,7 @@ class Tickler:
         self._closed = False
         self._interval = 1.0 / rate if rate else 0.0
         self._next_slot = 0.0  # loop time of the next free send slot
+        self._window = _Window(window) if window else None
 
     async def start(self, local_addr: tuple[str, int] = ("0.0.0.0", 0)) -> None:
         """Open the sending socket (an ephemeral port unless told otherwise)."""
@@ -99,6 +193,8 @@ class Tickler:
         if flight is None or flight.acked.is_set():
             return False
         flight.acked.set()
+        if self._window is not None:
+            self._window.acked(flight)
         # observed here, at the acknowledgement: the resend loop may wake much later under load
         self._metrics.tickle_to_pull.observe(time.time() - flight.first_sent)
         return True
@@ -125,7 +221,11 @@ class Tickler:
         try:
             delays = self._backoff.delays()
             attempt = 0
-            while True:
+            if self._window is not None:
+                # False: pulled while waiting for a place in the window
+                acked = not await self._window.enter(flight)
+                flight.first_sent = time.time()
+            while not acked:
                 if await self._pace() and attempt == 0:
                     flight.first_sent = time.time()  # the send, not the request, starts the clock
                 if flight.acked.is_set():  # pulled while waiting its turn (another tickle's)
@@ -137,6 +237,8 @@ class Tickler:
                     await _call(self._on_sent, target, kind, flight.first_sent)
                 else:
                     self._metrics.tickles_resent.labels(kind=label).inc()
+                    if self._window is not None:
+                        self._window.leave(flight)  # maybe lost: it must not hold the window
                 delay = next(delays, None)
                 if delay is None:
                     # the last try gets as long to answer as the longest gap
@@ -145,15 +247,15 @@ class Tickler:
                 else:
                     last = False
                 delay += self._backlog_s()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(flight.acked.wait(), delay)
-                if flight.acked.is_set():
+                if await self._wait_for_ack(flight, delay):
                     acked = True
                     break
                 if last:
                     break
                 attempt += 1
         finally:
+            if self._window is not None:
+                self._window.end(flight)
             if self._inflight.get((target, kind)) is flight:
                 del self._inflight[(target, kind)]
             # before any await: a tickle asked for meanwhile joins this follow-up, not a new flight
@@ -165,6 +267,21 @@ class Tickler:
             log.warning("tickle to %s %s: no pull after %d tries", target, flight.addr, attempt + 1)
             self._metrics.tickles_unreachable.inc()
             await _call(self._on_unreachable, target)
+
+    async def _wait_for_ack(self, flight: _InFlight, delay: float) -> bool:
+        """Wait `delay`, and with a window as long again as the pulls queued ahead of the
+        flight's own are expected to take (re-estimated as acks come); whether it was acked."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        while True:
+            extra = 0.0
+            if self._window is not None:
+                extra = min(self._window.queue_wait_s(flight), self._backoff.max_s)
+            remaining = deadline + extra - loop.time()
+            if remaining <= 0 or flight.acked.is_set():
+                return flight.acked.is_set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flight.acked.wait(), remaining)
 
     async def _pace(self) -> bool:
         """Wait for this send's slot (no wait without a rate, or when the sender is idle);

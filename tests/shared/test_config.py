@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from tickle.config import ComponentSettings, ConfigError, load_settings, read_or_create_secret
+from tickle.taskserver.settings import TaskServerSettings
 
 
 class DemoSettings(ComponentSettings):
@@ -133,3 +134,15 @@ def test_a_bad_secret_is_named_but_never_shown(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="enrollment_secret") as caught:
         load_settings(SecretDemoSettings, ["--config", str(conf)])
     assert "sekrit" not in str(caught.value)
+
+
+def test_a_task_server_tickle_window_below_one_is_named_on_one_line(tmp_path: Path) -> None:
+    good = {"name": "ts1", "ns_url": "http://127.0.0.1:9", "state_dir": tmp_path,
+            "enrollment_secret": "s" * 24, "agent_enrollment_secret": "g" * 24}  # fmt: skip
+    assert load_settings(TaskServerSettings, [], **good).agent_tickle_window == 512
+    with pytest.raises(ConfigError) as err:
+        load_settings(TaskServerSettings, ["--agent-tickle-window", "0"], **good)
+    assert str(err.value) == (
+        "invalid configuration: setting agent_tickle_window (--agent-tickle-window, "
+        "TICKLE_TS_AGENT_TICKLE_WINDOW): must be at least 1 (got '0')"
+    )

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 from tickle import wire
 from tickle.backoff import Backoff
@@ -31,6 +34,31 @@ async def open_receiver() -> tuple[asyncio.DatagramTransport, Receiver, tuple[st
 
 def fast(tries: int = 4) -> Backoff:
     return Backoff(base_s=0.05, factor=2, max_s=0.1, tries=tries, jitter=0)
+
+
+Receivers = list[tuple[asyncio.DatagramTransport, Receiver, tuple[str, int]]]
+
+
+@contextlib.asynccontextmanager
+async def tickling(
+    n: int, backoff: Backoff, **kwargs: Any
+) -> AsyncIterator[tuple[Tickler, Receivers, ComponentMetrics]]:
+    """A tickler and `n` receivers, target i (`t{i}`) tickled at receiver i by `tickle_all`."""
+    receivers = [await open_receiver() for _ in range(n)]
+    metrics = ComponentMetrics("t")
+    tickler = Tickler("ns", lambda t: KEY, metrics, backoff, **kwargs)
+    await tickler.start(("127.0.0.1", 0))
+    try:
+        yield tickler, receivers, metrics
+    finally:
+        await tickler.close()
+        for transport, _, _ in receivers:
+            transport.close()
+
+
+def tickle_all(tickler: Tickler, receivers: Receivers) -> None:
+    for i, (_, _, addr) in enumerate(receivers):
+        tickler.tickle(f"t{i}", addr)
 
 
 async def test_tickle_is_resent_until_acked_then_stops() -> None:
@@ -144,15 +172,10 @@ def _count(metrics: ComponentMetrics) -> float:
 
 
 async def test_a_paced_tickler_spreads_its_sends_and_resends_after_the_queued_first_sends() -> None:
-    receivers = [await open_receiver() for _ in range(20)]
-    metrics = ComponentMetrics("t")
     backoff = Backoff(base_s=0.5, max_s=1, tries=3, jitter=0)
-    tickler = Tickler("ns", lambda t: KEY, metrics, backoff, rate=50)
-    await tickler.start(("127.0.0.1", 0))
-    arrivals: list[tuple[float, int]] = []
-    try:
-        for i, (_, _, addr) in enumerate(receivers):
-            tickler.tickle(f"t{i}", addr)
+    async with tickling(20, backoff, rate=50) as (tickler, receivers, metrics):
+        arrivals: list[tuple[float, int]] = []
+        tickle_all(tickler, receivers)
 
         async def first(i: int, rx: Receiver) -> None:
             await asyncio.wait_for(rx.queue.get(), 5)
@@ -163,7 +186,86 @@ async def test_a_paced_tickler_spreads_its_sends_and_resends_after_the_queued_fi
         times = sorted(t for t, _ in arrivals)
         assert times[-1] - times[0] >= 0.3  # 20 sends at 50/s: 0.38 s from first to last
         assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
+
+
+async def _first_tickles(receivers: Receivers, which: list[int]) -> None:
+    for i in which:
+        await asyncio.wait_for(receivers[i][1].queue.get(), 2)
+
+
+def _sent(metrics: ComponentMetrics) -> float:
+    return metrics.tickles_sent.labels(kind="tasks")._value.get()  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_first_sends_beyond_the_window_wait_for_acks_each_ack_releases_the_next() -> None:
+    reachable: list[str] = []
+    backoff = Backoff(base_s=30, tries=2, jitter=0)  # no resend during the test
+    async with tickling(5, backoff, on_reachable=reachable.append, window=2) as (
+        tickler,
+        receivers,
+        metrics,
+    ):
+        tickle_all(tickler, receivers)
+        await _first_tickles(receivers, [0, 1])
+        for _ in range(10):  # the others wait on the window, not on a clock: let them run
+            await asyncio.sleep(0)
+        assert _sent(metrics) == 2
+        assert all(rx.queue.empty() for _, rx, _ in receivers[2:])
+        assert tickler.ack("t0")
+        await _first_tickles(receivers, [2])  # the ack let the next in line go
+        assert receivers[3][1].queue.empty()
+        assert receivers[4][1].queue.empty()
+        assert tickler.ack("t4")  # pulled on its own while waiting: never tickled
+        assert tickler.ack("t1")
+        await _first_tickles(receivers, [3])
+        async with asyncio.timeout(2):
+            while tickler.in_flight("t4"):
+                await asyncio.sleep(0.01)
+        assert "t4" in reachable
+        assert _sent(metrics) == 4
+        assert receivers[4][1].queue.empty()
+
+
+async def test_a_lost_tickle_does_not_hold_the_window_past_its_first_resend() -> None:
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # nobody pulls: the tickle is lost
+    sink.bind(("127.0.0.1", 0))
+    try:
+        async with tickling(1, fast(tries=20), window=1) as (tickler, receivers, metrics):
+            tickler.tickle("lost", sink.getsockname())
+            tickle_all(tickler, receivers)
+            await _first_tickles(receivers, [0])  # sent once the lost one was resent
+            assert metrics.tickles_resent.labels(kind="tasks")._value.get() >= 1  # type: ignore[attr-defined]
+            assert tickler.in_flight("lost")
     finally:
-        await tickler.close()
-        for transport, _, _ in receivers:
-            transport.close()
+        sink.close()
+
+
+async def test_a_resend_waits_for_the_pulls_queued_ahead_of_its_own() -> None:
+    backoff = Backoff(base_s=1, max_s=5, tries=3, jitter=0)
+    async with tickling(6, backoff, window=10) as (tickler, receivers, _):
+        resent: dict[int, float] = {}
+        tickle_all(tickler, receivers)
+        await _first_tickles(receivers, list(range(6)))
+        sent = time.monotonic()
+        await asyncio.sleep(0.2)  # the pulls are served slowly: one ack 0.2 s after the sends
+        assert tickler.ack("t0")
+        await asyncio.sleep(0.2)
+        assert tickler.ack("t1")  # the mean time between acks is now about 0.2 s
+        # t1 to t5: resent after 1 s, t2 at once, t3 after one more gap (0.2 s) ... t5 after 3
+
+        async def second(i: int) -> None:
+            await asyncio.wait_for(receivers[i][1].queue.get(), 10)
+            resent[i] = time.monotonic() - sent
+
+        await asyncio.gather(*(second(i) for i in range(2, 6)))
+        # without a window every resend comes 1 s after its send; here a flight with pulls
+        # queued ahead of its own waits for them: the later in line, the later its resend
+        assert resent[2] < resent[3] < resent[4] < resent[5]
+        assert resent[5] - resent[2] >= 0.3  # 0.6 s nominally
+
+
+async def test_without_a_window_every_first_send_goes_at_once() -> None:
+    async with tickling(40, Backoff(base_s=30, tries=2)) as (tickler, receivers, metrics):
+        tickle_all(tickler, receivers)  # the NS's tickler: no window
+        await _first_tickles(receivers, list(range(40)))  # no ack needed for any of them
+        assert _sent(metrics) == 40

@@ -41,6 +41,7 @@ class AgentTickler:
         backoff: Backoff | None = None,
         clocks: AgentClocks | None = None,
         rate: float | None = None,
+        window: int | None = None,
         long_polls: LongPolls | None = None,
     ) -> None:
         self._store = store
@@ -58,6 +59,7 @@ class AgentTickler:
             on_reachable=self.on_reachable,
             on_sent=self.on_sent,
             rate=rate,
+            window=window,
         )
 
     @property

@@ -153,6 +153,7 @@ class TaskServer:
             self.agent_clocks,
             long_polls=self.long_polls,
             rate=settings.agent_tickle_rate,
+            window=settings.agent_tickle_window,
         )
         self.sync = NsSync(
             self.ns, self.store, self.work_cache, self.agents, settings.ns_check_interval_s

@@ -62,6 +62,14 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         description="Tickles per second sent to agents at most (first sends and resends): a "
         "run-now on thousands of agents wakes them no faster than their pulls can be served",
     )
+    agent_tickle_window: int = Field(
+        default=512,
+        ge=1,
+        le=1_000_000,
+        description="Tickles sent to agents and not yet answered by a pull at most (first "
+        "sends; one resent no longer counts): the next waits for a pull, so tickles follow the "
+        "pulls served",
+    )
     api_url: str | None = Field(
         default=None,
         description="URL agents use (default http(s)://{advertise_host}:{api_port})",
