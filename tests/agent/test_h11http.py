@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,22 @@ async def test_a_request_past_its_time_limit_fails_and_its_connection_is_dropped
         await client.close()
 
 
+@contextlib.asynccontextmanager
+async def _raw_server(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[tuple[HttpClient, str]]:
+    """A server on loopback answering each connection with `handler` (bytes of our own, not
+    necessarily HTTP), and a client: the client and the server's URL."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    client = HttpClient()
+    try:
+        yield client, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
     connections = 0
 
@@ -145,18 +162,11 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(answer_once, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    client = HttpClient()
-    try:
+    async with _raw_server(answer_once) as (client, url):
         assert (await client.request("GET", url)).body == b"ok"
         idle = [c for conns in client._idle.values() for c in conns]
         await eventually(lambda: all(c.reader.at_eof() for c in idle), what="the server's close")
         assert (await client.request("GET", url)).body == b"ok"
-    finally:
-        await client.close()
-        server.close()
-        await server.wait_closed()
     assert connections == 2
 
 
@@ -167,17 +177,10 @@ async def test_an_answer_that_is_not_http_is_a_connection_error() -> None:
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    client = HttpClient()
-    try:
+    async with _raw_server(garbage) as (client, url):
         with pytest.raises(ProtocolError) as caught:
             await client.request("GET", url)
         assert isinstance(caught.value, OSError)  # the agent counts it as no answer
-    finally:
-        await client.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_tls_checks_the_servers_certificate_against_the_ca(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from sqlalchemy import event
@@ -370,6 +370,26 @@ async def test_check_pull_served_by_another_process_stamps_last_pull_but_does_no
     assert resent.seq > first.seq
 
 
+async def pull_failing_once(
+    ns: Ns, ts: FakeTaskServer, fails: Callable[[str], bool]
+) -> tuple[int, list[str]]:
+    """The task server's tickle-caused pull, the first statement `fails` picks raising a database
+    error (as a deadlock lost, or the database briefly away): its status, the statement failed."""
+    failed: list[str] = []
+
+    def fail_once(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if fails(statement) and not failed:
+            failed.append(statement)
+            raise OperationalError(statement, None, Exception("the database is away"))
+
+    event.listen(ns.stores.database.engine, "before_cursor_execute", fail_once)
+    try:
+        status, _ = await ts.call("GET", "/api/ts/work?via=tickle")
+    finally:
+        event.remove(ns.stores.database.engine, "before_cursor_execute", fail_once)
+    return status, failed
+
+
 async def test_a_tickle_caused_pull_that_fails_is_tickled_again(ns: Ns) -> None:
     """The pull a tickle caused acknowledges it before it reads the work: when that pull fails
     (a deadlock lost on PostgreSQL, the database briefly away) the task server got nothing, and
@@ -378,18 +398,9 @@ async def test_a_tickle_caused_pull_that_fails_is_tickled_again(ns: Ns) -> None:
     await ts.agent("pc1")
     run = await ns.run_task(["pc1"])
     await ts.tickle(within=2.0)
-    failed: list[str] = []
-
-    def fail_the_pull_once(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
-        if statement.startswith("UPDATE task_servers SET last_pull_at") and not failed:
-            failed.append(statement)
-            raise OperationalError(statement, None, Exception("deadlock detected"))
-
-    event.listen(ns.stores.database.engine, "before_cursor_execute", fail_the_pull_once)
-    try:
-        status, _ = await ts.call("GET", "/api/ts/work?via=tickle")
-    finally:
-        event.remove(ns.stores.database.engine, "before_cursor_execute", fail_the_pull_once)
+    status, failed = await pull_failing_once(
+        ns, ts, lambda sql: sql.startswith("UPDATE task_servers SET last_pull_at")
+    )
     assert failed
     assert status == 500
 
@@ -422,19 +433,9 @@ async def test_a_tickle_caused_pull_whose_cancels_read_fails_is_tickled_again(ns
     await ts.agent("pc1")
     run = await ns.run_task(["pc1"])
     await ts.tickle(within=2.0)
-    failed: list[str] = []
-
-    def fail_the_cancels_once(_conn: object, _cursor: object, statement: str, *_a: object) -> None:
-        reads_cancels = statement.startswith("SELECT") and "cancel_requested_at >=" in statement
-        if reads_cancels and not failed:
-            failed.append(statement)
-            raise OperationalError(statement, None, Exception("the database is away"))
-
-    event.listen(ns.stores.database.engine, "before_cursor_execute", fail_the_cancels_once)
-    try:
-        status, _ = await ts.call("GET", "/api/ts/work?via=tickle")
-    finally:
-        event.remove(ns.stores.database.engine, "before_cursor_execute", fail_the_cancels_once)
+    status, failed = await pull_failing_once(
+        ns, ts, lambda sql: sql.startswith("SELECT") and "cancel_requested_at >=" in sql
+    )
     assert failed, "the pull did not read its cancels"
     assert status == 500
 

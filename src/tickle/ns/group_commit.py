@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from fastapi.concurrency import run_in_threadpool
+from tickle.serving import on_route_thread
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class GroupCommit(Generic[T, R]):
             del self._queue[: self._max_group]
             items = [item for item, _ in group]
             try:
-                outcomes: Sequence[R | BaseException] = await run_in_threadpool(self._write, items)
+                outcomes: Sequence[R | BaseException] = await on_route_thread(self._write, items)
             except Exception as exc:
                 if len(group) == 1:
                     outcomes = [exc]
@@ -80,7 +80,7 @@ class GroupCommit(Generic[T, R]):
 
     async def _alone(self, item: T) -> R | BaseException:
         try:
-            (outcome,) = await run_in_threadpool(self._write, [item])
+            (outcome,) = await on_route_thread(self._write, [item])
         except Exception as exc:
             return exc
         return outcome
