@@ -11,25 +11,48 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tickle import __version__
+from tickle import agentapi as _api
 
-Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-Port = Annotated[int, Field(ge=1, le=65535)]
+# The limits and the literals of what agents send and receive are tickle.agentapi's (the agent's
+# own msgspec Structs of these bodies); tests/shared/test_agentapi.py proves both sides agree.
+COMMAND_MAX = _api.COMMAND_MAX
+DB_INT_MAX = _api.DB_INT_MAX
+DB_INT_MIN = _api.DB_INT_MIN
+EVENT_BATCH_MAX = _api.EVENT_BATCH_MAX
+EVENT_ID_MAX = _api.EVENT_ID_MAX
+EVENT_ID_MIN = _api.EVENT_ID_MIN
+GROUPS_MAX = _api.GROUPS_MAX
+HOST_MAX = _api.HOST_MAX
+IDENTITY_MAX = _api.IDENTITY_MAX
+IDENTITY_MIN = _api.IDENTITY_MIN
+LONG_POLL_TIMEOUT_MAX_S = _api.LONG_POLL_TIMEOUT_MAX_S
+LONG_POLL_TIMEOUT_MIN_S = _api.LONG_POLL_TIMEOUT_MIN_S
+LONG_POLL_TIMEOUT_S = _api.LONG_POLL_TIMEOUT_S
+NAME_MAX = _api.NAME_MAX
+NAME_PATTERN = _api.NAME_PATTERN
+OUTPUT_MAX_BYTES = _api.OUTPUT_MAX_BYTES
+OUTPUT_MAX_CHARS = _api.OUTPUT_MAX_CHARS
+OUTPUT_TAIL_MAX = _api.OUTPUT_TAIL_MAX
+PORT_MAX = _api.PORT_MAX
+PORT_MIN = _api.PORT_MIN
+SCRIPT_MAX = _api.SCRIPT_MAX
+SECRET_MAX = _api.SECRET_MAX
+TASK_REQUEST_INTERVAL_MAX_S = _api.TASK_REQUEST_INTERVAL_MAX_S
+TASK_REQUEST_INTERVAL_MIN_S = _api.TASK_REQUEST_INTERVAL_MIN_S
+TASK_TIMEOUT_MAX_S = _api.TASK_TIMEOUT_MAX_S
+EventKind = _api.EventKind
+ExecutionStatus = _api.ExecutionStatus
+PolicyVia = _api.PolicyVia
+PullVia = _api.PullVia
+Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN)]
+Port = Annotated[int, Field(ge=PORT_MIN, le=PORT_MAX)]
 # a secret an agent or task server makes once and keeps in its state: its stable identity. The NS
 # keeps its SHA-256; a registration under a registered name must present the same one.
-Identity = Annotated[str, Field(min_length=16, max_length=128)]
-# integers the NS stores in INTEGER columns (32-bit on PostgreSQL; larger ones crash SQLite too)
-DB_INT_MIN, DB_INT_MAX = -(2**31), 2**31 - 1
+Identity = Annotated[str, Field(min_length=IDENTITY_MIN, max_length=IDENTITY_MAX)]
 DbInt = Annotated[int, Field(ge=DB_INT_MIN, le=DB_INT_MAX)]
-# How often agents poll their task server when no tickle reaches them. Below 10 s a fleet's polls
-# would swamp its task servers (10,000 agents: 1,000 requests/s); a day is the longest.
-TASK_REQUEST_INTERVAL_MIN_S, TASK_REQUEST_INTERVAL_MAX_S = 10, 86400
 TaskRequestIntervalS = Annotated[
     int, Field(ge=TASK_REQUEST_INTERVAL_MIN_S, le=TASK_REQUEST_INTERVAL_MAX_S)
 ]
-# How long an agent's long-poll waits at its task server before it returns empty: below the idle
-# timeout of any proxy or NAT on the way (60 s is common), 5 s at least (a shorter one is a poll).
-LONG_POLL_TIMEOUT_S = 55
-LONG_POLL_TIMEOUT_MIN_S, LONG_POLL_TIMEOUT_MAX_S = 5, 600
 LongPollTimeoutS = Annotated[int, Field(ge=LONG_POLL_TIMEOUT_MIN_S, le=LONG_POLL_TIMEOUT_MAX_S)]
 # clock_skewed: its clock is further off than the tickle freshness window, so it rejects (or its
 # receiver rejects) every tickle as stale — not a firewall, a clock to set right
@@ -37,18 +60,6 @@ TickleState = Literal["unknown", "reachable", "unreachable", "cem", "clock_skewe
 # a peer's clock offset as measured and reported (seconds; positive: its clock is ahead)
 ClockOffsetS = Annotated[float, Field(ge=-1e9, le=1e9, allow_inf_nan=False)]
 Liveness = Literal["online", "offline"]
-ExecutionStatus = Literal[
-    "pending",
-    "delivered",
-    "running",
-    "succeeded",
-    "failed",
-    "timed_out",
-    "interrupted",
-    "cancelled",
-    "expired",
-    "lost",
-]
 FINAL_STATUSES: frozenset[str] = frozenset(
     {"succeeded", "failed", "timed_out", "interrupted", "cancelled", "expired", "lost"}
 )
@@ -56,18 +67,8 @@ FINAL_STATUSES: frozenset[str] = frozenset(
 RERUN_STATUSES: frozenset[str] = frozenset(
     {"failed", "timed_out", "interrupted", "cancelled", "expired", "lost"}
 )
-EventKind = Literal["agent_tickled", "agent_pulled", "started", "step_finished", "finished"]
-PullVia = Literal["tickle", "poll", "check_now", "long_poll"]
-PolicyVia = Literal["tickle", "refresh"]
 # why a task server pulls from the NS: a tickle, its periodic check, or its start
 TsPullVia = Literal["tickle", "check", "start"]
-OUTPUT_TAIL_MAX = 4096
-# The largest output of one step (stdout and stderr together) an agent may keep and send: its
-# `output_max_bytes` is at most this. Characters on the wire (a cut adds a marker line of its own).
-# One status event carrying it stays far within the default `max_body_bytes` (8 MiB) even when
-# JSON escapes control characters (6 bytes each).
-OUTPUT_MAX_BYTES = 1024 * 1024
-OUTPUT_MAX_CHARS = OUTPUT_MAX_BYTES + 256
 # the nine steps of an execution's timeline (`ExecutionOut.timeline`), in the order it goes through
 TIMELINE_STEPS = (
     "created",
@@ -95,9 +96,9 @@ class TaskSpec(Model):
     """What an agent runs: a command (argv) or a shell script, with a timeout."""
 
     name: Name
-    command: list[str] | None = Field(default=None, min_length=1, max_length=256)
-    script: str | None = Field(default=None, min_length=1, max_length=65536)
-    timeout_s: float = Field(default=300.0, gt=0, le=86400)
+    command: list[str] | None = Field(default=None, min_length=1, max_length=COMMAND_MAX)
+    script: str | None = Field(default=None, min_length=1, max_length=SCRIPT_MAX)
+    timeout_s: float = Field(default=300.0, gt=0, le=TASK_TIMEOUT_MAX_S)
 
     @model_validator(mode="after")
     def _one_of_command_or_script(self) -> TaskSpec:
@@ -415,7 +416,7 @@ class WorkOut(Model):
 
 
 class StatusEvent(Model):
-    event_id: str = Field(min_length=8, max_length=64)
+    event_id: str = Field(min_length=EVENT_ID_MIN, max_length=EVENT_ID_MAX)
     execution_id: DbInt
     computer: Name
     kind: EventKind
@@ -442,15 +443,13 @@ class StatusEvent(Model):
         a next hop whose `max_body_bytes` it exceeds alone: the status still gets through."""
         if not self.stdout and not self.stderr:
             return None
-        note = (
-            f"[tickle] {len(self.stdout or '')} characters of stdout and {len(self.stderr or '')}"
+        return self.model_copy(
+            update={"stdout": "", "stderr": _api.dropped_output(self.stdout, self.stderr)}
         )
-        note += " of stderr dropped: over the next hop's max_body_bytes\n"
-        return self.model_copy(update={"stdout": "", "stderr": note})
 
 
 class EventBatch(Model):
-    events: list[StatusEvent] = Field(max_length=1000)
+    events: list[StatusEvent] = Field(max_length=EVENT_BATCH_MAX)
 
 
 class EventAck(Model):
@@ -495,13 +494,13 @@ class AgentPolicy(Model):
 
 
 class AgentRegister(Model):
-    enrollment_secret: str = Field(min_length=1, max_length=512)
+    enrollment_secret: str = Field(min_length=1, max_length=SECRET_MAX)
     name: Name
-    tickle_host: str | None = Field(default=None, max_length=255)
+    tickle_host: str | None = Field(default=None, max_length=HOST_MAX)
     tickle_port: Port = 50124
     cem: bool = False
-    reported_address: str | None = Field(default=None, max_length=255)
-    groups: list[Name] = Field(default_factory=list, max_length=64)
+    reported_address: str | None = Field(default=None, max_length=HOST_MAX)
+    groups: list[Name] = Field(default_factory=list, max_length=GROUPS_MAX)
     identity: Identity | None = None
 
 

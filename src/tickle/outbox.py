@@ -14,12 +14,15 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tickle import localdb
 from tickle.backoff import Backoff
 from tickle.httpbase import retry_after_s
-from tickle.messages import StatusEvent
 from tickle.metrics import Metrics
+
+if TYPE_CHECKING:  # the agent has no pydantic: it queues its own msgspec events (queue_bodies)
+    from tickle.messages import StatusEvent
 
 log = logging.getLogger(__name__)
 # The most event bodies (characters of JSON) one forwarded batch carries, beyond its first event:
@@ -140,7 +143,11 @@ class OutboxForwarder:
     def queue(self, events: Iterable[StatusEvent]) -> list[str]:
         """Commit `events` to the outbox and forward them now; return the ids new to it (not
         queued or forwarded before)."""
-        new = self._outbox.put_many((e.event_id, e.model_dump_json()) for e in events)
+        return self.queue_bodies((e.event_id, e.model_dump_json()) for e in events)
+
+    def queue_bodies(self, events: Iterable[tuple[str, str]]) -> list[str]:
+        """`queue` of events already serialized: (event id, its JSON)."""
+        new = self._outbox.put_many(events)
         self.wake()
         return new
 

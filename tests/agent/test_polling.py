@@ -6,6 +6,7 @@ import itertools
 import time
 from collections.abc import Callable
 
+import msgspec
 import pytest
 
 from tickle.agent.control import control_call
@@ -146,7 +147,7 @@ async def test_failed_pull_makes_the_next_poll_come_sooner(
         fake_ts.secret = "changed"  # re-registration fails too: the pull fails
         await agent.poller.pull_quietly("tickle")
         assert agent.poller.last_error is not None
-        agent.poller.apply_policy(agent.poller.policy.model_copy(update={"settings_version": 9}))
+        agent.poller.apply_policy(msgspec.structs.replace(agent.poller.policy, settings_version=9))
         await eventually(lambda: agent.poller.next_poll_at, what="re-armed timer")
         await eventually(
             lambda: agent.poller.next_poll_at and agent.poller.next_poll_at - time.time() < 10,

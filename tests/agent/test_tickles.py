@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tickle import wire
+from tickle import agentapi, wire
 from tickle.agent.service import Agent
 from tickle.agent.settings import AgentSettings
+from tickle.agentapi import AgentPolicy
 
 from .conftest import eventually, running_agent, script, task, tickle_sender
 from .fake_ts import FakeTaskServer
@@ -165,7 +166,9 @@ async def test_settings_tickle_refreshes_policy_without_pulling_tasks(
             sender.tickle(wire.Kind.SETTINGS)
             await eventually(lambda: agent.poller.policy.settings_version == 2, what="policy")
         assert fake_ts.routes(since=since) == ["policy"]
-        assert agent.state.policy() == fake_ts.policy
+        assert agent.state.policy() == agentapi.decode(
+            fake_ts.policy.model_dump_json(), AgentPolicy
+        )
 
 
 async def test_tickle_and_poll_race_runs_execution_once(

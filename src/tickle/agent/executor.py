@@ -28,19 +28,22 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from tickle.agent.containment import Containment, TaskTree
 from tickle.agent.output import CappedStream, as_text, cut_to_cap
 from tickle.agent.state import AgentState
 from tickle.agent.subreaper import Subreaper
-from tickle.clock import Clock
-from tickle.messages import (
+from tickle.agentapi import (
     OUTPUT_MAX_BYTES,
     OUTPUT_TAIL_MAX,
     ExecutionWork,
     PullVia,
     StatusEvent,
     TaskSpec,
+    encode,
 )
+from tickle.clock import Clock
 from tickle.metrics import Metrics
 from tickle.outbox import OutboxForwarder
 
@@ -265,7 +268,7 @@ class Executor:
         return ["/bin/sh", path]
 
     def _emit(self, execution_id: int, kind: str, **fields: object) -> None:
-        event = StatusEvent.model_validate(
+        event = msgspec.convert(
             {
                 "event_id": str(uuid.uuid4()),
                 "execution_id": execution_id,
@@ -273,9 +276,10 @@ class Executor:
                 "kind": kind,
                 "at": self._clock(),
                 **fields,
-            }
+            },
+            StatusEvent,
         )
-        self._forwarder.queue([event])
+        self._forwarder.queue_bodies([(event.event_id, encode(event).decode())])
 
 
 class _Output:

@@ -28,8 +28,8 @@ from tickle.agent import retries
 from tickle.agent.executor import Executor
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import TaskServerClient
+from tickle.agentapi import AgentPolicy, AgentTasks, ExecutionWork, PolicyVia, PullVia
 from tickle.httpbase import retry_after_s
-from tickle.messages import AgentPolicy, AgentTasks, ExecutionWork, PolicyVia, PullVia
 from tickle.metrics import Metrics
 
 log = logging.getLogger(__name__)

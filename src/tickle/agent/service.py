@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any
 
+import msgspec
+
 from tickle import __version__, clock, wire
 from tickle.agent import retries
 from tickle.agent.containment import Containment, detect
@@ -29,10 +31,10 @@ from tickle.agent.poller import Poller
 from tickle.agent.settings import AgentSettings
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import NotRegistered, TaskServerClient
+from tickle.agentapi import AgentPolicy
 from tickle.config import ConfigError, check_config, load_settings
 from tickle.listening import TickleListener
 from tickle.logs import setup_logging
-from tickle.messages import AgentPolicy
 from tickle.metrics import AgentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
 from tickle.statedir import make_private
@@ -200,7 +202,7 @@ class Agent:
 
     async def policy_refresh(self) -> dict[str, Any]:
         policy = await self.poller.refresh_policy()
-        return {"policy": policy.model_dump()}
+        return {"policy": msgspec.structs.asdict(policy)}
 
     def status(self) -> dict[str, Any]:
         creds = self.client.credentials
@@ -216,7 +218,7 @@ class Agent:
             "tickle_listener": (
                 f"{self.tickle_addr[0]}:{self.tickle_addr[1]}" if self.tickle_addr else None
             ),
-            "policy": self.poller.policy.model_dump(),
+            "policy": msgspec.structs.asdict(self.poller.policy),
             "executions": self.state.counts(),
             "running": self.poller.running,
             "outbox_depth": self.outbox.depth(),

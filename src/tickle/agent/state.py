@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tickle import localdb
-from tickle.messages import AgentPolicy
+from tickle.agentapi import AgentPolicy, decode, encode
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS credentials ("
@@ -78,12 +78,12 @@ class AgentState:
 
     def save_policy(self, policy: AgentPolicy) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO policy (id, body) VALUES (1, ?)", (policy.model_dump_json(),)
+            "INSERT OR REPLACE INTO policy (id, body) VALUES (1, ?)", (encode(policy),)
         )
 
     def policy(self) -> AgentPolicy | None:
         row = self._db.execute("SELECT body FROM policy WHERE id = 1").fetchone()
-        return AgentPolicy.model_validate_json(row[0]) if row else None
+        return decode(row[0], AgentPolicy) if row else None
 
     # --- executions ----------------------------------------------------------------------------
 

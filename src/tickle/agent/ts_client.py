@@ -20,25 +20,26 @@ import logging
 import time
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
-
 from tickle.agent.address import client_local_addr, tickle_address
 from tickle.agent.h11http import HttpClient
 from tickle.agent.settings import AgentSettings
 from tickle.agent.state import AgentState, Credentials
-from tickle.clock import Clock, OffsetEstimator
-from tickle.httpbase import ApiError, api_error
-from tickle.messages import (
+from tickle.agentapi import (
     AgentEnrollment,
     AgentPolicy,
     AgentRegister,
     AgentTasks,
+    Body,
     EventAck,
     EventBatch,
     PolicyVia,
     PullVia,
     StatusEvent,
+    decode,
+    encode,
 )
+from tickle.clock import Clock, OffsetEstimator
+from tickle.httpbase import ApiError, api_error
 from tickle.tls import client_ssl
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ TOO_LARGE = 413
 # how long past its timeout the agent waits for a long-poll's answer before it gives up on it
 LONG_POLL_GRACE_S = 15.0
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=Body)
 # the one peer whose clock the agent measures: its current task server
 _TS = "task-server"
 
@@ -264,7 +265,7 @@ class TaskServerClient:
         is split; a single refused event is logged as an error and dropped. A batch too large
         for the task server (413) is split too.
         """
-        events = [StatusEvent.model_validate_json(b) for b in bodies]
+        events = [decode(b, StatusEvent) for b in bodies]
         try:
             ack = await self._call(
                 "POST", "/api/agent/events", EventAck, body=EventBatch(events=events),
@@ -276,13 +277,13 @@ class TaskServerClient:
                 if smaller is not None:  # alone too large: its output goes, its status gets through
                     log.error("status event %s is over the task server's body limit: its"
                               " output is dropped", events[0].event_id)  # fmt: skip
-                    return await self.events([smaller.model_dump_json()])
+                    return await self.events([encode(smaller).decode()])
             too_large = exc.status == TOO_LARGE and len(events) > 1
             if exc.status not in REFUSED_FOR_GOOD and not too_large:
                 raise
             if len(events) == 1:
                 log.error("the task server refused status event %s for good (%s): dropped",
-                          events[0], exc)  # fmt: skip
+                          _fields(events[0]), exc)  # fmt: skip
                 return [events[0].event_id]
             dropped: list[str] = []
             for body in bodies:
@@ -295,7 +296,7 @@ class TaskServerClient:
         method: str,
         path: str,
         answer: type[M],
-        body: BaseModel | None = None,
+        body: Body | None = None,
         params: dict[str, str] | None = None,
         time_limit: float | None = None,
     ) -> M:
@@ -318,7 +319,7 @@ class TaskServerClient:
         method: str,
         path: str,
         answer: type[M],
-        body: BaseModel | None,
+        body: Body | None,
         params: dict[str, str] | None,
         time_limit: float | None = None,
     ) -> M:
@@ -358,7 +359,7 @@ class TaskServerClient:
         method: str,
         url: str,
         answer: type[M] | None,
-        body: BaseModel | None = None,
+        body: Body | None = None,
         params: dict[str, str] | None = None,
         token: str | None = None,
         time_limit: float | None = None,
@@ -371,7 +372,7 @@ class TaskServerClient:
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         resp = await self._http_client.request(
-            method, url, body=None if body is None else body.model_dump_json().encode(),
+            method, url, body=None if body is None else encode(body),
             params=params, headers=headers, timeout_s=time_limit,
         )  # fmt: skip
         # a redirect is refused, not followed: our token goes to our task server only
@@ -379,7 +380,12 @@ class TaskServerClient:
             raise api_error(resp.status, resp.body, url, resp.headers.get("retry-after"))
         if answer is None or resp.status == 204:
             return None
-        return answer.model_validate_json(resp.body)
+        return decode(resp.body, answer)
+
+
+def _fields(event: StatusEvent) -> str:
+    """An event's fields as a log line shows them: `event_id='…' execution_id=5 …`."""
+    return " ".join(f"{name}={getattr(event, name)!r}" for name in event.__struct_fields__)
 
 
 def _unreachable(exc: BaseException) -> bool:
