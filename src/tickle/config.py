@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
-import sys
-import textwrap
-import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Self, TypeVar, Union, get_args, get_origin
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
-from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -29,24 +22,25 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from tickle import settingsbase as _base
 from tickle import wire
 from tickle.backoff import Backoff
+
+# what every component's settings share lives in tickle.settingsbase (no pydantic: the agent's
+# settings are read there); named here too, as the servers have always found them
+ConfigError = _base.ConfigError
+check_http_url = _base.check_http_url
+default_state_dir = _base.default_state_dir
+hostname = _base.hostname
+plain_error = _base.plain_error
+settings_help = _base.settings_help
+shown_default = _base.shown_default
 
 _config_file: ContextVar[Path | None] = ContextVar("tickle_config_file", default=None)
 _secrets_file: ContextVar[Path | None] = ContextVar("tickle_secrets_file", default=None)
 _cli_args: ContextVar[list[str] | None] = ContextVar("tickle_cli_args", default=None)
 
-S = TypeVar("S", bound="ComponentSettings")
-
-
-class ConfigError(Exception):
-    """A configuration problem; the message names the setting and what is wrong."""
-
-
-def default_state_dir(component: str) -> Path:
-    """Per-user state directory that works on one machine without root."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "tickle" / component
+S = TypeVar("S", bound="ComponentSettings | _base.LeanSettings")
 
 
 class ComponentSettings(BaseSettings):
@@ -54,12 +48,8 @@ class ComponentSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="forbid", validate_default=True)
 
-    config: Path | None = Field(default=None, description="TOML config file to read")
-    secrets_file: Path | None = Field(
-        default=None,
-        description="TOML file of the secret settings, read with the config file (which can then "
-        "be shown and diffed); relative to the config file's directory",
-    )
+    config: Path | None = Field(default=None, description=_base.CONFIG_DESCRIPTION)
+    secrets_file: Path | None = Field(default=None, description=_base.SECRETS_FILE_DESCRIPTION)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level"
     )
@@ -101,8 +91,8 @@ FreshnessWindowS = Annotated[
     Field(
         default=wire.DEFAULT_FRESHNESS_S,
         gt=0,
-        le=3600,
-        description="Tickles older or newer than this are stale",
+        le=_base.FRESHNESS_MAX_S,
+        description=_base.FRESHNESS_DESCRIPTION,
     ),
 ]
 
@@ -200,13 +190,16 @@ def load_settings(cls: type[S], args: list[str] | None = None, **overrides: Any)
     """Read the component's settings from flags, environment and config file.
 
     `args` are the component's command-line flags (`--api-port 50120`, `--config PATH`). Keyword
-    overrides win over everything (tests use them).
+    overrides win over everything (tests use them). A `LeanSettings` class (the agent's) is
+    read by `tickle.settingsbase.load_settings`, from the same sources with the same rules.
     """
+    if isinstance(cls, type) and issubclass(cls, _base.LeanSettings):
+        return _base.load_settings(cls, args, **overrides)
     prefix = str(cls.model_config.get("env_prefix", ""))
-    path = _find_config_path(args or [], os.environ.get(f"{prefix}CONFIG"), overrides)
+    path = _base.find_config_path(args or [], os.environ.get(f"{prefix}CONFIG"), overrides)
     secrets_path = None
     if path is not None:
-        secrets_path = _secrets_path(path, _check_toml(path))
+        secrets_path = _base.secrets_path(path, _base.read_toml(path))
     token_f = _config_file.set(path)
     token_s = _secrets_file.set(secrets_path)
     token_a = _cli_args.set(list(args) if args is not None else None)
@@ -227,46 +220,6 @@ def load_settings(cls: type[S], args: list[str] | None = None, **overrides: Any)
         _cli_args.reset(token_a)
 
 
-def _find_config_path(
-    args: list[str], env_value: str | None, overrides: dict[str, Any]
-) -> Path | None:
-    if overrides.get("config"):
-        return Path(overrides["config"])
-    for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
-            return Path(args[i + 1])
-        if arg.startswith("--config="):
-            return Path(arg.split("=", 1)[1])
-    return Path(env_value) if env_value else None
-
-
-def _secrets_path(config: Path, values: dict[str, Any]) -> Path | None:
-    """The config file's secrets file, checked: valid TOML, no setting of the config file again."""
-    name = values.get("secrets_file")
-    if name is None:
-        return None
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"config: secrets_file in {config} must be a file name")
-    path = config.parent / name
-    secrets = _check_toml(path)
-    both = sorted(set(secrets) & (set(values) | {"secrets_file", "config"}))
-    if both:
-        raise ConfigError(f"config: setting {', '.join(both)} is in both {config} and {path}")
-    return path
-
-
-def _check_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config: file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"config: cannot read {path}: {exc}") from None
-
-
 def _describe(exc: ValidationError, cls: type[ComponentSettings]) -> str:
     """One line naming each bad setting (its flag and variable), what is wrong, and the value."""
     prefix = str(cls.model_config.get("env_prefix", ""))
@@ -274,71 +227,17 @@ def _describe(exc: ValidationError, cls: type[ComponentSettings]) -> str:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"])
         top = str(err["loc"][0]) if err["loc"] else ""
-        if top in cls.model_fields:
-            shown = f"setting {field} (--{top.replace('_', '-')}, {prefix}{top.upper()})"
-        else:
-            shown = f"setting {field}" if field else ""
         reason = plain_error(err)
-        if not shown:  # a check across settings: its input is every setting, secrets included
+        if top in cls.model_fields:
+            missing = err["type"] == "missing"  # its input is every setting, secrets included
+            problems.append(
+                _base.describe_problem(field, prefix, reason, err.get("input"), missing)
+            )
+        elif field:
+            problems.append(f"setting {field}: {reason}")
+        else:  # a check across settings: its input is every setting, secrets included
             problems.append(reason)
-        elif err["type"] == "missing":  # its input is every setting, secrets included
-            problems.append(f"{shown}: {reason}")
-        elif _secret_name(field):  # never a secret's value (check-config's lines reach logs)
-            problems.append(f"{shown}: {reason} (value not shown)")
-        else:
-            problems.append(f"{shown}: {reason} (got {err.get('input')!r})")
     return "invalid configuration: " + "; ".join(problems)
-
-
-_PLAIN = {
-    "missing": "is required",
-    "int_parsing": "must be a whole number",
-    "int_from_float": "must be a whole number",
-    "float_parsing": "must be a number",
-    "bool_parsing": "must be true or false",
-    "greater_than": "must be more than {gt}",
-    "greater_than_equal": "must be at least {ge}",
-    "less_than": "must be less than {lt}",
-    "less_than_equal": "must be at most {le}",
-    "string_too_short": "must have at least {min_length} character(s)",
-    "string_too_long": "must have at most {max_length} characters",
-    "too_long": "must have at most {max_length} items",
-    "string_pattern_mismatch": "must match {pattern}",
-    "literal_error": "must be {expected}",
-    "extra_forbidden": "is not a setting",
-    "path_not_file": "is not a file",
-    "path_not_directory": "is not a directory",
-}
-
-
-def plain_error(err: Any) -> str:
-    """A pydantic error (one item of `ValidationError.errors()`) in plain words, no library
-    wording: `must be at least 10`."""
-    template = _PLAIN.get(err.get("type", ""))
-    if template is not None:
-        try:
-            return template.format(**err.get("ctx", {}))
-        except (KeyError, IndexError):
-            pass
-    return str(err.get("msg", "")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-
-
-def _secret_name(field: str) -> bool:
-    """Settings whose values are secret: tokens, secrets, passwords, database URLs (a password)."""
-    return any(word in field for word in ("secret", "token", "password", "database_url"))
-
-
-def check_http_url(value: str) -> str:
-    """An http(s) URL with a host, without its trailing slash; ValueError naming it otherwise."""
-    parsed = urlsplit(value)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ValueError(f"{value!r} is not an http:// or https:// URL")
-    return value.rstrip("/")
-
-
-def hostname() -> str:
-    """This machine's short host name, usable as a component name."""
-    return socket.gethostname().split(".")[0] or "localhost"
 
 
 def read_or_create_secret(path: Path) -> str:
@@ -357,129 +256,6 @@ def read_or_create_secret(path: Path) -> str:
     return value
 
 
-def check_config(component: str, cls: type[ComponentSettings], args: list[str]) -> int | None:
-    """`tickle COMPONENT --check-config FILE`: exit code 0 when FILE (and its secrets file) is a
-    valid configuration, else 2 with one line naming the setting; None without the flag.
-
-    Nothing is bound, created or started (deployment tools run it before replacing a config)."""
-    if not any(a == "--check-config" or a.startswith("--check-config=") for a in args):
-        return None
-    prog = f"tickle {component}"
-    rest = list(args)
-    i = next(i for i, a in enumerate(rest) if a.startswith("--check-config"))
-    flag = rest.pop(i)
-    if "=" in flag:
-        path = flag.split("=", 1)[1]
-    elif i < len(rest):
-        path = rest.pop(i)
-    else:
-        print(f"{prog}: --check-config needs a file", file=sys.stderr)
-        return 2
-    if rest:
-        print(f"{prog}: --check-config takes no other flag (got {' '.join(rest)})", file=sys.stderr)
-        return 2
-    try:
-        load_settings(cls, [], config=path)
-    except ConfigError as exc:
-        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"{prog}: {path}: {message}", file=sys.stderr)
-        return 2
-    print(f"{path}: a valid {component} configuration")
-    return 0
-
-
-# --- help -------------------------------------------------------------------------------------
-
-
-def settings_help(cls: type[ComponentSettings], usage: str) -> str:
-    """The `--help` of a component command: every setting with its flag, variable, default and
-    range, worded for an operator (no Python types, no factories)."""
-    prefix = str(cls.model_config.get("env_prefix", ""))
-    summary = (cls.__doc__ or "").strip().splitlines()[0]
-    lines = [
-        f"Usage: {usage} [OPTIONS]",
-        "",
-        f"  {summary}",
-        "",
-        "  Each setting comes from, highest first: its flag, its environment variable, the TOML",
-        "  file named by --config, its default.",
-        "",
-        "Options:",
-    ]
-    for name, field in cls.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        shown = (
-            f"{flag} / --no-{flag[2:]}"
-            if _annotation(field) is bool
-            else f"{flag} {_metavar(name, field)}"
-        )
-        text = (field.description or name.replace("_", " ")).rstrip(".")
-        facts = [f"default: {shown_default(field)}"]
-        facts += [f"range: {r}"] if (r := _range(field)) else []
-        facts.append(f"env: {prefix}{name.upper()}")
-        lines.append(f"  {shown}")
-        lines += textwrap.wrap(
-            f"{text} [{'; '.join(facts)}]", width=88, initial_indent=" " * 6,
-            subsequent_indent=" " * 6, break_on_hyphens=False,
-        )  # fmt: skip
-    lines += ["  -h, --help", "      Show this message and exit."]
-    return "\n".join(lines) + "\n"
-
-
-def shown_default(field: FieldInfo) -> str:
-    """A setting's default as an operator should read it, the same on every machine."""
-    if field.is_required():
-        return "(required)"
-    value = field.get_default(call_default_factory=True)
-    if isinstance(value, Path):
-        value = str(value).replace(str(Path.home()), "~")
-    if field.default_factory is not None and value == hostname():
-        return "(host name)"
-    if value is None:
-        return "(unset)"
-    if value == "":
-        return '""'
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "(none)"
-    return str(value)
-
-
-def _annotation(field: FieldInfo) -> Any:
-    """The field's type without `| None` and constraints."""
-    kind = field.annotation
-    args = [a for a in get_args(kind) if a is not type(None)]
-    if get_origin(kind) in (UnionType, Union) and args:
-        kind = args[0]
-    return get_args(kind)[0] if get_origin(kind) is Annotated else kind
-
-
-def _metavar(name: str, field: FieldInfo) -> str:
-    kind = _annotation(field)
-    if get_origin(kind) is Literal:
-        return "{" + "|".join(map(str, get_args(kind))) + "}"
-    if get_origin(kind) is list:
-        return "LIST"
-    if kind is int:
-        return "INTEGER"
-    if kind is float:
-        return "SECONDS" if name.endswith("_s") else "NUMBER"
-    if isinstance(kind, type) and issubclass(kind, Path):
-        return "PATH"
-    if name.endswith("_url") or name.endswith("_urls"):
-        return "URL"
-    return "TEXT"
-
-
-def _range(field: FieldInfo) -> str:
-    """`1..65535`, `more than 0, at most 600`... from the field's constraints ('' if none)."""
-    bounds: dict[str, Any] = {}
-    for item in field.metadata:
-        for key in ("gt", "ge", "lt", "le"):
-            if getattr(item, key, None) is not None:
-                bounds[key] = getattr(item, key)
-    if "ge" in bounds and "le" in bounds:
-        return f"{bounds['ge']}..{bounds['le']}"
-    words = {"gt": "more than", "ge": "at least", "lt": "less than", "le": "at most"}
-    return ", ".join(f"{words[k]} {v}" for k, v in bounds.items())
+def check_config(component: str, cls: type[Any], args: list[str]) -> int | None:
+    """`tickle COMPONENT --check-config FILE` (see `tickle.settingsbase.check_config`)."""
+    return _base.check_config(component, cls, args, load_settings)

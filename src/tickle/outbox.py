@@ -14,15 +14,23 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tickle import localdb
 from tickle.backoff import Backoff
 from tickle.httpbase import retry_after_s
 from tickle.metrics import Metrics
 
-if TYPE_CHECKING:  # the agent has no pydantic: it queues its own msgspec events (queue_bodies)
-    from tickle.messages import StatusEvent
+
+class StatusEvent(Protocol):
+    """A status event of the task server (`tickle.messages.StatusEvent`); the agent, which has
+    no pydantic, queues its msgspec ones serialized (`queue_bodies`)."""
+
+    @property
+    def event_id(self) -> str: ...
+
+    def model_dump_json(self) -> str: ...
+
 
 log = logging.getLogger(__name__)
 # The most event bodies (characters of JSON) one forwarded batch carries, beyond its first event:

@@ -15,7 +15,7 @@ import os
 import stat
 from pathlib import Path
 
-from tickle.config import ConfigError
+from tickle.settingsbase import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 from tickle import clock
 from tickle.agent.h11http import Answer, HttpClient, HttpServer, json_answer
 from tickle.agent.settings import AgentSettings
-from tickle.config import ConfigError, load_settings
 from tickle.httpbase import ApiError
 from tickle.metrics import Metrics
+from tickle.settingsbase import ConfigError, load_settings
 
 # how long a control command waits for the agent's answer (a check-now waits for the pull)
 CONTROL_TIMEOUT_S = 60.0

@@ -32,11 +32,11 @@ from tickle.agent.settings import AgentSettings
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import NotRegistered, TaskServerClient
 from tickle.agentapi import AgentPolicy
-from tickle.config import ConfigError, check_config, load_settings
 from tickle.listening import TickleListener
 from tickle.logs import setup_logging
 from tickle.metrics import AgentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
+from tickle.settingsbase import ConfigError, check_config, load_settings
 from tickle.statedir import make_private
 
 log = logging.getLogger(__name__)
