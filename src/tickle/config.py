@@ -228,15 +228,13 @@ def _describe(exc: ValidationError, cls: type[ComponentSettings]) -> str:
         field = ".".join(str(p) for p in err["loc"])
         top = str(err["loc"][0]) if err["loc"] else ""
         reason = plain_error(err)
-        if top in cls.model_fields:
-            missing = err["type"] == "missing"  # its input is every setting, secrets included
-            problems.append(
-                _base.describe_problem(field, prefix, reason, err.get("input"), missing)
-            )
-        elif field:
-            problems.append(f"setting {field}: {reason}")
-        else:  # a check across settings: its input is every setting, secrets included
+        if not field:  # a check across settings: its input is every setting, secrets included
             problems.append(reason)
+            continue
+        missing = err["type"] == "missing"  # its input is every setting, secrets included
+        known = top in cls.model_fields
+        value = err.get("input")
+        problems.append(_base.describe_problem(field, prefix, reason, value, missing, known))
     return "invalid configuration: " + "; ".join(problems)
 
 

@@ -138,6 +138,7 @@ PLAIN = {
     "too_short": "must have at least {min_length} item(s)",
     "too_long": "must have at most {max_length} items",
     "string_pattern_mismatch": "must match {pattern}",
+    "string_type": "must be text",
     "literal_error": "must be {expected}",
     "extra_forbidden": "is not a setting",
     "path_not_file": "is not a file",
@@ -495,11 +496,13 @@ def _path_hook(kind: type, value: Any) -> Any:
 def _converted(cls: type[LeanSettings], field: SettingField, value: Any) -> Any:
     """`value` as the setting's type, within its limits; _Problem in plain words otherwise."""
     value = cls.before_setting(field.name, value)
-    if _optional_inner(field.annotation) is bool and isinstance(value, str):
+    if _annotation(field) is bool and isinstance(value, str):
         text = value.strip().lower()
         if text not in _TRUE | _FALSE:
             raise _Problem(PLAIN["bool_parsing"])
         value = text in _TRUE
+    if _annotation(field) in (int, float) and isinstance(value, str):
+        value = value.strip()  # ` 7 ` is 7, as pydantic reads it
     try:
         return msgspec.convert(value, field.kind, strict=False, dec_hook=_path_hook)
     except msgspec.ValidationError as exc:
@@ -541,6 +544,8 @@ def _reason(kind: Any, value: Any, message: str) -> _Problem:
             bound = getattr(meta, key)
             measured = size if key.endswith("_length") else value
             if bound is not None and not holds(measured, bound):
+                if isinstance(value, float) and not key.endswith("_length"):
+                    bound = float(bound)  # `more than 0.0`, as pydantic words a float's bound
                 return _Problem(PLAIN[words[key]].format(**{key: bound}))
         if meta.pattern is not None and text:
             return _Problem(PLAIN["string_pattern_mismatch"].format(pattern=meta.pattern))
@@ -557,7 +562,7 @@ def _type_words(kind: Any) -> str | None:
     if get_origin(kind) is Literal:
         choices = [repr(c) for c in get_args(kind)]
         return "must be " + (", ".join(choices[:-1]) + " or " + choices[-1])
-    words = {int: "int_parsing", float: "float_parsing", bool: "bool_parsing"}
+    words = {int: "int_parsing", float: "float_parsing", bool: "bool_parsing", str: "string_type"}
     return PLAIN[words[kind]] if kind in words else None
 
 
