@@ -1,7 +1,8 @@
 """The agent stays lean (S7 of issue 10): libraries it has no use for never enter its process.
 
 aiohttp alone was a fifth of the agent's memory at rest; the agent's HTTP is h11's now
-(tickle.agent.h11http). The import contract in pyproject.toml forbids the import statically; these
+(tickle.agent.h11http). pydantic with pydantic-settings was 17 MB: the agent's settings and bodies
+are msgspec's now (tickle.settingsbase, tickle.agentapi). The import contract in pyproject.toml forbids the import statically; these
 check the process: what `tickle agent run` imports, and what a running agent has mapped.
 """
 
@@ -13,6 +14,8 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import msgspec
+import pydantic_core
 
 from tickle.agent.settings import AgentSettings
 from tickle.agent.state import AgentState
@@ -24,10 +27,11 @@ from .conftest import free_udp_port
 from .fake_ts import FakeTaskServer
 
 # what the agent must not load: the servers' stack, aiohttp with its parts, netlink (pyroute2),
-# prometheus_client (until something reads its /metrics)
+# prometheus_client (until something reads its /metrics), pydantic with its parts (its settings
+# and bodies are msgspec's: tickle.settingsbase, tickle.agentapi)
 NOT_IN_THE_AGENT = (
     "aiohttp", "multidict", "yarl", "pyroute2", "prometheus_client", "fastapi", "starlette",
-    "sqlalchemy", "uvicorn",
+    "sqlalchemy", "uvicorn", "pydantic", "pydantic_core", "pydantic_settings",
 )  # fmt: skip
 
 
@@ -43,12 +47,14 @@ def test_starting_the_agent_imports_no_aiohttp_nor_server_stack() -> None:
     assert result.stdout.strip() == "[]", f"the agent imports {result.stdout}"
 
 
-async def test_a_running_agent_has_not_loaded_aiohttp(
+async def test_a_running_agent_has_not_loaded_aiohttp_nor_pydantic(
     fake_ts: FakeTaskServer, tmp_path: Path, short_dir: Path
 ) -> None:
-    # aiohttp's compiled parser is mapped into any process that imports aiohttp
+    # aiohttp's compiled parser is mapped into any process that imports aiohttp, pydantic-core's
+    # validator into any that imports pydantic
     compiled = list(Path(aiohttp.__file__).parent.glob("_http_parser*.so"))
-    assert compiled, "this aiohttp has no compiled parser: the check below would prove nothing"
+    compiled += list(Path(pydantic_core.__file__).parent.glob("_pydantic_core*.so"))
+    assert len(compiled) == 2, "a compiled part is missing: the check below would prove nothing"
     async with agent_process(
         fake_ts, tmp_path / "state", short_dir, "--tickle-host", "127.0.0.1",
         "--tickle-port", str(free_udp_port()),
@@ -60,6 +66,7 @@ async def test_a_running_agent_has_not_loaded_aiohttp(
         await agent.control("POST", "/check-now")
         maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
     loaded = {name for name in NOT_IN_THE_AGENT if f"/site-packages/{name}/" in maps}
+    assert f"/site-packages/{Path(msgspec.__file__).parent.name}/" in maps, "the check sees no .so"
     assert loaded == set(), f"the running agent has loaded {sorted(loaded)}"
 
 
