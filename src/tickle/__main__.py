@@ -15,7 +15,7 @@ _HELP = ("--help", "-h")
 def main() -> None:
     flags = _agent_run_flags(sys.argv[1:])
     if flags is not None:
-        from tickle.agent.service import main as agent_main
+        from tickle.agent.start import main as agent_main
 
         raise SystemExit(agent_main(flags))
     from tickle.cli import main as cli_main

@@ -9,9 +9,12 @@ trust store). Verification is never turned off. Plain HTTP is allowed on loopbac
 from __future__ import annotations
 
 import ipaddress
-import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:  # imported where used: a plain-HTTP agent runs without it (tickle.agent.start)
+    import ssl
 
 PLAIN_HTTP_SETTING = "allow_plain_http"
 
@@ -66,6 +69,8 @@ def check_server_pair(cert_file: Path | None, key_file: Path | None) -> None:
         raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
     if cert_file is None or key_file is None:
         return
+    import ssl
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(str(cert_file), str(key_file))
@@ -84,6 +89,8 @@ def check_ca_file(ca_file: Path | None) -> Path | None:
 
 def client_ssl(ca_file: Path | None) -> ssl.SSLContext:
     """A verifying client context: the private CA bundle when given, else the system store."""
+    import ssl
+
     try:
         if ca_file is None:
             return ssl.create_default_context()

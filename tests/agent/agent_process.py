@@ -15,7 +15,7 @@ from tickle.agent.control import control_call
 from .conftest import eventually
 from .fake_ts import FakeTaskServer
 
-AGENT = "import sys; from tickle.agent.service import main; sys.exit(main(sys.argv[1:]))"
+AGENT = "import sys; from tickle.agent.start import main; sys.exit(main(sys.argv[1:]))"
 
 
 class AgentProcess:

@@ -8,6 +8,7 @@ check the process: what `tickle agent run` imports, and what a running agent has
 
 from __future__ import annotations
 
+import _ssl
 import ssl
 import subprocess
 import sys
@@ -66,6 +67,8 @@ async def test_a_running_agent_has_not_loaded_aiohttp_nor_pydantic(
         await agent.control("POST", "/check-now")
         maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
     loaded = {name for name in NOT_IN_THE_AGENT if f"/site-packages/{name}/" in maps}
+    # nor ssl: it calls its task server over plain HTTP (tickle.agent.start); 1.4 MB at rest
+    assert f"/{Path(_ssl.__file__).name}" not in maps, "a plain-HTTP agent has loaded ssl"
     assert f"/site-packages/{Path(msgspec.__file__).parent.name}/" in maps, "the check sees no .so"
     assert loaded == set(), f"the running agent has loaded {sorted(loaded)}"
 

@@ -16,11 +16,10 @@ import contextlib
 import json
 import logging
 import socket
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 import h11
@@ -28,6 +27,9 @@ import h11
 from tickle import __version__
 from tickle.clock import TIME_HEADER, Clock, header_value, parse_header
 from tickle.httpbase import CLIENT_KEEPALIVE_S
+
+if TYPE_CHECKING:  # imported by the first HTTPS connection: a plain-HTTP agent has no ssl
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +167,7 @@ class HttpClient:
         else:
             tls: ssl.SSLContext | None = None
             if scheme == "https":
-                tls = self._ssl or ssl.create_default_context()
+                tls = self._ssl or _default_tls()
             # a name with IPv6 and IPv4 addresses: each tried 0.25 s after the last (as aiohttp)
             reader, writer = await asyncio.open_connection(
                 host, port, ssl=tls, local_addr=self._local_addr, happy_eyeballs_delay=0.25
@@ -344,3 +346,10 @@ async def _respond(state: h11.Connection, writer: asyncio.StreamWriter, answer: 
     data += state.send(h11.EndOfMessage()) or b""
     writer.write(data)
     await writer.drain()
+
+
+def _default_tls() -> ssl.SSLContext:
+    """A verifying context of the system trust store (ssl imported only here)."""
+    import ssl
+
+    return ssl.create_default_context()

@@ -29,6 +29,7 @@ from tickle.agent.executor import Executor
 from tickle.agent.failover import Failover
 from tickle.agent.poller import Poller
 from tickle.agent.settings import AgentSettings
+from tickle.agent.start import read_settings
 from tickle.agent.state import AgentState
 from tickle.agent.ts_client import NotRegistered, TaskServerClient
 from tickle.agentapi import AgentPolicy
@@ -36,7 +37,7 @@ from tickle.listening import TickleListener
 from tickle.logs import setup_logging
 from tickle.metrics import AgentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
-from tickle.settingsbase import ConfigError, check_config, load_settings
+from tickle.settingsbase import ConfigError
 from tickle.statedir import make_private
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,15 @@ log = logging.getLogger(__name__)
 
 def main(args: list[str]) -> int:
     """Run the agent until SIGTERM/SIGINT; 2 on a configuration error (nothing bound)."""
-    checked = check_config("agent", AgentSettings, args)
-    if checked is not None:
-        return checked
+    settings = read_settings(args)
+    return settings if isinstance(settings, int) else run(settings)
+
+
+def run(settings: AgentSettings) -> int:
+    """Run the agent with its settings read (`tickle.agent.start`) until SIGTERM/SIGINT."""
     try:
-        settings = load_settings(AgentSettings, args)
         wall_clock = clock.from_environment(os.environ)  # shifted in tests only
-    except (ConfigError, clock.ClockConfigError) as exc:
+    except clock.ClockConfigError as exc:
         print(f"tickle agent: {exc}", file=sys.stderr)
         return 2
     setup_logging("agent", settings.log_level, settings.log_format)
