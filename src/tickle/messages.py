@@ -1,7 +1,9 @@
 """Every JSON body that crosses HTTP between the components (and the operator's API).
 
-Both sides of each exchange import these models, so a field changes in one place. Bad input gets a
-validation error that names the field.
+Both sides of each exchange import these models, so a field changes in one place — except the
+agent, which loads no pydantic: its bodies are tickle.agentapi's msgspec Structs, which
+tests/shared/test_agentapi.py proves equal to these. Bad input gets a validation error that names
+the field.
 """
 
 from __future__ import annotations
