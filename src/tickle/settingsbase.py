@@ -139,6 +139,7 @@ PLAIN = {
     "too_long": "must have at most {max_length} items",
     "string_pattern_mismatch": "must match {pattern}",
     "string_type": "must be text",
+    "list_type": "must be a list",
     "literal_error": "must be {expected}",
     "extra_forbidden": "is not a setting",
     "path_not_file": "is not a file",
@@ -521,11 +522,12 @@ def _reason(kind: Any, value: Any, message: str) -> _Problem:
         if get_origin(kind) is Annotated:
             kind, *extras = get_args(kind)
             metas += [m for m in extras if isinstance(m, Meta)]
+    many = get_origin(kind) is list  # its items are checked one by one below
     try:
-        value = msgspec.convert(value, kind, strict=False, dec_hook=_path_hook)
+        value = msgspec.convert(value, list if many else kind, strict=False, dec_hook=_path_hook)
     except msgspec.ValidationError:
         return _Problem(_type_words(kind) or message.split(" - at ")[0])
-    if get_origin(kind) is list and isinstance(value, list):
+    if many:
         (item,) = get_args(kind)
         for i, each in enumerate(value):
             try:
@@ -562,13 +564,15 @@ def _type_words(kind: Any) -> str | None:
     if get_origin(kind) is Literal:
         choices = [repr(c) for c in get_args(kind)]
         return "must be " + (", ".join(choices[:-1]) + " or " + choices[-1])
+    if get_origin(kind) is list:
+        return PLAIN["list_type"]
     words = {int: "int_parsing", float: "float_parsing", bool: "bool_parsing", str: "string_type"}
     return PLAIN[words[kind]] if kind in words else None
 
 
 def _parse_flags(fields: dict[str, SettingField], args: list[str]) -> dict[str, Any]:
-    """The settings the flags give: `--tickle-port 50124`, `--cem` / `--no-cem`; a list's flag
-    may come more than once (its values joined). ConfigError for an unknown or incomplete flag."""
+    """The settings the flags give: `--tickle-port 50124`, `--cem` / `--no-cem`. ConfigError for
+    an unknown or incomplete flag."""
     parser = argparse.ArgumentParser(
         prog="tickle", add_help=False, allow_abbrev=False, exit_on_error=False
     )
@@ -579,17 +583,11 @@ def _parse_flags(fields: dict[str, SettingField], args: list[str]) -> dict[str, 
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS
             )
         else:
-            parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS)
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS)
     try:
         known, unknown = parser.parse_known_args(args)
     except argparse.ArgumentError as exc:
         raise ConfigError(str(exc)) from None
     if unknown:
         raise ConfigError(f"unknown options: {' '.join(unknown)}")
-    values: dict[str, Any] = {}
-    for name, value in vars(known).items():
-        if isinstance(value, list):  # a list setting's flags joined; any other: the last one
-            many = get_origin(_optional_inner(fields[name].annotation)) is list
-            value = ",".join(value) if many and len(value) > 1 else value[-1]
-        values[name] = value
-    return values
+    return dict(vars(known))  # a flag given twice: the last one (a list's: JSON or commas)
