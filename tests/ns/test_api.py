@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import func, select
 
 import tickle
@@ -150,6 +152,37 @@ async def test_run_with_an_unknown_computer_gets_404_naming_it(ns: Ns) -> None:
     status, body = await ns.call("POST", "/api/runs", json={"task_id": 999, "computers": ["pc1"]})
     assert status == 404
     assert "999" in body["detail"]
+
+
+async def test_a_run_now_writes_its_run_and_its_audit_row_in_one_commit(ns: Ns) -> None:
+    # one transaction: one commit less per run, and the pull of the task server tickled for the
+    # run does not wait behind a second write
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    task = await ns.ok("POST", "/api/tasks", json={"name": "t", "command": ["true"]})
+    statements: dict[int, list[str]] = {}
+    commits: list[list[str]] = []
+
+    def executed(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.setdefault(id(conn), []).append(statement)
+
+    def committed(conn: Any) -> None:
+        commits.append(statements.pop(id(conn), []))
+
+    engine = ns.stores.database.engine
+    sa_event.listen(engine, "after_cursor_execute", executed)
+    sa_event.listen(engine, "commit", committed)
+    try:
+        run = await ns.ok("POST", "/api/runs", json={"task_id": task["id"], "computers": ["pc1"]})
+    finally:
+        sa_event.remove(engine, "after_cursor_execute", executed)
+        sa_event.remove(engine, "commit", committed)
+    with_run = [c for c in commits if any(s.startswith("INSERT INTO runs") for s in c)]
+    assert len(with_run) == 1
+    assert any(s.startswith("INSERT INTO audit_events") for s in with_run[0])
+    newest = (await ns.ok("GET", "/api/audit"))[0]
+    assert (newest["action"], newest["target"]) == ("run", f"run {run['id']}: task {task['id']}")
+    assert newest["detail"]["executions"] == 1
 
 
 async def test_run_for_a_group_selects_the_computers_in_it(ns: Ns) -> None:

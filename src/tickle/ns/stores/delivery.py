@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -163,6 +163,10 @@ _READ_WORK = (
 )
 
 
+AlsoInRun = Callable[[Connection, m.RunOut], None]
+"""Writes made in a run-now's own transaction, given the run (see `DeliveryStore.create_run`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class PendingTickle:
     """A task server with untickled pending work, and when the newest of it was created."""
@@ -187,8 +191,10 @@ class DeliveryStore:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    def create_run(self, body: m.RunCreate) -> m.RunOut:
-        """Run now: one pending execution per selected computer (named or in a named group)."""
+    def create_run(self, body: m.RunCreate, also: AlsoInRun | None = None) -> m.RunOut:
+        """Run now: one pending execution per selected computer (named or in a named group).
+
+        `also`: more writes in the run's transaction, given the run (its audit row)."""
         now = time.time()
         with self._db.writing() as s:
             conn = s.connection()
@@ -230,7 +236,7 @@ class DeliveryStore:
                 ).all()
             made = sorted((int(row[0]), int(row[1])) for row in rows)  # a run's order: by id
             timeline = views.new_timeline(now)
-            return m.RunOut(
+            out = m.RunOut(
                 id=run_id,
                 created_at=now,
                 task_id=body.task_id,
@@ -249,6 +255,9 @@ class DeliveryStore:
                     for execution_id, computer_id in made
                 ],
             )
+            if also is not None:
+                also(conn, out)
+            return out
 
     def rerun_of(self, run_id: int, failed: bool) -> m.RunCreate:
         """A run of `run_id`'s task, job or ad-hoc command again, on its computers (`failed`:
