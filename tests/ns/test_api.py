@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import pytest
-from sqlalchemy import event as sa_event
 from sqlalchemy import func, select
 
 import tickle
-from tests.ns.conftest import ADMIN, SECRET, Ns, NsFactory, event
+from tests.ns.conftest import ADMIN, SECRET, Ns, NsFactory, commits_of, event
 from tests.reliability import record
 from tickle.ns.models import StatusEvent as StatusEventRow
 
@@ -160,23 +158,8 @@ async def test_a_run_now_writes_its_run_and_its_audit_row_in_one_commit(ns: Ns) 
     ts = await ns.task_server("ts1")
     await ts.agent("pc1")
     task = await ns.ok("POST", "/api/tasks", json={"name": "t", "command": ["true"]})
-    statements: dict[int, list[str]] = {}
-    commits: list[list[str]] = []
-
-    def executed(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        statements.setdefault(id(conn), []).append(statement)
-
-    def committed(conn: Any) -> None:
-        commits.append(statements.pop(id(conn), []))
-
-    engine = ns.stores.database.engine
-    sa_event.listen(engine, "after_cursor_execute", executed)
-    sa_event.listen(engine, "commit", committed)
-    try:
+    with commits_of(ns.stores.database.engine) as commits:
         run = await ns.ok("POST", "/api/runs", json={"task_id": task["id"], "computers": ["pc1"]})
-    finally:
-        sa_event.remove(engine, "after_cursor_execute", executed)
-        sa_event.remove(engine, "commit", committed)
     with_run = [c for c in commits if any(s.startswith("INSERT INTO runs") for s in c)]
     assert len(with_run) == 1
     assert any(s.startswith("INSERT INTO audit_events") for s in with_run[0])

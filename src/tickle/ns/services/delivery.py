@@ -64,13 +64,19 @@ class DeliveryService:
         # only a pull the tickle caused proves the task server tickle-reachable; a check does
         # not (the tickle may have been dropped)
         with self._tickle_server.pulling(ts.name, wire.Kind.TASKS, via == "tickle"):
-            work = await on_route_thread(self._pull, ts, now, via)
+            # the tickle's `tickle_sent_at` stamp, in the pull's transaction (see `unstamped`)
+            sent_at = self._tickle_server.unstamped(ts.name)
+            work = await on_route_thread(self._pull, ts, now, via, sent_at)
+            if sent_at is not None:
+                self._tickle_server.stamped(ts.name, sent_at)
         self._metrics.pulls.labels(via=via).inc()
         return work
 
-    def _pull(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
+    def _pull(
+        self, ts: Caller, now: float, via: m.TsPullVia, tickle_sent_at: float | None
+    ) -> m.WorkOut:
         """The pull's reads and writes, on one trip to a thread."""
-        work = self._store.pull_work(ts, now, via)
+        work = self._store.pull_work(ts, now, via, tickle_sent_at)
         if self._cancels is not None:
             # the cancels its agents must hear of: never start those, stop them where they run
             cancel = self._cancels.cancelled_for(ts, now)

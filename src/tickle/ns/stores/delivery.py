@@ -17,6 +17,7 @@ from sqlalchemy import (
     Connection,
     Integer,
     Row,
+    Select,
     Text,
     any_,
     bindparam,
@@ -291,14 +292,17 @@ class DeliveryStore:
         with self._db.reading() as s:
             return views.execution_out(_get(s, Execution, execution_id, "execution"))
 
-    def pull_work(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
+    def pull_work(
+        self, ts: Caller, now: float, via: m.TsPullVia, tickle_sent_at: float | None = None
+    ) -> m.WorkOut:
         """Every unfinished execution of this task server's clients; stamps the first pull and
         remembers that this task server was given each of them (see `record_events`).
 
         Every pull stamps `last_pull_at`; only one a tickle caused stamps `tickle_pulled_at`
-        (the acknowledgement another NS process sees)."""
+        (the acknowledgement another NS process sees). `tickle_sent_at`: first stamps the work
+        of the tickle first sent then, as `mark_tickle_sent` does, in the same transaction."""
         # a concurrent pull of the same task server (another NS process) may note a pair first
-        return retry_on_conflict(lambda: self._pull_work(ts, now, via))
+        return retry_on_conflict(lambda: self._pull_work(ts, now, via, tickle_sent_at))
 
     def record_events(
         self, ts: Caller, events: Sequence[m.StatusEvent], now: float
@@ -339,42 +343,19 @@ class DeliveryStore:
                 .join(TaskServer, Computer.task_server_id == TaskServer.id)
                 .where(TaskServer.name == task_server)
             )
-            covered = [
-                Execution.computer_id.in_(clients.scalar_subquery()),
-                Execution.tickle_sent_at.is_(None),
-                Execution.created_at <= sent_at,
-                or_(Execution.ts_pulled_at.is_(None), Execution.ts_pulled_at >= sent_at),
-            ]
-            if s.get_bind().dialect.name == "postgresql":
-                # lock them in id order first, as a pull and `_record` do: this UPDATE alone
-                # locks them in its scan's order, and the pull the tickle caused, stamping the
-                # same rows at once, deadlocked with it (the pull, already taken as the tickle's
-                # acknowledgement, failed: its task server waited for its periodic check)
-                ids = list(
-                    s.scalars(
-                        select(Execution.id)
-                        .where(*covered)
-                        .order_by(Execution.id)
-                        .with_for_update(of=Execution)
-                    )
-                )
-                if not ids:
-                    return 0
-                covered = [_id_among(_EXECUTIONS.c.id, ids, postgresql=True)]
-            result = s.execute(
-                update(Execution)
-                .where(*covered)
-                .values(tickle_sent_at=sent_at)
-                .execution_options(synchronize_session=False)
-            )
-            return int(getattr(result, "rowcount", 0) or 0)
+            return _mark_tickle_sent(s, clients, sent_at)
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _pull_work(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
+    def _pull_work(
+        self, ts: Caller, now: float, via: m.TsPullVia, tickle_sent_at: float | None
+    ) -> m.WorkOut:
         # SQLAlchemy Core: no ORM object per execution (their loading and flush were most of a
         # pull's 3 ms)
         with self._db.writing() as s:
+            if tickle_sent_at is not None:  # before `ts_pulled_at`, which it compares with
+                clients = select(Computer.id).where(Computer.task_server_id == ts.id)
+                _mark_tickle_sent(s, clients, tickle_sent_at)
             conn = s.connection()
             postgresql = conn.dialect.name == "postgresql"
             stamp = _STAMP_TICKLE_PULL if via == "tickle" else _STAMP_PULL
@@ -509,6 +490,41 @@ class DeliveryStore:
             elif changed:  # one UPDATE executed for the many executions this batch moved
                 conn.execute(_UPDATE_PROGRESS, changed)
         return out
+
+
+def _mark_tickle_sent(s: Session, clients: Select[int], sent_at: float) -> int:
+    """Stamp `tickle_sent_at` on the work of the tickle first sent at `sent_at` to the task
+    server of the computers `clients`: its clients' executions not stamped yet, created before
+    it, and not pulled before it. Returns how many."""
+    covered = [
+        Execution.computer_id.in_(clients.scalar_subquery()),
+        Execution.tickle_sent_at.is_(None),
+        Execution.created_at <= sent_at,
+        or_(Execution.ts_pulled_at.is_(None), Execution.ts_pulled_at >= sent_at),
+    ]
+    if s.get_bind().dialect.name == "postgresql":
+        # lock them in id order first, as a pull and `_record` do: this UPDATE alone
+        # locks them in its scan's order, and the pull the tickle caused, stamping the
+        # same rows at once, deadlocked with it (the pull, already taken as the tickle's
+        # acknowledgement, failed: its task server waited for its periodic check)
+        ids = list(
+            s.scalars(
+                select(Execution.id)
+                .where(*covered)
+                .order_by(Execution.id)
+                .with_for_update(of=Execution)
+            )
+        )
+        if not ids:
+            return 0
+        covered = [_id_among(_EXECUTIONS.c.id, ids, postgresql=True)]
+    result = s.execute(
+        update(Execution)
+        .where(*covered)
+        .values(tickle_sent_at=sent_at)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _insert_new_events(conn: Connection, rows: list[dict[str, Any]], now: float) -> set[str]:
