@@ -340,16 +340,16 @@ class Store:
         """Set `agent_tickled`, `agent_pulled` or `done` on executions."""
         self.mark_all({flag: execution_ids})
 
-    def mark_all(self, flags: Mapping[str, Iterable[int]]) -> None:
+    def mark_all(self, flags: Mapping[str, Iterable[int]], durable: bool = True) -> None:
         """Set each flag (`agent_tickled`, `agent_pulled`, `done`) on its executions, in one
-        transaction."""
+        transaction (`durable=False`: not synced, see `localdb.transaction`)."""
         for flag in flags:
             if flag not in ("agent_tickled", "agent_pulled", "done"):
                 raise ValueError(f"unknown work flag {flag!r}")
         marks = {flag: [(eid,) for eid in ids] for flag, ids in flags.items()}
         if not any(marks.values()):
             return
-        with localdb.transaction(self._db):
+        with localdb.transaction(self._db, durable=durable):
             for flag, rows in marks.items():
                 self._db.executemany(
                     f"UPDATE work SET {flag} = 1 WHERE execution_id = ?",  # noqa: S608 - checked
