@@ -168,6 +168,26 @@ AlsoInRun = Callable[[Connection, m.RunOut], None]
 """Writes made in a run-now's own transaction, given the run (see `DeliveryStore.create_run`)."""
 
 
+# the computers a run-now may name (not forgotten), with their task server's name; built once
+# (building this select, its join above all, cost a run-now more than running it)
+_UNFORGOTTEN = (
+    select(
+        _COMPUTERS.c.id,
+        _COMPUTERS.c.name,
+        _TASK_SERVERS.c.name.label("task_server"),
+        _COMPUTERS.c.groups,
+    )
+    .select_from(_COMPUTERS.outerjoin(_TASK_SERVERS))
+    .where(_COMPUTERS.c.forgotten_at.is_(None))
+)
+_UNFORGOTTEN_BY_NAME = _UNFORGOTTEN.order_by(_COMPUTERS.c.name)
+_UNFORGOTTEN_NAMED = _UNFORGOTTEN.where(_COMPUTERS.c.name.in_(bindparam("names", expanding=True)))
+# which of some event ids are recorded (`ids`); built once
+_RECORDED_EVENTS = select(_EVENTS.c.event_id).where(
+    _EVENTS.c.event_id.in_(bindparam("ids", expanding=True))
+)
+
+
 @dataclass(frozen=True, slots=True)
 class PendingTickle:
     """A task server with untickled pending work, and when the newest of it was created."""
@@ -547,7 +567,7 @@ def _recorded_events(conn: Connection, event_ids: list[str]) -> set[str]:
     """Which of these event ids are recorded."""
     if not event_ids:
         return set()
-    return set(conn.scalars(select(_EVENTS.c.event_id).where(_EVENTS.c.event_id.in_(event_ids))))
+    return set(conn.scalars(_RECORDED_EVENTS, {"ids": event_ids}))
 
 
 def _names(known: dict[str, list[str]], steps: str) -> list[str]:
@@ -608,25 +628,15 @@ def _targets(conn: Connection, body: m.RunCreate) -> list[Any]:
     """The computers a run is for: id, name, task_server (its name, or None), groups."""
     # Core rows: an ORM Computer (with its task server joined) per target cost more than the
     # insert of its execution
-    unforgotten = (
-        select(
-            _COMPUTERS.c.id,
-            _COMPUTERS.c.name,
-            _TASK_SERVERS.c.name.label("task_server"),
-            _COMPUTERS.c.groups,
-        )
-        .select_from(_COMPUTERS.outerjoin(_TASK_SERVERS))
-        .where(_COMPUTERS.c.forgotten_at.is_(None))
-    )
     chosen: dict[str, Any] = {}
     if body.all_computers:
-        every = conn.execute(unforgotten.order_by(_COMPUTERS.c.name)).all()
+        every = conn.execute(_UNFORGOTTEN_BY_NAME).all()
         if not every:
             raise NotFound("no computer is registered")
         chosen.update((c.name, c) for c in every)
     if body.computers:
         names = list(dict.fromkeys(body.computers))
-        found = {c.name: c for c in conn.execute(unforgotten.where(_COMPUTERS.c.name.in_(names)))}
+        found = {c.name: c for c in conn.execute(_UNFORGOTTEN_NAMED, {"names": names})}
         missing = [n for n in names if n not in found]
         if missing:
             raise NotFound(f"unknown computer(s): {', '.join(missing)}")
@@ -635,7 +645,7 @@ def _targets(conn: Connection, body: m.RunCreate) -> list[Any]:
         wanted = set(body.groups)
         matched: set[str] = set()
         # groups are a JSON list per computer: filtered here, portable across databases
-        for c in conn.execute(unforgotten.order_by(_COMPUTERS.c.name)):
+        for c in conn.execute(_UNFORGOTTEN_BY_NAME):
             hit = wanted.intersection(c.groups or [])
             if hit:
                 matched |= hit
