@@ -86,11 +86,12 @@ class HighWaterMarks:
 
     The commit is not synced (`transaction(durable=False)`): it survives a crash of the process
     (the WAL is written before `save` returns), which is what the marks guard against. Only a
-    power cut or a crash of the host could undo it, and only until the next durable commit in
-    the same database, which the tickle's own pull makes milliseconds later (its sync covers
-    the WAL up to the mark); a host back within the freshness window with the mark lost lets
-    one copy cause one more pull, no more. The sync was a disk flush on every tickle's way to
-    its pull, on the event loop: a few milliseconds of the hop, more on a busy disk.
+    power cut or a crash of the host could undo it, and only until the next synced commit in
+    the same database, which the run the tickle announced makes (the agent's executions seen;
+    the task server's cache when the agent's events come): that sync covers the WAL up to the
+    mark. A host back within the freshness window with the mark lost lets one copy cause one
+    more authenticated pull, no more. The sync was a disk flush on every tickle's way to its
+    pull, on the event loop: a few milliseconds of the hop, more on a busy disk.
     """
 
     _SCHEMA = (

@@ -1,5 +1,5 @@
-"""The work cache's commits: an agent's events synced before they are acknowledged, the task
-server's own hop reports alone not synced."""
+"""The work cache's commits: an agent's events synced before they are acknowledged, the work
+pulled from the NS and the task server's own hop reports not synced."""
 
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ async def test_hop_reports_alone_are_not_synced_and_an_agents_events_are(tmp_pat
 async def _check_commits(store: Store, outbox: Outbox) -> None:
     metrics = ComponentMetrics("ts")
     cache = WorkCache(store, OutboxForwarder(outbox, _not_sent, metrics), metrics)
-    cache.apply(WorkOut(executions=[work_for(1, "pc1")]))
     statements: list[str] = []
     store._db.set_trace_callback(statements.append)
     outbox._db.set_trace_callback(statements.append)
+    cache.apply(WorkOut(executions=[work_for(1, "pc1")]))  # the NS keeps the list: not synced
 
     await cache.tickled("pc1", 1000.0)
     await cache.pulled("pc1", "tickle")
@@ -42,10 +42,10 @@ async def _check_commits(store: Store, outbox: Outbox) -> None:
     await cache.take_events("pc1", [finished])
     agents = list(statements)
 
-    # two hops, each one commit to the outbox and one to the cache: unsynced, and the
-    # connections synced again after each
-    assert hops.count("PRAGMA synchronous=NORMAL") == 4
-    assert hops.count("PRAGMA synchronous=FULL") == 4
+    # the work pull's commit, then two hops, each one commit to the outbox and one to the
+    # cache: unsynced, and the connections synced again after each
+    assert hops.count("PRAGMA synchronous=NORMAL") == 5
+    assert hops.count("PRAGMA synchronous=FULL") == 5
     assert not [s for s in agents if s.startswith("PRAGMA synchronous")]
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert outbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2

@@ -240,12 +240,16 @@ class Store:
     # --- the work cache -----------------------------------------------------------------------
 
     def reconcile(self, executions: Iterable[ExecutionWork]) -> list[int]:
-        """Make the cache match the NS's list of unfinished work; return the new execution ids."""
+        """Make the cache match the NS's list of unfinished work; return the new execution ids.
+
+        Not synced (see `localdb.transaction`): the NS keeps the list, and gives all of it again
+        to the pull a task server makes at start, so a power cut loses nothing the cache must
+        keep; the sync sat between every run's work pull and the tickle to its agent."""
         now = time.time()
         listed = {w.execution_id: w for w in executions}
         new: list[int] = []
         relisted: list[int] = []
-        with localdb.transaction(self._db):
+        with localdb.transaction(self._db, durable=False):
             # the listed work is in memory; only what is not needs the table
             unlisted = [eid for eid in listed if eid not in self._listed]
             known = self._existing(unlisted)
