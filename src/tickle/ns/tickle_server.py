@@ -70,7 +70,10 @@ class TickleServer:
         # tickle-caused pulls that failed in a row (see `pulling`)
         self._failed_pulls: dict[tuple[str, wire.Kind], int] = {}
         # when the tasks tickle to each task server was first sent, while its work is not
-        # stamped `tickle_sent_at` yet (see `unstamped`), and the writes of those stamps
+        # stamped `tickle_sent_at` yet (see `unstamped`), and the writes of those stamps;
+        # SQLite only (one process, one writer at a time): on PostgreSQL another NS process
+        # may serve the pull, and writers do not queue behind one another's
+        self._stamp_in_pull = stores.database.dialect == "sqlite"
         self._unstamped: dict[str, float] = {}
         self._stamping: set[asyncio.Task[None]] = set()
         self.tickler = Tickler(
@@ -157,9 +160,10 @@ class TickleServer:
     def unstamped(self, task_server: str) -> float | None:
         """When the tasks tickle to `task_server` was first sent, while the work it was for is
         not stamped `tickle_sent_at` yet: the pull it causes stamps it in its own transaction
-        and says so (`stamped`); one that does not come within `STAMP_WAIT_S` (or is served
-        by another NS process) leaves it to the tickle server. A write transaction of its own
-        just after the send made the pull wait for the database's write lock."""
+        and says so (`stamped`); one that does not come within `STAMP_WAIT_S` leaves it to the
+        tickle server. A write transaction of its own just after the send made the pull wait
+        for SQLite's write lock. On PostgreSQL (None: the tickle server stamps at once) the pull
+        may be served by another NS process, and writers do not wait for one another's."""
         return self._unstamped.get(task_server)
 
     def stamped(self, task_server: str, sent_at: float) -> None:
@@ -304,6 +308,9 @@ class TickleServer:
 
     async def _on_sent(self, task_server: str, kind: wire.Kind, first_sent: float) -> None:
         if kind is not wire.Kind.TASKS:
+            return
+        if not self._stamp_in_pull:
+            await self._stamp(task_server, first_sent)
             return
         # the stamp waits for the pull (see `unstamped`); an earlier tickle's still waiting
         # is written now, its pull may never come
