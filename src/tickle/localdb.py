@@ -83,6 +83,15 @@ class HighWaterMarks:
     the one case the marks are for. The cost stays small because only accepted tickles write, and
     accepting needs the link's key: forged floods never touch the disk, and senders send at most
     one tickle in flight per target and kind, each followed by a pull that costs far more.
+
+    The commit is not synced (`transaction(durable=False)`): it survives a crash of the process
+    (the WAL is written before `save` returns), which is what the marks guard against. Only a
+    power cut or a crash of the host could undo it, and only until the next synced commit in
+    the same database, which the run the tickle announced makes (the agent's executions seen;
+    the task server's cache when the agent's events come): that sync covers the WAL up to the
+    mark. A host back within the freshness window with the mark lost lets one copy cause one
+    more authenticated pull, no more. The sync was a disk flush on every tickle's way to its
+    pull, on the event loop: a few milliseconds of the hop, more on a busy disk.
     """
 
     _SCHEMA = (
@@ -101,9 +110,10 @@ class HighWaterMarks:
         return {str(s): wire.HighWaterMark(int(q), int(t)) for s, q, t in rows}
 
     def save(self, sender: str, mark: wire.HighWaterMark) -> None:
-        self._db.execute(
-            "INSERT INTO tickle_marks (sender, seq, sent_at_ms) VALUES (?, ?, ?)"
-            " ON CONFLICT (sender) DO UPDATE SET seq = excluded.seq,"
-            " sent_at_ms = excluded.sent_at_ms",
-            (sender, str(mark.seq), mark.sent_at_ms),
-        )
+        with transaction(self._db, durable=False):
+            self._db.execute(
+                "INSERT INTO tickle_marks (sender, seq, sent_at_ms) VALUES (?, ?, ?)"
+                " ON CONFLICT (sender) DO UPDATE SET seq = excluded.seq,"
+                " sent_at_ms = excluded.sent_at_ms",
+                (sender, str(mark.seq), mark.sent_at_ms),
+            )

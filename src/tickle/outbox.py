@@ -62,14 +62,16 @@ class Outbox:
     def __init__(self, path: Path) -> None:
         self._db = localdb.connect(path, _SCHEMA, any_thread=True)
 
-    def put_many(self, events: Iterable[tuple[str, str]]) -> list[str]:
+    def put_many(self, events: Iterable[tuple[str, str]], durable: bool = True) -> list[str]:
         """Queue (event_id, body) pairs in one transaction; return the ids queued now.
 
         An event already queued, or already forwarded (within `FORWARDED_KEEP_S`), is ignored.
+        `durable=False`: not synced (see `localdb.transaction`), for events whose loss to a
+        power cut costs nothing but the information they carry.
         """
         now = time.time()
         new: list[str] = []
-        with localdb.transaction(self._db):
+        with localdb.transaction(self._db, durable=durable):
             for eid, body in events:
                 cur = self._db.execute(
                     "INSERT OR IGNORE INTO outbox (event_id, body, queued_at) SELECT ?, ?, ?"
@@ -148,14 +150,14 @@ class OutboxForwarder:
         self._task = asyncio.create_task(self._run())
         self._wake.set()  # deliver what a previous run left behind
 
-    def queue(self, events: Iterable[StatusEvent]) -> list[str]:
-        """Commit `events` to the outbox and forward them now; return the ids new to it (not
-        queued or forwarded before)."""
-        return self.queue_bodies((e.event_id, e.model_dump_json()) for e in events)
+    def queue(self, events: Iterable[StatusEvent], durable: bool = True) -> list[str]:
+        """Commit `events` to the outbox (`durable`: synced, see `Outbox.put_many`) and forward
+        them now; return the ids new to it (not queued or forwarded before)."""
+        return self.queue_bodies(((e.event_id, e.model_dump_json()) for e in events), durable)
 
-    def queue_bodies(self, events: Iterable[tuple[str, str]]) -> list[str]:
+    def queue_bodies(self, events: Iterable[tuple[str, str]], durable: bool = True) -> list[str]:
         """`queue` of events already serialized: (event id, its JSON)."""
-        new = self._outbox.put_many(events)
+        new = self._outbox.put_many(events, durable)
         self.wake()
         return new
 

@@ -168,7 +168,8 @@ class MarkStore(Protocol):
         ...
 
     def save(self, sender: str, mark: HighWaterMark) -> None:
-        """Make `mark` durable before returning; raise when it cannot."""
+        """Keep `mark` before returning, so that it survives a crash of the process (see
+        `localdb.HighWaterMarks` for a crash of the host); raise when it cannot."""
         ...
 
 

@@ -8,7 +8,7 @@ import base64
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,8 @@ import aiohttp
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy import Engine
+from sqlalchemy import event as sa_event
 
 from tickle import messages as m
 from tickle import wire
@@ -49,6 +51,27 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within}s (last: {value!r})")
         await asyncio.sleep(interval)
+
+
+@contextlib.contextmanager
+def commits_of(engine: Engine) -> Iterator[list[list[str]]]:
+    """The SQL statements of each transaction `engine` commits meanwhile, one list a commit."""
+    statements: dict[int, list[str]] = {}
+    commits: list[list[str]] = []
+
+    def executed(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.setdefault(id(conn), []).append(statement)
+
+    def committed(conn: Any) -> None:
+        commits.append(statements.pop(id(conn), []))
+
+    sa_event.listen(engine, "after_cursor_execute", executed)
+    sa_event.listen(engine, "commit", committed)
+    try:
+        yield commits
+    finally:
+        sa_event.remove(engine, "after_cursor_execute", executed)
+        sa_event.remove(engine, "commit", committed)
 
 
 @dataclass

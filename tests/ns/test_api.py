@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 import tickle
-from tests.ns.conftest import ADMIN, SECRET, Ns, NsFactory, event
+from tests.ns.conftest import ADMIN, SECRET, Ns, NsFactory, commits_of, event
 from tests.reliability import record
 from tickle.ns.models import StatusEvent as StatusEventRow
 
@@ -150,6 +150,22 @@ async def test_run_with_an_unknown_computer_gets_404_naming_it(ns: Ns) -> None:
     status, body = await ns.call("POST", "/api/runs", json={"task_id": 999, "computers": ["pc1"]})
     assert status == 404
     assert "999" in body["detail"]
+
+
+async def test_a_run_now_writes_its_run_and_its_audit_row_in_one_commit(ns: Ns) -> None:
+    # one transaction: one commit less per run, and the pull of the task server tickled for the
+    # run does not wait behind a second write
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    task = await ns.ok("POST", "/api/tasks", json={"name": "t", "command": ["true"]})
+    with commits_of(ns.stores.database.engine) as commits:
+        run = await ns.ok("POST", "/api/runs", json={"task_id": task["id"], "computers": ["pc1"]})
+    with_run = [c for c in commits if any(s.startswith("INSERT INTO runs") for s in c)]
+    assert len(with_run) == 1
+    assert any(s.startswith("INSERT INTO audit_events") for s in with_run[0])
+    newest = (await ns.ok("GET", "/api/audit"))[0]
+    assert (newest["action"], newest["target"]) == ("run", f"run {run['id']}: task {task['id']}")
+    assert newest["detail"]["executions"] == 1
 
 
 async def test_run_for_a_group_selects_the_computers_in_it(ns: Ns) -> None:

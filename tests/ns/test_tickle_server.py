@@ -11,12 +11,13 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
-from tests.ns.conftest import FakeTaskServer, Ns, NsFactory, wait_for
+from tests.ns.conftest import FakeTaskServer, Ns, NsFactory, commits_of, wait_for
 from tests.reliability import record
 from tickle import wire
 from tickle.messages import RunCreate
 from tickle.ns.credentials import token_sha256
 from tickle.ns.stores import Stores
+from tickle.ns.tickle_server import STAMP_WAIT_S
 
 
 async def test_run_now_tickles_the_task_server_and_its_pull_acks_it(ns: Ns) -> None:
@@ -40,6 +41,40 @@ async def test_run_now_tickles_the_task_server_and_its_pull_acks_it(ns: Ns) -> N
     servers = await ns.ok("GET", "/api/task-servers")
     assert servers[0]["tickle_state"] == "reachable"
     assert servers[0]["last_pull_at"] >= times["ts_pulled"]
+
+
+async def test_the_pull_a_tickle_causes_stamps_its_tickle_sent_in_the_pulls_own_commit(
+    ns: Ns,
+) -> None:
+    # a write of its own just after the send made the pull wait for SQLite's write lock
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    with commits_of(ns.stores.database.engine) as commits:
+        run = await ns.run_task(["pc1"])
+        await ts.tickle(within=2.0)
+        await ts.ok("GET", "/api/ts/work?via=tickle")
+    stamps = [c for c in commits if any("SET tickle_sent_at" in s for s in c)]
+    assert len(stamps) == 1
+    assert any("tickle_pulled_at=" in s for s in stamps[0])  # the pull's
+    assert ns.tickle_server.unstamped("ts1") is None  # nothing left to write later
+    execution = await ns.ok("GET", f"/api/executions/{run['executions'][0]['id']}")
+    times = {step["step"]: step["at"] for step in execution["timeline"]}
+    assert run["created_at"] <= times["tickle_sent"] <= times["ts_pulled"]
+
+
+async def test_a_tickle_whose_pull_does_not_come_is_stamped_by_the_tickle_server(ns: Ns) -> None:
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    run = await ns.run_task(["pc1"])
+    await ts.tickle(within=2.0)
+    received_at = time.time()
+
+    async def tickle_sent() -> float | None:
+        execution = await ns.ok("GET", f"/api/executions/{run['executions'][0]['id']}")
+        return {step["step"]: step["at"] for step in execution["timeline"]}["tickle_sent"]
+
+    sent = await wait_for(tickle_sent, within=STAMP_WAIT_S + 5)
+    assert run["created_at"] <= sent <= received_at
 
 
 async def test_run_now_tickles_a_known_task_server_at_once_without_a_dispatch_pass(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -142,6 +145,37 @@ def test_marks_keep_the_highest_sequence_and_latest_send_time_of_each_sender(
         "ns": wire.HighWaterMark(seq=2**64 - 1, sent_at_ms=1_001_000),
         "ts1": wire.HighWaterMark(seq=3, sent_at_ms=1_000_000),
     }
+
+
+_ACCEPT_THEN_DIE = """
+import os, signal, sys
+from pathlib import Path
+from tickle import localdb, wire
+marks = localdb.HighWaterMarks(localdb.connect(Path(sys.argv[1])))
+datagram = wire.encode(wire.Kind.TASKS, "ns", 7, b"k" * 32, sent_at_ms=int(1000.0 * 1000))
+wire.TickleGuard({"ns": b"k" * 32}, clock=lambda: 1000.0, marks=marks).check(datagram)
+os.kill(os.getpid(), signal.SIGKILL)  # no close, no checkpoint: as a crash
+"""
+
+
+def test_a_mark_saved_by_a_process_killed_right_after_survives(
+    tmp_path: Path, marks_in: MarksIn
+) -> None:
+    # the mark's commit is not synced (a power cut is the only thing that could undo it, see
+    # localdb.HighWaterMarks): a crash of the process must not lose it
+    died = subprocess.run([sys.executable, "-c", _ACCEPT_THEN_DIE, str(tmp_path / "a.db")])
+    assert died.returncode == -signal.SIGKILL
+    restarted = TickleGuard(KEYS, clock=Clock(1001), marks=marks_in(tmp_path / "a.db"))
+    assert reason_of(restarted, make(seq=7)) is RejectReason.REPLAYED
+
+
+def test_saving_a_mark_leaves_the_databases_other_commits_synced(tmp_path: Path) -> None:
+    db = localdb.connect(tmp_path / "a.db")
+    try:
+        TickleGuard(KEYS, clock=Clock(1000), marks=localdb.HighWaterMarks(db)).check(make(seq=7))
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        db.close()
 
 
 @pytest.mark.parametrize("skew", [-31.0, 31.0])

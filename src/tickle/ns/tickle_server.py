@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _LOCK_RETRY_S = 5.0
+# how long a tasks tickle's `tickle_sent_at` stamp waits for the pull it causes to write it (in
+# the pull's own transaction) before the tickle server writes it itself
+STAMP_WAIT_S = 1.0
 
 
 class TickleServer:
@@ -66,6 +69,13 @@ class TickleServer:
         self._state_writes = 0
         # tickle-caused pulls that failed in a row (see `pulling`)
         self._failed_pulls: dict[tuple[str, wire.Kind], int] = {}
+        # when the tasks tickle to each task server was first sent, while its work is not
+        # stamped `tickle_sent_at` yet (see `unstamped`), and the writes of those stamps;
+        # SQLite only (one process, one writer at a time): on PostgreSQL another NS process
+        # may serve the pull, and writers do not queue behind one another's
+        self._stamp_in_pull = stores.database.dialect == "sqlite"
+        self._unstamped: dict[str, float] = {}
+        self._stamping: set[asyncio.Task[None]] = set()
         self.tickler = Tickler(
             settings.ns_id,
             self._key_for,
@@ -84,13 +94,18 @@ class TickleServer:
         self._task = asyncio.create_task(self._run(), name="ns-tickle-dispatcher")
 
     async def close(self) -> None:
-        """Stop dispatching, stop every resend, release the dispatcher lock."""
+        """Stop dispatching, stop every resend, write the stamps still waiting, release the
+        dispatcher lock."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         await self.tickler.close()
+        for name, sent_at in list(self._unstamped.items()):
+            self._stamp_if_unstamped(name, sent_at)
+        if self._stamping:
+            await asyncio.wait(self._stamping)
         if self._lock is not None:
             await self._db(self._lock.release)
         self._set_active(False)
@@ -141,6 +156,38 @@ class TickleServer:
                 self._tickle_after_failed_pull(task_server, kind)
             raise
         self._failed_pulls.pop((task_server, kind), None)
+
+    def unstamped(self, task_server: str) -> float | None:
+        """When the tasks tickle to `task_server` was first sent, while the work it was for is
+        not stamped `tickle_sent_at` yet: the pull it causes stamps it in its own transaction
+        and says so (`stamped`); one that does not come within `STAMP_WAIT_S` leaves it to the
+        tickle server. A write transaction of its own just after the send made the pull wait
+        for SQLite's write lock. On PostgreSQL (None: the tickle server stamps at once) the pull
+        may be served by another NS process, and writers do not wait for one another's."""
+        return self._unstamped.get(task_server)
+
+    def stamped(self, task_server: str, sent_at: float) -> None:
+        """A pull committed the `tickle_sent_at` stamp of the tickle first sent at `sent_at`."""
+        if self._unstamped.get(task_server) == sent_at:
+            del self._unstamped[task_server]
+
+    def _stamp_if_unstamped(self, task_server: str, sent_at: float) -> None:
+        if self._unstamped.get(task_server) != sent_at:
+            return  # a pull stamped it, or a later tickle wrote it when it was sent
+        del self._unstamped[task_server]
+        task = asyncio.create_task(self._stamp(task_server, sent_at))
+        self._stamping.add(task)
+        task.add_done_callback(self._stamping.discard)
+
+    async def _stamp(self, task_server: str, sent_at: float) -> None:
+        try:
+            n = await self._db(self._stores.delivery.mark_tickle_sent, task_server, sent_at)
+        except Exception:
+            # the database may be briefly unavailable: the timeline misses the time, nothing
+            # else (the dispatcher knows it tickled: `_requested_at`)
+            log.warning("stamping the tasks tickle to %s failed", task_server, exc_info=True)
+            return
+        log.debug("tasks tickle to %s covers %d execution(s)", task_server, n)
 
     def _tickle_after_failed_pull(self, task_server: str, kind: wire.Kind) -> None:
         # after the tickles' backoff, and bounded by their tries until a pull succeeds: a
@@ -260,9 +307,20 @@ class TickleServer:
         return link.key if link is not None else None
 
     async def _on_sent(self, task_server: str, kind: wire.Kind, first_sent: float) -> None:
-        if kind is wire.Kind.TASKS:
-            n = await self._db(self._stores.delivery.mark_tickle_sent, task_server, first_sent)
-            log.debug("tasks tickle to %s covers %d execution(s)", task_server, n)
+        if kind is not wire.Kind.TASKS:
+            return
+        if not self._stamp_in_pull:
+            await self._stamp(task_server, first_sent)
+            return
+        # the stamp waits for the pull (see `unstamped`); an earlier tickle's still waiting
+        # is written now, its pull may never come
+        earlier = self._unstamped.get(task_server)
+        self._unstamped[task_server] = first_sent
+        if earlier is not None:
+            await self._stamp(task_server, earlier)
+        asyncio.get_running_loop().call_later(
+            STAMP_WAIT_S, self._stamp_if_unstamped, task_server, first_sent
+        )
 
     async def _on_unreachable(self, task_server: str) -> None:
         offset = await self._db(self._stores.inventory.task_server_clock, task_server)

@@ -240,12 +240,16 @@ class Store:
     # --- the work cache -----------------------------------------------------------------------
 
     def reconcile(self, executions: Iterable[ExecutionWork]) -> list[int]:
-        """Make the cache match the NS's list of unfinished work; return the new execution ids."""
+        """Make the cache match the NS's list of unfinished work; return the new execution ids.
+
+        Not synced (see `localdb.transaction`): the NS keeps the list, and gives all of it again
+        to the pull a task server makes at start, so a power cut loses nothing the cache must
+        keep; the sync sat between every run's work pull and the tickle to its agent."""
         now = time.time()
         listed = {w.execution_id: w for w in executions}
         new: list[int] = []
         relisted: list[int] = []
-        with localdb.transaction(self._db):
+        with localdb.transaction(self._db, durable=False):
             # the listed work is in memory; only what is not needs the table
             unlisted = [eid for eid in listed if eid not in self._listed]
             known = self._existing(unlisted)
@@ -340,16 +344,16 @@ class Store:
         """Set `agent_tickled`, `agent_pulled` or `done` on executions."""
         self.mark_all({flag: execution_ids})
 
-    def mark_all(self, flags: Mapping[str, Iterable[int]]) -> None:
+    def mark_all(self, flags: Mapping[str, Iterable[int]], durable: bool = True) -> None:
         """Set each flag (`agent_tickled`, `agent_pulled`, `done`) on its executions, in one
-        transaction."""
+        transaction (`durable=False`: not synced, see `localdb.transaction`)."""
         for flag in flags:
             if flag not in ("agent_tickled", "agent_pulled", "done"):
                 raise ValueError(f"unknown work flag {flag!r}")
         marks = {flag: [(eid,) for eid in ids] for flag, ids in flags.items()}
         if not any(marks.values()):
             return
-        with localdb.transaction(self._db):
+        with localdb.transaction(self._db, durable=durable):
             for flag, rows in marks.items():
                 self._db.executemany(
                     f"UPDATE work SET {flag} = 1 WHERE execution_id = ?",  # noqa: S608 - checked

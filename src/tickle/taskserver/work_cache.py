@@ -9,6 +9,13 @@ Group commit: the writes of every request served in one turn of the event loop (
 posts, tickles sent) are committed together, one transaction (one fsync) per database for all of
 them, and each request is answered once its own writes are durable. A task server whose agents
 are tickled at once serves thousands of pulls a second this way, not one per fsync.
+
+A commit of the task server's own hop reports alone (`agent_tickled`, `agent_pulled`, no agent's
+event) is not synced: it survives a crash of the process, and a power cut can undo it only until
+the next synced commit (the next agent event's). What that loses is at most a timeline's time,
+or a hop reported twice (flag lost, event kept: the NS keeps a hop's first time). The two
+syncs (outbox, cache) sat on the event loop between an agent's tickle and its pull, and between
+its pull's answer and its `started`: on every run's path.
 """
 
 from __future__ import annotations
@@ -198,12 +205,14 @@ class WorkCache:
     def _commit(self) -> None:
         """Commit every write queued this turn: one outbox and one cache transaction."""
         writes, self._writes = self._writes, []
+        # synced when an agent's events are among them (it drops its copy once answered)
+        durable = any(w.flag == "done" for w in writes)
         try:
-            new = set(self._forwarder.queue([e for w in writes for e in w.events]))
+            new = set(self._forwarder.queue([e for w in writes for e in w.events], durable))
             flags: dict[str, list[int]] = defaultdict(list)
             for w in writes:
                 flags[w.flag] += w.flagged
-            self._store.mark_all(flags)
+            self._store.mark_all(flags, durable)
         except Exception as exc:
             for w in writes:
                 w.committed.set_exception(exc)

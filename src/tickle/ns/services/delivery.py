@@ -15,7 +15,7 @@ from tickle import wire
 from tickle.metrics import ComponentMetrics
 from tickle.ns.credentials import Caller
 from tickle.ns.stores.cancel import CancelStore
-from tickle.ns.stores.delivery import DeliveryStore
+from tickle.ns.stores.delivery import AlsoInRun, DeliveryStore
 from tickle.ns.tickle_server import TickleServer
 from tickle.serving import on_route_thread
 
@@ -39,22 +39,24 @@ class DeliveryService:
         self._cancels = cancels
         self._default_expiry_s = default_expiry_s
 
-    async def run_now(self, body: m.RunCreate) -> m.RunOut:
+    async def run_now(self, body: m.RunCreate, also: AlsoInRun | None = None) -> m.RunOut:
         """Create the run's executions (expiring as the run says, else the site default) and
-        tickle their task servers."""
+        tickle their task servers. `also`: more writes in the run's transaction (its audit)."""
         if body.expires_in_s is None and self._default_expiry_s is not None:
             body = body.model_copy(update={"expires_in_s": self._default_expiry_s})
-        run = await on_route_thread(self._store.create_run, body)
+        run = await on_route_thread(self._store.create_run, body, also)
         # after the commit, so the task server's pull sees the work
         self._tickle_server.notify({e.task_server for e in run.executions if e.task_server})
         log.info("run %d: %d execution(s)", run.id, len(run.executions))
         return run
 
-    async def rerun(self, run_id: int, failed: bool, expires_in_s: float | None) -> m.RunOut:
+    async def rerun(
+        self, run_id: int, failed: bool, expires_in_s: float | None, also: AlsoInRun | None = None
+    ) -> m.RunOut:
         """Run `run_id`'s task, job or ad-hoc command again on its computers (`failed`: those
         that did not succeed)."""
         body = await run_in_threadpool(self._store.rerun_of, run_id, failed)
-        return await self.run_now(body.model_copy(update={"expires_in_s": expires_in_s}))
+        return await self.run_now(body.model_copy(update={"expires_in_s": expires_in_s}), also)
 
     async def pull_work(self, ts: Caller, via: m.TsPullVia) -> m.WorkOut:
         """The task server's pull; one a tickle caused acknowledges it."""
@@ -62,13 +64,19 @@ class DeliveryService:
         # only a pull the tickle caused proves the task server tickle-reachable; a check does
         # not (the tickle may have been dropped)
         with self._tickle_server.pulling(ts.name, wire.Kind.TASKS, via == "tickle"):
-            work = await on_route_thread(self._pull, ts, now, via)
+            # the tickle's `tickle_sent_at` stamp, in the pull's transaction (see `unstamped`)
+            sent_at = self._tickle_server.unstamped(ts.name)
+            work = await on_route_thread(self._pull, ts, now, via, sent_at)
+            if sent_at is not None:
+                self._tickle_server.stamped(ts.name, sent_at)
         self._metrics.pulls.labels(via=via).inc()
         return work
 
-    def _pull(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
+    def _pull(
+        self, ts: Caller, now: float, via: m.TsPullVia, tickle_sent_at: float | None
+    ) -> m.WorkOut:
         """The pull's reads and writes, on one trip to a thread."""
-        work = self._store.pull_work(ts, now, via)
+        work = self._store.pull_work(ts, now, via, tickle_sent_at)
         if self._cancels is not None:
             # the cancels its agents must hear of: never start those, stop them where they run
             cancel = self._cancels.cancelled_for(ts, now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import Connection, insert, select
 
 from tickle import messages as m
 from tickle.ns.database import Database
@@ -26,11 +26,23 @@ class AuditStore:
         self, who: str, action: str, target: str, detail: dict[str, Any] | None = None
     ) -> None:
         """Record that `who` did `action` on `target` now."""
+        with self._db.writing() as s:
+            self.insert(s.connection(), who, action, target, detail)
+
+    def insert(
+        self,
+        conn: Connection,
+        who: str,
+        action: str,
+        target: str,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """`record`, in the transaction of `conn` (the action's own write: one commit)."""
         if len(target) > _TARGET_MAX:
             target = target[: _TARGET_MAX - 1] + "…"
         row = {"at": time.time(), "who": who, "action": action, "target": target}
-        with self._db.writing() as s:  # Core, the statement built once: no ORM flush
-            s.connection().execute(_INSERT, row | {"detail": detail or {}})
+        # Core, the statement built once: no ORM flush
+        conn.execute(_INSERT, row | {"detail": detail or {}})
 
     def events(
         self, limit: int = 200, who: str | None = None, action: str | None = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,6 +17,7 @@ from sqlalchemy import (
     Connection,
     Integer,
     Row,
+    Select,
     Text,
     any_,
     bindparam,
@@ -163,6 +164,30 @@ _READ_WORK = (
 )
 
 
+AlsoInRun = Callable[[Connection, m.RunOut], None]
+"""Writes made in a run-now's own transaction, given the run (see `DeliveryStore.create_run`)."""
+
+
+# the computers a run-now may name (not forgotten), with their task server's name; built once
+# (building this select, its join above all, cost a run-now more than running it)
+_UNFORGOTTEN = (
+    select(
+        _COMPUTERS.c.id,
+        _COMPUTERS.c.name,
+        _TASK_SERVERS.c.name.label("task_server"),
+        _COMPUTERS.c.groups,
+    )
+    .select_from(_COMPUTERS.outerjoin(_TASK_SERVERS))
+    .where(_COMPUTERS.c.forgotten_at.is_(None))
+)
+_UNFORGOTTEN_BY_NAME = _UNFORGOTTEN.order_by(_COMPUTERS.c.name)
+_UNFORGOTTEN_NAMED = _UNFORGOTTEN.where(_COMPUTERS.c.name.in_(bindparam("names", expanding=True)))
+# which of some event ids are recorded (`ids`); built once
+_RECORDED_EVENTS = select(_EVENTS.c.event_id).where(
+    _EVENTS.c.event_id.in_(bindparam("ids", expanding=True))
+)
+
+
 @dataclass(frozen=True, slots=True)
 class PendingTickle:
     """A task server with untickled pending work, and when the newest of it was created."""
@@ -187,8 +212,10 @@ class DeliveryStore:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    def create_run(self, body: m.RunCreate) -> m.RunOut:
-        """Run now: one pending execution per selected computer (named or in a named group)."""
+    def create_run(self, body: m.RunCreate, also: AlsoInRun | None = None) -> m.RunOut:
+        """Run now: one pending execution per selected computer (named or in a named group).
+
+        `also`: more writes in the run's transaction, given the run (its audit row)."""
         now = time.time()
         with self._db.writing() as s:
             conn = s.connection()
@@ -230,7 +257,7 @@ class DeliveryStore:
                 ).all()
             made = sorted((int(row[0]), int(row[1])) for row in rows)  # a run's order: by id
             timeline = views.new_timeline(now)
-            return m.RunOut(
+            out = m.RunOut(
                 id=run_id,
                 created_at=now,
                 task_id=body.task_id,
@@ -249,6 +276,9 @@ class DeliveryStore:
                     for execution_id, computer_id in made
                 ],
             )
+            if also is not None:
+                also(conn, out)
+            return out
 
     def rerun_of(self, run_id: int, failed: bool) -> m.RunCreate:
         """A run of `run_id`'s task, job or ad-hoc command again, on its computers (`failed`:
@@ -282,14 +312,17 @@ class DeliveryStore:
         with self._db.reading() as s:
             return views.execution_out(_get(s, Execution, execution_id, "execution"))
 
-    def pull_work(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
+    def pull_work(
+        self, ts: Caller, now: float, via: m.TsPullVia, tickle_sent_at: float | None = None
+    ) -> m.WorkOut:
         """Every unfinished execution of this task server's clients; stamps the first pull and
         remembers that this task server was given each of them (see `record_events`).
 
         Every pull stamps `last_pull_at`; only one a tickle caused stamps `tickle_pulled_at`
-        (the acknowledgement another NS process sees)."""
+        (the acknowledgement another NS process sees). `tickle_sent_at`: first stamps the work
+        of the tickle first sent then, as `mark_tickle_sent` does, in the same transaction."""
         # a concurrent pull of the same task server (another NS process) may note a pair first
-        return retry_on_conflict(lambda: self._pull_work(ts, now, via))
+        return retry_on_conflict(lambda: self._pull_work(ts, now, via, tickle_sent_at))
 
     def record_events(
         self, ts: Caller, events: Sequence[m.StatusEvent], now: float
@@ -330,42 +363,19 @@ class DeliveryStore:
                 .join(TaskServer, Computer.task_server_id == TaskServer.id)
                 .where(TaskServer.name == task_server)
             )
-            covered = [
-                Execution.computer_id.in_(clients.scalar_subquery()),
-                Execution.tickle_sent_at.is_(None),
-                Execution.created_at <= sent_at,
-                or_(Execution.ts_pulled_at.is_(None), Execution.ts_pulled_at >= sent_at),
-            ]
-            if s.get_bind().dialect.name == "postgresql":
-                # lock them in id order first, as a pull and `_record` do: this UPDATE alone
-                # locks them in its scan's order, and the pull the tickle caused, stamping the
-                # same rows at once, deadlocked with it (the pull, already taken as the tickle's
-                # acknowledgement, failed: its task server waited for its periodic check)
-                ids = list(
-                    s.scalars(
-                        select(Execution.id)
-                        .where(*covered)
-                        .order_by(Execution.id)
-                        .with_for_update(of=Execution)
-                    )
-                )
-                if not ids:
-                    return 0
-                covered = [_id_among(_EXECUTIONS.c.id, ids, postgresql=True)]
-            result = s.execute(
-                update(Execution)
-                .where(*covered)
-                .values(tickle_sent_at=sent_at)
-                .execution_options(synchronize_session=False)
-            )
-            return int(getattr(result, "rowcount", 0) or 0)
+            return _mark_tickle_sent(s, clients, sent_at)
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _pull_work(self, ts: Caller, now: float, via: m.TsPullVia) -> m.WorkOut:
+    def _pull_work(
+        self, ts: Caller, now: float, via: m.TsPullVia, tickle_sent_at: float | None
+    ) -> m.WorkOut:
         # SQLAlchemy Core: no ORM object per execution (their loading and flush were most of a
         # pull's 3 ms)
         with self._db.writing() as s:
+            if tickle_sent_at is not None:  # before `ts_pulled_at`, which it compares with
+                clients = select(Computer.id).where(Computer.task_server_id == ts.id)
+                _mark_tickle_sent(s, clients, tickle_sent_at)
             conn = s.connection()
             postgresql = conn.dialect.name == "postgresql"
             stamp = _STAMP_TICKLE_PULL if via == "tickle" else _STAMP_PULL
@@ -502,6 +512,41 @@ class DeliveryStore:
         return out
 
 
+def _mark_tickle_sent(s: Session, clients: Select[int], sent_at: float) -> int:
+    """Stamp `tickle_sent_at` on the work of the tickle first sent at `sent_at` to the task
+    server of the computers `clients`: its clients' executions not stamped yet, created before
+    it, and not pulled before it. Returns how many."""
+    covered = [
+        Execution.computer_id.in_(clients.scalar_subquery()),
+        Execution.tickle_sent_at.is_(None),
+        Execution.created_at <= sent_at,
+        or_(Execution.ts_pulled_at.is_(None), Execution.ts_pulled_at >= sent_at),
+    ]
+    if s.get_bind().dialect.name == "postgresql":
+        # lock them in id order first, as a pull and `_record` do: this UPDATE alone
+        # locks them in its scan's order, and the pull the tickle caused, stamping the
+        # same rows at once, deadlocked with it (the pull, already taken as the tickle's
+        # acknowledgement, failed: its task server waited for its periodic check)
+        ids = list(
+            s.scalars(
+                select(Execution.id)
+                .where(*covered)
+                .order_by(Execution.id)
+                .with_for_update(of=Execution)
+            )
+        )
+        if not ids:
+            return 0
+        covered = [_id_among(_EXECUTIONS.c.id, ids, postgresql=True)]
+    result = s.execute(
+        update(Execution)
+        .where(*covered)
+        .values(tickle_sent_at=sent_at)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def _insert_new_events(conn: Connection, rows: list[dict[str, Any]], now: float) -> set[str]:
     """Insert the events (unique ids) not recorded yet; return the ids inserted."""
     if not rows:
@@ -522,7 +567,7 @@ def _recorded_events(conn: Connection, event_ids: list[str]) -> set[str]:
     """Which of these event ids are recorded."""
     if not event_ids:
         return set()
-    return set(conn.scalars(select(_EVENTS.c.event_id).where(_EVENTS.c.event_id.in_(event_ids))))
+    return set(conn.scalars(_RECORDED_EVENTS, {"ids": event_ids}))
 
 
 def _names(known: dict[str, list[str]], steps: str) -> list[str]:
@@ -583,25 +628,15 @@ def _targets(conn: Connection, body: m.RunCreate) -> list[Any]:
     """The computers a run is for: id, name, task_server (its name, or None), groups."""
     # Core rows: an ORM Computer (with its task server joined) per target cost more than the
     # insert of its execution
-    unforgotten = (
-        select(
-            _COMPUTERS.c.id,
-            _COMPUTERS.c.name,
-            _TASK_SERVERS.c.name.label("task_server"),
-            _COMPUTERS.c.groups,
-        )
-        .select_from(_COMPUTERS.outerjoin(_TASK_SERVERS))
-        .where(_COMPUTERS.c.forgotten_at.is_(None))
-    )
     chosen: dict[str, Any] = {}
     if body.all_computers:
-        every = conn.execute(unforgotten.order_by(_COMPUTERS.c.name)).all()
+        every = conn.execute(_UNFORGOTTEN_BY_NAME).all()
         if not every:
             raise NotFound("no computer is registered")
         chosen.update((c.name, c) for c in every)
     if body.computers:
         names = list(dict.fromkeys(body.computers))
-        found = {c.name: c for c in conn.execute(unforgotten.where(_COMPUTERS.c.name.in_(names)))}
+        found = {c.name: c for c in conn.execute(_UNFORGOTTEN_NAMED, {"names": names})}
         missing = [n for n in names if n not in found]
         if missing:
             raise NotFound(f"unknown computer(s): {', '.join(missing)}")
@@ -610,7 +645,7 @@ def _targets(conn: Connection, body: m.RunCreate) -> list[Any]:
         wanted = set(body.groups)
         matched: set[str] = set()
         # groups are a JSON list per computer: filtered here, portable across databases
-        for c in conn.execute(unforgotten.order_by(_COMPUTERS.c.name)):
+        for c in conn.execute(_UNFORGOTTEN_BY_NAME):
             hit = wanted.intersection(c.groups or [])
             if hit:
                 matched |= hit
