@@ -51,14 +51,15 @@ class Outbox:
     def __init__(self, path: Path) -> None:
         self._db = localdb.connect(path, _SCHEMA, any_thread=True)
 
-    def put_many(self, events: Iterable[tuple[str, str]]) -> list[str]:
+    def put_many(self, events: Iterable[tuple[str, str]], durable: bool = True) -> list[str]:
         """Queue (event_id, body) pairs in one transaction; return the ids queued now.
 
         An event already queued, or already forwarded (within `FORWARDED_KEEP_S`), is ignored.
+        `durable=False`: committed without a sync (the caller syncs, see `localdb.WalSync`).
         """
         now = time.time()
         new: list[str] = []
-        with localdb.transaction(self._db):
+        with localdb.transaction(self._db, durable):
             for eid, body in events:
                 cur = self._db.execute(
                     "INSERT OR IGNORE INTO outbox (event_id, body, queued_at) SELECT ?, ?, ?"
@@ -137,10 +138,11 @@ class OutboxForwarder:
         self._task = asyncio.create_task(self._run())
         self._wake.set()  # deliver what a previous run left behind
 
-    def queue(self, events: Iterable[StatusEvent]) -> list[str]:
+    def queue(self, events: Iterable[StatusEvent], durable: bool = True) -> list[str]:
         """Commit `events` to the outbox and forward them now; return the ids new to it (not
-        queued or forwarded before)."""
-        new = self._outbox.put_many((e.event_id, e.model_dump_json()) for e in events)
+        queued or forwarded before). `durable=False`: committed without a sync (the caller
+        syncs, see `localdb.WalSync`)."""
+        new = self._outbox.put_many(((e.event_id, e.model_dump_json()) for e in events), durable)
         self.wake()
         return new
 

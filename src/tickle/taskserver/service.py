@@ -26,7 +26,7 @@ import aiohttp
 import uvicorn
 from fastapi import FastAPI
 
-from tickle import wire
+from tickle import localdb, wire
 from tickle.backoff import Backoff
 from tickle.clock import ClockWarning
 from tickle.config import ConfigError, check_config, load_settings
@@ -140,7 +140,9 @@ class TaskServer:
         self.forwarder = OutboxForwarder(
             self.outbox, self.ns.send_events, self.metrics, batch_size=FORWARD_BATCH
         )
-        self.work_cache = WorkCache(self.store, self.forwarder, self.metrics)
+        # the agents' pulls and events commit in groups, synced off the event loop
+        self.wal_sync = localdb.WalSync([self.store.path, settings.state_dir / OUTBOX_FILE])
+        self.work_cache = WorkCache(self.store, self.forwarder, self.metrics, self.wal_sync)
         self.agent_clocks = AgentClocks(self.reporter, self.metrics, settings.freshness_window_s)
         self.long_polls = LongPolls(self.metrics, settings.max_long_polls)
         self.agents = AgentTickler(

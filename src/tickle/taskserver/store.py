@@ -85,8 +85,9 @@ class Store:
     """The task server's SQLite database in `state_dir`."""
 
     def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / DB_FILE
         # one connection, used from the event loop's thread only (sqlite3 refuses other threads)
-        self._db = localdb.connect(state_dir / DB_FILE, _SCHEMA)
+        self._db = localdb.connect(self.path, _SCHEMA)
         self.tickle_marks = localdb.HighWaterMarks(self._db)
         # read on every agent pull: kept in memory (small: the cancels of the last days)
         self.cancelled: frozenset[int] = frozenset(
@@ -340,16 +341,16 @@ class Store:
         """Set `agent_tickled`, `agent_pulled` or `done` on executions."""
         self.mark_all({flag: execution_ids})
 
-    def mark_all(self, flags: Mapping[str, Iterable[int]]) -> None:
+    def mark_all(self, flags: Mapping[str, Iterable[int]], durable: bool = True) -> None:
         """Set each flag (`agent_tickled`, `agent_pulled`, `done`) on its executions, in one
-        transaction."""
+        transaction (`durable=False`: not synced, the caller syncs: see `localdb.WalSync`)."""
         for flag in flags:
             if flag not in ("agent_tickled", "agent_pulled", "done"):
                 raise ValueError(f"unknown work flag {flag!r}")
         marks = {flag: [(eid,) for eid in ids] for flag, ids in flags.items()}
         if not any(marks.values()):
             return
-        with localdb.transaction(self._db):
+        with localdb.transaction(self._db, durable):
             for flag, rows in marks.items():
                 self._db.executemany(
                     f"UPDATE work SET {flag} = 1 WHERE execution_id = ?",  # noqa: S608 - checked
