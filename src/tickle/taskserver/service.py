@@ -57,10 +57,11 @@ T = TypeVar("T")
 # status events per post to the NS: the NS records a post in one transaction, so fewer, larger
 # posts cost it less per event (the NS splits nothing: a batch over its body limit is split here)
 FORWARD_BATCH = 500
-# while agents' events arrive in a burst (over 1,000 a second), a post to the NS waits until
-# this long after the previous one: S5's 2,500 agents made ~470 posts of ~10 events each
+# while agents' events arrive in a burst (over 200 a second), a post to the NS waits until this
+# long after the previous one: 1,500 agents pulling at once made ~470 posts of ~10 events each.
+# One agent's run (S1) brings 4 events in ~10 ms: never lingers
 FORWARD_LINGER_S = 0.02
-FORWARD_BUSY_EVENTS = 100
+FORWARD_BUSY_EVENTS = 20
 
 
 class StartupError(Exception):
