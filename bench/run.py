@@ -426,6 +426,9 @@ class FleetRun:
     ns_restart: NsRestart | None = None
     # CPU-seconds each server process spent while the agents registered (by process name)
     register_cpu_s: dict[str, float] = field(default_factory=dict)
+    # CPU-seconds from the run-now until every execution was recorded: each server process (by
+    # name), and "sim": the simulated agents' processes together
+    run_cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -450,16 +453,20 @@ async def fleet_run(
     restart_task_servers: bool = False,
     restart_ns: bool = False,
     per_process: int = PER_PROCESS,
+    ts_extra: list[str] | None = None,
 ) -> FleetRun:
     """Start an NS (two on PostgreSQL when `two_ns`), the task servers and `agents` simulated
     agents, then one run-now on all of them. `restart_task_servers`: the task servers are
     killed before the run-now and started again after it (the reconnection). `restart_ns`: then
     a second run-now, the NS killed just after accepting it and started again `NS_DOWN_S` later;
     the task servers reach the NS through a `RequestCounter`. `per_process`: simulated agents
-    per simulator process."""
+    per simulator process. `ts_extra`: more task-server options (bench's --ts-option).
+
+    Also measures the CPU each process spent from the run-now until every execution was
+    recorded (`FleetRun.run_cpu_s`)."""
     ts_names = [f"ts{i + 1}" for i in range(task_servers)]
     ns_extra = ["--database-url", database_url] if database_url else []
-    fleet = LocalFleet(root, ts_names, [], net=net, ns_extra=ns_extra)
+    fleet = LocalFleet(root, ts_names, [], net=net, ns_extra=ns_extra, ts_extra=ts_extra)
     ns_urls = [fleet.ns_url]
     relay = None
     if restart_ns:
@@ -487,6 +494,7 @@ async def fleet_run(
             if restart_task_servers:
                 for name in ts_names:
                     fleet.kill(name)
+            run_cpu = _CpuMeter({**servers, **{f"sim{i}": p for i, p in enumerate(sims.pids)}})
             t0 = time.monotonic()
             run = await ns.run_now(RunCreate(task_id=task.id, computers=sims.names))
             accepted_ms = (time.monotonic() - t0) * 1000
@@ -496,6 +504,7 @@ async def fleet_run(
                     fleet.spawn(name)
             await wait_metric(ns_urls, "tickle_executions_total", agents, DONE_DEADLINE_S)
             done_at = time.time()
+            run_cpu_s = run_cpu.spent()
             # the last events of the run (agent_pulled may trail finished): settle, then read
             await wait_metric(ns_urls, "tickle_status_events_total", 4 * agents, 30)
             run = await ns.run(run.id)
@@ -520,7 +529,8 @@ async def fleet_run(
     created = min((timeline_times(e).get("created") or 0.0) for e in run.executions)
     wall = max(t for t in recorded if t) - created if done == agents else None
     return FleetRun(agents, register_s, accepted_ms, wall, done, run.executions, ts_metrics,
-                    per_tenth, restart_at, done_at, ns_restart, register_cpu_s)  # fmt: skip
+                    per_tenth, restart_at, done_at, ns_restart, register_cpu_s,
+                    run_cpu_s)  # fmt: skip
 
 
 async def _across_ns_restart(
@@ -589,6 +599,23 @@ def _register_cpu(f: FleetRun) -> str:
     return f" (CPU per 1,000 registrations: NS {ns:.2f} s, task servers {ts:.2f} s)"
 
 
+class _CpuMeter:
+    """CPU-seconds processes spend from now on (one that has ended counts what it had spent);
+    those named "sim…" are summed as "sim"."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.before = {name: _proc_cpu_s(pid) for name, pid in pids.items()}
+
+    def spent(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, pid in self.pids.items():
+            with contextlib.suppress(OSError):
+                key = "sim" if name.startswith("sim") else name
+                out[key] = out.get(key, 0.0) + _proc_cpu_s(pid) - self.before[name]
+        return out
+
+
 def pulls_per_s(executions: list[ExecutionOut]) -> float | None:
     """Agent pulls served per second: executions / (last agent_pulled - first agent_tickled)."""
     tickled = [t for e in executions if (t := timeline_times(e).get("agent_tickled"))]
@@ -628,12 +655,23 @@ async def fleet(
         )  # fmt: skip
 
 
-async def pulls(root: Path, r: Results, agents: int) -> None:
-    f = await fleet_run(root, agents, 1, net(12))
+async def pulls(root: Path, r: Results, agents: int, ts_extra: list[str]) -> None:
+    f = await fleet_run(root, agents, 1, net(12), ts_extra=ts_extra)
     r.put("s5_agents", agents, "agents", "S5 agents of the one task server")
     r.put("s5_pulls_per_s", pulls_per_s(f.executions), "pulls/s",
           "S5 pulls served: agents / (last agent_pulled - first agent_tickled)")  # fmt: skip
+    cpu = {name: s / agents * 1e6 for name, s in f.run_cpu_s.items()}
+    r.put("s5_ts_cpu_us", cpu.get("ts1"), "CPU-µs",
+          "S5 task server CPU per agent (its pull and its events), run-now → all recorded")  # fmt: skip
+    r.put("s5_sim_cpu_us", cpu.get("sim"), "CPU-µs",
+          "S5 simulated agents' CPU per agent (tickle, pull, events)")  # fmt: skip
+    r.put("s5_ns_cpu_us", cpu.get("ns"), "CPU-µs", "S5 NS CPU per agent's execution")
     r.md += fleet_md(f"S5: one task server, {agents} agents tickled at once", f)
+    r.md += [
+        "CPU per agent from the run-now until all recorded: "
+        + ", ".join(f"{name} {us:.0f} µs" for name, us in sorted(cpu.items())),
+        "",
+    ]
 
 
 async def register(root: Path, r: Results, agents: int) -> None:
@@ -994,6 +1032,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
                         help="keep the processes' directories (logs) and PostgreSQL's log in "
                              "DIR (else a temporary directory, removed)")  # fmt: skip
+    parser.add_argument("--ts-option", action="append", default=[], metavar="OPTION",
+                        help="pulls: one more task-server command-line word, e.g. "
+                             "--ts-option=--agent-tickle-rate --ts-option=10000 (an A/B of a "
+                             "setting; the figures of record use the defaults)")  # fmt: skip
     parser.add_argument("--curve", default="1000,2500,5000,10000", help="S8 agent counts")
     parser.add_argument("--long-polls", type=int, default=10_000,
                         help="longpoll: waiting long-polls one task server holds")  # fmt: skip
@@ -1034,7 +1076,7 @@ async def main() -> int:
                 root / "fleet", r, args.agents, not args.skip_postgres, not args.skip_sqlite
             ),
             "ingest": lambda: ingest(root / "ingest", r, args.ingest_executions),
-            "pulls": lambda: pulls(root / "pulls", r, max(1, args.agents // 4)),
+            "pulls": lambda: pulls(root / "pulls", r, max(1, args.agents // 4), args.ts_option),
             "register": lambda: register(root / "register", r, args.agents),
             "agent": lambda: agent(root / "agent", r, args.idle_s),
             "curve": lambda: curve(root / "curve", r, args.sizes),

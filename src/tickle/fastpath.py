@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
 
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tickle import clock
 
 _TIME_HEADER = clock.TIME_HEADER.lower().encode()
+_JSON = (b"content-type", b"application/json")
 
 
 class PassOn(Exception):
@@ -93,8 +93,17 @@ class Parts:
 
 
 async def json_response(body: str, scope: Scope, receive: Receive, send: Send) -> None:
-    """Answer 200 with this JSON text."""
-    await Response(body, media_type="application/json")(scope, receive, send)
+    """Answer 200 with this JSON text (the messages starlette's `Response` sends, without
+    making one: every agent's pull and event post is answered here)."""
+    data = body.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", str(len(data)).encode()), _JSON],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
 
 
 Serve = Callable[[Parts, Scope, Replay, Send], Awaitable[None]]

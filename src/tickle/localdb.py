@@ -3,12 +3,15 @@
 Standard library only (the agent imports it). Each database is one file in WAL mode with full sync,
 so a committed write survives a crash, and runs in autocommit: a write of several statements is
 made atomic with `transaction`. `HighWaterMarks` keeps a tickle listener's replay marks in the
-database of its component.
+database of its component. `WalSync` makes writes committed without a sync durable together,
+off the event loop (group commit).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import secrets
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -56,6 +59,62 @@ def transaction(db: sqlite3.Connection, durable: bool = True) -> Iterator[None]:
     finally:
         if not durable:
             db.execute("PRAGMA synchronous=FULL")
+
+
+class WalSync:
+    """Durability for writes committed with `transaction(durable=False)`, shared by many.
+
+    `sync` returns once the write-ahead logs of the databases at `paths` are on disk: synced
+    (fsync) by a sync that started after `sync` was called, in a thread, so the event loop goes
+    on serving meanwhile. Calls made while a sync runs share the next one: one fsync per database
+    for all of them, where a full-sync commit blocks the loop for one per write. The write is as
+    durable as SQLite's full sync makes it: its WAL frames are on disk (recovery replays them).
+    """
+
+    def __init__(self, paths: Iterable[Path]) -> None:
+        self.paths = [Path(f"{p}-wal") for p in paths]
+        self.syncs = 0  # syncs made (each of every database)
+        self._waiting: list[asyncio.Future[None]] = []
+        self._driver: asyncio.Task[None] | None = None
+
+    async def sync(self) -> None:
+        """Return when what was committed before this call is on disk; OSError if a sync failed."""
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append(done)
+        if self._driver is None:
+            self._driver = asyncio.create_task(self._drive())
+        await done
+
+    async def _drive(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                failed: OSError | None = None
+                try:
+                    await asyncio.to_thread(self._sync_files)
+                except OSError as exc:
+                    failed = exc
+                for done in batch:
+                    if done.done():  # its caller was cancelled
+                        continue
+                    if failed is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(failed)
+        finally:
+            self._driver = None
+
+    def _sync_files(self) -> None:
+        for path in self.paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # no log (yet, or closed): nothing is waiting in one
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.syncs += 1
 
 
 def identity(db: sqlite3.Connection) -> str:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Protocol
@@ -66,8 +67,9 @@ class Outbox:
         """Queue (event_id, body) pairs in one transaction; return the ids queued now.
 
         An event already queued, or already forwarded (within `FORWARDED_KEEP_S`), is ignored.
-        `durable=False`: not synced (see `localdb.transaction`), for events whose loss to a
-        power cut costs nothing but the information they carry.
+        `durable=False`: not synced (see `localdb.transaction`): the caller syncs (see
+        `localdb.WalSync`), or the events' loss to a power cut costs nothing but the information
+        they carry.
         """
         now = time.time()
         new: list[str] = []
@@ -120,7 +122,16 @@ class Outbox:
 
 
 class OutboxForwarder:
-    """Forwards the outbox to the next hop at once when woken, retrying with backoff on failure."""
+    """Forwards the outbox to the next hop at once when woken, retrying with backoff on failure.
+
+    Given `linger_s`, while busy (at least `busy_events` events queued in the last `BUSY_S`) a
+    batch smaller than `batch_size` waits until `linger_s` after the previous send started, so
+    a burst goes in fewer, larger batches (each post costs the next hop a request and a
+    transaction; issue 10's S5 forwarded ~10 events per post). An event queued when not busy
+    goes at once.
+    """
+
+    BUSY_S = 0.1
 
     def __init__(
         self,
@@ -130,7 +141,13 @@ class OutboxForwarder:
         backoff: Backoff | None = None,
         batch_size: int = 200,
         batch_bytes: int = BATCH_BYTES,
+        linger_s: float = 0.0,
+        busy_events: int = 0,
     ) -> None:
+        self._linger_s = linger_s
+        self._busy_events = busy_events
+        self._queued: deque[tuple[float, int]] = deque()  # (when, how many) of the last BUSY_S
+        self._last_send: float | None = None  # when the previous send started (monotonic)
         self._outbox = outbox
         self._send = send
         self._metrics = metrics
@@ -158,6 +175,8 @@ class OutboxForwarder:
     def queue_bodies(self, events: Iterable[tuple[str, str]], durable: bool = True) -> list[str]:
         """`queue` of events already serialized: (event id, its JSON)."""
         new = self._outbox.put_many(events, durable)
+        if self._linger_s and new:
+            self._queued.append((time.monotonic(), len(new)))
         self.wake()
         return new
 
@@ -195,7 +214,12 @@ class OutboxForwarder:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while batch := _within(self._outbox.peek(self._batch_size), self._batch_bytes):
+            while True:
+                await self._linger()
+                batch = _within(self._outbox.peek(self._batch_size), self._batch_bytes)
+                if not batch:
+                    break
+                self._last_send = time.monotonic()
                 try:
                     accepted = await self._send([body for _, body in batch])
                 except Exception as exc:
@@ -217,6 +241,23 @@ class OutboxForwarder:
                     await asyncio.sleep(self._backoff.cap(5))
             self._metrics.outbox_depth.set(0)
             self._idle.set()
+
+    async def _linger(self) -> None:
+        """While busy, wait until `linger_s` after the previous send started, unless a full
+        batch is waiting."""
+        if not self._linger_s or self._last_send is None:
+            return
+        now = time.monotonic()
+        wait = self._last_send + self._linger_s - now
+        if wait <= 0:
+            return
+        while self._queued and self._queued[0][0] < now - self.BUSY_S:
+            self._queued.popleft()
+        if sum(n for _, n in self._queued) < self._busy_events:
+            return
+        if self._outbox.depth() >= self._batch_size:
+            return
+        await asyncio.sleep(wait)
 
 
 def _within(batch: list[tuple[str, str]], max_bytes: int) -> list[tuple[str, str]]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 from tickle.backoff import Backoff
+from tickle.messages import StatusEvent
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
 
@@ -126,3 +128,67 @@ async def test_the_oldest_waiting_event_s_age_is_exposed(tmp_path: Path) -> None
 
 async def _refuse(bodies: list[str]) -> list[str]:
     raise ConnectionError("next hop down")
+
+
+def _status(n: int) -> StatusEvent:
+    return StatusEvent(
+        event_id=str(uuid.UUID(int=n + 1)), execution_id=n + 1, computer="pc1", kind="started",
+        at=1.0,
+    )  # fmt: skip
+
+
+class _Hop:
+    """A next hop that accepts everything, noting the size of each batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.accepted: set[str] = set()
+
+    async def send(self, bodies: list[str]) -> list[str]:
+        ids = [StatusEvent.model_validate_json(b).event_id for b in bodies]
+        self.batches.append(len(ids))
+        self.accepted.update(ids)
+        return ids
+
+
+async def _burst(path: Path, linger_s: float) -> list[int]:
+    """300 events queued one a turn, as requests bring them: the batches forwarded."""
+    box, hop = Outbox(path), _Hop()
+    fwd = OutboxForwarder(box, hop.send, ComponentMetrics("t"), batch_size=500,
+                          linger_s=linger_s, busy_events=5)  # fmt: skip
+    fwd.start()
+    try:
+        for n in range(300):
+            fwd.queue([_status(n)], durable=False)  # (no fsync each: the burst stays short)
+            await asyncio.sleep(0)
+        assert await fwd.drained(10)
+    finally:
+        await fwd.stop()
+        box.close()
+    assert len(hop.accepted) == 300
+    return hop.batches
+
+
+async def test_a_burst_of_events_is_forwarded_in_a_few_large_batches(tmp_path: Path) -> None:
+    eager = await _burst(tmp_path / "eager.db", linger_s=0)
+    lingering = await _burst(tmp_path / "lingering.db", linger_s=1.0)
+    assert len(eager) >= 100  # the next hop answers at once: nearly every event goes alone
+    # the first few, until the burst shows (busy_events), then one batch per linger
+    assert len(lingering) <= 15, lingering
+
+
+async def test_an_event_queued_when_not_busy_is_forwarded_without_lingering(
+    tmp_path: Path,
+) -> None:
+    box, hop = Outbox(tmp_path / "o.db"), _Hop()
+    fwd = OutboxForwarder(box, hop.send, ComponentMetrics("t"), linger_s=60, busy_events=20)
+    fwd.start()
+    try:
+        fwd.queue([_status(1)])
+        assert await fwd.drained(10)
+        fwd.queue([_status(2)])  # within the linger of the first send, but alone
+        assert await fwd.drained(10), "a lone event waited for the linger"
+    finally:
+        await fwd.stop()
+    assert hop.batches == [1, 1]
+    box.close()

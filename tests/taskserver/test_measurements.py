@@ -60,10 +60,10 @@ async def test_pulls_served_together_share_one_commit_and_report_each_hop_once(
     commits = 0
     queue = h.running.forwarder.queue
 
-    def counting_queue(events: Iterable[StatusEvent]) -> list[str]:
+    def counting_queue(events: Iterable[StatusEvent], durable: bool = True) -> list[str]:
         nonlocal commits
         commits += 1
-        return queue(events)
+        return queue(events, durable)
 
     h.running.forwarder.queue = counting_queue  # type: ignore[method-assign]
     # every agent pulls at once, the first one twice

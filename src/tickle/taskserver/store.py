@@ -85,8 +85,9 @@ class Store:
     """The task server's SQLite database in `state_dir`."""
 
     def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / DB_FILE
         # one connection, used from the event loop's thread only (sqlite3 refuses other threads)
-        self._db = localdb.connect(state_dir / DB_FILE, _SCHEMA)
+        self._db = localdb.connect(self.path, _SCHEMA)
         self.tickle_marks = localdb.HighWaterMarks(self._db)
         # read on every agent pull: kept in memory (small: the cancels of the last days)
         self.cancelled: frozenset[int] = frozenset(
@@ -346,7 +347,7 @@ class Store:
 
     def mark_all(self, flags: Mapping[str, Iterable[int]], durable: bool = True) -> None:
         """Set each flag (`agent_tickled`, `agent_pulled`, `done`) on its executions, in one
-        transaction (`durable=False`: not synced, see `localdb.transaction`)."""
+        transaction (`durable=False`: not synced, see `localdb.transaction` and `localdb.WalSync`)."""
         for flag in flags:
             if flag not in ("agent_tickled", "agent_pulled", "done"):
                 raise ValueError(f"unknown work flag {flag!r}")

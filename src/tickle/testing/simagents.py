@@ -39,7 +39,7 @@ from typing import Any
 
 import aiohttp
 
-from tickle import http, wire
+from tickle import http, serving, wire
 from tickle.agent import retries
 from tickle.backoff import Backoff
 from tickle.messages import (
@@ -105,6 +105,11 @@ class SimAgents:
             if not line.startswith("ready"):
                 raise RuntimeError(f"simulated agents failed to start: {line!r}")
         return time.monotonic() - started
+
+    @property
+    def pids(self) -> list[int]:
+        """The simulator processes' ids."""
+        return [p.pid for p in self.procs]
 
     def _spawn(self) -> None:
         env = {**os.environ, SECRET_ENV: self.fleet.agent_enrollment_secret}
@@ -362,6 +367,7 @@ async def main(ts_url: str, net: str, indexes: list[int], long_poll: bool = Fals
             await a.start(secret)
 
     await asyncio.gather(*(start(a) for a in agents))
+    serving.settle_gc()  # the agents made at start stay: out of the collector's way
     print(f"ready {len(agents)}", flush=True)
     holding = [asyncio.create_task(a.hold_long_poll()) for a in agents if long_poll]
     stop = asyncio.Event()
@@ -380,4 +386,7 @@ async def main(ts_url: str, net: str, indexes: list[int], long_poll: bool = Fals
 
 if __name__ == "__main__":
     url, net, indexes = sys.argv[1:4]
-    asyncio.run(main(url, net, [int(i) for i in indexes.split(",")], "--long-poll" in sys.argv))
+    # the servers' event loop (uvloop): a simulated agent's requests cost the CPU the servers
+    # it shares the machine with would use
+    agents = [int(i) for i in indexes.split(",")]
+    serving.run_server(main(url, net, agents, "--long-poll" in sys.argv))

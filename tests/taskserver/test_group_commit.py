@@ -1,0 +1,144 @@
+"""The agents' writes commit in groups and are synced off the event loop (localdb.WalSync):
+an answer waits for the sync of its own writes, the loop serves others meanwhile, and writes
+committed while a sync runs share the next one."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.taskserver.conftest import TaskServerHarness, wait_until, work_for
+from tickle.localdb import WalSync
+from tickle.messages import StatusEvent
+from tickle.outbox import Outbox
+from tickle.taskserver.store import OUTBOX_FILE
+
+
+def _event(execution_id: int, computer: str, kind: str = "started") -> dict[str, object]:
+    return StatusEvent(
+        event_id=str(uuid.uuid4()), execution_id=execution_id, computer=computer,
+        kind=kind, at=1.0,  # type: ignore[arg-type]
+    ).model_dump(mode="json")  # fmt: skip
+
+
+class Gate:
+    """Holds the task server's WAL syncs (in their thread) until opened; counts those started.
+    Opened at the end of the test in any case (`gate` fixture)."""
+
+    def __init__(self, wal_sync: WalSync) -> None:
+        self.opened = threading.Event()
+        self.started = 0
+        real = wal_sync._sync_files
+
+        def held() -> None:
+            self.started += 1
+            if not self.opened.wait(30):
+                raise OSError("the test never opened the gate")
+            real()
+
+        wal_sync._sync_files = held  # type: ignore[method-assign]
+
+
+@pytest.fixture
+async def gate(task_server: TaskServerHarness) -> AsyncIterator[Gate]:
+    held = Gate(task_server.running.wal_sync)
+    yield held
+    held.opened.set()
+
+
+def _on_disk(state_dir: Path) -> int:
+    """The events a restart would find in the outbox (another connection reads the file)."""
+    outbox = Outbox(state_dir / OUTBOX_FILE)
+    try:
+        return outbox.depth()
+    finally:
+        outbox.close()
+
+
+@pytest.mark.timeout(60)
+async def test_an_event_post_is_answered_only_after_its_writes_are_synced(
+    task_server: TaskServerHarness, gate: Gate
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1", cem=True)
+    await h.ns.stop()  # the events stay in the outbox (not forwarded): counted there
+    post = asyncio.create_task(
+        h.call(agent, "POST", "/api/agent/events", json={"events": [_event(1, "pc1")]})
+    )
+    await wait_until(lambda: gate.started == 1, what="the sync of the post's writes")
+    # committed (a pull would see it) but not synced: the agent is not answered yet, and the
+    # event loop goes on serving others meanwhile
+    assert h.running.outbox.depth() == 1
+    status, _ = await h.call(None, "GET", "/health")
+    assert status == 200
+    assert not post.done()
+
+    gate.opened.set()
+    status, body = await post
+    assert status == 200, body
+    assert len(body["accepted"]) == 1
+    assert _on_disk(h.state_dir) == 1  # what a restart finds
+
+
+@pytest.mark.timeout(60)
+async def test_writes_committed_while_a_sync_runs_share_the_next_one(
+    task_server: TaskServerHarness, gate: Gate
+) -> None:
+    h = task_server
+    agents = [await h.register_agent(f"pc{i:02d}", cem=True) for i in range(40)]
+    await h.ns.stop()  # the events stay in the outbox (not forwarded): counted there
+    first = asyncio.create_task(
+        h.call(agents[0], "POST", "/api/agent/events", json={"events": [_event(1, "pc00")]})
+    )
+    await wait_until(lambda: gate.started == 1, what="the first sync")
+    rest = [
+        asyncio.create_task(
+            h.call(a, "POST", "/api/agent/events", json={"events": [_event(100 + i, a.name)]})
+        )
+        for i, a in enumerate(agents[1:])
+    ]
+    await wait_until(lambda: h.running.outbox.depth() == 40, what="every post committed")
+    assert not any(t.done() for t in [first, *rest])
+
+    gate.opened.set()
+    answers = await asyncio.gather(first, *rest)
+    assert all(status == 200 for status, _ in answers)
+    assert gate.started == 2  # the first post's sync, then one for the 39 committed meanwhile
+
+
+@pytest.mark.timeout(60)
+async def test_a_failed_sync_leaves_the_post_unacknowledged(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1", cem=True)
+
+    def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    h.running.wal_sync._sync_files = broken  # type: ignore[method-assign]
+    status, _ = await h.call(
+        agent, "POST", "/api/agent/events", json={"events": [_event(1, "pc1")]}
+    )
+    assert status == 500  # not acknowledged: the agent keeps its copy and posts it again
+
+
+@pytest.mark.timeout(60)
+async def test_a_pull_waits_for_no_sync_its_pulled_hop_alone_is_not_synced(
+    task_server: TaskServerHarness, gate: Gate
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1", cem=True)
+    await h.cache_work(work_for(7, "pc1"))
+    # the gate stays closed: a pull that waited for a sync would never be answered
+    status, body = await asyncio.wait_for(
+        h.call(agent, "GET", "/api/agent/tasks?via=poll"), timeout=30
+    )
+    assert status == 200
+    assert [w["execution_id"] for w in body["executions"]] == [7]
+    assert gate.started == 0
