@@ -6,9 +6,12 @@ it reads the work, so work created after the ack gets a tickle of its own.
 
 A tickler given a `window` (the task server's, tickling its agents) paces itself by the pulls it
 waits for: at most `window` first sends are outstanding (sent, neither acknowledged nor resent
-yet), the next waits for an ack; and a resend waits, beyond its backoff delay, for the pulls queued
-ahead of its own to be served at the recent rate of acks, so an agent whose pull is still queued is
-not tickled again (each resend would bring one more pull to the queue).
+yet), the next waits for an ack; and a resend waits, beyond its backoff delay, while the server
+is still serving pulls: its delay counts from the last pull served if one came after its send, and
+it waits as long again as the pulls queued ahead of its own take at the rate acks came this busy
+spell. So an agent whose pull is still queued is not tickled again (each resend would bring one
+more pull to the queue), however the server answers them: a server short of CPU serves its pulls
+in bursts, and the time between the acks of one burst says nothing of the queue.
 """
 
 from __future__ import annotations
@@ -50,20 +53,23 @@ class _InFlight:
 class _Window:
     """At most `size` first sends outstanding; the others wait, first come first served.
 
-    `queue_wait_s` estimates how long a flight's own pull waits behind those of the earlier first
-    sends not acknowledged yet (resent or not), at `gap_s`, the mean time between the last `RECENT`
-    acks of a busy spell (over a span, not gap by gap: a server answers its pulls in bursts).
+    A busy spell lasts while a first send's pull is due (sent, its flight neither acknowledged nor
+    ended). `last_ack` is when this spell's last pull came; `gap_s` the mean time between acks
+    over the spell (from its start to its last ack: a mean over bursts and the pauses between
+    them, not within one burst), kept from one spell to the next until an ack measures it anew;
+    `queue_wait_s` estimates from it how long a flight's own pull waits behind those of the earlier
+    first sends not acknowledged yet (resent or not).
     """
-
-    RECENT = 64
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.outstanding = 0
         self.entered = 0  # first sends ever let through
         self.served = 0  # of those, the flights acknowledged or ended
-        self.gap_s = 0.0  # kept from one busy spell to the next until two acks measure it anew
-        self._acks: deque[float] = deque(maxlen=self.RECENT)  # this busy spell's last acks
+        self.gap_s = 0.0
+        self.last_ack: float | None = None  # monotonic time of this spell's last ack
+        self._spell_start = 0.0
+        self._spell_acks = 0
         self._waiting: deque[_InFlight] = deque()
 
     async def enter(self, flight: _InFlight) -> bool:
@@ -84,8 +90,6 @@ class _Window:
             return
         flight.holds = False
         self.outstanding -= 1
-        if not self.outstanding:
-            self._acks.clear()  # idle: the time to the next ack is no gap between pulls served
         while self._waiting and self.outstanding < self.size:
             nxt = self._waiting.popleft()
             if nxt.waiter is not None and not nxt.waiter.done():
@@ -93,12 +97,13 @@ class _Window:
                 nxt.waiter.set_result(True)
 
     def acked(self, flight: _InFlight) -> None:
-        """A pull acknowledged `flight`: update the mean gap between acks, free its place, and
-        stop its wait for one."""
-        if self.outstanding:
-            self._acks.append(time.monotonic())
-            if len(self._acks) > 1:
-                self.gap_s = (self._acks[-1] - self._acks[0]) / (len(self._acks) - 1)
+        """A pull acknowledged `flight`: note it in the spell's rate, free its place, and stop
+        its wait for one."""
+        if flight.queued:
+            now = time.monotonic()
+            self._spell_acks += 1
+            self.last_ack = now
+            self.gap_s = (now - self._spell_start) / self._spell_acks
         if flight.waiter is not None and not flight.waiter.done():
             flight.waiter.set_result(False)
         self.end(flight)
@@ -112,10 +117,14 @@ class _Window:
 
     def queue_wait_s(self, flight: _InFlight) -> float:
         """How long the pulls of the first sends ahead of `flight`'s, not yet served, will take:
-        at the recent mean gap between acks (none known yet: no wait)."""
+        at the spell's mean gap between acks (none known yet: no wait)."""
         return max(0, flight.order - self.served) * self.gap_s
 
     def _take(self, flight: _InFlight) -> None:
+        if self.entered == self.served:  # no pull due: a new busy spell
+            self._spell_start = time.monotonic()
+            self._spell_acks = 0
+            self.last_ack = None
         flight.holds = True
         flight.queued = True
         flight.order = self.entered
@@ -269,15 +278,19 @@ class Tickler:
             await _call(self._on_unreachable, target)
 
     async def _wait_for_ack(self, flight: _InFlight, delay: float) -> bool:
-        """Wait `delay`, and with a window as long again as the pulls queued ahead of the
-        flight's own are expected to take (re-estimated as acks come); whether it was acked."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + delay
+        """Wait `delay`, and with a window while the server is still serving pulls: the delay
+        counts from the last pull it served if that came after this send, and it waits as long
+        again as the pulls queued ahead of the flight's own are expected to take (re-estimated
+        as acks come; each at most the backoff's longest delay); whether it was acked."""
+        start = time.monotonic()
         while True:
             extra = 0.0
             if self._window is not None:
-                extra = min(self._window.queue_wait_s(flight), self._backoff.max_s)
-            remaining = deadline + extra - loop.time()
+                last = self._window.last_ack
+                since = max(0.0, last - start) if last is not None else 0.0
+                queued = self._window.queue_wait_s(flight)
+                extra = min(since, self._backoff.max_s) + min(queued, self._backoff.max_s)
+            remaining = start + delay + extra - time.monotonic()
             if remaining <= 0 or flight.acked.is_set():
                 return flight.acked.is_set()
             with contextlib.suppress(TimeoutError):

@@ -269,3 +269,18 @@ async def test_without_a_window_every_first_send_goes_at_once() -> None:
         tickle_all(tickler, receivers)  # the NS's tickler: no window
         await _first_tickles(receivers, list(range(40)))  # no ack needed for any of them
         assert _sent(metrics) == 40
+
+
+async def test_pulls_served_in_bursts_do_not_make_the_queued_flights_resend() -> None:
+    # a task server short of CPU serves its pulls in bursts: 70 acks in one instant, then none
+    # for 0.5 s. Each flight still waiting is behind pulls the server is serving: none is resent
+    backoff = Backoff(base_s=1.0, max_s=5, tries=3, jitter=0)
+    async with tickling(210, backoff, window=300) as (tickler, receivers, metrics):
+        tickle_all(tickler, receivers)
+        await _first_tickles(receivers, list(range(210)))
+        for burst in range(3):
+            await asyncio.sleep(0.2 if burst == 0 else 0.5)
+            for i in range(70 * burst, 70 * (burst + 1)):
+                assert tickler.ack(f"t{i}")
+        assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
+        assert all(rx.queue.empty() for _, rx, _ in receivers)
