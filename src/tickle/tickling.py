@@ -7,11 +7,12 @@ it reads the work, so work created after the ack gets a tickle of its own.
 A tickler given a `window` (the task server's, tickling its agents) paces itself by the pulls it
 waits for: at most `window` first sends are outstanding (sent, neither acknowledged nor resent
 yet), the next waits for an ack; and a resend waits, beyond its backoff delay, while the server
-is still serving pulls: its delay counts from the last pull served if one came after its send, and
-it waits as long again as the pulls queued ahead of its own take at the rate acks came this busy
-spell. So an agent whose pull is still queued is not tickled again (each resend would bring one
-more pull to the queue), however the server answers them: a server short of CPU serves its pulls
-in bursts, and the time between the acks of one burst says nothing of the queue.
+is still serving the pulls queued ahead of its own: its delay counts from the last pull served
+(if after its send), plus the time those ahead take at the rate acks came this busy spell; once
+they are served, from the last pull served before. So an agent whose pull is still queued is not
+tickled again (each resend would bring one more pull to the queue), however slowly or in bursts
+the server answers them: a server short of CPU serves its pulls in bursts, and the time between
+the acks of one burst says nothing of the queue.
 """
 
 from __future__ import annotations
@@ -115,10 +116,14 @@ class _Window:
             self.served += 1
         self.leave(flight)
 
+    def ahead(self, flight: _InFlight) -> int:
+        """How many pulls of earlier first sends are still to be served before `flight`'s."""
+        return max(0, flight.order - self.served)
+
     def queue_wait_s(self, flight: _InFlight) -> float:
         """How long the pulls of the first sends ahead of `flight`'s, not yet served, will take:
         at the spell's mean gap between acks (none known yet: no wait)."""
-        return max(0, flight.order - self.served) * self.gap_s
+        return self.ahead(flight) * self.gap_s
 
     def _take(self, flight: _InFlight) -> None:
         if self.entered == self.served:  # no pull due: a new busy spell
@@ -278,19 +283,24 @@ class Tickler:
             await _call(self._on_unreachable, target)
 
     async def _wait_for_ack(self, flight: _InFlight, delay: float) -> bool:
-        """Wait `delay`, and with a window while the server is still serving pulls: the delay
-        counts from the last pull it served if that came after this send, and it waits as long
-        again as the pulls queued ahead of the flight's own are expected to take (re-estimated
-        as acks come; each at most the backoff's longest delay); whether it was acked."""
+        """Wait `delay`; with a window, not while the server is still serving the pulls queued
+        ahead of the flight's own: while some are, the delay counts from the last pull served
+        (if after this send), plus the time those queued ahead are expected to take (at most
+        the backoff's longest delay); once none is, from the last pull served before. Whether
+        it was acked."""
         start = time.monotonic()
+        head_at: float | None = None  # when the pulls ahead of its own were seen served
         while True:
-            extra = 0.0
+            deadline = start + delay
             if self._window is not None:
-                last = self._window.last_ack
-                since = max(0.0, last - start) if last is not None else 0.0
-                queued = self._window.queue_wait_s(flight)
-                extra = min(since, self._backoff.max_s) + min(queued, self._backoff.max_s)
-            remaining = start + delay + extra - time.monotonic()
+                since = max(start, self._window.last_ack or start)
+                if self._window.ahead(flight) > 0:
+                    queued = min(self._window.queue_wait_s(flight), self._backoff.max_s)
+                    deadline = since + delay + queued
+                else:
+                    head_at = since if head_at is None else head_at
+                    deadline = head_at + delay
+            remaining = deadline - time.monotonic()
             if remaining <= 0 or flight.acked.is_set():
                 return flight.acked.is_set()
             with contextlib.suppress(TimeoutError):

@@ -284,3 +284,18 @@ async def test_pulls_served_in_bursts_do_not_make_the_queued_flights_resend() ->
                 assert tickler.ack(f"t{i}")
         assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
         assert all(rx.queue.empty() for _, rx, _ in receivers)
+
+
+async def test_a_flight_is_not_resent_while_the_pulls_ahead_of_its_own_are_still_being_served() -> (
+    None
+):
+    # the server serves a pull every 0.1 s, steadily: the 20th waits 2 s for its turn, four
+    # times its 0.5 s delay and longer than the backoff's longest delay twice over
+    backoff = Backoff(base_s=0.5, max_s=0.5, tries=3, jitter=0)
+    async with tickling(20, backoff, window=30) as (tickler, receivers, metrics):
+        tickle_all(tickler, receivers)
+        await _first_tickles(receivers, list(range(20)))
+        for i in range(20):
+            await asyncio.sleep(0.1)
+            assert tickler.ack(f"t{i}")
+        assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
