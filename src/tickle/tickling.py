@@ -9,7 +9,8 @@ waits for: at most `window` first sends are outstanding (sent, neither acknowled
 yet), the next waits for an ack; and a resend waits, beyond its backoff delay, while the server
 is still serving the pulls queued ahead of its own: its delay counts from the last pull served
 (if after its send), plus the time those ahead take at the rate acks came this busy spell; once
-they are served, from the last pull served before. So an agent whose pull is still queued is not
+they are served, still from the last pull served, for at most the backoff's longest delay more
+(agents answer out of order too). So an agent whose pull is still queued is not
 tickled again (each resend would bring one more pull to the queue), however slowly or in bursts
 the server answers them: a server short of CPU serves its pulls in bursts, and the time between
 the acks of one burst says nothing of the queue.
@@ -286,8 +287,8 @@ class Tickler:
         """Wait `delay`; with a window, not while the server is still serving the pulls queued
         ahead of the flight's own: while some are, the delay counts from the last pull served
         (if after this send), plus the time those queued ahead are expected to take (at most
-        the backoff's longest delay); once none is, from the last pull served before. Whether
-        it was acked."""
+        the backoff's longest delay); once none is, still from the last pull served, for at most
+        the backoff's longest delay more (pulls arrive out of order). Whether it was acked."""
         start = time.monotonic()
         head_at: float | None = None  # when the pulls ahead of its own were seen served
         while True:
@@ -297,9 +298,9 @@ class Tickler:
                 if self._window.ahead(flight) > 0:
                     queued = min(self._window.queue_wait_s(flight), self._backoff.max_s)
                     deadline = since + delay + queued
-                else:
+                else:  # its turn came: the pulls ahead arrive out of order too, not for long
                     head_at = since if head_at is None else head_at
-                    deadline = head_at + delay
+                    deadline = min(since, head_at + self._backoff.max_s) + delay
             remaining = deadline - time.monotonic()
             if remaining <= 0 or flight.acked.is_set():
                 return flight.acked.is_set()

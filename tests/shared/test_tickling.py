@@ -299,3 +299,16 @@ async def test_a_flight_is_not_resent_while_the_pulls_ahead_of_its_own_are_still
             await asyncio.sleep(0.1)
             assert tickler.ack(f"t{i}")
         assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_flight_whose_turn_came_waits_a_while_for_its_pull_among_the_later_ones() -> None:
+    # pulls arrive out of order: the first flight's comes after the 15 sent after it, each
+    # 0.1 s apart, while the server keeps serving (1.6 s: three times its 0.5 s delay)
+    backoff = Backoff(base_s=0.5, max_s=3, tries=3, jitter=0)
+    async with tickling(16, backoff, window=30) as (tickler, receivers, metrics):
+        tickle_all(tickler, receivers)
+        await _first_tickles(receivers, list(range(16)))
+        for i in [*range(1, 16), 0]:
+            await asyncio.sleep(0.1)
+            assert tickler.ack(f"t{i}")
+        assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
