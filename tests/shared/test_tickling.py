@@ -312,3 +312,26 @@ async def test_a_flight_whose_turn_came_waits_a_while_for_its_pull_among_the_lat
             await asyncio.sleep(0.1)
             assert tickler.ack(f"t{i}")
         assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_tickler_whose_pulls_read_after_the_ack_follows_up_only_what_came_after_it() -> (
+    None
+):
+    # the task server's: work cached before the ack is in the pull that acks (the second work
+    # pull of a run re-announces the agents' work: no second tickle and pull each)
+    backoff = Backoff(base_s=5, tries=2, jitter=0)
+    async with tickling(1, backoff, reads_after_ack=True) as (tickler, receivers, metrics):
+        rx, addr = receivers[0][1], receivers[0][2]
+        for _ in range(3):
+            tickler.tickle("t0", addr)  # before the ack: the pull covers it
+        await asyncio.wait_for(rx.queue.get(), 2)
+        assert tickler.ack("t0")
+        await asyncio.sleep(0.1)
+        assert _sent(metrics) == 1
+        assert not tickler.in_flight("t0")
+        tickler.tickle("t0", addr)
+        await asyncio.wait_for(rx.queue.get(), 2)
+        assert tickler.ack("t0")
+        tickler.tickle("t0", addr)  # after the ack, before its flight ended: one more
+        await asyncio.wait_for(rx.queue.get(), 2)
+        assert _sent(metrics) == 3
