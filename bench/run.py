@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -63,7 +64,7 @@ from tickle.messages import (
     TaskServerRegister,
 )
 from tickle.testing.localfleet import NS_API_PORT, AgentSpec, LocalFleet, scrape_metric
-from tickle.testing.simagents import PER_PROCESS, SimAgents
+from tickle.testing.simagents import PER_PROCESS, SimAgents, Trace
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -429,6 +430,7 @@ class FleetRun:
     # CPU-seconds from the run-now until every execution was recorded: each server process (by
     # name), and "sim": the simulated agents' processes together
     run_cpu_s: dict[str, float] = field(default_factory=dict)
+    traces: list[Trace] = field(default_factory=list)  # each simulated agent's first pull
 
 
 @dataclass
@@ -483,6 +485,7 @@ async def fleet_run(
     sims = SimAgents(fleet, agents, sim_net(), per_process=per_process)
     per_tenth: Counter[int] = Counter()
     restart_at = None
+    run_cpu_s: dict[str, float] = {}
     servers = {name: p.popen.pid for name, p in fleet.procs.items() if p.popen is not None}
     try:
         cpu_before = {name: _proc_cpu_s(pid) for name, pid in servers.items()}
@@ -524,13 +527,18 @@ async def fleet_run(
         await fleet.stop()
         if relay is not None:
             await relay.close()
+    if KEEP is not None:  # each agent's own times beside the timelines, for a closer look
+        (root / "agents.json").write_text(json.dumps({
+            "traces": [dataclasses.astuple(t) for t in sims.traces],
+            "timelines": {e.computer: timeline_times(e) for e in run.executions},
+        }))  # fmt: skip
     done = sum(e.status == "succeeded" for e in run.executions)
     recorded = [timeline_times(e).get("recorded") for e in run.executions]
     created = min((timeline_times(e).get("created") or 0.0) for e in run.executions)
     wall = max(t for t in recorded if t) - created if done == agents else None
     return FleetRun(agents, register_s, accepted_ms, wall, done, run.executions, ts_metrics,
                     per_tenth, restart_at, done_at, ns_restart, register_cpu_s,
-                    run_cpu_s)  # fmt: skip
+                    run_cpu_s, sims.traces)  # fmt: skip
 
 
 async def _across_ns_restart(
@@ -579,10 +587,55 @@ def fleet_md(title: str, f: FleetRun) -> list[str]:
         f"{m.get('tickle_pulls_total', 0):.0f} agent pulls, "
         f"{m.get('tickle_status_events_total', 0):.0f} status events, "
         f"{m.get('tickle_http_refused_total', 0):.0f} requests refused",
+        *_run_cpu(f),
         "",
         *hop_rows(f.executions),
         "",
+        *agent_side_rows(f),
     ]
+
+
+def agent_side_rows(f: FleetRun) -> list[str]:
+    """The tickle → pull hop split by the simulated agents' own times: the first tickle sent
+    (task server) → received (agent) → its pull sent (agent) → served (task server) → answered
+    (agent); and how many tickles each agent received."""
+    sent = {e.computer: timeline_times(e) for e in f.executions}
+    spans: dict[str, list[float]] = {name: [] for name in AGENT_SIDE_SPANS}
+    for t in f.traces:
+        times = [sent.get(t.name, {}).get("agent_tickled"), t.tickled_at, t.pull_sent_at,
+                 sent.get(t.name, {}).get("agent_pulled"), t.pulled_at]  # fmt: skip
+        for name, a, b in zip(AGENT_SIDE_SPANS, times, times[1:], strict=False):
+            if a is not None and b is not None:
+                spans[name].append((b - a) * 1000)
+    if not f.traces:
+        return []
+    tickles = [t.tickles for t in f.traces]
+    rows = ["| agent_tickled → agent_pulled, the agents' side | p50 (ms) | p99 (ms) |",
+            "|---|---|---|"]  # fmt: skip
+    for name, values in spans.items():
+        if values:
+            rows.append(f"| {name} | {statistics.median(values):.2f} | {pct(values, 99):.2f} |")
+    rows += ["", f"tasks tickles received per agent: mean {statistics.mean(tickles):.2f}, "
+             f"max {max(tickles)}; agents tickled more than once: "
+             f"{sum(n > 1 for n in tickles)}", ""]  # fmt: skip
+    return rows
+
+
+AGENT_SIDE_SPANS = (
+    "tickle sent → received",
+    "received → pull sent",
+    "pull sent → served (task server)",
+    "served → answer received",
+)
+
+
+def _run_cpu(f: FleetRun) -> list[str]:
+    """The processes' CPU-seconds per 1,000 agents over the run (none after a restart)."""
+    if not f.run_cpu_s:
+        return []
+    parts = ", ".join(f"{name} {s / f.agents * 1000:.2f}" for name, s in f.run_cpu_s.items())
+    total = sum(f.run_cpu_s.values()) / f.agents * 1000
+    return [f"CPU-seconds per 1,000 agents, run-now → all recorded: {parts} (total {total:.2f})"]
 
 
 def register_cpu(f: FleetRun) -> tuple[float, float]:

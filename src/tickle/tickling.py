@@ -6,9 +6,14 @@ it reads the work, so work created after the ack gets a tickle of its own.
 
 A tickler given a `window` (the task server's, tickling its agents) paces itself by the pulls it
 waits for: at most `window` first sends are outstanding (sent, neither acknowledged nor resent
-yet), the next waits for an ack; and a resend waits, beyond its backoff delay, for the pulls queued
-ahead of its own to be served at the recent rate of acks, so an agent whose pull is still queued is
-not tickled again (each resend would bring one more pull to the queue).
+yet), the next waits for an ack; and a resend waits, beyond its backoff delay, while the server
+is still serving the pulls queued ahead of its own: its delay counts from the last pull served
+(if after its send), plus the time those ahead take at the rate acks came this busy spell; once
+they are served, still from the last pull served, for at most the backoff's longest delay more
+(agents answer out of order too). So an agent whose pull is still queued is not
+tickled again (each resend would bring one more pull to the queue), however slowly or in bursts
+the server answers them: a server short of CPU serves its pulls in bursts, and the time between
+the acks of one burst says nothing of the queue.
 """
 
 from __future__ import annotations
@@ -50,20 +55,23 @@ class _InFlight:
 class _Window:
     """At most `size` first sends outstanding; the others wait, first come first served.
 
-    `queue_wait_s` estimates how long a flight's own pull waits behind those of the earlier first
-    sends not acknowledged yet (resent or not), at `gap_s`, the mean time between the last `RECENT`
-    acks of a busy spell (over a span, not gap by gap: a server answers its pulls in bursts).
+    A busy spell lasts while a first send's pull is due (sent, its flight neither acknowledged nor
+    ended). `last_ack` is when this spell's last pull came; `gap_s` the mean time between acks
+    over the spell (from its start to its last ack: a mean over bursts and the pauses between
+    them, not within one burst), kept from one spell to the next until an ack measures it anew;
+    `queue_wait_s` estimates from it how long a flight's own pull waits behind those of the earlier
+    first sends not acknowledged yet (resent or not).
     """
-
-    RECENT = 64
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.outstanding = 0
         self.entered = 0  # first sends ever let through
         self.served = 0  # of those, the flights acknowledged or ended
-        self.gap_s = 0.0  # kept from one busy spell to the next until two acks measure it anew
-        self._acks: deque[float] = deque(maxlen=self.RECENT)  # this busy spell's last acks
+        self.gap_s = 0.0
+        self.last_ack: float | None = None  # monotonic time of this spell's last ack
+        self._spell_start = 0.0
+        self._spell_acks = 0
         self._waiting: deque[_InFlight] = deque()
 
     async def enter(self, flight: _InFlight) -> bool:
@@ -84,8 +92,6 @@ class _Window:
             return
         flight.holds = False
         self.outstanding -= 1
-        if not self.outstanding:
-            self._acks.clear()  # idle: the time to the next ack is no gap between pulls served
         while self._waiting and self.outstanding < self.size:
             nxt = self._waiting.popleft()
             if nxt.waiter is not None and not nxt.waiter.done():
@@ -93,12 +99,13 @@ class _Window:
                 nxt.waiter.set_result(True)
 
     def acked(self, flight: _InFlight) -> None:
-        """A pull acknowledged `flight`: update the mean gap between acks, free its place, and
-        stop its wait for one."""
-        if self.outstanding:
-            self._acks.append(time.monotonic())
-            if len(self._acks) > 1:
-                self.gap_s = (self._acks[-1] - self._acks[0]) / (len(self._acks) - 1)
+        """A pull acknowledged `flight`: note it in the spell's rate, free its place, and stop
+        its wait for one."""
+        if flight.queued:
+            now = time.monotonic()
+            self._spell_acks += 1
+            self.last_ack = now
+            self.gap_s = (now - self._spell_start) / self._spell_acks
         if flight.waiter is not None and not flight.waiter.done():
             flight.waiter.set_result(False)
         self.end(flight)
@@ -110,12 +117,20 @@ class _Window:
             self.served += 1
         self.leave(flight)
 
+    def ahead(self, flight: _InFlight) -> int:
+        """How many pulls of earlier first sends are still to be served before `flight`'s."""
+        return max(0, flight.order - self.served)
+
     def queue_wait_s(self, flight: _InFlight) -> float:
         """How long the pulls of the first sends ahead of `flight`'s, not yet served, will take:
-        at the recent mean gap between acks (none known yet: no wait)."""
-        return max(0, flight.order - self.served) * self.gap_s
+        at the spell's mean gap between acks (none known yet: no wait)."""
+        return self.ahead(flight) * self.gap_s
 
     def _take(self, flight: _InFlight) -> None:
+        if self.entered == self.served:  # no pull due: a new busy spell
+            self._spell_start = time.monotonic()
+            self._spell_acks = 0
+            self.last_ack = None
         flight.holds = True
         flight.queued = True
         flight.order = self.entered
@@ -137,13 +152,19 @@ class Tickler:
         on_sent: SentCallback | None = None,
         rate: float | None = None,
         window: int | None = None,
+        reads_after_ack: bool = False,
     ) -> None:
         """`rate`: at most this many sends per second (first sends and resends), the rest wait
         their turn; a resend's delay counts from its own send, plus the wait of the sends queued
         then (a sender behind its sends is behind serving their pulls too).
 
         `window`: at most this many first sends outstanding (see the module's doc); None, as
-        the NS tickle server has it, sends at once."""
+        the NS tickle server has it, sends at once.
+
+        `reads_after_ack`: the server reads what the target pulls right after the ack, with
+        nothing between (the task server's agent pulls read its cache in memory): a tickle asked
+        for before the ack is answered by that pull, and only one asked for after it is sent
+        again. Otherwise any tickle asked for during a flight is followed by one more."""
         self.sender_id = sender_id
         self._key_for = key_for
         self._metrics = metrics
@@ -158,6 +179,7 @@ class Tickler:
         self._interval = 1.0 / rate if rate else 0.0
         self._next_slot = 0.0  # loop time of the next free send slot
         self._window = _Window(window) if window else None
+        self._reads_after_ack = reads_after_ack
 
     async def start(self, local_addr: tuple[str, int] = ("0.0.0.0", 0)) -> None:
         """Open the sending socket (an ephemeral port unless told otherwise)."""
@@ -173,7 +195,8 @@ class Tickler:
             return
         current = self._inflight.get((target, kind))
         if current is not None:
-            current.again = True  # coalesced: one more tickle follows the ack
+            # coalesced: one more tickle follows the ack, unless the pull that acks will see this
+            current.again = current.again or current.acked.is_set() or not self._reads_after_ack
             current.addr = addr
             return
         flight = _InFlight(addr=addr, first_sent=time.time())
@@ -269,15 +292,24 @@ class Tickler:
             await _call(self._on_unreachable, target)
 
     async def _wait_for_ack(self, flight: _InFlight, delay: float) -> bool:
-        """Wait `delay`, and with a window as long again as the pulls queued ahead of the
-        flight's own are expected to take (re-estimated as acks come); whether it was acked."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + delay
+        """Wait `delay`; with a window, not while the server is still serving the pulls queued
+        ahead of the flight's own: while some are, the delay counts from the last pull served
+        (if after this send), plus the time those queued ahead are expected to take (at most
+        the backoff's longest delay); once none is, still from the last pull served, for at most
+        the backoff's longest delay more (pulls arrive out of order). Whether it was acked."""
+        start = time.monotonic()
+        head_at: float | None = None  # when the pulls ahead of its own were seen served
         while True:
-            extra = 0.0
+            deadline = start + delay
             if self._window is not None:
-                extra = min(self._window.queue_wait_s(flight), self._backoff.max_s)
-            remaining = deadline + extra - loop.time()
+                since = max(start, self._window.last_ack or start)
+                if self._window.ahead(flight) > 0:
+                    queued = min(self._window.queue_wait_s(flight), self._backoff.max_s)
+                    deadline = since + delay + queued
+                else:  # its turn came: the pulls ahead arrive out of order too, not for long
+                    head_at = since if head_at is None else head_at
+                    deadline = min(since, head_at + self._backoff.max_s) + delay
+            remaining = deadline - time.monotonic()
             if remaining <= 0 or flight.acked.is_set():
                 return flight.acked.is_set()
             with contextlib.suppress(TimeoutError):

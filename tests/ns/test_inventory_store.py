@@ -4,6 +4,9 @@ registrations written together (one transaction) each answered as if it came alo
 
 from __future__ import annotations
 
+import time
+
+import pytest
 from sqlalchemy import event
 
 from tests.ns.test_delivery_store import stores, task_server  # noqa: F401  (a fixture)
@@ -68,3 +71,39 @@ def test_registrations_written_together_are_one_commit_each_judged_as_if_alone(
         ("old", "ts2"), ("pc1", "ts1")
     ]  # fmt: skip
     assert [(r.name, r.state) for r in stores.registrations.registrations()] == [("new", "pending")]
+
+
+def check_computer_states_apply_each_column_and_name_the_unknown(stores: Stores) -> None:  # noqa: F811
+    """A task server's batch of states: each column it carries applied to its own clients (the
+    latest contact kept), the names the NS does not know returned, another task server's client
+    left alone and refused after the others are applied."""
+    ts1, ts2 = task_server(stores, "ts1"), task_server(stores, "ts2")
+    for name in ("pc1", "pc2", "pc3"):
+        stores.inventory.register_agent(ts1, m.AgentRegistration(name=name, reported_address="10.0.0.1"))  # fmt: skip
+    stores.inventory.register_agent(ts2, m.AgentRegistration(name="other"))
+    later = time.time() + 100  # than the registrations' contacts
+    states = [
+        m.ComputerState(name="pc1", at=2.0, contact_at=later, settings_version=3),
+        m.ComputerState(name="pc1", at=1.0, contact_at=later - 50),  # older: the latest stays
+        m.ComputerState(name="pc2", at=1.0, tickle_state="unreachable", clock_offset_s=-1.5),
+        m.ComputerState(name="pc3", at=1.0, observed_address="192.0.2.7"),
+        m.ComputerState(name="gone", at=1.0, contact_at=1000.0),
+    ]
+    assert stores.inventory.update_computer_states(ts1, states) == ["gone"]
+    with pytest.raises(Forbidden, match="other"):
+        stores.inventory.update_computer_states(ts1, [
+            m.ComputerState(name="other", at=1.0, tickle_state="unreachable"),
+            m.ComputerState(name="pc1", at=3.0, tickle_state="reachable"),
+        ])  # fmt: skip
+    got = {c.name: c for c in stores.inventory.computers()}
+    pc1, pc2, pc3, other = got["pc1"], got["pc2"], got["pc3"], got["other"]
+    assert (pc1.last_contact_at, pc1.settings_version, pc1.tickle_state) == (later, 3, "reachable")
+    assert (pc2.tickle_state, pc2.clock_offset_s) == ("unreachable", -1.5)
+    assert (pc3.observed_address, pc3.nat_detected) == ("192.0.2.7", True)
+    assert other.tickle_state != "unreachable"
+
+
+def test_computer_states_apply_each_column_and_name_the_unknown(
+    stores: Stores,  # noqa: F811
+) -> None:
+    check_computer_states_apply_each_column_and_name_the_unknown(stores)

@@ -18,6 +18,9 @@ from tests.ns.test_delivery_store import (
     check_a_batch_records_each_event_once_and_only_from_its_task_server,
     check_run_now_answers_the_run_as_read_back,
 )
+from tests.ns.test_inventory_store import (
+    check_computer_states_apply_each_column_and_name_the_unknown,
+)
 from tests.reliability import record
 from tickle import messages as m
 from tickle.ns.credentials import Caller, token_sha256
@@ -269,6 +272,13 @@ def test_a_batch_records_each_event_once_and_only_from_its_task_server_on_postgr
 ) -> None:
     # PostgreSQL inserts the batch's events in one statement that skips the ids recorded before
     check_a_batch_records_each_event_once_and_only_from_its_task_server(stores[0])
+
+
+def test_computer_states_apply_each_column_and_name_the_unknown_on_postgresql(
+    stores: tuple[Stores, Stores],
+) -> None:
+    # PostgreSQL reads the names from one array and updates from one JSON document (`bulk`)
+    check_computer_states_apply_each_column_and_name_the_unknown(stores[0])
 
 
 def test_a_pull_and_the_sweep_ending_its_executions_at_once_both_finish_without_a_deadlock(

@@ -269,3 +269,69 @@ async def test_without_a_window_every_first_send_goes_at_once() -> None:
         tickle_all(tickler, receivers)  # the NS's tickler: no window
         await _first_tickles(receivers, list(range(40)))  # no ack needed for any of them
         assert _sent(metrics) == 40
+
+
+async def test_pulls_served_in_bursts_do_not_make_the_queued_flights_resend() -> None:
+    # a task server short of CPU serves its pulls in bursts: 70 acks in one instant, then none
+    # for 0.5 s. Each flight still waiting is behind pulls the server is serving: none is resent
+    backoff = Backoff(base_s=1.0, max_s=5, tries=3, jitter=0)
+    async with tickling(210, backoff, window=300) as (tickler, receivers, metrics):
+        tickle_all(tickler, receivers)
+        await _first_tickles(receivers, list(range(210)))
+        for burst in range(3):
+            await asyncio.sleep(0.2 if burst == 0 else 0.5)
+            for i in range(70 * burst, 70 * (burst + 1)):
+                assert tickler.ack(f"t{i}")
+        assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
+        assert all(rx.queue.empty() for _, rx, _ in receivers)
+
+
+async def test_a_flight_is_not_resent_while_the_pulls_ahead_of_its_own_are_still_being_served() -> (
+    None
+):
+    # the server serves a pull every 0.1 s, steadily: the 20th waits 2 s for its turn, four
+    # times its 0.5 s delay and longer than the backoff's longest delay twice over
+    backoff = Backoff(base_s=0.5, max_s=0.5, tries=3, jitter=0)
+    async with tickling(20, backoff, window=30) as (tickler, receivers, metrics):
+        tickle_all(tickler, receivers)
+        await _first_tickles(receivers, list(range(20)))
+        for i in range(20):
+            await asyncio.sleep(0.1)
+            assert tickler.ack(f"t{i}")
+        assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_flight_whose_turn_came_waits_a_while_for_its_pull_among_the_later_ones() -> None:
+    # pulls arrive out of order: the first flight's comes after the 15 sent after it, each
+    # 0.1 s apart, while the server keeps serving (1.6 s: three times its 0.5 s delay)
+    backoff = Backoff(base_s=0.5, max_s=3, tries=3, jitter=0)
+    async with tickling(16, backoff, window=30) as (tickler, receivers, metrics):
+        tickle_all(tickler, receivers)
+        await _first_tickles(receivers, list(range(16)))
+        for i in [*range(1, 16), 0]:
+            await asyncio.sleep(0.1)
+            assert tickler.ack(f"t{i}")
+        assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_tickler_whose_pulls_read_after_the_ack_follows_up_only_what_came_after_it() -> (
+    None
+):
+    # the task server's: work cached before the ack is in the pull that acks (the second work
+    # pull of a run re-announces the agents' work: no second tickle and pull each)
+    backoff = Backoff(base_s=5, tries=2, jitter=0)
+    async with tickling(1, backoff, reads_after_ack=True) as (tickler, receivers, metrics):
+        rx, addr = receivers[0][1], receivers[0][2]
+        for _ in range(3):
+            tickler.tickle("t0", addr)  # before the ack: the pull covers it
+        await asyncio.wait_for(rx.queue.get(), 2)
+        assert tickler.ack("t0")
+        await asyncio.sleep(0.1)
+        assert _sent(metrics) == 1
+        assert not tickler.in_flight("t0")
+        tickler.tickle("t0", addr)
+        await asyncio.wait_for(rx.queue.get(), 2)
+        assert tickler.ack("t0")
+        tickler.tickle("t0", addr)  # after the ack, before its flight ended: one more
+        await asyncio.wait_for(rx.queue.get(), 2)
+        assert _sent(metrics) == 3

@@ -3,6 +3,7 @@ agents; a computer the NS forgot loses its credentials at the task server."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from tickle.messages import ComputerState
@@ -73,3 +74,21 @@ async def test_a_computer_the_ns_forgot_loses_its_credentials_at_the_task_server
     await wait_until(lambda: harness.running.store.client("pc1") is None, what="pc1 dropped")
     status, _ = await harness.call(agent, "GET", "/api/agent/tasks?via=poll")
     assert status == 401, "its token no longer authenticates: it must register anew"
+
+
+async def test_state_changes_a_run_brings_one_after_another_reach_the_ns_in_few_reports(
+    harness: TaskServerHarness,
+) -> None:
+    # a run-now on a fleet: its agents answer their tickles one after another, each turning
+    # reachable; reported one post each, every pull of the run cost the NS a write of its own
+    harness.overrides["contact_report_interval_s"] = 3600
+    ts = await harness.start()
+    calls = harness.ns.count("states")
+    for i in range(20):
+        ts.reporter.tickle_state(f"pc{i:02d}", "reachable")
+        await asyncio.sleep(0.005)  # the NS answers each report meanwhile
+    await wait_until(
+        lambda: len({s.name for s in harness.ns.states if s.tickle_state}) == 20,
+        what="the 20 reachable states at the NS",
+    )
+    assert harness.ns.count("states") - calls <= 3

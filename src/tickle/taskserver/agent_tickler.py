@@ -60,6 +60,7 @@ class AgentTickler:
             on_sent=self.on_sent,
             rate=rate,
             window=window,
+            reads_after_ack=True,  # AgentPulls.tasks reads the cache right after its ack
         )
 
     @property

@@ -4,8 +4,10 @@ settings version), tickle reachability, NAT.
 Cheap on the hot path: an agent's contact (poll, pull, policy fetch, status event) is one dict
 write here; the contacts are reported in batches every `contact_interval_s`, so 10,000 agents
 cost the NS a few writes per interval, not one per pull. State changes (reachability, a new
-address) are reported at once. Reports are merged per computer (the latest wins), posted in order
-by one background worker in parts of at most `BATCH` computers, retried with backoff, and
+address) are reported at once, and those that follow a report within `COALESCE_S` go together
+after that (a run-now on a fleet turns its agents reachable one pull after another: one post each
+would cost the NS a write per pull). Reports are merged per computer (the latest wins), posted
+in order by one background worker in parts of at most `BATCH` computers, retried with backoff, and
 dropped with a warning after the last try. Computers the NS answers it does not know (forgotten
 by the operator) are handed to `on_forgotten`, which drops their credentials.
 """
@@ -28,6 +30,7 @@ from tickle.taskserver.ns_client import NsClient
 
 log = logging.getLogger(__name__)
 BATCH = 1000  # computers per report
+COALESCE_S = 0.25  # the changes that follow a report within this go in the next, together
 
 
 class StateReporter:
@@ -109,8 +112,11 @@ class StateReporter:
             self.flush_contacts()
 
     async def _run(self) -> None:
+        last_post = -COALESCE_S
         while True:
             await self._wake.wait()
+            await asyncio.sleep(max(0.0, last_post + COALESCE_S - time.monotonic()))
+            last_post = time.monotonic()
             self._wake.clear()
             while self._pending:
                 names = list(self._pending)[:BATCH]

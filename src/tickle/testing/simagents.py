@@ -17,7 +17,8 @@ again after each answer, and after a failure on the real agent's schedule (retri
 `SimAgents` starts the processes (`python -m tickle.testing.simagents`) for a `LocalFleet`, spread
 over its task servers, and waits until every agent is registered and listening. Each process
 counts the requests its agents send per tenth of a second, and prints them when stopped
-(`SimAgents.stop` returns the fleet's sums).
+(`SimAgents.stop` returns the fleet's sums), with each agent's `Trace` of its first tickled pull
+(`SimAgents.traces`): where an agent's tickle → pull time goes, on the agent's side.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -35,6 +37,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -68,6 +71,18 @@ def sim_host(net: str, index: int) -> str:
     return f"{net}.{index // 250}.{index % 250 + 1}"
 
 
+@dataclass
+class Trace:
+    """One agent's first tickled pull, as the agent saw it (unix times; None: did not happen),
+    and the `tasks` tickles it received in all."""
+
+    name: str
+    tickled_at: float | None = None  # the first tasks tickle received
+    pull_sent_at: float | None = None  # its pull's first try sent
+    pulled_at: float | None = None  # its pull answered
+    tickles: int = 0
+
+
 class SimAgents:
     """Processes of simulated agents for `fleet`, agent i on task server i mod len(task servers)."""
 
@@ -88,6 +103,7 @@ class SimAgents:
         self.long_poll = long_poll
         self.names = [sim_name(i) for i in range(count)]
         self.procs: list[subprocess.Popen[str]] = []
+        self.traces: list[Trace] = []  # filled by `stop`
 
     async def start(self, deadline_s: float = 120.0) -> float:
         """Start the processes; return the seconds until every agent was registered."""
@@ -143,6 +159,8 @@ class SimAgents:
             for line in out.splitlines():
                 if line.startswith("stats "):
                     per_tenth.update({int(k): v for k, v in json.loads(line[6:]).items()})
+                elif line.startswith("trace "):
+                    self.traces += [Trace(*t) for t in json.loads(line[6:])]
         self.procs.clear()
         return per_tenth
 
@@ -176,6 +194,7 @@ class SimAgent(asyncio.DatagramProtocol):
         self.again = False
         self.tickled = asyncio.Event()  # a tickle arrived while a failed pull waits to retry
         self.pull_failures = 0
+        self.trace = Trace(name)
 
     async def start(self, secret: str) -> None:
         """Register, then listen for tickles (not in CEM mode: it long-polls)."""
@@ -253,6 +272,9 @@ class SimAgent(asyncio.DatagramProtocol):
         except wire.TickleRejected:
             return
         if tickle.kind is wire.Kind.TASKS:
+            self.trace.tickles += 1
+            if self.trace.tickled_at is None:
+                self.trace.tickled_at = time.time()
             if self.pulling:
                 self.again = True
                 self.tickled.set()
@@ -266,6 +288,8 @@ class SimAgent(asyncio.DatagramProtocol):
         end = time.monotonic() + GIVE_UP_S
         while True:
             self.tickled.clear()
+            if self.trace.pull_sent_at is None:
+                self.trace.pull_sent_at = time.time()
             try:
                 tasks: AgentTasks = await self.call(
                     "GET", "/api/agent/tasks", None, AgentTasks, self.token, None,
@@ -284,6 +308,8 @@ class SimAgent(asyncio.DatagramProtocol):
                 self.again = False
                 continue
             self.pull_failures = 0
+            if self.trace.pulled_at is None:
+                self.trace.pulled_at = time.time()
             return tasks
 
     async def hold_long_poll(self) -> None:
@@ -382,6 +408,7 @@ async def main(ts_url: str, net: str, indexes: list[int], long_poll: bool = Fals
         if a.session is not None:
             await a.session.close()
     print("stats " + json.dumps(sent), flush=True)
+    print("trace " + json.dumps([dataclasses.astuple(a.trace) for a in agents]), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import ARRAY, String, any_, bindparam, cast, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from tickle import messages as m
@@ -19,9 +19,10 @@ from tickle.ns.database import Database, retry_on_conflict
 from tickle.ns.errors import Conflict, Forbidden
 from tickle.ns.liveness import DEFAULT_BOUND, OfflineBound
 from tickle.ns.models import Base, Computer, Settings, TaskServer
-from tickle.ns.stores import registrations
+from tickle.ns.stores import bulk, registrations
 
 _COMPUTERS = Base.metadata.tables[Computer.__tablename__]
+_NAMES = ARRAY(String)
 # what an agent's registration reads of the computer of its name
 _ENROLL_COLUMNS = [
     _COMPUTERS.c[name] for name in ("id", "task_server_id", "identity_sha256", "forgotten_at")
@@ -185,15 +186,22 @@ class InventoryStore:
         task server; that refusal is raised after the commit."""
         names = {st.name for st in states}
         with self._db.writing() as s:
-            # the columns it needs, and one executemany UPDATE by id: a batch of 1,000 contacts
-            # must not load (and flush) 1,000 ORM rows
+            postgresql = s.get_bind().dialect.name == "postgresql"
+            # the columns it needs, and one UPDATE per set of columns: a batch of 1,000 contacts
+            # must not load (and flush) 1,000 ORM rows; on PostgreSQL the names go as one array
+            # and the rows as one JSON document (`bulk`), not thousands of placeholders
+            among = (
+                Computer.name == any_(cast(bindparam("names", sorted(names), type_=_NAMES), _NAMES))
+                if postgresql
+                else Computer.name.in_(names)
+            )
             found = {
                 row.name: row
                 for row in s.execute(
                     select(
                         Computer.id, Computer.name, Computer.task_server_id, Computer.cem,
                         Computer.reported_address, Computer.last_contact_at,
-                    ).where(Computer.name.in_(names), Computer.forgotten_at.is_(None))
+                    ).where(among, Computer.forgotten_at.is_(None))
                 )
             }  # fmt: skip
             unknown = sorted(names - found.keys())
@@ -221,8 +229,13 @@ class InventoryStore:
             by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for change in changes.values():
                 by_columns.setdefault(tuple(sorted(change)), []).append(change)
-            for rows in by_columns.values():
-                if len(rows[0]) > 1:
+            for columns, rows in by_columns.items():
+                if len(columns) == 1:  # only the id: nothing to set
+                    continue
+                if postgresql:
+                    varying = [c for c in columns if c != "id"]
+                    s.execute(bulk.update(_COMPUTERS, "id", varying), {"rows": bulk.rows(rows)})
+                else:  # one UPDATE executed for the many rows
                     s.execute(update(Computer), rows)
         if foreign:
             raise Forbidden(f"computer(s) {', '.join(foreign)} not a client of {ts.name!r}")
