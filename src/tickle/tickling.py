@@ -137,13 +137,19 @@ class Tickler:
         on_sent: SentCallback | None = None,
         rate: float | None = None,
         window: int | None = None,
+        reads_after_ack: bool = False,
     ) -> None:
         """`rate`: at most this many sends per second (first sends and resends), the rest wait
         their turn; a resend's delay counts from its own send, plus the wait of the sends queued
         then (a sender behind its sends is behind serving their pulls too).
 
         `window`: at most this many first sends outstanding (see the module's doc); None, as
-        the NS tickle server has it, sends at once."""
+        the NS tickle server has it, sends at once.
+
+        `reads_after_ack`: the pull that acknowledges reads the work after `ack`, in this process
+        (the task server's agents): a tickle asked for while a flight is not acknowledged yet is
+        answered by that pull, and only one asked for after the ack is followed up. Not so for the
+        NS, which may learn of an ack from the database after another process served the pull."""
         self.sender_id = sender_id
         self._key_for = key_for
         self._metrics = metrics
@@ -158,6 +164,7 @@ class Tickler:
         self._interval = 1.0 / rate if rate else 0.0
         self._next_slot = 0.0  # loop time of the next free send slot
         self._window = _Window(window) if window else None
+        self._reads_after_ack = reads_after_ack
 
     async def start(self, local_addr: tuple[str, int] = ("0.0.0.0", 0)) -> None:
         """Open the sending socket (an ephemeral port unless told otherwise)."""
@@ -173,8 +180,11 @@ class Tickler:
             return
         current = self._inflight.get((target, kind))
         if current is not None:
-            current.again = True  # coalesced: one more tickle follows the ack
             current.addr = addr
+            # coalesced: one more tickle follows the ack (not needed before it when the pull to
+            # come reads what is asked for now)
+            if current.acked.is_set() or not self._reads_after_ack:
+                current.again = True
             return
         flight = _InFlight(addr=addr, first_sent=time.time())
         self._inflight[(target, kind)] = flight

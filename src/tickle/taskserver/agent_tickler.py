@@ -60,6 +60,10 @@ class AgentTickler:
             on_sent=self.on_sent,
             rate=rate,
             window=window,
+            # agent_pulls acknowledges before it reads the work cache: work cached while a tickle
+            # waits for its pull is read by that pull (a follow-up was a second pull per agent for
+            # every NS work pull meanwhile: ~3 pulls per execution across a task-server restart)
+            reads_after_ack=True,
         )
 
     @property
