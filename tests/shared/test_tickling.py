@@ -335,3 +335,26 @@ async def test_a_tickler_whose_pulls_read_after_the_ack_follows_up_only_what_cam
         tickler.tickle("t0", addr)  # after the ack, before its flight ended: one more
         await asyncio.wait_for(rx.queue.get(), 2)
         assert _sent(metrics) == 3
+
+
+async def test_reading_after_the_ack_a_tickle_asked_for_before_it_brings_no_second_pull() -> None:
+    # the task server's tickler: its agents' pulls acknowledge before reading the work, so work
+    # tickled while a flight (waiting for its window place, or sent) is not acknowledged yet is
+    # read by the pull to come; only work tickled after the ack needs a follow-up tickle
+    backoff = Backoff(base_s=5, tries=2, jitter=0)
+    async with tickling(2, backoff, window=1, reads_after_ack=True) as (tickler, rx, metrics):
+        tickle_all(tickler, rx)  # t0 sent, t1 waits for the window
+        await _first_tickles(rx, [0])
+        tickle_all(tickler, rx)  # again, before either pull
+        assert tickler.ack("t0")
+        await _first_tickles(rx, [1])
+        async with asyncio.timeout(2):
+            while tickler.in_flight("t0"):
+                await asyncio.sleep(0.01)
+        assert _sent(metrics) == 2  # t0 was not tickled again
+        tickler.tickle("t1", rx[1][2])  # before t1's ack: no follow-up either
+        assert tickler.ack("t1")
+        tickler.tickle("t1", rx[1][2])  # after the ack: work its pull may not have read
+        await _first_tickles(rx, [1])
+        assert _sent(metrics) == 3
+        assert all(r.queue.empty() for _, r, _ in rx)

@@ -92,6 +92,8 @@ class FakeNs:
     refusals: list[tuple[int, str]] = field(default_factory=list)
     refused: list[TaskServerRegister] = field(default_factory=list)
     refusal_retry_after_s: int | None = None  # a Retry-After on those refusals
+    states_busy: int = 0  # the next state reports answered 429 with `refusal_retry_after_s`
+    work_down: int = 0  # the next work pulls answered 503 with `refusal_retry_after_s`
     agent_registrations: list[AgentRegistration] = field(default_factory=list)
     work_delay_s: float = 0.0
     refuse_executions: set[int] = field(default_factory=set)  # events answered with 403
@@ -207,6 +209,11 @@ class FakeNs:
         self._authorized(req)
         self.calls.append("work")
         self.pulls.append(("work", req.query.get("via")))
+        if self.work_down:
+            self.work_down -= 1
+            retry = self.refusal_retry_after_s
+            headers = {} if retry is None else {"Retry-After": str(retry)}
+            return web.json_response({"detail": "restarting"}, status=503, headers=headers)
         if self.work_delay_s:
             await asyncio.sleep(self.work_delay_s)
         if self.work_gate is not None:
@@ -239,6 +246,11 @@ class FakeNs:
     async def _states(self, req: web.Request) -> web.Response:
         self._authorized(req)
         self.calls.append("states")
+        if self.states_busy:
+            self.states_busy -= 1
+            retry = self.refusal_retry_after_s
+            headers = {} if retry is None else {"Retry-After": str(retry)}
+            return web.json_response({"detail": "busy"}, status=429, headers=headers)
         states = [ComputerState.model_validate(s) for s in await req.json()]
         self.states.extend(states)
         forgotten = sorted({s.name for s in states} & self.forgotten)

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from tests.reliability import record
 from tests.taskserver.conftest import FakeNs, TaskServerHarness, wait_until, work_for
 from tickle import wire
 from tickle.messages import SettingsOut, StatusEvent
@@ -103,6 +104,35 @@ async def test_work_found_by_the_periodic_check_is_tickled_without_an_ns_tickle(
     assert fake_ns.count("work") > checks
     assert harness.running.metrics.tickles_received.labels(kind="tasks")._value.get() == 0
     assert agent.tickles("ts1")[0].kind is wire.Kind.TASKS
+
+
+async def test_a_work_pull_that_failed_while_the_ns_restarts_is_tried_again_until_it_answers(
+    fake_ns: FakeNs, harness: TaskServerHarness
+) -> None:
+    # the NS died under the pull its tickle caused: the work must not wait for the periodic
+    # check (a minute), nor for a tickle from an NS that may not know it still owes one
+    await harness.start()
+    agent = await harness.register_agent("pc1")
+    fake_ns.work = [work_for(1, "pc1")]
+    fake_ns.work_down = 2
+    fake_ns.refusal_retry_after_s = 1
+    pulls = fake_ns.count("work")
+    harness.send_tickle(fake_ns.tickle())
+
+    await wait_until(lambda: agent.socket.datagrams, within_s=15, what="the work, tickled")
+    tried = fake_ns.count("work") - pulls
+    record(
+        case="NS restarting under a task server's work pull",
+        done="the NS's tickle makes the task server pull; the NS answers 503 (Retry-After 1) "
+        "twice, then the work",
+        outcome="pulled again after Retry-After until answered; the agent tickled"
+        if tried == 3
+        else f"{tried} pulls",
+        tried=tried,
+    )
+    assert tried == 3  # two refused, then the one that answered
+    assert fake_ns.vias("work")[-3:] == ["tickle"] * 3  # a retry acknowledges the NS's tickle
+    assert harness.running.metrics.tickles_received.labels(kind="tasks")._value.get() == 1
 
 
 async def test_work_cached_before_a_restart_is_tickled_at_start(

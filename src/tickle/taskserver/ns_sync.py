@@ -6,6 +6,12 @@ pull is never missed and a burst of tickles costs at most two pulls. Every pull 
 tickle's resend window never makes a task server with blocked tickles look reachable. The
 periodic check is the task server's native tickle: work it finds there (or finds cached at start)
 is tickled to the agents without any NS tickle.
+
+A pull that failed because the NS is away or busy (no answer, 5xx, 429) is tried again on `RETRY`
+after the NS's Retry-After, with full jitter, until it answers: an NS that restarted under a
+pull its tickle caused may not tickle again, and the periodic check may be a minute off. The task
+servers of a restarted NS come back spread over the window; a trigger meanwhile (the NS's tickle:
+it is back) pulls at once.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from tickle.http import ApiError
+from tickle.backoff import Backoff
+from tickle.http import ApiError, retry_after_s
 from tickle.messages import TsPullVia
 from tickle.taskserver.agent_tickler import AgentTickler
 from tickle.taskserver.ns_client import NsClient
@@ -25,6 +32,9 @@ from tickle.taskserver.store import Store
 from tickle.taskserver.work_cache import WorkCache
 
 log = logging.getLogger(__name__)
+# a pull the NS did not answer (away, restarting, busy): tried again over a window drawn anew each
+# time, until it answers
+RETRY = Backoff(base_s=1.0, max_s=30.0, tries=None, full_jitter=True)
 
 
 class NsSync:
@@ -110,40 +120,75 @@ class Coalesced:
     a tickle run (the tickle must be acknowledged, and only a tickle-caused pull does that).
     """
 
-    def __init__(self, name: str, job: Callable[[TsPullVia], Awaitable[None]]) -> None:
+    def __init__(
+        self, name: str, job: Callable[[TsPullVia], Awaitable[None]], retry: Backoff = RETRY
+    ) -> None:
         self._name = name
         self._job = job
+        self._retry = retry
         self._again: TsPullVia | None = None
+        self._triggered = asyncio.Event()  # cuts a retry's wait short
         self._task: asyncio.Task[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []  # `run` calls: for the next try to end
 
     def trigger(self, via: TsPullVia) -> None:
         if self._task is not None and not self._task.done():
             self._again = "tickle" if "tickle" in (self._again, via) else via
+            self._triggered.set()
             return
         self._task = asyncio.create_task(self._run(via))
 
     async def run(self, via: TsPullVia) -> None:
-        """Trigger and wait for the run (and any coalesced run after it) to end."""
+        """Trigger and wait for the next try to end (answered or not: its retries go on in the
+        background)."""
+        done = asyncio.get_running_loop().create_future()
+        self._waiters.append(done)
         self.trigger(via)
-        if self._task is not None:
-            await asyncio.shield(self._task)
+        await asyncio.shield(done)
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        _release(self._waiters)
 
     async def _run(self, via: TsPullVia) -> None:
+        failures = 0
         while True:
             self._again = None
+            self._triggered.clear()
+            waiting, self._waiters = self._waiters, []
             try:
                 await self._job(via)
+                failures = 0
             except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
-                # the next tickle or periodic check tries again
-                log.warning("%s from the NS failed: %s", self._name, exc)
+                if isinstance(exc, ApiError) and exc.status < 500 and exc.status != 429:
+                    # refused, not away: the next tickle or periodic check tries again
+                    log.warning("%s from the NS failed: %s", self._name, exc)
+                else:
+                    delay = self._retry.wait(failures, retry_after_s(exc))
+                    failures += 1
+                    log.warning("%s from the NS failed: %s; retry %d in %.1fs",
+                                self._name, exc, failures, delay)  # fmt: skip
+                    _release(waiting)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._triggered.wait(), delay)
+                    # the same pull again (one a tickle caused still acknowledges it), merged
+                    # with what was asked for meanwhile
+                    again = self._again
+                    via = "tickle" if "tickle" in (again, via) else via
+                    continue
             except Exception:
                 log.exception("%s failed", self._name)
+            finally:
+                _release(waiting)
             if self._again is None:
                 return
             via = self._again
+
+
+def _release(waiters: list[asyncio.Future[None]]) -> None:
+    for done in waiters:
+        if not done.done():
+            done.set_result(None)

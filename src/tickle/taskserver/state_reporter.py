@@ -7,7 +7,8 @@ cost the NS a few writes per interval, not one per pull. State changes (reachabi
 address) are reported at once, and those that follow a report within `COALESCE_S` go together
 after that (a run-now on a fleet turns its agents reachable one pull after another: one post each
 would cost the NS a write per pull). Reports are merged per computer (the latest wins), posted
-in order by one background worker in parts of at most `BATCH` computers, retried with backoff, and
+in order by one background worker in parts of at most `BATCH` computers, retried with backoff (full
+jitter, after a busy NS's `Retry-After`: the task servers of a restarted NS come back spread), and
 dropped with a warning after the last try. Computers the NS answers it does not know (forgotten
 by the operator) are handed to `on_forgotten`, which drops their credentials.
 """
@@ -24,13 +25,16 @@ from typing import Literal
 import aiohttp
 
 from tickle.backoff import Backoff
-from tickle.http import ApiError
+from tickle.http import ApiError, retry_after_s
 from tickle.messages import ComputerState, TickleState
 from tickle.taskserver.ns_client import NsClient
 
 log = logging.getLogger(__name__)
 BATCH = 1000  # computers per report
 COALESCE_S = 0.25  # the changes that follow a report within this go in the next, together
+# a report the NS did not take: tried again over a window drawn anew each time (full jitter)
+RETRY = Backoff(base_s=1.0, max_s=30.0, tries=6, full_jitter=True)
+BUSY = 429  # the NS is busy: "not now", unlike the other 4xx
 
 
 class StateReporter:
@@ -44,7 +48,7 @@ class StateReporter:
         on_forgotten: Callable[[list[str]], None] | None = None,
     ) -> None:
         self._ns = ns
-        self._backoff = backoff or Backoff(base_s=1.0, max_s=30.0, tries=6)
+        self._backoff = backoff or RETRY
         self._contact_interval_s = contact_interval_s
         self._on_forgotten = on_forgotten
         self._pending: dict[str, ComputerState] = {}
@@ -124,7 +128,7 @@ class StateReporter:
                 await self._deliver(batch)
 
     async def _deliver(self, batch: list[ComputerState]) -> None:
-        delays = self._backoff.delays()
+        attempt = 0
         while True:
             try:
                 forgotten = await self._ns.computer_states(batch)
@@ -133,16 +137,17 @@ class StateReporter:
                     self._on_forgotten(forgotten)
                 return
             except ApiError as exc:
-                if exc.status < 500:  # the NS will not take it however often it is sent
+                if exc.status < 500 and exc.status != BUSY:  # refused however often sent
                     log.warning("the NS refused computer states %s: %s", _names(batch), exc)
                     return
                 problem: Exception = exc
             except (aiohttp.ClientError, TimeoutError) as exc:
                 problem = exc
-            delay = next(delays, None)
-            if delay is None:
+            attempt += 1
+            if self._backoff.tries is not None and attempt >= self._backoff.tries:
                 log.warning("computer states %s not delivered: %s", _names(batch), problem)
                 return
+            delay = self._backoff.wait(attempt - 1, retry_after_s(problem))
             log.info("computer states not delivered (%s); retry in %.1fs", problem, delay)
             await asyncio.sleep(delay)
 

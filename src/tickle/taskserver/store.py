@@ -347,7 +347,7 @@ class Store:
 
     def mark_all(self, flags: Mapping[str, Iterable[int]], durable: bool = True) -> None:
         """Set each flag (`agent_tickled`, `agent_pulled`, `done`) on its executions, in one
-        transaction (`durable=False`: not synced, see `localdb.transaction` and `localdb.WalSync`)."""
+        transaction (`durable=False`: not synced, see `localdb.transaction`, `localdb.WalSync`)."""
         for flag in flags:
             if flag not in ("agent_tickled", "agent_pulled", "done"):
                 raise ValueError(f"unknown work flag {flag!r}")

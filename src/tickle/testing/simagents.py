@@ -60,6 +60,9 @@ SECRET_ENV = "TICKLE_SIM_ENROLLMENT_SECRET"  # noqa: S105 - the name of a variab
 # how long a simulated agent keeps trying one request (the servers may be busy, or restarting)
 GIVE_UP_S = 120.0
 BUSY = frozenset({429, 503})
+# answers a real agent tries again too (its pull on retries.PULL, its posts on their schedules):
+# a server that timed the request out (408: its head came too slowly from a loaded agent) or failed
+AGAIN = frozenset({408, 500, 502, 504})
 
 
 def sim_name(index: int) -> str:
@@ -246,7 +249,7 @@ class SimAgent(asyncio.DatagramProtocol):
                 method, self.ts_url + path, data=data, params=params, headers=headers
             ) as resp:
                 raw = await resp.read()
-                if resp.status in BUSY:
+                if resp.status in BUSY or resp.status in AGAIN:
                     retry_after = resp.headers.get("Retry-After", "")
                     raise _Busy(float(retry_after) if retry_after.isdigit() else None)
                 if resp.status >= 400:

@@ -1,0 +1,48 @@
+"""The task server's reports of its agents' states reach a busy NS: after its Retry-After, spread."""
+
+from __future__ import annotations
+
+import time
+
+from tickle.backoff import Backoff
+from tickle.messages import ComputerState, TaskServerCredentials
+from tickle.taskserver.ns_client import NsClient
+from tickle.taskserver.state_reporter import StateReporter
+
+from .conftest import FakeNs, wait_until
+
+
+async def test_a_state_report_a_busy_ns_refused_is_sent_again_after_its_retry_after(
+    fake_ns: FakeNs,
+) -> None:
+    # 429 is "not now", not "never": the report was dropped as refused for good before
+    fake_ns.states_busy = 1
+    fake_ns.refusal_retry_after_s = 1
+    ns = NsClient(fake_ns.url)
+    creds = TaskServerCredentials(name="ts1", token=fake_ns.ts_token, tickle_key="", ns_id="ns")
+    ns.use_credentials(creds, reregister=_never)
+    reporter = StateReporter(ns, Backoff(base_s=0.05, max_s=0.1, tries=3, full_jitter=True))
+    reporter.start()
+    try:
+        sent_at = time.monotonic()
+        reporter.report(ComputerState(name="pc1", tickle_state="unreachable", at=time.time()))
+        await wait_until(lambda: fake_ns.states, within_s=10, what="the report delivered")
+        assert fake_ns.count("states") == 2
+        assert time.monotonic() - sent_at >= 1.0  # not before the NS's Retry-After
+        assert [s.name for s in fake_ns.states] == ["pc1"]
+    finally:
+        await reporter.close()
+        await ns.close()
+
+
+def test_state_reports_lost_together_come_back_spread_over_the_window() -> None:
+    # every task server of a restarted NS failed its reports at the same moment
+    from tickle.taskserver import state_reporter
+
+    delays = {round(state_reporter.RETRY.delay(0), 3) for _ in range(50)}
+    assert state_reporter.RETRY.full_jitter
+    assert len(delays) > 25
+
+
+async def _never() -> TaskServerCredentials:
+    raise AssertionError("the token is valid: no registration")
