@@ -16,11 +16,11 @@ request of the next turn sees them; only the answers wait for the sync (a power 
 loses writes nobody was told of: the agent posts its events again, a hop is reported again).
 
 A commit of the task server's own hop reports alone (`agent_tickled`, `agent_pulled`, no agent's
-event) is not synced, and its request waits for no sync: it survives a crash of the process, and
-a power cut can undo it only until the next synced commit (the next agent event's). What that
-loses is at most a timeline's time, or a hop reported twice (flag lost, event kept: the NS keeps a
-hop's first time). The two syncs (outbox, cache) sat on the event loop between an agent's tickle and its pull, and between
-its pull's answer and its `started`: on every run's path.
+event) is not synced, and its request waits for no sync: it survives a crash of the process, and a
+power cut can undo it only until the next synced commit (the next agent event's). What that loses is
+at most a timeline's time, or a hop reported twice (flag lost, event kept: the NS keeps a hop's
+first time). The two syncs (outbox, cache) sat on the event loop between an agent's tickle and its
+pull, and between its pull's answer and its `started`: on every run's path.
 """
 
 from __future__ import annotations
