@@ -52,6 +52,7 @@ log "testbed check passed in $((SECONDS - start)) s"
 # after the other with their output as it comes.
 jobs=${MOLECULE_JOBS:-2}
 [[ $jobs =~ ^[1-9][0-9]*$ ]] || die "MOLECULE_JOBS must be a whole number of at least 1, not '$jobs'"
+[ "$jobs" -le $# ] || jobs=$#  # one scenario alone: its output as it comes
 run_scenario() {  # NAME: molecule test; on failure, remove the hosts a failed step left behind now
   molecule --base-config molecule/base.yml test --scenario-name "$1" && return 0
   molecule --base-config molecule/base.yml destroy --scenario-name "$1" >/dev/null 2>&1 || true
