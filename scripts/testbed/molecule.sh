@@ -44,8 +44,9 @@ fi
 log "testbed check passed in $((SECONDS - start)) s"
 
 # Scenarios run side by side, MOLECULE_JOBS at a time (default 2), each on its own network with
-# hosts of its own names: much of a scenario's time is waiting (for hosts to restart, for polls,
-# for tasks to time out), which another scenario's work fills. They start in the order given
+# hosts of its own names: one scenario leaves part of the cores idle (waiting for hosts to restart,
+# for polls, for tasks to time out, for one batch of a serial play), which another one's work fills.
+# They start in the order given
 # (the default order, tickle_delivery first, puts the longest first: it takes about as long as
 # the other two one after the other). With more than one at a time, each one's output goes to
 # build/testbed/molecule-NAME.log and is shown whole when it is done; MOLECULE_JOBS=1 runs them one
