@@ -13,7 +13,7 @@ import pytest
 
 from tickle import wire
 from tickle.console import timeline_times
-from tickle.messages import JobCreate, RunCreate, SettingsUpdate, TaskCreate
+from tickle.messages import ComputerOut, JobCreate, RunCreate, SettingsUpdate, TaskCreate
 from tickle.testing.localfleet import AgentSpec, LocalFleet
 
 from .conftest import (
@@ -49,11 +49,18 @@ async def test_run_now_goes_through_the_nine_steps_in_order(fleet_factory: Facto
         stamps = [times[s] for s in NINE_STEPS]
         assert all(t is not None for t in stamps), times
         assert stamps == sorted(stamps), f"steps out of order: {times}"  # type: ignore[type-var]
-    async with fleet.client() as ns:
-        computers = {c.name: c for c in await ns.computers()}
+
+    async def reachable() -> dict[str, ComputerOut] | None:
+        # the task servers report reachability in the background (changes close together go
+        # in one post): it may land just after the run's last event
+        async with fleet.client() as ns:
+            found = {c.name: c for c in await ns.computers()}
+        ours = [found[n].tickle_state for n in ("a1", "a2", "a3")]
+        return found if all(state == "reachable" for state in ours) else None
+
+    computers = await eventually(reachable, 10, "a1, a2, a3 reported tickle-reachable")
     assert {computers[n].task_server for n in ("a1", "a2")} == {"ts1"}
     assert computers["a3"].task_server == "ts2"
-    assert all(computers[n].tickle_state == "reachable" for n in ("a1", "a2", "a3"))
     assert not any(c.nat_detected for c in computers.values())
     async with fleet.client() as ns:
         servers = await ns.task_servers()
