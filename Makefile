@@ -41,19 +41,9 @@ integration: venv ## Integration tests: real processes on loopback
 sysdeps: ## System packages the tests need (nftables, iproute2, postgresql), installed when missing
 	scripts/sysdeps.sh
 
-# While pytest runs, at the lowest CPU and I/O priority (they take only what pytest leaves idle):
-# the deploy lint, and the testbed's images, wheelhouses and previous release
-# (scripts/testbed/build.sh, mostly waiting on downloads and disk), which `make molecule` then
-# finds built. Their output follows pytest's; a deploy lint that fails fails the target.
-BACKGROUND := nice -n 19 ionice -c 2 -n 7
 test: lint sysdeps deploy-venv ## Every check: lint, unit, integration, faults, attacks, deploy lint, Molecule
-	@mkdir -p build/testbed
-	$(BACKGROUND) $(MAKE) --no-print-directory deploy-lint >build/deploy-lint.log 2>&1 & lint=$$!; \
-	$(BACKGROUND) $(TESTBED)/build.sh $(SCENARIOS) >build/testbed/build.log 2>&1 & build=$$!; \
-	$(BIN)/pytest -q $(XDIST) -m "not molecule"; rc=$$?; \
-	wait $$lint; lint_rc=$$?; echo "deploy-lint (while pytest ran, exit $$lint_rc):"; cat build/deploy-lint.log; \
-	wait $$build; echo "testbed build (while pytest ran, exit $$?):"; cat build/testbed/build.log; \
-	[ $$rc -eq 0 ] && [ $$lint_rc -eq 0 ]
+	$(BIN)/pytest -q $(XDIST) -m "not molecule"
+	$(MAKE) deploy-lint
 	$(MAKE) molecule
 
 demo: venv ## Local fleet on loopback: nine steps, blocked-tickle and CEM paths (CONSOLE=1: keep the web console open)

@@ -31,7 +31,7 @@ image-services: ## Build the site-services image (Debian 12 + PostgreSQL) a scen
 wheelhouse: ## Wheels of tickle and its dependencies for the hosts' Python (3.11, 3.13): build/wheelhouse
 	$(TESTBED)/wheelhouse.sh
 
-molecule: deploy-venv ## Every Molecule scenario (SCENARIOS=..., MOLECULE_JOBS=2 at a time): image, wheelhouse, run, clean up even on failure
+molecule: deploy-venv ## Every Molecule scenario (SCENARIOS=...): image, wheelhouse, run, clean up even on failure
 	$(DEPLOY_ENV) $(TESTBED)/molecule.sh $(SCENARIOS)
 
 fleet: deploy-venv image wheelhouse ## Testbed fleet of containers: site.yml, then a task through run_task.yml

@@ -18,8 +18,6 @@ from fleet import Fleet, FleetHost, steps, wait_for
 
 # Longest interval these checks wait through (a real fleet at 30 minutes cannot be checked so).
 MAX_INTERVAL_S = 120
-# Runs tried before the look before the first poll is given up as too late (a busy controller).
-LOOK_ATTEMPTS = 3
 # Sends one UDP datagram from a host (not a valid tickle: the firewall must drop it first).
 _SEND = "python3 -c 'import socket,sys; socket.socket(2,2).sendto(b\"stray\",(sys.argv[1],int(sys.argv[2])))' %s %s"
 _BLOCK_RULE = re.compile(r"udp dport \{ (\d+), (\d+) \} counter packets (\d+) bytes \d+ drop")
@@ -57,20 +55,14 @@ def blocked_run(fleet: Fleet, blocked: list[FleetHost]) -> dict[str, Any]:
             return next_polls
         return None
 
-    for _attempt in range(LOOK_ATTEMPTS):
-        next_polls = wait_for("a moment when no blocked agent is about to poll", quiet_moment,
-                              timeout_s=interval * 2)  # fmt: skip
-        run = fleet.run_now("uname -n", blocked)
-        created = time.time()
-        time.sleep(1.0)  # a tickle that got through would have made the agents pull within it
-        early = {a.name: a.agent_status() for a in blocked}
-        early_run = fleet.ns_api("GET", f"/api/runs/{run['id']}")
-        early_at = time.time()
-        if early_at < min(next_polls.values()):
-            break
-        # A busy controller (scenarios run side by side) made the look outlast the quiet moment:
-        # that says nothing of the agents. Look again with a new run at the next quiet moment (the
-        # poll that just came delivers this one, before the new run exists).
+    next_polls = wait_for("a moment when no blocked agent is about to poll", quiet_moment,
+                          timeout_s=interval * 2)  # fmt: skip
+    run = fleet.run_now("uname -n", blocked)
+    created = time.time()
+    time.sleep(1.0)  # a tickle that got through would have made the agents pull within this second
+    early = {a.name: a.agent_status() for a in blocked}
+    early_run = fleet.ns_api("GET", f"/api/runs/{run['id']}")
+    early_at = time.time()
     assert early_at < min(next_polls.values()), (
         f"precondition: the look before the first poll came too late ({early_at} >= {next_polls})"
     )

@@ -12,12 +12,6 @@ TESTBED_HOST_PACKAGES="podman runc netavark aardvark-dns debootstrap nftables ip
 log() { printf '[testbed] %s\n' "$*" >&2; }
 die() { printf '[testbed] error: %s\n' "$*" >&2; exit 1; }
 
-# Every Molecule scenario (the directories of molecule/ with a molecule.yml), one a line.
-molecule_scenarios() {
-  local d
-  for d in "$TESTBED_ROOT"/molecule/*/molecule.yml; do basename "$(dirname "$d")"; done
-}
-
 # Debian release name (or `services`) -> image name (bookworm -> localhost/tickle-debian12).
 image_for() {
   case "$1" in

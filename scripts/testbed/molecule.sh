@@ -1,36 +1,64 @@
 #!/usr/bin/env bash
-# Runs the Molecule scenarios (default: every scenario under molecule/), MOLECULE_JOBS (default 2)
-# at a time, each `molecule test` (destroy, create, converge, idempotence, verify, destroy) with
-# molecule/base.yml as the shared base config. Builds what is missing first (build.sh: the images,
-# the wheelhouse and the previous release for a scenario that converges it, all at once; and the
-# controller venv), then runs the `default` scenario, the testbed check (hosts boot and resolve
-# each other's names), and stops at once when it fails. Whatever happens, the scenarios'
-# containers and networks are removed at the end (cleanup.sh) and the host's ip_forward restored;
-# the exit code is non-zero when any scenario failed.
+# Runs the Molecule scenarios (default: every scenario under molecule/), one after the other, each
+# `molecule test` (destroy, create, converge, idempotence, verify, destroy) with molecule/base.yml
+# as the shared base config. Builds what is missing first (images, controller venv, wheelhouse, and
+# the previous release for a scenario that converges it: previous.sh; the wheelhouses are built
+# while the images are), then runs the `default` scenario, the testbed check (hosts boot and resolve each other's names),
+# and stops at once when it fails. Whatever happens, the scenarios' containers and networks are
+# removed at the end (cleanup.sh) and the host's ip_forward restored; the exit code is non-zero
+# when any scenario failed.
 set -uo pipefail
 # shellcheck source=scripts/testbed/lib.sh
 . "$(dirname "$0")/lib.sh"
 here=$(dirname "$0")
 cd "$TESTBED_ROOT" || exit 2
 
-# shellcheck disable=SC2046
-[ $# -gt 0 ] || set -- $(molecule_scenarios)
+if [ $# -eq 0 ]; then
+  set -- $(for d in molecule/*/molecule.yml; do basename "$(dirname "$d")"; done)
+fi
 # The testbed check is not a scenario of the product: it runs first, on its own.
 scenarios=()
 for scenario in "$@"; do [ "$scenario" = default ] || scenarios+=("$scenario"); done
 set -- "${scenarios[@]}"
 
-declare -A running=()  # scenarios running in the background: pid -> name
+declare -A pids  # builds running in the background, by name
 cleanup() {
   local pid
-  for pid in "${!running[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   "$here/cleanup.sh" --prefix tkl-mol- || true
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 "$here/deploy-venv.sh" || exit 2
-"$here/build.sh" "$@" || exit 2
+for scenario in "$@"; do
+  grep -qs 'tickle-debian13' "molecule/$scenario/molecule.yml" && need_trixie=1
+  grep -qs 'tickle-debian12-services' "molecule/$scenario/molecule.yml" && need_services=1
+  grep -qs 'build/previous/' "molecule/$scenario/molecule.yml" && need_previous=1
+done
+# The wheelhouses (pip) are built while the images are (debootstrap): neither needs the other, and
+# on a fresh machine each takes minutes. Their output is shown once each is done.
+mkdir -p "$TESTBED_BUILD"
+background() {  # NAME COMMAND...: run in the background, output to $TESTBED_BUILD/NAME.log
+  local name=$1
+  shift
+  "$@" >"$TESTBED_BUILD/$name.log" 2>&1 &
+  pids[$name]=$!
+}
+background wheelhouse "$here/wheelhouse.sh"
+# The previous release (its files and wheelhouse) for a scenario that upgrades from it.
+if [ -n "${need_previous:-}" ]; then background previous "$here/previous.sh"; fi
+"$here/build-image.sh" bookworm || exit 2
+if [ -n "${need_trixie:-}" ]; then "$here/build-image.sh" trixie || exit 2; fi
+if [ -n "${need_services:-}" ]; then "$here/build-image.sh" services || exit 2; fi
+for name in wheelhouse previous; do
+  [ -n "${pids[$name]:-}" ] || continue
+  wait "${pids[$name]}"
+  rc=$?
+  cat "$TESTBED_BUILD/$name.log" >&2
+  unset "pids[$name]"
+  [ $rc -eq 0 ] || { log "error: $name failed (exit $rc, output above)"; exit 2; }
+done
 export PATH="$TESTBED_ROOT/.venv-deploy/bin:$PATH"
 export ANSIBLE_ROLES_PATH="$TESTBED_ROOT/roles" ANSIBLE_COLLECTIONS_PATH="$TESTBED_ROOT/build/collections"
 export ANSIBLE_FORCE_COLOR=false PY_COLORS=0 MOLECULE_NO_LOG=false
@@ -43,54 +71,21 @@ if ! molecule --base-config molecule/base.yml test --scenario-name default; then
 fi
 log "testbed check passed in $((SECONDS - start)) s"
 
-# Scenarios run side by side, MOLECULE_JOBS at a time (default 2), each on its own network with
-# hosts of its own names: one scenario leaves part of the cores idle (waiting for hosts to restart,
-# for polls, for tasks to time out, for one batch of a serial play), which another one's work fills.
-# They start in the order given
-# (the default order, tickle_delivery first, puts the longest first: it takes about as long as
-# the other two one after the other). With more than one at a time, each one's output goes to
-# build/testbed/molecule-NAME.log and is shown whole when it is done; MOLECULE_JOBS=1 runs them one
-# after the other with their output as it comes.
-jobs=${MOLECULE_JOBS:-2}
-[[ $jobs =~ ^[1-9][0-9]*$ ]] || die "MOLECULE_JOBS must be a whole number of at least 1, not '$jobs'"
-[ "$jobs" -le $# ] || jobs=$#  # one scenario alone: its output as it comes
-run_scenario() {  # NAME: molecule test; on failure, remove the hosts a failed step left behind now
-  molecule --base-config molecule/base.yml test --scenario-name "$1" && return 0
-  molecule --base-config molecule/base.yml destroy --scenario-name "$1" >/dev/null 2>&1 || true
-  return 1
-}
-declare -A took=() result=() started=()
+declare -A took result
 failed=0
 total_start=$SECONDS
-finished() {  # NAME RC
-  took[$1]=$((SECONDS - started[$1]))
-  if [ "$2" -eq 0 ]; then result[$1]=passed; else result[$1]=FAILED; failed=1; fi
-}
-queue=("$@")
-while [ ${#queue[@]} -gt 0 ] || [ ${#running[@]} -gt 0 ]; do
-  while [ ${#queue[@]} -gt 0 ] && [ ${#running[@]} -lt "$jobs" ]; do
-    scenario=${queue[0]}
-    queue=("${queue[@]:1}")
-    started[$scenario]=$SECONDS
-    if [ "$jobs" -eq 1 ]; then
-      log "scenario $scenario"
-      run_scenario "$scenario"
-      finished "$scenario" $?
-    else
-      log "scenario $scenario started (output: build/testbed/molecule-$scenario.log, shown when it is done)"
-      run_scenario "$scenario" >"$TESTBED_BUILD/molecule-$scenario.log" 2>&1 &
-      running[$!]=$scenario
-    fi
-  done
-  [ ${#running[@]} -gt 0 ] || continue
-  wait -n -p done_pid "${!running[@]}"
-  rc=$?
-  scenario=${running[$done_pid]}
-  unset "running[$done_pid]"
-  finished "$scenario" $rc
-  log "scenario $scenario ${result[$scenario]} in ${took[$scenario]} s; its output:"
-  cat "$TESTBED_BUILD/molecule-$scenario.log"
-  log "end of the output of scenario $scenario (${result[$scenario]})"
+for scenario in "$@"; do
+  log "scenario $scenario"
+  start=$SECONDS
+  if molecule --base-config molecule/base.yml test --scenario-name "$scenario"; then
+    result[$scenario]=passed
+  else
+    result[$scenario]=FAILED
+    failed=1
+    # A failed step may leave the scenario's hosts behind: remove them now, not at the very end.
+    molecule --base-config molecule/base.yml destroy --scenario-name "$scenario" >/dev/null 2>&1 || true
+  fi
+  took[$scenario]=$((SECONDS - start))
 done
 
 printf '\nMolecule scenarios\n'

@@ -4,7 +4,6 @@
 #   network.sh create NAME   create it (no-op when it exists); remembers the host's ip_forward
 #   network.sh remove NAME   remove every container on it, then it; restores ip_forward when the
 #                            last testbed network is gone. No-op when it does not exist.
-# Creating and removing take a lock: scenarios that run side by side create and remove theirs.
 set -euo pipefail
 # shellcheck source=scripts/testbed/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -47,14 +46,6 @@ remove() {
 }
 
 case "${1:-}" in
-  create | remove)
-    [ -n "${2:-}" ] || die "usage: $0 create|remove NAME"
-    # One at a time: scenarios run side by side (molecule.sh), and whether a network is the first
-    # or the last of the testbed's decides who notes and who restores ip_forward.
-    mkdir -p "$state"
-    exec 9>"$state/network.lock"
-    flock 9
-    "$1" "$2"
-    ;;
+  create | remove) [ -n "${2:-}" ] || die "usage: $0 create|remove NAME"; "$1" "$2" ;;
   *) die "usage: $0 create|remove NAME" ;;
 esac
