@@ -222,3 +222,8 @@ class AgentSettings(LeanSettings, kw_only=True):
         if self.cem and self.gateway_url:
             return [self.gateway_url]
         return list(self.task_servers)
+
+    @property
+    def calls_https(self) -> bool:
+        """Whether the agent calls a task server (or its gateway) over HTTPS."""
+        return any(url.lower().startswith("https:") for url in self.api_urls)

@@ -28,17 +28,12 @@ def read_settings(args: list[str]) -> AgentSettings | int:
         return 2
 
 
-def needs_tls(settings: AgentSettings) -> bool:
-    """Whether the agent calls a task server (or its gateway) over HTTPS."""
-    return any(url.lower().startswith("https:") for url in settings.api_urls)
-
-
 def main(args: list[str]) -> int:
     """Run the agent until SIGTERM/SIGINT (the process's entry: `tickle agent run`)."""
     settings = read_settings(args)
     if isinstance(settings, int):
         return settings
-    without_ssl = not needs_tls(settings) and "ssl" not in sys.modules
+    without_ssl = not settings.calls_https and "ssl" not in sys.modules
     if without_ssl:  # `import ssl` fails while asyncio and the agent's modules are imported
         sys.modules["ssl"] = None  # type: ignore[assignment]
     try:

@@ -99,8 +99,7 @@ class TaskServerClient:
         local_addr = client_local_addr(self._settings)
         # verification is never off: the private CA (ca_file) or the system trust store. Built
         # only for a task server called over HTTPS (the system store alone is 2.5 MB of memory)
-        https = any(url.lower().startswith("https:") for url in self._settings.api_urls)
-        ssl_context = client_ssl(self._settings.ca_file) if https else None
+        ssl_context = client_ssl(self._settings.ca_file) if self._settings.calls_https else None
         self._http_client = HttpClient(
             timeout_s=self._timeout_s, ssl_context=ssl_context, local_addr=local_addr,
             clock=self._clock, on_offset=self._ts_offset_sample,
