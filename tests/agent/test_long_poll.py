@@ -90,3 +90,24 @@ async def test_no_long_poll_while_the_policy_says_off(
         )
         await agent.policy_refresh()
         assert not agent.poller.long_polling
+
+
+async def test_a_cem_agent_behind_a_gateway_holds_its_long_poll_there(
+    fake_ts: FakeTaskServer, settings_for: Callable[..., AgentSettings]
+) -> None:
+    # the task server's own URL is not listening: only the gateway (the fake here) is reachable
+    _long_poll_policy(fake_ts)
+    fake_ts.long_poll_hold_s = 30.0
+    settings = settings_for(
+        fake_ts, cem=True, gateway_url=fake_ts.url, task_servers=["http://127.0.0.1:9"]
+    )
+    async with running_agent(settings) as agent:
+        await eventually(lambda: fake_ts.routes().count("wait") == 1, what="the long-poll")
+        assert agent.poller.long_polling
+        fake_ts.work[12] = task(12, ["true"])
+        fake_ts.long_poll_release.set()
+        finished = await eventually(lambda: fake_ts.events_of(12, "finished"), within_s=5.0)
+        await eventually(lambda: fake_ts.routes().count("wait") == 2, what="the next long-poll")
+        fake_ts.long_poll_release.set()
+    assert finished[0].status == "succeeded"
+    assert fake_ts.events_of(12, "started")[0].via == "long_poll"
