@@ -84,9 +84,14 @@ def _insert(
 @functools.cache
 def _update(table: Table, key: str, varying: tuple[str, ...]) -> TextClause:
     sets = ", ".join(f"{_q(c)} = u.{_q(c)}" for c in varying)
+    # the rows to update are found by their keys' index: joined to the recordset alone (which
+    # the planner takes for 100 rows whatever it holds), they were found by a scan of the whole
+    # table per statement (a fleet's every status-event batch read every execution)
     return text(
-        f"UPDATE {_q(table.name)} SET {sets} FROM {_recordset(table, (key, *varying))}"  # noqa: S608
-        f" WHERE {_q(table.name)}.{_q(key)} = u.{_q(key)}"
+        f"WITH u AS MATERIALIZED (SELECT * FROM {_recordset(table, (key, *varying))})"  # noqa: S608
+        f" UPDATE {_q(table.name)} SET {sets} FROM u"
+        f" WHERE {_q(table.name)}.{_q(key)} = ANY(ARRAY(SELECT u.{_q(key)} FROM u))"
+        f" AND {_q(table.name)}.{_q(key)} = u.{_q(key)}"
     )
 
 

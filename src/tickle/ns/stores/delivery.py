@@ -117,19 +117,25 @@ _UPDATE_PROGRESS = (
 # what recording events reads of their executions (`ids`), locking them in id order, with whether
 # the task server reporting them (`ts_id`) was given each by a pull (`pulled`); built once (a
 # select built per batch cost more than its execution)
+# The computer's columns and the pull come as subqueries of each execution, looked up by their
+# primary keys: joined, PostgreSQL's planner hashed every computer and every pull of the task
+# server to match a batch of a few dozen executions (a scan of the fleet per batch)
+_OF_COMPUTER = _COMPUTERS.c.id == _EXECUTIONS.c.computer_id
 _READ_FOR_EVENTS = (
     select(
         *_EXEC_COLUMNS,
-        _COMPUTERS.c.task_server_id,
-        _COMPUTERS.c.name,
-        _PULLS.c.execution_id.label("pulled"),
-    )
-    .select_from(
-        _EXECUTIONS.join(_COMPUTERS).outerjoin(
-            _PULLS,
-            (_PULLS.c.execution_id == _EXECUTIONS.c.id)
-            & (_PULLS.c.task_server_id == bindparam("ts_id")),
+        select(_COMPUTERS.c.task_server_id)
+        .where(_OF_COMPUTER)
+        .scalar_subquery()
+        .label("task_server_id"),
+        select(_COMPUTERS.c.name).where(_OF_COMPUTER).scalar_subquery().label("name"),
+        select(_PULLS.c.execution_id)
+        .where(
+            _PULLS.c.execution_id == _EXECUTIONS.c.id,
+            _PULLS.c.task_server_id == bindparam("ts_id"),
         )
+        .scalar_subquery()
+        .label("pulled"),
     )
     .order_by(_EXECUTIONS.c.id)
     .with_for_update(of=_EXECUTIONS)
