@@ -28,7 +28,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -103,6 +102,12 @@ _PG_INSERT_EXECUTIONS = bulk.insert(
         "expires_at",
     ],
     returning=["id", "computer_id"],
+)
+# PostgreSQL: a batch's step outputs in one statement (an executemany was one per output)
+_PG_KEEP_OUTPUTS = bulk.insert(
+    _OUTPUTS,
+    ["execution_id", "step", "stdout", "stderr"],
+    replace_on=["execution_id", "step"],
 )
 _PG_INSERT_PULLS = bulk.insert(_PULLS, ["execution_id"], ["task_server_id", "pulled_at"])
 _PG_UPDATE_PROGRESS = bulk.update(_EXECUTIONS, "id", _PROGRESS_FIELDS)
@@ -605,8 +610,10 @@ def _keep_outputs(s: Session, rows: list[dict[str, Any]]) -> None:
     if not last:
         return
     # the NS runs on SQLite or PostgreSQL only (its settings refuse any other database)
-    sqlite = s.get_bind().dialect.name == "sqlite"
-    stmt = sqlite_insert(_OUTPUTS) if sqlite else postgresql_insert(_OUTPUTS)
+    if s.get_bind().dialect.name == "postgresql":
+        s.connection().execute(_PG_KEEP_OUTPUTS, {"rows": bulk.rows(last)})
+        return
+    stmt = sqlite_insert(_OUTPUTS)
     s.connection().execute(
         stmt.on_conflict_do_update(
             index_elements=[_OUTPUTS.c.execution_id, _OUTPUTS.c.step],
