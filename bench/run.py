@@ -260,7 +260,7 @@ def postgres_or_none(r: Results, what: str) -> Iterator[Any]:
         yield None
         return
     try:
-        server = start_postgres(max_connections=400)
+        server = start_postgres(max_connections=400, statements=KEEP is not None)
     except PostgresError as exc:
         r.notes.append(f"{what}: not measured: {str(exc).splitlines()[0]}")
         yield None
@@ -471,6 +471,7 @@ async def fleet_run(
     restart_ns: bool = False,
     per_process: int = PER_PROCESS,
     ts_extra: list[str] | None = None,
+    db_pid: int | None = None,
 ) -> FleetRun:
     """Start an NS (two on PostgreSQL when `two_ns`), the task servers and `agents` simulated
     agents, then one run-now on all of them. `restart_task_servers`: the task servers are
@@ -480,7 +481,8 @@ async def fleet_run(
     per simulator process. `ts_extra`: more task-server options (bench's --ts-option).
 
     Also measures the CPU each process spent from the run-now until every execution was
-    recorded (`FleetRun.run_cpu_s`)."""
+    recorded (`FleetRun.run_cpu_s`); `db_pid`: the database server's, counted with its backends
+    (as "db")."""
     ts_names = [f"ts{i + 1}" for i in range(task_servers)]
     ns_extra = ["--database-url", database_url] if database_url else []
     fleet = LocalFleet(root, ts_names, [], net=net, ns_extra=ns_extra, ts_extra=ts_extra)
@@ -511,7 +513,9 @@ async def fleet_run(
             task = await ns.add_task(TaskCreate(name="bench-fleet", command=["true"]))
             # before a restart's kill (the restarted task servers are other processes: their CPU
             # is not counted)
-            run_cpu = _CpuMeter({**servers, **{f"sim{i}": p for i, p in enumerate(sims.pids)}})
+            run_cpu = _CpuMeter(
+                {**servers, **{f"sim{i}": p for i, p in enumerate(sims.pids)}}, db_pid
+            )
             if restart_task_servers:
                 for name in ts_names:
                     fleet.kill(name)
@@ -674,9 +678,11 @@ class _CpuMeter:
     """CPU-seconds processes spend from now on (one that has ended counts what it had spent);
     those named "sim…" are summed as "sim"."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], db_pid: int | None = None) -> None:
         self.pids = pids
         self.before = {name: _proc_cpu_s(pid) for name, pid in pids.items()}
+        self.db_pid = db_pid
+        self.db_before = _tree_cpu_s(db_pid)
 
     def spent(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -684,6 +690,9 @@ class _CpuMeter:
             with contextlib.suppress(OSError):
                 key = "sim" if name.startswith("sim") else name
                 out[key] = out.get(key, 0.0) + _proc_cpu_s(pid) - self.before[name]
+        db = _tree_cpu_s(self.db_pid)
+        if db is not None and self.db_before is not None:
+            out["db"] = db - self.db_before
         return out
 
 
@@ -717,7 +726,14 @@ async def fleet(
         if pg is None:
             return
         url = pg.create_database("bench_s3")
-        f = await fleet_run(root / "postgres", agents, 4, net(11), url, two_ns=True)
+        f = await fleet_run(
+            root / "postgres", agents, 4, net(11), url, two_ns=True, db_pid=pg.process.pid
+        )
+        if KEEP is not None:  # what PostgreSQL spent its time on
+            (KEEP / "postgres-s3-statements.txt").write_text(
+                "calls | total ms | rows | statement\n"
+                + "".join(" | ".join(map(str, row)) + "\n" for row in pg.statements("bench_s3"))
+            )
         r.put("s3_agents", agents, "agents", "S3 simulated agents (4 task servers, PostgreSQL)")
         r.put("s3_wall_s", f.wall_s, "s", "S3 run-now → every status event recorded")
         r.md += fleet_md(

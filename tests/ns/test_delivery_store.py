@@ -129,3 +129,28 @@ def check_a_batch_records_each_event_once_and_only_from_its_task_server(stores: 
 
 def test_a_batch_records_each_event_once_and_only_from_its_task_server(stores: Stores) -> None:
     check_a_batch_records_each_event_once_and_only_from_its_task_server(stores)
+
+
+def check_a_step_reported_again_keeps_its_last_output(stores: Stores) -> None:
+    """A step's output reported again (in the same batch or a later one) replaces the one kept;
+    each step and execution keeps its own."""
+    ts = fleet(stores, computers=2)
+    task = stores.catalog.create_task(m.TaskCreate(name="t", command=["true"]))
+    e0, e1 = stores.delivery.create_run(
+        m.RunCreate(task_id=task.id, computers=["c0", "c1"])
+    ).executions
+
+    def output(e: m.ExecutionOut, step: int, text: str) -> m.StatusEvent:
+        return _event(e, "step_finished", step=step, exit_code=0, stdout=text, stderr=f"{text}!")
+
+    stores.delivery.record_events(
+        ts, [output(e0, 0, "first"), output(e0, 0, "second"), output(e1, 0, "other")], time.time()
+    )
+    stores.delivery.record_events(ts, [output(e0, 0, "third"), output(e0, 1, "next")], time.time())
+    kept = [(o.stdout, o.stderr) for o in stores.output.output(e0.id).steps]
+    assert kept == [("third", "third!"), ("next", "next!")]
+    assert [o.stdout for o in stores.output.output(e1.id).steps] == ["other"]
+
+
+def test_a_step_reported_again_keeps_its_last_output(stores: Stores) -> None:
+    check_a_step_reported_again_keeps_its_last_output(stores)

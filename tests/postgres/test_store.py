@@ -16,6 +16,7 @@ from sqlalchemy import event
 
 from tests.ns.test_delivery_store import (
     check_a_batch_records_each_event_once_and_only_from_its_task_server,
+    check_a_step_reported_again_keeps_its_last_output,
     check_run_now_answers_the_run_as_read_back,
 )
 from tests.ns.test_inventory_store import (
@@ -272,6 +273,12 @@ def test_a_batch_records_each_event_once_and_only_from_its_task_server_on_postgr
 ) -> None:
     # PostgreSQL inserts the batch's events in one statement that skips the ids recorded before
     check_a_batch_records_each_event_once_and_only_from_its_task_server(stores[0])
+
+
+def test_a_step_reported_again_keeps_its_last_output_on_postgresql(
+    stores: tuple[Stores, Stores],
+) -> None:
+    check_a_step_reported_again_keeps_its_last_output(stores[0])
 
 
 def test_computer_states_apply_each_column_and_name_the_unknown_on_postgresql(

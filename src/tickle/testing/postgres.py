@@ -50,7 +50,22 @@ class PgServer:
         """Create an empty database; return its SQLAlchemy URL."""
         with self.connect() as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
+            preloaded = str(conn.execute("SHOW shared_preload_libraries").fetchone()[0])  # type: ignore[index]
+        if "pg_stat_statements" in preloaded:
+            with psycopg.connect(self.url(name, "postgresql"), autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION pg_stat_statements")
         return self.url(name)
+
+    def statements(self, database: str, top: int = 25) -> list[tuple[object, ...]]:
+        """The statements that took the most time in `database` (pg_stat_statements: the server
+        started with `statements`, the extension created there by `create_database`): calls,
+        total ms, rows, the statement's first 160 characters."""
+        with psycopg.connect(self.url(database, "postgresql"), autocommit=True) as conn:
+            return conn.execute(
+                "SELECT calls, round(total_exec_time::numeric, 1), rows, left(query, 160)"
+                " FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT %s",
+                (top,),
+            ).fetchall()
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -73,8 +88,9 @@ class PgServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_postgres(max_connections: int = 300) -> PgServer:
-    """Start a private server and wait until it accepts connections."""
+def start_postgres(max_connections: int = 300, statements: bool = False) -> PgServer:
+    """Start a private server and wait until it accepts connections. `statements`: with
+    pg_stat_statements loaded (`PgServer.statements` reads it), for the bench."""
     bindir = _server_bindir()
     prefix, uid, gid, home = _as_postgres()
     root = Path(tempfile.mkdtemp(prefix="tickle-pg-", dir=home))
@@ -100,7 +116,8 @@ def start_postgres(max_connections: int = 300) -> PgServer:
             [*prefix, str(bindir / "postgres"), "-D", str(data), "-p", str(port),
              "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}",
              "-c", f"max_connections={max_connections}", "-c", "fsync=off",
-             "-c", "full_page_writes=off"],
+             "-c", "full_page_writes=off",
+             *(["-c", "shared_preload_libraries=pg_stat_statements"] if statements else [])],
             stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
         )  # fmt: skip
         log.close()

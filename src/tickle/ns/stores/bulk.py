@@ -32,13 +32,18 @@ def insert(
     fixed: Sequence[str] = (),
     returning: Sequence[str] = (),
     skip_conflicts_on: str | None = None,
+    replace_on: Sequence[str] = (),
 ) -> TextClause:
     """INSERT one row per row of the `rows` parameter (see `rows`; in their order) with its
     `varying` columns, the `fixed` columns the same in every row (parameters of their names).
 
     `skip_conflicts_on`: a unique column; a row whose value is there already (or twice in the
-    rows) is left out (then `returning` names the rows inserted, not those skipped)."""
-    return _insert(table, tuple(varying), tuple(fixed), tuple(returning), skip_conflicts_on)
+    rows) is left out (then `returning` names the rows inserted, not those skipped).
+    `replace_on`: the columns of a unique key; a row whose key is there already replaces that
+    row's other `varying` columns (the rows must not hold a key twice)."""
+    return _insert(
+        table, tuple(varying), tuple(fixed), tuple(returning), skip_conflicts_on, tuple(replace_on)
+    )
 
 
 def update(table: Table, key: str, varying: Sequence[str]) -> TextClause:
@@ -66,6 +71,7 @@ def _insert(
     fixed: tuple[str, ...],
     returning: tuple[str, ...],
     skip_conflicts_on: str | None,
+    replace_on: tuple[str, ...],
 ) -> TextClause:
     values = [f"u.{_q(c)}" for c in varying]
     values += [f"CAST(:{c} AS {_type(table.c[c])})" for c in fixed]
@@ -76,6 +82,9 @@ def _insert(
     )
     if skip_conflicts_on is not None:
         sql += f" ON CONFLICT ({_q(skip_conflicts_on)}) DO NOTHING"
+    elif replace_on:
+        sets = ", ".join(f"{_q(c)} = EXCLUDED.{_q(c)}" for c in varying if c not in replace_on)
+        sql += f" ON CONFLICT ({', '.join(_q(c) for c in replace_on)}) DO UPDATE SET {sets}"
     if returning:
         sql += f" RETURNING {', '.join(_q(c) for c in returning)}"
     return text(sql)
@@ -84,9 +93,14 @@ def _insert(
 @functools.cache
 def _update(table: Table, key: str, varying: tuple[str, ...]) -> TextClause:
     sets = ", ".join(f"{_q(c)} = u.{_q(c)}" for c in varying)
+    # the rows to update are found by their keys' index: joined to the recordset alone (which
+    # the planner takes for 100 rows whatever it holds), they were found by a scan of the whole
+    # table per statement (a fleet's every status-event batch read every execution)
     return text(
-        f"UPDATE {_q(table.name)} SET {sets} FROM {_recordset(table, (key, *varying))}"  # noqa: S608
-        f" WHERE {_q(table.name)}.{_q(key)} = u.{_q(key)}"
+        f"WITH u AS MATERIALIZED (SELECT * FROM {_recordset(table, (key, *varying))})"  # noqa: S608
+        f" UPDATE {_q(table.name)} SET {sets} FROM u"
+        f" WHERE {_q(table.name)}.{_q(key)} = ANY(ARRAY(SELECT u.{_q(key)} FROM u))"
+        f" AND {_q(table.name)}.{_q(key)} = u.{_q(key)}"
     )
 
 

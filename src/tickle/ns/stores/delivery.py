@@ -28,7 +28,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -104,6 +103,12 @@ _PG_INSERT_EXECUTIONS = bulk.insert(
     ],
     returning=["id", "computer_id"],
 )
+# PostgreSQL: a batch's step outputs in one statement (an executemany was one per output)
+_PG_KEEP_OUTPUTS = bulk.insert(
+    _OUTPUTS,
+    ["execution_id", "step", "stdout", "stderr"],
+    replace_on=["execution_id", "step"],
+)
 _PG_INSERT_PULLS = bulk.insert(_PULLS, ["execution_id"], ["task_server_id", "pulled_at"])
 _PG_UPDATE_PROGRESS = bulk.update(_EXECUTIONS, "id", _PROGRESS_FIELDS)
 # the progress of many executions in one executemany
@@ -117,19 +122,25 @@ _UPDATE_PROGRESS = (
 # what recording events reads of their executions (`ids`), locking them in id order, with whether
 # the task server reporting them (`ts_id`) was given each by a pull (`pulled`); built once (a
 # select built per batch cost more than its execution)
+# The computer's columns and the pull come as subqueries of each execution, looked up by their
+# primary keys: joined, PostgreSQL's planner hashed every computer and every pull of the task
+# server to match a batch of a few dozen executions (a scan of the fleet per batch)
+_OF_COMPUTER = _COMPUTERS.c.id == _EXECUTIONS.c.computer_id
 _READ_FOR_EVENTS = (
     select(
         *_EXEC_COLUMNS,
-        _COMPUTERS.c.task_server_id,
-        _COMPUTERS.c.name,
-        _PULLS.c.execution_id.label("pulled"),
-    )
-    .select_from(
-        _EXECUTIONS.join(_COMPUTERS).outerjoin(
-            _PULLS,
-            (_PULLS.c.execution_id == _EXECUTIONS.c.id)
-            & (_PULLS.c.task_server_id == bindparam("ts_id")),
+        select(_COMPUTERS.c.task_server_id)
+        .where(_OF_COMPUTER)
+        .scalar_subquery()
+        .label("task_server_id"),
+        select(_COMPUTERS.c.name).where(_OF_COMPUTER).scalar_subquery().label("name"),
+        select(_PULLS.c.execution_id)
+        .where(
+            _PULLS.c.execution_id == _EXECUTIONS.c.id,
+            _PULLS.c.task_server_id == bindparam("ts_id"),
         )
+        .scalar_subquery()
+        .label("pulled"),
     )
     .order_by(_EXECUTIONS.c.id)
     .with_for_update(of=_EXECUTIONS)
@@ -599,8 +610,10 @@ def _keep_outputs(s: Session, rows: list[dict[str, Any]]) -> None:
     if not last:
         return
     # the NS runs on SQLite or PostgreSQL only (its settings refuse any other database)
-    sqlite = s.get_bind().dialect.name == "sqlite"
-    stmt = sqlite_insert(_OUTPUTS) if sqlite else postgresql_insert(_OUTPUTS)
+    if s.get_bind().dialect.name == "postgresql":
+        s.connection().execute(_PG_KEEP_OUTPUTS, {"rows": bulk.rows(last)})
+        return
+    stmt = sqlite_insert(_OUTPUTS)
     s.connection().execute(
         stmt.on_conflict_do_update(
             index_elements=[_OUTPUTS.c.execution_id, _OUTPUTS.c.step],
