@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from tickle import tickling as tickling_module
 from tickle import wire
 from tickle.backoff import Backoff
 from tickle.metrics import ComponentMetrics
@@ -186,6 +187,32 @@ async def test_a_paced_tickler_spreads_its_sends_and_resends_after_the_queued_fi
         times = sorted(t for t, _ in arrivals)
         assert times[-1] - times[0] >= 0.3  # 20 sends at 50/s: 0.38 s from first to last
         assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_paced_tickler_sends_those_due_close_together_in_one_turn_of_the_loop() -> None:
+    # each first send reports its hop (the task server's agent_tickled), and the reports of one
+    # turn commit together: one send per turn made one commit per tickle
+    turns = 0
+
+    def count_turns() -> None:
+        nonlocal turns
+        turns += 1
+        loop.call_soon(count_turns)
+
+    loop = asyncio.get_running_loop()
+    sent_in: list[int] = []
+    backoff = Backoff(base_s=30, tries=2, jitter=0)  # no resend during the test
+    async with tickling(40, backoff, rate=1000, on_sent=lambda *_: sent_in.append(turns)) as (
+        tickler,
+        receivers,
+        _,
+    ):
+        loop.call_soon(count_turns)
+        tickle_all(tickler, receivers)
+        await _first_tickles(receivers, list(range(40)))
+        assert len(sent_in) == 40
+        # 40 sends at 1,000/s: 40 ms, in groups of PACE_QUANTUM_S (late timers group more)
+        assert len(set(sent_in)) <= 0.04 / tickling_module.PACE_QUANTUM_S + 3
 
 
 async def _first_tickles(receivers: Receivers, which: list[int]) -> None:

@@ -93,6 +93,7 @@ class FakeNs:
     refused: list[TaskServerRegister] = field(default_factory=list)
     refusal_retry_after_s: int | None = None  # a Retry-After on those refusals
     states_busy: int = 0  # the next state reports answered 429 with `refusal_retry_after_s`
+    states_delay_s: float = 0.0  # each state report takes this long to answer
     work_down: int = 0  # the next work pulls answered 503 with `refusal_retry_after_s`
     agent_registrations: list[AgentRegistration] = field(default_factory=list)
     work_delay_s: float = 0.0
@@ -252,6 +253,8 @@ class FakeNs:
             headers = {} if retry is None else {"Retry-After": str(retry)}
             return web.json_response({"detail": "busy"}, status=429, headers=headers)
         states = [ComputerState.model_validate(s) for s in await req.json()]
+        if self.states_delay_s:
+            await asyncio.sleep(self.states_delay_s)
         self.states.extend(states)
         forgotten = sorted({s.name for s in states} & self.forgotten)
         return web.json_response({"updated": len(states) - len(forgotten), "forgotten": forgotten})

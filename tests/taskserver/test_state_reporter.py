@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from tickle.backoff import Backoff
 from tickle.messages import ComputerState, TaskServerCredentials
+from tickle.taskserver import state_reporter
 from tickle.taskserver.ns_client import NsClient
 from tickle.taskserver.state_reporter import StateReporter
 
@@ -35,10 +37,34 @@ async def test_a_state_report_a_busy_ns_refused_is_sent_again_after_its_retry_af
         await ns.close()
 
 
+async def test_state_changes_arriving_while_reports_are_posted_go_together(
+    fake_ns: FakeNs,
+) -> None:
+    # a run-now turns a fleet reachable one pull after another: each report posted as soon as
+    # the previous one came back made one post per NS round trip (S5: ~260 posts of ~19 states)
+    fake_ns.states_delay_s = 0.02
+    ns = NsClient(fake_ns.url)
+    creds = TaskServerCredentials(name="ts1", token=fake_ns.ts_token, tickle_key="", ns_id="ns")
+    ns.use_credentials(creds, reregister=_never)
+    reporter = StateReporter(ns)
+    reporter.start()
+    try:
+        started = time.monotonic()
+        for n in range(50):  # one change every 10 ms for half a second
+            reporter.tickle_state(f"pc{n}", "reachable")
+            await asyncio.sleep(0.01)
+        await wait_until(lambda: len(fake_ns.states) == 50, within_s=10, what="every report")
+        spent = time.monotonic() - started
+        # at most one post per COALESCE_S (and the first one at once)
+        assert fake_ns.count("states") <= spent / state_reporter.COALESCE_S + 2
+        assert {s.name for s in fake_ns.states} == {f"pc{n}" for n in range(50)}
+    finally:
+        await reporter.close()
+        await ns.close()
+
+
 def test_state_reports_lost_together_come_back_spread_over_the_window() -> None:
     # every task server of a restarted NS failed its reports at the same moment
-    from tickle.taskserver import state_reporter
-
     delays = {round(state_reporter.RETRY.delay(0), 3) for _ in range(50)}
     assert state_reporter.RETRY.full_jitter
     assert len(delays) > 25

@@ -122,10 +122,13 @@ class StateReporter:
             await asyncio.sleep(max(0.0, last_post + COALESCE_S - time.monotonic()))
             last_post = time.monotonic()
             self._wake.clear()
-            while self._pending:
-                names = list(self._pending)[:BATCH]
-                batch = [self._pending.pop(n) for n in names]
-                await self._deliver(batch)
+            # what is pending now, in parts; what arrives meanwhile waits for the next round
+            # (coalesced), not for the end of each post: a run-now turning a fleet reachable
+            # pull after pull made one post per NS round trip (S5: ~260 posts of ~19 states)
+            pending, self._pending = self._pending, {}
+            names = list(pending)
+            for at in range(0, len(names), BATCH):
+                await self._deliver([pending[n] for n in names[at : at + BATCH]])
 
     async def _deliver(self, batch: list[ComputerState]) -> None:
         attempt = 0
