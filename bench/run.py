@@ -249,6 +249,16 @@ async def wait_metric(urls: list[str], name: str, wanted: float, deadline_s: flo
     return False
 
 
+async def start_fleet(fleet: LocalFleet) -> None:
+    """Start `fleet`; one that fails to start (a server that did not answer in time on a loaded
+    machine) is stopped, not left running on the addresses the next run wants."""
+    try:
+        await fleet.start()
+    except BaseException:
+        await fleet.stop()
+        raise
+
+
 async def gather_limited(aws: Iterable[Awaitable[Any]], limit: int = 16) -> list[Any]:
     sem = asyncio.Semaphore(limit)
 
@@ -407,7 +417,7 @@ def reconnection_ratio(per_tenth: Counter[int], start: float, end: float) -> flo
 
 async def latency(root: Path, r: Results, runs: int, gap_s: float) -> None:
     fleet = LocalFleet(root, ["ts1"], [AgentSpec("bench-agent", ["ts1"])], net=net(9))
-    await fleet.start()
+    await start_fleet(fleet)
     try:
         async with fleet.client() as ns:
             task = await ns.add_task(TaskCreate(name="bench-true", command=["true"]))
@@ -532,7 +542,7 @@ async def fleet_run(
         ns_urls.append(ns2_url)
         for name in ts_names[1::2]:  # every other task server talks to the second NS
             fleet.set_ts_ns_url(name, ns2_url)
-    await fleet.start()
+    await start_fleet(fleet)
     sims = SimAgents(fleet, agents, sim_net(), per_process=per_process)
     per_tenth: Counter[int] = Counter()
     restart_at = None
@@ -873,7 +883,7 @@ async def long_poll_restart(
     seconds that took, and the register time."""
     ts_names = [f"ts{i + 1}" for i in range(4)]
     fleet = LocalFleet(root, ts_names, [], net=net(18))
-    await fleet.start()
+    await start_fleet(fleet)
     sims = SimAgents(fleet, agents, sim_net(), long_poll=True)
     ts_urls = [fleet.ts_url(name) for name in ts_names]
     metric = "tickle_long_polls_waiting"
@@ -934,7 +944,7 @@ async def ingest_one(root: Path, net: str, database_url: str | None, executions:
     they cost (`db_pid`: the database server's, its processes counted with it)."""
     fleet = LocalFleet(root, [], [], net=net,
                        ns_extra=["--database-url", database_url] if database_url else [])  # fmt: skip
-    await fleet.start()
+    await start_fleet(fleet)
     try:
         async with http.client_session(timeout_s=120) as session:
             tokens: list[str] = []
@@ -1102,7 +1112,7 @@ def _help_start_times(n: int) -> list[float]:
 
 async def agent(root: Path, r: Results, idle_s: float) -> None:
     fleet = LocalFleet(root, ["ts1"], [AgentSpec("idle-agent", ["ts1"])], net=net(17))
-    await fleet.start()
+    await start_fleet(fleet)
     try:
         popen = fleet.procs["idle-agent"].popen
         assert popen is not None
