@@ -12,6 +12,15 @@
   S8 curve     S2 at 1,000 / 2,500 / 5,000 / 10,000 agents
   longpoll     one task server holding N waiting long-polls (bench/longpoll.py), then work for all
 
+S6's reconnection ratios are requests per second, peak / mean, counted in whole seconds from the
+first request after the restart (or the NS's return); the mean is the requests over the time they
+came in, from the first request to the end of the tenth of a second of the last (a last second
+cut short by the run's end counts as the fraction it lasted). Counted before from the restart's
+own clock, the first and last seconds were whatever fraction of a second the clock left: a
+second half spent waiting for the restarted server, or the last straggler's, counted as a whole
+second of few requests and lowered the mean. Starting the seconds at the first request is, if
+anything, harder on the peak: the first second holds the first burst whole.
+
 Every figure comes from the components' own timestamps (the execution timelines) or from the
 simulated agents' request counts, read after the run: nothing polls the NS while it is measured
 but a scrape of its /metrics every half second in the fleet runs, to know when to read.
@@ -240,6 +249,16 @@ async def wait_metric(urls: list[str], name: str, wanted: float, deadline_s: flo
     return False
 
 
+async def start_fleet(fleet: LocalFleet) -> None:
+    """Start `fleet`; one that fails to start (a server that did not answer in time on a loaded
+    machine) is stopped, not left running on the addresses the next run wants."""
+    try:
+        await fleet.start()
+    except BaseException:
+        await fleet.stop()
+        raise
+
+
 async def gather_limited(aws: Iterable[Awaitable[Any]], limit: int = 16) -> list[Any]:
     sem = asyncio.Semaphore(limit)
 
@@ -350,20 +369,47 @@ class RequestCounter:
 
 
 def per_second_counts(per_tenth: Counter[int], start: float, end: float) -> list[int]:
-    """Requests per second between `start` and `end`, in seconds counted from `start` (not the
-    clock's: requests just before `start` stay out), from the first second with requests to the
-    last (seconds without any in between count as 0). `per_tenth`: counts by unix time * 10."""
+    """Requests per second between `start` and `end`, in seconds counted from the first tenth of
+    a second with requests (requests before `start` stay out) to the last (seconds without any in
+    between count as 0); the last second may be cut short (see `active_s`). `per_tenth`: counts
+    by unix time * 10.
+
+    Seconds start at the first request, not at `start` (the restart): a second that began before
+    the restarted server answered, or one cut by the end of the run, is not a second of requests,
+    and a ratio over it measured where the clock happened to fall, not the reconnection."""
+    tenths = _active_tenths(per_tenth, start, end)
+    if not tenths:
+        return []
     seconds: Counter[int] = Counter()
-    for tenth, n in per_tenth.items():
-        if start <= tenth / 10 < end:
-            seconds[int(tenth / 10 - start)] += n
-    used = sorted(s for s, n in seconds.items() if n)
-    return [seconds[s] for s in range(used[0], used[-1] + 1)] if used else []
+    for tenth in tenths:
+        seconds[(tenth - tenths[0]) // 10] += per_tenth[tenth]
+    return [seconds[s] for s in range(max(seconds) + 1)]
 
 
-def ratio(counts: list[int]) -> float | None:
-    """Peak / mean of per-second counts (None: no requests)."""
-    return max(counts) / statistics.mean(counts) if counts else None
+def active_s(per_tenth: Counter[int], start: float, end: float) -> float:
+    """How long requests came between `start` and `end`: from the first tenth of a second with
+    requests to the end of the last (0.0: none)."""
+    tenths = _active_tenths(per_tenth, start, end)
+    return (tenths[-1] - tenths[0] + 1) / 10 if tenths else 0.0
+
+
+def _active_tenths(per_tenth: Counter[int], start: float, end: float) -> list[int]:
+    return sorted(t for t, n in per_tenth.items() if n and start <= t / 10 < end)
+
+
+def ratio(counts: list[int], span_s: float | None = None) -> float | None:
+    """Peak / mean of per-second counts (None: no requests). The mean is the requests over
+    `span_s`, the seconds they came in (`active_s`; default: one per count): a last second cut
+    short by the run's end is a fraction of a second, not a whole one with few requests."""
+    if not counts:
+        return None
+    span = span_s if span_s else float(len(counts))
+    return max(counts) / (sum(counts) / span)
+
+
+def reconnection_ratio(per_tenth: Counter[int], start: float, end: float) -> float | None:
+    """S6's figure: requests per second between `start` and `end`, peak / mean."""
+    return ratio(per_second_counts(per_tenth, start, end), active_s(per_tenth, start, end))
 
 
 # --- S1: latency ---------------------------------------------------------------------------------
@@ -371,7 +417,7 @@ def ratio(counts: list[int]) -> float | None:
 
 async def latency(root: Path, r: Results, runs: int, gap_s: float) -> None:
     fleet = LocalFleet(root, ["ts1"], [AgentSpec("bench-agent", ["ts1"])], net=net(9))
-    await fleet.start()
+    await start_fleet(fleet)
     try:
         async with fleet.client() as ns:
             task = await ns.add_task(TaskCreate(name="bench-true", command=["true"]))
@@ -498,7 +544,7 @@ async def fleet_run(
         ns_urls.append(ns2_url)
         for name in ts_names[1::2]:  # every other task server talks to the second NS
             fleet.set_ts_ns_url(name, ns2_url)
-    await fleet.start()
+    await start_fleet(fleet)
     sims = SimAgents(fleet, agents, sim_net(), per_process=per_process)
     per_tenth: Counter[int] = Counter()
     restart_at = None
@@ -773,9 +819,11 @@ async def register(root: Path, r: Results, agents: int) -> None:
     assert f.restart_at is not None
     assert f.done_at is not None
     counts = per_second_counts(f.requests_per_tenth, f.restart_at, f.done_at)
-    r.put("s6_peak_to_mean", ratio(counts), "ratio",
+    r.put("s6_peak_to_mean", reconnection_ratio(f.requests_per_tenth, f.restart_at, f.done_at),
+          "ratio",
           "S6 reconnection after a task-server restart: agents' requests per second, peak / mean")  # fmt: skip
-    r.put("s6_reconnect_s", len(counts), "s", "S6 reconnection: seconds with agent requests")
+    r.put("s6_reconnect_s", active_s(f.requests_per_tenth, f.restart_at, f.done_at), "s",
+          "S6 reconnection: seconds with agent requests")  # fmt: skip
     md = [
         *fleet_md(
             f"S6: {agents} agents registering, then run-now across a restart of all 4 task servers",
@@ -793,12 +841,14 @@ async def register(root: Path, r: Results, agents: int) -> None:
         # are no part of it; the whole run from the kill is printed for reference
         agent_counts = per_second_counts(f.requests_per_tenth, n.back_at, n.done_at)
         ts_counts = per_second_counts(n.ts_requests_per_tenth, n.back_at, n.done_at)
-        r.put("s6_ns_agents_peak_to_mean", ratio(agent_counts), "ratio",
+        agents_ratio = reconnection_ratio(f.requests_per_tenth, n.back_at, n.done_at)
+        r.put("s6_ns_agents_peak_to_mean", agents_ratio, "ratio",
               "S6 NS restart mid-run: agents' requests per second from the NS's return to the "
               "run's end, peak / mean (none: the agents had nothing left to do)")  # fmt: skip
         r.put("s6_ns_agents_after_return", sum(agent_counts), "requests",
               "S6 NS restart mid-run: agents' requests from the NS's return to the run's end")  # fmt: skip
-        r.put("s6_ns_ts_peak_to_mean", ratio(ts_counts), "ratio",
+        ts_ratio = reconnection_ratio(n.ts_requests_per_tenth, n.back_at, n.done_at)
+        r.put("s6_ns_ts_peak_to_mean", ts_ratio, "ratio",
               "S6 NS restart mid-run: task servers' requests to the NS per second from the NS's "
               "return to the run's end, peak / mean")  # fmt: skip
         r.put("s6_ns_down_s", n.back_at - n.killed_at, "s",
@@ -821,8 +871,10 @@ async def register(root: Path, r: Results, agents: int) -> None:
             f"{per_second_counts(n.ts_requests_per_tenth, n.killed_at, n.done_at)}",
             "",
         ]
-    counts, reconnect_s, lp_register_s = await long_poll_restart(root / "long-poll", agents)
-    r.put("s6_lp_peak_to_mean", ratio(counts), "ratio",
+    lp_ratio, counts, reconnect_s, lp_register_s = await long_poll_restart(
+        root / "long-poll", agents
+    )
+    r.put("s6_lp_peak_to_mean", lp_ratio, "ratio",
           "S6 long-polling (CEM) agents reconnecting after a restart of every task server: their "
           "requests per second from the kill until every long-poll waits again, peak / mean")  # fmt: skip
     r.put("s6_lp_reconnect_s", reconnect_s, "s",
@@ -838,14 +890,16 @@ async def register(root: Path, r: Results, agents: int) -> None:
     r.md += md
 
 
-async def long_poll_restart(root: Path, agents: int) -> tuple[list[int], float, float]:
+async def long_poll_restart(
+    root: Path, agents: int
+) -> tuple[float | None, list[int], float, float]:
     """`agents` simulated CEM agents holding long-polls (the NS's `long_poll` on) over 4 task
     servers, every task server killed and started again at once: the agents' requests per second
-    from the kill until every long-poll waits again; also the seconds that took, and the
-    register time."""
+    from the kill until every long-poll waits again, peak / mean, and the counts; also the
+    seconds that took, and the register time."""
     ts_names = [f"ts{i + 1}" for i in range(4)]
     fleet = LocalFleet(root, ts_names, [], net=net(18))
-    await fleet.start()
+    await start_fleet(fleet)
     sims = SimAgents(fleet, agents, sim_net(), long_poll=True)
     ts_urls = [fleet.ts_url(name) for name in ts_names]
     metric = "tickle_long_polls_waiting"
@@ -866,7 +920,9 @@ async def long_poll_restart(root: Path, agents: int) -> tuple[list[int], float, 
     finally:
         per_tenth = await sims.stop()
         await fleet.stop()
-    return per_second_counts(per_tenth, killed_at, done_at), done_at - killed_at, register_s
+    return (reconnection_ratio(per_tenth, killed_at, done_at),
+            per_second_counts(per_tenth, killed_at, done_at), done_at - killed_at,
+            register_s)  # fmt: skip
 
 
 async def curve(root: Path, r: Results, sizes: list[int]) -> None:
@@ -904,7 +960,7 @@ async def ingest_one(root: Path, net: str, database_url: str | None, executions:
     they cost (`db_pid`: the database server's, its processes counted with it)."""
     fleet = LocalFleet(root, [], [], net=net,
                        ns_extra=["--database-url", database_url] if database_url else [])  # fmt: skip
-    await fleet.start()
+    await start_fleet(fleet)
     try:
         async with http.client_session(timeout_s=120) as session:
             tokens: list[str] = []
@@ -1072,7 +1128,7 @@ def _help_start_times(n: int) -> list[float]:
 
 async def agent(root: Path, r: Results, idle_s: float) -> None:
     fleet = LocalFleet(root, ["ts1"], [AgentSpec("idle-agent", ["ts1"])], net=net(17))
-    await fleet.start()
+    await start_fleet(fleet)
     try:
         popen = fleet.procs["idle-agent"].popen
         assert popen is not None

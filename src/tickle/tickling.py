@@ -14,6 +14,10 @@ they are served, still from the last pull served, for at most the backoff's long
 tickled again (each resend would bring one more pull to the queue), however slowly or in bursts
 the server answers them: a server short of CPU serves its pulls in bursts, and the time between
 the acks of one burst says nothing of the queue.
+
+A window may start small (`window_initial`, a slow start): each busy spell opens with that many
+places and each ack opens `window_growth` more, up to the window, so the first sends follow the
+pulls served instead of going out as one burst.
 """
 
 from __future__ import annotations
@@ -68,8 +72,13 @@ class _Window:
     first sends not acknowledged yet (resent or not).
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, initial: int | None = None, growth: float = 1.0) -> None:
         self.size = size
+        # slow start: each busy spell opens `initial` places, and each ack `growth` more, up to
+        # `size` (the first sends follow the rate the pulls are served at, not one burst)
+        self.initial = min(size, initial or size)
+        self.growth = growth
+        self.limit = float(self.initial)
         self.outstanding = 0
         self.entered = 0  # first sends ever let through
         self.served = 0  # of those, the flights acknowledged or ended
@@ -81,7 +90,7 @@ class _Window:
 
     async def enter(self, flight: _InFlight) -> bool:
         """Take a place for `flight`'s first send; False if its target pulled while it waited."""
-        if self.outstanding < self.size and not self._waiting:
+        if self.outstanding < self.limit and not self._waiting:
             self._take(flight)
             return True
         flight.waiter = asyncio.get_running_loop().create_future()
@@ -97,7 +106,10 @@ class _Window:
             return
         flight.holds = False
         self.outstanding -= 1
-        while self._waiting and self.outstanding < self.size:
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiting and self.outstanding < self.limit:
             nxt = self._waiting.popleft()
             if nxt.waiter is not None and not nxt.waiter.done():
                 self._take(nxt)
@@ -111,6 +123,9 @@ class _Window:
             self._spell_acks += 1
             self.last_ack = now
             self.gap_s = (now - self._spell_start) / self._spell_acks
+            if self.limit < self.size:
+                self.limit = min(float(self.size), self.limit + self.growth)
+                self._release()
         if flight.waiter is not None and not flight.waiter.done():
             flight.waiter.set_result(False)
         self.end(flight)
@@ -136,6 +151,7 @@ class _Window:
             self._spell_start = time.monotonic()
             self._spell_acks = 0
             self.last_ack = None
+            self.limit = float(self.initial)
         flight.holds = True
         flight.queued = True
         flight.order = self.entered
@@ -158,13 +174,16 @@ class Tickler:
         rate: float | None = None,
         window: int | None = None,
         reads_after_ack: bool = False,
+        window_initial: int | None = None,
+        window_growth: float = 1.0,
     ) -> None:
         """`rate`: at most this many sends per second (first sends and resends), the rest wait
         their turn; a resend's delay counts from its own send, plus the wait of the sends queued
         then (a sender behind its sends is behind serving their pulls too).
 
         `window`: at most this many first sends outstanding (see the module's doc); None, as
-        the NS tickle server has it, sends at once.
+        the NS tickle server has it, sends at once. `window_initial`: the places a busy spell
+        opens with (None: the whole window), and `window_growth` more at each ack.
 
         `reads_after_ack`: the server reads what the target pulls right after the ack, with
         nothing between (the task server's agent pulls read its cache in memory): a tickle asked
@@ -183,7 +202,7 @@ class Tickler:
         self._closed = False
         self._interval = 1.0 / rate if rate else 0.0
         self._next_slot = 0.0  # loop time of the next free send slot
-        self._window = _Window(window) if window else None
+        self._window = _Window(window, window_initial, window_growth) if window else None
         self._reads_after_ack = reads_after_ack
 
     async def start(self, local_addr: tuple[str, int] = ("0.0.0.0", 0)) -> None:

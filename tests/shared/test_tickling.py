@@ -253,6 +253,44 @@ async def test_first_sends_beyond_the_window_wait_for_acks_each_ack_releases_the
         assert receivers[4][1].queue.empty()
 
 
+async def test_a_window_that_starts_small_opens_with_each_ack_and_starts_small_again() -> None:
+    backoff = Backoff(base_s=30, tries=2, jitter=0)  # no resend during the test
+    async with tickling(10, backoff, window=4, window_initial=2, window_growth=1.0) as (
+        tickler,
+        receivers,
+        metrics,
+    ):
+        for i in range(7):
+            tickler.tickle(f"t{i}", receivers[i][2])
+        await _first_tickles(receivers, [0, 1])  # the spell opens 2 places, not the 4
+
+        async def settled(sent: int) -> None:
+            for _ in range(10):  # the others wait on the window, not on a clock: let them run
+                await asyncio.sleep(0)
+            assert _sent(metrics) == sent
+
+        await settled(2)
+        assert tickler.ack("t0")  # its place back, and one more: two go
+        await _first_tickles(receivers, [2, 3])
+        await settled(4)
+        assert tickler.ack("t1")  # two again: 4 places, the window's size
+        await _first_tickles(receivers, [4, 5])
+        await settled(6)
+        assert tickler.ack("t2")  # no more than the window: one goes
+        await _first_tickles(receivers, [6])
+        await settled(7)
+        for i in range(3, 7):  # every pull served: the spell is over
+            assert tickler.ack(f"t{i}")
+        async with asyncio.timeout(2):
+            while any(tickler.in_flight(f"t{i}") for i in range(7)):
+                await asyncio.sleep(0.01)
+        for i in range(7, 10):  # the next spell starts small again
+            tickler.tickle(f"t{i}", receivers[i][2])
+        await _first_tickles(receivers, [7, 8])
+        await settled(9)
+        assert receivers[9][1].queue.empty()
+
+
 async def test_a_lost_tickle_does_not_hold_the_window_past_its_first_resend() -> None:
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # nobody pulls: the tickle is lost
     sink.bind(("127.0.0.1", 0))

@@ -26,6 +26,9 @@ from tickle.taskserver.work_cache import WorkCache
 from tickle.tickling import Tickler
 
 log = logging.getLogger(__name__)
+# with `window_initial` (a slow start): the places each pull served opens beyond its own, up to
+# the window; sends then follow the pulls served at most 1.5 times as fast
+WINDOW_GROWTH = 0.5
 
 
 class AgentTickler:
@@ -43,6 +46,7 @@ class AgentTickler:
         rate: float | None = None,
         window: int | None = None,
         long_polls: LongPolls | None = None,
+        window_initial: int | None = None,
     ) -> None:
         self._store = store
         self.long_polls = long_polls
@@ -61,6 +65,8 @@ class AgentTickler:
             rate=rate,
             window=window,
             reads_after_ack=True,  # AgentPulls.tasks reads the cache right after its ack
+            window_initial=window_initial,
+            window_growth=WINDOW_GROWTH,
         )
 
     @property

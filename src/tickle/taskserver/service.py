@@ -166,6 +166,7 @@ class TaskServer:
             long_polls=self.long_polls,
             rate=settings.agent_tickle_rate,
             window=settings.agent_tickle_window,
+            window_initial=settings.agent_tickle_window_initial,
         )
         self.sync = NsSync(
             self.ns, self.store, self.work_cache, self.agents, settings.ns_check_interval_s

@@ -70,6 +70,14 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         "sends; one resent no longer counts): the next waits for a pull, so tickles follow the "
         "pulls served",
     )
+    agent_tickle_window_initial: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Slow start: the places in agent_tickle_window each burst of tickles opens "
+        "with, each pull served opening half a place more (default: the whole window at once; "
+        "smaller spreads a run-now's first second, but slowed a 5,000-agent run on 2 cores)",
+    )
     api_url: str | None = Field(
         default=None,
         description="URL agents use (default http(s)://{advertise_host}:{api_port})",
