@@ -158,6 +158,7 @@ class OutboxForwarder:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
+        self._deferred: asyncio.TimerHandle | None = None  # the wake of events that may wait
         self._metrics.outbox_depth.set(outbox.depth())
         # read at scrape time: the depth grows while the next hop is down and nothing is sent
         self._metrics.outbox_depth.set_function(self._depth)
@@ -167,23 +168,42 @@ class OutboxForwarder:
         self._task = asyncio.create_task(self._run())
         self._wake.set()  # deliver what a previous run left behind
 
-    def queue(self, events: Iterable[StatusEvent], durable: bool = True) -> list[str]:
+    def queue(
+        self, events: Iterable[StatusEvent], durable: bool = True, within_s: float | None = None
+    ) -> list[str]:
         """Commit `events` to the outbox (`durable`: synced, see `Outbox.put_many`) and forward
-        them now; return the ids new to it (not queued or forwarded before)."""
-        return self.queue_bodies(((e.event_id, e.model_dump_json()) for e in events), durable)
+        them now; return the ids new to it (not queued or forwarded before).
 
-    def queue_bodies(self, events: Iterable[tuple[str, str]], durable: bool = True) -> list[str]:
+        `within_s`: events that may wait go with the next ones forwarded, or within that long
+        (a task server's own hop reports ride with its agent's next event: one post, not three)."""
+        bodies = ((e.event_id, e.model_dump_json()) for e in events)
+        return self.queue_bodies(bodies, durable, within_s)
+
+    def queue_bodies(
+        self, events: Iterable[tuple[str, str]], durable: bool = True, within_s: float | None = None
+    ) -> list[str]:
         """`queue` of events already serialized: (event id, its JSON)."""
         new = self._outbox.put_many(events, durable)
         if self._linger_s and new:
             self._queued.append((time.monotonic(), len(new)))
-        self.wake()
+        if within_s is None:
+            self.wake()
+        elif new:
+            self._idle.clear()
+            if self._deferred is None:
+                self._deferred = asyncio.get_running_loop().call_later(within_s, self.wake)
         return new
 
     def wake(self) -> None:
         """Something is waiting in the outbox: forward now."""
+        self._cancel_deferred()
         self._idle.clear()
         self._wake.set()
+
+    def _cancel_deferred(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
 
     async def drained(self, within_s: float) -> bool:
         """Wait until the outbox is empty (True) or the timeout passes (False)."""
@@ -204,6 +224,7 @@ class OutboxForwarder:
             return 0.0
 
     async def stop(self) -> None:
+        self._cancel_deferred()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -446,6 +446,37 @@ async def cancel_and_output_scenario(ns: Ns) -> None:
     assert (kept["stdout"], kept["stderr"]) == ("a\ufffdb", "e")
 
 
+async def test_a_work_pull_is_one_commit_reading_no_table_whole(ns: Ns) -> None:
+    # its cancels were a second transaction, and found by reading every pull ever noted (the
+    # cost of each pull grew with the history of the fleet)
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await ts.agent("pc2")
+    run = await ns.run_task(["pc1", "pc2"])
+    await ts.ok("GET", "/api/ts/work")
+    stopping = run["executions"][0]["id"]
+    await ns.ok("POST", f"/api/runs/{run['id']}/cancel?execution_id={stopping}")
+    engine = ns.stores.database.engine
+    with commits_of(engine) as commits:
+        work = await ts.ok("GET", "/api/ts/work?via=check")
+    assert work["cancel"] == [stopping]
+    # (the tickle server's passes commit beside it)
+    pulls = [c for c in commits if any("SET last_pull_at" in s for s in c)]
+    assert len(pulls) == 1
+    assert any("cancel_requested_at >=" in s for s in pulls[0])
+    with engine.connect() as conn:
+        plans = [
+            (statement, detail)
+            for statement in pulls[0]
+            if statement.startswith(("SELECT", "UPDATE"))
+            for *_, detail in conn.exec_driver_sql(
+                f"EXPLAIN QUERY PLAN {statement}", (None,) * statement.count("?")
+            )
+        ]
+    assert plans
+    assert [(s, d) for s, d in plans if d.startswith("SCAN")] == []
+
+
 async def test_cancel_and_output_of_what_does_not_exist_are_404_naming_it(ns: Ns) -> None:
     ts = await ns.task_server("ts1")
     await ts.agent("pc1")

@@ -192,3 +192,29 @@ async def test_an_event_queued_when_not_busy_is_forwarded_without_lingering(
         await fwd.stop()
     assert hop.batches == [1, 1]
     box.close()
+
+
+async def test_events_that_may_wait_go_with_the_next_sent_or_alone_within_their_bound(
+    tmp_path: Path,
+) -> None:
+    # a task server's own hop reports ride with its agent's next event: one post to the NS,
+    # not one per hop (S1: four posts per run, two of them hop reports)
+    box, hop = Outbox(tmp_path / "o.db"), _Hop()
+    fwd = OutboxForwarder(box, hop.send, ComponentMetrics("t"))
+    fwd.start()
+    try:
+        assert await fwd.drained(5)
+        fwd.queue([_status(1)], within_s=60)
+        fwd.queue([_status(2)], within_s=60)
+        for _ in range(5):  # turns of the event loop: the forwarder would have sent them
+            await asyncio.sleep(0)
+        assert hop.batches == []
+        fwd.queue([_status(3)])
+        assert await fwd.drained(10)
+        assert hop.batches == [3]
+        fwd.queue([_status(4)], within_s=0.05)  # nothing else comes: alone, within its bound
+        assert await fwd.drained(10)
+        assert hop.batches == [3, 1]
+    finally:
+        await fwd.stop()
+    box.close()

@@ -288,10 +288,10 @@ async def test_many_woken_together_are_answered_in_one_commit(
     commits = 0
     queue = h.running.forwarder.queue
 
-    def counted(events: Any, durable: bool = True) -> Any:
+    def counted(events: Any, *how: Any) -> Any:
         nonlocal commits
         commits += 1
-        return queue(events, durable)
+        return queue(events, *how)
 
     h.running.forwarder.queue = counted  # type: ignore[method-assign]
     await h.cache_work(*(work_for(i + 1, a.name) for i, a in enumerate(agents)))

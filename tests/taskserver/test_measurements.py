@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 from tests.taskserver.conftest import TaskServerHarness, wait_until, work_for
 from tickle.messages import StatusEvent
@@ -60,10 +61,10 @@ async def test_pulls_served_together_share_one_commit_and_report_each_hop_once(
     commits = 0
     queue = h.running.forwarder.queue
 
-    def counting_queue(events: Iterable[StatusEvent], durable: bool = True) -> list[str]:
+    def counting_queue(events: Iterable[StatusEvent], *how: Any) -> list[str]:
         nonlocal commits
         commits += 1
-        return queue(events, durable)
+        return queue(events, *how)
 
     h.running.forwarder.queue = counting_queue  # type: ignore[method-assign]
     # every agent pulls at once, the first one twice

@@ -53,3 +53,40 @@ async def _check_commits(store: Store, outbox: Outbox) -> None:
     kinds = [StatusEvent.model_validate_json(body).kind for _, body in outbox.peek()]
     assert kinds == ["agent_tickled", "agent_pulled", "finished"]
     assert store.pending_work("pc1") == []  # done: out of the agent's pulls
+
+
+class _Posts:
+    """The NS's event posts: the kinds of each."""
+
+    def __init__(self) -> None:
+        self.posts: list[list[str]] = []
+
+    async def send(self, bodies: list[str]) -> list[str]:
+        events = [StatusEvent.model_validate_json(body) for body in bodies]
+        self.posts.append([e.kind for e in events])
+        return [e.event_id for e in events]
+
+
+async def test_hop_reports_go_to_the_ns_with_the_agents_next_event(tmp_path: Path) -> None:
+    # each went alone: S1 made four posts (and NS transactions) a run, two of them hop reports
+    store, outbox, ns = Store(tmp_path), Outbox(tmp_path / "outbox.db"), _Posts()
+    metrics = ComponentMetrics("ts")
+    forwarder = OutboxForwarder(outbox, ns.send, metrics)
+    cache = WorkCache(store, forwarder, metrics)
+    forwarder.start()
+    try:
+        cache.apply(WorkOut(executions=[work_for(1, "pc1"), work_for(2, "pc2")]))
+        await cache.tickled("pc1", 1000.0)
+        await cache.pulled("pc1", "tickle")
+        started = StatusEvent(event_id="started-1", execution_id=1, computer="pc1",
+                              kind="started", at=1001.0)  # fmt: skip
+        await cache.take_events("pc1", [started])
+        assert await forwarder.drained(10)
+        assert ns.posts == [["agent_tickled", "agent_pulled", "started"]]
+        await cache.tickled("pc2", 1002.0)  # no event of its agent follows: alone, soon
+        assert await forwarder.drained(10)
+        assert ns.posts[1:] == [["agent_tickled"]]
+    finally:
+        await forwarder.stop()
+        store.close()
+        outbox.close()

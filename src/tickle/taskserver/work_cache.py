@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 AGENT_EVENT_KINDS = frozenset({"started", "step_finished", "finished"})
 
 Flag = Literal["agent_tickled", "agent_pulled", "done"]
+# how long the task server's own hop reports (`agent_tickled`, `agent_pulled`) may wait to go to
+# the NS with the agent's next event (its `started` comes a few ms after its pull): one post and
+# one NS transaction for the three, where each went alone (S1: four posts a run, two of them
+# hops). Alone past this (an agent that does not pull, or does not start).
+HOP_REPORTS_WAIT_S = 0.25
 
 
 @dataclass
@@ -226,8 +231,11 @@ class WorkCache:
         # task server's own hop reports alone are not (see the module's docstring)
         needs_sync = any(w.flag == "done" for w in writes)
         durable = needs_sync and self._wal_sync is None
+        # hop reports alone ride with the agent's next event (see HOP_REPORTS_WAIT_S)
+        within_s = None if needs_sync else HOP_REPORTS_WAIT_S
+        events = [e for w in writes for e in w.events]
         try:
-            new = set(self._forwarder.queue([e for w in writes for e in w.events], durable))
+            new = set(self._forwarder.queue(events, durable, within_s))
             flags: dict[str, list[int]] = defaultdict(list)
             for w in writes:
                 flags[w.flag] += w.flagged

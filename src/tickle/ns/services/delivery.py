@@ -3,6 +3,7 @@ work and the status events they report — telling the tickle server and countin
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -14,7 +15,7 @@ from tickle import messages as m
 from tickle import wire
 from tickle.metrics import ComponentMetrics
 from tickle.ns.credentials import Caller
-from tickle.ns.stores.cancel import CancelStore
+from tickle.ns.stores.cancel import CancelStore, cancelled_for
 from tickle.ns.stores.delivery import AlsoInRun, DeliveryStore
 from tickle.ns.tickle_server import TickleServer
 from tickle.serving import on_route_thread
@@ -75,14 +76,14 @@ class DeliveryService:
     def _pull(
         self, ts: Caller, now: float, via: m.TsPullVia, tickle_sent_at: float | None
     ) -> m.WorkOut:
-        """The pull's reads and writes, on one trip to a thread."""
-        work = self._store.pull_work(ts, now, via, tickle_sent_at)
-        if self._cancels is not None:
-            # the cancels its agents must hear of: never start those, stop them where they run
-            cancel = self._cancels.cancelled_for(ts, now)
-            if cancel:
-                work = work.model_copy(update={"cancel": cancel})
-        return work
+        """The pull's reads and writes, in one transaction on one trip to a thread; with the
+        cancels its agents must hear of (never start those, stop them where they run)."""
+        cancels = (
+            None
+            if self._cancels is None
+            else functools.partial(cancelled_for, ts_id=ts.id, now=now)
+        )
+        return self._store.pull_work(ts, now, via, tickle_sent_at, cancels)
 
     async def record_events(self, ts: Caller, events: Sequence[m.StatusEvent]) -> m.EventAck:
         """Record the task server's status events (each once) and count what they did."""

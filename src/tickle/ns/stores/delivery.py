@@ -324,16 +324,22 @@ class DeliveryStore:
             return views.execution_out(_get(s, Execution, execution_id, "execution"))
 
     def pull_work(
-        self, ts: Caller, now: float, via: m.TsPullVia, tickle_sent_at: float | None = None
+        self,
+        ts: Caller,
+        now: float,
+        via: m.TsPullVia,
+        tickle_sent_at: float | None = None,
+        cancels: Callable[[Connection], list[int]] | None = None,
     ) -> m.WorkOut:
         """Every unfinished execution of this task server's clients; stamps the first pull and
         remembers that this task server was given each of them (see `record_events`).
 
         Every pull stamps `last_pull_at`; only one a tickle caused stamps `tickle_pulled_at`
         (the acknowledgement another NS process sees). `tickle_sent_at`: first stamps the work
-        of the tickle first sent then, as `mark_tickle_sent` does, in the same transaction."""
+        of the tickle first sent then, as `mark_tickle_sent` does, in the same transaction.
+        `cancels`: reads the executions listed as cancelled (`WorkOut.cancel`), in it too."""
         # a concurrent pull of the same task server (another NS process) may note a pair first
-        return retry_on_conflict(lambda: self._pull_work(ts, now, via, tickle_sent_at))
+        return retry_on_conflict(lambda: self._pull_work(ts, now, via, tickle_sent_at, cancels))
 
     def record_events(
         self, ts: Caller, events: Sequence[m.StatusEvent], now: float
@@ -379,7 +385,12 @@ class DeliveryStore:
     # --- helpers -------------------------------------------------------------------------------
 
     def _pull_work(
-        self, ts: Caller, now: float, via: m.TsPullVia, tickle_sent_at: float | None
+        self,
+        ts: Caller,
+        now: float,
+        via: m.TsPullVia,
+        tickle_sent_at: float | None,
+        cancels: Callable[[Connection], list[int]] | None,
     ) -> m.WorkOut:
         # SQLAlchemy Core: no ORM object per execution (their loading and flush were most of a
         # pull's 3 ms)
@@ -429,7 +440,8 @@ class DeliveryStore:
                 executions=[
                     views.execution_work(row, steps.get(row.steps) or _steps_of(steps, row.steps))
                     for row in rows
-                ]
+                ],
+                cancel=[] if cancels is None else cancels(conn),
             )
 
     def _record(self, ts: Caller, events: Sequence[m.StatusEvent], now: float) -> EventOutcome:
