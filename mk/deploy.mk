@@ -48,6 +48,8 @@ HEADLINES ?= tickle_delivery
 verify: deploy-venv ## testinfra checks against a deployed fleet: make verify INVENTORY=inventory/prod [HEADLINES=...]
 	$(DEPLOY_ENV) pytest -c molecule/tests/pytest.ini molecule/tests $(foreach h,$(HEADLINES),molecule/tests/headline_$(h).py) --ansible-inventory=$(INVENTORY)
 
+DEPLOY_LINT := $(DEPLOY_ENV) yamllint -s roles playbooks inventory molecule .yamllint .ansible-lint \
+	&& $(DEPLOY_ENV) ansible-lint --nocolor roles playbooks molecule
+
 deploy-lint: deploy-venv ## ansible-lint (production profile) and yamllint on roles, playbooks, inventory, molecule
-	$(DEPLOY_ENV) yamllint -s roles playbooks inventory molecule .yamllint .ansible-lint
-	$(DEPLOY_ENV) ansible-lint --nocolor roles playbooks molecule
+	$(DEPLOY_LINT)
