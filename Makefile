@@ -44,12 +44,15 @@ sysdeps: ## System packages the tests need (nftables, iproute2, postgresql), ins
 # `make test` overlaps what does not compete for the CPU: the venvs (pip) with the system packages
 # (apt); pytest with the testbed's builds (debootstrap, one image at a time, and the wheelhouses:
 # network and disk) and deploy-lint, whose output is kept in build/testbed/builds.log and shown when
-# they end (their failure fails make test); then the Molecule scenarios, MOLECULE_JOBS at once.
+# they end (their failure fails make test); then the Molecule scenarios, TEST_MOLECULE_JOBS at once.
 test: ## Every check: lint, unit, integration, faults, attacks, deploy lint, Molecule
 	$(MAKE) --no-print-directory -j3 venv sysdeps deploy-venv
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory -j2 test-pytest test-builds
-	$(MAKE) --no-print-directory molecule
+	$(MAKE) --no-print-directory molecule MOLECULE_JOBS=$(TEST_MOLECULE_JOBS)
+
+# Molecule scenarios make test runs at once (each has its own containers and network).
+TEST_MOLECULE_JOBS ?= 2
 
 .PHONY: test-pytest test-builds
 test-pytest: venv
