@@ -31,7 +31,7 @@ image-services: ## Build the site-services image (Debian 12 + PostgreSQL) a scen
 wheelhouse: ## Wheels of tickle and its dependencies for the hosts' Python (3.11, 3.13): build/wheelhouse
 	$(TESTBED)/wheelhouse.sh
 
-# Scenarios run at once by `make molecule` (scripts/testbed/molecule.sh); `make test` runs two.
+# Scenarios run at once by `make molecule` (scripts/testbed/molecule.sh; make test: TEST_MOLECULE_JOBS).
 MOLECULE_JOBS ?= 1
 
 molecule: deploy-venv ## Every Molecule scenario (SCENARIOS=..., MOLECULE_JOBS=2: two at once): image, wheelhouse, run, clean up even on failure
