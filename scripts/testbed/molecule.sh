@@ -105,7 +105,7 @@ if [ "$jobs" -eq 1 ]; then
     finished "$scenario" $?
   done
 else
-  declare -A running  # pid -> scenario
+  declare -A running=()  # pid -> scenario
   pending=("$@")
   while [ ${#pending[@]} -gt 0 ] || [ ${#running[@]} -gt 0 ]; do
     while [ ${#pending[@]} -gt 0 ] && [ ${#running[@]} -lt "$jobs" ]; do
