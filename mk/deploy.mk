@@ -31,8 +31,11 @@ image-services: ## Build the site-services image (Debian 12 + PostgreSQL) a scen
 wheelhouse: ## Wheels of tickle and its dependencies for the hosts' Python (3.11, 3.13): build/wheelhouse
 	$(TESTBED)/wheelhouse.sh
 
-molecule: deploy-venv ## Every Molecule scenario (SCENARIOS=...): image, wheelhouse, run, clean up even on failure
-	$(DEPLOY_ENV) $(TESTBED)/molecule.sh $(SCENARIOS)
+# Scenarios run at once by `make molecule` (scripts/testbed/molecule.sh; make test: TEST_MOLECULE_JOBS).
+MOLECULE_JOBS ?= 1
+
+molecule: deploy-venv ## Every Molecule scenario (SCENARIOS=..., MOLECULE_JOBS=2: two at once): image, wheelhouse, run, clean up even on failure
+	MOLECULE_JOBS=$(MOLECULE_JOBS) $(DEPLOY_ENV) $(TESTBED)/molecule.sh $(SCENARIOS)
 
 fleet: deploy-venv image wheelhouse ## Testbed fleet of containers: site.yml, then a task through run_task.yml
 	$(TESTBED)/fleet.sh up
@@ -48,6 +51,8 @@ HEADLINES ?= tickle_delivery
 verify: deploy-venv ## testinfra checks against a deployed fleet: make verify INVENTORY=inventory/prod [HEADLINES=...]
 	$(DEPLOY_ENV) pytest -c molecule/tests/pytest.ini molecule/tests $(foreach h,$(HEADLINES),molecule/tests/headline_$(h).py) --ansible-inventory=$(INVENTORY)
 
+DEPLOY_LINT := $(DEPLOY_ENV) yamllint -s roles playbooks inventory molecule .yamllint .ansible-lint \
+	&& $(DEPLOY_ENV) ansible-lint --nocolor roles playbooks molecule
+
 deploy-lint: deploy-venv ## ansible-lint (production profile) and yamllint on roles, playbooks, inventory, molecule
-	$(DEPLOY_ENV) yamllint -s roles playbooks inventory molecule .yamllint .ansible-lint
-	$(DEPLOY_ENV) ansible-lint --nocolor roles playbooks molecule
+	$(DEPLOY_LINT)

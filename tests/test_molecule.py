@@ -153,3 +153,23 @@ def test_previous_release_not_in_the_clone_is_one_clear_line(tmp_path: Path) -> 
     assert lines[-1].startswith("[testbed] error: the previous release 0.0.1 (commit 000"), lines
     assert "not in this clone" in lines[-1]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("jobs", ["two", "0", "-1", "1.5"])
+def test_molecule_jobs_not_a_count_is_one_clear_line_before_any_build(
+    tmp_path: Path, jobs: str
+) -> None:
+    import os
+    import subprocess
+
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "testbed" / "molecule.sh"), "cem_mode"],
+        capture_output=True, text=True, check=False, timeout=60,
+        env={**os.environ, "MOLECULE_JOBS": jobs, "TESTBED_BUILD": str(tmp_path / "build")},
+    )  # fmt: skip
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert lines == [
+        f"[testbed] error: MOLECULE_JOBS must be a whole number of at least 1, not '{jobs}'"
+    ], done.stderr
+    assert not (tmp_path / "build").exists()

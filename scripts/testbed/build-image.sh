@@ -35,7 +35,10 @@ if current; then
 fi
 
 mkdir -p "$TESTBED_BUILD"
-exec 9>"$TESTBED_BUILD/image-$variant.lock"
+# One debootstrap at a time (any image): they share the package cache below, and two at once make
+# twice the requests to the mirror (debootstrap does not retry a download that failed: one lost
+# request ends it, "Couldn't download packages").
+exec 9>"$TESTBED_BUILD/debootstrap.lock"
 flock 9
 # Another build may have finished while this one waited for the lock.
 if current; then
@@ -46,11 +49,26 @@ rootfs=$(mktemp -d "$TESTBED_BUILD/rootfs-$variant.XXXX")
 trap 'rm -rf "$rootfs"' EXIT
 
 mirror=$(debian_mirror)
+# The packages are kept in build/testbed/debs (by name, version and architecture): the services
+# image downloads only what it adds to Debian 12's, and a retry only what is still missing. wget
+# (debootstrap's downloader) retries what a busy mirror or proxy refuses for a moment.
+cache=$TESTBED_BUILD/debs
+mkdir -p "$cache/partial"
+printf '%s\n' 'tries = 5' 'waitretry = 5' 'retry_connrefused = on' \
+  'retry_on_http_error = 408,429,500,502,503,504' >"$TESTBED_BUILD/wgetrc"
 log "debootstrap $release (minbase) into $rootfs"
 start=$SECONDS
-debootstrap --variant=minbase --include="$packages$extra" "$release" "$rootfs" "$mirror" \
-  >"$TESTBED_BUILD/debootstrap-$variant.log" 2>&1 \
-  || { tail -20 "$TESTBED_BUILD/debootstrap-$variant.log" >&2; die "debootstrap $release failed"; }
+for try in 1 2 3; do
+  WGETRC=$TESTBED_BUILD/wgetrc debootstrap --variant=minbase --include="$packages$extra" \
+    --cache-dir="$cache" "$release" "$rootfs" "$mirror" >"$TESTBED_BUILD/debootstrap-$variant.log" 2>&1 \
+    && break
+  tail -20 "$TESTBED_BUILD/debootstrap-$variant.log" >&2
+  grep -q "Couldn't download" "$TESTBED_BUILD/debootstrap-$variant.log" && [ $try -lt 3 ] \
+    || die "debootstrap $release failed"
+  log "debootstrap $release: a download failed; again (try $((try + 1)) of 3), the packages it has kept"
+  rm -rf "$rootfs"
+  mkdir "$rootfs"
+done
 
 # Container tweaks: no getty or udev work inside a container, no mirror host baked into the image
 # (hosts get no index on the test network anyway), a small image.
