@@ -7,6 +7,7 @@ handlers; registration routes get the real enrollment secret in every other gene
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections import Counter
@@ -18,7 +19,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from tests.attacks.conftest import Peers
+from tests.attacks.conftest import Peers, call
+from tests.integration.conftest import eventually
 from tests.reliability import record
 
 # per operation and generation mode: 26 operations x 2 modes x 50 take ~25 s here
@@ -76,12 +78,35 @@ def _fuzz(component: str, base_url: str, peers: Peers) -> tuple[int, Counter[int
     return operations, statuses, failures
 
 
+def _long_poll_off(peers: Peers) -> None:
+    """Long-poll off again, once the task server hands that policy down. The NS's fuzzing may
+    turn it on (the settings are one of its routes) and the probe agents, which answer no tickle,
+    are unreachable: the task server then holds their long-poll up to its timeout (5-600 s), as it
+    should, past the fuzzer's 15 s read timeout."""
+
+    async def off() -> None:
+        fleet = peers.fleet
+        status, body = await call(
+            "PUT", fleet.ns_url + "/api/settings", fleet.admin_token, body={"long_poll": False}
+        )
+        assert status == 200, body
+
+        async def handed_down() -> bool:
+            status, policy = await call("GET", peers.ts_url + "/api/agent/policy", peers.agent_a)
+            return status == 200 and policy["long_poll"] is False
+
+        await eventually(handed_down, 30.0, "the task server's policy with long-poll off")
+
+    asyncio.run(off())
+
+
 @pytest.mark.attacks
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_generated_requests_never_get_a_5xx_from_ns_or_task_server(peers: Peers) -> None:
     started = time.monotonic()
     ns_ops, ns_statuses, ns_failures = _fuzz("ns", peers.fleet.ns_url, peers)
+    _long_poll_off(peers)
     ts_ops, ts_statuses, ts_failures = _fuzz("ts", peers.ts_url, peers)
     wall = time.monotonic() - started
     tried = sum(ns_statuses.values()) + sum(ts_statuses.values())
