@@ -58,7 +58,9 @@ async def create_runs(
         for i in range(per_computer):
             for computer in computers:
                 tag = f"{prefix}{i}-{computer}"
-                wait = f"while [ ! -e {gate} ]; do sleep 0.1; done"
+                # 0.5 s: 200 tasks waiting at the gate fork 400 sleeps a second, not 2,000 (at
+                # 0.1 s they starved the NS of a test beside them of its 30 s to start)
+                wait = f"while [ ! -e {gate} ]; do sleep 0.5; done"
                 script = f"echo {tag} >> {plan.marker}; "
                 if gate is not None and gate_first:
                     script += f"{wait}; sleep {sleeps[i]}"
