@@ -38,6 +38,7 @@ class Call:
     via: str | None = None
     answered_at: float | None = None
     settings_version: str | None = None  # as the agent reported it (query parameter)
+    refused: bool = False  # answered an error at once (the long-poll while `long_poll_status`)
 
 
 @dataclass
@@ -182,6 +183,8 @@ class FakeTaskServer:
                 if self.long_poll_retry_after is None
                 else {"Retry-After": self.long_poll_retry_after}
             )
+            call.refused = True
+            call.answered_at = time.time()
             return web.json_response(
                 {"detail": "refused"}, status=self.long_poll_status, headers=retry
             )
