@@ -135,7 +135,7 @@ def test_bad_setting_exits_2_naming_it_before_binding_anything(case: Case, tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "tickle", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        _, err = proc.communicate(timeout=15)
+        _, err = proc.communicate(timeout=45)  # exits in ~1 s; a loaded CI machine took > 15
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()

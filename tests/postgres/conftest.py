@@ -121,7 +121,7 @@ def spawn_ns(fleet: LocalFleet, name: str, host: str, database_url: str) -> NsPr
 
 async def dispatcher_active(url: str) -> float | None:
     """The NS's `tickle_dispatcher_active` gauge (None: no answer)."""
-    return await scrape_metric(url, "tickle_dispatcher_active", timeout_s=2)
+    return await scrape_metric(url, "tickle_dispatcher_active", timeout_s=10)  # 2 s: CI missed
 
 
 @dataclass
