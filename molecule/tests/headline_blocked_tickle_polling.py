@@ -18,6 +18,9 @@ from fleet import Fleet, FleetHost, steps, wait_for
 
 # Longest interval these checks wait through (a real fleet at 30 minutes cannot be checked so).
 MAX_INTERVAL_S = 120
+# how far off every blocked agent's next poll must be when the run is made: the run-now, the second
+# below and the look at the agents took 5.3 s on a loaded CI machine (3 s was too little)
+QUIET_S = 8.0
 # Sends one UDP datagram from a host (not a valid tickle: the firewall must drop it first).
 _SEND = "python3 -c 'import socket,sys; socket.socket(2,2).sendto(b\"stray\",(sys.argv[1],int(sys.argv[2])))' %s %s"
 _BLOCK_RULE = re.compile(r"udp dport \{ (\d+), (\d+) \} counter packets (\d+) bytes \d+ drop")
@@ -51,12 +54,12 @@ def blocked_run(fleet: Fleet, blocked: list[FleetHost]) -> dict[str, Any]:
                 f"{name} has not got the central interval: {s['policy']}"
             )
         next_polls = {name: s["next_poll_at"] for name, s in status.items()}
-        if all(t is not None and t > time.time() + 3 for t in next_polls.values()):
+        if all(t is not None and t > time.time() + QUIET_S for t in next_polls.values()):
             return next_polls
         return None
 
     next_polls = wait_for("a moment when no blocked agent is about to poll", quiet_moment,
-                          timeout_s=interval * 2)  # fmt: skip
+                          timeout_s=interval * 3, every_s=0.5)  # fmt: skip
     run = fleet.run_now("uname -n", blocked)
     created = time.time()
     time.sleep(1.0)  # a tickle that got through would have made the agents pull within this second
