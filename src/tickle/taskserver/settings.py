@@ -74,9 +74,18 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         default=None,
         ge=1,
         le=1_000_000,
-        description="Slow start: the places in agent_tickle_window each burst of tickles opens "
-        "with, each pull served opening half a place more (default: the whole window at once; "
-        "smaller spreads a run-now's first second, but slowed a 5,000-agent run on 2 cores)",
+        description="The places in agent_tickle_window the tickles open with (default 32). "
+        "With agent_tickle_window_target_s 0: a slow start, each burst of tickles opening with "
+        "this many, each pull served opening half a place more (default: the whole window)",
+    )
+    agent_tickle_window_target_s: float = Field(
+        default=0.5,
+        ge=0,
+        le=60,
+        description="Delay-based tickle window: it opens while the agents' pulls come within "
+        "this of the quickest tickle → pull time seen, and closes as they wait longer, so a "
+        "server serving its pulls slowly (just restarted, short of CPU) is not sent the whole "
+        "window at once. 0: a fixed window",
     )
     api_url: str | None = Field(
         default=None,
