@@ -22,14 +22,14 @@ pulls served instead of going out as one burst.
 A window may follow the delay of the pulls instead (`window_target_s`, delay-based as TCP
 Vegas / LEDBAT are): it opens with `window_initial` places and keeps what it reached from one
 busy spell to the next; each ack measures its tickle's first send → pull time, and how much
-longer that took than the quickest of the last minute or so (the agent's own answer and the
-wire) is the time the pull waited behind the others (`queued`). Each ack opens up to one place
-more while `queued` stays under the target (at nothing queued one: the window doubles with
-every round of pulls, so an idle, fast server opens it fully in a few of its quick rounds) and
-closes up to one (no send for that ack) as `queued` goes past the target, down to
-`DELAY_FLOOR`: a server that serves its pulls slowly (just restarted, short of CPU) keeps about
-the target's worth of pulls queued, not the whole window. An ack of a resent tickle measures
-nothing (which send its pull answers is unknown).
+longer that took than the quickest (the target's own once it answered before: the agent's own
+answer and its wire; else the quickest of any over the last minute or so) is the time the pull
+waited behind the others (`queued`). Each ack opens up to one place more while `queued` stays
+under the target (at nothing queued one: the window doubles with every round of pulls, so an
+idle, fast server opens it fully in a few of its quick rounds) and closes up to one (no send for
+that ack) as `queued` goes past the target, down to the places it opened with: a server that
+serves its pulls slowly (just restarted, short of CPU) is sent those, not the whole window. An
+ack of a resent tickle measures nothing (which send its pull answers is unknown).
 """
 
 from __future__ import annotations
@@ -54,10 +54,9 @@ log = logging.getLogger(__name__)
 # at 2,000/s), and one wake-up serves them all; a send waits at most this much longer
 PACE_QUANTUM_S = 0.005
 
-# a delay-based window: the places it opens with (unless told), the fewest it closes down to, and
-# how long its quickest tickle → pull time holds (a minimum over at least this, at most twice)
+# a delay-based window: the places it opens with (unless told), and how long its quickest
+# tickle → pull time of any target holds (a minimum over at least this, at most twice)
 DELAY_INITIAL = 32
-DELAY_FLOOR = 8
 BASE_PERIOD_S = 30.0
 
 Callback = Callable[[str], Awaitable[None] | None]
@@ -77,7 +76,9 @@ class _InFlight:
     holds: bool = False
     queued: bool = False  # its pull still to come (counted in the queue of those behind it)
     waiter: asyncio.Future[bool] | None = None
-    # a delay-based window: when it was first sent (the window's clock), and whether resent
+    # a delay-based window: its target, when it was first sent (the window's clock), whether
+    # it was resent
+    target: str = ""
     sent_at: float | None = None
     resent: bool = False
 
@@ -108,13 +109,14 @@ class _Window:
         # `size` (the first sends follow the rate the pulls are served at, not one burst)
         default = DELAY_INITIAL if self.target_s is not None else size
         self.initial = min(size, initial or default)
-        self.floor = min(self.initial, DELAY_FLOOR)
+        self.floor = self.initial  # a delay-based window closes no further than it opened
         self.growth = growth
         self.limit = float(self.initial)
         self.clock = clock  # of the delay-based window's first send → pull times
         self._base_now = math.inf  # the quickest first send → pull time since `_base_since`
         self._base_before = math.inf  # ... in the period before
         self._base_since = clock()
+        self._quickest: dict[str, float] = {}  # each target's quickest first send → pull time
         self.outstanding = 0
         self.entered = 0  # first sends ever let through
         self.served = 0  # of those, the flights acknowledged or ended
@@ -161,7 +163,7 @@ class _Window:
             self.gap_s = (now - self._spell_start) / self._spell_acks
             if self.target_s is not None:
                 if flight.sent_at is not None and not flight.resent:
-                    self._follow_delay(self.clock() - flight.sent_at)
+                    self._follow_delay(flight.target, self.clock() - flight.sent_at)
             elif self.limit < self.size:
                 self.limit = min(float(self.size), self.limit + self.growth)
                 self._release()
@@ -169,11 +171,18 @@ class _Window:
             flight.waiter.set_result(False)
         self.end(flight)
 
-    def _follow_delay(self, took_s: float) -> None:
-        """A pull came `took_s` after its tickle's first send: open up to one place more while
-        the pulls wait less than the target beyond the quickest, close up to one beyond it."""
+    def _follow_delay(self, target: str, took_s: float) -> None:
+        """`target`'s pull came `took_s` after its tickle's first send: open up to one place
+        more while the pulls wait less than the target beyond the quickest, close up to one
+        beyond it. The quickest is the target's own once it answered before (agents far away
+        or slow answer slower however idle the server), else the quickest of any."""
         assert self.target_s is not None
-        queued_s = took_s - self._base_s(took_s)
+        quickest = self._base_s(took_s)
+        own = self._quickest.get(target)
+        if own is not None:
+            quickest = max(quickest, min(own, took_s))
+        self._quickest[target] = took_s if own is None else min(own, took_s)
+        queued_s = took_s - quickest
         step = max(-1.0, min(1.0, (self.target_s - queued_s) / self.target_s))
         self.limit = min(float(self.size), max(float(self.floor), self.limit + step))
         self._release()
@@ -289,7 +298,7 @@ class Tickler:
             current.again = current.again or current.acked.is_set() or not self._reads_after_ack
             current.addr = addr
             return
-        flight = _InFlight(addr=addr, first_sent=time.time())
+        flight = _InFlight(addr=addr, first_sent=time.time(), target=target)
         self._inflight[(target, kind)] = flight
         flight.task = asyncio.create_task(self._deliver(target, kind, flight))
 

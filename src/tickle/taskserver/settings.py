@@ -82,10 +82,11 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         default=0.5,
         ge=0,
         le=60,
-        description="Delay-based tickle window: it opens while the agents' pulls come within "
-        "this of the quickest tickle → pull time seen, and closes as they wait longer, so a "
-        "server serving its pulls slowly (just restarted, short of CPU) is not sent the whole "
-        "window at once. 0: a fixed window",
+        description="Delay-based tickle window: from agent_tickle_window_initial places it "
+        "opens (up to agent_tickle_window) while the agents' pulls come within this of the "
+        "quickest tickle → pull time (the agent's own once known), and closes back as they wait "
+        "longer, so a server serving its pulls slowly (just restarted, short of CPU) is not sent "
+        "the whole window at once. 0: a fixed window",
     )
     api_url: str | None = Field(
         default=None,
