@@ -94,7 +94,7 @@ async def test_after_a_restart_a_server_serving_pulls_slowly_is_not_sent_the_who
 
 async def test_the_window_opens_fully_within_a_few_rounds_of_fast_pulls() -> None:
     clock = Clock()
-    async with restarted(clock, 1100) as (tickler, sent):
+    async with restarted(clock, 1600) as (tickler, sent):
         rounds = [len(sent)]
         served = 0
         while len(sent) - served < WINDOW and len(rounds) < 10:
@@ -105,7 +105,8 @@ async def test_the_window_opens_fully_within_a_few_rounds_of_fast_pulls() -> Non
             await settle(sent)
             rounds.append(len(sent) - served)
         assert rounds[-1] == WINDOW, rounds
-        assert len(rounds) <= 6, rounds  # doubling each round: 32, 64, 128, 256, 512
+        # by half each round: 32, 48, 72, 108, 162, 243, 364, 512
+        assert len(rounds) <= 8, rounds
 
 
 async def test_an_agent_slow_to_answer_closes_the_window_only_until_its_own_pace_is_known() -> None:
@@ -126,7 +127,7 @@ async def test_an_agent_slow_to_answer_closes_the_window_only_until_its_own_pace
             for name in far:
                 assert tickler.ack(name, wire.Kind.TASKS)
             await settle(sent)
-        # first round: the far ones looked queued (one place closed each, the near opened as
-        # many); second: each at its own pace, all opened one more
+        # first round: the far ones looked queued (one place closed each, more than the near
+        # opened: back to the opening); second: each at its own pace, all opened half a place
         waiting = [n for n in sent[first:] if tickler.in_flight(n, wire.Kind.TASKS)]
-        assert len(waiting) == 2 * first
+        assert len(waiting) == first + first // 2
