@@ -1,5 +1,6 @@
-"""The task server's agent tickle window (its default settings): after a restart it does not send
-the whole window to a server serving its pulls slowly, and it opens fully when they come fast."""
+"""The task server's delay-based agent tickle window (its settings' defaults, with
+agent_tickle_window_target_s 0.5 s): after a restart it does not send the whole window to a server
+serving its pulls slowly, and it opens fully when they come fast."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tickle.tickling import Tickler
 KEY = b"k" * 32
 FIELDS = TaskServerSettings.model_fields
 WINDOW = FIELDS["agent_tickle_window"].default
+TARGET_S = 0.5  # agent_tickle_window_target_s (default 0: a fixed window)
 
 
 class Clock:
@@ -48,7 +50,7 @@ async def restarted(clock: Clock, agents: int) -> AsyncIterator[tuple[Tickler, l
         reads_after_ack=True,
         window_initial=FIELDS["agent_tickle_window_initial"].default,
         window_growth=WINDOW_GROWTH,
-        window_target_s=FIELDS["agent_tickle_window_target_s"].default,
+        window_target_s=TARGET_S,
     )
     assert tickler._window is not None
     tickler._window.clock = clock
@@ -75,7 +77,7 @@ async def settle(sent: list[str]) -> None:
 
 async def test_after_a_restart_a_server_serving_pulls_slowly_is_not_sent_the_whole_window() -> None:
     clock = Clock()
-    target_s = FIELDS["agent_tickle_window_target_s"].default
+    target_s = TARGET_S
     async with restarted(clock, 600) as (tickler, sent):
         first = len(sent)
         assert 0 < first <= 64  # the old window sent all 512 at once
