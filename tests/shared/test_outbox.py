@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 
 from tickle.backoff import Backoff
 from tickle.messages import StatusEvent
 from tickle.metrics import ComponentMetrics
-from tickle.outbox import Outbox, OutboxForwarder
+from tickle.outbox import Outbox, OutboxForwarder, new_event_id
 
 
 def test_events_survive_reopening_and_duplicates_are_ignored(tmp_path: Path) -> None:
@@ -218,3 +219,17 @@ async def test_events_that_may_wait_go_with_the_next_sent_or_alone_within_their_
     finally:
         await fwd.stop()
     box.close()
+
+
+def test_new_event_ids_are_version_7_uuids_in_the_order_they_were_made() -> None:
+    ids = [new_event_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for eid in ids[:50]:
+        parsed = uuid.UUID(eid)
+        assert (str(parsed), parsed.version, parsed.variant) == (eid, 7, uuid.RFC_4122)
+    made_ms = int(ids[0].replace("-", "")[:12], 16)
+    assert abs(made_ms / 1000 - time.time()) < 60
+    # later ids sort after earlier ones (within a millisecond: in any order)
+    by_ms = [eid[:13] for eid in ids]
+    assert by_ms == sorted(by_ms)
+    assert sorted(ids)[-1][:13] == ids[-1][:13]

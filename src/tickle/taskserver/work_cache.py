@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,7 +35,7 @@ from typing import Literal
 from tickle.localdb import WalSync
 from tickle.messages import ExecutionWork, PullVia, StatusEvent, WorkOut
 from tickle.metrics import ComponentMetrics
-from tickle.outbox import OutboxForwarder
+from tickle.outbox import OutboxForwarder, new_event_id
 from tickle.taskserver.refusal import Refused
 from tickle.taskserver.store import CachedWork, Store
 
@@ -200,7 +199,7 @@ class WorkCache:
         events = [
             # made here from valid parts: not validated again
             StatusEvent.model_construct(
-                event_id=str(uuid.uuid4()),
+                event_id=new_event_id(),
                 execution_id=w.execution_id,
                 computer=w.computer,
                 kind=kind,
