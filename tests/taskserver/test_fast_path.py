@@ -117,3 +117,27 @@ async def test_requests_the_fast_path_does_not_serve_get_the_routes_answers(
         assert status == expected, (method, path, kw, body)
         if expected == 422:  # the route's validation error: it names what is wrong
             assert isinstance(body["detail"], list), body
+
+
+async def test_a_pulls_policy_follows_the_settings_and_the_agents_reachability(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1")
+
+    async def policy() -> dict[str, Any]:
+        fast, route = await _both_ways(h, agent, "GET", "/api/agent/tasks", {"via": "poll"})
+        assert fast == route
+        assert fast[0] == 200
+        policy: dict[str, Any] = fast[1]["policy"]
+        return policy
+
+    first = await policy()
+    assert (first["settings_version"], first["long_poll"]) == (1, False)
+    h.ns.settings = h.ns.settings.model_copy(update={"version": 2, "long_poll": True})
+    await h.running.sync.settings.run("check")
+    assert ((await policy())["settings_version"], (await policy())["long_poll"]) == (2, False)
+    h.running.store.set_unreachable("pc1", True)  # its tickles went unanswered
+    assert (await policy())["long_poll"] is True
+    h.running.store.set_unreachable("pc1", False)
+    assert (await policy())["long_poll"] is False

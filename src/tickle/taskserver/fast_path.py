@@ -90,13 +90,13 @@ class AgentFastPath(FastPath):
         if via not in _VIAS:
             raise PassOn
         settings_version = call.settings_version()
-        answer = await self._pulls.tasks(
+        answer = await self._pulls.tasks_json(
             call.agent,
             via,  # type: ignore[arg-type]  # one of PullVia's values: checked above
             _peer(scope),
             settings_version,
         )
-        await json_response(answer.model_dump_json(), scope, receive, send)
+        await json_response(answer, scope, receive, send)
 
     async def _events(self, parts: Parts, scope: Scope, receive: Replay, send: Send) -> None:
         call = self._call(parts, scope)

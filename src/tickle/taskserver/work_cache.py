@@ -116,14 +116,14 @@ class WorkCache:
         fresh = self._first("agent_tickled", self._store.pending_work(computer))
         await self._hop("agent_tickled", fresh, at=first_sent)
 
-    async def pulled(self, computer: str, via: PullVia) -> list[ExecutionWork]:
+    async def pulled(self, computer: str, via: PullVia) -> list[CachedWork]:
         """`computer` pulled: its pending work; what it pulls the first time is reported pulled."""
         pending = self._store.pending_work(computer)
         if self._store.cancelled:
             pending = [w for w in pending if w.execution_id not in self._store.cancelled]
         first = self._first("agent_pulled", pending)
         await self._hop("agent_pulled", first, via=via)
-        return [w.work for w in pending]
+        return pending
 
     async def pulled_many(
         self, computers: list[str], via: PullVia
