@@ -80,7 +80,10 @@ async def test_the_fast_path_answers_as_the_routes_do(task_server: TaskServerHar
         # Python's `re` (msgspec's) matches a name pattern's `$` before a final line end
         ("a name with a line end", {"events": [_event("pc1\n", 1)]}),
         # pydantic reads numbers from text and whole floats as integers; msgspec does not
-        ("numbers as text, a whole float", {"events": [_event("pc1", 1, "step_finished", at="1.5", step=1.0)]}),
+        (
+            "numbers as text, a whole float",
+            {"events": [_event("pc1", 1, "step_finished", at="1.5", step=1.0)]},
+        ),
     ]
     answers = []
     for what, batch in posts:
