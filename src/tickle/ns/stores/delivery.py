@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from sqlalchemy import (
     ARRAY,
@@ -51,7 +51,9 @@ from tickle.ns.models import StatusEvent as StatusEventRow
 from tickle.ns.stores import bulk
 
 log = logging.getLogger(__name__)
-_FINAL = m.FINAL_STATUSES
+# the statuses of an execution not finished yet: named, so the work pull reads a computer's
+# unfinished executions by `ix_executions_computer_status` (a NOT IN read its whole history)
+_UNFINISHED = [s for s in get_args(m.ExecutionStatus) if s not in m.FINAL_STATUSES]
 _PROGRESS_FIELDS = list(lifecycle.Progress._fields)
 _Row = TypeVar("_Row", bound=Base)
 _OUTPUT_FIELDS = {"stdout", "stderr"}
@@ -170,7 +172,7 @@ _READ_WORK = (
             & (_PULLS.c.task_server_id == bindparam("ts_id")),
         )
     )
-    .where(_COMPUTERS.c.task_server_id == bindparam("ts_id"), _EXECUTIONS.c.status.not_in(_FINAL))
+    .where(_COMPUTERS.c.task_server_id == bindparam("ts_id"), _EXECUTIONS.c.status.in_(_UNFINISHED))
     .order_by(_EXECUTIONS.c.id)
 )
 
