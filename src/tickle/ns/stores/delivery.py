@@ -78,12 +78,19 @@ _EXEC_COLUMNS = [
     *(_EXECUTIONS.c[name] for name in ("id", "created_at", *_PROGRESS_FIELDS)),
     cast(_EXECUTIONS.c.steps, Text).label("steps"),
 ]
-# the events of a batch in one executemany (SQLite), their bodies serialized by pydantic (the JSON
-# column's own json.dumps of a dict per event cost more than the rest of the insert); PostgreSQL:
-# in one INSERT of one JSON document (see `bulk`)
+# the events of a batch in one INSERT of many rows (SQLite), their bodies serialized by pydantic
+# (the JSON column's own json.dumps of a dict per event cost more than the rest of the insert);
+# PostgreSQL: in one INSERT of one JSON document (see `bulk`)
 _EVENT_VARYING = ["event_id", "execution_id", "kind", "at", "body"]
-_INSERT_EVENTS = insert(_EVENTS).values(
-    {name: bindparam(name) for name in _EVENT_VARYING} | {"body": bindparam("body", type_=Text)}
+# (SQLite: one INSERT that skips the ids recorded already and names those it inserted, as on
+# PostgreSQL; a SELECT of the batch's ids before was one more statement per post)
+_INSERT_EVENTS = (
+    sqlite_insert(_EVENTS)
+    .values(
+        {name: bindparam(name) for name in _EVENT_VARYING} | {"body": bindparam("body", type_=Text)}
+    )
+    .on_conflict_do_nothing(index_elements=[_EVENTS.c.event_id])
+    .returning(_EVENTS.c.event_id)
 )
 _PG_INSERT_EVENTS = bulk.insert(
     _EVENTS, _EVENT_VARYING, ["recorded_at"], returning=["event_id"], skip_conflicts_on="event_id"
@@ -581,11 +588,7 @@ def _insert_new_events(conn: Connection, rows: list[dict[str, Any]], now: float)
         # commit) and names those it inserted: no lookup before
         params = {"rows": bulk.rows(rows, _BODY_OUTPUT), "recorded_at": now}
         return set(conn.execute(_PG_INSERT_EVENTS, params).scalars().all())
-    seen = _recorded_events(conn, [row["event_id"] for row in rows])
-    fresh = [row for row in rows if row["event_id"] not in seen]
-    if fresh:
-        conn.execute(_INSERT_EVENTS, fresh)  # one executemany
-    return {row["event_id"] for row in fresh}
+    return set(conn.execute(_INSERT_EVENTS, rows).scalars().all())
 
 
 def _recorded_events(conn: Connection, event_ids: list[str]) -> set[str]:
