@@ -202,6 +202,11 @@ _UNFORGOTTEN = (
 )
 _UNFORGOTTEN_BY_NAME = _UNFORGOTTEN.order_by(_COMPUTERS.c.name)
 _UNFORGOTTEN_NAMED = _UNFORGOTTEN.where(_COMPUTERS.c.name.in_(bindparam("names", expanding=True)))
+# a task as a run-now snapshots it (`id`); built once
+_TASKS = Base.metadata.tables[Task.__tablename__]
+_TASK_BY_ID = select(
+    *(_TASKS.c[name] for name in ("id", "name", "command", "script", "timeout_s"))
+).where(_TASKS.c.id == bindparam("id"))
 # which of some event ids are recorded (`ids`); built once
 _RECORDED_EVENTS = select(_EVENTS.c.event_id).where(
     _EVENTS.c.event_id.in_(bindparam("ids", expanding=True))
@@ -645,7 +650,10 @@ def _steps(s: Session, body: m.RunCreate) -> tuple[str, list[dict[str, Any]], st
     if body.task is not None:  # an ad-hoc command: its task lives in the run only
         return "task", [body.task.model_dump(mode="json")], body.task.name
     if body.task_id is not None:
-        task = _get(s, Task, body.task_id, "task")
+        # a Core row: the ORM's identity-map load of a Task cost a run-now more than its read
+        task = s.connection().execute(_TASK_BY_ID, {"id": body.task_id}).first()
+        if task is None:
+            raise NotFound(f"task {body.task_id} does not exist")
         return "task", [views.task_spec(task)], task.name
     job = _get(s, Job, body.job_id, "job")
     by_id = {
