@@ -189,18 +189,15 @@ AlsoInRun = Callable[[Connection, m.RunOut], None]
 
 
 # the computers a run-now may name (not forgotten), with their task server's name; built once
-# (building this select, its join above all, cost a run-now more than running it)
+# (building this select, its join above all, cost a run-now more than running it). Their groups
+# only for a run on groups (a JSON load per computer: 95 ms of a run-now on 5,000 computers)
 _UNFORGOTTEN = (
-    select(
-        _COMPUTERS.c.id,
-        _COMPUTERS.c.name,
-        _TASK_SERVERS.c.name.label("task_server"),
-        _COMPUTERS.c.groups,
-    )
+    select(_COMPUTERS.c.id, _COMPUTERS.c.name, _TASK_SERVERS.c.name.label("task_server"))
     .select_from(_COMPUTERS.outerjoin(_TASK_SERVERS))
     .where(_COMPUTERS.c.forgotten_at.is_(None))
 )
 _UNFORGOTTEN_BY_NAME = _UNFORGOTTEN.order_by(_COMPUTERS.c.name)
+_GROUPED_BY_NAME = _UNFORGOTTEN.add_columns(_COMPUTERS.c.groups).order_by(_COMPUTERS.c.name)
 _UNFORGOTTEN_NAMED = _UNFORGOTTEN.where(_COMPUTERS.c.name.in_(bindparam("names", expanding=True)))
 # a task as a run-now snapshots it (`id`); built once
 _TASKS = Base.metadata.tables[Task.__tablename__]
@@ -663,7 +660,7 @@ def _steps(s: Session, body: m.RunCreate) -> tuple[str, list[dict[str, Any]], st
 
 
 def _targets(conn: Connection, body: m.RunCreate) -> list[Any]:
-    """The computers a run is for: id, name, task_server (its name, or None), groups."""
+    """The computers a run is for: id, name, task_server (its name, or None)."""
     # Core rows: an ORM Computer (with its task server joined) per target cost more than the
     # insert of its execution
     chosen: dict[str, Any] = {}
@@ -683,7 +680,7 @@ def _targets(conn: Connection, body: m.RunCreate) -> list[Any]:
         wanted = set(body.groups)
         matched: set[str] = set()
         # groups are a JSON list per computer: filtered here, portable across databases
-        for c in conn.execute(_UNFORGOTTEN_BY_NAME):
+        for c in conn.execute(_GROUPED_BY_NAME):
             hit = wanted.intersection(c.groups or [])
             if hit:
                 matched |= hit
