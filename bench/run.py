@@ -753,10 +753,15 @@ def pulls_per_s(executions: list[ExecutionOut]) -> float | None:
 
 
 async def fleet(
-    root: Path, r: Results, agents: int, postgres: bool = True, sqlite: bool = True
+    root: Path,
+    r: Results,
+    agents: int,
+    postgres: bool = True,
+    sqlite: bool = True,
+    ts_extra: list[str] | None = None,
 ) -> None:
     if sqlite:
-        f = await fleet_run(root / "sqlite", agents, 4, net(10))
+        f = await fleet_run(root / "sqlite", agents, 4, net(10), ts_extra=ts_extra)
         r.put("s2_agents", agents, "agents", "S2 simulated agents (4 task servers, SQLite)")
         r.put("s2_wall_s", f.wall_s, "s", "S2 run-now → every status event recorded")
         r.put("s2_resent", f.ts_metrics.get("tickle_tickles_resent_total"), "tickles",
@@ -773,7 +778,14 @@ async def fleet(
             return
         url = pg.create_database("bench_s3")
         f = await fleet_run(
-            root / "postgres", agents, 4, net(11), url, two_ns=True, db_pid=pg.process.pid
+            root / "postgres",
+            agents,
+            4,
+            net(11),
+            url,
+            two_ns=True,
+            db_pid=pg.process.pid,
+            ts_extra=ts_extra,
         )
         if KEEP is not None:  # what PostgreSQL spent its time on
             (KEEP / "postgres-s3-statements.txt").write_text(
@@ -807,9 +819,9 @@ async def pulls(root: Path, r: Results, agents: int, ts_extra: list[str]) -> Non
     ]
 
 
-async def register(root: Path, r: Results, agents: int) -> None:
+async def register(root: Path, r: Results, agents: int, ts_extra: list[str] | None = None) -> None:
     f = await fleet_run(root, agents, 4, net(13), restart_task_servers=True, restart_ns=True,
-                        per_process=REGISTER_PER_PROCESS)  # fmt: skip
+                        per_process=REGISTER_PER_PROCESS, ts_extra=ts_extra)  # fmt: skip
     r.put("s6_agents", agents, "agents", "S6 agents registering (4 task servers)")
     r.put("s6_register_s", f.register_s, "s", "S6 every agent registered")
     ns_cpu, ts_cpu = register_cpu(f)
@@ -1187,7 +1199,8 @@ def parse_args() -> argparse.Namespace:
                         help="keep the processes' directories (logs) and PostgreSQL's log in "
                              "DIR (else a temporary directory, removed)")  # fmt: skip
     parser.add_argument("--ts-option", action="append", default=[], metavar="OPTION",
-                        help="pulls: one more task-server command-line word, e.g. "
+                        help="fleet, pulls, register: one more task-server command-line word, "
+                             "e.g. "
                              "--ts-option=--agent-tickle-rate --ts-option=10000 (an A/B of a "
                              "setting; the figures of record use the defaults)")  # fmt: skip
     parser.add_argument("--curve", default="1000,2500,5000,10000", help="S8 agent counts")
@@ -1227,11 +1240,16 @@ async def main() -> int:
         steps = {
             "latency": lambda: latency(root / "latency", r, args.runs, args.gap_ms / 1000),
             "fleet": lambda: fleet(
-                root / "fleet", r, args.agents, not args.skip_postgres, not args.skip_sqlite
+                root / "fleet",
+                r,
+                args.agents,
+                not args.skip_postgres,
+                not args.skip_sqlite,
+                args.ts_option,
             ),
             "ingest": lambda: ingest(root / "ingest", r, args.ingest_executions),
             "pulls": lambda: pulls(root / "pulls", r, max(1, args.agents // 4), args.ts_option),
-            "register": lambda: register(root / "register", r, args.agents),
+            "register": lambda: register(root / "register", r, args.agents, args.ts_option),
             "agent": lambda: agent(root / "agent", r, args.idle_s),
             "curve": lambda: curve(root / "curve", r, args.sizes),
             "longpoll": lambda: long_polls(root / "longpoll", r, args.long_polls),

@@ -92,10 +92,10 @@ class Parts:
         return self.content_type in (None, b"application/json")
 
 
-async def json_response(body: str, scope: Scope, receive: Receive, send: Send) -> None:
+async def json_response(body: str | bytes, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer 200 with this JSON text (the messages starlette's `Response` sends, without
     making one: every agent's pull and event post is answered here)."""
-    data = body.encode()
+    data = body.encode() if isinstance(body, str) else body
     await send(
         {
             "type": "http.response.start",

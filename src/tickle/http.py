@@ -92,14 +92,15 @@ async def request(
     method: str,
     url: str,
     *,
-    body: BaseModel | list[BaseModel] | None = None,
+    body: BaseModel | list[BaseModel] | bytes | None = None,
     params: dict[str, str] | None = None,
     answer: type[M] | Any = None,
     token: str | None = None,
     idempotent: bool = False,
     time_limit: aiohttp.ClientTimeout | None = None,
 ) -> M | Any:
-    """Send a request with a pydantic body; parse the answer into `answer` (a type) if given.
+    """Send a request with a pydantic body (or JSON already serialized: bytes); parse the
+    answer into `answer` (a type) if given.
 
     `idempotent`: a request the server may get twice; sent once more, on a new connection, when
     the server closed the connection without answering (a kept-alive one it was closing). An
@@ -109,7 +110,9 @@ async def request(
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    if isinstance(body, BaseModel):
+    if isinstance(body, bytes):
+        data = body
+    elif isinstance(body, BaseModel):
         data = body.model_dump_json().encode()
     elif body is not None:
         data = b"[" + b",".join(m.model_dump_json().encode() for m in body) + b"]"

@@ -18,6 +18,19 @@ the acks of one burst says nothing of the queue.
 A window may start small (`window_initial`, a slow start): each busy spell opens with that many
 places and each ack opens `window_growth` more, up to the window, so the first sends follow the
 pulls served instead of going out as one burst.
+
+A window may follow the delay of the pulls instead (`window_target_s`, delay-based as TCP
+Vegas / LEDBAT are): it opens with `window_initial` places and keeps what it reached from one
+busy spell to the next; each ack measures its tickle's first send → pull time, and how much
+longer that took than the quickest (the target's own once it answered before: the agent's own
+answer and its wire; else the quickest of any over the last minute or so) is the time the pull
+waited behind the others (`queued`). Each ack opens up to `DELAY_GAIN` places more while
+`queued` stays under the target (at nothing queued, all of it: the window grows by half with
+every round of pulls, so an idle, fast server opens it fully in a few of its quick rounds) and
+closes up to one (no send for that ack) as `queued` goes past the target (one at twice the
+target), down to the places it opened with: a server that
+serves its pulls slowly (just restarted, short of CPU) is sent those, not the whole window. An
+ack of a resent tickle measures nothing (which send its pull answers is unknown).
 """
 
 from __future__ import annotations
@@ -42,6 +55,15 @@ log = logging.getLogger(__name__)
 # at 2,000/s), and one wake-up serves them all; a send waits at most this much longer
 PACE_QUANTUM_S = 0.005
 
+# a delay-based window: the places it opens with (unless told); the most an ack opens (0.5:
+# the window grows 1.5 times a round of pulls at most; 1.0, doubling, overshot: a task-server
+# restart's requests per second, 2,500 agents, peak / mean 1.90 against 1.25-1.26 at 0.5); how
+# long its quickest tickle → pull time of any target holds (a minimum over at least this, at
+# most twice)
+DELAY_INITIAL = 32
+DELAY_GAIN = 0.5
+BASE_PERIOD_S = 30.0
+
 Callback = Callable[[str], Awaitable[None] | None]
 SentCallback = Callable[[str, wire.Kind, float], Awaitable[None] | None]
 
@@ -59,6 +81,11 @@ class _InFlight:
     holds: bool = False
     queued: bool = False  # its pull still to come (counted in the queue of those behind it)
     waiter: asyncio.Future[bool] | None = None
+    # a delay-based window: its target, when it was first sent (the window's clock), whether
+    # it was resent
+    target: str = ""
+    sent_at: float | None = None
+    resent: bool = False
 
 
 class _Window:
@@ -72,13 +99,29 @@ class _Window:
     first sends not acknowledged yet (resent or not).
     """
 
-    def __init__(self, size: int, initial: int | None = None, growth: float = 1.0) -> None:
+    def __init__(
+        self,
+        size: int,
+        initial: int | None = None,
+        growth: float = 1.0,
+        target_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.size = size
+        # delay-based (`target_s`): opens `initial` places once, then follows the pulls' delay
+        self.target_s = target_s or None
         # slow start: each busy spell opens `initial` places, and each ack `growth` more, up to
         # `size` (the first sends follow the rate the pulls are served at, not one burst)
-        self.initial = min(size, initial or size)
+        default = DELAY_INITIAL if self.target_s is not None else size
+        self.initial = min(size, initial or default)
+        self.floor = self.initial  # a delay-based window closes no further than it opened
         self.growth = growth
         self.limit = float(self.initial)
+        self.clock = clock  # of the delay-based window's first send → pull times
+        self._base_now = math.inf  # the quickest first send → pull time since `_base_since`
+        self._base_before = math.inf  # ... in the period before
+        self._base_since = clock()
+        self._quickest: dict[str, float] = {}  # each target's quickest first send → pull time
         self.outstanding = 0
         self.entered = 0  # first sends ever let through
         self.served = 0  # of those, the flights acknowledged or ended
@@ -123,12 +166,43 @@ class _Window:
             self._spell_acks += 1
             self.last_ack = now
             self.gap_s = (now - self._spell_start) / self._spell_acks
-            if self.limit < self.size:
+            if self.target_s is not None:
+                if flight.sent_at is not None and not flight.resent:
+                    self._follow_delay(flight.target, self.clock() - flight.sent_at)
+            elif self.limit < self.size:
                 self.limit = min(float(self.size), self.limit + self.growth)
                 self._release()
         if flight.waiter is not None and not flight.waiter.done():
             flight.waiter.set_result(False)
         self.end(flight)
+
+    def _follow_delay(self, target: str, took_s: float) -> None:
+        """`target`'s pull came `took_s` after its tickle's first send: open up to one place
+        more while the pulls wait less than the target beyond the quickest, close up to one
+        beyond it. The quickest is the target's own once it answered before (agents far away
+        or slow answer slower however idle the server), else the quickest of any."""
+        assert self.target_s is not None
+        quickest = self._base_s(took_s)
+        own = self._quickest.get(target)
+        if own is not None:
+            quickest = max(quickest, min(own, took_s))
+        self._quickest[target] = took_s if own is None else min(own, took_s)
+        queued_s = took_s - quickest
+        step = max(-1.0, min(DELAY_GAIN, (self.target_s - queued_s) / self.target_s))
+        self.limit = min(float(self.size), max(float(self.floor), self.limit + step))
+        self._release()
+
+    def _base_s(self, took_s: float) -> float:
+        """The quickest first send → pull time of this period and the one before, `took_s`
+        included (the minimum moves with the agents and the wire, over a minute or so)."""
+        now = self.clock()
+        if now - self._base_since >= BASE_PERIOD_S:
+            fresh = now - self._base_since < 2 * BASE_PERIOD_S
+            self._base_before = self._base_now if fresh else math.inf
+            self._base_now = math.inf
+            self._base_since = now
+        self._base_now = min(self._base_now, took_s)
+        return min(self._base_now, self._base_before)
 
     def end(self, flight: _InFlight) -> None:
         """`flight` was acknowledged or is over: its place and its pull are no longer waited for."""
@@ -151,7 +225,8 @@ class _Window:
             self._spell_start = time.monotonic()
             self._spell_acks = 0
             self.last_ack = None
-            self.limit = float(self.initial)
+            if self.target_s is None:  # a delay-based window keeps what the last one reached
+                self.limit = float(self.initial)
         flight.holds = True
         flight.queued = True
         flight.order = self.entered
@@ -176,6 +251,7 @@ class Tickler:
         reads_after_ack: bool = False,
         window_initial: int | None = None,
         window_growth: float = 1.0,
+        window_target_s: float | None = None,
     ) -> None:
         """`rate`: at most this many sends per second (first sends and resends), the rest wait
         their turn; a resend's delay counts from its own send, plus the wait of the sends queued
@@ -184,6 +260,8 @@ class Tickler:
         `window`: at most this many first sends outstanding (see the module's doc); None, as
         the NS tickle server has it, sends at once. `window_initial`: the places a busy spell
         opens with (None: the whole window), and `window_growth` more at each ack.
+        `window_target_s` (not None or 0): a delay-based window instead (see the module's doc),
+        opening with `window_initial` places (None: `DELAY_INITIAL`).
 
         `reads_after_ack`: the server reads what the target pulls right after the ack, with
         nothing between (the task server's agent pulls read its cache in memory): a tickle asked
@@ -202,7 +280,9 @@ class Tickler:
         self._closed = False
         self._interval = 1.0 / rate if rate else 0.0
         self._next_slot = 0.0  # loop time of the next free send slot
-        self._window = _Window(window, window_initial, window_growth) if window else None
+        self._window = (
+            _Window(window, window_initial, window_growth, window_target_s) if window else None
+        )
         self._reads_after_ack = reads_after_ack
 
     async def start(self, local_addr: tuple[str, int] = ("0.0.0.0", 0)) -> None:
@@ -223,7 +303,7 @@ class Tickler:
             current.again = current.again or current.acked.is_set() or not self._reads_after_ack
             current.addr = addr
             return
-        flight = _InFlight(addr=addr, first_sent=time.time())
+        flight = _InFlight(addr=addr, first_sent=time.time(), target=target)
         self._inflight[(target, kind)] = flight
         flight.task = asyncio.create_task(self._deliver(target, kind, flight))
 
@@ -278,6 +358,11 @@ class Tickler:
                 if flight.acked.is_set():  # pulled while waiting its turn (another tickle's)
                     acked = True
                     break
+                if self._window is not None:
+                    if attempt == 0:
+                        flight.sent_at = self._window.clock()
+                    else:
+                        flight.resent = True
                 self._send(target, kind, flight.addr)
                 if attempt == 0:
                     self._metrics.tickles_sent.labels(kind=label).inc()

@@ -477,6 +477,60 @@ async def test_a_work_pull_is_one_commit_reading_no_table_whole(ns: Ns) -> None:
     assert [(s, d) for s, d in plans if d.startswith("SCAN")] == []
 
 
+async def test_a_work_pull_reads_a_computer_s_unfinished_executions_not_its_history(
+    ns: Ns,
+) -> None:
+    # `status NOT IN (final)` found them through the computer's index alone: every execution
+    # the computer ever had was read and dropped (a pull cost more with every run)
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    done = await ns.run_task(["pc1"])
+    await ts.ok("GET", "/api/ts/work")
+    finished = event(done["executions"][0]["id"], "pc1", "finished", time.time(),
+                     status="succeeded", exit_code=0)  # fmt: skip
+    await ts.ok("POST", "/api/ts/events", json={"events": [finished]})
+    run = await ns.run_task(["pc1"], name="again")
+    engine = ns.stores.database.engine
+    with commits_of(engine) as commits:
+        work = await ts.ok("GET", "/api/ts/work?via=check")
+    assert [e["execution_id"] for e in work["executions"]] == [run["executions"][0]["id"]]
+    pulls = [c for c in commits if any("SET last_pull_at" in s for s in c)]
+    assert len(pulls) == 1
+    reads = [s for s in pulls[0] if s.startswith("SELECT") and "JOIN computers" in s]
+    assert len(reads) == 1
+    with engine.connect() as conn:
+        plan = [
+            detail
+            for *_, detail in conn.exec_driver_sql(
+                f"EXPLAIN QUERY PLAN {reads[0]}", (None,) * reads[0].count("?")
+            )
+        ]
+    assert any(d.startswith("SEARCH executions") and "computer_id=? AND status=?" in d
+               for d in plan), plan  # fmt: skip
+
+
+async def test_a_batch_of_events_is_recorded_by_one_insert_that_skips_those_recorded(
+    ns: Ns,
+) -> None:
+    # a SELECT of the batch's event ids came first: one more statement per post
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    run = await ns.run_task(["pc1"])
+    ex_id = run["executions"][0]["id"]
+    await ts.ok("GET", "/api/ts/work")
+    pulled = event(ex_id, "pc1", "agent_pulled", time.time(), via="tickle")
+    started = event(ex_id, "pc1", "started", time.time())
+    await ts.ok("POST", "/api/ts/events", json={"events": [pulled]})
+    with commits_of(ns.stores.database.engine) as commits:
+        ack = await ts.ok("POST", "/api/ts/events", json={"events": [pulled, started]})
+    assert sorted(ack["accepted"]) == sorted([pulled["event_id"], started["event_id"]])
+    (post,) = [c for c in commits if any("status_events" in s for s in c)]
+    assert [s.split(" (")[0] for s in post if "status_events" in s] == ["INSERT INTO status_events"]
+    with ns.stores.database.reading() as s:
+        kinds = s.scalars(select(StatusEventRow.kind).order_by(StatusEventRow.id)).all()
+    assert kinds == ["agent_pulled", "started"]
+
+
 async def test_cancel_and_output_of_what_does_not_exist_are_404_naming_it(ns: Ns) -> None:
     ts = await ns.task_server("ts1")
     await ts.agent("pc1")

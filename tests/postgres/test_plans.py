@@ -107,3 +107,33 @@ def test_a_batch_of_status_events_and_of_states_finds_its_rows_by_index(stores: 
         if "Seq Scan on executions" in s or "SELECT computers." not in s
     ]
     assert not scans, "\n".join(scans)
+
+
+def test_a_work_pull_reads_the_unfinished_executions_by_index_not_the_history(
+    stores: Stores,
+) -> None:
+    # `status NOT IN (final)` could only filter what the computers' index gave: every execution
+    # each client ever had (a pull cost more with every run)
+    ts = fleet(stores, COMPUTERS)
+    task = stores.catalog.create_task(m.TaskCreate(name="t", command=["true"]))
+    for _ in range(3):  # a history: three runs on the whole fleet, finished
+        stores.delivery.create_run(m.RunCreate(task_id=task.id, all_computers=True))
+    with stores.database.writing() as s:
+        s.execute(text("UPDATE executions SET status = 'succeeded'"))
+    run = stores.delivery.create_run(m.RunCreate(task_id=task.id, computers=["c1", "c2"]))
+    with stores.database.engine.connect() as conn:  # as autovacuum does after such a change
+        conn.exec_driver_sql("ANALYZE")
+        conn.commit()
+    seen, listener = _statements(stores)
+    try:
+        work = stores.delivery.pull_work(ts, time.time(), "check")
+    finally:
+        event.remove(stores.database.engine, "before_cursor_execute", listener)
+    assert sorted(w.execution_id for w in work.executions) == [e.id for e in run.executions]
+    reads = [(s, p) for s, p in seen if s.startswith("SELECT") and "JOIN computers" in s]
+    assert len(reads) == 1
+    assert not _scans(stores, reads, {"executions"})
+    with stores.database.engine.connect() as conn:
+        plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + reads[0][0], reads[0][1]).scalars())
+        conn.rollback()
+    assert "ix_executions_computer_status" in plan or "ix_executions_status_tickle" in plan, plan

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 import uuid
 from pathlib import Path
 
 from tickle.backoff import Backoff
 from tickle.messages import StatusEvent
 from tickle.metrics import ComponentMetrics
-from tickle.outbox import Outbox, OutboxForwarder
+from tickle.outbox import FORWARDED_KEEP_S, Outbox, OutboxForwarder, new_event_id
 
 
 def test_events_survive_reopening_and_duplicates_are_ignored(tmp_path: Path) -> None:
@@ -217,4 +219,59 @@ async def test_events_that_may_wait_go_with_the_next_sent_or_alone_within_their_
         assert hop.batches == [3, 1]
     finally:
         await fwd.stop()
+    box.close()
+
+
+def test_new_event_ids_are_version_7_uuids_in_the_order_they_were_made() -> None:
+    ids = [new_event_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for eid in ids[:50]:
+        parsed = uuid.UUID(eid)
+        assert (str(parsed), parsed.version, parsed.variant) == (eid, 7, uuid.RFC_4122)
+    made_ms = int(ids[0].replace("-", "")[:12], 16)
+    assert abs(made_ms / 1000 - time.time()) < 60
+    # later ids sort after earlier ones (within a millisecond: in any order)
+    by_ms = [eid[:13] for eid in ids]
+    assert by_ms == sorted(by_ms)
+    assert sorted(ids)[-1][:13] == ids[-1][:13]
+
+
+def test_an_outbox_of_the_earlier_layout_keeps_its_waiting_events_and_forwarded_ids(
+    tmp_path: Path,
+) -> None:
+    db = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
+    for statement in (  # the layout before forwarded ids were kept in the outbox's rows
+        "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " event_id TEXT NOT NULL UNIQUE, body TEXT NOT NULL, queued_at REAL NOT NULL)",
+        "CREATE TABLE forwarded (event_id TEXT PRIMARY KEY, at REAL NOT NULL)",
+        "CREATE INDEX forwarded_at ON forwarded (at)",
+    ):
+        db.execute(statement)
+    now = time.time()
+    db.executemany("INSERT INTO outbox (event_id, body, queued_at) VALUES (?, ?, ?)",
+                   [("e1", '{"a":1}', now), ("e2", '{"a":2}', now)])  # fmt: skip
+    db.executemany("INSERT INTO forwarded (event_id, at) VALUES (?, ?)",
+                   [("f1", now), ("f0", now - FORWARDED_KEEP_S - 1)])  # fmt: skip
+    db.close()
+
+    box = Outbox(tmp_path / "o.db")
+    assert box.peek() == [("e1", '{"a":1}'), ("e2", '{"a":2}')]
+    assert box.depth() == 2
+    assert not box.put("f1", "{}"), "an id forwarded before the upgrade is remembered"
+    assert box.put("f0", "{}"), "one forwarded over FORWARDED_KEEP_S ago is not"
+    box.remove(["e1", "e2"])
+    assert [eid for eid, _ in box.peek()] == ["f0"]
+    box.close()
+
+
+def test_forwarded_ids_are_remembered_for_a_while_without_their_bodies(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    box.put_many([(f"e{n}", '{"big": "' + "x" * 1000 + '"}') for n in range(5)])
+    box.remove(["e0", "e1", "e2"])
+    assert [eid for eid, _ in box.peek()] == ["e3", "e4"]
+    assert (box.depth(), box.put("e1", "{}")) == (2, False)
+    kept = box._db.execute("SELECT sum(length(body)) FROM outbox").fetchone()[0]
+    assert kept < 2 * 1100, "forwarded events' bodies are kept"
+    box._prune(time.time() + FORWARDED_KEEP_S + 1)
+    assert box.put("e1", "{}"), "a forwarded id is forgotten after FORWARDED_KEEP_S"
     box.close()

@@ -77,13 +77,20 @@ async def test_the_fast_path_answers_as_the_routes_do(task_server: TaskServerHar
         ("another computer's execution", {"events": [_event("pc1", 3)]}),
         ("as another computer", {"events": [_event("pc2", 3)]}),
         ("a task server's kind", {"events": [_event("pc1", 1, "agent_pulled")]}),
+        # Python's `re` (msgspec's) matches a name pattern's `$` before a final line end
+        ("a name with a line end", {"events": [_event("pc1\n", 1)]}),
+        # pydantic reads numbers from text and whole floats as integers; msgspec does not
+        (
+            "numbers as text, a whole float",
+            {"events": [_event("pc1", 1, "step_finished", at="1.5", step=1.0)]},
+        ),
     ]
     answers = []
     for what, batch in posts:
         fast, route = await _both_ways(h, mine, "POST", "/api/agent/events", {}, json=batch)
         assert fast == route, what
         answers.append(fast[0])
-    assert answers == [200, 200, 403, 403, 422]
+    assert answers == [200, 200, 403, 403, 422, 422, 200]
     assert await h.running.forwarder.drained(5)
     assert len(h.ns.events_of("started")) == len(h.ns.events_of("finished")) == 1
 
@@ -113,3 +120,27 @@ async def test_requests_the_fast_path_does_not_serve_get_the_routes_answers(
         assert status == expected, (method, path, kw, body)
         if expected == 422:  # the route's validation error: it names what is wrong
             assert isinstance(body["detail"], list), body
+
+
+async def test_a_pulls_policy_follows_the_settings_and_the_agents_reachability(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    agent = await h.register_agent("pc1")
+
+    async def policy() -> dict[str, Any]:
+        fast, route = await _both_ways(h, agent, "GET", "/api/agent/tasks", {"via": "poll"})
+        assert fast == route
+        assert fast[0] == 200
+        policy: dict[str, Any] = fast[1]["policy"]
+        return policy
+
+    first = await policy()
+    assert (first["settings_version"], first["long_poll"]) == (1, False)
+    h.ns.settings = h.ns.settings.model_copy(update={"version": 2, "long_poll": True})
+    await h.running.sync.settings.run("check")
+    assert ((await policy())["settings_version"], (await policy())["long_poll"]) == (2, False)
+    h.running.store.set_unreachable("pc1", True)  # its tickles went unanswered
+    assert (await policy())["long_poll"] is True
+    h.running.store.set_unreachable("pc1", False)
+    assert (await policy())["long_poll"] is False

@@ -286,14 +286,14 @@ async def test_many_woken_together_are_answered_in_one_commit(
     waiting = [_long_poll(h, a) for a in agents]
     await wait_until(lambda: len(h.running.long_polls) == 5, what="5 long-polls")
     commits = 0
-    queue = h.running.forwarder.queue
+    queue = h.running.forwarder.queue_bodies
 
     def counted(events: Any, *how: Any) -> Any:
         nonlocal commits
         commits += 1
         return queue(events, *how)
 
-    h.running.forwarder.queue = counted  # type: ignore[method-assign]
+    h.running.forwarder.queue_bodies = counted  # type: ignore[method-assign]
     await h.cache_work(*(work_for(i + 1, a.name) for i, a in enumerate(agents)))
     for i, task in enumerate(waiting):
         status, body = await asyncio.wait_for(task, 5)

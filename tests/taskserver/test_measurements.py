@@ -59,14 +59,14 @@ async def test_pulls_served_together_share_one_commit_and_report_each_hop_once(
     await h.cache_work(*(work_for(i + 1, f"pc{i}") for i in range(20)))
     await h.running.forwarder.drained(5)
     commits = 0
-    queue = h.running.forwarder.queue
+    queue = h.running.forwarder.queue_bodies
 
-    def counting_queue(events: Iterable[StatusEvent], *how: Any) -> list[str]:
+    def counting_queue(events: Iterable[tuple[str, str]], *how: Any) -> list[str]:
         nonlocal commits
         commits += 1
         return queue(events, *how)
 
-    h.running.forwarder.queue = counting_queue  # type: ignore[method-assign]
+    h.running.forwarder.queue_bodies = counting_queue  # type: ignore[method-assign]
     # every agent pulls at once, the first one twice
     answers = await asyncio.gather(
         *(

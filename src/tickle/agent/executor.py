@@ -24,7 +24,6 @@ import logging
 import os
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from tickle.agentapi import (
 )
 from tickle.clock import Clock
 from tickle.metrics import Metrics
-from tickle.outbox import OutboxForwarder
+from tickle.outbox import OutboxForwarder, new_event_id
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +269,7 @@ class Executor:
     def _emit(self, execution_id: int, kind: str, **fields: object) -> None:
         event = msgspec.convert(
             {
-                "event_id": str(uuid.uuid4()),
+                "event_id": new_event_id(),
                 "execution_id": execution_id,
                 "computer": self._computer,
                 "kind": kind,

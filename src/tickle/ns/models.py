@@ -158,7 +158,11 @@ class Execution(Base):
     """One run of a task or job on one computer, with a timestamp for every step it went through."""
 
     __tablename__ = "executions"
-    __table_args__ = (Index("ix_executions_status_tickle", "status", "tickle_sent_at"),)
+    __table_args__ = (
+        Index("ix_executions_status_tickle", "status", "tickle_sent_at"),
+        # a computer's unfinished executions (a work pull), not its whole history
+        Index("ix_executions_computer_status", "computer_id", "status"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import Row
+
 from tickle import messages as m
 from tickle.clock import CORRECTION_MIN_S
 from tickle.ns.models import Computer, Execution, Job, Run, Settings, Task, TaskServer
@@ -33,8 +35,9 @@ def job_out(job: Job) -> m.JobOut:
     return m.JobOut(id=job.id, name=job.name, task_ids=[jt.task_id for jt in job.tasks])
 
 
-def task_spec(task: Task) -> dict[str, Any]:
-    """What an execution keeps of a task when it is created (JSON, as stored)."""
+def task_spec(task: Task | Row[Any]) -> dict[str, Any]:
+    """What an execution keeps of a task when it is created (JSON, as stored); the task as an
+    ORM object or a row of its columns."""
     return m.TaskSpec.model_validate(task, from_attributes=True).model_dump(mode="json")
 
 

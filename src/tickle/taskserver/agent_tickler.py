@@ -26,8 +26,9 @@ from tickle.taskserver.work_cache import WorkCache
 from tickle.tickling import Tickler
 
 log = logging.getLogger(__name__)
-# with `window_initial` (a slow start): the places each pull served opens beyond its own, up to
-# the window; sends then follow the pulls served at most 1.5 times as fast
+# with `window_initial` and no `window_target_s` (a slow start): the places each pull served
+# opens beyond its own, up to the window; sends then follow the pulls served at most 1.5 times as
+# fast. With `window_target_s` the window follows the pulls' delay instead (tickle.tickling)
 WINDOW_GROWTH = 0.5
 
 
@@ -47,6 +48,7 @@ class AgentTickler:
         window: int | None = None,
         long_polls: LongPolls | None = None,
         window_initial: int | None = None,
+        window_target_s: float | None = None,
     ) -> None:
         self._store = store
         self.long_polls = long_polls
@@ -67,6 +69,7 @@ class AgentTickler:
             reads_after_ack=True,  # AgentPulls.tasks reads the cache right after its ack
             window_initial=window_initial,
             window_growth=WINDOW_GROWTH,
+            window_target_s=window_target_s,
         )
 
     @property

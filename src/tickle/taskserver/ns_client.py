@@ -111,7 +111,8 @@ class NsClient:
         )
         return settings
 
-    async def events(self, batch: EventBatch) -> EventAck:
+    async def events(self, batch: EventBatch | bytes) -> EventAck:
+        """Post status events (an `EventBatch`, or one serialized already)."""
         ack: EventAck = await self._call("POST", "/api/ts/events", body=batch, answer=EventAck)
         return ack
 
@@ -130,11 +131,14 @@ class NsClient:
         event the NS leaves out of `accepted` (not this task server's to report: it never will).
         A batch too large for the NS (413) is split too.
         """
-        # what the outbox holds was valid when queued: read back without validating again
-        events = [StatusEvent.model_construct(**pydantic_core.from_json(b)) for b in bodies]
+        # what the outbox holds was valid when queued (each an event's JSON): posted as it is,
+        # not parsed and serialized again (that cost ~47 CPU-us per event on the loaded bench
+        # machine, model_construct most of it; the join under 1)
+        batch = b'{"events":[' + ",".join(bodies).encode() + b"]}"
         try:
-            accepted = set((await self.events(EventBatch(events=events))).accepted)
+            accepted = set((await self.events(batch)).accepted)
         except ApiError as exc:
+            events = _parsed(bodies)
             if exc.status == TOO_LARGE and len(events) == 1:
                 smaller = events[0].without_output()
                 if smaller is not None:  # alone too large: its output goes, its status gets through
@@ -151,6 +155,9 @@ class NsClient:
             for body in bodies:
                 done += await self.send_events([body])
             return done
+        if len(accepted) == len(bodies):
+            return list(accepted)
+        events = _parsed(bodies)
         for e in events:
             if e.event_id not in accepted:
                 log.error("the NS refused status event %s for good (not accepted): dropped", e)
@@ -161,7 +168,7 @@ class NsClient:
         method: str,
         path: str,
         *,
-        body: BaseModel | list[ComputerState] | None = None,
+        body: BaseModel | list[ComputerState] | bytes | None = None,
         params: dict[str, str] | None = None,
         answer: Any = None,
     ) -> Any:
@@ -197,3 +204,8 @@ class NsClient:
 
     def _url(self, path: str) -> str:
         return self.ns_url + path
+
+
+def _parsed(bodies: list[str]) -> list[StatusEvent]:
+    """Events the outbox holds, read back (valid when queued: not validated again)."""
+    return [StatusEvent.model_construct(**pydantic_core.from_json(b)) for b in bodies]

@@ -167,6 +167,7 @@ class TaskServer:
             rate=settings.agent_tickle_rate,
             window=settings.agent_tickle_window,
             window_initial=settings.agent_tickle_window_initial,
+            window_target_s=settings.agent_tickle_window_target_s,
         )
         self.sync = NsSync(
             self.ns, self.store, self.work_cache, self.agents, settings.ns_check_interval_s

@@ -79,6 +79,7 @@ class CachedWork:
     agent_tickled: bool
     agent_pulled: bool
     done: bool
+    json: str  # `work` as JSON (as the table keeps it): a pull's answer is made of it
 
 
 class Store:
@@ -254,13 +255,15 @@ class Store:
             # the listed work is in memory; only what is not needs the table
             unlisted = [eid for eid in listed if eid not in self._listed]
             known = self._existing(unlisted)
+            bodies: dict[int, str] = {}
             for eid in unlisted:
                 if eid not in known:
                     new.append(eid)
+                    bodies[eid] = listed[eid].model_dump_json()
                     self._db.execute(
                         "INSERT INTO work (execution_id, computer, body, updated_at)"
                         " VALUES (?, ?, ?, ?)",
-                        (eid, listed[eid].computer, listed[eid].model_dump_json(), now),
+                        (eid, listed[eid].computer, bodies[eid], now),
                     )
                 else:
                     relisted.append(eid)
@@ -280,7 +283,7 @@ class Store:
             self._release(self._listed[eid])
         for eid in new:
             w = listed[eid]
-            self._hold(CachedWork(eid, w.computer, w, False, False, False))
+            self._hold(CachedWork(eid, w.computer, w, False, False, False, bodies[eid]))
         for eid in relisted:
             row = self._db.execute("SELECT * FROM work WHERE execution_id = ?", (eid,)).fetchone()
             self._hold(_work(row))
@@ -474,4 +477,5 @@ def _work(row: tuple[object, ...]) -> CachedWork:
         agent_tickled=bool(tickled),
         agent_pulled=bool(pulled),
         done=bool(done),
+        json=str(body),
     )

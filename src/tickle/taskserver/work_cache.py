@@ -28,15 +28,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tickle import agentapi
 from tickle.localdb import WalSync
 from tickle.messages import ExecutionWork, PullVia, StatusEvent, WorkOut
 from tickle.metrics import ComponentMetrics
-from tickle.outbox import OutboxForwarder
+from tickle.outbox import OutboxForwarder, new_event_id
 from tickle.taskserver.refusal import Refused
 from tickle.taskserver.store import CachedWork, Store
 
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 AGENT_EVENT_KINDS = frozenset({"started", "step_finished", "finished"})
 
 Flag = Literal["agent_tickled", "agent_pulled", "done"]
+# a status event: an agent's (validated by the route's pydantic model, or by the fast path's
+# msgspec Struct of the same fields and limits: tests/shared/test_agentapi.py), or a hop report
+# of the task server's own (a Struct: a pydantic model cost ~10 times as much to make and write)
+Event = StatusEvent | agentapi.StatusEvent
 # how long the task server's own hop reports (`agent_tickled`, `agent_pulled`) may wait to go to
 # the NS with the agent's next event (its `started` comes a few ms after its pull): one post and
 # one NS transaction for the three, where each went alone (S1: four posts a run, two of them
@@ -56,7 +61,7 @@ HOP_REPORTS_WAIT_S = 0.25
 class _Write:
     """One request's share of a group commit: its events, and the flag they set."""
 
-    events: list[StatusEvent]
+    events: list[Event]
     flag: Flag
     flagged: list[int]
     committed: asyncio.Future[set[str]] = field(
@@ -111,14 +116,14 @@ class WorkCache:
         fresh = self._first("agent_tickled", self._store.pending_work(computer))
         await self._hop("agent_tickled", fresh, at=first_sent)
 
-    async def pulled(self, computer: str, via: PullVia) -> list[ExecutionWork]:
+    async def pulled(self, computer: str, via: PullVia) -> list[CachedWork]:
         """`computer` pulled: its pending work; what it pulls the first time is reported pulled."""
         pending = self._store.pending_work(computer)
         if self._store.cancelled:
             pending = [w for w in pending if w.execution_id not in self._store.cancelled]
         first = self._first("agent_pulled", pending)
         await self._hop("agent_pulled", first, via=via)
-        return [w.work for w in pending]
+        return pending
 
     async def pulled_many(
         self, computers: list[str], via: PullVia
@@ -138,7 +143,7 @@ class WorkCache:
             pulled[w.computer].append(w.work)
         return pulled
 
-    async def take_events(self, computer: str, events: list[StatusEvent]) -> list[str]:
+    async def take_events(self, computer: str, events: Sequence[Event]) -> list[str]:
         """Cache the status events `computer` reports, durably, for the NS; return their ids.
 
         An execution this task server does not hold is left to the NS; an event about another
@@ -153,7 +158,7 @@ class WorkCache:
             e.cached_at = now
         # durable before the answer: the agent drops its copy once we acknowledge
         new = await self._queue(
-            cached, "done", [e.execution_id for e in cached if e.kind == "finished"]
+            list(cached), "done", [e.execution_id for e in cached if e.kind == "finished"]
         )
         for e in cached:
             if e.kind == "finished" and e.status is not None and e.event_id in new:
@@ -166,7 +171,7 @@ class WorkCache:
             w for w in work if not getattr(w, flag) and (flag, w.execution_id) not in self._flagging
         ]
 
-    def _check(self, computer: str, event: StatusEvent) -> None:
+    def _check(self, computer: str, event: Event) -> None:
         if event.computer != computer:
             log.warning("agent %s sent event %s for computer %s: refused",
                         computer, event.event_id, event.computer)  # fmt: skip
@@ -197,10 +202,9 @@ class WorkCache:
         if not work:
             return
         now = time.time()
-        events = [
-            # made here from valid parts: not validated again
-            StatusEvent.model_construct(
-                event_id=str(uuid.uuid4()),
+        events: list[Event] = [
+            agentapi.StatusEvent(
+                event_id=new_event_id(),
                 execution_id=w.execution_id,
                 computer=w.computer,
                 kind=kind,
@@ -212,7 +216,7 @@ class WorkCache:
         ]
         await self._queue(events, kind, [w.execution_id for w in work])
 
-    async def _queue(self, events: list[StatusEvent], flag: Flag, flagged: list[int]) -> set[str]:
+    async def _queue(self, events: list[Event], flag: Flag, flagged: list[int]) -> set[str]:
         """Queue `events` for the NS and set `flag` on the `flagged` executions, in the group
         commit of this turn; count the events new to the outbox (a retried post counts once)
         and return their ids once committed."""
@@ -233,9 +237,9 @@ class WorkCache:
         durable = needs_sync and self._wal_sync is None
         # hop reports alone ride with the agent's next event (see HOP_REPORTS_WAIT_S)
         within_s = None if needs_sync else HOP_REPORTS_WAIT_S
-        events = [e for w in writes for e in w.events]
+        bodies = [(e.event_id, _json(e)) for w in writes for e in w.events]
         try:
-            new = set(self._forwarder.queue(events, durable, within_s))
+            new = set(self._forwarder.queue_bodies(bodies, durable, within_s))
             flags: dict[str, list[int]] = defaultdict(list)
             for w in writes:
                 flags[w.flag] += w.flagged
@@ -274,3 +278,10 @@ class WorkCache:
             w.committed.set_result(mine)
         for kind, n in counted.items():
             self._metrics.status_events.labels(kind=kind).inc(n)
+
+
+def _json(event: Event) -> str:
+    """An event as the outbox keeps it (both kinds write every field, in the same order)."""
+    if isinstance(event, agentapi.StatusEvent):
+        return agentapi.encode(event).decode()
+    return event.model_dump_json()

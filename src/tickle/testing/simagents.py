@@ -35,7 +35,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +52,7 @@ from tickle.messages import (
     EventBatch,
     StatusEvent,
 )
+from tickle.outbox import new_event_id
 from tickle.testing.localfleet import AGENT_TICKLE_PORT, LocalFleet
 
 PER_PROCESS = 250
@@ -353,9 +353,9 @@ class SimAgent(asyncio.DatagramProtocol):
             self.seen.add(work.execution_id)
             now = time.time()
             events += [
-                StatusEvent(event_id=str(uuid.uuid4()), execution_id=work.execution_id,
+                StatusEvent(event_id=new_event_id(), execution_id=work.execution_id,
                             computer=self.name, kind="started", at=now),
-                StatusEvent(event_id=str(uuid.uuid4()), execution_id=work.execution_id,
+                StatusEvent(event_id=new_event_id(), execution_id=work.execution_id,
                             computer=self.name, kind="finished", at=now,
                             status="succeeded", exit_code=0),
             ]  # fmt: skip
