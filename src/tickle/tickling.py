@@ -434,7 +434,16 @@ class Tickler:
         self._next_slot = slot + self._interval
         if slot <= now:
             return False
-        await asyncio.sleep(math.ceil(slot / PACE_QUANTUM_S) * PACE_QUANTUM_S - now)
+        # at the quantum's boundary itself (`call_at`): `asyncio.sleep(boundary - now)` added
+        # the microseconds between reading `now` and its own read of the clock, so the sends of
+        # one quantum were due microseconds apart and woke over two or three turns
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+        handle = loop.call_at(math.ceil(slot / PACE_QUANTUM_S) * PACE_QUANTUM_S, _wake, woken)
+        try:
+            await woken
+        finally:
+            handle.cancel()
         return True
 
     def _backlog_s(self) -> float:
@@ -464,3 +473,8 @@ async def _call(cb: Callable[..., Awaitable[None] | None] | None, *args: object)
             await result
     except Exception:
         log.exception("tickle callback failed")
+
+
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)
