@@ -47,7 +47,7 @@ sysdeps: ## System packages the tests need (nftables, iproute2, postgresql), ins
 test: ## Every check: lint, unit, integration, faults, attacks, deploy lint, Molecule
 	$(MAKE) --no-print-directory -j3 venv sysdeps deploy-venv
 	$(MAKE) --no-print-directory lint
-	$(BIN)/pytest -q $(XDIST) -m "not molecule"
+	$(BIN)/pytest -q $(XDIST) -m "not molecule" --durations=25
 	$(MAKE) --no-print-directory deploy-lint
 	$(MAKE) --no-print-directory molecule MOLECULE_JOBS=$(TEST_MOLECULE_JOBS)
 

@@ -1170,6 +1170,24 @@ async def agent(root: Path, r: Results, idle_s: float) -> None:
     ]
 
 
+def speed_probe_ms() -> float:
+    """A fixed piece of pure-Python work (JSON and arithmetic), the quickest of 5 tries, in ms.
+
+    The same commit measured on the same 2-core machine has given twice the figures on one day
+    than another (a host busier under the machine, not the load it shows): the probe, taken at
+    the start and the end of a run, tells results from such days apart."""
+    item = {"execution_id": 123456, "kind": "finished", "exit_code": 0, "output": "x" * 64}
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        total = 0
+        for i in range(20_000):
+            total += len(json.dumps(item)) + i * i % 7
+            json.loads('{"a": [1, 2, 3], "b": "text"}')
+        best = min(best, time.perf_counter() - t)
+    return best * 1000
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -1231,6 +1249,7 @@ async def main() -> int:
     NET = args.net
     r = Results()
     started = time.time()
+    probe_start = speed_probe_ms()
     with contextlib.ExitStack() as stack:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
@@ -1267,9 +1286,13 @@ async def main() -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+    probe_end = speed_probe_ms()
+    r.put("speed_probe_ms", min(probe_start, probe_end), "ms",
+          "machine speed: a fixed pure-Python workload, quickest of the start and end probes")  # fmt: skip
     table = targets_table(r)
     head = (f"# Tickle benchmarks ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
             f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
+            f"speed probe {probe_start:.0f} / {probe_end:.0f} ms at start / end, "
             f"parts: {','.join(args.parts)})")  # fmt: skip
     text = "\n".join([head, "", *table, "", *[f"- {n}" for n in r.notes], "", *r.md])
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -1277,7 +1300,8 @@ async def main() -> int:
     doc = {
         "started": started,
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
-                    "load_1m_at_end": os.getloadavg()[0]},
+                    "load_1m_at_end": os.getloadavg()[0],
+                    "speed_probe_ms": [probe_start, probe_end]},
         "parts": args.parts,
         "figures": r.figures,
         "targets": [{"id": t.id, "what": t.what, "now": t.now(r), "target": t.target,
