@@ -28,8 +28,9 @@ answered (2xx) each kind of request the task server tried while it was down (its
 state reports, its event posts: what a reconnection has to catch up), the last of those; each task
 server talks to the NS through a relay of its own that sees its requests and their answers.
 Counted to the run's end before, its peak was the run's status events forwarded at the end
-(POST /api/ts/events 27-49 a second once the NS kept up, in small batches, against 4-10 a
-second of the reconnection): traffic of the run, not of the reconnection. The whole run's series,
+(nearly all of the last seconds' 26-49 requests were POST /api/ts/events, small batches once the
+NS kept up, against 4-10 a second of the reconnection): traffic of the run, not of the
+reconnection. The whole run's series,
 by kind, stays in latest.md beside it.
 
 Every figure comes from the components' own timestamps (the execution timelines) or from the
