@@ -19,7 +19,19 @@ cut short by the run's end counts as the fraction it lasted). Counted before fro
 own clock, the first and last seconds were whatever fraction of a second the clock left: a
 second half spent waiting for the restarted server, or the last straggler's, counted as a whole
 second of few requests and lowered the mean. Starting the seconds at the first request is, if
-anything, harder on the peak: the first second holds the first burst whole.
+anything, harder on the peak: the first second holds the first burst whole. All the requests of
+a reconnection shorter than a second are one second of them (ratio 1): a peak counted per whole
+second is not compared with a mean over a part of one.
+
+The task servers' reconnection after an NS restart ends when each was served again: when the NS
+answered (2xx) each kind of request the task server tried while it was down (its work pull, its
+state reports, its event posts: what a reconnection has to catch up), the last of those; each task
+server talks to the NS through a relay of its own that sees its requests and their answers.
+Counted to the run's end before, its peak was the run's status events forwarded at the end
+(nearly all of the last seconds' 26-49 requests were POST /api/ts/events, small batches once the
+NS kept up, against 4-10 a second of the reconnection): traffic of the run, not of the
+reconnection. The whole run's series,
+by kind, stays in latest.md beside it.
 
 Every figure comes from the components' own timestamps (the execution timelines) or from the
 simulated agents' request counts, read after the run: nothing polls the NS while it is measured
@@ -42,13 +54,14 @@ import itertools
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,27 +311,38 @@ def postgres_or_none(r: Results, what: str) -> Iterator[Any]:
 
 class RequestCounter:
     """A TCP relay in front of the NS that counts the HTTP requests sent through it (per tenth
-    of a second, keyed like the simulated agents' counts: unix time * 10).
+    of a second, keyed like the simulated agents' counts: unix time * 10), for one task server.
 
-    The task servers talk to the NS through it (their `--ns-url`), so S6 sees their requests
-    after an NS restart without the NS counting anything. A request is its request line's end
-    (b" HTTP/1.1\r\n": a JSON body never holds a bare CRLF). While the NS is down the relay still
-    accepts, counts what the task server sends and closes: a retry is counted as a request.
+    Each task server talks to the NS through its own (its `--ns-url`, `port`), so S6 sees their
+    requests after an NS restart without the NS counting anything, and when each is answered
+    again. A request is its request line's end (b" HTTP/1.1\r\n": a JSON body never holds a
+    bare CRLF); its kind is its method and path (`kinds`); each answer's status line is matched
+    to its connection's oldest request not answered yet (HTTP/1.1 answers in order), noted in
+    `answers`. While the NS is down the relay still accepts, counts what the task server sends
+    and closes: a retry is counted as a request.
     """
 
     MARK = b" HTTP/1.1\r\n"
+    # a request line, after the last request's body (kept-alive: no CRLF between them)
+    LINE = re.compile(rb"(GET|POST|PUT|PATCH|DELETE|HEAD) (/[^ ?]*)[^ ]* HTTP/1\.1\r\n")
+    STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
 
-    def __init__(self, host: str, upstream: tuple[str, int]) -> None:
+    def __init__(self, host: str, upstream: tuple[str, int], port: int = NS_API_PORT) -> None:
         self.host = host
+        self.port = port
         self.upstream = upstream
         self.per_tenth: Counter[int] = Counter()
+        # each kind of request (method and path): its counts by tenth of a second
+        self.kinds: defaultdict[str, Counter[int]] = defaultdict(Counter)
+        self.sent: list[tuple[float, str]] = []  # (unix time, request kind)
+        self.answers: list[tuple[float, str, int]] = []  # (unix time, request kind, status)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> str:
-        """Listen; return the URL the task servers use for the NS."""
-        self._server = await asyncio.start_server(self._serve, self.host, NS_API_PORT)
-        return f"http://{self.host}:{NS_API_PORT}"
+        """Listen; return the URL the task server uses for the NS."""
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        return f"http://{self.host}:{self.port}"
 
     async def close(self) -> None:
         if self._server is not None:
@@ -327,9 +351,38 @@ class RequestCounter:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _count(self, data: bytes) -> None:
-        if n := data.count(self.MARK):
-            self.per_tenth[int(time.time() * 10)] += n
+    def tried(self, start: float, end: float) -> set[str]:
+        """The kinds of request sent between `start` and `end`."""
+        return {kind for at, kind in self.sent if start <= at < end}
+
+    def served_again_at(self, killed_at: float, back_at: float) -> float | None:
+        """When this task server was served again after the NS's return (`back_at`): the first
+        success answered to each kind of request it tried while the NS was down (from
+        `killed_at`), the last of those (none tried: its first success after the return);
+        None: one kind never was."""
+        firsts: dict[str, float] = {}
+        for at, kind, status in self.answers:
+            if at >= back_at and 200 <= status < 300 and kind not in firsts:
+                firsts[kind] = at
+        tried = self.tried(killed_at, back_at) - {"?"}
+        if not tried:
+            return min(firsts.values(), default=None)
+        if any(kind not in firsts for kind in tried):
+            return None
+        return max(firsts[kind] for kind in tried)
+
+    def _count(self, data: bytes) -> list[str]:
+        if not (n := data.count(self.MARK)):
+            return []
+        now = time.time()
+        tenth = int(now * 10)
+        self.per_tenth[tenth] += n
+        kinds = [f"{m[1].decode()} {m[2].decode()}" for m in self.LINE.finditer(data)]
+        kinds += ["?"] * (n - len(kinds))  # a request line that began in an earlier read
+        for kind in kinds:
+            self.kinds[kind][tenth] += 1
+            self.sent.append((now, kind))
+        return kinds
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -342,9 +395,10 @@ class RequestCounter:
                 with contextlib.suppress(OSError, TimeoutError):
                     self._count(await asyncio.wait_for(reader.read(65536), 2.0))
                 return
+            asked: deque[str] = deque()  # this connection's requests not answered yet
             try:
-                await asyncio.gather(self._pipe(reader, up_writer, count=True),
-                                     self._pipe(up_reader, writer))  # fmt: skip
+                await asyncio.gather(self._pipe(reader, up_writer, asked, requests=True),
+                                     self._pipe(up_reader, writer, asked))  # fmt: skip
             finally:
                 up_writer.close()
         finally:
@@ -352,14 +406,23 @@ class RequestCounter:
             self._tasks.discard(task)
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool = False
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        asked: deque[str],
+        requests: bool = False,
     ) -> None:
         tail = b""
+        keep = len(self.MARK) - 1
         try:
             while data := await reader.read(65536):
-                if count:  # a request line may straddle two reads
-                    self._count(tail + data)
-                    tail = data[-(len(self.MARK) - 1) :]
+                if requests:  # a request line may straddle two reads
+                    asked.extend(self._count(tail + data))
+                else:
+                    for m in self.STATUS.finditer(tail + data):
+                        kind = asked.popleft() if asked else "?"
+                        self.answers.append((time.time(), kind, int(m[1])))
+                tail = data[-keep:]
                 writer.write(data)
                 await writer.drain()
         except OSError:
@@ -386,6 +449,15 @@ def per_second_counts(per_tenth: Counter[int], start: float, end: float) -> list
     return [seconds[s] for s in range(max(seconds) + 1)]
 
 
+def _per_second(per_tenth: Counter[int], start: float, end: float) -> list[int]:
+    """Counts per second of the clock from `start` (no alignment: series side by side)."""
+    seconds: Counter[int] = Counter()
+    for tenth, n in per_tenth.items():
+        if start <= tenth / 10 < end:
+            seconds[int(tenth / 10 - start)] += n
+    return [seconds[s] for s in range(int(end - start) + 1)]
+
+
 def active_s(per_tenth: Counter[int], start: float, end: float) -> float:
     """How long requests came between `start` and `end`: from the first tenth of a second with
     requests to the end of the last (0.0: none)."""
@@ -403,7 +475,9 @@ def ratio(counts: list[int], span_s: float | None = None) -> float | None:
     short by the run's end is a fraction of a second, not a whole one with few requests."""
     if not counts:
         return None
-    span = span_s if span_s else float(len(counts))
+    # a peak counted per whole second is compared with a mean over at least one second: all
+    # the requests within less than a second are that second's, a mean of as many (ratio 1)
+    span = max(1.0, span_s) if span_s else float(len(counts))
     return max(counts) / (sum(counts) / span)
 
 
@@ -504,6 +578,11 @@ class NsRestart:
     done_at: float
     done: int
     ts_requests_per_tenth: Counter[int]
+    ts_kinds: dict[str, Counter[int]] = field(default_factory=dict)  # RequestCounter.kinds
+    # when every task server was served again (RequestCounter.served_again_at; None: one never
+    # was), and what each tried while the NS was down
+    ts_served_at: float | None = None
+    ts_tried: list[list[str]] = field(default_factory=list)
 
 
 async def fleet_run(
@@ -533,12 +612,11 @@ async def fleet_run(
     ns_extra = ["--database-url", database_url] if database_url else []
     fleet = LocalFleet(root, ts_names, [], net=net, ns_extra=ns_extra, ts_extra=ts_extra)
     ns_urls = [fleet.ns_url]
-    relay = None
-    if restart_ns:
-        relay = RequestCounter(f"{net}.9", (fleet.ns_host, NS_API_PORT))
-        relay_url = await relay.start()
-        for name in ts_names:
-            fleet.set_ts_ns_url(name, relay_url)
+    relays: list[RequestCounter] = []
+    if restart_ns:  # each task server its own relay: when each is served again is known
+        for i, name in enumerate(ts_names):
+            relays.append(RequestCounter(f"{net}.9", (fleet.ns_host, NS_API_PORT), NS_API_PORT + i))
+            fleet.set_ts_ns_url(name, await relays[-1].start())
     if two_ns:
         ns2_url = fleet.add_ns("ns2", f"{net}.200")
         ns_urls.append(ns2_url)
@@ -580,8 +658,7 @@ async def fleet_run(
             run = await ns.run(run.id)
             ns_restart = None
             if restart_ns:
-                assert relay is not None
-                ns_restart = await _across_ns_restart(fleet, ns, task.id, sims.names, relay)
+                ns_restart = await _across_ns_restart(fleet, ns, task.id, sims.names, relays)
         ts_metrics: dict[str, float] = {}
         for name in ts_names:
             for metric in ("tickle_tickles_resent_total", "tickle_pulls_total",
@@ -592,7 +669,7 @@ async def fleet_run(
     finally:
         per_tenth = await sims.stop()
         await fleet.stop()
-        if relay is not None:
+        for relay in relays:
             await relay.close()
     if KEEP is not None:  # each agent's own times beside the timelines, for a closer look
         (root / "agents.json").write_text(json.dumps({
@@ -609,7 +686,7 @@ async def fleet_run(
 
 
 async def _across_ns_restart(
-    fleet: LocalFleet, ns: Any, task_id: int, names: list[str], relay: RequestCounter
+    fleet: LocalFleet, ns: Any, task_id: int, names: list[str], relays: list[RequestCounter]
 ) -> NsRestart:
     """A run-now on all `names`, the NS killed as soon as it accepted it and started again
     `NS_DOWN_S` later; returns once every execution is recorded (or the deadline passed)."""
@@ -633,7 +710,16 @@ async def _across_ns_restart(
             if done == len(names) or time.monotonic() > end:
                 break
             await asyncio.sleep(1.0)
-    return NsRestart(killed_at, started_at, back_at, time.time(), done, relay.per_tenth)
+    per_tenth: Counter[int] = Counter()
+    kinds: defaultdict[str, Counter[int]] = defaultdict(Counter)
+    for relay in relays:
+        per_tenth.update(relay.per_tenth)
+        for kind, counts in relay.kinds.items():
+            kinds[kind].update(counts)
+    served = [relay.served_again_at(killed_at, back_at) for relay in relays]
+    return NsRestart(killed_at, started_at, back_at, time.time(), done, per_tenth, dict(kinds),
+                     None if None in served else max(s for s in served if s is not None),
+                     [sorted(relay.tried(killed_at, back_at)) for relay in relays])  # fmt: skip
 
 
 def fleet_md(title: str, f: FleetRun) -> list[str]:
@@ -852,17 +938,26 @@ async def register(root: Path, r: Results, agents: int, ts_extra: list[str] | No
         # task servers can send it nothing, and the agents run what their task servers hold)
         # are no part of it; the whole run from the kill is printed for reference
         agent_counts = per_second_counts(f.requests_per_tenth, n.back_at, n.done_at)
-        ts_counts = per_second_counts(n.ts_requests_per_tenth, n.back_at, n.done_at)
+        # the task servers' reconnection: from the NS's return until each was answered again
+        # what it tried while the NS was down (not the run's status events they forward after)
+        ts_end = n.ts_served_at if n.ts_served_at is not None else n.done_at
+        ts_counts = per_second_counts(n.ts_requests_per_tenth, n.back_at, ts_end)
         agents_ratio = reconnection_ratio(f.requests_per_tenth, n.back_at, n.done_at)
         r.put("s6_ns_agents_peak_to_mean", agents_ratio, "ratio",
               "S6 NS restart mid-run: agents' requests per second from the NS's return to the "
               "run's end, peak / mean (none: the agents had nothing left to do)")  # fmt: skip
         r.put("s6_ns_agents_after_return", sum(agent_counts), "requests",
               "S6 NS restart mid-run: agents' requests from the NS's return to the run's end")  # fmt: skip
-        ts_ratio = reconnection_ratio(n.ts_requests_per_tenth, n.back_at, n.done_at)
+        ts_ratio = reconnection_ratio(n.ts_requests_per_tenth, n.back_at, ts_end)
         r.put("s6_ns_ts_peak_to_mean", ts_ratio, "ratio",
               "S6 NS restart mid-run: task servers' requests to the NS per second from the NS's "
-              "return to the run's end, peak / mean")  # fmt: skip
+              "return until each was answered again what it tried while the NS was down, "
+              "peak / mean")  # fmt: skip
+        r.put("s6_ns_ts_reconnect_s", ts_end - n.back_at, "s",
+              "S6 NS restart: from the NS's return until every task server was served again")  # fmt: skip
+        if n.ts_served_at is None:
+            r.notes.append("S6 NS restart: a task server was not served again before the run's "
+                           "end: its ratio counts to the end")  # fmt: skip
         r.put("s6_ns_down_s", n.back_at - n.killed_at, "s",
               "S6 NS restart: from the kill until the restarted NS answered")  # fmt: skip
         r.put("s6_ns_done", n.done, "executions",
@@ -877,10 +972,19 @@ async def register(root: Path, r: Results, agents: int, ts_extra: list[str] | No
             f"{n.done_at - n.killed_at:.1f} s after the kill",
             f"the NS answered again {n.back_at - n.killed_at:.1f} s after the kill",
             f"agents' requests per second from the NS's return: {agent_counts}",
-            f"task servers' requests to the NS per second from the NS's return: {ts_counts}",
+            f"task servers' requests to the NS per second from the NS's return until each "
+            f"was served again ({ts_end - n.back_at:.1f} s; what each tried while the NS was "
+            f"down: {n.ts_tried}): {ts_counts}",
+            "task servers' requests to the NS per second from the NS's return to the run's "
+            f"end: {per_second_counts(n.ts_requests_per_tenth, n.back_at, n.done_at)}",
             "agents' / task servers' requests per second from the kill: "
             f"{per_second_counts(f.requests_per_tenth, n.killed_at, n.done_at)} / "
             f"{per_second_counts(n.ts_requests_per_tenth, n.killed_at, n.done_at)}",
+            "task servers' requests to the NS per second from the kill, by kind: "
+            + "; ".join(
+                f"{kind} {_per_second(c, n.killed_at, n.done_at)}"
+                for kind, c in sorted(n.ts_kinds.items())
+            ),
             "",
         ]
     lp_ratio, counts, reconnect_s, lp_register_s = await long_poll_restart(

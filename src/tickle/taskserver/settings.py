@@ -87,9 +87,9 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         "opens (up to agent_tickle_window) while the agents' pulls come within this of the "
         "quickest tickle → pull time (the agent's own once known), and closes back as they wait "
         "longer, so a server serving its pulls slowly (just restarted, short of CPU) is not sent "
-        "the whole window at once (0.5 s: a task-server restart's first second 1.25 times "
-        "the mean, not 1.9-2.3, but ~18 % more CPU per agent in a 5,000-agent run). 0: a "
-        "fixed window",
+        "the whole window at once (0.5 s, 2,500 agents: a task-server restart's requests per "
+        "second peak / mean 1.20-1.36, not 2.12-3.25, but 5 % more CPU per agent in a "
+        "5,000-agent run, its simulated agents and NS most). 0: a fixed window",
     )
     api_url: str | None = Field(
         default=None,
