@@ -52,8 +52,7 @@ async def _simulated_agents(fake: FakeTaskServer, root: Path, sock_dir: Path, co
         await asyncio.wait_for(asyncio.gather(*(s.register(fake.secret) for s in sims)), GENEROUS_S)
     finally:
         for sim in sims:
-            if sim.session is not None:
-                await sim.session.close()
+            await sim.close()
 
 
 KINDS: dict[str, Callable[[FakeTaskServer, Path, Path, int], Awaitable[None]]] = {
