@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -12,9 +14,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tickle import serving
 from tickle.agentapi import EventAck, EventBatch, StatusEvent
 from tickle.backoff import Backoff
 from tickle.httpbase import ApiError
+from tickle.testing import simagents
 from tickle.testing.simagents import SimAgent
 from tickle.testing.simhttp import ProtocolError, SimHttp
 
@@ -95,7 +99,7 @@ async def server() -> AsyncIterator[ScriptedServer]:
 
 
 def _agent(server: ScriptedServer) -> SimAgent:
-    agent = SimAgent("sim-00001", "127.0.0.1", server.url, Counter())
+    agent = SimAgent("sim-00001", "127.0.0.1", server.url, Counter(), tickle_port=50124)
     agent.http = SimHttp(server.url, "127.0.0.1", timeout_s=WITHIN_S)
     agent.auth = b"Authorization: Bearer tok-1\r\n"
     return agent
@@ -231,3 +235,16 @@ def test_only_plain_http_urls() -> None:
     bad: Callable[[], object] = lambda: SimHttp("https://127.0.0.1:1")  # noqa: E731
     with pytest.raises(ValueError, match="plain-HTTP"):
         bad()
+
+
+def test_a_simulator_process_imports_no_server_stack() -> None:
+    """A simulator process starts without fastapi, aiohttp or pydantic: they cost it 1.3 CPU-s,
+    which the servers' registrations waited behind (a process per 250 agents)."""
+    code = ("import sys, tickle.testing.simagents\n"
+            "print(sorted({'fastapi', 'aiohttp', 'pydantic', 'uvicorn'} & set(sys.modules)))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_simulators_collector_thresholds_are_the_servers() -> None:
+    assert simagents.GC_THRESHOLD == serving.GC_THRESHOLD

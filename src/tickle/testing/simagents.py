@@ -29,6 +29,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import random
@@ -39,9 +40,9 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from tickle import agentapi, serving, wire
+from tickle import agentapi, wire
 from tickle.agent import retries
 from tickle.agentapi import (
     AgentEnrollment,
@@ -54,8 +55,10 @@ from tickle.agentapi import (
 from tickle.backoff import Backoff
 from tickle.httpbase import ApiError
 from tickle.outbox import new_event_id
-from tickle.testing.localfleet import AGENT_TICKLE_PORT, LocalFleet
 from tickle.testing.simhttp import SimHttp
+
+if TYPE_CHECKING:  # a simulator process imports no server stack (fastapi, aiohttp, pydantic)
+    from tickle.testing.localfleet import LocalFleet
 
 PER_PROCESS = 250
 SECRET_ENV = "TICKLE_SIM_ENROLLMENT_SECRET"  # noqa: S105 - the name of a variable
@@ -135,6 +138,8 @@ class SimAgents:
         return [p.pid for p in self.procs]
 
     def _spawn(self) -> None:
+        from tickle.testing.localfleet import AGENT_TICKLE_PORT
+
         env = {**os.environ, SECRET_ENV: self.fleet.agent_enrollment_secret}
         ts_count = len(self.task_servers)
         # each process serves agents of one task server: agent i on task server i mod ts_count
@@ -143,7 +148,8 @@ class SimAgents:
             for first in range(0, len(mine), self.per_process):
                 part = ",".join(map(str, mine[first : first + self.per_process]))
                 argv = [sys.executable, "-m", "tickle.testing.simagents", self.fleet.ts_url(ts),
-                        self.net, part, *(["--long-poll"] if self.long_poll else [])]  # fmt: skip
+                        self.net, part, str(AGENT_TICKLE_PORT),
+                        *(["--long-poll"] if self.long_poll else [])]  # fmt: skip
                 self.procs.append(
                     subprocess.Popen(
                         argv, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
@@ -198,9 +204,17 @@ def _retry_after(exc: BaseException) -> float:
 
 class SimAgent(asyncio.DatagramProtocol):
     def __init__(
-        self, name: str, host: str, ts_url: str, sent: Counter[int], cem: bool = False
+        self,
+        name: str,
+        host: str,
+        ts_url: str,
+        sent: Counter[int],
+        *,
+        tickle_port: int,
+        cem: bool = False,
     ) -> None:
         self.name = name
+        self.tickle_port = tickle_port
         self.cem = cem
         self.long_poll_timeout_s = 0.0
         self.host = host
@@ -223,14 +237,14 @@ class SimAgent(asyncio.DatagramProtocol):
         if self.cem:
             return
         loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, AGENT_TICKLE_PORT))
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, self.tickle_port))
 
     async def register(self, secret: str) -> None:
         """Register with the task server (tried again on the agent's schedule)."""
         self.http = SimHttp(self.ts_url, self.host, timeout_s=30.0)
         body = AgentRegister(enrollment_secret=secret, name=self.name, cem=self.cem,
                              tickle_host=None if self.cem else self.host,
-                             tickle_port=AGENT_TICKLE_PORT, reported_address=self.host)  # fmt: skip
+                             tickle_port=self.tickle_port, reported_address=self.host)  # fmt: skip
         enrollment = await self.call(
             "POST", "/api/agent/register", body, AgentEnrollment, b"", retries.REGISTER
         )
@@ -386,15 +400,17 @@ class SimAgent(asyncio.DatagramProtocol):
             self.pulling = False
 
 
-async def main(ts_url: str, net: str, indexes: list[int], long_poll: bool = False) -> None:
+async def main(
+    ts_url: str, net: str, indexes: list[int], tickle_port: int, long_poll: bool = False
+) -> None:
     secret = os.environ[SECRET_ENV]
     # a few descriptors per agent (its tickle socket, its connection): a process of many agents
     # needs more than a default soft limit of 1,024
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sent: Counter[int] = Counter()
-    agents = [SimAgent(sim_name(i), sim_host(net, i), ts_url, sent, cem=long_poll)
-              for i in indexes]  # fmt: skip
+    agents = [SimAgent(sim_name(i), sim_host(net, i), ts_url, sent, tickle_port=tickle_port,
+                       cem=long_poll) for i in indexes]  # fmt: skip
     sem = asyncio.Semaphore(20)
 
     async def start(a: SimAgent) -> None:
@@ -402,7 +418,7 @@ async def main(ts_url: str, net: str, indexes: list[int], long_poll: bool = Fals
             await a.start(secret)
 
     await asyncio.gather(*(start(a) for a in agents))
-    serving.settle_gc()  # the agents made at start stay: out of the collector's way
+    settle_gc()  # the agents made at start stay: out of the collector's way
     print(f"ready {len(agents)}", flush=True)
     holding = [asyncio.create_task(a.hold_long_poll()) for a in agents if long_poll]
     stop = asyncio.Event()
@@ -419,9 +435,27 @@ async def main(ts_url: str, net: str, indexes: list[int], long_poll: bool = Fals
     print("trace " + json.dumps([dataclasses.astuple(a.trace) for a in agents]), flush=True)
 
 
+# the cyclic garbage collector's thresholds once started: the servers' (tickle.serving's, which
+# this module does not import: fastapi and pydantic cost a simulator process 1.3 CPU-s to start)
+GC_THRESHOLD = (50_000, 20, 10)
+
+
+def settle_gc() -> None:
+    """As `tickle.serving.settle_gc`: what start-up made is kept out of the collector's passes."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 if __name__ == "__main__":
-    url, net, indexes = sys.argv[1:4]
+    url, net, indexes, port = sys.argv[1:5]
+    agents = [int(i) for i in indexes.split(",")]
     # the servers' event loop (uvloop): a simulated agent's requests cost the CPU the servers
     # it shares the machine with would use
-    agents = [int(i) for i in indexes.split(",")]
-    serving.run_server(main(url, net, agents, "--long-poll" in sys.argv))
+    run = main(url, net, agents, int(port), "--long-poll" in sys.argv)
+    try:
+        import uvloop
+    except ImportError:  # asyncio's own where uvloop is not installed, as tickle.serving
+        asyncio.run(run)
+    else:
+        uvloop.run(run)
