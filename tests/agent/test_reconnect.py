@@ -47,13 +47,13 @@ async def _real_agents(fake: FakeTaskServer, root: Path, sock_dir: Path, count: 
 
 async def _simulated_agents(fake: FakeTaskServer, root: Path, sock_dir: Path, count: int) -> None:
     """`count` of the bench's simulated agents register at once."""
-    sims = [SimAgent(f"agent{i:02d}", "127.0.0.1", fake.url, Counter()) for i in range(count)]
+    sims = [SimAgent(f"agent{i:02d}", "127.0.0.1", fake.url, Counter(), tickle_port=50124)
+            for i in range(count)]  # fmt: skip
     try:
         await asyncio.wait_for(asyncio.gather(*(s.register(fake.secret) for s in sims)), GENEROUS_S)
     finally:
         for sim in sims:
-            if sim.session is not None:
-                await sim.session.close()
+            await sim.close()
 
 
 KINDS: dict[str, Callable[[FakeTaskServer, Path, Path, int], Awaitable[None]]] = {

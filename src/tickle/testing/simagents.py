@@ -8,7 +8,9 @@ Like the real agent, it backs off when a server is busy (429, 503, or no answer)
 agent's own schedules (tickle.agent.retries: full jitter, after what `Retry-After` says): its
 registration and its status events are tried again on their schedules, and a failed pull is
 left to the next tickle (the task server resends it) or to the agent's retry poll, whichever
-comes first.
+comes first. Its HTTP is `tickle.testing.simhttp`'s (a keep-alive connection, requests built as
+bytes) and its bodies `tickle.agentapi`'s msgspec Structs, as the real agent's: aiohttp and
+pydantic made the simulator a third of S2's CPU.
 
 With `long_poll`, the agents are in CEM mode instead (no tickle listener): each holds a long-poll
 open to its task server, as a real CEM agent does when the NS's `long_poll` setting is on, armed
@@ -27,6 +29,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import random
@@ -37,14 +40,11 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
-import aiohttp
-
-from tickle import http, serving, wire
+from tickle import agentapi, wire
 from tickle.agent import retries
-from tickle.backoff import Backoff
-from tickle.messages import (
+from tickle.agentapi import (
     AgentEnrollment,
     AgentRegister,
     AgentTasks,
@@ -52,8 +52,13 @@ from tickle.messages import (
     EventBatch,
     StatusEvent,
 )
+from tickle.backoff import Backoff
+from tickle.httpbase import ApiError
 from tickle.outbox import new_event_id
-from tickle.testing.localfleet import AGENT_TICKLE_PORT, LocalFleet
+from tickle.testing.simhttp import SimHttp
+
+if TYPE_CHECKING:  # a simulator process imports no server stack (fastapi, aiohttp, pydantic)
+    from tickle.testing.localfleet import LocalFleet
 
 PER_PROCESS = 250
 SECRET_ENV = "TICKLE_SIM_ENROLLMENT_SECRET"  # noqa: S105 - the name of a variable
@@ -63,6 +68,8 @@ BUSY = frozenset({429, 503})
 # answers a real agent tries again too (its pull on retries.PULL, its posts on their schedules):
 # a server that timed the request out (408: its head came too slowly from a loaded agent) or failed
 AGAIN = frozenset({408, 500, 502, 504})
+JSON_TYPE = b"Content-Type: application/json\r\n"
+B = TypeVar("B", bound=agentapi.Body)
 
 
 def sim_name(index: int) -> str:
@@ -131,6 +138,8 @@ class SimAgents:
         return [p.pid for p in self.procs]
 
     def _spawn(self) -> None:
+        from tickle.testing.localfleet import AGENT_TICKLE_PORT
+
         env = {**os.environ, SECRET_ENV: self.fleet.agent_enrollment_secret}
         ts_count = len(self.task_servers)
         # each process serves agents of one task server: agent i on task server i mod ts_count
@@ -139,7 +148,8 @@ class SimAgents:
             for first in range(0, len(mine), self.per_process):
                 part = ",".join(map(str, mine[first : first + self.per_process]))
                 argv = [sys.executable, "-m", "tickle.testing.simagents", self.fleet.ts_url(ts),
-                        self.net, part, *(["--long-poll"] if self.long_poll else [])]  # fmt: skip
+                        self.net, part, str(AGENT_TICKLE_PORT),
+                        *(["--long-poll"] if self.long_poll else [])]  # fmt: skip
                 self.procs.append(
                     subprocess.Popen(
                         argv, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
@@ -173,6 +183,19 @@ class _Busy(Exception):
         self.retry_after_s = retry_after_s
 
 
+def _retry_after_header(headers: dict[str, str]) -> float | None:
+    value = headers.get("retry-after", "")
+    return float(value) if value.isdigit() else None
+
+
+def _check(status: int, headers: dict[str, str], body: bytes, target: str) -> None:
+    """`_Busy` for an answer to try again; `ApiError` (with the server's words) for a refusal."""
+    if status in BUSY or status in AGAIN:
+        raise _Busy(_retry_after_header(headers))
+    if status >= 400:
+        raise ApiError(status, body.decode(errors="replace")[:200], target)
+
+
 def _retry_after(exc: BaseException) -> float:
     if isinstance(exc, _Busy) and exc.retry_after_s is not None:
         return exc.retry_after_s
@@ -181,15 +204,24 @@ def _retry_after(exc: BaseException) -> float:
 
 class SimAgent(asyncio.DatagramProtocol):
     def __init__(
-        self, name: str, host: str, ts_url: str, sent: Counter[int], cem: bool = False
+        self,
+        name: str,
+        host: str,
+        ts_url: str,
+        sent: Counter[int],
+        *,
+        tickle_port: int,
+        cem: bool = False,
     ) -> None:
         self.name = name
+        self.tickle_port = tickle_port
         self.cem = cem
         self.long_poll_timeout_s = 0.0
         self.host = host
         self.ts_url = ts_url
         self.sent = sent
-        self.session: aiohttp.ClientSession | None = None
+        self.http: SimHttp | None = None
+        self.auth = b""  # the Authorization header line, once registered
         self.guard: wire.TickleGuard | None = None
         self.token = ""
         self.seen: set[int] = set()
@@ -205,56 +237,47 @@ class SimAgent(asyncio.DatagramProtocol):
         if self.cem:
             return
         loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, AGENT_TICKLE_PORT))
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, self.tickle_port))
 
     async def register(self, secret: str) -> None:
         """Register with the task server (tried again on the agent's schedule)."""
-        connector = aiohttp.TCPConnector(
-            local_addr=(self.host, 0), limit=4, keepalive_timeout=http.CLIENT_KEEPALIVE_S
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=30)
-        )
+        self.http = SimHttp(self.ts_url, self.host, timeout_s=30.0)
         body = AgentRegister(enrollment_secret=secret, name=self.name, cem=self.cem,
                              tickle_host=None if self.cem else self.host,
-                             tickle_port=AGENT_TICKLE_PORT, reported_address=self.host)  # fmt: skip
+                             tickle_port=self.tickle_port, reported_address=self.host)  # fmt: skip
         enrollment = await self.call(
-            "POST", "/api/agent/register", body, AgentEnrollment, None, retries.REGISTER
+            "POST", "/api/agent/register", body, AgentEnrollment, b"", retries.REGISTER
         )
         self.token = enrollment.token
+        self.auth = f"Authorization: Bearer {self.token}\r\n".encode()
         self.long_poll_timeout_s = float(enrollment.policy.long_poll_timeout_s)
         self.guard = wire.TickleGuard({enrollment.ts_name: base64.b64decode(enrollment.tickle_key)})
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
 
     async def call(
         self,
         method: str,
-        path: str,
-        body: Any,
-        answer: Any,
-        token: str | None,
+        target: str,
+        body: agentapi.Body | None,
+        answer: type[B],
+        auth: bytes,
         backoff: Backoff | None,
-        params: dict[str, str] | None = None,
-    ) -> Any:
-        """One request, tried again on `backoff` (None: tried once) while the server is busy or
-        away; each try counted in the tenth of a second it is sent."""
-        assert self.session is not None
-        session = self.session
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        data = body.model_dump_json().encode() if body is not None else None
+    ) -> B:
+        """One request (`target`: path and query; `auth`: its Authorization header line, or
+        none), tried again on `backoff` (None: tried once) while the server is busy or away;
+        each try counted in the tenth of a second it is sent."""
+        assert self.http is not None
+        client = self.http
+        headers = JSON_TYPE + auth
+        data = agentapi.encode(body) if body is not None else None
 
-        async def once() -> Any:
-            async with session.request(
-                method, self.ts_url + path, data=data, params=params, headers=headers
-            ) as resp:
-                raw = await resp.read()
-                if resp.status in BUSY or resp.status in AGAIN:
-                    retry_after = resp.headers.get("Retry-After", "")
-                    raise _Busy(float(retry_after) if retry_after.isdigit() else None)
-                if resp.status >= 400:
-                    raise http.ApiError(resp.status, raw.decode(errors="replace")[:200], path)
-            return answer.model_validate_json(raw)
+        async def once() -> B:
+            resp = await client.request(method, target, body=data, headers=headers)
+            _check(resp.status, resp.headers, resp.body, target)
+            return agentapi.decode(resp.body, answer)
 
         end = time.monotonic() + GIVE_UP_S
         attempt = 0
@@ -262,7 +285,7 @@ class SimAgent(asyncio.DatagramProtocol):
             self.sent[int(time.time() * 10)] += 1
             try:
                 return await once()
-            except (_Busy, aiohttp.ClientError, TimeoutError) as exc:
+            except (_Busy, OSError, TimeoutError) as exc:
                 if backoff is None or time.monotonic() > end:
                     raise
                 await asyncio.sleep(backoff.wait(attempt, _retry_after(exc)))
@@ -294,11 +317,10 @@ class SimAgent(asyncio.DatagramProtocol):
             if self.trace.pull_sent_at is None:
                 self.trace.pull_sent_at = time.time()
             try:
-                tasks: AgentTasks = await self.call(
-                    "GET", "/api/agent/tasks", None, AgentTasks, self.token, None,
-                    params={"via": "tickle"},
-                )  # fmt: skip
-            except (_Busy, aiohttp.ClientError, TimeoutError) as exc:
+                tasks = await self.call(
+                    "GET", "/api/agent/tasks?via=tickle", None, AgentTasks, self.auth, None
+                )
+            except (_Busy, OSError, TimeoutError) as exc:
                 self.pull_failures += 1
                 if time.monotonic() > end:
                     return None
@@ -318,24 +340,22 @@ class SimAgent(asyncio.DatagramProtocol):
     async def hold_long_poll(self) -> None:
         """As the real agent's poller holds it: one long-poll at a time, armed again after a
         short random pause, and after a failure on retries.LONG_POLL (after Retry-After)."""
-        assert self.session is not None
-        headers = {"Authorization": f"Bearer {self.token}"}
+        assert self.http is not None
+        headers = JSON_TYPE + self.auth
         # the task server answers by its bound: this only catches one that never does
-        limit = aiohttp.ClientTimeout(total=self.long_poll_timeout_s + 15.0)
+        limit = self.long_poll_timeout_s + 15.0
         failures = 0
         while True:
             self.sent[int(time.time() * 10)] += 1
             try:
-                async with self.session.get(self.ts_url + "/api/agent/tasks/wait",
-                                            headers=headers, timeout=limit) as resp:  # fmt: skip
-                    raw = await resp.read()
-                    if resp.status in BUSY or resp.status >= 500:
-                        retry_after = resp.headers.get("Retry-After", "")
-                        raise _Busy(float(retry_after) if retry_after.isdigit() else None)
-                    if resp.status >= 400:
-                        raise http.ApiError(resp.status, raw.decode(errors="replace")[:200], "")
-                    answer = None if resp.status == 204 else AgentTasks.model_validate_json(raw)
-            except (_Busy, http.ApiError, aiohttp.ClientError, TimeoutError) as exc:
+                resp = await self.http.request(
+                    "GET", "/api/agent/tasks/wait", headers=headers, timeout_s=limit
+                )
+                if resp.status >= 500:
+                    raise _Busy(_retry_after_header(resp.headers))
+                _check(resp.status, resp.headers, resp.body, "/api/agent/tasks/wait")
+                answer = None if resp.status == 204 else agentapi.decode(resp.body, AgentTasks)
+            except (_Busy, ApiError, OSError, TimeoutError) as exc:
                 await asyncio.sleep(retries.LONG_POLL.wait(failures, _retry_after(exc)))
                 failures += 1
                 continue
@@ -361,7 +381,7 @@ class SimAgent(asyncio.DatagramProtocol):
             ]  # fmt: skip
         if events:
             await self.call("POST", "/api/agent/events", EventBatch(events=events),
-                            EventAck, self.token, retries.EVENTS)  # fmt: skip
+                            EventAck, self.auth, retries.EVENTS)  # fmt: skip
 
     async def pull(self) -> None:
         self.pulling = True
@@ -380,15 +400,17 @@ class SimAgent(asyncio.DatagramProtocol):
             self.pulling = False
 
 
-async def main(ts_url: str, net: str, indexes: list[int], long_poll: bool = False) -> None:
+async def main(
+    ts_url: str, net: str, indexes: list[int], tickle_port: int, long_poll: bool = False
+) -> None:
     secret = os.environ[SECRET_ENV]
     # a few descriptors per agent (its tickle socket, its connection): a process of many agents
     # needs more than a default soft limit of 1,024
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sent: Counter[int] = Counter()
-    agents = [SimAgent(sim_name(i), sim_host(net, i), ts_url, sent, cem=long_poll)
-              for i in indexes]  # fmt: skip
+    agents = [SimAgent(sim_name(i), sim_host(net, i), ts_url, sent, tickle_port=tickle_port,
+                       cem=long_poll) for i in indexes]  # fmt: skip
     sem = asyncio.Semaphore(20)
 
     async def start(a: SimAgent) -> None:
@@ -396,7 +418,7 @@ async def main(ts_url: str, net: str, indexes: list[int], long_poll: bool = Fals
             await a.start(secret)
 
     await asyncio.gather(*(start(a) for a in agents))
-    serving.settle_gc()  # the agents made at start stay: out of the collector's way
+    settle_gc()  # the agents made at start stay: out of the collector's way
     print(f"ready {len(agents)}", flush=True)
     holding = [asyncio.create_task(a.hold_long_poll()) for a in agents if long_poll]
     stop = asyncio.Event()
@@ -408,15 +430,32 @@ async def main(ts_url: str, net: str, indexes: list[int], long_poll: bool = Fals
         task.cancel()
     await asyncio.gather(*holding, return_exceptions=True)
     for a in agents:
-        if a.session is not None:
-            await a.session.close()
+        await a.close()
     print("stats " + json.dumps(sent), flush=True)
     print("trace " + json.dumps([dataclasses.astuple(a.trace) for a in agents]), flush=True)
 
 
+# the cyclic garbage collector's thresholds once started: the servers' (tickle.serving's, which
+# this module does not import: fastapi and pydantic cost a simulator process 1.3 CPU-s to start)
+GC_THRESHOLD = (50_000, 20, 10)
+
+
+def settle_gc() -> None:
+    """As `tickle.serving.settle_gc`: what start-up made is kept out of the collector's passes."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 if __name__ == "__main__":
-    url, net, indexes = sys.argv[1:4]
+    url, net, indexes, port = sys.argv[1:5]
+    agents = [int(i) for i in indexes.split(",")]
     # the servers' event loop (uvloop): a simulated agent's requests cost the CPU the servers
     # it shares the machine with would use
-    agents = [int(i) for i in indexes.split(",")]
-    serving.run_server(main(url, net, agents, "--long-poll" in sys.argv))
+    run = main(url, net, agents, int(port), "--long-poll" in sys.argv)
+    try:
+        import uvloop
+    except ImportError:  # asyncio's own where uvloop is not installed, as tickle.serving
+        asyncio.run(run)
+    else:
+        uvloop.run(run)

@@ -1,0 +1,244 @@
+"""The simulated agents' HTTP/1.1 client: little CPU per request, so the bench's simulator does not
+take the cores of the servers it measures ("the bench must not disturb what it measures").
+
+aiohttp cost a simulated agent ~740 µs of CPU for its tickle, pull and events post (S2 of issue
+10), a third of the run's CPU on 2 cores. This client is an `asyncio.Protocol` per connection:
+a request is its head's bytes and its body's, written at once; an answer is read by its
+`Content-Length` (chunked answers are refused: the servers send none). Like the real agent's
+client (`tickle.agent.h11http`) it keeps an idle connection `CLIENT_KEEPALIVE_S` for reuse,
+closes it then, puts our time on every request (`X-Tickle-Time`), and bounds each request
+(connecting, sending, the answer) by a total timeout. A connection failure, or an answer that is
+not HTTP, raises an `OSError` (`ProtocolError` for the last); a request over its time limit
+raises `TimeoutError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+from tickle.clock import TIME_HEADER, header_value
+from tickle.httpbase import CLIENT_KEEPALIVE_S
+
+_MAX_HEAD = 65536
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+
+
+class ProtocolError(ConnectionError):
+    """The server closed the connection before answering, or answered something that is not HTTP."""
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: one request at a time, its answer read by `Content-Length`."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[Response] | None = None
+        self._head: tuple[int, dict[str, str]] | None = None
+        self._length = 0
+        self._no_body = False
+        self.reused = False  # carried a request before
+        self.heard = False  # a byte of the current request's answer came
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream transport (uvloop's is not an asyncio.Transport subclass)
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(ProtocolError("the server closed the connection before answering"))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        if self.transport is not None:
+            self.transport.close()
+
+    async def exchange(self, data: bytes, no_body: bool) -> Response:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise ProtocolError("the connection is closed")
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._no_body = no_body
+        self.heard = False
+        self.transport.write(data)
+        try:
+            return await self._waiter
+        finally:
+            self._waiter = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None or self._waiter.done():
+            self._fail(ProtocolError("the server sent bytes nobody asked for"))
+            return
+        self.heard = True
+        self._buf += data
+        try:
+            self._parse()
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def _parse(self) -> None:
+        if self._head is None:
+            end = self._buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buf) > _MAX_HEAD:
+                    raise ProtocolError(f"an answer's head over {_MAX_HEAD} bytes")
+                return
+            self._head, self._length = self._read_head(bytes(self._buf[:end]))
+            del self._buf[: end + 4]
+        if len(self._buf) < self._length:
+            return
+        status, headers = self._head
+        body = bytes(self._buf[: self._length])
+        rest = len(self._buf) > self._length
+        self._buf.clear()
+        self._head = None
+        if rest:
+            raise ProtocolError("the server sent more than its Content-Length")
+        assert self._waiter is not None
+        self._waiter.set_result(Response(status, headers, body))
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+
+    def _read_head(self, raw: bytes) -> tuple[tuple[int, dict[str, str]], int]:
+        lines = raw.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            raise ProtocolError(f"not an HTTP answer: {lines[0][:80]!r}")
+        status = int(code)
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise ProtocolError(f"a bad header line in the answer: {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+        if "transfer-encoding" in headers:
+            raise ProtocolError("a chunked answer (the servers send Content-Length)")
+        if self._no_body or status in (204, 304) or status < 200:
+            return (status, headers), 0
+        length = headers.get("content-length", "")
+        if not length.isdigit():
+            raise ProtocolError("an answer without Content-Length")
+        return (status, headers), int(length)
+
+    def _fail(self, exc: Exception) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+        self._buf.clear()
+        self._head = None
+        if not self.closed:
+            self.close()
+
+
+class SimHttp:
+    """Requests to the HTTP server at `url` from `local_host`, keeping connections alive."""
+
+    def __init__(
+        self,
+        url: str,
+        local_host: str | None = None,
+        timeout_s: float = 30.0,
+        keepalive_s: float = CLIENT_KEEPALIVE_S,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"not a plain-HTTP URL: {url}")
+        self._host = parts.hostname
+        self._port = parts.port or 80
+        self._prefix = parts.path.rstrip("/")
+        self._local = (local_host, 0) if local_host else None
+        self._timeout_s = timeout_s
+        self._keepalive_s = keepalive_s
+        self._host_line = f"Host: {parts.netloc}\r\n".encode()
+        self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        *,
+        body: bytes | None = None,
+        headers: bytes = b"",
+        timeout_s: float | None = None,
+    ) -> Response:
+        """Send one request (`target`: path and query; `headers`: whole header lines, each
+        ending in CRLF); its answer, whatever its status."""
+        head = b"%s %s%s HTTP/1.1\r\n" % (method.encode(), self._prefix.encode(), target.encode())
+        async with asyncio.timeout(self._timeout_s if timeout_s is None else timeout_s):
+            while True:
+                conn = await self._connection()
+                self._busy.add(conn)
+                try:
+                    now = f"{TIME_HEADER}: {header_value(time.time())}\r\n".encode()
+                    data = head + self._host_line + now + headers
+                    if body is not None:
+                        data += b"Content-Length: %d\r\n\r\n" % len(body) + body
+                    else:
+                        data += b"\r\n"
+                    response = await conn.exchange(data, method == "HEAD")
+                except ProtocolError:
+                    conn.close()
+                    # as aiohttp: an idempotent request that met a kept-alive connection the
+                    # server closed (nothing answered) is sent once more, on a new connection
+                    if conn.reused and not conn.heard and method in _IDEMPOTENT:
+                        continue
+                    raise
+                except BaseException:
+                    conn.close()
+                    raise
+                finally:
+                    self._busy.discard(conn)
+                conn.reused = True
+                self._release(conn)
+                return response
+
+    async def close(self) -> None:
+        """Close every connection (a request still running fails)."""
+        for conn in [*self._idle, *self._busy]:
+            conn.close()
+        self._idle.clear()
+
+    async def _connection(self) -> _Connection:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
+            if not conn.closed:
+                return conn
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(
+            _Connection, self._host, self._port, local_addr=self._local
+        )
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        if conn.closed:
+            return
+        conn.idle_timer = asyncio.get_running_loop().call_later(
+            self._keepalive_s, self._expire, conn
+        )
+        self._idle.append(conn)
+
+    def _expire(self, conn: _Connection) -> None:
+        conn.idle_timer = None
+        conn.close()
+        if conn in self._idle:
+            self._idle.remove(conn)
