@@ -201,7 +201,7 @@ async def test_a_get_meeting_a_kept_connection_closed_unanswered_is_sent_once_mo
     [
         (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP answer"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{}", "closed the connection"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", "chunked"),
+        (b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n", "not an HTTP answer"),
         (b"HTTP/1.1 200 OK\r\n\r\n{}", "without Content-Length"),
     ],
 )
@@ -212,6 +212,15 @@ async def test_an_answer_that_is_not_whole_http_is_a_protocol_error(
     client = SimHttp(server.url, "127.0.0.1")
     with pytest.raises(ProtocolError, match=error):
         await client.request("POST", "/x", body=b"{}")
+    await client.close()
+
+
+async def test_a_chunked_answer_is_read_whole(server: ScriptedServer) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    server.script = [(chunked, False)]
+    client = SimHttp(server.url, "127.0.0.1")
+    response = await client.request("POST", "/x", body=b"{}")
+    assert (response.status, response.body) == (200, b"{}")
     await client.close()
 
 

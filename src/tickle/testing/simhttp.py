@@ -3,8 +3,9 @@ take the cores of the servers it measures ("the bench must not disturb what it m
 
 aiohttp cost a simulated agent ~740 µs of CPU for its tickle, pull and events post (S2 of issue
 10), a third of the run's CPU on 2 cores. This client is an `asyncio.Protocol` per connection:
-a request is its head's bytes and its body's, written at once; an answer is read by its
-`Content-Length` (chunked answers are refused: the servers send none). Like the real agent's
+a request is its head's bytes and its body's, written at once; an answer is parsed by httptools
+(the servers' own parser), by its `Content-Length` or chunked (an answer ending only where the
+connection closes is refused: the servers send none). Like the real agent's
 client (`tickle.agent.h11http`) it keeps an idle connection `CLIENT_KEEPALIVE_S` for reuse,
 closes it then, puts our time on every request (`X-Tickle-Time`), and bounds each request
 (connecting, sending, the answer) by a total timeout. A connection failure, or an answer that is
@@ -19,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
+
+import httptools
 
 from tickle.clock import TIME_HEADER, header_value
 from tickle.httpbase import CLIENT_KEEPALIVE_S
@@ -39,16 +42,18 @@ class Response:
 
 
 class _Connection(asyncio.Protocol):
-    """One connection: one request at a time, its answer read by `Content-Length`."""
+    """One connection: one request at a time, its answer parsed by httptools (the servers'
+    own HTTP parser, uvicorn's): by `Content-Length`, or chunked."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_timer: asyncio.TimerHandle | None = None
-        self._buf = bytearray()
+        self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Response] | None = None
-        self._head: tuple[int, dict[str, str]] | None = None
-        self._length = 0
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._head_size = 0
         self._no_body = False
         self.reused = False  # carried a request before
         self.heard = False  # a byte of the current request's answer came
@@ -72,8 +77,9 @@ class _Connection(asyncio.Protocol):
     async def exchange(self, data: bytes, no_body: bool) -> Response:
         if self.closed or self.transport is None or self.transport.is_closing():
             raise ProtocolError("the connection is closed")
+        if no_body:  # httptools cannot be told an answer has no body (HEAD): not needed here
+            raise ValueError("HEAD requests are not supported")
         self._waiter = asyncio.get_running_loop().create_future()
-        self._no_body = no_body
         self.heard = False
         self.transport.write(data)
         try:
@@ -86,62 +92,49 @@ class _Connection(asyncio.Protocol):
             self._fail(ProtocolError("the server sent bytes nobody asked for"))
             return
         self.heard = True
-        self._buf += data
         try:
-            self._parse()
-        except ProtocolError as exc:
-            self._fail(exc)
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:  # one of ours, raised in a callback
+            cause = exc.__context__
+            self._fail(cause if isinstance(cause, ProtocolError) else ProtocolError(str(exc)))
+        except httptools.HttpParserError as exc:
+            self._fail(ProtocolError(f"not an HTTP answer ({exc})"))
 
-    def _parse(self) -> None:
-        if self._head is None:
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buf) > _MAX_HEAD:
-                    raise ProtocolError(f"an answer's head over {_MAX_HEAD} bytes")
-                return
-            self._head, self._length = self._read_head(bytes(self._buf[:end]))
-            del self._buf[: end + 4]
-        if len(self._buf) < self._length:
+    # httptools' callbacks, in the order it calls them
+
+    def on_message_begin(self) -> None:
+        self._headers = {}
+        self._body = []
+        self._head_size = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value)
+        if self._head_size > _MAX_HEAD:
+            raise ProtocolError(f"an answer's head over {_MAX_HEAD} bytes")
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1").strip()
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200 or status in (204, 304):
             return
-        status, headers = self._head
-        body = bytes(self._buf[: self._length])
-        rest = len(self._buf) > self._length
-        self._buf.clear()
-        self._head = None
-        if rest:
-            raise ProtocolError("the server sent more than its Content-Length")
-        assert self._waiter is not None
-        self._waiter.set_result(Response(status, headers, body))
-        if headers.get("connection", "").lower() == "close":
-            self.close()
+        if "content-length" not in self._headers and "transfer-encoding" not in self._headers:
+            raise ProtocolError("an answer without Content-Length")  # its end would be the close
 
-    def _read_head(self, raw: bytes) -> tuple[tuple[int, dict[str, str]], int]:
-        lines = raw.decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise ProtocolError(f"not an HTTP answer: {lines[0][:80]!r}")
-        status = int(code)
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise ProtocolError(f"a bad header line in the answer: {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
-        if "transfer-encoding" in headers:
-            raise ProtocolError("a chunked answer (the servers send Content-Length)")
-        if self._no_body or status in (204, 304) or status < 200:
-            return (status, headers), 0
-        length = headers.get("content-length", "")
-        if not length.isdigit():
-            raise ProtocolError("an answer without Content-Length")
-        return (status, headers), int(length)
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._waiter is None or self._waiter.done():
+            raise ProtocolError("the server sent more than one answer")
+        self._waiter.set_result(
+            Response(self._parser.get_status_code(), self._headers, b"".join(self._body))
+        )
+        if not self._parser.should_keep_alive():
+            self.close()
 
     def _fail(self, exc: Exception) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
-        self._buf.clear()
-        self._head = None
         if not self.closed:
             self.close()
 
