@@ -54,7 +54,6 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._head_size = 0
-        self._no_body = False
         self.reused = False  # carried a request before
         self.heard = False  # a byte of the current request's answer came
 
@@ -74,11 +73,9 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def exchange(self, data: bytes, no_body: bool) -> Response:
+    async def exchange(self, data: bytes) -> Response:
         if self.closed or self.transport is None or self.transport.is_closing():
             raise ProtocolError("the connection is closed")
-        if no_body:  # httptools cannot be told an answer has no body (HEAD): not needed here
-            raise ValueError("HEAD requests are not supported")
         self._waiter = asyncio.get_running_loop().create_future()
         self.heard = False
         self.transport.write(data)
@@ -173,6 +170,8 @@ class SimHttp:
     ) -> Response:
         """Send one request (`target`: path and query; `headers`: whole header lines, each
         ending in CRLF); its answer, whatever its status."""
+        if method == "HEAD":  # httptools cannot be told an answer has no body: not needed here
+            raise ValueError("HEAD requests are not supported")
         head = b"%s %s%s HTTP/1.1\r\n" % (method.encode(), self._prefix.encode(), target.encode())
         async with asyncio.timeout(self._timeout_s if timeout_s is None else timeout_s):
             while True:
@@ -185,7 +184,7 @@ class SimHttp:
                         data += b"Content-Length: %d\r\n\r\n" % len(body) + body
                     else:
                         data += b"\r\n"
-                    response = await conn.exchange(data, method == "HEAD")
+                    response = await conn.exchange(data)
                 except ProtocolError:
                     conn.close()
                     # as aiohttp: an idempotent request that met a kept-alive connection the
