@@ -104,6 +104,10 @@ class WalSync:
         finally:
             self._driver = None
 
+    def sync_now(self) -> None:
+        """Sync on the caller's thread (blocking it): for a caller that cannot wait (stopping)."""
+        self._sync_files()
+
     def _sync_files(self) -> None:
         for path in self.paths:
             try:

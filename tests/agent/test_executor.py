@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from tickle.agent.executor import Executor
 from tickle.agent.state import AgentState
+from tickle.localdb import WalSync
 from tickle.messages import ExecutionWork, StatusEvent, TaskSpec
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
@@ -241,3 +243,99 @@ def test_claim_is_atomic_and_survives_reopen(tmp_path: Path) -> None:
     assert reopened.claim(7, "poll") is False
     assert reopened.unfinished() == [7]
     reopened.close()
+
+
+class _GatedSync(WalSync):
+    """A WalSync whose fsyncs wait for `gate` (in the sync's thread)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__([path])
+        self.gate = threading.Event()
+
+    def _sync_files(self) -> None:
+        assert self.gate.wait(30)
+        super()._sync_files()
+
+
+async def test_events_go_to_the_task_server_before_the_outbox_sync_and_finish_after_it(
+    tmp_path: Path,
+) -> None:
+    """The run's events are forwarded while the outbox's sync runs (it is not waited for on the
+    event loop before the post); the execution is marked finished only once it completed."""
+    state = AgentState(tmp_path / "agent.db")
+    outbox = Outbox(tmp_path / "outbox.db")
+    metrics = ComponentMetrics("agent")
+    sent: list[str] = []
+    both_sent = asyncio.Event()
+
+    async def send(bodies: list[str]) -> list[str]:
+        ids = [json.loads(b)["event_id"] for b in bodies]
+        sent.extend(json.loads(b)["kind"] for b in bodies)
+        if "finished" in sent:
+            both_sent.set()
+        return ids
+
+    forwarder = OutboxForwarder(outbox, send, metrics)
+    forwarder.start()
+    wal_sync = _GatedSync(tmp_path / "outbox.db")
+    executor = Executor("agent1", state, forwarder, metrics, wal_sync=wal_sync)
+    state.claim(1)
+    running = asyncio.create_task(executor.run(script(1, "true")))
+    try:
+        await asyncio.wait_for(both_sent.wait(), 30)
+        assert sent == ["started", "finished"]
+        assert not running.done()
+        assert state.unfinished() == [1]  # not before its events are on disk
+        wal_sync.gate.set()
+        outcome = await asyncio.wait_for(running, 30)
+        assert outcome.status == "succeeded"
+        assert state.unfinished() == []
+        assert wal_sync.syncs >= 1
+    finally:
+        wal_sync.gate.set()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await forwarder.stop()
+        outbox.close()
+        state.close()
+
+
+async def test_a_jobs_next_step_waits_for_the_steps_before_on_disk(tmp_path: Path) -> None:
+    """The step_finished events (with their output) are on disk before the next step starts."""
+    state = AgentState(tmp_path / "agent.db")
+    outbox = Outbox(tmp_path / "outbox.db")
+    metrics = ComponentMetrics("agent")
+    forwarder = OutboxForwarder(outbox, _never_sent, metrics)
+    wal_sync = _GatedSync(tmp_path / "outbox.db")
+    executor = Executor("agent1", state, forwarder, metrics, wal_sync=wal_sync)
+    marker = tmp_path / "second-ran"
+    work = ExecutionWork(
+        execution_id=2, computer="agent1", kind="job",
+        steps=[
+            TaskSpec(name="one", command=["true"]),
+            TaskSpec(name="two", command=["touch", str(marker)]),
+        ],
+    )  # fmt: skip
+    state.claim(2)
+    running = asyncio.create_task(executor.run(work))
+    try:
+        for _ in range(3000):  # the first step's end queued (bounded: 30 s)
+            if [e.kind for e in queued(outbox)] == ["started", "step_finished"]:
+                break
+            await asyncio.sleep(0.01)
+        assert [e.kind for e in queued(outbox)] == ["started", "step_finished"]
+        assert not marker.exists()
+        wal_sync.gate.set()
+        outcome = await asyncio.wait_for(running, 30)
+        assert outcome.status == "succeeded"
+        assert marker.exists()
+        assert [e.kind for e in queued(outbox)][-1] == "finished"
+        assert state.unfinished() == []
+    finally:
+        wal_sync.gate.set()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        outbox.close()
+        state.close()

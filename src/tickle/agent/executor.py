@@ -13,6 +13,16 @@ their last bytes as they came (the summary). A job stops at its first failing st
 failed / timed_out, cancelled, or interrupted when the agent stops; a task's output) — each
 committed to the outbox before the forwarder is woken, so none is lost if the task server is down
 or the agent restarts.
+
+Given a `localdb.WalSync` of the outbox, the events of a run are committed without a sync and
+forwarded at once while their sync runs in a thread (the full-sync commit sat on the event loop
+between the task's end and its `finished` going out, and between `started` and the task's start);
+a job's next step starts, and the execution is marked finished in the agent's state, only once
+the events before are on disk. A power
+cut before that sync is as one a moment before the event: the task dies with the power, the
+execution is still unfinished in the state and is reported interrupted at the next start. An
+event the task server acknowledged is durable there (it answers only once synced), so the agent
+may drop its copy whether or not its own sync came first.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from tickle.agentapi import (
     encode,
 )
 from tickle.clock import Clock
+from tickle.localdb import WalSync
 from tickle.metrics import Metrics
 from tickle.outbox import OutboxForwarder, new_event_id
 
@@ -97,8 +108,12 @@ class Executor:
         kill_grace_s: float = 5.0,
         task_umask: int = 0o022,
         clock: Clock = time.time,
+        wal_sync: WalSync | None = None,
     ) -> None:
+        """`wal_sync`: syncs the outbox's database (see the module's doc); None: each event is
+        committed with a full sync."""
         self._computer = computer
+        self._wal_sync = wal_sync
         self._clock = clock  # the times of its status events
         self._state = state
         self._forwarder = forwarder
@@ -117,19 +132,22 @@ class Executor:
         Cancelled (the agent stops): the running step's processes are killed and the execution
         is reported interrupted at once.
         """
-        self._emit(work.execution_id, "started", via=via)
+        # with a WalSync, each event is synced in a thread while the run goes on (see the doc)
+        synced = self._emit(work.execution_id, "started", via=via)
         outcome = StepOutcome("succeeded", 0, "")
         last = 0
         try:
             for index, spec in enumerate(work.steps):
                 last = index
+                if index:  # the steps before and their output on disk before the next starts
+                    await self._synced(synced)
                 outcome = await self.run_step(spec, work.execution_id, index)
                 log.info(
                     "execution %d step %d (%s): %s, exit %s",
                     work.execution_id, index, spec.name, outcome.status, outcome.exit_code,
                 )  # fmt: skip
                 if work.kind == "job":
-                    self._emit(
+                    synced = self._emit(
                         work.execution_id, "step_finished", step=index, **outcome.output_fields()
                     )
                 if outcome.status != "succeeded":
@@ -146,10 +164,18 @@ class Executor:
         fields = outcome.output_fields()
         if work.kind == "job":
             fields = {k: fields[k] for k in ("status", "exit_code", "output_tail")}
-        self._emit(work.execution_id, "finished", step=last, **fields)
-        self._state.mark_finished(work.execution_id, outcome.status)
-        self._metrics.executions.labels(status=outcome.status).inc()
+        synced = self._emit(work.execution_id, "finished", step=last, **fields)
+        try:
+            await self._synced(synced)  # the events on disk before the state says finished
+        except asyncio.CancelledError:  # stopping meanwhile: `_synced` synced them on the loop
+            self._finished(work.execution_id, outcome.status)
+            raise
+        self._finished(work.execution_id, outcome.status)
         return outcome
+
+    def _finished(self, execution_id: int, status: str) -> None:
+        self._state.mark_finished(execution_id, status)
+        self._metrics.executions.labels(status=status).inc()
 
     def report_interrupted(self, execution_id: int, step: int | None = None) -> None:
         """Report an execution the agent stopped while it ran (it is not run again)."""
@@ -160,7 +186,7 @@ class Executor:
     def report_ended(self, execution_id: int, status: str, step: int | None, note: str) -> None:
         """Report an execution ended without running to its end (interrupted, cancelled, or
         expired before it started)."""
-        self._emit(execution_id, "finished", step=step, status=status, exit_code=None,
+        self._emit(execution_id, "finished", True, step=step, status=status, exit_code=None,
                    output_tail=note)  # fmt: skip
         self._state.mark_finished(execution_id, status)
         self._metrics.executions.labels(status=status).inc()
@@ -266,7 +292,24 @@ class Executor:
             f.write(spec.script)
         return ["/bin/sh", path]
 
-    def _emit(self, execution_id: int, kind: str, **fields: object) -> None:
+    async def _synced(self, sync: asyncio.Future[None] | None) -> None:
+        """Wait for `sync` (`_emit`'s: the events committed until then on disk; the forwarder
+        sent them meanwhile)."""
+        if sync is None or self._wal_sync is None:
+            return
+        try:
+            await asyncio.shield(sync)
+        except asyncio.CancelledError:
+            # the agent stops: on disk before the caller reports or marks anything
+            self._wal_sync.sync_now()
+            raise
+
+    def _emit(
+        self, execution_id: int, kind: str, durable: bool = False, /, **fields: object
+    ) -> asyncio.Future[None] | None:
+        """Commit a status event to the outbox and wake the forwarder. With a WalSync and not
+        `durable`, the commit is not synced on the loop: the sync that covers it, started now in
+        a thread, is returned (for `_synced`); else the commit syncs, None."""
         event = msgspec.convert(
             {
                 "event_id": new_event_id(),
@@ -278,7 +321,19 @@ class Executor:
             },
             StatusEvent,
         )
-        self._forwarder.queue_bodies([(event.event_id, encode(event).decode())])
+        later = self._wal_sync is not None and not durable
+        self._forwarder.queue_bodies([(event.event_id, encode(event).decode())], not later)
+        if self._wal_sync is None or not later:
+            return None
+        sync = asyncio.ensure_future(self._wal_sync.sync())
+        sync.add_done_callback(_retrieved)
+        return sync
+
+
+def _retrieved(sync: asyncio.Future[None]) -> None:
+    """A sync's failure is raised to whoever waits for it, if anyone; not logged as unretrieved."""
+    if not sync.cancelled():
+        sync.exception()
 
 
 class _Output:

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from tickle import __version__, clock, wire
+from tickle import __version__, clock, localdb, wire
 from tickle.agent import retries
 from tickle.agent.containment import Containment, detect
 from tickle.agent.control import ControlServer
@@ -128,7 +128,7 @@ class Agent:
             output_tail_bytes=settings.output_tail_bytes,
             output_max_bytes=settings.output_max_bytes, containment=containment,
             kill_grace_s=settings.task_kill_grace_s, task_umask=int(settings.task_umask, 8),
-            clock=wall_clock,
+            clock=wall_clock, wal_sync=localdb.WalSync([settings.state_dir / "outbox.db"]),
         )  # fmt: skip
         default_policy = AgentPolicy(
             settings_version=0,
