@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -126,17 +126,17 @@ class Outbox:
         """Queue one event; False when it was already queued or forwarded."""
         return bool(self.put_many([(event_id, body)]))
 
-    def peek(self, limit: int = 200) -> list[tuple[str, str]]:
-        """The oldest queued events, oldest first."""
+    def peek(self, limit: int = 200, exclude: Collection[str] = ()) -> list[tuple[str, str]]:
+        """The oldest queued events, oldest first, but for those in `exclude` (in flight)."""
         rows = self._db.execute(
             "SELECT seq, event_id, body FROM outbox WHERE seq > ? AND forwarded_at IS NULL"
             " ORDER BY seq LIMIT ?",
-            (self._low, limit),
+            (self._low, limit + len(exclude)),
         ).fetchall()
         if rows:
             self._low = int(rows[0][0]) - 1  # what lies below the first waiting is forwarded
         self._peeked = [(int(r[0]), str(r[1])) for r in rows]
-        return [(str(r[1]), str(r[2])) for r in rows]
+        return [(str(r[1]), str(r[2])) for r in rows if r[1] not in exclude][:limit]
 
     def remove(self, event_ids: Iterable[str]) -> None:
         """The next hop has these events: drop them, and remember their ids a while."""
@@ -211,6 +211,12 @@ class OutboxForwarder:
     a burst goes in fewer, larger batches (each post costs the next hop a request and a
     transaction; issue 10's S5 forwarded ~10 events per post). An event queued when not busy
     goes at once.
+
+    Up to `in_flight` batches are sent at once: with 1, an event queued while a batch is on its
+    way waits for that batch's answer (an agent's `finished` for its `started`'s, which the task
+    server gives only once the event is on its disk). A failed send closes the gate to every
+    send for its backoff; its events go again after it, maybe after later ones (the next hop
+    records by event id, and a status never moves back).
     """
 
     BUSY_S = 0.1
@@ -225,9 +231,13 @@ class OutboxForwarder:
         batch_bytes: int = BATCH_BYTES,
         linger_s: float = 0.0,
         busy_events: int = 0,
+        in_flight: int = 1,
     ) -> None:
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be at least 1, not {in_flight}")
         self._linger_s = linger_s
         self._busy_events = busy_events
+        self._in_flight = in_flight
         self._queued: deque[tuple[float, int]] = deque()  # (when, how many) of the last BUSY_S
         self._last_send: float | None = None  # when the previous send started (monotonic)
         self._outbox = outbox
@@ -235,10 +245,13 @@ class OutboxForwarder:
         self._metrics = metrics
         # full jitter: producers whose next hop restarted come back spread over the window
         self._backoff = backoff or Backoff(base_s=0.2, max_s=10.0, tries=None, full_jitter=True)
+        self._attempt = 0  # failed sends in a row
+        self._gate_until = 0.0  # no send before this (monotonic): a failed one's backoff
         self._batch_size = batch_size
         self._batch_bytes = batch_bytes
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._flights: dict[asyncio.Task[None], set[str]] = {}  # sends on their way: their ids
         self._idle = asyncio.Event()
         self._deferred: asyncio.TimerHandle | None = None  # the wake of events that may wait
         self._metrics.outbox_depth.set(outbox.depth())
@@ -307,43 +320,69 @@ class OutboxForwarder:
 
     async def stop(self) -> None:
         self._cancel_deferred()
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, *self._flights) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     async def _run(self) -> None:
-        attempt = 0
         while True:
-            await self._wake.wait()
+            await self._wake.wait()  # new events, or a send came back
             self._wake.clear()
-            while True:
+            # new events do not cut a failed send's backoff short: an unreachable hop is not
+            # hammered
+            wait = self._gate_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                self._wake.set()  # look again: the gate may have moved meanwhile
+                continue
+            while len(self._flights) < self._in_flight:
                 await self._linger()
-                batch = _within(self._outbox.peek(self._batch_size), self._batch_bytes)
+                if self._gate_until > time.monotonic():  # a send failed meanwhile
+                    self._wake.set()
+                    break
+                in_flight = {eid for ids in self._flights.values() for eid in ids}
+                batch = _within(self._outbox.peek(self._batch_size, in_flight), self._batch_bytes)
                 if not batch:
                     break
                 self._last_send = time.monotonic()
-                try:
-                    accepted = await self._send([body for _, body in batch])
-                except Exception as exc:
-                    # no sooner than a busy next hop asked (Retry-After), spread after that
-                    delay = self._backoff.wait(attempt, retry_after_s(exc))
-                    attempt += 1
-                    log.warning(
-                        "forwarding %d events failed (%s); retry in %.1fs", len(batch), exc, delay
-                    )
-                    # new events do not cut the wait short: an unreachable hop is not hammered
-                    await asyncio.sleep(delay)
-                    continue
-                attempt = 0
-                ids = {eid for eid, _ in batch} & set(accepted)
-                self._outbox.remove(ids)
-                self._metrics.outbox_depth.set(self._outbox.depth())
-                if not ids:  # the next hop refused all of them: do not spin
-                    log.error("next hop accepted none of %d events; backing off", len(batch))
-                    await asyncio.sleep(self._backoff.cap(5))
-            self._metrics.outbox_depth.set(0)
-            self._idle.set()
+                flight = asyncio.create_task(self._fly(batch))
+                self._flights[flight] = {eid for eid, _ in batch}
+            if not self._flights and not self._wake.is_set():
+                self._metrics.outbox_depth.set(0)
+                self._idle.set()
+
+    async def _fly(self, batch: list[tuple[str, str]]) -> None:
+        """Send one batch; drop what the next hop accepted, or close the gate for a while."""
+        try:
+            try:
+                accepted = await self._send([body for _, body in batch])
+            except Exception as exc:
+                # no sooner than a busy next hop asked (Retry-After), spread after that
+                delay = self._backoff.wait(self._attempt, retry_after_s(exc))
+                self._attempt += 1
+                log.warning(
+                    "forwarding %d events failed (%s); retry in %.1fs", len(batch), exc, delay
+                )
+                self._close_gate(delay)
+                return
+            self._attempt = 0
+            ids = {eid for eid, _ in batch} & set(accepted)
+            self._outbox.remove(ids)
+            self._metrics.outbox_depth.set(self._outbox.depth())
+            if not ids:  # the next hop refused all of them: do not spin
+                log.error("next hop accepted none of %d events; backing off", len(batch))
+                self._close_gate(self._backoff.cap(5))
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._flights.pop(task, None)
+            self._wake.set()
+
+    def _close_gate(self, delay: float) -> None:
+        self._gate_until = max(self._gate_until, time.monotonic() + delay)
 
     async def _linger(self) -> None:
         """While busy, wait until `linger_s` after the previous send started, unless a full

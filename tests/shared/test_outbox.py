@@ -8,6 +8,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from tickle.backoff import Backoff
 from tickle.messages import StatusEvent
 from tickle.metrics import ComponentMetrics
@@ -219,6 +221,120 @@ async def test_events_that_may_wait_go_with_the_next_sent_or_alone_within_their_
         assert hop.batches == [3, 1]
     finally:
         await fwd.stop()
+    box.close()
+
+
+class _HeldHop:
+    """A next hop that holds each post until let go, noting the events of each as it comes."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        self.posts: list[list[str]] = []
+        self.came = asyncio.Event()
+        self.go = asyncio.Event()
+        self.failed = asyncio.Event()
+        self._fail_first = fail_first
+
+    async def send(self, bodies: list[str]) -> list[str]:
+        ids = [StatusEvent.model_validate_json(b).event_id for b in bodies]
+        self.posts.append(ids)
+        self.came.set()
+        await self.go.wait()
+        if self._fail_first and len(self.posts) == 1:
+            self.failed.set()  # (the forwarder sees the error in this same step of its task)
+            raise ConnectionError("next hop down")
+        return ids
+
+    async def next_post(self, within_s: float) -> bool:
+        """Whether a post comes within `within_s` (bounded: False once it has passed)."""
+        self.came.clear()
+        try:
+            async with asyncio.timeout(within_s):
+                await self.came.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+async def _second_event_while_the_first_is_on_its_way(
+    tmp_path: Path, in_flight: int
+) -> tuple[_HeldHop, bool]:
+    box, hop = Outbox(tmp_path / f"o{in_flight}.db"), _HeldHop()
+    fwd = OutboxForwarder(box, hop.send, ComponentMetrics("t"), in_flight=in_flight)
+    fwd.start()
+    try:
+        fwd.queue([_status(1)])  # a run's `started`
+        assert await hop.next_post(5)
+        fwd.queue([_status(2)])  # its `finished`, while `started`'s answer is awaited
+        went_at_once = await hop.next_post(0.5)
+        hop.go.set()
+        assert await fwd.drained(5)
+    finally:
+        await fwd.stop()
+        box.close()
+    return hop, went_at_once
+
+
+async def test_an_event_goes_while_the_batch_before_awaits_its_answer_given_two_in_flight(
+    tmp_path: Path,
+) -> None:
+    # S1: the agent's `finished` waited for its `started`'s answer (the task server answers once
+    # the event is on its disk), a hop's worth of every run
+    hop, went_at_once = await _second_event_while_the_first_is_on_its_way(tmp_path, 2)
+    assert went_at_once
+    assert hop.posts == [[_status(1).event_id], [_status(2).event_id]]
+    hop, went_at_once = await _second_event_while_the_first_is_on_its_way(tmp_path, 1)
+    assert not went_at_once, "one in flight: the second waits for the first's answer"
+    assert hop.posts == [[_status(1).event_id], [_status(2).event_id]]
+
+
+async def test_a_failed_send_holds_every_send_for_its_backoff_then_all_go_once(
+    tmp_path: Path,
+) -> None:
+    box, hop = Outbox(tmp_path / "o.db"), _HeldHop(fail_first=True)
+    backoff = Backoff(base_s=0.4, max_s=0.4, tries=None, jitter=0)
+    fwd = OutboxForwarder(box, hop.send, ComponentMetrics("t"), backoff, in_flight=2)
+    fwd.start()
+    try:
+        fwd.queue([_status(1)])
+        assert await hop.next_post(5)
+        hop.go.set()  # the first post fails: the gate closes for 0.4 s
+        await asyncio.wait_for(hop.failed.wait(), 5)
+        fwd.queue([_status(2)])
+        failed_at = time.monotonic()
+        assert await hop.next_post(5)
+        waited = time.monotonic() - failed_at
+        assert await fwd.drained(5)
+    finally:
+        await fwd.stop()
+    assert waited >= 0.3, f"a send went {waited:.2f} s after a failure, within its backoff"
+    # the failed event again, with the one queued during the backoff, each accepted once
+    assert hop.posts[0] == [_status(1).event_id]
+    assert sorted(e for post in hop.posts[1:] for e in post) == sorted(
+        [_status(1).event_id, _status(2).event_id]
+    )
+    assert box.depth() == 0
+    box.close()
+
+
+async def test_stopping_cancels_the_sends_on_their_way_and_keeps_their_events(
+    tmp_path: Path,
+) -> None:
+    box, hop = Outbox(tmp_path / "o.db"), _HeldHop()
+    fwd = OutboxForwarder(box, hop.send, ComponentMetrics("t"), in_flight=2)
+    fwd.start()
+    fwd.queue([_status(1)])
+    assert await hop.next_post(5)
+    fwd.queue([_status(2)])
+    assert await hop.next_post(5)
+    await fwd.stop()  # both posts are held: neither answered
+    assert box.depth() == 2, "events whose post never came back are kept"
+    box.close()
+
+
+def test_a_forwarder_needs_at_least_one_send_in_flight(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    with pytest.raises(ValueError, match="in_flight must be at least 1, not 0"):
+        OutboxForwarder(box, _refuse, ComponentMetrics("t"), in_flight=0)
     box.close()
 
 

@@ -120,8 +120,10 @@ class Agent:
         self.state = AgentState(settings.state_dir / "agent.db")
         self.outbox = Outbox(settings.state_dir / "outbox.db")
         self.client = TaskServerClient(settings, self.state, clock=wall_clock)
+        # a run's `finished` goes while its `started` awaits the task server's answer (given
+        # once that event is on the task server's disk), not after it
         self.forwarder = OutboxForwarder(
-            self.outbox, self.client.events, self.metrics, backoff=retries.EVENTS
+            self.outbox, self.client.events, self.metrics, backoff=retries.EVENTS, in_flight=2
         )
         self.executor = Executor(
             settings.name, self.state, self.forwarder, self.metrics,

@@ -62,6 +62,8 @@ FORWARD_BATCH = 500
 # One agent's run (S1) brings 4 events in ~10 ms: never lingers
 FORWARD_LINGER_S = 0.02
 FORWARD_BUSY_EVENTS = 20
+# posts to the NS at once: an agent's `finished` goes while its `started` is being recorded
+FORWARD_IN_FLIGHT = 2
 
 
 class StartupError(Exception):
@@ -149,6 +151,7 @@ class TaskServer:
             batch_size=FORWARD_BATCH,
             linger_s=FORWARD_LINGER_S,
             busy_events=FORWARD_BUSY_EVENTS,
+            in_flight=FORWARD_IN_FLIGHT,
         )
         # the agents' pulls and events commit in groups, synced off the event loop
         self.wal_sync = localdb.WalSync([self.store.path, settings.state_dir / OUTBOX_FILE])
