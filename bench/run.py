@@ -55,6 +55,7 @@ import json
 import os
 import platform
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -1292,6 +1293,81 @@ def speed_probe_ms() -> float:
     return best * 1000
 
 
+def fsync_probe_ms(directory: Path | None = None, tries: int = 50) -> float:
+    """The median ms of writing 4 KiB to a file and fsyncing it, in `directory` (the system's
+    temporary directory by default, where the bench's components keep their state): what every
+    durable commit of the NS, the task servers and the agents waits for. The pure-Python probe
+    missed a day whose S4 halved at the same probe."""
+    block = b"x" * 4096
+    times = []
+    with tempfile.TemporaryDirectory(prefix="tickle-probe-", dir=directory) as tmp:
+        fd = os.open(Path(tmp) / "probe", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            for _ in range(tries):
+                t = time.perf_counter()
+                os.write(fd, block)
+                os.fsync(fd)
+                times.append(time.perf_counter() - t)
+        finally:
+            os.close(fd)
+    return statistics.median(times) * 1000
+
+
+def udp_probe_us(round_trips: int = 2000) -> float:
+    """The median µs of a UDP datagram's round trip between two sockets on 127.0.0.1 (four system
+    calls and the loopback twice, as a tickle and its answer's first bytes): the machine's
+    system-call and network-stack speed. Bounded: `round_trips` datagrams each way, then stops."""
+    times = []
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
+    ):
+        for sock in (a, b):
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(5)
+        a_addr, b_addr = a.getsockname(), b.getsockname()
+        for _ in range(round_trips):
+            t = time.perf_counter()
+            a.sendto(b"tickle", b_addr)
+            b.recvfrom(64)
+            b.sendto(b"pull", a_addr)
+            a.recvfrom(64)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+@dataclass(frozen=True)
+class Probes:
+    """The machine's speed when a run started or ended (see the `*_probe_*` functions)."""
+
+    python_ms: float
+    fsync_ms: float
+    udp_us: float
+
+    @classmethod
+    def take(cls) -> Probes:
+        return cls(speed_probe_ms(), fsync_probe_ms(), udp_probe_us())
+
+
+def probes_line(start: Probes, end: Probes) -> str:
+    """The head line's account of the probes at the start and the end of a run."""
+    return (
+        f"speed probes at start / end: Python {start.python_ms:.0f} / {end.python_ms:.0f} ms, "
+        f"fsync {start.fsync_ms:.2f} / {end.fsync_ms:.2f} ms, "
+        f"UDP round trip {start.udp_us:.0f} / {end.udp_us:.0f} µs"
+    )
+
+
+def put_probes(r: Results, start: Probes, end: Probes) -> None:
+    """The quickest of the start and end probes, as figures of the run."""
+    r.put("speed_probe_ms", min(start.python_ms, end.python_ms), "ms",
+          "machine speed: a fixed pure-Python workload, quickest of the start and end probes")  # fmt: skip
+    r.put("fsync_probe_ms", min(start.fsync_ms, end.fsync_ms), "ms",
+          "disk speed: median 4 KiB write and fsync, quickest of the start and end probes")  # fmt: skip
+    r.put("udp_probe_us", min(start.udp_us, end.udp_us), "µs",
+          "system-call speed: median UDP round trip on 127.0.0.1, quickest of start and end")  # fmt: skip
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -1353,7 +1429,7 @@ async def main() -> int:
     NET = args.net
     r = Results()
     started = time.time()
-    probe_start = speed_probe_ms()
+    probe_start = Probes.take()
     with contextlib.ExitStack() as stack:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
@@ -1390,13 +1466,12 @@ async def main() -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    probe_end = speed_probe_ms()
-    r.put("speed_probe_ms", min(probe_start, probe_end), "ms",
-          "machine speed: a fixed pure-Python workload, quickest of the start and end probes")  # fmt: skip
+    probe_end = Probes.take()
+    put_probes(r, probe_start, probe_end)
     table = targets_table(r)
     head = (f"# Tickle benchmarks ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, "
             f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
-            f"speed probe {probe_start:.0f} / {probe_end:.0f} ms at start / end, "
+            f"{probes_line(probe_start, probe_end)}, "
             f"parts: {','.join(args.parts)})")  # fmt: skip
     text = "\n".join([head, "", *table, "", *[f"- {n}" for n in r.notes], "", *r.md])
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -1405,7 +1480,9 @@ async def main() -> int:
         "started": started,
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                     "load_1m_at_end": os.getloadavg()[0],
-                    "speed_probe_ms": [probe_start, probe_end]},
+                    "speed_probe_ms": [probe_start.python_ms, probe_end.python_ms],
+                    "fsync_probe_ms": [probe_start.fsync_ms, probe_end.fsync_ms],
+                    "udp_probe_us": [probe_start.udp_us, probe_end.udp_us]},
         "parts": args.parts,
         "figures": r.figures,
         "targets": [{"id": t.id, "what": t.what, "now": t.now(r), "target": t.target,
