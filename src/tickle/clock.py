@@ -4,8 +4,9 @@ Every HTTP request between the components carries the sender's time in `X-Tickle
 since the epoch, sub-second precision, unlike `Date`), and every answer the server's. The receiver
 of a request takes `peer time - arrival time` as one sample of the peer's offset (positive: the
 peer's clock is ahead); the sender of a request, `the server's time - the midpoint of the round
-trip`. `OffsetEstimator` keeps the median of each peer's last samples, so one delayed request
-does not swing the estimate.
+trip`. `OffsetEstimator` keeps each peer's last samples: the median of round-trip samples, so
+one slow answer does not swing the estimate; the largest of one-way samples, the least delayed
+(a request's delay only ever lowers its sample).
 
 A peer whose offset is larger than the tickle freshness window rejects every tickle as stale: it
 is shown as `clock_skewed`, not as unreachable, so the operator sees the real cause. The receiver
@@ -35,6 +36,9 @@ TEST_OFFSET_ENV = "TICKLE_TEST_CLOCK_OFFSET_S"
 TESTING_ENV = "TICKLE_TESTING"
 # the samples an estimate is the median of
 SAMPLES = 9
+# the one-way samples an estimate is the largest of: a clock set right is followed after as many
+# requests as the median of 9 took
+ONE_WAY_SAMPLES = 5
 # below this an offset is measurement noise (latency, `Date`'s 1 s steps): times stay as they are
 CORRECTION_MIN_S = 1.0
 # a sender's time further off ours than this (about 30 years) is garbage, not a skewed clock
@@ -112,10 +116,20 @@ def describe(offset_s: float | None) -> str:
 
 
 class OffsetEstimator:
-    """Per peer, the median of its last `samples` offset samples (memory: a few floats a peer)."""
+    """Per peer, an estimate of its offset from its last offset samples (a few floats a peer).
 
-    def __init__(self, samples: int = SAMPLES) -> None:
-        self._samples = samples
+    Round-trip samples (the server's time against the midpoint of a request's round trip) err
+    either way by up to half the round trip: their median. One-way samples (`one_way`: the
+    peer's time against its request's arrival) are the offset less the request's delay, which is
+    never negative and, under load, seconds (a request waiting in a busy server's accept queue):
+    their largest, the least delayed. The median took the queue for the clock: at 10,000 agents
+    (issue 10's S2) the task servers estimated their agents 2 s behind, past `CORRECTION_MIN_S`,
+    and the NS moved the agents' steps of every timeline 2 s later.
+    """
+
+    def __init__(self, samples: int | None = None, one_way: bool = False) -> None:
+        self._one_way = one_way
+        self._samples = samples or (ONE_WAY_SAMPLES if one_way else SAMPLES)
         self._by_peer: dict[str, deque[float]] = {}
 
     def add(self, peer: str, sample_s: float) -> float:
@@ -124,19 +138,22 @@ class OffsetEstimator:
         if window is None:
             window = self._by_peer[peer] = deque(maxlen=self._samples)
         window.append(sample_s)
-        return statistics.median(window)
+        return self._estimate(window)
+
+    def _estimate(self, window: deque[float]) -> float:
+        return max(window) if self._one_way else statistics.median(window)
 
     def offset(self, peer: str) -> float | None:
         """The estimate of `peer`'s offset (None: no sample yet)."""
         window = self._by_peer.get(peer)
-        return statistics.median(window) if window else None
+        return self._estimate(window) if window else None
 
     def forget(self, peer: str) -> None:
         self._by_peer.pop(peer, None)
 
     def offsets(self) -> dict[str, float]:
         """Every peer's estimate."""
-        return {peer: statistics.median(w) for peer, w in self._by_peer.items() if w}
+        return {peer: self._estimate(w) for peer, w in self._by_peer.items() if w}
 
 
 class ClockWarning:

@@ -42,6 +42,28 @@ def test_one_delayed_request_does_not_swing_the_estimate() -> None:
     assert clock.describe(None) == "-"
 
 
+def test_one_way_samples_estimate_the_offset_from_the_least_delayed() -> None:
+    # a one-way sample is the offset less the request's delay (never negative): the largest
+    estimates = clock.OffsetEstimator(one_way=True)
+    for delay in (3.1, 2.8, 0.02, 4.0, 3.3):  # seconds in a busy server's queue
+        estimate = estimates.add("pc1", 60.0 - delay)
+    assert estimate == pytest.approx(60.0, abs=0.05)
+    assert clock.OffsetEstimator().offsets() == {}
+    median = clock.OffsetEstimator()
+    for delay in (3.1, 2.8, 0.02, 4.0, 3.3):
+        median.add("pc1", 60.0 - delay)
+    assert median.offset("pc1") == pytest.approx(56.9), "round-trip samples: the median"
+
+
+def test_a_one_way_estimate_follows_a_clock_set_right_within_a_few_requests() -> None:
+    estimates = clock.OffsetEstimator(one_way=True)
+    estimates.add("pc1", 60.0)
+    for _ in range(clock.ONE_WAY_SAMPLES - 1):
+        assert estimates.add("pc1", 0.0) == 60.0  # (the larger sample may be the timely one)
+    assert estimates.add("pc1", 0.0) == 0.0
+    assert estimates.offsets() == {"pc1": 0.0}
+
+
 def test_skewed_means_beyond_the_freshness_window() -> None:
     assert clock.skewed(60.0, 30.0)
     assert clock.skewed(-31.0, 30.0)

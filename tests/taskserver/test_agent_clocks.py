@@ -96,3 +96,18 @@ async def test_a_request_without_a_sane_time_is_served_and_measures_nothing(
     agent = await h.register_agent("pc1")
     await _pull_at(h, agent, header)
     assert h.running.agent_clocks.offset("pc1") is None
+
+
+async def test_requests_held_up_in_a_busy_queue_are_not_taken_for_a_clock_behind(
+    task_server: TaskServerHarness,
+) -> None:
+    # S2 at 10,000 agents: the agents' pulls waited seconds in the task servers' accept queues;
+    # their one-way samples (the agent's time against the arrival) were the delay, the median of
+    # them a clock 2 s behind, and the NS moved the agents' steps of every timeline 2 s later
+    h = task_server
+    agent = await h.register_agent("pc1")
+    for held_up_s in (3.1, 2.8, 0.0, 4.0, 3.3):  # requests stamped when sent, served this late
+        await _pull_at(h, agent, time.time() - held_up_s)
+    offset = h.running.agent_clocks.offset("pc1")
+    assert offset == pytest.approx(0.0, abs=0.5), "the least delayed request tells the clock"
+    assert not [s for s in h.ns.states if s.tickle_state == "clock_skewed"]

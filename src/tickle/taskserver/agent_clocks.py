@@ -1,11 +1,12 @@
 """How far each agent's clock is off the task server's, measured from the agent's requests.
 
 Every authenticated request of an agent carries its time (`X-Tickle-Time`); against the request's
-arrival it gives a sample of the agent's offset, and `clock.OffsetEstimator` keeps the median of
-the last few. The estimate is reported to the NS (when it moved by `REPORT_STEP_S`), counted in
-the metrics (how many agents are skewed, the largest offset: no label per agent), and an agent
-further off than the tickle freshness window is reported `clock_skewed`: it rejects every tickle
-as stale, which otherwise looks exactly like a firewall (`unreachable`).
+arrival it gives a sample of the agent's offset less the request's delay, and
+`clock.OffsetEstimator` keeps the largest of the last few (the least delayed). The estimate is
+reported to the NS (when it moved by `REPORT_STEP_S`), counted in the metrics (how many agents are
+skewed, the largest offset: no label per agent), and an agent further off than the tickle freshness
+window is reported `clock_skewed`: it rejects every tickle as stale, which otherwise looks exactly
+like a firewall (`unreachable`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class AgentClocks:
     def __init__(self, reporter: StateReporter, metrics: ComponentMetrics, window_s: float) -> None:
         self._reporter = reporter
         self._window_s = window_s
-        self._estimates = clock.OffsetEstimator()
+        self._estimates = clock.OffsetEstimator(one_way=True)
         self._reported: dict[str, float] = {}
         self._skewed: set[str] = set()
         self._skewed_gauge = Gauge(

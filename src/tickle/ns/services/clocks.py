@@ -1,11 +1,11 @@
 """The clocks service: how far each task server's clock is off the NS's, measured from its requests.
 
-Every request of a task server carries its time (`X-Tickle-Time`); against the request's arrival
-it gives a sample of its offset, and `clock.OffsetEstimator` keeps the median of the last few (in
-this process). The estimate is written to the database when it moved by `SAVE_STEP_S`, so every
-NS process shows it; a task server further off than the tickle freshness window is
-`clock_skewed` (it rejects every tickle as stale). The agents' offsets come from their task
-servers (`POST /api/ts/computers/state`).
+Every request of a task server carries its time (`X-Tickle-Time`); against the request's arrival it
+gives a sample of its offset less the request's delay, and `clock.OffsetEstimator` keeps the
+largest of the last few, the least delayed (in this process). The estimate is written to the
+database when it moved by `SAVE_STEP_S`, so every NS process shows it; a task server further off
+than the tickle freshness window is `clock_skewed` (it rejects every tickle as stale). The agents'
+offsets come from their task servers (`POST /api/ts/computers/state`).
 
 `ClockMetrics` exposes, read from the database at each scrape: a gauge per task server
 (`tickle_task_server_clock_offset_seconds`) and the number of clock-skewed computers — one gauge,
@@ -40,7 +40,7 @@ class ClockService:
     def __init__(self, store: InventoryStore, window_s: float = TS_FRESHNESS_S) -> None:
         self._store = store
         self._window_s = window_s
-        self._estimates = clock.OffsetEstimator()
+        self._estimates = clock.OffsetEstimator(one_way=True)
         self._saved: dict[str, float] = {}
         self._lock = threading.Lock()
 
