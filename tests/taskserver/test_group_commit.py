@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.taskserver.conftest import TaskServerHarness, wait_until, work_for
+from tickle import agentapi
 from tickle.localdb import WalSync
 from tickle.messages import StatusEvent
 from tickle.outbox import Outbox
@@ -142,3 +143,29 @@ async def test_a_pull_waits_for_no_sync_its_pulled_hop_alone_is_not_synced(
     assert status == 200
     assert [w["execution_id"] for w in body["executions"]] == [7]
     assert gate.started == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_pull_committed_with_an_agents_events_is_answered_before_their_sync(
+    task_server: TaskServerHarness, gate: Gate
+) -> None:
+    # S5 (2,500 agents of one task server): the pulls committed in the turn of other agents'
+    # events waited for those events' sync, which the pulls' own hop report does not need
+    h = task_server
+    await h.register_agent("pc1", cem=True)
+    await h.register_agent("pc2", cem=True)
+    await h.cache_work(work_for(7, "pc1"), work_for(8, "pc2"))
+    await h.ns.stop()  # the events stay in the outbox (not forwarded)
+    cache = h.running.work_cache
+    event = agentapi.StatusEvent(
+        event_id=str(uuid.uuid4()), execution_id=8, computer="pc2", kind="started", at=1.0
+    )
+    # both in one turn of the event loop: one group commit
+    events = asyncio.create_task(cache.take_events("pc2", [event]))
+    pull = asyncio.create_task(cache.pulled("pc1", "poll"))
+    await wait_until(lambda: gate.started == 1, what="the sync of the events' writes")
+    pulled = await asyncio.wait_for(pull, 10)  # the gate is still closed
+    assert [w.execution_id for w in pulled] == [7]
+    assert not events.done(), "the agent's events are answered only once synced"
+    gate.opened.set()
+    assert await asyncio.wait_for(events, 10) == [event.event_id]

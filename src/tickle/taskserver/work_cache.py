@@ -229,7 +229,7 @@ class WorkCache:
 
     def _commit(self) -> None:
         """Commit every write queued this turn: one outbox and one cache transaction; answer
-        them once synced."""
+        the agents' events once synced, the task server's own hop reports at once."""
         writes, self._writes = self._writes, []
         # synced when an agent's events are among them (it drops its copy once answered); the
         # task server's own hop reports alone are not (see the module's docstring)
@@ -254,6 +254,12 @@ class WorkCache:
         if durable or not needs_sync:
             self._settle(writes, new)
             return
+        # the hop reports among them are answered now, as they would be alone: a pull committed
+        # in the turn of agents' events waited for their sync (S5: 2,500 agents' pulls and events)
+        hops = [w for w in writes if w.flag != "done"]
+        if hops:
+            self._settle(hops, new)
+            writes = [w for w in writes if w.flag == "done"]
         task = asyncio.get_running_loop().create_task(self._sync_then_settle(writes, new))
         self._syncing.add(task)
         task.add_done_callback(self._syncing.discard)
