@@ -60,6 +60,7 @@ class FakeTaskServer:
     cancel: list[int] = field(default_factory=list)  # the cancels every pull lists
     keep_serving: bool = False  # serve executions even after they finished
     events_down: bool = False  # answer 503 to events (the task server "is down" for them)
+    down_batches: list[int] = field(default_factory=list)  # the events of each batch answered 503
     refuse_executions: set[int] = field(default_factory=set)  # batches with these: 403
     max_batch_events: int | None = None  # larger batches: 413, as over max_body_bytes
     pull_gate: Callable[[], asyncio.Future[None] | None] | None = None
@@ -209,9 +210,10 @@ class FakeTaskServer:
     async def _events(self, request: web.Request) -> web.Response:
         self._record(request, "events")
         self._authorize(request)
-        if self.events_down:
-            raise web.HTTPServiceUnavailable(text='{"detail":"down"}')
         batch = EventBatch.model_validate_json(await request.read())
+        if self.events_down:
+            self.down_batches.append(len(batch.events))
+            raise web.HTTPServiceUnavailable(text='{"detail":"down"}')
         if any(e.execution_id in self.refuse_executions for e in batch.events):
             raise web.HTTPForbidden(text='{"detail":"not your execution"}')
         if self.max_batch_events is not None and len(batch.events) > self.max_batch_events:
