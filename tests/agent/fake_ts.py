@@ -87,7 +87,9 @@ class FakeTaskServer:
         app.router.add_get("/api/agent/tasks/wait", self._wait)
         app.router.add_get("/api/agent/policy", self._policy)
         app.router.add_post("/api/agent/events", self._events)
-        self._runner = web.AppRunner(app, access_log=None)
+        # a long-poll armed after a test's last release would hold its handler, and the
+        # cleanup with it, for aiohttp's default 60 s (one CI run's teardown took that long)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()

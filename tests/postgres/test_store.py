@@ -62,6 +62,27 @@ def test_released_dispatcher_lock_is_free_for_another_process_at_once(
         lock_b.release()
 
 
+def test_a_released_lock_is_free_before_the_server_sees_its_session_end(
+    stores: tuple[Stores, Stores], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # released by ending its session alone, the lock stayed held until the server noticed the
+    # connection go: the other process, trying right after, failed now and then (one clean-clone
+    # CI run in a few). Here the session's end never reaches the server (invalidate does
+    # nothing, close hands the session back to the pool): only an explicit unlock frees it.
+    a, b = stores
+    lock_a, lock_b = a.database.dispatcher_lock(), b.database.dispatcher_lock()
+    try:
+        assert lock_a.try_acquire()
+        held = lock_a._conn
+        assert held is not None
+        monkeypatch.setattr(held, "invalidate", lambda *args, **kwargs: None)
+        lock_a.release()
+        assert lock_b.try_acquire(), "still held after its release"
+    finally:
+        lock_a.release()
+        lock_b.release()
+
+
 def _ts_registration(name: str) -> m.TaskServerRegister:
     return m.TaskServerRegister(
         enrollment_secret="x" * 16, name=name, tickle_host="127.0.0.1", tickle_port=9,

@@ -138,6 +138,15 @@ class DispatcherLock:
         """Stop being the dispatcher: end the lock's database session, which frees the lock."""
         if self._conn is not None:
             try:
+                # unlocked here, at once: the end of the session below frees it too, but only
+                # once the server has seen the connection go (another process trying right
+                # after could still find it held)
+                self._conn.execute(
+                    text("SELECT pg_advisory_unlock(:k)"), {"k": DISPATCHER_LOCK_KEY}
+                )
+            except Exception:
+                log.debug("unlocking the dispatcher lock failed", exc_info=True)
+            try:
                 # close() alone would hand the session, lock held, back to the pool: another
                 # process could not dispatch until this one's engine is disposed
                 self._conn.invalidate()
