@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import base64
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -69,3 +72,24 @@ def chromium(profile: Path, extra: Sequence[str] = ()) -> Iterator[webdriver.Chr
         yield driver
     finally:
         driver.quit()
+
+
+def page_replaced(page: WebElement) -> Callable[[WebDriver], bool]:
+    """A wait's condition: the page whose `html` element is `page` has been replaced.
+
+    Selenium's `staleness_of` takes only a stale-element error for it; asked while the next page
+    is coming in, chromedriver may answer "Node with given id does not belong to the document"
+    (an unknown error), which failed a clean-clone CI run's login over HTTPS."""
+
+    def replaced(_driver: WebDriver) -> bool:
+        try:
+            page.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            if "does not belong to the document" in (exc.msg or ""):
+                return True
+            raise
+        return False
+
+    return replaced

@@ -17,10 +17,9 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.console.chromium import chromium
+from tests.console.chromium import chromium, page_replaced
 from tests.console.conftest import running_fleet
 from tickle.messages import TIMELINE_STEPS
 from tickle.testing.localfleet import AgentSpec, LocalFleet
@@ -78,7 +77,7 @@ def navigate(driver: WebDriver, element: Any) -> None:
     """Click `element` and wait until the next page replaced this one."""
     page = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    until(driver, "the next page", staleness_of(page))
+    until(driver, "the next page", page_replaced(page))
 
 
 def test_login_refuses_a_wrong_token_then_lets_the_admin_in(

@@ -9,10 +9,9 @@ from collections.abc import Iterator
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.console.chromium import chromium, trusting
+from tests.console.chromium import chromium, page_replaced, trusting
 from tests.console.conftest import running_fleet
 from tickle.testing.localfleet import AgentSpec, LocalFleet
 
@@ -40,7 +39,7 @@ def test_login_over_https_keeps_a_secure_session(driver: WebDriver, fleet: Local
     driver.find_element(By.ID, "token").send_keys(fleet.admin_token)
     page = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.CSS_SELECTOR, "main form button").click()
-    WebDriverWait(driver, 20).until(staleness_of(page), message="the page after login")
+    WebDriverWait(driver, 20).until(page_replaced(page), message="the page after login")
     assert driver.current_url == fleet.ns_url + "/console/fleet"
     cookie = driver.get_cookie("tickle_session")
     assert cookie is not None
