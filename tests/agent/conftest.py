@@ -22,11 +22,20 @@ from tickle.metrics import ComponentMetrics
 
 from .fake_ts import FakeTaskServer
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A UDP port free now and never handed out before in this process: a test that takes
+    several before binding any (sixteen agents) must not get one port twice from the kernel."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no UDP port left that this process has not handed out already")
 
 
 async def eventually(

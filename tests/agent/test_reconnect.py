@@ -39,10 +39,16 @@ async def _real_agents(fake: FakeTaskServer, root: Path, sock_dir: Path, count: 
         for i in range(count)
     ]  # fmt: skip
     try:
-        await asyncio.wait_for(asyncio.gather(*(a.start() for a in agents)), GENEROUS_S)
+        # every start settles before any agent stops: one that fails leaves none half-started
+        started = await asyncio.wait_for(
+            asyncio.gather(*(a.start() for a in agents), return_exceptions=True), GENEROUS_S
+        )
     finally:
         for agent in agents:
             await agent.stop()
+    for outcome in started:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 async def _simulated_agents(fake: FakeTaskServer, root: Path, sock_dir: Path, count: int) -> None:
