@@ -3,7 +3,10 @@ pulled from the NS and the task server's own hop reports not synced."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import pytest
 
 from tests.taskserver.conftest import work_for
 from tickle.messages import StatusEvent, WorkOut
@@ -90,3 +93,22 @@ async def test_hop_reports_go_to_the_ns_with_the_agents_next_event(tmp_path: Pat
         await forwarder.stop()
         store.close()
         outbox.close()
+
+
+def test_a_large_work_pull_is_logged_in_one_short_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, outbox = Store(tmp_path), Outbox(tmp_path / "outbox.db")
+    try:
+        metrics = ComponentMetrics("ts")
+        cache = WorkCache(store, OutboxForwarder(outbox, _not_sent, metrics), metrics)
+        with caplog.at_level(logging.INFO, logger="tickle.taskserver.work_cache"):
+            cache.apply(WorkOut(executions=[work_for(i, f"pc{i}") for i in range(1, 2501)]))
+            cache.apply(WorkOut(executions=[work_for(i, f"pc{i}") for i in range(1, 2504)]))
+    finally:
+        store.close()
+        outbox.close()
+    assert caplog.messages == [
+        "work from the NS: 2500 new executions [1, 2, 3, 4, 5, 6, 7, …, 2500]",
+        "work from the NS: 3 new executions [2501, 2502, 2503]",
+    ]

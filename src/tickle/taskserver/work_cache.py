@@ -95,7 +95,7 @@ class WorkCache:
         """A work pull came back: make the cache the NS's list; return the new execution ids."""
         new = self._store.reconcile(work.executions)
         if new:
-            log.info("work from the NS: %d new executions %s", len(new), new)
+            log.info("work from the NS: %d new executions %s", len(new), _ids(new))
         return new
 
     def cancel(self, work: WorkOut) -> list[str]:
@@ -291,3 +291,14 @@ def _json(event: Event) -> str:
     if isinstance(event, agentapi.StatusEvent):
         return agentapi.encode(event).decode()
     return event.model_dump_json()
+
+
+# the ids a log line names at most: a run-now on 2,500 agents is one line, not 2,500 numbers
+LOGGED_IDS = 8
+
+
+def _ids(ids: list[int]) -> str:
+    """`[1, 5, 9]`, or the first `LOGGED_IDS` and the last: `[1, 5, …, 2997]`."""
+    if len(ids) <= LOGGED_IDS:
+        return str(ids)
+    return "[" + ", ".join(map(str, ids[: LOGGED_IDS - 1])) + f", …, {ids[-1]}]"
