@@ -131,6 +131,28 @@ def test_a_batch_records_each_event_once_and_only_from_its_task_server(stores: S
     check_a_batch_records_each_event_once_and_only_from_its_task_server(stores)
 
 
+def test_a_batch_larger_than_one_insert_records_every_event_once(stores: Stores) -> None:
+    """SQLite writes a batch's events in INSERTs of at most 1,000 rows: one of 1,500 (more than
+    the API takes in a post) is recorded whole, each event once, and moves every execution."""
+    ts = fleet(stores, computers=500)
+    task = stores.catalog.create_task(m.TaskCreate(name="t", command=["true"]))
+    run = stores.delivery.create_run(m.RunCreate(task_id=task.id, all_computers=True))
+    batch = [
+        _event(e, kind, **({"status": "succeeded", "exit_code": 0} if kind == "finished" else {}))
+        for e in run.executions
+        for kind in ("agent_pulled", "started", "finished")
+    ]
+    outcome = stores.delivery.record_events(ts, batch, time.time())
+    again = stores.delivery.record_events(ts, batch[::-1], time.time())
+    assert len(outcome.recorded) == len(outcome.accepted) == len(batch) == 1500
+    assert len(outcome.finished) == 500
+    assert again.recorded == []
+    assert len(again.accepted) == 1500
+    assert {e.status for e in stores.delivery.run(run.id).executions} == {"succeeded"}
+    with stores.database.reading() as s:
+        assert s.scalar(select(func.count()).select_from(StatusEvent)) == 1500
+
+
 def check_a_step_reported_again_keeps_its_last_output(stores: Stores) -> None:
     """A step's output reported again (in the same batch or a later one) replaces the one kept;
     each step and execution keeps its own."""
