@@ -1,6 +1,6 @@
-"""A task server's work pulls and event posts, served without FastAPI's per-request work when
-well-formed (tickle.ns.fast_path): every answer is the one the routes give, and whatever the
-fast path does not serve reaches the routes."""
+"""A task server's work pulls, event posts and agent registrations, served without FastAPI's
+per-request work when well-formed (tickle.ns.fast_path): every answer is the one the routes
+give, and whatever the fast path does not serve reaches the routes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from fastapi import HTTPException
 
 from tests.ns.conftest import FakeTaskServer, Ns
 from tickle.ns.auth import require_task_server
+
+REGISTER_AGENT = "/api/ts/agents/register"
 
 
 def _event(computer: str, execution_id: int, kind: str = "agent_pulled") -> dict[str, Any]:
@@ -36,7 +38,9 @@ async def _known(ns: Ns) -> tuple[FakeTaskServer, int]:
     return ts, int(run["executions"][0]["id"])
 
 
-async def test_well_formed_pulls_and_event_posts_do_not_reach_the_routes(ns: Ns) -> None:
+async def test_well_formed_pulls_event_posts_and_registrations_do_not_reach_the_routes(
+    ns: Ns,
+) -> None:
     ts, execution = await _known(ns)
 
     async def at_the_route() -> None:
@@ -57,6 +61,14 @@ async def test_well_formed_pulls_and_event_posts_do_not_reach_the_routes(ns: Ns)
     charset = {"Content-Type": "application/json; charset=utf-8"}
     assert (await _raw(ts, "POST", "/api/ts/events", json.dumps(batch), **charset))[0] == 418
     assert (await _raw(ts, "POST", "/api/ts/events", '{"events": 1}'))[0] == 418
+    # an agent's registration: served; a body that is no registration goes to the route
+    registration = json.dumps({"name": "pc9", "tickle_host": "127.0.0.1", "tickle_port": 50124})
+    status, body = await _raw(ts, "POST", REGISTER_AGENT, registration)
+    assert (status, body["name"]) == (200, "pc9")
+    assert sorted(body) == ["name", "tickle_key", "token"]
+    for bad in ('{"name": "pc 9"}', '{"name": "pc9", "port": 1}', "[]"):
+        assert (await _raw(ts, "POST", REGISTER_AGENT, bad))[0] == 418, bad
+    assert (await _raw(ts, "POST", REGISTER_AGENT, registration, **charset))[0] == 418
 
 
 async def test_the_fast_path_answers_as_the_routes_do(ns: Ns) -> None:
@@ -82,6 +94,21 @@ async def test_the_fast_path_answers_as_the_routes_do(ns: Ns) -> None:
     assert fast == route == (200, {"accepted": [mine["event_id"]]})
     timeline = (await ns.ok("GET", f"/api/executions/{execution}"))["timeline"]
     assert {s["step"] for s in timeline if s["at"] is not None} >= {"agent_pulled"}
+
+    # registrations: credentials of the same shape; a refusal (another identity under a
+    # registered name: 409) in the same words
+    identity = json.dumps({"name": "pc7", "identity": "i" * 16})
+    fast = await _raw(ts, "POST", REGISTER_AGENT, identity)
+    route = await _raw(ts, "POST", REGISTER_AGENT + "?passed_on=1", identity)
+    assert fast[0] == route[0] == 200
+    assert fast[1]["name"] == route[1]["name"] == "pc7"
+    assert fast[1]["token"] != route[1]["token"]  # each registration rotates the credentials
+    stranger = json.dumps({"name": "pc7", "identity": "s" * 16})
+    fast = await _raw(ts, "POST", REGISTER_AGENT, stranger)
+    route = await _raw(ts, "POST", REGISTER_AGENT + "?passed_on=1", stranger)
+    assert fast == route
+    assert fast[0] == 409
+    assert "registered to another agent" in fast[1]["detail"]
 
 
 async def test_tokens_the_fast_path_does_not_know_get_the_routes_answers(ns: Ns) -> None:

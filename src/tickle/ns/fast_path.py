@@ -1,15 +1,20 @@
-"""The two requests each task server makes for every run, served without FastAPI's per-request work.
+"""The requests task servers make for every run and every agent, served without FastAPI's
+per-request work.
 
 Every run-now makes the task server pull its work (`GET /api/ts/work`) and forward its agents'
-status events (`POST /api/ts/events`, several per run). FastAPI's routing, dependency solving
-and response validation cost the NS more than serving them does (issue 10's S1 profile: the
-HTTP stack was some 16 of the NS's 28 ms of CPU per run), so this ASGI middleware, in front of
-the routes, answers these two itself when they are well-formed (see `tickle.fastpath`): the
-token of a task server this process looked up lately (no database query; any other token goes
-to the routes, which check it), the query parameter the route declares with a valid value, and
-(for events) a JSON body that is a valid `EventBatch`. It measures the task server's clock and
-calls the same services the routes call, with the same arguments; a refusal of theirs is
-answered as the app's handler answers it. The OpenAPI description stays the routes'.
+status events (`POST /api/ts/events`, several per run); every agent that registers is one
+`POST /api/ts/agents/register` (10,000 of them when a fleet is installed). FastAPI's routing,
+dependency solving and response validation cost the NS more than serving them does (issue 10's
+S1 profile: the HTTP stack was some 16 of the NS's 28 ms of CPU per run; of a fleet registering,
+matching the route and solving its dependencies were more of the NS's CPU than the
+registrations' writes), so this ASGI middleware, in front of the routes, answers these three
+itself when they are well-formed (see `tickle.fastpath`): the token of a task server this
+process looked up lately (no database query; any other token goes to the routes, which check
+it), the query parameter the route declares with a valid value, and (for events and
+registrations) a JSON body that is a valid `EventBatch` or `AgentRegistration`. It measures the
+task server's clock and calls the same services the routes call, with the same arguments; a
+refusal of theirs is answered as the app's handler answers it. The OpenAPI description stays
+the routes'.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from tickle.serving import ARRIVED_AT
 
 WORK = "/api/ts/work"
 EVENTS = "/api/ts/events"
+REGISTER_AGENT = "/api/ts/agents/register"
 _VIAS = frozenset(get_args(m.TsPullVia))
 
 Job = Callable[[Caller, Parts, Replay], Awaitable[str]]
@@ -46,6 +52,10 @@ class TaskServerFastPath(FastPath):
         self.served = {
             ("GET", WORK): (functools.partial(self._serve, self._work), frozenset({"via"})),
             ("POST", EVENTS): (functools.partial(self._serve, self._events), frozenset()),
+            ("POST", REGISTER_AGENT): (
+                functools.partial(self._serve, self._register_agent),
+                frozenset(),
+            ),
         }
 
     async def _serve(
@@ -89,3 +99,13 @@ class TaskServerFastPath(FastPath):
             raise PassOn from None  # the route answers it (422, as documented)
         ack = await self._services.delivery.record_events(ts, batch.events)
         return ack.model_dump_json()
+
+    async def _register_agent(self, ts: Caller, parts: Parts, receive: Replay) -> str:
+        if not parts.json_body():
+            raise PassOn
+        try:
+            registration = m.AgentRegistration.model_validate_json(await receive.body())
+        except ValidationError:
+            raise PassOn from None  # the route answers it (422, as documented)
+        credentials = await self._services.inventory.register_agent(ts, registration)
+        return credentials.model_dump_json()
