@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from typing import get_args
+from typing import TypeVar, get_args
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Scope, Send
 
@@ -39,6 +39,7 @@ WORK = "/api/ts/work"
 EVENTS = "/api/ts/events"
 REGISTER_AGENT = "/api/ts/agents/register"
 _VIAS = frozenset(get_args(m.TsPullVia))
+_M = TypeVar("_M", bound=BaseModel)
 
 Job = Callable[[Caller, Parts, Replay], Awaitable[str]]
 
@@ -91,21 +92,22 @@ class TaskServerFastPath(FastPath):
         return work.model_dump_json()
 
     async def _events(self, ts: Caller, parts: Parts, receive: Replay) -> str:
-        if not parts.json_body():
-            raise PassOn
-        try:
-            batch = m.EventBatch.model_validate_json(await receive.body())
-        except ValidationError:
-            raise PassOn from None  # the route answers it (422, as documented)
+        batch = await _body(m.EventBatch, parts, receive)
         ack = await self._services.delivery.record_events(ts, batch.events)
         return ack.model_dump_json()
 
     async def _register_agent(self, ts: Caller, parts: Parts, receive: Replay) -> str:
-        if not parts.json_body():
-            raise PassOn
-        try:
-            registration = m.AgentRegistration.model_validate_json(await receive.body())
-        except ValidationError:
-            raise PassOn from None  # the route answers it (422, as documented)
+        registration = await _body(m.AgentRegistration, parts, receive)
         credentials = await self._services.inventory.register_agent(ts, registration)
         return credentials.model_dump_json()
+
+
+async def _body(model: type[_M], parts: Parts, receive: Replay) -> _M:
+    """The request's JSON body as a valid `model`; else PassOn (the route answers it: 422, as
+    documented, or whatever an unusual content type gets)."""
+    if not parts.json_body():
+        raise PassOn
+    try:
+        return model.model_validate_json(await receive.body())
+    except ValidationError:
+        raise PassOn from None
