@@ -98,6 +98,8 @@ class FakeNs:
     agent_registrations: list[AgentRegistration] = field(default_factory=list)
     work_delay_s: float = 0.0
     refuse_executions: set[int] = field(default_factory=set)  # events answered with 403
+    # agents' registrations answered with this status and detail, as the NS refuses them
+    refuse_registration: tuple[int, str] | None = None
     forgotten: set[str] = field(default_factory=set)  # computers the operator forgot
     max_batch_events: int | None = None  # larger batches: 413, as over max_body_bytes
     # events left out of `accepted`, as the NS does for another task server's client
@@ -187,6 +189,9 @@ class FakeNs:
         self._authorized(req)
         body = AgentRegistration.model_validate_json(await req.read())
         self.calls.append("register_agent")
+        if self.refuse_registration is not None:
+            status, detail = self.refuse_registration
+            return web.json_response({"detail": detail}, status=status)
         self.agent_registrations.append(body)
         token = secrets.token_urlsafe(16)
         key = base64.b64encode(os.urandom(32)).decode()

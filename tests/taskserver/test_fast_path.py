@@ -1,6 +1,6 @@
-"""The agents' pulls and event posts, served without FastAPI's per-request work when well-formed
-(tickle.taskserver.fast_path): every answer is the one the routes give, and whatever the fast
-path does not serve reaches the routes."""
+"""The agents' pulls, event posts and registrations, served without FastAPI's per-request work
+when well-formed (tickle.taskserver.fast_path): every answer is the one the routes give, and
+whatever the fast path does not serve reaches the routes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from tests.taskserver.conftest import Agent, TaskServerHarness, work_for
-from tickle.taskserver.api import current_agent
+from tests.taskserver.conftest import AGENT_SECRET, Agent, TaskServerHarness, work_for
+from tickle.taskserver.api import current_agent, get_enrollment
+
+REGISTER = "/api/agent/register"
+
+
+def _registration(name: str, secret: str = AGENT_SECRET, **extra: Any) -> dict[str, Any]:
+    return {"enrollment_secret": secret, "name": name, "tickle_host": "127.0.0.1",
+            "tickle_port": 50124, **extra}  # fmt: skip
 
 
 def _event(computer: str, execution_id: int, kind: str = "started", **extra: Any) -> dict[str, Any]:
@@ -19,7 +26,7 @@ def _event(computer: str, execution_id: int, kind: str = "started", **extra: Any
             "kind": kind, "at": 1.0, **extra}  # fmt: skip
 
 
-async def test_well_formed_pulls_and_event_posts_do_not_reach_the_routes(
+async def test_well_formed_pulls_event_posts_and_registrations_do_not_reach_the_routes(
     task_server: TaskServerHarness,
 ) -> None:
     h = task_server
@@ -47,6 +54,14 @@ async def test_well_formed_pulls_and_event_posts_do_not_reach_the_routes(
     status, _ = await h.call(agent, "POST", "/api/agent/events", data=json.dumps(started),
                              headers={"Content-Type": "application/json; charset=utf-8"})  # fmt: skip
     assert status == 418
+
+    # an agent's registration: served; a body that is no registration goes to the route
+    app.dependency_overrides[get_enrollment] = at_the_route
+    status, body = await h.call(None, "POST", REGISTER, json=_registration("pc9"))
+    assert (status, body["name"], body["ts_name"]) == (200, "pc9", "ts1")
+    for bad in ({"name": "pc9"}, _registration("pc 9"), _registration("pc9", port=1)):
+        status, _ = await h.call(None, "POST", REGISTER, json=bad)
+        assert status == 418, bad
 
 
 async def _both_ways(
@@ -93,6 +108,26 @@ async def test_the_fast_path_answers_as_the_routes_do(task_server: TaskServerHar
     assert answers == [200, 200, 403, 403, 422, 422, 200]
     assert await h.running.forwarder.drained(5)
     assert len(h.ns.events_of("started")) == len(h.ns.events_of("finished")) == 1
+
+
+async def test_registrations_are_answered_as_the_route_answers_them(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    fast, route = await _both_ways(h, None, "POST", REGISTER, {}, json=_registration("pc7"))
+    assert fast[0] == route[0] == 200
+    assert sorted(fast[1]) == sorted(route[1])
+    assert (fast[1]["name"], fast[1]["policy"]) == (route[1]["name"], route[1]["policy"])
+    assert fast[1]["token"] != route[1]["token"]  # each registration rotates the credentials
+    # refused: a wrong secret (401), the NS's refusal passed on (409)
+    wrong = _registration("pc8", secret="not-the-secret-at-all")
+    fast, route = await _both_ways(h, None, "POST", REGISTER, {}, json=wrong)
+    assert fast == route
+    assert fast[0] == 401
+    h.ns.refuse_registration = (409, "computer pc8 is registered to another agent")
+    fast, route = await _both_ways(h, None, "POST", REGISTER, {}, json=_registration("pc8"))
+    assert fast == route
+    assert fast[0] == 409
 
 
 async def test_requests_the_fast_path_does_not_serve_get_the_routes_answers(

@@ -91,6 +91,7 @@ def create_app(
         agent_pulls=agent_pulls,
         work_cache=work_cache,
         agent_clocks=agent_clocks,
+        enrollment=enrollment,
     )
     # a registration's body is held to max_registration_body_bytes, and so is any body without
     # an agent's token

@@ -1,16 +1,21 @@
-"""The two requests each agent makes for every run, served without FastAPI's per-request work.
+"""The requests each agent makes for every run, and once to register, served without FastAPI's
+per-request work.
 
 A run-now on thousands of agents makes each of them pull (`GET /api/agent/tasks`) and report its
-status events (`POST /api/agent/events`) within seconds, all at one task server. FastAPI's
-routing, dependency solving and response validation cost several times what serving them does
-(issue 10's profile of S5), so this ASGI middleware, in front of the routes, answers these two
-itself when they are well-formed: an agent token the store knows, the query parameters the
-route declares with plain valid values, and (for events) a JSON body that is a valid
-`EventBatch`. It calls the same services the routes call, with the same arguments. It reads
-an event batch with the msgspec Structs of the agent's bodies (`tickle.agentapi`: the same fields
-and limits as the routes' pydantic models, tests/shared/test_agentapi.py), which cost a fraction
-of pydantic's validation; a batch they refuse, or whose events are not all the agent's own
-computer's, goes to the route, which judges it with pydantic.
+status events (`POST /api/agent/events`) within seconds, all at one task server; a fleet being
+installed registers thousands at once (`POST /api/agent/register`). FastAPI's routing,
+dependency solving and response validation cost several times what serving them does (issue
+10's profile of S5; of a fleet registering, a third of the task server's CPU), so this ASGI
+middleware, in front of the routes, answers these three itself when they are well-formed: an
+agent token the store knows (a registration: none; its enrollment secret is checked as the route
+has it checked), the query parameters the route declares with plain valid values, and (for
+events and registrations) a JSON body that is a valid `EventBatch` or `AgentRegister`. It calls
+the same services the routes call, with the same arguments. It reads an event batch with the
+msgspec Structs of the agent's bodies (`tickle.agentapi`: the same fields and limits as the
+routes' pydantic models, tests/shared/test_agentapi.py), which cost a fraction of pydantic's
+validation; a batch they refuse, or whose events are not all the agent's own computer's, goes
+to the route, which judges it with pydantic. A registration is read with the route's pydantic
+model (what enrollment takes); one it refuses goes to the route.
 
 Anything else goes on to the FastAPI routes unchanged (a body already read is handed on), and
 they answer it as documented: no token or an unknown one (401), a bad parameter or body (422),
@@ -24,20 +29,23 @@ import hashlib
 from typing import get_args
 
 import msgspec
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Scope, Send
 
 from tickle import agentapi
 from tickle.fastpath import FastPath, Parts, PassOn, Replay, json_response
-from tickle.messages import PullVia
+from tickle.messages import AgentRegister, PullVia
 from tickle.serving import ARRIVED_AT
 from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
+from tickle.taskserver.enrollment import Enrollment
 from tickle.taskserver.refusal import Refused, refusal_response
 from tickle.taskserver.store import Client, Store
 from tickle.taskserver.work_cache import WorkCache
 
 TASKS = "/api/agent/tasks"
 EVENTS = "/api/agent/events"
+REGISTER = "/api/agent/register"
 _VIAS = frozenset(get_args(PullVia))
 _VERSION_MAX = 2**31 - 1  # settings_version, as the routes declare it
 
@@ -63,7 +71,8 @@ class _Call:
 
 
 class AgentFastPath(FastPath):
-    """ASGI middleware: serves well-formed agent pulls and event posts; passes on the rest."""
+    """ASGI middleware: serves well-formed agent pulls, event posts and registrations; passes on
+    the rest."""
 
     def __init__(
         self,
@@ -73,15 +82,18 @@ class AgentFastPath(FastPath):
         agent_pulls: AgentPulls,
         work_cache: WorkCache,
         agent_clocks: AgentClocks | None,
+        enrollment: Enrollment | None = None,
     ) -> None:
         super().__init__(app)
         self._store = store
+        self._enrollment = enrollment
         self._pulls = agent_pulls
         self._work_cache = work_cache
         self._clocks = agent_clocks
         self.served = {
             ("GET", TASKS): (self._tasks, frozenset({"via", "settings_version"})),
             ("POST", EVENTS): (self._events, frozenset({"settings_version"})),
+            ("POST", REGISTER): (self._register, frozenset()),
         }
 
     async def _tasks(self, parts: Parts, scope: Scope, receive: Replay, send: Send) -> None:
@@ -119,6 +131,22 @@ class AgentFastPath(FastPath):
             return
         ack = agentapi.EventAck(accepted=accepted)
         await json_response(agentapi.encode(ack), scope, receive, send)
+
+    async def _register(self, parts: Parts, scope: Scope, receive: Replay, send: Send) -> None:
+        # no token: the enrollment secret in the body is checked by `Enrollment.enroll`, as for
+        # the route; the body is the route's pydantic model (what `enroll` takes)
+        if self._enrollment is None or not parts.json_body():
+            raise PassOn
+        try:
+            body = AgentRegister.model_validate_json(await receive.body())
+        except ValidationError:
+            raise PassOn from None  # the route answers it (422, as documented)
+        try:
+            enrolled = await self._enrollment.enroll(body, _peer(scope))
+        except Refused as exc:
+            await refusal_response(exc)(scope, receive, send)
+            return
+        await json_response(enrolled.model_dump_json(), scope, receive, send)
 
     def _call(self, parts: Parts, scope: Scope) -> _Call:
         """The agent and the head of a request the fast path serves; else PassOn."""
