@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from tickle import agentapi
 from tickle import messages as m
 from tickle.ns.credentials import Caller, token_sha256
 from tickle.ns.models import StatusEvent
@@ -151,6 +152,41 @@ def test_a_batch_larger_than_one_insert_records_every_event_once(stores: Stores)
     assert {e.status for e in stores.delivery.run(run.id).executions} == {"succeeded"}
     with stores.database.reading() as s:
         assert s.scalar(select(func.count()).select_from(StatusEvent)) == 1500
+
+
+def check_an_event_read_by_the_fast_path_is_recorded_as_the_routes_one(stores: Stores) -> None:
+    """The NS's fast path reads events with msgspec (`tickle.agentapi`), the route with pydantic:
+    recorded alike (the row's body without the output, the output in its step's row, the
+    execution moved)."""
+    ts = fleet(stores, computers=2)
+    task = stores.catalog.create_task(m.TaskCreate(name="t", command=["true"]))
+    e0, e1 = stores.delivery.create_run(
+        m.RunCreate(task_id=task.id, computers=["c0", "c1"])
+    ).executions
+    fields = {"at": 1.5, "step": 0, "exit_code": 2, "status": "failed", "stdout": "out", "stderr": "err",
+              "output_tail": "tail", "cached_at": 2.5, "step_started_at": math.inf}  # fmt: skip
+    route = _event(e0, "finished", **fields)
+    fast = agentapi.decode(_event(e1, "finished", **fields).model_dump_json(), agentapi.StatusEvent)
+    outcome = stores.delivery.record_events(ts, [route, fast], time.time())
+    assert outcome.recorded == [route, fast]
+    assert outcome.finished == ["failed", "failed"]
+    with stores.database.reading() as s:
+        bodies = dict(s.execute(select(StatusEvent.event_id, StatusEvent.body)).all())
+    drop = {"event_id", "execution_id", "computer"}
+    fast_body, route_body = bodies[fast.event_id], bodies[route.event_id]
+    assert {k: v for k, v in fast_body.items() if k not in drop} == {
+        k: v for k, v in route_body.items() if k not in drop
+    }
+    assert "stdout" not in fast_body
+    for execution in (e0, e1):
+        assert stores.delivery.execution(execution.id).status == "failed"
+        assert [(o.stdout, o.stderr) for o in stores.output.output(execution.id).steps] == [
+            ("out", "err")
+        ]
+
+
+def test_an_event_read_by_the_fast_path_is_recorded_as_the_routes_one(stores: Stores) -> None:
+    check_an_event_read_by_the_fast_path_is_recorded_as_the_routes_one(stores)
 
 
 def check_a_step_reported_again_keeps_its_last_output(stores: Stores) -> None:

@@ -9,9 +9,11 @@ import uuid
 from typing import Any
 
 from fastapi import HTTPException
+from sqlalchemy import select
 
 from tests.ns.conftest import FakeTaskServer, Ns
 from tickle.ns.auth import require_task_server
+from tickle.ns.models import StatusEvent
 
 REGISTER_AGENT = "/api/ts/agents/register"
 
@@ -94,6 +96,43 @@ async def test_the_fast_path_answers_as_the_routes_do(ns: Ns) -> None:
     assert fast == route == (200, {"accepted": [mine["event_id"]]})
     timeline = (await ns.ok("GET", f"/api/executions/{execution}"))["timeline"]
     assert {s["step"] for s in timeline if s["at"] is not None} >= {"agent_pulled"}
+
+    # what the route and the fast path (msgspec) read apart goes to the route: the same answer
+    posts: list[tuple[str, list[dict[str, Any]]]] = [
+        # Python's `re` (msgspec's) matches a name pattern's `$` before a final line end
+        ("a name with a line end", [_event("pc1\n", execution, "started")]),
+        # pydantic reads numbers from text and whole floats as integers; msgspec does not
+        ("numbers as text, a whole float",
+         [_event("pc1", execution, "step_finished") | {"at": "1.5", "step": 1.0}]),
+        ("an unknown field", [_event("pc1", execution) | {"colour": "red"}]),
+        ("a kind no event has", [_event("pc1", execution, "exploded")]),
+    ]  # fmt: skip
+    answers = []
+    for what, events in posts:
+        fast = await _raw(ts, "POST", "/api/ts/events", json.dumps({"events": events}))
+        again = [e | {"event_id": str(uuid.uuid4())} for e in events]  # each recorded once
+        route = await _raw(ts, "POST", "/api/ts/events?passed_on=1", json.dumps({"events": again}))
+        assert fast[0] == route[0], what
+        answers.append(fast[0])
+    assert answers == [422, 200, 422, 422]
+
+
+async def test_an_event_read_by_the_fast_path_is_stored_as_the_route_stores_it(ns: Ns) -> None:
+    ts, execution = await _known(ns)
+    finished = _event("pc1", execution, "finished") | {
+        "status": "failed", "exit_code": 3, "step": 0, "output_tail": "tail", "via": None,
+        "stdout": "out", "stderr": "err", "cached_at": 2.5, "step_started_at": 1e999,
+    }  # fmt: skip
+    by_route = finished | {"event_id": str(uuid.uuid4())}
+    assert (await _raw(ts, "POST", "/api/ts/events", json.dumps({"events": [finished]})))[0] == 200
+    body = json.dumps({"events": [by_route]})
+    assert (await _raw(ts, "POST", "/api/ts/events?passed_on=1", body))[0] == 200
+    with ns.stores.database.reading() as s:
+        rows = dict(s.execute(select(StatusEvent.event_id, StatusEvent.body)).all())
+    fast, route = rows[finished["event_id"]], rows[by_route["event_id"]]
+    assert fast | {"event_id": "x"} == route | {"event_id": "x"}
+    assert "stdout" not in fast  # kept once, in its step's output
+    assert fast["step_started_at"] is None  # infinite: no JSON number
 
     # registrations: credentials of the same shape; a refusal (another identity under a
     # registered name: 409) in the same words

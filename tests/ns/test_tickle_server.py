@@ -136,7 +136,7 @@ async def test_acknowledged_tickles_write_the_reachable_state_once_not_per_run(
         await ns.run_task(["pc1"], name=name)
         await ts.tickle(within=2.0)
         await ts.ok("GET", "/api/ts/work?via=tickle")
-        await wait_for(lambda: _equal(state(), "reachable"), within=3.0)
+        await wait_for(lambda: _equal(state(), "reachable"), within=10.0)
 
     for i in range(3):
         await run_and_pull(f"run{i}")
@@ -145,7 +145,7 @@ async def test_acknowledged_tickles_write_the_reachable_state_once_not_per_run(
     await ns.run_task(["pc1"], name="unanswered")
     for _ in range(2):
         await ts.tickle(within=2.0)
-    await wait_for(lambda: _equal(state(), "unreachable"), within=3.0)
+    await wait_for(lambda: _equal(state(), "unreachable"), within=10.0)
     await ts.ok("GET", "/api/ts/work?via=check")  # not an ack
     await run_and_pull("answered")
     assert written == ["reachable", "unreachable", "reachable"]

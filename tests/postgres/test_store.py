@@ -17,6 +17,7 @@ from sqlalchemy import event
 from tests.ns.test_delivery_store import (
     check_a_batch_records_each_event_once_and_only_from_its_task_server,
     check_a_step_reported_again_keeps_its_last_output,
+    check_an_event_read_by_the_fast_path_is_recorded_as_the_routes_one,
     check_run_now_answers_the_run_as_read_back,
 )
 from tests.ns.test_inventory_store import (
@@ -294,6 +295,13 @@ def test_a_batch_records_each_event_once_and_only_from_its_task_server_on_postgr
 ) -> None:
     # PostgreSQL inserts the batch's events in one statement that skips the ids recorded before
     check_a_batch_records_each_event_once_and_only_from_its_task_server(stores[0])
+
+
+def test_an_event_read_by_the_fast_path_is_recorded_as_the_routes_one_on_postgresql(
+    stores: tuple[Stores, Stores],
+) -> None:
+    # PostgreSQL writes the bodies inside the rows' JSON document, the output left out there
+    check_an_event_read_by_the_fast_path_is_recorded_as_the_routes_one(stores[0])
 
 
 def test_a_step_reported_again_keeps_its_last_output_on_postgresql(

@@ -14,7 +14,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from tickle import agentapi
 from tickle import messages as m
+
+# a status event as the routes read it (pydantic) or as the NS's fast path does (msgspec: the same
+# fields and limits, tests/shared/test_agentapi.py)
+Event = m.StatusEvent | agentapi.StatusEvent
 
 _ORDER = {"pending": 0, "delivered": 1, "running": 2}  # final statuses come after all of these
 # final statuses the NS gave without word from the agent: what the agent reports replaces them
@@ -41,9 +46,7 @@ class Progress(NamedTuple):
     step_results: tuple[dict[str, Any], ...] = ()
 
 
-def apply(
-    progress: Progress, event: m.StatusEvent, now: float, step_names: Sequence[str] = ()
-) -> Progress:
+def apply(progress: Progress, event: Event, now: float, step_names: Sequence[str] = ()) -> Progress:
     """`progress` after one status event recorded at `now` (`step_names`: the execution's steps)."""
     if event.kind == "agent_tickled":
         return progress._replace(agent_tickled_at=progress.agent_tickled_at or event.at)
@@ -93,7 +96,7 @@ def _advance(status: str, to: str) -> str:
 
 
 def _with_step(
-    results: tuple[dict[str, Any], ...], step: int, event: m.StatusEvent, step_names: Sequence[str]
+    results: tuple[dict[str, Any], ...], step: int, event: Event, step_names: Sequence[str]
 ) -> tuple[dict[str, Any], ...]:
     # a step reported again replaces its earlier result; the results stay in step order
     name = step_names[step] if step < len(step_names) else f"step{step}"
@@ -106,7 +109,7 @@ def _with_step(
     return tuple(sorted([*kept, result], key=lambda r: int(r["step"])))
 
 
-def _final_status(event: m.StatusEvent) -> str:
+def _final_status(event: Event) -> str:
     # a `finished` event without a final status is judged by its exit code
     if event.status in m.FINAL_STATUSES:
         return event.status

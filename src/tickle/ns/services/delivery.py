@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from tickle import messages as m
 from tickle import wire
 from tickle.metrics import ComponentMetrics
+from tickle.ns import lifecycle
 from tickle.ns.credentials import Caller
 from tickle.ns.stores.cancel import CancelStore, cancelled_for
 from tickle.ns.stores.delivery import AlsoInRun, DeliveryStore
@@ -85,7 +86,7 @@ class DeliveryService:
         )
         return self._store.pull_work(ts, now, via, tickle_sent_at, cancels)
 
-    async def record_events(self, ts: Caller, events: Sequence[m.StatusEvent]) -> m.EventAck:
+    async def record_events(self, ts: Caller, events: Sequence[lifecycle.Event]) -> m.EventAck:
         """Record the task server's status events (each once) and count what they did."""
         outcome = await on_route_thread(self._store.record_events, ts, events, time.time())
         for kind, count in Counter(event.kind for event in outcome.recorded).items():

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, get_args
 
+import msgspec
 from sqlalchemy import (
     ARRAY,
     Column,
@@ -59,6 +60,7 @@ _PROGRESS_FIELDS = list(lifecycle.Progress._fields)
 _Row = TypeVar("_Row", bound=Base)
 _OUTPUT_FIELDS = {"stdout", "stderr"}
 _BODY_OUTPUT = {"__all__": {"body": _OUTPUT_FIELDS}}  # pydantic-core's exclude: rows' bodies
+_BODY_ENCODER = msgspec.json.Encoder()
 _EXECUTIONS = Base.metadata.tables[Execution.__tablename__]
 _COMPUTERS = Base.metadata.tables[Computer.__tablename__]
 _EVENTS = Base.metadata.tables[StatusEventRow.__tablename__]
@@ -233,7 +235,7 @@ class EventOutcome:
     """What recording a batch of status events did."""
 
     accepted: list[str]
-    recorded: list[m.StatusEvent]  # newly recorded now
+    recorded: list[lifecycle.Event]  # newly recorded now
     run_now_to_recorded: list[float]  # latencies of executions finished now
     finished: list[str]  # their final statuses
 
@@ -363,7 +365,7 @@ class DeliveryStore:
         return retry_on_conflict(lambda: self._pull_work(ts, now, via, tickle_sent_at, cancels))
 
     def record_events(
-        self, ts: Caller, events: Sequence[m.StatusEvent], now: float
+        self, ts: Caller, events: Sequence[lifecycle.Event], now: float
     ) -> EventOutcome:
         """Record each event exactly once (by event id) and apply it to its execution.
 
@@ -465,7 +467,7 @@ class DeliveryStore:
                 cancel=[] if cancels is None else cancels(conn),
             )
 
-    def _record(self, ts: Caller, events: Sequence[m.StatusEvent], now: float) -> EventOutcome:
+    def _record(self, ts: Caller, events: Sequence[lifecycle.Event], now: float) -> EventOutcome:
         # SQLAlchemy Core throughout: no ORM object per execution or per event (the profile had
         # half of the ingest in the ORM's loading, attribute tracking and flush)
         out = EventOutcome(accepted=[], recorded=[], run_now_to_recorded=[], finished=[])
@@ -483,7 +485,7 @@ class DeliveryStore:
                 row.id: row for row in conn.execute(read, {"ts_id": ts.id, "ids": exec_ids}).all()
             }
             rows: dict[str, dict[str, Any]] = {}  # the events to record, by id (first of each)
-            refused: list[m.StatusEvent] = []
+            refused: list[lifecycle.Event] = []
             for e in events:
                 ex = execs.get(e.execution_id)
                 if ex is None or e.event_id in rows:
@@ -498,7 +500,7 @@ class DeliveryStore:
                     "at": e.at,
                     # the output is kept once, in its step's row (`execution_outputs`): left out
                     # of the body (SQLite: here; PostgreSQL: as the rows are written, see `bulk`)
-                    "body": e if postgresql else e.model_dump_json(exclude=_OUTPUT_FIELDS),
+                    "body": _body(e, postgresql),
                     "recorded_at": now,
                 }
             new = _insert_new_events(conn, list(rows.values()), now)
@@ -630,13 +632,27 @@ def _steps_of(known: dict[str, list[m.TaskSpec]], text: str) -> list[m.TaskSpec]
     return steps
 
 
-def _output_row(execution_id: int, e: m.StatusEvent) -> dict[str, Any] | None:
+def _output_row(execution_id: int, e: lifecycle.Event) -> dict[str, Any] | None:
     """The step output an event carries, as its `execution_outputs` row (None: it carries none)."""
     if e.step is None or (e.stdout is None and e.stderr is None):
         return None
     # PostgreSQL keeps no NUL in text (agents send none; a foreign one might)
     stdout, stderr = ((text or "").replace("\x00", "\ufffd") for text in (e.stdout, e.stderr))
     return {"execution_id": execution_id, "step": e.step, "stdout": stdout, "stderr": stderr}
+
+
+def _body(e: lifecycle.Event, postgresql: bool) -> Any:
+    """An event's row body: the event without its step's output (kept once, in its step's row).
+    SQLite: its JSON text; PostgreSQL: the event, left out of the rows' JSON document there (see
+    `_BODY_OUTPUT`). An event the fast path read (msgspec) becomes the JSON a pydantic one writes
+    (every field but the output, non-finite times as null)."""
+    if isinstance(e, m.StatusEvent):
+        return e if postgresql else e.model_dump_json(exclude=_OUTPUT_FIELDS)
+    if postgresql:
+        return msgspec.structs.asdict(e)
+    fields = msgspec.structs.asdict(e)
+    del fields["stdout"], fields["stderr"]
+    return _BODY_ENCODER.encode(fields).decode()
 
 
 def _keep_outputs(s: Session, rows: list[dict[str, Any]]) -> None:
