@@ -81,9 +81,10 @@ _EXEC_COLUMNS = [
     *(_EXECUTIONS.c[name] for name in ("id", "created_at", *_PROGRESS_FIELDS)),
     cast(_EXECUTIONS.c.steps, Text).label("steps"),
 ]
-# the events of a batch in one INSERT of many rows (SQLite), their bodies serialized by pydantic
-# (the JSON column's own json.dumps of a dict per event cost more than the rest of the insert);
-# PostgreSQL: in one INSERT of one JSON document (see `bulk`)
+# the columns of a batch's events: their bodies serialized by pydantic or msgspec, whichever read
+# them (`_body`; the JSON column's own json.dumps of a dict per event cost more than the rest of
+# the insert); SQLite: in INSERTs of many rows; PostgreSQL: in one INSERT of one JSON document
+# (see `bulk`)
 _EVENT_VARYING = ["event_id", "execution_id", "kind", "at", "body"]
 # SQLite: a batch's events in INSERTs of many rows that skip the ids recorded already and name
 # those they inserted (as on PostgreSQL; a SELECT of the batch's ids before was one more statement
@@ -755,4 +756,6 @@ def _progress_params(execution_id: int, progress: lifecycle.Progress) -> dict[st
 def _sqlite_progress(execution_id: int, progress: lifecycle.Progress) -> tuple[Any, ...]:
     """The parameters of `_SQLITE_UPDATE_PROGRESS` for one execution (`step_results` as the
     JSON text SQLAlchemy's JSON type writes)."""
-    return (*progress[:-1], json.dumps(list(progress.step_results)), execution_id)
+    values = progress._asdict()
+    values["step_results"] = json.dumps(list(progress.step_results))
+    return (*(values[name] for name in _PROGRESS_FIELDS), execution_id)
