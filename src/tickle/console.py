@@ -23,7 +23,6 @@ from rich.table import Table
 from tickle import clock, http
 from tickle.config import default_state_dir, plain_error
 from tickle.messages import (
-    FINAL_STATUSES,
     TIMELINE_STEPS,
     About,
     AuditEventOut,
@@ -246,12 +245,13 @@ class NsClient:
     async def wait_run(
         self, run_id: int, deadline_s: float, progress: Progress | None = None
     ) -> RunOut:
-        """Poll the run until every execution is final or the deadline passes."""
+        """Poll the run until every execution is final with its timeline settled
+        (`ExecutionOut.settled`: its `via` known), or the deadline passes."""
         end = time.monotonic() + deadline_s
         task_id = None
         while True:
             run = await self.run(run_id)
-            done = sum(e.status in FINAL_STATUSES for e in run.executions)
+            done = sum(e.settled() for e in run.executions)
             if progress is not None:
                 if task_id is None:
                     task_id = progress.add_task(f"run {run_id}", total=len(run.executions))

@@ -195,6 +195,15 @@ class ExecutionOut(Model):
     cancel_requested_at: float | None = None
     expires_at: float | None = None
 
+    def settled(self) -> bool:
+        """Final, with the hops before its end recorded too: a task server posts two batches of
+        events at once, so an agent's `finished` may reach the NS before the `agent_pulled` (and
+        the `via` it carries) that came before it, a moment later."""
+        if self.status not in FINAL_STATUSES:
+            return False
+        at = {s.step: s.at for s in self.timeline}
+        return at.get("started") is None or at.get("agent_pulled") is not None
+
 
 class RunOut(Model):
     id: int

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tickle.messages import FINAL_STATUSES, ExecutionOut, RunCreate, RunOut, TaskCreate
+from tickle.messages import RunCreate, RunOut, TaskCreate
 from tickle.testing.localfleet import AgentSpec, LocalFleet
 
 # what the fleet_factory fixture gives a test: start a fleet (task servers, agents, options)
@@ -73,23 +73,14 @@ async def run_command(fleet: LocalFleet, computers: list[str], argv: list[str]) 
         return await ns.run_now(RunCreate(task_id=task.id, computers=computers))
 
 
-def _settled(execution: ExecutionOut) -> bool:
-    """Final, with the hops before its end recorded too: a task server posts two batches at
-    once, so an agent's `finished` may reach the NS before the `agent_pulled` (and its `via`)
-    that came before it (one clean-clone CI run read `via` in between)."""
-    if execution.status not in FINAL_STATUSES:
-        return False
-    at = {s.step: s.at for s in execution.timeline}
-    return at.get("started") is None or at.get("agent_pulled") is not None
-
-
 async def wait_run(fleet: LocalFleet, run_id: int, deadline_s: float) -> RunOut:
-    """The run once every execution is final and its timeline settled (see `_settled`)."""
+    """The run once every execution is final and its timeline settled (`ExecutionOut.settled`:
+    one clean-clone CI run read `via` before the `agent_pulled` that carries it was recorded)."""
 
     async def probe() -> RunOut | None:
         async with fleet.client() as ns:
             run = await ns.run(run_id)
-        return run if all(_settled(e) for e in run.executions) else None
+        return run if all(e.settled() for e in run.executions) else None
 
     return await eventually(probe, deadline_s, f"run {run_id} to finish")
 
