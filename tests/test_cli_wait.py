@@ -4,10 +4,12 @@ server posts two batches of events at once, so an agent's `finished` may reach t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 
+from tickle import console
 from tickle.console import NsClient
 from tickle.messages import ExecutionOut, RunOut, TimelineStep
 
@@ -52,3 +54,23 @@ async def test_watching_a_run_waits_for_the_pull_that_came_after_finished(
     monkeypatch.setattr(client, "run", run)
     watched = await client.wait_run(1, deadline_s=10)
     assert watched.executions[0].via == "poll"
+
+
+async def test_a_timeline_that_never_settles_holds_the_watch_only_a_moment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a task server gone for good may hold the agent_pulled back: the watch returns once
+    # SETTLE_S passed with every execution final, not at its deadline
+    monkeypatch.setattr(console, "SETTLE_S", 0.5)
+    reads = 0
+
+    async def run(run_id: int) -> RunOut:
+        nonlocal reads
+        reads += 1
+        return _run(_execution("succeeded", NO_PULL))
+
+    client = NsClient(url="http://127.0.0.1:9", token="t")
+    monkeypatch.setattr(client, "run", run)
+    watched = await asyncio.wait_for(client.wait_run(1, deadline_s=300), timeout=30)
+    assert watched.executions[0].status == "succeeded"
+    assert 2 <= reads <= 50  # waited past the first final read, then gave up on settling

@@ -23,6 +23,7 @@ from rich.table import Table
 from tickle import clock, http
 from tickle.config import default_state_dir, plain_error
 from tickle.messages import (
+    FINAL_STATUSES,
     TIMELINE_STEPS,
     About,
     AuditEventOut,
@@ -73,6 +74,11 @@ def resolve_admin_token(token: str | None, token_file: Path | None) -> str:
     if not value:
         raise ConsoleError(f"admin token file {path} is empty")
     return value
+
+
+# once every execution of a watched run is final, how long the watch waits at most for their
+# timelines to settle (an `agent_pulled` a moment behind `finished`: see ExecutionOut.settled)
+SETTLE_S = 5.0
 
 
 @dataclass
@@ -246,17 +252,24 @@ class NsClient:
         self, run_id: int, deadline_s: float, progress: Progress | None = None
     ) -> RunOut:
         """Poll the run until every execution is final with its timeline settled
-        (`ExecutionOut.settled`: its `via` known), or the deadline passes."""
+        (`ExecutionOut.settled`: its `via` known) — once all are final, for `SETTLE_S` at most
+        (a task server gone for good may hold an `agent_pulled` back) — or the deadline passes."""
         end = time.monotonic() + deadline_s
         task_id = None
+        final_since: float | None = None
         while True:
             run = await self.run(run_id)
-            done = sum(e.settled() for e in run.executions)
+            done = sum(e.status in FINAL_STATUSES for e in run.executions)
             if progress is not None:
                 if task_id is None:
                     task_id = progress.add_task(f"run {run_id}", total=len(run.executions))
                 progress.update(task_id, completed=done)
-            if done == len(run.executions) or time.monotonic() >= end:
+            now = time.monotonic()
+            if done == len(run.executions):
+                final_since = now if final_since is None else final_since
+                if all(e.settled() for e in run.executions) or now - final_since >= SETTLE_S:
+                    return run
+            if now >= end:
                 return run
             await asyncio.sleep(0.2)
 
