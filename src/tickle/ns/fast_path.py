@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, get_args
+from typing import get_args
 
 import msgspec
-from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Scope, Send
 
 from tickle import agentapi
 from tickle import messages as m
-from tickle.fastpath import FastPath, Parts, PassOn, Replay, json_response
+from tickle.fastpath import FastPath, Parts, PassOn, Replay, json_response, model_body
 from tickle.ns.auth import measure_clock
 from tickle.ns.credentials import Caller, token_sha256
 from tickle.ns.errors import STATUS
@@ -41,7 +40,6 @@ WORK = "/api/ts/work"
 EVENTS = "/api/ts/events"
 REGISTER_AGENT = "/api/ts/agents/register"
 _VIAS = frozenset(get_args(m.TsPullVia))
-_M = TypeVar("_M", bound=BaseModel)
 
 Job = Callable[[Caller, Parts, Replay], Awaitable[str]]
 
@@ -111,17 +109,6 @@ class TaskServerFastPath(FastPath):
         return ack.model_dump_json()
 
     async def _register_agent(self, ts: Caller, parts: Parts, receive: Replay) -> str:
-        registration = await _body(m.AgentRegistration, parts, receive)
+        registration = await model_body(m.AgentRegistration, parts, receive)
         credentials = await self._services.inventory.register_agent(ts, registration)
         return credentials.model_dump_json()
-
-
-async def _body(model: type[_M], parts: Parts, receive: Replay) -> _M:
-    """The request's JSON body as a valid `model`; else PassOn (the route answers it: 422, as
-    documented, or whatever an unusual content type gets)."""
-    if not parts.json_body():
-        raise PassOn
-    try:
-        return model.model_validate_json(await receive.body())
-    except ValidationError:
-        raise PassOn from None

@@ -29,11 +29,10 @@ import hashlib
 from typing import get_args
 
 import msgspec
-from pydantic import ValidationError
 from starlette.types import ASGIApp, Scope, Send
 
 from tickle import agentapi
-from tickle.fastpath import FastPath, Parts, PassOn, Replay, json_response
+from tickle.fastpath import FastPath, Parts, PassOn, Replay, json_response, model_body
 from tickle.messages import AgentRegister, PullVia
 from tickle.serving import ARRIVED_AT
 from tickle.taskserver.agent_clocks import AgentClocks
@@ -135,12 +134,9 @@ class AgentFastPath(FastPath):
     async def _register(self, parts: Parts, scope: Scope, receive: Replay, send: Send) -> None:
         # no token: the enrollment secret in the body is checked by `Enrollment.enroll`, as for
         # the route; the body is the route's pydantic model (what `enroll` takes)
-        if self._enrollment is None or not parts.json_body():
+        if self._enrollment is None:
             raise PassOn
-        try:
-            body = AgentRegister.model_validate_json(await receive.body())
-        except ValidationError:
-            raise PassOn from None  # the route answers it (422, as documented)
+        body = await model_body(AgentRegister, parts, receive)
         try:
             enrolled = await self._enrollment.enroll(body, _peer(scope))
         except Refused as exc:
