@@ -1,7 +1,8 @@
 """`make bench`: the fleet-scale targets S1-S8 (issue 10), measured on loopback with real processes.
 
   S1 latency   one real agent, sequential run-nows: run-now → recorded, from the timelines
-  S2 fleet     N simulated agents over 4 task servers, one run-now on all, NS on SQLite
+  S2 fleet     N simulated agents over 4 task servers, one run-now on all, NS on SQLite; the
+               run-now meets the agents at rest (their connections closed), as on a site
   S3 fleet     the same, NS on PostgreSQL with 2 NS API processes (needs PostgreSQL's binaries)
   S4 ingest    NS status-event ingest through the real API, 4 clients posting batches of 500
   S5 pulls     one task server serving the pulls of all its agents tickled at once
@@ -55,6 +56,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -72,6 +74,7 @@ import longpoll  # bench/longpoll.py, beside this file
 
 from tickle import http
 from tickle.console import timeline_times
+from tickle.httpbase import CLIENT_KEEPALIVE_S
 from tickle.messages import (
     TIMELINE_STEPS,
     AgentCredentials,
@@ -97,6 +100,8 @@ PARTS = ("latency", "fleet", "ingest", "pulls", "register", "agent", "curve", "l
 NET = 0
 # --keep DIR: the processes' directories (their logs) and PostgreSQL's log are kept there
 KEEP: Path | None = None
+# --spy DIR: py-spy profiles (raw collapsed stacks) of the fleet runs' servers and first simulator
+SPY: Path | None = None
 
 
 def net(n: int) -> str:
@@ -115,6 +120,14 @@ DONE_DEADLINE_S = 600.0
 REGISTER_PER_PROCESS = 1000
 # how long the NS stays down in S6's NS restart (killed mid-run, started again after this)
 NS_DOWN_S = 2.0
+# A fleet run's run-now meets its agents idle, as on a site (their last request minutes old):
+# every connection a registration left open closed (agents and task servers close theirs
+# CLIENT_KEEPALIVE_S after their last request), so each agent's pull opens a new one. Run at
+# once, the agents that registered last still had theirs: a run-now on 1,000 agents (registered
+# in ~2 s) met warm connections, one on 10,000 (~20 s) cold ones, and S8's curve compared the
+# two (5,000 agents, same minute: 5.2-5.7 s warm, 10.9-12.5 s cold; CPU per 1,000 agents 1.8-2.0
+# vs 4.1-4.7 CPU-s).
+IDLE_BEFORE_RUN_S = CLIENT_KEEPALIVE_S + 1.0
 
 
 # --- figures and targets -------------------------------------------------------------------------
@@ -634,6 +647,7 @@ async def fleet_run(
         register_s = await sims.start(deadline_s=DONE_DEADLINE_S)
         register_cpu_s = {name: _proc_cpu_s(pid) - cpu_before[name]
                           for name, pid in servers.items()}  # fmt: skip
+        await asyncio.sleep(IDLE_BEFORE_RUN_S)  # the fleet at rest (see IDLE_BEFORE_RUN_S)
         async with fleet.client() as ns:
             task = await ns.add_task(TaskCreate(name="bench-fleet", command=["true"]))
             # before a restart's kill (the restarted task servers are other processes: their CPU
@@ -641,6 +655,7 @@ async def fleet_run(
             run_cpu = _CpuMeter(
                 {**servers, **{f"sim{i}": p for i, p in enumerate(sims.pids)}}, db_pid
             )
+            spies = _Spies({**servers, "sim0": sims.pids[0]}, f"{agents}", restart_task_servers)
             if restart_task_servers:
                 for name in ts_names:
                     fleet.kill(name)
@@ -654,6 +669,7 @@ async def fleet_run(
             await wait_metric(ns_urls, "tickle_executions_total", agents, DONE_DEADLINE_S)
             done_at = time.time()
             run_cpu_s = run_cpu.spent()
+            spies.stop()
             # the last events of the run (agent_pulled may trail finished): settle, then read
             await wait_metric(ns_urls, "tickle_status_events_total", 4 * agents, 30)
             run = await ns.run(run.id)
@@ -735,6 +751,7 @@ def fleet_md(title: str, f: FleetRun) -> list[str]:
         f"## {title}",
         "",
         f"registered in {f.register_s:.1f} s{_register_cpu(f)}; "
+        f"idle {IDLE_BEFORE_RUN_S:.0f} s (every connection closed); "
         f"run-now accepted in {f.accepted_ms:.0f} ms; "
         f"{f.done}/{f.agents} succeeded; all recorded after {wall} "
         f"(per execution p50 {statistics.median(recorded):.2f} s, p99 {pct(recorded, 99):.2f} s)",
@@ -827,6 +844,34 @@ class _CpuMeter:
         if db is not None and self.db_before is not None:
             out["db"] = db - self.db_before
         return out
+
+
+class _Spies:
+    """--spy DIR: py-spy records each process (raw collapsed stacks, idle frames left out) from
+    now until `stop`, into DIR/<label>-<name>.txt; nothing without --spy, or across a restart
+    (the restarted processes are others)."""
+
+    def __init__(self, pids: dict[str, int], label: str, restart: bool) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        if SPY is None or restart:
+            return
+        spy = Path(sys.executable).parent / "py-spy"
+        for name, pid in pids.items():
+            out = SPY / f"{label}-{name}.txt"
+            self.procs.append(subprocess.Popen(
+                [str(spy), "record", "--format", "raw", "--rate", "250", "--nonblocking",
+                 "--pid", str(pid), "--output", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def pulls_per_s(executions: list[ExecutionOut]) -> float | None:
@@ -1396,6 +1441,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
                         help="keep the processes' directories (logs) and PostgreSQL's log in "
                              "DIR (else a temporary directory, removed)")  # fmt: skip
+    parser.add_argument("--spy", type=Path, default=None, metavar="DIR",
+                        help="fleet, curve: py-spy profiles of every server and the first "
+                             "simulator from the run-now until all recorded, in DIR (raw "
+                             "collapsed stacks; their timings are then not figures of record)")  # fmt: skip
     parser.add_argument("--ts-option", action="append", default=[], metavar="OPTION",
                         help="fleet, pulls, register: one more task-server command-line word, "
                              "e.g. "
@@ -1425,8 +1474,11 @@ def parse_args() -> argparse.Namespace:
 
 async def main() -> int:
     args = parse_args()
-    global NET, KEEP
+    global NET, KEEP, SPY
     NET = args.net
+    if args.spy is not None:
+        args.spy.mkdir(parents=True, exist_ok=True)
+        SPY = args.spy.resolve()
     r = Results()
     started = time.time()
     probe_start = Probes.take()
