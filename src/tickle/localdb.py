@@ -104,6 +104,16 @@ class WalSync:
         finally:
             self._driver = None
 
+    @property
+    def busy(self) -> bool:
+        """A sync runs (what is committed now goes with the next one)."""
+        return self._driver is not None
+
+    async def idle(self) -> None:
+        """Return once no sync runs (at once if none does)."""
+        while self._driver is not None:
+            await asyncio.wait({self._driver})
+
     def sync_now(self) -> None:
         """Sync on the caller's thread (blocking it): for a caller that cannot wait (stopping)."""
         self._sync_files()

@@ -1,23 +1,25 @@
 """The agents' writes commit in groups and are synced off the event loop (localdb.WalSync):
-an answer waits for the sync of its own writes, the loop serves others meanwhile, and writes
-committed while a sync runs share the next one."""
+an answer waits for the sync of its own writes, the loop serves others meanwhile, and agents'
+events that come while a sync runs are committed together after it and share the next one."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.taskserver.conftest import TaskServerHarness, wait_until, work_for
 from tickle import agentapi
 from tickle.localdb import WalSync
-from tickle.messages import StatusEvent
+from tickle.messages import ExecutionWork, StatusEvent
 from tickle.outbox import Outbox
 from tickle.taskserver.store import OUTBOX_FILE
+from tickle.taskserver.work_cache import WorkCache
 
 
 def _event(execution_id: int, computer: str, kind: str = "started") -> dict[str, object]:
@@ -50,6 +52,29 @@ async def gate(task_server: TaskServerHarness) -> AsyncIterator[Gate]:
     held = Gate(task_server.running.wal_sync)
     yield held
     held.opened.set()
+
+
+def _count_takes(h: TaskServerHarness) -> list[str]:
+    """The computers whose event posts reached the work cache, as they come."""
+    cache = h.running.work_cache
+    take_events = cache.take_events
+    taken: list[str] = []
+
+    async def counting(computer: str, events: Any) -> list[str]:
+        taken.append(computer)
+        return await take_events(computer, events)
+
+    cache.take_events = counting  # type: ignore[method-assign]
+    return taken
+
+
+async def _offline_with_work(h: TaskServerHarness, *work: ExecutionWork) -> WorkCache:
+    """Agents pc1 and pc2 registered, `work` cached, the NS gone (events stay in the outbox)."""
+    await h.register_agent("pc1", cem=True)
+    await h.register_agent("pc2", cem=True)
+    await h.cache_work(*work)
+    await h.ns.stop()
+    return h.running.work_cache
 
 
 def _on_disk(state_dir: Path) -> int:
@@ -87,12 +112,24 @@ async def test_an_event_post_is_answered_only_after_its_writes_are_synced(
 
 
 @pytest.mark.timeout(60)
-async def test_writes_committed_while_a_sync_runs_share_the_next_one(
+async def test_events_posted_while_a_sync_runs_commit_together_after_it_and_share_the_next_sync(
     task_server: TaskServerHarness, gate: Gate
 ) -> None:
     h = task_server
     agents = [await h.register_agent(f"pc{i:02d}", cem=True) for i in range(40)]
     await h.ns.stop()  # the events stay in the outbox (not forwarded): counted there
+    commits: list[int] = []  # events per outbox commit
+    queue_bodies = h.running.forwarder.queue_bodies
+
+    def counted(
+        bodies: Iterable[tuple[str, str]], durable: bool, within_s: float | None
+    ) -> list[str]:
+        listed = list(bodies)
+        commits.append(len(listed))
+        return queue_bodies(listed, durable, within_s)
+
+    h.running.forwarder.queue_bodies = counted  # type: ignore[method-assign]
+    taken = _count_takes(h)
     first = asyncio.create_task(
         h.call(agents[0], "POST", "/api/agent/events", json={"events": [_event(1, "pc00")]})
     )
@@ -103,13 +140,44 @@ async def test_writes_committed_while_a_sync_runs_share_the_next_one(
         )
         for i, a in enumerate(agents[1:])
     ]
-    await wait_until(lambda: h.running.outbox.depth() == 40, what="every post committed")
+    # every post reached the work cache and waits: held, not committed, while the sync runs
+    await wait_until(lambda: len(taken) == 40, what="every post at the work cache")
+    await asyncio.sleep(0)  # a turn of the loop: a group commit of this turn would run now
+    assert h.running.outbox.depth() == 1
     assert not any(t.done() for t in [first, *rest])
 
     gate.opened.set()
     answers = await asyncio.gather(first, *rest)
-    assert all(status == 200 for status, _ in answers)
-    assert gate.started == 2  # the first post's sync, then one for the 39 committed meanwhile
+    assert all(status == 200 for status, body in answers)
+    assert all(len(body["accepted"]) == 1 for _, body in answers)
+    assert commits == [1, 39]  # the first post's commit, then one for the 39 held
+    assert gate.started == 2  # the first post's sync, then one for the 39
+    assert _on_disk(h.state_dir) == 40
+
+
+@pytest.mark.timeout(60)
+async def test_a_finished_event_held_for_the_next_commit_keeps_its_execution_out_of_pulls(
+    task_server: TaskServerHarness, gate: Gate
+) -> None:
+    h = task_server
+    cache = await _offline_with_work(h, work_for(7, "pc1"), work_for(8, "pc1"), work_for(9, "pc2"))
+
+    def finished(execution_id: int, computer: str) -> agentapi.StatusEvent:
+        return agentapi.StatusEvent(
+            event_id=str(uuid.uuid4()), execution_id=execution_id, computer=computer,
+            kind="finished", at=1.0, status="succeeded", exit_code=0,
+        )  # fmt: skip
+
+    running = asyncio.create_task(cache.take_events("pc2", [finished(9, "pc2")]))
+    await wait_until(lambda: gate.started == 1, what="a sync running")
+    held = asyncio.create_task(cache.take_events("pc1", [finished(7, "pc1")]))
+    await asyncio.sleep(0)  # it reached the cache: held while the sync runs
+    assert h.running.outbox.depth() == 1
+    pulled = await asyncio.wait_for(cache.pulled("pc1", "poll"), 10)
+    assert [w.execution_id for w in pulled] == [8]  # 7 is being finished
+    gate.opened.set()
+    await asyncio.wait_for(asyncio.gather(running, held), 10)
+    assert [w.execution_id for w in await cache.pulled("pc1", "poll")] == [8]
 
 
 @pytest.mark.timeout(60)
@@ -152,11 +220,7 @@ async def test_a_pull_committed_with_an_agents_events_is_answered_before_their_s
     # S5 (2,500 agents of one task server): the pulls committed in the turn of other agents'
     # events waited for those events' sync, which the pulls' own hop report does not need
     h = task_server
-    await h.register_agent("pc1", cem=True)
-    await h.register_agent("pc2", cem=True)
-    await h.cache_work(work_for(7, "pc1"), work_for(8, "pc2"))
-    await h.ns.stop()  # the events stay in the outbox (not forwarded)
-    cache = h.running.work_cache
+    cache = await _offline_with_work(h, work_for(7, "pc1"), work_for(8, "pc2"))
     event = agentapi.StatusEvent(
         event_id=str(uuid.uuid4()), execution_id=8, computer="pc2", kind="started", at=1.0
     )
