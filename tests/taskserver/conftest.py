@@ -369,6 +369,13 @@ class TaskServerHarness:
         assert self.ts is not None
         return self.ts
 
+    async def reported(self, within_s: float = 5.0) -> bool:
+        """Wait until what the task server queued so far is committed (its hop reports wait for
+        a commit to ride, `work_cache.HOP_COMMIT_S`) and forwarded: whether the outbox drained."""
+        cache = self.running.work_cache
+        await wait_until(lambda: cache.uncommitted == 0, within_s, "the work cache's commits")
+        return await self.running.forwarder.drained(within_s)
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.running.api_port}"

@@ -59,7 +59,7 @@ async def test_agent_pull_acks_the_tickle_and_queues_agent_pulled(
     # a second pull returns the execution again but queues no second agent_pulled
     status, body = await h.call(agent, "GET", "/api/agent/tasks", params={"via": "poll"})
     assert [e["execution_id"] for e in body["executions"]] == [7]
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
     assert len(h.ns.events_of("agent_pulled")) == 1
     assert len(agent.socket.datagrams) == sent
 
@@ -103,7 +103,7 @@ async def test_agent_cannot_read_or_report_another_agents_executions_nor_task_se
         assert status == 422, (kind, body)
         assert isinstance(body, dict)
         assert "reported by the task server" in body["detail"]
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
     assert h.ns.events_of("started") == []  # nothing refused was cached or forwarded
     status, _ = await _post_event(h, theirs, "pc2", 2, "started")
     assert status == 200

@@ -106,7 +106,7 @@ async def test_the_fast_path_answers_as_the_routes_do(task_server: TaskServerHar
         assert fast == route, what
         answers.append(fast[0])
     assert answers == [200, 200, 403, 403, 422, 422, 200]
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
     assert len(h.ns.events_of("started")) == len(h.ns.events_of("finished")) == 1
 
 

@@ -173,11 +173,11 @@ async def test_a_finished_event_held_for_the_next_commit_keeps_its_execution_out
     held = asyncio.create_task(cache.take_events("pc1", [finished(7, "pc1")]))
     await asyncio.sleep(0)  # it reached the cache: held while the sync runs
     assert h.running.outbox.depth() == 1
-    pulled = await asyncio.wait_for(cache.pulled("pc1", "poll"), 10)
+    pulled = cache.pulled("pc1", "poll")
     assert [w.execution_id for w in pulled] == [8]  # 7 is being finished
     gate.opened.set()
     await asyncio.wait_for(asyncio.gather(running, held), 10)
-    assert [w.execution_id for w in await cache.pulled("pc1", "poll")] == [8]
+    assert [w.execution_id for w in cache.pulled("pc1", "poll")] == [8]
 
 
 @pytest.mark.timeout(60)
@@ -226,10 +226,10 @@ async def test_a_pull_committed_with_an_agents_events_is_answered_before_their_s
     )
     # both in one turn of the event loop: one group commit
     events = asyncio.create_task(cache.take_events("pc2", [event]))
-    pull = asyncio.create_task(cache.pulled("pc1", "poll"))
-    await wait_until(lambda: gate.started == 1, what="the sync of the events' writes")
-    pulled = await asyncio.wait_for(pull, 10)  # the gate is still closed
+    pulled = cache.pulled("pc1", "poll")  # answered at once: its hop report rides the commit
     assert [w.execution_id for w in pulled] == [7]
+    await wait_until(lambda: gate.started == 1, what="the sync of the events' writes")
+    assert h.running.outbox.depth() == 2  # the event and the hop report, committed together
     assert not events.done(), "the agent's events are answered only once synced"
     gate.opened.set()
     assert await asyncio.wait_for(events, 10) == [event.event_id]

@@ -70,7 +70,7 @@ async def test_cem_agent_long_poll_is_answered_when_work_arrives_and_no_tickle_i
     status, body = await asyncio.wait_for(waiting, 5)
     assert status == 200
     assert [e["execution_id"] for e in body["executions"]] == [1]
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
     (pulled,) = h.ns.events_of("agent_pulled")
     assert pulled.via == "long_poll"
     assert not h.ns.events_of("agent_tickled")
@@ -298,8 +298,8 @@ async def test_many_woken_together_are_answered_in_one_commit(
     for i, task in enumerate(waiting):
         status, body = await asyncio.wait_for(task, 5)
         assert (status, [e["execution_id"] for e in body["executions"]]) == (200, [i + 1])
-    assert commits == 1
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
+    assert commits == 1  # their hop reports, together
     assert {e.via for e in h.ns.events_of("agent_pulled")} == {"long_poll"}
     assert len(h.ns.events_of("agent_pulled")) == 5
 
@@ -315,7 +315,7 @@ async def test_a_long_poll_whose_client_went_away_is_dropped_and_its_work_not_ma
     await wait_until(lambda: not h.running.long_polls.waiting("cem1"), what="the drop")
     assert h.running.metrics.long_polls_waiting._value.get() == 0
     await h.cache_work(work_for(1, "cem1"))
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
     assert not h.ns.events_of("agent_pulled")  # nobody was there to take it
     status, body = await asyncio.wait_for(h.call(agent, "GET", WAIT), 5)  # re-armed: at once
     assert (status, [e["execution_id"] for e in body["executions"]]) == (200, [1])

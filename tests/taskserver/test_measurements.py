@@ -39,11 +39,11 @@ async def test_a_retried_event_post_counts_and_forwards_each_event_once(
     status, body = await h.call(agent, "POST", "/api/agent/events", json=batch)
     assert (status, len(body["accepted"])) == (200, 2)  # the agent may drop its copies
     await wait_until(lambda: h.ns.events_of("finished"), what="the finished event at the NS")
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
     posts = h.ns.count("events")
     status, body = await h.call(agent, "POST", "/api/agent/events", json=batch)
     assert (status, len(body["accepted"])) == (200, 2)
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
     assert h.ns.count("events") == posts, "events already forwarded were forwarded again"
 
     assert metrics.status_events.labels(kind="started")._value.get() == 1
@@ -57,7 +57,7 @@ async def test_pulls_served_together_share_one_commit_and_report_each_hop_once(
     h = task_server
     agents = [await h.register_agent(f"pc{i}") for i in range(20)]
     await h.cache_work(*(work_for(i + 1, f"pc{i}") for i in range(20)))
-    await h.running.forwarder.drained(5)
+    await h.reported(5)
     commits = 0
     queue = h.running.forwarder.queue_bodies
 
@@ -79,7 +79,7 @@ async def test_pulls_served_together_share_one_commit_and_report_each_hop_once(
     ]  # fmt: skip
     assert commits < 20, "every pull committed on its own"
     await wait_until(lambda: len(h.ns.events_of("agent_pulled")) >= 20, what="agent_pulled")
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
     pulled = sorted(e.execution_id for e in h.ns.events_of("agent_pulled"))
     assert pulled == list(range(1, 21))  # once each, the double pull too
     assert h.running.metrics.status_events.labels(kind="agent_pulled")._value.get() == 20
@@ -94,6 +94,6 @@ async def test_events_are_forwarded_to_the_ns_in_batches_of_500(
     events = [e for i in range(300) for e in _events("pc1", 1000 + i)]
     status, body = await h.call(agent, "POST", "/api/agent/events", json={"events": events})
     assert (status, len(body["accepted"])) == (200, 600)
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
     assert len(h.ns.events) == 600
     assert h.ns.count("events") == 2  # 500 + 100: the NS records a post in one transaction

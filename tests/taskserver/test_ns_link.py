@@ -30,7 +30,7 @@ async def test_events_posted_while_the_ns_is_down_are_delivered_after_it_returns
     h = task_server
     agent = await h.register_agent("pc1")
     await h.cache_work(work_for(1, "pc1"))
-    await h.running.forwarder.drained(5)
+    await h.reported(5)
 
     await h.ns.stop()
     events = [_event(1, "pc1", "started"), _event(1, "pc1", "finished")]
@@ -44,7 +44,7 @@ async def test_events_posted_while_the_ns_is_down_are_delivered_after_it_returns
         within_s=20,
         what="the events at the restarted NS",
     )
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
 
 
 @pytest.mark.timeout(60)
@@ -54,7 +54,7 @@ async def test_events_cached_while_the_ns_is_down_survive_a_task_server_restart(
     h = task_server
     agent = await h.register_agent("pc1")
     await h.cache_work(work_for(1, "pc1"))
-    await h.running.forwarder.drained(5)
+    await h.reported(5)
 
     await h.ns.stop()
     events = [_event(1, "pc1", "started"), _event(1, "pc1", "finished")]
@@ -270,7 +270,7 @@ async def test_an_event_the_ns_refuses_for_good_does_not_block_the_others(
     assert status == 200
     await wait_until(lambda: h.ns.events_of("started"), what="the acceptable event at the NS")
     assert [e.execution_id for e in h.ns.events_of("started")] == [1]
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
 
 
 async def test_an_event_the_ns_leaves_out_of_accepted_is_dropped_and_blocks_nothing(
@@ -285,7 +285,7 @@ async def test_an_event_the_ns_leaves_out_of_accepted_is_dropped_and_blocks_noth
     assert status == 200
     await wait_until(lambda: h.ns.events_of("started"), what="the acceptable event at the NS")
     # the refused event neither stays queued (retried forever) nor delays the next events
-    assert await h.running.forwarder.drained(5)
+    assert await h.reported(5)
     assert h.running.outbox.depth() == 0
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any(str(refused["event_id"]) in msg for msg in errors), errors
@@ -299,5 +299,5 @@ async def test_a_batch_too_large_for_the_ns_is_sent_again_in_parts_and_nothing_i
     events = [_event(1, "pc1", "started") for _ in range(3)]
     status, _ = await task_server.call(agent, "POST", "/api/agent/events", json={"events": events})
     assert status == 200
-    assert await task_server.running.forwarder.drained(10)
+    assert await task_server.reported(10)
     assert sorted(task_server.ns.events) == sorted(str(e["event_id"]) for e in events)

@@ -1,9 +1,13 @@
 """The work cache's commits: an agent's events synced before they are acknowledged, the work
-pulled from the NS and the task server's own hop reports not synced."""
+pulled from the NS not synced, the task server's own hop reports waited for by nobody: they ride
+the agent's events' commit, or commit alone (not synced) within HOP_COMMIT_S."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,14 +17,16 @@ from tickle.messages import StatusEvent, WorkOut
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
 from tickle.taskserver.store import Store
-from tickle.taskserver.work_cache import WorkCache
+from tickle.taskserver.work_cache import HOP_COMMIT_S, WorkCache
 
 
 async def _not_sent(bodies: list[str]) -> list[str]:
     raise AssertionError("the forwarder is not started in this test")
 
 
-async def test_hop_reports_alone_are_not_synced_and_an_agents_events_are(tmp_path: Path) -> None:
+async def test_hop_reports_ride_the_agents_events_commit_and_alone_commit_unsynced_soon(
+    tmp_path: Path,
+) -> None:
     store, outbox = Store(tmp_path), Outbox(tmp_path / "outbox.db")
     try:
         await _check_commits(store, outbox)
@@ -35,27 +41,41 @@ async def _check_commits(store: Store, outbox: Outbox) -> None:
     statements: list[str] = []
     store._db.set_trace_callback(statements.append)
     outbox._db.set_trace_callback(statements.append)
-    cache.apply(WorkOut(executions=[work_for(1, "pc1")]))  # the NS keeps the list: not synced
+    # the NS keeps the list: not synced
+    cache.apply(WorkOut(executions=[work_for(1, "pc1"), work_for(2, "pc2")]))
+    assert statements.count("PRAGMA synchronous=NORMAL") == 1
+    statements[:] = []
 
-    await cache.tickled("pc1", 1000.0)
-    await cache.pulled("pc1", "tickle")
-    hops, statements[:] = list(statements), []
+    cache.tickled("pc1", 1000.0)
+    assert [w.execution_id for w in cache.pulled("pc1", "tickle")] == [1]
+    cache.pulled("pc1", "tickle")  # pulled again before the report committed: reported once
+    assert statements == []  # the pull is answered before its hop report commits
     finished = StatusEvent(event_id="finished-1", execution_id=1, computer="pc1",
                            kind="finished", at=1001.0, status="succeeded", exit_code=0)  # fmt: skip
     await cache.take_events("pc1", [finished])
-    agents = list(statements)
-
-    # the work pull's commit, then two hops, each one commit to the outbox and one to the
-    # cache: unsynced, and the connections synced again after each
-    assert hops.count("PRAGMA synchronous=NORMAL") == 5
-    assert hops.count("PRAGMA synchronous=FULL") == 5
-    assert not [s for s in agents if s.startswith("PRAGMA synchronous")]
-    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert outbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2
-    # committed all the same: the hops and the agent's event queued, the flags set
+    # one commit for the hop reports and the agent's event: synced (no unsynced commit)
+    assert statements.count("COMMIT") == 2  # the outbox's and the cache's
+    assert not [s for s in statements if s.startswith("PRAGMA synchronous")]
     kinds = [StatusEvent.model_validate_json(body).kind for _, body in outbox.peek()]
     assert kinds == ["agent_tickled", "agent_pulled", "finished"]
     assert store.pending_work("pc1") == []  # done: out of the agent's pulls
+
+    # a hop report no event follows: committed alone within HOP_COMMIT_S, not synced
+    statements[:] = []
+    cache.tickled("pc2", 1002.0)
+    assert statements == []
+    await _until(lambda: outbox.depth() == 4, HOP_COMMIT_S + 5)
+    assert statements.count("PRAGMA synchronous=NORMAL") == 2  # the outbox's and the cache's
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+    assert outbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert [w.agent_tickled for w in store.pending_work("pc2")] == [True]
+
+
+async def _until(check: Callable[[], bool], within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, "not within the bound"
+        await asyncio.sleep(0.01)
 
 
 class _Posts:
@@ -79,14 +99,15 @@ async def test_hop_reports_go_to_the_ns_with_the_agents_next_event(tmp_path: Pat
     forwarder.start()
     try:
         cache.apply(WorkOut(executions=[work_for(1, "pc1"), work_for(2, "pc2")]))
-        await cache.tickled("pc1", 1000.0)
-        await cache.pulled("pc1", "tickle")
+        cache.tickled("pc1", 1000.0)
+        cache.pulled("pc1", "tickle")
         started = StatusEvent(event_id="started-1", execution_id=1, computer="pc1",
                               kind="started", at=1001.0)  # fmt: skip
         await cache.take_events("pc1", [started])
         assert await forwarder.drained(10)
         assert ns.posts == [["agent_tickled", "agent_pulled", "started"]]
-        await cache.tickled("pc2", 1002.0)  # no event of its agent follows: alone, soon
+        cache.tickled("pc2", 1002.0)  # no event of its agent follows: alone, soon
+        await _until(lambda: cache.uncommitted == 0, HOP_COMMIT_S + 5)
         assert await forwarder.drained(10)
         assert ns.posts[1:] == [["agent_tickled"]]
     finally:

@@ -87,7 +87,7 @@ class AgentPulls:
         if via == "poll":
             self._metrics.polls.inc()
         self._note_address(agent, peer)
-        work = await self._work_cache.pulled(agent.name, via)
+        work = self._work_cache.pulled(agent.name, via)
         policy = self._policy_and_json(agent)
         self.contact(agent, settings_version, policy[0])
         return work, policy, self._work_cache.cancels_for(agent.name)
@@ -119,7 +119,7 @@ class AgentPulls:
         """The answers of these agents' long-polls, woken together: their pulls (via
         `long_poll`), made at once."""
         clients = [c for n in names if (c := self._store.client(n)) is not None]
-        pulled = await self._work_cache.pulled_many([c.name for c in clients], "long_poll")
+        pulled = self._work_cache.pulled_many([c.name for c in clients], "long_poll")
         self._metrics.pulls.labels(via="long_poll").inc(len(clients))
         answers = {}
         settings = self._store.settings()  # read once for all of them

@@ -136,7 +136,7 @@ class AgentTickler:
 
     async def on_sent(self, name: str, kind: wire.Kind, first_sent: float) -> None:
         if kind is wire.Kind.TASKS:
-            await self._work_cache.tickled(name, first_sent)
+            self._work_cache.tickled(name, first_sent)
 
     def on_unreachable(self, name: str) -> None:
         self._store.set_unreachable(name, True)

@@ -252,6 +252,7 @@ class TaskServer:
         self.listener.close()
         await self.sync.close()
         await self.agents.close()
+        self.work_cache.flush()  # the hop reports waiting for a commit to ride
         await self.forwarder.stop()
         await self.reporter.close()
         await self.ns.close()

@@ -364,12 +364,17 @@ class Store:
                     rows,
                 )
         for flag, rows in marks.items():
-            for (eid,) in rows:
-                w = self._listed.get(eid)
-                if w is not None and not getattr(w, flag):
-                    self._hold(_flagged(w, flag))
+            self.flag_held(flag, [eid for (eid,) in rows])
             if flag == "done":
                 self._drop_cancels(eid for (eid,) in rows)
+
+    def flag_held(self, flag: str, execution_ids: Iterable[int]) -> None:
+        """Set `flag` on the work held in memory only: what the next requests read (the row
+        follows with `mark_all`)."""
+        for eid in execution_ids:
+            w = self._listed.get(eid)
+            if w is not None and not getattr(w, flag):
+                self._hold(_flagged(w, flag))
 
     # --- cancels ------------------------------------------------------------------------------
 

@@ -11,9 +11,10 @@ each request is answered once its own writes are durable. Given a `localdb.WalSy
 transactions commit without a sync and the sync (fsync of both write-ahead logs) runs in a
 thread, shared by every turn committed while the previous sync ran: the event loop serves the
 next requests meanwhile, where a full-sync commit stopped it for two fsyncs per turn (a third of
-the task server's time in issue 10's S5 profile). The in-memory flags change at the commit, so a
-request of the next turn sees them; only the answers wait for the sync (a power cut before it
-loses writes nobody was told of: the agent posts its events again, a hop is reported again).
+the task server's time in issue 10's S5 profile). The in-memory flags change at the commit (a hop's
+when it is reported, below), so a request of the next turn sees them; only the answers wait for
+the sync (a power cut before it loses writes nobody was told of: the agent posts its events
+again, a hop is reported again).
 
 An agent's events that come while a sync runs are held, not committed at once: they could be
 answered only after the next sync anyway, which starts when the running one ends, so they are
@@ -22,12 +23,18 @@ events spread over seconds (agents at rest, each opening its connection) made a 
 writes every turn: 5,000 agents, one task server's 1,250 of them, ~2,000 commits for 434 syncs
 (issue 10, S8). Until it commits, a held `finished` keeps its execution out of its agent's pulls.
 
-A commit of the task server's own hop reports alone (`agent_tickled`, `agent_pulled`, no agent's
-event) is not synced, and its request waits for no sync: it survives a crash of the process, and a
-power cut can undo it only until the next synced commit (the next agent event's). What that loses is
-at most a timeline's time, or a hop reported twice (flag lost, event kept: the NS keeps a hop's
-first time). The two syncs (outbox, cache) sat on the event loop between an agent's tickle and its
-pull, and between its pull's answer and its `started`: on every run's path.
+The task server's own hop reports (`agent_tickled`, `agent_pulled`) are waited for by nobody: a
+pull is answered, and a tickle goes on, before its report commits (its flag is set in memory at
+once: whom to tickle, whether a long-poll has news). The report rides the next group
+commit (the agent's events, which follow its pull within milliseconds), or commits alone
+`HOP_COMMIT_S` later at the latest, and is not synced by itself: a power cut can undo it until the
+next synced commit. A crash of the process before it commits loses the hop's time from the
+timeline (the flag is lost with it, so a pull after the restart reports it again); the execution
+itself is the agent's to report, from its own outbox. What else it can lose is a hop reported
+twice (flag lost, event kept: the NS keeps a hop's first time). Committed before each pull's
+answer, a fleet's spread-out pulls (agents at rest, each opening its connection) made one commit
+per pull, every commit of S8's cold runs held an `agent_pulled` (~1,300 for a task server's 1,250
+agents), and the two syncs of a full-sync commit had sat between an agent's tickle and its pull.
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ Event = StatusEvent | agentapi.StatusEvent
 # one NS transaction for the three, where each went alone (S1: four posts a run, two of them
 # hops). Alone past this (an agent that does not pull, or does not start).
 HOP_REPORTS_WAIT_S = 0.25
+# how long a hop report may wait for a group commit to ride before it commits alone (see the
+# module's doc): the agent's events come well within it
+HOP_COMMIT_S = 0.05
 
 
 @dataclass
@@ -71,6 +81,8 @@ class _Write:
     events: list[Event]
     flag: Flag
     flagged: list[int]
+    # a hop report: nobody waits for it (a failed commit is logged, not raised to a caller)
+    lazy: bool = False
     committed: asyncio.Future[set[str]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -97,6 +109,9 @@ class WorkCache:
         # agents' events that came while a sync ran: committed together once it ends
         self._held: list[_Write] = []
         self._releasing: asyncio.Task[None] | None = None
+        # hop reports waiting for a group commit to ride (at most HOP_COMMIT_S)
+        self._lazy: list[_Write] = []
+        self._lazy_timer: asyncio.TimerHandle | None = None
         # (flag, execution id) queued and not committed yet: a hop is reported once, also when
         # two requests of the same turn see the flag unset
         self._flagging: set[tuple[Flag, int]] = set()
@@ -121,28 +136,26 @@ class WorkCache:
         """What `computer` must not start, or must stop: its cancelled unfinished executions."""
         return self._store.cancels_for(computer)
 
-    async def tickled(self, computer: str, first_sent: float) -> None:
+    def tickled(self, computer: str, first_sent: float) -> None:
         """A tasks tickle went to `computer`: its work not yet reported tickled is, now."""
         fresh = self._first("agent_tickled", self._store.pending_work(computer))
-        await self._hop("agent_tickled", fresh, at=first_sent)
+        self._hop("agent_tickled", fresh, at=first_sent)
 
-    async def pulled(self, computer: str, via: PullVia) -> list[CachedWork]:
+    def pulled(self, computer: str, via: PullVia) -> list[CachedWork]:
         """`computer` pulled: its pending work; what it pulls the first time is reported pulled."""
         pending = [w for w in self._store.pending_work(computer) if self._pullable(w)]
         first = self._first("agent_pulled", pending)
-        await self._hop("agent_pulled", first, via=via)
+        self._hop("agent_pulled", first, via=via)
         return pending
 
-    async def pulled_many(
-        self, computers: list[str], via: PullVia
-    ) -> dict[str, list[ExecutionWork]]:
+    def pulled_many(self, computers: list[str], via: PullVia) -> dict[str, list[ExecutionWork]]:
         """These computers pulled at once (long-polls woken together): as `pulled`, in one read
         of the cache and one commit of their `agent_pulled` events."""
         wanted = set(computers)
         pending = [
             w for w in self._store.pending_work() if w.computer in wanted and self._pullable(w)
         ]
-        await self._hop("agent_pulled", self._first("agent_pulled", pending), via=via)
+        self._hop("agent_pulled", self._first("agent_pulled", pending), via=via)
         pulled: dict[str, list[ExecutionWork]] = {c: [] for c in computers}
         for w in pending:
             pulled[w.computer].append(w.work)
@@ -207,14 +220,15 @@ class WorkCache:
                 " not by agents",
             )
 
-    async def _hop(
+    def _hop(
         self,
         kind: Literal["agent_tickled", "agent_pulled"],
         work: list[CachedWork],
         at: float | None = None,
         via: PullVia | None = None,
     ) -> None:
-        """Report that `work` passed a hop of the task server's (kind: also its cache flag)."""
+        """Report that `work` passed a hop of the task server's (kind: also its cache flag): in
+        the next group commit, within HOP_COMMIT_S (see the module's doc)."""
         if not work:
             return
         now = time.time()
@@ -230,7 +244,32 @@ class WorkCache:
             )
             for w in work
         ]
-        await self._queue(events, kind, [w.execution_id for w in work])
+        flagged = [w.execution_id for w in work]
+        self._flagging.update((kind, eid) for eid in flagged)
+        # read at once by the next requests (whether the agent has news, whom to tickle); the
+        # row follows with the commit
+        self._store.flag_held(kind, flagged)
+        self._lazy.append(_Write(events, kind, flagged, lazy=True))
+        if self._lazy_timer is None:
+            self._lazy_timer = asyncio.get_running_loop().call_later(
+                HOP_COMMIT_S, self._commit_lazy
+            )
+
+    def _commit_lazy(self) -> None:
+        """The hop reports waited HOP_COMMIT_S: they commit now (with this turn's writes)."""
+        self._lazy_timer = None
+        self._commit()
+
+    @property
+    def uncommitted(self) -> int:
+        """Writes queued and not committed yet (hop reports waiting for a commit to ride, this
+        turn's, agents' events held for the running sync)."""
+        return len(self._lazy) + len(self._writes) + len(self._held)
+
+    def flush(self) -> None:
+        """Commit the hop reports waiting for a group commit now (the task server stops)."""
+        if self._lazy:
+            self._commit()
 
     async def _queue(self, events: list[Event], flag: Flag, flagged: list[int]) -> set[str]:
         """Queue `events` for the NS and set `flag` on the `flagged` executions, in the group
@@ -267,7 +306,13 @@ class WorkCache:
     def _commit(self) -> None:
         """Commit every write queued this turn: one outbox and one cache transaction; answer
         the agents' events once synced, the task server's own hop reports at once."""
-        writes, self._writes = self._writes, []
+        writes, self._writes = self._lazy + self._writes, []  # the hops came first
+        self._lazy = []
+        if not writes:  # taken by an earlier commit of this turn (HOP_COMMIT_S, `flush`)
+            return
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         # synced when an agent's events are among them (it drops its copy once answered); the
         # task server's own hop reports alone are not (see the module's docstring)
         needs_sync = any(w.flag == "done" for w in writes)
@@ -283,7 +328,10 @@ class WorkCache:
             self._store.mark_all(flags, durable)
         except Exception as exc:
             for w in writes:
-                w.committed.set_exception(exc)
+                if not w.lazy:
+                    w.committed.set_exception(exc)
+            if any(w.lazy for w in writes):
+                log.error("committing the task server's hop reports failed: %s", exc)
             return
         finally:
             for w in writes:
