@@ -116,6 +116,28 @@ async def test_hop_reports_go_to_the_ns_with_the_agents_next_event(tmp_path: Pat
         outbox.close()
 
 
+async def test_an_event_posted_twice_into_one_commit_is_counted_once(tmp_path: Path) -> None:
+    # a retried post can join the commit of the first (held while a sync runs): the event is
+    # queued once, and counted once
+    store, outbox = Store(tmp_path), Outbox(tmp_path / "outbox.db")
+    metrics = ComponentMetrics("ts")
+    cache = WorkCache(store, OutboxForwarder(outbox, _not_sent, metrics), metrics)
+    try:
+        cache.apply(WorkOut(executions=[work_for(1, "pc1")]))
+        started = StatusEvent(event_id="started-1", execution_id=1, computer="pc1",
+                              kind="started", at=1001.0)  # fmt: skip
+        first, again = await asyncio.gather(
+            cache.take_events("pc1", [started]), cache.take_events("pc1", [started])
+        )
+        assert first == again == ["started-1"]
+        assert outbox.depth() == 1
+        counted = metrics.status_events.labels(kind="started")._value.get()
+        assert counted == 1
+    finally:
+        store.close()
+        outbox.close()
+
+
 def test_a_large_work_pull_is_logged_in_one_short_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -185,14 +185,8 @@ class WorkCache:
 
     def _pullable(self, w: CachedWork) -> bool:
         """Not cancelled, and not finished by an event still to be committed."""
-        return (
-            w.execution_id not in self._store.cancelled
-            and (
-                "done",
-                w.execution_id,
-            )
-            not in self._flagging
-        )
+        finishing = ("done", w.execution_id) in self._flagging
+        return not finishing and w.execution_id not in self._store.cancelled
 
     def _first(self, flag: Flag, work: list[CachedWork]) -> list[CachedWork]:
         """The work whose `flag` is neither set nor being set."""
