@@ -655,7 +655,9 @@ async def fleet_run(
             run_cpu = _CpuMeter(
                 {**servers, **{f"sim{i}": p for i, p in enumerate(sims.pids)}}, db_pid
             )
-            spies = _Spies({**servers, "sim0": sims.pids[0]}, f"{agents}", restart_task_servers)
+            spies = _Spies(
+                {**servers, "sim0": sims.pids[0]}, f"{root.name}-{agents}", restart_task_servers
+            )
             if restart_task_servers:
                 for name in ts_names:
                     fleet.kill(name)
@@ -848,8 +850,8 @@ class _CpuMeter:
 
 class _Spies:
     """--spy DIR: py-spy records each process (raw collapsed stacks, idle frames left out) from
-    now until `stop`, into DIR/<label>-<name>.txt; nothing without --spy, or across a restart
-    (the restarted processes are others)."""
+    now until `stop`, into DIR/<label>-<name>.txt (label: the run's directory and agent count);
+    nothing without --spy, or across a restart (the restarted processes are others)."""
 
     def __init__(self, pids: dict[str, int], label: str, restart: bool) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
