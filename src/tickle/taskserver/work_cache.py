@@ -81,8 +81,6 @@ class _Write:
     events: list[Event]
     flag: Flag
     flagged: list[int]
-    # a hop report: nobody waits for it (a failed commit is logged, not raised to a caller)
-    lazy: bool = False
     committed: asyncio.Future[set[str]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -176,7 +174,7 @@ class WorkCache:
             e.cached_at = now
         # durable before the answer: the agent drops its copy once we acknowledge
         new = await self._queue(
-            list(cached), "done", [e.execution_id for e in cached if e.kind == "finished"]
+            list(cached), [e.execution_id for e in cached if e.kind == "finished"]
         )
         for e in cached:
             if e.kind == "finished" and e.status is not None and e.event_id in new:
@@ -243,7 +241,7 @@ class WorkCache:
         # read at once by the next requests (whether the agent has news, whom to tickle); the
         # row follows with the commit
         self._store.flag_held(kind, flagged)
-        self._lazy.append(_Write(events, kind, flagged, lazy=True))
+        self._lazy.append(_Write(events, kind, flagged))
         if self._lazy_timer is None:
             self._lazy_timer = asyncio.get_running_loop().call_later(
                 HOP_COMMIT_S, self._commit_lazy
@@ -262,16 +260,15 @@ class WorkCache:
 
     def flush(self) -> None:
         """Commit the hop reports waiting for a group commit now (the task server stops)."""
-        if self._lazy:
-            self._commit()
+        self._commit()
 
-    async def _queue(self, events: list[Event], flag: Flag, flagged: list[int]) -> set[str]:
-        """Queue `events` for the NS and set `flag` on the `flagged` executions, in the group
-        commit of this turn; count the events new to the outbox (a retried post counts once)
-        and return their ids once committed."""
-        write = _Write(events, flag, flagged)
-        self._flagging.update((flag, eid) for eid in flagged)
-        if flag == "done" and self._wal_sync is not None and self._wal_sync.busy:
+    async def _queue(self, events: list[Event], finished: list[int]) -> set[str]:
+        """Queue an agent's `events` for the NS and set `done` on the `finished` executions, in
+        the group commit of this turn (or after the running sync); count the events new to the
+        outbox (a retried post counts once) and return their ids once committed."""
+        write = _Write(events, "done", finished)
+        self._flagging.update(("done", eid) for eid in finished)
+        if self._wal_sync is not None and self._wal_sync.busy:
             self._held.append(write)  # committed when the running sync ends (module doc)
             if self._releasing is None:
                 self._releasing = asyncio.get_running_loop().create_task(self._release_held())
@@ -321,10 +318,11 @@ class WorkCache:
                 flags[w.flag] += w.flagged
             self._store.mark_all(flags, durable)
         except Exception as exc:
+            # the agents' posts hear of it; the hop reports, waited for by nobody, are logged
             for w in writes:
-                if not w.lazy:
+                if w.flag == "done":
                     w.committed.set_exception(exc)
-            if any(w.lazy for w in writes):
+            if any(w.flag != "done" for w in writes):
                 log.error("committing the task server's hop reports failed: %s", exc)
             return
         finally:
