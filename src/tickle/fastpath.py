@@ -5,7 +5,8 @@ work and its events at the NS) cost FastAPI's routing, dependency solving and re
 validation several times what serving them does (issue 10's profiles). A fast path serves the
 well-formed ones itself, calling the same services the routes call, and hands anything else on
 to the routes unchanged (`PassOn`: a body already read is replayed), so they answer it as
-documented.
+documented. Served by `tickle.serving`, a fast path's requests reach it at the connection, past
+the rest of the middleware (`serving.FastLane`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from tickle import clock
 
 _TIME_HEADER = clock.TIME_HEADER.lower().encode()
 _JSON = (b"content-type", b"application/json")
+# in a request's scope: the connection offered it to the fast path first, which passed it on
+# (`tickle.serving` serves a fast path's requests at the connection): not to be tried again
+PASSED_ON = "tickle.passed_on"
 
 
 class PassOn(Exception):
@@ -113,7 +117,11 @@ Serve = Callable[[Parts, Scope, Replay, Send], Awaitable[None]]
 
 class FastPath:
     """ASGI middleware: serves the requests of `served` ((method, path) → its server and the
-    query parameters the route declares) when their server does not pass them on."""
+    query parameters the route declares) when their server does not pass them on.
+
+    A server reading a body checks the request's credentials first: served at the connection
+    (`tickle.serving`), a body over the small limit of `BodyLimits` reaches it with a bearer
+    token not yet checked, and one it does not know must go on to `BodyLimits` unread."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -121,7 +129,9 @@ class FastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         served = (
-            self.served.get((scope["method"], scope["path"])) if scope["type"] == "http" else None
+            self.served.get((scope["method"], scope["path"]))
+            if scope["type"] == "http" and PASSED_ON not in scope
+            else None
         )
         if served is not None:
             serve, parameters = served

@@ -17,6 +17,9 @@ the component's `ApiServerSettings`:
 - `ClockHeaders`, ASGI middleware noting when each request arrived (the peer's clock offset is
   measured against it) and putting the server's time on every answer (`X-Tickle-Time`).
 
+`FastLane` serves an app's fast path (`tickle.fastpath`) at the connection: its requests skip the
+ASGI middleware, the lane doing for them what `ClockHeaders` and `BodyLimits` do.
+
 Beside the limits: `JsonRoute`, the route class of every API route (pydantic-core's JSON parser,
 plain endpoints and dependencies on the route threads, one trip each), `run_server`, the
 servers' event loop start (uvloop), and `settle_gc`, their garbage collector once started.
@@ -40,19 +43,25 @@ import logging
 import resource
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine
-from typing import Annotated, Any, TypeVar, get_args, get_origin
+from typing import Annotated, Any, TypeVar, cast, get_args, get_origin
 
 import pydantic
 import pydantic_core
 import uvicorn
 from fastapi import Request, Response, params
 from fastapi.routing import APIRoute
+from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from tickle.clock import TIME_HEADER, header_value
 from tickle.config import ApiServerSettings
+from tickle.fastpath import PASSED_ON, FastPath, Parts, PassOn, Replay, Serve
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
@@ -120,6 +129,7 @@ class ServingConfig(uvicorn.Config):
             )  # fmt: skip
         self.max_long_polls = long_polls
         self.connections = ConnectionTable(cap, long_polls)
+        self.fast_lane = FastLane.of(app)
         for reason in REFUSALS:
             metrics.http_refused.labels(reason=reason)
         # asyncio accepts up to `backlog` connections at once before any is admitted to the table:
@@ -235,6 +245,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.header_count = 0
         self.refusal: tuple[int, str, str] | None = None  # status, reason, detail
         self.deadline: asyncio.TimerHandle | None = None
+        self.fast_lane = config.fast_lane
 
     # --- the connection -------------------------------------------------------------------------
 
@@ -321,6 +332,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.head_bytes = None
         super().on_headers_complete()
         self._expect("body")
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """Start serving a request: one of the app's fast path at the connection (`FastLane`)."""
+        lane = self.fast_lane
+        if lane is not None and app is self.app:
+            app = lane.app_for(cycle, app)
+        super()._start_asgi_task(cycle, app)
 
     def on_body(self, body: bytes) -> None:
         if self.refusal is None:
@@ -809,6 +827,174 @@ class ClockHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_time)
+
+
+# the middleware FastAPI puts before an app's own: nothing a fast path's request needs of them
+# (errors are answered 500 by uvicorn's cycle, no OpenTelemetry provider is configured, and a
+# body limit of FastAPI's own would be another node: `RequestBodyLimitMiddleware`)
+_PASSIVE_MIDDLEWARE = frozenset(
+    {"ServerErrorMiddleware", "ExceptionTelemetryMiddleware", "AppBodyLimitMiddleware"}
+)
+# what uvicorn's proxy-headers middleware reads: a request bearing one goes the whole way
+_PROXY_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"})
+
+
+class FastLane:
+    """An app's fast path served at the connection: its requests skip the ASGI middleware.
+
+    Every agent's pull and event post, every task server's work pull and event batch went
+    through uvicorn's proxy-headers middleware, FastAPI's own (errors, telemetry, body limit),
+    `ClockHeaders` and `BodyLimits` before the `FastPath` answered them, and their answer back
+    through each: a fifth of a task server's CPU in a run-now (issue 10's profile). The lane
+    hands such a request straight to the fast path's server, doing itself what those did
+    for it: the arrival noted (`ARRIVED_AT`) and our time on the answer (`ClockHeaders`), the
+    body within its limit (`BodyLimits`: a request whose body it cannot judge before reading
+    goes the whole way; the server checks the bearer token before it reads one over the small
+    limit), and the answer written in one piece. What the fast path passes on goes the whole
+    way, its body handed on, and is not offered to the fast path again (`PASSED_ON`).
+
+    Only for an app whose middleware down to its `FastPath` is FastAPI's own, `ClockHeaders`
+    and `BodyLimits` (`of`): any other middleware sees every request.
+    """
+
+    def __init__(self, fast_path: FastPath, body_limits: BodyLimits) -> None:
+        self.served = fast_path.served
+        self.small = body_limits.small
+        self.large = body_limits.limits.max_body_bytes
+        self.registrations = body_limits.registrations
+
+    @classmethod
+    def of(cls, app: ASGIApp) -> FastLane | None:
+        """The lane of `app`'s fast path; None when it has none, or other middleware."""
+        node: Any = app
+        if isinstance(app, Starlette):
+            if app.middleware_stack is None:  # built as the first request would build it
+                app.middleware_stack = app.build_middleware_stack()
+            node = app.middleware_stack
+        clock: ClockHeaders | None = None
+        limits: BodyLimits | None = None
+        for _ in range(32):
+            if isinstance(node, FastPath):
+                return cls(node, limits) if clock is not None and limits is not None else None
+            if isinstance(node, ClockHeaders):
+                clock = node
+            elif isinstance(node, BodyLimits):
+                limits = node
+            elif type(node).__name__ not in _PASSIVE_MIDDLEWARE:
+                return None
+            node = getattr(node, "app", None)
+        return None
+
+    def app_for(self, cycle: RequestResponseCycle, app: ASGIApp) -> ASGIApp:
+        """What serves `cycle`'s request: the fast path's server when it is one of its requests
+        and its body can be judged now, else `app` (the whole way)."""
+        scope = cast(Scope, cycle.scope)
+        served = self.served.get((scope["method"], scope["path"]))
+        if served is None or not self._judged(scope):
+            return app
+        return _Lane(served, app, cycle)
+
+    def _judged(self, scope: Scope) -> bool:
+        """Whether the request's body is within its limit as far as `BodyLimits` would judge it
+        before reading (a larger one: if its token is good, which the server checks first)."""
+        declared: int | None = None
+        token = False
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if declared is not None or not value.isdigit():
+                    return False
+                declared = int(value)
+            elif name == b"transfer-encoding" or name in _PROXY_HEADERS:
+                return False
+            elif name == b"authorization":
+                token = value[:7].lower() == b"bearer "
+        if declared is None or declared <= self.small:
+            return True
+        return declared <= self.large and token and scope["path"] not in self.registrations
+
+
+class _Lane:
+    """One request on the lane: served by the fast path, or passed on the whole way."""
+
+    __slots__ = ("app", "cycle", "parameters", "serve")
+
+    def __init__(
+        self, served: tuple[Serve, frozenset[str]], app: ASGIApp, cycle: RequestResponseCycle
+    ) -> None:
+        self.serve, self.parameters = served
+        self.app = app
+        self.cycle = cycle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["state"][ARRIVED_AT] = time.time()
+        replay = Replay(receive)
+        try:
+            await self.serve(
+                Parts(scope, self.parameters), scope, replay, _Answer(self.cycle, send)
+            )
+            return
+        except PassOn:
+            pass
+        scope[PASSED_ON] = True
+        await self.app(scope, replay, send)
+
+
+class _Answer:
+    """A fast path's answer, written as one piece with our time on it (`ClockHeaders`'s); one
+    streamed, or without its length, goes through uvicorn's cycle (`send`)."""
+
+    __slots__ = ("cycle", "send", "start")
+
+    def __init__(self, cycle: RequestResponseCycle, send: Send) -> None:
+        self.cycle = cycle
+        self.send = send
+        self.start: Message | None = None
+
+    async def __call__(self, message: Message) -> None:
+        cycle = self.cycle
+        if message["type"] == "http.response.start" and self.start is None:
+            self.start = message  # written with its body
+            return
+        start, self.start = self.start, None
+        if start is not None and message["type"] == "http.response.body":
+            if cycle.flow.write_paused and not cycle.disconnected:
+                await cycle.flow.drain()
+            if cycle.disconnected:
+                return
+            if not message.get("more_body", False) and self._write(start, message):
+                return
+        if start is not None:
+            now = (_TIME_HEADER, header_value(time.time()).encode())
+            await self.send({**start, "headers": [*start.get("headers", ()), now]})
+        await self.send(message)
+
+    def _write(self, start: Message, message: Message) -> bool:
+        """Write the whole answer; False (nothing written) unless its length is declared and
+        true, and it says nothing of the connection."""
+        cycle = self.cycle
+        body: bytes = message.get("body", b"")
+        head = [STATUS_LINE[start["status"]]]
+        length = -1
+        for name, value in [*cycle.default_headers, *start.get("headers", ())]:
+            if name == b"content-length":
+                length = int(value)
+            elif name in (b"connection", b"transfer-encoding"):
+                return False
+            head += (name, b": ", value, b"\r\n")
+        if length != len(body):
+            return False
+        head += (_TIME_HEADER, b": ", header_value(time.time()).encode(), b"\r\n")
+        if not cycle.keep_alive:
+            head.append(b"connection: close\r\n")
+        head += (b"\r\n", body)
+        cycle.response_started = cycle.response_complete = True
+        cycle.waiting_for_100_continue = False
+        cycle.transport.write(b"".join(head))
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
+        return True
 
 
 def arrived_at(state: Any) -> float:

@@ -10,7 +10,6 @@ sender's high-water mark is kept in the listener's database).
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import itertools
 import struct
@@ -86,7 +85,7 @@ def encode(kind: Kind, sender: str, seq: int, key: bytes, sent_at_ms: int | None
         + sender_b
         + _TAIL.pack(seq, sent_at_ms)
     )
-    return body + hmac.new(key, body, hashlib.sha256).digest()
+    return body + hmac.digest(key, body, "sha256")
 
 
 def decode(datagram: bytes, keys: Callable[[str], bytes | None] | Mapping[str, bytes]) -> Tickle:
@@ -123,7 +122,7 @@ def decode(datagram: bytes, keys: Callable[[str], bytes | None] | Mapping[str, b
     if key is None:
         raise TickleRejected(RejectReason.UNKNOWN_SENDER, f"no key for sender {sender!r}")
     body, mac = datagram[:-MAC_LEN], datagram[-MAC_LEN:]
-    if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
+    if not hmac.compare_digest(mac, hmac.digest(key, body, "sha256")):
         raise TickleRejected(RejectReason.BAD_MAC, f"authenticator mismatch from {sender!r}")
     seq, sent_at_ms = _TAIL.unpack_from(datagram, start + sender_len)
     return Tickle(kind=kind, sender=sender, seq=seq, sent_at_ms=sent_at_ms)

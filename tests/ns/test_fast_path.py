@@ -14,6 +14,7 @@ from sqlalchemy import select
 from tests.ns.conftest import FakeTaskServer, Ns
 from tickle.ns.auth import require_task_server
 from tickle.ns.models import StatusEvent
+from tickle.serving import FastLane
 
 REGISTER_AGENT = "/api/ts/agents/register"
 
@@ -74,6 +75,7 @@ async def test_well_formed_pulls_event_posts_and_registrations_do_not_reach_the_
 
 
 async def test_the_fast_path_answers_as_the_routes_do(ns: Ns) -> None:
+    assert FastLane.of(ns.app) is not None  # served at the connection, past the middleware
     ts, execution = await _known(ns)
     other = await ns.task_server("ts2")
     await other.agent("pc2")

@@ -1,11 +1,19 @@
-"""What the tests of the shared modules have in common: a small real HTTP server on loopback."""
+"""What the tests of the shared modules have in common: small real HTTP servers on loopback."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import uvicorn
 from aiohttp import web
+from starlette.types import ASGIApp
+
+from tickle.config import ApiServerSettings
+from tickle.metrics import ComponentMetrics
+from tickle.serving import ServingConfig
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -24,3 +32,25 @@ async def serving(routes: dict[str, Handler]) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def serving_app(app: ASGIApp) -> AsyncIterator[tuple[int, ServingConfig]]:
+    """`app` served by uvicorn as the servers serve theirs (`ServingConfig`, default limits) on
+    127.0.0.1; yields its port and the configuration."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    config = ServingConfig(app, ApiServerSettings(), ComponentMetrics("t"), host="127.0.0.1",
+                           port=port, log_config=None)  # fmt: skip
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(10):  # uvicorn starts, or says why not
+        while not (server.started or task.done()):
+            await asyncio.sleep(0.01)
+    assert server.started, task.exception() if task.done() else "uvicorn did not start"
+    try:
+        yield port, config
+    finally:
+        server.should_exit = True
+        await task

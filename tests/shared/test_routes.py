@@ -3,9 +3,7 @@ request, and answer as FastAPI would (validated models, refusals, parameters, bo
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
-import socket
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -13,13 +11,11 @@ from typing import Annotated
 
 import aiohttp
 import pytest
-import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel
 
-from tickle.config import ApiServerSettings
-from tickle.metrics import ComponentMetrics
-from tickle.serving import JsonRoute, ServingConfig, threaded
+from tests.shared.conftest import serving_app
+from tickle.serving import JsonRoute, threaded
 
 calls: Counter[str] = Counter()
 threads: dict[str, str] = {}
@@ -98,30 +94,13 @@ async def on_loop() -> dict[str, str]:
     return {"thread": threading.current_thread().name}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 async def base_url() -> AsyncIterator[str]:
     app = FastAPI()
     app.include_router(router)
     app.include_router(plain_router)
-    port = _free_port()
-    server = uvicorn.Server(
-        ServingConfig(app, ApiServerSettings(), ComponentMetrics("t"), host="127.0.0.1",
-                      port=port, log_config=None)
-    )  # fmt: skip
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(10):  # uvicorn starts, or says why not
-        while not (server.started or task.done()):
-            await asyncio.sleep(0.01)
-    assert server.started, task.exception() if task.done() else "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
+    async with serving_app(app) as (port, _):
+        yield f"http://127.0.0.1:{port}"
 
 
 async def test_plain_endpoints_and_dependencies_run_on_the_route_threads(base_url: str) -> None:

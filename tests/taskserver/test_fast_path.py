@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import HTTPException
 
 from tests.taskserver.conftest import AGENT_SECRET, Agent, TaskServerHarness, work_for
+from tickle.serving import FastLane
 from tickle.taskserver.api import current_agent, get_enrollment
 
 REGISTER = "/api/agent/register"
@@ -34,6 +35,7 @@ async def test_well_formed_pulls_event_posts_and_registrations_do_not_reach_the_
     await h.cache_work(work_for(1, "pc1"))
     app = h.running.api
     assert app is not None
+    assert FastLane.of(app) is not None  # served at the connection, past the middleware
 
     async def at_the_route() -> None:
         raise HTTPException(status_code=418, detail="served by the route")
