@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tickle.wire import Kind, RejectReason
 
@@ -25,6 +25,26 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     300.0, 1800.0,
 )  # fmt: skip
+
+
+class Labelled:
+    """A labelled metric's children by the value of its one label, each made once:
+    prometheus_client's `labels()` costs microseconds a call, and a run-now makes several per
+    agent. For labels of a few values (kinds, triggers, statuses)."""
+
+    __slots__ = ("_children", "_label", "_metric")
+
+    def __init__(self, metric: Any, label: str) -> None:
+        self._metric = metric
+        self._label = label
+        self._children: dict[str, Any] = {}
+
+    def __call__(self, value: str) -> Any:
+        """The child for this label value (a Counter's, a Histogram's: `inc`, `observe`)."""
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self._metric.labels(**{self._label: value})
+        return child
 
 
 class ComponentMetrics:
@@ -103,6 +123,12 @@ class ComponentMetrics:
             self.tickles_received.labels(kind=kind.name.lower())
         for reason in RejectReason:
             self.tickles_rejected.labels(reason=reason.value)
+        # the counters a run-now counts per agent, their children by label value kept at hand
+        self.tickles_sent_by = Labelled(self.tickles_sent, "kind")
+        self.tickles_resent_by = Labelled(self.tickles_resent, "kind")
+        self.pulls_by = Labelled(self.pulls, "via")
+        self.status_events_by = Labelled(self.status_events, "kind")
+        self.executions_by = Labelled(self.executions, "status")
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

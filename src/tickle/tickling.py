@@ -365,10 +365,10 @@ class Tickler:
                         flight.resent = True
                 self._send(target, kind, flight.addr)
                 if attempt == 0:
-                    self._metrics.tickles_sent.labels(kind=label).inc()
+                    self._metrics.tickles_sent_by(label).inc()
                     await _call(self._on_sent, target, kind, flight.first_sent)
                 else:
-                    self._metrics.tickles_resent.labels(kind=label).inc()
+                    self._metrics.tickles_resent_by(label).inc()
                     if self._window is not None:
                         self._window.leave(flight)  # maybe lost: it must not hold the window
                 delay = next(delays, None)

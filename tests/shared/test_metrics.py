@@ -59,3 +59,14 @@ def test_the_agents_metrics_expose_what_the_component_metrics_would() -> None:
     assert light.render()[1] == full.render()[1]
     depth[0] = 5.0
     assert "tickle_outbox_depth 5.0" in light.render()[0].decode()
+
+
+def test_a_counters_children_kept_at_hand_are_its_own_and_count_in_the_exposition() -> None:
+    metrics = ComponentMetrics("task-server")
+    assert metrics.pulls_by("tickle") is metrics.pulls_by("tickle")
+    assert metrics.pulls_by("tickle") is metrics.pulls.labels(via="tickle")
+    metrics.pulls_by("tickle").inc(2)
+    metrics.status_events_by("finished").inc()
+    text = generate_latest(metrics.registry).decode()
+    assert 'tickle_pulls_total{via="tickle"} 2.0' in text
+    assert 'tickle_status_events_total{kind="finished"} 1.0' in text

@@ -83,7 +83,7 @@ class AgentPulls:
         """What `tasks` does: the work, the policy (with its JSON) and the cancels to answer."""
         if via == "tickle":
             self._agents.ack(agent.name, wire.Kind.TASKS)
-        self._metrics.pulls.labels(via=via).inc()
+        self._metrics.pulls_by(via).inc()
         if via == "poll":
             self._metrics.polls.inc()
         self._note_address(agent, peer)
@@ -120,7 +120,7 @@ class AgentPulls:
         `long_poll`), made at once."""
         clients = [c for n in names if (c := self._store.client(n)) is not None]
         pulled = self._work_cache.pulled_many([c.name for c in clients], "long_poll")
-        self._metrics.pulls.labels(via="long_poll").inc(len(clients))
+        self._metrics.pulls_by("long_poll").inc(len(clients))
         answers = {}
         settings = self._store.settings()  # read once for all of them
         for client in clients:

@@ -178,7 +178,7 @@ class WorkCache:
         )
         for e in cached:
             if e.kind == "finished" and e.status is not None and e.event_id in new:
-                self._metrics.executions.labels(status=e.status).inc()
+                self._metrics.executions_by(e.status).inc()
         return [e.event_id for e in cached]
 
     def _pullable(self, w: CachedWork) -> bool:
@@ -362,7 +362,7 @@ class WorkCache:
             seen |= mine
             w.committed.set_result(mine)
         for kind, n in counted.items():
-            self._metrics.status_events.labels(kind=kind).inc(n)
+            self._metrics.status_events_by(kind).inc(n)
 
 
 def _json(event: Event) -> str:

@@ -71,7 +71,7 @@ class DeliveryService:
             work = await on_route_thread(self._pull, ts, now, via, sent_at)
             if sent_at is not None:
                 self._tickle_server.stamped(ts.name, sent_at)
-        self._metrics.pulls.labels(via=via).inc()
+        self._metrics.pulls_by(via).inc()
         return work
 
     def _pull(
@@ -90,10 +90,10 @@ class DeliveryService:
         """Record the task server's status events (each once) and count what they did."""
         outcome = await on_route_thread(self._store.record_events, ts, events, time.time())
         for kind, count in Counter(event.kind for event in outcome.recorded).items():
-            self._metrics.status_events.labels(kind=kind).inc(count)
+            self._metrics.status_events_by(kind).inc(count)
         for latency, final in zip(outcome.run_now_to_recorded, outcome.finished, strict=True):
             self._metrics.run_now_to_recorded.observe(latency)
-            self._metrics.executions.labels(status=final).inc()
+            self._metrics.executions_by(final).inc()
         return m.EventAck(accepted=outcome.accepted)
 
     def run(self, run_id: int) -> m.RunOut:
