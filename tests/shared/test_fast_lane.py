@@ -210,3 +210,31 @@ async def test_an_http_1_0_request_is_answered_and_its_connection_closed(port: i
         writer.close()
     assert (status, body, headers["connection"]) == (200, {"pong": True}, "close")
     assert CountedClock.calls == 0
+
+
+async def test_a_body_sent_after_100_continue_is_read_and_served_at_the_connection(
+    port: int,
+) -> None:
+    reader, writer = await _connect(port)
+    try:
+        writer.write(_post("/echo", b"", extra="Expect: 100-continue\r\n").replace(
+            b"Content-Length: 0", b"Content-Length: 4"))  # fmt: skip
+        async with asyncio.timeout(5):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"[42]")
+        status, _headers, body = await _read_answer(reader)
+    finally:
+        writer.close()
+    assert (status, body) == (200, {"fast": 4})
+    assert CountedClock.calls == 0
+
+
+async def test_requests_pipelined_behind_one_passed_on_are_answered_in_order(port: int) -> None:
+    reader, writer = await _connect(port)
+    try:
+        writer.write(_post("/echo?n=pass", b"[1]") + PING + _post("/echo", b"[1, 2, 3]"))
+        answers = [await _read_answer(reader) for _ in range(3)]
+    finally:
+        writer.close()
+    assert [body for _, _, body in answers] == [{"route": 3}, {"pong": True}, {"fast": 9}]
+    assert CountedClock.calls == 1  # only the one passed on went the whole way
