@@ -822,8 +822,7 @@ class ClockHeaders:
 
         async def send_with_time(message: Message) -> None:
             if message["type"] == "http.response.start":
-                now = (_TIME_HEADER, header_value(time.time()).encode())
-                message["headers"] = [*message.get("headers", ()), now]
+                message["headers"] = [*message.get("headers", ()), _time_header()]
             await send(message)
 
         await self.app(scope, receive, send_with_time)
@@ -898,20 +897,16 @@ class FastLane:
     def _judged(self, scope: Scope) -> bool:
         """Whether the request's body is within its limit as far as `BodyLimits` would judge it
         before reading (a larger one: if its token is good, which the server checks first)."""
-        declared: int | None = None
-        token = False
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if declared is not None or not value.isdigit():
-                    return False
-                declared = int(value)
-            elif name == b"transfer-encoding" or name in _PROXY_HEADERS:
-                return False
-            elif name == b"authorization":
-                token = value[:7].lower() == b"bearer "
+        declared, streamed = _body_framing(scope)
+        if streamed or any(name in _PROXY_HEADERS for name, _ in scope["headers"]):
+            return False
         if declared is None or declared <= self.small:
             return True
-        return declared <= self.large and token and scope["path"] not in self.registrations
+        return (
+            declared <= self.large
+            and scope["path"] not in self.registrations
+            and _bearer_token(scope) is not None
+        )
 
 
 class _Lane:
@@ -965,8 +960,7 @@ class _Answer:
             if not message.get("more_body", False) and self._write(start, message):
                 return
         if start is not None:
-            now = (_TIME_HEADER, header_value(time.time()).encode())
-            await self.send({**start, "headers": [*start.get("headers", ()), now]})
+            await self.send({**start, "headers": [*start.get("headers", ()), _time_header()]})
         await self.send(message)
 
     def _write(self, start: Message, message: Message) -> bool:
@@ -976,7 +970,7 @@ class _Answer:
         body: bytes = message.get("body", b"")
         head = [STATUS_LINE[start["status"]]]
         length = -1
-        for name, value in [*cycle.default_headers, *start.get("headers", ())]:
+        for name, value in [*cycle.default_headers, *start.get("headers", ()), _time_header()]:
             if name == b"content-length":
                 length = int(value)
             elif name in (b"connection", b"transfer-encoding"):
@@ -984,7 +978,6 @@ class _Answer:
             head += (name, b": ", value, b"\r\n")
         if length != len(body):
             return False
-        head += (_TIME_HEADER, b": ", header_value(time.time()).encode(), b"\r\n")
         if not cycle.keep_alive:
             head.append(b"connection: close\r\n")
         head += (b"\r\n", body)
@@ -996,6 +989,11 @@ class _Answer:
             cycle.transport.close()
         cycle.on_response()
         return True
+
+
+def _time_header() -> tuple[bytes, bytes]:
+    """Our time, as every answer carries it (`X-Tickle-Time`)."""
+    return _TIME_HEADER, header_value(time.time()).encode()
 
 
 def arrived_at(state: Any) -> float:
