@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import event
@@ -117,7 +118,8 @@ async def test_tickle_in_flight_follows_its_task_server_to_a_new_address(ns: Ns)
 async def test_acknowledged_tickles_write_the_reachable_state_once_not_per_run(
     ns_factory: NsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ns = await ns_factory(tickle_tries=2, tickle_backoff_s=0.2, tickle_backoff_max_s=0.2)
+    # each run's tickle-caused pull must come before the tickler gives up (tries x backoff)
+    ns = await ns_factory(tickle_tries=2, tickle_backoff_s=0.5, tickle_backoff_max_s=0.5)
     written: list[str] = []
     write = ns.stores.inventory.set_task_server_state
 
@@ -128,31 +130,62 @@ async def test_acknowledged_tickles_write_the_reachable_state_once_not_per_run(
     monkeypatch.setattr(ns.stores.inventory, "set_task_server_state", counted)
     ts = await ns.task_server("ts1")
     await ts.agent("pc1")
-
-    async def state() -> str:
-        return str((await ns.ok("GET", "/api/task-servers"))[0]["tickle_state"])
-
-    async def run_and_pull(name: str) -> None:
-        await ns.run_task(["pc1"], name=name)
-        await ts.tickle(within=2.0)
-        await ts.ok("GET", "/api/ts/work?via=tickle")
-        await wait_for(lambda: _equal(state(), "reachable"), within=10.0)
-
     for i in range(3):
-        await run_and_pull(f"run{i}")
+        await _run_and_pull(ns, ts, f"run{i}")
     assert written == ["reachable"]
     # unanswered: unreachable; answered again: reachable again
     await ns.run_task(["pc1"], name="unanswered")
     for _ in range(2):
         await ts.tickle(within=2.0)
-    await wait_for(lambda: _equal(state(), "unreachable"), within=10.0)
+    await wait_for(lambda: _state_is(ns, "unreachable"), within=10.0)
     await ts.ok("GET", "/api/ts/work?via=check")  # not an ack
-    await run_and_pull("answered")
+    await _run_and_pull(ns, ts, "answered")
     assert written == ["reachable", "unreachable", "reachable"]
 
 
-async def _equal(value: Awaitable[str], wanted: str) -> bool:
-    return await value == wanted
+async def test_a_dispatch_pass_reading_during_a_state_write_does_not_hide_the_next_change(
+    ns_factory: NsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the unreachable state is still being written when a dispatch pass reads the task servers:
+    # what it read (reachable) must not replace what the tickle server knows, or the ack that
+    # follows (before the next pass) finds "reachable" already and never writes it
+    ns = await ns_factory(
+        tickle_tries=2, tickle_backoff_s=1.0, tickle_backoff_max_s=1.0, dispatch_poll_s=60.0
+    )
+    entered, release = threading.Event(), threading.Event()
+    write = ns.stores.inventory.set_task_server_state
+
+    def slow(name: str, state: str) -> None:
+        if state == "unreachable":
+            entered.set()
+            assert release.wait(10.0), "the test never released the write"
+        write(name, state)
+
+    monkeypatch.setattr(ns.stores.inventory, "set_task_server_state", slow)
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    await _run_and_pull(ns, ts, "answered-first")
+    await ns.run_task(["pc1"], name="unanswered")
+    for _ in range(2):
+        await ts.tickle(within=3.0)
+    assert await asyncio.to_thread(entered.wait, 5.0), "the unreachable state was never written"
+    await ns.tickle_server.dispatch_once()  # reads "reachable": the write is not committed
+    release.set()
+    await wait_for(lambda: _state_is(ns, "unreachable"), within=10.0)
+    await ts.ok("GET", "/api/ts/work?via=check")  # the unanswered run's work: not an ack
+    await _run_and_pull(ns, ts, "answered-again")  # tickled at once by the run, not by a pass
+
+
+async def _run_and_pull(ns: Ns, ts: FakeTaskServer, name: str) -> None:
+    """A run on pc1 whose tickle the task server answers: it ends tickle-reachable."""
+    await ns.run_task(["pc1"], name=name)
+    await ts.tickle(within=2.0)
+    await ts.ok("GET", "/api/ts/work?via=tickle")
+    await wait_for(lambda: _state_is(ns, "reachable"), within=10.0)
+
+
+async def _state_is(ns: Ns, wanted: str) -> bool:
+    return bool((await ns.ok("GET", "/api/task-servers"))[0]["tickle_state"] == wanted)
 
 
 async def test_unpulled_tickle_is_resent_with_backoff_then_task_server_is_unreachable(

@@ -63,10 +63,11 @@ class TickleServer:
         )
         self._sweeper = Sweeper(settings, stores.cancel, metrics)
         self._backoff = settings.tickle_backoff()
-        # each task server's tickle state as last read or written (see `_on_reachable`), and
-        # how many writes this process made
+        # each task server's tickle state as last read or written (see `_on_reachable`), how
+        # many writes this process started, and how many of them are not committed yet
         self._states: dict[str, str] = {}
         self._state_writes = 0
+        self._state_writing = 0
         # tickle-caused pulls that failed in a row (see `pulling`)
         self._failed_pulls: dict[tuple[str, wire.Kind], int] = {}
         # when the tasks tickle to each task server was first sent, while its work is not
@@ -216,10 +217,12 @@ class TickleServer:
         `taking_over` (the first pass after this process became the dispatcher): tickle for all
         unpulled work, also work tickled before, whose resends died with the previous dispatcher.
         """
-        state_writes = self._state_writes
+        # what is read replaces the states we know only if none of our writes was under way
+        # meanwhile: one started before and not committed yet is not in what was read
+        state_writes, writing = self._state_writes, self._state_writing
         links = await self._db(self._stores.inventory.task_server_links)
         self._links = {link.name: link for link in links}
-        if state_writes == self._state_writes:  # else ours are newer than what was read
+        if not writing and state_writes == self._state_writes:
             self._states = {link.name: link.tickle_state for link in links}
         for current in links:
             # a tickle sent before the task server moved (a run-now tickles from the links of
@@ -347,7 +350,11 @@ class TickleServer:
             return
         self._states[task_server] = state
         self._state_writes += 1
-        await self._db(self._stores.inventory.set_task_server_state, task_server, state)
+        self._state_writing += 1
+        try:
+            await self._db(self._stores.inventory.set_task_server_state, task_server, state)
+        finally:
+            self._state_writing -= 1
 
     async def _db(self, fn: Callable[..., T], *args: object) -> T:
         # the stores are synchronous: keep their I/O off the event loop
