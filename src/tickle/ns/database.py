@@ -36,9 +36,8 @@ class Database:
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite: writers take the write lock at BEGIN, so a read-then-write transaction never
         # fails half-way with "database is locked" (busy_timeout makes them queue instead)
-        self._write = sessionmaker(
-            self.engine.execution_options(tickle_write=True), expire_on_commit=False
-        )
+        self._writer = self.engine.execution_options(tickle_write=True)
+        self._write = sessionmaker(self._writer, expire_on_commit=False)
         self._closed = False
         # SQLite has one writer at a time: writers queue on this lock, each woken the moment the
         # last one commits, rather than in SQLite's busy handler, which sleeps up to 100 ms
@@ -81,6 +80,13 @@ class Database:
         """A write transaction (SQLite: holds the write lock from its start)."""
         with self._write_lock, self._write() as session, session.begin():
             yield session
+
+    @contextlib.contextmanager
+    def writing_core(self) -> Iterator[Connection]:
+        """`writing` on a Core connection, for the hot paths that use no ORM object: the
+        session's own begin and commit cost a work pull more than half its statements did."""
+        with self._write_lock, self._writer.begin() as conn:
+            yield conn
 
     def dispatcher_lock(self) -> DispatcherLock:
         return DispatcherLock(self.engine)

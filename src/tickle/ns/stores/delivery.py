@@ -14,12 +14,9 @@ from typing import Any, TypeVar, get_args
 import msgspec
 from sqlalchemy import (
     ARRAY,
-    Column,
-    ColumnElement,
     Connection,
     Integer,
     Row,
-    Select,
     Text,
     any_,
     bindparam,
@@ -204,6 +201,56 @@ AlsoInRun = Callable[[Connection, m.RunOut], None]
 # the computers a run-now may name (not forgotten), with their task server's name; built once
 # (building this select, its join above all, cost a run-now more than running it). Their groups
 # only for a run on groups (a JSON load per computer: 95 ms of a run-now on 5,000 computers)
+# `column IN :ids` built once: a statement built per call cost more than running it (its
+# construction and cache key were most of a pull's 1.7 ms). PostgreSQL: `= ANY` of one array
+# (thousands of placeholders cost psycopg more to parse than the statement costs to run).
+_IDS_SQLITE = _EXECUTIONS.c.id.in_(bindparam("ids", expanding=True))
+_IDS_PG = _EXECUTIONS.c.id == any_(cast(bindparam("ids", type_=ARRAY(Integer)), ARRAY(Integer)))
+_SET_TS_PULLED = {
+    pg: update(_EXECUTIONS).where(ids).values(ts_pulled_at=bindparam("now"))
+    for pg, ids in ((False, _IDS_SQLITE), (True, _IDS_PG))
+}
+_LOCK_EXECUTIONS = (
+    select(_EXECUTIONS.c.id).where(_IDS_PG).order_by(_EXECUTIONS.c.id).with_for_update()
+)
+_INSERT_PULLS = insert(_PULLS)
+_SQLITE_OUTPUTS = sqlite_insert(_OUTPUTS)
+_SQLITE_KEEP_OUTPUTS = _SQLITE_OUTPUTS.on_conflict_do_update(
+    index_elements=[_OUTPUTS.c.execution_id, _OUTPUTS.c.step],
+    set_={"stdout": _SQLITE_OUTPUTS.excluded.stdout, "stderr": _SQLITE_OUTPUTS.excluded.stderr},
+)
+_INSERT_RUN = insert(_RUNS).returning(_RUNS.c.id)
+_INSERT_EXECUTIONS = insert(_EXECUTIONS).returning(_EXECUTIONS.c.id, _EXECUTIONS.c.computer_id)
+# the work a tasks tickle first sent at :sent_at was for (see `_mark_tickle_sent`): the
+# executions of the task server's clients (by :ts_id or by :ts_name) not stamped yet, created
+# before it, and not pulled before it
+_CLIENTS_OF = {
+    "ts_id": select(_COMPUTERS.c.id).where(_COMPUTERS.c.task_server_id == bindparam("ts_id")),
+    "ts_name": select(_COMPUTERS.c.id)
+    .join(_TASK_SERVERS, _COMPUTERS.c.task_server_id == _TASK_SERVERS.c.id)
+    .where(_TASK_SERVERS.c.name == bindparam("ts_name")),
+}
+_TICKLED_WORK = {
+    key: (
+        _EXECUTIONS.c.computer_id.in_(clients.scalar_subquery()),
+        _EXECUTIONS.c.tickle_sent_at.is_(None),
+        _EXECUTIONS.c.created_at <= bindparam("sent_at"),
+        or_(
+            _EXECUTIONS.c.ts_pulled_at.is_(None), _EXECUTIONS.c.ts_pulled_at >= bindparam("sent_at")
+        ),
+    )
+    for key, clients in _CLIENTS_OF.items()
+}
+_STAMP_TICKLED = {
+    key: update(_EXECUTIONS).where(*covered).values(tickle_sent_at=bindparam("sent_at"))
+    for key, covered in _TICKLED_WORK.items()
+}
+_LOCK_TICKLED = {
+    key: select(_EXECUTIONS.c.id).where(*covered).order_by(_EXECUTIONS.c.id).with_for_update()
+    for key, covered in _TICKLED_WORK.items()
+}
+_STAMP_TICKLED_IDS = update(_EXECUTIONS).where(_IDS_PG).values(tickle_sent_at=bindparam("sent_at"))
+
 _UNFORGOTTEN = (
     select(_COMPUTERS.c.id, _COMPUTERS.c.name, _TASK_SERVERS.c.name.label("task_server"))
     .select_from(_COMPUTERS.outerjoin(_TASK_SERVERS))
@@ -260,9 +307,7 @@ class DeliveryStore:
             run = {"task_id": body.task_id, "job_id": body.job_id, "created_at": now}
             run_id = int(
                 conn.execute(
-                    insert(_RUNS)
-                    .values(run | {"label": label, "expires_at": expires_at})
-                    .returning(_RUNS.c.id)
+                    _INSERT_RUN, run | {"label": label, "expires_at": expires_at}
                 ).scalar_one()
             )
             # SQLAlchemy Core in one statement (PostgreSQL) or one executemany (SQLite): the
@@ -287,7 +332,7 @@ class DeliveryStore:
                 ).all()
             elif by_computer:
                 rows = conn.execute(
-                    insert(_EXECUTIONS).returning(_EXECUTIONS.c.id, _EXECUTIONS.c.computer_id),
+                    _INSERT_EXECUTIONS,
                     [execution | {"computer_id": computer_id} for computer_id in by_computer],
                 ).all()
             made = sorted((int(row[0]), int(row[1])) for row in rows)  # a run's order: by id
@@ -399,12 +444,7 @@ class DeliveryStore:
     def mark_tickle_sent(self, task_server: str, sent_at: float) -> int:
         """Stamp `tickle_sent_at` on the work that tickle was for; returns how many."""
         with self._db.writing() as s:
-            clients = (
-                select(Computer.id)
-                .join(TaskServer, Computer.task_server_id == TaskServer.id)
-                .where(TaskServer.name == task_server)
-            )
-            return _mark_tickle_sent(s, clients, sent_at)
+            return _mark_tickle_sent(s.connection(), "ts_name", task_server, sent_at)
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -418,12 +458,10 @@ class DeliveryStore:
     ) -> m.WorkOut:
         # SQLAlchemy Core: no ORM object per execution (their loading and flush were most of a
         # pull's 3 ms)
-        with self._db.writing() as s:
-            if tickle_sent_at is not None:  # before `ts_pulled_at`, which it compares with
-                clients = select(Computer.id).where(Computer.task_server_id == ts.id)
-                _mark_tickle_sent(s, clients, tickle_sent_at)
-            conn = s.connection()
+        with self._db.writing_core() as conn:
             postgresql = conn.dialect.name == "postgresql"
+            if tickle_sent_at is not None:  # before `ts_pulled_at`, which it compares with
+                _mark_tickle_sent(conn, "ts_id", ts.id, tickle_sent_at)
             stamp = _STAMP_TICKLE_PULL if via == "tickle" else _STAMP_PULL
             conn.execute(stamp, {"ts_id": ts.id, "now": now})
             rows = conn.execute(_READ_WORK, {"ts_id": ts.id}).all()
@@ -432,18 +470,9 @@ class DeliveryStore:
             if unpulled and postgresql:
                 # lock them in id order first, as `_record` does: an UPDATE of many rows locks
                 # them in its scan's order, and two pulls (two NS processes) could deadlock
-                conn.execute(
-                    select(_EXECUTIONS.c.id)
-                    .where(_id_among(_EXECUTIONS.c.id, unpulled, postgresql))
-                    .order_by(_EXECUTIONS.c.id)
-                    .with_for_update()
-                ).all()
+                conn.execute(_LOCK_EXECUTIONS, {"ids": unpulled}).all()
             if unpulled:
-                conn.execute(
-                    update(_EXECUTIONS)
-                    .where(_id_among(_EXECUTIONS.c.id, unpulled, postgresql))
-                    .values(ts_pulled_at=now)
-                )
+                conn.execute(_SET_TS_PULLED[postgresql], {"ids": unpulled, "now": now})
             new = [row.id for row in rows if row.given is None]
             if new and postgresql:
                 conn.execute(
@@ -456,7 +485,7 @@ class DeliveryStore:
                 )
             elif new:
                 conn.execute(
-                    insert(_PULLS),
+                    _INSERT_PULLS,
                     [{"execution_id": i, "task_server_id": ts.id, "pulled_at": now} for i in new],
                 )
             steps: dict[str, list[m.TaskSpec]] = {}
@@ -472,8 +501,7 @@ class DeliveryStore:
         # SQLAlchemy Core throughout: no ORM object per execution or per event (the profile had
         # half of the ingest in the ORM's loading, attribute tracking and flush)
         out = EventOutcome(accepted=[], recorded=[], run_now_to_recorded=[], finished=[])
-        with self._db.writing() as s:
-            conn = s.connection()
+        with self._db.writing_core() as conn:
             postgresql = conn.dialect.name == "postgresql"
             exec_ids = sorted({e.execution_id for e in events})
             # PostgreSQL: lock the executions first (in id order: no deadlock), so another NS
@@ -546,7 +574,7 @@ class DeliveryStore:
                     out.run_now_to_recorded.append(max(0.0, now - ex.created_at))
                     out.finished.append(after.status)
                 out.recorded.append(e)
-            _keep_outputs(s, outputs)
+            _keep_outputs(conn, outputs)
             moved = [(ex_id, after) for ex_id, after in progress.items() if after != initial[ex_id]]
             if moved and postgresql:  # one UPDATE from one JSON document (see `bulk`)
                 changed = [_progress_params(ex_id, after) for ex_id, after in moved]
@@ -558,38 +586,22 @@ class DeliveryStore:
         return out
 
 
-def _mark_tickle_sent(s: Session, clients: Select[int], sent_at: float) -> int:
+def _mark_tickle_sent(conn: Connection, key: str, task_server: int | str, sent_at: float) -> int:
     """Stamp `tickle_sent_at` on the work of the tickle first sent at `sent_at` to the task
-    server of the computers `clients`: its clients' executions not stamped yet, created before
-    it, and not pulled before it. Returns how many."""
-    covered = [
-        Execution.computer_id.in_(clients.scalar_subquery()),
-        Execution.tickle_sent_at.is_(None),
-        Execution.created_at <= sent_at,
-        or_(Execution.ts_pulled_at.is_(None), Execution.ts_pulled_at >= sent_at),
-    ]
-    if s.get_bind().dialect.name == "postgresql":
+    server `task_server` (its id, `key` "ts_id", or its name, "ts_name"): its clients'
+    executions not stamped yet, created before it, and not pulled before it. Returns how many."""
+    params: dict[str, Any] = {key: task_server, "sent_at": sent_at}
+    if conn.dialect.name == "postgresql":
         # lock them in id order first, as a pull and `_record` do: this UPDATE alone
         # locks them in its scan's order, and the pull the tickle caused, stamping the
         # same rows at once, deadlocked with it (the pull, already taken as the tickle's
         # acknowledgement, failed: its task server waited for its periodic check)
-        ids = list(
-            s.scalars(
-                select(Execution.id)
-                .where(*covered)
-                .order_by(Execution.id)
-                .with_for_update(of=Execution)
-            )
-        )
+        ids = list(conn.scalars(_LOCK_TICKLED[key], params))
         if not ids:
             return 0
-        covered = [_id_among(_EXECUTIONS.c.id, ids, postgresql=True)]
-    result = s.execute(
-        update(Execution)
-        .where(*covered)
-        .values(tickle_sent_at=sent_at)
-        .execution_options(synchronize_session=False)
-    )
+        result = conn.execute(_STAMP_TICKLED_IDS, {"ids": ids, "sent_at": sent_at})
+    else:
+        result = conn.execute(_STAMP_TICKLED[key], params)
     return int(getattr(result, "rowcount", 0) or 0)
 
 
@@ -656,23 +668,16 @@ def _body(e: lifecycle.Event, postgresql: bool) -> Any:
     return _BODY_ENCODER.encode(fields).decode()
 
 
-def _keep_outputs(s: Session, rows: list[dict[str, Any]]) -> None:
+def _keep_outputs(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """Keep the steps' outputs (a step reported again replaces it: the last one wins)."""
     last = list({(r["execution_id"], r["step"]): r for r in rows}.values())  # one row per key
     if not last:
         return
     # the NS runs on SQLite or PostgreSQL only (its settings refuse any other database)
-    if s.get_bind().dialect.name == "postgresql":
-        s.connection().execute(_PG_KEEP_OUTPUTS, {"rows": bulk.rows(last)})
-        return
-    stmt = sqlite_insert(_OUTPUTS)
-    s.connection().execute(
-        stmt.on_conflict_do_update(
-            index_elements=[_OUTPUTS.c.execution_id, _OUTPUTS.c.step],
-            set_={"stdout": stmt.excluded.stdout, "stderr": stmt.excluded.stderr},
-        ),
-        last,
-    )
+    if conn.dialect.name == "postgresql":
+        conn.execute(_PG_KEEP_OUTPUTS, {"rows": bulk.rows(last)})
+    else:
+        conn.execute(_SQLITE_KEEP_OUTPUTS, last)
 
 
 def _steps(s: Session, body: m.RunCreate) -> tuple[str, list[dict[str, Any]], str]:
@@ -722,14 +727,6 @@ def _targets(conn: Connection, body: m.RunCreate) -> list[Any]:
         if empty:
             raise NotFound(f"no computer in group(s): {', '.join(empty)}")
     return list(chosen.values())
-
-
-def _id_among(column: Column[int], ids: list[int], postgresql: bool) -> ColumnElement[bool]:
-    """`column IN ids`; on PostgreSQL as `= ANY` of one array (thousands of placeholders cost
-    psycopg more to parse than the statement costs to run)."""
-    if postgresql:
-        return column == any_(cast(bindparam("ids", ids, type_=ARRAY(Integer)), ARRAY(Integer)))
-    return column.in_(ids)
 
 
 def _get(s: Session, table: type[_Row], ident: int | None, what: str) -> _Row:
