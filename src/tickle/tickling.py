@@ -42,8 +42,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from tickle import wire
 from tickle.backoff import Backoff
@@ -305,7 +306,7 @@ class Tickler:
             return
         flight = _InFlight(addr=addr, first_sent=time.time(), target=target)
         self._inflight[(target, kind)] = flight
-        flight.task = asyncio.create_task(self._deliver(target, kind, flight))
+        flight.task = _start(self._deliver(target, kind, flight))
 
     def readdress(self, target: str, addr: tuple[str, int]) -> None:
         """`target` is now at `addr`: its tickles in flight are resent there."""
@@ -462,6 +463,17 @@ class Tickler:
             self._transport.sendto(datagram, addr)
         except OSError as exc:  # unroutable address: counts as a lost datagram
             log.warning("tickle to %s %s failed: %s", target, addr, exc)
+
+
+def _start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """The flight's task, run at once up to its first wait (Python 3.12+): its first send goes
+    out now, not after whatever the caller does before it next yields (a run-now's answer was
+    serialized and written before its tickle left)."""
+    eager = getattr(asyncio, "eager_task_factory", None)
+    if eager is None:
+        return asyncio.create_task(coro)
+    task: asyncio.Task[None] = eager(asyncio.get_running_loop(), coro)
+    return task
 
 
 async def _call(cb: Callable[..., Awaitable[None] | None] | None, *args: object) -> None:

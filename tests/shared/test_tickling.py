@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+import pytest
 
 from tickle import tickling as tickling_module
 from tickle import wire
@@ -85,6 +88,19 @@ async def test_tickle_is_resent_until_acked_then_stops() -> None:
     finally:
         await tickler.close()
         transport.close()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks came with Python 3.12")
+async def test_the_first_send_leaves_inside_the_tickle_call_not_when_the_caller_yields() -> None:
+    # a run-now's tickle waited for its own answer to be serialized and written first
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind(("127.0.0.1", 0))
+        rx.setblocking(False)
+        async with tickling(0, fast()) as (tickler, _, _):
+            tickler.tickle("ts1", rx.getsockname())
+            data = rx.recv(2048)  # no await since: it must be here already
+            assert wire.TickleGuard({"ns": KEY}).check(data).kind is wire.Kind.TASKS
+            assert tickler.ack("ts1")
 
 
 async def test_target_is_declared_unreachable_after_the_last_try() -> None:
