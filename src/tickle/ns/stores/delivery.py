@@ -121,6 +121,19 @@ _PG_INSERT_EXECUTIONS = bulk.insert(
     ],
     returning=["id", "computer_id"],
 )
+# SQLite: likewise one INSERT of the computers as one JSON array (`json_each`), the other columns
+# the same in every row and bound once, `steps` and `step_results` as JSON text written once: an
+# executemany bound every row's parameters and wrote each row's steps to JSON again (a run-now
+# on 10,000 computers: 0.6 s before its commit, the first tickle waiting for it)
+_SQLITE_EXECUTION_FIXED = (
+    "run_id", "task_id", "job_id", "kind", "steps", "status", "step_results", "created_at",
+    "expires_at",
+)  # fmt: skip
+_SQLITE_INSERT_EXECUTIONS = (
+    f"INSERT INTO {_EXECUTIONS.name} ({', '.join(_SQLITE_EXECUTION_FIXED)}, computer_id) "  # noqa: S608 (the model's names; values bound)
+    f"SELECT {', '.join('?' * len(_SQLITE_EXECUTION_FIXED))}, value FROM json_each(?) "
+    "ORDER BY key RETURNING id, computer_id"
+)
 # PostgreSQL: a batch's step outputs in one statement (an executemany was one per output)
 _PG_KEEP_OUTPUTS = bulk.insert(
     _OUTPUTS,
@@ -220,7 +233,6 @@ _SQLITE_KEEP_OUTPUTS = _SQLITE_OUTPUTS.on_conflict_do_update(
     set_={"stdout": _SQLITE_OUTPUTS.excluded.stdout, "stderr": _SQLITE_OUTPUTS.excluded.stderr},
 )
 _INSERT_RUN = insert(_RUNS).returning(_RUNS.c.id)
-_INSERT_EXECUTIONS = insert(_EXECUTIONS).returning(_EXECUTIONS.c.id, _EXECUTIONS.c.computer_id)
 # the work a tasks tickle first sent at :sent_at was for (see `_mark_tickle_sent`): the
 # executions of the task server's clients (by :ts_id or by :ts_name) not stamped yet, created
 # before it, and not pulled before it
@@ -331,9 +343,10 @@ class DeliveryStore:
                     | {"rows": bulk.rows([{"computer_id": c} for c in by_computer])},
                 ).all()
             elif by_computer:
-                rows = conn.execute(
-                    _INSERT_EXECUTIONS,
-                    [execution | {"computer_id": computer_id} for computer_id in by_computer],
+                fixed = execution | {"steps": json.dumps(steps), "step_results": "[]"}
+                rows = conn.exec_driver_sql(
+                    _SQLITE_INSERT_EXECUTIONS,
+                    (*(fixed[c] for c in _SQLITE_EXECUTION_FIXED), json.dumps(list(by_computer))),
                 ).all()
             made = sorted((int(row[0]), int(row[1])) for row in rows)  # a run's order: by id
             timeline = views.new_timeline(now)
