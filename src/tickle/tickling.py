@@ -465,14 +465,16 @@ class Tickler:
             log.warning("tickle to %s %s failed: %s", target, addr, exc)
 
 
+_EAGER = getattr(asyncio, "eager_task_factory", None)  # Python 3.12+
+
+
 def _start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     """The flight's task, run at once up to its first wait (Python 3.12+): its first send goes
     out now, not after whatever the caller does before it next yields (a run-now's answer was
     serialized and written before its tickle left)."""
-    eager = getattr(asyncio, "eager_task_factory", None)
-    if eager is None:
+    if _EAGER is None:
         return asyncio.create_task(coro)
-    task: asyncio.Task[None] = eager(asyncio.get_running_loop(), coro)
+    task: asyncio.Task[None] = _EAGER(asyncio.get_running_loop(), coro)
     return task
 
 

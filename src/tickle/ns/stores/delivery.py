@@ -460,8 +460,8 @@ class DeliveryStore:
 
     def mark_tickle_sent(self, task_server: str, sent_at: float) -> int:
         """Stamp `tickle_sent_at` on the work that tickle was for; returns how many."""
-        with self._db.writing() as s:
-            return _mark_tickle_sent(s.connection(), "ts_name", task_server, sent_at)
+        with self._db.writing_core() as conn:
+            return _mark_tickle_sent(conn, "ts_name", task_server, sent_at)
 
     # --- helpers -------------------------------------------------------------------------------
 
