@@ -216,7 +216,8 @@ class OutboxForwarder:
     way waits for that batch's answer (an agent's `finished` for its `started`'s, which the task
     server gives only once the event is on its disk). A failed send closes the gate to every
     send for its backoff; its events go again after it, maybe after later ones (the next hop
-    records by event id, and a status never moves back).
+    records by event id, and a status never moves back). `reopen` ends that backoff early (the
+    next hop answered another request), unless the next hop said how long to wait (Retry-After).
     """
 
     BUSY_S = 0.1
@@ -247,6 +248,8 @@ class OutboxForwarder:
         self._backoff = backoff or Backoff(base_s=0.2, max_s=10.0, tries=None, full_jitter=True)
         self._attempt = 0  # failed sends in a row
         self._gate_until = 0.0  # no send before this (monotonic): a failed one's backoff
+        self._gate_cuttable = False  # `reopen` may end it (no Retry-After said)
+        self._reopened = asyncio.Event()
         self._batch_size = batch_size
         self._batch_bytes = batch_bytes
         self._wake = asyncio.Event()
@@ -295,6 +298,14 @@ class OutboxForwarder:
         self._idle.clear()
         self._wake.set()
 
+    def reopen(self) -> None:
+        """The next hop answers again: a failed send's backoff ends now, unless the next hop
+        asked for it (Retry-After)."""
+        if self._gate_cuttable and self._gate_until > time.monotonic():
+            self._gate_until = 0.0
+            self._gate_cuttable = False
+            self._reopened.set()
+
     def _cancel_deferred(self) -> None:
         if self._deferred is not None:
             self._deferred.cancel()
@@ -335,7 +346,9 @@ class OutboxForwarder:
             # hammered
             wait = self._gate_until - time.monotonic()
             if wait > 0:
-                await asyncio.sleep(wait)
+                self._reopened.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reopened.wait(), wait)
                 self._wake.set()  # look again: the gate may have moved meanwhile
                 continue
             while len(self._flights) < self._in_flight:
@@ -361,12 +374,13 @@ class OutboxForwarder:
                 accepted = await self._send([body for _, body in batch])
             except Exception as exc:
                 # no sooner than a busy next hop asked (Retry-After), spread after that
-                delay = self._backoff.wait(self._attempt, retry_after_s(exc))
+                retry_after = retry_after_s(exc)
+                delay = self._backoff.wait(self._attempt, retry_after)
                 self._attempt += 1
                 log.warning(
                     "forwarding %d events failed (%s); retry in %.1fs", len(batch), exc, delay
                 )
-                self._close_gate(delay)
+                self._close_gate(delay, cuttable=not retry_after)
                 return
             self._attempt = 0
             ids = {eid for eid, _ in batch} & set(accepted)
@@ -381,8 +395,11 @@ class OutboxForwarder:
                 self._flights.pop(task, None)
             self._wake.set()
 
-    def _close_gate(self, delay: float) -> None:
-        self._gate_until = max(self._gate_until, time.monotonic() + delay)
+    def _close_gate(self, delay: float, cuttable: bool = False) -> None:
+        until = time.monotonic() + delay
+        if until > self._gate_until:
+            self._gate_until = until
+            self._gate_cuttable = cuttable
 
     async def _linger(self) -> None:
         """While busy, wait until `linger_s` after the previous send started, unless a full

@@ -101,6 +101,29 @@ async def test_run_now_tickles_a_known_task_server_at_once_without_a_dispatch_pa
         stuck.set()
 
 
+async def test_a_dispatcher_taking_over_tickles_for_work_pulled_but_still_pending(ns: Ns) -> None:
+    """An NS killed while it answered a work pull had committed `ts_pulled_at`, but its answer may
+    never have reached the task server, which then waits out its retry schedule (seconds after
+    an NS restart: S6 of issue 10). The process that dispatches next (the restarted one, or a
+    PostgreSQL standby taking over) tickles for every execution still pending, pulled or not;
+    a task server that has it already finds nothing new in its pull."""
+    ts = await ns.task_server("ts1")
+    await ts.agent("pc1")
+    run = await ns.run_task(["pc1"])
+    await ts.tickle(within=2.0)
+    await ts.ok("GET", "/api/ts/work?via=tickle")  # pulled: the answer lost on its way
+    await ts.no_tickle(within=2 * ns.settings.tickle_backoff_max_s)  # acknowledged
+
+    await ns.tickle_server.dispatch_once(taking_over=True)
+    tickle, _ = await ts.tickle(within=2.0)
+    assert tickle.kind is wire.Kind.TASKS
+    work = await ts.ok("GET", "/api/ts/work?via=tickle")
+    assert [w["execution_id"] for w in work["executions"]] == [run["executions"][0]["id"]]
+    # a pass of the dispatcher that did not just take over leaves pulled work alone
+    await ns.tickle_server.dispatch_once()
+    await ts.no_tickle(within=2 * ns.settings.tickle_backoff_max_s)
+
+
 async def test_tickle_in_flight_follows_its_task_server_to_a_new_address(ns: Ns) -> None:
     ts = await ns.task_server("ts1")
     await ts.agent("pc1")

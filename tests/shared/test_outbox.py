@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tickle.backoff import Backoff
+from tickle.http import ApiError
 from tickle.messages import StatusEvent
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import FORWARDED_KEEP_S, Outbox, OutboxForwarder, new_event_id
@@ -85,6 +86,52 @@ async def test_forwarder_retries_until_the_next_hop_accepts(tmp_path: Path) -> N
     assert sorted(delivered) == sorted(f"e{i}:body" for i in range(5))
     assert metrics.outbox_depth._value.get() == 0
     box.close()
+
+
+async def _refused_once_then_reopened(tmp_path: Path, error: Exception) -> tuple[bool, int]:
+    """A send refused with `error` under a 60 s backoff, then `reopen`: (drained within 3 s,
+    sends)."""
+    box = Outbox(tmp_path / "o.db")
+    sends = 0
+
+    async def send(bodies: list[str]) -> list[str]:
+        nonlocal sends
+        sends += 1
+        if sends == 1:
+            raise error
+        return [b.split(":")[0] for b in bodies]
+
+    box.put_many([("e1", "e1:body")])
+    backoff = Backoff(base_s=60.0, max_s=60.0, tries=None, jitter=0)
+    fwd = OutboxForwarder(box, send, ComponentMetrics("test"), backoff)
+    fwd.start()
+    try:
+        async with asyncio.timeout(5):
+            while sends < 1:
+                await asyncio.sleep(0.01)
+        fwd.reopen()  # the next hop answered another request of ours
+        drained = await fwd.drained(3)
+    finally:
+        await fwd.stop()
+        box.close()
+    return drained, sends
+
+
+async def test_a_failed_send_s_backoff_ends_when_the_next_hop_answers_again(
+    tmp_path: Path,
+) -> None:
+    drained, sends = await _refused_once_then_reopened(tmp_path, ConnectionError("hop away"))
+    assert drained
+    assert sends == 2
+
+
+async def test_a_retry_after_the_next_hop_asked_for_is_waited_out_whatever_it_answers(
+    tmp_path: Path,
+) -> None:
+    busy = ApiError(429, "busy", "http://next-hop/api", retry_after_s=60)
+    drained, sends = await _refused_once_then_reopened(tmp_path, busy)
+    assert not drained
+    assert sends == 1
 
 
 async def test_only_accepted_events_leave_the_outbox(tmp_path: Path) -> None:

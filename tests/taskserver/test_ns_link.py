@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
@@ -12,7 +13,10 @@ import pytest
 from tests.reliability import record
 from tests.taskserver.conftest import FakeNs, TaskServerHarness, wait_until, work_for
 from tickle import wire
-from tickle.messages import SettingsOut, StatusEvent
+from tickle.backoff import Backoff
+from tickle.http import ApiError
+from tickle.messages import SettingsOut, StatusEvent, TsPullVia
+from tickle.taskserver.ns_sync import Coalesced
 from tickle.taskserver.service import main
 
 
@@ -301,3 +305,34 @@ async def test_a_batch_too_large_for_the_ns_is_sent_again_in_parts_and_nothing_i
     assert status == 200
     assert await task_server.reported(10)
     assert sorted(task_server.ns.events) == sorted(str(e["event_id"]) for e in events)
+
+
+async def _pulls_when_the_ns_is_back(retry_after: float | None, wait_s: float) -> list[str]:
+    """A work pull answered 503 (with `retry_after`) under a 60 s backoff, then the NS answers
+    another request: the pulls made within `wait_s` of that (their `via`)."""
+    runs: list[str] = []
+
+    async def job(via: TsPullVia) -> None:
+        runs.append(via)
+        if len(runs) == 1:
+            raise ApiError(503, "restarting", "http://ns/api/ts/work", retry_after)
+
+    pull = Coalesced("work pull", job, Backoff(base_s=60.0, max_s=60.0, tries=None, jitter=0))
+    pull.trigger("tickle")
+    await wait_until(lambda: runs, within_s=5, what="the first pull")
+    await asyncio.sleep(0)  # into the retry's wait
+    pull.retry_now()  # the NS answered another request
+    with contextlib.suppress(AssertionError):
+        await wait_until(lambda: len(runs) == 2, within_s=wait_s, what="the pull again")
+    await pull.close()
+    return runs
+
+
+async def test_a_work_pull_waiting_out_its_retry_goes_once_the_ns_answers_another_request() -> None:
+    # the pull that found the NS away goes when the NS is back, not 5-7 s later on the retry's
+    # own schedule (S6 of issue 10); it is still the tickle's pull: it acknowledges the tickle
+    assert await _pulls_when_the_ns_is_back(None, 5) == ["tickle", "tickle"]
+
+
+async def test_a_work_pull_waits_out_the_retry_after_the_ns_said_whatever_else_it_answers() -> None:
+    assert await _pulls_when_the_ns_is_back(60.0, 0.5) == ["tickle"]

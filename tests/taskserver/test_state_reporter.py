@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
+
+import pytest
 
 from tickle.backoff import Backoff
+from tickle.http import ApiError
 from tickle.messages import ComputerState, TaskServerCredentials
 from tickle.taskserver import state_reporter
 from tickle.taskserver.ns_client import NsClient
@@ -34,6 +39,69 @@ async def test_a_state_report_a_busy_ns_refused_is_sent_again_after_its_retry_af
         assert [s.name for s in fake_ns.states] == ["pc1"]
     finally:
         await reporter.close()
+        await ns.close()
+
+
+@contextlib.asynccontextmanager
+async def _refused_report(fake_ns: FakeNs, backoff: Backoff) -> AsyncIterator[None]:
+    """A report the NS refuses once (as `fake_ns` is set to), then an answer of the NS to
+    another request (it is back); the reporter stops when the block ends."""
+    ns = NsClient(fake_ns.url)
+    creds = TaskServerCredentials(name="ts1", token=fake_ns.ts_token, tickle_key="", ns_id="ns")
+    ns.use_credentials(creds, reregister=_never)
+    reporter = StateReporter(ns, backoff)
+    reporter.start()
+    try:
+        reporter.report(ComputerState(name="pc1", tickle_state="unreachable", at=time.time()))
+        await wait_until(lambda: fake_ns.count("states") == 1, within_s=10, what="the refusal")
+        await ns.clients()  # answered: the NS is back
+        yield
+    finally:
+        await reporter.close()
+        await ns.close()
+
+
+async def test_a_state_report_that_found_the_ns_away_goes_as_soon_as_it_answers_another_request(
+    fake_ns: FakeNs,
+) -> None:
+    # an NS restart: each of a task server's senders waited out its own jittered retry, the last
+    # 5-7 s after the NS answered its first request (S6 of issue 10)
+    fake_ns.states_busy = 1  # 429 without Retry-After: our own backoff says when (60 s here)
+    async with _refused_report(fake_ns, Backoff(base_s=60.0, max_s=60.0, tries=3, jitter=0.0)):
+        await wait_until(lambda: fake_ns.states, within_s=5, what="the report sent again")
+    assert [s.name for s in fake_ns.states] == ["pc1"]
+    assert fake_ns.count("states") == 2
+
+
+async def test_a_state_report_waits_out_the_retry_after_of_a_busy_ns_whatever_else_it_answers(
+    fake_ns: FakeNs,
+) -> None:
+    fake_ns.states_busy = 1
+    fake_ns.refusal_retry_after_s = 60
+    async with _refused_report(fake_ns, Backoff(base_s=0.05, max_s=0.1, tries=3, jitter=0.0)):
+        await asyncio.sleep(1.0)  # nothing to wait for: the report must not come
+    assert fake_ns.count("states") == 1
+
+
+async def test_the_ns_client_says_once_that_the_ns_is_back_after_a_request_found_it_away(
+    fake_ns: FakeNs,
+) -> None:
+    ns = NsClient(fake_ns.url)
+    creds = TaskServerCredentials(name="ts1", token=fake_ns.ts_token, tickle_key="", ns_id="ns")
+    ns.use_credentials(creds, reregister=_never)
+    back: list[float] = []
+    ns.on_back(lambda: back.append(time.monotonic()))
+    try:
+        await ns.clients()
+        assert back == []  # never away
+        fake_ns.states_busy = 1
+        with pytest.raises(ApiError):
+            await ns.computer_states([ComputerState(name="pc1", at=time.time())])
+        assert back == []
+        await ns.clients()
+        await ns.clients()
+        assert len(back) == 1
+    finally:
         await ns.close()
 
 

@@ -5,9 +5,9 @@ woken at once by a change committed in this process (`notify`: a run-now, a comp
 settings) and every `dispatch_poll_s` otherwise, so a run-now committed by another NS API process
 sharing a PostgreSQL database is announced too. With PostgreSQL only the holder of an advisory lock
 dispatches; a process that becomes the dispatcher (at start, or taking over from a dead one) first
-tickles for all unpulled work, also work tickled before whose resends stopped with the previous
-dispatcher. A settings version change in the database makes it send a SETTINGS tickle to every task
-server.
+tickles for all pending work: also work tickled before whose resends stopped with the previous
+dispatcher, and work pulled whose answer may have been lost with it. A settings version change in
+the database makes it send a SETTINGS tickle to every task server.
 
 Acknowledgement: only a pull a tickle caused (`via=tickle`) acknowledges; the task server's
 periodic check or its pull at start does not (a tickle that never arrives must end unreachable).
@@ -215,7 +215,8 @@ class TickleServer:
         """One pass: refresh links, ack pulls seen in the database, tickle for new work/settings.
 
         `taking_over` (the first pass after this process became the dispatcher): tickle for all
-        unpulled work, also work tickled before, whose resends died with the previous dispatcher.
+        pending work, also work tickled before, whose resends died with the previous dispatcher,
+        and work pulled whose answer may have died with it (see `pending_tickles`).
         """
         # what is read replaces the states we know only if none of our writes was under way
         # meanwhile: one started before and not committed yet is not in what was read

@@ -4,11 +4,17 @@ The task server registers once and keeps its credentials; it registers again onl
 answers 401 to the stored token (the NS lost or rotated them), then repeats the request once.
 Every request carries our time and every answer the NS's (`X-Tickle-Time`): the NS measures our
 clock, and `clock_offset_s` is our own measure of how far our clock is off the NS's.
+
+The first answer after a request found the NS away (no answer, 5xx, 429) calls the `on_back`
+callbacks: what waits out a retry delay for the NS (a state report, the event outbox, a work
+pull) goes at once instead of seconds later, each on its own schedule (S6 of issue 10: after an
+NS restart, a task server's last requests came 5-7 s after the NS answered its first).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,7 +25,7 @@ import pydantic_core
 from pydantic import BaseModel
 
 from tickle.clock import OffsetEstimator
-from tickle.http import ApiError, client_session, request
+from tickle.http import ApiError, client_session, request, retry_after_s
 from tickle.messages import (
     AgentCredentials,
     AgentRegistration,
@@ -42,6 +48,7 @@ T = TypeVar("T")
 REFUSED_FOR_GOOD = frozenset({403, 422})
 # a batch over the NS's max_body_bytes: sent again in parts (one event always fits)
 TOO_LARGE = 413
+BUSY = 429
 # posts the NS may get twice (it records status events by id, states are set, not added)
 IDEMPOTENT_POSTS = frozenset({"/api/ts/events", "/api/ts/computers/state"})
 
@@ -60,6 +67,8 @@ class NsClient:
         self._reregister: Register | None = None
         self._reregister_lock = asyncio.Lock()
         self._ns_clock = OffsetEstimator()  # samples of the NS's offset from us
+        self._away = False  # a request found the NS away and none was answered since
+        self._on_back: list[Callable[[], None]] = []
 
     @property
     def clock_offset_s(self) -> float | None:
@@ -71,6 +80,10 @@ class NsClient:
         """Authenticate with `creds`; call `reregister` when the NS no longer knows them."""
         self._token = creds.token
         self._reregister = reregister
+
+    def on_back(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever the NS answers again after a request found it away."""
+        self._on_back.append(callback)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -187,10 +200,27 @@ class NsClient:
     async def _send(
         self, method: str, path: str, body: Any, params: dict[str, str] | None, answer: Any
     ) -> Any:
-        return await request(
-            self._http(), method, self._url(path), body=body, params=params, answer=answer,
-            token=self._token, idempotent=method == "GET" or path in IDEMPOTENT_POSTS,
-        )  # fmt: skip
+        try:
+            result = await request(
+                self._http(), method, self._url(path), body=body, params=params, answer=answer,
+                token=self._token, idempotent=method == "GET" or path in IDEMPOTENT_POSTS,
+            )  # fmt: skip
+        except ApiError as exc:
+            self._answered(not away(exc))
+            raise
+        except (aiohttp.ClientError, TimeoutError):
+            self._answered(False)
+            raise
+        self._answered(True)
+        return result
+
+    def _answered(self, answered: bool) -> None:
+        if not answered:
+            self._away = True
+        elif self._away:
+            self._away = False
+            for callback in self._on_back:
+                callback()
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -204,6 +234,33 @@ class NsClient:
 
     def _url(self, path: str) -> str:
         return self.ns_url + path
+
+
+class UntilBack:
+    """A retry's wait that the NS's answering again cuts short (see `NsClient.on_back`), unless
+    the NS said how long to wait (Retry-After: a busy NS is not asked again sooner)."""
+
+    def __init__(self, ns: NsClient) -> None:
+        self._back = asyncio.Event()
+        ns.on_back(self._back.set)
+
+    async def wait(self, delay: float, problem: BaseException) -> None:
+        """Wait `delay` after `problem`; less if the NS answers again meanwhile."""
+        if retry_after_s(problem):
+            await asyncio.sleep(delay)
+            return
+        self._back.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._back.wait(), delay)
+
+
+def away(exc: BaseException) -> bool:
+    """Whether a failed request found the NS away (no answer, 5xx) or busy (429), not
+    answering: tried again later, and its wait cut short once the NS answers again (see
+    `NsClient.on_back`) unless the NS said how long to wait (Retry-After)."""
+    if isinstance(exc, ApiError):
+        return exc.status >= 500 or exc.status == BUSY
+    return isinstance(exc, aiohttp.ClientError | TimeoutError)
 
 
 def _parsed(bodies: list[str]) -> list[StatusEvent]:

@@ -11,7 +11,8 @@ A pull that failed because the NS is away or busy (no answer, 5xx, 429) is tried
 after the NS's Retry-After, with full jitter, until it answers: an NS that restarted under a
 pull its tickle caused may not tickle again, and the periodic check may be a minute off. The task
 servers of a restarted NS come back spread over the window; a trigger meanwhile (the NS's tickle:
-it is back) pulls at once.
+it is back) pulls at once, and so does an answer of the NS to another request of this task
+server's (`NsClient.on_back`) unless the NS said how long to wait (Retry-After).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class NsSync:
         self._default_interval_s = default_interval_s
         self.work = Coalesced("work pull", self._pull_work)
         self.settings = Coalesced("settings pull", self._pull_settings)
+        ns.on_back(self.work.retry_now)
+        ns.on_back(self.settings.retry_now)
         self._interval_changed = asyncio.Event()
         self._periodic: asyncio.Task[None] | None = None
 
@@ -128,8 +131,14 @@ class Coalesced:
         self._retry = retry
         self._again: TsPullVia | None = None
         self._triggered = asyncio.Event()  # cuts a retry's wait short
+        self._cuttable = False  # in a retry's wait that the NS's return may cut (no Retry-After)
         self._task: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []  # `run` calls: for the next try to end
+
+    def retry_now(self) -> None:
+        """The NS answered again: a retry waiting for it (not for its Retry-After) goes now."""
+        if self._cuttable:
+            self._triggered.set()
 
     def trigger(self, via: TsPullVia) -> None:
         if self._task is not None and not self._task.done():
@@ -172,8 +181,12 @@ class Coalesced:
                     log.warning("%s from the NS failed: %s; retry %d in %.1fs",
                                 self._name, exc, failures, delay)  # fmt: skip
                     _release(waiting)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._triggered.wait(), delay)
+                    self._cuttable = not retry_after_s(exc)
+                    try:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._triggered.wait(), delay)
+                    finally:
+                        self._cuttable = False
                     # the same pull again (one a tickle caused still acknowledges it), merged
                     # with what was asked for meanwhile
                     again = self._again

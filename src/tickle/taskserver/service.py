@@ -153,6 +153,7 @@ class TaskServer:
             busy_events=FORWARD_BUSY_EVENTS,
             in_flight=FORWARD_IN_FLIGHT,
         )
+        self.ns.on_back(self.forwarder.reopen)  # events waiting out a retry go once the NS is back
         # the agents' pulls and events commit in groups, synced off the event loop
         self.wal_sync = localdb.WalSync([self.store.path, settings.state_dir / OUTBOX_FILE])
         self.work_cache = WorkCache(self.store, self.forwarder, self.metrics, self.wal_sync)

@@ -8,8 +8,9 @@ address) are reported at once, and those that follow a report within `COALESCE_S
 after that (a run-now on a fleet turns its agents reachable one pull after another: one post each
 would cost the NS a write per pull). Reports are merged per computer (the latest wins), posted
 in order by one background worker in parts of at most `BATCH` computers, retried with backoff (full
-jitter, after a busy NS's `Retry-After`: the task servers of a restarted NS come back spread), and
-dropped with a warning after the last try. Computers the NS answers it does not know (forgotten
+jitter, after a busy NS's `Retry-After`: the task servers of a restarted NS come back spread; at
+once when the NS answers another request, unless it said Retry-After), and dropped with a warning
+after the last try. Computers the NS answers it does not know (forgotten
 by the operator) are handed to `on_forgotten`, which drops their credentials.
 """
 
@@ -27,7 +28,7 @@ import aiohttp
 from tickle.backoff import Backoff
 from tickle.http import ApiError, retry_after_s
 from tickle.messages import ComputerState, TickleState
-from tickle.taskserver.ns_client import NsClient
+from tickle.taskserver.ns_client import NsClient, UntilBack
 
 log = logging.getLogger(__name__)
 BATCH = 1000  # computers per report
@@ -49,6 +50,7 @@ class StateReporter:
     ) -> None:
         self._ns = ns
         self._backoff = backoff or RETRY
+        self._until_back = UntilBack(ns)  # a retry goes once the NS answered another request
         self._contact_interval_s = contact_interval_s
         self._on_forgotten = on_forgotten
         self._pending: dict[str, ComputerState] = {}
@@ -152,7 +154,7 @@ class StateReporter:
                 return
             delay = self._backoff.wait(attempt - 1, retry_after_s(problem))
             log.info("computer states not delivered (%s); retry in %.1fs", problem, delay)
-            await asyncio.sleep(delay)
+            await self._until_back.wait(delay, problem)
 
 
 def _names(batch: list[ComputerState]) -> str:

@@ -441,12 +441,16 @@ class DeliveryStore:
 
     # --- the tickle server's view --------------------------------------------------------------
 
-    def pending_tickles(self, tickled_too: bool = False) -> list[PendingTickle]:
-        """Task servers with pending executions that were neither tickled for nor pulled yet
-        (`tickled_too`: not pulled yet, tickled or not)."""
-        unpulled = [Execution.status == "pending", Execution.ts_pulled_at.is_(None)]
-        if not tickled_too:
-            unpulled.append(Execution.tickle_sent_at.is_(None))
+    def pending_tickles(self, taking_over: bool = False) -> list[PendingTickle]:
+        """Task servers with pending executions that were neither tickled for nor pulled yet.
+
+        `taking_over` (a dispatcher's first pass): with any pending execution, tickled or pulled
+        or not. The tickles of the dispatcher before died with it, and so may have the answer to
+        a pull it had committed as `ts_pulled_at`: the task server that never got it would wait
+        for its retry; one that got it finds nothing new in the pull the tickle causes."""
+        unpulled = [Execution.status == "pending"]
+        if not taking_over:
+            unpulled += [Execution.ts_pulled_at.is_(None), Execution.tickle_sent_at.is_(None)]
         with self._db.reading() as s:
             rows = s.execute(
                 select(TaskServer.name, func.max(Execution.created_at))
