@@ -69,4 +69,9 @@ def test_requests_within_less_than_a_second_are_one_second_of_them() -> None:
     # 8 requests within 0.3 s: one second of 8, not a peak of 8 over a mean of 26.7 a second
     assert bench.reconnection_ratio(Counter({10: 5, 12: 3}), 0.5, 2.0) == 1.0
     # the whole seconds as before: 10, then 2 over the tenth the last came in
-    assert bench.reconnection_ratio(Counter({10: 10, 20: 2}), 0.5, 3.0) == 10 / (12 / 1.1)
+    assert bench.reconnection_ratio(Counter({10: 10, 30: 2}), 0.5, 4.0) == 10 / (12 / 2.1)
+
+
+def test_a_peak_is_never_below_the_mean() -> None:
+    # 4 requests, then 6 a second later within a tenth: seconds [4, 6] over 1.1 s, a mean of 9.1
+    assert bench.reconnection_ratio(Counter({10: 4, 20: 6}), 0.5, 3.0) == 1.0
