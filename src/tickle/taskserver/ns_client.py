@@ -206,7 +206,7 @@ class NsClient:
                 token=self._token, idempotent=method == "GET" or path in IDEMPOTENT_POSTS,
             )  # fmt: skip
         except ApiError as exc:
-            self._answered(not away(exc))
+            self._answered(not ns_away(exc))
             raise
         except (aiohttp.ClientError, TimeoutError):
             self._answered(False)
@@ -254,7 +254,7 @@ class UntilBack:
             await asyncio.wait_for(self._back.wait(), delay)
 
 
-def away(exc: BaseException) -> bool:
+def ns_away(exc: BaseException) -> bool:
     """Whether a failed request found the NS away (no answer, 5xx) or busy (429), not
     answering: tried again later, and its wait cut short once the NS answers again (see
     `NsClient.on_back`) unless the NS said how long to wait (Retry-After)."""
