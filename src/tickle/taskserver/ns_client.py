@@ -48,7 +48,7 @@ T = TypeVar("T")
 REFUSED_FOR_GOOD = frozenset({403, 422})
 # a batch over the NS's max_body_bytes: sent again in parts (one event always fits)
 TOO_LARGE = 413
-BUSY = 429
+BUSY = 429  # the NS is busy: "not now", unlike the other 4xx
 # posts the NS may get twice (it records status events by id, states are set, not added)
 IDEMPOTENT_POSTS = frozenset({"/api/ts/events", "/api/ts/computers/state"})
 

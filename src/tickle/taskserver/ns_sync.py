@@ -28,7 +28,7 @@ from tickle.backoff import Backoff
 from tickle.http import ApiError, retry_after_s
 from tickle.messages import TsPullVia
 from tickle.taskserver.agent_tickler import AgentTickler
-from tickle.taskserver.ns_client import NsClient
+from tickle.taskserver.ns_client import NsClient, ns_away
 from tickle.taskserver.store import Store
 from tickle.taskserver.work_cache import WorkCache
 
@@ -172,7 +172,7 @@ class Coalesced:
                 await self._job(via)
                 failures = 0
             except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
-                if isinstance(exc, ApiError) and exc.status < 500 and exc.status != 429:
+                if not ns_away(exc):
                     # refused, not away: the next tickle or periodic check tries again
                     log.warning("%s from the NS failed: %s", self._name, exc)
                 else:

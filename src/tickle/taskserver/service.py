@@ -44,7 +44,7 @@ from tickle.taskserver.agent_tickler import AgentTickler
 from tickle.taskserver.api import LONG_POLL, create_app
 from tickle.taskserver.enrollment import Enrollment
 from tickle.taskserver.long_polls import LongPolls
-from tickle.taskserver.ns_client import NsClient
+from tickle.taskserver.ns_client import NsClient, ns_away
 from tickle.taskserver.ns_sync import NsSync
 from tickle.taskserver.settings import TaskServerSettings
 from tickle.taskserver.state_reporter import StateReporter
@@ -348,7 +348,7 @@ class TaskServer:
                     f" {exc}"
                 ) from None
             except (aiohttp.ClientError, TimeoutError, ApiError) as exc:
-                if isinstance(exc, ApiError) and exc.status < 500 and exc.status != 429:
+                if not ns_away(exc):
                     raise StartupError(f"{what}: the NS answered {exc}") from None
                 delay = backoff.wait(attempt, retry_after_s(exc))
                 attempt += 1

@@ -28,14 +28,13 @@ import aiohttp
 from tickle.backoff import Backoff
 from tickle.http import ApiError, retry_after_s
 from tickle.messages import ComputerState, TickleState
-from tickle.taskserver.ns_client import NsClient, UntilBack
+from tickle.taskserver.ns_client import NsClient, UntilBack, ns_away
 
 log = logging.getLogger(__name__)
 BATCH = 1000  # computers per report
 COALESCE_S = 0.25  # the changes that follow a report within this go in the next, together
 # a report the NS did not take: tried again over a window drawn anew each time (full jitter)
 RETRY = Backoff(base_s=1.0, max_s=30.0, tries=6, full_jitter=True)
-BUSY = 429  # the NS is busy: "not now", unlike the other 4xx
 
 
 class StateReporter:
@@ -142,7 +141,7 @@ class StateReporter:
                     self._on_forgotten(forgotten)
                 return
             except ApiError as exc:
-                if exc.status < 500 and exc.status != BUSY:  # refused however often sent
+                if not ns_away(exc):  # refused however often sent
                     log.warning("the NS refused computer states %s: %s", _names(batch), exc)
                     return
                 problem: Exception = exc
