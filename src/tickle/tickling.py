@@ -67,6 +67,7 @@ BASE_PERIOD_S = 30.0
 
 Callback = Callable[[str], Awaitable[None] | None]
 SentCallback = Callable[[str, wire.Kind, float], Awaitable[None] | None]
+ResendCallback = Callable[[str, wire.Kind], Awaitable[None] | None]
 
 
 @dataclass
@@ -253,6 +254,7 @@ class Tickler:
         window_initial: int | None = None,
         window_growth: float = 1.0,
         window_target_s: float | None = None,
+        before_resend: ResendCallback | None = None,
     ) -> None:
         """`rate`: at most this many sends per second (first sends and resends), the rest wait
         their turn; a resend's delay counts from its own send, plus the wait of the sends queued
@@ -267,7 +269,11 @@ class Tickler:
         `reads_after_ack`: the server reads what the target pulls right after the ack, with
         nothing between (the task server's agent pulls read its cache in memory): a tickle asked
         for before the ack is answered by that pull, and only one asked for after it is sent
-        again. Otherwise any tickle asked for during a flight is followed by one more."""
+        again. Otherwise any tickle asked for during a flight is followed by one more.
+
+        `before_resend`: called when a resend is due, before it goes: a pull the target made
+        that reached this sender another way (another process sharing a database) may `ack`
+        the flight there, and it is not resent."""
         self.sender_id = sender_id
         self._key_for = key_for
         self._metrics = metrics
@@ -285,6 +291,7 @@ class Tickler:
             _Window(window, window_initial, window_growth, window_target_s) if window else None
         )
         self._reads_after_ack = reads_after_ack
+        self._before_resend = before_resend
 
     async def start(self, local_addr: tuple[str, int] = ("0.0.0.0", 0)) -> None:
         """Open the sending socket (an ephemeral port unless told otherwise)."""
@@ -354,6 +361,8 @@ class Tickler:
                 acked = not await self._window.enter(flight)
                 flight.first_sent = time.time()
             while not acked:
+                if attempt:
+                    await _call(self._before_resend, target, kind)
                 if await self._pace() and attempt == 0:
                     flight.first_sent = time.time()  # the send, not the request, starts the clock
                 if flight.acked.is_set():  # pulled while waiting its turn (another tickle's)

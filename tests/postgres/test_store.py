@@ -149,6 +149,42 @@ def test_started_and_finished_recorded_at_once_by_two_processes_leave_the_execut
     assert times["finished"] is not None
 
 
+def test_a_tickle_caused_pull_is_seen_acknowledged_by_another_process_before_it_reads_the_work(
+    stores: tuple[Stores, Stores],
+) -> None:
+    """The dispatcher (process B) resends a tickle the task server did not pull: a pull that
+    process A is serving must show as the acknowledgement at once, not only when A commits the
+    work it read (a long pull of thousands of executions outlasted the first resend's delay, and
+    the resend brought a second pull of them all)."""
+    a, b = stores
+    ts, _ = _one_execution(a)
+    a.delivery.create_run(m.RunCreate(task_id=1, computers=["c1"]))
+    reading, seen = threading.Event(), threading.Event()
+
+    def pause_when_reading_the_work(
+        _conn: object, _cursor: object, statement: str, *_args: object
+    ) -> None:
+        if "FROM executions" in statement and not reading.is_set():
+            reading.set()
+            seen.wait(5)
+
+    event.listen(a.database.engine, "after_cursor_execute", pause_when_reading_the_work)
+    asked = time.time()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pull = pool.submit(a.delivery.pull_work, ts, time.time(), "tickle")
+            assert reading.wait(10), "process A never read the work"
+            try:
+                work_pulled, _ = b.inventory.pulls_caused("ts1")
+            finally:
+                seen.set()
+            assert len(pull.result(20).executions) == 2
+    finally:
+        event.remove(a.database.engine, "after_cursor_execute", pause_when_reading_the_work)
+    assert work_pulled is not None
+    assert work_pulled >= asked  # this pull's, not the one before
+
+
 def test_settings_changed_at_once_by_two_processes_bump_the_version_twice(
     stores: tuple[Stores, Stores],
 ) -> None:

@@ -90,6 +90,29 @@ async def test_tickle_is_resent_until_acked_then_stops() -> None:
         transport.close()
 
 
+async def test_a_resend_first_asks_whether_the_target_pulled_another_way() -> None:
+    asked: list[tuple[str, wire.Kind]] = []
+    pulled_elsewhere = asyncio.Event()
+
+    def before_resend(target: str, kind: wire.Kind) -> None:
+        asked.append((target, kind))
+        if pulled_elsewhere.is_set():
+            tickler.ack(target, kind)
+
+    async with tickling(1, fast(tries=20), before_resend=before_resend) as (tickler, rx, _):
+        (_, receiver, addr) = rx[0]
+        tickler.tickle("ts1", addr)
+        await asyncio.wait_for(receiver.queue.get(), 2)
+        await asyncio.wait_for(receiver.queue.get(), 2)  # no pull seen anywhere: resent
+        assert asked == [("ts1", wire.Kind.TASKS)]
+        pulled_elsewhere.set()
+        async with asyncio.timeout(2):
+            while tickler.in_flight("ts1"):
+                await asyncio.sleep(0.01)
+        assert asked == [("ts1", wire.Kind.TASKS)] * 2  # asked once more, then no resend
+        assert receiver.queue.empty()
+
+
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks came with Python 3.12")
 async def test_the_first_send_leaves_inside_the_tickle_call_not_when_the_caller_yields() -> None:
     # a run-now's tickle waited for its own answer to be serialized and written first

@@ -479,12 +479,21 @@ class DeliveryStore:
     ) -> m.WorkOut:
         # SQLAlchemy Core: no ORM object per execution (their loading and flush were most of a
         # pull's 3 ms)
+        stamp = _STAMP_TICKLE_PULL if via == "tickle" else _STAMP_PULL
+        acked_first = via == "tickle" and self._db.dialect == "postgresql"
+        if acked_first:
+            # the acknowledgement committed before the work is read, as a pull served in the
+            # dispatcher's own process acks before it reads: the dispatcher (maybe another
+            # process) looks for it before each resend, and a pull of thousands of executions
+            # outlasted the first resend's delay (the resend brought a second pull of them all)
+            with self._db.writing_core() as conn:
+                conn.execute(stamp, {"ts_id": ts.id, "now": now})
         with self._db.writing_core() as conn:
             postgresql = conn.dialect.name == "postgresql"
             if tickle_sent_at is not None:  # before `ts_pulled_at`, which it compares with
                 _mark_tickle_sent(conn, "ts_id", ts.id, tickle_sent_at)
-            stamp = _STAMP_TICKLE_PULL if via == "tickle" else _STAMP_PULL
-            conn.execute(stamp, {"ts_id": ts.id, "now": now})
+            if not acked_first:
+                conn.execute(stamp, {"ts_id": ts.id, "now": now})
             rows = conn.execute(_READ_WORK, {"ts_id": ts.id}).all()
             # the ids read, not a condition: an execution committed since was not given here
             unpulled = [row.id for row in rows if row.ts_pulled_at is None]

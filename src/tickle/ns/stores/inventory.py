@@ -243,6 +243,17 @@ class InventoryStore:
 
     # --- the tickle server's view --------------------------------------------------------------
 
+    def pulls_caused(self, task_server: str) -> tuple[float | None, float | None]:
+        """When the task server last pulled because of a tickle: its work, its settings
+        (`TaskServerLink`'s two; (None, None) for a name not registered)."""
+        with self._db.reading() as s:
+            row = s.execute(
+                select(TaskServer.tickle_pulled_at, TaskServer.settings_pulled_at).where(
+                    TaskServer.name == task_server
+                )
+            ).first()
+        return (None, None) if row is None else (row[0], row[1])
+
     def task_server_links(self) -> list[TaskServerLink]:
         with self._db.reading() as s:
             return [
