@@ -10,6 +10,7 @@ measured `clock.CORRECTION_MIN_S` or more off the NS's are shown on the NS's clo
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sqlalchemy import Row
@@ -71,10 +72,12 @@ def execution_out(ex: Execution) -> m.ExecutionOut:
             "exit_code": ex.exit_code,
             "output_tail": ex.output_tail,
             "steps": ex.step_results or [],
-            "timeline": [
-                _timeline_step(step, getattr(ex, _TIMELINE_COLUMNS[step]), offsets.get(step))
-                for step in m.TIMELINE_STEPS
-            ],
+            "timeline": _causal(
+                [
+                    _timeline_step(step, getattr(ex, _TIMELINE_COLUMNS[step]), offsets.get(step))
+                    for step in m.TIMELINE_STEPS
+                ]
+            ),
             "cancel_requested_at": ex.cancel_requested_at,
             "expires_at": ex.expires_at,
         }
@@ -179,6 +182,24 @@ def _timeline_step(step: str, at: float | None, offset: float | None) -> dict[st
     if at is None or offset is None or abs(offset) < CORRECTION_MIN_S:
         return {"step": step, "at": at}
     return {"step": step, "at": at - offset, "corrected": True, "clock_offset_s": offset}
+
+
+def _causal(timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """No corrected step later than a step after it: an event was sent before it was received.
+
+    An offset is measured from the least delayed of a peer's requests, and what delay is left in
+    that sample makes the offset short and the corrected times late, by about the delay of
+    loopback or the network: a `finished` corrected past the task server's `cached_at_ts` or the
+    NS's `recorded` is shown at that step's time (still marked corrected)."""
+    bound = math.inf
+    for step in reversed(timeline):
+        at = step["at"]
+        if at is None:
+            continue
+        if step.get("corrected") and at > bound:
+            step["at"] = at = bound
+        bound = min(bound, at)
+    return timeline
 
 
 def _state(value: str) -> m.TickleState:
