@@ -121,6 +121,10 @@ async def _equals(value: Awaitable[float], expected: float) -> bool:
     return await value == expected
 
 
+async def _at_least(value: Awaitable[float], expected: float) -> bool:
+    return await value >= expected
+
+
 async def test_tickle_unreachable_agent_long_polls_once_declared_so(fleet_factory: Factory) -> None:
     fleet = await fleet_factory(
         ["ts1"], [AgentSpec("blocked", ["ts1"], blocked=True)],
@@ -130,10 +134,11 @@ async def test_tickle_unreachable_agent_long_polls_once_declared_so(fleet_factor
     done = tickle_cli(fleet, "settings", "set", "--long-poll", "--json")
     assert done.returncode == 0, done.stderr
     # its tickles are lost: the first run waits (interval 1800 s) until check-now, and the
-    # task server declares the agent tickle-unreachable
+    # task server declares the agent tickle-unreachable (by the run's tickle, or by the settings
+    # tickle the change above sent it: both may end within one look at the metric, 0 -> 2)
     first = await run_command(fleet, ["blocked"], ["true"])
     await eventually(
-        lambda: _equals(metric(ts, "tickle_tickles_unreachable_total"), 1), 30,
+        lambda: _at_least(metric(ts, "tickle_tickles_unreachable_total"), 1), 30,
         "the task server to declare the agent tickle-unreachable",
     )  # fmt: skip
     assert agent_ctl(fleet, "blocked", "check-now").returncode == 0
