@@ -294,9 +294,22 @@ class TickleServer:
             link = self._links.get(name)
             if link is None or not self.tickler.in_flight(name, kind):
                 continue
-            pulled = link.tickle_pulled_at if kind is wire.Kind.TASKS else link.settings_pulled_at
-            if pulled is not None and pulled >= requested:
-                self.ack(name, kind)
+            self._ack_if_after(name, kind, requested, link.tickle_pulled_at,
+                               link.settings_pulled_at)  # fmt: skip
+
+    def _ack_if_after(
+        self,
+        name: str,
+        kind: wire.Kind,
+        requested: float,
+        work_pulled: float | None,
+        settings_pulled: float | None,
+    ) -> None:
+        """Ack the flight when the database shows a pull of its kind a tickle caused since it
+        was requested (served by any NS process)."""
+        pulled = work_pulled if kind is wire.Kind.TASKS else settings_pulled
+        if pulled is not None and pulled >= requested:
+            self.ack(name, kind)
 
     async def _ack_if_pulled(self, task_server: str, kind: wire.Kind) -> None:
         """Before a resend: a pull another NS process served (sharing the database) acks the
@@ -310,9 +323,7 @@ class TickleServer:
         except Exception:  # the database briefly away: the resend goes, as before
             log.debug("reading %s's pulls before a resend failed", task_server, exc_info=True)
             return
-        pulled = work if kind is wire.Kind.TASKS else settings
-        if pulled is not None and pulled >= requested:
-            self.ack(task_server, kind)
+        self._ack_if_after(task_server, kind, requested, work, settings)
 
     async def _tickle_settings(self) -> None:
         version = (await self._db(self._stores.settings.settings)).version
