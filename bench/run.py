@@ -118,6 +118,12 @@ DONE_DEADLINE_S = 600.0
 # agents spent 20 CPU-s before registering anything. Registration is what S6 measures, so its
 # agents run in fewer processes (their descriptors fit: the simulator raises its open-file limit)
 REGISTER_PER_PROCESS = 1000
+# The other fleet runs: simulated agents in this many processes (at least PER_PROCESS agents
+# each), at every fleet size. Each process woken is a context switch on the 2 cores the servers
+# share: with PER_PROCESS agents a process, 40 processes at 10,000 agents made every process
+# spend ~20 % more CPU per agent than 4 did at 1,000 (S8's curve grew 1.3-1.4; the same code
+# with 4 processes at every size: CPU per 1,000 agents 0.77 / 0.76 / 0.72 / 0.81, the curve 0.88)
+SIM_PROCESSES = 4
 # how long the NS stays down in S6's NS restart (killed mid-run, started again after this)
 NS_DOWN_S = 2.0
 # A fleet run's run-now meets its agents idle, as on a site (their last request minutes old):
@@ -610,7 +616,7 @@ async def fleet_run(
     two_ns: bool = False,
     restart_task_servers: bool = False,
     restart_ns: bool = False,
-    per_process: int = PER_PROCESS,
+    per_process: int | None = None,
     ts_extra: list[str] | None = None,
     db_pid: int | None = None,
 ) -> FleetRun:
@@ -619,7 +625,7 @@ async def fleet_run(
     killed before the run-now and started again after it (the reconnection). `restart_ns`: then
     a second run-now, the NS killed just after accepting it and started again `NS_DOWN_S` later;
     the task servers reach the NS through a `RequestCounter`. `per_process`: simulated agents
-    per simulator process. `ts_extra`: more task-server options (bench's --ts-option).
+    per simulator process (default: the agents over `SIM_PROCESSES` processes). `ts_extra`: more task-server options (bench's --ts-option).
 
     Also measures the CPU each process spent from the run-now until every execution was
     recorded (`FleetRun.run_cpu_s`); `db_pid`: the database server's, counted with its backends
@@ -639,6 +645,7 @@ async def fleet_run(
         for name in ts_names[1::2]:  # every other task server talks to the second NS
             fleet.set_ts_ns_url(name, ns2_url)
     await start_fleet(fleet)
+    per_process = per_process or max(PER_PROCESS, -(-agents // SIM_PROCESSES))
     sims = SimAgents(fleet, agents, sim_net(), per_process=per_process)
     per_tenth: Counter[int] = Counter()
     restart_at = None
@@ -812,6 +819,16 @@ def _run_cpu(f: FleetRun) -> list[str]:
     parts = ", ".join(f"{name} {s / f.agents * 1000:.2f}" for name, s in f.run_cpu_s.items())
     total = sum(f.run_cpu_s.values()) / f.agents * 1000
     return [f"CPU-seconds per 1,000 agents, run-now → all recorded: {parts} (total {total:.2f})"]
+
+
+def _cpu_per_k(f: FleetRun) -> str:
+    """The run's CPU-seconds per 1,000 agents: NS, task servers together, simulated agents."""
+    if not f.run_cpu_s:
+        return "—"
+    per_k = {name: s / f.agents * 1000 for name, s in f.run_cpu_s.items()}
+    ts = sum(s for name, s in per_k.items() if name.startswith("ts"))
+    return (f"{per_k.get('ns', 0.0):.2f}, {ts:.2f}, {per_k.get('sim', 0.0):.2f} "
+            f"({sum(per_k.values()):.2f})")  # fmt: skip
 
 
 def register_cpu(f: FleetRun) -> tuple[float, float]:
@@ -1092,16 +1109,21 @@ async def long_poll_restart(
 
 
 async def curve(root: Path, r: Results, sizes: list[int]) -> None:
-    rows = ["| agents | all recorded (s) | s per 1,000 agents |", "|---|---|---|"]
+    rows = [
+        "| agents | all recorded (s) | s per 1,000 agents | CPU-s per 1,000 agents: ns, task "
+        "servers, sim (total) |",
+        "|---|---|---|---|",
+    ]
     per_k = []
     for n in sizes:
         f = await fleet_run(root / str(n), n, 4, net(14))
         r.put(f"s8_{n}_wall_s", f.wall_s, "s", f"S8 run-now on {n} agents → all recorded")
+        cpu = _cpu_per_k(f)
         if f.wall_s is not None:
             per_k.append(f.wall_s / n * 1000)
-            rows.append(f"| {n:,} | {f.wall_s:.2f} | {per_k[-1]:.2f} |")
+            rows.append(f"| {n:,} | {f.wall_s:.2f} | {per_k[-1]:.2f} | {cpu} |")
         else:
-            rows.append(f"| {n:,} | not all recorded | — |")
+            rows.append(f"| {n:,} | not all recorded | — | {cpu} |")
     growth = per_k[-1] / per_k[0] if len(per_k) == len(sizes) and len(per_k) > 1 else None
     r.put("s8_growth", growth, "ratio", "S8 seconds per 1,000 agents, largest run / smallest")
     r.md += ["## S8: scaling curve (4 task servers, SQLite)", "", *rows, ""]
