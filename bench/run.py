@@ -53,6 +53,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -649,7 +650,7 @@ async def fleet_run(
         for name in ts_names[1::2]:  # every other task server talks to the second NS
             fleet.set_ts_ns_url(name, ns2_url)
     await start_fleet(fleet)
-    per_process = per_process or max(PER_PROCESS, -(-agents // SIM_PROCESSES))
+    per_process = per_process or sim_per_process(agents)
     sims = SimAgents(fleet, agents, sim_net(), per_process=per_process)
     per_tenth: Counter[int] = Counter()
     restart_at = None
@@ -1112,6 +1113,19 @@ async def long_poll_restart(
             register_s)  # fmt: skip
 
 
+def median_run(runs: list[FleetRun]) -> FleetRun:
+    """The run of the median time (of an even count, the quicker of the two in the middle);
+    runs that did not record everything are not asked for."""
+    ordered = sorted(runs, key=lambda f: f.wall_s if f.wall_s is not None else math.inf)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def sim_per_process(agents: int) -> int:
+    """Simulated agents per simulator process in a fleet run: `SIM_PROCESSES` processes (one
+    per task server of 4), at least PER_PROCESS agents each."""
+    return max(PER_PROCESS, -(-agents // SIM_PROCESSES))
+
+
 async def curve(root: Path, r: Results, sizes: list[int], rounds: int = CURVE_ROUNDS) -> None:
     """S8: a fleet run at each size, in `rounds` rounds of every size (a slower minute of the
     host falls on every size alike); each size's figure is its median run."""
@@ -1132,7 +1146,7 @@ async def curve(root: Path, r: Results, sizes: list[int], rounds: int = CURVE_RO
             r.put(f"s8_{n}_wall_s", None, "s", f"S8 run-now on {n} agents → all recorded")
             rows.append(f"| {n:,} | not all recorded ({each}) | — | — |")
             continue
-        median = sorted(runs[n], key=lambda f: f.wall_s or 0.0)[(len(walls) - 1) // 2]
+        median = median_run(runs[n])
         wall = median.wall_s or 0.0
         r.put(f"s8_{n}_wall_s", wall, "s",
               f"S8 run-now on {n} agents → all recorded (median of {len(walls)} runs)")  # fmt: skip
