@@ -126,8 +126,8 @@ REGISTER_PER_PROCESS = 1000
 # with 4 processes at every size: CPU per 1,000 agents 0.77 / 0.76 / 0.72 / 0.81, the curve 0.88)
 SIM_PROCESSES = 4
 # S8: every size runs this many times, in rounds, and counts its median run. A single run of
-# 1,000 agents (~0.45 s) swung 0.41-0.52 s between runs a minute apart, one of 10,000 4.32-4.42:
-# the curve's ratio was the small run's noise (0.88-1.07 for the same code)
+# 1,000 agents (~0.45 s) swung 0.39-0.52 s between runs minutes apart, one of 10,000 4.16-4.62:
+# the curve's ratio was the runs' noise (0.85-1.11 for the same code)
 CURVE_ROUNDS = 3
 # how long the NS stays down in S6's NS restart (killed mid-run, started again after this)
 NS_DOWN_S = 2.0
@@ -630,7 +630,8 @@ async def fleet_run(
     killed before the run-now and started again after it (the reconnection). `restart_ns`: then
     a second run-now, the NS killed just after accepting it and started again `NS_DOWN_S` later;
     the task servers reach the NS through a `RequestCounter`. `per_process`: simulated agents
-    per simulator process (default: the agents over `SIM_PROCESSES` processes). `ts_extra`: more task-server options (bench's --ts-option).
+    per simulator process (default: `sim_per_process`). `ts_extra`: more task-server options
+    (bench's --ts-option).
 
     Also measures the CPU each process spent from the run-now until every execution was
     recorded (`FleetRun.run_cpu_s`); `db_pid`: the database server's, counted with its backends
@@ -1114,8 +1115,8 @@ async def long_poll_restart(
 
 
 def median_run(runs: list[FleetRun]) -> FleetRun:
-    """The run of the median time (of an even count, the quicker of the two in the middle);
-    runs that did not record everything are not asked for."""
+    """The run of the median time (of an even count, the quicker of the two in the middle); a
+    run that did not record everything counts as the slowest."""
     ordered = sorted(runs, key=lambda f: f.wall_s if f.wall_s is not None else math.inf)
     return ordered[(len(ordered) - 1) // 2]
 
