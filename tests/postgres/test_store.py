@@ -159,16 +159,7 @@ def test_a_tickle_caused_pull_is_seen_acknowledged_by_another_process_before_it_
     a, b = stores
     ts, _ = _one_execution(a)
     a.delivery.create_run(m.RunCreate(task_id=1, computers=["c1"]))
-    reading, seen = threading.Event(), threading.Event()
-
-    def pause_when_reading_the_work(
-        _conn: object, _cursor: object, statement: str, *_args: object
-    ) -> None:
-        if "FROM executions" in statement and not reading.is_set():
-            reading.set()
-            seen.wait(5)
-
-    event.listen(a.database.engine, "after_cursor_execute", pause_when_reading_the_work)
+    reading, seen, pause = _pause_after_first_read(a, "executions", hold_s=5)
     asked = time.time()
     try:
         with ThreadPoolExecutor(1) as pool:
@@ -180,7 +171,7 @@ def test_a_tickle_caused_pull_is_seen_acknowledged_by_another_process_before_it_
                 seen.set()
             assert len(pull.result(20).executions) == 2
     finally:
-        event.remove(a.database.engine, "after_cursor_execute", pause_when_reading_the_work)
+        event.remove(a.database.engine, "after_cursor_execute", pause)
     assert work_pulled is not None
     assert work_pulled >= asked  # this pull's, not the one before
 
@@ -221,15 +212,15 @@ def test_settings_changed_at_once_by_two_processes_bump_the_version_twice(
 
 
 def _pause_after_first_read(
-    stores: Stores, table: str
+    stores: Stores, table: str, hold_s: float = 1.5
 ) -> tuple[threading.Event, threading.Event, Any]:
-    """Hold `stores`'s first read of `table` until told (or 1.5 s): the other process commits."""
+    """Hold `stores`'s first read of `table` until told (or `hold_s`): the other process acts."""
     read, other_done = threading.Event(), threading.Event()
 
     def pause(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
         if f"FROM {table}" in statement and not read.is_set():
             read.set()
-            other_done.wait(1.5)
+            other_done.wait(hold_s)
 
     event.listen(stores.database.engine, "after_cursor_execute", pause)
     return read, other_done, pause

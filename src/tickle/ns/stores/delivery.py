@@ -480,7 +480,8 @@ class DeliveryStore:
         # SQLAlchemy Core: no ORM object per execution (their loading and flush were most of a
         # pull's 3 ms)
         stamp = _STAMP_TICKLE_PULL if via == "tickle" else _STAMP_PULL
-        acked_first = via == "tickle" and self._db.dialect == "postgresql"
+        postgresql = self._db.dialect == "postgresql"
+        acked_first = via == "tickle" and postgresql
         if acked_first:
             # the acknowledgement committed before the work is read, as a pull served in the
             # dispatcher's own process acks before it reads: the dispatcher (maybe another
@@ -489,7 +490,6 @@ class DeliveryStore:
             with self._db.writing_core() as conn:
                 conn.execute(stamp, {"ts_id": ts.id, "now": now})
         with self._db.writing_core() as conn:
-            postgresql = conn.dialect.name == "postgresql"
             if tickle_sent_at is not None:  # before `ts_pulled_at`, which it compares with
                 _mark_tickle_sent(conn, "ts_id", ts.id, tickle_sent_at)
             if not acked_first:
