@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.taskserver.conftest import TaskServerHarness, wait_until, work_for
+from tests.taskserver.conftest import Agent, TaskServerHarness, wait_until, work_for
 from tickle import agentapi
 from tickle.localdb import WalSync
 from tickle.messages import ExecutionWork, StatusEvent
@@ -77,6 +77,13 @@ async def _offline_with_work(h: TaskServerHarness, *work: ExecutionWork) -> Work
     return h.running.work_cache
 
 
+def _posting(h: TaskServerHarness, agent: Agent, *events: dict[str, object]) -> asyncio.Task[Any]:
+    """`agent`'s post of `events`, on its way."""
+    return asyncio.create_task(
+        h.call(agent, "POST", "/api/agent/events", json={"events": list(events)})
+    )
+
+
 def _on_disk(state_dir: Path) -> int:
     """The events a restart would find in the outbox (another connection reads the file)."""
     outbox = Outbox(state_dir / OUTBOX_FILE)
@@ -93,9 +100,7 @@ async def test_an_event_post_is_answered_only_after_its_writes_are_synced(
     h = task_server
     agent = await h.register_agent("pc1", cem=True)
     await h.ns.stop()  # the events stay in the outbox (not forwarded): counted there
-    post = asyncio.create_task(
-        h.call(agent, "POST", "/api/agent/events", json={"events": [_event(1, "pc1")]})
-    )
+    post = _posting(h, agent, _event(1, "pc1"))
     await wait_until(lambda: gate.started == 1, what="the sync of the post's writes")
     # committed (a pull would see it) but not synced: the agent is not answered yet, and the
     # event loop goes on serving others meanwhile
@@ -153,6 +158,53 @@ async def test_events_posted_while_a_sync_runs_commit_together_after_it_and_shar
     assert commits == [1, 39]  # the first post's commit, then one for the 39 held
     assert gate.started == 2  # the first post's sync, then one for the 39
     assert _on_disk(h.state_dir) == 40
+
+
+@pytest.mark.timeout(60)
+async def test_a_lone_agents_event_posted_while_its_last_one_syncs_goes_to_the_ns_at_once(
+    task_server: TaskServerHarness, gate: Gate
+) -> None:
+    # S1: one agent's `finished` came while its `started` (two milliseconds before) was being
+    # synced, and waited for that sync before it went to the NS
+    h = task_server
+    agent = await h.register_agent("pc1", cem=True)
+    started = _event(1, "pc1")
+    first = _posting(h, agent, started)
+    await wait_until(lambda: gate.started == 1, what="the sync of the first post")
+    finished = _event(1, "pc1", "finished")
+    second = _posting(h, agent, finished)
+    # committed and forwarded while the first sync still runs
+    await wait_until(lambda: finished["event_id"] in h.ns.events, what="the event at the NS")
+    assert h.running.outbox.depth() == 0  # both at the NS already
+    assert not first.done(), "answered only once synced"
+    assert not second.done(), "answered only once synced"
+    gate.opened.set()
+    for post in (first, second):
+        status, body = await asyncio.wait_for(post, 10)
+        assert status == 200, body
+    assert gate.started == 2  # the first post's sync, then the second's
+
+
+@pytest.mark.timeout(60)
+async def test_another_agents_post_ends_being_alone_its_events_wait_for_the_running_sync(
+    task_server: TaskServerHarness, gate: Gate
+) -> None:
+    h = task_server
+    one, other = await h.register_agent("pc1", cem=True), await h.register_agent("pc2", cem=True)
+    first = _posting(h, one, _event(1, "pc1"))
+    await wait_until(lambda: gate.started == 1, what="the sync of the first post")
+    await wait_until(lambda: len(h.ns.events) == 1, what="the first post's event at the NS")
+    taken = _count_takes(h)
+    posts = [_posting(h, agent, _event(n, agent.name)) for n, agent in ((2, other), (3, one))]
+    await wait_until(lambda: len(taken) == 2, what="both posts at the work cache")
+    await asyncio.sleep(0)  # a turn of the loop: a group commit of this turn would run now
+    # pc1 is not alone any more (pc2 posted): both held for the running sync, nothing forwarded
+    assert len(h.ns.events) == 1
+    assert h.running.outbox.depth() == 0
+    gate.opened.set()
+    answers = await asyncio.wait_for(asyncio.gather(first, *posts), 10)
+    assert [status for status, _ in answers] == [200, 200, 200]
+    await wait_until(lambda: len(h.ns.events) == 3, what="every event at the NS")
 
 
 @pytest.mark.timeout(60)
