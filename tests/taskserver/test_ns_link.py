@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import logging
+import os
 import re
 import uuid
 
 import pytest
 
 from tests.reliability import record
-from tests.taskserver.conftest import FakeNs, TaskServerHarness, wait_until, work_for
+from tests.taskserver.conftest import (
+    FakeAgentSocket,
+    FakeNs,
+    TaskServerHarness,
+    wait_until,
+    work_for,
+)
 from tickle import wire
 from tickle.backoff import Backoff
 from tickle.http import ApiError
-from tickle.messages import SettingsOut, StatusEvent, TsPullVia
+from tickle.messages import ClientInfo, SettingsOut, StatusEvent, TsPullVia
 from tickle.taskserver.ns_sync import Coalesced
 from tickle.taskserver.service import main
 
@@ -336,3 +345,34 @@ async def test_a_work_pull_waiting_out_its_retry_goes_once_the_ns_answers_anothe
 
 async def test_a_work_pull_waits_out_the_retry_after_the_ns_said_whatever_else_it_answers() -> None:
     assert await _pulls_when_the_ns_is_back(60.0, 0.5) == ["tickle"]
+
+
+@pytest.mark.timeout(60)
+async def test_work_for_a_client_it_does_not_know_yet_makes_it_learn_the_clients_then_tickle(
+    task_server: TaskServerHarness,
+) -> None:
+    # an agent registered through another NS process (or moved here) appears in a work pull
+    # before this task server has its key: it asks the NS for its clients first
+    h = task_server
+    await h.register_agent("pc1")
+    loop = asyncio.get_running_loop()
+    _, sock = await loop.create_datagram_endpoint(FakeAgentSocket, local_addr=("127.0.0.1", 0))
+    key = os.urandom(32)
+    h.ns.clients = {
+        "pc9": ClientInfo(
+            name="pc9", token_sha256=hashlib.sha256(b"pc9-token").hexdigest(),
+            tickle_key=base64.b64encode(key).decode(), tickle_host="127.0.0.1",
+            tickle_port=sock.port, cem=False,
+        ),
+    }  # fmt: skip
+    try:
+        asked = h.ns.count("clients")
+        await h.cache_work(work_for(1, "pc1"))
+        assert h.ns.count("clients") == asked  # every computer known: no need to ask
+        await h.cache_work(work_for(1, "pc1"), work_for(9, "pc9"))
+        assert h.ns.count("clients") == asked + 1
+        await wait_until(lambda: sock.datagrams, what="a tickle to the new client")
+        tickle = wire.TickleGuard(keys={h.running.settings.name: key}).check(sock.datagrams[0])
+        assert tickle.kind is wire.Kind.TASKS
+    finally:
+        sock.close()
