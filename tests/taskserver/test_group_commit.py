@@ -175,7 +175,6 @@ async def test_a_lone_agents_event_posted_while_its_last_one_syncs_goes_to_the_n
     second = _posting(h, agent, finished)
     # committed and forwarded while the first sync still runs
     await wait_until(lambda: finished["event_id"] in h.ns.events, what="the event at the NS")
-    assert h.running.outbox.depth() == 0  # both at the NS already
     assert not first.done(), "answered only once synced"
     assert not second.done(), "answered only once synced"
     gate.opened.set()
@@ -194,6 +193,7 @@ async def test_another_agents_post_ends_being_alone_its_events_wait_for_the_runn
     first = _posting(h, one, _event(1, "pc1"))
     await wait_until(lambda: gate.started == 1, what="the sync of the first post")
     await wait_until(lambda: len(h.ns.events) == 1, what="the first post's event at the NS")
+    await wait_until(lambda: h.running.outbox.depth() == 0, what="the NS's answer to it")
     taken = _count_takes(h)
     posts = [_posting(h, agent, _event(n, agent.name)) for n, agent in ((2, other), (3, one))]
     await wait_until(lambda: len(taken) == 2, what="both posts at the work cache")

@@ -25,8 +25,8 @@ writes every turn: 5,000 agents, one task server's 1,250 of them, ~2,000 commits
 Not held: the events of an agent that is alone, no other agent having posted within
 `ALONE_WINDOW_S` and nothing held: they commit at once, so they go to the NS at once, and are
 answered after the next sync as they would be held. Held, one agent's `finished` waited for the
-sync of its own `started` two milliseconds before (two fsyncs): its post to the NS 1.8-2.0 ms
-after it came, against 0.65 ms committed at once (S1, the hop cached_at_ts → recorded at p50).
+sync of its own `started` two milliseconds before (two fsyncs): S1's hop cached_at_ts → recorded
+took 1.57-1.70 ms at p50 held, 0.63-0.70 ms committed at once (alternated runs).
 
 The task server's own hop reports (`agent_tickled`, `agent_pulled`) are waited for by nobody: a
 pull is answered, and a tickle goes on, before its report commits (its flag is set in memory at
