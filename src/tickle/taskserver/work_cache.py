@@ -116,8 +116,9 @@ class WorkCache:
         self._writes: list[_Write] = []
         # agents' events that came while a sync ran: committed together once it ends
         self._held: list[_Write] = []
-        # the agent that posted events last and when (monotonic), then the last other one
-        self._posters: list[tuple[str, float]] = [("", -math.inf), ("", -math.inf)]
+        # the agent that posted events last, when (monotonic), and when another one did before it
+        self._last_poster = ""
+        self._last_post_at = self._others_post_at = -math.inf
         self._releasing: asyncio.Task[None] | None = None
         # hop reports waiting for a group commit to ride (at most HOP_COMMIT_S)
         self._lazy: list[_Write] = []
@@ -294,13 +295,10 @@ class WorkCache:
         """Note `computer`'s post; whether it is alone: no other agent posted within
         ALONE_WINDOW_S, and no writes are held (see the module's doc)."""
         now = time.monotonic()
-        (last, last_at), (_, other_at) = self._posters
-        others_at = other_at if computer == last else last_at
-        if computer == last:
-            self._posters[0] = (computer, now)
-        else:
-            self._posters = [(computer, now), (last, last_at)]
-        return not self._held and now - others_at > ALONE_WINDOW_S
+        if computer != self._last_poster:
+            self._others_post_at, self._last_poster = self._last_post_at, computer
+        self._last_post_at = now
+        return not self._held and now - self._others_post_at > ALONE_WINDOW_S
 
     def _schedule(self, write: _Write) -> None:
         """`write` goes in this turn's group commit."""
