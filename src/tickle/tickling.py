@@ -31,6 +31,11 @@ closes up to one (no send for that ack) as `queued` goes past the target (one at
 target), down to the places it opened with: a server that
 serves its pulls slowly (just restarted, short of CPU) is sent those, not the whole window. An
 ack of a resent tickle measures nothing (which send its pull answers is unknown).
+
+A tickler given `PullsDue` counts the pulls its first sends are waiting for (from the request
+until the pull, the first resend or the flight's end: a target that did not answer the first
+send may be away, and must not keep the count up): the task server serves a fan-out's pulls
+before its agents' status events (`WorkCache`, `pulls_first_s`).
 """
 
 from __future__ import annotations
@@ -70,6 +75,40 @@ SentCallback = Callable[[str, wire.Kind, float], Awaitable[None] | None]
 ResendCallback = Callable[[str, wire.Kind], Awaitable[None] | None]
 
 
+class PullsDue:
+    """How many first sends of a tickler await their pull (see the module's doc), and a wait
+    until none does."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def add(self) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        self.count -= 1
+        if not self.count:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                _wake(waiter)
+
+    async def none_within(self, within_s: float) -> None:
+        """Return once no pull is due, or after `within_s` at most."""
+        if not self.count:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        handle = loop.call_later(within_s, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+
 @dataclass
 class _InFlight:
     addr: tuple[str, int]
@@ -88,6 +127,7 @@ class _InFlight:
     target: str = ""
     sent_at: float | None = None
     resent: bool = False
+    due: bool = False  # counted in the tickler's `PullsDue`
 
 
 class _Window:
@@ -255,6 +295,7 @@ class Tickler:
         window_growth: float = 1.0,
         window_target_s: float | None = None,
         before_resend: ResendCallback | None = None,
+        pulls_due: PullsDue | None = None,
     ) -> None:
         """`rate`: at most this many sends per second (first sends and resends), the rest wait
         their turn; a resend's delay counts from its own send, plus the wait of the sends queued
@@ -273,7 +314,9 @@ class Tickler:
 
         `before_resend`: called when a resend is due, before it goes: a pull the target made
         that reached this sender another way (another process sharing a database) may `ack`
-        the flight there, and it is not resent."""
+        the flight there, and it is not resent.
+
+        `pulls_due`: counts the first sends awaiting their pull (see the module's doc)."""
         self.sender_id = sender_id
         self._key_for = key_for
         self._metrics = metrics
@@ -292,6 +335,7 @@ class Tickler:
         )
         self._reads_after_ack = reads_after_ack
         self._before_resend = before_resend
+        self._pulls_due = pulls_due
 
     async def start(self, local_addr: tuple[str, int] = ("0.0.0.0", 0)) -> None:
         """Open the sending socket (an ephemeral port unless told otherwise)."""
@@ -313,6 +357,9 @@ class Tickler:
             return
         flight = _InFlight(addr=addr, first_sent=time.time(), target=target)
         self._inflight[(target, kind)] = flight
+        if self._pulls_due is not None:
+            flight.due = True
+            self._pulls_due.add()
         flight.task = _start(self._deliver(target, kind, flight))
 
     def readdress(self, target: str, addr: tuple[str, int]) -> None:
@@ -328,11 +375,18 @@ class Tickler:
         if flight is None or flight.acked.is_set():
             return False
         flight.acked.set()
+        self._undue(flight)
         if self._window is not None:
             self._window.acked(flight)
         # observed here, at the acknowledgement: the resend loop may wake much later under load
         self._metrics.tickle_to_pull.observe(time.time() - flight.first_sent)
         return True
+
+    def _undue(self, flight: _InFlight) -> None:
+        """`flight`'s pull is no longer due (see the module's doc)."""
+        if flight.due and self._pulls_due is not None:
+            flight.due = False
+            self._pulls_due.remove()
 
     def in_flight(self, target: str, kind: wire.Kind = wire.Kind.TASKS) -> bool:
         return (target, kind) in self._inflight
@@ -379,6 +433,7 @@ class Tickler:
                     await _call(self._on_sent, target, kind, flight.first_sent)
                 else:
                     self._metrics.tickles_resent_by(label).inc()
+                    self._undue(flight)
                     if self._window is not None:
                         self._window.leave(flight)  # maybe lost: it must not hold the window
                 delay = next(delays, None)
@@ -396,6 +451,7 @@ class Tickler:
                     break
                 attempt += 1
         finally:
+            self._undue(flight)
             if self._window is not None:
                 self._window.end(flight)
             if self._inflight.get((target, kind)) is flight:

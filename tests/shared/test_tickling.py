@@ -470,3 +470,51 @@ async def test_reading_after_the_ack_a_tickle_asked_for_before_it_brings_no_seco
         await _first_tickles(rx, [1])
         assert _sent(metrics) == 3
         assert all(r.queue.empty() for _, r, _ in rx)
+
+
+async def test_pulls_due_counts_each_first_send_until_its_pull() -> None:
+    due = tickling_module.PullsDue()
+    backoff = Backoff(base_s=30, max_s=30, tries=2, jitter=0)
+    # reads_after_ack: a tickle asked for before the pull is answered by it, no follow-up
+    async with tickling(2, backoff, pulls_due=due, reads_after_ack=True) as (
+        tickler, receivers, _,
+    ):  # fmt: skip
+        tickle_all(tickler, receivers)
+        tickler.tickle("t0", receivers[0][2])  # coalesced: still one flight, one pull due
+        assert due.count == 2
+        waiting = asyncio.create_task(due.none_within(30))
+        assert tickler.ack("t0")
+        assert due.count == 1
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        assert not tickler.ack("t0")  # acked once: counted once
+        assert tickler.ack("t1")
+        assert due.count == 0
+        await asyncio.wait_for(waiting, 5)  # the wait ends with the last pull due
+
+
+async def test_a_lost_tickle_stops_counting_as_a_pull_due_at_its_first_resend() -> None:
+    due = tickling_module.PullsDue()
+    async with tickling(1, fast(tries=20), pulls_due=due) as (tickler, receivers, _):
+        tickle_all(tickler, receivers)
+        assert due.count == 1
+        rx = receivers[0][1]
+        await asyncio.wait_for(rx.queue.get(), 2)
+        await asyncio.wait_for(rx.queue.get(), 2)  # resent: it may be lost
+        assert due.count == 0
+        assert tickler.ack("t0")  # its pull came after all: not counted off twice
+        assert due.count == 0
+
+
+async def test_a_wait_for_no_pull_due_ends_after_its_bound_and_when_the_tickler_closes() -> None:
+    due = tickling_module.PullsDue()
+    async with tickling(1, Backoff(base_s=30, max_s=30, tries=2, jitter=0), pulls_due=due) as (
+        tickler, receivers, _,
+    ):  # fmt: skip
+        tickle_all(tickler, receivers)
+        await asyncio.wait_for(due.none_within(0.05), 5)  # bounded: the pull is still due
+        assert due.count == 1
+        waiting = asyncio.create_task(due.none_within(30))
+        await tickler.close()
+        await asyncio.wait_for(waiting, 5)
+        assert due.count == 0

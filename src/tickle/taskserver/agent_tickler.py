@@ -23,7 +23,7 @@ from tickle.taskserver.long_polls import LongPolls
 from tickle.taskserver.state_reporter import StateReporter
 from tickle.taskserver.store import Store
 from tickle.taskserver.work_cache import WorkCache
-from tickle.tickling import Tickler
+from tickle.tickling import PullsDue, Tickler
 
 log = logging.getLogger(__name__)
 # with `window_initial` and no `window_target_s` (a slow start): the places each pull served
@@ -49,6 +49,7 @@ class AgentTickler:
         long_polls: LongPolls | None = None,
         window_initial: int | None = None,
         window_target_s: float | None = None,
+        pulls_due: PullsDue | None = None,
     ) -> None:
         self._store = store
         self.long_polls = long_polls
@@ -70,6 +71,7 @@ class AgentTickler:
             window_initial=window_initial,
             window_growth=WINDOW_GROWTH,
             window_target_s=window_target_s,
+            pulls_due=pulls_due,
         )
 
     @property

@@ -50,6 +50,7 @@ from tickle.taskserver.settings import TaskServerSettings
 from tickle.taskserver.state_reporter import StateReporter
 from tickle.taskserver.store import OUTBOX_FILE, Store
 from tickle.taskserver.work_cache import WorkCache
+from tickle.tickling import PullsDue
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,12 @@ class TaskServer:
         self.ns.on_back(self.forwarder.reopen)  # events waiting out a retry go once the NS is back
         # the agents' pulls and events commit in groups, synced off the event loop
         self.wal_sync = localdb.WalSync([self.store.path, settings.state_dir / OUTBOX_FILE])
-        self.work_cache = WorkCache(self.store, self.forwarder, self.metrics, self.wal_sync)
+        # a fan-out's pulls first: the agents' events wait while tickled agents' pulls are due
+        self.pulls_due = PullsDue()
+        self.work_cache = WorkCache(
+            self.store, self.forwarder, self.metrics, self.wal_sync,
+            pulls_due=self.pulls_due, pulls_first_s=settings.pulls_first_s,
+        )  # fmt: skip
         self.agent_clocks = AgentClocks(self.reporter, self.metrics, settings.freshness_window_s)
         self.long_polls = LongPolls(self.metrics, settings.max_long_polls)
         self.agents = AgentTickler(
@@ -176,6 +182,7 @@ class TaskServer:
             window=settings.agent_tickle_window,
             window_initial=settings.agent_tickle_window_initial,
             window_target_s=settings.agent_tickle_window_target_s,
+            pulls_due=self.pulls_due,
         )
         self.sync = NsSync(
             self.ns, self.store, self.work_cache, self.agents, settings.ns_check_interval_s
