@@ -64,6 +64,7 @@ class FakeTaskServer:
     refuse_executions: set[int] = field(default_factory=set)  # batches with these: 403
     max_batch_events: int | None = None  # larger batches: 413, as over max_body_bytes
     pull_gate: Callable[[], asyncio.Future[None] | None] | None = None
+    events_gate: asyncio.Event | None = None  # when given: event posts wait until it is set
     tokens: set[str] = field(default_factory=set)
     # each agent's first `register_refusals` registrations: answered 503 ("restarting"), with
     # this Retry-After if any; `register_tries` has the time of every registration, by name
@@ -213,6 +214,8 @@ class FakeTaskServer:
         self._record(request, "events")
         self._authorize(request)
         batch = EventBatch.model_validate_json(await request.read())
+        if self.events_gate is not None:
+            await self.events_gate.wait()
         if self.events_down:
             self.down_batches.append(len(batch.events))
             raise web.HTTPServiceUnavailable(text='{"detail":"down"}')

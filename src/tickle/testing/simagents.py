@@ -8,9 +8,10 @@ Like the real agent, it backs off when a server is busy (429, 503, or no answer)
 agent's own schedules (tickle.agent.retries: full jitter, after what `Retry-After` says): its
 registration and its status events are tried again on their schedules, and a failed pull is
 left to the next tickle (the task server resends it) or to the agent's retry poll, whichever
-comes first. Its HTTP is `tickle.testing.simhttp`'s (a keep-alive connection, requests built as
-bytes) and its bodies `tickle.agentapi`'s msgspec Structs, as the real agent's: aiohttp and
-pydantic made the simulator a third of S2's CPU.
+comes first. As the real agent's, its pulls do not wait for its events' posts: a tickle that
+comes while they are posted is pulled at once. Its HTTP is `tickle.testing.simhttp`'s (a
+keep-alive connection, requests built as bytes) and its bodies `tickle.agentapi`'s msgspec
+Structs, as the real agent's: aiohttp and pydantic made the simulator a third of S2's CPU.
 
 With `long_poll`, the agents are in CEM mode instead (no tickle listener): each holds a long-poll
 open to its task server, as a real CEM agent does when the NS's `long_poll` setting is on, armed
@@ -230,6 +231,8 @@ class SimAgent(asyncio.DatagramProtocol):
         self.tickled = asyncio.Event()  # a tickle arrived while a failed pull waits to retry
         self.pull_failures = 0
         self.trace = Trace(name)
+        self._running: set[asyncio.Task[None]] = set()  # runs posting their events
+        self._listening: asyncio.DatagramTransport | None = None  # its tickle socket
 
     async def start(self, secret: str) -> None:
         """Register, then listen for tickles (not in CEM mode: it long-polls)."""
@@ -237,7 +240,9 @@ class SimAgent(asyncio.DatagramProtocol):
         if self.cem:
             return
         loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, self.tickle_port))
+        self._listening, _ = await loop.create_datagram_endpoint(
+            lambda: self, local_addr=(self.host, self.tickle_port)
+        )
 
     async def register(self, secret: str) -> None:
         """Register with the task server (tried again on the agent's schedule)."""
@@ -254,6 +259,10 @@ class SimAgent(asyncio.DatagramProtocol):
         self.guard = wire.TickleGuard({enrollment.ts_name: base64.b64decode(enrollment.tickle_key)})
 
     async def close(self) -> None:
+        if self._listening is not None:
+            self._listening.close()
+        for run in list(self._running):
+            run.cancel()
         if self.http is not None:
             await self.http.close()
 
@@ -384,6 +393,9 @@ class SimAgent(asyncio.DatagramProtocol):
                             EventAck, self.auth, retries.EVENTS)  # fmt: skip
 
     async def pull(self) -> None:
+        """Pull when tickled (a tickle during the pull: once more after it); the run posts its
+        events apart, as the real agent's executions and outbox do: a tickle that comes while
+        they are posted is pulled at once."""
         self.pulling = True
         try:
             while True:
@@ -391,13 +403,20 @@ class SimAgent(asyncio.DatagramProtocol):
                 tasks = await self.pull_once()
                 if tasks is None:
                     raise RuntimeError(f"no pull answered in {GIVE_UP_S:.0f}s")
-                await self.run(tasks)
+                self._running.add(run := asyncio.get_running_loop().create_task(self.run(tasks)))
+                run.add_done_callback(self._ran)
                 if not self.again:
                     return
         except Exception as exc:  # a simulated agent reports and carries on
             print(f"{self.name}: pull failed: {exc!r}", file=sys.stderr, flush=True)
         finally:
             self.pulling = False
+
+    def _ran(self, run: asyncio.Task[None]) -> None:
+        self._running.discard(run)
+        if not run.cancelled() and run.exception() is not None:
+            print(f"{self.name}: posting events failed: {run.exception()!r}", file=sys.stderr,
+                  flush=True)  # fmt: skip
 
 
 async def main(
