@@ -105,6 +105,7 @@ class FakeNs:
     # events left out of `accepted`, as the NS does for another task server's client
     omit_executions: set[int] = field(default_factory=set)
     work_gate: asyncio.Event | None = None  # when set: work pulls wait until it opens
+    settings_gate: asyncio.Event | None = None  # when set: settings pulls wait until it opens
     clock_offset_s: float = 0.0  # how far its clock (the time on its answers) is ahead of ours
     port: int = 0
     _runner: web.AppRunner | None = None
@@ -155,8 +156,9 @@ class FakeNs:
         return response
 
     async def stop(self) -> None:
-        if self.work_gate is not None:
-            self.work_gate.set()  # release held pulls so the server can shut down
+        for gate in (self.work_gate, self.settings_gate):
+            if gate is not None:
+                gate.set()  # release held pulls so the server can shut down
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -231,6 +233,8 @@ class FakeNs:
         self._authorized(req)
         self.calls.append("settings")
         self.pulls.append(("settings", req.query.get("via")))
+        if self.settings_gate is not None:
+            await self.settings_gate.wait()
         return web.json_response(text=self.settings.model_dump_json())
 
     async def _events(self, req: web.Request) -> web.Response:

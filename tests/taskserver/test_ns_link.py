@@ -164,6 +164,36 @@ async def test_work_cached_before_a_restart_is_tickled_at_start(
     assert agent.tickles("ts1")[0].kind is wire.Kind.TASKS
 
 
+async def test_work_an_ns_tickle_brings_while_the_task_server_starts_is_tickled_at_once(
+    fake_ns: FakeNs, harness: TaskServerHarness
+) -> None:
+    # S6: a restarted task server's tickle port took the NS's tickle, and its work pull ran,
+    # before its agent tickler had a socket: each first send was "not sent: closed", then
+    # resent (122 of 2,500 agents tickled ~9 s late)
+    await harness.start()
+    agent = await harness.register_agent("pc1")
+    harness.pin_ports()
+    await harness.stop()
+    fake_ns.work = [work_for(1, "pc1")]
+    fake_ns.settings_gate = asyncio.Event()  # the start waits for the settings meanwhile
+    harness.overrides["ns_timeout_s"] = 30  # ... all along
+    settings_before = fake_ns.count("settings")
+    work_before = fake_ns.count("work")
+
+    starting = asyncio.create_task(harness.start())
+    try:
+        await wait_until(lambda: fake_ns.count("settings") > settings_before, what="the start")
+        harness.send_tickle(fake_ns.tickle())
+        await wait_until(lambda: fake_ns.count("work") > work_before, what="the work pull")
+        await wait_until(lambda: agent.socket.datagrams, what="the agent's tickle")
+        assert not starting.done()
+        assert agent.tickles("ts1")[0].kind is wire.Kind.TASKS
+        assert harness.running.metrics.tickles_resent.labels(kind="tasks")._value.get() == 0  # type: ignore[attr-defined]
+    finally:
+        fake_ns.settings_gate.set()
+        await starting
+
+
 async def test_settings_tickle_pulls_settings_and_the_policy_shows_the_new_interval(
     task_server: TaskServerHarness,
 ) -> None:

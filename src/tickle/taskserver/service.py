@@ -226,6 +226,10 @@ class TaskServer:
     async def start(self) -> None:
         """Bind, obtain credentials and state from the NS, start every loop."""
         s = self.settings
+        # the agents' tickles can go from the moment the NS's can come: an NS tickle taken
+        # while the start still waits on the NS pulls work and tickles its agents (S6: before,
+        # every first send of a restarted task server's first burst found no socket)
+        await self.agents.start()
         _, self.tickle_port = await self.listener.start(s.tickle_host, s.tickle_port)
         self._api_socket = _bind_tcp(s.api_host, s.api_port)
         self.api_port = int(self._api_socket.getsockname()[1])
@@ -239,7 +243,6 @@ class TaskServer:
         await self._until_ns_answers("settings", functools.partial(self.sync.settings.run, "start"))
 
         self.reporter.start()
-        await self.agents.start()
         self.forwarder.start()
         await self._start_api()
         self._started = True
