@@ -99,7 +99,7 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         le=5,
         description="How long at most the agents' status events wait while tickled agents' "
         "pulls are due, then commit together: a run-now's pulls are served first (2,500 agents "
-        "of one task server: 2,650-2,900 pulls/s, not ~1,900, and all recorded sooner). Below "
+        "of one task server: 2,500-2,900 pulls/s, not ~1,900, and all recorded sooner). Below "
         "the agents' 10 s request timeout; an agent alone is never held. 0: events commit as "
         "they come",
     )

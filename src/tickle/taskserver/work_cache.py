@@ -33,10 +33,11 @@ neither pulled nor resent yet), agents' events are held too, `pulls_first_s` at 
 first one held, then committed together (after the running sync, if any). A run-now on a
 task server's 2,500 agents had their pulls, their event posts, the commits, the forwarding and
 the NS's recording of them share its core and the machine's; the agents now get their tasks
-first and the events go in a few large commits and posts after (issue 10, S5: 2,500-2,900 pulls
-a second where the pulls came at ~1,900, the task server's CPU 404-440 µs an agent, not ~500;
-S2, 10,000 agents over 4 task servers: all recorded in 4.26-4.28 s, not 4.68-5.29, alternated
-runs). A lost tickle counts only until its first resend, and an agent alone is never held.
+first and the events go in a few large commits and posts after (issue 10, S5: 2,525-2,905 pulls
+a second where the pulls came at 1,899-1,933, the task server's CPU 404-456 µs an agent, not
+496-528; S2, 10,000 agents over 4 task servers: all recorded in 4.26-4.28 s, not 4.68-5.29,
+alternated runs). A lost tickle counts only until its first resend, and an agent alone is never
+held.
 
 The task server's own hop reports (`agent_tickled`, `agent_pulled`) are waited for by nobody: a
 pull is answered, and a tickle goes on, before its report commits (its flag is set in memory at
@@ -295,9 +296,8 @@ class WorkCache:
     async def _queue(self, computer: str, events: list[Event], finished: list[int]) -> set[str]:
         """Queue `computer`'s `events` for the NS and set `done` on the `finished` executions,
         in the group commit of this turn (or after the pulls due and the running sync, unless
-        the agent is alone);
-        count the events new to the outbox (a retried post counts once) and return their ids
-        once committed."""
+        the agent is alone); count the events new to the outbox (a retried post counts once)
+        and return their ids once committed."""
         write = _Write(events, "done", finished)
         self._flagging.update(("done", eid) for eid in finished)
         alone = self._alone(computer)
