@@ -128,6 +128,7 @@ class _InFlight:
     sent_at: float | None = None
     resent: bool = False
     due: bool = False  # counted in the tickler's `PullsDue`
+    announced: bool = False  # `on_sent` called: a send of it left
 
 
 class _Window:
@@ -427,10 +428,13 @@ class Tickler:
                         flight.sent_at = self._window.clock()
                     else:
                         flight.resent = True
-                self._send(target, kind, flight.addr)
+                sent = self._send(target, kind, flight.addr)
+                if sent and not flight.announced:  # the first send that left (no key: none)
+                    flight.announced = True
+                    at = flight.first_sent if attempt == 0 else time.time()
+                    await _call(self._on_sent, target, kind, at)
                 if attempt == 0:
                     self._metrics.tickles_sent_by(label).inc()
-                    await _call(self._on_sent, target, kind, flight.first_sent)
                 else:
                     self._metrics.tickles_resent_by(label).inc()
                     self._undue(flight)
@@ -518,16 +522,19 @@ class Tickler:
             return 0.0
         return max(0.0, self._next_slot - asyncio.get_running_loop().time())
 
-    def _send(self, target: str, kind: wire.Kind, addr: tuple[str, int]) -> None:
+    def _send(self, target: str, kind: wire.Kind, addr: tuple[str, int]) -> bool:
+        """Send one tickle; whether it left (an unroutable address counts as lost on the way:
+        it did)."""
         key = self._key_for(target)
         if key is None or self._transport is None:
             log.error("tickle to %s not sent: %s", target, "no key" if key is None else "closed")
-            return
+            return False
         datagram = wire.encode(kind, self.sender_id, self._seq.next(), key)
         try:
             self._transport.sendto(datagram, addr)
         except OSError as exc:  # unroutable address: counts as a lost datagram
             log.warning("tickle to %s %s failed: %s", target, addr, exc)
+        return True
 
 
 _EAGER = getattr(asyncio, "eager_task_factory", None)  # Python 3.12+

@@ -518,3 +518,30 @@ async def test_a_wait_for_no_pull_due_ends_after_its_bound_and_when_the_tickler_
         await tickler.close()
         await asyncio.wait_for(waiting, 5)
         assert due.count == 0
+
+
+async def test_a_tickle_that_never_left_is_not_reported_sent_and_one_that_left_later_is() -> None:
+    transport, rx, addr = await open_receiver()
+    keys: dict[str, bytes | None] = {"nokey": None, "later": None}
+    sent: list[tuple[str, float]] = []
+    unreachable: list[str] = []
+
+    def on_sent(target: str, kind: wire.Kind, at: float) -> None:
+        sent.append((target, at))
+
+    tickler = Tickler("ns", keys.get, ComponentMetrics("t"), fast(tries=3),
+                      on_sent=on_sent, on_unreachable=unreachable.append)  # fmt: skip
+    await tickler.start(("127.0.0.1", 0))
+    try:
+        tickler.tickle("nokey", addr)
+        tickler.tickle("later", addr)
+        keys["later"] = KEY  # its resends find a key: the first of them leaves
+        await asyncio.wait_for(rx.queue.get(), 2)
+        assert [target for target, _ in sent] == ["later"]
+        async with asyncio.timeout(5):
+            while "nokey" not in unreachable:
+                await asyncio.sleep(0.01)
+        assert [target for target, _ in sent] == ["later"]  # never: no tickle of it left
+    finally:
+        await tickler.close()
+        transport.close()
