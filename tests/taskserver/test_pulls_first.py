@@ -27,6 +27,23 @@ def _posting(h: TaskServerHarness, agent: Agent, event: dict[str, object]) -> as
     return asyncio.create_task(h.call(agent, "POST", "/api/agent/events", json={"events": [event]}))
 
 
+def _watch_held(h: TaskServerHarness) -> list[int]:
+    """For each event post that reaches the work cache, how many writes it holds once the post
+    queued its own (held, or in this turn's commit)."""
+    cache = h.running.work_cache
+    taken = cache.take_events
+    held: list[int] = []
+
+    async def watching(computer: str, events: Any) -> list[str]:
+        call = asyncio.ensure_future(taken(computer, events))
+        await asyncio.sleep(0)  # it queued its write
+        held.append(len(cache._held))
+        return await call
+
+    cache.take_events = watching  # type: ignore[method-assign]
+    return held
+
+
 async def _fan_out(
     harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch, pulls_first_s: float
 ) -> tuple[Agent, Agent, Agent]:
@@ -96,17 +113,28 @@ async def test_with_pulls_first_s_0_events_are_not_held_for_pulls_due(
 ) -> None:
     h = harness
     _, _, pc2 = await _fan_out(h, monkeypatch, pulls_first_s=0)
-    taken = h.running.work_cache.take_events
-    held: list[int] = []
-
-    async def watching(computer: str, events: Any) -> list[str]:
-        call = asyncio.ensure_future(taken(computer, events))
-        await asyncio.sleep(0)  # it queued its write: held, or in this turn's commit
-        held.append(len(h.running.work_cache._held))
-        return await call
-
-    h.running.work_cache.take_events = watching  # type: ignore[method-assign]
+    held = _watch_held(h)
     status, _ = await asyncio.wait_for(_posting(h, pc2, _event(2, "pc2")), 10)
+    assert status == 200
+    assert held == [0]
+    assert h.running.pulls_due.count == 1
+
+
+@pytest.mark.timeout(60)
+async def test_an_agent_alone_is_not_held_for_pulls_due(harness: TaskServerHarness) -> None:
+    # S1: one agent's run-now; another agent's tickle unanswered must not delay its events
+    harness.overrides.update(
+        pulls_first_s=5, tickle_backoff_s=NO_RESEND_S, tickle_backoff_max_s=NO_RESEND_S
+    )
+    h = harness
+    await h.start()
+    await wait_until(lambda: h.ns.count("work") >= 1, what="the first work pull")
+    tickled = await h.register_agent("tickled")
+    alone = await h.register_agent("pc1", cem=True)
+    await h.cache_work(work_for(9, "tickled"))
+    await wait_until(lambda: tickled.socket.datagrams, what="the tickle")
+    held = _watch_held(h)
+    status, _ = await asyncio.wait_for(_posting(h, alone, _event(1, "pc1")), 10)
     assert status == 200
     assert held == [0]
     assert h.running.pulls_due.count == 1
