@@ -81,32 +81,23 @@ class PullsDue:
 
     def __init__(self) -> None:
         self.count = 0
-        self._waiters: list[asyncio.Future[None]] = []
+        self._none = asyncio.Event()
+        self._none.set()
 
     def add(self) -> None:
         self.count += 1
+        self._none.clear()
 
     def remove(self) -> None:
         self.count -= 1
         if not self.count:
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                _wake(waiter)
+            self._none.set()
 
     async def none_within(self, within_s: float) -> None:
         """Return once no pull is due, or after `within_s` at most."""
-        if not self.count:
-            return
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(waiter)
-        handle = loop.call_later(within_s, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            handle.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                await self._none.wait()
 
 
 @dataclass
