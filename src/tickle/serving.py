@@ -17,6 +17,9 @@ the component's `ApiServerSettings`:
 - `ClockHeaders`, ASGI middleware noting when each request arrived (the peer's clock offset is
   measured against it) and putting the server's time on every answer (`X-Tickle-Time`).
 
+`ReadHold` leaves connections unread for a spell once they have answered a request that matters
+more (a task server's fan-out: every agent's pull before any agent's status events).
+
 `FastLane` serves an app's fast path (`tickle.fastpath`) at the connection: its requests skip the
 ASGI middleware, the lane doing for them what `ClockHeaders` and `BodyLimits` do.
 
@@ -105,11 +108,13 @@ class ServingConfig(uvicorn.Config):
         metrics: ComponentMetrics,
         long_poll_paths: Collection[str] = (),
         max_long_polls: int = 0,
+        read_hold: ReadHold | None = None,
         **options: Any,
     ) -> None:
         """`long_poll_paths`: the routes whose requests wait by design (up to `max_long_polls`
-        at once, beside the `max_connections`)."""
+        at once, beside the `max_connections`); `read_hold`: see `ReadHold`."""
         self.limits = limits
+        self.read_hold = read_hold
         self.metrics = metrics
         self.long_poll_paths = frozenset(long_poll_paths)
         open_files = raise_open_file_limit()
@@ -224,6 +229,60 @@ class ConnectionTable:
         self._parked.discard(conn)
 
 
+class ReadHold:
+    """Connections left unread for a spell once they have answered one of `paths`.
+
+    While `busy()`, a connection that has just answered a request for one of `paths` is not
+    read: what its client sends next waits in the socket, costing the server nothing, until
+    `settled(bound_s)` returns (it returns when the spell ends, or `bound_s` after it was
+    called, at the first connection paused). A task server's fan-out is such a spell (tickled
+    agents' pulls due): an agent that has its tasks posts their status events next, on the same
+    connection, and those wait for the other agents' pulls (issue 10, S5). `bound_s` stays
+    below the server's keep-alive (`SERVER_KEEPALIVE_S`), so a held connection is not closed
+    as idle.
+    """
+
+    def __init__(
+        self,
+        paths: Collection[str],
+        busy: Callable[[], bool],
+        settled: Callable[[float], Awaitable[None]],
+        bound_s: float,
+    ) -> None:
+        if bound_s >= SERVER_KEEPALIVE_S:
+            raise ValueError(f"a read hold of {bound_s} s would outlast the keep-alive")
+        self.paths = frozenset(paths)
+        self._busy = busy
+        self._settled = settled
+        self._bound_s = bound_s
+        self._paused: list[LimitedHttpProtocol] = []
+        self._releasing: asyncio.Task[None] | None = None
+
+    @property
+    def paused(self) -> int:
+        """How many connections are held now."""
+        return len(self._paused)
+
+    def answered(self, conn: LimitedHttpProtocol, path: str) -> None:
+        """`conn` answered a request for `path` and waits for the next: hold it in a spell."""
+        if path not in self.paths or not self._busy():
+            return
+        conn.flow.pause_reading()
+        self._paused.append(conn)
+        if self._releasing is None:
+            self._releasing = asyncio.get_running_loop().create_task(self._release())
+
+    async def _release(self) -> None:
+        try:
+            await self._settled(self._bound_s)
+        finally:
+            self._releasing = None
+            paused, self._paused = self._paused, []
+            for conn in paused:
+                if not conn.transport.is_closing():
+                    conn.flow.resume_reading()
+
+
 class LimitedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with limits on the request head, deadlines, and the cap."""
 
@@ -246,6 +305,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.refusal: tuple[int, str, str] | None = None  # status, reason, detail
         self.deadline: asyncio.TimerHandle | None = None
         self.fast_lane = config.fast_lane
+        self.read_hold = config.read_hold
 
     # --- the connection -------------------------------------------------------------------------
 
@@ -360,6 +420,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if not self.transport.is_closing() and self.cycle.response_complete:
             self.table.waiting(self)  # kept alive for the next request
+            if self.read_hold is not None:
+                self.read_hold.answered(self, self.cycle.scope["path"])
 
     def send_400_response(self, msg: str) -> None:
         if self.refusal is not None:

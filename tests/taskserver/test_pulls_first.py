@@ -1,9 +1,12 @@
 """A fan-out's pulls first: while a tickled agent's pull is due, the agents' status events are
-held (`pulls_first_s` at most), then committed together; an agent alone is never held."""
+held (`pulls_first_s` at most), then committed together; an agent alone is never held. At the
+connections: an agent's connection is not read once its pull is answered while another agent's
+pull is due (`pulls_first_s` at most), so the status events it posts next wait unread."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -14,6 +17,8 @@ from tickle.messages import StatusEvent
 from tickle.taskserver import work_cache
 
 NO_RESEND_S = 60  # the tickle is not resent within a test: its pull stays due until it comes
+PULL = "/api/agent/tasks?via=tickle"
+EVENTS = "/api/agent/events"
 
 
 def _event(execution_id: int, computer: str) -> dict[str, object]:
@@ -44,11 +49,10 @@ def _watch_held(h: TaskServerHarness) -> list[int]:
     return held
 
 
-async def _fan_out(
+async def _started(
     harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch, pulls_first_s: float
-) -> tuple[Agent, Agent, Agent]:
-    """A task server with one tickled agent whose pull is due, and two CEM agents, `pc1` having
-    posted (alone: committed at once) so that `pc2` is not alone."""
+) -> TaskServerHarness:
+    """The task server started with `pulls_first_s`, its tickles not resent within a test."""
     # a fleet, not an agent alone: any other agent's post within a minute says so
     monkeypatch.setattr(work_cache, "ALONE_WINDOW_S", 60.0)
     harness.overrides.update(
@@ -58,6 +62,15 @@ async def _fan_out(
     h = harness
     await h.start()
     await wait_until(lambda: h.ns.count("work") >= 1, what="the first work pull")
+    return h
+
+
+async def _fan_out(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch, pulls_first_s: float
+) -> tuple[Agent, Agent, Agent]:
+    """A task server with one tickled agent whose pull is due, and two CEM agents, `pc1` having
+    posted (alone: committed at once) so that `pc2` is not alone."""
+    h = await _started(harness, monkeypatch, pulls_first_s)
     tickled = await h.register_agent("tickled")
     pc1, pc2 = await h.register_agent("pc1", cem=True), await h.register_agent("pc2", cem=True)
     status, _ = await _posting(h, pc1, _event(1, "pc1"))
@@ -137,4 +150,145 @@ async def test_an_agent_alone_is_not_held_for_pulls_due(harness: TaskServerHarne
     status, _ = await asyncio.wait_for(_posting(h, alone, _event(1, "pc1")), 10)
     assert status == 200
     assert held == [0]
+    assert h.running.pulls_due.count == 1
+
+
+class _KeptAlive:
+    """One agent's keep-alive connection to the task server, as an agent's HTTP client keeps it:
+    its pull, then its status events, on the same connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, h: TaskServerHarness) -> _KeptAlive:
+        return cls(*await asyncio.open_connection("127.0.0.1", h.running.api_port))
+
+    def send(self, agent: Agent, method: str, target: str, body: object = None) -> None:
+        data = b"" if body is None else json.dumps(body).encode()
+        self.writer.write(
+            f"{method} {target} HTTP/1.1\r\nHost: ts\r\nAuthorization: Bearer {agent.token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+
+    async def answer(self) -> tuple[int, Any]:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:] if line)
+        body = await self.reader.readexactly(int(headers["content-length"]))
+        return int(lines[0].split()[1]), json.loads(body)
+
+    async def call(self, agent: Agent, method: str, target: str, body: object = None) -> Any:
+        self.send(agent, method, target, body)
+        return await asyncio.wait_for(self.answer(), 10)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def _two_tickled(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch, pulls_first_s: float
+) -> tuple[Agent, Agent]:
+    """A task server with two tickled agents, both pulls due."""
+    h = await _started(harness, monkeypatch, pulls_first_s)
+    first, second = await h.register_agent("pc1"), await h.register_agent("pc2")
+    await h.cache_work(work_for(1, "pc1"), work_for(2, "pc2"))
+    await wait_until(
+        lambda: first.socket.datagrams and second.socket.datagrams, what="both tickles"
+    )
+    assert h.running.pulls_due.count == 2
+    return first, second
+
+
+@pytest.mark.timeout(60)
+async def test_an_agents_events_after_its_pull_wait_unread_while_another_pull_is_due(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    first, second = await _two_tickled(h, monkeypatch, pulls_first_s=5)
+    posts = _watch_held(h)  # one entry per event post that reaches the work cache
+    conn = await _pulled(h, first, 1)
+    try:
+        conn.send(first, "POST", EVENTS, {"events": [_event(1, "pc1")]})
+        answer = asyncio.create_task(conn.answer())
+        await asyncio.sleep(0.2)  # some turns of the loop: the post is not even read
+        assert not answer.done()
+        assert posts == []
+        assert h.running.api_read_hold is not None
+        assert h.running.api_read_hold.paused == 1
+        # the other agent's pull is served meanwhile; once no pull is due, the post is read
+        status, body = await h.call(second, "GET", "/api/agent/tasks", params={"via": "tickle"})
+        assert (status, [e["execution_id"] for e in body["executions"]]) == (200, [2])
+        status, ack = await asyncio.wait_for(answer, 10)
+        assert status == 200
+        assert len(ack["accepted"]) == 1
+        assert len(posts) == 1
+        assert h.running.api_read_hold.paused == 0
+    finally:
+        conn.close()
+
+
+async def _pulled(h: TaskServerHarness, agent: Agent, execution_id: int) -> _KeptAlive:
+    """A kept-alive connection on which `agent` has pulled its one execution."""
+    conn = await _KeptAlive.open(h)
+    status, body = await conn.call(agent, "GET", PULL)
+    assert (status, [e["execution_id"] for e in body["executions"]]) == (200, [execution_id])
+    return conn
+
+
+async def _pull_then_post(h: TaskServerHarness, agent: Agent, execution_id: int) -> list[str]:
+    """`agent` pulls its tasks, then posts a status event, on one kept-alive connection; the
+    ids accepted."""
+    conn = await _pulled(h, agent, execution_id)
+    try:
+        event = _event(execution_id, agent.name)
+        status, ack = await conn.call(agent, "POST", EVENTS, {"events": [event]})
+        assert status == 200, ack
+        return list(ack["accepted"])
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(60)
+async def test_an_agents_events_after_its_pull_are_read_after_pulls_first_s_at_most(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    first, _ = await _two_tickled(h, monkeypatch, pulls_first_s=0.2)
+    assert len(await _pull_then_post(h, first, 1)) == 1
+    assert h.running.pulls_due.count == 1  # read while the other pull is still due
+
+
+@pytest.mark.timeout(60)
+async def test_the_last_pull_due_leaves_its_connection_read(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    first, second = await _two_tickled(h, monkeypatch, pulls_first_s=5)
+    status, _ = await h.call(first, "GET", "/api/agent/tasks", params={"via": "tickle"})
+    assert status == 200
+    hold = h.running.api_read_hold
+    assert hold is not None
+    paused: list[bool] = []
+    answered = hold.answered
+
+    def watching(conn: Any, path: str) -> None:
+        answered(conn, path)
+        paused.append(conn.flow.read_paused)
+
+    hold.answered = watching  # type: ignore[method-assign]
+    assert len(await _pull_then_post(h, second, 2)) == 1
+    assert paused == [False, False]  # after its pull (none due then), and after its post
+
+
+@pytest.mark.timeout(60)
+async def test_with_pulls_first_s_0_connections_are_not_held(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    first, _ = await _two_tickled(h, monkeypatch, pulls_first_s=0)
+    assert h.running.api_read_hold is None
+    assert len(await _pull_then_post(h, first, 1)) == 1
     assert h.running.pulls_due.count == 1

@@ -37,7 +37,9 @@ first and the events go in a few large commits and posts after (issue 10, S5: 2,
 a second where the pulls came at 1,899-1,933, the task server's CPU 404-456 µs an agent, not
 496-528; S2, 10,000 agents over 4 task servers: all recorded in 4.26-4.28 s, not 4.68-5.29,
 alternated runs). A lost tickle counts only until its first resend, and an agent alone is never
-held.
+held. Most events do not even come meanwhile: the agent API does not read an agent's connection
+once its pull is answered while pulls are due (`TaskServer._read_hold`, `serving.ReadHold`),
+and what the agent posts next waits unread in the socket.
 
 The task server's own hop reports (`agent_tickled`, `agent_pulled`) are waited for by nobody: a
 pull is answered, and a tickle goes on, before its report commits (its flag is set in memory at
