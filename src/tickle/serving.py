@@ -17,8 +17,8 @@ the component's `ApiServerSettings`:
 - `ClockHeaders`, ASGI middleware noting when each request arrived (the peer's clock offset is
   measured against it) and putting the server's time on every answer (`X-Tickle-Time`).
 
-`ReadHold` leaves connections unread for a spell once they have answered a request that matters
-more (a task server's fan-out: every agent's pull before any agent's status events).
+`RequestHold` puts requests off for a spell after a request that matters more on the same
+connection (a task server's fan-out: every agent's pull before any agent's status events).
 
 `FastLane` serves an app's fast path (`tickle.fastpath`) at the connection: its requests skip the
 ASGI middleware, the lane doing for them what `ClockHeaders` and `BodyLimits` do.
@@ -108,13 +108,13 @@ class ServingConfig(uvicorn.Config):
         metrics: ComponentMetrics,
         long_poll_paths: Collection[str] = (),
         max_long_polls: int = 0,
-        read_hold: ReadHold | None = None,
+        request_hold: RequestHold | None = None,
         **options: Any,
     ) -> None:
         """`long_poll_paths`: the routes whose requests wait by design (up to `max_long_polls`
-        at once, beside the `max_connections`); `read_hold`: see `ReadHold`."""
+        at once, beside the `max_connections`); `request_hold`: see `RequestHold`."""
         self.limits = limits
-        self.read_hold = read_hold
+        self.request_hold = request_hold
         self.metrics = metrics
         self.long_poll_paths = frozenset(long_poll_paths)
         open_files = raise_open_file_limit()
@@ -229,58 +229,67 @@ class ConnectionTable:
         self._parked.discard(conn)
 
 
-class ReadHold:
-    """Connections left unread for a spell once they have answered one of `paths`.
+class RequestHold:
+    """Requests put off for a spell: on a connection that has just answered a request for one of
+    `first`, while `busy()`, the next request, if for one of `later`, is read but not served
+    until `settled(bound_s)` returns (it returns when the spell ends, or `bound_s` after it was
+    called, at the first request put off).
 
-    While `busy()`, a connection that has just answered a request for one of `paths` is not
-    read: what its client sends next waits in the socket, costing the server nothing, until
-    `settled(bound_s)` returns (it returns when the spell ends, or `bound_s` after it was
-    called, at the first connection paused). A task server's fan-out is such a spell (tickled
-    agents' pulls due): an agent that has its tasks posts their status events next, on the same
-    connection, and those wait for the other agents' pulls (issue 10, S5). `bound_s` stays
-    below the server's keep-alive (`SERVER_KEEPALIVE_S`), so a held connection is not closed
-    as idle.
+    A task server's fan-out is such a spell (tickled agents' pulls due): an agent that has its
+    tasks posts their status events next, on the same connection, and those wait for the other
+    agents' pulls (issue 10, S5). Only the next request after a `first` one, and only one for
+    `later`: a connection shared by several clients (a proxy's) has the others' pulls served at
+    once. `bound_s` stays below the server's keep-alive (`SERVER_KEEPALIVE_S`).
     """
 
     def __init__(
         self,
-        paths: Collection[str],
+        first: Collection[str],
+        later: Collection[str],
         busy: Callable[[], bool],
         settled: Callable[[float], Awaitable[None]],
         bound_s: float,
     ) -> None:
         if bound_s >= SERVER_KEEPALIVE_S:
-            raise ValueError(f"a read hold of {bound_s} s would outlast the keep-alive")
-        self.paths = frozenset(paths)
+            raise ValueError(f"a request hold of {bound_s} s would outlast the keep-alive")
+        self.first = frozenset(first)
+        self.later = frozenset(later)
         self._busy = busy
         self._settled = settled
         self._bound_s = bound_s
-        self._paused: list[LimitedHttpProtocol] = []
+        self._held: list[tuple[LimitedHttpProtocol, RequestResponseCycle, ASGIApp]] = []
         self._releasing: asyncio.Task[None] | None = None
 
     @property
-    def paused(self) -> int:
-        """How many connections are held now."""
-        return len(self._paused)
+    def held(self) -> int:
+        """How many requests are put off now."""
+        return len(self._held)
 
     def answered(self, conn: LimitedHttpProtocol, path: str) -> None:
-        """`conn` answered a request for `path` and waits for the next: hold it in a spell."""
-        if path not in self.paths or not self._busy():
-            return
-        conn.flow.pause_reading()
-        self._paused.append(conn)
+        """`conn` answered a request for `path`: its next one may be put off."""
+        conn.after_first = path in self.first and self._busy()
+
+    def puts_off(
+        self, conn: LimitedHttpProtocol, cycle: RequestResponseCycle, app: ASGIApp
+    ) -> bool:
+        """Whether `cycle`'s request, about to be served on `conn`, is put off (served later)."""
+        after_first, conn.after_first = conn.after_first, False
+        if not after_first or cycle.scope["path"] not in self.later or not self._busy():
+            return False
+        self._held.append((conn, cycle, app))
         if self._releasing is None:
             self._releasing = asyncio.get_running_loop().create_task(self._release())
+        return True
 
     async def _release(self) -> None:
         try:
             await self._settled(self._bound_s)
         finally:
             self._releasing = None
-            paused, self._paused = self._paused, []
-            for conn in paused:
-                if not conn.transport.is_closing():
-                    conn.flow.resume_reading()
+            held, self._held = self._held, []
+            for conn, cycle, app in held:
+                if conn.cycle is cycle and not cycle.disconnected:
+                    conn.serve(cycle, app)
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -305,7 +314,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.refusal: tuple[int, str, str] | None = None  # status, reason, detail
         self.deadline: asyncio.TimerHandle | None = None
         self.fast_lane = config.fast_lane
-        self.read_hold = config.read_hold
+        self.request_hold = config.request_hold
+        self.after_first = False  # answered one of `request_hold.first` (`RequestHold.answered`)
 
     # --- the connection -------------------------------------------------------------------------
 
@@ -394,7 +404,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._expect("body")
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        """Start serving a request: one of the app's fast path at the connection (`FastLane`)."""
+        """Start serving a request, unless the `request_hold` puts it off."""
+        if self.request_hold is not None and self.request_hold.puts_off(self, cycle, app):
+            return
+        self.serve(cycle, app)
+
+    def serve(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """Serve a request: one of the app's fast path at the connection (`FastLane`)."""
         lane = self.fast_lane
         if lane is not None and app is self.app:
             app = lane.app_for(cycle, app)
@@ -420,8 +436,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if not self.transport.is_closing() and self.cycle.response_complete:
             self.table.waiting(self)  # kept alive for the next request
-            if self.read_hold is not None:
-                self.read_hold.answered(self, self.cycle.scope["path"])
+            if self.request_hold is not None:
+                self.request_hold.answered(self, self.cycle.scope["path"])
 
     def send_400_response(self, msg: str) -> None:
         if self.refusal is not None:

@@ -180,9 +180,11 @@ class _KeptAlive:
         body = await self.reader.readexactly(int(headers["content-length"]))
         return int(lines[0].split()[1]), json.loads(body)
 
-    async def call(self, agent: Agent, method: str, target: str, body: object = None) -> Any:
+    async def call(
+        self, agent: Agent, method: str, target: str, body: object = None, within_s: float = 10
+    ) -> Any:
         self.send(agent, method, target, body)
-        return await asyncio.wait_for(self.answer(), 10)
+        return await asyncio.wait_for(self.answer(), within_s)
 
     def close(self) -> None:
         self.writer.close()
@@ -213,11 +215,11 @@ async def test_an_agents_events_after_its_pull_wait_unread_while_another_pull_is
     try:
         conn.send(first, "POST", EVENTS, {"events": [_event(1, "pc1")]})
         answer = asyncio.create_task(conn.answer())
-        await asyncio.sleep(0.2)  # some turns of the loop: the post is not even read
+        await asyncio.sleep(0.2)  # some turns of the loop: the post is not served
         assert not answer.done()
         assert posts == []
-        assert h.running.api_read_hold is not None
-        assert h.running.api_read_hold.paused == 1
+        assert h.running.api_request_hold is not None
+        assert h.running.api_request_hold.held == 1
         # the other agent's pull is served meanwhile; once no pull is due, the post is read
         status, body = await h.call(second, "GET", "/api/agent/tasks", params={"via": "tickle"})
         assert (status, [e["execution_id"] for e in body["executions"]]) == (200, [2])
@@ -225,7 +227,7 @@ async def test_an_agents_events_after_its_pull_wait_unread_while_another_pull_is
         assert status == 200
         assert len(ack["accepted"]) == 1
         assert len(posts) == 1
-        assert h.running.api_read_hold.paused == 0
+        assert h.running.api_request_hold.held == 0
     finally:
         conn.close()
 
@@ -269,18 +271,35 @@ async def test_the_last_pull_due_leaves_its_connection_read(
     first, second = await _two_tickled(h, monkeypatch, pulls_first_s=5)
     status, _ = await h.call(first, "GET", "/api/agent/tasks", params={"via": "tickle"})
     assert status == 200
-    hold = h.running.api_read_hold
+    hold = h.running.api_request_hold
     assert hold is not None
-    paused: list[bool] = []
-    answered = hold.answered
+    put_off: list[bool] = []
+    puts_off = hold.puts_off
 
-    def watching(conn: Any, path: str) -> None:
-        answered(conn, path)
-        paused.append(conn.flow.read_paused)
+    def watching(conn: Any, cycle: Any, app: Any) -> bool:
+        put_off.append(puts_off(conn, cycle, app))
+        return put_off[-1]
 
-    hold.answered = watching  # type: ignore[method-assign]
+    hold.puts_off = watching  # type: ignore[method-assign]
     assert len(await _pull_then_post(h, second, 2)) == 1
-    assert paused == [False, False]  # after its pull (none due then), and after its post
+    assert put_off == [False, False]  # its pull, and its post after it (no pull due then)
+
+
+@pytest.mark.timeout(60)
+async def test_a_pull_after_a_pull_on_one_connection_is_served_at_once(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a connection several clients share (a proxy's): another agent's pull is not put off
+    h = harness
+    first, second = await _two_tickled(h, monkeypatch, pulls_first_s=5)
+    conn = await _pulled(h, first, 1)
+    try:
+        # answered well before the hold's 5 s (the spell still on: the pull ends it)
+        status, body = await conn.call(second, "GET", PULL, within_s=2.5)
+        assert (status, [e["execution_id"] for e in body["executions"]]) == (200, [2])
+        assert h.running.pulls_due.count == 0
+    finally:
+        conn.close()
 
 
 @pytest.mark.timeout(60)
@@ -289,6 +308,44 @@ async def test_with_pulls_first_s_0_connections_are_not_held(
 ) -> None:
     h = harness
     first, _ = await _two_tickled(h, monkeypatch, pulls_first_s=0)
-    assert h.running.api_read_hold is None
+    assert h.running.api_request_hold is None
     assert len(await _pull_then_post(h, first, 1)) == 1
     assert h.running.pulls_due.count == 1
+
+
+def _hops_at_ns(h: TaskServerHarness) -> list[tuple[str, str]]:
+    return sorted((e.kind, e.computer) for e in h.ns.events.values() if e.kind.startswith("agent"))
+
+
+@pytest.mark.timeout(60)
+async def test_hop_reports_wait_while_pulls_are_due_and_go_once_none_is(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    first, second = await _two_tickled(h, monkeypatch, pulls_first_s=5)
+    cache = h.running.work_cache
+    await asyncio.sleep(work_cache.HOP_COMMIT_S * 4)  # past the time they would have waited
+    assert cache.uncommitted == 2  # both agents' agent_tickled
+    status, _ = await h.call(first, "GET", "/api/agent/tasks", params={"via": "tickle"})
+    assert status == 200
+    await asyncio.sleep(work_cache.HOP_COMMIT_S * 4)
+    assert cache.uncommitted == 3  # and the first agent's agent_pulled
+    assert _hops_at_ns(h) == []
+    status, _ = await h.call(second, "GET", "/api/agent/tasks", params={"via": "tickle"})
+    assert status == 200
+    await wait_until(lambda: len(_hops_at_ns(h)) == 4, what="the hop reports at the NS")
+    assert _hops_at_ns(h) == [
+        ("agent_pulled", "pc1"), ("agent_pulled", "pc2"),
+        ("agent_tickled", "pc1"), ("agent_tickled", "pc2"),
+    ]  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+async def test_hop_reports_wait_for_pulls_due_pulls_first_s_at_most(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    await _two_tickled(h, monkeypatch, pulls_first_s=0.2)
+    await wait_until(lambda: len(_hops_at_ns(h)) == 2, what="the hop reports at the NS")
+    assert _hops_at_ns(h) == [("agent_tickled", "pc1"), ("agent_tickled", "pc2")]
+    assert h.running.pulls_due.count == 2  # forwarded while both pulls are still due

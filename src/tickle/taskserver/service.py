@@ -36,14 +36,14 @@ from tickle.logs import setup_logging
 from tickle.messages import TaskServerCredentials, TaskServerRegister
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
-from tickle.serving import ReadHold, ServingConfig, run_server, settle_gc
+from tickle.serving import RequestHold, ServingConfig, run_server, settle_gc
 from tickle.statedir import make_private
 from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.agent_tickler import AgentTickler
 from tickle.taskserver.api import LONG_POLL, create_app
 from tickle.taskserver.enrollment import Enrollment
-from tickle.taskserver.fast_path import TASKS
+from tickle.taskserver.fast_path import EVENTS, TASKS
 from tickle.taskserver.long_polls import LongPolls
 from tickle.taskserver.ns_client import NsClient, ns_away
 from tickle.taskserver.ns_sync import NsSync
@@ -213,7 +213,9 @@ class TaskServer:
         self._api_socket: socket.socket | None = None
         self._api: _Server | None = None
         self.api: FastAPI | None = None  # the agent API app being served
-        self.api_read_hold: ReadHold | None = None  # the agent API's pulls first (`_read_hold`)
+        self.api_request_hold: RequestHold | None = (
+            None  # the agent API's pulls first (`_request_hold`)
+        )
         self._api_task: asyncio.Task[None] | None = None
         self._started = False
 
@@ -395,11 +397,11 @@ class TaskServer:
 
     async def _start_api(self) -> None:
         app = self.api = self.api_app()
-        self.api_read_hold = self._read_hold()
+        self.api_request_hold = self._request_hold()
         config = ServingConfig(
             app, self.settings, self.metrics, long_poll_paths=[LONG_POLL],
             max_long_polls=self.settings.max_long_polls,
-            read_hold=self.api_read_hold,
+            request_hold=self.api_request_hold,
             log_config=None, access_log=False, lifespan="off",
             ssl_certfile=self.settings.tls_cert_file, ssl_keyfile=self.settings.tls_key_file,
         )  # fmt: skip
@@ -412,15 +414,15 @@ class TaskServer:
                 raise StartupError(f"the agent API did not start on port {self.api_port}")
             await asyncio.sleep(0.01)
 
-    def _read_hold(self) -> ReadHold | None:
-        """A fan-out's pulls first, at the connections: while tickled agents' pulls are due, an
-        agent's connection is not read once its pull is answered (its status events come next),
-        `pulls_first_s` at most (the work cache holds the events that come anyway)."""
+    def _request_hold(self) -> RequestHold | None:
+        """A fan-out's pulls first, at the connections: while tickled agents' pulls are due, the
+        status events an agent posts next after its pull are not served, `pulls_first_s` at
+        most (the work cache holds the events that come otherwise)."""
         if not self.settings.pulls_first_s:
             return None
         due = self.pulls_due
-        return ReadHold(
-            [TASKS], lambda: due.count > 0, due.none_within, self.settings.pulls_first_s
+        return RequestHold(
+            [TASKS], [EVENTS], lambda: due.count > 0, due.none_within, self.settings.pulls_first_s
         )
 
 
