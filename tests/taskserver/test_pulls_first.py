@@ -14,7 +14,7 @@ import pytest
 
 from tests.taskserver.conftest import Agent, TaskServerHarness, wait_until, work_for
 from tickle.messages import StatusEvent
-from tickle.taskserver import work_cache
+from tickle.taskserver import state_reporter, work_cache
 
 NO_RESEND_S = 60  # the tickle is not resent within a test: its pull stays due until it comes
 PULL = "/api/agent/tasks?via=tickle"
@@ -190,6 +190,12 @@ class _KeptAlive:
         self.writer.close()
 
 
+async def _tickled_pull(h: TaskServerHarness, agent: Agent) -> None:
+    """`agent` pulls as its tickle asks (answered 200)."""
+    status, _ = await h.call(agent, "GET", "/api/agent/tasks", params={"via": "tickle"})
+    assert status == 200
+
+
 async def _two_tickled(
     harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch, pulls_first_s: float
 ) -> tuple[Agent, Agent]:
@@ -269,8 +275,7 @@ async def test_the_last_pull_due_leaves_its_connection_read(
 ) -> None:
     h = harness
     first, second = await _two_tickled(h, monkeypatch, pulls_first_s=5)
-    status, _ = await h.call(first, "GET", "/api/agent/tasks", params={"via": "tickle"})
-    assert status == 200
+    await _tickled_pull(h, first)
     hold = h.running.api_request_hold
     assert hold is not None
     put_off: list[bool] = []
@@ -326,13 +331,11 @@ async def test_hop_reports_wait_while_pulls_are_due_and_go_once_none_is(
     cache = h.running.work_cache
     await asyncio.sleep(work_cache.HOP_COMMIT_S * 4)  # past the time they would have waited
     assert cache.uncommitted == 2  # both agents' agent_tickled
-    status, _ = await h.call(first, "GET", "/api/agent/tasks", params={"via": "tickle"})
-    assert status == 200
+    await _tickled_pull(h, first)
     await asyncio.sleep(work_cache.HOP_COMMIT_S * 4)
     assert cache.uncommitted == 3  # and the first agent's agent_pulled
     assert _hops_at_ns(h) == []
-    status, _ = await h.call(second, "GET", "/api/agent/tasks", params={"via": "tickle"})
-    assert status == 200
+    await _tickled_pull(h, second)
     await wait_until(lambda: len(_hops_at_ns(h)) == 4, what="the hop reports at the NS")
     assert _hops_at_ns(h) == [
         ("agent_pulled", "pc1"), ("agent_pulled", "pc2"),
@@ -349,3 +352,19 @@ async def test_hop_reports_wait_for_pulls_due_pulls_first_s_at_most(
     await wait_until(lambda: len(_hops_at_ns(h)) == 2, what="the hop reports at the NS")
     assert _hops_at_ns(h) == [("agent_tickled", "pc1"), ("agent_tickled", "pc2")]
     assert h.running.pulls_due.count == 2  # forwarded while both pulls are still due
+
+
+@pytest.mark.timeout(60)
+async def test_state_reports_wait_while_pulls_are_due_and_go_once_none_is(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    first, second = await _two_tickled(h, monkeypatch, pulls_first_s=5)
+    await _tickled_pull(h, first)  # pc1 answered its tickle: reachable, to be reported
+    await asyncio.sleep(state_reporter.COALESCE_S * 2)  # past when it would have gone
+    assert [s.name for s in h.ns.states if s.tickle_state == "reachable"] == []
+    await _tickled_pull(h, second)
+    await wait_until(
+        lambda: {s.name for s in h.ns.states if s.tickle_state == "reachable"} == {"pc1", "pc2"},
+        what="both agents reported reachable",
+    )

@@ -145,10 +145,14 @@ class TaskServer:
         self.store = Store(settings.state_dir)
         self.outbox = Outbox(settings.state_dir / OUTBOX_FILE)
         self.ns = NsClient(settings.ns_url, settings.ns_timeout_s, settings.ns_ca_file)
+        # a fan-out's pulls first: the agents' events, the task server's hop reports and its
+        # state reports wait while tickled agents' pulls are due (`pulls_first_s` at most)
+        self.pulls_due = PullsDue()
         self.reporter = StateReporter(
             self.ns,
             contact_interval_s=settings.contact_report_interval_s,
             on_forgotten=self.store.remove_clients,
+            quiet=self._pulls_served if settings.pulls_first_s else None,
         )
         self.forwarder = OutboxForwarder(
             self.outbox,
@@ -162,8 +166,6 @@ class TaskServer:
         self.ns.on_back(self.forwarder.reopen)  # events waiting out a retry go once the NS is back
         # the agents' pulls and events commit in groups, synced off the event loop
         self.wal_sync = localdb.WalSync([self.store.path, settings.state_dir / OUTBOX_FILE])
-        # a fan-out's pulls first: the agents' events wait while tickled agents' pulls are due
-        self.pulls_due = PullsDue()
         self.work_cache = WorkCache(
             self.store, self.forwarder, self.metrics, self.wal_sync,
             pulls_due=self.pulls_due, pulls_first_s=settings.pulls_first_s,
@@ -413,6 +415,10 @@ class TaskServer:
             if self._api_task.done() or time.monotonic() > deadline:
                 raise StartupError(f"the agent API did not start on port {self.api_port}")
             await asyncio.sleep(0.01)
+
+    async def _pulls_served(self) -> None:
+        """Once no tickled agent's pull is due, or `pulls_first_s` from now at most."""
+        await self.pulls_due.none_within(self.settings.pulls_first_s)
 
     def _request_hold(self) -> RequestHold | None:
         """A fan-out's pulls first, at the connections: while tickled agents' pulls are due, the

@@ -10,7 +10,9 @@ would cost the NS a write per pull). Reports are merged per computer (the latest
 in order by one background worker in parts of at most `BATCH` computers, retried with backoff (full
 jitter, after a busy NS's `Retry-After`: the task servers of a restarted NS come back spread; at
 once when the NS answers another request, unless it said Retry-After), and dropped with a warning
-after the last try. Computers the NS answers it does not know (forgotten
+after the last try. A task server's reports wait while its fan-out's pulls are due (`quiet`:
+a run-now turns its agents reachable and measures their clocks, first after a start: 2,500
+reports in the pulls' midst). Computers the NS answers it does not know (forgotten
 by the operator) are handed to `on_forgotten`, which drops their credentials.
 """
 
@@ -20,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import aiohttp
@@ -46,8 +48,11 @@ class StateReporter:
         backoff: Backoff | None = None,
         contact_interval_s: float = 15.0,
         on_forgotten: Callable[[list[str]], None] | None = None,
+        quiet: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`quiet`: awaited before each post (the task server's fan-out: its pulls first)."""
         self._ns = ns
+        self._quiet = quiet
         self._backoff = backoff or RETRY
         self._until_back = UntilBack(ns)  # a retry goes once the NS answered another request
         self._contact_interval_s = contact_interval_s
@@ -121,6 +126,8 @@ class StateReporter:
         while True:
             await self._wake.wait()
             await asyncio.sleep(max(0.0, last_post + COALESCE_S - time.monotonic()))
+            if self._quiet is not None:
+                await self._quiet()
             last_post = time.monotonic()
             self._wake.clear()
             # what is pending now, in parts; what arrives meanwhile waits for the next round
