@@ -98,11 +98,11 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         ge=0,
         le=5,
         description="How long at most the agents' status events, and the task server's hop "
-        "and state reports, wait while tickled agents' pulls are due: the events an agent posts after its "
-        "pull are served after, the others commit together after; a run-now's pulls are served "
-        "first (2,500 agents of one task server: ~3,000-3,300 pulls/s, not ~2,000). Below the "
-        "agents' 10 s request timeout; an agent whose pull leaves none due, or that posts alone, "
-        "is never held. 0: events are served and committed as they come",
+        "and state reports, wait while tickled agents' pulls are due: the events an agent "
+        "posts after its pull are served after, the others commit together after; a run-now's "
+        "pulls are served first (2,500 agents of one task server: ~3,100-3,500 pulls/s, not "
+        "~2,000). Below the agents' 10 s request timeout; an agent whose pull leaves none due, "
+        "or that posts alone, is never held. 0: events are served and committed as they come",
     )
     api_url: str | None = Field(
         default=None,
