@@ -215,9 +215,8 @@ class TaskServer:
         self._api_socket: socket.socket | None = None
         self._api: _Server | None = None
         self.api: FastAPI | None = None  # the agent API app being served
-        self.api_request_hold: RequestHold | None = (
-            None  # the agent API's pulls first (`_request_hold`)
-        )
+        # the agent API's pulls first (`_request_hold`)
+        self.api_request_hold: RequestHold | None = None
         self._api_task: asyncio.Task[None] | None = None
         self._started = False
 
