@@ -276,6 +276,7 @@ class RequestHold:
         after_first, conn.after_first = conn.after_first, False
         if not after_first or cycle.scope["path"] not in self.later or not self._busy():
             return False
+        cycle.scope.setdefault("state", {})[ARRIVED_AT] = time.time()  # its clock sample's
         self._held.append((conn, cycle, app))
         if self._releasing is None:
             self._releasing = asyncio.get_running_loop().create_task(self._release())
@@ -896,7 +897,8 @@ class ClockHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})[ARRIVED_AT] = time.time()
+        # a request put off (`RequestHold`) arrived when it was put off
+        scope.setdefault("state", {}).setdefault(ARRIVED_AT, time.time())
 
         async def send_with_time(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -1000,7 +1002,7 @@ class _Lane:
         self.cycle = cycle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["state"][ARRIVED_AT] = time.time()
+        scope["state"].setdefault(ARRIVED_AT, time.time())  # put off: when it was
         replay = Replay(receive)
         try:
             await self.serve(

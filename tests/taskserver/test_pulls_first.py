@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from typing import Any
 
 import pytest
 
 from tests.taskserver.conftest import Agent, TaskServerHarness, wait_until, work_for
+from tickle import clock
 from tickle.messages import StatusEvent
 from tickle.taskserver import state_reporter, work_cache
 
@@ -153,6 +155,21 @@ async def test_an_agent_alone_is_not_held_for_pulls_due(harness: TaskServerHarne
     assert h.running.pulls_due.count == 1
 
 
+def _watch_arrivals(h: TaskServerHarness) -> list[float]:
+    """When each request of an agent that the task server took a clock sample of arrived."""
+    clocks = h.running.agent_clocks
+    assert clocks is not None
+    sample = clocks.sample
+    arrivals: list[float] = []
+
+    def watching(name: str, their_time: float, arrived_at: float, tickled: bool) -> None:
+        arrivals.append(arrived_at)
+        sample(name, their_time, arrived_at, tickled)
+
+    clocks.sample = watching  # type: ignore[method-assign]
+    return arrivals
+
+
 class _KeptAlive:
     """One agent's keep-alive connection to the task server, as an agent's HTTP client keeps it:
     its pull, then its status events, on the same connection."""
@@ -169,6 +186,7 @@ class _KeptAlive:
         data = b"" if body is None else json.dumps(body).encode()
         self.writer.write(
             f"{method} {target} HTTP/1.1\r\nHost: ts\r\nAuthorization: Bearer {agent.token}\r\n"
+            f"{clock.TIME_HEADER}: {clock.header_value(time.time())}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
             + data
         )
@@ -211,14 +229,16 @@ async def _two_tickled(
 
 
 @pytest.mark.timeout(60)
-async def test_an_agents_events_after_its_pull_wait_unread_while_another_pull_is_due(
+async def test_an_agents_events_after_its_pull_wait_unserved_while_another_pull_is_due(
     harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = harness
     first, second = await _two_tickled(h, monkeypatch, pulls_first_s=5)
     posts = _watch_held(h)  # one entry per event post that reaches the work cache
+    arrivals = _watch_arrivals(h)
     conn = await _pulled(h, first, 1)
     try:
+        sent_at = time.time()
         conn.send(first, "POST", EVENTS, {"events": [_event(1, "pc1")]})
         answer = asyncio.create_task(conn.answer())
         await asyncio.sleep(0.2)  # some turns of the loop: the post is not served
@@ -226,7 +246,8 @@ async def test_an_agents_events_after_its_pull_wait_unread_while_another_pull_is
         assert posts == []
         assert h.running.api_request_hold is not None
         assert h.running.api_request_hold.held == 1
-        # the other agent's pull is served meanwhile; once no pull is due, the post is read
+        # the other agent's pull is served meanwhile; once no pull is due, the post is served
+        released_at = time.time()
         status, body = await h.call(second, "GET", "/api/agent/tasks", params={"via": "tickle"})
         assert (status, [e["execution_id"] for e in body["executions"]]) == (200, [2])
         status, ack = await asyncio.wait_for(answer, 10)
@@ -234,6 +255,8 @@ async def test_an_agents_events_after_its_pull_wait_unread_while_another_pull_is
         assert len(ack["accepted"]) == 1
         assert len(posts) == 1
         assert h.running.api_request_hold.held == 0
+        # its clock sample is taken against when it came, not when it was served
+        assert sent_at <= arrivals[-1] < released_at
     finally:
         conn.close()
 
