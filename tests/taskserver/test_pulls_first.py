@@ -283,13 +283,16 @@ async def _pull_then_post(h: TaskServerHarness, agent: Agent, execution_id: int)
 
 
 @pytest.mark.timeout(60)
-async def test_an_agents_events_after_its_pull_are_read_after_pulls_first_s_at_most(
-    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("pulls_first_s", [0.2, 0], ids=["after-pulls-first-s", "hold-off"])
+async def test_an_agents_events_after_its_pull_are_served_while_a_pull_is_due(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch, pulls_first_s: float
 ) -> None:
+    # after `pulls_first_s` at most; at once with `pulls_first_s` 0 (no hold at all)
     h = harness
-    first, _ = await _two_tickled(h, monkeypatch, pulls_first_s=0.2)
+    first, _ = await _two_tickled(h, monkeypatch, pulls_first_s=pulls_first_s)
+    assert (h.running.api_request_hold is None) == (pulls_first_s == 0)
     assert len(await _pull_then_post(h, first, 1)) == 1
-    assert h.running.pulls_due.count == 1  # read while the other pull is still due
+    assert h.running.pulls_due.count == 1  # served while the other pull is still due
 
 
 @pytest.mark.timeout(60)
@@ -328,17 +331,6 @@ async def test_a_pull_after_a_pull_on_one_connection_is_served_at_once(
         assert h.running.pulls_due.count == 0
     finally:
         conn.close()
-
-
-@pytest.mark.timeout(60)
-async def test_with_pulls_first_s_0_connections_are_not_held(
-    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    h = harness
-    first, _ = await _two_tickled(h, monkeypatch, pulls_first_s=0)
-    assert h.running.api_request_hold is None
-    assert len(await _pull_then_post(h, first, 1)) == 1
-    assert h.running.pulls_due.count == 1
 
 
 def _hops_at_ns(h: TaskServerHarness) -> list[tuple[str, str]]:
