@@ -113,6 +113,18 @@ async def json_response(body: str | bytes, scope: Scope, receive: Receive, send:
 
 
 Serve = Callable[[Parts, Scope, Replay, Send], Awaitable[None]]
+# a request without a body answered at once: the JSON body of its 200, or PassOn
+ServeNow = Callable[[Parts, Scope], bytes]
+
+
+def at_once(serve_now: ServeNow) -> Serve:
+    """`serve_now` as a `Serve`: what serves its request when it comes the whole way (with a
+    body, or through other middleware)."""
+
+    async def serve(parts: Parts, scope: Scope, receive: Replay, send: Send) -> None:
+        await json_response(serve_now(parts, scope), scope, receive, send)
+
+    return serve
 
 
 class FastPath:
@@ -121,11 +133,16 @@ class FastPath:
 
     A server reading a body checks the request's credentials first: served at the connection
     (`tickle.serving`), a body over the small limit of `BodyLimits` reaches it with a bearer
-    token not yet checked, and one it does not know must go on to `BodyLimits` unread."""
+    token not yet checked, and one it does not know must go on to `BodyLimits` unread.
+
+    `served_now`: requests a server answers at once, without awaiting anything (an agent's
+    pull); each is in `served` too (`at_once`). Served at the connection without a body, such
+    a request is answered as soon as it is read, without a task of its own (`tickle.serving`)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.served: dict[tuple[str, str], tuple[Serve, frozenset[str]]] = {}
+        self.served_now: dict[tuple[str, str], tuple[ServeNow, frozenset[str]]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         served = (

@@ -21,7 +21,9 @@ the component's `ApiServerSettings`:
 connection (a task server's fan-out: every agent's pull before any agent's status events).
 
 `FastLane` serves an app's fast path (`tickle.fastpath`) at the connection: its requests skip the
-ASGI middleware, the lane doing for them what `ClockHeaders` and `BodyLimits` do.
+ASGI middleware, the lane doing for them what `ClockHeaders` and `BodyLimits` do; a request
+without a body that the fast path answers at once (`FastPath.served_now`) is answered as soon as
+its end is read, in the protocol's own callback, without an ASGI task.
 
 Beside the limits: `JsonRoute`, the route class of every API route (pydantic-core's JSON parser,
 plain endpoints and dependencies on the route threads, one trip each), `run_server`, the
@@ -45,7 +47,7 @@ import json
 import logging
 import resource
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
 from typing import Annotated, Any, TypeVar, cast, get_args, get_origin
 
 import pydantic
@@ -64,7 +66,7 @@ from uvicorn.server import ServerState
 
 from tickle.clock import TIME_HEADER, header_value
 from tickle.config import ApiServerSettings
-from tickle.fastpath import PASSED_ON, FastPath, Parts, PassOn, Replay, Serve
+from tickle.fastpath import PASSED_ON, FastPath, Parts, PassOn, Replay, Serve, ServeNow
 from tickle.metrics import ComponentMetrics
 
 log = logging.getLogger(__name__)
@@ -317,6 +319,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.fast_lane = config.fast_lane
         self.request_hold = config.request_hold
         self.after_first = False  # answered one of `request_hold.first` (`RequestHold.answered`)
+        # a request the fast path answers at once, read up to its body's end (none) first
+        self.answer_at_end: tuple[RequestResponseCycle, tuple[ServeNow, frozenset[str]], Any] | None
+        self.answer_at_end = None
 
     # --- the connection -------------------------------------------------------------------------
 
@@ -370,6 +375,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         if self.refusal is None:
+            # a request read with the end of one answered at once (`answer_now`), which armed
+            # the keep-alive timeout: it is not idle
+            self._unset_keepalive_if_required()
             super().on_message_begin()
             self.head_parsed = 0
             self.header_count = 0
@@ -411,11 +419,44 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.serve(cycle, app)
 
     def serve(self, cycle: RequestResponseCycle, app: Any) -> None:
-        """Serve a request: one of the app's fast path at the connection (`FastLane`)."""
+        """Serve a request: one of the app's fast path at the connection (`FastLane`); one it
+        answers at once, as soon as it is read (`answer_now`)."""
         lane = self.fast_lane
         if lane is not None and app is self.app:
+            now = lane.now_for(cycle)
+            if now is not None:
+                if cycle.more_body:  # its end (no body) is parsed next: answered then
+                    self.answer_at_end = (cycle, now, app)
+                else:
+                    self.answer_now(cycle, now, app)
+                return
             app = lane.app_for(cycle, app)
         super()._start_asgi_task(cycle, app)
+
+    def answer_now(
+        self, cycle: RequestResponseCycle, now: tuple[ServeNow, frozenset[str]], app: Any
+    ) -> None:
+        """Answer a request the fast path serves at once (`FastPath.served_now`): its answer
+        written in one piece, without a task; one it passes on goes the whole way."""
+        serve_now, parameters = now
+        scope = cast(Scope, cycle.scope)
+        scope["state"].setdefault(ARRIVED_AT, time.time())  # put off: when it was
+        try:
+            body = serve_now(Parts(scope, parameters), scope)
+        except PassOn:
+            scope[PASSED_ON] = True
+            super()._start_asgi_task(cycle, app)
+            return
+        except Exception:  # as uvicorn answers an app's error: 500, and the connection closed
+            log.exception("Exception in the fast path serving %s", scope["path"])
+            cycle.keep_alive = False
+            body, headers, status = b"Internal Server Error", _TEXT_HEADERS, 500
+        else:
+            headers, status = _JSON_HEADERS, 200
+        if not cycle.disconnected:
+            write_answer(
+                cycle, status, [(b"content-length", str(len(body)).encode()), *headers], body
+            )
 
     def on_body(self, body: bytes) -> None:
         if self.refusal is None:
@@ -427,6 +468,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._cancel_deadline()
         self.head_bytes = 0  # the next request starts here
+        at_end, self.answer_at_end = self.answer_at_end, None
+        if at_end is not None and at_end[0] is self.cycle:
+            self.answer_now(*at_end)
         if not self.cycle.response_complete:
             if self.scope.get("path") in self.long_poll_paths:
                 self.table.park(self)
@@ -917,6 +961,10 @@ _PASSIVE_MIDDLEWARE = frozenset(
 )
 # what uvicorn's proxy-headers middleware reads: a request bearing one goes the whole way
 _PROXY_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"})
+# a request's body framing (`_body_framing`) when it has none
+_NO_BODY = ((None, False), (0, False))
+_JSON_HEADERS = ((b"content-type", b"application/json"),)
+_TEXT_HEADERS = ((b"content-type", b"text/plain; charset=utf-8"),)
 
 
 class FastLane:
@@ -939,6 +987,7 @@ class FastLane:
 
     def __init__(self, fast_path: FastPath, body_limits: BodyLimits) -> None:
         self.served = fast_path.served
+        self.served_now = fast_path.served_now
         self.small = body_limits.small
         self.large = body_limits.limits.max_body_bytes
         self.registrations = body_limits.registrations
@@ -973,6 +1022,17 @@ class FastLane:
         if served is None or not self._judged(scope):
             return app
         return _Lane(served, app, cycle)
+
+    def now_for(self, cycle: RequestResponseCycle) -> tuple[ServeNow, frozenset[str]] | None:
+        """The fast path's server of `cycle`'s request when it answers it at once: one of its
+        `served_now`, without a body (none declared, none streamed) and with no proxy header."""
+        scope = cast(Scope, cycle.scope)
+        now = self.served_now.get((scope["method"], scope["path"]))
+        if now is None or _body_framing(scope) not in _NO_BODY:
+            return None
+        if any(name in _PROXY_HEADERS for name, _ in scope["headers"]):
+            return None
+        return now
 
     def _judged(self, scope: Scope) -> bool:
         """Whether the request's body is within its limit as far as `BodyLimits` would judge it
@@ -1046,29 +1106,41 @@ class _Answer:
     def _write(self, start: Message, message: Message) -> bool:
         """Write the whole answer; False (nothing written) unless its length is declared and
         true, and it says nothing of the connection."""
-        cycle = self.cycle
-        body: bytes = message.get("body", b"")
-        head = [STATUS_LINE[start["status"]]]
-        length = -1
-        for name, value in [*cycle.default_headers, *start.get("headers", ()), _time_header()]:
-            if name == b"content-length":
-                length = int(value)
-            elif name in (b"connection", b"transfer-encoding"):
-                return False
-            head += (name, b": ", value, b"\r\n")
-        if length != len(body):
+        return write_answer(
+            self.cycle, start["status"], start.get("headers", ()), message.get("body", b"")
+        )
+
+
+def write_answer(
+    cycle: RequestResponseCycle,
+    status: int,
+    headers: Iterable[tuple[bytes, bytes]],
+    body: bytes,
+) -> bool:
+    """Write `cycle`'s whole answer, with our time on it (`ClockHeaders`'s), and end the cycle
+    as uvicorn's would; False (nothing written) unless the length in `headers` is declared and
+    true, and they say nothing of the connection."""
+    head = [STATUS_LINE[status]]
+    length = -1
+    for name, value in [*cycle.default_headers, *headers, _time_header()]:
+        if name == b"content-length":
+            length = int(value)
+        elif name in (b"connection", b"transfer-encoding"):
             return False
-        if not cycle.keep_alive:
-            head.append(b"connection: close\r\n")
-        head += (b"\r\n", body)
-        cycle.response_started = cycle.response_complete = True
-        cycle.waiting_for_100_continue = False
-        cycle.transport.write(b"".join(head))
-        cycle.message_event.set()
-        if not cycle.keep_alive:
-            cycle.transport.close()
-        cycle.on_response()
-        return True
+        head += (name, b": ", value, b"\r\n")
+    if length != len(body):
+        return False
+    if not cycle.keep_alive:
+        head.append(b"connection: close\r\n")
+    head += (b"\r\n", body)
+    cycle.response_started = cycle.response_complete = True
+    cycle.waiting_for_100_continue = False
+    cycle.transport.write(b"".join(head))
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
+    return True
 
 
 def _time_header() -> tuple[bytes, bytes]:

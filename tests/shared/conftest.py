@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from aiohttp import web
@@ -35,14 +36,14 @@ async def serving(routes: dict[str, Handler]) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def serving_app(app: ASGIApp) -> AsyncIterator[tuple[int, ServingConfig]]:
-    """`app` served by uvicorn as the servers serve theirs (`ServingConfig`, default limits) on
-    127.0.0.1; yields its port and the configuration."""
+async def serving_app(app: ASGIApp, **options: Any) -> AsyncIterator[tuple[int, ServingConfig]]:
+    """`app` served by uvicorn as the servers serve theirs (`ServingConfig`, default limits, and
+    uvicorn's `options`) on 127.0.0.1; yields its port and the configuration."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     config = ServingConfig(app, ApiServerSettings(), ComponentMetrics("t"), host="127.0.0.1",
-                           port=port, log_config=None)  # fmt: skip
+                           port=port, log_config=None, **options)  # fmt: skip
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(10):  # uvicorn starts, or says why not

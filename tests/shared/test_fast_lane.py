@@ -15,9 +15,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tests.shared.conftest import serving_app
 from tickle.config import ApiServerSettings
-from tickle.fastpath import FastPath, Parts, PassOn, Replay, json_response
+from tickle.fastpath import FastPath, Parts, PassOn, Replay, at_once, json_response
 from tickle.metrics import ComponentMetrics
-from tickle.serving import BodyLimits, ClockHeaders, FastLane
+from tickle.serving import ARRIVED_AT, BodyLimits, ClockHeaders, FastLane
 
 SMALL = 16 * 1024  # ApiServerSettings' max_registration_body_bytes
 
@@ -35,16 +35,30 @@ class CountedClock(ClockHeaders):
 
 class EchoFastPath(FastPath):
     """Serves GET /ping and POST /echo (the bearer token `good` only); `?n=pass` passes on after
-    reading the body. `offered` records each request the fast path was offered."""
+    reading the body. Answers GET /now at once (`served_now`): `?n=pass` passes it on, `?n=fail`
+    fails. `offered` records each request the fast path was offered; `tasks`, for each /now,
+    whether it was served in an asyncio task (else in the protocol's callback)."""
 
     offered: list[str] = []
+    tasks: list[bool] = []
 
     def __init__(self, app: ASGIApp) -> None:
         super().__init__(app)
+        self.served_now = {("GET", "/now"): (self._now, frozenset({"n"}))}
         self.served = {
             ("GET", "/ping"): (self._ping, frozenset()),
             ("POST", "/echo"): (self._echo, frozenset({"n"})),
+            ("GET", "/now"): (at_once(self._now), frozenset({"n"})),
         }
+
+    def _now(self, parts: Parts, scope: Scope) -> bytes:
+        EchoFastPath.offered.append("now")
+        EchoFastPath.tasks.append(asyncio.current_task() is not None)
+        if parts.query.get("n") == "pass":
+            raise PassOn
+        if parts.query.get("n") == "fail":
+            raise RuntimeError("the server's own error")
+        return json.dumps({"now": scope["state"][ARRIVED_AT] > 0}).encode()
 
     async def _ping(self, parts: Parts, scope: Scope, receive: Replay, send: Send) -> None:
         EchoFastPath.offered.append("ping")
@@ -67,6 +81,15 @@ def _app(*, extra_middleware: bool = False, body_limits: bool = True) -> FastAPI
     async def ping() -> dict[str, bool]:
         return {"route": True}
 
+    @app.get("/now")
+    async def now() -> dict[str, bool]:
+        return {"route": True}
+
+    @app.get("/slow")
+    async def slow() -> dict[str, bool]:
+        await SLOW.wait()
+        return {"slow": True}
+
     @app.post("/echo")
     async def echo(request: Request) -> dict[str, int]:
         return {"route": len(await request.body())}
@@ -86,12 +109,16 @@ def _app(*, extra_middleware: bool = False, body_limits: bool = True) -> FastAPI
     return app
 
 
+SLOW = asyncio.Event()  # what GET /slow waits for
+
+
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
     async with serving_app(_app()) as (number, config):
         assert config.fast_lane is not None
         CountedClock.calls = 0
         EchoFastPath.offered.clear()
+        EchoFastPath.tasks.clear()
         yield number
 
 
@@ -122,6 +149,10 @@ def _post(path: str, body: bytes, token: str = "good", extra: str = "") -> bytes
 
 
 PING = b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def _get(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode()
 
 
 def test_the_lane_is_taken_only_when_nothing_but_known_middleware_comes_before_the_fast_path() -> (
@@ -238,3 +269,79 @@ async def test_requests_pipelined_behind_one_passed_on_are_answered_in_order(por
         writer.close()
     assert [body for _, _, body in answers] == [{"route": 3}, {"pong": True}, {"fast": 9}]
     assert CountedClock.calls == 1  # only the one passed on went the whole way
+
+
+async def test_a_request_answered_at_once_is_answered_in_the_protocol_in_order_kept_alive(
+    port: int,
+) -> None:
+    reader, writer = await _connect(port)
+    try:
+        for _ in range(2):  # one after the other on one connection
+            writer.write(_get("/now"))
+            status, headers, body = await _read_answer(reader)
+            assert (status, body) == (200, {"now": True})  # its arrival noted
+            assert "x-tickle-time" in headers
+            assert "connection" not in headers
+        writer.write(_get("/now") * 3)  # pipelined
+        assert [(await _read_answer(reader))[2] for _ in range(3)] == [{"now": True}] * 3
+        assert EchoFastPath.tasks == [False] * 5  # none in a task
+        # pipelined between others, served in tasks: answered in order
+        writer.write(_get("/now") + _post("/echo", b"[1]") + _get("/now") + PING + _get("/now"))
+        answers = [(await _read_answer(reader))[2] for _ in range(5)]
+    finally:
+        writer.close()
+    assert answers == [{"now": True}, {"fast": 3}, {"now": True}, {"pong": True}, {"now": True}]
+    assert CountedClock.calls == 0
+
+
+async def test_a_request_answered_at_once_passed_on_or_with_a_body_is_served_in_a_task(
+    port: int,
+) -> None:
+    reader, writer = await _connect(port)
+    try:
+        writer.write(_get("/now?n=pass"))
+        assert (await _read_answer(reader))[::2] == (200, {"route": True})
+        writer.write(_get("/now", extra="Content-Length: 2\r\n") + b"{}")
+        assert (await _read_answer(reader))[::2] == (200, {"now": True})
+        writer.write(_get("/now", extra="X-Forwarded-For: 10.0.0.1\r\n"))
+        assert (await _read_answer(reader))[::2] == (200, {"now": True})
+    finally:
+        writer.close()
+    # passed on: offered once, at the connection; with a body: on the lane, in the request's
+    # task; with a proxy header: in the app
+    assert EchoFastPath.offered == ["now", "now", "now"]
+    assert EchoFastPath.tasks == [False, True, True]
+    assert CountedClock.calls == 2  # the one passed on, the one with a proxy header
+
+
+async def test_a_request_answered_at_once_whose_server_fails_gets_500_and_the_error_is_logged(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader, writer = await _connect(port)
+    try:
+        writer.write(_get("/now?n=fail"))
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+        async with asyncio.timeout(5):
+            rest = await reader.read()  # then closed by the server
+    finally:
+        writer.close()
+    assert head.startswith("http/1.1 500")
+    assert "connection: close" in head
+    assert rest == b"Internal Server Error"
+    assert "the server's own error" in caplog.text
+
+
+async def test_a_request_read_with_one_answered_at_once_is_not_cut_by_the_keep_alive() -> None:
+    SLOW.clear()
+    async with serving_app(_app(), timeout_keep_alive=0.1) as (number, _config):
+        reader, writer = await _connect(number)
+        try:
+            writer.write(_get("/now") + _get("/slow"))  # one read: the second is served next
+            assert (await _read_answer(reader))[2] == {"now": True}
+            # the slow request outlasts the keep-alive timeout several times over
+            await asyncio.sleep(0.5)
+            SLOW.set()
+            async with asyncio.timeout(5):
+                assert (await _read_answer(reader))[2] == {"slow": True}
+        finally:
+            writer.close()

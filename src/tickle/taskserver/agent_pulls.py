@@ -64,20 +64,21 @@ class AgentPulls:
     ) -> AgentTasks:
         """The agent's unfinished executions and its policy; `peer`: the address it pulled from,
         `settings_version`: the version it reported having."""
-        work, (policy, _), cancel = await self._pull(agent, via, peer, settings_version)
+        work, (policy, _), cancel = self._pull(agent, via, peer, settings_version)
         return AgentTasks(executions=[w.work for w in work], policy=policy, cancel=cancel)
 
-    async def tasks_json(
+    def tasks_json(
         self, agent: Client, via: PullVia, peer: str | None, settings_version: int | None = None
-    ) -> str:
+    ) -> bytes:
         """`tasks`, as the JSON of its answer, made of the JSON the cache keeps of each work and
-        of the policy (an `AgentTasks` made and written per pull cost ~3 times as much)."""
-        work, (_, policy), cancel = await self._pull(agent, via, peer, settings_version)
+        of the policy (an `AgentTasks` made and written per pull cost ~3 times as much); made at
+        once (nothing awaited), so the agent API answers it as soon as it is read."""
+        work, (_, policy), cancel = self._pull(agent, via, peer, settings_version)
         executions = ",".join([w.json for w in work])
         cancels = ",".join(map(str, cancel))
-        return f'{{"executions":[{executions}],"policy":{policy},"cancel":[{cancels}]}}'
+        return f'{{"executions":[{executions}],"policy":{policy},"cancel":[{cancels}]}}'.encode()
 
-    async def _pull(
+    def _pull(
         self, agent: Client, via: PullVia, peer: str | None, settings_version: int | None
     ) -> tuple[list[CachedWork], tuple[AgentPolicy, str], list[int]]:
         """What `tasks` does: the work, the policy (with its JSON) and the cancels to answer."""

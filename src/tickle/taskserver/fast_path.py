@@ -10,7 +10,9 @@ middleware, in front of the routes, answers these three itself when they are wel
 agent token the store knows (a registration: none; its enrollment secret is checked as the route
 has it checked), the query parameters the route declares with plain valid values, and (for
 events and registrations) a JSON body that is a valid `EventBatch` or `AgentRegister`. It calls
-the same services the routes call, with the same arguments. It reads an event batch with the
+the same services the routes call, with the same arguments. A pull is answered at once, from
+memory, with nothing awaited: at the connection it is answered as soon as it is read, without a
+task of its own (`FastPath.served_now`; S5 3,200 → 3,700 pulls/s). It reads an event batch with the
 msgspec Structs of the agent's bodies (`tickle.agentapi`: the same fields and limits as the
 routes' pydantic models, tests/shared/test_agentapi.py), which cost a fraction of pydantic's
 validation; a batch they refuse, or whose events are not all the agent's own computer's, goes
@@ -32,7 +34,15 @@ import msgspec
 from starlette.types import ASGIApp, Scope, Send
 
 from tickle import agentapi
-from tickle.fastpath import FastPath, Parts, PassOn, Replay, json_response, model_body
+from tickle.fastpath import (
+    FastPath,
+    Parts,
+    PassOn,
+    Replay,
+    at_once,
+    json_response,
+    model_body,
+)
 from tickle.messages import AgentRegister, PullVia
 from tickle.serving import ARRIVED_AT
 from tickle.taskserver.agent_clocks import AgentClocks
@@ -89,25 +99,25 @@ class AgentFastPath(FastPath):
         self._pulls = agent_pulls
         self._work_cache = work_cache
         self._clocks = agent_clocks
+        pull_parameters = frozenset({"via", "settings_version"})
+        self.served_now = {("GET", TASKS): (self._tasks, pull_parameters)}
         self.served = {
-            ("GET", TASKS): (self._tasks, frozenset({"via", "settings_version"})),
+            ("GET", TASKS): (at_once(self._tasks), pull_parameters),
             ("POST", EVENTS): (self._events, frozenset({"settings_version"})),
             ("POST", REGISTER): (self._register, frozenset()),
         }
 
-    async def _tasks(self, parts: Parts, scope: Scope, receive: Replay, send: Send) -> None:
+    def _tasks(self, parts: Parts, scope: Scope) -> bytes:
         call = self._call(parts, scope)
         via = call.parts.query.get("via", "poll")
         if via not in _VIAS:
             raise PassOn
-        settings_version = call.settings_version()
-        answer = await self._pulls.tasks_json(
+        return self._pulls.tasks_json(
             call.agent,
             via,  # type: ignore[arg-type]  # one of PullVia's values: checked above
             _peer(scope),
-            settings_version,
+            call.settings_version(),
         )
-        await json_response(answer, scope, receive, send)
 
     async def _events(self, parts: Parts, scope: Scope, receive: Replay, send: Send) -> None:
         call = self._call(parts, scope)
