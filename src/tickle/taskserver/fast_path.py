@@ -12,10 +12,10 @@ has it checked), the query parameters the route declares with plain valid values
 events and registrations) a JSON body that is a valid `EventBatch` or `AgentRegister`. It calls
 the same services the routes call, with the same arguments. A pull is answered at once, from
 memory, with nothing awaited: at the connection it is answered as soon as it is read, without a
-task of its own (`FastPath.served_now`; S5 ~5 % more pulls/s, alternated). It reads an event batch with the
-msgspec Structs of the agent's bodies (`tickle.agentapi`: the same fields and limits as the
-routes' pydantic models, tests/shared/test_agentapi.py), which cost a fraction of pydantic's
-validation; a batch they refuse, or whose events are not all the agent's own computer's, goes
+task of its own (`FastPath.served_now`; S5 ~5 % more pulls/s, alternated). It reads an event
+batch with the msgspec Structs of the agent's bodies (`tickle.agentapi`: the same fields and
+limits as the routes' pydantic models, tests/shared/test_agentapi.py), which cost a fraction of
+pydantic's validation; a batch they refuse, or whose events are not all the agent's own computer's, goes
 to the route, which judges it with pydantic. A registration is read with the route's pydantic
 model (what enrollment takes); one it refuses goes to the route.
 
