@@ -3,21 +3,21 @@ per-request work.
 
 A run-now on thousands of agents makes each of them pull (`GET /api/agent/tasks`) and report its
 status events (`POST /api/agent/events`) within seconds, all at one task server; a fleet being
-installed registers thousands at once (`POST /api/agent/register`). FastAPI's routing,
-dependency solving and response validation cost several times what serving them does (issue
-10's profile of S5; of a fleet registering, a third of the task server's CPU), so this ASGI
-middleware, in front of the routes, answers these three itself when they are well-formed: an
-agent token the store knows (a registration: none; its enrollment secret is checked as the route
-has it checked), the query parameters the route declares with plain valid values, and (for
-events and registrations) a JSON body that is a valid `EventBatch` or `AgentRegister`. It calls
-the same services the routes call, with the same arguments. A pull is answered at once, from
-memory, with nothing awaited: at the connection it is answered as soon as it is read, without a
-task of its own (`FastPath.served_now`; S5 ~5 % more pulls/s, alternated). It reads an event
-batch with the msgspec Structs of the agent's bodies (`tickle.agentapi`: the same fields and
-limits as the routes' pydantic models, tests/shared/test_agentapi.py), which cost a fraction of
-pydantic's validation; a batch they refuse, or whose events are not all the agent's own computer's, goes
-to the route, which judges it with pydantic. A registration is read with the route's pydantic
-model (what enrollment takes); one it refuses goes to the route.
+installed registers thousands at once (`POST /api/agent/register`). FastAPI's routing, dependency
+solving and response validation cost several times what serving them does (issue 10's profile of S5;
+of a fleet registering, a third of the task server's CPU), so this ASGI middleware, in front of the
+routes, answers these three itself when they are well-formed: an agent token the store knows (a
+registration: none; its enrollment secret is checked as the route has it checked), the query
+parameters the route declares with plain valid values, and (for events and registrations) a JSON
+body that is a valid `EventBatch` or `AgentRegister`. It calls the same services the routes call,
+with the same arguments. A pull is answered at once, from memory, with nothing awaited: at the
+connection it is answered as soon as it is read, without a task of its own (`FastPath.served_now`;
+S5 ~5 % more pulls/s, alternated). It reads an event batch with the msgspec Structs of the agent's
+bodies (`tickle.agentapi`: the same fields and limits as the routes' pydantic models,
+tests/shared/test_agentapi.py), which cost a fraction of pydantic's validation; a batch they refuse,
+or whose events are not all the agent's own computer's, goes to the route, which judges it with
+pydantic. A registration is read with the route's pydantic model (what enrollment takes); one it
+refuses goes to the route.
 
 Anything else goes on to the FastAPI routes unchanged (a body already read is handed on), and
 they answer it as documented: no token or an unknown one (401), a bad parameter or body (422),
