@@ -453,10 +453,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             body, headers, status = b"Internal Server Error", _TEXT_HEADERS, 500
         else:
             headers, status = _JSON_HEADERS, 200
-        if not cycle.disconnected:
-            write_answer(
-                cycle, status, [(b"content-length", str(len(body)).encode()), *headers], body
-            )
+        if cycle.disconnected:
+            return
+        whole = [(b"content-length", str(len(body)).encode()), *headers]
+        if not write_answer(cycle, status, whole, body):  # the server's own headers forbid it
+            task = self.loop.create_task(_send_answer(cycle, status, whole, body))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
 
     def on_body(self, body: bytes) -> None:
         if self.refusal is None:
@@ -1141,6 +1144,16 @@ def write_answer(
         cycle.transport.close()
     cycle.on_response()
     return True
+
+
+async def _send_answer(
+    cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    """Send an answer through uvicorn's cycle, with our time on it (`write_answer` could not)."""
+    await cycle.send(
+        {"type": "http.response.start", "status": status, "headers": [*headers, _time_header()]}
+    )
+    await cycle.send({"type": "http.response.body", "body": body})
 
 
 def _time_header() -> tuple[bytes, bytes]:

@@ -345,3 +345,20 @@ async def test_a_request_read_with_one_answered_at_once_is_not_cut_by_the_keep_a
                 assert (await _read_answer(reader))[2] == {"slow": True}
         finally:
             writer.close()
+
+
+async def test_a_request_answered_at_once_is_answered_when_the_server_s_headers_say_connection() -> (
+    None
+):
+    # a default header the one-piece write leaves to uvicorn's cycle
+    async with serving_app(_app(), headers=[("Connection", "keep-alive")]) as (number, _config):
+        reader, writer = await _connect(number)
+        try:
+            for _ in range(2):
+                writer.write(_get("/now"))
+                async with asyncio.timeout(5):
+                    status, headers, body = await _read_answer(reader)
+                assert (status, body) == (200, {"now": True})
+                assert "x-tickle-time" in headers
+        finally:
+            writer.close()
