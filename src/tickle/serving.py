@@ -915,6 +915,11 @@ def _body_framing(scope: Scope) -> tuple[int | None, bool]:
     return declared, streamed
 
 
+def _proxied(scope: Scope) -> bool:
+    """Whether the request bears a header uvicorn's proxy-headers middleware reads."""
+    return any(name in _PROXY_HEADERS for name, _ in scope["headers"])
+
+
 def _bearer_token(scope: Scope) -> str | None:
     value: bytes
     for name, value in scope["headers"]:
@@ -1031,9 +1036,7 @@ class FastLane:
         `served_now`, without a body (none declared, none streamed) and with no proxy header."""
         scope = cast(Scope, cycle.scope)
         now = self.served_now.get((scope["method"], scope["path"]))
-        if now is None or _body_framing(scope) not in _NO_BODY:
-            return None
-        if any(name in _PROXY_HEADERS for name, _ in scope["headers"]):
+        if now is None or _body_framing(scope) not in _NO_BODY or _proxied(scope):
             return None
         return now
 
@@ -1041,7 +1044,7 @@ class FastLane:
         """Whether the request's body is within its limit as far as `BodyLimits` would judge it
         before reading (a larger one: if its token is good, which the server checks first)."""
         declared, streamed = _body_framing(scope)
-        if streamed or any(name in _PROXY_HEADERS for name, _ in scope["headers"]):
+        if streamed or _proxied(scope):
             return False
         if declared is None or declared <= self.small:
             return True
