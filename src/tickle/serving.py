@@ -23,7 +23,9 @@ connection (a task server's fan-out: every agent's pull before any agent's statu
 `FastLane` serves an app's fast path (`tickle.fastpath`) at the connection: its requests skip the
 ASGI middleware, the lane doing for them what `ClockHeaders` and `BodyLimits` do; a request
 without a body that the fast path answers at once (`FastPath.served_now`) is answered as soon as
-its end is read, in the protocol's own callback, without an ASGI task.
+its end is read, in the protocol's own callback, without an ASGI task; a task server's
+connections start with `tickle.front.AtOnceFront`, which answers those with less still and
+hands the connection over to `LimitedHttpProtocol` at its first other request.
 
 Beside the limits: `JsonRoute`, the route class of every API route (pydantic-core's JSON parser,
 plain endpoints and dependencies on the route threads, one trip each), `run_server`, the
@@ -48,7 +50,7 @@ import logging
 import resource
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
-from typing import Annotated, Any, TypeVar, cast, get_args, get_origin
+from typing import Annotated, Any, Protocol, TypeVar, cast, get_args, get_origin
 
 import pydantic
 import pydantic_core
@@ -144,7 +146,10 @@ class ServingConfig(uvicorn.Config):
         options.setdefault("backlog", min(2048, max(16, (open_files - cap) // 2)))
         options.setdefault("timeout_keep_alive", SERVER_KEEPALIVE_S)
         # no WebSocket routes: an upgrade would take the connection out of the table
-        super().__init__(app, http=LimitedHttpProtocol, ws="none", **options)
+        # `http`: LimitedHttpProtocol, or a front that hands connections over to it
+        # (`tickle.front`)
+        options.setdefault("http", LimitedHttpProtocol)
+        super().__init__(app, ws="none", **options)
 
 
 def raise_open_file_limit() -> int:
@@ -166,6 +171,13 @@ def connection_cap(max_connections: int, open_files: int) -> int:
     return min(max_connections, max(open_files - FD_RESERVE, open_files // 2))
 
 
+class TableMember(Protocol):
+    """A connection as `ConnectionTable` keeps it."""
+
+    def evict(self) -> None:
+        """Close it, waiting on its client, to make room for a new one."""
+
+
 class ConnectionTable:
     """The open connections of one API server, and which may be closed to make room.
 
@@ -182,9 +194,9 @@ class ConnectionTable:
     def __init__(self, cap: int, long_poll_cap: int = 0) -> None:
         self.cap = cap
         self.long_poll_cap = long_poll_cap
-        self._waiting: dict[LimitedHttpProtocol, None] = {}  # longest waiting first
-        self._served: set[LimitedHttpProtocol] = set()
-        self._parked: set[LimitedHttpProtocol] = set()
+        self._waiting: dict[TableMember, None] = {}  # longest waiting first
+        self._served: set[TableMember] = set()
+        self._parked: set[TableMember] = set()
 
     @property
     def parked(self) -> int:
@@ -194,7 +206,7 @@ class ConnectionTable:
     def __len__(self) -> int:
         return len(self._waiting) + len(self._served)
 
-    def admit(self, conn: LimitedHttpProtocol) -> bool:
+    def admit(self, conn: TableMember) -> bool:
         """Take a new connection, closing the longest waiting one at the cap; False: refuse it."""
         if len(self) >= self.cap:
             oldest = next(iter(self._waiting), None)
@@ -205,13 +217,13 @@ class ConnectionTable:
         self._waiting[conn] = None
         return True
 
-    def served(self, conn: LimitedHttpProtocol) -> None:
+    def served(self, conn: TableMember) -> None:
         """`conn`'s request is complete: the server's turn, not to be closed for another."""
         if conn in self._waiting:
             del self._waiting[conn]
             self._served.add(conn)
 
-    def park(self, conn: LimitedHttpProtocol) -> None:
+    def park(self, conn: TableMember) -> None:
         """`conn`'s request is a complete long-poll: parked while there is room, else served."""
         if conn in self._waiting and len(self._parked) < self.long_poll_cap:
             del self._waiting[conn]
@@ -219,13 +231,13 @@ class ConnectionTable:
         else:
             self.served(conn)
 
-    def waiting(self, conn: LimitedHttpProtocol) -> None:
+    def waiting(self, conn: TableMember) -> None:
         """`conn` was answered and waits for its next request: behind every other one."""
         if conn in self._served or conn in self._waiting or conn in self._parked:
             self.discard(conn)
             self._waiting[conn] = None
 
-    def discard(self, conn: LimitedHttpProtocol) -> None:
+    def discard(self, conn: TableMember) -> None:
         self._waiting.pop(conn, None)
         self._served.discard(conn)
         self._parked.discard(conn)
@@ -259,7 +271,7 @@ class RequestHold:
         self._busy = busy
         self._settled = settled
         self._bound_s = bound_s
-        self._held: list[tuple[LimitedHttpProtocol, RequestResponseCycle, ASGIApp]] = []
+        self._held: list[Callable[[], None]] = []  # each serves a request put off
         self._releasing: asyncio.Task[None] | None = None
 
     @property
@@ -267,21 +279,30 @@ class RequestHold:
         """How many requests are put off now."""
         return len(self._held)
 
-    def answered(self, conn: LimitedHttpProtocol, path: str) -> None:
-        """`conn` answered a request for `path`: its next one may be put off."""
-        conn.after_first = path in self.first and self._busy()
+    def answered(self, path: str) -> bool:
+        """A connection answered a request for `path`: whether its next one may be put off."""
+        return path in self.first and self._busy()
+
+    def still_busy(self, path: str) -> bool:
+        """Whether the next request on a connection, for `path`, is put off (`answered` said it
+        may be)."""
+        return path in self.later and self._busy()
+
+    def hold(self, release: Callable[[], None]) -> None:
+        """Put off a request read elsewhere (`tickle.front`): `release()` serves it."""
+        self._held.append(release)
+        if self._releasing is None:
+            self._releasing = asyncio.get_running_loop().create_task(self._release())
 
     def puts_off(
         self, conn: LimitedHttpProtocol, cycle: RequestResponseCycle, app: ASGIApp
     ) -> bool:
         """Whether `cycle`'s request, about to be served on `conn`, is put off (served later)."""
         after_first, conn.after_first = conn.after_first, False
-        if not after_first or cycle.scope["path"] not in self.later or not self._busy():
+        if not after_first or not self.still_busy(cycle.scope["path"]):
             return False
-        cycle.scope.setdefault("state", {})[ARRIVED_AT] = time.time()  # its clock sample's
-        self._held.append((conn, cycle, app))
-        if self._releasing is None:
-            self._releasing = asyncio.get_running_loop().create_task(self._release())
+        cycle.scope.setdefault("state", {}).setdefault(ARRIVED_AT, time.time())  # its clock's
+        self.hold(functools.partial(_serve_held, conn, cycle, app))
         return True
 
     async def _release(self) -> None:
@@ -290,9 +311,13 @@ class RequestHold:
         finally:
             self._releasing = None
             held, self._held = self._held, []
-            for conn, cycle, app in held:
-                if conn.cycle is cycle and not cycle.disconnected:
-                    conn.serve(cycle, app)
+            for release in held:
+                release()
+
+
+def _serve_held(conn: LimitedHttpProtocol, cycle: RequestResponseCycle, app: ASGIApp) -> None:
+    if conn.cycle is cycle and not cycle.disconnected:
+        conn.serve(cycle, app)
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -322,6 +347,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         # a request the fast path answers at once, read up to its body's end (none) first
         self.answer_at_end: tuple[RequestResponseCycle, tuple[ServeNow, frozenset[str]], Any] | None
         self.answer_at_end = None
+        # handed over by a `tickle.front.AtOnceFront` with its next request: when that arrived
+        # (put off there), and whether the fast path passed it on (not to be offered again)
+        self.first_arrived_at: float | None = None
+        self.first_passed_on = False
 
     # --- the connection -------------------------------------------------------------------------
 
@@ -414,6 +443,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """Start serving a request, unless the `request_hold` puts it off."""
+        if self.first_arrived_at is not None:
+            cycle.scope["state"][ARRIVED_AT] = self.first_arrived_at
+            self.first_arrived_at = None
+        if self.first_passed_on:
+            self.first_passed_on = False
+            cast(Scope, cycle.scope)[PASSED_ON] = True
+            super()._start_asgi_task(cycle, app)
+            return
         if self.request_hold is not None and self.request_hold.puts_off(self, cycle, app):
             return
         self.serve(cycle, app)
@@ -485,7 +522,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if not self.transport.is_closing() and self.cycle.response_complete:
             self.table.waiting(self)  # kept alive for the next request
             if self.request_hold is not None:
-                self.request_hold.answered(self, self.cycle.scope["path"])
+                self.after_first = self.request_hold.answered(self.cycle.scope["path"])
 
     def send_400_response(self, msg: str) -> None:
         if self.refusal is not None:
@@ -1126,27 +1163,43 @@ def write_answer(
     """Write `cycle`'s whole answer, with our time on it (`ClockHeaders`'s), and end the cycle
     as uvicorn's would; False (nothing written) unless the length in `headers` is declared and
     true, and they say nothing of the connection."""
-    head = [STATUS_LINE[status]]
-    length = -1
-    for name, value in [*cycle.default_headers, *headers, _time_header()]:
-        if name == b"content-length":
-            length = int(value)
-        elif name in (b"connection", b"transfer-encoding"):
-            return False
-        head += (name, b": ", value, b"\r\n")
-    if length != len(body):
+    answer = answer_bytes(cycle.default_headers, status, headers, body, cycle.keep_alive)
+    if answer is None:
         return False
-    if not cycle.keep_alive:
-        head.append(b"connection: close\r\n")
-    head += (b"\r\n", body)
     cycle.response_started = cycle.response_complete = True
     cycle.waiting_for_100_continue = False
-    cycle.transport.write(b"".join(head))
+    cycle.transport.write(answer)
     cycle.message_event.set()
     if not cycle.keep_alive:
         cycle.transport.close()
     cycle.on_response()
     return True
+
+
+def answer_bytes(
+    default_headers: Iterable[tuple[bytes, bytes]],
+    status: int,
+    headers: Iterable[tuple[bytes, bytes]],
+    body: bytes,
+    keep_alive: bool,
+) -> bytes | None:
+    """A whole answer as written on the connection: the server's `default_headers`, `headers`,
+    our time (`ClockHeaders`'s), `connection: close` unless `keep_alive`; None unless the
+    length in `headers` is declared and true, and they say nothing of the connection."""
+    head = [STATUS_LINE[status]]
+    length = -1
+    for name, value in [*default_headers, *headers, _time_header()]:
+        if name == b"content-length":
+            length = int(value)
+        elif name in (b"connection", b"transfer-encoding"):
+            return None
+        head += (name, b": ", value, b"\r\n")
+    if length != len(body):
+        return None
+    if not keep_alive:
+        head.append(b"connection: close\r\n")
+    head += (b"\r\n", body)
+    return b"".join(head)
 
 
 async def _send_answer(

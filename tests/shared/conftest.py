@@ -36,14 +36,16 @@ async def serving(routes: dict[str, Handler]) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def serving_app(app: ASGIApp, **options: Any) -> AsyncIterator[tuple[int, ServingConfig]]:
-    """`app` served by uvicorn as the servers serve theirs (`ServingConfig`, default limits, and
-    uvicorn's `options`) on 127.0.0.1; yields its port and the configuration."""
+async def serving_app(
+    app: ASGIApp, limits: ApiServerSettings | None = None, **options: Any
+) -> AsyncIterator[tuple[int, ServingConfig]]:
+    """`app` served by uvicorn as the servers serve theirs (`ServingConfig`, `limits` or the
+    default ones, and uvicorn's `options`) on 127.0.0.1; yields its port and the configuration."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    config = ServingConfig(app, ApiServerSettings(), ComponentMetrics("t"), host="127.0.0.1",
-                           port=port, log_config=None, **options)  # fmt: skip
+    config = ServingConfig(app, limits or ApiServerSettings(), ComponentMetrics("t"),
+                           host="127.0.0.1", port=port, log_config=None, **options)  # fmt: skip
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(10):  # uvicorn starts, or says why not

@@ -16,8 +16,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tests.shared.conftest import serving_app
 from tickle.config import ApiServerSettings
 from tickle.fastpath import FastPath, Parts, PassOn, Replay, at_once, json_response
+from tickle.front import AtOnceFront
 from tickle.metrics import ComponentMetrics
-from tickle.serving import ARRIVED_AT, BodyLimits, ClockHeaders, FastLane
+from tickle.serving import ARRIVED_AT, BodyLimits, ClockHeaders, FastLane, LimitedHttpProtocol
 
 SMALL = 16 * 1024  # ApiServerSettings' max_registration_body_bytes
 
@@ -35,12 +36,14 @@ class CountedClock(ClockHeaders):
 
 class EchoFastPath(FastPath):
     """Serves GET /ping and POST /echo (the bearer token `good` only); `?n=pass` passes on after
-    reading the body. Answers GET /now at once (`served_now`): `?n=pass` passes it on, `?n=fail`
-    fails. `offered` records each request the fast path was offered; `tasks`, for each /now,
-    whether it was served in an asyncio task (else in the protocol's callback)."""
+        reading the body. Answers GET /now at once (`served_now`): `?n=pass` passes it on, `?n=fail`
+        fails. `offered` records each request the fast path was offered; `tasks`, for each /now,
+        whether it was served in an asyncio task (else in the protocol's callback); `arrived`, when each
+    POST /echo arrived."""
 
     offered: list[str] = []
     tasks: list[bool] = []
+    arrived: list[float] = []  # when each POST /echo arrived (`ARRIVED_AT`)
 
     def __init__(self, app: ASGIApp) -> None:
         super().__init__(app)
@@ -66,6 +69,7 @@ class EchoFastPath(FastPath):
 
     async def _echo(self, parts: Parts, scope: Scope, receive: Replay, send: Send) -> None:
         EchoFastPath.offered.append("echo")
+        EchoFastPath.arrived.append(scope["state"][ARRIVED_AT])
         if parts.token != "good":
             raise PassOn  # checked before the body is read, as the servers do
         body = await receive.body()
@@ -112,9 +116,19 @@ def _app(*, extra_middleware: bool = False, body_limits: bool = True) -> FastAPI
 SLOW = asyncio.Event()  # what GET /slow waits for
 
 
+# each test of a request answered at once runs with the connection's front (`tickle.front`) and
+# without it: what they answer is the same
+PROTOCOLS = {"protocol": LimitedHttpProtocol, "front": AtOnceFront}
+
+
+@pytest.fixture(params=list(PROTOCOLS))
+def http(request: pytest.FixtureRequest) -> type[asyncio.Protocol]:
+    return PROTOCOLS[request.param]
+
+
 @pytest.fixture
-async def port() -> AsyncIterator[int]:
-    async with serving_app(_app()) as (number, config):
+async def port(http: type[asyncio.Protocol]) -> AsyncIterator[int]:
+    async with serving_app(_app(), http=http) as (number, config):
         assert config.fast_lane is not None
         CountedClock.calls = 0
         EchoFastPath.offered.clear()
@@ -331,9 +345,12 @@ async def test_a_request_answered_at_once_whose_server_fails_gets_500_and_the_er
     assert "the server's own error" in caplog.text
 
 
-async def test_a_request_read_with_one_answered_at_once_is_not_cut_by_the_keep_alive() -> None:
-    SLOW.clear()
-    async with serving_app(_app(), timeout_keep_alive=0.1) as (number, _config):
+async def test_a_request_read_with_one_answered_at_once_is_not_cut_by_the_keep_alive(
+    http: type[asyncio.Protocol],
+) -> None:
+    global SLOW  # one per test: an event belongs to the loop it was first awaited in
+    SLOW = asyncio.Event()
+    async with serving_app(_app(), timeout_keep_alive=0.1, http=http) as (number, _config):
         reader, writer = await _connect(number)
         try:
             writer.write(_get("/now") + _get("/slow"))  # one read: the second is served next
@@ -347,11 +364,12 @@ async def test_a_request_read_with_one_answered_at_once_is_not_cut_by_the_keep_a
             writer.close()
 
 
-async def test_a_request_answered_at_once_is_answered_when_the_server_s_headers_say_connection() -> (
-    None
-):
-    # a default header the one-piece write leaves to uvicorn's cycle
-    async with serving_app(_app(), headers=[("Connection", "keep-alive")]) as (number, _config):
+async def test_a_request_answered_at_once_is_answered_when_the_server_s_headers_say_connection(
+    http: type[asyncio.Protocol],
+) -> None:
+    # a default header the one-piece write leaves to uvicorn's cycle (and keeps the front off)
+    options: dict[str, Any] = {"headers": [("Connection", "keep-alive")], "http": http}
+    async with serving_app(_app(), **options) as (number, _config):
         reader, writer = await _connect(number)
         try:
             for _ in range(2):

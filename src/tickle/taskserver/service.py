@@ -30,6 +30,7 @@ from tickle import localdb, wire
 from tickle.backoff import Backoff
 from tickle.clock import ClockWarning
 from tickle.config import ConfigError, check_config, load_settings
+from tickle.front import AtOnceFront
 from tickle.http import ApiError, retry_after_s
 from tickle.listening import TickleListener
 from tickle.logs import setup_logging
@@ -405,6 +406,7 @@ class TaskServer:
             request_hold=self.api_request_hold,
             log_config=None, access_log=False, lifespan="off",
             ssl_certfile=self.settings.tls_cert_file, ssl_keyfile=self.settings.tls_key_file,
+            http=AtOnceFront,  # an agent's pull answered without uvicorn's machinery
         )  # fmt: skip
         self._api = _Server(config)
         assert self._api_socket is not None
