@@ -15,6 +15,7 @@ import pytest
 
 from tests.taskserver.conftest import Agent, TaskServerHarness, wait_until, work_for
 from tickle import clock
+from tickle.front import AtOnceFront
 from tickle.messages import StatusEvent
 from tickle.taskserver import state_reporter, work_cache
 
@@ -390,3 +391,29 @@ async def test_state_reports_wait_while_pulls_are_due_and_go_once_none_is(
         lambda: {s.name for s in h.ns.states if s.tickle_state == "reachable"} == {"pc1", "pc2"},
         what="both agents reported reachable",
     )
+
+
+@pytest.mark.timeout(60)
+async def test_an_agents_pull_is_answered_at_its_connections_front_and_its_events_after_it(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the pull without uvicorn's protocol (`tickle.front`); the post after it handed over to it
+    handed: list[bytes] = []
+    hand_over = AtOnceFront.hand_over
+
+    def watched(self: AtOnceFront, data: bytes, *args: Any, **kwargs: Any) -> Any:
+        handed.append(data.partition(b" ")[0])
+        return hand_over(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(AtOnceFront, "hand_over", watched)
+    h = harness
+    first, _ = await _two_tickled(h, monkeypatch, pulls_first_s=0)
+    handed.clear()  # the registrations' posts
+    conn = await _pulled(h, first, 1)
+    try:
+        assert handed == []
+        status, ack = await conn.call(first, "POST", EVENTS, {"events": [_event(1, "pc1")]})
+        assert (status, len(ack["accepted"])) == (200, 1)
+        assert handed == [b"POST"]
+    finally:
+        conn.close()
