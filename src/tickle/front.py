@@ -36,15 +36,16 @@ import uvicorn
 from starlette.types import Scope
 from uvicorn.server import ServerState
 
-from tickle.fastpath import Parts, PassOn
+from tickle.clock import header_value
+from tickle.fastpath import Parts, PassOn, ServeNow
 from tickle.serving import (
     _JSON_HEADERS,
+    _PROXY_HEADERS,
     _TEXT_HEADERS,
+    _TIME_HEADER,
     ARRIVED_AT,
     LimitedHttpProtocol,
     ServingConfig,
-    _body_framing,
-    _proxied,
     answer_bytes,
 )
 
@@ -52,6 +53,12 @@ log = logging.getLogger(__name__)
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _CONNECTION_HEADERS = frozenset({b"connection", b"transfer-encoding"})
+# a request with one of these goes to the protocol: a body (framed by either), a proxy's
+# header (read by uvicorn's proxy-headers middleware, `serving._PROXY_HEADERS`)
+_ODD_HEADERS = frozenset({b"content-length", b"transfer-encoding", *_PROXY_HEADERS})
+_JSON_HEAD = b"".join(b"%s: %s\r\n" % header for header in _JSON_HEADERS)
+# the server's own headers (uvicorn's list, renewed every second) joined: by the list's id
+_DEFAULTS: dict[int, tuple[list[tuple[bytes, bytes]], bytes]] = {}
 
 
 class AtOnceFront(asyncio.Protocol):
@@ -72,18 +79,7 @@ class AtOnceFront(asyncio.Protocol):
         self.server_state = server_state
         self.app_state = app_state
         self.loop = _loop or asyncio.get_event_loop()
-        lane = config.fast_lane
-        # answered here: only where nothing between the connection and the fast path changes
-        # the request or its answer (no root path, no concurrency limit of uvicorn's, no header
-        # of the server's own on the connection)
-        self.served_now = (
-            lane.served_now
-            if lane is not None
-            and not config.root_path
-            and config.limit_concurrency is None
-            and not any(name in _CONNECTION_HEADERS for name, _ in config.encoded_headers)
-            else {}
-        )
+        self.served_now = _served_now(config)
         self.limits = config.limits
         self.table = config.connections
         self.hold = config.request_hold
@@ -102,6 +98,7 @@ class AtOnceFront(asyncio.Protocol):
         self.complete = 0
         self.method = ""
         self.keep_alive = False  # HTTP/1.1, and its client did not say `Connection: close`
+        self.odd = False  # a header that keeps it from the front (`_ODD_HEADERS`)
 
     # --- the connection -------------------------------------------------------------------------
 
@@ -113,7 +110,7 @@ class AtOnceFront(asyncio.Protocol):
             return
         self.client = _address(transport.get_extra_info("peername"))
         self.server = _address(transport.get_extra_info("sockname"))
-        if transport.get_extra_info("sslcontext"):
+        if self.config.is_ssl:
             self.scheme = "https"
         self.parser = httptools.HttpRequestParser(self)
         self.timer = self.loop.call_later(self.limits.request_head_timeout_s, self._too_slow)
@@ -223,7 +220,7 @@ class AtOnceFront(asyncio.Protocol):
         assert parser is not None
         assert self.transport is not None
         self.begun = self.complete = 0
-        self.keep_alive = False
+        self.keep_alive = self.odd = False
         try:
             parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
@@ -231,6 +228,7 @@ class AtOnceFront(asyncio.Protocol):
         if (
             self.begun != 1
             or self.complete != 1
+            or self.odd
             or len(self.headers) > self.limits.max_headers
             or not self.keep_alive
         ):
@@ -259,9 +257,6 @@ class AtOnceFront(asyncio.Protocol):
             "raw_path": raw_path,
             "query_string": parsed.query or b"",
         }
-        framing = _body_framing(scope)
-        if framing[1] or framing[0] not in (None, 0) or _proxied(scope):
-            return False
         serve_now, parameters = served
         try:
             body = serve_now(Parts(scope, parameters), scope)
@@ -272,7 +267,8 @@ class AtOnceFront(asyncio.Protocol):
             log.exception("Exception in the fast path serving %s", path)
             self._write(path, 500, _TEXT_HEADERS, b"Internal Server Error", keep_alive=False)
             return True
-        self._write(path, 200, _JSON_HEADERS, body, keep_alive=True)
+        self.transport.write(self._ok(body))
+        self._answered(path, keep_alive=True)
         return True
 
     def _write(
@@ -288,6 +284,26 @@ class AtOnceFront(asyncio.Protocol):
         answer = answer_bytes(self.server_state.default_headers, status, whole, body, keep_alive)
         assert answer is not None, "no header of the server's own on the connection (__init__)"
         self.transport.write(answer)
+        self._answered(path, keep_alive)
+
+    def _ok(self, body: bytes) -> bytes:
+        """A 200 with this JSON `body`, kept alive: `answer_bytes`'s, the server's own headers
+        joined once a second (uvicorn renews them, with the date, every second)."""
+        defaults = self.server_state.default_headers
+        cached = _DEFAULTS.get(id(defaults))
+        if cached is None or cached[0] is not defaults:
+            _DEFAULTS.clear()
+            cached = _DEFAULTS[id(defaults)] = (
+                defaults,
+                b"".join(b"%s: %s\r\n" % header for header in defaults),
+            )
+        return b"HTTP/1.1 200 OK\r\n%scontent-length: %d\r\n%s%s: %s\r\n\r\n%s" % (
+            cached[1], len(body), _JSON_HEAD, _TIME_HEADER, header_value(time.time()).encode(),
+            body,
+        )  # fmt: skip
+
+    def _answered(self, path: str, keep_alive: bool) -> None:
+        assert self.transport is not None
         self.server_state.total_requests += 1
         if not keep_alive:
             self._forget()
@@ -309,7 +325,11 @@ class AtOnceFront(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value.rstrip(b" \t")))
+        name = name.lower()
+        value = value.rstrip(b" \t")
+        self.headers.append((name, value))
+        if name in _ODD_HEADERS and (name != b"content-length" or value.strip() != b"0"):
+            self.odd = True  # a body (any but a declared 0) or a proxy's header: not here
 
     def on_headers_complete(self) -> None:
         # read here: once the message is complete the parser stands ready for the next one
@@ -321,6 +341,23 @@ class AtOnceFront(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete += 1
+
+
+def _served_now(config: ServingConfig) -> dict[tuple[str, str], tuple[ServeNow, frozenset[str]]]:
+    """The requests answered at the front: the fast path's `served_now`, where nothing between
+    the connection and the fast path changes a request or its answer (no root path, no
+    concurrency limit of uvicorn's, no header of the server's own on the connection)."""
+    if config.front_served_now is None:
+        lane = config.fast_lane
+        config.front_served_now = (
+            lane.served_now
+            if lane is not None
+            and not config.root_path
+            and config.limit_concurrency is None
+            and not any(name in _CONNECTION_HEADERS for name, _ in config.encoded_headers)
+            else {}
+        )
+    return config.front_served_now
 
 
 def _address(address: Any) -> tuple[str, int] | None:

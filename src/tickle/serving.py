@@ -139,6 +139,8 @@ class ServingConfig(uvicorn.Config):
         self.max_long_polls = long_polls
         self.connections = ConnectionTable(cap, long_polls)
         self.fast_lane = FastLane.of(app)
+        # what `tickle.front.AtOnceFront` answers (worked out by its first connection)
+        self.front_served_now: dict[tuple[str, str], tuple[ServeNow, frozenset[str]]] | None = None
         for reason in REFUSALS:
             metrics.http_refused.labels(reason=reason)
         # asyncio accepts up to `backlog` connections at once before any is admitted to the table:

@@ -96,12 +96,24 @@ async def test_requests_answered_at_once_stay_at_the_front_until_another_comes(p
         (PING, [200]),  # another of the fast path's
         (b"GET /now HTTP/1.1\r\nHost: t\r\n\r", [200]),  # split over two reads
         (_get("/now", extra="Content-Length: 2\r\n") + b"{}", [200]),  # with a body
+        (_get("/now", extra="Transfer-Encoding: chunked\r\n") + b"0\r\n\r\n", [200]),
         (_get("/now", extra="X-Forwarded-For: 10.0.0.1\r\n"), [200]),
         (_get("/n%6fw"), [200]),
         (b"NOT HTTP AT ALL\r\n\r\n", [400]),
         (_get("/now", extra="X-Big: " + "a" * 17000 + "\r\n"), [431]),
     ],
-    ids=["pipelined", "passed-on", "ping", "split", "body", "proxy", "escaped", "bad", "large"],
+    ids=[
+        "pipelined",
+        "passed-on",
+        "ping",
+        "split",
+        "body",
+        "chunked",
+        "proxy",
+        "escaped",
+        "bad",
+        "large",
+    ],
 )
 async def test_a_read_the_front_does_not_answer_is_handed_over_from_its_first_byte(
     port: int, request_bytes: bytes, statuses: list[int]
