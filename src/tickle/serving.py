@@ -138,6 +138,9 @@ class ServingConfig(uvicorn.Config):
             )  # fmt: skip
         self.max_long_polls = long_polls
         self.connections = ConnectionTable(cap, long_polls)
+        if request_hold is not None:
+            request_hold.crowded = self.connections.crowded
+            self.connections.on_crowded = request_hold.release_now
         self.fast_lane = FastLane.of(app)
         # what `tickle.front.AtOnceFront` answers (worked out by its first connection)
         self.front_served_now: dict[tuple[str, str], tuple[ServeNow, frozenset[str]]] | None = None
@@ -191,11 +194,18 @@ class ConnectionTable:
     A long-poll, once its request is complete, is parked: it counts against `long_poll_cap`
     instead of `cap`, and is never closed for another connection. Past `long_poll_cap` a
     long-poll is served like any request.
+
+    Crowded (three quarters of `cap` open), requests are no longer put off (`RequestHold`): a
+    connection whose request is put off is not one that may be closed for a new one, and a
+    fan-out to more agents than the cap would have its last pulls refused while the first
+    agents' events wait; `on_crowded` is called as a connection makes it so.
     """
 
     def __init__(self, cap: int, long_poll_cap: int = 0) -> None:
         self.cap = cap
         self.long_poll_cap = long_poll_cap
+        self.crowd = cap - cap // 4
+        self.on_crowded: Callable[[], None] | None = None
         self._waiting: dict[TableMember, None] = {}  # longest waiting first
         self._served: set[TableMember] = set()
         self._parked: set[TableMember] = set()
@@ -217,7 +227,13 @@ class ConnectionTable:
             self.discard(oldest)
             oldest.evict()
         self._waiting[conn] = None
+        if self.on_crowded is not None and len(self) >= self.crowd:
+            self.on_crowded()
         return True
+
+    def crowded(self) -> bool:
+        """Whether three quarters of the cap are open (see the class's doc)."""
+        return len(self) >= self.crowd
 
     def served(self, conn: TableMember) -> None:
         """`conn`'s request is complete: the server's turn, not to be closed for another."""
@@ -275,6 +291,9 @@ class RequestHold:
         self._bound_s = bound_s
         self._held: list[Callable[[], None]] = []  # each serves a request put off
         self._releasing: asyncio.Task[None] | None = None
+        # whether the server's connections are crowded (`ConnectionTable.crowded`): then
+        # nothing is put off
+        self.crowded: Callable[[], bool] = lambda: False
 
     @property
     def held(self) -> int:
@@ -283,12 +302,23 @@ class RequestHold:
 
     def answered(self, path: str) -> bool:
         """A connection answered a request for `path`: whether its next one may be put off."""
-        return path in self.first and self._busy()
+        return path in self.first and self._busy() and not self.crowded()
 
     def still_busy(self, path: str) -> bool:
         """Whether the next request on a connection, for `path`, is put off (`answered` said it
         may be)."""
-        return path in self.later and self._busy()
+        return path in self.later and self._busy() and not self.crowded()
+
+    def release_now(self) -> None:
+        """Serve what is put off (soon: not within the caller's own callback), the spell or
+        not: the connections are crowded."""
+        if self._held:
+            asyncio.get_running_loop().call_soon(self._serve_all)
+
+    def _serve_all(self) -> None:
+        held, self._held = self._held, []
+        for release in held:
+            release()
 
     def hold(self, release: Callable[[], None]) -> None:
         """Put off a request read elsewhere (`tickle.front`): `release()` serves it."""
@@ -312,9 +342,7 @@ class RequestHold:
             await self._settled(self._bound_s)
         finally:
             self._releasing = None
-            held, self._held = self._held, []
-            for release in held:
-                release()
+            self._serve_all()
 
 
 def _serve_held(conn: LimitedHttpProtocol, cycle: RequestResponseCycle, app: ASGIApp) -> None:

@@ -324,3 +324,31 @@ async def test_the_front_stands_aside_where_something_would_change_a_request_or_
     assert front(headers=[("Connection", "keep-alive")]).served_now == {}
     assert front(root_path="/api").served_now == {}
     assert front(limit_concurrency=100).served_now == {}
+
+
+@pytest.mark.parametrize("http", [AtOnceFront, LimitedHttpProtocol], ids=["front", "protocol"])
+async def test_requests_are_not_held_at_the_cost_of_refusing_new_connections(
+    http: type[asyncio.Protocol],
+) -> None:
+    # a fan-out larger than the connection cap: the connections holding an event post must not
+    # fill the table, or the pulls still to come are refused (503) for the spell
+    spell = _Spell()
+    limits = ApiServerSettings(max_connections=16)
+    options: dict[str, Any] = {"request_hold": spell.hold, "http": http}
+    async with serving_app(_app(), limits, **options) as (number, config):
+        opened = []
+        try:
+            for _ in range(24):  # each pulls, then posts its events on its connection
+                reader, writer = await _connect(number)
+                opened.append((reader, writer))
+                writer.write(_get("/now"))
+                assert (await _answer(reader))[0] == 200
+                writer.write(_post("/echo", b"[1]"))
+            for reader, _writer in opened[-8:]:  # the last ones' posts are served: room made
+                assert (await _answer(reader))[::2] == (200, {"fast": 3})
+        finally:
+            for _reader, writer in opened:
+                writer.close()
+        refused = config.metrics.http_refused.labels(reason="over_capacity")._value.get()
+    assert refused == 0
+    assert spell.busy  # while the spell lasts

@@ -76,7 +76,8 @@ class AgentClocks:
             self._skewed.discard(name)
             log.info("agent %s: its clock is back within the window (%+.1fs)", name, offset)
             state = "unknown"  # until a tickle is answered again
-        self._skewed_gauge.set(len(self._skewed))
+        if state is not None:
+            self._skewed_gauge.set(len(self._skewed))
         reported = self._reported.get(name)
         if state is None and reported is not None and abs(offset - reported) < REPORT_STEP_S:
             return
