@@ -57,8 +57,8 @@ _CONNECTION_HEADERS = frozenset({b"connection", b"transfer-encoding"})
 # header (read by uvicorn's proxy-headers middleware, `serving._PROXY_HEADERS`)
 _ODD_HEADERS = frozenset({b"content-length", b"transfer-encoding", *_PROXY_HEADERS})
 _JSON_HEAD = b"".join(b"%s: %s\r\n" % header for header in _JSON_HEADERS)
-# the server's own headers (uvicorn's list, renewed every second) joined: by the list's id
-_DEFAULTS: dict[int, tuple[list[tuple[bytes, bytes]], bytes]] = {}
+# the server's own headers (uvicorn's list, renewed every second) and those joined
+_defaults: tuple[list[tuple[bytes, bytes]], bytes] = ([], b"")
 
 
 class AtOnceFront(asyncio.Protocol):
@@ -289,16 +289,12 @@ class AtOnceFront(asyncio.Protocol):
     def _ok(self, body: bytes) -> bytes:
         """A 200 with this JSON `body`, kept alive: `answer_bytes`'s, the server's own headers
         joined once a second (uvicorn renews them, with the date, every second)."""
+        global _defaults
         defaults = self.server_state.default_headers
-        cached = _DEFAULTS.get(id(defaults))
-        if cached is None or cached[0] is not defaults:
-            _DEFAULTS.clear()
-            cached = _DEFAULTS[id(defaults)] = (
-                defaults,
-                b"".join(b"%s: %s\r\n" % header for header in defaults),
-            )
+        if _defaults[0] is not defaults:
+            _defaults = (defaults, b"".join(b"%s: %s\r\n" % header for header in defaults))
         return b"HTTP/1.1 200 OK\r\n%scontent-length: %d\r\n%s%s: %s\r\n\r\n%s" % (
-            cached[1], len(body), _JSON_HEAD, _TIME_HEADER, header_value(time.time()).encode(),
+            _defaults[1], len(body), _JSON_HEAD, _TIME_HEADER, header_value(time.time()).encode(),
             body,
         )  # fmt: skip
 

@@ -225,6 +225,12 @@ class _Spell:
         async with asyncio.timeout(bound_s):
             await self.over.wait()
 
+    async def held(self) -> None:
+        """Once a request is put off (within 5 s)."""
+        async with asyncio.timeout(5):
+            while not self.hold.held:
+                await asyncio.sleep(0.01)
+
     def end(self) -> float:
         self.busy = False
         self.over.set()
@@ -240,9 +246,7 @@ async def test_the_request_after_an_answer_at_once_is_kept_unread_while_the_spel
             assert (await _answer(reader))[0] == 200
             writer.write(_post("/echo", b"[1]"))
             sent = time.time()
-            async with asyncio.timeout(5):
-                while not spell.hold.held:
-                    await asyncio.sleep(0.01)
+            await spell.held()
             with pytest.raises(TimeoutError):  # not served while the spell lasts
                 async with asyncio.timeout(0.3):
                     await reader.readuntil(b"\r\n\r\n")
@@ -281,9 +285,7 @@ async def test_a_request_kept_whose_client_went_away_is_let_go_with_the_spell() 
         writer.write(_get("/now"))
         assert (await _answer(reader))[0] == 200
         writer.write(_post("/echo", b"[1]"))
-        async with asyncio.timeout(5):
-            while not spell.hold.held:
-                await asyncio.sleep(0.01)
+        await spell.held()
         writer.close()
         await writer.wait_closed()
         spell.end()
