@@ -55,7 +55,7 @@ from typing import Annotated, Any, Protocol, TypeVar, cast, get_args, get_origin
 import pydantic
 import pydantic_core
 import uvicorn
-from fastapi import Request, Response, params
+from fastapi import Query, Request, Response, params
 from fastapi.routing import APIRoute
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -70,6 +70,13 @@ from tickle.clock import TIME_HEADER, header_value
 from tickle.config import ApiServerSettings
 from tickle.fastpath import PASSED_ON, FastPath, Parts, PassOn, Replay, Serve, ServeNow
 from tickle.metrics import ComponentMetrics
+
+# /metrics?name[]=...: only those metrics, as Prometheus's own exporters take it (a scrape that
+# reads one counter does not make the NS count its computers)
+MetricNames = Annotated[
+    list[str],
+    Query(alias="name[]", description="Only these metrics (none named: all)"),
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -9,11 +9,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tickle.agent import executor as executor_module
 from tickle.agent.executor import Executor
 from tickle.agent.state import AgentState
 from tickle.localdb import WalSync
@@ -299,6 +300,73 @@ async def test_events_go_to_the_task_server_before_the_outbox_sync_and_finish_af
         await forwarder.stop()
         outbox.close()
         state.close()
+
+
+class _Posts:
+    """A task server's event posts, as the forwarder sends them: the kinds of each batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.posted = asyncio.Event()
+
+    async def send(self, bodies: list[str]) -> list[str]:
+        self.batches.append([json.loads(b)["kind"] for b in bodies])
+        self.posted.set()
+        return [json.loads(b)["event_id"] for b in bodies]
+
+
+@contextlib.asynccontextmanager
+async def _forwarding(tmp_path: Path) -> AsyncIterator[tuple[Executor, AgentState, _Posts]]:
+    state = AgentState(tmp_path / "agent.db")
+    outbox = Outbox(tmp_path / "outbox.db")
+    metrics = ComponentMetrics("agent")
+    posts = _Posts()
+    forwarder = OutboxForwarder(outbox, posts.send, metrics)
+    forwarder.start()
+    assert await forwarder.drained(30)  # its look at what a run before left: nothing
+    executor = Executor("agent1", state, forwarder, metrics)
+    try:
+        yield executor, state, posts
+    finally:
+        await forwarder.stop()
+        outbox.close()
+        state.close()
+
+
+async def test_a_quick_steps_started_goes_with_its_finished_in_one_post(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(executor_module, "STARTED_WAIT_S", 30.0)  # however loaded the machine
+    async with _forwarding(tmp_path) as (executor, state, posts):
+        state.claim(1)
+        outcome = await asyncio.wait_for(executor.run(script(1, "true")), 30)
+        assert outcome.status == "succeeded"
+        await asyncio.wait_for(posts.posted.wait(), 30)
+        assert posts.batches == [["started", "finished"]]
+
+
+async def test_a_longer_steps_started_goes_while_it_runs(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    async with _forwarding(tmp_path) as (executor, state, posts):
+        state.claim(1)
+        waits = f"until [ -e {release} ]; do sleep 0.02; done"  # bounded: the step's timeout
+        running = asyncio.create_task(executor.run(script(1, waits, timeout_s=30)))
+        try:
+            sent_at = time.monotonic()
+            await asyncio.wait_for(posts.posted.wait(), 30)
+            assert posts.batches == [["started"]]
+            assert time.monotonic() - sent_at >= executor_module.STARTED_WAIT_S * 0.9
+            assert not running.done()
+            posts.posted.clear()
+            release.touch()
+            outcome = await asyncio.wait_for(running, 30)
+            assert outcome.status == "succeeded"
+            await asyncio.wait_for(posts.posted.wait(), 30)
+            assert posts.batches == [["started"], ["finished"]]
+        finally:
+            release.touch()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
 
 
 async def test_a_jobs_next_step_waits_for_the_steps_before_on_disk(tmp_path: Path) -> None:

@@ -6,12 +6,14 @@ import asyncio
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 import tickle
 from tests.ns.conftest import ADMIN, SECRET, Ns, NsFactory, commits_of, event
 from tests.reliability import record
 from tickle.ns.models import StatusEvent as StatusEventRow
+from tickle.ns.stores.inventory import InventoryStore
 
 TIMELINE = [
     "created",
@@ -35,6 +37,38 @@ async def test_health_and_metrics_need_no_credentials(ns: Ns) -> None:
     status, text = await ns.call("GET", "/metrics", token=None)
     assert status == 200
     assert "tickle_tickles_sent_total" in text
+
+
+async def test_metrics_named_in_a_scrape_are_the_only_ones_read(
+    ns: Ns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prometheus's `name[]`: a scrape of one counter does not make the NS count its computers
+    counted: list[str] = []
+    for name in ("liveness_counts", "clock_figures"):
+        read = getattr(InventoryStore, name)
+        monkeypatch.setattr(
+            InventoryStore,
+            name,
+            lambda self, *a, _r=read, _n=name: counted.append(_n) or _r(self, *a),
+        )
+
+    async def families(query: str) -> set[str]:
+        status, text = await ns.call("GET", "/metrics" + query, token=None)
+        assert status == 200
+        return {f.name for f in text_string_to_metric_families(text) if f.samples}
+
+    assert await families("?name[]=tickle_tickles_sent_total") == {"tickle_tickles_sent"}
+    assert counted == []
+    assert await families("?name[]=tickle_computers&name[]=tickle_computers_clock_skewed") == {
+        "tickle_computers",
+        "tickle_computers_clock_skewed",
+    }
+    assert sorted(counted) == ["clock_figures", "liveness_counts"]
+    counted.clear()
+    every = await families("")
+    assert {"tickle_tickles_sent", "tickle_computers", "tickle_computers_clock_skewed"} <= every
+    assert sorted(counted) == ["clock_figures", "liveness_counts"]
+    assert await families("?name[]=no_such_metric") == set()
 
 
 async def test_unauthenticated_requests_get_401(ns: Ns) -> None:

@@ -106,6 +106,7 @@ class FakeNs:
     omit_executions: set[int] = field(default_factory=set)
     work_gate: asyncio.Event | None = None  # when set: work pulls wait until it opens
     settings_gate: asyncio.Event | None = None  # when set: settings pulls wait until it opens
+    events_gate: asyncio.Event | None = None  # when set: event posts wait until it opens
     clock_offset_s: float = 0.0  # how far its clock (the time on its answers) is ahead of ours
     port: int = 0
     _runner: web.AppRunner | None = None
@@ -156,9 +157,9 @@ class FakeNs:
         return response
 
     async def stop(self) -> None:
-        for gate in (self.work_gate, self.settings_gate):
+        for gate in (self.work_gate, self.settings_gate, self.events_gate):
             if gate is not None:
-                gate.set()  # release held pulls so the server can shut down
+                gate.set()  # release held requests so the server can shut down
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -241,6 +242,8 @@ class FakeNs:
         self._authorized(req)
         batch = EventBatch.model_validate_json(await req.read())
         self.calls.append("events")
+        if self.events_gate is not None:
+            await self.events_gate.wait()
         if any(e.execution_id in self.refuse_executions for e in batch.events):
             raise web.HTTPForbidden(text='{"detail": "not your execution"}')
         if self.max_batch_events is not None and len(batch.events) > self.max_batch_events:

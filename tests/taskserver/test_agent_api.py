@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import uuid
 
+from prometheus_client.parser import text_string_to_metric_families
+
 import tickle
 from tests.taskserver.conftest import SECRET, Agent, TaskServerHarness, wait_until, work_for
 from tickle.messages import StatusEvent
@@ -141,6 +143,19 @@ async def test_calls_without_valid_credentials_get_401(task_server: TaskServerHa
         {"status": "ok", "component": "task-server", "version": tickle.__version__},
     )
     assert (await h.call(None, "GET", "/metrics"))[0] == 200
+
+
+async def test_metrics_a_scrape_names_are_the_only_ones_exposed(
+    task_server: TaskServerHarness,
+) -> None:
+    h = task_server
+    status, text = await h.call(
+        None, "GET", "/metrics", params=[("name[]", "tickle_polls_total"), ("name[]", "nothing")]
+    )
+    assert status == 200
+    assert {f.name for f in text_string_to_metric_families(text)} == {"tickle_polls"}
+    _, every = await h.call(None, "GET", "/metrics")
+    assert len(list(text_string_to_metric_families(every))) > 10
 
 
 async def test_registration_with_a_wrong_enrollment_secret_is_refused(

@@ -341,6 +341,12 @@ async def test_a_pull_after_a_pull_on_one_connection_is_served_at_once(
         conn.close()
 
 
+_BOTH_AGENTS_HOPS = [
+    ("agent_pulled", "pc1"), ("agent_pulled", "pc2"),
+    ("agent_tickled", "pc1"), ("agent_tickled", "pc2"),
+]  # fmt: skip
+
+
 def _hops_at_ns(h: TaskServerHarness) -> list[tuple[str, str]]:
     return sorted((e.kind, e.computer) for e in h.ns.events.values() if e.kind.startswith("agent"))
 
@@ -360,10 +366,7 @@ async def test_hop_reports_wait_while_pulls_are_due_and_go_once_none_is(
     assert _hops_at_ns(h) == []
     await _tickled_pull(h, second)
     await wait_until(lambda: len(_hops_at_ns(h)) == 4, what="the hop reports at the NS")
-    assert _hops_at_ns(h) == [
-        ("agent_pulled", "pc1"), ("agent_pulled", "pc2"),
-        ("agent_tickled", "pc1"), ("agent_tickled", "pc2"),
-    ]  # fmt: skip
+    assert _hops_at_ns(h) == _BOTH_AGENTS_HOPS
 
 
 @pytest.mark.timeout(60)
@@ -391,6 +394,49 @@ async def test_state_reports_wait_while_pulls_are_due_and_go_once_none_is(
         lambda: {s.name for s in h.ns.states if s.tickle_state == "reachable"} == {"pc1", "pc2"},
         what="both agents reported reachable",
     )
+
+
+def _reachable(h: TaskServerHarness) -> set[str]:
+    return {s.name for s in h.ns.states if s.tickle_state == "reachable"}
+
+
+async def _both_pulled_events_held_at_ns(
+    h: TaskServerHarness, monkeypatch: pytest.MonkeyPatch, pulls_first_s: float
+) -> asyncio.Event:
+    """Two tickled agents pulled (no pull due: their hop reports go to the NS), whose answer
+    to event posts waits for the gate returned."""
+    first, second = await _two_tickled(h, monkeypatch, pulls_first_s)
+    gate = h.ns.events_gate = asyncio.Event()
+    await _tickled_pull(h, first)
+    await _tickled_pull(h, second)
+    return gate
+
+
+@pytest.mark.timeout(60)
+async def test_state_reports_wait_while_the_events_go_to_the_ns_and_go_after_them(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the status events first: the operator waits for them; a fleet's contacts and
+    # reachability (a write per agent at the NS) after them
+    h = harness
+    gate = await _both_pulled_events_held_at_ns(h, monkeypatch, pulls_first_s=5)
+    await wait_until(lambda: "events" in h.ns.calls, what="the hop reports on their way")
+    await asyncio.sleep(state_reporter.COALESCE_S * 2)  # past when the states would have gone
+    assert _reachable(h) == set()
+    gate.set()
+    await wait_until(lambda: _reachable(h) == {"pc1", "pc2"}, what="both reported reachable")
+    assert _hops_at_ns(h) == _BOTH_AGENTS_HOPS
+
+
+@pytest.mark.timeout(60)
+async def test_state_reports_wait_for_the_events_pulls_first_s_at_most(
+    harness: TaskServerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    gate = await _both_pulled_events_held_at_ns(h, monkeypatch, pulls_first_s=0.5)
+    await wait_until(lambda: _reachable(h) == {"pc1", "pc2"}, what="both reported reachable")
+    assert _hops_at_ns(h) == []  # the events still on their way: the NS has not answered them
+    assert not gate.is_set()
 
 
 @pytest.mark.timeout(60)

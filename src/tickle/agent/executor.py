@@ -65,6 +65,10 @@ _DRAIN_S = 2.0
 _EOF_S = 1.0
 # the environment variable that names the execution to its task (and its processes to the agent)
 EXECUTION_ID_VAR = "TICKLE_EXECUTION_ID"
+# how long an execution's `started` may wait to go with its next event: a step that ends within
+# it sends both in one post (one request, commit and sync at the task server and at the NS, not
+# two, and none of it while the task runs: S1); a longer one's `started` goes after it
+STARTED_WAIT_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +137,7 @@ class Executor:
         is reported interrupted at once.
         """
         # with a WalSync, each event is synced in a thread while the run goes on (see the doc)
-        synced = self._emit(work.execution_id, "started", via=via)
+        synced = self._emit(work.execution_id, "started", False, STARTED_WAIT_S, via=via)
         outcome = StepOutcome("succeeded", 0, "")
         last = 0
         try:
@@ -305,11 +309,18 @@ class Executor:
             raise
 
     def _emit(
-        self, execution_id: int, kind: str, durable: bool = False, /, **fields: object
+        self,
+        execution_id: int,
+        kind: str,
+        durable: bool = False,
+        within_s: float | None = None,
+        /,
+        **fields: object,
     ) -> asyncio.Future[None] | None:
-        """Commit a status event to the outbox and wake the forwarder. With a WalSync and not
-        `durable`, the commit is not synced on the loop: the sync that covers it, started now in
-        a thread, is returned (for `_synced`); else the commit syncs, None."""
+        """Commit a status event to the outbox and wake the forwarder (`within_s`: it may wait
+        that long for the next event, to go with it). With a WalSync and not `durable`, the
+        commit is not synced on the loop: the sync that covers it, started now in a thread, is
+        returned (for `_synced`); else the commit syncs, None."""
         event = msgspec.convert(
             {
                 "event_id": new_event_id(),
@@ -322,7 +333,9 @@ class Executor:
             StatusEvent,
         )
         later = self._wal_sync is not None and not durable
-        self._forwarder.queue_bodies([(event.event_id, encode(event).decode())], not later)
+        self._forwarder.queue_bodies(
+            [(event.event_id, encode(event).decode())], not later, within_s
+        )
         if self._wal_sync is None or not later:
             return None
         sync = asyncio.ensure_future(self._wal_sync.sync())

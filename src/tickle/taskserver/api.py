@@ -31,7 +31,7 @@ from tickle.messages import (
     PullVia,
 )
 from tickle.metrics import ComponentMetrics
-from tickle.serving import BodyLimits, ClockHeaders, JsonRoute, arrived_at
+from tickle.serving import BodyLimits, ClockHeaders, JsonRoute, MetricNames, arrived_at
 from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
 from tickle.taskserver.enrollment import Enrollment
@@ -175,8 +175,8 @@ async def health() -> Health:
 
 
 @operations.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-async def metrics(exposed: MetricsDep) -> Response:
-    body, content_type = exposed.render()
+async def metrics(exposed: MetricsDep, names: MetricNames = []) -> Response:  # noqa: B006
+    body, content_type = exposed.render(names)
     return Response(content=body, media_type=content_type)
 
 

@@ -147,13 +147,14 @@ class TaskServer:
         self.outbox = Outbox(settings.state_dir / OUTBOX_FILE)
         self.ns = NsClient(settings.ns_url, settings.ns_timeout_s, settings.ns_ca_file)
         # a fan-out's pulls first: the agents' events, the task server's hop reports and its
-        # state reports wait while tickled agents' pulls are due (`pulls_first_s` at most)
+        # state reports wait while tickled agents' pulls are due (`pulls_first_s` at most), the
+        # state reports then while the events go to the NS (as long again at most)
         self.pulls_due = PullsDue()
         self.reporter = StateReporter(
             self.ns,
             contact_interval_s=settings.contact_report_interval_s,
             on_forgotten=self.store.remove_clients,
-            quiet=self._pulls_served if settings.pulls_first_s else None,
+            quiet=self._events_first if settings.pulls_first_s else None,
         )
         self.forwarder = OutboxForwarder(
             self.outbox,
@@ -417,9 +418,15 @@ class TaskServer:
                 raise StartupError(f"the agent API did not start on port {self.api_port}")
             await asyncio.sleep(0.01)
 
-    async def _pulls_served(self) -> None:
-        """Once no tickled agent's pull is due, or `pulls_first_s` from now at most."""
+    async def _events_first(self) -> None:
+        """Before a state report: once no tickled agent's pull is due, then once the status
+        events went to the NS (each `pulls_first_s` at most). After a fan-out's pulls the NS has
+        its agents' events, the hop reports, and as many reachability and clock reports to
+        take in on one core: the events, which the operator waits for, go first."""
         await self.pulls_due.none_within(self.settings.pulls_first_s)
+        until = time.monotonic() + self.settings.pulls_first_s
+        await self.work_cache.settled(self.settings.pulls_first_s)  # in the outbox
+        await self.forwarder.drained(max(0.0, until - time.monotonic()))  # gone to the NS
 
     def _request_hold(self) -> RequestHold | None:
         """A fan-out's pulls first, at the connections: while tickled agents' pulls are due, the

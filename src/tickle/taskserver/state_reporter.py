@@ -10,9 +10,10 @@ would cost the NS a write per pull). Reports are merged per computer (the latest
 in order by one background worker in parts of at most `BATCH` computers, retried with backoff (full
 jitter, after a busy NS's `Retry-After`: the task servers of a restarted NS come back spread; at
 once when the NS answers another request, unless it said Retry-After), and dropped with a warning
-after the last try. A task server's reports wait while its fan-out's pulls are due (`quiet`:
-a run-now turns its agents reachable and measures their clocks, first after a start: 2,500
-reports in the pulls' midst). Computers the NS answers it does not know (forgotten
+after the last try. A task server's reports wait while its fan-out's pulls are due, and then
+while its status events go to the NS (`quiet`: a run-now turns its agents reachable and
+measures their clocks, first after a start: 2,500 reports in the pulls' midst, or before the
+events the operator waits for). Computers the NS answers it does not know (forgotten
 by the operator) are handed to `on_forgotten`, which drops their credentials.
 """
 
@@ -50,7 +51,8 @@ class StateReporter:
         on_forgotten: Callable[[list[str]], None] | None = None,
         quiet: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """`quiet`: awaited before each post (the task server's fan-out: its pulls first)."""
+        """`quiet`: awaited before each post (the task server's fan-out: its pulls first, its
+        status events next)."""
         self._ns = ns
         self._quiet = quiet
         self._backoff = backoff or RETRY

@@ -60,6 +60,7 @@ agents), and the two syncs of a full-sync commit had sat between an agent's tick
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -150,6 +151,7 @@ class WorkCache:
         # (flag, execution id) queued and not committed yet: a hop is reported once, also when
         # two requests of the same turn see the flag unset
         self._flagging: set[tuple[Flag, int]] = set()
+        self._committed = asyncio.Event()  # set by each group commit (for `settled`)
 
     def apply(self, work: WorkOut) -> list[int]:
         """A work pull came back: make the cache the NS's list; return the new execution ids."""
@@ -309,6 +311,16 @@ class WorkCache:
         """Commit the hop reports waiting for a group commit now (the task server stops)."""
         self._commit()
 
+    async def settled(self, within_s: float) -> bool:
+        """Wait until nothing queued waits for its commit (True), or `within_s` passes (False):
+        after a fan-out's pulls, its hop reports and held events are in the outbox then."""
+        deadline = time.monotonic() + within_s
+        while self.uncommitted and (left := deadline - time.monotonic()) > 0:
+            self._committed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._committed.wait(), left)
+        return not self.uncommitted
+
     async def _queue(self, computer: str, events: list[Event], finished: list[int]) -> set[str]:
         """Queue `computer`'s `events` for the NS and set `done` on the `finished` executions,
         in the group commit of this turn (or after the pulls due and the running sync, unless
@@ -363,6 +375,7 @@ class WorkCache:
         the agents' events once synced, the task server's own hop reports at once."""
         writes, self._writes = self._lazy + self._writes, []  # the hops came first
         self._lazy = []
+        self._committed.set()
         if not writes:  # taken by an earlier commit of this turn (HOP_COMMIT_S, `flush`)
             return
         if self._lazy_timer is not None:

@@ -7,7 +7,7 @@ from fastapi.responses import PlainTextResponse
 
 from tickle import messages as m
 from tickle.ns.dependencies import MetricsDep
-from tickle.serving import JsonRoute
+from tickle.serving import JsonRoute, MetricNames
 
 router = APIRouter(tags=["health"], route_class=JsonRoute)
 
@@ -18,6 +18,6 @@ def health() -> m.Health:
 
 
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-def prometheus(metrics: MetricsDep) -> Response:
-    body, content_type = metrics.render()
+def prometheus(metrics: MetricsDep, names: MetricNames = []) -> Response:  # noqa: B006
+    body, content_type = metrics.render(names)
     return Response(body, media_type=content_type)

@@ -94,22 +94,29 @@ class ClockMetrics(Collector):
         self._store = store
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        # no database query when the collector is registered
-        return iter(())
+        # the families without a database query (at registration, and for a scrape that names
+        # its metrics: only a collector that describes one of them is read)
+        yield _per_ts()
+        yield GaugeMetricFamily("tickle_computers_clock_skewed", _SKEWED_HELP)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         offsets, skewed = self._store.clock_figures()
-        per_ts = GaugeMetricFamily(
-            "tickle_task_server_clock_offset_seconds",
-            "How far each task server's clock is ahead of the NS's (measured from its requests)",
-            labels=["task_server"],
-        )
+        per_ts = _per_ts()
         for name, offset in sorted(offsets.items()):
             per_ts.add_metric([name], offset)
         yield per_ts
-        yield GaugeMetricFamily(
-            "tickle_computers_clock_skewed",
-            "Computers whose clock is further off their task server's than the tickle freshness "
-            "window (they reject every tickle as stale)",
-            value=skewed,
-        )
+        yield GaugeMetricFamily("tickle_computers_clock_skewed", _SKEWED_HELP, value=skewed)
+
+
+def _per_ts() -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "tickle_task_server_clock_offset_seconds",
+        "How far each task server's clock is ahead of the NS's (measured from its requests)",
+        labels=["task_server"],
+    )
+
+
+_SKEWED_HELP = (
+    "Computers whose clock is further off their task server's than the tickle freshness "
+    "window (they reject every tickle as stale)"
+)
