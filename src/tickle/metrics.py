@@ -140,7 +140,8 @@ def _exposition(registry: CollectorRegistry, names: Collection[str] = ()) -> tup
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     # restricted: a collector that reads the database at each scrape (the NS's computers by
-    # liveness, its clocks: ~9 ms with 10,000 computers) is read only when one of its own is asked
+    # liveness, its clocks) is read only when one of its own is asked (a scrape of an NS with
+    # 10,000 computers: 9.7 ms whole, 1.4 ms naming one counter)
     exposed = registry.restricted_registry(names) if names else registry
     return generate_latest(exposed), CONTENT_TYPE_LATEST
 

@@ -73,7 +73,8 @@ async def scrape_metric(url: str, name: str, timeout_s: float = 5.0) -> float | 
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
-            # only that metric: the NS counts its computers for a whole scrape (~9 ms at 10,000)
+            # only that metric: a whole scrape makes the NS count its computers (9.7 ms at
+            # 10,000, against 1.4)
             session.get(url + "/metrics", params={"name[]": name}) as resp,
         ):
             text = await resp.text()
