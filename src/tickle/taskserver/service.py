@@ -419,10 +419,11 @@ class TaskServer:
             await asyncio.sleep(0.01)
 
     async def _events_first(self) -> None:
-        """Before a state report: once no tickled agent's pull is due, then once the status
-        events went to the NS (each `pulls_first_s` at most). After a fan-out's pulls the NS has
-        its agents' events, the hop reports, and as many reachability and clock reports to
-        take in on one core: the events, which the operator waits for, go first."""
+        """Before a state report: once no tickled agent's pull is due (`pulls_first_s` at most),
+        then once the status events held meanwhile are committed and gone to the NS (as long
+        again at most). After a fan-out's pulls the NS has its agents' events, the hop reports,
+        and as many reachability and clock reports to take in on one core: the events, which
+        the operator waits for, go first."""
         await self.pulls_due.none_within(self.settings.pulls_first_s)
         until = time.monotonic() + self.settings.pulls_first_s
         await self.work_cache.settled(self.settings.pulls_first_s)  # in the outbox
