@@ -5,6 +5,8 @@ HTTP on loopback, against the app of the fast-lane tests."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +27,7 @@ from tests.shared.test_fast_lane import (
     _post,
     _read_answer,
 )
+from tickle import serving
 from tickle.config import ApiServerSettings
 from tickle.front import AtOnceFront
 from tickle.metrics import ComponentMetrics
@@ -354,3 +357,43 @@ async def test_requests_are_not_held_at_the_cost_of_refusing_new_connections(
         refused = config.metrics.http_refused.labels(reason="over_capacity")._value.get()
     assert refused == 0
     assert spell.busy  # while the spell lasts
+
+
+async def test_a_release_serves_the_requests_put_off_a_few_a_turn_with_the_loop_turning_between(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # served in one turn, a fan-out's event posts (2,500 of one task server) held its loop
+    monkeypatch.setattr(serving, "SERVE_PER_TURN", 2)
+    spell = _Spell()
+    trace: list[str] = []
+    for n in range(5):
+        spell.hold.hold(functools.partial(trace.append, f"served {n}"))
+    turning = True
+
+    async def turns() -> None:  # the loop's other work, a turn at a time
+        while turning:
+            trace.append("turn")
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(turns())
+    spell.end()
+    async with asyncio.timeout(5):
+        while sum(t.startswith("served") for t in trace) < 5:
+            await asyncio.sleep(0)
+    # put off while the release serves: waits for its own spell
+    spell.busy, spell.over = True, asyncio.Event()
+    spell.hold.hold(functools.partial(trace.append, "served later"))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    turning = False
+    await other
+    served = [t for t in trace if t.startswith("served")]
+    assert served == [f"served {n}" for n in range(5)]  # each once, in order
+    assert spell.hold.held == 1  # the later one still waits
+    at = [trace.index(f"served {n}") for n in (0, 2, 4)]
+    assert all("turn" in trace[a:b] for a, b in itertools.pairwise(at))
+    assert "turn" not in trace[at[0] : trace.index("served 1")]  # two in one turn
+    spell.end()
+    async with asyncio.timeout(5):
+        while "served later" not in trace:
+            await asyncio.sleep(0.01)

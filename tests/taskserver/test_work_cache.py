@@ -5,6 +5,7 @@ the agent's events' commit, or commit alone (not synced) within HOP_COMMIT_S."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from tests.taskserver.conftest import work_for
 from tickle.messages import StatusEvent, WorkOut
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
+from tickle.taskserver import work_cache
 from tickle.taskserver.store import Store
 from tickle.taskserver.work_cache import HOP_COMMIT_S, WorkCache
 
@@ -155,3 +157,52 @@ def test_a_large_work_pull_is_logged_in_one_short_line(
         "work from the NS: 2500 new executions [1, 2, 3, 4, 5, 6, 7, …, 2500]",
         "work from the NS: 3 new executions [2501, 2502, 2503]",
     ]
+
+
+async def test_many_agents_events_commit_in_bounded_transactions_with_the_loop_served_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a fan-out's held events went in one transaction: 2,500 agents' events and hop reports
+    # held a task server's event loop ~0.4 s, the pulls still due waiting
+    monkeypatch.setattr(work_cache, "COMMIT_MAX_WRITES", 2)
+    store, outbox = Store(tmp_path), Outbox(tmp_path / "outbox.db")
+    metrics = ComponentMetrics("ts")
+    cache = WorkCache(store, OutboxForwarder(outbox, _not_sent, metrics), metrics)
+    trace: list[str] = []
+    outbox._db.set_trace_callback(lambda s: trace.append("commit") if s == "COMMIT" else None)
+    turning = True
+
+    async def turns() -> None:  # another request's work, one turn of the loop at a time
+        while turning:
+            trace.append("turn")
+            await asyncio.sleep(0)
+
+    try:
+        names = [f"pc{i}" for i in range(1, 6)]
+        cache.apply(WorkOut(executions=[work_for(i, n) for i, n in enumerate(names, 1)]))
+        finished = [
+            StatusEvent(
+                event_id=f"finished-{i}",
+                execution_id=i,
+                computer=n,
+                kind="finished",
+                at=1000.0 + i,
+                status="succeeded",
+                exit_code=0,
+            )
+            for i, n in enumerate(names, 1)
+        ]
+        other = asyncio.create_task(turns())
+        answers = await asyncio.gather(*(cache.take_events(e.computer, [e]) for e in finished))
+        turning = False
+        await other
+        assert answers == [[e.event_id] for e in finished]  # each answered, once committed
+        assert sorted(eid for eid, _ in outbox.peek()) == sorted(e.event_id for e in finished)
+        assert store.pending_work() == []
+        commits = [i for i, what in enumerate(trace) if what == "commit"]
+        assert len(commits) == 3  # 5 writes, 2 a transaction
+        # the loop turned between each transaction and the next
+        assert all("turn" in trace[a:b] for a, b in itertools.pairwise(commits))
+    finally:
+        store.close()
+        outbox.close()

@@ -412,6 +412,8 @@ class Store:
             self._cancels_of.setdefault(str(computer), []).append(int(eid))
 
     def _drop_cancels(self, finished: Iterable[int]) -> None:
+        if not self.cancelled:
+            return
         gone = set(finished) & self.cancelled
         if not gone:
             return
