@@ -32,18 +32,18 @@ A fan-out's pulls first: while tickled agents' pulls are due (`tickling.PullsDue
 neither pulled nor resent yet), agents' events are held too, `pulls_first_s` at most from the
 first one held, then committed together (after the running sync, if any), `COMMIT_MAX_WRITES`
 a transaction, a transaction a turn of the event loop (the requests still coming are served
-between). A run-now on a
-task server's 2,500 agents had their pulls, their event posts, the commits, the forwarding and
-the NS's recording of them share its core and the machine's; the agents now get their tasks
-first and the events go in a few large commits and posts after (issue 10, S5: 2,525-2,905 pulls
-a second where the pulls came at 1,899-1,933, the task server's CPU 404-456 µs an agent, not
-496-528; S2, 10,000 agents over 4 task servers: all recorded in 4.26-4.28 s, not 4.68-5.29,
-alternated runs). A lost tickle counts only until its first resend, and an agent alone is never
-held. Most events do not even come meanwhile: the agent API does not serve the events an agent
-posts after its pull while pulls are due (`TaskServer._request_hold`, `serving.RequestHold`).
-The task server's own hop reports (below) wait too, `pulls_first_s` at most from the first put
-off: their commits, their forwarding and the NS's recording of them came between the pulls
-(S5: 3,016-3,663 pulls a second against 2,842-3,180, alternated runs).
+between). A run-now on a task server's 2,500 agents had their pulls, their event posts, the
+commits, the forwarding and the NS's recording of them share its core and the machine's; the
+agents now get their tasks first and the events go in a few large commits and posts after
+(issue 10, S5: 2,525-2,905 pulls a second where the pulls came at 1,899-1,933, the task
+server's CPU 404-456 µs an agent, not 496-528; S2, 10,000 agents over 4 task servers: all
+recorded in 4.26-4.28 s, not 4.68-5.29, alternated runs). A lost tickle counts only until its
+first resend, and an agent alone is never held. Most events do not even come meanwhile: the
+agent API does not serve the events an agent posts after its pull while pulls are due
+(`TaskServer._request_hold`, `serving.RequestHold`). The task server's own hop reports (below)
+wait too, `pulls_first_s` at most from the first put off: their commits, their forwarding and
+the NS's recording of them came between the pulls (S5: 3,016-3,663 pulls a second against
+2,842-3,180, alternated runs).
 
 The task server's own hop reports (`agent_tickled`, `agent_pulled`) are waited for by nobody: a
 pull is answered, and a tickle goes on, before its report commits (its flag is set in memory at
@@ -104,8 +104,8 @@ ALONE_WINDOW_S = 0.1
 # writes (a request's events, a hop report) per transaction: a fan-out's held writes go in
 # transactions of at most this many, one per turn of the event loop, the pulls still coming served
 # between them. All in one, a task server's 2,500 agents' events and hop reports (10,000 events in
-# 6 commits) held its event loop 0.58 s in all, the pulls due waiting (S2, 10,000 agents over 4
-# task servers: all recorded after 7.7 s against 8.4 s, medians of 8 alternated runs)
+# 6 commits) held its event loop 0.58 s of wall time in all, the pulls due waiting (S2, 10,000
+# agents over 4 task servers: all recorded after 7.7 s against 8.4 s, medians of 8 alternated runs)
 COMMIT_MAX_WRITES = 256
 
 
