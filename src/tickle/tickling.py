@@ -48,7 +48,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tickle import wire
@@ -100,11 +100,12 @@ class PullsDue:
                 await self._none.wait()
 
 
-@dataclass
+@dataclass(slots=True)
 class _InFlight:
     addr: tuple[str, int]
     first_sent: float
-    acked: asyncio.Event = field(default_factory=asyncio.Event)
+    acked: bool = False  # its target pulled
+    ack_waiter: asyncio.Future[None] | None = None  # what `_wait_for_ack` awaits, if it does
     again: bool = False
     task: asyncio.Task[None] | None = None
     # the window: the flight's place among the first sends, whether it still holds a place,
@@ -344,7 +345,7 @@ class Tickler:
         current = self._inflight.get((target, kind))
         if current is not None:
             # coalesced: one more tickle follows the ack, unless the pull that acks will see this
-            current.again = current.again or current.acked.is_set() or not self._reads_after_ack
+            current.again = current.again or current.acked or not self._reads_after_ack
             current.addr = addr
             return
         flight = _InFlight(addr=addr, first_sent=time.time(), target=target)
@@ -364,9 +365,11 @@ class Tickler:
     def ack(self, target: str, kind: wire.Kind = wire.Kind.TASKS) -> bool:
         """The target pulled: stop resending. Returns whether a tickle was in flight."""
         flight = self._inflight.get((target, kind))
-        if flight is None or flight.acked.is_set():
+        if flight is None or flight.acked:
             return False
-        flight.acked.set()
+        flight.acked = True
+        if flight.ack_waiter is not None:
+            _wake(flight.ack_waiter)
         self._undue(flight)
         if self._window is not None:
             self._window.acked(flight)
@@ -411,7 +414,7 @@ class Tickler:
                     await _call(self._before_resend, target, kind)
                 if await self._pace() and attempt == 0:
                     flight.first_sent = time.time()  # the send, not the request, starts the clock
-                if flight.acked.is_set():  # pulled while waiting its turn (another tickle's)
+                if flight.acked:  # pulled while waiting its turn (another tickle's)
                     acked = True
                     break
                 if self._window is not None:
@@ -480,10 +483,18 @@ class Tickler:
                     head_at = since if head_at is None else head_at
                     deadline = min(since, head_at + self._backoff.max_s) + delay
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or flight.acked.is_set():
-                return flight.acked.is_set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(flight.acked.wait(), remaining)
+            if remaining <= 0 or flight.acked:
+                return flight.acked
+            # a future the ack or the deadline resolves: `asyncio.wait_for` on an `Event` made a
+            # timeout context and a waiter per wait, a third of a flight's CPU (issue 10, S5)
+            loop = asyncio.get_running_loop()
+            woken = flight.ack_waiter = loop.create_future()
+            handle = loop.call_later(remaining, _wake, woken)
+            try:
+                await woken
+            finally:
+                handle.cancel()
+                flight.ack_waiter = None
 
     async def _pace(self) -> bool:
         """Wait for this send's slot (no wait without a rate, or when the sender is idle);
@@ -546,7 +557,7 @@ async def _call(cb: Callable[..., Awaitable[None] | None] | None, *args: object)
         return
     try:
         result = cb(*args)
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             await result
     except Exception:
         log.exception("tickle callback failed")

@@ -136,7 +136,7 @@ class AgentTickler:
             log.error("the tickle key of %s is not base64", name)
             return None
 
-    async def on_sent(self, name: str, kind: wire.Kind, first_sent: float) -> None:
+    def on_sent(self, name: str, kind: wire.Kind, first_sent: float) -> None:
         if kind is wire.Kind.TASKS:
             self._work_cache.tickled(name, first_sent)
 

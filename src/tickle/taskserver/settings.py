@@ -94,7 +94,7 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         "5,000-agent run, its simulated agents and NS most). 0: a fixed window",
     )
     pulls_first_s: float = Field(
-        default=5.0,
+        default=2.5,
         ge=0,
         le=5,
         description="How long at most the agents' status events, and the task server's hop "
@@ -102,9 +102,8 @@ class TaskServerSettings(ApiServerSettings, TickleSenderSettings):
         "posts after its pull are served after, the others commit together after; a run-now's "
         "pulls are served first (2,500 agents of one task server: ~4,100-4,600 pulls/s, not "
         "~2,000), and at the pace of the pulls throughout (with 1 s, 10,000 agents over 4 task "
-        "servers on 2 cores took their events in after 1 s, and the pulls slowed by half; with "
-        "2.5 s, on a slow hour, after 2.5 s of their ~5 s of pulls: all recorded after 5.2-9.4 "
-        "s against 5.4-6.3 s with 5, alternated). "
+        "servers on 2 cores took their events in after 1 s, and the pulls slowed by half; 2.5 s "
+        "and 5 s read the same there, 6.02-7.92 s against 6.16-7.99 s, alternated). "
         "Below the agents' 10 s request timeout; an agent whose pull leaves none due, or that "
         "posts alone, is never held. The state reports then wait, as long again at most, "
         "while the status events go to the NS: the operator waits for those (10,000 agents' "
