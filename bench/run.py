@@ -1534,6 +1534,11 @@ def parse_args() -> argparse.Namespace:
         args.sizes = [int(n) for n in args.curve.split(",")]
     except ValueError:
         parser.error(f"--curve: not a comma-separated list of agent counts: {args.curve!r}")
+    # the fleet gives its processes their settings on their command lines only (LocalFleet._env
+    # drops these): an A/B set this way would measure the defaults on both sides
+    ignored = sorted(k for k in os.environ if k.startswith(("TICKLE_NS_", "TICKLE_TS_")))
+    if ignored:
+        parser.error(f"{ignored[0]} is not passed to the bench's servers: use --ts-option")
     return args
 
 
