@@ -67,6 +67,8 @@ PACE_QUANTUM_S = 0.005
 # long its quickest tickle → pull time of any target holds (a minimum over at least this, at
 # most twice)
 DELAY_INITIAL = 32
+# a window whose gate is shut (the server has no room for more pulls) looks again this often
+GATE_RECHECK_S = 0.05
 DELAY_GAIN = 0.5
 BASE_PERIOD_S = 30.0
 
@@ -165,10 +167,32 @@ class _Window:
         self._spell_start = 0.0
         self._spell_acks = 0
         self._waiting: deque[_InFlight] = deque()
+        # whether the server has room for one more pull beside those of the first sends
+        # outstanding (`Tickler.gate_window`); while it has none, the first sends wait, looked
+        # at again every GATE_RECHECK_S
+        self.gate: Callable[[int], bool] | None = None
+        self._recheck: asyncio.TimerHandle | None = None
+
+    def _open(self) -> bool:
+        if self.gate is None or self.gate(self.outstanding):
+            return True
+        if self._recheck is None:
+            loop = asyncio.get_running_loop()
+            self._recheck = loop.call_later(GATE_RECHECK_S, self._rechecked)
+        return False
+
+    def _rechecked(self) -> None:
+        self._recheck = None
+        self._release()
+
+    def close(self) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
 
     async def enter(self, flight: _InFlight) -> bool:
         """Take a place for `flight`'s first send; False if its target pulled while it waited."""
-        if self.outstanding < self.limit and not self._waiting:
+        if self.outstanding < self.limit and not self._waiting and self._open():
             self._take(flight)
             return True
         flight.waiter = asyncio.get_running_loop().create_future()
@@ -187,7 +211,7 @@ class _Window:
         self._release()
 
     def _release(self) -> None:
-        while self._waiting and self.outstanding < self.limit:
+        while self._waiting and self.outstanding < self.limit and self._open():
             nxt = self._waiting.popleft()
             if nxt.waiter is not None and not nxt.waiter.done():
                 self._take(nxt)
@@ -330,6 +354,18 @@ class Tickler:
         self._before_resend = before_resend
         self._pulls_due = pulls_due
 
+    @property
+    def windowed(self) -> bool:
+        """Whether the first sends are paced by a window (`window`)."""
+        return self._window is not None
+
+    def gate_window(self, gate: Callable[[int], bool]) -> None:
+        """While `gate(outstanding)` is False (the server has no room for one more pull beside
+        those of the `outstanding` first sends: its connections are crowded), no first send
+        takes a place in the window; resends go on. Needs a window."""
+        assert self._window is not None, "a gate is for a window's first sends"
+        self._window.gate = gate
+
     async def start(self, local_addr: tuple[str, int] = ("0.0.0.0", 0)) -> None:
         """Open the sending socket (an ephemeral port unless told otherwise)."""
         loop = asyncio.get_running_loop()
@@ -396,6 +432,8 @@ class Tickler:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._inflight.clear()
+        if self._window is not None:
+            self._window.close()
         if self._transport is not None:
             self._transport.close()
 

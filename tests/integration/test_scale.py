@@ -60,3 +60,34 @@ async def test_a_run_now_on_2000_agents_is_recorded_exactly_once_per_execution(
         ).fetchall()
     assert twice == []
     assert all(counts[k] == AGENTS for k in counts), counts
+
+
+async def test_a_fan_out_to_more_agents_than_connections_refuses_none(
+    fleet_factory: Factory,
+) -> None:
+    # a task server whose agent API takes 64 connections at once (48 crowd it), 200 agents
+    # tickled at once: each keeps its connection after its events (keep-alive), so without room
+    # made the last pulls met a full table and were refused (503), or had their connections
+    # closed for others, and waited out a backoff
+    agents = 200
+    fleet = await fleet_factory(["ts1"], [], ts_extra=["--max-connections", "64"])
+    sims = SimAgents(fleet, agents, f"127.{NET_BASE + 65}")
+    try:
+        await sims.start(deadline_s=60)
+        async with fleet.client() as ns:
+            task = await ns.add_task(TaskCreate(name="crowd", command=["true"]))
+            run = await ns.run_now(RunCreate(task_id=task.id, computers=sims.names))
+
+            async def finished() -> bool:
+                return await metric(fleet.ns_url, "tickle_executions_total") >= agents
+
+            await eventually(finished, 60, "every finished event at the NS", every_s=0.5)
+            run = await ns.run(run.id)
+        ts_url = fleet.ts_url("ts1")
+        refused = await metric(ts_url, "tickle_http_refused_total", reason="over_capacity")
+        resent = await metric(ts_url, "tickle_tickles_resent_total")
+    finally:
+        await sims.stop()
+    assert [e.status for e in run.executions] == ["succeeded"] * agents
+    assert refused == 0
+    assert resent == 0  # no agent's pull waited so long that its tickle went again

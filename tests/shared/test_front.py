@@ -397,3 +397,37 @@ async def test_a_release_serves_the_requests_put_off_a_few_a_turn_with_the_loop_
     async with asyncio.timeout(5):
         while "served later" not in trace:
             await asyncio.sleep(0.01)
+
+
+async def test_crowded_an_answer_closes_its_connection_but_the_first_request_of_the_hold() -> None:
+    # room for the agents still to come: an agent's connection, once its events are answered,
+    # is closed while the table is crowded; its pull's is kept alive (its events follow on it)
+    spell = _Spell()
+    spell.busy = False  # no spell: nothing put off, only the crowd
+    limits = ApiServerSettings(max_connections=16)  # crowded at 12
+    async with serving_app(_app(), limits, request_hold=spell.hold, http=AtOnceFront) as (
+        number,
+        config,
+    ):
+        opened = [await _connect(number) for _ in range(12)]
+        try:
+            async with asyncio.timeout(5):
+                while not config.connections.crowded():
+                    await asyncio.sleep(0.01)
+            reader, writer = opened[0]
+            writer.write(_get("/now"))
+            status, headers, _ = await _answer(reader)
+            assert (status, headers.get("connection")) == (200, None)  # kept alive
+            writer.write(_post("/echo", b"[1]"))
+            status, headers, body = await _answer(reader)
+            assert (status, body, headers.get("connection")) == (200, {"fast": 3}, "close")
+            assert await _closed(reader) == b""
+            for _reader, writer in opened[1:3]:  # room: no longer crowded, kept alive
+                writer.write(_post("/echo", b"[1]"))
+            for reader, _writer in opened[1:3]:
+                status, headers, _ = await _answer(reader)
+            assert not config.connections.crowded()
+            assert (status, headers.get("connection")) == (200, None)
+        finally:
+            for _reader, writer in opened:
+                writer.close()

@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from tickle.config import ApiServerSettings, ConfigError, load_settings
 from tickle.serving import (
+    CROWDED_IDLE_S,
     RETRY_AFTER_S,
     ConnectionTable,
     LimitedHttpProtocol,
@@ -55,6 +56,31 @@ def test_connections_being_served_are_never_closed_to_make_room() -> None:
     table.served(c)
     assert not table.admit(d)  # every connection is being served: refuse the new one
     assert len(table) == 2
+
+
+def test_crowded_room_is_made_by_closing_connections_idle_a_while_never_one_served() -> None:
+    now = [0.0]
+    table = ConnectionTable(cap=8, clock=lambda: now[0])  # crowded at 6
+    conns = _conns(*"abcdefg")
+    a, b, c, d, e, f, g = conns
+    for conn in (a, b, c, d):
+        table.admit(conn)
+    assert table.room()  # 4 open
+    assert not table.room(coming=2)  # 2 more on their way would crowd it: nothing idle yet
+    table.served(a)  # being served: never closed for room
+    now[0] = CROWDED_IDLE_S  # b, c and d have waited that long
+    table.admit(e)
+    table.admit(f)  # crowded
+    assert table.room()  # made: b, the longest waiting
+    assert [x.name for x in conns if x.evicted] == ["b"]
+    assert table.room(coming=2)  # c and d too
+    assert [x.name for x in conns if x.evicted] == ["b", "c", "d"]
+    table.admit(g)
+    table.served(e)
+    table.served(g)
+    assert not table.room(coming=2)  # f waited less than CROWDED_IDLE_S, the rest are served
+    assert [x.name for x in conns if x.evicted] == ["b", "c", "d"]
+    assert len(table) == 4
 
 
 def test_a_connection_answered_waits_again_from_the_end_of_the_line() -> None:

@@ -545,3 +545,27 @@ async def test_a_tickle_that_never_left_is_not_reported_sent_and_one_that_left_l
     finally:
         await tickler.close()
         transport.close()
+
+
+async def test_while_the_server_has_no_room_no_first_send_goes_and_they_go_once_it_has() -> None:
+    backoff = Backoff(base_s=30, tries=2, jitter=0)  # no resend during the test
+    room = {"left": 2}  # connections the server has room for
+    asked: list[int] = []
+
+    def gate(outstanding: int) -> bool:
+        asked.append(outstanding)
+        return outstanding < room["left"]
+
+    async with tickling(4, backoff, window=10) as (tickler, receivers, metrics):
+        tickler.gate_window(gate)
+        tickle_all(tickler, receivers)
+        await _first_tickles(receivers, [0, 1])
+        assert asked[:3] == [0, 1, 2]  # each asked beside the first sends outstanding
+        async with asyncio.timeout(5):  # the gate looked at again while it is shut
+            while len(asked) < 6:
+                await asyncio.sleep(0.01)
+        assert _sent(metrics) == 2
+        assert receivers[2][1].queue.empty()
+        room["left"] = 4  # room made (connections closed): the others go, in order
+        await _first_tickles(receivers, [2, 3])
+        assert _sent(metrics) == 4

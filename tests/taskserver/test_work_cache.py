@@ -20,6 +20,7 @@ from tickle.outbox import Outbox, OutboxForwarder
 from tickle.taskserver import work_cache
 from tickle.taskserver.store import Store
 from tickle.taskserver.work_cache import HOP_COMMIT_S, WorkCache
+from tickle.tickling import PullsDue
 
 
 async def _not_sent(bodies: list[str]) -> list[str]:
@@ -203,6 +204,44 @@ async def test_many_agents_events_commit_in_bounded_transactions_with_the_loop_s
         assert len(commits) == 3  # 5 writes, 2 a transaction
         # the loop turned between each transaction and the next
         assert all("turn" in trace[a:b] for a, b in itertools.pairwise(commits))
+    finally:
+        store.close()
+        outbox.close()
+
+
+async def test_crowded_the_events_held_for_the_pulls_due_commit_at_once(tmp_path: Path) -> None:
+    # a held post keeps its agent's connection: crowded, the task server holds none, and those
+    # it holds go at once (`release_now`), or the fan-out waits for room they keep taken
+    store, outbox = Store(tmp_path), Outbox(tmp_path / "outbox.db")
+    metrics = ComponentMetrics("ts")
+    due = PullsDue()
+    due.add()  # a tickled agent's pull is due all along
+    cache = WorkCache(
+        store, OutboxForwarder(outbox, _not_sent, metrics), metrics, pulls_due=due,
+        pulls_first_s=30,
+    )  # fmt: skip
+    crowded = False
+    cache.crowded = lambda: crowded
+    try:
+        names = ["pc1", "pc2", "pc3"]
+        cache.apply(WorkOut(executions=[work_for(i, n) for i, n in enumerate(names, 1)]))
+        started = [
+            StatusEvent(event_id=f"started-{i}", execution_id=i, computer=n, kind="started",
+                        at=1000.0 + i)
+            for i, n in enumerate(names, 1)
+        ]  # fmt: skip
+        async with asyncio.timeout(5):  # an agent alone is never held
+            assert await cache.take_events("pc1", [started[0]]) == ["started-1"]
+        held = asyncio.create_task(cache.take_events("pc2", [started[1]]))
+        await _until(lambda: cache.uncommitted == 1, 5)  # held for the pull due (30 s at most)
+        assert not held.done()
+        crowded = True
+        cache.release_now()  # the connections turned crowded
+        async with asyncio.timeout(5):
+            assert await held == ["started-2"]
+        async with asyncio.timeout(5):  # crowded: not held at all
+            assert await cache.take_events("pc3", [started[2]]) == ["started-3"]
+        assert due.count == 1  # the pull still due all along
     finally:
         store.close()
         outbox.close()

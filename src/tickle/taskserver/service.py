@@ -409,6 +409,21 @@ class TaskServer:
             ssl_certfile=self.settings.tls_cert_file, ssl_keyfile=self.settings.tls_key_file,
             http=AtOnceFront,  # an agent's pull answered without uvicorn's machinery
         )  # fmt: skip
+        # crowded, nothing waits for a fan-out's pulls (its requests held keep their
+        # connections), and the fan-out tickles no more agents than there is room for
+        table = config.connections
+        release_requests = table.on_crowded
+        work_cache = self.work_cache
+
+        def crowded_now() -> None:
+            if release_requests is not None:
+                release_requests()
+            work_cache.release_now()
+
+        table.on_crowded = crowded_now
+        work_cache.crowded = table.crowded
+        if self.agents.tickler.windowed:
+            self.agents.tickler.gate_window(table.room)
         self._api = _Server(config)
         assert self._api_socket is not None
         self._api_task = asyncio.create_task(self._api.serve(sockets=[self._api_socket]))

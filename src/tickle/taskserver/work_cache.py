@@ -67,7 +67,7 @@ import logging
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -143,6 +143,10 @@ class WorkCache:
         self._wal_sync = wal_sync
         self._pulls_due = pulls_due if pulls_first_s > 0 else None
         self._pulls_first_s = pulls_first_s
+        # whether the agent API's connections are crowded (`serving.ConnectionTable.crowded`):
+        # then nothing waits for the pulls due (each post held keeps its connection, and the
+        # fan-out waits for room: `release_now`)
+        self.crowded: Callable[[], bool] = lambda: False
         self._syncing: set[asyncio.Task[None]] = set()
         self._writes: list[_Write] = []
         # agents' events that came while a sync ran: committed together once it ends
@@ -299,7 +303,7 @@ class WorkCache:
         while pulls are due, HOP_COMMIT_S later again, `pulls_first_s` at most since the first
         put off (see the module's doc)."""
         self._lazy_timer = None
-        if self._pulls_due is not None and self._pulls_due.count > 0:
+        if self._pulls_due is not None and self._pulls_due.count > 0 and not self.crowded():
             now = time.monotonic()
             if self._hops_put_off_at is None:
                 self._hops_put_off_at = now
@@ -338,7 +342,7 @@ class WorkCache:
         self._flagging.update(("done", eid) for eid in finished)
         alone = self._alone(computer)
         syncing = self._wal_sync is not None and self._wal_sync.busy
-        pulls_due = self._pulls_due is not None and self._pulls_due.count > 0
+        pulls_due = self._pulls_due is not None and self._pulls_due.count > 0 and not self.crowded()
         if (syncing or pulls_due) and not alone:
             # committed when the pulls due are served and the running sync ends (module doc)
             self._held.append(write)
@@ -362,6 +366,13 @@ class WorkCache:
         if not self._writes:
             asyncio.get_running_loop().call_soon(self._commit)
         self._writes.append(write)
+
+    def release_now(self) -> None:
+        """The agent API's connections are crowded: the writes held go in this turn's group
+        commit, each answered once synced."""
+        held, self._held = self._held, []
+        for write in held:
+            self._schedule(write)
 
     async def _release_held(self) -> None:
         """Once no tickled agent's pull is due (or `pulls_first_s` after the first was held)
