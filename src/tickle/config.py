@@ -139,7 +139,10 @@ class ApiServerSettings(ComponentSettings):
         ge=16,
         le=1_000_000,
         description="API connections open at once; at the cap the one waiting longest on its "
-        "client is closed for a new one (lowered to fit the open-file limit)",
+        "client is closed for a new one (lowered to fit the open-file limit). Crowded (three "
+        "quarters open), answers close their connections (but a task server's agent pulls and "
+        "long-polls), those idle a while are closed for room, and a task server tickles no "
+        "more agents until there is room",
     )
     request_head_timeout_s: float = Field(
         default=5.0,
