@@ -38,12 +38,13 @@ agents now get their tasks first and the events go in a few large commits and po
 (issue 10, S5: 2,525-2,905 pulls a second where the pulls came at 1,899-1,933, the task
 server's CPU 404-456 µs an agent, not 496-528; S2, 10,000 agents over 4 task servers: all
 recorded in 4.26-4.28 s, not 4.68-5.29, alternated runs). A lost tickle counts only until its
-first resend, and an agent alone is never held. Most events do not even come meanwhile: the
-agent API does not serve the events an agent posts after its pull while pulls are due
-(`TaskServer._request_hold`, `serving.RequestHold`). The task server's own hop reports (below)
-wait too, `pulls_first_s` at most from the first put off: their commits, their forwarding and
-the NS's recording of them came between the pulls (S5: 3,016-3,663 pulls a second against
-2,842-3,180, alternated runs).
+first resend, and an agent alone is never held; nothing is held while the agent API's
+connections are crowded (a held post keeps its connection: `release_now`). Most events do not
+even come meanwhile: the agent API does not serve the events an agent posts after its pull
+while pulls are due (`TaskServer._request_hold`, `serving.RequestHold`). The task server's own
+hop reports (below) wait too, `pulls_first_s` at most from the first put off: their commits,
+their forwarding and the NS's recording of them came between the pulls (S5: 3,016-3,663 pulls
+a second against 2,842-3,180, alternated runs).
 
 The task server's own hop reports (`agent_tickled`, `agent_pulled`) are waited for by nobody: a
 pull is answered, and a tickle goes on, before its report commits (its flag is set in memory at
