@@ -5,7 +5,8 @@
                run-now meets the agents at rest (their connections closed), as on a site
   S3 fleet     the same, NS on PostgreSQL with 2 NS API processes (needs PostgreSQL's binaries)
   S4 ingest    NS status-event ingest through the real API, 4 clients posting batches of 500
-  S5 pulls     one task server serving the pulls of all its agents tickled at once
+  S5 pulls     one task server serving the pulls of all its agents tickled at once; then twice
+               as many agents, more than its connections hold (none refused, all recorded)
   S6 register  N agents registering; then their reconnection after a restart of every task
                server (tickled agents across a run-now; N long-polling CEM agents), and the
                agents' and task servers' requests after an NS restart mid-run
@@ -976,6 +977,19 @@ async def pulls(root: Path, r: Results, agents: int, ts_extra: list[str]) -> Non
         + ", ".join(f"{name} {us:.0f} µs" for name, us in sorted(cpu.items())),
         "",
     ]
+    # twice as many agents on the one task server: more than its connections hold (4,096 by
+    # default, crowded at 3,072); a fan-out that met a full table had pulls refused (503)
+    crowd = 2 * agents
+    f = await fleet_run(root / "crowd", crowd, 1, net(19), ts_extra=ts_extra)
+    r.put("s5_crowd_agents", crowd, "agents", "S5 beyond the cap: agents of the one task server")
+    r.put("s5_crowd_wall_s", f.wall_s, "s", "S5 beyond the cap: run-now → all recorded")
+    r.put("s5_crowd_pulls_per_s", pulls_per_s(f.executions), "pulls/s",
+          "S5 beyond the cap: pulls served")  # fmt: skip
+    r.put("s5_crowd_refused", f.ts_metrics.get("tickle_http_refused_total"), "requests",
+          "S5 beyond the cap: requests refused or connections closed for room (503, evicted)")  # fmt: skip
+    r.md += fleet_md(
+        f"S5 beyond the connection cap: one task server, {crowd} agents tickled at once", f
+    )  # fmt: skip
 
 
 async def register(root: Path, r: Results, agents: int, ts_extra: list[str] | None = None) -> None:
