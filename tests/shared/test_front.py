@@ -399,13 +399,16 @@ async def test_a_release_serves_the_requests_put_off_a_few_a_turn_with_the_loop_
             await asyncio.sleep(0.01)
 
 
-async def test_crowded_an_answer_closes_its_connection_but_the_first_request_of_the_hold() -> None:
+@pytest.mark.parametrize("http", [AtOnceFront, LimitedHttpProtocol], ids=["front", "protocol"])
+async def test_crowded_an_answer_closes_its_connection_but_the_first_request_of_the_hold(
+    http: type[asyncio.Protocol],
+) -> None:
     # room for the agents still to come: an agent's connection, once its events are answered,
     # is closed while the table is crowded; its pull's is kept alive (its events follow on it)
     spell = _Spell()
     spell.busy = False  # no spell: nothing put off, only the crowd
     limits = ApiServerSettings(max_connections=16)  # crowded at 12
-    async with serving_app(_app(), limits, request_hold=spell.hold, http=AtOnceFront) as (
+    async with serving_app(_app(), limits, request_hold=spell.hold, http=http) as (
         number,
         config,
     ):
@@ -424,10 +427,9 @@ async def test_crowded_an_answer_closes_its_connection_but_the_first_request_of_
             assert await _closed(reader) == b""
             for _reader, writer in opened[1:3]:  # room: no longer crowded, kept alive
                 writer.write(_post("/echo", b"[1]"))
-            for reader, _writer in opened[1:3]:
-                status, headers, _ = await _answer(reader)
+            answers = [await _answer(reader) for reader, _writer in opened[1:3]]
             assert not config.connections.crowded()
-            assert (status, headers.get("connection")) == (200, None)
+            assert [(a[0], a[1].get("connection")) for a in answers] == [(200, None)] * 2
         finally:
             for _reader, writer in opened:
                 writer.close()
