@@ -47,6 +47,7 @@ import gc
 import inspect
 import json
 import logging
+import math
 import resource
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
@@ -147,7 +148,7 @@ class ServingConfig(uvicorn.Config):
         self.connections = ConnectionTable(cap, long_polls)
         if request_hold is not None:
             request_hold.crowded = self.connections.crowded
-            self.connections.on_crowded = request_hold.release_now
+            self.connections.on_crowded.append(request_hold.release_now)
         self.fast_lane = FastLane.of(app)
         # what `tickle.front.AtOnceFront` answers (worked out by its first connection)
         self.front_served_now: dict[tuple[str, str], tuple[ServeNow, frozenset[str]]] | None = None
@@ -205,13 +206,14 @@ class ConnectionTable:
     Crowded (three quarters of `cap` open), requests are no longer put off (`RequestHold`): a
     connection whose request is put off is not one that may be closed for a new one, and a
     fan-out to more agents than the cap would have its last pulls refused while the first
-    agents' events wait; `on_crowded` is called as a connection makes it so. Crowded, an answer
-    closes its connection (`LimitedHttpProtocol.serve`, but for the paths it keeps), and `room`
-    closes those waiting `CROWDED_IDLE_S` or longer: a task server tickles no more agents while
-    there is no room (`tickling.Tickler.gate_window`), so a fan-out to more agents than the cap
-    has them wait for their tickle, not for a 503 and its Retry-After (issue 10: 5,000 agents of
-    one task server at the cap of 4,096 were sent 1,350 503s and had 2,332 connections closed for
-    others, their pulls served at ~300 a second, against ~3,600 at a cap of 12,000).
+    agents' events wait; each of `on_crowded` is called as a connection makes it so (the
+    request hold's release, a task server's work cache's). Crowded, an answer closes its
+    connection (`LimitedHttpProtocol.serve`, but for the paths it keeps), and `room` closes those
+    waiting `CROWDED_IDLE_S` or longer: a task server tickles no more agents while there is no
+    room (`tickling.Tickler.gate_window`), so a fan-out to more agents than the cap has them wait
+    for their tickle, not for a 503 and its Retry-After (issue 10: 5,000 agents of one task server
+    at the cap of 4,096 were sent 1,350 503s and had 2,332 connections closed for others, their
+    pulls served at ~300 a second, against ~3,600 at a cap of 12,000).
     """
 
     def __init__(
@@ -220,7 +222,7 @@ class ConnectionTable:
         self.cap = cap
         self.long_poll_cap = long_poll_cap
         self.crowd = cap - cap // 4
-        self.on_crowded: Callable[[], None] | None = None
+        self.on_crowded: list[Callable[[], None]] = []
         self._clock = clock
         self._waiting: dict[TableMember, float] = {}  # since when, longest waiting first
         self._served: set[TableMember] = set()
@@ -236,15 +238,12 @@ class ConnectionTable:
 
     def admit(self, conn: TableMember) -> bool:
         """Take a new connection, closing the longest waiting one at the cap; False: refuse it."""
-        if len(self) >= self.cap:
-            oldest = next(iter(self._waiting), None)
-            if oldest is None:
-                return False
-            self.discard(oldest)
-            oldest.evict()
+        if len(self) >= self.cap and not self._close_longest_waiting(math.inf):
+            return False
         self._waiting[conn] = self._clock()
-        if self.on_crowded is not None and len(self) >= self.crowd:
-            self.on_crowded()
+        if len(self) >= self.crowd:
+            for call in self.on_crowded:
+                call()
         return True
 
     def crowded(self) -> bool:
@@ -259,13 +258,19 @@ class ConnectionTable:
         if len(self) + coming < self.crowd:
             return True
         idle_since = self._clock() - CROWDED_IDLE_S
-        while len(self) + coming >= self.crowd and self._waiting:
-            oldest, since = next(iter(self._waiting.items()))
-            if since > idle_since:
-                break
-            self.discard(oldest)
-            oldest.evict()
+        while len(self) + coming >= self.crowd and self._close_longest_waiting(idle_since):
+            pass
         return len(self) + coming < self.crowd
+
+    def _close_longest_waiting(self, since: float) -> bool:
+        """Close the connection waiting longest on its client if it has waited since `since` (or
+        earlier); whether one was closed."""
+        oldest = next(iter(self._waiting.items()), None)
+        if oldest is None or oldest[1] > since:
+            return False
+        self.discard(oldest[0])
+        oldest[0].evict()
+        return True
 
     def served(self, conn: TableMember) -> None:
         """`conn`'s request is complete: the server's turn, not to be closed for another."""

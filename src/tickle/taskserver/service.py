@@ -412,16 +412,8 @@ class TaskServer:
         # crowded, nothing waits for a fan-out's pulls (its requests held keep their
         # connections), and the fan-out tickles no more agents than there is room for
         table = config.connections
-        release_requests = table.on_crowded
-        work_cache = self.work_cache
-
-        def crowded_now() -> None:
-            if release_requests is not None:
-                release_requests()
-            work_cache.release_now()
-
-        table.on_crowded = crowded_now
-        work_cache.crowded = table.crowded
+        table.on_crowded.append(self.work_cache.release_now)
+        self.work_cache.crowded = table.crowded
         if self.agents.tickler.windowed:
             self.agents.tickler.gate_window(table.room)
         self._api = _Server(config)

@@ -304,7 +304,7 @@ class WorkCache:
         while pulls are due, HOP_COMMIT_S later again, `pulls_first_s` at most since the first
         put off (see the module's doc)."""
         self._lazy_timer = None
-        if self._pulls_due is not None and self._pulls_due.count > 0 and not self.crowded():
+        if self._pulls_first():
             now = time.monotonic()
             if self._hops_put_off_at is None:
                 self._hops_put_off_at = now
@@ -343,8 +343,7 @@ class WorkCache:
         self._flagging.update(("done", eid) for eid in finished)
         alone = self._alone(computer)
         syncing = self._wal_sync is not None and self._wal_sync.busy
-        pulls_due = self._pulls_due is not None and self._pulls_due.count > 0 and not self.crowded()
-        if (syncing or pulls_due) and not alone:
+        if (syncing or self._pulls_first()) and not alone:
             # committed when the pulls due are served and the running sync ends (module doc)
             self._held.append(write)
             if self._releasing is None:
@@ -352,6 +351,10 @@ class WorkCache:
         else:
             self._schedule(write)
         return await asyncio.shield(write.committed)
+
+    def _pulls_first(self) -> bool:
+        """Whether writes wait for the pulls due: some are, and the connections are not crowded."""
+        return self._pulls_due is not None and self._pulls_due.count > 0 and not self.crowded()
 
     def _alone(self, computer: str) -> bool:
         """Note `computer`'s post; whether it is alone: no other agent posted within
