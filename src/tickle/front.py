@@ -161,6 +161,7 @@ class AtOnceFront(asyncio.Protocol):
 
     def _forget(self) -> None:
         self._cancel_timer()
+        self.parser = None  # it holds this protocol's methods: no cycle left for the collector
         self.table.discard(self)
         self.server_state.connections.discard(self)
 

@@ -89,15 +89,22 @@ class PullsDue:
         self.count = 0
         self._none = asyncio.Event()
         self._none.set()
+        # called with True when a pull becomes due where none was, False when none is again
+        self.on_busy: list[Callable[[bool], None]] = []
 
     def add(self) -> None:
         self.count += 1
-        self._none.clear()
+        if self.count == 1:
+            self._none.clear()
+            for callback in self.on_busy:
+                callback(True)
 
     def remove(self) -> None:
         self.count -= 1
         if not self.count:
             self._none.set()
+            for callback in self.on_busy:
+                callback(False)
 
     async def none_within(self, within_s: float) -> None:
         """Return once no pull is due, or after `within_s` at most."""

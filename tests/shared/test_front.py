@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import itertools
 import json
 import time
@@ -193,6 +194,37 @@ async def test_a_connection_answered_at_the_front_is_closed_after_the_keep_alive
             writer.close()
     assert time.monotonic() - started >= 0.15
     assert HANDED == []
+
+
+async def test_a_closed_connection_leaves_no_cycle_for_the_garbage_collector() -> None:
+    """A fan-out's connections are freed by their reference counts once closed (what
+    `serving.CollectorPause` counts on): no protocol, parser or transport of theirs is left in
+    a cycle only the cyclic collector would free."""
+    kinds = (AtOnceFront, LimitedHttpProtocol, serving.LingeringTransport)
+    async with serving_app(_app(), http=AtOnceFront) as (number, config):
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a pass finds unreachable is kept, to be looked at
+        try:
+            for handed_over in (False, True, False, True):
+                reader, writer = await _connect(number)
+                writer.write(_get("/now"))  # answered at the front
+                assert (await _answer(reader))[0] == 200
+                if handed_over:  # anything else: served by `LimitedHttpProtocol` after it
+                    writer.write(_post("/echo", b"[1]"))
+                    assert (await _answer(reader))[0] == 200
+                writer.close()
+                await writer.wait_closed()
+            async with asyncio.timeout(5):  # the server saw them go
+                while len(config.connections):
+                    await asyncio.sleep(0.01)
+            assert len(HANDED) == 2
+            HANDED.clear()  # the test's own references
+            gc.collect()
+            left = [type(o).__name__ for o in gc.garbage if isinstance(o, kinds)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert left == []
 
 
 async def test_at_the_cap_the_front_connection_waiting_longest_is_closed_for_a_new_one() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import resource
 from typing import Any, cast
 
@@ -12,6 +14,7 @@ from tickle.config import ApiServerSettings, ConfigError, load_settings
 from tickle.serving import (
     CROWDED_IDLE_S,
     RETRY_AFTER_S,
+    CollectorPause,
     ConnectionTable,
     LimitedHttpProtocol,
     connection_cap,
@@ -177,3 +180,60 @@ def test_a_refusal_for_lack_of_room_says_when_to_try_again() -> None:
         line.startswith(b"retry-after")
         for line in refusal_response(413, "too large").split(b"\r\n")
     )
+
+
+async def test_a_collector_pause_puts_off_the_passes_until_the_burst_is_over_and_its_objects_gone() -> (
+    None
+):
+    before = gc.get_threshold()
+    young = [before[0]]  # the collector's count of new objects, as the pause reads it
+    pause = CollectorPause(
+        threshold=before[0] + 123_456, max_s=30, check_s=0.01, young=lambda: young[0]
+    )
+    try:
+        pause.busy(True)
+        assert gc.get_threshold() == (before[0] + 123_456, *before[1:])
+        pause.busy(True)  # still the same burst
+        pause.busy(False)  # over, but what it made is still there: a pass would be due
+        await asyncio.sleep(0.05)
+        assert pause.paused
+        assert gc.get_threshold()[0] == before[0] + 123_456
+        young[0] = before[0] - 1  # freed: no pass due at the usual threshold
+        async with asyncio.timeout(5):
+            while pause.paused:
+                await asyncio.sleep(0.01)
+        assert gc.get_threshold() == before
+        pause.busy(True)
+        pause.busy(False)  # nothing left over: at once
+        assert not pause.paused
+        assert gc.get_threshold() == before
+    finally:
+        pause.busy(False)
+    assert gc.get_threshold() == before
+
+
+async def test_a_collector_pause_lasts_max_s_at_most() -> None:
+    before = gc.get_threshold()
+    pause = CollectorPause(threshold=before[0] + 1, max_s=0.05, young=lambda: 10**9)
+    try:
+        pause.busy(True)
+        assert pause.paused
+        async with asyncio.timeout(5):  # a burst longer than max_s: the passes come again
+            while pause.paused:
+                await asyncio.sleep(0.01)
+        assert gc.get_threshold() == before
+    finally:
+        pause.busy(False)
+    assert gc.get_threshold() == before
+
+
+async def test_a_collector_pause_leaves_a_disabled_collector_alone() -> None:
+    before = gc.get_threshold()
+    gc.disable()
+    try:
+        pause = CollectorPause(threshold=before[0] + 1, max_s=30)
+        pause.busy(True)
+        assert not pause.paused
+        assert gc.get_threshold() == before
+    finally:
+        gc.enable()

@@ -493,6 +493,27 @@ async def test_pulls_due_counts_each_first_send_until_its_pull() -> None:
         await asyncio.wait_for(waiting, 5)  # the wait ends with the last pull due
 
 
+async def test_pulls_due_tells_when_the_first_becomes_due_and_when_none_is_any_more() -> None:
+    due = tickling_module.PullsDue()
+    told: list[bool] = []
+    due.on_busy.append(told.append)
+    backoff = Backoff(base_s=30, max_s=30, tries=2, jitter=0)
+    async with tickling(3, backoff, pulls_due=due) as (tickler, receivers, _):
+        tickle_all(tickler, receivers)
+        assert told == [True]  # once for the three
+        assert tickler.ack("t0")
+        assert tickler.ack("t1")
+        assert told == [True]
+        assert tickler.ack("t2")
+        assert told == [True, False]
+        async with asyncio.timeout(5):  # its flight ends
+            while tickler.in_flight("t0"):
+                await asyncio.sleep(0.01)
+        tickler.tickle("t0", receivers[0][2])  # a new busy spell
+        assert told == [True, False, True]
+    assert told == [True, False, True, False]  # the tickler closed: nothing due
+
+
 async def test_a_lost_tickle_stops_counting_as_a_pull_due_at_its_first_resend() -> None:
     due = tickling_module.PullsDue()
     async with tickling(1, fast(tries=20), pulls_due=due) as (tickler, receivers, _):

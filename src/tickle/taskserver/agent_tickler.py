@@ -52,6 +52,7 @@ class AgentTickler:
         pulls_due: PullsDue | None = None,
     ) -> None:
         self._store = store
+        self._keys: dict[str, tuple[str, bytes]] = {}  # name -> its key, base64 and decoded
         self.long_polls = long_polls
         self._clocks = clocks
         self._work_cache = work_cache
@@ -129,12 +130,18 @@ class AgentTickler:
     def key_for(self, name: str) -> bytes | None:
         client = self._store.client(name)
         if client is None:
+            self._keys.pop(name, None)
             return None
+        known = self._keys.get(name)  # decoded once per key, not per tickle
+        if known is not None and known[0] == client.tickle_key:
+            return known[1]
         try:
-            return base64.b64decode(client.tickle_key, validate=True)
+            key = base64.b64decode(client.tickle_key, validate=True)
         except (binascii.Error, ValueError):
             log.error("the tickle key of %s is not base64", name)
             return None
+        self._keys[name] = (client.tickle_key, key)
+        return key
 
     def on_sent(self, name: str, kind: wire.Kind, first_sent: float) -> None:
         if kind is wire.Kind.TASKS:

@@ -37,7 +37,7 @@ from tickle.logs import setup_logging
 from tickle.messages import TaskServerCredentials, TaskServerRegister
 from tickle.metrics import ComponentMetrics
 from tickle.outbox import Outbox, OutboxForwarder
-from tickle.serving import RequestHold, ServingConfig, run_server, settle_gc
+from tickle.serving import CollectorPause, RequestHold, ServingConfig, run_server, settle_gc
 from tickle.statedir import make_private
 from tickle.taskserver.agent_clocks import AgentClocks
 from tickle.taskserver.agent_pulls import AgentPulls
@@ -150,6 +150,8 @@ class TaskServer:
         # state reports wait while tickled agents' pulls are due (`pulls_first_s` at most), the
         # state reports then while the events go to the NS (as long again at most)
         self.pulls_due = PullsDue()
+        # nor does the garbage collector pass over the fan-out's connections meanwhile
+        self.pulls_due.on_busy.append(CollectorPause().busy)
         self.reporter = StateReporter(
             self.ns,
             contact_interval_s=settings.contact_report_interval_s,

@@ -77,8 +77,8 @@ class StateReporter:
     def report(self, state: ComputerState) -> None:
         """Queue a report; fields it leaves unset keep the value of an earlier queued report."""
         old = self._pending.get(state.name)
-        if old is not None:
-            state = ComputerState(
+        if old is not None:  # both validated: merged without validating again
+            state = ComputerState.model_construct(
                 name=state.name,
                 tickle_state=state.tickle_state or old.tickle_state,
                 observed_address=state.observed_address or old.observed_address,

@@ -450,11 +450,15 @@ class Store:
 
 
 def _flagged(w: CachedWork, flag: str) -> CachedWork:
+    """`w` with `flag` set: made directly (`dataclasses.replace` cost 5 of a pull's 60 µs)."""
+    tickled, pulled, done = w.agent_tickled, w.agent_pulled, w.done
     if flag == "agent_tickled":
-        return replace(w, agent_tickled=True)
-    if flag == "agent_pulled":
-        return replace(w, agent_pulled=True)
-    return replace(w, done=True)
+        tickled = True
+    elif flag == "agent_pulled":
+        pulled = True
+    else:
+        done = True
+    return CachedWork(w.execution_id, w.computer, w.work, tickled, pulled, done, w.json)
 
 
 def _execution_id(w: CachedWork) -> int:
