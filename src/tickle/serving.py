@@ -1401,7 +1401,8 @@ class CollectorPause:
         """A burst starts (True) or ends (False)."""
         self._busy = on
         if not on:
-            self._settled()
+            if self._check is None:  # else a look is due already
+                self._settled()
             return
         if self._before is not None or not gc.isenabled():
             return

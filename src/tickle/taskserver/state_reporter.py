@@ -104,7 +104,8 @@ class StateReporter:
         if state == "reachable" and self._tickle_states.get(name) == state:
             return
         self._tickle_states[name] = state
-        self.report(ComputerState(name=name, tickle_state=state, at=time.time()))
+        # of a client's stored name: made without validating (the first tickle of each agent)
+        self.report(ComputerState.model_construct(name=name, tickle_state=state, at=time.time()))
 
     def flush_contacts(self) -> None:
         """Queue the contacts noted since the last flush as one report."""

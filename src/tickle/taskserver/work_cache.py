@@ -112,14 +112,48 @@ COMMIT_MAX_WRITES = 256
 
 @dataclass
 class _Write:
-    """One request's share of a group commit: its events, and the flag they set."""
+    """One request's share of a group commit: its events, and the flag they set; `committed`
+    tells the request when they are durable (a hop report, waited for by nobody, has none)."""
 
     events: list[Event]
     flag: Flag
     flagged: list[int]
-    committed: asyncio.Future[set[str]] = field(
+    committed: asyncio.Future[set[str]] | None = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    # a hop report's events, made when it commits (put off while pulls are due, they were made
+    # in the fan-out's pulls, two of them an agent): (execution id, computer, at, cached at)
+    hops: list[tuple[int, str, float, float]] = field(default_factory=list)
+    via: PullVia | None = None
+
+    def made(self) -> list[Event]:
+        """Its events, a hop report's made now."""
+        if self.hops:
+            flag = self.flag
+            assert flag != "done", "a hop report is agent_tickled or agent_pulled"
+            self.events += [
+                agentapi.StatusEvent(
+                    event_id=new_event_id(),
+                    execution_id=eid,
+                    computer=computer,
+                    kind=flag,
+                    at=at,
+                    cached_at=cached_at,
+                    via=self.via,
+                )  # fmt: skip
+                for eid, computer, at, cached_at in self.hops
+            ]
+            self.hops = []
+        return self.events
+
+    def tell(self, outcome: set[str] | BaseException) -> None:
+        """Tell the request waiting for it (if any) that it is durable, or why not."""
+        if self.committed is None:
+            return
+        if isinstance(outcome, BaseException):
+            self.committed.set_exception(outcome)
+        else:
+            self.committed.set_result(outcome)
 
 
 class WorkCache:
@@ -276,24 +310,15 @@ class WorkCache:
         if not work:
             return
         now = time.time()
-        events: list[Event] = [
-            agentapi.StatusEvent(
-                event_id=new_event_id(),
-                execution_id=w.execution_id,
-                computer=w.computer,
-                kind=kind,
-                at=now if at is None else at,
-                cached_at=now,
-                via=via,
-            )
-            for w in work
-        ]
+        stamp = now if at is None else at
         flagged = [w.execution_id for w in work]
         self._flagging.update((kind, eid) for eid in flagged)
         # read at once by the next requests (whether the agent has news, whom to tickle); the
         # row follows with the commit
         self._store.flag_held(kind, flagged)
-        self._lazy.append(_Write(events, kind, flagged))
+        # its events are made at the commit, its rows noted now
+        hops = [(w.execution_id, w.computer, stamp, now) for w in work]
+        self._lazy.append(_Write([], kind, flagged, committed=None, hops=hops, via=via))
         if self._lazy_timer is None:
             self._lazy_timer = asyncio.get_running_loop().call_later(
                 HOP_COMMIT_S, self._commit_lazy
@@ -350,6 +375,7 @@ class WorkCache:
                 self._releasing = asyncio.get_running_loop().create_task(self._release_held())
         else:
             self._schedule(write)
+        assert write.committed is not None
         return await asyncio.shield(write.committed)
 
     def _pulls_first(self) -> bool:
@@ -418,7 +444,7 @@ class WorkCache:
         durable = needs_sync and self._wal_sync is None
         # hop reports alone ride with the agent's next event (see HOP_REPORTS_WAIT_S)
         within_s = None if needs_sync else HOP_REPORTS_WAIT_S
-        bodies = [(e.event_id, _json(e)) for w in writes for e in w.events]
+        bodies = [(e.event_id, _json(e)) for w in writes for e in w.made()]
         try:
             new = set(self._forwarder.queue_bodies(bodies, durable, within_s))
             flags: dict[str, list[int]] = defaultdict(list)
@@ -429,7 +455,7 @@ class WorkCache:
             # the agents' posts hear of it; the hop reports, waited for by nobody, are logged
             for w in writes:
                 if w.flag == "done":
-                    w.committed.set_exception(exc)
+                    w.tell(exc)
             if any(w.flag != "done" for w in writes):
                 log.error("committing the task server's hop reports failed: %s", exc)
             return
@@ -456,7 +482,7 @@ class WorkCache:
         except OSError as exc:
             log.error("syncing the task server's databases failed: %s", exc)
             for w in writes:
-                w.committed.set_exception(exc)
+                w.tell(exc)
             return
         self._settle(writes, new)
 
@@ -468,7 +494,7 @@ class WorkCache:
             mine = {e.event_id for e in w.events} & new
             counted.update(e.kind for e in w.events if e.event_id in mine - seen)
             seen |= mine
-            w.committed.set_result(mine)
+            w.tell(mine)
         for kind, n in counted.items():
             self._metrics.status_events_by(kind).inc(n)
 
