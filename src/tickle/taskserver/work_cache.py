@@ -140,7 +140,7 @@ class _Write:
                     at=at,
                     cached_at=cached_at,
                     via=self.via,
-                )  # fmt: skip
+                )
                 for eid, computer, at, cached_at in self.hops
             ]
             self.hops = []
