@@ -33,11 +33,11 @@ from typing import Any, cast
 
 import httptools
 import uvicorn
-from starlette.types import Message, Scope
+from starlette.types import Scope
 from uvicorn.server import ServerState
 
 from tickle.clock import header_value
-from tickle.fastpath import Parts, PassOn, Replay, Serve, ServeNow
+from tickle.fastpath import Parts, PassOn, ServeNow
 from tickle.serving import (
     _JSON_HEADERS,
     _PROXY_HEADERS,
@@ -53,10 +53,9 @@ log = logging.getLogger(__name__)
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _CONNECTION_HEADERS = frozenset({b"connection", b"transfer-encoding"})
-# a request with one of these goes to the protocol: a streamed body, a proxy's header (read by
-# uvicorn's proxy-headers middleware, `serving._PROXY_HEADERS`), a client waiting for a 100
-# before it sends its body; a body of a declared length is read here (`content-length`)
-_ODD_HEADERS = frozenset({b"transfer-encoding", b"expect", *_PROXY_HEADERS})
+# a request with one of these goes to the protocol: a body (framed by either), a proxy's
+# header (read by uvicorn's proxy-headers middleware, `serving._PROXY_HEADERS`)
+_ODD_HEADERS = frozenset({b"content-length", b"transfer-encoding", *_PROXY_HEADERS})
 _JSON_HEAD = b"".join(b"%s: %s\r\n" % header for header in _JSON_HEADERS)
 # the server's own headers (uvicorn's list, renewed every second) and those joined
 _defaults: tuple[list[tuple[bytes, bytes]], bytes] = ([], b"")
@@ -81,11 +80,6 @@ class AtOnceFront(asyncio.Protocol):
         self.app_state = app_state
         self.loop = _loop or asyncio.get_event_loop()
         self.served_now = _served_now(config)
-        # the fast path's other requests with a small body, served here too (`_serve_soon`)
-        self.served_soon, self.small = _served_soon(config)
-        self.keep_when_crowded = config.long_poll_paths | (
-            config.request_hold.first if config.request_hold is not None else frozenset()
-        )
         self.limits = config.limits
         self.table = config.connections
         self.hold = config.request_hold
@@ -105,14 +99,6 @@ class AtOnceFront(asyncio.Protocol):
         self.method = ""
         self.keep_alive = False  # HTTP/1.1, and its client did not say `Connection: close`
         self.odd = False  # a header that keeps it from the front (`_ODD_HEADERS`)
-        self.length: int | None = None  # its body's declared length
-        self.body: list[bytes] = []
-        # a request being served in a task (`_serve_soon`); set when the connection is lost
-        # meanwhile; whether it is to close once it is answered
-        self.serving: asyncio.Task[None] | None = None
-        self.gone: asyncio.Event | None = None
-        self.close_after = False
-        self.unread = b""  # what came while it was served, read once it is answered
 
     # --- the connection -------------------------------------------------------------------------
 
@@ -142,23 +128,13 @@ class AtOnceFront(asyncio.Protocol):
         self.transport.close()
 
     def shutdown(self) -> None:
-        """The server stops (uvicorn's graceful shutdown): close, once the request being served
-        (if any) is answered."""
+        """The server stops (uvicorn's graceful shutdown): close; no request is half served."""
         assert self.transport is not None
-        if self.serving is not None:
-            self.close_after = True
-            return
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.kept is not None:  # paused: what was read with the request put off
             self.kept += data
-            return
-        if self.serving is not None:  # the next request, come before the answer: read after
-            self.unread += data
-            if len(self.unread) > self.limits.max_header_bytes + self.small:
-                assert self.transport is not None
-                self.transport.pause_reading()  # resumed with the answer
             return
         self._cancel_timer()
         after_first, self.after_first = self.after_first, False
@@ -184,8 +160,6 @@ class AtOnceFront(asyncio.Protocol):
         return conn
 
     def _forget(self) -> None:
-        if self.gone is not None:
-            self.gone.set()
         self._cancel_timer()
         self.parser = None  # it holds this protocol's methods: no cycle left for the collector
         self.table.discard(self)
@@ -234,24 +208,20 @@ class AtOnceFront(asyncio.Protocol):
         if kept is None or self.transport is None or self.transport.is_closing():
             return
         self.transport.resume_reading()
-        if not self._answer(kept, arrived):
-            self.hand_over(kept, arrived_at=arrived)
+        self.hand_over(kept, arrived_at=arrived)
 
     # --- a request answered at once --------------------------------------------------------------
 
-    def _answer(self, data: bytes, arrived: float | None = None) -> bool:
-        """Answer `data` if it is one whole request the fast path answers at once, or serve it
-        if it is one whole request of the fast path's with a small body (`_serve_soon`); False,
-        with nothing written, if it is anything else. `arrived`: when it did (else now)."""
-        if len(data) > self.limits.max_header_bytes + self.small:
+    def _answer(self, data: bytes) -> bool:
+        """Answer `data` if it is one whole request the fast path answers at once; False, with
+        nothing written, if it is anything else."""
+        if len(data) > self.limits.max_header_bytes or not data.endswith(b"\r\n\r\n"):
             return False
         parser = self.parser
         assert parser is not None
         assert self.transport is not None
         self.begun = self.complete = 0
         self.keep_alive = self.odd = False
-        self.length = None
-        self.body = []
         try:
             parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
@@ -262,7 +232,6 @@ class AtOnceFront(asyncio.Protocol):
             or self.odd
             or len(self.headers) > self.limits.max_headers
             or not self.keep_alive
-            or len(data) - (self.length or 0) > self.limits.max_header_bytes
         ):
             return False
         try:
@@ -271,20 +240,24 @@ class AtOnceFront(asyncio.Protocol):
             return False
         raw_path = parsed.path
         path = raw_path.decode("ascii", "replace")
-        if "%" in path:
+        served = self.served_now.get((self.method, path))
+        if served is None or "%" in path:
             return False
-        served = None if self.length else self.served_now.get((self.method, path))
-        if served is None:  # not answered at once: served in a task, if the fast path serves it
-            soon = self.served_soon.get((self.method, path))
-            length = self.length or 0
-            if soon is None or length > self.small:
-                return False
-            body = b"".join(self.body)
-            if len(body) != length:
-                return False
-            self._serve_soon(data, path, self._scope(path, parsed, arrived), body, soon)
-            return True
-        scope = self._scope(path, parsed, arrived)
+        scope: Scope = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "root_path": "",
+            "headers": self.headers,
+            "state": {**self.app_state, ARRIVED_AT: time.time()},
+            "method": "GET",
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": parsed.query or b"",
+        }
         serve_now, parameters = served
         try:
             body = serve_now(Parts(scope, parameters), scope)
@@ -297,115 +270,6 @@ class AtOnceFront(asyncio.Protocol):
             return True
         self.transport.write(self._ok(body))
         self._answered(path, keep_alive=True)
-        return True
-
-    def _scope(self, path: str, parsed: Any, arrived: float | None) -> Scope:
-        return {
-            "type": "http",
-            "asgi": _ASGI,
-            "http_version": "1.1",
-            "server": self.server,
-            "client": self.client,
-            "scheme": self.scheme,
-            "root_path": "",
-            "headers": self.headers,
-            "state": {**self.app_state, ARRIVED_AT: arrived or time.time()},
-            "method": self.method,
-            "path": path,
-            "raw_path": parsed.path,
-            "query_string": parsed.query or b"",
-        }
-
-    # --- a request with a body, served in a task ------------------------------------------------
-
-    def _serve_soon(
-        self,
-        data: bytes,
-        path: str,
-        scope: Scope,
-        body: bytes,
-        served: tuple[Serve, frozenset[str]],
-    ) -> None:
-        """Serve a whole request of the fast path's with a small body (an agent's status events)
-        in a task, as `LimitedHttpProtocol` would after a hand-over (its connection, parser,
-        cycle and deadlines cost ~100 µs of the task server's CPU an agent, issue 10): what comes
-        meanwhile is read once it is answered (reading still, to hear of the client leaving);
-        one the fast path passes on is handed over from `data`."""
-        assert self.transport is not None
-        self.table.served(self)  # the server's turn: never closed for another
-        self.gone = asyncio.Event()
-        task = self.loop.create_task(self._serve(data, path, scope, body, served))
-        self.serving = task
-        tasks = self.server_state.tasks
-        tasks.add(task)  # uvicorn's graceful shutdown waits for it
-        task.add_done_callback(tasks.discard)
-
-    async def _serve(
-        self,
-        data: bytes,
-        path: str,
-        scope: Scope,
-        body: bytes,
-        served: tuple[Serve, frozenset[str]],
-    ) -> None:
-        serve, parameters = served
-        gone = self.gone
-        assert gone is not None
-        read = False
-
-        async def receive() -> Message:
-            nonlocal read
-            if not read:
-                read = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await gone.wait()  # asked again: the client going away is all there is to hear
-            return {"type": "http.disconnect"}
-
-        answer = _Answer()
-        try:
-            await serve(Parts(scope, parameters), scope, Replay(receive), answer)
-        except PassOn:
-            self.serving = None
-            if answer.start is None and not gone.is_set():  # nothing said yet: the routes'
-                assert self.transport is not None
-                self.transport.resume_reading()
-                unread, self.unread = self.unread, b""
-                self.hand_over(data + unread, passed_on=True)
-            return
-        except Exception:  # as uvicorn answers an app's error: 500, and the connection closed
-            log.exception("Exception in the fast path serving %s", path)
-            answer.whole = None
-            answer.failed = True
-        self.serving = None
-        if gone.is_set() or self.transport is None or self.transport.is_closing():
-            return
-        keep_alive = not self.close_after and not (
-            self.table.crowded() and path not in self.keep_when_crowded
-        )
-        written = answer.whole is not None and self._write_answer(answer.whole, keep_alive)
-        if not written:
-            if not answer.failed:
-                log.error("the fast path's answer to %s cannot be written whole", path)
-            self._write(path, 500, _TEXT_HEADERS, b"Internal Server Error", keep_alive=False)
-            return
-        self._answered(path, keep_alive)
-        if keep_alive:
-            self.transport.resume_reading()
-            unread, self.unread = self.unread, b""
-            if unread:
-                self.data_received(unread)
-
-    def _write_answer(
-        self, whole: tuple[int, list[tuple[bytes, bytes]], bytes], keep_alive: bool
-    ) -> bool:
-        """Write the fast path's whole answer; False (nothing written) if it cannot be (its
-        length not declared, or a header saying something of the connection)."""
-        assert self.transport is not None
-        status, headers, body = whole
-        answer = answer_bytes(self.server_state.default_headers, status, headers, body, keep_alive)
-        if answer is None:
-            return False
-        self.transport.write(answer)
         return True
 
     def _write(
@@ -461,17 +325,8 @@ class AtOnceFront(asyncio.Protocol):
         name = name.lower()
         value = value.rstrip(b" \t")
         self.headers.append((name, value))
-        if name == b"content-length":
-            length = value.strip()
-            if self.length is not None or not length.isdigit() or len(length) > 12:
-                self.odd = True  # twice, or not a plain number: the protocol judges it
-            else:
-                self.length = int(length)
-        elif name in _ODD_HEADERS:
-            self.odd = True  # a streamed body, a proxy's header, a 100 awaited: not here
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
+        if name in _ODD_HEADERS and (name != b"content-length" or value.strip() != b"0"):
+            self.odd = True  # a body (any but a declared 0) or a proxy's header: not here
 
     def on_headers_complete(self) -> None:
         # read here: once the message is complete the parser stands ready for the next one
@@ -500,47 +355,6 @@ def _served_now(config: ServingConfig) -> dict[tuple[str, str], tuple[ServeNow, 
             else {}
         )
     return config.front_served_now
-
-
-def _served_soon(
-    config: ServingConfig,
-) -> tuple[dict[tuple[str, str], tuple[Serve, frozenset[str]]], int]:
-    """The fast path's requests served at the front with a body of at most the small limit
-    (what any request may send: `BodyLimits` lets it through unread), where `_served_now` is
-    taken; and that limit."""
-    lane = config.fast_lane
-    if lane is None or not _served_now(config):
-        return {}, 0
-    return lane.served, lane.small
-
-
-class _Answer:
-    """The `send` of a request served at the front: its answer, kept whole to be written in
-    one piece (`whole`: status, headers, body), or None (not whole: streamed)."""
-
-    __slots__ = ("failed", "start", "whole")
-
-    def __init__(self) -> None:
-        self.start: Message | None = None
-        self.whole: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
-        self.failed = False
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start" and self.start is None:
-            self.start = message
-        elif (
-            message["type"] == "http.response.body"
-            and self.start is not None
-            and self.whole is None
-            and not message.get("more_body", False)
-        ):
-            self.whole = (
-                self.start["status"], list(self.start.get("headers", ())), message.get("body", b"")
-            )  # fmt: skip
-        else:
-            self.failed = True  # streamed, or said twice: not written whole
-            self.whole = None
-            raise RuntimeError("a fast path's answer at the front is one start and one body")
 
 
 def _address(address: Any) -> tuple[str, int] | None:

@@ -36,7 +36,7 @@ class CountedClock(ClockHeaders):
 
 class EchoFastPath(FastPath):
     """Serves GET /ping and POST /echo (the bearer token `good` only); `?n=pass` passes on after
-        reading the body, `?n=fail` fails after it, `?n=wait` waits for `go`. Answers GET /now at once (`served_now`): `?n=pass` passes it on, `?n=fail`
+        reading the body. Answers GET /now at once (`served_now`): `?n=pass` passes it on, `?n=fail`
         fails. `offered` records each request the fast path was offered; `tasks`, for each /now,
         whether it was served in an asyncio task (else in the protocol's callback); `arrived`, when each
     POST /echo arrived."""
@@ -44,7 +44,6 @@ class EchoFastPath(FastPath):
     offered: list[str] = []
     tasks: list[bool] = []
     arrived: list[float] = []  # when each POST /echo arrived (`ARRIVED_AT`)
-    go: asyncio.Event | None = None  # what a POST /echo?n=wait waits for
 
     def __init__(self, app: ASGIApp) -> None:
         super().__init__(app)
@@ -76,11 +75,6 @@ class EchoFastPath(FastPath):
         body = await receive.body()
         if parts.query.get("n") == "pass":
             raise PassOn
-        if parts.query.get("n") == "fail":
-            raise RuntimeError("the server's own error")
-        if parts.query.get("n") == "wait":  # until the test lets it go (`EchoFastPath.go`)
-            assert EchoFastPath.go is not None
-            await EchoFastPath.go.wait()
         await json_response(json.dumps({"fast": len(body)}), scope, receive, send)
 
 
