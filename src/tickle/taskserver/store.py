@@ -450,7 +450,8 @@ class Store:
 
 
 def _flagged(w: CachedWork, flag: str) -> CachedWork:
-    """`w` with `flag` set: made directly (`dataclasses.replace` cost 5 of a pull's 60 µs)."""
+    """`w` with `flag` set: made directly (`dataclasses.replace` took ~2 µs more a call, two
+    calls an agent's pull and tickle)."""
     tickled, pulled, done = w.agent_tickled, w.agent_pulled, w.done
     if flag == "agent_tickled":
         tickled = True
