@@ -199,9 +199,7 @@ async def test_a_collector_pause_puts_off_the_passes_until_the_burst_is_over_and
         assert pause.paused
         assert gc.get_threshold()[0] == before[0] + 123_456
         young[0] = before[0] - 1  # freed: no pass due at the usual threshold
-        async with asyncio.timeout(5):
-            while pause.paused:
-                await asyncio.sleep(0.01)
+        await _resumed(pause)
         assert gc.get_threshold() == before
         pause.busy(True)
         pause.busy(False)  # nothing left over: at once
@@ -218,9 +216,7 @@ async def test_a_collector_pause_lasts_max_s_at_most() -> None:
     try:
         pause.busy(True)
         assert pause.paused
-        async with asyncio.timeout(5):  # a burst longer than max_s: the passes come again
-            while pause.paused:
-                await asyncio.sleep(0.01)
+        await _resumed(pause)  # a burst longer than max_s: the passes come again
         assert gc.get_threshold() == before
     finally:
         pause.busy(False)
@@ -237,3 +233,10 @@ async def test_a_collector_pause_leaves_a_disabled_collector_alone() -> None:
         assert gc.get_threshold() == before
     finally:
         gc.enable()
+
+
+async def _resumed(pause: CollectorPause) -> None:
+    """Wait (5 s at most) until `pause` gives the collector its thresholds back."""
+    async with asyncio.timeout(5):
+        while pause.paused:
+            await asyncio.sleep(0.01)
