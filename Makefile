@@ -70,6 +70,9 @@ screenshots: venv sysdeps ## Browser tests of the web console; their screenshots
 bench: venv ## Benchmarks S1-S8 of issue 10 and 10,000 waiting long-polls (ARGS="--only fleet --agents 2000", see --help); writes bench/results/
 	$(PY) bench/run.py $(ARGS)
 
+bench-micro: venv ## Micro-benchmarks of the task server's per-agent work in a fan-out (CPU-µs, best of rounds); writes bench/results/micro.json
+	$(PY) bench/micro.py $(ARGS)
+
 clean: ## Remove the venv and build output
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .grimp_cache
 

@@ -25,9 +25,7 @@ async def test_a_state_report_a_busy_ns_refused_is_sent_again_after_its_retry_af
     # 429 is "not now", not "never": the report was dropped as refused for good before
     fake_ns.states_busy = 1
     fake_ns.refusal_retry_after_s = 1
-    ns = NsClient(fake_ns.url)
-    creds = TaskServerCredentials(name="ts1", token=fake_ns.ts_token, tickle_key="", ns_id="ns")
-    ns.use_credentials(creds, reregister=_never)
+    ns = _ns_client(fake_ns)
     reporter = StateReporter(ns, Backoff(base_s=0.05, max_s=0.1, tries=3, full_jitter=True))
     reporter.start()
     try:
@@ -46,9 +44,7 @@ async def test_a_state_report_a_busy_ns_refused_is_sent_again_after_its_retry_af
 async def _refused_report(fake_ns: FakeNs, backoff: Backoff) -> AsyncIterator[None]:
     """A report the NS refuses once (as `fake_ns` is set to), then an answer of the NS to
     another request (it is back); the reporter stops when the block ends."""
-    ns = NsClient(fake_ns.url)
-    creds = TaskServerCredentials(name="ts1", token=fake_ns.ts_token, tickle_key="", ns_id="ns")
-    ns.use_credentials(creds, reregister=_never)
+    ns = _ns_client(fake_ns)
     reporter = StateReporter(ns, backoff)
     reporter.start()
     try:
@@ -86,9 +82,7 @@ async def test_a_state_report_waits_out_the_retry_after_of_a_busy_ns_whatever_el
 async def test_the_ns_client_says_once_that_the_ns_is_back_after_a_request_found_it_away(
     fake_ns: FakeNs,
 ) -> None:
-    ns = NsClient(fake_ns.url)
-    creds = TaskServerCredentials(name="ts1", token=fake_ns.ts_token, tickle_key="", ns_id="ns")
-    ns.use_credentials(creds, reregister=_never)
+    ns = _ns_client(fake_ns)
     back: list[float] = []
     ns.on_back(lambda: back.append(time.monotonic()))
     try:
@@ -111,9 +105,7 @@ async def test_state_changes_arriving_while_reports_are_posted_go_together(
     # a run-now turns a fleet reachable one pull after another: each report posted as soon as
     # the previous one came back made one post per NS round trip (S5: ~260 posts of ~19 states)
     fake_ns.states_delay_s = 0.02
-    ns = NsClient(fake_ns.url)
-    creds = TaskServerCredentials(name="ts1", token=fake_ns.ts_token, tickle_key="", ns_id="ns")
-    ns.use_credentials(creds, reregister=_never)
+    ns = _ns_client(fake_ns)
     reporter = StateReporter(ns)
     reporter.start()
     try:
@@ -138,5 +130,45 @@ def test_state_reports_lost_together_come_back_spread_over_the_window() -> None:
     assert len(delays) > 25
 
 
+def _ns_client(fake_ns: FakeNs) -> NsClient:
+    """A client of `fake_ns` with its task server's valid credentials."""
+    ns = NsClient(fake_ns.url)
+    creds = TaskServerCredentials(name="ts1", token=fake_ns.ts_token, tickle_key="", ns_id="ns")
+    ns.use_credentials(creds, reregister=_never)
+    return ns
+
+
 async def _never() -> TaskServerCredentials:
     raise AssertionError("the token is valid: no registration")
+
+
+async def test_reports_of_one_computer_queued_together_merge_each_field_keeping_its_latest(
+    fake_ns: FakeNs,
+) -> None:
+    # a pull turns an agent reachable, measures its clock and notes its address and contact:
+    # queued before the next post, they reach the NS as one state holding all of them
+    ns = _ns_client(fake_ns)
+    reporter = StateReporter(ns)
+    reporter.report(ComputerState(name="pc1", clock_offset_s=0.5, contact_at=100.0, at=1.0))
+    reporter.tickle_state("pc1", "reachable")
+    reporter.note("pc1", 3.0, observed_address="10.0.0.7", contact_at=50.0, settings_version=4)
+    reporter.note("pc1", 4.0, clock_offset_s=-0.25)
+    reporter.report(ComputerState(name="pc2", tickle_state="unreachable", at=2.0))
+    reporter.start()
+    try:
+        await wait_until(lambda: len(fake_ns.states) == 2, within_s=10, what="both reports")
+        assert fake_ns.count("states") == 1
+        by_name = {s.name: s for s in fake_ns.states}
+        assert by_name["pc1"] == ComputerState(
+            name="pc1",
+            tickle_state="reachable",
+            observed_address="10.0.0.7",
+            clock_offset_s=-0.25,
+            at=4.0,
+            contact_at=100.0,  # the latest contact, not the last one told
+            settings_version=4,
+        )
+        assert by_name["pc2"] == ComputerState(name="pc2", tickle_state="unreachable", at=2.0)
+    finally:
+        await reporter.close()
+        await ns.close()

@@ -17,7 +17,7 @@ import time
 from prometheus_client import Gauge
 
 from tickle import clock
-from tickle.messages import ComputerState, TickleState
+from tickle.messages import TickleState
 from tickle.metrics import ComponentMetrics
 from tickle.taskserver.state_reporter import StateReporter
 
@@ -82,14 +82,10 @@ class AgentClocks:
         if state is None and reported is not None and abs(offset - reported) < REPORT_STEP_S:
             return
         self._reported[name] = offset
-        self._reporter.report(
-            ComputerState(
-                name=name,
-                tickle_state=state if tickled else None,
-                clock_offset_s=round(offset, 3),
-                at=time.time(),
-            )
-        )
+        self._reporter.note(
+            name, time.time(), tickle_state=state if tickled else None,
+            clock_offset_s=round(offset, 3),
+        )  # fmt: skip
 
     def offset(self, name: str) -> float | None:
         """The estimate of agent `name`'s offset (None: no request of it measured yet)."""

@@ -19,7 +19,6 @@ from tickle import wire
 from tickle.messages import (
     AgentPolicy,
     AgentTasks,
-    ComputerState,
     PolicyVia,
     PullVia,
     SettingsOut,
@@ -182,4 +181,4 @@ class AgentPulls:
         if peer is None or peer == agent.observed_address:
             return
         self._store.set_observed_address(agent.name, peer)
-        self._reporter.report(ComputerState(name=agent.name, observed_address=peer, at=time.time()))
+        self._reporter.note(agent.name, time.time(), observed_address=peer)
