@@ -7,7 +7,7 @@ import contextlib
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
@@ -126,21 +126,30 @@ async def test_the_first_send_leaves_inside_the_tickle_call_not_when_the_caller_
             assert tickler.ack("ts1")
 
 
-async def test_target_is_declared_unreachable_after_the_last_try() -> None:
+# a window's first send goes without a task (`Tickler._first`), its resends in `_deliver`: the
+# same tries either way, a single try included
+@pytest.mark.parametrize(("window", "tries"), [(None, 3), (4, 3), (4, 1)])
+async def test_target_is_declared_unreachable_after_the_last_try(
+    window: int | None, tries: int
+) -> None:
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
     unreachable = asyncio.Event()
+    due = tickling_module.PullsDue()
     metrics = ComponentMetrics("t")
     tickler = Tickler(
-        "ns", lambda t: KEY, metrics, fast(tries=3), on_unreachable=lambda t: unreachable.set()
-    )
+        "ns", lambda t: KEY, metrics, fast(tries=tries), window=window, pulls_due=due,
+        on_unreachable=lambda t: unreachable.set(),
+    )  # fmt: skip
     await tickler.start(("127.0.0.1", 0))
     try:
         tickler.tickle("ts1", sink.getsockname())
         await asyncio.wait_for(unreachable.wait(), 3)
         assert metrics.tickles_sent.labels(kind="tasks")._value.get() == 1
-        assert metrics.tickles_resent.labels(kind="tasks")._value.get() == 2
+        assert metrics.tickles_resent.labels(kind="tasks")._value.get() == tries - 1
         assert metrics.tickles_unreachable._value.get() == 1
+        assert not tickler.in_flight("ts1")
+        assert due.count == 0
     finally:
         await tickler.close()
         sink.close()
@@ -590,3 +599,56 @@ async def test_while_the_server_has_no_room_no_first_send_goes_and_they_go_once_
         room["left"] = 4  # room made (connections closed): the others go, in order
         await _first_tickles(receivers, [2, 3])
         assert _sent(metrics) == 4
+
+
+async def test_closing_a_windowed_tickler_ends_its_first_sends_wherever_they_wait() -> None:
+    # one waits for its ack, one for its pace slot, one for a place in the window: none is
+    # sent or reported after the close, and no pull is due any more
+    due = tickling_module.PullsDue()
+    sent: list[str] = []
+    reachable: list[str] = []
+    backoff = Backoff(base_s=30, tries=2, jitter=0)
+    async with tickling(
+        3, backoff, window=2, rate=1.0, pulls_due=due, on_reachable=reachable.append,
+        on_sent=lambda target, kind, at: sent.append(target),
+    ) as (tickler, receivers, _):  # fmt: skip
+        tickle_all(tickler, receivers)
+        await _first_tickles(receivers, [0])  # t1 waits a second for its slot, t2 for a place
+        assert due.count == 3
+        await tickler.close()
+        assert due.count == 0
+        assert tickler.ack("t0") is False  # over
+        await asyncio.sleep(0)
+        assert sent == ["t0"]
+        assert reachable == []
+        assert all(rx.queue.empty() for _, rx, _ in receivers)
+
+
+async def test_a_windowed_tickler_awaits_what_its_callbacks_return() -> None:
+    # coroutine functions take the path with a task; a plain one returning an awaitable has it
+    # awaited in a task of its own
+    plain_done: list[str] = []
+    coro_done: list[str] = []
+
+    def plain(target: str) -> Awaitable[None]:
+        async def later() -> None:
+            plain_done.append(target)
+
+        return later()
+
+    async def coroutine(target: str) -> None:
+        coro_done.append(target)
+
+    backoff = Backoff(base_s=30, tries=2, jitter=0)
+    for on_reachable, done in ((plain, plain_done), (coroutine, coro_done)):
+        async with tickling(2, backoff, window=4, on_reachable=on_reachable) as (
+            tickler, receivers, _,
+        ):  # fmt: skip
+            tickle_all(tickler, receivers)
+            await _first_tickles(receivers, [0, 1])
+            assert tickler.ack("t0")
+            assert tickler.ack("t1")
+            async with asyncio.timeout(2):
+                while len(done) < 2:
+                    await asyncio.sleep(0.01)
+            assert sorted(done) == ["t0", "t1"]
