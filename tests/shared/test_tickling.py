@@ -609,11 +609,11 @@ async def test_closing_a_windowed_tickler_ends_its_first_sends_wherever_they_wai
     reachable: list[str] = []
     backoff = Backoff(base_s=30, tries=2, jitter=0)
     async with tickling(
-        3, backoff, window=2, rate=1.0, pulls_due=due, on_reachable=reachable.append,
+        3, backoff, window=2, rate=0.01, pulls_due=due, on_reachable=reachable.append,
         on_sent=lambda target, kind, at: sent.append(target),
     ) as (tickler, receivers, _):  # fmt: skip
         tickle_all(tickler, receivers)
-        await _first_tickles(receivers, [0])  # t1 waits a second for its slot, t2 for a place
+        await _first_tickles(receivers, [0])  # t1 waits 100 s for its slot, t2 for a place
         assert due.count == 3
         await tickler.close()
         assert due.count == 0
