@@ -294,3 +294,58 @@ async def test_the_control_server_closes_a_connection_that_sends_nothing(
         assert await asyncio.wait_for(reader.read(), 10.0) == b""
     finally:
         writer.close()
+
+
+def _closes_second_request() -> tuple[
+    Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], list[int]
+]:
+    """A handler answering a connection's first request (kept alive) and closing it, with no
+    answer, when a second one comes: a server that dropped an idle kept-alive connection just as
+    the client took it again. The list counts the connections."""
+    connections: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(len(connections))
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    return handler, connections
+
+
+async def test_an_idempotent_request_on_a_connection_closed_unanswered_goes_again_on_a_new_one() -> (
+    None
+):
+    # a crowded task server closes connections idle 0.1 s: one the agent just took for its pull
+    handler, connections = _closes_second_request()
+    async with _raw_server(handler) as (client, url):
+        assert (await client.request("GET", url)).body == b"ok"
+        assert (await client.request("GET", url)).body == b"ok"
+    assert len(connections) == 2
+
+
+async def test_a_post_on_a_connection_closed_unanswered_is_not_sent_again() -> None:
+    handler, connections = _closes_second_request()
+    async with _raw_server(handler) as (client, url):
+        assert (await client.request("POST", url, body=b"{}")).body == b"ok"
+        with pytest.raises(ProtocolError, match="closed the connection before answering"):
+            await client.request("POST", url, body=b"{}")
+    assert len(connections) == 1
+
+
+async def test_a_new_connection_closed_unanswered_is_not_tried_again() -> None:
+    connections = 0
+
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    async with _raw_server(close_at_once) as (client, url):
+        with pytest.raises(ProtocolError, match="closed the connection before answering"):
+            await client.request("GET", url)
+    assert connections == 1

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # imported by the first HTTPS connection: a plain-HTTP agent 
 log = logging.getLogger(__name__)
 
 _READ_SIZE = 65536
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _USER_AGENT = f"tickle-agent/{__version__}"
 # the bound of a control request's head, and of its body (the control API reads none)
 _MAX_REQUEST_BYTES = 16384
@@ -41,6 +42,10 @@ _MAX_REQUEST_BYTES = 16384
 
 class ProtocolError(ConnectionError):
     """The peer closed the connection before answering, or answered something that is not HTTP."""
+
+
+class ClosedBeforeAnswer(ProtocolError):
+    """The peer closed the connection before any of its answer."""
 
 
 class BodyTooLarge(ProtocolError):
@@ -60,6 +65,7 @@ class _Connection:
     writer: asyncio.StreamWriter
     h11: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
     idle_since: float = 0.0
+    reused: bool = False  # taken from the idle ones: it carried an answer before
 
     def usable(self, keepalive_s: float) -> bool:
         """Whether an idle connection may carry another request (the server has not closed it)."""
@@ -129,17 +135,32 @@ class HttpClient:
             head.append(("Content-Length", str(len(body))))
         async with asyncio.timeout(self._timeout_s if timeout_s is None else timeout_s):
             async with self._slots:
-                conn = await self._connection((scheme, host, port))
-                self._busy.add(conn)
-                try:
-                    response = await self._exchange(conn, method, target, head, body)
-                except BaseException:
-                    conn.close()
-                    raise
-                finally:
-                    self._busy.discard(conn)
-                self._release((scheme, host, port), conn)
-        return response
+                fresh = False
+                while True:
+                    conn = await self._connection((scheme, host, port), fresh)
+                    self._busy.add(conn)
+                    try:
+                        response = await self._exchange(conn, method, target, list(head), body)
+                    except ConnectionError as exc:
+                        conn.close()
+                        # as aiohttp and urllib3: an idempotent request on a kept-alive
+                        # connection the server closed meanwhile (reset, or closed before any
+                        # answer) goes once more, on a new connection (a crowded task server
+                        # closes connections idle 0.1 s: one taken for an agent's pull, issue 10)
+                        lost = isinstance(exc, ClosedBeforeAnswer) or not isinstance(
+                            exc, ProtocolError
+                        )
+                        if lost and conn.reused and method in _IDEMPOTENT:
+                            fresh = True
+                            continue
+                        raise
+                    except BaseException:
+                        conn.close()
+                        raise
+                    finally:
+                        self._busy.discard(conn)
+                    self._release((scheme, host, port), conn)
+                    return response
 
     async def close(self) -> None:
         """Close every connection (a request still running fails)."""
@@ -154,11 +175,14 @@ class HttpClient:
                     with contextlib.suppress(OSError):
                         await conn.writer.wait_closed()
 
-    async def _connection(self, key: tuple[str, str, int]) -> _Connection:
-        idle = self._idle.get(key, [])
+    async def _connection(self, key: tuple[str, str, int], fresh: bool = False) -> _Connection:
+        """An idle connection to `key` the server has not closed, else a new one (`fresh`:
+        a new one)."""
+        idle = [] if fresh else self._idle.get(key, [])
         while idle:
             conn = idle.pop()
             if conn.usable(self._keepalive_s):
+                conn.reused = True
                 return conn
             conn.close()
         scheme, host, port = key
@@ -227,7 +251,11 @@ async def _read_message(
     while True:
         event = state.next_event()
         if event is h11.NEED_DATA:
-            state.receive_data(await reader.read(_READ_SIZE))
+            data = await reader.read(_READ_SIZE)
+            if not data and start is None and kind is h11.Response:
+                # h11 calls this a protocol error of the server: it is a close, nothing answered
+                raise ClosedBeforeAnswer("the server closed the connection before answering")
+            state.receive_data(data)
         elif isinstance(event, kind):
             start = event
         elif isinstance(event, h11.Data):

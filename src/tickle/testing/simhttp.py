@@ -74,10 +74,10 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     async def exchange(self, data: bytes) -> Response:
+        self.heard = False  # of this request's answer (a closed connection heard none of it)
         if self.closed or self.transport is None or self.transport.is_closing():
             raise ProtocolError("the connection is closed")
         self._waiter = asyncio.get_running_loop().create_future()
-        self.heard = False
         self.transport.write(data)
         try:
             return await self._waiter
