@@ -9,7 +9,8 @@ server runs), the best of several rounds (the least disturbed), per agent:
   contact), queued in the `StateReporter` until the next post (not posted);
 - tickle_flights: a windowed `Tickler` (the task server's window and rate) sending its first
   tickles to N agents (a real UDP socket on 127.0.0.1 that reads nothing) and each acknowledged
-  by its pull: the flight's task, its place in the window, its HMAC'd datagram and its end.
+  by its pull: its place in the window, its pace, its HMAC'd datagram, its wait for the ack
+  and its end.
 
 Usage: bench/micro.py [--agents N] [--rounds R] [--out FILE]; writes FILE (default
 bench/results/micro.json) and prints the figures.

@@ -102,7 +102,7 @@ class StateReporter:
         is, a `ComputerState` made only when posted. A run-now's pulls turn each agent
         reachable, measure its clock and note its contact: pydantic models made and merged for
         each cost 15.2-15.9 µs an agent, ~6 % of the task server's CPU per pull in S5's fan-out,
-        against 1.3-1.4 µs so (`make bench-micro`)."""
+        against 1.2-2.2 µs so (`make bench-micro`)."""
         pending = self._pending.get(name)
         if pending is None:
             self._pending[name] = _Pending(
