@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import aiohttp
@@ -198,31 +199,17 @@ def _names(batch: list[ComputerState]) -> str:
     return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
+@dataclass(slots=True)
 class _Pending:
     """A computer's queued report, merged in place (`StateReporter.note`)."""
 
-    __slots__ = (
-        "at", "clock_offset_s", "contact_at", "name", "observed_address", "settings_version",
-        "tickle_state",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        name: str,
-        at: float,
-        tickle_state: TickleState | None,
-        observed_address: str | None,
-        clock_offset_s: float | None,
-        contact_at: float | None,
-        settings_version: int | None,
-    ) -> None:
-        self.name = name
-        self.at = at
-        self.tickle_state = tickle_state
-        self.observed_address = observed_address
-        self.clock_offset_s = clock_offset_s
-        self.contact_at = contact_at
-        self.settings_version = settings_version
+    name: str
+    at: float
+    tickle_state: TickleState | None
+    observed_address: str | None
+    clock_offset_s: float | None
+    contact_at: float | None
+    settings_version: int | None
 
     def state(self) -> ComputerState:
         # every value valid where it came from (`note`): made without validating again
