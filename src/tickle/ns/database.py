@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tickle.ns import migrations
+from tickle.ns.driver import Driver
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -87,6 +89,29 @@ class Database:
         session's own begin and commit cost a work pull more than half its statements did."""
         with self._write_lock, self._writer.begin() as conn:
             yield conn
+
+    @contextlib.contextmanager
+    def writing_driver(self) -> Iterator[Driver]:
+        """SQLite only: `writing_core` on the driver's own connection, for `DriverSql`
+        statements (see `tickle.ns.driver`). Its errors are raised as SQLAlchemy raises
+        them (an `IntegrityError` for `retry_on_conflict`)."""
+        if self.dialect != "sqlite":
+            raise RuntimeError(f"writing_driver is for SQLite, not {self.dialect}")
+        with self._write_lock:
+            pooled = self.engine.raw_connection()  # its pool's: set up as every connection is
+            try:
+                assert isinstance(pooled.driver_connection, sqlite3.Connection)
+                driver = Driver(pooled.driver_connection, self.engine)
+                try:
+                    driver.begin()
+                    yield driver
+                    driver.commit()
+                except sqlite3.Error as exc:
+                    raise DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
+                finally:
+                    driver.rollback()  # when it failed: nothing of it stays
+            finally:
+                pooled.close()
 
     def dispatcher_lock(self) -> DispatcherLock:
         return DispatcherLock(self.engine)

@@ -21,6 +21,8 @@ from tickle.serving import on_route_thread
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
+    from tickle.ns.driver import Driver
+
 
 class OperatorActions:
     """What operators do (run now, rerun, cancel, define, delete, forget, decide on
@@ -55,7 +57,7 @@ class OperatorActions:
     async def run_now(self, who: str, body: m.RunCreate) -> m.RunOut:
         # audited in the run's own transaction: one commit, and the pull of the task server
         # tickled for the run does not queue behind the audit's write
-        def audit(conn: Connection, run: m.RunOut) -> None:
+        def audit(conn: Connection | Driver, run: m.RunOut) -> None:
             detail = {
                 "computers": body.computers[:20],
                 "groups": body.groups[:20],
@@ -70,7 +72,7 @@ class OperatorActions:
     async def rerun(
         self, who: str, run_id: int, failed: bool, expires_in_s: float | None = None
     ) -> m.RunOut:
-        def audit(conn: Connection, run: m.RunOut) -> None:
+        def audit(conn: Connection | Driver, run: m.RunOut) -> None:
             detail = {"failed": failed, "executions": len(run.executions)}
             target = f"run {run.id}: {_what(run)} again (run {run_id})"
             self._audit.insert(conn, who, "run.rerun", target, detail)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -9,9 +10,11 @@ from sqlalchemy import Connection, insert, select
 
 from tickle import messages as m
 from tickle.ns.database import Database
+from tickle.ns.driver import Driver, DriverSql
 from tickle.ns.models import AuditEvent
 
 _INSERT = insert(AuditEvent)
+_DRIVER_INSERT = DriverSql(_INSERT)
 # the longest target an audit row keeps (longer ones are cut with a marker)
 _TARGET_MAX = 255
 
@@ -31,7 +34,7 @@ class AuditStore:
 
     def insert(
         self,
-        conn: Connection,
+        conn: Connection | Driver,
         who: str,
         action: str,
         target: str,
@@ -41,6 +44,9 @@ class AuditStore:
         if len(target) > _TARGET_MAX:
             target = target[: _TARGET_MAX - 1] + "…"
         row = {"at": time.time(), "who": who, "action": action, "target": target}
+        if isinstance(conn, Driver):  # SQLite's driver (a run-now's: see `driver`)
+            _DRIVER_INSERT.execute(conn, row | {"id": None, "detail": json.dumps(detail or {})})
+            return
         # Core, the statement built once: no ORM flush
         conn.execute(_INSERT, row | {"detail": detail or {}})
 

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from tickle import messages as m
 from tickle.ns.database import Database
+from tickle.ns.driver import Driver, DriverSql
 from tickle.ns.errors import NotFound
 from tickle.ns.models import Computer, Execution, ExecutionPull, Run, TaskServer
 from tickle.ns.models import Settings as SettingsRow
@@ -54,11 +55,16 @@ _CANCELLED_FOR = select(Execution.id).where(
 )
 
 
-def cancelled_for(conn: Connection, ts_id: int, now: float) -> list[int]:
+_DRIVER_CANCELLED_FOR = DriverSql(_CANCELLED_FOR)
+
+
+def cancelled_for(conn: Connection | Driver, ts_id: int, now: float) -> list[int]:
     """Executions cancelled lately of the task server `ts_id`'s clients, or pulled by it, in id
-    order (read in the caller's transaction: a work pull's)."""
-    since = now - CANCEL_NOTICE_S
-    return sorted(conn.scalars(_CANCELLED_FOR, {"since": since, "ts_id": ts_id}))
+    order (read in the caller's transaction: a work pull's; on SQLite, maybe by its driver)."""
+    params = {"since": now - CANCEL_NOTICE_S, "ts_id": ts_id}
+    if isinstance(conn, Driver):
+        return sorted(row[0] for row in _DRIVER_CANCELLED_FOR.execute(conn, params))
+    return sorted(conn.scalars(_CANCELLED_FOR, params))
 
 
 @dataclass(frozen=True, slots=True)

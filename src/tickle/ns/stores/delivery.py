@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, get_args
+from typing import Any, NamedTuple, TypeVar, get_args
 
 import msgspec
 from sqlalchemy import (
@@ -17,6 +17,7 @@ from sqlalchemy import (
     Connection,
     Integer,
     Row,
+    Select,
     Text,
     any_,
     bindparam,
@@ -34,6 +35,7 @@ from tickle import messages as m
 from tickle.ns import lifecycle, views
 from tickle.ns.credentials import Caller
 from tickle.ns.database import Database, retry_on_conflict
+from tickle.ns.driver import Driver, DriverSql
 from tickle.ns.errors import Conflict, NotFound
 from tickle.ns.models import (
     Base,
@@ -207,8 +209,34 @@ _READ_WORK = (
 )
 
 
-AlsoInRun = Callable[[Connection, m.RunOut], None]
-"""Writes made in a run-now's own transaction, given the run (see `DeliveryStore.create_run`)."""
+# SQLite: a pull's statements by the driver (see `driver`): each the Core one, compiled once
+_DRIVER_STAMP_PULL = DriverSql(_STAMP_PULL)
+_DRIVER_STAMP_TICKLE_PULL = DriverSql(_STAMP_TICKLE_PULL)
+_DRIVER_READ_WORK = DriverSql(_READ_WORK)
+_DRIVER_INSERT_PULLS = (
+    f"INSERT INTO {_PULLS.name} (execution_id, task_server_id, pulled_at) VALUES (?, ?, ?)"  # noqa: S608 (the model's names; values bound)
+)
+
+
+class _WorkRow(NamedTuple):
+    """A row of `_READ_WORK`."""
+
+    id: int
+    kind: str
+    expires_at: float | None
+    ts_pulled_at: float | None
+    steps: str
+    name: str
+    given: int | None
+
+
+Cancels = Callable[[Connection | Driver], list[int]]
+"""Reads the executions a pull must tell its task server are cancelled, in the pull's transaction
+(a Core connection, or SQLite's driver's: see `cancel.cancelled_for`)."""
+
+AlsoInRun = Callable[[Connection | Driver, m.RunOut], None]
+"""Writes made in a run-now's own transaction (Core's, or on SQLite its driver's), given the run
+(see `DeliveryStore.create_run`)."""
 
 
 # `column IN :ids` built once: a statement built per call cost more than running it (its
@@ -220,6 +248,7 @@ _SET_TS_PULLED = {
     pg: update(_EXECUTIONS).where(ids).values(ts_pulled_at=bindparam("now"))
     for pg, ids in ((False, _IDS_SQLITE), (True, _IDS_PG))
 }
+_DRIVER_SET_TS_PULLED = DriverSql(_SET_TS_PULLED[False])
 _LOCK_EXECUTIONS = (
     select(_EXECUTIONS.c.id).where(_IDS_PG).order_by(_EXECUTIONS.c.id).with_for_update()
 )
@@ -261,6 +290,7 @@ _LOCK_TICKLED = {
     .with_for_update(of=_EXECUTIONS)
     for key, covered in _TICKLED_WORK.items()
 }
+_DRIVER_STAMP_TICKLED = DriverSql(_STAMP_TICKLED["ts_id"])
 _STAMP_TICKLED_IDS = update(_EXECUTIONS).where(_IDS_PG).values(tickle_sent_at=bindparam("sent_at"))
 
 # the computers a run-now may name (not forgotten), with their task server's name; built once
@@ -279,6 +309,22 @@ _TASKS = Base.metadata.tables[Task.__tablename__]
 _TASK_BY_ID = select(
     *(_TASKS.c[name] for name in ("id", "name", "command", "script", "timeout_s"))
 ).where(_TASKS.c.id == bindparam("id"))
+# SQLite: a run-now's statements by the driver (see `driver`)
+_DRIVER_UNFORGOTTEN = {
+    statement: DriverSql(statement)
+    for statement in (_UNFORGOTTEN_BY_NAME, _GROUPED_BY_NAME, _UNFORGOTTEN_NAMED)
+}
+_DRIVER_TASK_BY_ID = DriverSql(_TASK_BY_ID)
+_JOBS = Base.metadata.tables[Job.__tablename__]
+_JOB_TASKS = Base.metadata.tables["job_tasks"]
+_DRIVER_JOB_NAME = DriverSql(select(_JOBS.c.name).where(_JOBS.c.id == bindparam("id")))
+_DRIVER_JOB_TASKS = DriverSql(
+    select(*(_TASKS.c[name] for name in ("id", "name", "command", "script", "timeout_s")))
+    .join(_JOB_TASKS, _JOB_TASKS.c.task_id == _TASKS.c.id)
+    .where(_JOB_TASKS.c.job_id == bindparam("id"))
+    .order_by(_JOB_TASKS.c.position)
+)
+_DRIVER_INSERT_RUN = DriverSql(_INSERT_RUN)
 # which of some event ids are recorded (`ids`); built once
 _RECORDED_EVENTS = select(_EVENTS.c.event_id).where(
     _EVENTS.c.event_id.in_(bindparam("ids", expanding=True))
@@ -314,68 +360,11 @@ class DeliveryStore:
 
         `also`: more writes in the run's transaction, given the run (its audit row)."""
         now = time.time()
+        if self._db.dialect == "sqlite":  # by its driver (see `driver`): the run's first hop
+            with self._db.writing_driver() as db:
+                return _create_run(db, body, also, now, _steps_driver(db, body))
         with self._db.writing() as s:
-            conn = s.connection()
-            kind, steps, label = _steps(s, body)
-            targets = _targets(conn, body)
-            expires_at = None if body.expires_in_s is None else now + body.expires_in_s
-            run = {"task_id": body.task_id, "job_id": body.job_id, "created_at": now}
-            run_id = int(
-                conn.execute(
-                    _INSERT_RUN, run | {"label": label, "expires_at": expires_at}
-                ).scalar_one()
-            )
-            # one statement on either database (`_PG_INSERT_EXECUTIONS`,
-            # `_SQLITE_INSERT_EXECUTIONS`): the ORM's flush of one object per execution cost
-            # 150 µs a computer (10,000: 1.5 s), an executemany still 60 µs
-            execution = run | {
-                "run_id": run_id,
-                "kind": kind,
-                "steps": steps,
-                "status": "pending",
-                "step_results": [],
-                "expires_at": expires_at,
-            }
-            by_computer = {t.id: t for t in targets}
-            rows: Sequence[Any] = []
-            if by_computer and conn.dialect.name == "postgresql":
-                json_columns = {"steps": bulk.json_text(steps), "step_results": "[]"}
-                rows = conn.execute(
-                    _PG_INSERT_EXECUTIONS,
-                    execution
-                    | json_columns
-                    | {"rows": bulk.rows([{"computer_id": c} for c in by_computer])},
-                ).all()
-            elif by_computer:
-                fixed = execution | {"steps": json.dumps(steps), "step_results": "[]"}
-                rows = conn.exec_driver_sql(
-                    _SQLITE_INSERT_EXECUTIONS,
-                    (*(fixed[c] for c in _SQLITE_EXECUTION_FIXED), json.dumps(list(by_computer))),
-                ).all()
-            made = sorted((int(row[0]), int(row[1])) for row in rows)  # a run's order: by id
-            timeline = views.new_timeline(now)
-            out = m.RunOut(
-                id=run_id,
-                created_at=now,
-                task_id=body.task_id,
-                job_id=body.job_id,
-                label=label,
-                expires_at=expires_at,
-                executions=[
-                    views.new_execution_out(
-                        execution_id,
-                        run_id,
-                        by_computer[computer_id].name,
-                        by_computer[computer_id].task_server,
-                        timeline,
-                        expires_at,
-                    )
-                    for execution_id, computer_id in made
-                ],
-            )
-            if also is not None:
-                also(conn, out)
-            return out
+            return _create_run(s.connection(), body, also, now, _steps(s, body))
 
     def rerun_of(self, run_id: int, failed: bool) -> m.RunCreate:
         """A run of `run_id`'s task, job or ad-hoc command again, on its computers (`failed`:
@@ -415,7 +404,7 @@ class DeliveryStore:
         now: float,
         via: m.TsPullVia,
         tickle_sent_at: float | None = None,
-        cancels: Callable[[Connection], list[int]] | None = None,
+        cancels: Cancels | None = None,
     ) -> m.WorkOut:
         """Every unfinished execution of this task server's clients; stamps the first pull and
         remembers that this task server was given each of them (see `record_events`).
@@ -475,12 +464,14 @@ class DeliveryStore:
         now: float,
         via: m.TsPullVia,
         tickle_sent_at: float | None,
-        cancels: Callable[[Connection], list[int]] | None,
+        cancels: Cancels | None,
     ) -> m.WorkOut:
         # SQLAlchemy Core: no ORM object per execution (their loading and flush were most of a
-        # pull's 3 ms)
-        stamp = _STAMP_TICKLE_PULL if via == "tickle" else _STAMP_PULL
+        # pull's 3 ms); SQLite: its driver (see `driver`)
         postgresql = self._db.dialect == "postgresql"
+        if not postgresql:
+            return self._pull_work_driver(ts, now, via, tickle_sent_at, cancels)
+        stamp = _STAMP_TICKLE_PULL if via == "tickle" else _STAMP_PULL
         acked_first = via == "tickle" and postgresql
         if acked_first:
             # the acknowledgement committed before the work is read, as a pull served in the
@@ -518,14 +509,31 @@ class DeliveryStore:
                     _INSERT_PULLS,
                     [{"execution_id": i, "task_server_id": ts.id, "pulled_at": now} for i in new],
                 )
-            steps: dict[str, list[m.TaskSpec]] = {}
-            return m.WorkOut(
-                executions=[
-                    views.execution_work(row, steps.get(row.steps) or _steps_of(steps, row.steps))
-                    for row in rows
-                ],
-                cancel=[] if cancels is None else cancels(conn),
-            )
+            return _work_out(rows, [] if cancels is None else cancels(conn))
+
+    def _pull_work_driver(
+        self,
+        ts: Caller,
+        now: float,
+        via: m.TsPullVia,
+        tickle_sent_at: float | None,
+        cancels: Cancels | None,
+    ) -> m.WorkOut:
+        """`_pull_work` on SQLite, by its driver: the same statements in one transaction."""
+        ids = {"ts_id": ts.id, "now": now}
+        with self._db.writing_driver() as db:
+            if tickle_sent_at is not None:  # before `ts_pulled_at`, which it compares with
+                _DRIVER_STAMP_TICKLED.execute(db, {"ts_id": ts.id, "sent_at": tickle_sent_at})
+            (_DRIVER_STAMP_TICKLE_PULL if via == "tickle" else _DRIVER_STAMP_PULL).execute(db, ids)
+            rows = [_WorkRow(*row) for row in _DRIVER_READ_WORK.execute(db, ids)]
+            # the ids read, not a condition: an execution committed since was not given here
+            unpulled = [row.id for row in rows if row.ts_pulled_at is None]
+            if unpulled:
+                _DRIVER_SET_TS_PULLED.execute(db, {"ids": unpulled, "now": now})
+            new = [(row.id, ts.id, now) for row in rows if row.given is None]
+            if new:
+                db.executemany(_DRIVER_INSERT_PULLS, new)
+            return _work_out(rows, [] if cancels is None else cancels(db))
 
     def _record(self, ts: Caller, events: Sequence[lifecycle.Event], now: float) -> EventOutcome:
         # SQLAlchemy Core throughout: no ORM object per execution or per event (the profile had
@@ -669,6 +677,19 @@ def _names(known: dict[str, list[str]], steps: str) -> list[str]:
     return names
 
 
+def _work_out(rows: Sequence[Any], cancel: list[int]) -> m.WorkOut:
+    """A pull's answer: the work of `rows` (of `_READ_WORK`), each execution's steps read once
+    per text (the executions of a run share theirs)."""
+    steps: dict[str, list[m.TaskSpec]] = {}
+    return m.WorkOut(
+        executions=[
+            views.execution_work(row, steps.get(row.steps) or _steps_of(steps, row.steps))
+            for row in rows
+        ],
+        cancel=cancel,
+    )
+
+
 def _steps_of(known: dict[str, list[m.TaskSpec]], text: str) -> list[m.TaskSpec]:
     """The steps of an execution's JSON text, remembered in `known`."""
     steps = known[text] = [m.TaskSpec.model_validate(step) for step in json.loads(text)]
@@ -727,19 +748,139 @@ def _steps(s: Session, body: m.RunCreate) -> tuple[str, list[dict[str, Any]], st
     return "job", [views.task_spec(by_id[jt.task_id]) for jt in job.tasks], job.name
 
 
-def _targets(conn: Connection, body: m.RunCreate) -> list[Any]:
+def _steps_driver(db: Driver, body: m.RunCreate) -> tuple[str, list[dict[str, Any]], str]:
+    """`_steps` by SQLite's driver."""
+    if body.task is not None:
+        return "task", [body.task.model_dump(mode="json")], body.task.name
+    if body.task_id is not None:
+        task = _DRIVER_TASK_BY_ID.execute(db, {"id": body.task_id}).fetchone()
+        if task is None:
+            raise NotFound(f"task {body.task_id} does not exist")
+        return "task", [_driver_task_spec(task)], task[1]
+    job = _DRIVER_JOB_NAME.execute(db, {"id": body.job_id}).fetchone()
+    if job is None:
+        raise NotFound(f"job {body.job_id} does not exist")
+    tasks = _DRIVER_JOB_TASKS.execute(db, {"id": body.job_id}).fetchall()
+    return "job", [_driver_task_spec(task) for task in tasks], job[0]
+
+
+def _driver_task_spec(task: tuple[Any, ...]) -> dict[str, Any]:
+    """`views.task_spec` of a row of `_TASK_BY_ID` (or `_JOB_TASKS`) by the driver (its
+    command as JSON text)."""
+    _, name, command, script, timeout_s = task
+    command = None if command is None else json.loads(command)
+    spec = m.TaskSpec(name=name, command=command, script=script, timeout_s=timeout_s)
+    return spec.model_dump(mode="json")
+
+
+def _create_run(
+    conn: Connection | Driver,
+    body: m.RunCreate,
+    also: AlsoInRun | None,
+    now: float,
+    what: tuple[str, list[dict[str, Any]], str],
+) -> m.RunOut:
+    """`create_run` in its transaction (`conn`: Core's, or SQLite's driver's); `what`: its
+    kind, steps and label (`_steps`)."""
+    kind, steps, label = what
+    targets = _targets(conn, body)
+    expires_at = None if body.expires_in_s is None else now + body.expires_in_s
+    run = {"task_id": body.task_id, "job_id": body.job_id, "created_at": now}
+    made_run = run | {"label": label, "expires_at": expires_at}
+    if isinstance(conn, Driver):
+        run_id = int(_DRIVER_INSERT_RUN.execute(conn, made_run | {"id": None}).fetchone()[0])
+    else:
+        run_id = int(conn.execute(_INSERT_RUN, made_run).scalar_one())
+    # one statement on either database (`_PG_INSERT_EXECUTIONS`, `_SQLITE_INSERT_EXECUTIONS`):
+    # the ORM's flush of one object per execution cost 150 µs a computer (10,000: 1.5 s), an
+    # executemany still 60 µs
+    execution = run | {
+        "run_id": run_id,
+        "kind": kind,
+        "steps": steps,
+        "status": "pending",
+        "step_results": [],
+        "expires_at": expires_at,
+    }
+    by_computer = {t.id: t for t in targets}
+    rows: Sequence[Any] = []
+    if not by_computer:
+        pass
+    elif isinstance(conn, Driver):
+        fixed = execution | {"steps": json.dumps(steps), "step_results": "[]"}
+        rows = conn.execute(
+            _SQLITE_INSERT_EXECUTIONS,
+            (*(fixed[c] for c in _SQLITE_EXECUTION_FIXED), json.dumps(list(by_computer))),
+        ).fetchall()
+    else:
+        json_columns = {"steps": bulk.json_text(steps), "step_results": "[]"}
+        rows = conn.execute(
+            _PG_INSERT_EXECUTIONS,
+            execution
+            | json_columns
+            | {"rows": bulk.rows([{"computer_id": c} for c in by_computer])},
+        ).all()
+    made = sorted((int(row[0]), int(row[1])) for row in rows)  # a run's order: by id
+    timeline = views.new_timeline(now)
+    out = m.RunOut(
+        id=run_id,
+        created_at=now,
+        task_id=body.task_id,
+        job_id=body.job_id,
+        label=label,
+        expires_at=expires_at,
+        executions=[
+            views.new_execution_out(
+                execution_id,
+                run_id,
+                by_computer[computer_id].name,
+                by_computer[computer_id].task_server,
+                timeline,
+                expires_at,
+            )
+            for execution_id, computer_id in made
+        ],
+    )
+    if also is not None:
+        also(conn, out)
+    return out
+
+
+class _Target(NamedTuple):
+    """A computer a run may be for (a row of `_UNFORGOTTEN` by the driver; `groups` read)."""
+
+    id: int
+    name: str
+    task_server: str | None
+    groups: list[str] | None = None
+
+
+def _computers(
+    conn: Connection | Driver, statement: Select[Any], params: dict[str, Any]
+) -> list[Any]:
+    """The rows of one of the `_UNFORGOTTEN` selects (by SQLite's driver: `_Target`s)."""
+    if not isinstance(conn, Driver):
+        return list(conn.execute(statement, params))
+    grouped = statement is _GROUPED_BY_NAME
+    return [
+        _Target(row[0], row[1], row[2], json.loads(row[3]) if grouped and row[3] else None)
+        for row in _DRIVER_UNFORGOTTEN[statement].execute(conn, params)
+    ]
+
+
+def _targets(conn: Connection | Driver, body: m.RunCreate) -> list[Any]:
     """The computers a run is for: id, name, task_server (its name, or None)."""
     # Core rows: an ORM Computer (with its task server joined) per target cost more than the
     # insert of its execution
     chosen: dict[str, Any] = {}
     if body.all_computers:
-        every = conn.execute(_UNFORGOTTEN_BY_NAME).all()
+        every = _computers(conn, _UNFORGOTTEN_BY_NAME, {})
         if not every:
             raise NotFound("no computer is registered")
         chosen.update((c.name, c) for c in every)
     if body.computers:
         names = list(dict.fromkeys(body.computers))
-        found = {c.name: c for c in conn.execute(_UNFORGOTTEN_NAMED, {"names": names})}
+        found = {c.name: c for c in _computers(conn, _UNFORGOTTEN_NAMED, {"names": names})}
         missing = [n for n in names if n not in found]
         if missing:
             raise NotFound(f"unknown computer(s): {', '.join(missing)}")
@@ -748,7 +889,7 @@ def _targets(conn: Connection, body: m.RunCreate) -> list[Any]:
         wanted = set(body.groups)
         matched: set[str] = set()
         # groups are a JSON list per computer: filtered here, portable across databases
-        for c in conn.execute(_GROUPED_BY_NAME):
+        for c in _computers(conn, _GROUPED_BY_NAME, {}):
             hit = wanted.intersection(c.groups or [])
             if hit:
                 matched |= hit
