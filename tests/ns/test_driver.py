@@ -98,11 +98,17 @@ def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(stores: Stores) -> Non
 
 
 def test_the_engine_s_events_see_each_statement_and_commit(stores: Stores) -> None:
+    """As SQLAlchemy calls them: a listener may fail a statement (the fault tests do) or change
+    it (retval=True)."""
     engine = stores.database.engine
     seen: list[tuple[str, Any]] = []
 
     def executed(conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        assert statement.endswith("-- traced")  # as a listener with retval=True changed it
         seen.append((statement.split()[0], params))
+
+    def commented(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> Any:
+        return statement + " -- traced", params
 
     def committed(conn: Any) -> None:
         seen.append(("COMMIT", isinstance(conn, Driver)))
@@ -115,6 +121,7 @@ def test_the_engine_s_events_see_each_statement_and_commit(stores: Stores) -> No
     event.listen(engine, "after_cursor_execute", executed)
     event.listen(engine, "commit", committed)
     event.listen(engine, "before_cursor_execute", refuse)
+    event.listen(engine, "before_cursor_execute", commented, retval=True)
     try:
         with stores.database.writing_driver() as driver:
             add.execute(driver, {"name": "a"})
@@ -125,6 +132,7 @@ def test_the_engine_s_events_see_each_statement_and_commit(stores: Stores) -> No
         event.remove(engine, "after_cursor_execute", executed)
         event.remove(engine, "commit", committed)
         event.remove(engine, "before_cursor_execute", refuse)
+        event.remove(engine, "before_cursor_execute", commented)
     assert seen == [("INSERT", ["a", 1.0]), ("UPDATE", [(2.0, "a")]), ("COMMIT", True)]
     assert _tasks(stores) == ["a"]
 

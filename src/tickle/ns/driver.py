@@ -30,7 +30,11 @@ _DIALECT = sqlite.dialect()
 
 
 class Driver:
-    """A write transaction on SQLite's own connection (see `Database.writing_driver`)."""
+    """A write transaction on SQLite's own connection (see `Database.writing_driver`).
+
+    The engine's `before_cursor_execute`, `after_cursor_execute` and `commit` listeners are
+    called with this object in place of the Core connection, as SQLAlchemy calls them (a
+    `before_cursor_execute` listener may fail the statement, or return it changed)."""
 
     def __init__(self, db: sqlite3.Connection, engine: Engine) -> None:
         self.db = db
@@ -41,8 +45,8 @@ class Driver:
         if not (self._dispatch.before_cursor_execute or self._dispatch.after_cursor_execute):
             return self.db.execute(sql, params)
         cursor = self.db.cursor()
-        for before in self._dispatch.before_cursor_execute:
-            before(self, cursor, sql, params, None, False)
+        for before in self._dispatch.before_cursor_execute:  # each returns both, as in Core
+            sql, params = before(self, cursor, sql, params, None, False)
         cursor.execute(sql, params)
         for after in self._dispatch.after_cursor_execute:
             after(self, cursor, sql, params, None, False)
@@ -50,12 +54,12 @@ class Driver:
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Run one statement once per row of parameters."""
-        rows = list(rows)
+        listed: Sequence[Any] = list(rows)
         for before in self._dispatch.before_cursor_execute:
-            before(self, None, sql, rows, None, True)
-        self.db.executemany(sql, rows)
+            sql, listed = before(self, None, sql, listed, None, True)
+        self.db.executemany(sql, listed)
         for after in self._dispatch.after_cursor_execute:
-            after(self, None, sql, rows, None, True)
+            after(self, None, sql, listed, None, True)
 
     def begin(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
