@@ -252,7 +252,6 @@ _DRIVER_SET_TS_PULLED = DriverSql(_SET_TS_PULLED[False])
 _LOCK_EXECUTIONS = (
     select(_EXECUTIONS.c.id).where(_IDS_PG).order_by(_EXECUTIONS.c.id).with_for_update()
 )
-_INSERT_PULLS = insert(_PULLS)
 _SQLITE_OUTPUTS = sqlite_insert(_OUTPUTS)
 _SQLITE_KEEP_OUTPUTS = _SQLITE_OUTPUTS.on_conflict_do_update(
     index_elements=[_OUTPUTS.c.execution_id, _OUTPUTS.c.step],
@@ -466,13 +465,12 @@ class DeliveryStore:
         tickle_sent_at: float | None,
         cancels: Cancels | None,
     ) -> m.WorkOut:
-        # SQLAlchemy Core: no ORM object per execution (their loading and flush were most of a
-        # pull's 3 ms); SQLite: its driver (see `driver`)
-        postgresql = self._db.dialect == "postgresql"
-        if not postgresql:
+        # SQLite: its driver (see `driver`); PostgreSQL: SQLAlchemy Core (no ORM object per
+        # execution: their loading and flush were most of a pull's 3 ms)
+        if self._db.dialect != "postgresql":
             return self._pull_work_driver(ts, now, via, tickle_sent_at, cancels)
         stamp = _STAMP_TICKLE_PULL if via == "tickle" else _STAMP_PULL
-        acked_first = via == "tickle" and postgresql
+        acked_first = via == "tickle"
         if acked_first:
             # the acknowledgement committed before the work is read, as a pull served in the
             # dispatcher's own process acks before it reads: the dispatcher (maybe another
@@ -488,14 +486,13 @@ class DeliveryStore:
             rows = conn.execute(_READ_WORK, {"ts_id": ts.id}).all()
             # the ids read, not a condition: an execution committed since was not given here
             unpulled = [row.id for row in rows if row.ts_pulled_at is None]
-            if unpulled and postgresql:
+            if unpulled:
                 # lock them in id order first, as `_record` does: an UPDATE of many rows locks
                 # them in its scan's order, and two pulls (two NS processes) could deadlock
                 conn.execute(_LOCK_EXECUTIONS, {"ids": unpulled}).all()
-            if unpulled:
-                conn.execute(_SET_TS_PULLED[postgresql], {"ids": unpulled, "now": now})
+                conn.execute(_SET_TS_PULLED[True], {"ids": unpulled, "now": now})
             new = [row.id for row in rows if row.given is None]
-            if new and postgresql:
+            if new:
                 conn.execute(
                     _PG_INSERT_PULLS,
                     {
@@ -503,11 +500,6 @@ class DeliveryStore:
                         "task_server_id": ts.id,
                         "pulled_at": now,
                     },
-                )
-            elif new:
-                conn.execute(
-                    _INSERT_PULLS,
-                    [{"execution_id": i, "task_server_id": ts.id, "pulled_at": now} for i in new],
                 )
             return _work_out(rows, [] if cancels is None else cancels(conn))
 
