@@ -4,7 +4,7 @@ Standard library only (the agent imports it). Each database is one file in WAL m
 so a committed write survives a crash, and runs in autocommit: a write of several statements is
 made atomic with `transaction`. `HighWaterMarks` keeps a tickle listener's replay marks in the
 database of its component. `WalSync` makes writes committed without a sync durable together,
-off the event loop (group commit).
+off the event loop (group commit), and checkpoints their databases there too.
 """
 
 from __future__ import annotations
