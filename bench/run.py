@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import itertools
@@ -104,6 +105,10 @@ NET = 0
 KEEP: Path | None = None
 # --spy DIR: py-spy profiles (raw collapsed stacks) of the fleet runs' servers and first simulator
 SPY: Path | None = None
+# --cores: the cores each fleet run's processes keep busy over the run (`_CoreSampler`)
+CORES = False
+CORES_EVERY_S = 0.025
+CORES_BUCKETS = 10
 
 
 def net(n: int) -> str:
@@ -593,6 +598,8 @@ class FleetRun:
     # name), and "sim": the simulated agents' processes together
     run_cpu_s: dict[str, float] = field(default_factory=dict)
     traces: list[Trace] = field(default_factory=list)  # each simulated agent's first pull
+    # --cores: (time, CPU-seconds spent so far by each group of processes), from the run-now on
+    cores: list[tuple[float, dict[str, float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -658,6 +665,7 @@ async def fleet_run(
     restart_at = None
     run_cpu_s: dict[str, float] = {}
     servers = {name: p.popen.pid for name, p in fleet.procs.items() if p.popen is not None}
+    cores = _CoreSampler({}, restart=True)  # (the run's, made at its run-now)
     try:
         cpu_before = {name: _proc_cpu_s(pid) for name, pid in servers.items()}
         register_s = await sims.start(deadline_s=DONE_DEADLINE_S)
@@ -674,6 +682,10 @@ async def fleet_run(
             spies = _Spies(
                 {**servers, "sim0": sims.pids[0]}, f"{root.name}-{agents}", restart_task_servers
             )
+            cores = _CoreSampler(
+                {**servers, **{f"sim{i}": p for i, p in enumerate(sims.pids)}},
+                restart_task_servers or restart_ns,
+            )
             if restart_task_servers:
                 for name in ts_names:
                     fleet.kill(name)
@@ -688,6 +700,7 @@ async def fleet_run(
             done_at = time.time()
             run_cpu_s = run_cpu.spent()
             spies.stop()
+            await cores.stop()
             # the last events of the run (agent_pulled may trail finished): settle, then read
             await wait_metric(ns_urls, "tickle_status_events_total", 4 * agents, 30)
             run = await ns.run(run.id)
@@ -702,6 +715,7 @@ async def fleet_run(
                     fleet.ts_url(name), metric
                 )
     finally:
+        await cores.stop()  # (a run that failed before its end)
         per_tenth = await sims.stop()
         await fleet.stop()
         for relay in relays:
@@ -717,7 +731,7 @@ async def fleet_run(
     wall = max(t for t in recorded if t) - created if done == agents else None
     return FleetRun(agents, register_s, accepted_ms, wall, done, run.executions, ts_metrics,
                     per_tenth, restart_at, done_at, ns_restart, register_cpu_s,
-                    run_cpu_s, sims.traces)  # fmt: skip
+                    run_cpu_s, sims.traces, cores.samples)  # fmt: skip
 
 
 async def _across_ns_restart(
@@ -782,7 +796,57 @@ def fleet_md(title: str, f: FleetRun) -> list[str]:
         *hop_rows(f.executions),
         "",
         *agent_side_rows(f),
+        *cores_rows(f),
     ]
+
+
+CORE_GROUPS = ("NS", "task servers", "simulators")
+
+
+def core_group(name: str) -> str:
+    """A process's group in --cores' table: "ns", "ns2" the NS; "ts…" the task servers."""
+    if name.startswith("ns"):
+        return "NS"
+    return "task servers" if name.startswith("ts") else "simulators"
+
+
+def cores_rows(f: FleetRun, buckets: int = CORES_BUCKETS) -> list[str]:
+    """--cores: the cores each group kept busy in each tenth of the run (run-now → the last
+    record); nothing without --cores' samples."""
+    created = [t for e in f.executions if (t := timeline_times(e).get("created"))]
+    if len(f.cores) < 2 or f.wall_s is None or f.wall_s <= 0 or not created:
+        return []
+    return busy_cores_rows(f.cores, min(created), f.wall_s, buckets)
+
+
+def busy_cores_rows(
+    samples: list[tuple[float, dict[str, float]]], start: float, wall_s: float, buckets: int
+) -> list[str]:
+    """The table of `cores_rows`: each group's CPU-seconds over each of `buckets` equal parts of
+    `wall_s` from `start`, per second (cores), the samples interpolated at the parts' edges."""
+    times = [t for t, _ in samples]
+    step = wall_s / buckets
+
+    def spent(group: str, at: float) -> float:
+        i = min(max(bisect.bisect_left(times, at), 1), len(times) - 1)
+        (t0, a), (t1, b) = samples[i - 1], samples[i]
+        x, y = a.get(group, 0.0), b.get(group, 0.0)
+        return x if t1 <= t0 else x + (y - x) * (min(max(at, t0), t1) - t0) / (t1 - t0)
+
+    rows = [
+        "",
+        f"busy cores over the run (--cores: sampled every {CORES_EVERY_S * 1000:.0f} ms), each "
+        f"part of its {wall_s:.2f} s",
+        "",
+        "| from the run-now (s) | " + " | ".join(CORE_GROUPS) + " | all |",
+        "|---|" + "---|" * (len(CORE_GROUPS) + 1),
+    ]
+    for k in range(buckets):
+        a, b = start + k * step, start + (k + 1) * step
+        busy = [(spent(g, b) - spent(g, a)) / step for g in CORE_GROUPS]
+        cells = " | ".join(f"{c:.2f}" for c in busy)
+        rows.append(f"| {a - start:.2f} to {b - start:.2f} | {cells} | {sum(busy):.2f} |")
+    return rows
 
 
 def agent_side_rows(f: FleetRun) -> list[str]:
@@ -872,6 +936,57 @@ class _CpuMeter:
         if db is not None and self.db_before is not None:
             out["db"] = db - self.db_before
         return out
+
+
+def _run_s(pid: int) -> float | None:
+    """CPU-seconds a process's threads have run (schedstat, in ns: finer than /proc/<pid>/stat's
+    clock ticks); None once it has ended."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                total += int((task / "schedstat").read_text().split()[0])
+    except OSError:
+        return None
+    return total / 1e9
+
+
+class _CoreSampler:
+    """--cores: the CPU-seconds each group of processes (`core_group`) has spent, every
+    CORES_EVERY_S from now until `stop` (in `samples`); nothing without --cores, or across a
+    restart (the restarted processes are others)."""
+
+    def __init__(self, pids: dict[str, int], restart: bool) -> None:
+        self.pids = pids
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._base: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        if CORES and not restart:
+            self._take()  # now: the run-now's
+            self._task = asyncio.create_task(self._run())
+
+    def _take(self) -> None:
+        now, spent = time.time(), defaultdict(float)
+        for name, pid in self.pids.items():
+            s = _run_s(pid)
+            if s is not None:
+                spent[core_group(name)] += s - self._base.setdefault(name, s)
+        self.samples.append((now, dict(spent)))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(CORES_EVERY_S)
+            self._take()
+
+    async def stop(self) -> None:
+        """The last sample (at once again: nothing more)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        self._take()
 
 
 class _Spies:
@@ -1170,6 +1285,9 @@ async def curve(root: Path, r: Results, sizes: list[int], rounds: int = CURVE_RO
     growth = per_k[-1] / per_k[0] if len(per_k) == len(sizes) and len(per_k) > 1 else None
     r.put("s8_growth", growth, "ratio", "S8 seconds per 1,000 agents, largest run / smallest")
     r.md += [f"## S8: scaling curve (4 task servers, SQLite; {rounds} rounds)", "", *rows, ""]
+    for n in sizes:
+        if CORES and None not in (f.wall_s for f in runs[n]):
+            r.md += [f"{n:,} agents, the median run:", *cores_rows(median_run(runs[n])), ""]
 
 
 # --- S4: ingest ----------------------------------------------------------------------------------
@@ -1527,6 +1645,10 @@ def parse_args() -> argparse.Namespace:
                              "e.g. "
                              "--ts-option=--agent-tickle-rate --ts-option=10000 (an A/B of a "
                              "setting; the figures of record use the defaults)")  # fmt: skip
+    parser.add_argument("--cores", action="store_true",
+                        help="fleet, curve: the cores each group of processes (NS, task servers, "
+                             "simulators) keeps busy in each tenth of a run, sampled every 25 ms "
+                             "(the bench's own sampling costs a little CPU)")  # fmt: skip
     parser.add_argument("--curve", default="1000,2500,5000,10000", help="S8 agent counts")
     parser.add_argument("--curve-rounds", type=int, default=CURVE_ROUNDS,
                         help="S8 runs of every size (in rounds; each size's median counts)")  # fmt: skip
@@ -1558,8 +1680,9 @@ def parse_args() -> argparse.Namespace:
 
 async def main() -> int:
     args = parse_args()
-    global NET, KEEP, SPY
+    global NET, KEEP, SPY, CORES
     NET = args.net
+    CORES = args.cores
     if args.spy is not None:
         args.spy.mkdir(parents=True, exist_ok=True)
         SPY = args.spy.resolve()
