@@ -665,7 +665,7 @@ async def fleet_run(
     restart_at = None
     run_cpu_s: dict[str, float] = {}
     servers = {name: p.popen.pid for name, p in fleet.procs.items() if p.popen is not None}
-    cores = _CoreSampler({}, restart=True)  # (the run's, made at its run-now)
+    cores: _CoreSampler | None = None  # made at the run-now
     try:
         cpu_before = {name: _proc_cpu_s(pid) for name, pid in servers.items()}
         register_s = await sims.start(deadline_s=DONE_DEADLINE_S)
@@ -676,16 +676,12 @@ async def fleet_run(
             task = await ns.add_task(TaskCreate(name="bench-fleet", command=["true"]))
             # before a restart's kill (the restarted task servers are other processes: their CPU
             # is not counted)
-            run_cpu = _CpuMeter(
-                {**servers, **{f"sim{i}": p for i, p in enumerate(sims.pids)}}, db_pid
-            )
+            run_pids = {**servers, **{f"sim{i}": p for i, p in enumerate(sims.pids)}}
+            run_cpu = _CpuMeter(run_pids, db_pid)
             spies = _Spies(
                 {**servers, "sim0": sims.pids[0]}, f"{root.name}-{agents}", restart_task_servers
             )
-            cores = _CoreSampler(
-                {**servers, **{f"sim{i}": p for i, p in enumerate(sims.pids)}},
-                restart_task_servers or restart_ns,
-            )
+            cores = _CoreSampler(run_pids, restart_task_servers or restart_ns)
             if restart_task_servers:
                 for name in ts_names:
                     fleet.kill(name)
@@ -715,7 +711,8 @@ async def fleet_run(
                     fleet.ts_url(name), metric
                 )
     finally:
-        await cores.stop()  # (a run that failed before its end)
+        if cores is not None:  # (a run that failed before its end)
+            await cores.stop()
         per_tenth = await sims.stop()
         await fleet.stop()
         for relay in relays:
@@ -731,7 +728,7 @@ async def fleet_run(
     wall = max(t for t in recorded if t) - created if done == agents else None
     return FleetRun(agents, register_s, accepted_ms, wall, done, run.executions, ts_metrics,
                     per_tenth, restart_at, done_at, ns_restart, register_cpu_s,
-                    run_cpu_s, sims.traces, cores.samples)  # fmt: skip
+                    run_cpu_s, sims.traces, [] if cores is None else cores.samples)  # fmt: skip
 
 
 async def _across_ns_restart(
