@@ -30,6 +30,39 @@ def test_events_survive_reopening_and_duplicates_are_ignored(tmp_path: Path) -> 
     box.close()
 
 
+def test_what_waits_goes_group_by_group_each_group_in_the_order_it_came(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    # a fan-out's events come hop by hop: every execution's first, then every second
+    box.put_many([("t7", "{}", 7), ("t5", "{}", 5), ("t6", "{}", 6)])
+    box.put_many([("p6", "{}", 6), ("p5", "{}", 5), ("free", "{}"), ("p7", "{}", 7)])
+    assert [eid for eid, _ in box.peek(limit=4)] == ["free", "t5", "p5", "t6"]
+    assert [eid for eid, _ in box.peek(limit=4, exclude={"t5", "p5"})] == ["free", "t6", "p6", "t7"]
+    box.remove(["free", "t5", "p5"])
+    box.put_many([("f5", "{}", 5)])  # a group's later event joins it, wherever it waits
+    assert [eid for eid, _ in box.peek()] == ["f5", "t6", "p6", "t7", "p7"]
+    assert box.depth() == 5
+    box.close()
+    box = Outbox(tmp_path / "o.db")  # kept across a restart
+    assert [eid for eid, _ in box.peek(limit=2)] == ["f5", "t6"]
+    box.close()
+
+
+def test_an_outbox_without_groups_keeps_its_waiting_events_in_their_order(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
+    # the layout before events had groups
+    db.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT"
+               " NULL UNIQUE, body TEXT NOT NULL, queued_at REAL NOT NULL, forwarded_at REAL)")  # fmt: skip
+    now = time.time()
+    db.executemany("INSERT INTO outbox (event_id, body, queued_at, forwarded_at) VALUES (?, ?, ?, ?)",
+                   [("e1", "{}", now, None), ("done", "", now, now), ("e2", "{}", now, None)])  # fmt: skip
+    db.close()
+    box = Outbox(tmp_path / "o.db")
+    box.put_many([("g1", "{}", 1)])
+    assert [eid for eid, _ in box.peek()] == ["e1", "e2", "g1"]
+    assert (box.depth(), box.put("done", "{}")) == (3, False)
+    box.close()
+
+
 def test_dropping_acknowledged_events_is_not_synced_but_queueing_still_is(
     tmp_path: Path,
 ) -> None:

@@ -119,6 +119,37 @@ async def test_hop_reports_go_to_the_ns_with_the_agents_next_event(tmp_path: Pat
         outbox.close()
 
 
+async def test_a_backlog_goes_to_the_ns_execution_by_execution(tmp_path: Path) -> None:
+    # committed as they came, hop by hop (every agent's tickle, then every pull, then the
+    # agents' events), a fan-out's events went to the NS one execution at a time per post
+    store, outbox = Store(tmp_path), Outbox(tmp_path / "outbox.db")
+    metrics = ComponentMetrics("ts")
+    cache = WorkCache(store, OutboxForwarder(outbox, _not_sent, metrics), metrics)
+    try:
+        agents = {3: "pc3", 1: "pc1", 2: "pc2"}
+        cache.apply(WorkOut(executions=[work_for(eid, pc) for eid, pc in agents.items()]))
+        for pc in agents.values():
+            cache.tickled(pc, 1000.0)
+        await _until(lambda: cache.uncommitted == 0, HOP_COMMIT_S + 5)
+        for pc in agents.values():
+            cache.pulled(pc, "tickle")
+        await _until(lambda: cache.uncommitted == 0, HOP_COMMIT_S + 5)
+        for eid, pc in agents.items():
+            await cache.take_events(pc, [
+                StatusEvent(event_id=f"{kind}-{eid}", execution_id=eid, computer=pc, kind=kind,
+                            at=1001.0)
+                for kind in ("started", "finished")
+            ])  # fmt: skip
+        events = [StatusEvent.model_validate_json(body) for _, body in outbox.peek(limit=100)]
+        hops = ["agent_tickled", "agent_pulled", "started", "finished"]
+        assert [(e.execution_id, e.kind) for e in events] == [
+            (eid, kind) for eid in (1, 2, 3) for kind in hops
+        ]
+    finally:
+        store.close()
+        outbox.close()
+
+
 async def test_an_event_posted_twice_into_one_commit_is_counted_once(tmp_path: Path) -> None:
     # a retried post can join the commit of the first (held while a sync runs): the event is
     # queued once, and counted once

@@ -444,7 +444,8 @@ class WorkCache:
         durable = needs_sync and self._wal_sync is None
         # hop reports alone ride with the agent's next event (see HOP_REPORTS_WAIT_S)
         within_s = None if needs_sync else HOP_REPORTS_WAIT_S
-        bodies = [(e.event_id, _json(e)) for w in writes for e in w.made()]
+        # grouped by execution: a backlog goes to the NS execution by execution (see `Outbox`)
+        bodies = [(e.event_id, _json(e), e.execution_id) for w in writes for e in w.made()]
         try:
             new = set(self._forwarder.queue_bodies(bodies, durable, within_s))
             flags: dict[str, list[int]] = defaultdict(list)
