@@ -4,13 +4,15 @@ recorded exactly once (correctness at scale; `make bench` measures the times).""
 from __future__ import annotations
 
 import contextlib
+import socket
 import sqlite3
 
 import pytest
 
 from tests.integration.conftest import NET_BASE, Factory, eventually, metric
 from tickle.messages import FINAL_STATUSES, RunCreate, TaskCreate
-from tickle.testing.simagents import SimAgents
+from tickle.testing.localfleet import AGENT_TICKLE_PORT
+from tickle.testing.simagents import SimAgents, sim_host
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -91,3 +93,22 @@ async def test_a_fan_out_to_more_agents_than_connections_refuses_none(
     assert [e.status for e in run.executions] == ["succeeded"] * agents
     assert refused == 0
     assert resent == 0  # no agent's pull waited so long that its tickle went again
+
+
+async def test_simulated_agents_that_cannot_listen_say_why(fleet_factory: Factory) -> None:
+    # an agent's tickle address in use: the bench said only "failed to start: ''" (the reason, a
+    # traceback, went to the terminal)
+    net = f"127.{NET_BASE + 66}"
+    fleet = await fleet_factory(["ts1"], [])
+    sims = SimAgents(fleet, 2, net)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind((sim_host(net, 1), AGENT_TICKLE_PORT))
+        try:
+            with pytest.raises(RuntimeError) as failed:
+                await sims.start(deadline_s=60)
+        finally:
+            await sims.stop()
+    message = str(failed.value)
+    assert f"{sim_host(net, 1)}:{AGENT_TICKLE_PORT}" in message, message
+    assert "in use" in message, message
+    assert "\n" not in message, message

@@ -130,7 +130,11 @@ class SimAgents:
             except TimeoutError:
                 raise RuntimeError(f"simulated agents not registered in {deadline_s}s") from None
             if not line.startswith("ready"):
-                raise RuntimeError(f"simulated agents failed to start: {line!r}")
+                # what the process said (`CannotStart`), else how it ended
+                why = line.removeprefix("failed ").strip()
+                if not why:
+                    why = f"the process ended (status {await asyncio.to_thread(proc.wait)})"
+                raise RuntimeError(f"simulated agents failed to start: {why}")
         return time.monotonic() - started
 
     @property
@@ -177,6 +181,10 @@ class SimAgents:
                     self.traces += [Trace(*t) for t in json.loads(line[6:])]
         self.procs.clear()
         return per_tenth
+
+
+class CannotStart(Exception):
+    """A simulated agent cannot start (said in one line: the bench reports it)."""
 
 
 class _Busy(Exception):
@@ -240,9 +248,16 @@ class SimAgent(asyncio.DatagramProtocol):
         if self.cem:
             return
         loop = asyncio.get_running_loop()
-        self._listening, _ = await loop.create_datagram_endpoint(
-            lambda: self, local_addr=(self.host, self.tickle_port)
-        )
+        try:
+            self._listening, _ = await loop.create_datagram_endpoint(
+                lambda: self, local_addr=(self.host, self.tickle_port)
+            )
+        except OSError as exc:  # uvloop's names the address, its cause the reason
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            why = os.strerror(cause.errno) if cause.errno else str(cause)
+            raise CannotStart(
+                f"{self.name} cannot listen for tickles on {self.host}:{self.tickle_port}: {why}"
+            ) from exc
 
     async def register(self, secret: str) -> None:
         """Register with the task server (tried again on the agent's schedule)."""
@@ -473,8 +488,12 @@ if __name__ == "__main__":
     # it shares the machine with would use
     run = main(url, net, agents, int(port), "--long-poll" in sys.argv)
     try:
-        import uvloop
-    except ImportError:  # asyncio's own where uvloop is not installed, as tickle.serving
-        asyncio.run(run)
-    else:
-        uvloop.run(run)
+        try:
+            import uvloop
+        except ImportError:  # asyncio's own where uvloop is not installed, as tickle.serving
+            asyncio.run(run)
+        else:
+            uvloop.run(run)
+    except CannotStart as exc:
+        print(f"failed {exc}", flush=True)  # what `SimAgents.start` reads instead of "ready"
+        sys.exit(1)
