@@ -7,6 +7,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import event
@@ -15,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from tests.ns.conftest import FakeTaskServer, Ns, NsFactory, commits_of, wait_for
 from tests.reliability import record
 from tickle import wire
-from tickle.messages import RunCreate
+from tickle.messages import RunCreate, SettingsUpdate
 from tickle.ns.credentials import token_sha256
 from tickle.ns.stores import Stores
 from tickle.ns.tickle_server import STAMP_WAIT_S
@@ -291,6 +292,33 @@ async def test_every_task_server_gets_the_settings_tickle(ns: Ns) -> None:
         tickle, _ = await ts.tickle(within=2.0)
         assert tickle.kind is wire.Kind.SETTINGS
         await ts.ok("GET", "/api/ts/settings")
+
+
+async def test_a_task_server_read_before_it_registered_still_gets_the_settings_tickle(
+    ns: Ns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a pass read the links before ts2's registration committed, and the settings version after
+    # a change committed: it tickled ts1 alone and counted the version as sent
+    ts1, ts2 = await ns.task_server("ts1"), await ns.task_server("ts2")
+    inventory = ns.stores.inventory
+    read = inventory.task_server_links
+    armed = threading.Event()
+
+    def links_then_a_settings_change() -> list[Any]:
+        links = read()
+        if armed.is_set():
+            armed.clear()
+            links = [link for link in links if link.name != "ts2"]  # as if not committed yet
+            ns.stores.settings.update_settings(SettingsUpdate(poll_jitter_fraction=0.2))
+        return links
+
+    monkeypatch.setattr(inventory, "task_server_links", links_then_a_settings_change)
+    armed.set()
+    ns.tickle_server.notify()
+    for ts in (ts1, ts2):
+        tickle, _ = await ts.tickle(within=2.0)
+        assert tickle.kind is wire.Kind.SETTINGS
+    assert not armed.is_set()
 
 
 async def _tickled_then_pulled_by_another_process(ns: Ns) -> FakeTaskServer:

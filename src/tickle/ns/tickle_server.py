@@ -222,6 +222,11 @@ class TickleServer:
         # what is read replaces the states we know only if none of our writes was under way
         # meanwhile: one started before and not committed yet is not in what was read
         state_writes, writing = self._state_writes, self._state_writing
+        # the settings version before the links: a task server registered before the version
+        # changed is among the links tickled for it (read after, a pass could tickle the links it
+        # read before a registration committed for a version committed after it, and count the
+        # version as sent: the task server registered between waited for its periodic check)
+        version = (await self._db(self._stores.settings.settings)).version
         links = await self._db(self._stores.inventory.task_server_links)
         self._links = {link.name: link for link in links}
         if not writing and state_writes == self._state_writes:
@@ -231,7 +236,7 @@ class TickleServer:
             # the last pass) is resent to where it is now
             self.tickler.readdress(current.name, current.addr)
         self._ack_from_db()
-        await self._tickle_settings()
+        self._tickle_settings(version)
         for pending in await self._db(self._stores.delivery.pending_tickles, taking_over):
             link = self._links.get(pending.task_server)
             if link is None:
@@ -325,8 +330,8 @@ class TickleServer:
             return
         self._ack_if_after(task_server, kind, requested, work, settings)
 
-    async def _tickle_settings(self) -> None:
-        version = (await self._db(self._stores.settings.settings)).version
+    def _tickle_settings(self, version: int) -> None:
+        """Tickle every task server with SETTINGS when `version` is newer than the last seen."""
         previous, self._settings_version = self._settings_version, version
         if previous is None or version <= previous:
             return
